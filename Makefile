@@ -1,0 +1,42 @@
+# The two commands: `make demo` (set up + the main job) and `make test` (set up + the tests).
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+PIP   := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: demo test test-fast test-cupynumeric lint clean
+
+$(VENV)/.base:
+	python3 -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) "$(TORCH)"
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.bench: $(VENV)/.base pyproject.toml
+	$(PIP) -e ".[bench]"
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base pyproject.toml
+	$(PIP) -e ".[test,bench,dev]"
+	touch $@
+
+demo: $(VENV)/.bench
+	$(PY) -m funcopt.bench --out bench-report
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q -n 2 -m "not cupynumeric" tests
+	$(MAKE) test-cupynumeric
+
+test-fast: $(VENV)/.test
+	$(PY) -m pytest -q -x -m "not cupynumeric" tests
+
+# The cuPyNumeric (Legate) backend runs in a process of its own; see .ci/cupynumeric.sh.
+test-cupynumeric: $(VENV)/.test
+	PY=$(PY) bash .ci/cupynumeric.sh
+
+lint: $(VENV)/.test
+	$(PY) -m ruff check funcopt tests
+
+clean:
+	rm -rf $(VENV) bench-report .pytest_cache .hypothesis

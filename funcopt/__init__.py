@@ -1,0 +1,26 @@
+"""funcopt: pure, stateless optimizer transforms for PyTorch, built on torch.func.
+
+Every method is a :class:`GradientTransformation` ``(init, update)`` pair over a parameter
+pytree; methods compose with :func:`chain`. The public API is re-exported flat here.
+"""
+
+from funcopt import func, schedules, solvers
+from funcopt.base import *  # noqa: F401,F403
+from funcopt.compose import *  # noqa: F401,F403
+from funcopt.transforms.first_order import *  # noqa: F401,F403
+from funcopt.transforms.clipping import *  # noqa: F401,F403
+from funcopt.transforms.weight_decay import *  # noqa: F401,F403
+from funcopt.aliases import *  # noqa: F401,F403
+from funcopt.transforms.schedule_free import *  # noqa: F401,F403
+from funcopt.transforms.soap import *  # noqa: F401,F403
+from funcopt.transforms.psgd import *  # noqa: F401,F403
+from funcopt.transforms.muon import *  # noqa: F401,F403
+from funcopt.transforms.precision import *  # noqa: F401,F403
+from funcopt.transforms.natural_gradient import *  # noqa: F401,F403
+from funcopt.transforms.levenberg_marquardt import *  # noqa: F401,F403
+from funcopt.least_squares import *  # noqa: F401,F403
+from funcopt.transforms.adaptive_batch import *  # noqa: F401,F403
+from funcopt.optim import *  # noqa: F401,F403
+from funcopt.distributed import *  # noqa: F401,F403
+
+__version__ = "0.1.0"

@@ -1,0 +1,274 @@
+"""The core contract: GradientTransformation, apply_updates and pytree helpers.
+
+A transform is a pair of pure functions::
+
+    init(params) -> state
+    update(updates, state, params=None, **extra) -> (updates, state)
+
+Pytrees are handled with optree (dict, list, tuple, NamedTuple, None and registered custom
+nodes). ``None`` is an empty node, not a leaf: a masked-out entry simply has no leaves.
+Every helper flattens once and works on the list of leaves with ``torch._foreach_*`` ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol, Union
+
+import optree
+import torch
+
+Tensor = torch.Tensor
+PyTree = Any
+Params = PyTree
+Updates = PyTree
+OptState = PyTree
+Schedule = Callable[[Tensor], Union[Tensor, float]]
+ScalarOrSchedule = Union[float, int, Tensor, Schedule]
+
+__all__ = [
+    "GradientTransformation",
+    "EmptyState",
+    "TransformInitFn",
+    "TransformUpdateFn",
+    "Params",
+    "Updates",
+    "OptState",
+    "PyTree",
+    "Schedule",
+    "ScalarOrSchedule",
+    "apply_updates",
+    "tree_flatten",
+    "tree_unflatten",
+    "tree_leaves",
+    "tree_structure",
+    "tree_map",
+    "tree_zeros_like",
+    "tree_ones_like",
+    "tree_full_like",
+    "tree_cast",
+    "tree_add",
+    "tree_sub",
+    "tree_scale",
+    "tree_vdot",
+    "tree_global_norm",
+    "tree_check_structure",
+    "tree_check_finite",
+    "step_counter",
+    "increment",
+    "resolve",
+    "check_hyperparameter",
+    "require_params",
+]
+
+
+class TransformInitFn(Protocol):
+    def __call__(self, params: Params) -> OptState: ...
+
+
+class TransformUpdateFn(Protocol):
+    def __call__(
+        self, updates: Updates, state: OptState, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, OptState]: ...
+
+
+class GradientTransformation(NamedTuple):
+    """A pure optimizer transform: ``init(params) -> state`` and
+    ``update(updates, state, params=None, **extra) -> (updates, state)``.
+
+    ``update`` never mutates its inputs. Extra keyword arguments (``value``, ``loss_fn``,
+    ``batch``, ``per_sample_grads`` ...) travel through :func:`funcopt.chain`; a transform
+    ignores the ones it does not use.
+    """
+
+    init: TransformInitFn
+    update: TransformUpdateFn
+
+
+class EmptyState(NamedTuple):
+    """The state of a stateless transform."""
+
+
+# --------------------------------------------------------------------------- pytrees
+
+
+def tree_flatten(tree: PyTree) -> tuple[list[Any], optree.PyTreeSpec]:
+    """Leaves (None is an empty node, not a leaf) and the tree definition."""
+    return optree.tree_flatten(tree)
+
+
+def tree_unflatten(treedef: optree.PyTreeSpec, leaves: Sequence[Any]) -> PyTree:
+    return optree.tree_unflatten(treedef, leaves)
+
+
+def tree_leaves(tree: PyTree) -> list[Any]:
+    return optree.tree_leaves(tree)
+
+
+def tree_structure(tree: PyTree) -> optree.PyTreeSpec:
+    return optree.tree_structure(tree)
+
+
+def tree_check_structure(
+    tree: PyTree, other: PyTree, names: tuple[str, str] = ("updates", "params")
+) -> None:
+    """Raise a ValueError naming both trees when their structures differ."""
+    a, b = optree.tree_structure(tree), optree.tree_structure(other)
+    if a != b:
+        raise ValueError(
+            f"{names[0]} and {names[1]} have different tree structures:\n"
+            f"  {names[0]}: {a}\n  {names[1]}: {b}\n"
+            f"Pass {names[1]} with the same structure (keys, nesting, None entries) as {names[0]}."
+        )
+
+
+def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
+    """Map ``fn`` over the leaves of ``tree`` and the matching leaves of ``rest``."""
+    for i, other in enumerate(rest):
+        tree_check_structure(tree, other, ("the first tree", f"tree #{i + 2}"))
+    return optree.tree_map(fn, tree, *rest)
+
+
+def tree_zeros_like(tree: PyTree, dtype: torch.dtype | None = None) -> PyTree:
+    return optree.tree_map(lambda x: torch.zeros_like(x, dtype=dtype), tree)
+
+
+def tree_ones_like(tree: PyTree, dtype: torch.dtype | None = None) -> PyTree:
+    return optree.tree_map(lambda x: torch.ones_like(x, dtype=dtype), tree)
+
+
+def tree_full_like(tree: PyTree, value: float, dtype: torch.dtype | None = None) -> PyTree:
+    return optree.tree_map(lambda x: torch.full_like(x, value, dtype=dtype), tree)
+
+
+def tree_cast(tree: PyTree, dtype: torch.dtype | None) -> PyTree:
+    """Cast floating leaves to ``dtype`` (``None`` leaves the tree unchanged)."""
+    if dtype is None:
+        return tree
+    return optree.tree_map(lambda x: x.to(dtype) if x.is_floating_point() else x, tree)
+
+
+def tree_add(a: PyTree, b: PyTree, alpha: float = 1.0) -> PyTree:
+    """``a + alpha * b`` leaf by leaf."""
+    tree_check_structure(a, b, ("a", "b"))
+    la, treedef = tree_flatten(a)
+    return tree_unflatten(treedef, torch._foreach_add(la, tree_leaves(b), alpha=alpha))
+
+
+def tree_sub(a: PyTree, b: PyTree) -> PyTree:
+    return tree_add(a, b, alpha=-1.0)
+
+
+def tree_scale(tree: PyTree, scalar: float | Tensor) -> PyTree:
+    leaves, treedef = tree_flatten(tree)
+    return tree_unflatten(treedef, torch._foreach_mul(leaves, scalar))
+
+
+def tree_vdot(a: PyTree, b: PyTree) -> Tensor:
+    """Sum over leaves of ``<a_i, b_i>`` as a 0-d tensor (float32 at least)."""
+    tree_check_structure(a, b, ("a", "b"))
+    la, lb = tree_leaves(a), tree_leaves(b)
+    if not la:
+        return torch.zeros(())
+    dots = [torch.vdot(x.reshape(-1), y.reshape(-1).to(x.dtype)) for x, y in zip(la, lb)]
+    return torch.stack([d.to(torch.promote_types(d.dtype, torch.float32)) for d in dots]).sum()
+
+
+def tree_global_norm(tree: PyTree) -> Tensor:
+    """The l2 norm of all leaves together, as a 0-d tensor (no host sync)."""
+    leaves = tree_leaves(tree)
+    if not leaves:
+        return torch.zeros(())
+    norms = torch._foreach_norm(leaves)
+    dtype = torch.promote_types(norms[0].dtype, torch.float32)
+    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
+
+
+def tree_check_finite(tree: PyTree) -> Tensor:
+    """A 0-d bool tensor: every element of every leaf is finite (no host sync)."""
+    leaves = tree_leaves(tree)
+    if not leaves:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack([torch.isfinite(x).all() for x in leaves]).all()
+
+
+# --------------------------------------------------------------------------- applying
+
+
+def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) -> Params:
+    """Return ``params + updates`` leaf by leaf, in each parameter's dtype.
+
+    ``inplace=True`` adds into the parameter tensors and returns the same tree: the numbers
+    are identical to the pure default; use it only when no one else holds the old values.
+    Integer (non-float) parameter leaves are left unchanged when their update is ``None``.
+    """
+    tree_check_structure(updates, params, ("updates", "params"))
+    p_leaves, treedef = tree_flatten(params)
+    u_leaves = tree_leaves(updates)
+    if not p_leaves:
+        return params
+    u_cast = [u if u.dtype == p.dtype else u.to(p.dtype) for p, u in zip(p_leaves, u_leaves)]
+    if inplace:
+        with torch.no_grad():
+            torch._foreach_add_(p_leaves, u_cast)
+        return params
+    return tree_unflatten(treedef, torch._foreach_add(p_leaves, u_cast))
+
+
+# --------------------------------------------------------------------------- counters and hyperparameters
+
+
+def step_counter(tree: PyTree) -> Tensor:
+    """A 0-d int64 zero on the device of the tree's first leaf (CPU for an empty tree)."""
+    leaves = tree_leaves(tree)
+    device = leaves[0].device if leaves else torch.device("cpu")
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+_INT64_MAX = torch.iinfo(torch.int64).max
+
+
+def increment(count: Tensor) -> Tensor:
+    """``count + 1``, saturating at the int64 maximum instead of wrapping around."""
+    return torch.where(count < _INT64_MAX, count + 1, count)
+
+
+def resolve(value: ScalarOrSchedule, count: Tensor) -> Tensor | float:
+    """The value of a hyperparameter at step ``count``: schedules are called, others returned."""
+    return value(count) if callable(value) else value
+
+
+def check_hyperparameter(
+    name: str, value: Any, *, low: float | None = 0.0, high: float | None = None,
+    low_inclusive: bool = True, high_inclusive: bool = True,
+) -> None:
+    """Raise a ValueError when a plain-number hyperparameter is outside its range.
+
+    Schedules and tensors are not checked here (their values change with the step).
+    """
+    if callable(value) or isinstance(value, torch.Tensor):
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(
+            f"{name} must be a number, a 0-d tensor or a schedule (step -> value); "
+            f"got {type(value).__name__}"
+        )
+    v = float(value)
+    if v != v:
+        raise ValueError(f"{name} is NaN; pass a finite number")
+    bad_low = low is not None and (v < low if low_inclusive else v <= low)
+    bad_high = high is not None and (v > high if high_inclusive else v >= high)
+    if bad_low or bad_high:
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        bracket = ("[" if low_inclusive else "(") + f"{lo}, {hi}" + ("]" if high_inclusive else ")")
+        raise ValueError(f"{name}={value} is out of range: it must lie in {bracket}")
+
+
+def require_params(params: Params | None, who: str) -> Params:
+    """Raise a clear error when a transform that needs ``params`` did not get them."""
+    if params is None:
+        raise ValueError(
+            f"{who} needs the current parameters: call update(updates, state, params)"
+        )
+    return params
