@@ -1,0 +1,109 @@
+"""Optimizers the benchmark runs, each as a builder ``build(problem) -> Runner``.
+
+A :class:`Runner` is what one training loop needs: ``init(params) -> state`` and
+``step(params, state, batch) -> (params, state, loss)``, plus ``eval_params`` for methods whose
+evaluation point differs from the training point (schedule-free).
+A builder raises :class:`Unavailable` when the method does not apply to a problem (e.g.
+Levenberg-Marquardt on a problem with no residuals) or is not part of this installation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.func import grad_and_value
+
+import funcopt as fo
+from funcopt.bench.problems import Problem
+
+__all__ = ["Runner", "Unavailable", "OPTIMIZERS", "DEFAULT_OPTIMIZERS", "register_optimizer"]
+
+
+class Unavailable(Exception):
+    """The optimizer does not apply to this problem, or is not available here."""
+
+
+@dataclass
+class Runner:
+    init: Callable[[Any], Any]
+    step: Callable[[Any, Any, Any], tuple[Any, Any, torch.Tensor]]
+    eval_params: Callable[[Any, Any], Any] = lambda params, state: params
+
+
+OPTIMIZERS: dict[str, Callable[[Problem], Runner]] = {}
+DEFAULT_OPTIMIZERS: list[str] = []
+
+
+def register_optimizer(name: str, *, default: bool = True):
+    def wrap(build: Callable[[Problem], Runner]):
+        OPTIMIZERS[name] = build
+        if default:
+            DEFAULT_OPTIMIZERS.append(name)
+        return build
+
+    return wrap
+
+
+def _need(*names: str) -> None:
+    missing = [n for n in names if not hasattr(fo, n)]
+    if missing:
+        raise Unavailable(f"funcopt has no {', '.join(missing)} in this version")
+
+
+def _gradient_runner(problem: Problem, tx: fo.GradientTransformation, eval_params=None) -> Runner:
+    gv = grad_and_value(problem.loss_fn)
+
+    def step(params, state, batch):
+        grads, loss = gv(params, batch)
+        updates, state = tx.update(grads, state, params)
+        return fo.apply_updates(params, updates), state, loss
+
+    return Runner(tx.init, step, eval_params or (lambda p, s: p))
+
+
+def _first_order(alias: str, lr: float, **kwargs):
+    def build(problem: Problem) -> Runner:
+        _need(alias)
+        if problem.kind == "curve-fit":
+            raise Unavailable("first-order methods are not run on the curve fits (see LM)")
+        return _gradient_runner(problem, getattr(fo, alias)(lr * problem.lr_scale, **kwargs))
+
+    return build
+
+
+register_optimizer("sgd-momentum")(_first_order("sgd", 0.1, momentum=0.9))
+register_optimizer("adamw")(_first_order("adamw", 3e-3, weight_decay=1e-4))
+register_optimizer("lion")(_first_order("lion", 3e-4, weight_decay=1e-4))
+register_optimizer("soap")(_first_order("soap", 3e-3))
+register_optimizer("psgd")(_first_order("psgd_kron", 1e-3))
+
+
+@register_optimizer("sf-adamw")
+def _sf_adamw(problem: Problem) -> Runner:
+    _need("schedule_free_adamw", "schedule_free_eval_params")
+    if problem.kind == "curve-fit":
+        raise Unavailable("first-order methods are not run on the curve fits (see LM)")
+    tx = fo.schedule_free_adamw(1e-2 * problem.lr_scale, warmup_steps=10)
+    return _gradient_runner(problem, tx, eval_params=fo.schedule_free_eval_params)
+
+
+@register_optimizer("lm")
+def _lm(problem: Problem) -> Runner:
+    _need("levenberg_marquardt")
+    if problem.residual_fn is None:
+        raise Unavailable("the problem has no residual function")
+    n = sum(p.numel() for p in fo.tree_leaves(problem.params))
+    if n > 5000:
+        raise Unavailable(f"{n} parameters: too many for a dense Levenberg-Marquardt step here")
+    tx = fo.levenberg_marquardt(problem.residual_fn)
+
+    def step(params, state, batch):
+        zeros = fo.tree_zeros_like(params)
+        updates, state = tx.update(zeros, state, params, batch=batch)
+        params = fo.apply_updates(params, updates)
+        return params, state, problem.loss_fn(params, batch).detach()
+
+    return Runner(tx.init, step)

@@ -1,0 +1,237 @@
+"""Benchmark problems: a params pytree, a loss (and, where it makes sense, residuals) and data.
+
+A problem is plain data plus functions, so users register their own with :func:`register`::
+
+    import funcopt.bench as fb
+
+    @fb.register("my-fit")
+    def my_fit(seed: int, device: torch.device) -> fb.Problem:
+        ...
+        return fb.Problem(params=..., loss_fn=..., batches=..., evaluate=...)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+__all__ = ["Problem", "register", "PROBLEMS", "DEFAULT_PROBLEMS"]
+
+Batch = Any
+
+
+@dataclass
+class Problem:
+    """One optimisation problem.
+
+    params:      the initial parameter pytree (detached tensors).
+    loss_fn:     ``loss_fn(params, batch) -> 0-d tensor``.
+    batches:     ``batches(step) -> batch``: deterministic for a seed.
+    evaluate:    ``evaluate(params) -> {"loss": float, ...}`` on held-out or full data.
+    residual_fn: ``residual_fn(params, batch) -> 1-D tensor`` with ``loss = 0.5 * sum(r**2)``
+                 up to a constant factor; problems without one skip least-squares methods.
+    model:       the ``nn.Module`` whose ``functional_call`` the loss uses, for methods that
+                 capture layer statistics (KFAC, SINGD); ``None`` for plain functions.
+    per_sample_loss: ``per_sample_loss(params, x, y) -> 0-d`` for one sample, for methods that
+                 need per-sample gradients (adaptive batch sizes); with ``data=(x, y)``.
+    steps:       the default number of steps.
+    lr_scale:    multiplies every optimizer's default learning rate on this problem.
+    """
+
+    params: Any
+    loss_fn: Callable[[Any, Batch], torch.Tensor]
+    batches: Callable[[int], Batch]
+    evaluate: Callable[[Any], dict[str, float]]
+    residual_fn: Callable[[Any, Batch], torch.Tensor] | None = None
+    model: nn.Module | None = None
+    per_sample_loss: Callable[..., torch.Tensor] | None = None
+    data: tuple[torch.Tensor, torch.Tensor] | None = None
+    steps: int = 200
+    lr_scale: float = 1.0
+    kind: str = "classification"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+PROBLEMS: dict[str, Callable[[int, torch.device], Problem]] = {}
+DEFAULT_PROBLEMS: list[str] = []
+
+
+def register(name: str, *, default: bool = False):
+    """Register ``factory(seed, device) -> Problem`` under ``name``."""
+
+    def wrap(factory: Callable[[int, torch.device], Problem]):
+        if name in PROBLEMS:
+            raise ValueError(f"a problem named {name!r} is already registered; pick another name")
+        PROBLEMS[name] = factory
+        if default:
+            DEFAULT_PROBLEMS.append(name)
+        return factory
+
+    return wrap
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _digits(device: torch.device, seed: int, image: bool = False):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(d.target, dtype=torch.int64)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(y), generator=g)
+    x, y = x[perm], y[perm]
+    if image:
+        x = x.reshape(-1, 1, 8, 8)
+    n_train = 1400
+    return (x[:n_train].to(device), y[:n_train].to(device), x[n_train:].to(device), y[n_train:].to(device))
+
+
+def _mnist1d(device: torch.device, seed: int):
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.seed = 42  # the dataset itself is fixed; ``seed`` drives init and batching
+    d = make_dataset(args)
+    to = lambda a, dt: torch.as_tensor(a, dtype=dt).to(device)
+    return to(d["x"], torch.float32), to(d["y"], torch.int64), to(d["x_test"], torch.float32), to(d["y_test"], torch.int64)
+
+
+def _minibatches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
+    g = torch.Generator().manual_seed(seed + 1)
+    n = len(y)
+    cache: dict[int, torch.Tensor] = {}
+
+    def batches(step: int):
+        epoch, i = divmod(step * batch_size, n)
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = torch.randperm(n, generator=g).to(x.device)
+        idx = cache[epoch][i : i + batch_size]
+        return x[idx], y[idx]
+
+    return batches
+
+
+def _classifier(model: nn.Module, data, seed: int, batch_size: int, steps: int, lr_scale=1.0) -> Problem:
+    xtr, ytr, xte, yte = data
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    n_classes = int(ytr.max()) + 1
+
+    def logits(p, x):
+        return functional_call(model, p, (x,))
+
+    def loss_fn(p, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(logits(p, x), y)
+
+    def residual_fn(p, batch):
+        # Residuals whose half squared norm is the squared error to one-hot targets of the
+        # softmax outputs: r = softmax(z) - onehot(y), scaled by 1/sqrt(batch).
+        x, y = batch
+        probs = torch.softmax(logits(p, x), dim=-1)
+        r = probs - nn.functional.one_hot(y, n_classes).to(probs.dtype)
+        return r.reshape(-1) / math.sqrt(len(y))
+
+    def per_sample_loss(p, x, y):
+        return nn.functional.cross_entropy(logits(p, x[None]), y[None])
+
+    @torch.no_grad()
+    def evaluate(p):
+        z = logits(p, xte)
+        return {
+            "loss": float(nn.functional.cross_entropy(z, yte)),
+            "accuracy": float((z.argmax(-1) == yte).float().mean()),
+            "train_loss": float(nn.functional.cross_entropy(logits(p, xtr), ytr)),
+        }
+
+    return Problem(
+        params=params, loss_fn=loss_fn, batches=_minibatches(xtr, ytr, batch_size, seed),
+        evaluate=evaluate, residual_fn=residual_fn, model=model, per_sample_loss=per_sample_loss,
+        data=(xtr, ytr), steps=steps, lr_scale=lr_scale,
+    )
+
+
+@register("digits-logreg", default=True)
+def digits_logreg(seed: int, device: torch.device) -> Problem:
+    """Multinomial logistic regression on scikit-learn's 8x8 digits (64 -> 10)."""
+    torch.manual_seed(seed)
+    model = nn.Linear(64, 10).to(device)
+    return _classifier(model, _digits(device, seed), seed, batch_size=128, steps=150)
+
+
+@register("digits-mlp", default=True)
+def digits_mlp(seed: int, device: torch.device) -> Problem:
+    """A 64-64-10 tanh MLP on scikit-learn's digits."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)).to(device)
+    return _classifier(model, _digits(device, seed), seed, batch_size=128, steps=150)
+
+
+@register("digits-cnn", default=True)
+def digits_cnn(seed: int, device: torch.device) -> Problem:
+    """A small CNN (conv 8 -> conv 16 -> linear) on scikit-learn's digits as 1x8x8 images."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
+    ).to(device)
+    return _classifier(model, _digits(device, seed, image=True), seed, batch_size=128, steps=100)
+
+
+@register("mnist1d-mlp")
+def mnist1d_mlp(seed: int, device: torch.device) -> Problem:
+    """A 40-128-128-10 ReLU MLP on MNIST-1D (needs ``pip install mnist1d``)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(40, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)).to(device)
+    return _classifier(model, _mnist1d(device, seed), seed, batch_size=128, steps=300)
+
+
+# --------------------------------------------------------------------------- curve fits
+
+
+def _nist_problem(name: str, device: torch.device) -> Problem:
+    from funcopt import nist
+
+    prob = nist.load(name)
+    x = torch.as_tensor(prob.x, dtype=torch.float64, device=device)
+    y = torch.as_tensor(prob.y, dtype=torch.float64, device=device)
+    beta = torch.as_tensor(prob.start1, dtype=torch.float64, device=device)
+    params = {"beta": beta}
+    certified = float(prob.certified_rss)
+
+    def residual_fn(p, batch=None):
+        return prob.model(p["beta"], x) - y
+
+    def loss_fn(p, batch=None):
+        return 0.5 * residual_fn(p).pow(2).sum()
+
+    @torch.no_grad()
+    def evaluate(p):
+        rss = float(residual_fn(p).pow(2).sum())
+        return {"loss": rss, "rss_over_certified": rss / certified}
+
+    return Problem(
+        params=params, loss_fn=loss_fn, batches=lambda step: None, evaluate=evaluate,
+        residual_fn=residual_fn, steps=100, kind="curve-fit",
+        extra={"certified_rss": certified},
+    )
+
+
+@register("nist-misra1a", default=True)
+def nist_misra1a(seed: int, device: torch.device) -> Problem:
+    """NIST StRD Misra1a (2 parameters, 14 points, start 1): y = b1 (1 - exp(-b2 x))."""
+    return _nist_problem("Misra1a", device)
+
+
+@register("nist-chwirut2", default=True)
+def nist_chwirut2(seed: int, device: torch.device) -> Problem:
+    """NIST StRD Chwirut2 (3 parameters, 54 points, start 1): y = exp(-b1 x) / (b2 + b3 x)."""
+    return _nist_problem("Chwirut2", device)
