@@ -1,3 +1,338 @@
-"""(in progress)"""
+"""Any funcopt transform as a real :class:`torch.optim.Optimizer`.
 
-__all__: list[str] = []
+:class:`Optimizer` runs a transform over ``p.grad`` so existing PyTorch loops (LR schedulers,
+``torch.amp.GradScaler``, gradient accumulation, DDP, checkpointing through ``state_dict``)
+use funcopt unchanged::
+
+    opt = fo.Optimizer(model.parameters(), fo.adamw(learning_rate=1e-3))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+    for x, y in data:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+        sched.step()
+
+How hyperparameters reach ``param_groups``: the transform's state is searched for
+
+* NamedTuple fields named ``learning_rate`` (as kept by ``scale_by_learning_rate``), exposed as
+  ``group["lr"]``;
+* the ``hyperparams`` dict of ``inject_hyperparams`` states; each 0-d entry is exposed under its
+  own name, except ``learning_rate`` (exposed as ``lr``) and the pair ``b1``/``b2`` (exposed as
+  ``betas``, as torch.optim.Adam names them, so ``OneCycleLR(cycle_momentum=True)`` works).
+
+Before every update the group's values are written back into those state fields, keeping each
+field's dtype and device. A learning rate that the transform takes from a schedule (a callable)
+is recomputed by the transform every step, so writing ``lr`` has no effect on it: give a plain
+number to the transform when an LR scheduler should drive it.
+
+Differences from torch.optim: the transform sees each param group as one pytree (a list of
+tensors). When some parameters of a group have ``grad is None`` they get a zero gradient and
+are not moved, but the group's state still advances (torch.optim skips them entirely). Extra
+keyword arguments of :meth:`Optimizer.step` (``per_sample_grads``, ``curvature`` ...) reach
+every group's ``update``; a pytree-shaped extra must therefore match the group's list of
+parameters, which is simplest with a single group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+import torch
+
+from funcopt.base import GradientTransformation, OptState, PyTree, tree_leaves
+from funcopt.checkpoint import tree_from_state_dict, tree_to_state_dict
+
+__all__ = ["Optimizer", "find_hyperparams", "set_hyperparams"]
+
+_ALLOWED_EXTRA_KEYS = frozenset({"params", "transform", "param_names", "initial_lr"})
+_STATE_DICT_TAG = "funcopt.Optimizer"
+
+
+def _is_namedtuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(x, "_fields")
+
+
+def _scalar(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.ndim == 0
+
+
+def find_hyperparams(state: OptState) -> dict[str, torch.Tensor]:
+    """The settable hyperparameters in a transform's state, by their name in the state.
+
+    Finds ``learning_rate`` fields of NamedTuple states and the 0-d entries of
+    ``inject_hyperparams``' ``hyperparams`` dicts; the first occurrence of a name wins.
+    """
+    found: dict[str, torch.Tensor] = {}
+
+    def visit(node: Any) -> None:
+        if _is_namedtuple(node):
+            value = getattr(node, "learning_rate", None)
+            if "learning_rate" in node._fields and isinstance(value, torch.Tensor) and _scalar(value):
+                found.setdefault("learning_rate", value)
+            hp = getattr(node, "hyperparams", None)
+            if "hyperparams" in node._fields and isinstance(hp, dict):
+                for k, v in hp.items():
+                    if _scalar(v):
+                        found.setdefault(str(k), v)
+        if isinstance(node, (tuple, list)):
+            for child in node:
+                visit(child)
+        elif isinstance(node, dict):
+            for child in node.values():
+                visit(child)
+
+    visit(state)
+    return found
+
+
+def set_hyperparams(state: OptState, values: dict[str, Any]) -> OptState:
+    """A copy of ``state`` with the fields found by :func:`find_hyperparams` set to ``values``.
+
+    Each new value takes the dtype and device of the field it replaces; names not in ``values``
+    and all other leaves are kept (the same tensor objects, nothing is copied).
+    """
+
+    def cast_like(old: torch.Tensor, new: Any) -> torch.Tensor:
+        if isinstance(new, torch.Tensor):
+            return new.detach().to(dtype=old.dtype, device=old.device).reshape(())
+        return torch.tensor(new, dtype=old.dtype, device=old.device)
+
+    def visit(node: Any) -> Any:
+        if _is_namedtuple(node):
+            fields = {f: visit(v) for f, v in zip(node._fields, node)}
+            if "learning_rate" in values and _scalar(fields.get("learning_rate")):
+                fields["learning_rate"] = cast_like(fields["learning_rate"], values["learning_rate"])
+            hp = fields.get("hyperparams")
+            if isinstance(hp, dict):
+                fields["hyperparams"] = {
+                    k: cast_like(v, values[k]) if (k in values and _scalar(v)) else v
+                    for k, v in hp.items()
+                }
+            return type(node)(**fields)
+        if isinstance(node, (tuple, list)):
+            return type(node)(visit(c) for c in node)
+        if isinstance(node, dict):
+            return {k: visit(v) for k, v in node.items()}
+        return node
+
+    return visit(state)
+
+
+def _to_group(found: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """State hyperparameters -> param-group entries (one host read each, at construction)."""
+    out: dict[str, Any] = {}
+    for name, t in found.items():
+        key = "lr" if name == "learning_rate" else name
+        out[key] = t.item()
+    if "b1" in out and "b2" in out:
+        out["betas"] = (out.pop("b1"), out.pop("b2"))
+    return out
+
+
+def _from_group(group: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """Param-group entries -> state hyperparameter values, for the names the state holds."""
+    out: dict[str, Any] = {}
+    for name in names:
+        if name == "learning_rate":
+            out[name] = group["lr"]
+        elif name in ("b1", "b2") and "betas" in group:
+            out[name] = group["betas"][0 if name == "b1" else 1]
+        else:
+            out[name] = group[name]
+    return out
+
+
+def _storages(tensors: Iterable[torch.Tensor]) -> set[int]:
+    return {getattr(t, "_local_tensor", t).untyped_storage().data_ptr() for t in tensors}
+
+
+def _unalias(state: OptState, params: list[torch.Tensor]) -> OptState:
+    """Clone state leaves that share memory with ``params`` (they are about to be updated in
+    place; a pure transform may legitimately keep a reference to the params it was given)."""
+    ptrs = _storages(params)
+    leaves = tree_leaves(state)
+    if not any(isinstance(x, torch.Tensor) and _storages([x]) & ptrs for x in leaves):
+        return state
+    import optree
+
+    return optree.tree_map(
+        lambda x: x.clone() if isinstance(x, torch.Tensor) and _storages([x]) & ptrs else x, state
+    )
+
+
+class Optimizer(torch.optim.Optimizer):
+    """A :class:`torch.optim.Optimizer` that applies a funcopt transform to ``p.grad``.
+
+    Each step computes, per param group with parameters ``theta`` and gradients ``g``::
+
+        u, s = transform.update(g, s, theta, **extra)
+        theta <- theta + u            (in place, in each parameter's dtype)
+
+    Args:
+      params: parameters (an iterable of tensors or of ``(name, tensor)`` pairs) or param-group
+        dicts. A group may carry its own ``"transform"`` and its own hyperparameter values
+        (``"lr"``, ``"betas"``, or any name exposed by ``inject_hyperparams``).
+      transform: the transform for groups that carry none (may be ``None`` if all groups do).
+      **hyperparams: values for every group that does not set them, e.g. ``lr=1e-3``. Each must
+        be a hyperparameter the transform exposes (see the module docstring); otherwise a
+        ValueError says which ones are available.
+
+    The transform state of group ``i`` is ``opt.transform_states[i]`` (initialised eagerly, so
+    ``lr`` is in ``param_groups`` before the first step, as LR schedulers need).
+    ``state_dict()`` holds only tensors, numbers and strings (``torch.load(weights_only=True)``
+    works); ``load_state_dict`` checks the saved structure and shapes against this optimizer's.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        transform: GradientTransformation | None = None,
+        **hyperparams: Any,
+    ) -> None:
+        if transform is not None and not isinstance(transform, GradientTransformation):
+            raise TypeError(
+                f"transform must be a GradientTransformation, got {type(transform).__name__}; "
+                "pass e.g. fo.adamw(learning_rate=1e-3), not the factory fo.adamw"
+            )
+        self._default_transform = transform
+        self._group_defaults = dict(hyperparams)
+        self._transforms: list[GradientTransformation] = []
+        self.transform_states: list[OptState] = []
+        self._hyper_names: list[list[str]] = []
+        super().__init__(params, {})
+        first = self.param_groups[0]
+        self.defaults = {k: v for k, v in first.items() if k not in _ALLOWED_EXTRA_KEYS}
+
+    # ------------------------------------------------------------------ groups
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (``{"params": ..., "transform"?: ..., hyperparameters...}``) and
+        initialise its transform state on the group's parameters."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        group = dict(param_group)
+        tx = group.pop("transform", self._default_transform)
+        if not isinstance(tx, GradientTransformation):
+            raise ValueError(
+                "this param group has no transform: pass Optimizer(params, transform) or put "
+                "'transform': fo.<method>(...) in the group dict"
+            )
+        raw = group["params"]
+        raw = [raw] if isinstance(raw, torch.Tensor) else list(raw)
+        if raw and all(isinstance(p, tuple) for p in raw):
+            group["param_names"] = [n for n, _ in raw]
+            raw = [p for _, p in raw]
+        for p in raw:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"params must be tensors, got {type(p).__name__}")
+            if not p.is_leaf:
+                raise ValueError("can't optimize a non-leaf tensor; pass model.parameters()")
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        if len({id(p) for p in raw}) != len(raw) or any(id(p) in seen for p in raw):
+            raise ValueError("some parameters appear twice (within or across param groups)")
+        if not raw:
+            raise ValueError("a param group has no parameters")
+        group["params"] = raw
+        params = [p.detach() for p in raw]
+        state = _unalias(tx.init(params), params)
+        found = find_hyperparams(state)
+        exposed = _to_group(found)
+        for key, value in self._group_defaults.items():
+            group.setdefault(key, value)
+        unknown = sorted(k for k in group if k not in exposed and k not in _ALLOWED_EXTRA_KEYS)
+        if unknown:
+            raise ValueError(
+                f"param group sets {unknown}, which the transform does not expose; it exposes "
+                f"{sorted(exposed)}. Build the transform with fo.inject_hyperparams(factory)(...) "
+                "to make other hyperparameters settable, or drop these keys."
+            )
+        for key, value in exposed.items():
+            group.setdefault(key, value)
+        self._transforms.append(tx)
+        self.transform_states.append(state)
+        self._hyper_names.append(list(found))
+        self.param_groups.append(group)
+
+    # ------------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, **extra: Any) -> Any:
+        """One update of every param group; returns the closure's loss (or None).
+
+        Args:
+          closure: re-evaluates the model and returns the loss (it may call ``backward``);
+            its detached value is passed to the transform as ``value`` unless given in extra.
+          **extra: keyword arguments for the transform's ``update`` (``per_sample_grads``,
+            ``curvature``, ``value`` ...), given to every group.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            if loss is not None and "value" not in extra:
+                extra["value"] = loss.detach() if isinstance(loss, torch.Tensor) else loss
+        for i, group in enumerate(self.param_groups):
+            self._step_group(i, group, extra)
+        return loss
+
+    def _step_group(self, i: int, group: dict[str, Any], extra: dict[str, Any]) -> None:
+        params: list[torch.Tensor] = group["params"]
+        grads = [p.grad for p in params]
+        if all(g is None for g in grads):
+            return
+        for g in grads:
+            if g is not None and g.is_sparse:
+                raise RuntimeError("funcopt.Optimizer does not support sparse gradients")
+        grads_full = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        state = self.transform_states[i]
+        names = self._hyper_names[i]
+        if names:
+            state = set_hyperparams(state, _from_group(group, names))
+        detached = [p.detach() for p in params]
+        updates, state = self._transforms[i].update(grads_full, state, detached, **extra)
+        self.transform_states[i] = _unalias(state, detached)
+        moved = [(p, u) for p, u, g in zip(detached, updates, grads) if g is not None]
+        targets = [p for p, _ in moved]
+        torch._foreach_add_(targets, [u if u.dtype == p.dtype else u.to(p.dtype) for p, u in moved])
+
+    # ------------------------------------------------------------------ state_dict
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"state": {group index: tree dict}, "param_groups": [...], "format": ...}``."""
+        groups: list[dict[str, Any]] = []
+        start = 0
+        for g in self.param_groups:
+            packed = {k: v for k, v in g.items() if k != "params"}
+            packed["params"] = list(range(start, start + len(g["params"])))
+            start += len(g["params"])
+            groups.append(packed)
+        states = {i: tree_to_state_dict(s) for i, s in enumerate(self.transform_states)}
+        return {"format": _STATE_DICT_TAG, "state": states, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; raises a ValueError if it came from a different
+        transform, number of groups or parameter shapes."""
+        if not isinstance(state_dict, dict) or state_dict.get("format") != _STATE_DICT_TAG:
+            raise ValueError(
+                "this state_dict was not written by funcopt.Optimizer.state_dict() (a "
+                "torch.optim optimizer's state_dict cannot be loaded into a funcopt transform)"
+            )
+        saved = cast(list[dict[str, Any]], state_dict["param_groups"])
+        if len(saved) != len(self.param_groups):
+            raise ValueError(
+                f"the state_dict has {len(saved)} param groups, this optimizer has "
+                f"{len(self.param_groups)}; build the optimizer with the same groups"
+            )
+        new_states: list[PyTree] = []
+        for i, (g, s) in enumerate(zip(self.param_groups, saved)):
+            if len(s["params"]) != len(g["params"]):
+                raise ValueError(
+                    f"param group {i} has {len(g['params'])} parameters but the state_dict's has "
+                    f"{len(s['params'])}; build the optimizer over the same parameters"
+                )
+            what = f"state of param group {i}"
+            new_states.append(tree_from_state_dict(state_dict["state"][i], self.transform_states[i], what))
+        self.transform_states = new_states
+        for g, s in zip(self.param_groups, saved):
+            g.update({k: v for k, v in s.items() if k != "params"})

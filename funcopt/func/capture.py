@@ -1,3 +1,293 @@
-"""(in progress)"""
+"""Curvature capture for Kronecker-factored methods (KFAC, SINGD).
 
-__all__: list[str] = []
+One forward and backward pass of a model, called through ``torch.func.functional_call`` on a
+parameter dict, returns the loss, the gradients and, per supported layer, the layer inputs
+``a`` and the gradients ``g`` of the loss with respect to the layer outputs. For a layer with
+weight ``W`` (and bias ``b``, folded in as a last column of ones in ``a``)::
+
+    grad [W, b] = g^T a        (exact for the "expand" approximation)
+
+Weight sharing (a Linear layer applied over a sequence, a Conv2d over positions) follows
+Eschenhagen et al., "Kronecker-Factored Approximate Curvature for Modern Neural Network
+Architectures" (NeurIPS 2023): ``"expand"`` treats every shared position as a row of its own;
+``"reduce"`` averages ``a`` and sums ``g`` over the shared positions first.
+
+The Kronecker factors of layer ``l`` are ``A = a^T a / rows(a)`` and
+``G = g^T g * num_loss_terms`` (see :func:`kronecker_factors`); with a loss that is a mean
+over ``N`` examples, ``num_loss_terms = N`` turns ``g`` (the gradient of the mean) back into
+per-example gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = ["LayerSpec", "LayerCurvature", "Captured", "supported_layers", "capture_curvature",
+           "kronecker_factors"]
+
+_LOSSES = ("cross_entropy", "mse")
+_FISHERS = ("empirical", "mc")
+_APPROX = ("expand", "reduce")
+_AVERAGES = (None, "batch", "batch+sequence")
+
+
+class LayerSpec(NamedTuple):
+    """A supported layer: its kind, parameter keys and Kronecker factor sizes.
+
+    ``dim_in`` counts the bias column; ``A`` is ``dim_in x dim_in`` and ``G`` is
+    ``dim_out x dim_out``.
+    """
+
+    kind: str            # "linear" or "conv2d"
+    weight: str          # key of the weight in the params dict
+    bias: str | None     # key of the bias, or None
+    dim_in: int
+    dim_out: int
+
+
+class LayerCurvature(NamedTuple):
+    """What one layer contributes: ``a`` (rows x dim_in), ``g`` (rows x dim_out) and the
+    number of terms the loss was averaged over (1 for a summed loss)."""
+
+    a: Tensor
+    g: Tensor
+    num_loss_terms: int
+
+
+class Captured(NamedTuple):
+    """The result of :func:`capture_curvature`."""
+
+    loss: Tensor
+    grads: dict[str, Tensor]
+    layers: dict[str, LayerCurvature]
+    unsupported: tuple[str, ...]   # modules with trained parameters that have no a/g
+
+
+def _conv_unsupported_reason(m: nn.Conv2d) -> str | None:
+    if m.groups != 1:
+        return f"groups={m.groups} (only groups=1 is supported)"
+    if m.padding_mode != "zeros":
+        return f"padding_mode={m.padding_mode!r} (only 'zeros' is supported)"
+    return None
+
+
+def supported_layers(model: nn.Module, params: dict[str, Tensor] | None = None
+                     ) -> tuple[dict[str, LayerSpec], dict[str, str]]:
+    """The supported layers of ``model`` and the unsupported modules that hold parameters.
+
+    Returns ``(layers, unsupported)``: ``layers`` maps module names to :class:`LayerSpec`
+    (Linear, and Conv2d with ``groups=1`` and zero padding); ``unsupported`` maps the names
+    of other modules with parameters (in ``params`` when given) to the reason.
+    """
+    keys = None if params is None else set(params)
+    layers: dict[str, LayerSpec] = {}
+    unsupported: dict[str, str] = {}
+    for name, m in model.named_modules():
+        own = [f"{name}.{p}" if name else p for p, _ in m.named_parameters(recurse=False)]
+        if keys is not None:
+            own = [k for k in own if k in keys]
+        if not own:
+            continue
+        prefix = f"{name}." if name else ""
+        w, b = prefix + "weight", prefix + "bias"
+        b = b if b in own else None
+        reason = None
+        if isinstance(m, nn.Conv2d):
+            reason = _conv_unsupported_reason(m)
+        elif not isinstance(m, nn.Linear):
+            reason = f"{type(m).__name__} has no Kronecker-factored curvature here"
+        if reason is None and w not in own:
+            reason = "its weight is not among the trained parameters"
+        if reason is not None:
+            unsupported[name] = reason
+            continue
+        dim_in = m.weight[0].numel() + (b is not None)
+        layers[name] = LayerSpec("conv2d" if isinstance(m, nn.Conv2d) else "linear", w, b,
+                                 dim_in, m.weight.shape[0])
+    return layers, unsupported
+
+
+def _conv_patches(x: Tensor, m: nn.Conv2d) -> Tensor:
+    """Unfold a conv input (N, C, H, W) into patches (N, positions, C*kh*kw)."""
+    padding = m.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = 0
+        else:  # "same" with stride 1
+            pads = []
+            for k, d in zip(m.kernel_size, m.dilation):
+                total = d * (k - 1)
+                if total % 2:
+                    raise ValueError(f"{m}: padding='same' with uneven padding is not supported; "
+                                     "pass explicit integer padding")
+                pads.append(total // 2)
+            padding = tuple(pads)
+    cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+    return cols.transpose(1, 2)
+
+
+def _process(kind: str, m: nn.Module, x: Tensor, gy: Tensor, approx: str, has_bias: bool,
+             loss_average: str | None) -> LayerCurvature:
+    """Turn a layer's input and output gradient into (rows x dim) matrices."""
+    if kind == "conv2d":
+        a = _conv_patches(x, m)                       # (N, P, C*k*k)
+        g = gy.flatten(2).transpose(1, 2)            # (N, P, C_out)
+    else:
+        a = x.reshape(x.shape[0], -1, x.shape[-1])   # (N, S, d_in)
+        g = gy.reshape(gy.shape[0], -1, gy.shape[-1])
+    n, positions = g.shape[0], g.shape[1]
+    if approx == "expand":
+        a, g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+    else:
+        a, g = a.mean(1), g.sum(1)
+    if has_bias:
+        a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+    terms = {None: 1, "batch": n, "batch+sequence": n * positions}[loss_average]
+    return LayerCurvature(a, g, terms)
+
+
+def _loss_fn(loss: str | Callable) -> Callable[[Tensor, Tensor], Tensor]:
+    if callable(loss):
+        return loss
+    return F.cross_entropy if loss == "cross_entropy" else F.mse_loss
+
+
+def _sample_targets(loss: str, out: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Targets drawn from the model's predictive distribution (for the MC Fisher)."""
+    out = out.detach()
+    if loss == "cross_entropy":
+        probs = torch.softmax(out.float(), dim=-1).reshape(-1, out.shape[-1])
+        y = torch.multinomial(probs, 1, generator=generator).reshape(out.shape[:-1])
+        return y
+    # (f - y)^2 has Hessian 2I in f; y ~ N(f, 1/2) gives E[grad grad^T] = 2I.
+    noise = torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device)
+    return out + noise * 0.5 ** 0.5
+
+
+def _check_options(loss, fisher, kfac_approx, loss_average) -> None:
+    if not callable(loss) and loss not in _LOSSES:
+        raise ValueError(f"loss={loss!r}: pass one of {_LOSSES} or a callable(outputs, targets)")
+    if fisher not in _FISHERS:
+        raise ValueError(f"fisher={fisher!r}: pass 'empirical' or 'mc'")
+    if fisher == "mc" and callable(loss):
+        raise ValueError("fisher='mc' needs a known likelihood: pass loss='cross_entropy' or "
+                         "'mse' (a custom loss works with fisher='empirical')")
+    if kfac_approx not in _APPROX:
+        raise ValueError(f"kfac_approx={kfac_approx!r}: pass 'expand' or 'reduce'")
+    if loss_average not in _AVERAGES:
+        raise ValueError(f"loss_average={loss_average!r}: pass None, 'batch' or "
+                         "'batch+sequence'")
+
+
+def capture_curvature(
+    model: nn.Module, params: dict[str, Tensor], inputs: Any, targets: Tensor, *,
+    loss: str | Callable[[Tensor, Tensor], Tensor] = "cross_entropy",
+    fisher: str = "empirical", kfac_approx: str = "expand", loss_average: str | None = "batch",
+    buffers: dict[str, Tensor] | None = None, generator: torch.Generator | None = None,
+    strict: bool = False,
+) -> Captured:
+    """Loss, gradients and per-layer ``(a, g)`` from one pass of ``model`` on ``params``.
+
+    Runs ``functional_call(model, {**params, **buffers}, inputs)``, computes
+    ``loss(outputs, targets)`` and its gradients with respect to ``params`` and to the output
+    of every supported layer (:func:`supported_layers`).
+
+    Args:
+      model: the module (its own parameters are not used; ``params`` replace them).
+      params: dict of tensors keyed as ``model.named_parameters()``.
+      inputs: the model input (a tensor, or a tuple of positional inputs).
+      targets: class indices (``"cross_entropy"``) or values (``"mse"``).
+      loss: ``"cross_entropy"`` (``F.cross_entropy``), ``"mse"`` (``F.mse_loss``), both with
+        mean reduction, or a callable ``loss(outputs, targets) -> scalar``. Default
+        ``"cross_entropy"``.
+      fisher: ``"empirical"`` (``g`` from the loss on ``targets``) or ``"mc"`` (``g`` from the
+        loss on targets sampled from the model's predictive distribution: one Monte-Carlo
+        sample of the Fisher; the gradients still use ``targets``). Default ``"empirical"``.
+      kfac_approx: ``"expand"`` or ``"reduce"`` for weight-shared layers. Default ``"expand"``.
+      loss_average: what the loss is a mean over: ``"batch"`` (N terms), ``"batch+sequence"``
+        (N times the shared positions of each layer) or ``None`` (a sum). Default ``"batch"``.
+      buffers: optional dict of buffers for ``functional_call``.
+      generator: optional ``torch.Generator`` for the MC samples.
+      strict: raise when a module with parameters is unsupported (default: report it in
+        ``Captured.unsupported``; its gradients are still returned).
+
+    Returns:
+      :class:`Captured` ``(loss, grads, layers, unsupported)``; ``grads`` has the keys of
+      ``params``; ``layers[name] = LayerCurvature(a, g, num_loss_terms)``. A module called
+      several times contributes one block of rows per call.
+
+    Example::
+
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        cap = fo.func.capture_curvature(model, params, x, y)
+        updates, state = tx.update(cap.grads, state, params, curvature=cap)
+    """
+    _check_options(loss, fisher, kfac_approx, loss_average)
+    specs, unsupported = supported_layers(model, params)
+    if strict and unsupported:
+        raise ValueError("capture_curvature: unsupported modules with parameters: "
+                         + ", ".join(f"{k} ({v})" for k, v in unsupported.items()))
+    modules = dict(model.named_modules())
+    records: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in specs}
+
+    def hook(name):
+        def fn(module, args, output):
+            probe = output.new_zeros(()).requires_grad_(True).expand(output.shape)
+            records[name].append((args[0].detach(), probe))
+            return output + probe
+        return fn
+
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    handles = [modules[name].register_forward_hook(hook(name)) for name in specs]
+    try:
+        with torch.enable_grad():
+            args = inputs if isinstance(inputs, tuple) else (inputs,)
+            out = functional_call(model, {**leaves, **(buffers or {})}, args)
+    finally:
+        for h in handles:
+            h.remove()
+    fn = _loss_fn(loss)
+    with torch.enable_grad():
+        value = fn(out, targets)
+    keys = list(leaves)
+    probes = [p for name in specs for _, p in records[name]]
+    if fisher == "empirical":
+        found = torch.autograd.grad(value, [leaves[k] for k in keys] + probes, allow_unused=True)
+        grads, gys = found[:len(keys)], found[len(keys):]
+    else:
+        grads = torch.autograd.grad(value, [leaves[k] for k in keys], retain_graph=True,
+                                    allow_unused=True)
+        with torch.enable_grad():
+            sampled = fn(out, _sample_targets(loss, out, generator))
+        gys = torch.autograd.grad(sampled, probes, allow_unused=True)
+    grads = {k: torch.zeros_like(leaves[k]) if gr is None else gr for k, gr in zip(keys, grads)}
+    layers, i = {}, 0
+    for name, spec in specs.items():
+        parts = []
+        for x, probe in records[name]:
+            gy = gys[i] if gys[i] is not None else torch.zeros_like(probe)
+            i += 1
+            parts.append(_process(spec.kind, modules[name], x, gy, kfac_approx,
+                                  spec.bias is not None, loss_average))
+        if parts:
+            layers[name] = LayerCurvature(torch.cat([p.a for p in parts]),
+                                          torch.cat([p.g for p in parts]),
+                                          parts[0].num_loss_terms)
+    return Captured(value.detach(), grads, layers, tuple(unsupported))
+
+
+def kronecker_factors(layer: LayerCurvature, dtype: torch.dtype | None = None
+                      ) -> tuple[Tensor, Tensor]:
+    """``A = a^T a / rows(a)`` and ``G = g^T g * num_loss_terms`` for one layer.
+
+    ``dtype`` (default: that of ``a``) is the precision the products are formed in.
+    """
+    a = layer.a if dtype is None else layer.a.to(dtype)
+    g = layer.g if dtype is None else layer.g.to(dtype)
+    return a.T @ a / a.shape[0], (g.T @ g) * layer.num_loss_terms

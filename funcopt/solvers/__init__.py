@@ -1,1 +1,35 @@
-"""The linear-solver layer (in progress)."""
+"""The linear-solver layer: operators, solvers and the damped least-squares step.
+
+Second-order methods (Gauss-Newton, Levenberg-Marquardt, natural gradient) reduce to a damped
+linear solve. Build an operator (``dense``, ``gram``, ``gram_dual``, ``matrix_free``,
+``gauss_newton``, ``block_diagonal``), then ``solve(operator, b, solver="auto")`` or
+``get(name).solve(operator, b)``; ``damped_least_squares(J, r, damping)`` does the whole
+Levenberg-Marquardt step in the primal or dual form. Every solve returns a :class:`Solution`
+whose ``success`` flag reports failure (no silent NaN).
+
+Example::
+
+    import torch, funcopt as fo
+    J, r = torch.randn(200, 50, dtype=torch.float64), torch.randn(200, dtype=torch.float64)
+    step = fo.solvers.damped_least_squares(J, r, damping=1e-3, diag="marquardt")
+    assert bool(step.success)
+"""
+
+from funcopt.solvers.auto import *  # noqa: F401,F403
+from funcopt.solvers.auto import __all__ as _auto_all
+from funcopt.solvers.base import *  # noqa: F401,F403
+from funcopt.solvers.base import __all__ as _base_all
+from funcopt.solvers.dense import *  # noqa: F401,F403
+from funcopt.solvers.dense import __all__ as _dense_all
+from funcopt.solvers.krylov import *  # noqa: F401,F403
+from funcopt.solvers.krylov import __all__ as _krylov_all
+
+__all__ = [*_base_all, *_dense_all, *_krylov_all, *_auto_all, "CuPyNumeric"]  # noqa: F405
+
+
+def __getattr__(name: str):
+    if name == "CuPyNumeric":  # imported on first use: cupynumeric starts the Legate runtime
+        from funcopt.solvers.cupynumeric import CuPyNumeric
+
+        return CuPyNumeric
+    raise AttributeError(f"module 'funcopt.solvers' has no attribute {name!r}")

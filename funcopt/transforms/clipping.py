@@ -1,3 +1,218 @@
-"""(in progress)"""
+"""Clipping, constraints and gradient noise."""
 
-__all__: list[str] = []
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from funcopt.base import (
+    EmptyState,
+    GradientTransformation,
+    Tensor,
+    check_hyperparameter,
+    increment,
+    require_params,
+    step_counter,
+    tree_check_structure,
+    tree_flatten,
+    tree_leaves,
+    tree_unflatten,
+)
+
+__all__ = [
+    "AddNoiseState", "clip", "clip_by_global_norm", "clip_by_block_rms",
+    "keep_params_nonnegative", "add_noise",
+]
+
+
+def _as(xs: list[Tensor], refs: list[Tensor]) -> list[Tensor]:
+    return [x if x.dtype == r.dtype else x.to(r.dtype) for x, r in zip(xs, refs)]
+
+
+def clip(max_delta: float) -> GradientTransformation:
+    r"""Clip every element to :math:`[-\delta, \delta]`: :math:`u \leftarrow \min(\max(u,
+    -\delta), \delta)`.
+
+    Args:
+      max_delta: :math:`\delta` >= 0.
+
+    Reference: optax ``clip``.
+    """
+    check_hyperparameter("max_delta", max_delta, low=0.0)
+    if isinstance(max_delta, Tensor) or callable(max_delta):
+        raise TypeError("clip: max_delta must be a number")
+
+    def init(params):
+        return EmptyState()
+
+    def update(updates, state, params=None, **extra):
+        u, treedef = tree_flatten(updates)
+        if u:
+            u = torch._foreach_clamp_max(torch._foreach_clamp_min(u, -max_delta), max_delta)
+        return tree_unflatten(treedef, u), state
+
+    return GradientTransformation(init, update)
+
+
+def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+    r"""Rescale the whole tree so its global l2 norm is at most ``max_norm``.
+
+    .. math:: u \leftarrow u \cdot \min\left(1, \frac{c}{\|u\|_2}\right),\quad
+        \|u\|_2 = \sqrt{\textstyle\sum_{leaves}\sum u_i^2}.
+
+    The factor is a 0-d tensor chosen with ``torch.where`` (no host sync); a zero norm gives
+    factor 1.
+
+    Args:
+      max_norm: :math:`c` > 0.
+
+    Reference: Pascanu, Mikolov, Bengio, ICML 2013; optax ``clip_by_global_norm``;
+    ``torch.nn.utils.clip_grad_norm_`` (which divides by ``norm + 1e-6``).
+    """
+    check_hyperparameter("max_norm", max_norm, low=0.0, low_inclusive=False)
+
+    def init(params):
+        return EmptyState()
+
+    def update(updates, state, params=None, **extra):
+        u, treedef = tree_flatten(updates)
+        if not u:
+            return updates, state
+        norms = torch._foreach_norm(u)
+        dtype = torch.promote_types(norms[0].dtype, torch.float32)
+        norm = torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
+        factor = torch.where(norm <= max_norm, 1.0, max_norm / norm)
+        return tree_unflatten(treedef, _as(torch._foreach_mul(u, factor), u)), state
+
+    return GradientTransformation(init, update)
+
+
+def clip_by_block_rms(threshold: float) -> GradientTransformation:
+    r"""Clip each leaf (block) to a root-mean-square of at most ``threshold``.
+
+    .. math:: u_b \leftarrow u_b / \max\left(1, \operatorname{rms}(u_b)/\tau\right),\quad
+        \operatorname{rms}(u_b) = \sqrt{\operatorname{mean}(u_b^2)}.
+
+    Args:
+      threshold: :math:`\tau` > 0.
+
+    Reference: optax ``clip_by_block_rms``.
+    """
+    check_hyperparameter("threshold", threshold, low=0.0, low_inclusive=False)
+
+    def init(params):
+        return EmptyState()
+
+    def update(updates, state, params=None, **extra):
+        u, treedef = tree_flatten(updates)
+        if not u:
+            return updates, state
+        norms = torch._foreach_norm(u)
+        sizes = [max(x.numel(), 1) ** 0.5 for x in u]
+        rms = torch._foreach_div(norms, sizes)
+        denom = torch._foreach_clamp_min(torch._foreach_div(rms, threshold), 1.0)
+        return tree_unflatten(treedef, _as(torch._foreach_div(u, denom), u)), state
+
+    return GradientTransformation(init, update)
+
+
+def keep_params_nonnegative() -> GradientTransformation:
+    r"""Keep parameters non-negative: where :math:`\theta + u < 0` use :math:`u = -\theta`.
+
+    The parameters then land exactly on 0 instead of going negative. Needs ``params``.
+
+    Reference: optax ``keep_params_nonnegative``.
+    """
+
+    def init(params):
+        return EmptyState()
+
+    def update(updates, state, params=None, **extra):
+        params = require_params(params, "keep_params_nonnegative")
+        tree_check_structure(updates, params, ("updates", "params"))
+        u, treedef = tree_flatten(updates)
+        p = tree_leaves(params)
+        out = [torch.where(pi + ui < 0, -pi.to(ui.dtype), ui) for pi, ui in zip(p, u)]
+        return tree_unflatten(treedef, out), state
+
+    return GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------- noise
+
+# A counter-based generator (SplitMix64's mixing function on int64 tensors, wrapping
+# arithmetic): the noise depends only on (seed, step, leaf, element), so it is the same on
+# every device, needs no host-side generator and is saved with the state.
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_M2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _shr(z: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 bit patterns."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix(z: Tensor) -> Tensor:
+    z = (z ^ _shr(z, 30)) * _M1
+    z = (z ^ _shr(z, 27)) * _M2
+    return z ^ _shr(z, 31)
+
+
+def _normal_like(x: Tensor, stream: Tensor) -> Tensor:
+    """Standard normal noise shaped like ``x`` from the 0-d int64 ``stream`` (Box-Muller)."""
+    idx = torch.arange(x.numel(), dtype=torch.int64, device=x.device)
+    z = _mix(_mix(stream) + (idx + 1) * _GOLDEN)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    scale = 2.0**-24
+    u1 = (_shr(z, 40).to(dtype) + 0.5) * scale
+    u2 = ((z & ((1 << 24) - 1)).to(dtype) + 0.5) * scale
+    n = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
+    return n.reshape(x.shape)
+
+
+class AddNoiseState(NamedTuple):
+    count: Tensor
+    key: Tensor
+
+
+def add_noise(eta: float, gamma: float, seed: int = 0) -> GradientTransformation:
+    r"""Add annealed Gaussian noise: :math:`u_t \leftarrow u_t + \sigma_t n_t`,
+    :math:`n_t \sim \mathcal N(0, I)`, :math:`\sigma_t^2 = \eta / t^\gamma`, :math:`t = 1, 2, ...`
+
+    The noise comes from a counter-based generator keyed by ``seed`` (kept in the state as a
+    0-d int64 tensor), the step and the leaf: runs are reproducible and a checkpointed state
+    continues with the same noise. Its streams differ from JAX's, so values differ from optax.
+
+    Args:
+      eta: :math:`\eta` >= 0, the base variance.
+      gamma: :math:`\gamma` >= 0, the annealing exponent (the paper uses 0.55).
+      seed: the integer key of the noise stream (default 0).
+
+    Reference: Neelakantan et al., "Adding Gradient Noise Improves Learning for Very Deep
+    Networks", 2015; optax ``add_noise``.
+    """
+    check_hyperparameter("eta", eta, low=0.0)
+    check_hyperparameter("gamma", gamma, low=0.0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"add_noise: seed must be an int, got {type(seed).__name__}")
+
+    def init(params):
+        count = step_counter(params)
+        return AddNoiseState(count, torch.tensor(seed, dtype=torch.int64, device=count.device))
+
+    def update(updates, state, params=None, **extra):
+        u, treedef = tree_flatten(updates)
+        count = increment(state.count)
+        if not u:
+            return updates, AddNoiseState(count, state.key)
+        t = count.to(torch.float64 if any(x.dtype == torch.float64 for x in u) else torch.float32)
+        std = torch.sqrt(eta / t**gamma)
+        base = _mix(_mix(state.key) ^ (count * _M1))
+        out = [
+            x + (std * _normal_like(x, base + i)).to(x.dtype) for i, x in enumerate(u)
+        ]
+        return tree_unflatten(treedef, out), AddNoiseState(count, state.key)
+
+    return GradientTransformation(init, update)

@@ -1,3 +1,511 @@
-"""(in progress)"""
+"""Kronecker-factored natural gradient: KFAC and SINGD.
 
-__all__: list[str] = []
+Both precondition the gradient of every supported layer (Linear, Conv2d; see
+:func:`funcopt.func.supported_layers`) with two Kronecker factors built from the layer inputs
+``a`` and output gradients ``g`` that :func:`funcopt.func.capture_curvature` returns. The
+captured statistics travel to ``update`` as the extra keyword ``curvature``::
+
+    import torch, funcopt as fo
+    from torch import nn
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    tx = fo.singd(model, learning_rate=1e-2)
+    state = tx.init(params)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    for _ in range(3):
+        cap = fo.func.capture_curvature(model, params, x, y)
+        updates, state = tx.update(cap.grads, state, params, curvature=cap)
+        params = fo.apply_updates(params, updates)
+
+The parameter trees are dicts keyed like ``model.named_parameters()``. Parameters of other
+layers go to a ``fallback`` transform (through :func:`funcopt.partition`); without one, a
+model that has such parameters is refused with an error naming them.
+
+Host syncs: both methods read the step counter on the host once per step to decide whether
+this is a refresh step (every ``T`` steps); KFAC's factor inversion also checks its result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from funcopt.base import (GradientTransformation, ScalarOrSchedule, check_hyperparameter,
+                          increment, resolve, step_counter)
+from funcopt.func.capture import LayerSpec, kronecker_factors, supported_layers
+from funcopt.transforms.structures import Structure, get_structure, lincomb
+
+__all__ = ["KFACState", "SINGDState", "scale_by_kfac", "scale_by_singd", "kfac", "singd"]
+
+
+# --------------------------------------------------------------------------- shared plumbing
+
+
+def _layers(model: nn.Module) -> dict[str, LayerSpec]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"pass the model (an nn.Module), got {type(model).__name__}")
+    layers, _ = supported_layers(model)
+    if not layers:
+        raise ValueError("the model has no supported layer (Linear, Conv2d with groups=1)")
+    return layers
+
+
+def _grad_matrix(updates: dict, spec: LayerSpec) -> Tensor:
+    """``[dW, db]`` as a ``dim_out x dim_in`` matrix."""
+    w = updates[spec.weight]
+    mat = w.reshape(w.shape[0], -1)
+    if spec.bias is not None:
+        mat = torch.cat([mat, updates[spec.bias].reshape(-1, 1).to(mat.dtype)], dim=1)
+    return mat
+
+
+def _scatter(out: dict, updates: dict, spec: LayerSpec, mat: Tensor) -> None:
+    w = updates[spec.weight]
+    if spec.bias is not None:
+        out[spec.bias] = mat[:, -1].reshape(updates[spec.bias].shape).to(updates[spec.bias].dtype)
+        mat = mat[:, :-1]
+    out[spec.weight] = mat.reshape(w.shape).to(w.dtype)
+
+
+def _check_updates(updates: Any, layers: dict[str, LayerSpec], who: str) -> None:
+    if not isinstance(updates, dict):
+        raise TypeError(f"{who}: updates must be a dict keyed like model.named_parameters(), "
+                        f"got {type(updates).__name__}")
+    missing = [s.weight for s in layers.values() if updates.get(s.weight) is None]
+    if missing:
+        raise ValueError(f"{who}: updates have no entry for {missing}; pass gradients for every "
+                         "parameter of the model given when the transform was built")
+
+
+def _curvature(extra: dict, layers: dict[str, LayerSpec], who: str) -> dict:
+    cur = extra.get("curvature")
+    if cur is None:
+        raise ValueError(f"{who} refreshes its preconditioner on this step and needs "
+                         "curvature=funcopt.func.capture_curvature(model, params, x, y)")
+    cur = getattr(cur, "layers", cur)
+    missing = sorted(set(layers) - set(cur))
+    if missing:
+        raise ValueError(f"{who}: curvature has no statistics for layers {missing}; capture "
+                         "them with funcopt.func.capture_curvature on the same model")
+    return cur
+
+
+def _all_reduce(tensors: list[Tensor], group: Any) -> list[Tensor]:
+    """Average over the processes of ``group`` (new tensors; inputs untouched)."""
+    if group is None:
+        return tensors
+    import torch.distributed as dist
+
+    out = [t.clone() for t in tensors]
+    for t in out:
+        dist.all_reduce(t, op=dist.ReduceOp.AVG, group=group)
+    return out
+
+
+def _count(state_count: Tensor) -> int:
+    return int(state_count)  # host sync, once per step (refresh decision)
+
+
+def _labels(model: nn.Module, layers: dict[str, LayerSpec]) -> dict[str, str]:
+    covered = {k for s in layers.values() for k in (s.weight, s.bias) if k is not None}
+    return {k: "natural" if k in covered else "fallback" for k, _ in model.named_parameters()}
+
+
+def _with_fallback(model, layers, natural: GradientTransformation, fallback, who: str):
+    from funcopt.compose import partition
+
+    labels = _labels(model, layers)
+    others = [k for k, lab in labels.items() if lab == "fallback"]
+    if not others:
+        return natural
+    if fallback is None:
+        raise ValueError(f"{who}: parameters {others} are outside supported layers; pass "
+                         "fallback=<a transform> (e.g. fo.adamw(1e-3)) to train them")
+    return partition({"natural": natural, "fallback": fallback}, labels)
+
+
+def _eye(d: int, like: Tensor) -> Tensor:
+    return torch.eye(d, dtype=torch.float32, device=like.device).to(like.dtype)
+
+
+# --------------------------------------------------------------------------- KFAC
+
+
+class KFACState(NamedTuple):
+    """``count``; per layer the running factors ``(A, G)`` and the preconditioner:
+    ``(A_inv, G_inv)`` for ``method="inverse"``, ``(Q_A, s_A, Q_G, s_G)`` for ``"eigh"``."""
+
+    count: Tensor
+    factors: dict[str, tuple[Tensor, Tensor]]
+    precond: dict[str, tuple[Tensor, ...]]
+
+
+def _damped_inverse(m: Tensor, gamma: Tensor) -> Tensor:
+    """``(m + gamma I)^{-1}`` through the solver layer (Cholesky), in float32 or wider.
+
+    A failed factorisation (``success`` False) falls back to the pseudo-inverse of the
+    symmetric eigen-decomposition, so a singular, undamped factor still gives finite numbers.
+    """
+    from funcopt import solvers
+
+    work = m if m.dtype in (torch.float32, torch.float64) else m.float()
+    damped = work + gamma.to(work.dtype) * _eye(work.shape[0], work)
+    sol = solvers.solve(solvers.dense(damped, symmetric=True, positive_definite=True),
+                        _eye(work.shape[0], work), solver="cholesky")
+    if bool(sol.success):
+        return sol.x.to(m.dtype)
+    return torch.linalg.pinv(damped, hermitian=True).to(m.dtype)
+
+
+def _eigh(m: Tensor) -> tuple[Tensor, Tensor]:
+    work = m if m.dtype in (torch.float32, torch.float64) else m.float()
+    s, q = torch.linalg.eigh(work)
+    return q.to(m.dtype), s.clamp(min=0).to(m.dtype)
+
+
+def _kfac_refresh(A: Tensor, G: Tensor, damping: Any, method: str, pi: bool) -> tuple:
+    if method == "eigh":
+        return (*_eigh(A), *_eigh(G))
+    lam = torch.as_tensor(damping, dtype=torch.float64, device=A.device)
+    if pi:
+        ta = A.diagonal().mean().double().clamp(min=1e-30)
+        tg = G.diagonal().mean().double().clamp(min=1e-30)
+        ratio = torch.sqrt(ta / tg)
+    else:
+        ratio = torch.ones((), dtype=torch.float64, device=A.device)
+    return (_damped_inverse(A, ratio * lam.sqrt()), _damped_inverse(G, lam.sqrt() / ratio))
+
+
+def _kfac_apply(mat: Tensor, pre: tuple, damping: Any) -> Tensor:
+    if len(pre) == 2:
+        a_inv, g_inv = pre
+        return g_inv @ mat.to(a_inv.dtype) @ a_inv
+    qa, sa, qg, sg = pre
+    v = qg.T @ mat.to(qa.dtype) @ qa
+    return qg @ (v / (sg[:, None] * sa[None, :] + damping)) @ qa.T
+
+
+def scale_by_kfac(
+    model: nn.Module, *, damping: float = 1e-3, decay: float = 0.95, T: int = 10,
+    method: str = "inverse", pi_damping: bool = True, factor_dtype: torch.dtype | None = None,
+    process_group: Any = None,
+) -> GradientTransformation:
+    r"""Kronecker-factored preconditioning (KFAC) of every supported layer's gradient.
+
+    For a layer with gradient matrix :math:`V = [\nabla W, \nabla b]`, captured ``a`` and
+    ``g`` (:func:`funcopt.func.capture_curvature`):
+
+    .. math::
+        \bar A_t = \rho \bar A_{t-1} + (1-\rho) A_t,\quad A_t = a^\top a / n_a;\qquad
+        \bar G_t = \rho \bar G_{t-1} + (1-\rho) G_t,\quad G_t = N g^\top g
+
+    (the first step takes :math:`\bar A = A_1`), and every :math:`T` steps the preconditioner
+    is refreshed. ``method="inverse"`` (Martens & Grosse 2015, factored Tikhonov damping):
+    :math:`u = (\bar G + \tfrac{\sqrt\lambda}{\pi} I)^{-1} V (\bar A + \pi\sqrt\lambda I)^{-1}`
+    with :math:`\pi = \sqrt{(\mathrm{tr}\bar A / d_A)/(\mathrm{tr}\bar G / d_G)}` (or 1).
+    ``method="eigh"``: exact damping of the Kronecker product,
+    :math:`\mathrm{vec}(u) = (\bar G \otimes \bar A + \lambda I)^{-1}\mathrm{vec}(V)` through the
+    eigen-decompositions :math:`\bar A = Q_A S_A Q_A^\top`, :math:`\bar G = Q_G S_G Q_G^\top`.
+
+    Args:
+      model: the module whose supported layers are preconditioned; other entries of the
+        updates pass through unchanged.
+      damping: :math:`\lambda > 0` (default 1e-3). A number.
+      decay: :math:`\rho \in [0, 1)`, the running-average decay of the factors (default 0.95).
+      T: refresh the inverses (or eigenbases) every ``T`` steps (default 10); the factors are
+        averaged only on those steps, so ``curvature`` is needed only then.
+      method: ``"inverse"`` (default) or ``"eigh"``.
+      pi_damping: use the :math:`\pi` split of the damping (default True; "inverse" only).
+      factor_dtype: dtype of the factors (default: the weight's dtype); e.g. float32 for
+        bf16 weights.
+      process_group: a ``torch.distributed`` group; the new factors are averaged over it.
+
+    Extra keyword of ``update``: ``curvature`` (a :class:`funcopt.func.Captured` or its
+    ``layers`` dict), required on refresh steps (``count % T == 0``).
+
+    Reference: Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored
+    Approximate Curvature", ICML 2015; Grosse & Martens, ICML 2016 (convolutions).
+    """
+    check_hyperparameter("damping", damping, low=0.0)
+    check_hyperparameter("decay", decay, low=0.0, high=1.0, high_inclusive=False)
+    if method not in ("inverse", "eigh"):
+        raise ValueError(f"method={method!r}: pass 'inverse' or 'eigh'")
+    if not isinstance(T, int) or T < 1:
+        raise ValueError(f"T={T!r} must be an int >= 1")
+    if method == "eigh" and not damping > 0:
+        raise ValueError("method='eigh' needs damping > 0 (the eigenvalues may be 0)")
+    layers = _layers(model)
+
+    def init(params):
+        factors, precond = {}, {}
+        for name, s in layers.items():
+            w = params[s.weight]
+            dt = factor_dtype or w.dtype
+            A = torch.zeros(s.dim_in, s.dim_in, dtype=dt, device=w.device)
+            G = torch.zeros(s.dim_out, s.dim_out, dtype=dt, device=w.device)
+            factors[name] = (A, G)
+            if method == "inverse":
+                precond[name] = (_eye(s.dim_in, A), _eye(s.dim_out, G))
+            else:
+                precond[name] = (_eye(s.dim_in, A), torch.ones(s.dim_in, dtype=dt, device=w.device),
+                                 _eye(s.dim_out, G), torch.ones(s.dim_out, dtype=dt,
+                                                                device=w.device))
+        return KFACState(step_counter(params), factors, precond)
+
+    def update(updates, state, params=None, **extra):
+        _check_updates(updates, layers, "scale_by_kfac")
+        t = _count(state.count)
+        factors, precond = dict(state.factors), dict(state.precond)
+        if t % T == 0:
+            cur = _curvature(extra, layers, "scale_by_kfac")
+            for name in layers:
+                A0, G0 = factors[name]
+                A, G = _all_reduce(list(kronecker_factors(cur[name], A0.dtype)), process_group)
+                if t > 0:
+                    A, G = decay * A0 + (1 - decay) * A, decay * G0 + (1 - decay) * G
+                factors[name] = (A, G)
+                precond[name] = _kfac_refresh(A, G, damping, method, pi_damping)
+        out = dict(updates)
+        for name, s in layers.items():
+            mat = _kfac_apply(_grad_matrix(updates, s), precond[name], damping)
+            _scatter(out, updates, s, mat)
+        return out, KFACState(increment(state.count), factors, precond)
+
+    return GradientTransformation(init, update)
+
+
+def kfac(
+    model: nn.Module, learning_rate: ScalarOrSchedule = 1e-3, *, momentum: float = 0.0,
+    weight_decay: float = 0.0, fallback: GradientTransformation | None = None, **kfac_options,
+) -> GradientTransformation:
+    r"""KFAC with momentum and weight decay:
+    ``chain(scale_by_kfac(model, ...), add_decayed_weights(weight_decay), trace(momentum),
+    scale_by_learning_rate(learning_rate))``, i.e. :math:`\theta \leftarrow \theta - \eta\,
+    m`, :math:`m \leftarrow \mu m + (F^{-1}\nabla + \gamma\theta)`.
+
+    Args:
+      model: the module; learning_rate: :math:`\eta` (number or schedule, default 1e-3);
+      momentum: :math:`\mu` (default 0); weight_decay: :math:`\gamma` (default 0);
+      fallback: transform for parameters outside supported layers (required if any exist);
+      kfac_options: ``damping``, ``decay``, ``T``, ``method``, ``pi_damping``,
+        ``factor_dtype``, ``process_group`` of :func:`scale_by_kfac`.
+
+    Reference: Martens & Grosse, ICML 2015.
+    """
+    from funcopt.compose import chain
+    from funcopt.transforms.first_order import scale_by_learning_rate, trace
+    from funcopt.transforms.weight_decay import add_decayed_weights
+
+    layers = _layers(model)
+    natural = chain(scale_by_kfac(model, **kfac_options), add_decayed_weights(weight_decay),
+                    trace(momentum), scale_by_learning_rate(learning_rate))
+    return _with_fallback(model, layers, natural, fallback, "kfac")
+
+
+# --------------------------------------------------------------------------- SINGD
+
+
+class SINGDState(NamedTuple):
+    """``count``; per layer the structured factors ``K``, ``C`` and their momenta ``m_K``,
+    ``m_C`` (tuples of tensors, see :mod:`funcopt.transforms.structures`; the momenta are
+    empty tuples when ``alpha1 = 0``)."""
+
+    count: Tensor
+    K: dict[str, tuple[Tensor, ...]]
+    C: dict[str, tuple[Tensor, ...]]
+    m_K: dict[str, tuple[Tensor, ...]]
+    m_C: dict[str, tuple[Tensor, ...]]
+
+
+class _SINGDConfig(NamedTuple):
+    sK: Structure
+    sC: Structure
+    damping: float
+    alpha1: float
+    lr_cov: ScalarOrSchedule
+    kfac_like: bool
+    normalize_lr_cov: bool
+    process_group: Any
+
+
+def _singd_momenta(cfg: _SINGDConfig, K, C, lay, dtypes):
+    """The new momenta ``m_K, m_C`` of one layer (before adding ``alpha1`` times the old)."""
+    sK, sC = cfg.sK, cfg.sC
+    a = lay.a.to(dtypes[0]) / math.sqrt(lay.a.shape[0])
+    g = lay.g.to(dtypes[1]) * math.sqrt(lay.num_loss_terms)
+    H_K, H_C = sK.from_inner(K, a.T), sC.from_inner(C, g.T)
+    if cfg.process_group is not None:
+        flat = _all_reduce([*H_K, *H_C], cfg.process_group)
+        H_K, H_C = tuple(flat[:len(H_K)]), tuple(flat[len(H_K):])
+    KtK, CtC = sK.from_inner(K), sC.from_inner(C)
+    if cfg.kfac_like:
+        cK, dK, cC, dC = 1.0, cfg.damping, 1.0, cfg.damping
+    else:
+        cK, dK = sC.average_trace(H_C), cfg.damping * sC.average_trace(CtC)
+        cC, dC = sK.average_trace(H_K), cfg.damping * sK.average_trace(KtK)
+    scale = 0.5 * ((1.0 - cfg.alpha1) if cfg.normalize_lr_cov else 1.0)
+    m_K = sK.diag_add(lincomb([(H_K, cK), (KtK, dK)]), -1.0)
+    m_C = sC.diag_add(lincomb([(H_C, cC), (CtC, dC)]), -1.0)
+    return lincomb([(m_K, scale)]), lincomb([(m_C, scale)])
+
+
+def _singd_refresh(cfg: _SINGDConfig, K, C, mK_old, mC_old, lay, dtypes, count):
+    """One Riemannian step on ``K``, ``C`` (Lin et al. 2024, Fig. 2, lines 3-8)."""
+    m_K, m_C = _singd_momenta(cfg, K, C, lay, dtypes)
+    if cfg.alpha1 != 0.0:
+        m_K = lincomb([(m_K, 1.0), (mK_old, cfg.alpha1)])
+        m_C = lincomb([(m_C, 1.0), (mC_old, cfg.alpha1)])
+    beta = resolve(cfg.lr_cov, count)
+    beta_K = beta_C = beta
+    if cfg.normalize_lr_cov:
+        beta_K = beta / cfg.sK.inf_norm(m_K).clamp(min=1.0)
+        beta_C = beta / cfg.sC.inf_norm(m_C).clamp(min=1.0)
+    K = lincomb([(K, 1.0), (cfg.sK.mul(K, m_K), -beta_K)])
+    C = lincomb([(C, 1.0), (cfg.sC.mul(C, m_C), -beta_C)])
+    keep = cfg.alpha1 != 0.0
+    return K, C, (m_K if keep else ()), (m_C if keep else ())
+
+
+def _singd_init_layer(cfg, s: LayerSpec, w: Tensor, dtypes):
+    K = cfg.sK.eye(s.dim_in, dtypes[0], w.device)
+    C = cfg.sC.eye(s.dim_out, dtypes[1], w.device)
+    keep = cfg.alpha1 != 0.0
+    mK = cfg.sK.zeros(s.dim_in, dtypes[0], w.device) if keep else ()
+    mC = cfg.sC.zeros(s.dim_out, dtypes[1], w.device) if keep else ()
+    return K, C, mK, mC
+
+
+def scale_by_singd(
+    model: nn.Module, *, lr_cov: ScalarOrSchedule = 1e-2, damping: float = 1e-3,
+    alpha1: float | None = None, T: int = 10, structures: tuple = ("dense", "dense"),
+    kfac_like: bool = False, preconditioner_dtype: tuple = (None, None),
+    normalize_lr_cov: bool = False, process_group: Any = None,
+) -> GradientTransformation:
+    r"""Structured inverse-free natural-gradient preconditioning (SINGD).
+
+    Per layer, with gradient matrix :math:`V` (``dim_out x dim_in``), captured ``a``
+    (:math:`n_a` rows) and ``g``, every ``T`` steps (Lin et al. 2024, Fig. 2):
+
+    .. math::
+        H_K &= \Pi_K(K^\top a^\top a K)/n_a,\quad H_C = \Pi_C(C^\top g^\top g\, C) N \\
+        m_K &\leftarrow \alpha_1 m_K + \tfrac12\big(c^2 H_K + \lambda\,\kappa^2\,
+               \Pi_K(K^\top K) - I\big),\quad c^2 = \mathrm{tr}(H_C)/d_C,\
+               \kappa^2 = \mathrm{tr}\,\Pi_C(C^\top C)/d_C \\
+        m_C &\leftarrow \alpha_1 m_C + \tfrac12\big(\kappa'^2 H_C + \lambda\, c'^2\,
+               \Pi_C(C^\top C) - I\big),\quad \kappa'^2 = \mathrm{tr}(H_K)/d_K,\
+               c'^2 = \mathrm{tr}\,\Pi_K(K^\top K)/d_K \\
+        K &\leftarrow K (I - \beta_1 m_K),\qquad C \leftarrow C (I - \beta_1 m_C)
+
+    and on every step the output is :math:`C C^\top V K K^\top`. :math:`\Pi` projects onto
+    the structure (:mod:`funcopt.transforms.structures`); ``K``, ``C`` start at ``I``, the
+    momenta at 0. With ``kfac_like`` the traces are replaced by 1 and :math:`\alpha_1 = 0`
+    (IKFAC, the update close to KFAC). ``N`` is ``num_loss_terms`` of the capture.
+
+    Args (names and defaults of the reference package ``singd`` 0.0.5):
+      model: the module whose supported layers are preconditioned (others pass through).
+      lr_cov: :math:`\beta_1`, step size of ``K``, ``C`` (number or schedule; default 1e-2).
+      damping: :math:`\lambda` (default 1e-3).
+      alpha1: :math:`\alpha_1`, Riemannian momentum (default 0.5; 0 with ``kfac_like``).
+      T: update ``K``, ``C`` every ``T`` steps (default 10).
+      structures: structures of ``(K, C)``: names from
+        :data:`funcopt.transforms.structures.STRUCTURES` or Structure objects
+        (default ``("dense", "dense")``).
+      kfac_like: the IKFAC variant (default False).
+      preconditioner_dtype: dtypes of ``(K, C)`` (``None``: the weight's; default both None).
+      normalize_lr_cov: divide :math:`\beta_1` by :math:`\max(1, \|m\|_\infty)` and scale the
+        momentum step by :math:`1-\alpha_1` (default False).
+      process_group: ``torch.distributed`` group; ``H_K``, ``H_C`` are averaged over it.
+
+    Extra keyword of ``update``: ``curvature``, required on refresh steps (``count % T == 0``).
+
+    Reference: Lin et al., "Structured Inverse-Free Natural Gradient Descent:
+    Memory-Efficient & Numerically-Stable KFAC", ICML 2024, arXiv:2312.05705; package
+    ``singd`` (github.com/f-dangel/singd).
+    """
+    if kfac_like and alpha1 not in (None, 0, 0.0):
+        raise ValueError(f"kfac_like=True uses no Riemannian momentum; alpha1={alpha1} would "
+                         "be ignored: leave alpha1 unset (or 0)")
+    alpha1 = (0.0 if kfac_like else 0.5) if alpha1 is None else float(alpha1)
+    for name, v in (("lr_cov", lr_cov), ("damping", damping), ("alpha1", alpha1)):
+        check_hyperparameter(name, v, low=0.0)
+    if not isinstance(T, int) or T < 1:
+        raise ValueError(f"T={T!r} must be an int >= 1")
+    if len(structures) != 2 or len(preconditioner_dtype) != 2:
+        raise ValueError("structures and preconditioner_dtype are pairs: (for K, for C)")
+    cfg = _SINGDConfig(get_structure(structures[0]), get_structure(structures[1]), damping,
+                       alpha1, lr_cov, kfac_like, normalize_lr_cov, process_group)
+    layers = _layers(model)
+
+    def dtypes_of(w):
+        return tuple(d or w.dtype for d in preconditioner_dtype)
+
+    def init(params):
+        K, C, mK, mC = {}, {}, {}, {}
+        for name, s in layers.items():
+            w = params[s.weight]
+            K[name], C[name], mK[name], mC[name] = _singd_init_layer(cfg, s, w, dtypes_of(w))
+        return SINGDState(step_counter(params), K, C, mK, mC)
+
+    def update(updates, state, params=None, **extra):
+        _check_updates(updates, layers, "scale_by_singd")
+        K, C, mK, mC = (dict(d) for d in state[1:])
+        if _count(state.count) % T == 0:
+            cur = _curvature(extra, layers, "scale_by_singd")
+            for name, s in layers.items():
+                dt = dtypes_of(updates[s.weight])
+                K[name], C[name], mK[name], mC[name] = _singd_refresh(
+                    cfg, K[name], C[name], mK[name], mC[name], cur[name], dt, state.count)
+        out = dict(updates)
+        for name, s in layers.items():
+            V = _grad_matrix(updates, s)
+            Kp, Cp = K[name], C[name]
+            nat = cfg.sK.matmul(Kp, cfg.sK.rmatmat(Kp, V.T.to(Kp[0].dtype))).T
+            nat = cfg.sC.matmul(Cp, cfg.sC.rmatmat(Cp, nat.to(Cp[0].dtype)))
+            _scatter(out, updates, s, nat.to(V.dtype))
+        return out, SINGDState(increment(state.count), K, C, mK, mC)
+
+    return GradientTransformation(init, update)
+
+
+def singd(
+    model: nn.Module, learning_rate: ScalarOrSchedule = 1e-3, *, momentum: float = 0.9,
+    weight_decay: float = 0.0, fallback: GradientTransformation | None = None,
+    **singd_options,
+) -> GradientTransformation:
+    r"""SINGD as in the reference package: structured preconditioning, then weight decay,
+    heavy-ball momentum and the learning rate:
+    ``chain(scale_by_singd(model, ...), add_decayed_weights(weight_decay), trace(momentum),
+    scale_by_learning_rate(learning_rate))``:
+    :math:`m \leftarrow \alpha_2 m + (C C^\top V K K^\top + \gamma\theta)`,
+    :math:`\theta \leftarrow \theta - \beta_2 m`.
+
+    Args:
+      model: the module.
+      learning_rate: :math:`\beta_2` (package ``lr``; number or schedule; default 1e-3).
+      momentum: :math:`\alpha_2` (default 0.9).
+      weight_decay: :math:`\gamma` (default 0).
+      fallback: transform for parameters outside supported layers (required if any exist).
+      singd_options: ``lr_cov``, ``damping``, ``alpha1``, ``T``, ``structures``,
+        ``kfac_like``, ``preconditioner_dtype``, ``normalize_lr_cov``, ``process_group`` of
+        :func:`scale_by_singd`.
+
+    Differences from ``singd.optim.SINGD``: the curvature comes from
+    :func:`funcopt.func.capture_curvature` (pass ``kfac_approx``/``loss_average`` there);
+    gradient scaling for AMP is left to the caller (unscale the gradients first); the
+    package's block-diagonal structure multiplies by ``K`` where its definition (and ours)
+    multiplies by ``K^T``.
+
+    Reference: Lin et al., ICML 2024, arXiv:2312.05705.
+    """
+    from funcopt.compose import chain
+    from funcopt.transforms.first_order import scale_by_learning_rate, trace
+    from funcopt.transforms.weight_decay import add_decayed_weights
+
+    layers = _layers(model)
+    natural = chain(scale_by_singd(model, **singd_options), add_decayed_weights(weight_decay),
+                    trace(momentum), scale_by_learning_rate(learning_rate))
+    return _with_fallback(model, layers, natural, fallback, "singd")

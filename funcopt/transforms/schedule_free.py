@@ -1,3 +1,275 @@
-"""(in progress)"""
+"""Schedule-Free optimisation (Defazio et al., 2024) as a wrapper over any base transform.
 
-__all__: list[str] = []
+Schedule-Free keeps two sequences besides the gradient point ``y`` (the parameters the
+gradient is taken at): ``z``, a plain SGD-style iterate, and ``x``, an online average of ``z``.
+Only ``y`` and ``z`` are stored; ``x`` is recovered from them by
+:func:`schedule_free_eval_params`, which replaces the reference optimizer's ``eval()`` switch.
+
+Reference: Defazio, Yang, Mehta, Mishchenko, Khaled, Cutkosky, "The Road Less Scheduled",
+https://arxiv.org/abs/2405.15682; code https://github.com/facebookresearch/schedule_free
+(schedulefree 1.4.1, ``AdamWScheduleFree`` / ``SGDScheduleFree``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from funcopt.base import (
+    EmptyState, GradientTransformation, PyTree, ScalarOrSchedule, Tensor, check_hyperparameter,
+    increment, require_params, resolve, step_counter, tree_check_structure, tree_flatten,
+    tree_leaves, tree_unflatten,
+)
+
+__all__ = [
+    "ScheduleFreeState",
+    "ScaleByBiasCorrectedRmsState",
+    "scale_by_bias_corrected_rms",
+    "schedule_free",
+    "schedule_free_adamw",
+    "schedule_free_sgd",
+    "schedule_free_eval_params",
+]
+
+
+class ScaleByBiasCorrectedRmsState(NamedTuple):
+    count: Tensor
+    nu: PyTree
+
+
+def scale_by_bias_corrected_rms(
+    b2: ScalarOrSchedule = 0.999, eps: float = 1e-8, eps_floor: bool = False
+) -> GradientTransformation:
+    """Divide by the root of a bias-corrected EMA of squared gradients (Adam without momentum).
+
+    .. math::
+        v_t = \\hat\\beta_2 v_{t-1} + (1 - \\hat\\beta_2) g_t^2, \\qquad
+        u_t = g_t / (\\sqrt{v_t / c_t} + \\epsilon)
+
+    With a constant ``b2`` (:math:`\\beta_2`), :math:`\\hat\\beta_2 = \\beta_2` and
+    :math:`c_t = 1 - \\beta_2^t` (schedulefree's AdamW). With a schedule ``b2(t)``, the EMA is
+    debiased in place as HeavyBall does: :math:`\\hat\\beta_2 = 1 - (1-\\beta_2)/(1-\\beta_2^t)`
+    and :math:`c_t = 1` (which is the same for a constant :math:`\\beta_2`).
+    ``eps_floor=True`` uses :math:`\\max(\\sqrt{v_t/c_t}, \\epsilon)` instead of adding
+    :math:`\\epsilon` (HeavyBall 0.7.2).
+
+    Args:
+      b2: :math:`\\beta_2`, a float in [0, 1), 0-d tensor or schedule (e.g. PaLM's
+        ``1 - t^{-0.8}``). Default 0.999.
+      eps: :math:`\\epsilon`. Default 1e-8.
+      eps_floor: take the maximum with eps instead of adding it. Default False.
+    """
+    check_hyperparameter("b2", b2, low=0.0, high=1.0, high_inclusive=False)
+    check_hyperparameter("eps", eps, low=0.0)
+
+    def init(params):
+        return ScaleByBiasCorrectedRmsState(
+            step_counter(params), [torch.zeros_like(p) for p in tree_leaves(params)])
+
+    def update(updates, state, params=None, **extra):
+        g, treedef = tree_flatten(updates)
+        count = increment(state.count)
+        t = count.to(torch.float32)
+        if callable(b2):
+            beta = torch.as_tensor(b2(count), dtype=torch.float32, device=t.device)
+            beta, corr = 1.0 - (1.0 - beta) / (1.0 - beta ** t), None
+        else:
+            beta, corr = b2, 1.0 - torch.as_tensor(b2, dtype=torch.float32, device=t.device) ** t
+        if not g:
+            return updates, ScaleByBiasCorrectedRmsState(count, state.nu)
+        if isinstance(beta, Tensor):
+            beta = beta.to(g[0].dtype)
+        nu = _addcmul(torch._foreach_mul(state.nu, beta), g, 1.0 - beta)
+        denom = nu if corr is None else torch._foreach_div(nu, corr.to(g[0].dtype))
+        denom = torch._foreach_sqrt(denom)
+        denom = torch._foreach_maximum(denom, eps) if eps_floor else torch._foreach_add(denom, eps)
+        return tree_unflatten(treedef, torch._foreach_div(g, denom)), \
+            ScaleByBiasCorrectedRmsState(count, nu)
+
+    return GradientTransformation(init, update)
+
+
+def _addcmul(acc: list[Tensor], g: list[Tensor], weight) -> list[Tensor]:
+    """``acc + weight * g * g`` for a float or 0-d tensor weight."""
+    if isinstance(weight, float):
+        return torch._foreach_addcmul(acc, g, g, value=weight)
+    return torch._foreach_add(acc, torch._foreach_mul(torch._foreach_mul(g, g), weight))
+
+
+class ScheduleFreeState(NamedTuple):
+    """State of :func:`schedule_free`: ``z`` iterate, averaging weights and the base's state."""
+
+    count: Tensor
+    learning_rate: Tensor
+    lr_max: Tensor
+    weight_sum: Tensor
+    b1: Tensor
+    z: PyTree
+    base_state: Any
+
+
+def schedule_free(
+    base: GradientTransformation | None,
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 0,
+    r: float = 0.0,
+    weight_lr_power: float = 2.0,
+) -> GradientTransformation:
+    """Schedule-Free wrapper: turn a base direction into the y/z/x Schedule-Free iteration.
+
+    With :math:`d_t` the base transform's output at :math:`y_t` (the params given to update),
+    :math:`\\gamma_t` the learning rate times the linear warmup :math:`\\min(1, t/T_w)`:
+
+    .. math::
+        d_t &\\leftarrow d_t + \\lambda y_t \\\\
+        w_t &= t^r (\\max_{s\\le t}\\gamma_s)^{p}, \\quad c_t = w_t / \\textstyle\\sum_{s\\le t} w_s \\\\
+        y_{t+1} &= (1-c_t) y_t + c_t z_t + \\gamma_t(\\beta_1(1-c_t) - 1) d_t \\\\
+        z_{t+1} &= z_t - \\gamma_t d_t
+
+    The returned update is :math:`y_{t+1} - y_t`. The evaluation point
+    :math:`x = y + (1 - 1/\\beta_1)(z - y)` comes from :func:`schedule_free_eval_params`.
+
+    Args:
+      base: the direction (``scale_by_bias_corrected_rms`` gives AdamW, ``None`` gives SGD).
+      learning_rate: :math:`\\gamma`, float or schedule; its current value is the state field
+        ``learning_rate`` (read from there when a float was given).
+      b1: :math:`\\beta_1`, interpolation momentum in (0, 1). Default 0.9.
+      weight_decay: :math:`\\lambda`, applied to the direction at :math:`y`. Default 0.
+      warmup_steps: :math:`T_w`, linear warmup length. Default 0.
+      r: :math:`r`, polynomial weighting power. Default 0.
+      weight_lr_power: :math:`p`, learning-rate weighting power. Default 2.
+
+    Reference: Defazio et al., "The Road Less Scheduled", https://arxiv.org/abs/2405.15682
+    (schedulefree 1.4.1). ``params`` must be passed to ``update`` (they are :math:`y_t`).
+    """
+    check_hyperparameter("learning_rate", learning_rate, low=0.0)
+    check_hyperparameter("b1", b1, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+    check_hyperparameter("weight_decay", weight_decay, low=0.0)
+    check_hyperparameter("warmup_steps", warmup_steps, low=0.0)
+    check_hyperparameter("r", r, low=0.0)
+    check_hyperparameter("weight_lr_power", weight_lr_power, low=0.0)
+    if callable(b1):
+        raise TypeError("schedule_free: b1 must be a number (it defines the evaluation point)")
+    base = base if base is not None else GradientTransformation(lambda p: EmptyState(),
+                                                                 lambda u, s, p=None, **e: (u, s))
+
+    def init(params):
+        count = step_counter(params)
+        lr0 = resolve(learning_rate, count)
+        f32 = dict(dtype=torch.float32, device=count.device)
+        return ScheduleFreeState(
+            count, torch.as_tensor(lr0, **f32).clone(), torch.full((), -1.0, **f32),
+            torch.zeros((), **f32), torch.tensor(float(b1), **f32),
+            [p.detach().clone() for p in tree_leaves(params)], base.init(params))
+
+    def update(updates, state, params=None, **extra):
+        params = require_params(params, "schedule_free")
+        tree_check_structure(updates, params)
+        d, base_state = base.update(updates, state.base_state, params, **extra)
+        d, treedef = tree_flatten(d)
+        y = tree_leaves(params)
+        if weight_decay != 0:
+            d = torch._foreach_add(d, y, alpha=weight_decay)
+        count = increment(state.count)
+        lr = torch.as_tensor(learning_rate(state.count) if callable(learning_rate)
+                             else state.learning_rate, dtype=torch.float32,
+                             device=state.count.device)
+        t = count.to(torch.float32)
+        if warmup_steps > 0:
+            lr_t = lr * torch.clamp(t / warmup_steps, max=1.0)
+        else:
+            lr_t = lr
+        lr_max = torch.maximum(lr_t, state.lr_max)
+        weight = t ** r * lr_max ** weight_lr_power
+        weight_sum = state.weight_sum + weight
+        ckp1 = torch.where(weight_sum > 0, weight / weight_sum, torch.zeros_like(weight))
+        if not y:
+            return tree_unflatten(treedef, []), state
+        dt = y[0].dtype
+        diff = torch._foreach_sub(state.z, y)
+        step = torch._foreach_mul(diff, ckp1.to(dt))
+        step = torch._foreach_add(step, torch._foreach_mul(d, (lr_t * (b1 * (1 - ckp1) - 1)).to(dt)))
+        z = torch._foreach_sub(state.z, torch._foreach_mul(d, lr_t.to(dt)))
+        new_state = ScheduleFreeState(count, lr, lr_max, weight_sum, state.b1, z, base_state)
+        return tree_unflatten(treedef, step), new_state
+
+    return GradientTransformation(init, update)
+
+
+def schedule_free_adamw(
+    learning_rate: ScalarOrSchedule = 0.0025, b1: float = 0.9, b2: ScalarOrSchedule = 0.999,
+    eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0, r: float = 0.0,
+    weight_lr_power: float = 2.0,
+) -> GradientTransformation:
+    """Schedule-Free AdamW: :func:`schedule_free` over :func:`scale_by_bias_corrected_rms`.
+
+    :math:`d_t = g_t / (\\sqrt{v_t/(1-\\beta_2^t)} + \\epsilon)`, then the Schedule-Free step
+    (see :func:`schedule_free`). Arguments as schedulefree's ``AdamWScheduleFree``
+    (``lr`` -> ``learning_rate``, ``betas`` -> ``b1, b2``); ``b2`` may be a schedule such as
+    PaLM's. Defaults: learning_rate 0.0025, b1 0.9, b2 0.999, eps 1e-8, weight_decay 0,
+    warmup_steps 0, r 0, weight_lr_power 2. Reference: https://arxiv.org/abs/2405.15682.
+
+    Example::
+
+        tx = fo.schedule_free_adamw(1e-3, warmup_steps=100)
+        state = tx.init(params)
+        updates, state = tx.update(grads, state, params)
+        params = fo.apply_updates(params, updates)
+        eval_params = fo.schedule_free_eval_params(params, state)
+    """
+    return schedule_free(scale_by_bias_corrected_rms(b2, eps), learning_rate, b1, weight_decay,
+                         warmup_steps, r, weight_lr_power)
+
+
+def schedule_free_sgd(
+    learning_rate: ScalarOrSchedule = 1.0, b1: float = 0.9, weight_decay: float = 0.0,
+    warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2.0,
+) -> GradientTransformation:
+    """Schedule-Free SGD: :func:`schedule_free` with the raw gradient as direction.
+
+    Arguments as schedulefree's ``SGDScheduleFree`` (``lr`` -> ``learning_rate``,
+    ``momentum`` -> ``b1``). Defaults: learning_rate 1.0, b1 0.9, weight_decay 0,
+    warmup_steps 0, r 0, weight_lr_power 2. Reference: https://arxiv.org/abs/2405.15682.
+    """
+    return schedule_free(None, learning_rate, b1, weight_decay, warmup_steps, r, weight_lr_power)
+
+
+def _find_schedule_free_state(state: Any) -> ScheduleFreeState | None:
+    if isinstance(state, ScheduleFreeState):
+        return state
+    if isinstance(state, (tuple, list)):
+        for s in state:
+            found = _find_schedule_free_state(s)
+            if found is not None:
+                return found
+    if isinstance(state, dict):
+        for s in state.values():
+            found = _find_schedule_free_state(s)
+            if found is not None:
+                return found
+    return None
+
+
+def schedule_free_eval_params(params: PyTree, state: Any) -> PyTree:
+    """The parameters to evaluate with: :math:`x = y + (1 - 1/\\beta_1)(z - y)`.
+
+    ``params`` are the training parameters :math:`y` (those given to ``update``); ``state`` is
+    a :func:`schedule_free` state or any state tree containing one (e.g. a ``chain``'s).
+    This is schedulefree's ``optimizer.eval()`` without mutating anything.
+    """
+    sf = _find_schedule_free_state(state)
+    if sf is None:
+        raise ValueError("schedule_free_eval_params: no ScheduleFreeState found in state; pass "
+                         "the state of a transform built with fo.schedule_free(...)")
+    y, treedef = tree_flatten(params)
+    if len(y) != len(sf.z):
+        raise ValueError(f"schedule_free_eval_params: params have {len(y)} leaves but the state "
+                         f"holds {len(sf.z)}; pass the params this state was built for")
+    if not y:
+        return params
+    weight = (1.0 - 1.0 / sf.b1).to(y[0].dtype)
+    return tree_unflatten(treedef, torch._foreach_add(
+        y, torch._foreach_mul(torch._foreach_sub(sf.z, y), weight)))

@@ -1,3 +1,309 @@
-"""(in progress)"""
+"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner, and HeavyBall's refresh schedule.
 
-__all__: list[str] = []
+Reference: Vyas, Morwani, Zhao, Shapira, Brandfonbrener, Janson, Kakade, "SOAP: Improving and
+Stabilizing Shampoo using Adam", https://arxiv.org/abs/2409.11321, code
+https://github.com/nikhilvyas/SOAP. The numbers follow HeavyBall 0.7.2's ``ForeachSOAP``
+(https://github.com/HomebrewML/HeavyBall, v0.7.2), including its dimension merging, the
+row-wise eigenvalue estimate in the QR refresh and the first step that only initialises the
+preconditioner. Differences from HeavyBall 3.x are listed in :func:`scale_by_soap`.
+
+SOAP decides on the host whether to refresh the eigenbasis: one ``.item()`` per step (the
+step counter), and the QR refresh runs only on refresh steps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from funcopt.base import (
+    GradientTransformation, PyTree, ScalarOrSchedule, Tensor, check_hyperparameter, increment,
+    resolve, step_counter, tree_flatten, tree_leaves, tree_unflatten,
+)
+
+__all__ = [
+    "ScaleBySoapState",
+    "scale_by_soap",
+    "soap",
+    "precond_schedule",
+    "precond_schedule_probability",
+    "every_n_steps",
+    "uniform_from_seed",
+]
+
+RefreshFn = Callable[[Tensor, Tensor], Tensor]
+_M32 = 0xFFFFFFFF
+
+
+# --------------------------------------------------------------------------- refresh schedules
+
+
+def _fmix32(h: Tensor) -> Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 tensors holding values in [0, 2^32)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def uniform_from_seed(seed: Tensor, count: Tensor) -> Tensor:
+    """A reproducible uniform draw in [0, 1) from an int64 ``seed`` and step ``count``.
+
+    A counter-based hash (MurmurHash3 finaliser of ``count + fmix(seed)``): pure tensor ops,
+    no host sync, the same value for the same (seed, count) on every device.
+    """
+    key = _fmix32(seed.to(torch.int64) & _M32)
+    h = _fmix32((count.to(torch.int64) + key) & _M32)
+    return h.to(torch.float64) / 2.0**32
+
+
+def precond_schedule_probability(step: Tensor | float, a: float = 1 / 3, b: float = 9.0):
+    """HeavyBall's refresh probability ``1 / (log10(max(step, 1)^a)^b + 1)``.
+
+    The interval ``f = 1/p`` is 1.00005 at step 10, 1.026 at 100, 2 at 1,000, 14.3 at 10,000,
+    100.2 at 100,000 and 513 at 1,000,000 (HeavyBall 0.7.2 README, ``precond_scheduler=(1/3, 9)``).
+    """
+    if isinstance(step, Tensor):
+        s = torch.clamp(step.to(torch.float64), min=1.0)
+        return 1.0 / ((a * torch.log10(s)) ** b + 1.0)
+    return 1.0 / ((a * math.log10(max(step, 1))) ** b + 1.0)
+
+
+def precond_schedule(a: float = 1 / 3, b: float = 9.0) -> RefreshFn:
+    """A SOAP/PSGD refresh rule: refresh with probability ``1/(log10(max(t,1)^a)^b + 1)``.
+
+    Returns ``refresh(step, seed) -> bool tensor``; the draw is
+    :func:`uniform_from_seed` (seed, step), so a run is reproducible from the seed in the
+    optimizer state. Defaults ``a=1/3, b=9`` are HeavyBall 0.7.2's ``precond_scheduler``:
+    about 738 refreshes in the first 1,000 steps.
+    """
+    check_hyperparameter("a", a, low=0.0, low_inclusive=False)
+    check_hyperparameter("b", b, low=0.0, low_inclusive=False)
+
+    def refresh(step: Tensor, seed: Tensor) -> Tensor:
+        return uniform_from_seed(seed, step) < precond_schedule_probability(step, a, b)
+
+    return refresh
+
+
+def every_n_steps(n: int) -> RefreshFn:
+    """Refresh when ``step % n == 0`` (SOAP's ``precondition_frequency``)."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"precondition_frequency={n!r} must be a positive integer")
+    return lambda step, seed: (step % n) == 0
+
+
+# --------------------------------------------------------------------------- shapes and projections
+
+
+def _merged_shape(shape: tuple[int, ...], max_dim: int) -> list[int]:
+    """HeavyBall 0.7.2's merge: fold trailing dims together while their product < max_dim."""
+    merged, cur = [], 1
+    for size in reversed(shape[1:]):
+        if cur * size >= max_dim:
+            merged.append(cur if cur > 1 else size)
+            cur = size if cur > 1 else 1
+        else:
+            cur *= size
+    merged = [*shape[:1], *reversed(merged)]
+    if cur > 1 or not merged:
+        merged.append(cur)
+    return merged
+
+
+def _work_shape(shape, merge_dims: bool, max_dim: int) -> list[int]:
+    if len(shape) <= 1 or not merge_dims:
+        return list(shape) if shape else [1]
+    return _merged_shape(tuple(shape), max_dim)
+
+
+def _project(x: Tensor, qs: tuple, back: bool) -> Tensor:
+    """Rotate every dim ``d`` that has a basis: ``Q_d^T x`` (forward) or ``Q_d x`` (back)."""
+    for d, q in enumerate(qs):
+        if q is not None:
+            x = torch.tensordot(x, q.t() if back else q, dims=([d], [0])).movedim(-1, d)
+    return x
+
+
+def _gram(g: Tensor, d: int) -> Tensor:
+    other = [i for i in range(g.dim()) if i != d]
+    return torch.tensordot(g, g, dims=(other, other))
+
+
+def _qr_refresh(gg: tuple, qs: tuple, v: Tensor) -> tuple[tuple, Tensor]:
+    """One power-iteration step and QR per factor; reorders ``v`` (work shape) to match."""
+    new_qs = []
+    for d, (m, q) in enumerate(zip(gg, qs)):
+        if m is None:
+            new_qs.append(None)
+            continue
+        mq = m @ q
+        order = torch.argsort((q * mq).sum(1), descending=True)  # HeavyBall 0.7.2: row sums
+        new_qs.append(torch.linalg.qr(mq[:, order])[0])
+        v = None if v is None else v.index_select(d, order)
+    return tuple(new_qs), v
+
+
+def _eigenbasis(m: Tensor) -> Tensor:
+    eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+    return torch.flip(torch.linalg.eigh(m + 1e-30 * eye)[1], [1])
+
+
+# --------------------------------------------------------------------------- the transform
+
+
+class ScaleBySoapState(NamedTuple):
+    count: Tensor
+    seed: Tensor
+    exp_avg: list
+    exp_avg_sq: list
+    gg: list
+    q: list
+
+
+def _debias(beta: float, step: int) -> float:
+    return 1.0 - (1.0 - beta) / (1.0 - beta**step)
+
+
+def _init_leaf(p: Tensor, merge_dims, max_dim, precondition_1d):
+    f32 = torch.promote_types(p.dtype, torch.float32)
+    shape = _work_shape(p.shape, merge_dims, max_dim)
+    use = (lambda s: s <= max_dim) if p.dim() > 1 else (lambda s: precondition_1d and s <= max_dim)
+    gg = tuple(torch.zeros(s, s, dtype=f32, device=p.device) if use(s) else None for s in shape)
+    q = tuple(None if m is None else torch.eye(m.shape[0], dtype=f32, device=p.device) for m in gg)
+    return gg, q
+
+
+def scale_by_soap(
+    b1: float = 0.9, b2: ScalarOrSchedule = 0.95, shampoo_beta: ScalarOrSchedule | None = None,
+    eps: float = 1e-8, precondition_frequency: int | RefreshFn = 2, max_precond_dim: int = 2048,
+    merge_dims: bool = True, precondition_1d: bool = False, seed: int = 0,
+    moment_dtype: torch.dtype | None = None,
+) -> GradientTransformation:
+    """SOAP's direction: Adam run in the eigenbasis of Shampoo's Kronecker factors.
+
+    For each tensor (dims merged as HeavyBall does), with factors :math:`L_d` and bases
+    :math:`Q_d`, :math:`\\tilde x = x \\times_d Q_d^T` (all dims with a basis):
+
+    .. math::
+        m_t &= \\hat\\beta_1 m_{t-1} + (1-\\hat\\beta_1) g_t, \\quad
+        v_t = \\hat\\beta_2 v_{t-1} + (1-\\hat\\beta_2)\\tilde g_t^2 \\\\
+        u_t &= \\big(\\tilde m_t / \\max(\\sqrt{v_t}, \\epsilon)\\big) \\times_d Q_d \\\\
+        L_d &\\leftarrow \\beta_s L_d + (1-\\beta_s)\\, g_t g_t^T|_d
+
+    with :math:`\\hat\\beta = 1 - (1-\\beta)/(1-\\beta^t)` (debiased EMA). On refresh steps each
+    :math:`Q_d` becomes ``qr(L_d Q_d)`` with columns sorted by the estimated eigenvalues, and
+    :math:`v` is permuted to match. The first step only initialises :math:`L_d` from
+    :math:`g_0` and :math:`Q_d` by ``eigh`` followed by one refresh; it returns a zero update.
+
+    Args:
+      b1: :math:`\\beta_1`. Default 0.9.
+      b2: :math:`\\beta_2`, float or schedule of the step :math:`t` (PaLM: ``1 - t**-0.8``).
+        Default 0.95.
+      shampoo_beta: :math:`\\beta_s`. ``None`` (default) follows HeavyBall 0.7.2:
+        :math:`1-\\beta_s = \\hat\\beta_2`. A float or schedule sets it directly.
+      eps: :math:`\\epsilon` (a floor on :math:`\\sqrt{v}`). Default 1e-8.
+      precondition_frequency: refresh every ``n`` steps (int, default 2) or a rule
+        ``refresh(step, seed) -> bool tensor`` such as :func:`precond_schedule`.
+      max_precond_dim: dims larger than this get no factor. Default 2048.
+      merge_dims: merge trailing dims (conv kernels) as HeavyBall does. Default True.
+      precondition_1d: give 1-d tensors a full factor too. Default False (plain Adam on them).
+      seed: the seed stored in the state for random refresh rules. Default 0.
+      moment_dtype: storage dtype of :math:`m, v` (e.g. ``torch.bfloat16``); math is float32+.
+
+    Differences from HeavyBall 3.x: 3.x debiases ``shampoo_beta`` itself, estimates the
+    eigenvalues column-wise, adds a spectral lift before QR and rotates the momentum on a basis
+    change; funcopt follows 0.7.2 here.
+    """
+    check_hyperparameter("b1", b1, low=0.0, high=1.0, high_inclusive=False)
+    check_hyperparameter("b2", b2, low=0.0, high=1.0, high_inclusive=False)
+    check_hyperparameter("eps", eps, low=0.0)
+    if not isinstance(max_precond_dim, int) or max_precond_dim < 1:
+        raise ValueError(f"max_precond_dim={max_precond_dim!r} must be a positive integer")
+    refresh = (precondition_frequency if callable(precondition_frequency)
+               else every_n_steps(precondition_frequency))
+
+    def init(params):
+        leaves = tree_leaves(params)
+        count = step_counter(params)
+        per_leaf = [_init_leaf(p, merge_dims, max_precond_dim, precondition_1d) for p in leaves]
+        mdt = lambda p: moment_dtype or torch.promote_types(p.dtype, torch.float32)  # noqa: E731
+        return ScaleBySoapState(
+            count, torch.tensor(seed, dtype=torch.int64, device=count.device),
+            [torch.zeros_like(p, dtype=mdt(p)) for p in leaves],
+            [torch.zeros_like(p, dtype=mdt(p)) for p in leaves],
+            [gg for gg, _ in per_leaf], [q for _, q in per_leaf])
+
+    def update(updates, state, params=None, **extra):
+        g, treedef = tree_flatten(updates)
+        step = int(state.count.item())  # host sync: SOAP branches on the step
+        count = increment(state.count)
+        g32 = [x.to(torch.promote_types(x.dtype, torch.float32)) for x in g]
+        shapes = [_work_shape(x.shape, merge_dims, max_precond_dim) for x in g]
+        if step == 0:
+            gg = [tuple(None if m is None else _gram(x.reshape(s), d) for d, m in enumerate(ms))
+                  for x, s, ms in zip(g32, shapes, state.gg)]
+            q = [tuple(None if m is None else _eigenbasis(m) for m in ms) for ms in gg]
+            q = [_qr_refresh(ms, qs, None)[0] for ms, qs in zip(gg, q)]  # as HeavyBall 0.7.2
+            zeros = [torch.zeros_like(x) for x in g]
+            return tree_unflatten(treedef, zeros), state._replace(count=count, gg=gg, q=q)
+        bh1 = _debias(b1, step)
+        bh2 = _debias(float(resolve(b2, state.count)), step)
+        bs = 1.0 - bh2 if shampoo_beta is None else float(resolve(shampoo_beta, state.count))
+        gp = [_project(x.reshape(s), qs, False) for x, s, qs in zip(g32, shapes, state.q)]
+        m = torch._foreach_lerp([e.to(x.dtype) for e, x in zip(state.exp_avg, g32)], g32, 1 - bh1)
+        v = [e.to(x.dtype).reshape(x.shape) for e, x in zip(state.exp_avg_sq, gp)]
+        v = list(torch._foreach_add(torch._foreach_mul(v, bh2), torch._foreach_mul(
+            torch._foreach_mul(gp, gp), 1 - bh2)))
+        denom = torch._foreach_maximum(torch._foreach_sqrt(v), eps)
+        mp = [_project(e.reshape(s), qs, False) for e, s, qs in zip(m, shapes, state.q)]
+        out = [_project(a / d, qs, True).reshape(x.shape).to(x.dtype)
+               for a, d, qs, x in zip(mp, denom, state.q, g)]
+        do_refresh = bool(refresh(state.count, state.seed))
+        gg, q = [], []
+        for x, s, ms, qs, i in zip(g32, shapes, state.gg, state.q, range(len(g))):
+            ms = tuple(None if a is None else torch.lerp(a, _gram(x.reshape(s), d), 1 - bs)
+                       for d, a in enumerate(ms))
+            if do_refresh:
+                qs, v[i] = _qr_refresh(ms, qs, v[i])
+            gg.append(ms)
+            q.append(qs)
+        store = lambda xs, ref: [a.reshape(r.shape).to(r.dtype) for a, r in zip(xs, ref)]  # noqa
+        new_state = ScaleBySoapState(count, state.seed, store(m, state.exp_avg),
+                                     store(v, state.exp_avg_sq), gg, q)
+        return tree_unflatten(treedef, out), new_state
+
+    return GradientTransformation(init, update)
+
+
+def soap(
+    learning_rate: ScalarOrSchedule = 3e-3, b1: float = 0.9, b2: ScalarOrSchedule = 0.95,
+    shampoo_beta: ScalarOrSchedule | None = None, eps: float = 1e-8, weight_decay: float = 0.0,
+    precondition_frequency: int | RefreshFn = 2, max_precond_dim: int = 2048,
+    merge_dims: bool = True, precondition_1d: bool = False, seed: int = 0,
+    moment_dtype: torch.dtype | None = None,
+) -> GradientTransformation:
+    """SOAP: ``chain(scale_by_soap(...), add_decayed_weights(weight_decay),
+    scale_by_learning_rate(learning_rate))``.
+
+    :math:`p \\leftarrow p - \\eta_t (u_t + \\lambda p)`; see :func:`scale_by_soap` for
+    :math:`u_t` and every other argument. ``learning_rate`` (:math:`\\eta`, default 3e-3) may be a
+    schedule (HeavyBall's warmup ``min(t/T, 1)`` is ``lambda t: lr * min(t / T, 1)``, counting
+    the initialising first step as 0). ``weight_decay`` (:math:`\\lambda`, default 0) is
+    decoupled AdamW decay; HeavyBall 0.7.2 multiplies by ``1 + lr*wd`` (a sign slip), so its
+    reference tests use ``weight_decay=0``.
+    Reference: https://arxiv.org/abs/2409.11321.
+    """
+    from funcopt.compose import chain
+    from funcopt.transforms.first_order import scale_by_learning_rate
+
+    parts = [scale_by_soap(b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim,
+                           merge_dims, precondition_1d, seed, moment_dtype)]
+    if weight_decay:
+        from funcopt.transforms.weight_decay import add_decayed_weights
+        parts.append(add_decayed_weights(weight_decay))
+    parts.append(scale_by_learning_rate(learning_rate))
+    return chain(*parts)

@@ -1,0 +1,249 @@
+"""Optimizer step time against peers and against the memory-bandwidth floor.
+
+An element-wise optimizer step must read and write each parameter and state byte once. For a
+method that reads R and writes W bytes per parameter, the floor is ``N * (R + W) / B`` where B is
+the device-to-device copy bandwidth measured in the same run (bytes read + written per second):
+
+    AdamW fp32:        read p, g, m, v; write p, m, v  -> 28 bytes/param
+    SGD momentum fp32: read p, g, b;    write p, b     -> 20 bytes/param
+    Lion fp32:         read p, g, m;    write p, m     -> 20 bytes/param
+
+Cases (GPU; the CPU mode scales N down and prints ratios only):
+    a: 1e9 parameters in 200 tensors      (bandwidth-bound)
+    b: 1e7 parameters in 1000 tensors     (launch-bound)
+    c: a small transformer's and a ResNet-like CNN's parameter shapes
+
+Usage:
+    python benchmarks/step_speed.py --device cuda --cases a,b,c
+    python benchmarks/step_speed.py --device cpu --cases mlp,b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import funcopt as fo
+
+WD = 1e-2
+LR = 1e-3
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def shapes_for(case: str, device: str) -> list[tuple[int, ...]]:
+    gpu = device.startswith("cuda")
+    if case == "a":
+        n, k = (10**9, 200) if gpu else (2 * 10**7, 200)
+        return [(n // k,)] * k
+    if case == "b":
+        n, k = (10**7, 1000) if gpu else (10**6, 1000)
+        return [(n // k,)] * k
+    if case == "mlp":  # the 85k-parameter MLP of FACTS.md (784-100-64-10 ... close enough)
+        return [(100, 784), (100,), (64, 100), (64,), (10, 64), (10,)]
+    if case == "transformer":  # 6 layers, d=512, vocab 8192
+        d, layers, v = 512, 6, 8192
+        per = [(3 * d, d), (3 * d,), (d, d), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,), (d,), (d,), (d,), (d,)]
+        return [(v, d)] + per * layers + [(d,), (d,)]
+    if case == "resnet":  # ResNet-18-like conv shapes
+        out, chans = [(64, 3, 7, 7), (64,), (64,)], [64, 128, 256, 512]
+        cin = 64
+        for c in chans:
+            for _ in range(2):
+                out += [(c, cin, 3, 3), (c,), (c,), (c, c, 3, 3), (c,), (c,)]
+                cin = c
+        return out + [(1000, 512), (1000,)]
+    raise SystemExit(f"unknown case {case!r}")
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def timeit(fn, device: str, repeat: int, warmup: int = 3) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeat):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e) / 1e3)
+        return statistics.median(times)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    n = 2**28 if device.startswith("cuda") else 2**25
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = timeit(lambda: dst.copy_(src), device, repeat=20)
+    return 2 * n * 4 / t
+
+
+# --------------------------------------------------------------------------- contenders
+
+
+def make_tensors(shapes, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(s, device=device, generator=g) for s in shapes]
+
+
+def torch_optim(kind: str, method: str):
+    def setup(shapes, device):
+        params = [torch.nn.Parameter(t) for t in make_tensors(shapes, device)]
+        grads = make_tensors(shapes, device, seed=1)
+        for p, g in zip(params, grads):
+            p.grad = g
+        flag = {"foreach": {"foreach": True}, "fused": {"fused": True}}[kind]
+        if method == "adamw":
+            opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD, **flag)
+        elif method == "sgd":
+            opt = torch.optim.SGD(params, lr=LR, momentum=0.9, **flag)
+        else:
+            return None
+        return opt.step
+
+    return setup
+
+
+def heavyball_setup(method: str):
+    def setup(shapes, device):
+        try:
+            import heavyball
+        except ImportError:
+            return None
+        heavyball.utils.compile_mode = None if device == "cpu" else heavyball.utils.compile_mode
+        params = [torch.nn.Parameter(t) for t in make_tensors(shapes, device)]
+        grads = make_tensors(shapes, device, seed=1)
+        cls = {"adamw": heavyball.AdamW}.get(method)
+        if cls is None:
+            return None
+        opt = cls(params, lr=LR, weight_decay=WD)
+
+        def step():
+            for p, g in zip(params, grads):
+                p.grad = g  # heavyball sets p.grad to None after each step
+            opt.step()
+
+        return step
+
+    return setup
+
+
+def funcopt_tx(method: str) -> fo.GradientTransformation:
+    if method == "adamw":
+        return fo.adamw(LR, weight_decay=WD)
+    if method == "sgd":
+        return fo.sgd(LR, momentum=0.9)
+    if method == "lion":
+        return fo.lion(LR, weight_decay=WD)
+    raise SystemExit(f"unknown method {method}")
+
+
+def funcopt_setup(method: str, mode: str):
+    """mode: "eager" (pure tree update + apply_updates), "compiled" (the same under
+    torch.compile), "flat" (fo.flatten(tx), compiled), "flat-inplace" (compiled, donated)."""
+
+    def setup(shapes, device):
+        tx = funcopt_tx(method)
+        if mode.startswith("flat"):
+            tx = fo.flatten(tx)
+        params = make_tensors(shapes, device)
+        grads = make_tensors(shapes, device, seed=1)
+        box = {"p": params, "s": tx.init(params)}
+
+        def step_fn(p, s, g):
+            u, s = tx.update(g, s, p)
+            return fo.apply_updates(p, u), s
+
+        fn = step_fn if mode == "eager" else torch.compile(step_fn, fullgraph=True)
+
+        def step():
+            box["p"], box["s"] = fn(box["p"], box["s"], grads)
+
+        return step
+
+    return setup
+
+
+BYTES = {"adamw": 28, "sgd": 20, "lion": 20}
+
+
+def contenders(method: str, which: list[str]):
+    table = {
+        "torch-foreach": torch_optim("foreach", method),
+        "torch-fused": torch_optim("fused", method),
+        "heavyball": heavyball_setup(method),
+        "funcopt-eager": funcopt_setup(method, "eager"),
+        "funcopt-compiled": funcopt_setup(method, "compiled"),
+        "funcopt-flat": funcopt_setup(method, "flat"),
+    }
+    return {k: v for k, v in table.items() if not which or k in which}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cases", default="mlp,b")
+    ap.add_argument("--methods", default="adamw")
+    ap.add_argument("--contenders", default="")
+    ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    dev = args.device
+    bw = copy_bandwidth(dev)
+    print(f"# device {dev} ({torch.cuda.get_device_name() if dev.startswith('cuda') else 'cpu'}), "
+          f"torch {torch.__version__}, copy bandwidth {bw / 1e9:.1f} GB/s")
+    rows = []
+    for case in args.cases.split(","):
+        shapes = shapes_for(case, dev)
+        n = sum(torch.Size(s).numel() for s in shapes)
+        for method in args.methods.split(","):
+            floor = n * BYTES[method] / bw
+            print(f"\n## case {case}: {n:,} params in {len(shapes)} tensors, {method}, floor {floor * 1e3:.3f} ms")
+            print("| contender | ms/step | x floor | peak MB |")
+            print("| --- | --- | --- | --- |")
+            for name, setup in contenders(method, [c for c in args.contenders.split(",") if c]).items():
+                if dev.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                try:
+                    step = setup(shapes, dev)
+                    if step is None:
+                        continue
+                    t = timeit(step, dev, args.repeat)
+                except Exception as e:  # report, keep going
+                    print(f"| {name} | error: {type(e).__name__}: {str(e)[:80]} | | |")
+                    continue
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if dev.startswith("cuda") else None
+                rows.append({"case": case, "method": method, "contender": name, "n": n,
+                             "tensors": len(shapes), "s": t, "floor_s": floor, "peak_mb": peak})
+                print(f"| {name} | {t * 1e3:.3f} | {t / floor:.2f} | {'-' if peak is None else f'{peak:.0f}'} |")
+                del step
+                sys.stdout.flush()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": dev, "bandwidth": bw, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

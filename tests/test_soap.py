@@ -1,0 +1,186 @@
+"""SOAP against HeavyBall 0.7.2's ForeachSOAP family, and the precond schedule."""
+
+import random
+
+import pytest
+import torch
+
+from funcopt.base import apply_updates
+from funcopt.transforms.soap import (
+    precond_schedule, precond_schedule_probability, scale_by_soap, soap, uniform_from_seed,
+    _merged_shape,
+)
+from _heavyball072 import load as load_hb072
+
+
+def _problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = {"w": torch.randn(6, 5, generator=g) * 0.5,
+              "conv": torch.randn(4, 3, 2, 2, generator=g) * 0.5,
+              "b": torch.randn(5, generator=g) * 0.1}
+    x = torch.randn(32, 6, generator=g)
+    y = torch.randn(32, 5, generator=g)
+    xc = torch.randn(8, 3, 5, 5, generator=g)
+
+    def loss(p):
+        h = torch.tanh(x @ p["w"] + p["b"])
+        c = torch.nn.functional.conv2d(xc, p["conv"])
+        return ((h - y) ** 2).mean() + (c ** 2).mean() * 0.1
+    return params, loss
+
+
+def _grads(loss, params):
+    p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    return dict(zip(p, torch.autograd.grad(loss(p), list(p.values()))))
+
+
+def _reference(cls, kwargs, params, loss, steps):
+    ref = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+    opt = cls(list(ref.values()), **kwargs)
+    for _ in range(steps):
+        loss(ref).backward()
+        opt.step()
+    return {k: v.detach() for k, v in ref.items()}
+
+
+def _funcopt(tx, params, loss, steps):
+    state = tx.init(params)
+    for _ in range(steps):
+        u, state = tx.update(_grads(loss, params), state, params)
+        params = apply_updates(params, u)
+    return params, state
+
+
+def _replayed_schedule():
+    """HeavyBall 0.7.2 draws random.Random(0x120983109) once per step from step 1 on."""
+    rng = random.Random(0x120983109)
+    decisions = [rng.random() < precond_schedule_probability(s) for s in range(1, 200)]
+    return lambda step, seed: torch.tensor(decisions[int(step) - 1])
+
+
+PALM = lambda t: 1.0 - t ** -0.8  # noqa: E731
+
+
+CASES = [
+    ("ForeachSOAP", dict(lr=0.01, weight_decay=0.0), dict(learning_rate=0.01)),
+    ("ForeachSOAP", dict(lr=0.01, betas=(0.8, 0.9), weight_decay=0.0, precondition_frequency=3,
+                         max_precond_dim=5, precondition_1d=True, warmup_steps=4),
+     dict(learning_rate=lambda t: 0.01 * min(t / 4, 1.0), b1=0.8, b2=0.9,
+          precondition_frequency=3, max_precond_dim=5, precondition_1d=True)),
+    ("ForeachSOAP", dict(lr=0.01, weight_decay=0.0, merge_dims=False, precondition_1d=True),
+     dict(learning_rate=0.01, merge_dims=False, precondition_1d=True)),
+    ("PaLMForeachSOAP", dict(lr=0.01, weight_decay=0.0), dict(learning_rate=0.01, b2=PALM)),
+    ("PrecondScheduleForeachSOAP", dict(lr=0.01, weight_decay=0.0),
+     dict(learning_rate=0.01, precondition_frequency="replay")),
+    ("PrecondSchedulePaLMForeachSOAP", dict(lr=0.01, weight_decay=0.0),
+     dict(learning_rate=0.01, b2=PALM, precondition_frequency="replay")),
+]
+
+
+@pytest.mark.parametrize("name,ref_kwargs,kwargs", CASES)
+def test_matches_heavyball_072(name, ref_kwargs, kwargs):
+    hb = load_hb072()
+    if kwargs.get("precondition_frequency") == "replay":
+        kwargs = dict(kwargs, precondition_frequency=_replayed_schedule())
+    params, loss = _problem()
+    ref = _reference(getattr(hb, name), ref_kwargs, params, loss, 50)
+    ours, _ = _funcopt(soap(**kwargs), params, loss, 50)
+    for k in params:
+        assert not torch.equal(ours[k], params[k])
+        torch.testing.assert_close(ours[k], ref[k], rtol=1e-4, atol=1e-6)
+
+
+def test_first_step_is_zero_and_basis_orthogonal():
+    params, loss = _problem()
+    tx = scale_by_soap()
+    state = tx.init(params)
+    u, state = tx.update(_grads(loss, params), state, params)
+    assert all(torch.equal(x, torch.zeros_like(x)) for x in u.values())
+    for qs in state.q:
+        for q in qs:
+            if q is not None:
+                torch.testing.assert_close(q.T @ q, torch.eye(q.shape[0]), atol=1e-5, rtol=0)
+
+
+def test_single_factor_equals_eigh_adam_float64():
+    """A 2-d tensor with only its left side preconditioned, checked against float64 math."""
+    torch.manual_seed(0)
+    p = {"w": torch.randn(4, 50, dtype=torch.float64)}
+    grads = [torch.randn(4, 50, dtype=torch.float64) for _ in range(3)]
+    tx = scale_by_soap(b1=0.9, b2=0.95, shampoo_beta=0.9, precondition_frequency=10**6,
+                       max_precond_dim=10)
+    state = tx.init(p)
+    _, state = tx.update({"w": grads[0]}, state, p)
+    u, _ = tx.update({"w": grads[1]}, state, p)
+    lmat = grads[0] @ grads[0].T
+    q = torch.linalg.eigh(lmat)[1].flip(1)
+    gp = q.T @ grads[1]
+    m, v = grads[1], gp ** 2  # debiased EMAs at t=1 equal the first sample
+    expected = q @ ((q.T @ m) / v.sqrt().clamp_min(1e-8))
+    torch.testing.assert_close(u["w"], expected, rtol=1e-8, atol=1e-10)
+
+
+def test_merged_shape():
+    assert _merged_shape((128, 64, 3, 3), 2048) == [128, 576]
+    assert _merged_shape((6, 5), 2048) == [6, 5]
+    assert _merged_shape((4, 3000), 2048) == [4, 3000]
+
+
+def test_precond_schedule_matches_readme_table():
+    table = {10: 1.00005, 100: 1.026, 1_000: 2.0, 10_000: 14.3, 100_000: 100.2, 1_000_000: 513}
+    for step, interval in table.items():
+        assert 1.0 / precond_schedule_probability(step) == pytest.approx(interval, rel=2e-3)
+        t = torch.tensor(step)
+        assert float(precond_schedule_probability(t)) == pytest.approx(1 / interval, rel=2e-3)
+    expected = sum(precond_schedule_probability(s) for s in range(1, 1001))
+    assert expected == pytest.approx(738, abs=1.0)
+
+
+def test_precond_schedule_draws_are_reproducible_and_calibrated():
+    rule = precond_schedule()
+    steps = torch.arange(1, 1001)
+    seeds = [torch.tensor(s) for s in range(20)]
+    counts = torch.stack([rule(steps, s).sum() for s in seeds]).double()
+    assert torch.equal(rule(steps, seeds[3]), rule(steps, seeds[3]))
+    assert not torch.equal(rule(steps, seeds[3]), rule(steps, seeds[4]))
+    # mean over 20 seeds within 4 standard errors of the expected 738
+    probs = precond_schedule_probability(steps)
+    se = (probs * (1 - probs)).sum().sqrt() / 20 ** 0.5
+    assert abs(counts.mean() - probs.sum()) < 4 * se
+    u = uniform_from_seed(torch.tensor(7), torch.arange(20000))
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 4 * (1 / 12 / 20000) ** 0.5
+
+
+def test_bf16_moments_and_purity():
+    params, loss = _problem()
+    tx = scale_by_soap(moment_dtype=torch.bfloat16)
+    state = tx.init(params)
+    g = _grads(loss, params)
+    before = {k: v.clone() for k, v in g.items()}
+    for _ in range(3):
+        u, state = tx.update(g, state, params)
+    assert all(e.dtype == torch.bfloat16 for e in state.exp_avg + state.exp_avg_sq)
+    assert all(torch.equal(g[k], before[k]) for k in g)
+    assert all(u[k].dtype == g[k].dtype and u[k].shape == g[k].shape for k in g)
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    params, loss = _problem()
+    tx = soap(0.01, precondition_frequency=precond_schedule())
+    _, state = _funcopt(tx, params, loss, 4)
+    torch.save(state, tmp_path / "s.pt")
+    loaded = torch.load(tmp_path / "s.pt", weights_only=False)
+    g = _grads(loss, params)
+    a, _ = tx.update(g, state, params)
+    b, _ = tx.update(g, loaded, params)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="max_precond_dim"):
+        scale_by_soap(max_precond_dim=0)
+    with pytest.raises(ValueError, match="precondition_frequency"):
+        scale_by_soap(precondition_frequency=0)
+    with pytest.raises(ValueError, match="b2"):
+        scale_by_soap(b2=1.0)
