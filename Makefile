@@ -21,14 +21,21 @@ $(VENV)/.test: $(VENV)/.base pyproject.toml
 	$(PIP) -e ".[test,bench,dev]"
 	touch $@
 
+# HeavyBall 0.7.2 (the reference for the Foreach* optimizers) cannot be installed beside 3.x
+# under the same name: its wheel is unpacked here and loaded by tests/_heavyball072.py.
+HB072 := .cache/heavyball-0.7.2/heavyball/__init__.py
+$(HB072): $(VENV)/.base
+	$(PY) -m pip download -q --disable-pip-version-check --no-deps -d .cache/wheels heavyball==0.7.2
+	$(PY) -m zipfile -e .cache/wheels/heavyball-0.7.2-py3-none-any.whl .cache/heavyball-0.7.2
+
 demo: $(VENV)/.bench
 	$(PY) -m funcopt.bench --out bench-report
 
-test: $(VENV)/.test
+test: $(VENV)/.test $(HB072)
 	$(PY) -m pytest -q -n 2 -m "not cupynumeric" tests
 	$(MAKE) test-cupynumeric
 
-test-fast: $(VENV)/.test
+test-fast: $(VENV)/.test $(HB072)
 	$(PY) -m pytest -q -x -m "not cupynumeric" tests
 
 # The cuPyNumeric (Legate) backend runs in a process of its own; see .ci/cupynumeric.sh.

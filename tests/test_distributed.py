@@ -82,6 +82,13 @@ def _functional(tx, shard: bool):
 
 
 def _check_functional(rank):
+    from funcopt.testing import check_transform
+
+    check_transform(fo.all_reduce_mean(), {"w": torch.ones(2, 3), "b": [torch.zeros(3)]})
+    g = {"w": torch.full((2,), float(rank)), "n": torch.full((3,), 2.0 * rank, dtype=torch.float64)}
+    mean, _ = fo.all_reduce_mean().update(g, fo.EmptyState())
+    assert torch.equal(mean["w"], torch.full((2,), 0.5)) and mean["n"].dtype == torch.float64
+    assert torch.equal(g["w"], torch.full((2,), float(rank)))  # input untouched
     ref = _functional(_adam(), shard=False)
     got = _functional(fo.chain(fo.all_reduce_mean(), _adam()), shard=True)
     for k in ref:

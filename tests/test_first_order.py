@@ -365,3 +365,16 @@ def test_bad_mask_raises():
     tx = fo.add_decayed_weights(0.1, {k: torch.tensor(True) for k in params})
     with pytest.raises(TypeError, match="Python bools"):
         tx.update(params, tx.init(params), params)
+
+
+def test_adamw_chain_compiles_fullgraph():
+    torch._dynamo.reset()
+    params, grads = _tree(), _grads(2)
+    tx = fo.chain(fo.clip_by_global_norm(1.0), fo.adamw(1e-2, weight_decay=0.1))
+    step = torch.compile(tx.update, fullgraph=True)
+    s_c = s_e = tx.init(params)
+    for g in grads:
+        u_c, s_c = step(g, s_c, params)
+        u_e, s_e = tx.update(g, s_e, params)
+        for k in params:
+            torch.testing.assert_close(u_c[k], u_e[k], rtol=1e-5, atol=1e-7)

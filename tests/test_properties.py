@@ -34,6 +34,8 @@ TABLE = {
     "schedule_free_sgd": (0.05, 2e-3, {}),
 }
 NAMES = sorted(TABLE)
+# arguments that are functions, not schedules (inject_hyperparams must pass them through)
+STATIC = {"adopt": ("clip_value_fn",)}
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
@@ -53,7 +55,7 @@ def finite(tree):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=8, **SETTINGS)
+@settings(max_examples=6, **SETTINGS)
 @given(params=pytrees(dtypes=DTYPES, max_leaves=4))
 def test_contract(name, params):
     """Structure/shape/dtype kept, inputs unchanged, state saves and continues identically."""
@@ -61,12 +63,12 @@ def test_contract(name, params):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=5, **SETTINGS)
+@settings(max_examples=3, **SETTINGS)
 @given(params=pytrees(max_leaves=3))
 def test_works_in_chain_and_under_inject_hyperparams(name, params):
     tx = build(name)
     check_transform(fo.chain(fo.identity(), tx), params)
-    injected = fo.inject_hyperparams(getattr(fo, name))(TABLE[name][0], **TABLE[name][2])
+    injected = fo.inject_hyperparams(getattr(fo, name), static_args=STATIC.get(name, ()))(TABLE[name][0], **TABLE[name][2])
     check_transform(injected, params)
     # the injected transform gives the plain one's numbers
     g = fo.testing.random_like(params, seed=5)
@@ -85,7 +87,7 @@ def test_mismatched_structure_is_a_clear_error(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=10, **SETTINGS)
+@settings(max_examples=6, **SETTINGS)
 @given(lr=st.floats(-1.0, 10.0, allow_nan=False), scale=st.floats(0.0, 1e6))
 def test_fuzzed_hyperparameters_never_crash_or_leak_nan(name, lr, scale):
     """A learning rate is either refused with ValueError when built, or gives finite updates
@@ -139,7 +141,8 @@ def affine(a, b):
         return (fo.step_counter(params),)
 
     def update(updates, state, params=None, **extra):
-        return fo.tree_map(lambda u: a * u + b, updates), (fo.increment(state[0]),)
+        out = fo.tree_map(lambda u: (a * u + b).to(u.dtype), updates)
+        return out, (fo.increment(state[0]),)
 
     return fo.GradientTransformation(init, update)
 
@@ -220,8 +223,8 @@ def test_multi_steps_equals_one_step_on_the_mean(params, k):
         mean = fo.tree_add(mean, g, alpha=1.0 / k)
     ref, ref_state = inner.update(mean, inner.init(params), params)
     # the running mean and the plain mean differ by rounding, which Adam's 1/sqrt(v) amplifies
-    assert_trees_close(u, ref, rtol=1e-8, atol=1e-10)
-    assert_trees_close(state.inner_state, ref_state, rtol=1e-8, atol=1e-10)
+    assert_trees_close(u, ref, rtol=1e-6, atol=1e-8)
+    assert_trees_close(state.inner_state, ref_state, rtol=1e-6, atol=1e-8)
 
 
 @settings(max_examples=20, **SETTINGS)

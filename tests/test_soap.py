@@ -14,39 +14,40 @@ from _heavyball072 import load as load_hb072
 
 
 def _problem(seed=0):
+    """A tanh regression and a conv layer; each step sees a fresh batch (batch seed = step)."""
     g = torch.Generator().manual_seed(seed)
     params = {"w": torch.randn(6, 5, generator=g) * 0.5,
               "conv": torch.randn(4, 3, 2, 2, generator=g) * 0.5,
               "b": torch.randn(5, generator=g) * 0.1}
-    x = torch.randn(32, 6, generator=g)
-    y = torch.randn(32, 5, generator=g)
-    xc = torch.randn(8, 3, 5, 5, generator=g)
 
-    def loss(p):
+    def loss(p, step):
+        gb = torch.Generator().manual_seed(1000 * seed + step)
+        x, y = torch.randn(32, 6, generator=gb), torch.randn(32, 5, generator=gb)
+        xc = torch.randn(8, 3, 5, 5, generator=gb)
         h = torch.tanh(x @ p["w"] + p["b"])
         c = torch.nn.functional.conv2d(xc, p["conv"])
         return ((h - y) ** 2).mean() + (c ** 2).mean() * 0.1
     return params, loss
 
 
-def _grads(loss, params):
+def _grads(loss, params, step=0):
     p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    return dict(zip(p, torch.autograd.grad(loss(p), list(p.values()))))
+    return dict(zip(p, torch.autograd.grad(loss(p, step), list(p.values()))))
 
 
 def _reference(cls, kwargs, params, loss, steps):
     ref = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
     opt = cls(list(ref.values()), **kwargs)
-    for _ in range(steps):
-        loss(ref).backward()
+    for t in range(steps):
+        loss(ref, t).backward()
         opt.step()
     return {k: v.detach() for k, v in ref.items()}
 
 
 def _funcopt(tx, params, loss, steps):
     state = tx.init(params)
-    for _ in range(steps):
-        u, state = tx.update(_grads(loss, params), state, params)
+    for t in range(steps):
+        u, state = tx.update(_grads(loss, params, t), state, params)
         params = apply_updates(params, u)
     return params, state
 
@@ -72,7 +73,7 @@ CASES = [
     ("PaLMForeachSOAP", dict(lr=0.01, weight_decay=0.0), dict(learning_rate=0.01, b2=PALM)),
     ("PrecondScheduleForeachSOAP", dict(lr=0.01, weight_decay=0.0),
      dict(learning_rate=0.01, precondition_frequency="replay")),
-    ("PrecondSchedulePaLMForeachSOAP", dict(lr=0.01, weight_decay=0.0),
+    ("PrecondSchedulePaLMForeachSOAP", dict(lr=0.01, weight_decay=0.0, beta2_scale=0.8),
      dict(learning_rate=0.01, b2=PALM, precondition_frequency="replay")),
 ]
 

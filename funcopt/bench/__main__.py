@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plugin", action="append", default=[],
                    help="import this module first (it registers problems/optimizers); repeatable")
     p.add_argument("--list", action="store_true", help="list problems and optimizers and exit")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (default 1: small problems run fastest and "
+                        "results do not depend on the machine's core count)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -72,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     problems = _choose(args.problems, PROBLEMS, DEFAULT_PROBLEMS, "problem")
     optimizers = _choose(args.optimizers, OPTIMIZERS, DEFAULT_OPTIMIZERS, "optimizer")
     device = _device(args.device)
+    if args.threads < 1:
+        raise SystemExit("error: --threads must be at least 1")
+    torch.set_num_threads(args.threads)
 
     from funcopt.bench.report import markdown_table, write_report
     from funcopt.bench.run import run_one
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_description(f"{prob} / {opt}")
         results.append(run_one(prob, opt, seed=args.seed, device=device, steps=args.steps))
     meta = {"seed": args.seed, "device": str(device), "steps": args.steps,
-            "problems": problems, "optimizers": optimizers, "total_s": time.perf_counter() - t0}
+            "threads": args.threads, "problems": problems, "optimizers": optimizers, "total_s": time.perf_counter() - t0}
     write_report(results, Path(args.out), meta)
     print(markdown_table(results))
     print(f"\nreport: {args.out}/report.md ({time.perf_counter() - t0:.0f} s)")

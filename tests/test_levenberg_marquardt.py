@@ -1,0 +1,162 @@
+"""Levenberg-Marquardt against a float64 dense transcription of the damped Gauss-Newton step."""
+
+import numpy as np
+import pytest
+import torch
+
+import funcopt as fo
+from funcopt.testing import check_transform
+
+torch.set_default_dtype(torch.float64)
+X = np.linspace(0.0, 3.0, 12)
+Y = 2.5 * np.exp(-1.3 * X) + 0.1 * np.sin(7 * X)
+
+
+def residual(p):
+    return p[0] * torch.exp(-p[1] * torch.as_tensor(X)) - torch.as_tensor(Y)
+
+
+def reference_step(p, lam):
+    """numpy float64: analytic J, D = diag(col norms^2), delta = -(J^T J + lam D)^-1 J^T r."""
+    a, b = p
+    e = np.exp(-b * X)
+    J = np.stack([e, -a * X * e], axis=1)
+    r = a * e - Y
+    D = np.diag((J**2).sum(0))
+    delta = -np.linalg.solve(J.T @ J + lam * D, J.T @ r)
+    pred = 0.5 * np.sum((J @ delta) ** 2) + lam * delta @ D @ delta
+    cost = 0.5 * r @ r
+    new = 0.5 * np.sum(((a + delta[0]) * np.exp(-(b + delta[1]) * X) - Y) ** 2)
+    return delta, (cost - new) / pred
+
+
+SOLVERS = ["auto", "cholesky", "lu", "qr", "lstsq", "svd", "cg"]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("form", ["primal", "dual", "auto"])
+def test_first_step_is_exact_damped_gauss_newton_step(solver, form):
+    p0 = np.array([2.0, 1.0])
+    lam = 1e-2
+    tx = fo.levenberg_marquardt(residual, initial_damping=lam, solver=solver, form=form)
+    state = tx.init(torch.tensor(p0))
+    step, state = tx.update(None, state, torch.tensor(p0))
+    delta, rho = reference_step(p0, lam)
+    np.testing.assert_allclose(step.numpy(), delta, rtol=1e-7, atol=1e-12)
+    assert bool(state.accepted)
+    np.testing.assert_allclose(float(state.gain_ratio), rho, rtol=1e-6)
+    # Nielsen's rule: lambda *= max(1/3, 1 - (2 rho - 1)^3)
+    np.testing.assert_allclose(float(state.damping), lam * max(1 / 3, 1 - (2 * rho - 1) ** 3), rtol=1e-6)
+
+
+def test_cupynumeric_solver_gives_the_same_step():
+    pytest.importorskip("cupynumeric", exc_type=ImportError)
+    p0 = np.array([2.0, 1.0])
+    tx = fo.levenberg_marquardt(residual, initial_damping=1e-2, solver="cupynumeric")
+    step, _ = tx.update(None, tx.init(torch.tensor(p0)), torch.tensor(p0))
+    np.testing.assert_allclose(step.numpy(), reference_step(p0, 1e-2)[0], rtol=1e-7)
+
+
+def test_least_squares_matches_scipy_minpack():
+    scipy_opt = pytest.importorskip("scipy.optimize")
+    p0 = np.array([1.0, 0.5])
+    ref = scipy_opt.least_squares(lambda v: v[0] * np.exp(-v[1] * X) - Y, p0, method="lm",
+                                  xtol=1e-15, ftol=1e-15, gtol=1e-15)
+    p, info = fo.least_squares(residual, torch.tensor(p0))
+    np.testing.assert_allclose(p.numpy(), ref.x, rtol=1e-9)
+    np.testing.assert_allclose(info.cost, ref.cost, rtol=1e-9)
+    assert info.success and info.steps == len(info.history)
+
+
+def test_non_finite_candidate_is_rejected_and_damping_raised():
+    def guarded(p):  # NaN when the parameter leaves (-1, 1): the full GN step lands there
+        r = p[0] ** 2 - 9.0
+        bad = torch.where(p[0].abs() < 1.0, torch.full_like(p[0], float("nan")), torch.zeros_like(p[0]))
+        return torch.stack([r + bad, p[0] * 0.0 + bad])
+
+    x0 = torch.tensor([1.05])
+    tx = fo.levenberg_marquardt(guarded, initial_damping=1e-6, max_attempts=1, scaling=False)
+    state = tx.init(x0)
+    step, state = tx.update(None, state, x0)
+    assert not bool(state.accepted) and float(state.damping) > 1e-6 * 4 * 1.05**2
+    assert torch.equal(step, torch.zeros(1))
+    p, info = fo.least_squares(guarded, x0, max_steps=200)
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(p, torch.tensor([3.0]))
+
+
+def test_rank_deficient_jacobian():
+    # r depends on a + b only: J has two equal columns; LM still moves to a + b = 3.
+    fn = lambda p: torch.stack([p[0] + p[1] - 3.0, 2.0 * (p[0] + p[1]) - 6.0])
+    p, info = fo.least_squares(fn, torch.tensor([0.0, 0.0]))
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(p.sum(), torch.tensor(3.0))
+    assert info.cost < 1e-20
+
+
+def test_wrong_shapes_are_reported():
+    with pytest.raises(ValueError, match="1-D"):
+        fo.least_squares(lambda p: p.reshape(1, -1), torch.ones(2))
+    with pytest.raises(ValueError, match="1-D"):
+        fo.least_squares(lambda p: p.sum(), torch.ones(2))
+    calls = []
+
+    def shifting(p):
+        calls.append(1)
+        return p if len(calls) < 3 else torch.cat([p, p])
+
+    tx = fo.levenberg_marquardt(shifting)
+    with pytest.raises(ValueError, match="same number"):
+        tx.update(None, tx.init(torch.ones(2)), torch.ones(2))
+    with pytest.raises(ValueError, match="needs the current parameters"):
+        tx.update(None, tx.init(torch.ones(2)))
+
+
+def test_integer_leaves_get_zero_updates_and_contract_holds():
+    params = {"w": torch.tensor([2.0, 1.0]), "n": torch.tensor(4)}
+    fn = lambda p, batch: residual(p["w"]) * batch
+    tx = fo.levenberg_marquardt(fn)
+    state = tx.init(params)
+    upd, state = tx.update(None, state, params, batch=torch.tensor(1.0))
+    assert upd["n"].dtype == torch.int64 and int(upd["n"]) == 0
+    check_transform(tx, params, batch=torch.tensor(1.0))
+
+
+def test_chains_with_other_transforms():
+    p0 = torch.tensor([2.0, 1.0])
+    lm = fo.levenberg_marquardt(residual, initial_damping=1e-2)
+    half = fo.chain(fo.levenberg_marquardt(residual, initial_damping=1e-2), fo.scale(0.5))
+    s1, _ = lm.update(None, lm.init(p0), p0)
+    s2, _ = half.update(None, half.init(p0), p0)
+    torch.testing.assert_close(s2, 0.5 * s1)
+
+
+def test_residual_adapters_match_torch_losses():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(4, 3, generator=g)
+    x = torch.randn(10, 4, generator=g)
+    model = lambda p, inp: inp @ p
+    y = torch.randn(10, 3, generator=g)
+    r = fo.mse_residuals(model)(W, (x, y))
+    torch.testing.assert_close(0.5 * r @ r, 0.5 * torch.nn.functional.mse_loss(x @ W, y))
+    labels = torch.randint(0, 3, (10,), generator=g)
+    r = fo.cross_entropy_residuals(model, eps=0.0)(W, (x, labels))
+    torch.testing.assert_close(0.5 * r @ r, torch.nn.functional.cross_entropy(x @ W, labels))
+    with pytest.raises(ValueError, match="shape"):
+        fo.mse_residuals(model)(W, (x, y[:, :2]))
+
+
+def test_geodesic_acceleration_step():
+    p0 = np.array([2.0, 1.0])
+    lam = 1e-2
+    tx = fo.levenberg_marquardt(residual, initial_damping=lam, geodesic_acceleration=True)
+    step, state = tx.update(None, tx.init(torch.tensor(p0)), torch.tensor(p0))
+    delta, _ = reference_step(p0, lam)
+    a, b = p0
+    e = np.exp(-b * X)
+    J = np.stack([e, -a * X * e], axis=1)
+    D = np.diag((J**2).sum(0))
+    # second directional derivative of r along delta, by hand
+    rvv = -2 * delta[0] * delta[1] * X * e + a * delta[1] ** 2 * X**2 * e
+    acc = -np.linalg.solve(J.T @ J + lam * D, J.T @ rvv)
+    np.testing.assert_allclose(step.numpy(), delta + 0.5 * acc, rtol=1e-7)
