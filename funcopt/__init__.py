@@ -7,6 +7,7 @@ pytree; methods compose with :func:`chain`. The public API is re-exported flat h
 from funcopt import func, schedules, solvers
 from funcopt.base import *  # noqa: F401,F403
 from funcopt.compose import *  # noqa: F401,F403
+from funcopt.flat import *  # noqa: F401,F403
 from funcopt.transforms.first_order import *  # noqa: F401,F403
 from funcopt.transforms.clipping import *  # noqa: F401,F403
 from funcopt.transforms.weight_decay import *  # noqa: F401,F403
@@ -23,5 +24,6 @@ from funcopt.transforms.adaptive_batch import *  # noqa: F401,F403
 from funcopt.adaptive import *  # noqa: F401,F403
 from funcopt.optim import *  # noqa: F401,F403
 from funcopt.distributed import *  # noqa: F401,F403
+from funcopt.checkpoint import *  # noqa: F401,F403
 
 __version__ = "0.1.0"

@@ -1,0 +1,77 @@
+"""Flat parameter storage: a whole pytree in one contiguous buffer per (dtype, device).
+
+An optimizer step is memory-bound: it should read and write each parameter and state byte
+once. :func:`funcopt.flatten` gets a chain down to a few kernels but copies the parameters and
+gradients into flat buffers on every step. Keeping the parameters *stored* flat removes those
+copies: the model sees views of the buffers, the gradient is taken with respect to the buffers,
+and any element-wise transform updates the buffers directly (a 1-D tensor, or a tuple of them,
+is itself a pytree)::
+
+    flat, unravel = fo.ravel(params)          # one copy, once
+    loss_of_flat = lambda flat, batch: loss_fn(unravel(flat), batch)
+    tx = fo.adamw(1e-3)
+    state = tx.init(flat)
+
+    @torch.compile(fullgraph=True)            # one fused kernel for the whole step
+    def step(flat, state, grads):
+        updates, state = tx.update(grads, state, flat)
+        return fo.apply_updates(flat, updates), state
+
+    for batch in data:
+        grads = torch.func.grad(loss_of_flat)(flat, batch)
+        flat, state = step(flat, state, grads)
+
+``unravel`` returns views (no copy), so ``unravel(flat)`` is free. Shape-aware methods (SOAP,
+Muon, Shampoo, KFAC) need the tree: run them on ``unravel(flat)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from funcopt.base import PyTree, tree_flatten, tree_unflatten
+
+__all__ = ["ravel"]
+
+
+def ravel(tree: PyTree) -> tuple[Any, Callable[[Any], PyTree]]:
+    """Copy ``tree``'s leaves into one 1-D buffer per (dtype, device) group.
+
+    Returns ``(flat, unravel)``: ``flat`` is a 1-D tensor when all leaves share a dtype and
+    device, else a tuple of 1-D tensors (one per group, in order of first appearance);
+    ``unravel(flat)`` rebuilds the tree as views of ``flat`` (no copy), and also works on any
+    tensor(s) of ``flat``'s shapes, such as gradients or updates.
+    """
+    leaves, treedef = tree_flatten(tree)
+    for i, x in enumerate(leaves):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"ravel: leaf {i} is a {type(x).__name__}, not a tensor")
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(leaves):
+        groups.setdefault((x.dtype, x.device), []).append(i)
+    order = list(groups.values())
+    shapes = [x.shape for x in leaves]
+    sizes = [[leaves[i].numel() for i in g] for g in order]
+    buffers = tuple(
+        torch.cat([leaves[i].detach().reshape(-1) for i in g]) if g else torch.empty(0)
+        for g in order
+    )
+    single = len(buffers) == 1
+
+    def unravel(flat: Any) -> PyTree:
+        bufs = (flat,) if single else tuple(flat)
+        if len(bufs) != len(order) or any(b.dim() != 1 or b.numel() != sum(s) for b, s in zip(bufs, sizes)):
+            raise ValueError(
+                "unravel: the flat input does not match the raveled tree: expected "
+                f"{len(order)} 1-D buffer(s) of sizes {[sum(s) for s in sizes]}"
+            )
+        out: list[Any] = [None] * len(leaves)
+        for g, buf, sz in zip(order, bufs, sizes):
+            for i, part in zip(g, torch.split(buf, sz)):
+                out[i] = part.view(shapes[i])
+        return tree_unflatten(treedef, out)
+
+    return (buffers[0] if single else buffers), unravel
