@@ -159,24 +159,70 @@ def funcopt_tx(method: str) -> fo.GradientTransformation:
 
 def funcopt_setup(method: str, mode: str):
     """mode: "eager" (pure tree update + apply_updates), "compiled" (the same under
-    torch.compile), "flat" (fo.flatten(tx), compiled), "flat-inplace" (compiled, donated)."""
+    torch.compile), "flatten" (fo.flatten(tx) on the tree, compiled), "ravel" (parameters
+    stored flat with fo.ravel, gradients taken w.r.t. the buffer, compiled step), "ravel-graphs"
+    (the same compiled with CUDA graphs, mode="reduce-overhead")."""
 
     def setup(shapes, device):
         tx = funcopt_tx(method)
-        if mode.startswith("flat"):
+        if mode == "flatten":
             tx = fo.flatten(tx)
         params = make_tensors(shapes, device)
         grads = make_tensors(shapes, device, seed=1)
+        if mode.startswith("ravel"):
+            params, _ = fo.ravel(params)
+            grads, _ = fo.ravel(grads)
         box = {"p": params, "s": tx.init(params)}
 
         def step_fn(p, s, g):
             u, s = tx.update(g, s, p)
             return fo.apply_updates(p, u), s
 
-        fn = step_fn if mode == "eager" else torch.compile(step_fn, fullgraph=True)
+        if mode == "eager":
+            fn = step_fn
+        elif mode == "ravel-graphs":
+            fn = torch.compile(step_fn, fullgraph=True, mode="reduce-overhead")
+        else:
+            fn = torch.compile(step_fn, fullgraph=True)
 
         def step():
             box["p"], box["s"] = fn(box["p"], box["s"], grads)
+
+        return step
+
+    return setup
+
+
+def optax_setup(method: str):
+    """optax under jax.jit with the parameters and state donated (GPU machine only)."""
+
+    def setup(shapes, device):
+        if not device.startswith("cuda"):
+            return None
+        try:
+            import jax
+            import optax
+        except ImportError:
+            return None
+        if jax.default_backend() != "gpu":
+            return None
+        tx = {"adamw": lambda: optax.adamw(LR, weight_decay=WD), "sgd": lambda: optax.sgd(LR, momentum=0.9),
+              "lion": lambda: optax.lion(LR, weight_decay=WD)}[method]()
+        keys = jax.random.split(jax.random.PRNGKey(0), len(shapes))
+        params = [jax.random.normal(k, s, dtype="float32") for k, s in zip(keys, shapes)]
+        grads = [jax.random.normal(k, s, dtype="float32") for k, s in zip(jax.random.split(keys[0], len(shapes)), shapes)]
+        box = {"p": params, "s": tx.init(params)}
+
+        @jax.jit
+        def _step(p, s, g):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        step_jit = jax.jit(_step, donate_argnums=(0, 1))
+
+        def step():
+            box["p"], box["s"] = step_jit(box["p"], box["s"], grads)
+            jax.block_until_ready(box["p"])  # CUDA events cannot see JAX's stream: time the host
 
         return step
 
@@ -193,7 +239,10 @@ def contenders(method: str, which: list[str]):
         "heavyball": heavyball_setup(method),
         "funcopt-eager": funcopt_setup(method, "eager"),
         "funcopt-compiled": funcopt_setup(method, "compiled"),
-        "funcopt-flat": funcopt_setup(method, "flat"),
+        "funcopt-flatten": funcopt_setup(method, "flatten"),
+        "funcopt-ravel": funcopt_setup(method, "ravel"),
+        "funcopt-ravel-graphs": funcopt_setup(method, "ravel-graphs"),
+        "optax": optax_setup(method),
     }
     return {k: v for k, v in table.items() if not which or k in which}
 

@@ -7,8 +7,10 @@ pytree; methods compose with :func:`chain`. The public API is re-exported flat h
 from funcopt import func, schedules, solvers
 from funcopt.base import *  # noqa: F401,F403
 from funcopt.compose import *  # noqa: F401,F403
+from funcopt.wrappers import *  # noqa: F401,F403
 from funcopt.flat import *  # noqa: F401,F403
 from funcopt.transforms.first_order import *  # noqa: F401,F403
+from funcopt.transforms.adaptive import *  # noqa: F401,F403
 from funcopt.transforms.clipping import *  # noqa: F401,F403
 from funcopt.transforms.weight_decay import *  # noqa: F401,F403
 from funcopt.aliases import *  # noqa: F401,F403

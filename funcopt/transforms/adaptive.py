@@ -1,0 +1,3 @@
+"""(being split out)"""
+
+__all__: list[str] = []
