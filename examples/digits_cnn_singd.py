@@ -74,10 +74,10 @@ def main():
     model = make_model()
     s = args.structure
     runs = {
-        "AdamW": (fo.adamw(1e-3, weight_decay=1e-4), False),
-        f"SINGD ({s})": (fo.singd(model, 5e-3, momentum=0.9, weight_decay=1e-4, damping=1e-3,
+        "AdamW": (fo.adamw(3e-3, weight_decay=1e-4), False),
+        f"SINGD ({s})": (fo.singd(model, 5e-2, momentum=0.9, weight_decay=1e-4, damping=1e-3,
                                   lr_cov=1e-2, T=5, structures=(s, s)), True),
-        "KFAC": (fo.kfac(model, 3e-2, momentum=0.9, damping=1e-2, T=5), True),
+        "KFAC": (fo.kfac(model, 2e-2, momentum=0.9, damping=1e-1, T=5), True),
     }
     for name, (tx, natural) in runs.items():
         train(name, model, tx, data, args.epochs, args.batch, natural)

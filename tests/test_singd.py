@@ -202,3 +202,24 @@ def test_bad_hyperparameters_are_named():
         fo.scale_by_singd(model, damping=-1.0)
     with pytest.raises(ValueError, match="T="):
         fo.scale_by_singd(model, T=0)
+
+
+def test_process_group_path_equals_single_process(tmp_path):
+    """A one-process gloo group: the all-reduce path runs and changes nothing."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    group_was = dist.is_initialized()
+    if not group_was:
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = mlp()
+        batches = data(model, 4)
+        hp = dict(HP)
+        plain = run_ours(model, batches, "dense", **hp)
+        grouped = run_ours(model, batches, "dense", process_group=dist.group.WORLD, **hp)
+        for k in plain:
+            torch.testing.assert_close(grouped[k], plain[k])
+    finally:
+        if not group_was:
+            dist.destroy_process_group()

@@ -107,3 +107,25 @@ def _lm(problem: Problem) -> Runner:
         return params, state, problem.loss_fn(params, batch).detach()
 
     return Runner(tx.init, step)
+
+
+@register_optimizer("adamw-norm-test")
+def _adamw_norm_test(problem: Problem) -> Runner:
+    """AdamW whose batch grows by the norm test (AdAdaGrad), from 32 samples up to the data."""
+    _need("norm_test", "gradient_and_stats", "find_batch_test_state")
+    if problem.model is None or problem.data is None:
+        raise Unavailable("needs a model and a data set (per-sample statistics)")
+    x, y = problem.data
+    tx = fo.chain(fo.norm_test(eta=0.5, batch_size=32, max_batch_size=len(y)),
+                  fo.adamw(3e-3 * problem.lr_scale, weight_decay=1e-4))
+    output_loss = lambda out, target: torch.nn.functional.cross_entropy(out, target, reduction="none")
+    gen = torch.Generator().manual_seed(1234)
+
+    def step(params, state, batch):
+        b = int(fo.find_batch_test_state(state).batch_size)  # one host sync: slicing needs it
+        idx = torch.randperm(len(y), generator=gen)[:b].to(y.device)
+        g, stats, loss = fo.gradient_and_stats(problem.model, output_loss, params, [(x[idx], y[idx])])
+        updates, state = tx.update(g, state, params, per_sample_stats=stats, batch_size=b)
+        return fo.apply_updates(params, updates), state, loss
+
+    return Runner(tx.init, step)

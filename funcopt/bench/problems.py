@@ -197,18 +197,16 @@ def mnist1d_mlp(seed: int, device: torch.device) -> Problem:
 # --------------------------------------------------------------------------- curve fits
 
 
-def _nist_problem(name: str, device: torch.device) -> Problem:
+def _nist_problem(name: str, device: torch.device, start: int = 0) -> Problem:
     from funcopt import nist
 
     prob = nist.load(name)
-    x = torch.as_tensor(prob.x, dtype=torch.float64, device=device)
-    y = torch.as_tensor(prob.y, dtype=torch.float64, device=device)
-    beta = torch.as_tensor(prob.start1, dtype=torch.float64, device=device)
-    params = {"beta": beta}
+    fn = nist.residual_fn(prob._replace(x=prob.x.to(device), y=prob.y.to(device)))
+    params = {"beta": prob.starts[start].to(device)}
     certified = float(prob.certified_rss)
 
     def residual_fn(p, batch=None):
-        return prob.model(p["beta"], x) - y
+        return fn(p["beta"])
 
     def loss_fn(p, batch=None):
         return 0.5 * residual_fn(p).pow(2).sum()
@@ -216,12 +214,12 @@ def _nist_problem(name: str, device: torch.device) -> Problem:
     @torch.no_grad()
     def evaluate(p):
         rss = float(residual_fn(p).pow(2).sum())
-        return {"loss": rss, "rss_over_certified": rss / certified}
+        digits = float(nist.significant_digits(p["beta"].cpu(), prob.certified).min())
+        return {"loss": rss, "rss_over_certified": rss / certified, "min_digits": digits}
 
     return Problem(
         params=params, loss_fn=loss_fn, batches=lambda step: None, evaluate=evaluate,
-        residual_fn=residual_fn, steps=100, kind="curve-fit",
-        extra={"certified_rss": certified},
+        residual_fn=residual_fn, steps=60, kind="curve-fit", extra={"certified_rss": certified},
     )
 
 

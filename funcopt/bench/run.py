@@ -45,7 +45,11 @@ def _sync(device: torch.device) -> None:
 
 def run_one(problem_name: str, optimizer_name: str, *, seed: int, device: torch.device,
             steps: int | None = None, evals: int = 20) -> Result:
-    """Train ``problem_name`` with ``optimizer_name``; evaluation time is not counted."""
+    """Train ``problem_name`` with ``optimizer_name``; evaluation time is not counted.
+
+    A run that raises is reported as ``failed`` with the error, so one broken method does not
+    hide the others' results.
+    """
     torch.manual_seed(seed)
     problem = PROBLEMS[problem_name](seed, device)
     res = Result(problem_name, optimizer_name, "ok")
@@ -54,11 +58,21 @@ def run_one(problem_name: str, optimizer_name: str, *, seed: int, device: torch.
     except Unavailable as e:
         res.status, res.reason = "skipped", str(e)
         return res
-    n_steps = steps if steps is not None else problem.steps
+    try:
+        _train(problem, runner, steps if steps is not None else problem.steps, evals, device, res)
+    except Exception as e:  # report it, keep going
+        res.status, res.reason = "failed", f"{type(e).__name__}: {e}"[:300]
+        return res
+    if not all(map(_finite, res.final.values())):
+        res.status, res.reason = "failed", "non-finite loss"
+    return res
+
+
+def _train(problem, runner, n_steps: int, evals: int, device: torch.device, res: Result) -> None:
     every = max(1, n_steps // evals)
-    params = problem.params
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    params = problem.params
     state = runner.init(params)
     res.state_mb = _bytes(state) / 2**20
     losses: list[torch.Tensor] = []
@@ -86,9 +100,6 @@ def run_one(problem_name: str, optimizer_name: str, *, seed: int, device: torch.
     res.curve_loss = [float(x) for x in torch.stack(losses).cpu()] if losses else []
     if device.type == "cuda":
         res.peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    if not all(map(_finite, res.final.values())):
-        res.status, res.reason = "failed", "non-finite loss"
-    return res
 
 
 def _finite(x: float) -> bool:
