@@ -12,6 +12,7 @@ import torch
 
 from funcopt.base import GradientTransformation, ScalarOrSchedule, Tensor
 from funcopt.compose import chain
+from funcopt.transforms import adaptive as ad
 from funcopt.transforms import first_order as fo
 from funcopt.transforms.weight_decay import add_decayed_weights
 
@@ -165,7 +166,7 @@ def adamax(
 
     Reference: Kingma & Ba 2015, Sec. 7.1; optax ``adamax``; torch.optim.Adamax.
     """
-    return chain(fo.scale_by_adamax(b1, b2, eps), fo.scale_by_learning_rate(learning_rate))
+    return chain(ad.scale_by_adamax(b1, b2, eps), fo.scale_by_learning_rate(learning_rate))
 
 
 def rmsprop(
@@ -188,7 +189,7 @@ def rmsprop(
     momentum_tx = () if momentum is None or _is_zero(momentum) else (
         fo.trace(momentum, nesterov),)
     return chain(
-        fo.scale_by_rms(decay, eps, initial_scale, centered, eps_in_sqrt, bias_correction),
+        ad.scale_by_rms(decay, eps, initial_scale, centered, eps_in_sqrt, bias_correction),
         *momentum_tx,
         fo.scale_by_learning_rate(learning_rate),
     )
@@ -206,7 +207,7 @@ def adagrad(
     Reference: Duchi, Hazan, Singer 2011; optax ``adagrad``; torch.optim.Adagrad.
     """
     return chain(
-        fo.scale_by_adagrad(initial_accumulator_value, eps, eps_in_sqrt=eps_in_sqrt),
+        ad.scale_by_adagrad(initial_accumulator_value, eps, eps_in_sqrt=eps_in_sqrt),
         fo.scale_by_learning_rate(learning_rate),
     )
 
@@ -220,7 +221,7 @@ def adagrad_norm(
     Reference: Ward, Wu, Bottou, ICML 2019. torch.optim has no counterpart.
     """
     return chain(
-        fo.scale_by_adagrad_norm(initial_accumulator_value, eps),
+        ad.scale_by_adagrad_norm(initial_accumulator_value, eps),
         fo.scale_by_learning_rate(learning_rate),
     )
 
@@ -234,7 +235,7 @@ def lion(
     (default 1e-3 as optax). Reference: Chen et al. 2023; optax ``lion``.
     """
     return chain(
-        fo.scale_by_lion(b1, b2, mu_dtype), *_decay(weight_decay, mask),
+        ad.scale_by_lion(b1, b2, mu_dtype), *_decay(weight_decay, mask),
         fo.scale_by_learning_rate(learning_rate),
     )
 
@@ -248,7 +249,7 @@ def laprop(
     (default 0). Reference: Ziyin, Wang, Ueda 2020; heavyball ``LaProp``.
     """
     return chain(
-        fo.scale_by_laprop(b1, b2, eps), *_decay(weight_decay, mask),
+        ad.scale_by_laprop(b1, b2, eps), *_decay(weight_decay, mask),
         fo.scale_by_learning_rate(learning_rate),
     )
 
@@ -264,7 +265,7 @@ def adopt(
     Reference: Taniguchi et al., NeurIPS 2024; optax ``contrib.adopt``.
     """
     return chain(
-        fo.scale_by_adopt(b1, b2, eps, mu_dtype, nesterov=nesterov, use_clipping=use_clipping,
+        ad.scale_by_adopt(b1, b2, eps, mu_dtype, nesterov=nesterov, use_clipping=use_clipping,
                           clip_value_fn=clip_value_fn),
         fo.scale_by_learning_rate(learning_rate),
     )

@@ -1,7 +1,9 @@
 """``least_squares``: a MINPACK-style driver around :func:`levenberg_marquardt`.
 
 It runs the Levenberg-Marquardt transform until one of MINPACK's convergence tests holds
-(Moré, Garbow & Hillstrom, MINPACK-1 ``lmder``) and returns ``(params, info)``.
+(Moré, Garbow & Hillstrom, MINPACK-1 ``lmder``) and returns ``(params, info)``. The residual
+adapters :func:`mse_residuals` and :func:`cross_entropy_residuals` turn a model and a loss into
+residuals, so networks train with Levenberg-Marquardt.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from funcopt.base import PyTree, apply_updates
 from funcopt.func.jacobian import ravel_params
 from funcopt.transforms.levenberg_marquardt import levenberg_marquardt
 
-__all__ = ["LeastSquaresInfo", "least_squares"]
+__all__ = ["LeastSquaresInfo", "least_squares", "mse_residuals", "cross_entropy_residuals"]
 
 Tensor = torch.Tensor
 
@@ -164,3 +166,55 @@ def least_squares(
     return params, LeastSquaresInfo(
         len(history), cost, reason, reason != "max_steps", history, evaluations
     )
+
+
+# --------------------------------------------------------------------------- residual adapters
+
+
+def mse_residuals(model_fn: Callable[[PyTree, Tensor], Tensor]) -> Callable[[PyTree, Any], Tensor]:
+    """Residuals whose half squared norm is half the mean squared error.
+
+    ``r = (model_fn(params, inputs) - targets).reshape(-1) / sqrt(N)`` with ``N`` the number of
+    elements, so ``0.5 ||r||^2 = 0.5 * mean((f - y)^2)``. The returned function takes
+    ``(params, batch)`` with ``batch = (inputs, targets)``.
+    """
+
+    def residual_fn(params: PyTree, batch: Any) -> Tensor:
+        inputs, targets = batch
+        out = model_fn(params, inputs)
+        if out.shape != targets.shape:
+            raise ValueError(
+                f"model output {tuple(out.shape)} and targets {tuple(targets.shape)} differ in "
+                "shape; reshape the targets to the model's output"
+            )
+        diff = (out - targets.to(out.dtype)).reshape(-1)
+        return diff / diff.numel() ** 0.5
+
+    return residual_fn
+
+
+def cross_entropy_residuals(
+    model_fn: Callable[[PyTree, Tensor], Tensor], eps: float = 1e-12
+) -> Callable[[PyTree, Any], Tensor]:
+    """Cross-entropy turned into one residual per sample.
+
+    ``r_i = sqrt(2 * l_i / N + eps)``, ``l_i = logsumexp(z_i) - z_{i, y_i}`` the cross-entropy
+    of sample ``i`` with logits ``z_i = model_fn(params, inputs)[i]`` and class ``y_i``, ``N``
+    the batch size; so ``0.5 ||r||^2 = mean_i l_i + N eps / 2`` and the Gauss-Newton matrix
+    ``J^T J`` is built from ``grad sqrt(l_i)`` (the square-root residual construction used by
+    torch-levenberg-marquardt and cuPyLMA). ``eps`` (1e-12) keeps the derivative of the square
+    root finite when a loss is exactly zero. ``batch = (inputs, labels)``, labels int64.
+    """
+
+    def residual_fn(params: PyTree, batch: Any) -> Tensor:
+        inputs, labels = batch
+        logits = model_fn(params, inputs)
+        if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+            raise ValueError(
+                f"cross_entropy_residuals needs logits (N, C) and labels (N,); got "
+                f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+            )
+        loss = torch.logsumexp(logits, dim=1) - logits.gather(1, labels[:, None].long())[:, 0]
+        return torch.sqrt(2.0 * loss.clamp(min=0.0) / logits.shape[0] + eps)
+
+    return residual_fn

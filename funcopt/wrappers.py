@@ -1,3 +1,404 @@
-"""(being split out)"""
+"""Wrappers: transforms that change when, or on what, another transform runs.
 
-__all__: list[str] = []
+Gradient accumulation (``multi_steps``), skipping non-finite steps (``apply_if_finite``),
+running on some steps only (``conditionally_transform``), hyperparameters in the state
+(``inject_hyperparams``), one flat buffer per dtype (``flatten``) and ``lookahead``. Each is
+pure and keeps its bookkeeping in 0-d tensors; decisions that depend on tensor values (is this
+the last micro-step? are the updates finite?) are taken with ``torch.where``, never with a host
+synchronisation, so wrapped chains still compile.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+from funcopt.base import (
+    GradientTransformation,
+    OptState,
+    Params,
+    PyTree,
+    increment,
+    require_params,
+    step_counter,
+    tree_check_finite,
+    tree_flatten,
+    tree_leaves,
+    tree_unflatten,
+)
+from funcopt.compose import _check_tx, _where_tree
+
+__all__ = [
+    "multi_steps",
+    "MultiStepsState",
+    "apply_if_finite",
+    "ApplyIfFiniteState",
+    "inject_hyperparams",
+    "InjectHyperparamsState",
+    "flatten",
+    "conditionally_transform",
+    "ConditionallyTransformState",
+    "lookahead",
+    "LookaheadState",
+    "LookaheadParams",
+]
+
+# --------------------------------------------------------------------------- accumulation and guards
+
+
+class MultiStepsState(NamedTuple):
+    mini_step: torch.Tensor
+    gradient_step: torch.Tensor
+    inner_state: OptState
+    acc_grads: PyTree
+
+
+def multi_steps(
+    inner: GradientTransformation, every_k_schedule: int | Callable[[torch.Tensor], Any]
+) -> GradientTransformation:
+    """Gradient accumulation: apply ``inner`` once every ``k`` micro-steps to the mean gradient.
+
+    ``a_m = a_{m-1} + (g_m - a_{m-1}) / m`` (the running mean of the ``m``-th micro-step); on
+    micro-step ``m = k`` the output is ``inner(a_k)`` and ``a`` resets to 0, on the others
+    the output is 0 and ``inner``'s state is unchanged. Args: ``inner``: the transform;
+    ``every_k_schedule``: ``k`` as an int >= 1, or a schedule ``gradient_step -> k``.
+    ``inner`` runs on every call and ``torch.where`` keeps or discards its result (no host
+    sync); the extra work is one ``inner`` step per micro-step. Reference: optax.MultiSteps
+    (use_grad_mean=True).
+    """
+    _check_tx(inner, "multi_steps", "inner")
+    if not callable(every_k_schedule) and (
+        isinstance(every_k_schedule, bool) or int(every_k_schedule) != every_k_schedule
+        or every_k_schedule < 1
+    ):
+        raise ValueError(f"multi_steps: every_k_schedule={every_k_schedule!r} must be an int >= 1")
+
+    def init(params):
+        return MultiStepsState(step_counter(params), step_counter(params), inner.init(params),
+                               optree.tree_map(torch.zeros_like, params))
+
+    def update(updates, state, params=None, **extra):
+        k = every_k_schedule(state.gradient_step) if callable(every_k_schedule) \
+            else every_k_schedule
+        leaves, treedef = tree_flatten(updates)
+        acc = tree_leaves(state.acc_grads)
+        if len(acc) != len(leaves):
+            raise ValueError("multi_steps: updates do not match the params given to init")
+        inv_m = 1.0 / (state.mini_step + 1).to(torch.float32)
+        delta = torch._foreach_mul(torch._foreach_sub(leaves, acc), inv_m)
+        mean = torch._foreach_add(acc, delta)
+        emit = state.mini_step + 1 >= k
+        out, inner_state = inner.update(tree_unflatten(treedef, mean), state.inner_state, params,
+                                        **extra)
+        out_leaves, out_def = tree_flatten(out)
+        out = tree_unflatten(out_def, [torch.where(emit, o, torch.zeros_like(o))
+                                       for o in out_leaves])
+        new_acc = [torch.where(emit, torch.zeros_like(m), m) for m in mean]
+        return out, MultiStepsState(
+            torch.where(emit, torch.zeros_like(state.mini_step), state.mini_step + 1),
+            torch.where(emit, increment(state.gradient_step), state.gradient_step),
+            _where_tree(emit, inner_state, state.inner_state),
+            tree_unflatten(treedef, new_acc),
+        )
+
+    return GradientTransformation(init, update)
+
+
+class ApplyIfFiniteState(NamedTuple):
+    notfinite_count: torch.Tensor
+    last_finite: torch.Tensor
+    total_notfinite: torch.Tensor
+    inner_state: OptState
+
+
+def apply_if_finite(
+    inner: GradientTransformation, max_consecutive_errors: int | None = None
+) -> GradientTransformation:
+    """Skip steps whose gradients or whose ``inner`` updates are not finite.
+
+    ``ok = all(isfinite(g)) and all(isfinite(inner(g)))``; the output is ``inner(g)`` and
+    ``inner``'s new state if ``ok``, else zero updates and ``inner``'s old state. The state
+    counts consecutive (``notfinite_count``) and total (``total_notfinite``) skipped steps and
+    records ``last_finite``. Args: ``inner``: the transform; ``max_consecutive_errors``:
+    ``None`` (default) never lets a non-finite update through; an int ``n`` lets it through
+    once more than ``n`` consecutive steps were skipped, so a diverged run shows NaNs instead
+    of silently standing still (optax.apply_if_finite's rule). No host sync.
+    Reference: optax.apply_if_finite (which checks only the incoming gradients).
+    """
+    _check_tx(inner, "apply_if_finite", "inner")
+    if max_consecutive_errors is not None and (
+        isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, int)
+        or max_consecutive_errors < 0
+    ):
+        raise ValueError(
+            f"apply_if_finite: max_consecutive_errors={max_consecutive_errors!r} must be None "
+            "or an int >= 0"
+        )
+
+    def init(params):
+        c = step_counter(params)
+        return ApplyIfFiniteState(c, torch.ones((), dtype=torch.bool, device=c.device), c,
+                                  inner.init(params))
+
+    def update(updates, state, params=None, **extra):
+        out, inner_state = inner.update(updates, state.inner_state, params, **extra)
+        finite = tree_check_finite(updates) & tree_check_finite(out)
+        notfinite = torch.where(finite, torch.zeros_like(state.notfinite_count),
+                                increment(state.notfinite_count))
+        ok = finite
+        if max_consecutive_errors is not None:
+            ok = finite | (notfinite > max_consecutive_errors)
+        leaves, treedef = tree_flatten(out)
+        out = tree_unflatten(treedef, [torch.where(ok, u, torch.zeros_like(u)) for u in leaves])
+        return out, ApplyIfFiniteState(
+            notfinite, finite,
+            torch.where(finite, state.total_notfinite, increment(state.total_notfinite)),
+            _where_tree(ok, inner_state, state.inner_state),
+        )
+
+    return GradientTransformation(init, update)
+
+
+class ConditionallyTransformState(NamedTuple):
+    inner_state: OptState
+    step: torch.Tensor
+
+
+def conditionally_transform(
+    inner: GradientTransformation, should_transform_fn: Callable[[torch.Tensor], Any]
+) -> GradientTransformation:
+    """Apply ``inner`` only on steps where ``should_transform_fn(step)`` is true.
+
+    On other steps the updates pass through unchanged and ``inner``'s state is kept. Args:
+    ``inner``: the transform; ``should_transform_fn``: ``step -> bool`` (a Python bool or a
+    0-d bool tensor; with a tensor, ``inner`` runs every step and ``torch.where`` selects, no
+    host sync). ``step`` counts calls from 0. Reference: optax.conditionally_transform.
+    """
+    _check_tx(inner, "conditionally_transform", "inner")
+
+    def init(params):
+        return ConditionallyTransformState(inner.init(params), step_counter(params))
+
+    def update(updates, state, params=None, **extra):
+        cond = should_transform_fn(state.step)
+        if isinstance(cond, bool):
+            if cond:
+                updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
+            else:
+                inner_state = state.inner_state
+        else:
+            cond = torch.as_tensor(cond, dtype=torch.bool, device=state.step.device)
+            new, new_state = inner.update(updates, state.inner_state, params, **extra)
+            updates = _where_tree(cond, new, updates)
+            inner_state = _where_tree(cond, new_state, state.inner_state)
+        return updates, ConditionallyTransformState(inner_state, increment(state.step))
+
+    return GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------- hyperparameters in the state
+
+
+class InjectHyperparamsState(NamedTuple):
+    count: torch.Tensor
+    hyperparams: dict
+    inner_state: OptState
+
+
+def _hp_tensor(value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, dtype) if value.is_floating_point() else value.to(device)
+    if isinstance(value, int):
+        return torch.tensor(value, dtype=torch.int64, device=device)
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def inject_hyperparams(
+    factory: Callable[..., GradientTransformation], static_args: str | Iterable[str] = (),
+    hyperparam_dtype: torch.dtype | None = None,
+) -> Callable[..., GradientTransformation]:
+    """Wrap ``factory`` so its numeric hyperparameters live in the state as 0-d tensors.
+
+    ``inject_hyperparams(fo.scale_by_adam)(b1=0.9, b2=schedule)`` builds a transform whose
+    state is ``InjectHyperparamsState(count, hyperparams, inner_state)``. Each update rebuilds
+    ``factory(**static, **hyperparams)`` with: numeric arguments read from
+    ``state.hyperparams`` (write a new 0-d tensor there to change the next update; a
+    compiled update does not recompile), and schedules evaluated at ``count`` (and stored in
+    ``hyperparams`` for inspection; writing them has no effect). Args: ``factory``: a function
+    returning a transform; ``static_args``: names passed through unchanged (bools and
+    non-numeric values always are); ``hyperparam_dtype``: dtype of float hyperparameters
+    (default: the first parameter's dtype, at least float32). Ints become int64 tensors: list
+    integer arguments that the factory needs as Python ints in ``static_args``.
+    Reference: optax.inject_hyperparams.
+    """
+    static = {static_args} if isinstance(static_args, str) else set(static_args)
+    signature = inspect.signature(factory)
+
+    def wrapped(*args: Any, **kwargs: Any) -> GradientTransformation:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        scheds, numeric, other = {}, {}, {}
+        for name, value in bound.arguments.items():
+            if name in static or isinstance(value, bool):
+                other[name] = value
+            elif callable(value):
+                scheds[name] = value
+            elif isinstance(value, (int, float, torch.Tensor)):
+                numeric[name] = value
+            else:
+                other[name] = value
+
+        def place(params):
+            leaves = [x for x in tree_leaves(params) if x.is_floating_point()]
+            dtype = hyperparam_dtype or (
+                torch.promote_types(leaves[0].dtype, torch.float32) if leaves else torch.float32)
+            return dtype, (leaves[0].device if leaves else torch.device("cpu"))
+
+        def current(hps, count, dtype, device):
+            hps = {k: _hp_tensor(v, dtype, device) for k, v in hps.items()}
+            hps.update({k: _hp_tensor(f(count), dtype, device) for k, f in scheds.items()})
+            return hps
+
+        def init(params):
+            dtype, device = place(params)
+            count = step_counter(params)
+            hps = current(numeric, count, dtype, device)
+            return InjectHyperparamsState(count, hps, factory(**other, **hps).init(params))
+
+        def update(updates, state, params=None, **extra):
+            dtype, device = place(updates)
+            hps = current(state.hyperparams, state.count, dtype, device)
+            out, inner_state = factory(**other, **hps).update(updates, state.inner_state, params,
+                                                              **extra)
+            return out, InjectHyperparamsState(increment(state.count), hps, inner_state)
+
+        return GradientTransformation(init, update)
+
+    return wrapped
+
+
+# --------------------------------------------------------------------------- one flat buffer
+
+
+def _groups(leaves: list[torch.Tensor]) -> list[list[int]]:
+    """Leaf indices grouped by (dtype, device), in order of first appearance."""
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(leaves):
+        groups.setdefault((x.dtype, x.device), []).append(i)
+    return list(groups.values())
+
+
+def _flat(leaves: list[torch.Tensor], groups: list[list[int]]) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.cat([leaves[i].reshape(-1) for i in g]) for g in groups)
+
+
+def flatten(inner: GradientTransformation) -> GradientTransformation:
+    """Run ``inner`` on one contiguous 1-D buffer per (dtype, device) group of leaves.
+
+    ``inner`` sees a tuple of 1-D tensors (params and updates concatenated the same way), its
+    state lives on those buffers, and its output is split back into the original shapes (the
+    returned leaves are views of one buffer). A chain of element-wise transforms then runs a
+    handful of large kernels instead of a few per leaf. Only for element-wise transforms:
+    ones that use a leaf's shape (Muon, SOAP, Shampoo, ...) or per-leaf norms (per-leaf
+    clipping, LARS/LAMB trust ratios) see one vector instead. Extra keyword arguments reach
+    ``inner`` unchanged (not flattened). Updates must have the params' dtypes.
+    Reference: optax.flatten.
+    """
+    _check_tx(inner, "flatten", "inner")
+
+    def init(params):
+        leaves = tree_leaves(params)
+        return inner.init(_flat(leaves, _groups(leaves)))
+
+    def update(updates, state, params=None, **extra):
+        leaves, treedef = tree_flatten(updates)
+        groups = _groups(leaves)
+        flat_params = None
+        if params is not None:
+            p_leaves = tree_leaves(params)
+            if len(p_leaves) != len(leaves):
+                raise ValueError("flatten: params and updates have different numbers of leaves")
+            flat_params = _flat(p_leaves, groups)
+        out, state = inner.update(_flat(leaves, groups), state, flat_params, **extra)
+        new = [None] * len(leaves)
+        for g, buf in zip(groups, out):
+            parts = torch.split(buf, [leaves[i].numel() for i in g])
+            for i, part in zip(g, parts):
+                new[i] = part.view(leaves[i].shape)
+        return tree_unflatten(treedef, new), state
+
+    return GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------- lookahead
+
+
+class LookaheadParams(NamedTuple):
+    """Fast and slow parameter copies for :func:`lookahead`."""
+
+    fast: Params
+    slow: Params
+
+    @classmethod
+    def init_synced(cls, params: Params) -> LookaheadParams:
+        """Both copies start at ``params`` (the slow copy is a clone)."""
+        return cls(params, optree.tree_map(torch.clone, params))
+
+
+class LookaheadState(NamedTuple):
+    fast_state: OptState
+    steps_since_sync: torch.Tensor
+
+
+def lookahead(
+    fast_optimizer: GradientTransformation, sync_period: int, slow_step_size: float,
+    reset_state: bool = False,
+) -> GradientTransformation:
+    """Lookahead: ``k`` fast steps forward, then pull the slow weights toward the fast ones.
+
+    Fast steps: ``theta <- theta + fast(g)``. Every ``k``-th step (``k = sync_period``) after
+    it: ``phi <- phi + alpha (theta - phi)`` and ``theta <- phi`` (``alpha = slow_step_size``).
+    In this functional API the parameters are a :class:`LookaheadParams` ``(fast, slow)``
+    (start with ``LookaheadParams.init_synced(params)``); the gradients passed to ``update``
+    are taken at ``params.fast`` and have its structure; ``update`` needs ``params`` and
+    returns ``LookaheadParams`` updates for ``apply_updates(params, updates)``. Evaluate
+    with ``params.slow``. ``reset_state=True`` re-initialises the fast optimizer's state at
+    each sync. Do not modify the updates before applying them.
+    Reference: Zhang et al., "Lookahead Optimizer: k steps forward, 1 step back", 2019;
+    optax.lookahead.
+    """
+    _check_tx(fast_optimizer, "lookahead", "fast_optimizer")
+    if isinstance(sync_period, bool) or not isinstance(sync_period, int) or sync_period < 1:
+        raise ValueError(f"lookahead: sync_period={sync_period!r} must be an int >= 1")
+
+    def init(params):
+        fast = params.fast if isinstance(params, LookaheadParams) else params
+        return LookaheadState(fast_optimizer.init(fast), step_counter(fast))
+
+    def update(updates, state, params=None, **extra):
+        params = require_params(params, "lookahead")
+        if not isinstance(params, LookaheadParams):
+            raise TypeError("lookahead: params must be LookaheadParams(fast, slow); start with "
+                            "LookaheadParams.init_synced(params)")
+        upd, fast_state = fast_optimizer.update(updates, state.fast_state, params.fast, **extra)
+        sync = state.steps_since_sync == sync_period - 1
+        u, treedef = tree_flatten(upd)
+        fast, slow = tree_leaves(params.fast), tree_leaves(params.slow)
+        diff = torch._foreach_sub(torch._foreach_add(fast, u), slow)  # theta_k - phi
+        slow_upd = torch._foreach_mul(diff, slow_step_size)
+        to_slow = torch._foreach_sub(torch._foreach_add(slow, slow_upd), fast)  # phi' - theta
+        fast_out = [torch.where(sync, t, x) for t, x in zip(to_slow, u)]
+        slow_out = [torch.where(sync, s, torch.zeros_like(s)) for s in slow_upd]
+        if reset_state:
+            fast_state = _where_tree(sync, fast_optimizer.init(params.fast), fast_state)
+        steps = torch.where(sync, torch.zeros_like(state.steps_since_sync),
+                            state.steps_since_sync + 1)
+        return (LookaheadParams(tree_unflatten(treedef, fast_out),
+                                tree_unflatten(treedef, slow_out)),
+                LookaheadState(fast_state, steps))
+
+    return GradientTransformation(init, update)

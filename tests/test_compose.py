@@ -130,7 +130,7 @@ def test_masked_matches_inner_on_the_subtree(mask_kind):
         all_keys = ["w", "b", ("layers", 0), ("layers", 1)]
         for k in all_keys:
             if k not in chosen:
-                get = (lambda t: t[k]) if isinstance(k, str) else (lambda t: t[k[0]][k[1]])
+                get = (lambda t, k=k: t[k]) if isinstance(k, str) else (lambda t, k=k: t[k[0]][k[1]])
                 assert torch.equal(get(o), get(g))
     assert len(fo.tree_leaves(state.inner_state.mu)) == len(chosen)
     check_transform(fo.masked(momentum(), mask), p)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from funcopt.func import gauss_newton_products, jacobian, jacobian_chunk_size, ravel_params
 
-torch.set_default_dtype(torch.float64)
+DEFAULT_DTYPE = torch.float64  # applied per test by tests/conftest.py
 
 
 def _residual(params, x):

@@ -7,7 +7,7 @@ import torch
 import funcopt as fo
 from funcopt.testing import check_transform
 
-torch.set_default_dtype(torch.float64)
+DEFAULT_DTYPE = torch.float64  # applied per test by tests/conftest.py
 X = np.linspace(0.0, 3.0, 12)
 Y = 2.5 * np.exp(-1.3 * X) + 0.1 * np.sin(7 * X)
 

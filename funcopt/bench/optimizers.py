@@ -76,7 +76,7 @@ def _first_order(alias: str, lr: float, **kwargs):
 
 register_optimizer("sgd-momentum")(_first_order("sgd", 0.1, momentum=0.9))
 register_optimizer("adamw")(_first_order("adamw", 3e-3, weight_decay=1e-4))
-register_optimizer("lion")(_first_order("lion", 3e-4, weight_decay=1e-4))
+register_optimizer("lion")(_first_order("lion", 1e-3, weight_decay=1e-4))
 register_optimizer("soap")(_first_order("soap", 3e-3))
 register_optimizer("psgd")(_first_order("psgd_kron", 1e-3))
 
@@ -129,3 +129,25 @@ def _adamw_norm_test(problem: Problem) -> Runner:
         return fo.apply_updates(params, updates), state, loss
 
     return Runner(tx.init, step)
+
+
+def _curvature(name: str, lr: float, **kwargs):
+    def build(problem: Problem) -> Runner:
+        _need(name)
+        if problem.model is None or problem.kind != "classification":
+            raise Unavailable("needs an nn.Module classifier (layer statistics are captured)")
+        tx = getattr(fo, name)(problem.model, lr * problem.lr_scale, **kwargs)
+
+        def step(params, state, batch):
+            x, y = batch
+            cap = fo.func.capture_curvature(problem.model, params, x, y)
+            updates, state = tx.update(cap.grads, state, params, curvature=cap)
+            return fo.apply_updates(params, updates), state, cap.loss.detach()
+
+        return Runner(tx.init, step)
+
+    return build
+
+
+register_optimizer("singd")(_curvature("singd", 3e-2, momentum=0.9, weight_decay=1e-4))
+register_optimizer("kfac")(_curvature("kfac", 2e-2, momentum=0.9, damping=1e-1, T=5))

@@ -37,10 +37,14 @@ def markdown_table(results: list[Result]) -> str:
             f"{'-' if acc is None else f'{acc:.3f}'} | {r.steps} | {r.wall_s:.2f} | "
             f"{r.state_mb:.3f} | {_fmt(r.peak_mb)} |"
         )
-    skipped = [r for r in results if r.status != "ok"]
-    if skipped:
-        lines += ["", "Not run:", ""]
-        lines += [f"- {r.problem} / {r.optimizer}: {r.status} ({r.reason})" for r in skipped]
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for r in results:
+        if r.status != "ok":
+            groups.setdefault((r.status, r.optimizer, r.reason), []).append(r.problem)
+    if groups:
+        lines += ["", "Not run or failed:", ""]
+        lines += [f"- {opt} on {', '.join(probs)}: {status} ({reason})"
+                  for (status, opt, reason), probs in groups.items()]
     return "\n".join(lines)
 
 

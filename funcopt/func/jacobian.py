@@ -136,7 +136,8 @@ def jacobian(
         *args: data passed through to ``residual_fn``.
         mode: ``"reverse"`` (``m`` vector-Jacobian products, chunked over rows), ``"forward"``
             (``n`` Jacobian-vector products, chunked over columns) or ``"auto"`` (default:
-            forward when ``n < m``, the cheaper count of products).
+            forward when ``8 n < m``; a forward-mode product costs several reverse-mode ones in
+            eager PyTorch, and reverse mode also gives ``r`` from the same pass).
         chunk_size: products per vectorised batch; ``None`` derives it from ``max_memory``.
         max_memory: bytes one batch may use (see :func:`jacobian_chunk_size`); ``None`` uses
             half the free CUDA memory, or one batch on the CPU.
@@ -151,17 +152,16 @@ def jacobian(
         raise ValueError(f"chunk_size={chunk_size!r}: pass a positive int or None")
     x, unravel = ravel_params(params)
     f = residual_vector_fn(residual_fn, unravel, *args)
-    with torch.no_grad():
-        r0 = f(x)
+    r0, pullback = vjp(f, x) if mode != "forward" else (f(x), None)
+    r0 = r0.detach()
     m, n = r0.numel(), x.numel()
     if mode == "auto":
-        mode = "forward" if n < m else "reverse"
+        mode = "forward" if 8 * n < m else "reverse"
     k = chunk_size or jacobian_chunk_size(m, n, x.dtype, x.device, max_memory)
     if mode == "reverse":
-        r, pullback = vjp(f, x)
-        eye = torch.eye(m, dtype=r.dtype, device=r.device)
+        eye = torch.eye(m, dtype=r0.dtype, device=r0.device)
         rows = [vmap(pullback)(eye[s:s + k])[0] for s in range(0, m, k)]
-        return torch.cat(rows).to(x.dtype), r.detach()
+        return torch.cat(rows).to(x.dtype), r0
     eye = torch.eye(n, dtype=x.dtype, device=x.device)
     push = vmap(lambda v: jvp(f, (x,), (v,))[1])
     cols = [push(eye[s:s + k]) for s in range(0, n, k)]

@@ -1,42 +1,45 @@
-"""First-order transforms: scaling, momentum and the adaptive moment methods.
+"""First-order transforms: scaling, momentum and the Adam family.
 
 Each function builds one :class:`~funcopt.base.GradientTransformation`. The math runs over
 the list of leaves with ``torch._foreach_*`` ops; bias corrections are 0-d tensors computed
 from the step counter, so no update synchronises with the host. Per-parameter state (moments,
 traces) is kept as a list of tensors in the order of ``tree_leaves(params)``.
+
+The private helpers here (``_leaves``, ``_moment`` ...) are shared with
+:mod:`funcopt.transforms.adaptive`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from numbers import Number
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Union
 
+import optree
 import torch
 
 from funcopt.base import (
     EmptyState,
     GradientTransformation,
+    Params,
     ScalarOrSchedule,
     Tensor,
+    Updates,
     check_hyperparameter,
     increment,
     resolve,
     step_counter,
+    tree_check_structure,
     tree_flatten,
     tree_leaves,
+    tree_structure,
     tree_unflatten,
 )
 
 __all__ = [
     "ScaleByScheduleState", "ScaleByLearningRateState", "TraceState", "EmaState",
-    "ScaleByAdamState", "ScaleByAmsgradState", "ScaleByNadamState", "ScaleByAdamaxState",
-    "ScaleByRmsState", "ScaleByRStdDevState", "ScaleByAdagradState", "ScaleByAdagradNormState",
-    "ScaleByLionState", "ScaleByLapropState", "ScaleByAdoptState",
+    "ScaleByAdamState", "ScaleByAmsgradState", "ScaleByNadamState",
     "scale", "scale_by_schedule", "scale_by_learning_rate", "trace", "ema", "scale_by_adam",
-    "scale_by_nadam", "scale_by_adamax", "scale_by_rms", "scale_by_adagrad",
-    "scale_by_adagrad_norm", "scale_by_lion", "scale_by_laprop", "scale_by_adopt",
-    "scale_by_sign",
+    "scale_by_nadam", "scale_by_sign",
 ]
 
 # --------------------------------------------------------------------------- helpers
@@ -44,53 +47,78 @@ __all__ = [
 # the fused Scalar overloads; tensors use the Tensor overloads, which never read the value on
 # the host.
 
+TensorList = Union[list[Tensor], tuple[Tensor, ...]]
 
-def scalar_dtype(leaves: list[Tensor]) -> torch.dtype:
+
+def _leaves(
+    updates: Updates, params: Params | None, who: str, state: Sequence[Tensor] | None = None
+) -> tuple[list[Tensor], optree.PyTreeSpec]:
+    """Flatten ``updates``, checking them against ``params`` and a per-leaf ``state`` list.
+
+    Raises a ValueError naming the mismatch instead of letting a ``_foreach`` op fail on lists
+    of different lengths. The checks look at tree structure and lengths only (no host sync).
+    """
+    g, treedef = tree_flatten(updates)
+    if params is not None and tree_structure(params) != treedef:
+        tree_check_structure(updates, params, ("updates", "params"))
+    if state is not None and len(state) != len(g):
+        raise ValueError(
+            f"{who}: the updates have {len(g)} leaves but the state holds {len(state)}; pass "
+            "updates with the structure of the params given to init (or re-run init on them)"
+        )
+    return g, treedef
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def scalar_dtype(leaves: Sequence[Tensor]) -> torch.dtype:
     """float64 when any leaf is float64, else float32: the dtype of 0-d scalars in a step."""
     return torch.float64 if any(x.dtype == torch.float64 for x in leaves) else torch.float32
 
 
-def _hp(value: ScalarOrSchedule, count: Tensor) -> Tensor | float:
+def _hp(value: ScalarOrSchedule, count: Tensor) -> Any:
     v = resolve(value, count)
     return v.to(count.device) if isinstance(v, Tensor) else v
 
 
-def _steps(count: Tensor, leaves: list[Tensor]) -> Tensor:
+def _steps(count: Tensor, leaves: Sequence[Tensor]) -> Tensor:
     """The step number ``count`` as a 0-d float tensor (for ``beta ** t``)."""
     return count.to(scalar_dtype(leaves))
 
 
-def _axpy(alpha: Any, xs: list[Tensor], ys: list[Tensor]) -> list[Tensor]:
+def _axpy(alpha: Any, xs: TensorList, ys: TensorList) -> TensorList:
     """``ys + alpha * xs``."""
-    if isinstance(alpha, Number):
+    if _is_number(alpha):
         return torch._foreach_add(ys, xs, alpha=alpha)
     return torch._foreach_add(ys, torch._foreach_mul(xs, alpha))
 
 
-def _moment(state: list[Tensor], xs: list[Tensor], decay: Any) -> list[Tensor]:
+def _moment(state: TensorList, xs: TensorList, decay: Any) -> TensorList:
     """``decay * state + (1 - decay) * xs`` (torch.optim's ``lerp`` form for numbers)."""
-    if isinstance(decay, Number):
+    if _is_number(decay):
         return torch._foreach_lerp(state, xs, 1.0 - decay)
     return _axpy(1.0 - decay, xs, torch._foreach_mul(state, decay))
 
 
-def _moment_sq(state: list[Tensor], xs: list[Tensor], decay: Any) -> list[Tensor]:
+def _moment_sq(state: TensorList, xs: TensorList, decay: Any) -> TensorList:
     """``decay * state + (1 - decay) * xs**2``."""
-    if isinstance(decay, Number):
+    if _is_number(decay):
         return torch._foreach_addcmul(torch._foreach_mul(state, decay), xs, xs, value=1.0 - decay)
     return _axpy(1.0 - decay, torch._foreach_mul(xs, xs), torch._foreach_mul(state, decay))
 
 
-def _as(xs: list[Tensor], refs: list[Tensor]) -> list[Tensor]:
+def _as(xs: TensorList, refs: Sequence[Tensor]) -> list[Tensor]:
     """Each ``x`` in the dtype of the matching ``ref`` (no copy when it already is)."""
     return [x if x.dtype == r.dtype else x.to(r.dtype) for x, r in zip(xs, refs)]
 
 
-def _zeros(leaves: list[Tensor], dtype: torch.dtype | None) -> list[Tensor]:
+def _zeros(leaves: Sequence[Tensor], dtype: torch.dtype | None) -> list[Tensor]:
     return [torch.zeros_like(x, dtype=dtype) for x in leaves]
 
 
-def _full(leaves: list[Tensor], value: float, dtype: torch.dtype | None = None) -> list[Tensor]:
+def _full(leaves: Sequence[Tensor], value: float, dtype: torch.dtype | None = None) -> list[Tensor]:
     return [torch.full_like(x, value, dtype=dtype) for x in leaves]
 
 
@@ -106,11 +134,11 @@ def _check_beta(name: str, value: Any) -> None:
 
 
 class ScaleByScheduleState(NamedTuple):
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
 
 
 class ScaleByLearningRateState(NamedTuple):
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     learning_rate: Tensor
 
 
@@ -131,7 +159,7 @@ def scale(step_size: float | Tensor) -> GradientTransformation:
         return EmptyState()
 
     def update(updates, state, params=None, **extra):
-        leaves, treedef = tree_flatten(updates)
+        leaves, treedef = _leaves(updates, params, "scale")
         if not leaves:
             return updates, state
         s = step_size.to(leaves[0].device) if isinstance(step_size, Tensor) else step_size
@@ -155,7 +183,7 @@ def scale_by_schedule(step_size_fn: Callable[[Tensor], Any]) -> GradientTransfor
         return ScaleByScheduleState(step_counter(params))
 
     def update(updates, state, params=None, **extra):
-        leaves, treedef = tree_flatten(updates)
+        leaves, treedef = _leaves(updates, params, "scale_by_schedule")
         if leaves:
             leaves = _as(torch._foreach_mul(leaves, _hp(step_size_fn, state.count)), leaves)
         return tree_unflatten(treedef, leaves), ScaleByScheduleState(increment(state.count))
@@ -191,7 +219,7 @@ def scale_by_learning_rate(
         )
 
     def update(updates, state, params=None, **extra):
-        leaves, treedef = tree_flatten(updates)
+        leaves, treedef = _leaves(updates, params, "scale_by_learning_rate")
         lr = state.learning_rate
         if callable(learning_rate):
             lr = torch.as_tensor(learning_rate(state.count), dtype=lr.dtype, device=lr.device)
@@ -211,7 +239,7 @@ def scale_by_sign() -> GradientTransformation:
         return EmptyState()
 
     def update(updates, state, params=None, **extra):
-        leaves, treedef = tree_flatten(updates)
+        leaves, treedef = _leaves(updates, params, "scale_by_sign")
         return tree_unflatten(treedef, torch._foreach_sign(leaves) if leaves else leaves), state
 
     return GradientTransformation(init, update)
@@ -221,12 +249,12 @@ def scale_by_sign() -> GradientTransformation:
 
 
 class TraceState(NamedTuple):
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     trace: Any
 
 
 class EmaState(NamedTuple):
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     ema: Any
 
 
@@ -257,7 +285,7 @@ def trace(
         return TraceState(step_counter(params), _zeros(tree_leaves(params), accumulator_dtype))
 
     def update(updates, state, params=None, **extra):
-        g, treedef = tree_flatten(updates)
+        g, treedef = _leaves(updates, params, "trace", state.trace)
         if not g:
             return updates, TraceState(increment(state.count), state.trace)
         mu = _hp(decay, state.count)
@@ -297,7 +325,7 @@ def ema(
         return EmaState(step_counter(params), _zeros(tree_leaves(params), accumulator_dtype))
 
     def update(updates, state, params=None, **extra):
-        g, treedef = tree_flatten(updates)
+        g, treedef = _leaves(updates, params, "ema", state.ema)
         count = increment(state.count)
         if not g:
             return updates, EmaState(count, state.ema)
@@ -313,28 +341,28 @@ def ema(
 
 
 class ScaleByAdamState(NamedTuple):
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     mu: Any
     nu: Any
 
 
 class ScaleByAmsgradState(NamedTuple):
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     mu: Any
     nu: Any
     nu_max: Any
 
 
 class ScaleByNadamState(NamedTuple):
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     mu_product: Tensor
     mu: Any
     nu: Any
 
 
-def _adam_denominator(nu, bc2, eps, eps_root):
+def _adam_denominator(nu: TensorList, bc2: Tensor, eps: float, eps_root: float) -> TensorList:
     """``sqrt(nu / bc2 + eps_root) + eps`` (torch.optim's ``sqrt(nu)/sqrt(bc2) + eps`` form)."""
-    if isinstance(eps_root, Number) and eps_root == 0:
+    if _is_number(eps_root) and eps_root == 0:
         root = torch._foreach_div(torch._foreach_sqrt(nu), torch.sqrt(bc2))
     else:
         root = torch._foreach_sqrt(torch._foreach_add(torch._foreach_div(nu, bc2), eps_root))
@@ -384,7 +412,7 @@ def scale_by_adam(
         return ScaleByAdamState(step_counter(params), mu, nu)
 
     def update(updates, state, params=None, **extra):
-        g, treedef = tree_flatten(updates)
+        g, treedef = _leaves(updates, params, "scale_by_adam", state.mu)
         count = increment(state.count)
         if not g:
             return updates, state._replace(count=count)
@@ -441,7 +469,7 @@ def scale_by_nadam(
         return ScaleByNadamState(count, one, _zeros(leaves, None), _zeros(leaves, None))
 
     def update(updates, state, params=None, **extra):
-        g, treedef = tree_flatten(updates)
+        g, treedef = _leaves(updates, params, "scale_by_nadam", state.mu)
         count = increment(state.count)
         if not g:
             return updates, state._replace(count=count)
@@ -458,376 +486,5 @@ def scale_by_nadam(
         return tree_unflatten(treedef, _as(out, g)), ScaleByNadamState(
             count, prod, _as(m, state.mu), _as(v, state.nu)
         )
-
-    return GradientTransformation(init, update)
-
-
-class ScaleByAdamaxState(NamedTuple):
-    count: Tensor
-    mu: Any
-    nu: Any
-
-
-def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
-    r"""Adamax, Adam's infinity-norm variant.
-
-    .. math::
-        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad u_t^\infty = \max(\beta_2 u_{t-1}^\infty,
-        |g_t| + \epsilon),\quad u_t = \frac{m_t}{(1-\beta_1^t)\, u_t^\infty}.
-
-    Args:
-      b1: :math:`\beta_1` (default 0.9). b2: :math:`\beta_2` (default 0.999).
-      eps: :math:`\epsilon` (default 1e-8), as torch.optim.Adamax and optax place it.
-
-    Reference: Kingma & Ba 2015, Sec. 7.1; optax ``scale_by_adamax``; torch.optim.Adamax.
-    """
-    _check_beta("b1", b1)
-    _check_beta("b2", b2)
-    _check("eps", eps)
-
-    def init(params):
-        leaves = tree_leaves(params)
-        return ScaleByAdamaxState(step_counter(params), _zeros(leaves, None), _zeros(leaves, None))
-
-    def update(updates, state, params=None, **extra):
-        g, treedef = tree_flatten(updates)
-        count = increment(state.count)
-        if not g:
-            return updates, state._replace(count=count)
-        m = _moment(_as(state.mu, g), g, b1)
-        u = torch._foreach_maximum(
-            torch._foreach_mul(_as(state.nu, g), b2), torch._foreach_add(torch._foreach_abs(g), eps)
-        )
-        out = torch._foreach_div(torch._foreach_div(m, 1 - b1 ** _steps(count, g)), u)
-        return tree_unflatten(treedef, _as(out, g)), ScaleByAdamaxState(
-            count, _as(m, state.mu), _as(u, state.nu)
-        )
-
-    return GradientTransformation(init, update)
-
-
-# --------------------------------------------------------------------------- rms / adagrad
-
-
-class ScaleByRmsState(NamedTuple):
-    count: Tensor
-    nu: Any
-
-
-class ScaleByRStdDevState(NamedTuple):
-    count: Tensor
-    mu: Any
-    nu: Any
-
-
-def _inv_root(xs: list[Tensor], eps: float, eps_in_sqrt: bool) -> list[Tensor]:
-    """``1/sqrt(x + eps)`` when ``eps_in_sqrt`` else ``1/(sqrt(x) + eps)``."""
-    if eps_in_sqrt:
-        return torch._foreach_rsqrt(torch._foreach_add(xs, eps))
-    return torch._foreach_reciprocal(torch._foreach_add(torch._foreach_sqrt(xs), eps))
-
-
-def scale_by_rms(
-    decay: float = 0.9, eps: float = 1e-8, initial_scale: float = 0.0, centered: bool = False,
-    eps_in_sqrt: bool = True, bias_correction: bool = False,
-) -> GradientTransformation:
-    r"""RMSprop's scaling, optionally centred.
-
-    .. math::
-        v_t = \rho v_{t-1} + (1-\rho) g_t^2,\quad s_t = v_t \;(\text{or } v_t - m_t^2
-        \text{ if centered, } m_t = \rho m_{t-1} + (1-\rho) g_t),\\
-        u_t = g_t / \sqrt{s_t + \epsilon}\;\text{(eps\_in\_sqrt)}\quad\text{or}\quad
-        u_t = g_t / (\sqrt{s_t} + \epsilon).
-
-    ``eps_in_sqrt=True`` is optax's default; torch.optim.RMSprop adds ``eps`` outside the
-    square root: ``scale_by_rms(decay=alpha, eps=eps, eps_in_sqrt=False)`` reproduces it
-    (including ``centered``). Negative round-off in ``v_t - m_t^2`` is clamped to 0.
-
-    Args:
-      decay: :math:`\rho` (torch's ``alpha``), default 0.9.
-      eps: :math:`\epsilon`, default 1e-8.
-      initial_scale: :math:`v_0`, default 0.
-      centered: subtract the squared mean (Graves 2013), default False.
-      eps_in_sqrt: where :math:`\epsilon` goes (default True, optax).
-      bias_correction: divide :math:`m_t, v_t` by :math:`1-\rho^t` (default False).
-
-    Reference: Tieleman & Hinton, Lecture 6.5, 2012; optax ``scale_by_rms`` /
-    ``scale_by_stddev``; torch.optim.RMSprop.
-    """
-    _check_beta("decay", decay)
-    _check("eps", eps)
-    _check("initial_scale", initial_scale)
-
-    def init(params):
-        leaves, count = tree_leaves(params), step_counter(params)
-        nu = _full(leaves, initial_scale)
-        return ScaleByRStdDevState(count, _zeros(leaves, None), nu) if centered else (
-            ScaleByRmsState(count, nu))
-
-    def update(updates, state, params=None, **extra):
-        g, treedef = tree_flatten(updates)
-        count = increment(state.count)
-        if not g:
-            return updates, state._replace(count=count)
-        nu = _moment_sq(_as(state.nu, g), g, decay)
-        bc = 1 - decay ** _steps(count, g) if bias_correction else None
-        s = torch._foreach_div(nu, bc) if bias_correction else nu
-        if centered:
-            mu = _moment(_as(state.mu, g), g, decay)
-            m = torch._foreach_div(mu, bc) if bias_correction else mu
-            s = torch._foreach_clamp_min(torch._foreach_addcmul(s, m, m, value=-1.0), 0.0)
-        out = torch._foreach_mul(g, _inv_root(s, eps, eps_in_sqrt))
-        new = state._replace(count=count, nu=_as(nu, state.nu))
-        if centered:
-            new = new._replace(mu=_as(mu, state.mu))
-        return tree_unflatten(treedef, _as(out, g)), new
-
-    return GradientTransformation(init, update)
-
-
-class ScaleByAdagradState(NamedTuple):
-    sum_of_squares: Any
-
-
-def scale_by_adagrad(
-    initial_accumulator_value: float = 0.1, eps: float = 1e-7, *, eps_in_sqrt: bool = True
-) -> GradientTransformation:
-    r"""AdaGrad's scaling by the root of the sum of squared gradients.
-
-    .. math::
-        s_t = s_{t-1} + g_t^2,\; s_0 = \text{initial\_accumulator\_value},\quad
-        u_t = g_t/\sqrt{s_t + \epsilon}\;\text{(eps\_in\_sqrt)}\;\text{or}\;g_t/(\sqrt{s_t}+\epsilon).
-
-    The defaults are optax's ``scale_by_rss``; torch.optim.Adagrad is
-    ``scale_by_adagrad(0.0, 1e-10, eps_in_sqrt=False)``. With ``eps_in_sqrt`` an entry whose sum
-    is still 0 gets update 0 (as optax).
-
-    Args:
-      initial_accumulator_value: :math:`s_0` >= 0 (default 0.1).
-      eps: :math:`\epsilon` >= 0 (default 1e-7).
-      eps_in_sqrt: add :math:`\epsilon` inside (default, optax) or outside (torch) the root.
-
-    Reference: Duchi, Hazan, Singer, JMLR 2011; optax ``scale_by_rss``; torch.optim.Adagrad.
-    """
-    _check("initial_accumulator_value", initial_accumulator_value)
-    _check("eps", eps)
-
-    def init(params):
-        return ScaleByAdagradState(_full(tree_leaves(params), initial_accumulator_value))
-
-    def update(updates, state, params=None, **extra):
-        g, treedef = tree_flatten(updates)
-        if not g:
-            return updates, state
-        s = torch._foreach_addcmul(_as(state.sum_of_squares, g), g, g)
-        scaling = _inv_root(s, eps, eps_in_sqrt)
-        if eps_in_sqrt:
-            scaling = [torch.where(x > 0, r, 0.0) for x, r in zip(s, scaling)]
-        out = torch._foreach_mul(g, scaling)
-        return tree_unflatten(treedef, _as(out, g)), ScaleByAdagradState(_as(s, state.sum_of_squares))
-
-    return GradientTransformation(init, update)
-
-
-class ScaleByAdagradNormState(NamedTuple):
-    sum_of_norms: Tensor
-
-
-def scale_by_adagrad_norm(
-    initial_accumulator_value: float = 0.0, eps: float = 1e-10
-) -> GradientTransformation:
-    r"""AdaGrad-Norm: one scalar step size for the whole tree.
-
-    .. math::
-        b_t^2 = b_{t-1}^2 + \|g_t\|^2,\quad u_t = g_t / (b_t + \epsilon),
-
-    :math:`\|g_t\|` the l2 norm over every leaf together. Chained with
-    ``scale_by_learning_rate(eta)`` this is :math:`x_{t+1} = x_t - \eta g_t / b_t`.
-
-    Args:
-      initial_accumulator_value: :math:`b_0^2` >= 0 (default 0).
-      eps: :math:`\epsilon` >= 0 guarding :math:`b_t = 0` (default 1e-10).
-
-    Reference: Ward, Wu, Bottou, "AdaGrad stepsizes: sharp convergence over nonconvex
-    landscapes", ICML 2019 (Algorithm 1).
-    """
-    _check("initial_accumulator_value", initial_accumulator_value)
-    _check("eps", eps)
-
-    def init(params):
-        leaves, count = tree_leaves(params), step_counter(params)
-        return ScaleByAdagradNormState(torch.tensor(
-            float(initial_accumulator_value), dtype=scalar_dtype(leaves), device=count.device))
-
-    def update(updates, state, params=None, **extra):
-        g, treedef = tree_flatten(updates)
-        if not g:
-            return updates, state
-        b2 = state.sum_of_norms
-        norms = torch.stack([n.to(b2.dtype) for n in torch._foreach_norm(g)])
-        b2 = b2 + (norms * norms).sum()
-        out = torch._foreach_div(g, torch.sqrt(b2) + eps)
-        return tree_unflatten(treedef, _as(out, g)), ScaleByAdagradNormState(b2)
-
-    return GradientTransformation(init, update)
-
-
-# --------------------------------------------------------------------------- lion / laprop / adopt
-
-
-class ScaleByLionState(NamedTuple):
-    count: Tensor
-    mu: Any
-
-
-def scale_by_lion(
-    b1: float = 0.9, b2: float = 0.99, mu_dtype: torch.dtype | None = None
-) -> GradientTransformation:
-    r"""Lion's sign update.
-
-    .. math::
-        u_t = \operatorname{sign}(\beta_1 m_{t-1} + (1-\beta_1) g_t),\quad
-        m_t = \beta_2 m_{t-1} + (1-\beta_2) g_t.
-
-    Args:
-      b1: :math:`\beta_1`, interpolation for the update (default 0.9).
-      b2: :math:`\beta_2`, decay of the momentum (default 0.99).
-      mu_dtype: dtype of the stored momentum (default: the parameters' dtype).
-
-    Reference: Chen et al., "Symbolic Discovery of Optimization Algorithms", 2023 (Program 1);
-    optax ``scale_by_lion``.
-    """
-    _check_beta("b1", b1)
-    _check_beta("b2", b2)
-
-    def init(params):
-        return ScaleByLionState(step_counter(params), _zeros(tree_leaves(params), mu_dtype))
-
-    def update(updates, state, params=None, **extra):
-        g, treedef = tree_flatten(updates)
-        count = increment(state.count)
-        if not g:
-            return updates, ScaleByLionState(count, state.mu)
-        m = _as(state.mu, g)
-        out = torch._foreach_sign(_moment(m, g, b1))
-        return tree_unflatten(treedef, _as(out, g)), ScaleByLionState(
-            count, _as(_moment(m, g, b2), state.mu))
-
-    return GradientTransformation(init, update)
-
-
-class ScaleByLapropState(NamedTuple):
-    count: Tensor
-    mu: Any
-    nu: Any
-
-
-def _debiased(beta: float, t: Tensor) -> Tensor:
-    """The decay that makes an EMA started at 0 equal its bias-corrected value."""
-    return 1 - (1 - beta) / (1 - beta**t)
-
-
-def scale_by_laprop(b1: float = 0.9, b2: float = 0.99, eps: float = 1e-8) -> GradientTransformation:
-    r"""LaProp: normalise the gradient by its running RMS first, then take momentum.
-
-    .. math::
-        \hat v_t = \frac{\sum_{i\le t}\beta_2^{t-i}(1-\beta_2) g_i^2}{1-\beta_2^t},\quad
-        \hat m_t = \frac{\sum_{i\le t}\beta_1^{t-i}(1-\beta_1)\, g_i/\max(\sqrt{\hat v_i},
-        \epsilon)}{1-\beta_1^t},\quad u_t = \hat m_t.
-
-    The averages are kept bias-corrected (decay :math:`1-(1-\beta)/(1-\beta^t)` at step t) and
-    :math:`\epsilon` bounds the root from below, as heavyball 3.2.1's ``LaProp``; the paper's
-    Algorithm 1 adds :math:`\epsilon` to the root instead (same up to :math:`\epsilon`).
-
-    Args:
-      b1: :math:`\beta_1`, momentum of the normalised gradient (default 0.9).
-      b2: :math:`\beta_2`, decay of the squared gradient (default 0.99).
-      eps: :math:`\epsilon`, lower bound of the root (default 1e-8).
-
-    Reference: Ziyin, Wang, Ueda, "LaProp: Separating Momentum and Adaptivity in Adam", 2020;
-    heavyball ``LaProp``.
-    """
-    _check_beta("b1", b1)
-    _check_beta("b2", b2)
-    _check("eps", eps)
-
-    def init(params):
-        leaves = tree_leaves(params)
-        return ScaleByLapropState(step_counter(params), _zeros(leaves, None), _zeros(leaves, None))
-
-    def update(updates, state, params=None, **extra):
-        g, treedef = tree_flatten(updates)
-        count = increment(state.count)
-        if not g:
-            return updates, state._replace(count=count)
-        t = _steps(count, g)
-        v = _moment_sq(_as(state.nu, g), g, _debiased(b2, t))
-        root = torch._foreach_clamp_min(torch._foreach_sqrt(torch._foreach_clamp_min(v, 0.0)), eps)
-        m = _moment(_as(state.mu, g), torch._foreach_div(g, root), _debiased(b1, t))
-        return tree_unflatten(treedef, _as(m, g)), ScaleByLapropState(
-            count, _as(m, state.mu), _as(v, state.nu))
-
-    return GradientTransformation(init, update)
-
-
-class ScaleByAdoptState(NamedTuple):
-    count: Tensor
-    mu: Any
-    nu: Any
-
-
-def scale_by_adopt(
-    b1: float = 0.9, b2: float = 0.9999, eps: float = 1e-6, mu_dtype: torch.dtype | None = None,
-    *, nesterov: bool = False, use_clipping: bool = True,
-    clip_value_fn: Callable[[Tensor], Tensor] = lambda t: t**0.25,
-) -> GradientTransformation:
-    r"""ADOPT: momentum of the gradient normalised by the *previous* second moment.
-
-    .. math::
-        v_0 = g_0^2,\; m_0 = 0,\; u_0 = 0;\quad\text{for } t\ge1:\;
-        m_t = \beta_1 m_{t-1} + (1-\beta_1)\operatorname{clip}\!\big(g_t/\max(\sqrt{v_{t-1}},
-        \epsilon),\, c_t\big),\; u_t = m_t,\; v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,
-
-    with :math:`c_t` = ``clip_value_fn(t)`` (default :math:`t^{1/4}`) when ``use_clipping``.
-    ``nesterov`` outputs :math:`\beta_1 m_t + (1-\beta_1)\operatorname{clip}(\cdot)`.
-
-    Args:
-      b1: :math:`\beta_1` (default 0.9). b2: :math:`\beta_2` (default 0.9999).
-      eps: :math:`\epsilon` (default 1e-6). mu_dtype: dtype of the stored momentum.
-      nesterov: Nesterov momentum (default False).
-      use_clipping: clip the normalised gradient to :math:`[-c_t, c_t]` (default True).
-      clip_value_fn: :math:`t \mapsto c_t` on a 0-d float tensor (default :math:`t^{1/4}`).
-
-    Reference: Taniguchi et al., "ADOPT: Modified Adam Can Converge with Any beta2 with the
-    Optimal Rate", NeurIPS 2024 (Algorithm 2); optax ``contrib.scale_by_adopt``.
-    """
-    _check_beta("b1", b1)
-    _check_beta("b2", b2)
-    _check("eps", eps, low_inclusive=False)
-
-    def init(params):
-        leaves = tree_leaves(params)
-        return ScaleByAdoptState(step_counter(params), _zeros(leaves, mu_dtype), _zeros(leaves, None))
-
-    def update(updates, state, params=None, **extra):
-        g, treedef = tree_flatten(updates)
-        count = increment(state.count)
-        if not g:
-            return updates, state._replace(count=count)
-        started = state.count > 0
-        sd = scalar_dtype(g)
-        zero = torch.zeros((), dtype=sd, device=started.device)
-        beta1 = torch.where(started, zero + b1, 1.0)
-        beta2 = torch.where(started, zero + b2, 0.0)
-        nu_prev = _as(state.nu, g)
-        x = torch._foreach_div(g, torch._foreach_clamp_min(torch._foreach_sqrt(nu_prev), eps))
-        if use_clipping:
-            c = torch.as_tensor(clip_value_fn(state.count.to(sd)))
-            x = [xi.clamp(-c, c) for xi in x]
-        mu = _moment(_as(state.mu, g), x, beta1)
-        out = _moment(mu, x, beta1) if nesterov else mu
-        nu = _moment_sq(nu_prev, g, beta2)
-        return tree_unflatten(treedef, _as(out, g)), ScaleByAdoptState(
-            count, _as(mu, state.mu), _as(nu, state.nu))
 
     return GradientTransformation(init, update)

@@ -9,9 +9,14 @@ accepts ``x + delta`` when the gain ratio ``rho = (F(x) - F(x + delta)) / (L(0) 
 damping ``lambda`` from ``rho``. The linear system goes through :mod:`funcopt.solvers`, so any
 solver (Cholesky, QR, CG, cuPyNumeric across GPUs ...) can be chosen by name.
 
+The Jacobian is either formed densely (:func:`funcopt.func.jacobian`) or, with a matrix-free
+solver (``solver="cg"``), used only through Jacobian-vector and vector-Jacobian products
+(:func:`funcopt.func.gauss_newton_products`).
+
 Host synchronisation: the accept/reject decision is a Python ``if`` on the gain ratio, so each
 attempt in :func:`levenberg_marquardt`'s ``update`` reads one boolean from the device, and the
-finiteness check of the residuals at the current point reads one more.
+finiteness check of the residuals (and Jacobian) at the current point reads one more; the
+solver layer adds its own checks (see :mod:`funcopt.solvers`).
 """
 
 from __future__ import annotations
@@ -27,15 +32,11 @@ from funcopt.base import (
     GradientTransformation, Params, PyTree, check_hyperparameter, increment, require_params,
     step_counter, tree_check_structure,
 )
-from funcopt.func.jacobian import jacobian, ravel_params, residual_vector_fn
+from funcopt.func.jacobian import (
+    gauss_newton_products, jacobian, ravel_params, residual_vector_fn,
+)
 
-__all__ = [
-    "LevenbergMarquardtState",
-    "levenberg_marquardt",
-    "damped_gauss_newton_step",
-    "mse_residuals",
-    "cross_entropy_residuals",
-]
+__all__ = ["LevenbergMarquardtState", "levenberg_marquardt", "damped_gauss_newton_step"]
 
 Tensor = torch.Tensor
 _RULES = ("nielsen", "classic")
@@ -93,37 +94,122 @@ def _solve(J, r, damping, scale, solver, form):
     from funcopt import solvers
 
     Js = J if scale is None else J / scale
-    if hasattr(solvers, "damped_least_squares"):
-        sol = solvers.damped_least_squares(Js, r, damping, None, solver=solver, form=form)
-        z, ok = sol.x.to(J.dtype), sol.success
-    else:  # solver layer not installed
-        z, ok = _fallback_solve(Js, r, damping)
-    return -(z if scale is None else z / scale), ok
+    sol = solvers.damped_least_squares(Js, r, damping, None, solver=solver, form=form)
+    z = sol.x.to(J.dtype)
+    return -(z if scale is None else z / scale), sol.success
 
 
-def _fallback_solve(J: Tensor, r: Tensor, damping: Tensor | float):
-    """QR least squares on the augmented system ``[J; sqrt(lambda) I] x = [r; 0]``."""
-    n = J.shape[1]
-    lam = torch.as_tensor(damping, dtype=J.dtype, device=J.device)
-    A = torch.cat([J, torch.sqrt(lam) * torch.eye(n, dtype=J.dtype, device=J.device)])
-    b = torch.cat([r, torch.zeros(n, dtype=r.dtype, device=r.device)])
-    q, rr = torch.linalg.qr(A)
-    x = torch.linalg.solve_triangular(rr, (q.T @ b)[:, None], upper=True)[:, 0]
-    ok = torch.isfinite(x).all()
-    return torch.where(ok, x, torch.zeros_like(x)), ok
+def _is_matrix_free(solver: Any) -> bool:
+    """Whether ``solver`` only needs products with ``J`` (conjugate gradients)."""
+    from funcopt import solvers
+
+    return solver in ("cg", "pcg") or isinstance(solver, solvers.CG)
 
 
-def _geodesic_acceleration(f, x, delta, J, damping, scale, solver, form):
-    """Transtrum-Sethna second-order correction ``a`` for step ``delta``.
+def _matrix_free_solve(gn, rhs, damping, solver):
+    """``delta = -(J^T J + lambda I)^{-1} J^T rhs`` by CG on ``v -> J^T (J v) + lambda v``."""
+    from funcopt import solvers
 
-    ``r_vv`` is the exact second directional derivative of the residuals along ``delta``
-    (forward-over-forward mode); ``a`` solves ``(J^T J + lambda D) a = -J^T r_vv``.
+    b = gn.vjp(rhs)
+    op = solvers.matrix_free(lambda v: gn.gnvp(v) + damping * v, gn.size, dtype=b.dtype,
+                             device=b.device, symmetric=True, positive_definite=True)
+    sol = solvers.get(solver).solve_unchecked(op, b)
+    return -sol.x, sol.success
+
+
+class _Local(NamedTuple):
+    """The Gauss-Newton model at ``x``: ``solve(lambda, u) = -(J^T J + lambda D)^{-1} J^T u``
+    and ``jv(v) = J v``; ``d`` the scaling (``D = diag(d^2)``), ``cos`` MINPACK's ``gnorm``."""
+
+    x: Tensor
+    f: Callable[[Tensor], Tensor]
+    r: Tensor
+    d: Tensor
+    cos: Tensor
+    damping: Tensor
+    solve: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+    jv: Callable[[Tensor], Tensor]
+
+
+def _require_finite_residuals(ok: Tensor) -> None:
+    if not bool(ok):  # host sync
+        raise ValueError(
+            "residual_fn gave non-finite residuals or Jacobian at the current parameters; "
+            "start from parameters where the model is finite"
+        )
+
+
+def _linearize(residual_fn, params, args, state, o) -> _Local:
+    """The local model at ``params``; raises on non-finite ``r`` or ``J``."""
+    x, unravel = ravel_params(params)
+    if state.scale.shape != x.shape:
+        raise ValueError(
+            f"state holds {state.scale.numel()} parameters but params have {x.numel()}; "
+            "pass the state made by init for these params"
+        )
+    f = residual_vector_fn(residual_fn, unravel, *args)
+    if o["matrix_free"]:
+        gn = gauss_newton_products(residual_fn, params, *args)
+        _require_finite_residuals(torch.isfinite(gn.residuals).all())
+        inf = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
+        solve = lambda lam, u: _matrix_free_solve(gn, u, lam, o["solver"])
+        return _Local(x, f, gn.residuals, torch.ones_like(x), inf, state.damping, solve, gn.jvp)
+    J, r = jacobian(residual_fn, params, *args, mode=o["mode"], chunk_size=o["chunk"])
+    _require_finite_residuals(torch.isfinite(r).all() & torch.isfinite(J).all())
+    col, cos = _column_stats(J, r)
+    first = state.count == 0
+    lam = state.damping
+    if o["scaling"]:
+        d = torch.where(first, col, torch.maximum(state.scale, col))
+        d = torch.where(d > 0, d, torch.ones_like(d))
+        S = d
+    else:
+        d, S = torch.ones_like(x), None
+        start = o["tau"] * (col * col).max()
+        lam = torch.where(first & (start > 0), start, lam)
+    solve = lambda lam_, u: _solve(J, u, lam_, S, o["solver"], o["form"])
+    return _Local(x, f, r, d, cos, lam, solve, lambda v: J @ v)
+
+
+def _column_stats(J: Tensor, r: Tensor):
+    """Column norms of ``J`` and MINPACK's ``gnorm = max_j |J_j^T r| / (||J_j|| ||r||)``."""
+    col = torch.linalg.vector_norm(J, dim=0)
+    g = J.T @ r
+    denom = col * torch.linalg.vector_norm(r)
+    cos = torch.where(denom > 0, g.abs() / torch.where(denom > 0, denom, 1.0), 0.0)
+    return col, cos.max() if cos.numel() else torch.zeros((), dtype=J.dtype, device=J.device)
+
+
+def _second_derivative(f, x, r, delta, Jd, h):
+    """``r_vv``, the second directional derivative of ``r`` along ``delta``.
+
+    ``h=None``: exact, forward over forward mode. Otherwise Transtrum & Sethna's finite
+    difference ``r_vv = (2/h) ((r(x + h delta) - r(x)) / h - J delta)`` (one residual call).
     """
-    def directional(y: Tensor) -> Tensor:
-        return jvp(f, (y,), (delta,))[1]
+    if h is None:
+        def directional(y: Tensor) -> Tensor:
+            return jvp(f, (y,), (delta,))[1]
 
-    rvv = jvp(directional, (x,), (delta,))[1]
-    return _solve(J, rvv.detach(), damping, scale, solver, form)
+        return jvp(directional, (x,), (delta,))[1].detach()
+    with torch.no_grad():
+        rh = f(x + h * delta)
+    return (2.0 / h) * ((rh - r) / h - Jd)
+
+
+def _propose(loc: _Local, lam: Tensor, o):
+    """The step (with the geodesic correction when asked), its ``J delta`` and success flag."""
+    delta, ok = loc.solve(lam, loc.r)
+    Jd = loc.jv(delta)
+    step = delta
+    if o["geodesic"]:
+        rvv = _second_derivative(loc.f, loc.x, loc.r, delta, Jd, o["fd_step"])
+        finite = torch.isfinite(rvv).all()
+        a, ok_a = loc.solve(lam, torch.where(finite, rvv, torch.zeros_like(rvv)))
+        dn = torch.linalg.vector_norm(loc.d * delta)
+        small = 2.0 * torch.linalg.vector_norm(loc.d * a) <= o["alpha"] * dn
+        ok = ok & ok_a & finite & small
+        step = delta + 0.5 * a
+    return delta, step, Jd, ok
 
 
 def _evaluate(f: Callable[[Tensor], Tensor], x_new: Tensor, shape: torch.Size) -> Tensor:
@@ -137,6 +223,15 @@ def _evaluate(f: Callable[[Tensor], Tensor], x_new: Tensor, shape: torch.Size) -
         )
     cost = 0.5 * torch.dot(r_new, r_new)
     return torch.where(torch.isfinite(cost), cost, torch.full_like(cost, float("inf")))
+
+
+def _gain_ratio(cost, new_cost, Jd, delta, d, lam):
+    """``rho`` (``-inf`` when undefined) and the predicted decrease ``L(0) - L(delta)``."""
+    dn = torch.linalg.vector_norm(d * delta)
+    predicted = 0.5 * torch.dot(Jd, Jd) + lam * dn * dn
+    pos = predicted > 0
+    rho = torch.where(pos, (cost - new_cost) / torch.where(pos, predicted, 1.0), -float("inf"))
+    return torch.where(torch.isnan(rho), torch.full_like(rho, -float("inf")), rho), predicted
 
 
 def _adapt(rule, damping, nu, rho, accepted, factors, bounds):
@@ -153,14 +248,29 @@ def _adapt(rule, damping, nu, rho, accepted, factors, bounds):
     return torch.clamp(damping, bounds[0], bounds[1]), nu
 
 
-def _column_stats(J: Tensor, r: Tensor):
-    """Column norms of ``J``, gradient ``g = J^T r`` and MINPACK's ``gnorm``."""
-    col = torch.linalg.vector_norm(J, dim=0)
-    g = J.T @ r
-    rnorm = torch.linalg.vector_norm(r)
-    denom = col * rnorm
-    cos = torch.where(denom > 0, g.abs() / torch.where(denom > 0, denom, 1.0), 0.0)
-    return col, g, cos.max() if cos.numel() else torch.zeros((), dtype=J.dtype)
+def _step(residual_fn, params, args, state: LevenbergMarquardtState, o):
+    """Propose, evaluate and accept/reject up to ``max_attempts`` times."""
+    loc = _linearize(residual_fn, params, args, state, o)
+    x, r, d, lam, nu = loc.x, loc.r, loc.d, loc.damping, state.nu
+    cost = 0.5 * torch.dot(r, r)
+    for attempt in range(1, o["attempts"] + 1):
+        delta, step, Jd, ok = _propose(loc, lam, o)
+        new_cost = _evaluate(loc.f, x + step, r.shape)
+        rho, predicted = _gain_ratio(cost, new_cost, Jd, delta, d, lam)
+        accepted = bool(ok & torch.isfinite(new_cost) & (rho > o["accept"]))  # host sync
+        lam, nu = _adapt(o["rule"], lam, nu, rho, accepted, o["factors"], o["bounds"])
+        if accepted or bool(lam >= o["bounds"][1]):
+            break
+    if not accepted:
+        step = torch.zeros_like(x)
+    new_state = LevenbergMarquardtState(
+        increment(state.count), lam, nu, d, cost, new_cost if accepted else cost,
+        predicted, torch.where(torch.isfinite(rho), rho, torch.full_like(rho, -1e300)),
+        torch.linalg.vector_norm(d * (step if accepted else delta)),
+        torch.linalg.vector_norm(d * (x + step)), loc.cos + torch.zeros_like(cost),
+        torch.tensor(accepted, device=x.device), torch.tensor(attempt, device=x.device),
+    )
+    return step, new_state
 
 
 def levenberg_marquardt(
@@ -170,13 +280,14 @@ def levenberg_marquardt(
     damping_rule: str = "nielsen",
     increase_factor: float = 10.0,
     decrease_factor: float = 10.0,
-    scaling: bool = True,
+    scaling: bool | None = None,
     min_damping: float = 1e-15,
     max_damping: float = 1e16,
     max_attempts: int = 10,
     accept_ratio: float = 1e-4,
     geodesic_acceleration: bool = False,
     geodesic_alpha: float = 0.75,
+    geodesic_fd_step: float | None = 0.1,
     solver: Any = "auto",
     form: str = "auto",
     jacobian_mode: str = "auto",
@@ -203,9 +314,10 @@ def levenberg_marquardt(
             ``nu = 2``; reject: ``lambda *= nu``, ``nu *= 2``. ``"classic"`` (Marquardt 1963):
             accept: ``lambda /= decrease_factor``; reject: ``lambda *= increase_factor``.
         increase_factor, decrease_factor: the classic rule's factors (10, 10).
-        scaling: Marquardt/MINPACK scaling (default True): ``D = diag(d^2)``, ``d_j`` the running
-            maximum over steps of the norm of column ``j`` of ``J`` (1 for a zero column).
-            False: ``D = I``.
+        scaling: Marquardt/MINPACK scaling: ``D = diag(d^2)``, ``d_j`` the running maximum over
+            steps of the norm of column ``j`` of ``J`` (1 for a zero column). False: ``D = I``.
+            Default None: True with a dense Jacobian, False on the matrix-free path (which
+            never forms the columns of ``J``; True there raises).
         min_damping, max_damping: bounds on ``lambda`` (1e-15, 1e16).
         max_attempts: solves per update before giving up with a zero step (10).
         accept_ratio: smallest gain ratio accepted (1e-4, as MINPACK).
@@ -213,9 +325,16 @@ def levenberg_marquardt(
             ``(J^T J + lambda D) a = -J^T r_vv`` with ``r_vv`` the second directional derivative
             of ``r`` along ``delta`` (exact, by nested jvp); a step with
             ``2 ||a||_D / ||delta||_D > geodesic_alpha`` (0.75) is rejected.
+        geodesic_fd_step: ``h`` of the finite difference for ``r_vv`` (Transtrum & Sethna:
+            ``r_vv = (2/h) ((r(x + h delta) - r(x)) / h - J delta)``, one residual call),
+            default 0.1; None: exact, by forward-over-forward ``jvp`` (slower).
         solver, form: passed to :func:`funcopt.solvers.damped_least_squares` (``"auto"``:
-            primal ``J^T J`` or dual ``J J^T`` form by shape, dense or CG; or any named solver).
-        jacobian_mode, chunk_size: passed to :func:`funcopt.func.jacobian`.
+            primal ``J^T J`` or dual ``J J^T`` form by shape; or any named solver).
+            ``"cg"``, ``"pcg"`` or a :class:`funcopt.solvers.CG` object select the matrix-free
+            path: ``J`` is never formed; CG runs on ``v -> J^T (J v) + lambda v`` built from
+            :func:`funcopt.func.gauss_newton_products`, ``D = I``, ``lambda_0 =
+            initial_damping`` and ``grad_cos`` (MINPACK's gtol test) is ``inf`` (unknown).
+        jacobian_mode, chunk_size: passed to :func:`funcopt.func.jacobian` (dense path).
 
     ``update(updates, state, params, *, batch=None)``: ``updates`` is not read (LM computes
     its own step; pass the gradients or ``None``); ``params`` is required. Host syncs: one per
@@ -237,11 +356,21 @@ def levenberg_marquardt(
     check_hyperparameter("geodesic_alpha", geodesic_alpha, low=0.0, low_inclusive=False)
     if not isinstance(max_attempts, int) or max_attempts < 1:
         raise ValueError(f"max_attempts={max_attempts!r}: pass an int >= 1")
+    if geodesic_fd_step is not None:
+        check_hyperparameter("geodesic_fd_step", geodesic_fd_step, low=0.0, low_inclusive=False)
+    matrix_free = _is_matrix_free(solver)
+    if scaling is None:
+        scaling = not matrix_free
+    elif scaling and matrix_free:
+        raise ValueError(
+            f"scaling=True needs the column norms of a dense Jacobian, but solver={solver!r} is "
+            "matrix-free; pass scaling=False (D = I) or a dense solver"
+        )
     opts = dict(rule=damping_rule, factors=(increase_factor, decrease_factor),
                 bounds=(min_damping, max_damping), scaling=scaling, tau=initial_damping,
                 attempts=max_attempts, accept=accept_ratio, geodesic=geodesic_acceleration,
-                alpha=geodesic_alpha, solver=solver, form=form, mode=jacobian_mode,
-                chunk=chunk_size)
+                alpha=geodesic_alpha, fd_step=geodesic_fd_step, solver=solver, form=form,
+                mode=jacobian_mode, chunk=chunk_size, matrix_free=matrix_free)
 
     def init(params: Params) -> LevenbergMarquardtState:
         x, _ = ravel_params(params)
@@ -271,122 +400,3 @@ def _to_tree(delta: Tensor, params: PyTree) -> PyTree:
     return optree.tree_map(
         lambda u, p: u if p.is_floating_point() else torch.zeros_like(p), tree, params
     )
-
-
-def _linearize(residual_fn, params, args, state, o):
-    """``x, f, r, J``, the scaling ``d`` and the current damping; raises on non-finite r/J."""
-    x, unravel = ravel_params(params)
-    f = residual_vector_fn(residual_fn, unravel, *args)
-    J, r = jacobian(residual_fn, params, *args, mode=o["mode"], chunk_size=o["chunk"])
-    if not bool(torch.isfinite(r).all() & torch.isfinite(J).all()):  # host sync
-        raise ValueError(
-            "residual_fn gave non-finite residuals or Jacobian at the current parameters; "
-            "start from parameters where the model is finite"
-        )
-    if state.scale.shape != x.shape:
-        raise ValueError(
-            f"state holds {state.scale.numel()} parameters but params have {x.numel()}; "
-            "pass the state made by init for these params"
-        )
-    col, g, cos = _column_stats(J, r)
-    first = state.count == 0
-    if o["scaling"]:
-        d = torch.where(first, col, torch.maximum(state.scale, col))
-        d = torch.where(d > 0, d, torch.ones_like(d))
-        lam = state.damping
-    else:
-        d = torch.ones_like(x)
-        start = o["tau"] * (col * col).max()
-        lam = torch.where(first & (start > 0), start, state.damping)
-    return x, f, r, J, g, cos, d, lam
-
-
-def _step(residual_fn, params, args, state: LevenbergMarquardtState, o):
-    """Propose, evaluate and accept/reject up to ``max_attempts`` times."""
-    x, f, r, J, g, cos, d, lam = _linearize(residual_fn, params, args, state, o)
-    S = d if o["scaling"] else None
-    cost = 0.5 * torch.dot(r, r)
-    nu = state.nu
-    zero = torch.zeros_like(cost)
-    for attempt in range(1, o["attempts"] + 1):
-        delta, ok = _solve(J, r, lam, S, o["solver"], o["form"])
-        Jd = J @ delta
-        dn = torch.linalg.vector_norm(d * delta)
-        predicted = 0.5 * torch.dot(Jd, Jd) + lam * dn * dn
-        step = delta
-        if o["geodesic"]:
-            a, ok_a = _geodesic_acceleration(f, x, delta, J, lam, S, o["solver"], o["form"])
-            small = 2.0 * torch.linalg.vector_norm(d * a) <= o["alpha"] * dn
-            ok = ok & ok_a & small
-            step = delta + 0.5 * a
-        new_cost = _evaluate(f, x + step, r.shape)
-        rho = torch.where(predicted > 0, (cost - new_cost) / torch.where(predicted > 0, predicted, 1.0),
-                          torch.full_like(cost, -float("inf")))
-        rho = torch.where(torch.isnan(rho), torch.full_like(rho, -float("inf")), rho)
-        accepted = bool(ok & torch.isfinite(new_cost) & (rho > o["accept"]))  # host sync
-        lam, nu = _adapt(o["rule"], lam, nu, rho, accepted, o["factors"], o["bounds"])
-        if accepted or bool(lam >= o["bounds"][1]):
-            break
-    if not accepted:
-        step = torch.zeros_like(x)
-    x_new = x + step
-    new_state = LevenbergMarquardtState(
-        increment(state.count), lam, nu, d, cost, new_cost if accepted else cost,
-        predicted, torch.where(torch.isfinite(rho), rho, torch.full_like(rho, -1e300)),
-        torch.linalg.vector_norm(d * (x_new - x if accepted else delta)),
-        torch.linalg.vector_norm(d * x_new), cos + zero,
-        torch.tensor(accepted, device=x.device), torch.tensor(attempt, device=x.device),
-    )
-    return step, new_state
-
-
-# --------------------------------------------------------------------------- residual adapters
-
-
-def mse_residuals(model_fn: Callable[[PyTree, Tensor], Tensor]) -> Callable[[PyTree, Any], Tensor]:
-    """Residuals whose half squared norm is half the mean squared error.
-
-    ``r = (model_fn(params, inputs) - targets).reshape(-1) / sqrt(N)`` with ``N`` the number of
-    elements, so ``0.5 ||r||^2 = 0.5 * mean((f - y)^2)``. The returned function takes
-    ``(params, batch)`` with ``batch = (inputs, targets)``.
-    """
-
-    def residual_fn(params: PyTree, batch: Any) -> Tensor:
-        inputs, targets = batch
-        out = model_fn(params, inputs)
-        if out.shape != targets.shape:
-            raise ValueError(
-                f"model output {tuple(out.shape)} and targets {tuple(targets.shape)} differ in "
-                "shape; reshape the targets to the model's output"
-            )
-        diff = (out - targets.to(out.dtype)).reshape(-1)
-        return diff / diff.numel() ** 0.5
-
-    return residual_fn
-
-
-def cross_entropy_residuals(
-    model_fn: Callable[[PyTree, Tensor], Tensor], eps: float = 1e-12
-) -> Callable[[PyTree, Any], Tensor]:
-    """Cross-entropy turned into one residual per sample.
-
-    ``r_i = sqrt(2 * l_i / N + eps)``, ``l_i = logsumexp(z_i) - z_{i, y_i}`` the cross-entropy
-    of sample ``i`` with logits ``z_i = model_fn(params, inputs)[i]`` and class ``y_i``, ``N``
-    the batch size; so ``0.5 ||r||^2 = mean_i l_i + N eps / 2`` and the Gauss-Newton matrix
-    ``J^T J`` is built from ``grad sqrt(l_i)`` (the square-root residual construction used by
-    torch-levenberg-marquardt and cuPyLMA). ``eps`` (1e-12) keeps the derivative of the square
-    root finite when a loss is exactly zero. ``batch = (inputs, labels)``, labels int64.
-    """
-
-    def residual_fn(params: PyTree, batch: Any) -> Tensor:
-        inputs, labels = batch
-        logits = model_fn(params, inputs)
-        if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-            raise ValueError(
-                f"cross_entropy_residuals needs logits (N, C) and labels (N,); got "
-                f"{tuple(logits.shape)} and {tuple(labels.shape)}"
-            )
-        loss = torch.logsumexp(logits, dim=1) - logits.gather(1, labels[:, None].long())[:, 0]
-        return torch.sqrt(2.0 * loss.clamp(min=0.0) / logits.shape[0] + eps)
-
-    return residual_fn

@@ -1,3 +1,133 @@
-"""(in progress)"""
+"""Muon: Newton-Schulz orthogonalised momentum for matrix parameters.
 
-__all__: list[str] = []
+Reference: Keller Jordan et al., "Muon: An optimizer for hidden layers in neural networks",
+https://kellerjordan.github.io/posts/muon/, code https://github.com/KellerJordan/Muon.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from funcopt.base import (
+    GradientTransformation, PyTree, ScalarOrSchedule, Tensor, check_hyperparameter, tree_flatten,
+    tree_leaves, tree_unflatten,
+)
+
+__all__ = ["ScaleByMuonState", "newton_schulz", "scale_by_muon", "muon", "NS_COEFFICIENTS"]
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7,
+                  coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                  dtype: torch.dtype | None = None) -> Tensor:
+    """Approximate ``U V^T`` of ``g = U S V^T`` by the quintic Newton-Schulz iteration.
+
+    .. math::
+        X_0 = G / (\\|G\\|_F + \\epsilon), \\quad
+        X_{k+1} = a X_k + (b A_k + c A_k^2) X_k, \\quad A_k = X_k X_k^T
+
+    on the wide orientation (transposed when rows > columns). ``steps``: iterations (5);
+    ``eps``: :math:`\\epsilon` (1e-7); ``coefficients``: ``(a, b, c)``, the reference's
+    (3.4445, -4.7750, 2.0315); ``dtype``: compute dtype (default: ``g``'s, float32 at least;
+    the reference uses bfloat16). Leading dims beyond two are batch dims.
+    """
+    if g.dim() < 2:
+        raise ValueError(f"newton_schulz needs a matrix (or batch of matrices); got shape "
+                         f"{tuple(g.shape)}. Route 1-d parameters to another transform.")
+    a, b, c = coefficients
+    x = g.to(dtype or torch.promote_types(g.dtype, torch.float32))
+    tall = g.size(-2) > g.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)
+    for _ in range(steps):
+        s = x @ x.mT
+        x = a * x + (b * s + c * s @ s) @ x
+    return (x.mT if tall else x).to(g.dtype)
+
+
+class ScaleByMuonState(NamedTuple):
+    momentum: list
+
+
+def scale_by_muon(momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+                  eps: float = 1e-7, ns_dtype: torch.dtype | None = None,
+                  mu_dtype: torch.dtype | None = None) -> GradientTransformation:
+    """Muon's direction for matrices (conv kernels are flattened to ``(out, -1)``).
+
+    .. math::
+        m_t &= \\mu m_{t-1} + (1-\\mu) g_t, \\quad
+        \\tilde g_t = (1-\\mu) g_t + \\mu m_t \\text{ (Nesterov) or } m_t \\\\
+        u_t &= \\mathrm{NS}(\\tilde g_t)\\, \\sqrt{\\max(1, \\text{rows}/\\text{cols})}
+
+    Args: ``momentum`` :math:`\\mu` (0.95); ``nesterov`` (True); ``ns_steps`` (5); ``eps`` (1e-7);
+    ``ns_dtype`` Newton-Schulz compute dtype (None: float32 at least; the reference uses
+    bfloat16); ``mu_dtype`` momentum storage dtype (None: the parameter's).
+    Every leaf must have at least 2 dims: combine with AdamW through :func:`muon`.
+    Reference: https://github.com/KellerJordan/Muon (``Muon.step``, ``muon_update``).
+    """
+    check_hyperparameter("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
+    check_hyperparameter("ns_steps", ns_steps, low=1.0)
+
+    def init(params):
+        leaves = tree_leaves(params)
+        for p in leaves:
+            if p.dim() < 2:
+                raise ValueError(f"scale_by_muon got a {p.dim()}-d parameter of shape "
+                                 f"{tuple(p.shape)}; use fo.muon(...), which sends non-matrix "
+                                 "parameters to AdamW, or mask them out")
+        return ScaleByMuonState([torch.zeros_like(p, dtype=mu_dtype) for p in leaves])
+
+    def update(updates, state, params=None, **extra):
+        g, treedef = tree_flatten(updates)
+        if not g:
+            return updates, state
+        buf = torch._foreach_lerp([m.to(x.dtype) for m, x in zip(state.momentum, g)], g,
+                                  1.0 - momentum)
+        d = torch._foreach_lerp(g, buf, momentum) if nesterov else buf
+        out = []
+        for x in d:
+            o = newton_schulz(x.reshape(x.shape[0], -1), ns_steps, eps, dtype=ns_dtype)
+            scale = max(1.0, x.shape[0] / o.shape[1]) ** 0.5
+            out.append((o * scale).reshape(x.shape))
+        mom = [b.to(m.dtype) for b, m in zip(buf, state.momentum)]
+        return tree_unflatten(treedef, out), ScaleByMuonState(mom)
+
+    return GradientTransformation(init, update)
+
+
+def _is_matrix_tree(params: PyTree) -> PyTree:
+    from funcopt.base import tree_map
+    return tree_map(lambda p: "muon" if p.dim() >= 2 else "adam", params)
+
+
+def muon(
+    learning_rate: ScalarOrSchedule = 0.02, momentum: float = 0.95, nesterov: bool = True,
+    ns_steps: int = 5, weight_decay: float = 0.0, adam_learning_rate: ScalarOrSchedule = 3e-4,
+    adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-10,
+    adam_weight_decay: float = 0.0, param_labels: PyTree | None = None,
+) -> GradientTransformation:
+    """Muon for matrices, AdamW for everything else, via ``partition``.
+
+    Matrices: ``chain(scale_by_muon, add_decayed_weights(weight_decay),
+    scale_by_learning_rate(learning_rate))``, i.e. :math:`p \\leftarrow p - \\eta(u + \\lambda p)`
+    (the reference decays by :math:`1-\\eta\\lambda` then steps: the same). Other leaves:
+    ``adamw(adam_learning_rate, adam_b1, adam_b2, adam_eps, weight_decay=adam_weight_decay)``.
+    Defaults follow the reference's ``MuonWithAuxAdam`` (lr 0.02, momentum 0.95, AdamW lr 3e-4,
+    betas (0.9, 0.95), eps 1e-10). ``param_labels``: a tree of ``"muon"``/``"adam"`` labels
+    (default: ``"muon"`` for every leaf with 2+ dims; embeddings and heads should be labelled
+    ``"adam"`` as the reference advises). Reference: https://github.com/KellerJordan/Muon.
+    """
+    from funcopt.aliases import adamw
+    from funcopt.compose import chain, partition
+    from funcopt.transforms.first_order import scale_by_learning_rate
+    from funcopt.transforms.weight_decay import add_decayed_weights
+
+    matrix = chain(scale_by_muon(momentum, nesterov, ns_steps),
+                   add_decayed_weights(weight_decay), scale_by_learning_rate(learning_rate))
+    other = adamw(adam_learning_rate, adam_b1, adam_b2, adam_eps, weight_decay=adam_weight_decay)
+    return partition({"muon": matrix, "adam": other},
+                     param_labels if param_labels is not None else _is_matrix_tree)

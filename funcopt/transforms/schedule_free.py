@@ -80,7 +80,7 @@ def scale_by_bias_corrected_rms(
             return updates, ScaleByBiasCorrectedRmsState(count, state.nu)
         if isinstance(beta, Tensor):
             beta = beta.to(g[0].dtype)
-        nu = _addcmul(torch._foreach_mul(state.nu, beta), g, 1.0 - beta)
+        nu = list(_addcmul(torch._foreach_mul(state.nu, beta), g, 1.0 - beta))
         denom = nu if corr is None else torch._foreach_div(nu, corr.to(g[0].dtype))
         denom = torch._foreach_sqrt(denom)
         denom = torch._foreach_maximum(denom, eps) if eps_floor else torch._foreach_add(denom, eps)
@@ -192,7 +192,7 @@ def schedule_free(
         diff = torch._foreach_sub(state.z, y)
         step = torch._foreach_mul(diff, ckp1.to(dt))
         step = torch._foreach_add(step, torch._foreach_mul(d, (lr_t * (b1 * (1 - ckp1) - 1)).to(dt)))
-        z = torch._foreach_sub(state.z, torch._foreach_mul(d, lr_t.to(dt)))
+        z = list(torch._foreach_sub(state.z, torch._foreach_mul(d, lr_t.to(dt))))
         new_state = ScheduleFreeState(count, lr, lr_max, weight_sum, state.b1, z, base_state)
         return tree_unflatten(treedef, step), new_state
 

@@ -1,0 +1,79 @@
+"""Muon against a float64 transcription of the reference (github.com/KellerJordan/Muon)."""
+
+import pytest
+import torch
+
+from funcopt.base import apply_updates
+from funcopt.transforms.muon import muon, newton_schulz, scale_by_muon
+
+
+def _ns_reference(g, steps=5):
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.double()
+    if g.size(0) > g.size(1):
+        x = x.T
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        m = x @ x.T
+        x = a * x + (b * m + c * m @ m) @ x
+    return x.T if g.size(0) > g.size(1) else x
+
+
+@pytest.mark.parametrize("shape", [(8, 5), (5, 8), (6, 6)])
+def test_newton_schulz_matches_reference(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(newton_schulz(g), _ns_reference(g), rtol=1e-10, atol=1e-12)
+    # it approximately orthogonalises: singular values near 1 (the quintic's band is ~0.7-1.2)
+    s = torch.linalg.svdvals(newton_schulz(g))
+    assert float(s.min()) > 0.5 and float(s.max()) < 1.3
+
+
+def test_muon_steps_match_transcription():
+    gen = torch.Generator().manual_seed(1)
+    params = {"w": torch.randn(6, 4, generator=gen, dtype=torch.float64),
+              "k": torch.randn(3, 2, 2, 2, generator=gen, dtype=torch.float64)}
+    lr, mu, wd = 0.02, 0.95, 0.1
+    tx = muon(lr, momentum=mu, weight_decay=wd)
+    state = tx.init(params)
+    ref = {k: v.clone() for k, v in params.items()}
+    bufs = {k: torch.zeros_like(v) for k, v in params.items()}
+    for t in range(10):
+        grads = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in params.items()}
+        u, state = tx.update(grads, state, params)
+        params = apply_updates(params, u)
+        for k in ref:
+            bufs[k] = mu * bufs[k] + (1 - mu) * grads[k]
+            d = (1 - mu) * grads[k] + mu * bufs[k]
+            o = _ns_reference(d.reshape(d.shape[0], -1)).reshape(d.shape)
+            o = o * max(1, d.shape[0] / d[0].numel()) ** 0.5
+            ref[k] = ref[k] * (1 - lr * wd) - lr * o
+    for k in ref:
+        torch.testing.assert_close(params[k], ref[k], rtol=1e-9, atol=1e-12)
+
+
+def test_vectors_go_to_adamw():
+    gen = torch.Generator().manual_seed(2)
+    params = {"w": torch.randn(4, 4, generator=gen), "b": torch.randn(4, generator=gen)}
+    tx = muon(adam_learning_rate=1e-2, adam_weight_decay=0.0)
+    ref = torch.nn.Parameter(params["b"].clone())
+    opt = torch.optim.AdamW([ref], lr=1e-2, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0)
+    state = tx.init(params)
+    for _ in range(5):
+        grads = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
+        u, state = tx.update(grads, state, params)
+        params = apply_updates(params, u)
+        ref.grad = grads["b"].clone()
+        opt.step()
+    torch.testing.assert_close(params["b"], ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_errors_and_purity():
+    with pytest.raises(ValueError, match="1-d parameter"):
+        scale_by_muon().init({"b": torch.zeros(3)})
+    tx = scale_by_muon(mu_dtype=torch.bfloat16)
+    p = {"w": torch.randn(3, 4)}
+    g = {"w": torch.randn(3, 4)}
+    g0 = g["w"].clone()
+    u, s = tx.update(g, tx.init(p), p)
+    assert torch.equal(g["w"], g0) and u["w"].dtype == torch.float32
+    assert s.momentum[0].dtype == torch.bfloat16
