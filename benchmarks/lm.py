@@ -69,7 +69,13 @@ def main():
     print(rows[-1])
     if args.out:
         with open(args.out, "w") as f:
-            f.write("# Levenberg-Marquardt on NIST StRD\n\n`python benchmarks/lm.py`\n\n" + "\n".join(rows) + "\n")
+            import datetime
+            import platform
+
+            f.write(f"# Levenberg-Marquardt on NIST StRD\n\n`python benchmarks/lm.py --out {args.out}` "
+                    f"({datetime.date.today()}, {platform.processor() or platform.machine()}, "
+                    f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads)\n\n"
+                    + "\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def train_lm(steps=30, batch=256):
 
 
 def train_adam(steps=600, batch=256):
-    tx = fo.adam(1e-2) if hasattr(fo, "adam") else None
+    tx = fo.adam(1e-2)
     params = dict(init)
     opt_state = tx.init(params)
     loss = lambda p, xb, yb: torch.nn.functional.cross_entropy(forward(p, xb), yb)

@@ -204,7 +204,7 @@ def conditionally_transform(
 
 
 class InjectHyperparamsState(NamedTuple):
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     hyperparams: dict
     inner_state: OptState
 

@@ -131,15 +131,15 @@ def _laprop_paper(p, grads, lr, b1, b2, eps):
     return p
 
 
-def _adopt_paper(p, grads, lr, b1, b2, eps):
-    """Taniguchi et al. 2024, Algorithm 2 (clipped, c_t = t^(1/4))."""
+def _adopt_paper(p, grads, lr, b1, b2, eps, clip=lambda t: t**0.25):
+    """Taniguchi et al. 2024, Algorithm 2 (clipped to [-c_t, c_t], c_t = t^(1/4) by default)."""
     p = {k: v.clone() for k, v in p.items()}
     v = {k: grads[0][k] ** 2 for k in p}
     m = {k: torch.zeros_like(x) for k, x in p.items()}
     for t, g in enumerate(grads[1:], start=1):
         for k in p:
             x = g[k] / torch.clamp(torch.sqrt(v[k]), min=eps)
-            m[k] = b1 * m[k] + (1 - b1) * torch.clamp(x, -t**0.25, t**0.25)
+            m[k] = b1 * m[k] + (1 - b1) * torch.clamp(x, -clip(t), clip(t))
             p[k] = p[k] - lr * m[k]
             v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
     return p
@@ -163,6 +163,10 @@ PAPER_CASES = {
                lambda p, g: _laprop_paper(p, g, 1e-2, 0.9, 0.99, 0.0)),
     "adopt": (fo.adopt(1e-2, 0.9, 0.999, eps=1e-6),
               lambda p, g: _adopt_paper(p, g, 1e-2, 0.9, 0.999, 1e-6)),
+    # c_t = 0.5 + t/100 clips most coordinates: the clamp itself is exercised
+    "adopt_tight_clip": (fo.adopt(1e-2, 0.9, 0.999, eps=1e-6, clip_value_fn=lambda t: 0.5 + t / 100),
+                         lambda p, g: _adopt_paper(p, g, 1e-2, 0.9, 0.999, 1e-6,
+                                                   clip=lambda t: 0.5 + t / 100)),
     "adagrad_norm": (fo.adagrad_norm(0.5, initial_accumulator_value=0.01, eps=0.0),
                      lambda p, g: _adagrad_norm_paper(p, g, 0.5, 0.01)),
 }
@@ -367,14 +371,51 @@ def test_bad_mask_raises():
         tx.update(params, tx.init(params), params)
 
 
-def test_adamw_chain_compiles_fullgraph():
-    torch._dynamo.reset()
-    params, grads = _tree(), _grads(2)
-    tx = fo.chain(fo.clip_by_global_norm(1.0), fo.adamw(1e-2, weight_decay=0.1))
-    step = torch.compile(tx.update, fullgraph=True)
-    s_c = s_e = tx.init(params)
+# --------------------------------------------------------------------------- mismatched trees
+
+PER_LEAF_STATE = {
+    "trace": lambda: fo.trace(0.9), "ema": lambda: fo.ema(0.9), "adam": fo.scale_by_adam,
+    "nadam_torch": fo.scale_by_nadam, "adamax": fo.scale_by_adamax,
+    "rms": lambda: fo.scale_by_rms(centered=True), "adagrad": fo.scale_by_adagrad,
+    "lion": fo.scale_by_lion, "laprop": fo.scale_by_laprop, "adopt": fo.scale_by_adopt,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PER_LEAF_STATE))
+def test_updates_that_do_not_match_the_state_are_a_clear_error(name):
+    """Without params to compare against, the per-leaf state catches a wrong tree."""
+    tx = PER_LEAF_STATE[name]()
+    state = tx.init(_tree())
+    extra = {**_tree(), "e": torch.ones(2)}
+    with pytest.raises(ValueError, match="5 leaves but the state holds 4"):
+        tx.update(extra, state)
+    with pytest.raises(ValueError, match="different tree structures"):
+        tx.update(extra, state, _tree())
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+def test_adagrad_entries_with_no_gradient_yet_get_zero_update():
+    """eps = 0 and s_0 = 0: a coordinate whose gradients were all 0 gets 0, not 0/0 = NaN
+    (optax's rule); the others get g / sqrt(sum g^2) (float64 transcription)."""
+    params = _tree(torch.float64)
+    grads = [{k: torch.where(torch.arange(v.numel()).view(v.shape) % 2 == 0, v, 0.0)
+              for k, v in g.items()} for g in _grads(5, torch.float64)]
+    tx = fo.scale_by_adagrad(0.0, 0.0)
+    state, total = tx.init(params), {k: torch.zeros_like(v) for k, v in params.items()}
     for g in grads:
-        u_c, s_c = step(g, s_c, params)
-        u_e, s_e = tx.update(g, s_e, params)
+        upd, state = tx.update(g, state)
         for k in params:
-            torch.testing.assert_close(u_c[k], u_e[k], rtol=1e-5, atol=1e-7)
+            total[k] = total[k] + g[k] ** 2
+            want = torch.where(total[k] > 0, g[k] / total[k].sqrt(), 0.0)
+            torch.testing.assert_close(upd[k], want, rtol=1e-14, atol=0)
+
+
+def test_add_noise_is_independent_across_leaves():
+    params = {"a": torch.zeros(50_000, dtype=torch.float64),
+              "b": torch.zeros(50_000, dtype=torch.float64)}
+    upd, _ = fo.add_noise(1.0, 0.0).update(params, fo.add_noise(1.0, 0.0).init(params))
+    assert abs(float(torch.corrcoef(torch.stack([upd["a"], upd["b"]]))[0, 1])) < 0.03
+    for v in upd.values():
+        assert abs(float(v.std()) - 1) < 0.03

@@ -66,3 +66,14 @@ def test_soap_recipes_build_and_step():
             p = apply_updates(p, u)
         q = {k: v.clone().requires_grad_(True) for k, v in p.items()}
         assert float(loss(q, 0)) < first, make.__name__
+
+
+@pytest.mark.parametrize("make", [
+    lambda: __import__("funcopt").schedule_free_adamw(0.01, weight_decay=0.1),
+    lambda: __import__("funcopt").schedule_free_sgd(0.1),
+    lambda: __import__("funcopt").soap(0.01, precondition_frequency=__import__("funcopt").precond_schedule()),
+    lambda: __import__("funcopt").muon(),
+])
+def test_contract_properties(make):
+    from funcopt.testing import check_transform
+    check_transform(make(), {"w": torch.randn(4, 3), "b": torch.randn(3)})

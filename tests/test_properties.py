@@ -82,7 +82,7 @@ def test_mismatched_structure_is_a_clear_error(name):
     tx = build(name)
     params = {"a": torch.ones(3), "b": torch.ones(2)}
     state = tx.init(params)
-    with pytest.raises((ValueError, TypeError)):
+    with pytest.raises(ValueError, match="structure|leaves"):
         tx.update({"a": torch.ones(3), "b": torch.ones(2), "c": torch.ones(1)}, state, params)
 
 
@@ -105,30 +105,54 @@ def test_fuzzed_hyperparameters_never_crash_or_leak_nan(name, lr, scale):
         params = fo.apply_updates(params, u)
 
 
-def run_steps(tx, x, loss, steps):
+def run_steps(tx, x, loss_and_grad, steps):
     state = tx.init(x)
     for _ in range(steps):
-        g = torch.func.grad(loss)(x)
-        u, state = tx.update(g, state, x, value=loss(x))
+        value, g = loss_and_grad(x)
+        u, state = tx.update(g, state, x, value=value)
         x = fo.apply_updates(x, u)
     return x
 
 
+H = torch.tensor([1.0, 3.0, 10.0, 0.5], dtype=torch.float64)
+
+
+def quadratic(p):
+    """``0.5 sum h x^2`` and its gradient (closed form: these loops run 600 steps each)."""
+    x = p["x"]
+    return 0.5 * (H * x * x).sum(), {"x": H * x}
+
+
+def rosenbrock(p):
+    """``(1 - a)^2 + 100 (b - a^2)^2`` and its gradient."""
+    a, b = p["x"]
+    r = b - a * a
+    grad = torch.stack([-2 * (1 - a) - 400 * a * r, 200 * r])
+    return (1 - a) ** 2 + 100 * r * r, {"x": grad}
+
+
+def test_closed_form_gradients_match_autograd():
+    x = {"x": torch.tensor([-1.5, 2.0, 0.3, -0.7], dtype=torch.float64)}
+    for f, p in ((quadratic, x), (rosenbrock, {"x": x["x"][:2]})):
+        value, g = f(p)
+        auto = torch.func.grad(lambda q, f=f: f(q)[0])(p)
+        torch.testing.assert_close(g["x"], auto["x"], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_converges_on_a_quadratic(name):
-    h = torch.tensor([1.0, 3.0, 10.0, 0.5], dtype=torch.float64)
-    loss = lambda p: 0.5 * (h * p["x"] ** 2).sum()
     x0 = {"x": torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)}
-    x = run_steps(build(name), x0, loss, 600)
-    assert float(loss(x)) < 1e-3 * float(loss(x0)), f"{name}: loss {float(loss(x)):.3e}"
+    x = run_steps(build(name), x0, quadratic, 600)
+    loss, loss0 = float(quadratic(x)[0]), float(quadratic(x0)[0])
+    assert loss < 1e-3 * loss0, f"{name}: loss {loss:.3e}"
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_progress_on_rosenbrock(name):
-    loss = lambda p: (1 - p["x"][0]) ** 2 + 100 * (p["x"][1] - p["x"][0] ** 2) ** 2
     x0 = {"x": torch.tensor([-1.5, 2.0], dtype=torch.float64)}
-    x = run_steps(build(name, lr=TABLE[name][1]), x0, loss, 1000)
-    assert float(loss(x)) < 0.2 * float(loss(x0)), f"{name}: loss {float(loss(x)):.3e}"
+    x = run_steps(build(name, lr=TABLE[name][1]), x0, rosenbrock, 1000)
+    loss, loss0 = float(rosenbrock(x)[0]), float(rosenbrock(x0)[0])
+    assert loss < 0.2 * loss0, f"{name}: loss {loss:.3e}"
 
 
 # --------------------------------------------------------------------------- combinators

@@ -16,18 +16,16 @@ from funcopt.base import (
     step_counter,
     tree_check_structure,
     tree_flatten,
+    tree_global_norm,
     tree_leaves,
     tree_unflatten,
 )
+from funcopt.transforms.first_order import _as, _is_schedule
 
 __all__ = [
     "AddNoiseState", "clip", "clip_by_global_norm", "clip_by_block_rms",
     "keep_params_nonnegative", "add_noise",
 ]
-
-
-def _as(xs: list[Tensor], refs: list[Tensor]) -> list[Tensor]:
-    return [x if x.dtype == r.dtype else x.to(r.dtype) for x, r in zip(xs, refs)]
 
 
 def clip(max_delta: float) -> GradientTransformation:
@@ -40,7 +38,7 @@ def clip(max_delta: float) -> GradientTransformation:
     Reference: optax ``clip``.
     """
     check_hyperparameter("max_delta", max_delta, low=0.0)
-    if isinstance(max_delta, Tensor) or callable(max_delta):
+    if isinstance(max_delta, Tensor) or _is_schedule(max_delta):
         raise TypeError("clip: max_delta must be a number")
 
     def init(params):
@@ -79,9 +77,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         u, treedef = tree_flatten(updates)
         if not u:
             return updates, state
-        norms = torch._foreach_norm(u)
-        dtype = torch.promote_types(norms[0].dtype, torch.float32)
-        norm = torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
+        norm = tree_global_norm(u)
         factor = torch.where(norm <= max_norm, 1.0, max_norm / norm)
         return tree_unflatten(treedef, _as(torch._foreach_mul(u, factor), u)), state
 
@@ -133,7 +129,10 @@ def keep_params_nonnegative() -> GradientTransformation:
         tree_check_structure(updates, params, ("updates", "params"))
         u, treedef = tree_flatten(updates)
         p = tree_leaves(params)
-        out = [torch.where(pi + ui < 0, -pi.to(ui.dtype), ui) for pi, ui in zip(p, u)]
+        if not u:
+            return updates, state
+        # theta + u < 0 exactly when u < -theta, so max(u, -theta) is the update
+        out = torch._foreach_maximum(u, torch._foreach_neg(_as(p, u)))
         return tree_unflatten(treedef, out), state
 
     return GradientTransformation(init, update)
@@ -142,7 +141,7 @@ def keep_params_nonnegative() -> GradientTransformation:
 # --------------------------------------------------------------------------- noise
 
 # A counter-based generator (SplitMix64's mixing function on int64 tensors, wrapping
-# arithmetic): the noise depends only on (seed, step, leaf, element), so it is the same on
+# arithmetic): the noise depends only on (seed, step, element position), so it is the same on
 # every device, needs no host-side generator and is saved with the state.
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
@@ -160,20 +159,18 @@ def _mix(z: Tensor) -> Tensor:
     return z ^ _shr(z, 31)
 
 
-def _normal_like(x: Tensor, stream: Tensor) -> Tensor:
-    """Standard normal noise shaped like ``x`` from the 0-d int64 ``stream`` (Box-Muller)."""
-    idx = torch.arange(x.numel(), dtype=torch.int64, device=x.device)
+def _normal(n: int, stream: Tensor, dtype: torch.dtype) -> Tensor:
+    """``n`` standard normal values from the 0-d int64 ``stream`` (Box-Muller on one buffer)."""
+    idx = torch.arange(n, dtype=torch.int64, device=stream.device)
     z = _mix(_mix(stream) + (idx + 1) * _GOLDEN)
-    dtype = torch.promote_types(x.dtype, torch.float32)
     scale = 2.0**-24
     u1 = (_shr(z, 40).to(dtype) + 0.5) * scale
     u2 = ((z & ((1 << 24) - 1)).to(dtype) + 0.5) * scale
-    n = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
-    return n.reshape(x.shape)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
 
 
 class AddNoiseState(NamedTuple):
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     key: Tensor
 
 
@@ -182,8 +179,9 @@ def add_noise(eta: float, gamma: float, seed: int = 0) -> GradientTransformation
     :math:`n_t \sim \mathcal N(0, I)`, :math:`\sigma_t^2 = \eta / t^\gamma`, :math:`t = 1, 2, ...`
 
     The noise comes from a counter-based generator keyed by ``seed`` (kept in the state as a
-    0-d int64 tensor), the step and the leaf: runs are reproducible and a checkpointed state
-    continues with the same noise. Its streams differ from JAX's, so values differ from optax.
+    0-d int64 tensor), the step and the element's position in the flattened tree, drawn for
+    all leaves in one buffer: runs are reproducible and a checkpointed state continues with the
+    same noise. Its streams differ from JAX's, so values differ from optax.
 
     Args:
       eta: :math:`\eta` >= 0, the base variance.
@@ -207,12 +205,12 @@ def add_noise(eta: float, gamma: float, seed: int = 0) -> GradientTransformation
         count = increment(state.count)
         if not u:
             return updates, AddNoiseState(count, state.key)
-        t = count.to(torch.float64 if any(x.dtype == torch.float64 for x in u) else torch.float32)
-        std = torch.sqrt(eta / t**gamma)
-        base = _mix(_mix(state.key) ^ (count * _M1))
-        out = [
-            x + (std * _normal_like(x, base + i)).to(x.dtype) for i, x in enumerate(u)
-        ]
+        dtype = torch.float64 if any(x.dtype == torch.float64 for x in u) else torch.float32
+        std = torch.sqrt(eta / count.to(dtype) ** gamma)
+        sizes = [x.numel() for x in u]
+        noise = _normal(sum(sizes), _mix(_mix(state.key) ^ (count * _M1)), dtype) * std
+        parts = [n.view(x.shape) for n, x in zip(torch.split(noise, sizes), u)]
+        out = torch._foreach_add(u, _as(parts, u))
         return tree_unflatten(treedef, out), AddNoiseState(count, state.key)
 
     return GradientTransformation(init, update)

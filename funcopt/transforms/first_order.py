@@ -69,6 +69,11 @@ def _leaves(
     return g, treedef
 
 
+def _is_schedule(x: Any) -> bool:
+    """``callable(x)`` without narrowing a float-annotated argument (for type checkers)."""
+    return callable(x)
+
+
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -151,7 +156,7 @@ def scale(step_size: float | Tensor) -> GradientTransformation:
 
     Reference: optax ``scale``.
     """
-    if callable(step_size):
+    if _is_schedule(step_size):
         raise TypeError("scale takes a number; for a schedule use scale_by_schedule(fn)")
     _check("step_size", step_size, low=None)
 
@@ -291,7 +296,7 @@ def trace(
         mu = _hp(decay, state.count)
         prev = _as(state.trace, g)
         scaled = g
-        if callable(dampening) or isinstance(dampening, Tensor) or dampening != 0:
+        if _is_schedule(dampening) or isinstance(dampening, Tensor) or dampening != 0:
             one = torch.ones((), dtype=scalar_dtype(g), device=state.count.device)
             c = torch.where(state.count == 0, one, one - _hp(dampening, state.count))
             scaled = torch._foreach_mul(g, c)

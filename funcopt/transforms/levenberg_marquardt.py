@@ -39,14 +39,15 @@ from funcopt.func.jacobian import (
 __all__ = ["LevenbergMarquardtState", "levenberg_marquardt", "damped_gauss_newton_step"]
 
 Tensor = torch.Tensor
-_RULES = ("nielsen", "classic")
+_RULES = ("nielsen", "classic", "trust_region")
 
 
 class LevenbergMarquardtState(NamedTuple):
     """State of :func:`levenberg_marquardt`; statistics describe the last attempted step.
 
-    count: updates done (int64). damping: ``lambda`` for the next step. nu: Nielsen's growth
-    factor. scale: ``d``, running maximum of the Jacobian column norms (MINPACK's ``diag``;
+    count: updates done (int64). damping: ``lambda`` for the next step (with the trust-region
+    rule: of the last attempt). nu: Nielsen's growth factor. radius: ``Delta``, the trust-region
+    radius on ``||d * delta||`` (trust-region rule; 0 before the first step). scale: ``d``, running maximum of the Jacobian column norms (MINPACK's ``diag``;
     ones before the first step). cost: ``F(x)`` at the params given to the last update.
     new_cost: ``F`` after the returned step. predicted: ``L(0) - L(delta)``. gain_ratio: ``rho``.
     step_norm: ``||d * delta||``. x_norm: ``||d * x_new||``. grad_cos: MINPACK's ``gnorm``,
@@ -57,6 +58,7 @@ class LevenbergMarquardtState(NamedTuple):
     count: Tensor
     damping: Tensor
     nu: Tensor
+    radius: Tensor
     scale: Tensor
     cost: Tensor
     new_cost: Tensor
@@ -129,6 +131,7 @@ class _Local(NamedTuple):
     damping: Tensor
     solve: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
     jv: Callable[[Tensor], Tensor]
+    svd: tuple[Tensor, Tensor] | None = None  # (s, s * U^T r) of J / d, trust-region rule
 
 
 def _require_finite_residuals(ok: Tensor) -> None:
@@ -168,7 +171,11 @@ def _linearize(residual_fn, params, args, state, o) -> _Local:
         start = o["tau"] * (col * col).max()
         lam = torch.where(first & (start > 0), start, lam)
     solve = lambda lam_, u: _solve(J, u, lam_, S, o["solver"], o["form"])
-    return _Local(x, f, r, d, cos, lam, solve, lambda v: J @ v)
+    svd = None
+    if o["rule"] == "trust_region":
+        U, sv, _ = torch.linalg.svd(J / d, full_matrices=False)
+        svd = (sv, sv * (U.T @ r))
+    return _Local(x, f, r, d, cos, lam, solve, lambda v: J @ v, svd)
 
 
 def _column_stats(J: Tensor, r: Tensor):
@@ -251,26 +258,91 @@ def _adapt(rule, damping, nu, rho, accepted, factors, bounds):
 def _step(residual_fn, params, args, state: LevenbergMarquardtState, o):
     """Propose, evaluate and accept/reject up to ``max_attempts`` times."""
     loc = _linearize(residual_fn, params, args, state, o)
-    x, r, d, lam, nu = loc.x, loc.r, loc.d, loc.damping, state.nu
+    x, r, d, lam, nu, radius = loc.x, loc.r, loc.d, loc.damping, state.nu, state.radius
     cost = 0.5 * torch.dot(r, r)
+    trust = o["rule"] == "trust_region"
+    if trust:
+        radius = torch.where(state.count == 0, _initial_radius(d, x, o["factor"]), radius)
     for attempt in range(1, o["attempts"] + 1):
+        if trust:
+            lam = _trust_region_damping(*loc.svd, radius)
         delta, step, Jd, ok = _propose(loc, lam, o)
         new_cost = _evaluate(loc.f, x + step, r.shape)
         rho, predicted = _gain_ratio(cost, new_cost, Jd, delta, d, lam)
         accepted = bool(ok & torch.isfinite(new_cost) & (rho > o["accept"]))  # host sync
+        if trust:
+            pnorm = torch.linalg.vector_norm(d * delta)
+            if attempt == 1:
+                radius = torch.where(state.count == 0, torch.minimum(radius, pnorm), radius)
+            radius, lam = _adapt_radius(radius, lam, cost, new_cost, Jd, pnorm, ok)
+            if accepted or bool(radius <= torch.finfo(x.dtype).tiny):
+                break
+            continue
         lam, nu = _adapt(o["rule"], lam, nu, rho, accepted, o["factors"], o["bounds"])
         if accepted or bool(lam >= o["bounds"][1]):
             break
     if not accepted:
         step = torch.zeros_like(x)
     new_state = LevenbergMarquardtState(
-        increment(state.count), lam, nu, d, cost, new_cost if accepted else cost,
-        predicted, torch.where(torch.isfinite(rho), rho, torch.full_like(rho, -1e300)),
+        increment(state.count), lam, nu, radius, d, cost, new_cost if accepted else cost,
+        predicted, torch.where(torch.isfinite(rho), rho, torch.full_like(rho, torch.finfo(rho.dtype).min)),
         torch.linalg.vector_norm(d * (step if accepted else delta)),
         torch.linalg.vector_norm(d * (x + step)), loc.cos + torch.zeros_like(cost),
         torch.tensor(accepted, device=x.device), torch.tensor(attempt, device=x.device),
     )
     return step, new_state
+
+
+# --------------------------------------------------------------------------- trust region (MINPACK)
+
+
+def _initial_radius(d: Tensor, x: Tensor, factor: float) -> Tensor:
+    """MINPACK's ``Delta_0 = factor * ||d * x_0||``, or ``factor`` when that is 0."""
+    xn = torch.linalg.vector_norm(d * x)
+    return torch.where(xn > 0, factor * xn, torch.full_like(xn, factor))
+
+
+def _trust_region_damping(s: Tensor, w: Tensor, radius: Tensor) -> Tensor:
+    """``lambda >= 0`` with ``||z(lambda)|| <= 1.1 Delta`` (and ``>= 0.9 Delta`` when
+    ``lambda > 0``), ``z(lambda) = (Jt^T Jt + lambda I)^{-1} Jt^T r`` for ``Jt = J / d``.
+
+    From the SVD ``Jt = U diag(s) V^T``: ``||z||^2 = sum_i w_i^2 / (s_i^2 + lambda)^2`` with
+    ``w = s * U^T r``; Newton's method on ``1/||z|| - 1/Delta`` from ``lambda = 0`` (Hebden;
+    Moré 1978, section 5), which increases monotonically to the root. One host sync per
+    iteration; MINPACK's ``lmpar`` does the same with a QR factorisation.
+    """
+    keep = s > s.max() * torch.finfo(s.dtype).eps * max(s.numel(), 1)
+    s2 = torch.where(keep, s * s, torch.ones_like(s))
+    w2 = torch.where(keep, w * w, torch.zeros_like(w))
+    lam = torch.zeros_like(radius)
+    for _ in range(30):
+        q = s2 + lam
+        phi = torch.sqrt((w2 / (q * q)).sum())
+        if bool(phi <= 1.1 * radius):  # host sync
+            break
+        lam = lam + (phi - radius) / radius * phi * phi / (w2 / (q * q * q)).sum()
+    return lam
+
+
+def _adapt_radius(radius, lam, cost, new_cost, Jd, pnorm, ok):
+    """MINPACK ``lmder``'s update of ``Delta`` from the ratio of actual to predicted reduction.
+
+    ratio <= 1/4: ``Delta = mu * min(Delta, 10 ||D p||)``, ``mu`` from a quadratic fit in
+    [0.1, 0.5]; ratio >= 3/4 or ``lambda = 0``: ``Delta = 2 ||D p||``.
+    """
+    safe = torch.where(cost > 0, cost, torch.ones_like(cost))
+    actred = torch.where(ok & (0.01 * new_cost < safe), 1.0 - new_cost / safe, -1.0)
+    t1, t2 = torch.dot(Jd, Jd) / (2 * safe), lam * pnorm * pnorm / (2 * safe)
+    prered, dirder = t1 + 2.0 * t2, -(t1 + t2)
+    ratio = torch.where(prered > 0, actred / torch.where(prered > 0, prered, 1.0), 0.0)
+    mu = torch.where(actred >= 0, torch.full_like(ratio, 0.5),
+                     0.5 * dirder / torch.where(dirder + 0.5 * actred != 0, dirder + 0.5 * actred, -1.0))
+    mu = torch.where((0.01 * new_cost >= safe) | (mu < 0.1) | ~torch.isfinite(mu), 0.1, mu)
+    shrink = ratio <= 0.25
+    grow = ~shrink & ((lam == 0) | (ratio >= 0.75))
+    radius = torch.where(shrink, mu * torch.minimum(radius, pnorm / 0.1),
+                         torch.where(grow, pnorm / 0.5, radius))
+    return radius, lam
 
 
 def levenberg_marquardt(
@@ -288,6 +360,7 @@ def levenberg_marquardt(
     geodesic_acceleration: bool = False,
     geodesic_alpha: float = 0.75,
     geodesic_fd_step: float | None = 0.1,
+    trust_radius_factor: float = 10.0,
     solver: Any = "auto",
     form: str = "auto",
     jacobian_mode: str = "auto",
@@ -313,6 +386,12 @@ def levenberg_marquardt(
         damping_rule: ``"nielsen"`` (default): accept: ``lambda *= max(1/3, 1-(2 rho-1)^3)``,
             ``nu = 2``; reject: ``lambda *= nu``, ``nu *= 2``. ``"classic"`` (Marquardt 1963):
             accept: ``lambda /= decrease_factor``; reject: ``lambda *= increase_factor``.
+            ``"trust_region"`` (Moré 1978, MINPACK ``lmder``): a radius ``Delta`` on
+            ``||d * delta||`` (``Delta_0 = 100 ||d * x_0||``) is adapted from ``rho`` and
+            ``lambda`` is the one whose step has that length (from an SVD of ``J / d``, so
+            dense Jacobians only); ``initial_damping``, the factors and bounds are not used.
+            It follows MINPACK's path; with ``trust_radius_factor=10`` it solves all 27 NIST
+            StRD problems from both starts (see :func:`funcopt.least_squares`).
         increase_factor, decrease_factor: the classic rule's factors (10, 10).
         scaling: Marquardt/MINPACK scaling: ``D = diag(d^2)``, ``d_j`` the running maximum over
             steps of the norm of column ``j`` of ``J`` (1 for a zero column). False: ``D = I``.
@@ -328,6 +407,8 @@ def levenberg_marquardt(
         geodesic_fd_step: ``h`` of the finite difference for ``r_vv`` (Transtrum & Sethna:
             ``r_vv = (2/h) ((r(x + h delta) - r(x)) / h - J delta)``, one residual call),
             default 0.1; None: exact, by forward-over-forward ``jvp`` (slower).
+        trust_radius_factor: MINPACK's ``factor``: ``Delta_0 = factor * ||d * x_0||`` (10;
+            MINPACK's default is 100, and it advises 0.1-100).
         solver, form: passed to :func:`funcopt.solvers.damped_least_squares` (``"auto"``:
             primal ``J^T J`` or dual ``J J^T`` form by shape; or any named solver).
             ``"cg"``, ``"pcg"`` or a :class:`funcopt.solvers.CG` object select the matrix-free
@@ -356,12 +437,16 @@ def levenberg_marquardt(
     check_hyperparameter("geodesic_alpha", geodesic_alpha, low=0.0, low_inclusive=False)
     if not isinstance(max_attempts, int) or max_attempts < 1:
         raise ValueError(f"max_attempts={max_attempts!r}: pass an int >= 1")
+    check_hyperparameter("trust_radius_factor", trust_radius_factor, low=0.0, low_inclusive=False)
     if geodesic_fd_step is not None:
         check_hyperparameter("geodesic_fd_step", geodesic_fd_step, low=0.0, low_inclusive=False)
     matrix_free = _is_matrix_free(solver)
     if scaling is None:
         scaling = not matrix_free
-    elif scaling and matrix_free:
+    if matrix_free and damping_rule == "trust_region":
+        raise ValueError("damping_rule='trust_region' needs a dense Jacobian (an SVD of J / d); "
+                         "use 'nielsen' or 'classic' with a matrix-free solver")
+    if scaling and matrix_free:
         raise ValueError(
             f"scaling=True needs the column norms of a dense Jacobian, but solver={solver!r} is "
             "matrix-free; pass scaling=False (D = I) or a dense solver"
@@ -370,13 +455,14 @@ def levenberg_marquardt(
                 bounds=(min_damping, max_damping), scaling=scaling, tau=initial_damping,
                 attempts=max_attempts, accept=accept_ratio, geodesic=geodesic_acceleration,
                 alpha=geodesic_alpha, fd_step=geodesic_fd_step, solver=solver, form=form,
-                mode=jacobian_mode, chunk=chunk_size, matrix_free=matrix_free)
+                mode=jacobian_mode, chunk=chunk_size, matrix_free=matrix_free,
+                factor=trust_radius_factor)
 
     def init(params: Params) -> LevenbergMarquardtState:
         x, _ = ravel_params(params)
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
         return LevenbergMarquardtState(
-            step_counter(params), zero + initial_damping, zero + 2.0, torch.ones_like(x),
+            step_counter(params), zero + initial_damping, zero + 2.0, zero, torch.ones_like(x),
             zero, zero, zero, zero, zero, zero, zero,
             torch.zeros((), dtype=torch.bool, device=x.device), step_counter(params),
         )

@@ -28,7 +28,7 @@ __all__ = ["AddDecayedWeightsState", "add_decayed_weights"]
 
 
 class AddDecayedWeightsState(NamedTuple):
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
 
 
 def _mask_leaves(mask: Any, params: Params) -> list[bool]:
