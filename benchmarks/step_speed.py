@@ -178,14 +178,18 @@ def funcopt_setup(method: str, mode: str):
             u, s = tx.update(g, s, p)
             return fo.apply_updates(p, u), s
 
+        if "donated" in mode:
+            step_fn = fo.donated(step_fn)
         if mode == "eager":
             fn = step_fn
-        elif mode == "ravel-graphs":
+        elif mode.endswith("graphs"):
             fn = torch.compile(step_fn, fullgraph=True, mode="reduce-overhead")
         else:
             fn = torch.compile(step_fn, fullgraph=True)
 
         def step():
+            if mode == "ravel-graphs":  # outputs of the last replay become this step's inputs
+                torch.compiler.cudagraph_mark_step_begin()
             box["p"], box["s"] = fn(box["p"], box["s"], grads)
 
         return step
@@ -242,6 +246,8 @@ def contenders(method: str, which: list[str]):
         "funcopt-flatten": funcopt_setup(method, "flatten"),
         "funcopt-ravel": funcopt_setup(method, "ravel"),
         "funcopt-ravel-graphs": funcopt_setup(method, "ravel-graphs"),
+        "funcopt-ravel-donated": funcopt_setup(method, "ravel-donated"),
+        "funcopt-ravel-donated-graphs": funcopt_setup(method, "ravel-donated-graphs"),
         "optax": optax_setup(method),
     }
     return {k: v for k, v in table.items() if not which or k in which}

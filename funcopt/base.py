@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Protocol, Union
 
 import optree
 import torch
+from torch.compiler import is_compiling as _is_compiling
 
 Tensor = torch.Tensor
 PyTree = Any
@@ -85,8 +86,12 @@ class GradientTransformation(NamedTuple):
     update: TransformUpdateFn
 
 
-class EmptyState(NamedTuple):
-    """The state of a stateless transform."""
+EmptyState = tuple
+"""The state of a stateless transform: ``EmptyState()`` is the empty tuple ``()``.
+
+A plain tuple rather than a field-less NamedTuple: some torch.compile versions (2.11) fail to
+trace a NamedTuple with no fields.
+"""
 
 
 # --------------------------------------------------------------------------- pytrees
@@ -112,7 +117,13 @@ def tree_structure(tree: PyTree) -> optree.PyTreeSpec:
 def tree_check_structure(
     tree: PyTree, other: PyTree, names: tuple[str, str] = ("updates", "params")
 ) -> None:
-    """Raise a ValueError naming both trees when their structures differ."""
+    """Raise a ValueError naming both trees when their structures differ.
+
+    Skipped while ``torch.compile`` traces (some torch versions cannot trace a comparison of
+    tree specs); the eager run of the same code has already checked the structures.
+    """
+    if _is_compiling():
+        return
     a, b = optree.tree_structure(tree), optree.tree_structure(other)
     if a != b:
         raise ValueError(

@@ -34,7 +34,7 @@ import torch
 
 from funcopt.base import PyTree, tree_flatten, tree_unflatten
 
-__all__ = ["ravel"]
+__all__ = ["ravel", "donated"]
 
 
 def ravel(tree: PyTree) -> tuple[Any, Callable[[Any], PyTree]]:
@@ -75,3 +75,26 @@ def ravel(tree: PyTree) -> tuple[Any, Callable[[Any], PyTree]]:
         return tree_unflatten(treedef, out)
 
     return (buffers[0] if single else buffers), unravel
+
+
+def donated(step: Callable[..., tuple[Any, Any]]) -> Callable[..., tuple[Any, Any]]:
+    """Run a pure ``step(params, state, *args) -> (params, state)`` and write its results back
+    into the input tensors, returning the inputs.
+
+    The numbers are those of ``step``; only the storage differs. Under ``torch.compile`` the
+    copies fuse into the step's kernels, so an optimizer step reads and writes each byte once
+    and keeps fixed addresses (what CUDA graphs need). Use it only when nothing else holds the
+    old values: they are overwritten.
+    """
+
+    def wrapped(params: Any, state: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        new_params, new_state = step(params, state, *args, **kwargs)
+        dst = tree_flatten(params)[0] + tree_flatten(state)[0]
+        src = tree_flatten(new_params)[0] + tree_flatten(new_state)[0]
+        if len(dst) != len(src):
+            raise ValueError("donated: the step returned trees with other leaves than it was given")
+        with torch.no_grad():
+            torch._foreach_copy_(dst, src)
+        return params, state
+
+    return wrapped

@@ -68,3 +68,25 @@ def test_unravel_rejects_wrong_sizes():
 def test_non_tensor_leaf_is_an_error():
     with pytest.raises(TypeError, match="not a tensor"):
         fo.ravel({"a": torch.ones(2), "b": 3.0})
+
+
+def test_donated_step_gives_the_pure_numbers_in_the_input_buffers():
+    tx = fo.adamw(1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(3)
+    p0 = torch.randn(50, generator=g, dtype=torch.float64)
+    grads = [torch.randn(50, generator=g, dtype=torch.float64) for _ in range(4)]
+
+    def step(p, s, grad):
+        u, s = tx.update(grad, s, p)
+        return fo.apply_updates(p, u), s
+
+    p_pure, s_pure = p0.clone(), tx.init(p0)
+    p_don, s_don = p0.clone(), tx.init(p0)
+    buf, donated = p_don, fo.donated(step)
+    for grad in grads:
+        p_pure, s_pure = step(p_pure, s_pure, grad)
+        p_don, s_don = donated(p_don, s_don, grad)
+    assert p_don is buf  # written in place
+    torch.testing.assert_close(p_don, p_pure, rtol=0, atol=0)
+    for a, b in zip(fo.tree_leaves(s_don), fo.tree_leaves(s_pure)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

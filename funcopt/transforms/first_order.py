@@ -16,6 +16,7 @@ from typing import Any, NamedTuple, Union
 
 import optree
 import torch
+from torch.compiler import is_compiling as _is_compiling
 
 from funcopt.base import (
     EmptyState,
@@ -59,7 +60,7 @@ def _leaves(
     of different lengths. The checks look at tree structure and lengths only (no host sync).
     """
     g, treedef = tree_flatten(updates)
-    if params is not None and tree_structure(params) != treedef:
+    if params is not None and not _is_compiling() and tree_structure(params) != treedef:
         tree_check_structure(updates, params, ("updates", "params"))
     if state is not None and len(state) != len(g):
         raise ValueError(
