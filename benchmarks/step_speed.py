@@ -261,8 +261,11 @@ def main(argv=None) -> int:
     ap.add_argument("--contenders", default="")
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--json")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
     dev = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     bw = copy_bandwidth(dev)
     print(f"# device {dev} ({torch.cuda.get_device_name() if dev.startswith('cuda') else 'cpu'}), "
           f"torch {torch.__version__}, copy bandwidth {bw / 1e9:.1f} GB/s")

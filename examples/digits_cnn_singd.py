@@ -77,7 +77,7 @@ def main():
         "AdamW": (fo.adamw(3e-3, weight_decay=1e-4), False),
         f"SINGD ({s})": (fo.singd(model, 5e-2, momentum=0.9, weight_decay=1e-4, damping=1e-3,
                                   lr_cov=1e-2, T=5, structures=(s, s)), True),
-        "KFAC": (fo.kfac(model, 2e-2, momentum=0.9, damping=1e-1, T=5), True),
+        "KFAC": (fo.kfac(model, 1e-2, momentum=0.9, T=5), True),  # damping 1e-3, KL clip
     }
     for name, (tx, natural) in runs.items():
         train(name, model, tx, data, args.epochs, args.batch, natural)

@@ -20,6 +20,7 @@ from funcopt.transforms.psgd import *  # noqa: F401,F403
 from funcopt.transforms.muon import *  # noqa: F401,F403
 from funcopt.transforms.precision import *  # noqa: F401,F403
 from funcopt.transforms.natural_gradient import *  # noqa: F401,F403
+from funcopt.transforms.kfac import *  # noqa: F401,F403
 from funcopt.transforms.levenberg_marquardt import *  # noqa: F401,F403
 from funcopt.least_squares import *  # noqa: F401,F403
 from funcopt.transforms.adaptive_batch import *  # noqa: F401,F403

@@ -186,7 +186,8 @@ def fit_adaptive(
 
     Returns:
         ``(params, state, history)``; history has one dict per step: step, samples,
-        batch_size, loss, statistic, micro_batches, time (seconds since the start).
+        batch_size, loss, statistic, micro_batches, time (seconds since the start, not
+        counting the time spent in ``callback``).
     """
     state = tx.init(params) if state is None else state
     test = find_batch_test_state(state)
@@ -196,7 +197,7 @@ def fit_adaptive(
     world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank(group) if world > 1 else 0
     take = _index_stream(inputs.shape[0], seed, inputs.device)
-    history, samples, step, t0 = [], 0, 0, time.perf_counter()
+    history, samples, step, t0, paused = [], 0, 0, time.perf_counter(), 0.0
     while samples < max_samples:
         b = int(test.batch_size) if test is not None else batch_size  # host sync: slicing data
         idx = take(b)
@@ -211,9 +212,11 @@ def fit_adaptive(
         samples, step = samples + b, step + 1
         record = {"step": step, "samples": samples, "batch_size": b, "loss": float(loss),
                   "statistic": float(test.statistic) if test is not None else math.nan,
-                  "micro_batches": len(parts), "time": time.perf_counter() - t0}
+                  "micro_batches": len(parts), "time": time.perf_counter() - t0 - paused}
         history.append(record)
         if callback is not None:
+            t_cb = time.perf_counter()
             callback(record, params)
+            paused += time.perf_counter() - t_cb
     return params, state, history
 

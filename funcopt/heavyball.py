@@ -5,10 +5,13 @@ Each 0.7.2 class is one line over funcopt's building blocks (``ForeachSOAP`` ->
 
 * weight decay: 0.7.2 multiplies parameters by ``1 + lr * wd`` (a sign slip); funcopt decays.
 * ``warmup_steps=0`` raises ZeroDivisionError in 0.7.2; here it means no warmup.
-* ``ForeachAdamW`` 0.7.2 calls ``tuple.lerp_`` and cannot run; its recipe is
-  ``fo.chain(fo.scale_by_adam(b1, b2, eps), fo.add_decayed_weights(wd),
-  fo.scale_by_learning_rate(lr))``. ``ForeachLaProp`` / ``ForeachADOPT`` are
-  ``fo.chain(fo.scale_by_laprop(...) | fo.scale_by_adopt(...), fo.scale_by_learning_rate(lr))``.
+* ``ForeachAdamW`` 0.7.2 calls ``tuple.lerp_`` and cannot run; :func:`foreach_adamw` is
+  ``chain(scale_by_adam(b1, b2, eps), add_decayed_weights(wd), scale_by_learning_rate(lr))``,
+  which adds eps to the root where 0.7.2 takes ``max(root, eps)`` (equal up to eps).
+* ``ForeachLaProp`` is ``chain(scale_by_laprop(b1, b2, eps), ...)`` (bit-for-bit the same math).
+* ``ForeachADOPT`` 0.7.2 keeps both moments as debiased averages (not the paper's ``v_0 = g_0^2``),
+  does not clip, and applies each step's momentum one call late; :func:`foreach_adopt` applies
+  it at once, so its parameters after ``t`` calls are 0.7.2's after ``t + 1`` calls.
 * ``SFPaLMForeachSOAP`` / ``PrecondScheduleSFPaLMSOAP`` (0.7.2) add adaptive gradient clipping
   and feed the unprojected gradient to the second moment; their recipes here are
   Schedule-Free over SOAP without momentum (:func:`sf_palm_foreach_soap`), not bit-matched.
@@ -19,10 +22,24 @@ Reference: https://github.com/HomebrewML/HeavyBall (v0.7.2).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import torch
+
+from funcopt.base import (
+    GradientTransformation, PyTree, Tensor, check_hyperparameter, increment, step_counter,
+    tree_flatten, tree_leaves, tree_unflatten,
+)
+from funcopt.compose import chain
+from funcopt.transforms.adaptive import scale_by_laprop
+from funcopt.transforms.first_order import scale_by_adam
+from funcopt.transforms.first_order import scale_by_learning_rate
 from funcopt.transforms.schedule_free import scale_by_bias_corrected_rms, schedule_free
 from funcopt.transforms.soap import precond_schedule, scale_by_soap, soap
+from funcopt.transforms.weight_decay import add_decayed_weights
 
 __all__ = [
+    "foreach_adamw", "foreach_laprop", "foreach_adopt", "scale_by_debiased_adopt",
     "palm_beta2", "foreach_sfadamw", "palm_foreach_sfadamw", "foreach_soap",
     "palm_foreach_soap", "precond_schedule_foreach_soap", "precond_schedule_palm_foreach_soap",
     "sf_palm_foreach_soap", "precond_schedule_sf_palm_foreach_soap",
@@ -36,6 +53,96 @@ def palm_beta2(scale: float = 0.8):
 
 def _warmup(lr: float, warmup_steps: int):
     return lr if warmup_steps <= 0 else (lambda t: lr * min(float(t) / warmup_steps, 1.0))
+
+
+def _linear_warmup(lr: float, warmup_steps: int, offset: int = 1):
+    """0.7.2's ``lr * min(t / warmup_steps, 1)`` at ``t = count + offset`` (no warmup at 0)."""
+    check_hyperparameter("warmup_steps", warmup_steps, low=0.0)
+    if warmup_steps <= 0:
+        return lr
+    return lambda c: lr * torch.clamp((c + offset) / warmup_steps, max=1.0)
+
+
+def _tail(lr, weight_decay, warmup_steps, offset=1):
+    parts = [add_decayed_weights(weight_decay)] if weight_decay else []
+    return parts + [scale_by_learning_rate(_linear_warmup(lr, warmup_steps, offset))]
+
+
+def foreach_adamw(lr=0.0025, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, warmup_steps=0):
+    """``ForeachAdamW``: :math:`u_t = -\\gamma_t(\\hat m_t / (\\sqrt{\\hat v_t} + \\epsilon)
+    + \\lambda\\theta_t)`, :math:`\\gamma_t = \\gamma\\min(t/T_w, 1)`.
+
+    ``lr`` :math:`\\gamma`, ``betas`` :math:`(\\beta_1, \\beta_2)`, ``eps`` :math:`\\epsilon`,
+    ``weight_decay`` :math:`\\lambda` (decoupled), ``warmup_steps`` :math:`T_w` (0: none).
+    Defaults as 0.7.2 (lr 0.0025, betas (0.9, 0.99), eps 1e-8, no decay, no warmup).
+    """
+    return chain(scale_by_adam(betas[0], betas[1], eps), *_tail(lr, weight_decay, warmup_steps))
+
+
+def foreach_laprop(lr=0.0025, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, warmup_steps=0):
+    """``ForeachLaProp``: momentum of ``g / max(sqrt(v_hat), eps)`` (:func:`scale_by_laprop`),
+    then decoupled decay and the warmed-up learning rate as :func:`foreach_adamw`."""
+    return chain(scale_by_laprop(betas[0], betas[1], eps), *_tail(lr, weight_decay, warmup_steps))
+
+
+class ScaleByDebiasedAdoptState(NamedTuple):
+    count: Tensor
+    mu: PyTree
+    nu: PyTree
+
+
+def scale_by_debiased_adopt(b1: float = 0.9, b2: float = 0.99, eps: float = 1e-8
+                            ) -> GradientTransformation:
+    """ADOPT as HeavyBall 0.7.2 defines it: debiased averages, previous second moment.
+
+    .. math::
+        \\hat\\beta(t) = 1 - \\frac{1-\\beta}{1-\\beta^t},\\quad
+        m_t = \\hat\\beta_1(t-1)\\, m_{t-1} + (1-\\hat\\beta_1(t-1))\\,
+        \\frac{g_t}{\\max(\\sqrt{v_{t-1}}, \\epsilon)},\\quad
+        v_t = \\hat\\beta_2(t)\\, v_{t-1} + (1-\\hat\\beta_2(t))\\, g_t^2
+
+    with :math:`u_1 = 0` (only :math:`v_1 = g_1^2`) and :math:`u_t = m_t` after.
+    ``b1`` :math:`\\beta_1` (0.9), ``b2`` :math:`\\beta_2` (0.99), ``eps`` :math:`\\epsilon` (1e-8).
+    Reference: HeavyBall 0.7.2 ``ForeachADOPT``; Taniguchi et al. 2024 (ADOPT).
+    """
+    check_hyperparameter("b1", b1, low=0.0, high=1.0, high_inclusive=False)
+    check_hyperparameter("b2", b2, low=0.0, high=1.0, high_inclusive=False)
+    check_hyperparameter("eps", eps, low=0.0, low_inclusive=False)
+
+    def init(params):
+        leaves = tree_leaves(params)
+        f32 = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+               for p in leaves]
+        return ScaleByDebiasedAdoptState(step_counter(params), f32, [x.clone() for x in f32])
+
+    def update(updates, state, params=None, **extra):
+        g, treedef = tree_flatten(updates)
+        if len(g) != len(state.mu):
+            raise ValueError(f"scale_by_debiased_adopt: {len(g)} leaves but the state holds "
+                             f"{len(state.mu)}; pass the tree given to init")
+        count = increment(state.count)
+        t = count.to(torch.float64)
+        if not g:
+            return updates, state._replace(count=count)
+        g32 = [x.to(m.dtype) for x, m in zip(g, state.mu)]
+        w1 = torch.where(t > 1, (1 - b1) / (1 - b1 ** (t - 1).clamp(min=1)), 0.0)
+        w2 = (1 - b2) / (1 - b2 ** t)
+        x = torch._foreach_div(g32, torch._foreach_clamp_min(torch._foreach_sqrt(state.nu), eps))
+        mu = torch._foreach_add(state.mu, torch._foreach_mul(
+            torch._foreach_sub(x, state.mu), w1.to(g32[0].dtype)))
+        nu = torch._foreach_add(state.nu, torch._foreach_mul(
+            torch._foreach_sub(torch._foreach_mul(g32, g32), state.nu), w2.to(g32[0].dtype)))
+        out = [m.to(x.dtype) for m, x in zip(mu, g)]
+        return tree_unflatten(treedef, out), ScaleByDebiasedAdoptState(count, list(mu), list(nu))
+
+    return GradientTransformation(init, update)
+
+
+def foreach_adopt(lr=0.0025, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, warmup_steps=0):
+    """``ForeachADOPT``: :func:`scale_by_debiased_adopt`, decoupled decay, learning rate
+    :math:`\\gamma\\min((t-1)/T_w, 1)` (0.7.2 warms up on the momentum's own step count)."""
+    return chain(scale_by_debiased_adopt(betas[0], betas[1], eps),
+                 *_tail(lr, weight_decay, warmup_steps, offset=0))
 
 
 def foreach_sfadamw(lr=0.0025, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, warmup_steps=0,

@@ -12,6 +12,7 @@ from torch import nn
 
 from funcopt.adaptive import find_batch_test_state, fit_adaptive, gradient_and_stats, split_batch
 from funcopt.compose import chain
+from funcopt.testing import check_transform
 from funcopt.func.per_sample import (
     PerSampleStats, per_sample_grads, sample_loss, stats_from_per_sample_grads,
 )
@@ -223,3 +224,16 @@ def test_fit_adaptive_matches_a_materialised_reference_loop(make):
     assert max(r["micro_batches"] for r in hist) > 1  # accumulation was exercised
     for k in p:
         torch.testing.assert_close(p_fast[k], p[k])
+
+
+@pytest.mark.parametrize("make", [lambda: norm_test(0.3, 2, 50),
+                                  lambda: inner_product_test(0.3, 2, 50),
+                                  lambda: augmented_inner_product_test(0.3, 0.4, 2, 50),
+                                  lambda: scale_by_sample_schedule(warmup_cosine_samples(0.1, 5, 50)),
+                                  lambda: scale_by_sample_schedule(0.1)])
+def test_transforms_follow_the_contract(make):
+    per_sample = random_grads(7, 6, 5, 2.0)
+    _, stats = stats_from_per_sample_grads(per_sample)
+    params = {"w": torch.zeros(5, dtype=torch.float64), "v": torch.zeros(2, 2, dtype=torch.float64)}
+    state = check_transform(make(), params, per_sample_stats=stats, batch_size=6)
+    assert int(state.count) == 3 and int(state.samples) == 18

@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from funcopt.func import capture_curvature, kronecker_factors, supported_layers
+from funcopt.func import (capture_curvature, kronecker_factors, merge_curvature,
+                          supported_layers)
 
-
+DEFAULT_DTYPE = torch.float64  # float64 references (tests/conftest.py sets it per test)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -206,3 +207,87 @@ def test_zero_gradients_and_bad_options():
                     ({"loss": lambda o, t: o.sum(), "fisher": "mc"}, "likelihood")]:
         with pytest.raises(ValueError, match=msg):
             capture_curvature(model, params, x, y, **kw)
+
+
+@pytest.mark.parametrize("loss_average", ["batch", None, "batch+sequence"])
+@pytest.mark.parametrize("make, shape", CASES, ids=["mlp", "cnn", "sequence"])
+def test_merged_micro_batches_equal_the_concatenated_batch(make, shape, loss_average):
+    model = make().double()
+    params = params_of(model)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn((9,) + shape[1:], generator=gen)
+    y = torch.randint(0, 3, (9,), generator=gen)
+    kw = dict(loss_average=loss_average)
+    if loss_average is None:
+        kw["loss"] = lambda out, t: F.cross_entropy(out, t, reduction="sum")
+    whole = capture_curvature(model, params, x, y, **kw)
+    parts = [capture_curvature(model, params, x[i:j], y[i:j], **kw)
+             for i, j in ((0, 3), (3, 4), (4, 9))]  # unequal micro-batches
+    merged = merge_curvature([merge_curvature(parts[:2], loss_average=loss_average), parts[2]],
+                             loss_average=loss_average)
+    torch.testing.assert_close(merged.loss, whole.loss)
+    for k in whole.grads:
+        torch.testing.assert_close(merged.grads[k], whole.grads[k])
+    for name, lay in whole.layers.items():
+        assert merged.layers[name].num_loss_terms == lay.num_loss_terms
+        for got, ref in zip(kronecker_factors(merged.layers[name]), kronecker_factors(lay)):
+            torch.testing.assert_close(got, ref)
+
+
+def test_merge_refuses_bad_input():
+    model = mlp().double()
+    params = params_of(model)
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    cap = capture_curvature(model, params, x, y)
+    with pytest.raises(TypeError, match="Captured"):
+        merge_curvature([])
+    with pytest.raises(ValueError, match="loss_average"):
+        merge_curvature([cap], loss_average="mean")
+    part = {k: v for k, v in params.items() if not k.startswith("0.")}
+    other = capture_curvature(model, {**params, **part}, x, y)._replace(
+        layers={k: v for k, v in cap.layers.items() if k != "0"})
+    with pytest.raises(ValueError, match="different layers"):
+        merge_curvature([cap, other])
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_loss_scale_is_undone_exactly(fisher):
+    """A power-of-two loss scale changes nothing after unscaling (float64)."""
+    model = cnn().double()
+    params = params_of(model)
+    x, y = torch.randn(4, 2, 6, 6), torch.randint(0, 5, (4,))
+    kw = dict(fisher=fisher)
+    ref = capture_curvature(model, params, x, y, generator=torch.Generator().manual_seed(0), **kw)
+    got = capture_curvature(model, params, x, y, generator=torch.Generator().manual_seed(0),
+                            loss_scale=2.0 ** 12, **kw)
+    torch.testing.assert_close(got.loss, ref.loss, rtol=0, atol=0)
+    for k in ref.grads:
+        torch.testing.assert_close(got.grads[k], ref.grads[k], rtol=1e-14, atol=0)
+    for k in ref.layers:
+        torch.testing.assert_close(got.layers[k].g, ref.layers[k].g, rtol=1e-14, atol=0)
+
+
+def test_loss_scale_rescues_float16_autocast_from_underflow():
+    """Under fp16 autocast a small loss underflows in the backward pass; scaling the loss
+    and unscaling afterwards recovers float32 gradients and g (as torch.amp.GradScaler)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 5)).float()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(16, 20, dtype=torch.float32), torch.randint(0, 5, (16,))
+    small = lambda out, t: F.cross_entropy(out.float(), t) * 2.0 ** -20  # noqa: E731
+    ref = capture_curvature(model, params, x, y, loss=small)
+
+    def rel_err(cap):
+        errs = [(cap.grads[k].float() - ref.grads[k]).norm() / ref.grads[k].norm()
+                for k in ref.grads]
+        errs += [(cap.layers[k].g.float() - ref.layers[k].g).norm() / ref.layers[k].g.norm()
+                 for k in ref.layers]
+        return max(float(e) for e in errs)
+
+    with torch.autocast("cpu", dtype=torch.float16):
+        plain = capture_curvature(model, params, x, y, loss=small)
+        scaled = capture_curvature(model, params, x, y, loss=small, loss_scale=2.0 ** 20)
+    assert rel_err(plain) > 0.5  # underflow: the unscaled fp16 pass loses the gradients
+    assert rel_err(scaled) < 5e-3
+    assert all(lay.g.dtype == torch.float32 for lay in scaled.layers.values())
+    assert all(scaled.grads[k].dtype == torch.float32 for k in params)

@@ -117,7 +117,7 @@ def test_contract_and_alias_trains():
     (x, y), = batches(model, 32, 1)
     cap = fo.func.capture_curvature(model, params, x, y)
     check_transform(fo.kfac(model, 1e-2, T=2), params, curvature=cap)
-    tx = fo.kfac(model, 0.5, momentum=0.5, damping=1e-2, T=1)
+    tx = fo.kfac(model, 0.5, momentum=0.5, damping=1e-2, T=1, kl_clip=None)
     state = tx.init(params)
     first = None
     for _ in range(15):
@@ -129,6 +129,95 @@ def test_contract_and_alias_trains():
     assert loss < 0.5 * first
 
 
+@pytest.mark.parametrize("lr", [0.3, lambda t: 0.3 / (1.0 + t)], ids=["number", "schedule"])
+def test_kl_clip_matches_a_float64_reference(lr):
+    """nu = min(1, sqrt(kappa / (eta^2 sum_l |<V_l, u_l>|))) scales every layer (Ba et al.)."""
+    model = mlp()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    specs, _ = supported_layers(model)
+    kappa = 1e-3
+    tx = fo.scale_by_kfac(model, damping=1e-2, T=1, kl_clip=kappa, learning_rate=lr)
+    plain = fo.scale_by_kfac(model, damping=1e-2, T=1)
+    state, pstate = tx.init(params), plain.init(params)
+    for t, (x, y) in enumerate(batches(model, 8, 3)):
+        cap = fo.func.capture_curvature(model, params, x, y)
+        upd, state = tx.update(cap.grads, state, params, curvature=cap)
+        ref, pstate = plain.update(cap.grads, pstate, params, curvature=cap)
+        eta = lr(t) if callable(lr) else lr
+        vu = sum(float((grad_matrix(cap.grads, s) * grad_matrix(ref, s)).sum())
+                 for s in specs.values())
+        nu = min(1.0, (kappa / (eta ** 2 * abs(vu))) ** 0.5)
+        assert nu < 1.0  # the clip is active in this test
+        for k in ref:
+            torch.testing.assert_close(upd[k], nu * ref[k])
+        torch.testing.assert_close(state.learning_rate, torch.tensor(float(eta)))
+
+
+def test_learning_rate_of_the_clip_is_read_from_the_state():
+    model = mlp()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    (x, y), = batches(model, 8, 1)
+    cap = fo.func.capture_curvature(model, params, x, y)
+    tx = fo.scale_by_kfac(model, damping=1e-2, T=1, kl_clip=1e-3, learning_rate=1.0)
+    state = tx.init(params)
+    state = state._replace(learning_rate=torch.tensor(0.5))
+    got, _ = tx.update(cap.grads, state, params, curvature=cap)
+    ref, _ = fo.scale_by_kfac(model, damping=1e-2, T=1, kl_clip=1e-3, learning_rate=0.5).update(
+        cap.grads, state, params, curvature=cap)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k])
+
+
+def digits_batches(steps, n=64):
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    gen = torch.Generator().manual_seed(1)
+    perm = torch.randperm(len(x), generator=gen)
+    return [(x[perm[i * n:(i + 1) * n]], torch.tensor(y)[perm[i * n:(i + 1) * n]])
+            for i in range(steps)]
+
+
+def digits_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(16 * 2 * 2, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def run_digits(tx, model, steps):
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    state, losses = tx.init(params), []
+    for x, y in digits_batches(steps):
+        cap = fo.func.capture_curvature(model, params, x, y)
+        losses.append(float(cap.loss))
+        upd, state = tx.update(cap.grads, state, params, curvature=cap)
+        params = fo.apply_updates(params, upd)
+    return losses
+
+
+def test_default_damping_trains_a_digits_cnn_and_divergence_is_named():
+    """Damping 1e-3, lr 1e-2, momentum 0.9: unclipped KFAC blows up (the factors turn
+    non-finite and the error says so); the default KL clip keeps it training."""
+    model = digits_cnn()
+    losses = run_digits(fo.kfac(model, 1e-2, momentum=0.9), model, 25)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < 0.7 * losses[0]
+    with pytest.raises(FloatingPointError, match=r"not finite.*raise damping.*kl_clip"):
+        run_digits(fo.kfac(model, 1e-2, momentum=0.9, kl_clip=None, T=5), model, 25)
+
+
+def test_non_finite_curvature_is_a_clear_error():
+    model = mlp()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.full((4, 5), float("nan"), dtype=torch.float64)
+    cap = fo.func.capture_curvature(model, params, x, torch.tensor([0, 1, 2, 0]))
+    tx = fo.scale_by_kfac(model, T=1)
+    with pytest.raises(FloatingPointError, match="layer '0'.*step 0"):
+        tx.update(cap.grads, tx.init(params), params, curvature=cap)
+
+
 def test_bad_options():
     model = mlp()
     with pytest.raises(ValueError, match="method"):
@@ -137,7 +226,45 @@ def test_bad_options():
         fo.scale_by_kfac(model, decay=1.0)
     with pytest.raises(ValueError, match="eigh"):
         fo.scale_by_kfac(model, method="eigh", damping=0.0)
+    with pytest.raises(ValueError, match="kl_clip"):
+        fo.scale_by_kfac(model, kl_clip=0.0)
     with pytest.raises(TypeError, match="nn.Module"):
         fo.scale_by_kfac({"w": torch.zeros(2)})
     with pytest.raises(ValueError, match="supported layer"):
         fo.scale_by_kfac(nn.Sequential(nn.LayerNorm(3)))
+
+
+def accumulated_run(tx, model, batches, k):
+    """``multi_steps(tx, k)`` on micro-batches, curvature merged over each step's micro-batches."""
+    acc = fo.multi_steps(tx, k)
+    params = {n: v.detach() for n, v in model.named_parameters()}
+    state, merged = acc.init(params), None
+    for i, (x, y) in enumerate(batches):
+        for j in range(k):
+            rows = slice(j * len(x) // k, (j + 1) * len(x) // k)
+            cap = fo.func.capture_curvature(model, params, x[rows], y[rows])
+            merged = cap if j == 0 else fo.func.merge_curvature([merged, cap])
+            upd, state = acc.update(cap.grads, state, params, curvature=merged)
+            params = fo.apply_updates(params, upd)
+    return params
+
+
+def whole_batch_run(tx, model, batches):
+    params = {n: v.detach() for n, v in model.named_parameters()}
+    state = tx.init(params)
+    for x, y in batches:
+        cap = fo.func.capture_curvature(model, params, x, y)
+        upd, state = tx.update(cap.grads, state, params, curvature=cap)
+        params = fo.apply_updates(params, upd)
+    return params
+
+
+@pytest.mark.parametrize("make", [mlp, cnn], ids=["mlp", "cnn"])
+def test_gradient_accumulation_equals_the_concatenated_batch(make):
+    model = make()
+    data = batches(model, 8, 4)
+    make_tx = lambda: fo.kfac(model, 0.1, momentum=0.9, damping=1e-2, T=2)  # noqa: E731
+    got = accumulated_run(make_tx(), model, data, k=2)
+    ref = whole_batch_run(make_tx(), model, data)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-11)

@@ -153,3 +153,19 @@ def test_linear_and_conv_layers_use_the_closed_form(case, monkeypatch):
     params = {k: v.detach() for k, v in model.named_parameters()}
     _, sq, _ = ps.batch_grad_and_sq_norms(model, ce, params, x, y)
     assert sq.shape == (x.shape[0],)
+
+
+def test_replaced_layer_after_a_call_still_gives_exact_norms():
+    import funcopt.func.per_sample as ps
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3, bias=False)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    ps.batch_grad_and_sq_norms(model, ce, params, x, y)  # fills the layer cache
+    model[2] = nn.Sequential(nn.Linear(5, 3, bias=False)).double()[0]  # a new module object
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    _, sq, _ = ps.batch_grad_and_sq_norms(model, ce, params, x, y)
+    want = loop_grads(model, params, x, y)
+    ref = sum(v.flatten(1).square().sum(1) for v in want.values())
+    torch.testing.assert_close(sq, ref)

@@ -96,8 +96,9 @@ def _lm(problem: Problem) -> Runner:
     if problem.residual_fn is None:
         raise Unavailable("the problem has no residual function")
     n = sum(p.numel() for p in fo.tree_leaves(problem.params))
-    if n > 5000:
-        raise Unavailable(f"{n} parameters: too many for a dense Levenberg-Marquardt step here")
+    if n > 1000:  # the Jacobian costs one backward pass per residual
+        raise Unavailable(f"{n} parameters: too many for this suite's time budget "
+                          "(run it with --problems and a small model)")
     tx = fo.levenberg_marquardt(problem.residual_fn)
 
     def step(params, state, batch):

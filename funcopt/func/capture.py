@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 __all__ = ["LayerSpec", "LayerCurvature", "Captured", "supported_layers", "capture_curvature",
-           "kronecker_factors"]
+           "kronecker_factors", "merge_curvature"]
 
 _LOSSES = ("cross_entropy", "mse")
 _FISHERS = ("empirical", "mc")
@@ -185,12 +185,43 @@ def _check_options(loss, fisher, kfac_approx, loss_average) -> None:
                          "'batch+sequence'")
 
 
+def _unscale(t: Tensor | None, scale: Any) -> Tensor | None:
+    """``t / scale``; 16-bit tensors are unscaled in float32 (they would underflow again)."""
+    if t is None or scale is None:
+        return t
+    wide = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    return wide / torch.as_tensor(scale, dtype=wide.dtype, device=wide.device)
+
+
+def _gradients(value: Tensor, leaves: list[Tensor], probes: list[Tensor],
+               sampled: Callable[[], Tensor] | None, loss_scale: Any):
+    """Gradients of ``loss_scale * value`` for ``leaves`` and of the (sampled) loss for the
+    probes, divided by ``loss_scale`` again."""
+    scale = 1.0 if loss_scale is None else loss_scale
+    wide = value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+    with torch.enable_grad():
+        scaled = wide * scale
+    if sampled is None:
+        found = torch.autograd.grad(scaled, leaves + probes, allow_unused=True)
+        grads, gys = found[:len(leaves)], found[len(leaves):]
+    else:
+        grads = torch.autograd.grad(scaled, leaves, retain_graph=True, allow_unused=True)
+        with torch.enable_grad():
+            sample = sampled()
+            scaled_sample = (sample.float() if sample.dtype != wide.dtype else sample) * scale
+        gys = torch.autograd.grad(scaled_sample, probes, allow_unused=True)
+    if loss_scale is not None:  # grads keep the parameters' dtype, as GradScaler.unscale_
+        grads = [None if gr is None else (gr / loss_scale).to(gr.dtype) for gr in grads]
+        gys = [_unscale(gy, loss_scale) for gy in gys]
+    return grads, gys
+
+
 def capture_curvature(
     model: nn.Module, params: dict[str, Tensor], inputs: Any, targets: Tensor, *,
     loss: str | Callable[[Tensor, Tensor], Tensor] = "cross_entropy",
     fisher: str = "empirical", kfac_approx: str = "expand", loss_average: str | None = "batch",
     buffers: dict[str, Tensor] | None = None, generator: torch.Generator | None = None,
-    strict: bool = False,
+    strict: bool = False, loss_scale: float | Tensor | None = None,
 ) -> Captured:
     """Loss, gradients and per-layer ``(a, g)`` from one pass of ``model`` on ``params``.
 
@@ -216,6 +247,13 @@ def capture_curvature(
       generator: optional ``torch.Generator`` for the MC samples.
       strict: raise when a module with parameters is unsupported (default: report it in
         ``Captured.unsupported``; its gradients are still returned).
+      loss_scale: mixed precision (AMP): backpropagate ``loss_scale * loss`` so that 16-bit
+        gradients do not underflow, then unscale: ``grads`` are divided by it in the
+        parameters' dtype (as ``GradScaler.unscale_``), ``g`` in float32 when it is 16-bit.
+        What comes back is unscaled, so the transforms' update needs no scaler. Pass e.g.
+        ``scaler.get_scale()`` of a ``torch.amp.GradScaler`` or a manually adjusted power of
+        two; on overflow (non-finite ``grads``) skip the step and lower the scale, e.g. with
+        :func:`funcopt.apply_if_finite`. Default ``None`` (no scaling).
 
     Returns:
       :class:`Captured` ``(loss, grads, layers, unsupported)``; ``grads`` has the keys of
@@ -257,15 +295,9 @@ def capture_curvature(
         value = fn(out, targets)
     keys = list(leaves)
     probes = [p for name in specs for _, p in records[name]]
-    if fisher == "empirical":
-        found = torch.autograd.grad(value, [leaves[k] for k in keys] + probes, allow_unused=True)
-        grads, gys = found[:len(keys)], found[len(keys):]
-    else:
-        grads = torch.autograd.grad(value, [leaves[k] for k in keys], retain_graph=True,
-                                    allow_unused=True)
-        with torch.enable_grad():
-            sampled = fn(out, _sample_targets(loss, out, generator))
-        gys = torch.autograd.grad(sampled, probes, allow_unused=True)
+    sampled = None if fisher == "empirical" else \
+        (lambda: fn(out, _sample_targets(loss, out, generator)))
+    grads, gys = _gradients(value, [leaves[k] for k in keys], probes, sampled, loss_scale)
     grads = {k: torch.zeros_like(leaves[k]) if gr is None else gr for k, gr in zip(keys, grads)}
     layers, i = {}, 0
     for name, spec in specs.items():
@@ -291,3 +323,53 @@ def kronecker_factors(layer: LayerCurvature, dtype: torch.dtype | None = None
     a = layer.a if dtype is None else layer.a.to(dtype)
     g = layer.g if dtype is None else layer.g.to(dtype)
     return a.T @ a / a.shape[0], (g.T @ g) * layer.num_loss_terms
+
+
+def merge_curvature(captures: list[Captured] | tuple[Captured, ...], *,
+                    loss_average: str | None = "batch") -> Captured:
+    """One :class:`Captured` for the union of micro-batches, as if captured on their
+    concatenation (gradient accumulation).
+
+    With a mean loss over ``N_m`` terms in micro-batch ``m`` and ``N = sum_m N_m``: rows of
+    ``a`` are stacked; rows of ``g`` are stacked after scaling by ``N_m / N`` (the gradient
+    of the mean over all ``N`` terms); ``num_loss_terms = N``; ``grads`` and ``loss`` are the
+    ``N_m / N``-weighted means. With a summed loss (``loss_average=None``) ``g`` rows are
+    stacked unscaled and ``grads``, ``loss`` are summed. So the KFAC factors and SINGD's
+    ``H_K``, ``H_C`` of the merged capture equal those of one capture on the concatenated
+    batch (exactly, for the "expand" approximation and equal per-example positions).
+
+    Args:
+      captures: the micro-batches' captures (one or more), same model and options.
+      loss_average: the value passed to :func:`capture_curvature` (default ``"batch"``).
+
+    Use with :func:`funcopt.multi_steps` (which runs the inner transform on every micro-step
+    and keeps only the last result): keep ``merged = merge_curvature([merged, cap])`` across
+    the micro-steps of one step and pass ``curvature=merged``. Memory grows with the rows
+    kept (for convolutions, examples times positions).
+    """
+    captures = list(captures)
+    if not captures or not all(isinstance(c, Captured) for c in captures):
+        raise TypeError("merge_curvature: pass a non-empty list of Captured objects (results "
+                        "of funcopt.func.capture_curvature)")
+    if loss_average not in _AVERAGES:
+        raise ValueError(f"loss_average={loss_average!r}: pass None, 'batch' or "
+                         "'batch+sequence', as given to capture_curvature")
+    names = set(captures[0].layers)
+    if any(set(c.layers) != names or set(c.grads) != set(captures[0].grads) for c in captures):
+        raise ValueError("merge_curvature: the captures cover different layers or parameters; "
+                         "capture every micro-batch with the same model and params keys")
+    first = next(iter(names), None)
+    terms = [c.layers[first].num_loss_terms if first else 1 for c in captures]
+    weights = [1.0] * len(captures) if loss_average is None else [n / sum(terms) for n in terms]
+    layers = {}
+    for name in captures[0].layers:
+        parts = [c.layers[name] for c in captures]
+        total = 1 if loss_average is None else sum(p.num_loss_terms for p in parts)
+        scale = [1.0 if loss_average is None else p.num_loss_terms / total for p in parts]
+        layers[name] = LayerCurvature(torch.cat([p.a for p in parts]),
+                                      torch.cat([p.g * w for p, w in zip(parts, scale)]), total)
+    grads = {k: sum(c.grads[k] * w for c, w in zip(captures, weights))
+             for k in captures[0].grads}
+    loss = sum(c.loss * w for c, w in zip(captures, weights))
+    unsupported = tuple(dict.fromkeys(u for c in captures for u in c.unsupported))
+    return Captured(loss, grads, layers, unsupported)

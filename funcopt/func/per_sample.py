@@ -19,6 +19,7 @@ directional derivative of l_i along v (``jvp``), so no g_i is formed for any lay
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -156,22 +157,39 @@ def _tokens(module: nn.Module, a: Tensor, dz: Tensor) -> tuple[Tensor, Tensor]:
     return a.reshape(b, -1, a.shape[-1]), dz.reshape(b, -1, dz.shape[-1])
 
 
-def _layer_sq_norms(module: nn.Module, a: Tensor, dz: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Per-sample ||dW_i||^2 and ||db_i||^2 of one Linear/Conv2d call (b,) each."""
+def _layer_terms(module: nn.Module, a: Tensor, dz: Tensor, norms: list, squares: list) -> None:
+    """Append one Linear/Conv2d call's per-sample terms: ||dW_i||^2 + ||db_i||^2 is the sum of
+    the squares of what goes to ``norms`` plus what goes to ``squares`` (all shaped (b,))."""
+    bias = module.bias is not None
+    if a.dim() == 2 and isinstance(module, nn.Linear):  # one token: ||dW_i|| = ||dz_i|| ||a_i||
+        dz_norm = torch.linalg.vector_norm(dz, dim=1)
+        norms.append(dz_norm * torch.linalg.vector_norm(a, dim=1))
+        if bias:
+            norms.append(dz_norm)
+        return
     a, dz = _tokens(module, a, dz)
     t, d_in, d_out = a.shape[1], a.shape[2], dz.shape[2]
-    if t == 1:
-        w_sq = dz.square().sum((1, 2)) * a.square().sum((1, 2))
-    elif t * t <= d_in * d_out:  # Gram identity: cost b T^2 (d_in + d_out)
-        w_sq = ((dz @ dz.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum((1, 2))
+    if t * t <= d_in * d_out:  # Gram identity: cost b T^2 (d_in + d_out)
+        squares.append(((dz @ dz.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum((1, 2)))
     else:  # forming dW_i is cheaper: cost b T d_in d_out
-        w_sq = (dz.transpose(1, 2) @ a).square().sum((1, 2))
-    b_sq = dz.sum(1).square().sum(1) if module.bias is not None else None
-    return w_sq, b_sq
+        norms.append(torch.linalg.vector_norm(dz.transpose(1, 2) @ a, dim=(1, 2)))
+    if bias:
+        norms.append(torch.linalg.vector_norm(dz.sum(1), dim=1))
 
 
-def _hook_layers(model: nn.Module, params: dict[str, Tensor]):
-    """Modules whose per-sample norms have a closed form, and the param names they own."""
+_LAYER_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _hook_layers(model: nn.Module, params: dict[str, Tensor]) -> dict[nn.Module, list[str]]:
+    """Modules whose per-sample norms have a closed form, and the param names they own.
+
+    Cached per model and parameter names; a stale entry is harmless, since a layer's
+    parameters count as covered only when the layer was seen in this forward pass.
+    """
+    names = tuple(params)
+    per_model = _LAYER_CACHE.setdefault(model, {})
+    if names in per_model:
+        return per_model[names]
     layers = {}
     for name, m in model.named_modules():
         ok = isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and _conv_ok(m))
@@ -180,8 +198,34 @@ def _hook_layers(model: nn.Module, params: dict[str, Tensor]):
         prefix = f"{name}." if name else ""
         keys = [prefix + "weight"] + ([prefix + "bias"] if m.bias is not None else [])
         if all(k in params for k in keys):
-            layers[name] = (m, keys)
+            layers[m] = keys
+    per_model[names] = layers
     return layers
+
+
+def _forward_backward(model, output_loss, leaves, inputs, targets, layers):
+    """Losses, gradients of the leaves, and (module, a, dz) of every layer called once."""
+    seen: dict[nn.Module, list] = {m: [] for m in layers}
+
+    def hook(mod, inp, out):
+        seen[mod].append((inp[0], out))
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        with torch.enable_grad():
+            losses = output_loss(functional_call(model, leaves, (inputs,)), targets)
+    finally:
+        for h in handles:
+            h.remove()
+    if losses.shape != (inputs.shape[0],):
+        raise ValueError(f"output_loss must return one loss per sample, shape "
+                         f"({inputs.shape[0]},); got {tuple(losses.shape)}. Use reduction='none'")
+    used = [(m, c[0][0], c[0][1]) for m, c in seen.items() if len(c) == 1 and c[0][1].requires_grad]
+    leaf_list = list(leaves.values())
+    grads = torch.autograd.grad(losses.sum(), leaf_list + [o for _, _, o in used],
+                                allow_unused=True)
+    n = len(leaf_list)
+    return losses.detach(), grads[:n], [(m, a, dz) for (m, a, _), dz in zip(used, grads[n:])]
 
 
 def batch_grad_and_sq_norms(
@@ -194,7 +238,8 @@ def batch_grad_and_sq_norms(
     forward, ||g_i||^2 comes from the layer inputs and output gradients (see the module
     docstring) without forming g_i; the parameters of any other layer get theirs from
     ``vmap(grad)`` restricted to those parameters. The model must treat samples independently
-    (no BatchNorm in training mode).
+    (no BatchNorm in training mode). Beyond the batch gradient, a Linear layer on (b, d) inputs
+    costs two row norms and a product.
 
     Args:
         model: the module; its parameters are replaced by ``params`` (torch.func.functional_call).
@@ -212,39 +257,23 @@ def batch_grad_and_sq_norms(
                         "e.g. {k: v.detach() for k, v in model.named_parameters()}")
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     layers = _hook_layers(model, params)
-    seen: dict[str, list] = {name: [] for name in layers}
-    handles = [m.register_forward_hook(lambda mod, inp, out, n=name: seen[n].append((inp[0], out)))
-               for name, (m, _) in layers.items()]
-    try:
-        with torch.enable_grad():
-            losses = output_loss(functional_call(model, leaves, (inputs,)), targets)
-            if losses.shape != (inputs.shape[0],):
-                raise ValueError(f"output_loss must return one loss per sample, shape "
-                                 f"({inputs.shape[0]},); got {tuple(losses.shape)}. Use "
-                                 "reduction='none'")
-            used = {n: c[0] for n, c in seen.items() if len(c) == 1 and c[0][1].requires_grad}
-            outs = [o for _, o in used.values()]
-            names = list(leaves)
-            grads = torch.autograd.grad(losses.sum(), [leaves[k] for k in names] + outs,
-                                        allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
-    grad_sum = {k: torch.zeros_like(leaves[k]) if g is None else g
-                for k, g in zip(names, grads[: len(names)])}
-    sq = torch.zeros_like(losses.detach())
+    losses, grads, calls = _forward_backward(model, output_loss, leaves, inputs, targets, layers)
+    grad_sum = {k: torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(leaves, grads)}
+    norms: list[Tensor] = []
+    squares: list[Tensor] = []
     covered: set[str] = set()
-    for (n, (a, _)), dz in zip(used.items(), grads[len(names):]):
-        m, keys = layers[n]
-        if dz is None:
-            continue
-        w_sq, b_sq = _layer_sq_norms(m, a.detach(), dz)
-        sq = sq + w_sq + (b_sq if b_sq is not None else 0)
-        covered.update(keys)
+    with torch.no_grad():
+        for m, a, dz in calls:
+            if dz is not None:
+                _layer_terms(m, a, dz, norms, squares)
+                covered.update(layers[m])
+        sq = torch.stack(norms).square().sum(0) if norms else torch.zeros_like(losses)
+        for term in squares:
+            sq = sq + term
     rest = {k: v.detach() for k, v in params.items() if k not in covered}
     if rest:
         sq = sq + _fallback_sq_norms(model, output_loss, params, rest, inputs, targets, chunk_size)
-    return grad_sum, sq, losses.detach()
+    return grad_sum, sq, losses
 
 
 def _fallback_sq_norms(model, output_loss, params, rest, inputs, targets, chunk_size):

@@ -1,4 +1,4 @@
-"""Kronecker-factored natural gradient: KFAC and SINGD.
+"""Kronecker-factored natural gradient: SINGD here, KFAC in :mod:`funcopt.transforms.kfac`.
 
 Both precondition the gradient of every supported layer (Linear, Conv2d; see
 :func:`funcopt.func.supported_layers`) with two Kronecker factors built from the layer inputs
@@ -21,6 +21,12 @@ The parameter trees are dicts keyed like ``model.named_parameters()``. Parameter
 layers go to a ``fallback`` transform (through :func:`funcopt.partition`); without one, a
 model that has such parameters is refused with an error naming them.
 
+Gradient accumulation: under :func:`funcopt.multi_steps`, pass the curvature of all the
+micro-batches so far, ``fo.func.merge_curvature([...])``; the step then equals one step on the
+concatenated batch (tested). Data parallel: give ``process_group``; the factor statistics are
+averaged over it (average the gradients yourself, e.g. ``fo.tree_all_reduce_mean``). Mixed
+precision: ``capture_curvature(..., loss_scale=s)`` scales the loss and unscales the results.
+
 Host syncs: both methods read the step counter on the host once per step to decide whether
 this is a refresh step (every ``T`` steps); KFAC's factor inversion also checks its result.
 """
@@ -28,7 +34,6 @@ this is a refresh step (every ``T`` steps); KFAC's factor inversion also checks 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -36,10 +41,24 @@ from torch import Tensor, nn
 
 from funcopt.base import (GradientTransformation, ScalarOrSchedule, check_hyperparameter,
                           increment, resolve, step_counter)
-from funcopt.func.capture import LayerSpec, kronecker_factors, supported_layers
+from funcopt.func.capture import LayerSpec, supported_layers
 from funcopt.transforms.structures import Structure, get_structure, lincomb
 
-__all__ = ["KFACState", "SINGDState", "scale_by_kfac", "scale_by_singd", "kfac", "singd"]
+__all__ = ["SINGDState", "scale_by_singd", "singd",
+           # defined in funcopt.transforms.kfac, re-exported lazily (see __getattr__)
+           "KFACState", "scale_by_kfac", "kfac"]
+
+_KFAC_NAMES = ("KFACState", "scale_by_kfac", "kfac")
+
+
+def __getattr__(name: str):
+    """Re-export KFAC from :mod:`funcopt.transforms.kfac` on first use (that module imports
+    the shared helpers from here, so a top-level import would be circular)."""
+    if name in _KFAC_NAMES:
+        from funcopt.transforms import kfac as _kfac_module
+
+        return getattr(_kfac_module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------- shared plumbing
@@ -130,180 +149,6 @@ def _with_fallback(model, layers, natural: GradientTransformation, fallback, who
 
 def _eye(d: int, like: Tensor) -> Tensor:
     return torch.eye(d, dtype=torch.float32, device=like.device).to(like.dtype)
-
-
-# --------------------------------------------------------------------------- KFAC
-
-
-class KFACState(NamedTuple):
-    """``count``; per layer the running factors ``(A, G)`` and the preconditioner:
-    ``(A_inv, G_inv)`` for ``method="inverse"``, ``(Q_A, s_A, Q_G, s_G)`` for ``"eigh"``."""
-
-    count: Tensor
-    factors: dict[str, tuple[Tensor, Tensor]]
-    precond: dict[str, tuple[Tensor, ...]]
-
-
-def _damped_inverse(m: Tensor, gamma: Tensor) -> Tensor:
-    """``(m + gamma I)^{-1}`` through the solver layer (Cholesky), in float32 or wider.
-
-    A failed factorisation (``success`` False) falls back to the pseudo-inverse of the
-    symmetric eigen-decomposition, so a singular, undamped factor still gives finite numbers.
-    """
-    from funcopt import solvers
-
-    work = m if m.dtype in (torch.float32, torch.float64) else m.float()
-    damped = work + gamma.to(work.dtype) * _eye(work.shape[0], work)
-    sol = solvers.solve(solvers.dense(damped, symmetric=True, positive_definite=True),
-                        _eye(work.shape[0], work), solver="cholesky")
-    if bool(sol.success):
-        return sol.x.to(m.dtype)
-    return torch.linalg.pinv(damped, hermitian=True).to(m.dtype)
-
-
-def _eigh(m: Tensor) -> tuple[Tensor, Tensor]:
-    work = m if m.dtype in (torch.float32, torch.float64) else m.float()
-    s, q = torch.linalg.eigh(work)
-    return q.to(m.dtype), s.clamp(min=0).to(m.dtype)
-
-
-def _kfac_refresh(A: Tensor, G: Tensor, damping: Any, method: str, pi: bool) -> tuple:
-    if method == "eigh":
-        return (*_eigh(A), *_eigh(G))
-    lam = torch.as_tensor(damping, dtype=torch.float64, device=A.device)
-    if pi:
-        ta = A.diagonal().mean().double().clamp(min=1e-30)
-        tg = G.diagonal().mean().double().clamp(min=1e-30)
-        ratio = torch.sqrt(ta / tg)
-    else:
-        ratio = torch.ones((), dtype=torch.float64, device=A.device)
-    return (_damped_inverse(A, ratio * lam.sqrt()), _damped_inverse(G, lam.sqrt() / ratio))
-
-
-def _kfac_apply(mat: Tensor, pre: tuple, damping: Any) -> Tensor:
-    if len(pre) == 2:
-        a_inv, g_inv = pre
-        return g_inv @ mat.to(a_inv.dtype) @ a_inv
-    qa, sa, qg, sg = pre
-    v = qg.T @ mat.to(qa.dtype) @ qa
-    return qg @ (v / (sg[:, None] * sa[None, :] + damping)) @ qa.T
-
-
-def scale_by_kfac(
-    model: nn.Module, *, damping: float = 1e-3, decay: float = 0.95, T: int = 10,
-    method: str = "inverse", pi_damping: bool = True, factor_dtype: torch.dtype | None = None,
-    process_group: Any = None,
-) -> GradientTransformation:
-    r"""Kronecker-factored preconditioning (KFAC) of every supported layer's gradient.
-
-    For a layer with gradient matrix :math:`V = [\nabla W, \nabla b]`, captured ``a`` and
-    ``g`` (:func:`funcopt.func.capture_curvature`):
-
-    .. math::
-        \bar A_t = \rho \bar A_{t-1} + (1-\rho) A_t,\quad A_t = a^\top a / n_a;\qquad
-        \bar G_t = \rho \bar G_{t-1} + (1-\rho) G_t,\quad G_t = N g^\top g
-
-    (the first step takes :math:`\bar A = A_1`), and every :math:`T` steps the preconditioner
-    is refreshed. ``method="inverse"`` (Martens & Grosse 2015, factored Tikhonov damping):
-    :math:`u = (\bar G + \tfrac{\sqrt\lambda}{\pi} I)^{-1} V (\bar A + \pi\sqrt\lambda I)^{-1}`
-    with :math:`\pi = \sqrt{(\mathrm{tr}\bar A / d_A)/(\mathrm{tr}\bar G / d_G)}` (or 1).
-    ``method="eigh"``: exact damping of the Kronecker product,
-    :math:`\mathrm{vec}(u) = (\bar G \otimes \bar A + \lambda I)^{-1}\mathrm{vec}(V)` through the
-    eigen-decompositions :math:`\bar A = Q_A S_A Q_A^\top`, :math:`\bar G = Q_G S_G Q_G^\top`.
-
-    Args:
-      model: the module whose supported layers are preconditioned; other entries of the
-        updates pass through unchanged.
-      damping: :math:`\lambda > 0` (default 1e-3). A number.
-      decay: :math:`\rho \in [0, 1)`, the running-average decay of the factors (default 0.95).
-      T: refresh the inverses (or eigenbases) every ``T`` steps (default 10); the factors are
-        averaged only on those steps, so ``curvature`` is needed only then.
-      method: ``"inverse"`` (default) or ``"eigh"``.
-      pi_damping: use the :math:`\pi` split of the damping (default True; "inverse" only).
-      factor_dtype: dtype of the factors (default: the weight's dtype); e.g. float32 for
-        bf16 weights.
-      process_group: a ``torch.distributed`` group; the new factors are averaged over it.
-
-    Extra keyword of ``update``: ``curvature`` (a :class:`funcopt.func.Captured` or its
-    ``layers`` dict), required on refresh steps (``count % T == 0``).
-
-    Reference: Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored
-    Approximate Curvature", ICML 2015; Grosse & Martens, ICML 2016 (convolutions).
-    """
-    check_hyperparameter("damping", damping, low=0.0)
-    check_hyperparameter("decay", decay, low=0.0, high=1.0, high_inclusive=False)
-    if method not in ("inverse", "eigh"):
-        raise ValueError(f"method={method!r}: pass 'inverse' or 'eigh'")
-    if not isinstance(T, int) or T < 1:
-        raise ValueError(f"T={T!r} must be an int >= 1")
-    if method == "eigh" and not damping > 0:
-        raise ValueError("method='eigh' needs damping > 0 (the eigenvalues may be 0)")
-    layers = _layers(model)
-
-    def init(params):
-        factors, precond = {}, {}
-        for name, s in layers.items():
-            w = params[s.weight]
-            dt = factor_dtype or w.dtype
-            A = torch.zeros(s.dim_in, s.dim_in, dtype=dt, device=w.device)
-            G = torch.zeros(s.dim_out, s.dim_out, dtype=dt, device=w.device)
-            factors[name] = (A, G)
-            if method == "inverse":
-                precond[name] = (_eye(s.dim_in, A), _eye(s.dim_out, G))
-            else:
-                precond[name] = (_eye(s.dim_in, A), torch.ones(s.dim_in, dtype=dt, device=w.device),
-                                 _eye(s.dim_out, G), torch.ones(s.dim_out, dtype=dt,
-                                                                device=w.device))
-        return KFACState(step_counter(params), factors, precond)
-
-    def update(updates, state, params=None, **extra):
-        _check_updates(updates, layers, "scale_by_kfac")
-        t = _count(state.count)
-        factors, precond = dict(state.factors), dict(state.precond)
-        if t % T == 0:
-            cur = _curvature(extra, layers, "scale_by_kfac")
-            for name in layers:
-                A0, G0 = factors[name]
-                A, G = _all_reduce(list(kronecker_factors(cur[name], A0.dtype)), process_group)
-                if t > 0:
-                    A, G = decay * A0 + (1 - decay) * A, decay * G0 + (1 - decay) * G
-                factors[name] = (A, G)
-                precond[name] = _kfac_refresh(A, G, damping, method, pi_damping)
-        out = dict(updates)
-        for name, s in layers.items():
-            mat = _kfac_apply(_grad_matrix(updates, s), precond[name], damping)
-            _scatter(out, updates, s, mat)
-        return out, KFACState(increment(state.count), factors, precond)
-
-    return GradientTransformation(init, update)
-
-
-def kfac(
-    model: nn.Module, learning_rate: ScalarOrSchedule = 1e-3, *, momentum: float = 0.0,
-    weight_decay: float = 0.0, fallback: GradientTransformation | None = None, **kfac_options,
-) -> GradientTransformation:
-    r"""KFAC with momentum and weight decay:
-    ``chain(scale_by_kfac(model, ...), add_decayed_weights(weight_decay), trace(momentum),
-    scale_by_learning_rate(learning_rate))``, i.e. :math:`\theta \leftarrow \theta - \eta\,
-    m`, :math:`m \leftarrow \mu m + (F^{-1}\nabla + \gamma\theta)`.
-
-    Args:
-      model: the module; learning_rate: :math:`\eta` (number or schedule, default 1e-3);
-      momentum: :math:`\mu` (default 0); weight_decay: :math:`\gamma` (default 0);
-      fallback: transform for parameters outside supported layers (required if any exist);
-      kfac_options: ``damping``, ``decay``, ``T``, ``method``, ``pi_damping``,
-        ``factor_dtype``, ``process_group`` of :func:`scale_by_kfac`.
-
-    Reference: Martens & Grosse, ICML 2015.
-    """
-    from funcopt.compose import chain
-    from funcopt.transforms.first_order import scale_by_learning_rate, trace
-    from funcopt.transforms.weight_decay import add_decayed_weights
-
-    layers = _layers(model)
-    natural = chain(scale_by_kfac(model, **kfac_options), add_decayed_weights(weight_decay),
-                    trace(momentum), scale_by_learning_rate(learning_rate))
-    return _with_fallback(model, layers, natural, fallback, "kfac")
 
 
 # --------------------------------------------------------------------------- SINGD
@@ -495,7 +340,8 @@ def singd(
 
     Differences from ``singd.optim.SINGD``: the curvature comes from
     :func:`funcopt.func.capture_curvature` (pass ``kfac_approx``/``loss_average`` there);
-    gradient scaling for AMP is left to the caller (unscale the gradients first); the
+    for AMP, capture with ``capture_curvature(..., loss_scale=s)``, which returns unscaled
+    gradients and ``g`` (there is no scaler inside the transform); the
     package's block-diagonal structure multiplies by ``K`` where its definition (and ours)
     multiplies by ``K^T``.
 

@@ -1,3 +1,415 @@
-"""(in progress)"""
+"""PSGD Kron: a Kronecker-factored preconditioner fitted by Lie-group (triangular) updates.
 
-__all__: list[str] = []
+Each parameter of shape ``(d_1, ..., d_k)`` (size-1 dimensions dropped) gets one factor per
+dimension: an upper-triangular ``Q_i`` (``d_i x d_i``) or, to save memory, a diagonal one.
+The preconditioner is :math:`P = Q^T Q` with :math:`Q = Q_1 \\otimes \\dots \\otimes Q_k`;
+it is fitted so that :math:`P h \\approx v` for a probe :math:`v` and a damped gradient
+:math:`h`, and applied to the momentum.
+
+Reference: Xi-Lin Li, "Preconditioned Stochastic Gradient Descent",
+https://arxiv.org/abs/1512.04202 and https://github.com/lixilinx/psgd_torch; defaults and
+details as HeavyBall 3.2.1's ``PSGDKron`` (https://github.com/HomebrewML/HeavyBall).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from funcopt.base import (
+    GradientTransformation, PyTree, ScalarOrSchedule, Tensor, check_hyperparameter, increment,
+    step_counter, tree_check_structure, tree_flatten, tree_leaves, tree_unflatten,
+)
+
+__all__ = [
+    "ScaleByPsgdKronState",
+    "precond_update_prob_schedule",
+    "scale_by_psgd_kron",
+    "scale_by_trust_region_clip",
+    "psgd_kron",
+]
+
+_MODES = (None, "one_diag", "smart_one_diag", "one_triu", "all_diag")
+_F32_EPS = torch.finfo(torch.float32).eps
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def precond_update_prob_schedule(
+    max_prob: float = 1.0, min_prob: float = 0.03, decay: float = 0.999, flat_start: float = 1000
+) -> Callable[[Tensor], Tensor]:
+    """Preconditioner-update probability ``p(t) = max(min_prob, max_prob * decay^max(t - s, 0))``.
+
+    Flat at ``max_prob`` for ``flat_start`` (:math:`s`) steps, then an exponential anneal to
+    ``min_prob`` (HeavyBall 3.2.1 ``precond_update_prob_schedule``; ``t`` counts from 1).
+    """
+    def prob(t: Tensor) -> Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return torch.clamp(max_prob * decay ** torch.clamp(t - flat_start, min=0.0), min=min_prob)
+
+    return prob
+
+
+class ScaleByPsgdKronState(NamedTuple):
+    """``count``; ``prob_sum``: the summed update probabilities (an update happens whenever its
+    integer part grows); ``mu``: momentum; ``qs``/``lower_bounds``: per leaf, the factors and the
+    running lower bounds of their step normalisers; ``rng``: the probe generator's state."""
+
+    count: Tensor
+    prob_sum: Tensor
+    mu: list
+    qs: list
+    lower_bounds: list
+    rng: Tensor
+
+
+def _factor_kinds(shape, max_size, min_ndim, mode) -> list[str]:
+    """Per dimension: ``"tri"`` (triangular) or ``"diag"``; ``["scalar"]`` for a 0-d leaf."""
+    if not shape:
+        return ["scalar"]
+    diag = [False] * len(shape)
+    biggest = max(range(len(shape)), key=lambda i: shape[i])
+    if mode == "one_diag":
+        diag[biggest] = True
+    elif mode == "smart_one_diag":
+        s = sorted(shape)
+        diag[biggest] = len(shape) >= 2 and s[-1] > s[-2]
+    elif mode == "one_triu":
+        smallest = min(range(len(shape)), key=lambda i: (shape[i], i))
+        diag = [i != smallest for i in range(len(shape))]
+    elif mode == "all_diag":
+        diag = [True] * len(shape)
+    return ["diag" if (d == 1 or d > max_size or len(shape) < min_ndim or dg) else "tri"
+            for d, dg in zip(shape, diag)]
+
+
+def _init_factor(kind: str, d: int, dtype, device) -> Tensor:
+    if kind == "tri":
+        return torch.eye(d, dtype=dtype, device=device)
+    return torch.ones(() if kind == "scalar" else (d,), dtype=dtype, device=device)
+
+
+def _kind(q: Tensor) -> str:
+    return {0: "scalar", 1: "diag", 2: "tri"}[q.ndim]
+
+
+def _along(x: Tensor, i: int, fn) -> Tensor:
+    """Apply ``fn`` to ``x`` seen as a matrix ``(rest, d_i)`` (dimension ``i`` last)."""
+    moved = x.movedim(i, -1)
+    out = fn(moved.reshape(-1, moved.shape[-1]))
+    return out.reshape(moved.shape).movedim(-1, i)
+
+
+def _diag_along(q: Tensor, i: int, ndim: int) -> Tensor:
+    shape = [1] * ndim
+    shape[i] = -1
+    return q.view(shape)
+
+
+def _apply_q(qs: list[Tensor], x: Tensor) -> Tensor:
+    """``Q x``: each triangular factor multiplies its dimension, diagonal ones scale it."""
+    for i, q in enumerate(qs):
+        if q.ndim == 2:
+            x = _along(x, i, lambda m, q=q: m @ q.T)
+        else:
+            x = x * (q if q.ndim == 0 else _diag_along(q, i, x.ndim))
+    return x
+
+
+def _apply_q_inv_t(qs: list[Tensor], v: Tensor) -> Tensor:
+    """``Q^{-T} v``: triangular solves per dimension, divisions for diagonal factors."""
+    for i, q in enumerate(qs):
+        if q.ndim == 2:
+            v = _along(v, i, lambda m, q=q: torch.linalg.solve_triangular(q, m, upper=True,
+                                                                            left=False))
+        else:
+            v = v / (q if q.ndim == 0 else _diag_along(q, i, v.ndim))
+    return v
+
+
+def _precondition(qs: list[Tensor], x: Tensor) -> Tensor:
+    """``P x = Q^T Q x`` factor by factor."""
+    for i, q in enumerate(qs):
+        if q.ndim == 2:
+            x = _along(x, i, lambda m, q=q: m @ (q.T @ q).T)
+        else:
+            x = x * (q * q if q.ndim == 0 else _diag_along(q * q, i, x.ndim))
+    return x
+
+
+def _gram_along(x: Tensor, i: int, kind: str) -> Tensor:
+    """Contract ``x`` with itself over every dimension but ``i``."""
+    if kind == "scalar":
+        return x * x
+    m = x.movedim(i, 0).reshape(x.shape[i], -1)
+    return m @ m.T if kind == "tri" else (m * m).sum(1)
+
+
+def _max_eigenvalue(a: Tensor, iterations: int) -> Tensor:
+    """Largest eigenvalue of a symmetric PSD matrix: start at its largest row, power-iterate."""
+    norms = a.norm(dim=-1)
+    x_norm, idx = norms.max(dim=-1)
+    x_norm = x_norm.clamp(min=_TINY)
+    a = a / x_norm
+    x = a[idx]
+
+    def mv(v):
+        return (v @ a.T) @ a.T
+
+    for _ in range(iterations):
+        x = torch.nn.functional.normalize(mv(x), dim=-1)
+    return (x * mv(x)).sum().sqrt() * x_norm
+
+
+def _upper(m: Tensor) -> Tensor:
+    """The upper triangle of ``m`` (a masked select: ``torch.triu`` is slow on small CPU inputs)."""
+    idx = torch.arange(m.shape[-1], device=m.device)
+    return torch.where(idx[:, None] <= idx[None, :], m, torch.zeros((), dtype=m.dtype,
+                                                                   device=m.device))
+
+
+def _balance(qs: list[Tensor]) -> list[Tensor]:
+    """Rescale the factors to equal max-abs (geometric mean), leaving their product unchanged."""
+    if len(qs) < 2:
+        return qs
+    logs = [q.abs().amax().log() for q in qs]
+    mean = sum(logs) / len(qs)
+    return [q * (mean - n).exp() for q, n in zip(qs, logs)]
+
+
+def _fit(qs, lbs, h, v, precond_lr, lb_beta, power_iter):
+    """One Lie-group step on every factor from the pair (probe ``v``, damped gradient ``h``)."""
+    qs = _balance(qs)
+    a, conj_b = _apply_q(qs, h), _apply_q_inv_t(qs, v)
+    new_q, new_lb = [], []
+    for i, (q, lb) in enumerate(zip(qs, lbs)):
+        kind = _kind(q)
+        t1, t2 = _gram_along(a, i, kind), _gram_along(conj_b, i, kind)
+        if kind == "tri":
+            ell = _max_eigenvalue(t1 + t2, power_iter)
+            step = _upper(t1 - t2) @ q
+        else:
+            ell = (t1 + t2).amax() if kind == "diag" else t1 + t2
+            step = q * (t1 - t2)
+        lb64 = lb.to(torch.float64)
+        ell = torch.maximum(ell.to(torch.float64), lb64 + (ell - lb64) * (1 - lb_beta))
+        new_lb.append(ell)
+        new_q.append(q - step / ell.to(q.dtype) * precond_lr)
+    return new_q, new_lb
+
+
+def _initial_scale(g: Tensor, scale, scale_scale, scale_power) -> Tensor:
+    """HeavyBall's automatic initial scale ``(mean(g^4)^{-1/8} * scale_scale)^power``."""
+    if scale is not None:
+        return torch.as_tensor(float(scale), dtype=torch.float64, device=g.device)
+    x = g.double().abs().clamp(min=1e-12).log().mul(4).flatten()
+    lse = (torch.logsumexp(x, 0) - math.log(max(g.numel(), 1))) / 8
+    s = (torch.exp(-lse) * scale_scale) ** (0.5 if scale_power is None else scale_power)
+    return torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
+
+
+def scale_by_psgd_kron(
+    b1: float = 0.9,
+    preconditioner_update_probability: float | Callable | None = None,
+    max_size_triangular: int = 2048,
+    min_ndim_triangular: int = 2,
+    memory_save_mode: str | None = None,
+    momentum_into_precond_update: bool = True,
+    precond_lr: float = 0.1,
+    precond_init_scale: float | None = None,
+    precond_init_scale_scale: float = 1.0,
+    precond_init_scale_power: float | None = None,
+    lower_bound_beta: float = 0.9,
+    dampening: float = 1e-9,
+    precond_update_power_iterations: int = 2,
+    q_dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> GradientTransformation:
+    """Precondition the momentum with a Kronecker-factored PSGD preconditioner.
+
+    With :math:`m_t = \\hat\\beta_1 m_{t-1} + (1-\\hat\\beta_1) g_t` (debiased EMA,
+    :math:`\\hat\\beta_1 = 1 - (1-\\beta_1)/(1-\\beta_1^t)`), probe :math:`v \\sim N(0, I)` and
+    :math:`h = b + (\\delta + \\epsilon_{32} |b|) v` (:math:`b = m_t`, or :math:`g_t` when
+    ``momentum_into_precond_update=False``), on update steps every factor moves by
+
+    .. math::
+        A = Q h, \\quad B = Q^{-T} v, \\quad
+        Q_i \\leftarrow Q_i - \\frac{\\eta_Q}{\\ell_i}\\,\\mathrm{triu}(A_{(i)}A_{(i)}^T -
+        B_{(i)}B_{(i)}^T)\\,Q_i
+
+    (diagonal factors: element-wise), where :math:`\\ell_i = \\max(\\lambda_{max},
+    \\beta_\\ell \\ell_i' + (1-\\beta_\\ell)\\lambda_{max})` is a running bound of the largest
+    eigenvalue of :math:`A_{(i)}A_{(i)}^T + B_{(i)}B_{(i)}^T`. Factors are first rebalanced to
+    equal max-abs. The output is :math:`Q^T Q m_t`. :math:`Q_i` start as
+    :math:`s^{1/k} I`, :math:`s` from the first gradient (``mean(g^4)^{-1/16}``).
+
+    Args:
+      b1: :math:`\\beta_1`, momentum. Default 0.9.
+      preconditioner_update_probability: ``p(t)`` (float or schedule of the 1-based step); the
+        factors update whenever :math:`\\lfloor\\sum_{s\\le t} p(s)\\rfloor` grows (HeavyBall's
+        deterministic accumulation). Default :func:`precond_update_prob_schedule`.
+      max_size_triangular: dimensions larger than this get diagonal factors. Default 2048.
+      min_ndim_triangular: leaves with fewer dimensions get diagonal factors. Default 2.
+      memory_save_mode: None, "one_diag", "smart_one_diag", "one_triu" or "all_diag".
+      momentum_into_precond_update: fit to :math:`m_t` (True, default) or :math:`g_t`.
+      precond_lr: :math:`\\eta_Q`. Default 0.1.
+      precond_init_scale: fixed :math:`s` (default None: automatic, as above).
+      precond_init_scale_scale, precond_init_scale_power: factor (1) and power (None = 0.5)
+        of the automatic :math:`s`.
+      lower_bound_beta: :math:`\\beta_\\ell`. Default 0.9.
+      dampening: :math:`\\delta`. Default 1e-9.
+      precond_update_power_iterations: power iterations for :math:`\\lambda_{max}`. Default 2.
+      q_dtype: dtype of the factors (default: the leaf's dtype, at least float32).
+      seed: seed of the probe generator, whose state lives in the state (field ``rng``).
+
+    Differences from HeavyBall 3.2.1: leaves are not stacked into same-shape buckets, so each
+    leaf gets its own initial scale (HeavyBall shares one over a bucket); an all-zero first
+    gradient gives :math:`s = 1` instead of an error. Whether to update the factors is decided
+    on the host (one sync per step). Reference: https://arxiv.org/abs/1512.04202.
+    """
+    check_hyperparameter("b1", b1, low=0.0, high=1.0, high_inclusive=False)
+    check_hyperparameter("precond_lr", precond_lr, low=0.0)
+    check_hyperparameter("lower_bound_beta", lower_bound_beta, low=0.0, high=1.0)
+    check_hyperparameter("dampening", dampening, low=0.0)
+    if memory_save_mode not in _MODES:
+        raise ValueError(f"memory_save_mode={memory_save_mode!r}: use one of {_MODES}")
+    prob = (precond_update_prob_schedule() if preconditioner_update_probability is None
+            else preconditioner_update_probability)
+
+    def init(params):
+        leaves = tree_leaves(params)
+        count = step_counter(params)
+        qs, lbs = [], []
+        for p in leaves:
+            shape = tuple(d for d in p.shape if d != 1)
+            dt = q_dtype or torch.promote_types(p.dtype, torch.float32)
+            kinds = _factor_kinds(shape, max_size_triangular, min_ndim_triangular,
+                                  memory_save_mode)
+            qs.append([_init_factor(k, d, dt, p.device) for k, d in zip(kinds, shape or (1,))])
+            lbs.append([torch.zeros((), dtype=torch.float64, device=p.device) for _ in kinds])
+        gen = torch.Generator(device=count.device).manual_seed(seed)
+        mu = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+              for p in leaves]
+        return ScaleByPsgdKronState(count, torch.zeros((), dtype=torch.float64,
+                                                       device=count.device),
+                                    mu, qs, lbs, gen.get_state())
+
+    def update(updates, state, params=None, **extra):
+        g, treedef = tree_flatten(updates)
+        if params is not None:
+            tree_check_structure(updates, params)
+        if len(g) != len(state.mu):
+            raise ValueError(f"scale_by_psgd_kron: updates have {len(g)} leaves but the state "
+                             f"was built for {len(state.mu)}; pass the same tree as to init")
+        count = increment(state.count)
+        t = count.to(torch.float64)
+        p_t = torch.as_tensor(prob(count) if callable(prob) else prob, dtype=torch.float64,
+                              device=t.device)
+        prob_sum = state.prob_sum + p_t
+        fit = bool(torch.floor(prob_sum) > torch.floor(state.prob_sum))  # host sync
+        beta = 1.0 - (1.0 - b1) / (1.0 - b1 ** t)
+        mu = [m.lerp(x.to(m.dtype), (1.0 - beta).to(m.dtype)) for m, x in zip(state.mu, g)]
+        gen = torch.Generator(device=count.device)
+        gen.set_state(state.rng)
+        first = count == 1
+        out, qs, lbs = [], [], []
+        for x, m, q, lb in zip(g, mu, state.qs, state.lower_bounds):
+            shape = tuple(d for d in x.shape if d != 1)
+            q = _scale_first(q, first, x.reshape(shape), precond_init_scale,
+                             precond_init_scale_scale, precond_init_scale_power)
+            if fit:
+                b = (m if momentum_into_precond_update else x.to(m.dtype)).reshape(shape)
+                v = torch.randn(b.shape, dtype=b.dtype, device=b.device, generator=gen)
+                h = b + (dampening + _F32_EPS * b.abs()) * v
+                q, lb = _fit(q, lb, h.to(q[0].dtype), v.to(q[0].dtype), precond_lr,
+                             lower_bound_beta, precond_update_power_iterations)
+            qs.append(list(q))
+            lbs.append(list(lb))
+            out.append(_precondition(q, m.reshape(shape).to(q[0].dtype)).reshape(x.shape)
+                       .to(x.dtype))
+        new = ScaleByPsgdKronState(count, prob_sum, mu, qs, lbs, gen.get_state())
+        return tree_unflatten(treedef, out), new
+
+    return GradientTransformation(init, update)
+
+
+def _scale_first(q, first, g, scale, scale_scale, power):
+    """On the first step, multiply the unit factors by ``s^{1/k}`` (``s`` from ``g``)."""
+    s = _initial_scale(g, scale, scale_scale, power)
+    k = 1 if q[0].ndim == 0 else len(q)
+    factor = torch.where(first, s ** (1.0 / k), torch.ones_like(s))
+    return [qi * factor.to(qi.dtype) for qi in q]
+
+
+def scale_by_trust_region_clip(lerp: float = 0.9, scale: float = 1.5) -> GradientTransformation:
+    """Soft element-wise clipping of the update (HeavyBall's ``trust_region_clip_``).
+
+    .. math::
+        u \\leftarrow \\mathrm{clip}\\big(s\\,[(1-\\alpha)\\,\\mathrm{sign}(u)\\log(1+|u|/s) +
+        \\alpha \\tanh(u/s)],\\ -2,\\ 2\\big)
+
+    Args:
+      lerp: :math:`\\alpha`, weight of the tanh branch. Default 0.9.
+      scale: :math:`s`. Default 1.5.
+    """
+    check_hyperparameter("lerp", lerp, low=0.0, high=1.0)
+    check_hyperparameter("scale", scale, low=0.0, low_inclusive=False)
+
+    def update(updates, state, params=None, **extra):
+        leaves, treedef = tree_flatten(updates)
+        out = []
+        for u in leaves:
+            x = u.to(torch.promote_types(u.dtype, torch.float32)) / scale
+            th = x.tanh()
+            y = x.abs().log1p().copysign(th) * (1 - lerp) + th * lerp
+            out.append((y * scale).clamp(-2.0, 2.0).to(u.dtype))
+        return tree_unflatten(treedef, out), state
+
+    return GradientTransformation(lambda params: (), update)
+
+
+def psgd_kron(
+    learning_rate: ScalarOrSchedule = 0.001,
+    b1: float = 0.9,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 0,
+    update_clipping: bool = True,
+    **kwargs,
+) -> GradientTransformation:
+    """PSGD Kron with HeavyBall 3.2.1 ``PSGDKron`` defaults.
+
+    .. math::
+        u_t = -\\gamma_t\\,(\\mathrm{clip}(Q^T Q m_t) + \\lambda \\theta_t), \\qquad
+        \\gamma_t = \\gamma\\, t / \\max(t, T_w + 1)
+
+    Args:
+      learning_rate: :math:`\\gamma`. Default 0.001. A plain number is held in the state
+        field ``learning_rate`` of the last chain element (when ``warmup_steps=0``).
+      b1: momentum :math:`\\beta_1`. Default 0.9.
+      weight_decay: :math:`\\lambda`, decoupled (scaled by the learning rate). Default 0.
+      warmup_steps: :math:`T_w`, HeavyBall's linear warmup. Default 0.
+      update_clipping: apply :func:`scale_by_trust_region_clip` (HeavyBall's default). Default True.
+      **kwargs: passed to :func:`scale_by_psgd_kron` (preconditioner options, ``seed``).
+
+    Reference: https://arxiv.org/abs/1512.04202; HeavyBall 3.2.1 ``PSGDKron``.
+    """
+    from funcopt.compose import chain
+    from funcopt.transforms.first_order import scale_by_learning_rate
+    from funcopt.transforms.weight_decay import add_decayed_weights
+
+    check_hyperparameter("warmup_steps", warmup_steps, low=0.0)
+    lr = learning_rate
+    if warmup_steps > 0:
+        if callable(learning_rate):
+            raise ValueError("psgd_kron: pass warmup inside the learning-rate schedule, or a "
+                             "number with warmup_steps, not both")
+        lr = lambda c: learning_rate * (c + 1) / torch.clamp(c + 1, min=warmup_steps + 1)  # noqa: E731
+    parts = [scale_by_psgd_kron(b1, **kwargs)]
+    if update_clipping:
+        parts.append(scale_by_trust_region_clip())
+    if weight_decay:
+        parts.append(add_decayed_weights(weight_decay))
+    parts.append(scale_by_learning_rate(lr))
+    return chain(*parts)

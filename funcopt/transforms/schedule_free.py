@@ -71,30 +71,45 @@ def scale_by_bias_corrected_rms(
         g, treedef = tree_flatten(updates)
         count = increment(state.count)
         t = count.to(torch.float32)
+        beta = _f32(b2(count) if callable(b2) else b2, t.device)
         if callable(b2):
-            beta = torch.as_tensor(b2(count), dtype=torch.float32, device=t.device)
             beta, corr = 1.0 - (1.0 - beta) / (1.0 - beta ** t), None
         else:
-            beta, corr = b2, 1.0 - torch.as_tensor(b2, dtype=torch.float32, device=t.device) ** t
+            corr = 1.0 - beta ** t
         if not g:
             return updates, ScaleByBiasCorrectedRmsState(count, state.nu)
-        if isinstance(beta, Tensor):
-            beta = beta.to(g[0].dtype)
-        nu = list(_addcmul(torch._foreach_mul(state.nu, beta), g, 1.0 - beta))
-        denom = nu if corr is None else torch._foreach_div(nu, corr.to(g[0].dtype))
+        nu = torch._foreach_mul(state.nu, _per_leaf(beta, g))
+        nu = torch._foreach_add(nu, torch._foreach_mul(torch._foreach_mul(g, g),
+                                                       _per_leaf(1.0 - beta, g)))
+        nu = _cast_like(nu, g)
+        denom = nu if corr is None else torch._foreach_div(nu, _per_leaf(corr, g))
         denom = torch._foreach_sqrt(denom)
-        denom = torch._foreach_maximum(denom, eps) if eps_floor else torch._foreach_add(denom, eps)
-        return tree_unflatten(treedef, torch._foreach_div(g, denom)), \
+        e = _per_leaf(_f32(eps, t.device), g)
+        denom = torch._foreach_maximum(denom, e) if eps_floor else torch._foreach_add(denom, e)
+        return tree_unflatten(treedef, _cast_like(torch._foreach_div(g, denom), g)), \
             ScaleByBiasCorrectedRmsState(count, nu)
 
     return GradientTransformation(init, update)
 
 
-def _addcmul(acc: list[Tensor], g: list[Tensor], weight) -> list[Tensor]:
-    """``acc + weight * g * g`` for a float or 0-d tensor weight."""
-    if isinstance(weight, float):
-        return torch._foreach_addcmul(acc, g, g, value=weight)
-    return torch._foreach_add(acc, torch._foreach_mul(torch._foreach_mul(g, g), weight))
+def _f32(value, device) -> Tensor:
+    """A hyperparameter (number or 0-d tensor of any dtype) as a 0-d float32 tensor."""
+    return torch.as_tensor(value, dtype=torch.float32, device=device)
+
+
+def _per_leaf(scalar: Tensor, leaves: list[Tensor]) -> list[Tensor]:
+    """``scalar`` as one 0-d tensor per leaf, at least float32 (one cast per leaf dtype).
+
+    Low-precision leaves are scaled in float32 (0.999 is 1.0 in bfloat16); the caller casts
+    the results back to each leaf's dtype with :func:`_cast_like`.
+    """
+    casts = {x.dtype: scalar.to(torch.promote_types(x.dtype, torch.float32)) for x in leaves}
+    return [casts[x.dtype] for x in leaves]
+
+
+def _cast_like(xs, refs: list[Tensor]) -> list[Tensor]:
+    """Each ``xs[i]`` in the dtype of ``refs[i]`` (no copy where it already is)."""
+    return [x if x.dtype == r.dtype else x.to(r.dtype) for x, r in zip(xs, refs)]
 
 
 class ScheduleFreeState(NamedTuple):
@@ -162,7 +177,7 @@ def schedule_free(
         f32 = dict(dtype=torch.float32, device=count.device)
         return ScheduleFreeState(
             count, torch.as_tensor(lr0, **f32).clone(), torch.full((), -1.0, **f32),
-            torch.zeros((), **f32), torch.tensor(float(b1), **f32),
+            torch.zeros((), **f32), _f32(b1, count.device).clone(),
             [p.detach().clone() for p in tree_leaves(params)], base.init(params))
 
     def update(updates, state, params=None, **extra):
@@ -171,30 +186,29 @@ def schedule_free(
         d, base_state = base.update(updates, state.base_state, params, **extra)
         d, treedef = tree_flatten(d)
         y = tree_leaves(params)
-        if weight_decay != 0:
+        dev = state.count.device
+        if isinstance(weight_decay, Tensor):
+            d = torch._foreach_add(d, torch._foreach_mul(y, _per_leaf(_f32(weight_decay, dev), y)))
+        elif weight_decay != 0:
             d = torch._foreach_add(d, y, alpha=weight_decay)
         count = increment(state.count)
-        lr = torch.as_tensor(learning_rate(state.count) if callable(learning_rate)
-                             else state.learning_rate, dtype=torch.float32,
-                             device=state.count.device)
+        lr = _f32(learning_rate(state.count) if callable(learning_rate) else
+                  learning_rate if isinstance(learning_rate, Tensor) else state.learning_rate, dev)
         t = count.to(torch.float32)
-        if warmup_steps > 0:
-            lr_t = lr * torch.clamp(t / warmup_steps, max=1.0)
-        else:
-            lr_t = lr
+        lr_t = lr * torch.clamp(t / _f32(warmup_steps, dev), max=1.0)  # t >= 1: t/0 = inf -> 1
         lr_max = torch.maximum(lr_t, state.lr_max)
-        weight = t ** r * lr_max ** weight_lr_power
+        weight = t ** _f32(r, dev) * lr_max ** _f32(weight_lr_power, dev)
         weight_sum = state.weight_sum + weight
         ckp1 = torch.where(weight_sum > 0, weight / weight_sum, torch.zeros_like(weight))
         if not y:
             return tree_unflatten(treedef, []), state
-        dt = y[0].dtype
         diff = torch._foreach_sub(state.z, y)
-        step = torch._foreach_mul(diff, ckp1.to(dt))
-        step = torch._foreach_add(step, torch._foreach_mul(d, (lr_t * (b1 * (1 - ckp1) - 1)).to(dt)))
-        z = list(torch._foreach_sub(state.z, torch._foreach_mul(d, lr_t.to(dt))))
+        step = torch._foreach_mul(diff, _per_leaf(ckp1, y))
+        step = torch._foreach_add(step, torch._foreach_mul(
+            d, _per_leaf(lr_t * (state.b1 * (1 - ckp1) - 1), y)))
+        z = _cast_like(torch._foreach_sub(state.z, torch._foreach_mul(d, _per_leaf(lr_t, y))), y)
         new_state = ScheduleFreeState(count, lr, lr_max, weight_sum, state.b1, z, base_state)
-        return tree_unflatten(treedef, step), new_state
+        return tree_unflatten(treedef, _cast_like(step, y)), new_state
 
     return GradientTransformation(init, update)
 
@@ -270,6 +284,6 @@ def schedule_free_eval_params(params: PyTree, state: Any) -> PyTree:
                          f"holds {len(sf.z)}; pass the params this state was built for")
     if not y:
         return params
-    weight = (1.0 - 1.0 / sf.b1).to(y[0].dtype)
+    weight = _per_leaf(1.0 - 1.0 / sf.b1, y)
     return tree_unflatten(treedef, torch._foreach_add(
         y, torch._foreach_mul(torch._foreach_sub(sf.z, y), weight)))

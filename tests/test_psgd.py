@@ -1,0 +1,155 @@
+"""PSGD Kron against HeavyBall 3.2.1's ``PSGDKron``, plus the contract and its errors.
+
+Probes: HeavyBall draws each probe with ``torch.randn_like`` from the global generator, leaf by
+leaf, on every preconditioner-update step. funcopt draws the same way from its own generator
+(state field ``rng``) seeded with ``seed``; seeding the global generator with the same number
+before HeavyBall's steps makes both see identical probes. The leaves below have distinct
+shapes, so HeavyBall's same-shape buckets hold one leaf each (its only other difference).
+"""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+
+import funcopt as fo
+from funcopt.testing import check_transform, pytrees
+
+heavyball = pytest.importorskip("heavyball")
+heavyball.utils.compile_mode = None
+
+SHAPES = [(6, 4), (5,), (3, 1, 4), (1, 7), (1,), (2, 3, 2)]
+STEPS = 50
+
+
+def _problem(dtype, steps=STEPS):
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in SHAPES]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in SHAPES]
+             for _ in range(steps)]
+    return init, grads
+
+
+def _heavyball_run(init, grads, seed, hb_kwargs, dtype_name):
+    ps = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = heavyball.PSGDKron(ps, q_dtype=dtype_name, storage_dtype=dtype_name, **hb_kwargs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # its torch.triu calls crawl on small inputs with busy threads
+    try:
+        torch.manual_seed(seed)
+        out = []
+        for g in grads:
+            for p, gg in zip(ps, g):
+                p.grad = gg.clone()
+            opt.step()
+            out.append([p.detach().clone() for p in ps])
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _funcopt_run(init, grads, tx):
+    params, state, out = [x.clone() for x in init], None, []
+    state = tx.init(params)
+    for g in grads:
+        u, state = tx.update(g, state, params)
+        params = fo.apply_updates(params, u)
+        out.append(params)
+    return out, state
+
+
+CASES = {
+    "defaults": ({}, {}),
+    "weight_decay_warmup": ({"weight_decay": 0.1, "warmup_steps": 5},
+                            {"weight_decay": 0.1, "warmup_steps": 5}),
+    "small_triangular": ({"max_size_triangular": 4}, {"max_size_triangular": 4}),
+    "one_diag": ({"memory_save_mode": "one_diag"}, {"memory_save_mode": "one_diag"}),
+    "one_triu": ({"memory_save_mode": "one_triu"}, {"memory_save_mode": "one_triu"}),
+    "all_diag_min_ndim": ({"memory_save_mode": "all_diag", "min_ndim_triangular": 3},
+                          {"memory_save_mode": "all_diag", "min_ndim_triangular": 3}),
+    "grad_into_precond": ({"momentum_into_precond_update": False, "betas": (0.8, 0.999)},
+                          {"momentum_into_precond_update": False, "b1": 0.8}),
+    "half_probability": ({"preconditioner_update_probability": 0.4},
+                         {"preconditioner_update_probability": 0.4}),
+    "fixed_init_scale": ({"precond_init_scale": 0.5, "precond_lr": 0.3},
+                         {"precond_init_scale": 0.5, "precond_lr": 0.3}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_heavyball_float64(case):
+    hb_kwargs, fo_kwargs = CASES[case]
+    init, grads = _problem(torch.float64)
+    ref = _heavyball_run(init, grads, 7, {"lr": 0.01, **hb_kwargs}, "float64")
+    got, _ = _funcopt_run(init, grads, fo.psgd_kron(0.01, seed=7, **fo_kwargs))
+    for step, (a, b) in enumerate(zip(got, ref)):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-7, msg=f"{case}, step {step}")
+
+
+def test_matches_heavyball_float32_defaults():
+    init, grads = _problem(torch.float32, steps=20)
+    ref = _heavyball_run(init, grads, 11, {"lr": 0.003}, "float32")
+    got, _ = _funcopt_run(init, grads, fo.psgd_kron(0.003, seed=11))
+    for a, b in zip(got[-1], ref[-1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_probability_schedule_matches_heavyball():
+    ref = heavyball.utils.precond_update_prob_schedule()
+    ours = fo.precond_update_prob_schedule()
+    for t in (1, 500, 1000, 1001, 1500, 3000, 10_000):
+        assert float(ours(torch.tensor(t))) == pytest.approx(ref(t), rel=1e-12)
+
+
+def test_update_steps_follow_accumulated_probability():
+    """With p = 0.25 the factors change on steps 4, 8, ... only (after the first-step scale)."""
+    tx = fo.scale_by_psgd_kron(preconditioner_update_probability=0.25)
+    params = [torch.randn(3, 3, dtype=torch.float64)]
+    state = tx.init(params)
+    changed = []
+    for i in range(8):
+        _, new = tx.update([torch.randn(3, 3, dtype=torch.float64)], state, params)
+        if i > 0:
+            changed.append(not torch.equal(new.qs[0][0], state.qs[0][0]))
+        state = new
+    assert changed == [False, False, True, False, False, False, True]
+
+
+def test_trust_region_clip_against_formula():
+    u = torch.linspace(-20, 20, 101, dtype=torch.float64)
+    out, _ = fo.scale_by_trust_region_clip().update([u], ())
+    x = u / 1.5
+    expected = (torch.sign(x) * torch.log1p(x.abs()) * 0.1 + torch.tanh(x) * 0.9) * 1.5
+    torch.testing.assert_close(out[0], expected.clamp(-2, 2))
+
+
+def test_fixed_seed_is_reproducible_and_seed_matters():
+    init, grads = _problem(torch.float64, steps=3)
+    a, _ = _funcopt_run(init, grads, fo.psgd_kron(0.01, seed=1))
+    b, _ = _funcopt_run(init, grads, fo.psgd_kron(0.01, seed=1))
+    c, _ = _funcopt_run(init, grads, fo.psgd_kron(0.01, seed=2))
+    assert all(torch.equal(x, y) for x, y in zip(a[-1], b[-1]))
+    assert not all(torch.equal(x, y) for x, y in zip(a[-1], c[-1]))
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(params=pytrees(max_leaves=3))
+def test_contract(params):
+    check_transform(fo.psgd_kron(0.01, weight_decay=0.01), params)
+
+
+def test_contract_bfloat16_and_memory_modes():
+    params = {"w": torch.randn(4, 3, dtype=torch.bfloat16), "b": torch.randn(3), "s": torch.randn(())}
+    check_transform(fo.psgd_kron(0.01), params)
+    check_transform(fo.psgd_kron(0.01, memory_save_mode="smart_one_diag"), params)
+
+
+def test_bad_arguments_are_clear_errors():
+    with pytest.raises(ValueError, match="memory_save_mode"):
+        fo.scale_by_psgd_kron(memory_save_mode="half")
+    with pytest.raises(ValueError, match="b1"):
+        fo.psgd_kron(b1=1.5)
+    tx = fo.psgd_kron()
+    state = tx.init([torch.ones(2)])
+    with pytest.raises(ValueError, match="leaves|structure"):
+        tx.update([torch.ones(2), torch.ones(3)], state, [torch.ones(2), torch.ones(3)])
