@@ -97,7 +97,7 @@ def training(out_png, max_samples, seeds):
                              ["test accuracy", "test accuracy", "batch size"]):
             a.set_xlabel(xl), a.set_ylabel(yl), a.set_title(f"{kind}, seed 0"), a.legend()
         ax[row, 0].set_ylim(0.5, 1.0), ax[row, 1].set_ylim(0.5, 1.0)
-        ax[row, 2].set_yscale("log")
+        ax[row, 1].set_xscale("log"), ax[row, 2].set_yscale("log")
     fig.tight_layout()
     fig.savefig(out_png, dpi=90)
     return table

@@ -220,6 +220,18 @@ def main():
     report(rows, args, device)
 
 
+NOTES = """Notes
+- Same method, different definitions: heavyball 3.2.1's SOAP debiases shampoo_beta and rotates
+  the momentum on a basis change (funcopt's SOAP follows 0.7.2's update with the paper's
+  shampoo_beta = 0.95); heavyball's Muon orthogonalises every parameter while funcopt's `muon`
+  uses AdamW (lr 3e-4) for non-matrix parameters; AdamW/PSGD are the same math (PSGD matches
+  heavyball 3.2.1 to float64 round-off in tests/test_psgd.py). Loss differences in SOAP/Muon
+  rows come from these differences, not from noise.
+- PSGD state: heavyball stores triangular factors as their packed upper triangle
+  (`store_triu_as_line`); funcopt stores full matrices (about 2x the factor memory).
+- CPU timings on a shared 2-core machine vary by ~20% between runs."""
+
+
 def report(rows, args, device):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() \
         or platform.machine()
@@ -239,7 +251,7 @@ def report(rows, args, device):
     for kind, n, method, lib, ms, st, pk, loss, acc in rows:
         lines.append(f"| {kind} | {n:,} | {method} | {lib} | {ms:.3f} | {st:.3f} | {pk:.2f} | "
                      f"{loss:.4f} | {acc:.3f} |")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines + ["", NOTES]) + "\n"
     print(text)
     if args.out:
         with open(args.out, "w") as f:

@@ -327,7 +327,7 @@ def finalize_stats(count: Tensor, grad_sum: PyTree, sum_sq_norms: Tensor,
     """Mean gradient g = grad_sum / count and the :class:`PerSampleStats` with ||g||^2."""
     leaves, treedef = tree_flatten(grad_sum)
     mean = torch._foreach_div(leaves, count.to(leaves[0].dtype))
-    g2 = torch.stack([m.square().sum() for m in mean]).sum() if mean else sum_sq_norms * 0
+    g2 = torch.stack(torch._foreach_norm(mean)).square().sum() if mean else sum_sq_norms * 0
     stats = PerSampleStats(count, g2, sum_sq_norms, sum_inner, sum_sq_inner)
     return tree_unflatten(treedef, mean), stats
 

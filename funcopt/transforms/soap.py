@@ -178,7 +178,7 @@ def _init_leaf(p: Tensor, merge_dims, max_dim, precondition_1d):
 
 
 def scale_by_soap(
-    b1: float = 0.9, b2: ScalarOrSchedule = 0.95, shampoo_beta: ScalarOrSchedule | None = None,
+    b1: float = 0.9, b2: ScalarOrSchedule = 0.95, shampoo_beta: ScalarOrSchedule | None = 0.95,
     eps: float = 1e-8, precondition_frequency: int | RefreshFn = 2, max_precond_dim: int = 2048,
     merge_dims: bool = True, precondition_1d: bool = False, seed: int = 0,
     moment_dtype: torch.dtype | None = None,
@@ -203,8 +203,11 @@ def scale_by_soap(
       b1: :math:`\\beta_1`. Default 0.9.
       b2: :math:`\\beta_2`, float or schedule of the step :math:`t` (PaLM: ``1 - t**-0.8``).
         Default 0.95.
-      shampoo_beta: :math:`\\beta_s`. ``None`` (default) follows HeavyBall 0.7.2:
-        :math:`1-\\beta_s = \\hat\\beta_2`. A float or schedule sets it directly.
+      shampoo_beta: :math:`\\beta_s`, float or schedule. Default 0.95 (the SOAP paper's and
+        HeavyBall 3.x's value). ``None`` follows HeavyBall 0.7.2, :math:`1-\\beta_s =
+        \\hat\\beta_2`: the newest outer product then gets weight ~0.95, the factors stay
+        nearly rank-deficient and training can diverge (a 256-wide MLP on digits at lr 3e-3
+        does); the 0.7.2 recipes in :mod:`funcopt.heavyball` use it to match 0.7.2.
       eps: :math:`\\epsilon` (a floor on :math:`\\sqrt{v}`). Default 1e-8.
       precondition_frequency: refresh every ``n`` steps (int, default 2) or a rule
         ``refresh(step, seed) -> bool tensor`` such as :func:`precond_schedule`.
@@ -281,7 +284,7 @@ def scale_by_soap(
 
 def soap(
     learning_rate: ScalarOrSchedule = 3e-3, b1: float = 0.9, b2: ScalarOrSchedule = 0.95,
-    shampoo_beta: ScalarOrSchedule | None = None, eps: float = 1e-8, weight_decay: float = 0.0,
+    shampoo_beta: ScalarOrSchedule | None = 0.95, eps: float = 1e-8, weight_decay: float = 0.0,
     precondition_frequency: int | RefreshFn = 2, max_precond_dim: int = 2048,
     merge_dims: bool = True, precondition_1d: bool = False, seed: int = 0,
     moment_dtype: torch.dtype | None = None,
