@@ -23,8 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from funcopt.func import batch_grad_and_sq_norms, per_sample_grads, per_sample_inner_products
-from funcopt.func import sample_loss
+from funcopt.func import (
+    batch_grad_and_sq_norms,
+    per_sample_grads,
+    per_sample_inner_products,
+    sample_loss,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -33,7 +37,7 @@ def timed(fns, device, reps=20):
     """Median and minimum milliseconds of each function, runs interleaved (fair under load)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = {k: [] for k in fns}
-    for k, fn in fns.items():
+    for fn in fns.values():  # warm-up
         fn()
     for _ in range(reps):
         for k, fn in fns.items():
@@ -71,8 +75,8 @@ def cost_table(device, batch, width=512):
 def training(out_png, max_samples, seeds):
     """Norm test vs fixed batches on digits (logistic regression and the small CNN)."""
     sys.path.insert(0, os.path.join(HERE, "..", "examples"))
-    from adaptive_batch_digits import RUNS, run
     import matplotlib
+    from adaptive_batch_digits import RUNS, run
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

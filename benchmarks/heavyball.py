@@ -188,6 +188,10 @@ def train(method, lib, model_kind, width, data, steps, device):
     return final, acc
 
 
+def _batch_loss(p, model, x, y):
+    return torch.nn.functional.cross_entropy(functional_call(model, p, (x,)), y)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -208,9 +212,8 @@ def main():
         torch.manual_seed(0)
         model = make_model(kind, args.width).to(device)
         n = sum(p.numel() for p in model.parameters())
-        x, y = data[0][:128], data[1][:128]
-        g = grad(lambda p: torch.nn.functional.cross_entropy(functional_call(model, p, (x,)), y))(
-            {k: v.detach() for k, v in model.named_parameters()})
+        g = grad(_batch_loss)({k: v.detach() for k, v in model.named_parameters()}, model,
+                              data[0][:128], data[1][:128])
         for method in args.methods.split(","):
             for lib, timer in (("funcopt", time_funcopt), ("heavyball", time_heavyball)):
                 ms, state_mb, peak_mb = timer(method, model, g, args.reps, device)
@@ -223,8 +226,9 @@ def main():
 NOTES = """Notes
 - Same method, different definitions: heavyball 3.2.1's SOAP debiases shampoo_beta and rotates
   the momentum on a basis change (funcopt's SOAP follows 0.7.2's update with the paper's
-  shampoo_beta = 0.95); heavyball's Muon orthogonalises every parameter while funcopt's `muon`
-  uses AdamW (lr 3e-4) for non-matrix parameters; AdamW/PSGD are the same math (PSGD matches
+  shampoo_beta = 0.95); the Muons differ in defaults (heavyball: momentum 0.9, 1-d parameters
+  get plain momentum at the Muon lr; funcopt `muon`: momentum 0.95, AdamW at lr 3e-4 for
+  non-matrix parameters); AdamW/PSGD are the same math (PSGD matches
   heavyball 3.2.1 to float64 round-off in tests/test_psgd.py). Loss differences in SOAP/Muon
   rows come from these differences, not from noise.
 - PSGD state: heavyball stores triangular factors as their packed upper triangle

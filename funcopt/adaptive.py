@@ -27,7 +27,10 @@ from torch.func import functional_call
 
 from funcopt.base import GradientTransformation, apply_updates
 from funcopt.func.per_sample import (
-    PerSampleStats, batch_grad_and_sq_norms, finalize_stats, per_sample_inner_products,
+    PerSampleStats,
+    batch_grad_and_sq_norms,
+    finalize_stats,
+    per_sample_inner_products,
     sample_loss,
 )
 from funcopt.transforms.adaptive_batch import InnerProductTestState, NormTestState

@@ -27,13 +27,19 @@ from typing import NamedTuple
 import torch
 
 from funcopt.base import (
-    GradientTransformation, PyTree, Tensor, check_hyperparameter, increment, step_counter,
-    tree_flatten, tree_leaves, tree_unflatten,
+    GradientTransformation,
+    PyTree,
+    Tensor,
+    check_hyperparameter,
+    increment,
+    step_counter,
+    tree_flatten,
+    tree_leaves,
+    tree_unflatten,
 )
 from funcopt.compose import chain
 from funcopt.transforms.adaptive import scale_by_laprop
-from funcopt.transforms.first_order import scale_by_adam
-from funcopt.transforms.first_order import scale_by_learning_rate
+from funcopt.transforms.first_order import scale_by_adam, scale_by_learning_rate
 from funcopt.transforms.schedule_free import scale_by_bias_corrected_rms, schedule_free
 from funcopt.transforms.soap import precond_schedule, scale_by_soap, soap
 from funcopt.transforms.weight_decay import add_decayed_weights

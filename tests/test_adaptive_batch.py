@@ -12,13 +12,22 @@ from torch import nn
 
 from funcopt.adaptive import find_batch_test_state, fit_adaptive, gradient_and_stats, split_batch
 from funcopt.compose import chain
-from funcopt.testing import check_transform
 from funcopt.func.per_sample import (
-    PerSampleStats, per_sample_grads, sample_loss, stats_from_per_sample_grads,
+    PerSampleStats,
+    per_sample_grads,
+    sample_loss,
+    stats_from_per_sample_grads,
 )
+from funcopt.testing import check_transform
 from funcopt.transforms.adaptive_batch import (
-    NormTestState, augmented_inner_product_test, inner_product_test, multistep_samples, norm_test,
-    scale_by_sample_schedule, warmup_cosine_samples, warmup_linear_samples,
+    NormTestState,
+    augmented_inner_product_test,
+    inner_product_test,
+    multistep_samples,
+    norm_test,
+    scale_by_sample_schedule,
+    warmup_cosine_samples,
+    warmup_linear_samples,
 )
 
 SETTINGS = settings(max_examples=25, deadline=None)

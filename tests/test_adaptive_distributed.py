@@ -14,7 +14,9 @@ from torch import nn
 from funcopt.adaptive import fit_adaptive
 from funcopt.compose import chain
 from funcopt.transforms.adaptive_batch import (
-    augmented_inner_product_test, norm_test, scale_by_sample_schedule,
+    augmented_inner_product_test,
+    norm_test,
+    scale_by_sample_schedule,
 )
 
 MAKERS = {"norm": lambda: norm_test(0.6, 4, 64),

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from _heavyball072 import load
 
 from funcopt import heavyball as hbr
 from funcopt.base import apply_updates
 from funcopt.transforms.schedule_free import schedule_free_eval_params
-from _heavyball072 import load
 
 
 def _problem():
@@ -58,7 +58,7 @@ def test_soap_recipes_build_and_step():
         tx = make(lr=1e-2)
         p, state = params, tx.init(params)
         first = None
-        for t in range(20):
+        for _ in range(20):
             q = {k: v.clone().requires_grad_(True) for k, v in p.items()}
             lv = loss(q, 0)
             first = float(lv) if first is None else first

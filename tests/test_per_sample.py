@@ -7,8 +7,12 @@ from torch import nn
 from torch.func import functional_call
 
 from funcopt.func.per_sample import (
-    batch_grad_and_sq_norms, finalize_stats, per_sample_grads, per_sample_inner_products,
-    sample_loss, stats_from_per_sample_grads,
+    batch_grad_and_sq_norms,
+    finalize_stats,
+    per_sample_grads,
+    per_sample_inner_products,
+    sample_loss,
+    stats_from_per_sample_grads,
 )
 
 

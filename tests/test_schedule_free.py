@@ -3,11 +3,14 @@
 import pytest
 import schedulefree
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from funcopt.base import apply_updates
 from funcopt.transforms.schedule_free import (
-    schedule_free_adamw, schedule_free_eval_params, schedule_free_sgd,
+    schedule_free_adamw,
+    schedule_free_eval_params,
+    schedule_free_sgd,
 )
 
 

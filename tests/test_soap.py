@@ -4,13 +4,17 @@ import random
 
 import pytest
 import torch
+from _heavyball072 import load as load_hb072
 
 from funcopt.base import apply_updates
 from funcopt.transforms.soap import (
-    precond_schedule, precond_schedule_probability, scale_by_soap, soap, uniform_from_seed,
     _merged_shape,
+    precond_schedule,
+    precond_schedule_probability,
+    scale_by_soap,
+    soap,
+    uniform_from_seed,
 )
-from _heavyball072 import load as load_hb072
 
 
 def _problem(seed=0):

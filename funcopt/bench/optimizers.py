@@ -117,7 +117,7 @@ def _adamw_norm_test(problem: Problem) -> Runner:
     if problem.model is None or problem.data is None:
         raise Unavailable("needs a model and a data set (per-sample statistics)")
     x, y = problem.data
-    tx = fo.chain(fo.norm_test(eta=0.5, batch_size=32, max_batch_size=len(y)),
+    tx = fo.chain(fo.norm_test(eta=1.0, batch_size=32, max_batch_size=len(y)),
                   fo.adamw(3e-3 * problem.lr_scale, weight_decay=1e-4))
     output_loss = lambda out, target: torch.nn.functional.cross_entropy(out, target, reduction="none")
     gen = torch.Generator().manual_seed(1234)

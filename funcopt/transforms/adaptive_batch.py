@@ -64,8 +64,15 @@ from typing import Any, NamedTuple
 import torch
 
 from funcopt.base import (
-    GradientTransformation, Params, Updates, check_hyperparameter, increment, resolve,
-    step_counter, tree_flatten, tree_unflatten,
+    GradientTransformation,
+    Params,
+    Updates,
+    check_hyperparameter,
+    increment,
+    resolve,
+    step_counter,
+    tree_flatten,
+    tree_unflatten,
 )
 
 __all__ = [

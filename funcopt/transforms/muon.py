@@ -11,8 +11,14 @@ from typing import NamedTuple
 import torch
 
 from funcopt.base import (
-    GradientTransformation, PyTree, ScalarOrSchedule, Tensor, check_hyperparameter, tree_flatten,
-    tree_leaves, tree_unflatten,
+    GradientTransformation,
+    PyTree,
+    ScalarOrSchedule,
+    Tensor,
+    check_hyperparameter,
+    tree_flatten,
+    tree_leaves,
+    tree_unflatten,
 )
 
 __all__ = ["ScaleByMuonState", "newton_schulz", "scale_by_muon", "muon", "NS_COEFFICIENTS"]

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from funcopt.base import Params, Tensor, Updates, tree_check_structure, tree_flatten, tree_leaves, tree_unflatten
+from funcopt.base import (
+    Params,
+    Tensor,
+    Updates,
+    tree_check_structure,
+    tree_flatten,
+    tree_leaves,
+    tree_unflatten,
+)
 
 __all__ = ["stochastic_round_bf16", "apply_updates_stochastic"]
 

@@ -20,8 +20,16 @@ from typing import NamedTuple
 import torch
 
 from funcopt.base import (
-    GradientTransformation, PyTree, ScalarOrSchedule, Tensor, check_hyperparameter, increment,
-    step_counter, tree_check_structure, tree_flatten, tree_leaves, tree_unflatten,
+    GradientTransformation,
+    ScalarOrSchedule,
+    Tensor,
+    check_hyperparameter,
+    increment,
+    step_counter,
+    tree_check_structure,
+    tree_flatten,
+    tree_leaves,
+    tree_unflatten,
 )
 
 __all__ = [

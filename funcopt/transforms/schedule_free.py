@@ -17,9 +17,20 @@ from typing import Any, NamedTuple
 import torch
 
 from funcopt.base import (
-    EmptyState, GradientTransformation, PyTree, ScalarOrSchedule, Tensor, check_hyperparameter,
-    increment, require_params, resolve, step_counter, tree_check_structure, tree_flatten,
-    tree_leaves, tree_unflatten,
+    EmptyState,
+    GradientTransformation,
+    PyTree,
+    ScalarOrSchedule,
+    Tensor,
+    check_hyperparameter,
+    increment,
+    require_params,
+    resolve,
+    step_counter,
+    tree_check_structure,
+    tree_flatten,
+    tree_leaves,
+    tree_unflatten,
 )
 
 __all__ = [

@@ -14,13 +14,22 @@ step counter), and the QR refresh runs only on refresh steps.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from funcopt.base import (
-    GradientTransformation, PyTree, ScalarOrSchedule, Tensor, check_hyperparameter, increment,
-    resolve, step_counter, tree_flatten, tree_leaves, tree_unflatten,
+    GradientTransformation,
+    ScalarOrSchedule,
+    Tensor,
+    check_hyperparameter,
+    increment,
+    resolve,
+    step_counter,
+    tree_flatten,
+    tree_leaves,
+    tree_unflatten,
 )
 
 __all__ = [

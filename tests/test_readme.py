@@ -1,0 +1,54 @@
+"""The README's code blocks run and do what the README says."""
+
+import re
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+import funcopt as fo
+
+BLOCKS = re.findall(r"```python\n(.*?)```", (Path(__file__).parents[1] / "README.md").read_text(), re.S)
+
+
+def test_fifteen_line_example_trains():
+    g: dict = {}
+    exec(BLOCKS[0], g)
+    p0 = {k: v.detach() for k, v in g["model"].named_parameters()}
+    before = float(g["loss_fn"](p0, g["x"], g["y"]))
+    after = float(g["loss_fn"](g["params"], g["x"], g["y"]))
+    assert after < 0.2 * before
+
+
+def test_own_problem_registers_and_lm_fits_it(tmp_path, monkeypatch):
+    import funcopt.bench as fb
+    from funcopt.bench.__main__ import main
+
+    mod = types.ModuleType("readme_problems")
+    exec(BLOCKS[1], mod.__dict__)
+    monkeypatch.setitem(sys.modules, "readme_problems", mod)
+    out = tmp_path / "rep"
+    try:
+        rc = main(["--plugin", "readme_problems", "--problems", "my-fit", "--optimizers", "lm",
+                   "--out", str(out), "--no-progress"])
+    finally:
+        fb.PROBLEMS.pop("my-fit", None)
+    assert rc == 0
+    import json
+
+    res = json.loads((out / "results.json").read_text())["results"][0]
+    assert res["status"] == "ok" and res["final"]["loss"] < 1e-20
+
+
+def test_fast_path_block_takes_a_step():
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(10, 5, generator=g), "b": torch.zeros(10)}
+    batch = (torch.randn(32, 5, generator=g), torch.randn(32, 10, generator=g))
+
+    def loss_fn(p, b):
+        return ((b[0] @ p["w"].T + p["b"] - b[1]) ** 2).mean()
+
+    env = {"torch": torch, "fo": fo, "params": params, "loss_fn": loss_fn, "batch": batch}
+    exec(BLOCKS[2], env)
+    assert float(loss_fn(env["unravel"](env["flat"]), batch)) < float(loss_fn(params, batch))
