@@ -37,7 +37,7 @@ def test_muon_steps_match_transcription():
     state = tx.init(params)
     ref = {k: v.clone() for k, v in params.items()}
     bufs = {k: torch.zeros_like(v) for k, v in params.items()}
-    for t in range(10):
+    for _ in range(10):
         grads = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in params.items()}
         u, state = tx.update(grads, state, params)
         params = apply_updates(params, u)

@@ -1,10 +1,10 @@
 """PSGD Kron against HeavyBall 3.2.1's ``PSGDKron``, plus the contract and its errors.
 
-Probes: HeavyBall draws each probe with ``torch.randn_like`` from the global generator, leaf by
-leaf, on every preconditioner-update step. funcopt draws the same way from its own generator
-(state field ``rng``) seeded with ``seed``; seeding the global generator with the same number
-before HeavyBall's steps makes both see identical probes. The leaves below have distinct
-shapes, so HeavyBall's same-shape buckets hold one leaf each (its only other difference).
+Probes: HeavyBall draws each probe with ``torch.randn_like`` from the global generator, one
+draw per bucket of same-shape leaves, on every preconditioner-update step. funcopt draws the
+same way from its own generator (state field ``rng``) seeded with ``seed``; seeding the global
+generator with the same number before HeavyBall's steps makes both see identical probes. The
+leaves below repeat some shapes so that buckets of several leaves are exercised.
 """
 
 import pytest
@@ -17,7 +17,7 @@ from funcopt.testing import check_transform, pytrees
 heavyball = pytest.importorskip("heavyball")
 heavyball.utils.compile_mode = None
 
-SHAPES = [(6, 4), (5,), (3, 1, 4), (1, 7), (1,), (2, 3, 2)]
+SHAPES = [(6, 4), (5,), (3, 1, 4), (6, 4), (1, 7), (1,), (2, 3, 2), (5,), (1,)]
 STEPS = 50
 
 

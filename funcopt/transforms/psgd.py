@@ -272,10 +272,13 @@ def scale_by_psgd_kron(
       q_dtype: dtype of the factors (default: the leaf's dtype, at least float32).
       seed: seed of the probe generator, whose state lives in the state (field ``rng``).
 
-    Differences from HeavyBall 3.2.1: leaves are not stacked into same-shape buckets, so each
-    leaf gets its own initial scale (HeavyBall shares one over a bucket); an all-zero first
-    gradient gives :math:`s = 1` instead of an error. Whether to update the factors is decided
-    on the host (one sync per step). Reference: https://arxiv.org/abs/1512.04202.
+    As HeavyBall, leaves of equal shape, dtype and device share one initial scale (computed
+    over all of them) and one probe draw (in order of first appearance); everything else is
+    per leaf. Differences from HeavyBall 3.2.1: an all-zero first gradient gives :math:`s = 1`
+    instead of an error; factors are stored as full matrices (HeavyBall packs the upper
+    triangle). Whether this step fits the factors is decided on the host (one sync per step),
+    so the transform does not trace under ``torch.compile(fullgraph=True)``.
+    Reference: https://arxiv.org/abs/1512.04202.
     """
     check_hyperparameter("b1", b1, low=0.0, high=1.0, high_inclusive=False)
     check_hyperparameter("precond_lr", precond_lr, low=0.0)
@@ -316,39 +319,54 @@ def scale_by_psgd_kron(
         p_t = torch.as_tensor(prob(count) if callable(prob) else prob, dtype=torch.float64,
                               device=t.device)
         prob_sum = state.prob_sum + p_t
-        fit = bool(torch.floor(prob_sum) > torch.floor(state.prob_sum))  # host sync
+        # one host sync: whether the factors are fitted this step, and whether it is the first
+        fit, first = torch.stack([torch.floor(prob_sum) > torch.floor(state.prob_sum),
+                                  count == 1]).tolist()
         beta = 1.0 - (1.0 - b1) / (1.0 - b1 ** t)
         mu = [m.lerp(x.to(m.dtype), (1.0 - beta).to(m.dtype)) for m, x in zip(state.mu, g)]
+        shapes = [tuple(d for d in x.shape if d != 1) for x in g]
+        qs, lbs = [list(q) for q in state.qs], [list(lb) for lb in state.lower_bounds]
         gen = torch.Generator(device=count.device)
         gen.set_state(state.rng)
-        first = count == 1
-        out, qs, lbs = [], [], []
-        for x, m, q, lb in zip(g, mu, state.qs, state.lower_bounds):
-            shape = tuple(d for d in x.shape if d != 1)
-            q = _scale_first(q, first, x.reshape(shape), precond_init_scale,
-                             precond_init_scale_scale, precond_init_scale_power)
+        for idx in _buckets(g):
+            if first:
+                s = _initial_scale(torch.stack([g[i] for i in idx]), precond_init_scale,
+                                   precond_init_scale_scale, precond_init_scale_power)
+                for i in idx:
+                    qs[i] = _scaled(qs[i], s)
             if fit:
-                b = (m if momentum_into_precond_update else x.to(m.dtype)).reshape(shape)
+                b = torch.stack([(mu[i] if momentum_into_precond_update else g[i].to(mu[i].dtype))
+                                 .reshape(shapes[i]) for i in idx])
                 v = torch.randn(b.shape, dtype=b.dtype, device=b.device, generator=gen)
                 h = b + (dampening + _F32_EPS * b.abs()) * v
-                q, lb = _fit(q, lb, h.to(q[0].dtype), v.to(q[0].dtype), precond_lr,
-                             lower_bound_beta, precond_update_power_iterations)
-            qs.append(list(q))
-            lbs.append(list(lb))
-            out.append(_precondition(q, m.reshape(shape).to(q[0].dtype)).reshape(x.shape)
-                       .to(x.dtype))
-        new = ScaleByPsgdKronState(count, prob_sum, mu, qs, lbs, gen.get_state())
+                for k, i in enumerate(idx):
+                    qd = qs[i][0].dtype
+                    qs[i], lbs[i] = _fit(qs[i], lbs[i], h[k].to(qd), v[k].to(qd), precond_lr,
+                                         lower_bound_beta, precond_update_power_iterations)
+        out = [_precondition(q, m.reshape(s).to(q[0].dtype)).reshape(x.shape).to(x.dtype)
+               for x, m, q, s in zip(g, mu, qs, shapes)]
+        new = ScaleByPsgdKronState(count, prob_sum, mu, [list(q) for q in qs],
+                                   [list(lb) for lb in lbs], gen.get_state())
         return tree_unflatten(treedef, out), new
 
     return GradientTransformation(init, update)
 
 
-def _scale_first(q, first, g, scale, scale_scale, power):
-    """On the first step, multiply the unit factors by ``s^{1/k}`` (``s`` from ``g``)."""
-    s = _initial_scale(g, scale, scale_scale, power)
+def _buckets(leaves: list[Tensor]) -> list[list[int]]:
+    """Leaf indices grouped by (shape, dtype, device), in order of first appearance.
+
+    HeavyBall stacks such leaves: they share one initial scale and one probe draw.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(leaves):
+        groups.setdefault((tuple(x.shape), x.dtype, x.device), []).append(i)
+    return list(groups.values())
+
+
+def _scaled(q: list[Tensor], s: Tensor) -> list[Tensor]:
+    """The unit factors times ``s^{1/k}`` (``k`` factors; a 0-d leaf's one factor gets ``s``)."""
     k = 1 if q[0].ndim == 0 else len(q)
-    factor = torch.where(first, s ** (1.0 / k), torch.ones_like(s))
-    return [qi * factor.to(qi.dtype) for qi in q]
+    return [qi * (s ** (1.0 / k)).to(qi.dtype) for qi in q]
 
 
 def scale_by_trust_region_clip(lerp: float = 0.9, scale: float = 1.5) -> GradientTransformation:
