@@ -4,7 +4,7 @@ Every method is a :class:`GradientTransformation` ``(init, update)`` pair over a
 pytree; methods compose with :func:`chain`. The public API is re-exported flat here.
 """
 
-from funcopt import func, schedules, solvers
+from funcopt import func, heavyball, nist, schedules, solvers
 from funcopt.base import *  # noqa: F401,F403
 from funcopt.compose import *  # noqa: F401,F403
 from funcopt.wrappers import *  # noqa: F401,F403
