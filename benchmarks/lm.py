@@ -12,7 +12,6 @@ networks rather than fit NIST models; see examples/digits_lm.py for the network 
 import argparse
 import time
 
-import numpy as np
 import torch
 
 import funcopt as fo

@@ -117,7 +117,7 @@ def main():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 rows.append((f"singd package {s} (T=1)", *bench_torch(
-                    lambda m: SINGD(m, lr=1e-3, T=1, structures=(s, s)), model, x, y,
+                    lambda m, s=s: SINGD(m, lr=1e-3, T=1, structures=(s, s)), model, x, y,
                     args.steps, device)))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     head = (f"\n### MLP 784-{args.width}-{args.width}-10, batch {args.batch}, {name}, "

@@ -50,8 +50,9 @@ def train(name, model, tx, data, epochs, batch, natural):
                 cap = fo.func.capture_curvature(model, params, x_tr[idx], y_tr[idx])
                 grads, extra = cap.grads, {"curvature": cap}
             else:
-                grads = torch.func.grad(lambda p: loss_fn(
-                    torch.func.functional_call(model, p, (x_tr[idx],)), y_tr[idx]))(params)
+                xb, yb = x_tr[idx], y_tr[idx]
+                grads = torch.func.grad(lambda p, xb=xb, yb=yb: loss_fn(
+                    torch.func.functional_call(model, p, (xb,)), yb))(params)
                 extra = {}
             updates, state = tx.update(grads, state, params, **extra)
             params = fo.apply_updates(params, updates)

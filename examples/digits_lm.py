@@ -28,7 +28,7 @@ def accuracy(params):
 def train_lm(steps=30, batch=256):
     tx = fo.levenberg_marquardt(fo.cross_entropy_residuals(forward), jacobian_mode="reverse")
     params, state = dict(init), tx.init(init)
-    for i in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, len(Xtr), (batch,))
         upd, state = tx.update(None, state, params, batch=(Xtr[idx], ytr[idx]))
         params = fo.apply_updates(params, upd)
@@ -40,7 +40,7 @@ def train_adam(steps=600, batch=256):
     params = dict(init)
     opt_state = tx.init(params)
     loss = lambda p, xb, yb: torch.nn.functional.cross_entropy(forward(p, xb), yb)
-    for i in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, len(Xtr), (batch,))
         grads = torch.func.grad(loss)(params, Xtr[idx], ytr[idx])
         upd, opt_state = tx.update(grads, opt_state, params)

@@ -4,29 +4,34 @@ Every method is a :class:`GradientTransformation` ``(init, update)`` pair over a
 pytree; methods compose with :func:`chain`. The public API is re-exported flat here.
 """
 
-from funcopt import func, heavyball, nist, schedules, solvers
-from funcopt.base import *  # noqa: F401,F403
-from funcopt.compose import *  # noqa: F401,F403
-from funcopt.wrappers import *  # noqa: F401,F403
-from funcopt.flat import *  # noqa: F401,F403
-from funcopt.transforms.first_order import *  # noqa: F401,F403
-from funcopt.transforms.adaptive import *  # noqa: F401,F403
-from funcopt.transforms.clipping import *  # noqa: F401,F403
-from funcopt.transforms.weight_decay import *  # noqa: F401,F403
+# Submodules reachable as attributes (fo.func, fo.solvers, ...); `x as x` marks a re-export.
+from funcopt import func as func
+from funcopt import heavyball as heavyball
+from funcopt import nist as nist
+from funcopt import schedules as schedules
+from funcopt import solvers as solvers
+from funcopt.adaptive import *  # noqa: F401,F403
 from funcopt.aliases import *  # noqa: F401,F403
-from funcopt.transforms.schedule_free import *  # noqa: F401,F403
-from funcopt.transforms.soap import *  # noqa: F401,F403
-from funcopt.transforms.psgd import *  # noqa: F401,F403
-from funcopt.transforms.muon import *  # noqa: F401,F403
-from funcopt.transforms.precision import *  # noqa: F401,F403
-from funcopt.transforms.natural_gradient import *  # noqa: F401,F403
+from funcopt.base import *  # noqa: F401,F403
+from funcopt.checkpoint import *  # noqa: F401,F403
+from funcopt.compose import *  # noqa: F401,F403
+from funcopt.distributed import *  # noqa: F401,F403
+from funcopt.flat import *  # noqa: F401,F403
+from funcopt.least_squares import *  # noqa: F401,F403
+from funcopt.optim import *  # noqa: F401,F403
+from funcopt.transforms.adaptive import *  # noqa: F401,F403
+from funcopt.transforms.adaptive_batch import *  # noqa: F401,F403
+from funcopt.transforms.clipping import *  # noqa: F401,F403
+from funcopt.transforms.first_order import *  # noqa: F401,F403
 from funcopt.transforms.kfac import *  # noqa: F401,F403
 from funcopt.transforms.levenberg_marquardt import *  # noqa: F401,F403
-from funcopt.least_squares import *  # noqa: F401,F403
-from funcopt.transforms.adaptive_batch import *  # noqa: F401,F403
-from funcopt.adaptive import *  # noqa: F401,F403
-from funcopt.optim import *  # noqa: F401,F403
-from funcopt.distributed import *  # noqa: F401,F403
-from funcopt.checkpoint import *  # noqa: F401,F403
+from funcopt.transforms.muon import *  # noqa: F401,F403
+from funcopt.transforms.natural_gradient import *  # noqa: F401,F403
+from funcopt.transforms.precision import *  # noqa: F401,F403
+from funcopt.transforms.psgd import *  # noqa: F401,F403
+from funcopt.transforms.schedule_free import *  # noqa: F401,F403
+from funcopt.transforms.soap import *  # noqa: F401,F403
+from funcopt.transforms.weight_decay import *  # noqa: F401,F403
+from funcopt.wrappers import *  # noqa: F401,F403
 
 __version__ = "0.1.0"

@@ -92,7 +92,7 @@ def foreach_laprop(lr=0.0025, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, war
 
 
 class ScaleByDebiasedAdoptState(NamedTuple):
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     mu: PyTree
     nu: PyTree
 

@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from funcopt.func import (capture_curvature, kronecker_factors, merge_curvature,
-                          supported_layers)
+from funcopt.func import capture_curvature, kronecker_factors, merge_curvature, supported_layers
 
 DEFAULT_DTYPE = torch.float64  # float64 references (tests/conftest.py sets it per test)
 

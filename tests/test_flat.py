@@ -83,9 +83,9 @@ def test_donated_step_gives_the_pure_numbers_in_the_input_buffers():
     p_pure, s_pure = p0.clone(), tx.init(p0)
     p_don, s_don = p0.clone(), tx.init(p0)
     buf, donated = p_don, fo.donated(step)
-    for grad in grads:
-        p_pure, s_pure = step(p_pure, s_pure, grad)
-        p_don, s_don = donated(p_don, s_don, grad)
+    for gt in grads:
+        p_pure, s_pure = step(p_pure, s_pure, gt)
+        p_don, s_don = donated(p_don, s_don, gt)
     assert p_don is buf  # written in place
     torch.testing.assert_close(p_don, p_pure, rtol=0, atol=0)
     for a, b in zip(fo.tree_leaves(s_don), fo.tree_leaves(s_pure)):

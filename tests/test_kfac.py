@@ -239,7 +239,7 @@ def accumulated_run(tx, model, batches, k):
     acc = fo.multi_steps(tx, k)
     params = {n: v.detach() for n, v in model.named_parameters()}
     state, merged = acc.init(params), None
-    for i, (x, y) in enumerate(batches):
+    for x, y in batches:
         for j in range(k):
             rows = slice(j * len(x) // k, (j + 1) * len(x) // k)
             cap = fo.func.capture_curvature(model, params, x[rows], y[rows])

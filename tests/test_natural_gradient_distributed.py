@@ -71,4 +71,4 @@ def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
         for k in ref:
             assert not torch.allclose(ref[k], start[k])
             torch.testing.assert_close(got[method][k], ref[k], rtol=1e-9, atol=1e-11,
-                                       msg=lambda m: f"{method} {k}: {m}")
+                                       msg=lambda m, method=method, k=k: f"{method} {k}: {m}")

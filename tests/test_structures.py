@@ -5,15 +5,19 @@ import warnings
 import pytest
 import torch
 
-from funcopt.transforms.structures import (STRUCTURES, BlockDiagonal, Structure, get_structure,
-                                          lincomb)
+from funcopt.transforms.structures import (
+    STRUCTURES,
+    BlockDiagonal,
+    Structure,
+    get_structure,
+    lincomb,
+)
 
 singd_structures = pytest.importorskip("singd.structures.base")
 from singd.structures.blockdiagonal import Block3DiagonalMatrix, Block30DiagonalMatrix  # noqa: E402
 from singd.structures.dense import DenseMatrix  # noqa: E402
 from singd.structures.diagonal import DiagonalMatrix  # noqa: E402
-from singd.structures.hierarchical import (  # noqa: E402
-    Hierarchical3_2Matrix, Hierarchical15_15Matrix)
+from singd.structures.hierarchical import Hierarchical3_2Matrix, Hierarchical15_15Matrix  # noqa: E402
 from singd.structures.trilbottomrightdiag import TrilBottomRightDiagonalMatrix  # noqa: E402
 from singd.structures.triltoeplitz import TrilToeplitzMatrix  # noqa: E402
 from singd.structures.triltopleftdiag import TrilTopLeftDiagonalMatrix  # noqa: E402

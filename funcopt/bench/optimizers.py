@@ -78,7 +78,7 @@ register_optimizer("sgd-momentum")(_first_order("sgd", 0.1, momentum=0.9))
 register_optimizer("adamw")(_first_order("adamw", 3e-3, weight_decay=1e-4))
 register_optimizer("lion")(_first_order("lion", 1e-3, weight_decay=1e-4))
 register_optimizer("soap")(_first_order("soap", 3e-3))
-register_optimizer("psgd")(_first_order("psgd_kron", 1e-3))
+register_optimizer("psgd")(_first_order("psgd_kron", 1e-2))
 
 
 @register_optimizer("sf-adamw")
@@ -97,8 +97,8 @@ def _lm(problem: Problem) -> Runner:
         raise Unavailable("the problem has no residual function")
     n = sum(p.numel() for p in fo.tree_leaves(problem.params))
     if n > 1000:  # the Jacobian costs one backward pass per residual
-        raise Unavailable(f"{n} parameters: too many for this suite's time budget "
-                          "(run it with --problems and a small model)")
+        raise Unavailable(f"{n} parameters: the dense Jacobian (one backward pass per "
+                          "residual) is too slow for this suite; use it on small models")
     tx = fo.levenberg_marquardt(problem.residual_fn)
 
     def step(params, state, batch):

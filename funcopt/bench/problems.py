@@ -13,7 +13,7 @@ A problem is plain data plus functions, so users register their own with :func:`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 

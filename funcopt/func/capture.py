@@ -20,7 +20,7 @@ per-example gradients.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -95,8 +95,8 @@ def supported_layers(model: nn.Module, params: dict[str, Tensor] | None = None
         if not own:
             continue
         prefix = f"{name}." if name else ""
-        w, b = prefix + "weight", prefix + "bias"
-        b = b if b in own else None
+        w = prefix + "weight"
+        b = prefix + "bias" if prefix + "bias" in own else None
         reason = None
         if isinstance(m, nn.Conv2d):
             reason = _conv_unsupported_reason(m)
@@ -115,19 +115,20 @@ def supported_layers(model: nn.Module, params: dict[str, Tensor] | None = None
 
 def _conv_patches(x: Tensor, m: nn.Conv2d) -> Tensor:
     """Unfold a conv input (N, C, H, W) into patches (N, positions, C*kh*kw)."""
-    padding = m.padding
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = 0
-        else:  # "same" with stride 1
-            pads = []
-            for k, d in zip(m.kernel_size, m.dilation):
-                total = d * (k - 1)
-                if total % 2:
-                    raise ValueError(f"{m}: padding='same' with uneven padding is not supported; "
-                                     "pass explicit integer padding")
-                pads.append(total // 2)
-            padding = tuple(pads)
+    padding: int | tuple[int, ...]
+    if not isinstance(m.padding, str):
+        padding = m.padding
+    elif m.padding == "valid":
+        padding = 0
+    else:  # "same" with stride 1
+        pads = []
+        for k, d in zip(m.kernel_size, m.dilation):
+            total = d * (k - 1)
+            if total % 2:
+                raise ValueError(f"{m}: padding='same' with uneven padding is not supported; "
+                                 "pass explicit integer padding")
+            pads.append(total // 2)
+        padding = tuple(pads)
     cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
     return cols.transpose(1, 2)
 
@@ -136,6 +137,7 @@ def _process(kind: str, m: nn.Module, x: Tensor, gy: Tensor, approx: str, has_bi
              loss_average: str | None) -> LayerCurvature:
     """Turn a layer's input and output gradient into (rows x dim) matrices."""
     if kind == "conv2d":
+        assert isinstance(m, nn.Conv2d)  # kind comes from supported_layers
         a = _conv_patches(x, m)                       # (N, P, C*k*k)
         g = gy.flatten(2).transpose(1, 2)            # (N, P, C_out)
     else:
@@ -193,10 +195,21 @@ def _unscale(t: Tensor | None, scale: Any) -> Tensor | None:
     return wide / torch.as_tensor(scale, dtype=wide.dtype, device=wide.device)
 
 
+def _weighted_sum(xs: list[Tensor], weights: list[float]) -> Tensor:
+    """``sum_i weights[i] * xs[i]``, accumulated in order."""
+    total = xs[0] * weights[0]
+    for x, w in zip(xs[1:], weights[1:]):
+        total = total + x * w
+    return total
+
+
 def _gradients(value: Tensor, leaves: list[Tensor], probes: list[Tensor],
-               sampled: Callable[[], Tensor] | None, loss_scale: Any):
+               sampled: Callable[[], Tensor] | None, loss_scale: Any
+               ) -> tuple[Sequence[Tensor | None], Sequence[Tensor | None]]:
     """Gradients of ``loss_scale * value`` for ``leaves`` and of the (sampled) loss for the
-    probes, divided by ``loss_scale`` again."""
+    probes, divided by ``loss_scale`` again (None where a leaf does not reach the loss)."""
+    grads: Sequence[Tensor | None]
+    gys: Sequence[Tensor | None]
     scale = 1.0 if loss_scale is None else loss_scale
     wide = value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
     with torch.enable_grad():
@@ -295,15 +308,18 @@ def capture_curvature(
         value = fn(out, targets)
     keys = list(leaves)
     probes = [p for name in specs for _, p in records[name]]
-    sampled = None if fisher == "empirical" else \
-        (lambda: fn(out, _sample_targets(loss, out, generator)))
-    grads, gys = _gradients(value, [leaves[k] for k in keys], probes, sampled, loss_scale)
-    grads = {k: torch.zeros_like(leaves[k]) if gr is None else gr for k, gr in zip(keys, grads)}
+    sampled = None
+    if fisher != "empirical" and isinstance(loss, str):  # _check_options: mc needs a named loss
+        loss_name = loss
+        sampled = lambda: fn(out, _sample_targets(loss_name, out, generator))  # noqa: E731
+    found, gys = _gradients(value, [leaves[k] for k in keys], probes, sampled, loss_scale)
+    grads = {k: torch.zeros_like(leaves[k]) if gr is None else gr for k, gr in zip(keys, found)}
     layers, i = {}, 0
     for name, spec in specs.items():
         parts = []
         for x, probe in records[name]:
-            gy = gys[i] if gys[i] is not None else torch.zeros_like(probe)
+            gy = gys[i]
+            gy = torch.zeros_like(probe) if gy is None else gy
             i += 1
             parts.append(_process(spec.kind, modules[name], x, gy, kfac_approx,
                                   spec.bias is not None, loss_average))
@@ -368,8 +384,8 @@ def merge_curvature(captures: list[Captured] | tuple[Captured, ...], *,
         scale = [1.0 if loss_average is None else p.num_loss_terms / total for p in parts]
         layers[name] = LayerCurvature(torch.cat([p.a for p in parts]),
                                       torch.cat([p.g * w for p, w in zip(parts, scale)]), total)
-    grads = {k: sum(c.grads[k] * w for c, w in zip(captures, weights))
+    grads = {k: _weighted_sum([c.grads[k] for c in captures], weights)
              for k in captures[0].grads}
-    loss = sum(c.loss * w for c, w in zip(captures, weights))
+    loss = _weighted_sum([c.loss for c in captures], weights)
     unsupported = tuple(dict.fromkeys(u for c in captures for u in c.unsupported))
     return Captured(loss, grads, layers, unsupported)

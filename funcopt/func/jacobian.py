@@ -60,7 +60,6 @@ def ravel_params(params: PyTree) -> tuple[Tensor, Callable[[Tensor], PyTree]]:
     dtype = leaves[float_idx[0]].dtype
     for i in float_idx[1:]:
         dtype = torch.promote_types(dtype, leaves[i].dtype)
-    device = leaves[float_idx[0]].device
     shapes = [leaves[i].shape for i in float_idx]
     sizes = [leaves[i].numel() for i in float_idx]
     dtypes = [leaves[i].dtype for i in float_idx]
@@ -75,6 +74,15 @@ def ravel_params(params: PyTree) -> tuple[Tensor, Callable[[Tensor], PyTree]]:
         return tree_unflatten(treedef, out)
 
     return x, unravel
+
+
+def _vjp(
+    f: Callable[[Tensor], Tensor], x: Tensor
+) -> tuple[Tensor, Callable[[Tensor], tuple[Tensor, ...]]]:
+    """``torch.func.vjp(f, x)`` without aux, as ``(f(x), pullback)`` (torch annotates the
+    result as a pair or a triple, whichever ``has_aux`` gives)."""
+    out = vjp(f, x)
+    return out[0], out[1]
 
 
 def residual_vector_fn(
@@ -152,13 +160,18 @@ def jacobian(
         raise ValueError(f"chunk_size={chunk_size!r}: pass a positive int or None")
     x, unravel = ravel_params(params)
     f = residual_vector_fn(residual_fn, unravel, *args)
-    r0, pullback = vjp(f, x) if mode != "forward" else (f(x), None)
+    pullback: Callable[[Tensor], tuple[Tensor, ...]] | None = None
+    if mode == "forward":
+        r0 = f(x)
+    else:
+        r0, pullback = _vjp(f, x)
     r0 = r0.detach()
     m, n = r0.numel(), x.numel()
     if mode == "auto":
         mode = "forward" if 8 * n < m else "reverse"
     k = chunk_size or jacobian_chunk_size(m, n, x.dtype, x.device, max_memory)
     if mode == "reverse":
+        assert pullback is not None  # mode was "reverse" or "auto", so the pullback exists
         eye = torch.eye(m, dtype=r0.dtype, device=r0.device)
         rows = [vmap(pullback)(eye[s:s + k])[0] for s in range(0, m, k)]
         return torch.cat(rows).to(x.dtype), r0
@@ -193,7 +206,7 @@ def gauss_newton_products(
     """
     x, unravel = ravel_params(params)
     f = residual_vector_fn(residual_fn, unravel, *args)
-    r, pullback = vjp(f, x)
+    r, pullback = _vjp(f, x)
 
     def jv(v: Tensor) -> Tensor:
         return jvp(f, (x,), (v.to(x.dtype),))[1]

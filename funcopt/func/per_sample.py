@@ -54,7 +54,7 @@ class PerSampleStats(NamedTuple):
     (the last two are ``None`` when inner products were not computed).
     """
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     grad_sq_norm: Tensor
     sum_sq_norms: Tensor
     sum_inner: Tensor | None = None

@@ -341,10 +341,10 @@ def gauss_newton(residual_fn: Callable[[Tensor], Tensor], x: Tensor, damping: fl
         diag: ``D = diag(diag)`` (shape ``(n,)``) or None for ``D = I``.
     """
     lam = _damping_tensor(damping, x)
-    _, vjp_fn = torch.func.vjp(residual_fn, x)
+    vjp_fn = torch.func.vjp(residual_fn, x)[1]  # (output, pullback); the pullback only
 
     def matvec(v: Tensor) -> Tensor:
-        _, jv = torch.func.jvp(residual_fn, (x,), (v,))
+        jv = torch.func.jvp(residual_fn, (x,), (v,))[1]
         out = vjp_fn(jv)[0]
         return out + lam * (v if diag is None else diag * v)
 

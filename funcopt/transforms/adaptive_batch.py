@@ -98,7 +98,7 @@ class NormTestState(NamedTuple):
     """count: steps taken; statistic: the last T_k; batch_size: the batch size of the NEXT step
     (0-d int64); samples: samples seen so far (0-d int64)."""
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     statistic: Tensor
     batch_size: Tensor
     samples: Tensor
@@ -107,7 +107,7 @@ class NormTestState(NamedTuple):
 class InnerProductTestState(NamedTuple):
     """As :class:`NormTestState`, for the (augmented) inner-product test."""
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     statistic: Tensor
     batch_size: Tensor
     samples: Tensor
@@ -350,7 +350,7 @@ def multistep_samples(init_value: float, milestones: Sequence[int], gamma: float
 class SampleScheduleState(NamedTuple):
     """samples: samples seen before this step; learning_rate: the current learning rate."""
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     samples: Tensor
     learning_rate: Tensor
 

@@ -433,9 +433,16 @@ def scale_by_adam(
         if nesterov:
             m_hat = torch._foreach_mul(mu, beta1 / (1 - beta1 ** (t + 1)))
             m_hat = _axpy((1 - beta1) / bc1, g, m_hat)
+            out = torch._foreach_div(m_hat, _adam_denominator(nu_used, bc2, eps, eps_root))
+        elif _is_number(eps_root) and eps_root == 0 and _is_number(eps):
+            # (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) = m / (sqrt(v) + eps sqrt(bc2)) * (sqrt(bc2) / bc1):
+            # four kernels instead of five
+            root_bc2 = torch.sqrt(bc2)
+            denom = torch._foreach_add(torch._foreach_sqrt(nu_used), eps * root_bc2)
+            out = torch._foreach_mul(torch._foreach_div(mu, denom), root_bc2 / bc1)
         else:
-            m_hat = torch._foreach_div(mu, bc1)
-        out = torch._foreach_div(m_hat, _adam_denominator(nu_used, bc2, eps, eps_root))
+            out = torch._foreach_div(torch._foreach_div(mu, bc1),
+                                     _adam_denominator(nu_used, bc2, eps, eps_root))
         new = state._replace(count=count, mu=_as(mu, state.mu), nu=_as(nu, state.nu))
         if amsgrad:
             new = new._replace(nu_max=_as(nu_used, state.nu_max))

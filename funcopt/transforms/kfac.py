@@ -27,12 +27,26 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from funcopt.base import (GradientTransformation, ScalarOrSchedule, check_hyperparameter,
-                          increment, resolve, step_counter)
+from funcopt.base import (
+    GradientTransformation,
+    ScalarOrSchedule,
+    check_hyperparameter,
+    increment,
+    resolve,
+    step_counter,
+)
 from funcopt.func.capture import kronecker_factors
-from funcopt.transforms.natural_gradient import (_all_reduce, _check_updates, _count,
-                                                 _curvature, _eye, _grad_matrix, _layers,
-                                                 _scatter, _with_fallback)
+from funcopt.transforms.natural_gradient import (
+    _all_reduce,
+    _check_updates,
+    _count,
+    _curvature,
+    _eye,
+    _grad_matrix,
+    _layers,
+    _scatter,
+    _with_fallback,
+)
 
 __all__ = ["KFACState", "scale_by_kfac", "kfac"]
 
@@ -41,7 +55,7 @@ class KFACState(NamedTuple):
     """``count``; per layer the running factors ``(A, G)`` and the preconditioner:
     ``(A_inv, G_inv)`` for ``method="inverse"``, ``(Q_A, s_A, Q_G, s_G)`` for ``"eigh"``."""
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     factors: dict[str, tuple[Tensor, Tensor]]
     precond: dict[str, tuple[Tensor, ...]]
     learning_rate: Tensor   # eta of the KL clip (0-d float); 1 when there is no clip

@@ -29,11 +29,20 @@ import torch
 from torch.func import jvp
 
 from funcopt.base import (
-    GradientTransformation, Params, PyTree, check_hyperparameter, increment, require_params,
-    step_counter, tree_check_structure,
+    GradientTransformation,
+    Params,
+    PyTree,
+    check_hyperparameter,
+    increment,
+    require_params,
+    step_counter,
+    tree_check_structure,
 )
 from funcopt.func.jacobian import (
-    gauss_newton_products, jacobian, ravel_params, residual_vector_fn,
+    gauss_newton_products,
+    jacobian,
+    ravel_params,
+    residual_vector_fn,
 )
 
 __all__ = ["LevenbergMarquardtState", "levenberg_marquardt", "damped_gauss_newton_step"]
@@ -55,7 +64,7 @@ class LevenbergMarquardtState(NamedTuple):
     attempts: solves in the last update (int64).
     """
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     damping: Tensor
     nu: Tensor
     radius: Tensor

@@ -39,20 +39,26 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from funcopt.base import (GradientTransformation, ScalarOrSchedule, check_hyperparameter,
-                          increment, resolve, step_counter)
+from funcopt.base import (
+    GradientTransformation,
+    ScalarOrSchedule,
+    check_hyperparameter,
+    increment,
+    resolve,
+    step_counter,
+)
 from funcopt.func.capture import LayerSpec, supported_layers
 from funcopt.transforms.structures import Structure, get_structure, lincomb
 
-__all__ = ["SINGDState", "scale_by_singd", "singd",
-           # defined in funcopt.transforms.kfac, re-exported lazily (see __getattr__)
-           "KFACState", "scale_by_kfac", "kfac"]
+__all__ = ["SINGDState", "scale_by_singd", "singd"]
 
+# KFAC lives in funcopt.transforms.kfac (exported from there); these names stay reachable
+# here as attributes for code that imports them from this module.
 _KFAC_NAMES = ("KFACState", "scale_by_kfac", "kfac")
 
 
-def __getattr__(name: str):
-    """Re-export KFAC from :mod:`funcopt.transforms.kfac` on first use (that module imports
+def __getattr__(name: str) -> Any:
+    """Give KFAC's names from :mod:`funcopt.transforms.kfac` on first use (that module imports
     the shared helpers from here, so a top-level import would be circular)."""
     if name in _KFAC_NAMES:
         from funcopt.transforms import kfac as _kfac_module
@@ -159,7 +165,7 @@ class SINGDState(NamedTuple):
     ``m_C`` (tuples of tensors, see :mod:`funcopt.transforms.structures`; the momenta are
     empty tuples when ``alpha1 = 0``)."""
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     K: dict[str, tuple[Tensor, ...]]
     C: dict[str, tuple[Tensor, ...]]
     m_K: dict[str, tuple[Tensor, ...]]

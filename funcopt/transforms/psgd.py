@@ -65,7 +65,7 @@ class ScaleByPsgdKronState(NamedTuple):
     integer part grows); ``mu``: momentum; ``qs``/``lower_bounds``: per leaf, the factors and the
     running lower bounds of their step normalisers; ``rng``: the probe generator's state."""
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     prob_sum: Tensor
     mu: list
     qs: list

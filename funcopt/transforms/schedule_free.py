@@ -45,7 +45,7 @@ __all__ = [
 
 
 class ScaleByBiasCorrectedRmsState(NamedTuple):
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     nu: PyTree
 
 
@@ -126,7 +126,7 @@ def _cast_like(xs, refs: list[Tensor]) -> list[Tensor]:
 class ScheduleFreeState(NamedTuple):
     """State of :func:`schedule_free`: ``z`` iterate, averaging weights and the base's state."""
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     learning_rate: Tensor
     lr_max: Tensor
     weight_sum: Tensor

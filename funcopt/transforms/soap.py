@@ -165,7 +165,7 @@ def _eigenbasis(m: Tensor) -> Tensor:
 
 
 class ScaleBySoapState(NamedTuple):
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     seed: Tensor
     exp_avg: list
     exp_avg_sq: list
