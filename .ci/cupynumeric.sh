@@ -27,4 +27,5 @@ else
   echo "cuPyNumeric tests: no NVIDIA driver; Legate on CPUs ($LEGATE_CONFIG)"
 fi
 
-exec "$PY" -m pytest -q -p no:cacheprovider -m cupynumeric tests/test_solvers_cupynumeric.py
+exec "$PY" -m pytest -q -p no:cacheprovider -m cupynumeric tests/test_solvers_cupynumeric.py \
+  tests/test_levenberg_marquardt.py

@@ -202,7 +202,11 @@ def fit_adaptive(
     take = _index_stream(inputs.shape[0], seed, inputs.device)
     history, samples, step, t0, paused = [], 0, 0, time.perf_counter(), 0.0
     while samples < max_samples:
-        b = int(test.batch_size) if test is not None else batch_size  # host sync: slicing data
+        if test is not None:
+            b = int(test.batch_size)  # host sync: slicing data
+        else:
+            assert batch_size is not None  # checked before the loop
+            b = batch_size
         idx = take(b)
         parts = split_batch(b, world, rank, max_micro_batch_size, accumulation_steps)
         micro = [(inputs[idx[s:e]], targets[idx[s:e]]) for s, e in parts]

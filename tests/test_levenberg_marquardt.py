@@ -49,6 +49,7 @@ def test_first_step_is_exact_damped_gauss_newton_step(solver, form):
     np.testing.assert_allclose(float(state.damping), lam * max(1 / 3, 1 - (2 * rho - 1) ** 3), rtol=1e-6)
 
 
+@pytest.mark.cupynumeric
 def test_cupynumeric_solver_gives_the_same_step():
     pytest.importorskip("cupynumeric", exc_type=ImportError)
     p0 = np.array([2.0, 1.0])

@@ -152,6 +152,7 @@ def _tokens(module: nn.Module, a: Tensor, dz: Tensor) -> tuple[Tensor, Tensor]:
     """Inputs a and output gradients dz as (b, T, d_in) and (b, T, d_out)."""
     b = a.shape[0]
     if isinstance(module, nn.Conv2d):
+        assert not isinstance(module.padding, str)  # string padding is refused by _conv_ok
         a = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
         return a.transpose(1, 2), dz.reshape(b, dz.shape[1], -1).transpose(1, 2)
     return a.reshape(b, -1, a.shape[-1]), dz.reshape(b, -1, dz.shape[-1])
@@ -203,11 +204,15 @@ def _hook_layers(model: nn.Module, params: dict[str, Tensor]) -> dict[nn.Module,
     return layers
 
 
-def _forward_backward(model, output_loss, leaves, inputs, targets, layers):
-    """Losses, gradients of the leaves, and (module, a, dz) of every layer called once."""
-    seen: dict[nn.Module, list] = {m: [] for m in layers}
+def _forward_backward(
+    model: nn.Module, output_loss: Callable[[Tensor, Tensor], Tensor], leaves: dict[str, Tensor],
+    inputs: Tensor, targets: Tensor, layers: dict[nn.Module, list[str]],
+) -> tuple[Tensor, tuple[Tensor, ...], list[tuple[nn.Module, Tensor, Tensor]]]:
+    """Losses, gradients of the leaves, and (module, a, dz) of every layer called once
+    (a gradient is None where its tensor does not reach the loss)."""
+    seen: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {m: [] for m in layers}
 
-    def hook(mod, inp, out):
+    def hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
         seen[mod].append((inp[0], out))
 
     handles = [m.register_forward_hook(hook) for m in layers]
@@ -318,7 +323,7 @@ def stats_from_per_sample_grads(
     p = flat @ mean if inner else None
     stats = PerSampleStats(
         torch.tensor(float(b), dtype=flat.dtype, device=flat.device), g2, s2,
-        p.sum() if inner else None, p.square().sum() if inner else None)
+        None if p is None else p.sum(), None if p is None else p.square().sum())
     return tree_unflatten(treedef, [leaf.mean(0) for leaf in leaves]), stats
 
 

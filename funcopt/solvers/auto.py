@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -105,7 +106,7 @@ def get(name_or_solver: str | LinearSolver) -> LinearSolver:
     """
     if isinstance(name_or_solver, LinearSolver):
         return name_or_solver
-    table = {"auto": Auto, "cholesky": Cholesky, "lu": LU, "qr": QR, "lstsq": Lstsq, "svd": SVD,
+    table: dict[str, Callable[[], LinearSolver]] = {"auto": Auto, "cholesky": Cholesky, "lu": LU, "qr": QR, "lstsq": Lstsq, "svd": SVD,
              "eigh": lambda: SVD(hermitian=True), "cg": CG,
              "pcg": lambda: CG(preconditioner="jacobi")}
     if name_or_solver == "cupynumeric":

@@ -25,7 +25,7 @@ SC 2019; https://docs.nvidia.com/cupynumeric/.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -89,9 +89,10 @@ class CuPyNumeric(LinearSolver):
 
     method: str = "auto"
     rcond: float | None = None
+    _cn: Any = field(default=None, init=False, repr=False, compare=False)  # the cupynumeric module
     name = "cupynumeric"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.method not in _METHODS:
             raise ValueError(f"CuPyNumeric: method must be one of {_METHODS}; got {self.method!r}")
         object.__setattr__(self, "_cn", import_cupynumeric())
@@ -120,7 +121,7 @@ class CuPyNumeric(LinearSolver):
         x, success = finite_or_zero(x, torch.tensor(ok, device=b.device))
         return Solution(x, success, f"{self.name}-{method}")
 
-    def _run(self, cn: Any, method: str, A: Any, b: Any, shape: tuple[int, int]) -> Any:
+    def _run(self, cn: Any, method: str, A: Any, b: Any, shape: tuple[int, ...]) -> Any:
         la = cn.linalg
         if method == "cholesky":
             return la.cho_solve(la.cho_factor(A, lower=True), b)

@@ -274,6 +274,7 @@ def _step(residual_fn, params, args, state: LevenbergMarquardtState, o):
         radius = torch.where(state.count == 0, _initial_radius(d, x, o["factor"]), radius)
     for attempt in range(1, o["attempts"] + 1):
         if trust:
+            assert loc.svd is not None  # _linearize computes it under the trust-region rule
             lam = _trust_region_damping(*loc.svd, radius)
         delta, step, Jd, ok = _propose(loc, lam, o)
         new_cost = _evaluate(loc.f, x + step, r.shape)

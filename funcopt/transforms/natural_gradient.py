@@ -193,6 +193,10 @@ def _singd_momenta(cfg: _SINGDConfig, K, C, lay, dtypes):
         flat = _all_reduce([*H_K, *H_C], cfg.process_group)
         H_K, H_C = tuple(flat[:len(H_K)]), tuple(flat[len(H_K):])
     KtK, CtC = sK.from_inner(K), sC.from_inner(C)
+    cK: float | Tensor
+    dK: float | Tensor
+    cC: float | Tensor
+    dC: float | Tensor
     if cfg.kfac_like:
         cK, dK, cC, dC = 1.0, cfg.damping, 1.0, cfg.damping
     else:

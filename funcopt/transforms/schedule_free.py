@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 import torch
 
 from funcopt.base import (
-    EmptyState,
     GradientTransformation,
     PyTree,
     ScalarOrSchedule,
@@ -32,6 +31,7 @@ from funcopt.base import (
     tree_leaves,
     tree_unflatten,
 )
+from funcopt.compose import identity
 
 __all__ = [
     "ScheduleFreeState",
@@ -179,8 +179,7 @@ def schedule_free(
     check_hyperparameter("weight_lr_power", weight_lr_power, low=0.0)
     if callable(b1):
         raise TypeError("schedule_free: b1 must be a number (it defines the evaluation point)")
-    base = base if base is not None else GradientTransformation(lambda p: EmptyState(),
-                                                                 lambda u, s, p=None, **e: (u, s))
+    base = base if base is not None else identity()
 
     def init(params):
         count = step_counter(params)

@@ -144,7 +144,7 @@ def _gram(g: Tensor, d: int) -> Tensor:
 
 def _qr_refresh(gg: tuple, qs: tuple, v: Tensor) -> tuple[tuple, Tensor]:
     """One power-iteration step and QR per factor; reorders ``v`` (work shape) to match."""
-    new_qs = []
+    new_qs: list[Tensor | None] = []
     for d, (m, q) in enumerate(zip(gg, qs)):
         if m is None:
             new_qs.append(None)
