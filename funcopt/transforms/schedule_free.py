@@ -177,7 +177,7 @@ def schedule_free(
     check_hyperparameter("warmup_steps", warmup_steps, low=0.0)
     check_hyperparameter("r", r, low=0.0)
     check_hyperparameter("weight_lr_power", weight_lr_power, low=0.0)
-    if callable(b1):
+    if not isinstance(b1, (int, float, torch.Tensor)):  # a schedule (other types failed above)
         raise TypeError("schedule_free: b1 must be a number (it defines the evaluation point)")
     base = base if base is not None else identity()
 
