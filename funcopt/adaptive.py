@@ -128,7 +128,7 @@ def gradient_and_stats(
     return mean, stats, loss_sum / count
 
 
-def find_batch_test_state(state: Any):
+def find_batch_test_state(state: Any) -> NormTestState | InnerProductTestState | None:
     """The first norm/inner-product test state inside a (chained) state, or None."""
     if isinstance(state, (NormTestState, InnerProductTestState)):
         return state

@@ -22,7 +22,8 @@ Reference: https://github.com/HomebrewML/HeavyBall (v0.7.2).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 
-def palm_beta2(scale: float = 0.8):
+def palm_beta2(scale: float = 0.8) -> Callable[[Any], float]:
     """PaLM's ``beta2(t) = 1 - t^{-scale}`` (t counted from 1; clamped at 1)."""
     return lambda t: 1.0 - max(float(t), 1.0) ** -scale
 

@@ -127,7 +127,8 @@ def per_sample_inner_products(
     return inner
 
 
-def sample_loss(model: nn.Module, output_loss: Callable[[Tensor, Tensor], Tensor]):
+def sample_loss(model: nn.Module, output_loss: Callable[[Tensor, Tensor], Tensor]
+                ) -> Callable[[PyTree, Tensor, Tensor], Tensor]:
     """The one-sample loss ``loss_fn(params, x, y)`` of a model and a per-sample output loss.
 
     ``output_loss(outputs, targets)`` must return one loss per sample (e.g.
@@ -328,7 +329,8 @@ def stats_from_per_sample_grads(
 
 
 def finalize_stats(count: Tensor, grad_sum: PyTree, sum_sq_norms: Tensor,
-                   sum_inner: Tensor | None = None, sum_sq_inner: Tensor | None = None):
+                   sum_inner: Tensor | None = None, sum_sq_inner: Tensor | None = None
+                   ) -> tuple[PyTree, PerSampleStats]:
     """Mean gradient g = grad_sum / count and the :class:`PerSampleStats` with ||g||^2."""
     leaves, treedef = tree_flatten(grad_sum)
     mean = torch._foreach_div(leaves, count.to(leaves[0].dtype))

@@ -58,7 +58,7 @@ reference knob                 funcopt
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -303,7 +303,7 @@ def _warmup_decay(peak_value, end_value, warmup_samples, lr_decay_samples, shape
 
 
 def warmup_cosine_samples(peak_value: float, warmup_samples: int, lr_decay_samples: int,
-                          end_value: float = 0.0):
+                          end_value: float = 0.0) -> Callable[[Any], Tensor]:
     """Learning rate by samples seen n: linear warmup, then cosine decay.
 
     lr(n) = peak * n / n_w for n < n_w; else end + (peak - end) (1 + cos(pi r)) / 2 with
@@ -317,7 +317,7 @@ def warmup_cosine_samples(peak_value: float, warmup_samples: int, lr_decay_sampl
 
 
 def warmup_linear_samples(peak_value: float, warmup_samples: int, lr_decay_samples: int,
-                          end_value: float = 0.0):
+                          end_value: float = 0.0) -> Callable[[Any], Tensor]:
     """Learning rate by samples seen n: linear warmup, then linear decay to ``end_value``.
 
     lr(n) = peak * n / n_w for n < n_w; else peak - (peak - end) r, r = min(1, (n - n_w) /
@@ -327,7 +327,8 @@ def warmup_linear_samples(peak_value: float, warmup_samples: int, lr_decay_sampl
     return _warmup_decay(peak_value, end_value, warmup_samples, lr_decay_samples, lambda r: 1 - r)
 
 
-def multistep_samples(init_value: float, milestones: Sequence[int], gamma: float = 0.1):
+def multistep_samples(init_value: float, milestones: Sequence[int], gamma: float = 0.1
+                      ) -> Callable[[Any], Tensor]:
     """lr(n) = init_value * gamma^(number of milestones <= n), n the samples seen.
 
     init_value: ``--learning_rate``; milestones: sample counts, increasing; gamma: factor per

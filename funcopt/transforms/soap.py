@@ -69,7 +69,8 @@ def uniform_from_seed(seed: Tensor, count: Tensor) -> Tensor:
     return h.to(torch.float64) / 2.0**32
 
 
-def precond_schedule_probability(step: Tensor | float, a: float = 1 / 3, b: float = 9.0):
+def precond_schedule_probability(step: Tensor | float, a: float = 1 / 3, b: float = 9.0
+                                 ) -> Tensor | float:
     """HeavyBall's refresh probability ``1 / (log10(max(step, 1)^a)^b + 1)``.
 
     The interval ``f = 1/p`` is 1.00005 at step 10, 1.026 at 100, 2 at 1,000, 14.3 at 10,000,

@@ -60,10 +60,12 @@ class Structure:
         raise NotImplementedError
 
     # ----------------------------------------------------------------- constructors
-    def eye(self, d: int, dtype=None, device=None) -> Params:
+    def eye(self, d: int, dtype: torch.dtype | None = None,
+            device: torch.device | str | None = None) -> Params:
         return self.extract(_eye(d, dtype or torch.get_default_dtype(), device))
 
-    def zeros(self, d: int, dtype=None, device=None) -> Params:
+    def zeros(self, d: int, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None) -> Params:
         return tuple(torch.zeros_like(t) for t in self.eye(d, dtype, device))
 
     # ----------------------------------------------------------------- operations
@@ -88,7 +90,7 @@ class Structure:
         """``tr(P) / d`` as a 0-d tensor."""
         return self.to_dense(p).diagonal().mean()
 
-    def diag_add(self, p: Params, value) -> Params:
+    def diag_add(self, p: Params, value: float | Tensor) -> Params:
         """``P + value * I``."""
         d = self.dim(p)
         m = self.to_dense(p)
