@@ -31,7 +31,7 @@ $(HB072): $(VENV)/.base
 demo: $(VENV)/.bench
 	$(PY) -m funcopt.bench --out bench-report
 
-test: $(VENV)/.test $(HB072)
+test: $(VENV)/.test $(HB072) lint
 	$(PY) -m pytest -q -n 2 -m "not cupynumeric" tests
 	$(MAKE) test-cupynumeric
 
@@ -43,7 +43,8 @@ test-cupynumeric: $(VENV)/.test
 	PY=$(PY) bash .ci/cupynumeric.sh
 
 lint: $(VENV)/.test
-	$(PY) -m ruff check funcopt tests
+	$(PY) -m ruff check funcopt tests examples benchmarks
+	$(PY) -m mypy --no-incremental
 
 clean:
 	rm -rf $(VENV) bench-report .pytest_cache .hypothesis
