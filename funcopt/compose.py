@@ -140,7 +140,9 @@ def _mask_leaves(tree: PyTree, mask: PyTree | Callable, who: str) -> list[bool]:
             f"{who}: the mask/labels tree does not match the parameter tree ({e}); give one "
             "entry per leaf, or a prefix of the tree, or a callable params -> such a tree"
         ) from None
-    return optree.tree_leaves(full, none_is_leaf=True)
+    # one entry per leaf of ``tree``: empty (None) nodes of ``tree``, such as the leaves an
+    # outer masked/partition took away, get none
+    return list(optree.tree_structure(tree).flatten_up_to(full))
 
 
 def _select(tree: PyTree | None, keep: list[bool]) -> PyTree | None:

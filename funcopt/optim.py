@@ -89,6 +89,9 @@ def find_hyperparams(state: OptState) -> dict[str, torch.Tensor]:
 def set_hyperparams(state: OptState, values: dict[str, Any]) -> OptState:
     """A copy of ``state`` with the fields found by :func:`find_hyperparams` set to ``values``.
 
+    Only the first occurrence of a name is written, the one :func:`find_hyperparams` exposes
+    (for ``fo.muon`` the Muon learning rate; the AdamW branch's rate stays as built).
+
     Each new value takes the dtype and device of the field it replaces; names not in ``values``
     and all other leaves are kept (the same tensor objects, nothing is copied).
     """
@@ -98,17 +101,33 @@ def set_hyperparams(state: OptState, values: dict[str, Any]) -> OptState:
             return new.detach().to(dtype=old.dtype, device=old.device).reshape(())
         return torch.tensor(new, dtype=old.dtype, device=old.device)
 
+    done: set[str] = set()
+
+    def take(name: str) -> bool:
+        """Write ``name`` only at its first occurrence, the one find_hyperparams exposes."""
+        if name in values and name not in done:
+            done.add(name)
+            return True
+        return False
+
     def visit(node: Any) -> Any:
         if _is_namedtuple(node):
-            fields = {f: visit(v) for f, v in zip(node._fields, node)}
-            if "learning_rate" in values and _scalar(fields.get("learning_rate")):
-                fields["learning_rate"] = cast_like(fields["learning_rate"], values["learning_rate"])
-            hp = fields.get("hyperparams")
+            # the same order as find_hyperparams: this node's own fields, then its children
+            lr = getattr(node, "learning_rate", None) if "learning_rate" in node._fields else None
+            set_lr = isinstance(lr, torch.Tensor) and _scalar(lr) and take("learning_rate")
+            hp = getattr(node, "hyperparams", None) if "hyperparams" in node._fields else None
+            new_hp = None
             if isinstance(hp, dict):
-                fields["hyperparams"] = {
-                    k: cast_like(v, values[k]) if (k in values and _scalar(v)) else v
-                    for k, v in hp.items()
-                }
+                new_hp = {k: cast_like(v, values[k]) if (_scalar(v) and take(str(k))) else v
+                          for k, v in hp.items()}
+            fields = {}
+            for f, v in zip(node._fields, node):
+                if f == "learning_rate" and set_lr:
+                    fields[f] = cast_like(v, values["learning_rate"])
+                elif f == "hyperparams" and new_hp is not None:
+                    fields[f] = new_hp
+                else:
+                    fields[f] = visit(v)
             return type(node)(**fields)
         if isinstance(node, (tuple, list)):
             return type(node)(visit(c) for c in node)

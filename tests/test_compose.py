@@ -387,3 +387,31 @@ def test_lookahead_needs_lookahead_params():
         tx.update(p, tx.init(p), p)
     with pytest.raises(ValueError, match="sync_period"):
         fo.lookahead(momentum(), 0, 0.5)
+
+
+def test_nested_masked_and_partition_line_up_with_the_remaining_leaves():
+    p = {k: torch.ones(2) for k in "abc"}
+    inner = fo.masked(fo.scale(10.0), {"a": True, "b": False, "c": True})
+    tx = fo.masked(inner, {"a": False, "b": True, "c": True})
+    u, _ = tx.update(p, tx.init(p), p)
+    assert [float(u[k][0]) for k in "abc"] == [1.0, 1.0, 10.0]
+    inner = fo.partition({"x": fo.scale(10.0), "y": fo.scale(3.0)}, {"a": "x", "b": "y", "c": "x"})
+    tx = fo.masked(inner, {"a": False, "b": True, "c": True})
+    u, _ = tx.update(p, tx.init(p), p)
+    assert [float(u[k][0]) for k in "abc"] == [1.0, 3.0, 10.0]
+    w = {"w": torch.randn(4, 3), "b": torch.randn(3)}
+    tx = fo.masked(fo.muon(1e-2), {"w": True, "b": False})  # muon is itself a partition
+    u, _ = tx.update(w, tx.init(w), w)
+    assert torch.equal(u["b"], w["b"]) and not torch.equal(u["w"], w["w"])
+
+
+def test_injected_learning_rate_changes_the_next_update_of_an_alias():
+    p, g = {"w": torch.ones(3)}, {"w": torch.ones(3)}
+    tx = fo.inject_hyperparams(fo.adam)(learning_rate=1e-3)
+    state = tx.init(p)
+    u, state = tx.update(g, state, p)
+    assert float(u["w"][0]) < 0
+    hp = dict(state.hyperparams)
+    hp["learning_rate"] = torch.zeros_like(hp["learning_rate"])
+    u, state = tx.update(g, state._replace(hyperparams=hp), p)
+    assert torch.equal(u["w"], torch.zeros(3))

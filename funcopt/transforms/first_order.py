@@ -229,6 +229,8 @@ def scale_by_learning_rate(
         lr = state.learning_rate
         if callable(learning_rate):
             lr = torch.as_tensor(learning_rate(state.count), dtype=lr.dtype, device=lr.device)
+        elif isinstance(learning_rate, Tensor):  # e.g. from inject_hyperparams: used as given
+            lr = learning_rate.detach().to(dtype=lr.dtype, device=lr.device).reshape(())
         if leaves:
             leaves = _as(torch._foreach_mul(leaves, lr * sign), leaves)
         return tree_unflatten(treedef, leaves), ScaleByLearningRateState(

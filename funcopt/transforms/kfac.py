@@ -228,6 +228,8 @@ def scale_by_kfac(
         lr = state.learning_rate
         if callable(learning_rate):
             lr = torch.as_tensor(learning_rate(state.count), dtype=lr.dtype, device=lr.device)
+        elif isinstance(learning_rate, Tensor):  # e.g. from inject_hyperparams: used as given
+            lr = learning_rate.detach().to(dtype=lr.dtype, device=lr.device).reshape(())
         grads = {name: _grad_matrix(updates, s) for name, s in layers.items()}
         nat = {name: _kfac_apply(V, precond[name], damping) for name, V in grads.items()}
         if kl_clip is not None:
