@@ -217,6 +217,34 @@ def _hp_tensor(value: Any, dtype: torch.dtype, device: torch.device) -> torch.Te
     return torch.tensor(value, dtype=dtype, device=device)
 
 
+_NOT_SCHEDULES = ("mask", "model", "param_labels", "labels", "base", "fallback")
+
+
+def _arguments(bound: inspect.BoundArguments, signature: inspect.Signature):
+    """(name, value, parameter) for every argument, with ``**kwargs`` expanded."""
+    for name, value in bound.arguments.items():
+        param = signature.parameters[name]
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            for k, v in value.items():
+                yield k, v, inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY)
+        elif param.kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise TypeError("inject_hyperparams: pass the factory's arguments by name, "
+                                "not through *args")
+        else:
+            yield name, value, param
+
+
+def _is_schedule(param: inspect.Parameter, value: Any) -> bool:
+    """A callable argument is a schedule (step -> value) unless it is a module, a function
+    argument (``*_fn``), a mask/label function or a transform."""
+    if not callable(value) or isinstance(value, torch.nn.Module):
+        return False
+    if "Schedule" in str(param.annotation):
+        return True
+    return not (param.name.endswith("_fn") or param.name in _NOT_SCHEDULES)
+
+
 def inject_hyperparams(
     factory: Callable[..., GradientTransformation], static_args: str | Iterable[str] = (),
     hyperparam_dtype: torch.dtype | None = None,
@@ -242,10 +270,10 @@ def inject_hyperparams(
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         scheds, numeric, other = {}, {}, {}
-        for name, value in bound.arguments.items():
+        for name, value, param in _arguments(bound, signature):
             if name in static or isinstance(value, bool):
                 other[name] = value
-            elif callable(value):
+            elif _is_schedule(param, value):
                 scheds[name] = value
             elif isinstance(value, (int, float, torch.Tensor)):
                 numeric[name] = value
@@ -263,17 +291,25 @@ def inject_hyperparams(
             hps.update({k: _hp_tensor(f(count), dtype, device) for k, f in scheds.items()})
             return hps
 
+        def build(hps):
+            try:
+                return factory(**other, **hps)
+            except (TypeError, ValueError) as e:
+                raise type(e)(
+                    f"{e}\ninject_hyperparams: {getattr(factory, '__name__', factory)} got its "
+                    f"numeric arguments {sorted(hps)} as 0-d tensors; list the ones it needs as "
+                    "plain Python values in static_args=(...)") from e
+
         def init(params):
             dtype, device = place(params)
             count = step_counter(params)
             hps = current(numeric, count, dtype, device)
-            return InjectHyperparamsState(count, hps, factory(**other, **hps).init(params))
+            return InjectHyperparamsState(count, hps, build(hps).init(params))
 
         def update(updates, state, params=None, **extra):
             dtype, device = place(updates)
             hps = current(state.hyperparams, state.count, dtype, device)
-            out, inner_state = factory(**other, **hps).update(updates, state.inner_state, params,
-                                                              **extra)
+            out, inner_state = build(hps).update(updates, state.inner_state, params, **extra)
             return out, InjectHyperparamsState(increment(state.count), hps, inner_state)
 
         return GradientTransformation(init, update)

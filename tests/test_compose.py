@@ -415,3 +415,17 @@ def test_injected_learning_rate_changes_the_next_update_of_an_alias():
     hp["learning_rate"] = torch.zeros_like(hp["learning_rate"])
     u, state = tx.update(g, state._replace(hyperparams=hp), p)
     assert torch.equal(u["w"], torch.zeros(3))
+
+
+def test_inject_hyperparams_keeps_function_arguments_and_expands_kwargs():
+    p = {"w": torch.randn(4, 3), "b": torch.randn(3)}
+    g = {"w": torch.randn(4, 3), "b": torch.randn(3)}
+    for factory in (fo.adopt, fo.psgd_kron):  # adopt has clip_value_fn; psgd_kron takes **kwargs
+        tx = fo.inject_hyperparams(factory)(learning_rate=1e-2)
+        state = tx.init(p)
+        u, state = tx.update(g, state, p)
+        assert "learning_rate" in state.hyperparams
+        assert all(torch.isfinite(x).all() for x in fo.tree_leaves(u))
+    tx = fo.inject_hyperparams(fo.levenberg_marquardt)(lambda q: q["b"] - 1.0)
+    with pytest.raises(ValueError, match="static_args"):
+        tx.init(p)

@@ -419,3 +419,18 @@ def test_add_noise_is_independent_across_leaves():
     assert abs(float(torch.corrcoef(torch.stack([upd["a"], upd["b"]]))[0, 1])) < 0.03
     for v in upd.values():
         assert abs(float(v.std()) - 1) < 0.03
+
+
+def test_adopt_in_float16_stays_finite_and_first_step_is_zero():
+    g = torch.Generator().manual_seed(0)
+    p = {"w": torch.randn(4, 3, generator=g).half()}
+    tx = fo.adopt(1e-2)
+    state = tx.init(p)
+    for step in range(3):
+        grads = {"w": torch.randn(4, 3, generator=g).half()}
+        u, state = tx.update(grads, state, p)
+        assert u["w"].dtype == torch.float16 and torch.isfinite(u["w"]).all()
+        assert all(torch.isfinite(t).all() for t in fo.tree_leaves(state))
+        if step == 0:
+            assert torch.equal(u["w"], torch.zeros_like(u["w"]))
+        p = fo.apply_updates(p, u)

@@ -398,10 +398,12 @@ def scale_by_adopt(
         return ScaleByAdoptState(step_counter(params), _zeros(leaves, mu_dtype), _zeros(leaves, None))
 
     def update(updates, state, params=None, **extra):
-        g, treedef = _leaves(updates, params, "scale_by_adopt", state.mu)
+        g_in, treedef = _leaves(updates, params, "scale_by_adopt", state.mu)
         count = increment(state.count)
-        if not g:
+        if not g_in:
             return updates, state._replace(count=count)
+        # 16-bit leaves are computed in float32: g / eps overflows float16 while nu is still 0
+        g = [x.float() if x.dtype in (torch.float16, torch.bfloat16) else x for x in g_in]
         started = state.count > 0
         sd = scalar_dtype(g)
         zero = torch.zeros((), dtype=sd, device=started.device)
@@ -419,7 +421,7 @@ def scale_by_adopt(
         mu = _moment(_as(state.mu, g), x, beta1)
         out = _moment(mu, x, beta1) if nesterov else mu
         nu = _moment_sq(nu_prev, g, beta2)
-        return tree_unflatten(treedef, _as(out, g)), ScaleByAdoptState(
+        return tree_unflatten(treedef, _as(out, g_in)), ScaleByAdoptState(
             count, _as(mu, state.mu), _as(nu, state.nu))
 
     return GradientTransformation(init, update)
