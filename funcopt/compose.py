@@ -129,8 +129,9 @@ def set_to_zero() -> GradientTransformation:
 # --------------------------------------------------------------------------- masks and partitions
 
 
-def _mask_leaves(tree: PyTree, mask: PyTree | Callable, who: str) -> list[bool]:
-    """One Python bool per leaf of ``tree``; ``mask`` may be a prefix tree or a callable."""
+def _mask_leaves(tree: PyTree, mask: PyTree | Callable, who: str) -> list[Any]:
+    """One mask entry (a bool, or a label for partition) per leaf of ``tree``; ``mask`` may be
+    a prefix tree or a callable."""
     if callable(mask):
         mask = mask(tree)
     try:

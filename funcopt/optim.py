@@ -120,7 +120,7 @@ def set_hyperparams(state: OptState, values: dict[str, Any]) -> OptState:
             if isinstance(hp, dict):
                 new_hp = {k: cast_like(v, values[k]) if (_scalar(v) and take(str(k))) else v
                           for k, v in hp.items()}
-            fields = {}
+            fields: dict[str, Any] = {}
             for f, v in zip(node._fields, node):
                 if f == "learning_rate" and set_lr:
                     fields[f] = cast_like(v, values["learning_rate"])
