@@ -58,6 +58,7 @@ __all__ = [
     "step_counter",
     "increment",
     "resolve",
+    "current_learning_rate",
     "check_hyperparameter",
     "require_params",
 ]
@@ -245,6 +246,23 @@ def increment(count: Tensor) -> Tensor:
 def resolve(value: ScalarOrSchedule, count: Tensor) -> Tensor | float:
     """The value of a hyperparameter at step ``count``: schedules are called, others returned."""
     return value(count) if callable(value) else value
+
+
+def current_learning_rate(learning_rate: ScalarOrSchedule, stored: Tensor, step: Tensor) -> Tensor:
+    """The learning rate of this step, in ``stored``'s dtype and device.
+
+    A schedule is evaluated at ``step``; a tensor given when the transform was built (e.g. by
+    :func:`funcopt.inject_hyperparams`) is used as it is now; a plain number is read from the
+    state field ``stored``, so writing that field (as :class:`funcopt.Optimizer` does for
+    ``lr``) changes the next update.
+    """
+    if callable(learning_rate):
+        value = learning_rate(step)
+    elif isinstance(learning_rate, Tensor):
+        value = learning_rate.detach()
+    else:
+        return stored
+    return torch.as_tensor(value, dtype=stored.dtype, device=stored.device).reshape(())
 
 
 def check_hyperparameter(

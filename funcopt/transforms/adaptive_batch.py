@@ -68,6 +68,7 @@ from funcopt.base import (
     Params,
     Updates,
     check_hyperparameter,
+    current_learning_rate,
     increment,
     resolve,
     step_counter,
@@ -379,12 +380,7 @@ def scale_by_sample_schedule(learning_rate: Any) -> GradientTransformation:
             raise ValueError("scale_by_sample_schedule needs the step's sample count: pass "
                              "per_sample_stats=stats or batch_size=b to update")
         b = per_sample_stats.count if per_sample_stats is not None else batch_size
-        if callable(learning_rate):
-            lr = torch.as_tensor(learning_rate(state.samples), device=state.learning_rate.device)
-        elif isinstance(learning_rate, Tensor):  # e.g. from inject_hyperparams: used as given
-            lr = learning_rate.detach().to(state.learning_rate.device).reshape(())
-        else:
-            lr = state.learning_rate
+        lr = current_learning_rate(learning_rate, state.learning_rate, state.samples)
         leaves, treedef = tree_flatten(updates)
         out = torch._foreach_mul(leaves, -lr.to(leaves[0].dtype)) if leaves else leaves
         samples = state.samples + torch.as_tensor(b, device=state.samples.device).to(torch.int64)

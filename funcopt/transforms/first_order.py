@@ -26,6 +26,7 @@ from funcopt.base import (
     Tensor,
     Updates,
     check_hyperparameter,
+    current_learning_rate,
     increment,
     resolve,
     step_counter,
@@ -226,11 +227,7 @@ def scale_by_learning_rate(
 
     def update(updates, state, params=None, **extra):
         leaves, treedef = _leaves(updates, params, "scale_by_learning_rate")
-        lr = state.learning_rate
-        if callable(learning_rate):
-            lr = torch.as_tensor(learning_rate(state.count), dtype=lr.dtype, device=lr.device)
-        elif isinstance(learning_rate, Tensor):  # e.g. from inject_hyperparams: used as given
-            lr = learning_rate.detach().to(dtype=lr.dtype, device=lr.device).reshape(())
+        lr = current_learning_rate(learning_rate, state.learning_rate, state.count)
         if leaves:
             leaves = _as(torch._foreach_mul(leaves, lr * sign), leaves)
         return tree_unflatten(treedef, leaves), ScaleByLearningRateState(

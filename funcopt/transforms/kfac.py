@@ -31,6 +31,7 @@ from funcopt.base import (
     GradientTransformation,
     ScalarOrSchedule,
     check_hyperparameter,
+    current_learning_rate,
     increment,
     resolve,
     step_counter,
@@ -225,11 +226,7 @@ def scale_by_kfac(
                 _check_finite(A, G, name, t, damping)
                 factors[name] = (A, G)
                 precond[name] = _kfac_refresh(A, G, damping, method, pi_damping)
-        lr = state.learning_rate
-        if callable(learning_rate):
-            lr = torch.as_tensor(learning_rate(state.count), dtype=lr.dtype, device=lr.device)
-        elif isinstance(learning_rate, Tensor):  # e.g. from inject_hyperparams: used as given
-            lr = learning_rate.detach().to(dtype=lr.dtype, device=lr.device).reshape(())
+        lr = current_learning_rate(learning_rate, state.learning_rate, state.count)
         grads = {name: _grad_matrix(updates, s) for name, s in layers.items()}
         nat = {name: _kfac_apply(V, precond[name], damping) for name, V in grads.items()}
         if kl_clip is not None:
