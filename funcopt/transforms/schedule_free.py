@@ -22,6 +22,7 @@ from funcopt.base import (
     ScalarOrSchedule,
     Tensor,
     check_hyperparameter,
+    current_learning_rate,
     increment,
     require_params,
     resolve,
@@ -202,8 +203,7 @@ def schedule_free(
         elif weight_decay != 0:
             d = torch._foreach_add(d, y, alpha=weight_decay)
         count = increment(state.count)
-        lr = _f32(learning_rate(state.count) if callable(learning_rate) else
-                  learning_rate if isinstance(learning_rate, Tensor) else state.learning_rate, dev)
+        lr = _f32(current_learning_rate(learning_rate, state.learning_rate, state.count), dev)
         t = count.to(torch.float32)
         lr_t = lr * torch.clamp(t / _f32(warmup_steps, dev), max=1.0)  # t >= 1: t/0 = inf -> 1
         lr_max = torch.maximum(lr_t, state.lr_max)
