@@ -12,10 +12,16 @@ Cases (GPU; the CPU mode scales N down and prints ratios only):
     a: 1e9 parameters in 200 tensors      (bandwidth-bound)
     b: 1e7 parameters in 1000 tensors     (launch-bound)
     c: a small transformer's and a ResNet-like CNN's parameter shapes
+    gpt184: a 184M-parameter transformer in 121 tensors (d=1024, 10 layers, vocab 56,704),
+            the size of the heavyball comparison (AdamW, SOAP, PSGD Kron, Muon)
+
+SOAP, PSGD Kron and Muon are not element-wise (no floor): their rows report the *mean* step
+time over the repeats, since their preconditioner work recurs every few steps.
 
 Usage:
     python benchmarks/step_speed.py --device cuda --cases a,b,c
     python benchmarks/step_speed.py --device cpu --cases mlp,b
+    python benchmarks/step_speed.py --device cuda --cases gpt184 --methods soap,psgd,muon
 """
 
 from __future__ import annotations
@@ -51,6 +57,10 @@ def shapes_for(case: str, device: str) -> list[tuple[int, ...]]:
         d, layers, v = 512, 6, 8192
         per = [(3 * d, d), (3 * d,), (d, d), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,), (d,), (d,), (d,), (d,)]
         return [(v, d)] + per * layers + [(d,), (d,)]
+    if case == "gpt184":
+        d, layers, v = 1024, 10, 56_704
+        per = [(3 * d, d), (3 * d,), (d, d), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,), (d,), (d,), (d,), (d,)]
+        return [(v, d)] + per * layers
     if case == "resnet":  # ResNet-18-like conv shapes
         out, chans = [(64, 3, 7, 7), (64,), (64,)], [64, 128, 256, 512]
         cin = 64
@@ -65,8 +75,9 @@ def shapes_for(case: str, device: str) -> list[tuple[int, ...]]:
 # --------------------------------------------------------------------------- timing
 
 
-def timeit(fn, device: str, repeat: int, warmup: int = 3) -> float:
-    """Median seconds per call."""
+def timeit(fn, device: str, repeat: int, warmup: int = 3, mean: bool = False) -> float:
+    """Median (or mean) seconds per call."""
+    pick = statistics.mean if mean else statistics.median
     for _ in range(warmup):
         fn()
     if device.startswith("cuda"):
@@ -79,13 +90,13 @@ def timeit(fn, device: str, repeat: int, warmup: int = 3) -> float:
             e.record()
             e.synchronize()
             times.append(s.elapsed_time(e) / 1e3)
-        return statistics.median(times)
+        return pick(times)
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return pick(times)
 
 
 def copy_bandwidth(device: str) -> float:
@@ -107,6 +118,8 @@ def make_tensors(shapes, device, seed=0):
 
 def torch_optim(kind: str, method: str):
     def setup(shapes, device):
+        if method not in ("adamw", "sgd"):
+            return None
         params = [torch.nn.Parameter(t) for t in make_tensors(shapes, device)]
         grads = make_tensors(shapes, device, seed=1)
         for p, g in zip(params, grads):
@@ -123,19 +136,30 @@ def torch_optim(kind: str, method: str):
     return setup
 
 
-def heavyball_setup(method: str):
+HEAVYBALL_COMPILE = "max-autotune-no-cudagraphs"  # heavyball 3.2.1's default compile mode
+
+
+def heavyball_setup(method: str, compiled: bool):
+    """heavyball 3.2.1 with its own compile mode (``compiled``) or eagerly. Settings follow
+    funcopt_tx: SOAP/PSGD/Muon at their defaults except the learning rate."""
+
     def setup(shapes, device):
         try:
             import heavyball
         except ImportError:
             return None
-        heavyball.utils.compile_mode = None if device == "cpu" else heavyball.utils.compile_mode
+        heavyball.utils.compile_mode = HEAVYBALL_COMPILE if compiled and device != "cpu" else None
         params = [torch.nn.Parameter(t) for t in make_tensors(shapes, device)]
         grads = make_tensors(shapes, device, seed=1)
-        cls = {"adamw": heavyball.AdamW}.get(method)
-        if cls is None:
+        make = {
+            "adamw": lambda: heavyball.AdamW(params, lr=LR, weight_decay=WD),
+            "soap": lambda: heavyball.SOAP(params, lr=3e-3, betas=(0.9, 0.95), shampoo_beta=0.95),
+            "psgd": lambda: heavyball.PSGDKron(params, lr=LR),
+            "muon": lambda: heavyball.Muon(params, lr=0.02),
+        }.get(method)
+        if make is None:
             return None
-        opt = cls(params, lr=LR, weight_decay=WD)
+        opt = make()
 
         def step():
             for p, g in zip(params, grads):
@@ -154,6 +178,12 @@ def funcopt_tx(method: str) -> fo.GradientTransformation:
         return fo.sgd(LR, momentum=0.9)
     if method == "lion":
         return fo.lion(LR, weight_decay=WD)
+    if method == "soap":  # heavyball's defaults: betas (0.9, 0.95), shampoo_beta 0.95, every 2 steps
+        return fo.soap(3e-3, 0.9, 0.95, shampoo_beta=0.95)
+    if method == "psgd":
+        return fo.psgd_kron(LR)
+    if method == "muon":  # heavyball's momentum 0.9 and bfloat16 Newton-Schulz
+        return fo.muon(0.02, momentum=0.9, ns_dtype=torch.bfloat16)
     raise SystemExit(f"unknown method {method}")
 
 
@@ -165,6 +195,8 @@ def funcopt_setup(method: str, mode: str):
 
     def setup(shapes, device):
         tx = funcopt_tx(method)
+        if mode != "eager" and method in SHAPED and mode != "compiled":
+            return None  # flat storage is for element-wise methods
         if mode == "flatten":
             tx = fo.flatten(tx)
         params = make_tensors(shapes, device)
@@ -234,13 +266,15 @@ def optax_setup(method: str):
 
 
 BYTES = {"adamw": 28, "sgd": 20, "lion": 20}
+SHAPED = ("soap", "psgd", "muon")  # not element-wise: no floor, mean step time
 
 
 def contenders(method: str, which: list[str]):
     table = {
         "torch-foreach": torch_optim("foreach", method),
         "torch-fused": torch_optim("fused", method),
-        "heavyball": heavyball_setup(method),
+        "heavyball": heavyball_setup(method, compiled=True),
+        "heavyball-eager": heavyball_setup(method, compiled=False),
         "funcopt-eager": funcopt_setup(method, "eager"),
         "funcopt-compiled": funcopt_setup(method, "compiled"),
         "funcopt-flatten": funcopt_setup(method, "flatten"),
@@ -248,7 +282,7 @@ def contenders(method: str, which: list[str]):
         "funcopt-ravel-graphs": funcopt_setup(method, "ravel-graphs"),
         "funcopt-ravel-donated": funcopt_setup(method, "ravel-donated"),
         "funcopt-ravel-donated-graphs": funcopt_setup(method, "ravel-donated-graphs"),
-        "optax": optax_setup(method),
+        "optax": optax_setup(method) if method not in SHAPED else lambda *a: None,
     }
     return {k: v for k, v in table.items() if not which or k in which}
 
@@ -274,8 +308,9 @@ def main(argv=None) -> int:
         shapes = shapes_for(case, dev)
         n = sum(torch.Size(s).numel() for s in shapes)
         for method in args.methods.split(","):
-            floor = n * BYTES[method] / bw
-            print(f"\n## case {case}: {n:,} params in {len(shapes)} tensors, {method}, floor {floor * 1e3:.3f} ms")
+            floor = n * BYTES[method] / bw if method in BYTES else float("nan")
+            print(f"\n## case {case}: {n:,} params in {len(shapes)} tensors, {method}, "
+                  + (f"floor {floor * 1e3:.3f} ms" if method in BYTES else "mean step time (no floor)"))
             print("| contender | ms/step | x floor | peak MB |")
             print("| --- | --- | --- | --- |")
             for name, setup in contenders(method, [c for c in args.contenders.split(",") if c]).items():
@@ -287,14 +322,15 @@ def main(argv=None) -> int:
                     step = setup(shapes, dev)
                     if step is None:
                         continue
-                    t = timeit(step, dev, args.repeat)
+                    t = timeit(step, dev, args.repeat, mean=method in SHAPED)
                 except Exception as e:  # report, keep going
                     print(f"| {name} | error: {type(e).__name__}: {str(e)[:80]} | | |")
                     continue
                 peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if dev.startswith("cuda") else None
                 rows.append({"case": case, "method": method, "contender": name, "n": n,
                              "tensors": len(shapes), "s": t, "floor_s": floor, "peak_mb": peak})
-                print(f"| {name} | {t * 1e3:.3f} | {t / floor:.2f} | {'-' if peak is None else f'{peak:.0f}'} |")
+                ratio = "-" if method in SHAPED else f"{t / floor:.2f}"
+                print(f"| {name} | {t * 1e3:.3f} | {ratio} | {'-' if peak is None else f'{peak:.0f}'} |")
                 del step
                 sys.stdout.flush()
     if args.json:

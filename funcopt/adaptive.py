@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
 
-from funcopt.base import GradientTransformation, apply_updates
+from funcopt.base import GradientTransformation, apply_updates, replace
 from funcopt.func.per_sample import (
     PerSampleStats,
     batch_grad_and_sq_norms,
@@ -124,7 +124,7 @@ def gradient_and_stats(
             p = fn(mean, params, x, y)
             p1, p2 = p1 + p.sum(), p2 + p.square().sum()
         p1, p2 = _all_reduce([p1, p2], group)
-        stats = stats._replace(sum_inner=p1, sum_sq_inner=p2)
+        stats = replace(stats, sum_inner=p1, sum_sq_inner=p2)
     return mean, stats, loss_sum / count
 
 

@@ -243,9 +243,32 @@ def increment(count: Tensor) -> Tensor:
     return count + 1
 
 
+def replace(state: Any, **changes: Any) -> Any:
+    """``state._replace(**changes)`` for a NamedTuple, in a form torch.compile traces correctly
+    (Dynamo in torch 2.11 returns an empty tuple from a compiled ``_replace``)."""
+    unknown = set(changes) - set(state._fields)
+    if unknown:
+        raise TypeError(f"{type(state).__name__} has no field(s) {sorted(unknown)}")
+    return type(state)(*[changes.get(f, v) for f, v in zip(state._fields, state)])
+
+
+def per_step(x: Any) -> Any:
+    """Mark ``x``, a 0-d tensor computed from the step count, as computed once per step.
+
+    Under ``torch.compile`` Inductor inlines cheap scalar expressions into the element-wise
+    kernels that read them, so a bias correction ``1 - beta**t`` or a cosine schedule would be
+    re-evaluated for every element (``pow``/``cos`` per element: on a CPU it made an AdamW step
+    5x slower). A no-op ``as_strided`` view makes Inductor store the scalar once. In eager mode
+    and for numbers it returns ``x`` unchanged.
+    """
+    if isinstance(x, Tensor) and x.dim() == 0 and _is_compiling():
+        return torch.as_strided(x, (), ())
+    return x
+
+
 def resolve(value: ScalarOrSchedule, count: Tensor) -> Tensor | float:
     """The value of a hyperparameter at step ``count``: schedules are called, others returned."""
-    return value(count) if callable(value) else value
+    return per_step(value(count)) if callable(value) else value
 
 
 def current_learning_rate(learning_rate: ScalarOrSchedule, stored: Tensor, step: Tensor) -> Tensor:
@@ -262,7 +285,7 @@ def current_learning_rate(learning_rate: ScalarOrSchedule, stored: Tensor, step:
         value = learning_rate.detach()
     else:
         return stored
-    return torch.as_tensor(value, dtype=stored.dtype, device=stored.device).reshape(())
+    return per_step(torch.as_tensor(value, dtype=stored.dtype, device=stored.device).reshape(()))
 
 
 def check_hyperparameter(

@@ -33,6 +33,7 @@ from funcopt.base import (
     Tensor,
     check_hyperparameter,
     increment,
+    replace,
     step_counter,
     tree_flatten,
     tree_leaves,
@@ -130,7 +131,7 @@ def scale_by_debiased_adopt(b1: float = 0.9, b2: float = 0.99, eps: float = 1e-8
         count = increment(state.count)
         t = count.to(torch.float64)
         if not g:
-            return updates, state._replace(count=count)
+            return updates, replace(state, count=count)
         g32 = [x.to(m.dtype) for x, m in zip(g, state.mu)]
         w1 = torch.where(t > 1, (1 - b1) / (1 - b1 ** (t - 1).clamp(min=1)), 0.0)
         w2 = (1 - b2) / (1 - b2 ** t)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from funcopt.base import replace
 from funcopt.solvers.base import (
     DenseOperator,
     LinearOperator,
@@ -210,4 +211,4 @@ def damped_least_squares(J: Tensor, r: Tensor, damping: float | Tensor,
     x = Js.mT @ sol.x
     if scale is not None:
         x = x / (scale if x.ndim == 1 else scale[:, None])
-    return sol._replace(x=x)
+    return replace(sol, x=x)

@@ -17,6 +17,7 @@ from funcopt.base import (
     GradientTransformation,
     Tensor,
     increment,
+    replace,
     step_counter,
     tree_leaves,
     tree_unflatten,
@@ -75,7 +76,7 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
         g, treedef = _leaves(updates, params, "scale_by_adamax", state.mu)
         count = increment(state.count)
         if not g:
-            return updates, state._replace(count=count)
+            return updates, replace(state, count=count)
         m = _moment(_as(state.mu, g), g, b1)
         u = torch._foreach_maximum(
             torch._foreach_mul(_as(state.nu, g), b2), torch._foreach_add(torch._foreach_abs(g), eps)
@@ -150,7 +151,7 @@ def scale_by_rms(
         g, treedef = _leaves(updates, params, "scale_by_rms", state.nu)
         count = increment(state.count)
         if not g:
-            return updates, state._replace(count=count)
+            return updates, replace(state, count=count)
         nu = _moment_sq(_as(state.nu, g), g, decay)
         bc = 1 - decay ** _steps(count, g) if bias_correction else None
         s = torch._foreach_div(nu, bc) if bias_correction else nu
@@ -159,9 +160,9 @@ def scale_by_rms(
             m = torch._foreach_div(mu, bc) if bias_correction else mu
             s = torch._foreach_clamp_min(torch._foreach_addcmul(s, m, m, value=-1.0), 0.0)
         out = torch._foreach_mul(g, _inv_root(s, eps, eps_in_sqrt))
-        new = state._replace(count=count, nu=_as(nu, state.nu))
+        new = replace(state, count=count, nu=_as(nu, state.nu))
         if centered:
-            new = new._replace(mu=_as(mu, state.mu))
+            new = replace(new, mu=_as(mu, state.mu))
         return tree_unflatten(treedef, _as(out, g)), new
 
     return GradientTransformation(init, update)
@@ -347,7 +348,7 @@ def scale_by_laprop(b1: float = 0.9, b2: float = 0.99, eps: float = 1e-8) -> Gra
         g, treedef = _leaves(updates, params, "scale_by_laprop", state.mu)
         count = increment(state.count)
         if not g:
-            return updates, state._replace(count=count)
+            return updates, replace(state, count=count)
         t = _steps(count, g)
         v = _moment_sq(_as(state.nu, g), g, _debiased(b2, t))
         root = torch._foreach_clamp_min(torch._foreach_sqrt(torch._foreach_clamp_min(v, 0.0)), eps)
@@ -401,7 +402,7 @@ def scale_by_adopt(
         g_in, treedef = _leaves(updates, params, "scale_by_adopt", state.mu)
         count = increment(state.count)
         if not g_in:
-            return updates, state._replace(count=count)
+            return updates, replace(state, count=count)
         # 16-bit leaves are computed in float32: g / eps overflows float16 while nu is still 0
         g = [x.float() if x.dtype in (torch.float16, torch.bfloat16) else x for x in g_in]
         started = state.count > 0

@@ -28,6 +28,8 @@ from funcopt.base import (
     check_hyperparameter,
     current_learning_rate,
     increment,
+    per_step,
+    replace,
     resolve,
     step_counter,
     tree_check_structure,
@@ -100,6 +102,15 @@ def _axpy(alpha: Any, xs: TensorList, ys: TensorList) -> TensorList:
     if _is_number(alpha):
         return torch._foreach_add(ys, xs, alpha=alpha)
     return torch._foreach_add(ys, torch._foreach_mul(xs, alpha))
+
+
+def _add_scalar(xs: TensorList, c: Any) -> TensorList:
+    """``xs + c`` for a number or a 0-d tensor ``c``, without a host sync: torch.compile traces
+    ``_foreach_add(xs, tensor)`` into a ``.item()``, so a compiled step passes a list instead
+    (eager keeps the single fused op)."""
+    if isinstance(c, Tensor) and _is_compiling():
+        return torch._foreach_add(xs, [c] * len(xs))
+    return torch._foreach_add(xs, c)
 
 
 def _moment(state: TensorList, xs: TensorList, decay: Any) -> TensorList:
@@ -420,7 +431,7 @@ def scale_by_adam(
         g, treedef = _leaves(updates, params, "scale_by_adam", state.mu)
         count = increment(state.count)
         if not g:
-            return updates, state._replace(count=count)
+            return updates, replace(state, count=count)
         beta1, beta2 = _hp(b1, state.count), _hp(b2, state.count)
         mu = _moment(_as(state.mu, g), g, beta1)
         nu = _moment_sq(_as(state.nu, g), g, beta2)
@@ -437,14 +448,14 @@ def scale_by_adam(
             # (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) = m / (sqrt(v) + eps sqrt(bc2)) * (sqrt(bc2) / bc1):
             # four kernels instead of five
             root_bc2 = torch.sqrt(bc2)
-            denom = torch._foreach_add(torch._foreach_sqrt(nu_used), eps * root_bc2)
-            out = torch._foreach_mul(torch._foreach_div(mu, denom), root_bc2 / bc1)
+            denom = _add_scalar(torch._foreach_sqrt(nu_used), per_step(eps * root_bc2))
+            out = torch._foreach_mul(torch._foreach_div(mu, denom), per_step(root_bc2 / bc1))
         else:
             out = torch._foreach_div(torch._foreach_div(mu, bc1),
                                      _adam_denominator(nu_used, bc2, eps, eps_root))
-        new = state._replace(count=count, mu=_as(mu, state.mu), nu=_as(nu, state.nu))
+        new = replace(state, count=count, mu=_as(mu, state.mu), nu=_as(nu, state.nu))
         if amsgrad:
-            new = new._replace(nu_max=_as(nu_used, state.nu_max))
+            new = replace(new, nu_max=_as(nu_used, state.nu_max))
         return tree_unflatten(treedef, _as(out, g)), new
 
     return GradientTransformation(init, update)
@@ -484,7 +495,7 @@ def scale_by_nadam(
         g, treedef = _leaves(updates, params, "scale_by_nadam", state.mu)
         count = increment(state.count)
         if not g:
-            return updates, state._replace(count=count)
+            return updates, replace(state, count=count)
         t = count.to(state.mu_product.dtype)
         mu_t = b1 * (1 - 0.5 * 0.96 ** (t * momentum_decay))
         mu_next = b1 * (1 - 0.5 * 0.96 ** ((t + 1) * momentum_decay))

@@ -115,6 +115,7 @@ def muon(
     ns_steps: int = 5, weight_decay: float = 0.0, adam_learning_rate: ScalarOrSchedule = 3e-4,
     adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-10,
     adam_weight_decay: float = 0.0, param_labels: PyTree | None = None,
+    ns_dtype: torch.dtype | None = None,
 ) -> GradientTransformation:
     """Muon for matrices, AdamW for everything else, via ``partition``.
 
@@ -125,14 +126,16 @@ def muon(
     Defaults follow the reference's ``MuonWithAuxAdam`` (lr 0.02, momentum 0.95, AdamW lr 3e-4,
     betas (0.9, 0.95), eps 1e-10). ``param_labels``: a tree of ``"muon"``/``"adam"`` labels
     (default: ``"muon"`` for every leaf with 2+ dims; embeddings and heads should be labelled
-    ``"adam"`` as the reference advises). Reference: https://github.com/KellerJordan/Muon.
+    ``"adam"`` as the reference advises). ``ns_dtype``: Newton-Schulz compute dtype (default
+    float32 at least; the reference and HeavyBall use bfloat16, about 2x faster on a GPU).
+    Reference: https://github.com/KellerJordan/Muon.
     """
     from funcopt.aliases import adamw
     from funcopt.compose import chain, partition
     from funcopt.transforms.first_order import scale_by_learning_rate
     from funcopt.transforms.weight_decay import add_decayed_weights
 
-    matrix = chain(scale_by_muon(momentum, nesterov, ns_steps),
+    matrix = chain(scale_by_muon(momentum, nesterov, ns_steps, ns_dtype=ns_dtype),
                    add_decayed_weights(weight_decay), scale_by_learning_rate(learning_rate))
     other = adamw(adam_learning_rate, adam_b1, adam_b2, adam_eps, weight_decay=adam_weight_decay)
     return partition({"muon": matrix, "adam": other},

@@ -25,6 +25,7 @@ from funcopt.base import (
     Tensor,
     check_hyperparameter,
     increment,
+    replace,
     resolve,
     step_counter,
     tree_flatten,
@@ -262,7 +263,7 @@ def scale_by_soap(
             q = [tuple(None if m is None else _eigenbasis(m) for m in ms) for ms in gg]
             q = [_qr_refresh(ms, qs, None)[0] for ms, qs in zip(gg, q)]  # as HeavyBall 0.7.2
             zeros = [torch.zeros_like(x) for x in g]
-            return tree_unflatten(treedef, zeros), state._replace(count=count, gg=gg, q=q)
+            return tree_unflatten(treedef, zeros), replace(state, count=count, gg=gg, q=q)
         bh1 = _debias(b1, step)
         bh2 = _debias(float(resolve(b2, state.count)), step)
         bs = 1.0 - bh2 if shampoo_beta is None else float(resolve(shampoo_beta, state.count))

@@ -15,8 +15,8 @@ Hyperparameters are the same on both sides (heavyball's defaults except the lear
 
 Usage::
 
-    python benchmarks/heavyball.py --device cpu --out benchmarks/RESULTS_heavyball.md
-    python benchmarks/heavyball.py --device cuda --width 1024 --out RESULTS_heavyball_gpu.md
+    python benchmarks/heavyball_family.py --device cpu --out benchmarks/RESULTS_heavyball.md
+    python benchmarks/heavyball_family.py --device cuda --width 1024 --out RESULTS_heavyball_gpu.md
 """
 
 from __future__ import annotations
@@ -25,19 +25,12 @@ import argparse
 import datetime
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.func import functional_call, grad
 
 import funcopt as fo
-
-# this file is named heavyball.py: keep its folder off the path so `import heavyball` finds the
-# installed package
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 LR = {"AdamW": 1e-3, "SOAP": 3e-3, "PSGD": 1e-3, "Muon": 0.02}
 
@@ -241,7 +234,7 @@ def report(rows, args, device):
         or platform.machine()
     lines = [
         "# funcopt vs heavyball 3.2.1: step time, memory, loss on digits", "",
-        f"- command: `python benchmarks/heavyball.py --device {args.device} --width {args.width} "
+        f"- command: `python benchmarks/heavyball_family.py --device {args.device} --width {args.width} "
         f"--reps {args.reps} --train-steps {args.train_steps} --threads {args.threads}`",
         f"- date: {datetime.date.today()}; device: {name} ({device.type}); "
         f"torch {torch.__version__}; threads {torch.get_num_threads()}",
