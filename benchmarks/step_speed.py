@@ -171,6 +171,34 @@ def heavyball_setup(method: str, compiled: bool):
     return setup
 
 
+def torchopt_setup(method: str, accelerated: bool):
+    """TorchOpt 0.7.3's functional optimizer with its defaults (in-place updates), optionally
+    with its fused C++/CUDA Adam op (``use_accelerated_op``)."""
+
+    def setup(shapes, device):
+        try:
+            import torchopt
+        except ImportError:
+            return None
+        if method == "adamw":
+            opt = torchopt.adamw(LR, weight_decay=WD, use_accelerated_op=accelerated)
+        elif method == "sgd" and not accelerated:
+            opt = torchopt.sgd(LR, momentum=0.9)
+        else:
+            return None
+        params = tuple(make_tensors(shapes, device))
+        grads = tuple(make_tensors(shapes, device, seed=1))
+        box = {"s": opt.init(params)}
+
+        def step():
+            updates, box["s"] = opt.update(grads, box["s"], params=params)
+            torchopt.apply_updates(params, updates)
+
+        return step
+
+    return setup
+
+
 def funcopt_tx(method: str) -> fo.GradientTransformation:
     if method == "adamw":
         return fo.adamw(LR, weight_decay=WD)
@@ -282,6 +310,8 @@ def contenders(method: str, which: list[str]):
         "funcopt-ravel-graphs": funcopt_setup(method, "ravel-graphs"),
         "funcopt-ravel-donated": funcopt_setup(method, "ravel-donated"),
         "funcopt-ravel-donated-graphs": funcopt_setup(method, "ravel-donated-graphs"),
+        "torchopt": torchopt_setup(method, accelerated=False),
+        "torchopt-accelerated": torchopt_setup(method, accelerated=True),
         "optax": optax_setup(method) if method not in SHAPED else lambda *a: None,
     }
     return {k: v for k, v in table.items() if not which or k in which}
