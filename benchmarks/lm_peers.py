@@ -2,7 +2,8 @@
 
     python benchmarks/lm_peers.py [--device cuda] [--steps 50] [--threads 1]
 
-Needs ``torch-levenberg-marquardt`` (1.2.3) and scikit-learn besides funcopt. Problems:
+Needs ``torch-levenberg-marquardt`` (1.2.3, which imports pytorch-lightning) and scikit-learn
+besides funcopt. Problems:
 
 * ``sin``: a 1-32-32-1 tanh MLP fitting ``sin(2x)`` on 512 points of ``[-pi, pi]`` (MSE);
 * ``digits``: a 64-32-10 tanh MLP on scikit-learn's digits (80/20 split, full training batch of
@@ -14,8 +15,12 @@ after a warm-up, final training loss (MSE, resp. mean cross-entropy, computed th
 both), test accuracy for digits, and the final damping. The peer runs with its default
 (``solve_method="qr"``) and with ``"cholesky"``; funcopt with ``solver="auto"`` (Cholesky with a
 least-squares fallback) and ``"cholesky"``, other settings at their defaults, plus one run with
-``scaling=False`` (``D = I`` as the peer). The peer's warnings for failed Cholesky factorisations
-are silenced; such attempts show up as solves and steps with no move.
+``scaling=False`` (``D = I`` as the peer); each funcopt setting is run with the generic Jacobian
+(reverse mode over the whole batch, one backward pass per residual) and, as "funcopt
+per-sample", with the residual adapters' ``per_sample=True`` (``vmap`` over samples of the
+Jacobian of one sample's residuals, as the peer does). The peer's warnings for failed Cholesky
+factorisations are silenced; such attempts show up as solves and steps with no move.
+``--packages "funcopt per-sample"`` runs only the rows of one package label.
 """
 
 import argparse
@@ -69,10 +74,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_funcopt(name, model, xtr, ytr, steps, solver, device, **kw):
+def run_funcopt(name, model, xtr, ytr, steps, solver, device, per_sample=False, **kw):
     """funcopt.levenberg_marquardt: step times, final params and damping, no-move steps, solves."""
     forward = lambda p, x: functional_call(model, p, (x,))
-    res = fo.mse_residuals(forward) if name == "sin" else fo.cross_entropy_residuals(forward)
+    adapter = fo.mse_residuals if name == "sin" else fo.cross_entropy_residuals
+    res = adapter(forward, per_sample=per_sample)
     tx = fo.levenberg_marquardt(res, solver=solver, **kw)
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     state, times, rejected, solves = tx.init(params), [], 0, 0
@@ -112,11 +118,15 @@ def run_peer(name, model, xtr, ytr, steps, solve_method, device):
 
 PEER = "torch-lm 1.2.3"
 NIELSEN = "Nielsen, lambda_0=1e-3, D=diag(running max col norm^2)"
+NIELSEN_I = "Nielsen, scaling=False: D=I, lambda_0=1e-3 max diag(J^T J)"
+PER_SAMPLE = "funcopt per-sample"
 CONFIGS = [
     ("funcopt", "auto", NIELSEN, {}),
     ("funcopt", "cholesky", NIELSEN, {}),
-    ("funcopt", "cholesky", "Nielsen, scaling=False: D=I, lambda_0=1e-3 max diag(J^T J)",
-     {"scaling": False}),
+    ("funcopt", "cholesky", NIELSEN_I, {"scaling": False}),
+    (PER_SAMPLE, "auto", NIELSEN, {"per_sample": True}),
+    (PER_SAMPLE, "cholesky", NIELSEN, {"per_sample": True}),
+    (PER_SAMPLE, "cholesky", NIELSEN_I, {"scaling": False, "per_sample": True}),
     (PEER, "qr", "standard (default): lambda_0=1e-3, x0.1 / x10, D=I, J^T J / N", {}),
     (PEER, "cholesky", "standard (default): lambda_0=1e-3, x0.1 / x10, D=I, J^T J / N", {}),
 ]
@@ -129,6 +139,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--problems", default="sin,digits")
+    ap.add_argument("--packages", default="all",
+                    help="comma-separated package labels to run (e.g. 'funcopt per-sample'), "
+                         "or 'all'")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
@@ -139,7 +152,9 @@ def main():
     for name in args.problems.split(","):
         model, xtr, ytr, xte, yte = make_problem(name, args.device)
         for pkg, solver, rule, kw in CONFIGS:
-            run = run_funcopt if pkg == "funcopt" else run_peer
+            if args.packages != "all" and pkg not in args.packages.split(","):
+                continue
+            run = run_funcopt if pkg.startswith("funcopt") else run_peer
             times, params, damping, rejected, solves = run(name, model, xtr, ytr, args.steps,
                                                            solver, args.device, **kw)
             loss, acc = metrics(name, model, params, xtr, ytr, xte, yte)

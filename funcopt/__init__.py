@@ -17,6 +17,8 @@ from funcopt.checkpoint import *  # noqa: F401,F403
 from funcopt.compose import *  # noqa: F401,F403
 from funcopt.distributed import *  # noqa: F401,F403
 from funcopt.flat import *  # noqa: F401,F403
+from funcopt.func.jacobian import PerSampleResiduals as PerSampleResiduals
+from funcopt.func.jacobian import per_sample_residuals as per_sample_residuals
 from funcopt.least_squares import *  # noqa: F401,F403
 from funcopt.optim import *  # noqa: F401,F403
 from funcopt.transforms.adaptive import *  # noqa: F401,F403

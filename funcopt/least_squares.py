@@ -3,7 +3,9 @@
 It runs the Levenberg-Marquardt transform until one of MINPACK's convergence tests holds
 (Moré, Garbow & Hillstrom, MINPACK-1 ``lmder``) and returns ``(params, info)``. The residual
 adapters :func:`mse_residuals` and :func:`cross_entropy_residuals` turn a model and a loss into
-residuals, so networks train with Levenberg-Marquardt.
+residuals, so networks train with Levenberg-Marquardt; with ``per_sample=True`` they declare the
+residuals per sample (:func:`funcopt.per_sample_residuals`), and the Jacobian is built sample by
+sample.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 
 from funcopt.base import PyTree, apply_updates
-from funcopt.func.jacobian import ravel_params
+from funcopt.func.jacobian import per_sample_residuals, ravel_params
 from funcopt.transforms.levenberg_marquardt import levenberg_marquardt
 
 __all__ = ["LeastSquaresInfo", "least_squares", "mse_residuals", "cross_entropy_residuals"]
@@ -115,7 +117,10 @@ def least_squares(
     * ``max_steps`` updates (reason "max_steps", ``success=False``).
 
     Args:
-        residual_fn: ``params -> r``, a 1-D floating tensor of residuals.
+        residual_fn: ``params -> r``, a 1-D floating tensor of residuals. Per-sample
+            residuals bound to their data (``per_sample_residuals(...).bind(batch)``, or an
+            adapter's ``per_sample=True`` result ``.bind(batch)``) keep their per-sample
+            Jacobian here.
         params: the starting parameter pytree (float64 for reference-quality fits).
         max_steps: limit on updates (Jacobian evaluations), default 1000.
         ftol, xtol, gtol: tolerances above (defaults 1e-14, 1e-12, 1e-14: reference-quality
@@ -180,13 +185,49 @@ def least_squares(
 # --------------------------------------------------------------------------- residual adapters
 
 
-def mse_residuals(model_fn: Callable[[PyTree, Tensor], Tensor]) -> Callable[[PyTree, Any], Tensor]:
+def _one_sample_output(model_fn: Callable[[PyTree, Tensor], Tensor], params: PyTree,
+                       inputs: Tensor, who: str) -> Tensor:
+    """``model_fn`` on a batch of one sample (``inputs`` unsqueezed), that batch dim removed."""
+    out = model_fn(params, inputs.unsqueeze(0))
+    if not isinstance(out, torch.Tensor) or out.ndim == 0 or out.shape[0] != 1:
+        got = f"a {type(out).__name__}" if not isinstance(out, torch.Tensor) else f"shape {tuple(out.shape)}"
+        raise ValueError(
+            f"{who}(per_sample=True): model_fn on a batch of 1 sample returned {got}; it must "
+            "return one output row per input sample (leading size 1 here). Samples must be "
+            "independent: use the per_sample=False path for models that mix samples"
+        )
+    return out[0]
+
+
+def mse_residuals(
+    model_fn: Callable[[PyTree, Tensor], Tensor], per_sample: bool = False
+) -> Callable[..., Tensor]:
     """Residuals whose half squared norm is half the mean squared error.
 
     ``r = (model_fn(params, inputs) - targets).reshape(-1) / sqrt(N)`` with ``N`` the number of
     elements, so ``0.5 ||r||^2 = 0.5 * mean((f - y)^2)``. The returned function takes
     ``(params, batch)`` with ``batch = (inputs, targets)``.
+
+    ``per_sample=True`` gives the same residuals as :func:`funcopt.per_sample_residuals`
+    (sample ``i`` contributes ``(model_fn(params, inputs[i:i+1])[0] - targets[i]) / sqrt(N)``),
+    so :func:`funcopt.func.jacobian` and Levenberg-Marquardt build ``J`` sample by sample at
+    ``O(N)`` cost instead of ``O(N^2)``. This needs independent samples and a ``model_fn`` that
+    runs under ``torch.func.vmap`` (e.g. ``functional_call`` of Linear/Conv/activation layers;
+    not ``BatchNorm`` in training mode).
     """
+    if per_sample:
+        def sample_fn(params: PyTree, sample: Any, num_samples: int) -> Tensor:
+            inputs, targets = sample
+            out = _one_sample_output(model_fn, params, inputs, "mse_residuals")
+            if out.shape != targets.shape:
+                raise ValueError(
+                    f"model output {tuple(out.shape)} and targets {tuple(targets.shape)} of one "
+                    "sample differ in shape; reshape the targets to the model's output"
+                )
+            diff = (out - targets.to(out.dtype)).reshape(-1)
+            return diff / (num_samples * diff.numel()) ** 0.5
+
+        return per_sample_residuals(sample_fn, pass_num_samples=True)
 
     def residual_fn(params: PyTree, batch: Any) -> Tensor:
         inputs, targets = batch
@@ -203,8 +244,8 @@ def mse_residuals(model_fn: Callable[[PyTree, Tensor], Tensor]) -> Callable[[PyT
 
 
 def cross_entropy_residuals(
-    model_fn: Callable[[PyTree, Tensor], Tensor], eps: float = 1e-12
-) -> Callable[[PyTree, Any], Tensor]:
+    model_fn: Callable[[PyTree, Tensor], Tensor], eps: float = 1e-12, per_sample: bool = False
+) -> Callable[..., Tensor]:
     """Cross-entropy turned into one residual per sample.
 
     ``r_i = sqrt(2 * l_i / N + eps)``, ``l_i = logsumexp(z_i) - z_{i, y_i}`` the cross-entropy
@@ -213,7 +254,25 @@ def cross_entropy_residuals(
     ``J^T J`` is built from ``grad sqrt(l_i)`` (the square-root residual construction used by
     torch-levenberg-marquardt and cuPyLMA). ``eps`` (1e-12) keeps the derivative of the square
     root finite when a loss is exactly zero. ``batch = (inputs, labels)``, labels int64.
+
+    ``per_sample=True``: the same residuals through :func:`funcopt.per_sample_residuals`
+    (``r_i`` from ``model_fn(params, inputs[i:i+1])``), so Jacobians are taken sample by sample
+    at ``O(N)`` cost; samples must be independent (see :func:`mse_residuals`).
     """
+
+    if per_sample:
+        def sample_fn(params: PyTree, sample: Any, num_samples: int) -> Tensor:
+            inputs, label = sample
+            logits = _one_sample_output(model_fn, params, inputs, "cross_entropy_residuals")
+            if logits.ndim != 1 or label.ndim != 0:
+                raise ValueError(
+                    f"cross_entropy_residuals needs logits (N, C) and labels (N,); one sample "
+                    f"gave logits {tuple(logits.shape)} and label {tuple(label.shape)}"
+                )
+            loss = torch.logsumexp(logits, dim=0) - logits.gather(0, label[None].long())[0]
+            return torch.sqrt(2.0 * loss.clamp(min=0.0) / num_samples + eps)[None]
+
+        return per_sample_residuals(sample_fn, pass_num_samples=True)
 
     def residual_fn(params: PyTree, batch: Any) -> Tensor:
         inputs, labels = batch

@@ -7,24 +7,29 @@ fixed) and return
 
 * :func:`jacobian` - the dense ``(m, n)`` matrix ``J = dr/dx`` and ``r``, by reverse mode
   (``m`` vector-Jacobian products, rows chunked) or forward mode (``n`` Jacobian-vector
-  products, columns chunked), chosen by shape;
+  products, columns chunked), chosen by shape; for residuals declared per sample with
+  :func:`per_sample_residuals`, sample by sample (``vmap`` over samples of the Jacobian of one
+  sample's residuals), which costs ``O(N)`` instead of ``O(N^2)`` for ``N`` samples;
 * :func:`gauss_newton_products` - the matrix-free path: ``J v`` (jvp), ``J^T u`` (vjp) and
   the Gauss-Newton product ``J^T J v`` without forming ``J``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-from torch.func import jvp, vjp, vmap
+from torch.func import jacfwd, jacrev, jvp, vjp, vmap
 
-from funcopt.base import PyTree, tree_flatten, tree_unflatten
+from funcopt.base import PyTree, tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 __all__ = [
     "ravel_params",
     "residual_vector_fn",
+    "PerSampleResiduals",
+    "per_sample_residuals",
     "jacobian",
     "jacobian_chunk_size",
     "GaussNewtonProducts",
@@ -106,6 +111,213 @@ def residual_vector_fn(
     return f
 
 
+# --------------------------------------------------------------------------- per-sample residuals
+
+
+def _num_samples(batch: Any) -> int:
+    """``N``, the common leading size of the tensors of ``batch``; raises on a malformed batch."""
+    leaves = tree_leaves(batch)
+    if not leaves:
+        raise ValueError(
+            "per-sample residuals got a batch with no tensors; pass the batch as a tensor or a "
+            "pytree of tensors whose dim 0 indexes the samples, e.g. (inputs, targets)"
+        )
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"batch leaf {i} is a {type(leaf).__name__}, not a tensor; every leaf of a "
+                "per-sample batch must be a tensor with one entry per sample along dim 0 "
+                "(bind constants into the per-sample function instead)"
+            )
+        if leaf.ndim == 0:
+            raise ValueError(
+                f"batch leaf {i} is a 0-d tensor; every leaf of a per-sample batch needs a "
+                "leading sample dimension (bind constants into the per-sample function instead)"
+            )
+    sizes = [leaf.shape[0] for leaf in leaves]
+    if any(size != sizes[0] for size in sizes):
+        raise ValueError(
+            f"the batch's tensors disagree in leading size {sizes}; per-sample residuals need "
+            "every leaf to hold one entry per sample along dim 0"
+        )
+    if sizes[0] == 0:
+        raise ValueError("the batch holds no samples (leading size 0); there is nothing to fit")
+    return int(sizes[0])
+
+
+class PerSampleResiduals:
+    r"""Residuals declared sample by sample: made by :func:`per_sample_residuals`.
+
+    For a batch of ``N`` samples ``s_1 .. s_N`` (dim 0 of every tensor in the batch) the
+    residual vector is
+
+    .. math::
+        r = c(N)\,\bigl[\, f(w, s_1);\ f(w, s_2);\ \dots;\ f(w, s_N) \,\bigr],
+
+    each ``f(w, s_i)`` flattened, ``c(N)`` the constant ``scale``. Calling the object as
+    ``residual_fn(params, batch)`` (or ``residual_fn(params)`` once bound with :meth:`bind`)
+    returns ``r``, so it goes wherever a residual function does. :func:`jacobian` recognises it
+    and builds ``J`` block by block, ``J_i = c(N) df(w, s_i)/dw``, by ``vmap`` over samples of
+    the Jacobian of one sample's residuals: ``O(N)`` work, where the generic reverse-mode path
+    runs a backward pass over the whole batch for each of the ``m`` rows (``O(N m)``).
+
+    This is exact only when samples are independent: ``r`` restricted to sample ``i`` must not
+    depend on any other sample. Models with batch statistics (``BatchNorm`` in training mode)
+    break that and fail under ``vmap``; put them in eval mode or use the generic path.
+    Randomness (dropout) under ``vmap`` raises as well.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Tensor],
+        scale: float | Callable[[int], float] = 1.0,
+        pass_num_samples: bool = False,
+        batch: Any = None,
+    ) -> None:
+        if not callable(fn):
+            raise TypeError(f"per_sample_residuals needs a function, got a {type(fn).__name__}")
+        if not callable(scale) and not isinstance(scale, (int, float)):
+            raise TypeError(
+                f"scale is a {type(scale).__name__}; pass a number or a function "
+                "num_samples -> number"
+            )
+        self.fn = fn
+        self.scale = scale
+        self.pass_num_samples = bool(pass_num_samples)
+        self.batch = batch
+        if batch is not None:
+            _num_samples(batch)
+
+    def bind(self, batch: Any) -> PerSampleResiduals:
+        """The same residuals with ``batch`` fixed: callable as ``residual_fn(params)`` (for
+        :func:`funcopt.least_squares`), still evaluated and differentiated sample by sample."""
+        if batch is None:
+            raise ValueError("bind(batch): pass the batch, not None")
+        return PerSampleResiduals(self.fn, self.scale, self.pass_num_samples, batch)
+
+    def batch_of(self, args: tuple[Any, ...]) -> Any:
+        """The batch from the arguments after ``params`` (the bound one when there are none)."""
+        if self.batch is not None:
+            if args:
+                raise TypeError(
+                    "these per-sample residuals are bound to a batch by bind(); call them as "
+                    "residual_fn(params) without another batch"
+                )
+            return self.batch
+        if len(args) != 1:
+            raise TypeError(
+                f"per-sample residuals take (params, batch), got {len(args)} argument(s) after "
+                "params; pass the batch (to levenberg_marquardt: update(..., batch=batch)) or "
+                "fix one with .bind(batch)"
+            )
+        return args[0]
+
+    def scale_for(self, num_samples: int) -> float:
+        """``c(N)`` as a finite float."""
+        c = self.scale(num_samples) if callable(self.scale) else self.scale
+        if isinstance(c, torch.Tensor) and c.numel() == 1:
+            c = c.item()
+        if not isinstance(c, (int, float)) or not math.isfinite(c):
+            raise ValueError(f"scale gave {c!r} for {num_samples} samples; it must be a finite number")
+        return float(c)
+
+    def sample_fn(self, num_samples: int) -> Callable[[PyTree, Any], Tensor]:
+        """``(params, sample) -> c(N) f(params, sample).reshape(-1)`` for ONE sample (no
+        leading sample dimension), with ``N = num_samples``; checks ``f``'s result."""
+        c = self.scale_for(num_samples)
+        fn, extra = self.fn, ((num_samples,) if self.pass_num_samples else ())
+
+        def one(params: PyTree, sample: Any) -> Tensor:
+            r = fn(params, sample, *extra)
+            if not isinstance(r, torch.Tensor):
+                raise TypeError(
+                    f"the per-sample function returned a {type(r).__name__}; it must return a "
+                    "tensor of the residuals of one sample"
+                )
+            if not r.is_floating_point():
+                raise TypeError(
+                    f"the per-sample function returned a {r.dtype} tensor; residuals must be "
+                    "floating point"
+                )
+            r = r.reshape(-1)
+            return r if c == 1.0 else r * c
+
+        return one
+
+    def __call__(self, params: PyTree, *args: Any) -> Tensor:
+        """``r`` for the batch: ``vmap`` of the per-sample function over dim 0, flattened."""
+        batch = self.batch_of(args)
+        n = _num_samples(batch)
+        return vmap(self.sample_fn(n), in_dims=(None, 0))(params, batch).reshape(-1)
+
+    def __repr__(self) -> str:
+        bound = "" if self.batch is None else ", bound"
+        return f"PerSampleResiduals({getattr(self.fn, '__name__', self.fn)!r}{bound})"
+
+
+def per_sample_residuals(
+    fn: Callable[..., Tensor],
+    *,
+    scale: float | Callable[[int], float] = 1.0,
+    pass_num_samples: bool = False,
+) -> PerSampleResiduals:
+    r"""Declare residuals that come sample by sample, so Jacobians cost ``O(N)``.
+
+    ``fn(params, sample) -> residuals of that one sample`` (any shape, the same for every
+    sample), where ``sample`` is the batch with dim 0 of every tensor indexed away: for
+    ``batch = (inputs, targets)`` of shapes ``(N, d)`` and ``(N, k)``, ``sample`` is a pair of
+    shapes ``(d,)`` and ``(k,)``. The residual vector of the batch is
+
+    .. math::
+        r = c(N)\,igl[ f(w, s_1); \dots; f(w, s_N) igr],
+
+    with ``c(N)`` = ``scale`` (a number, or a function of ``N`` such as
+    ``lambda n: n ** -0.5`` for a mean). With ``pass_num_samples=True``, ``fn`` is called as
+    ``fn(params, sample, N)``, for residuals whose form depends on ``N`` otherwise than by a
+    factor.
+
+    The result is called as ``residual_fn(params, batch)`` like any residual function
+    (``.bind(batch)`` gives ``residual_fn(params)``), so Levenberg-Marquardt, its gain ratio,
+    geodesic acceleration and the matrix-free products use it unchanged; :func:`jacobian`, and
+    hence the dense Levenberg-Marquardt step, take per-sample Jacobians from it.
+
+    ``fn`` runs under ``torch.func.vmap``: it must be functional (a model through
+    ``torch.func.functional_call``, no in-place updates of captured state) and samples must be
+    independent (no batch statistics: ``BatchNorm`` in training mode fails; no dropout).
+    :func:`funcopt.mse_residuals` and :func:`funcopt.cross_entropy_residuals` with
+    ``per_sample=True`` build such residuals from a batched model.
+    """
+    return PerSampleResiduals(fn, scale=scale, pass_num_samples=pass_num_samples)
+
+
+def _per_sample_jacobian(
+    res: PerSampleResiduals, params: PyTree, args: tuple[Any, ...], mode: str,
+    chunk_size: int | None, max_memory: int | None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`jacobian` for :class:`PerSampleResiduals`: ``vmap`` over samples of ``jacrev``
+    (or ``jacfwd``) of one sample's residuals, ``chunk_size`` rows rounded to whole samples."""
+    batch = res.batch_of(args)
+    num = _num_samples(batch)
+    x, unravel = ravel_params(params)
+    one = res.sample_fn(num)
+
+    def value_and_value(v: Tensor, sample: Any) -> tuple[Tensor, Tensor]:
+        r = one(unravel(v), sample)
+        return r, r
+
+    with torch.no_grad():  # residuals per sample, from the first sample alone
+        first = tree_map(lambda t: t[:1], batch)
+        per = vmap(one, in_dims=(None, 0))(unravel(x), first).shape[1]
+    n = x.numel()
+    if mode == "auto":
+        mode = "forward" if 8 * n < per else "reverse"
+    rows = chunk_size or jacobian_chunk_size(per, n, x.dtype, x.device, max_memory)
+    samples = max(1, rows // max(per, 1))
+    jac = (jacrev if mode == "reverse" else jacfwd)(value_and_value, has_aux=True)
+    blocks, r = vmap(jac, in_dims=(None, 0), chunk_size=samples if samples < num else None)(x, batch)
+    return blocks.reshape(num * per, n).to(x.dtype), r.reshape(-1).detach()
+
+
 def jacobian_chunk_size(
     m: int, n: int, dtype: torch.dtype, device: torch.device, max_memory: int | None = None
 ) -> int:
@@ -153,11 +365,20 @@ def jacobian(
     Returns:
         ``(J, r)``: ``J`` of shape ``(m, n)`` and ``r`` of shape ``(m,)``, in the promoted
         dtype of the floating parameter leaves, on their device.
+
+    Per-sample residuals: when ``residual_fn`` is a :class:`PerSampleResiduals` (see
+    :func:`per_sample_residuals`), ``J`` is built from the ``N`` blocks ``J_i = c(N)
+    df(w, s_i)/dw`` of ``m_s`` rows each, by ``vmap`` over samples of ``jacrev`` (``jacfwd``
+    when ``mode="forward"``, or ``"auto"`` with ``8 n < m_s``) of one sample's residuals, at
+    ``O(N)`` cost instead of ``O(N m)``. ``chunk_size`` (or the one ``max_memory`` gives for
+    ``m_s`` rows) still counts rows; it is rounded down to whole samples, at least one.
     """
     if mode not in ("auto", "forward", "reverse"):
         raise ValueError(f"mode={mode!r}: use 'auto', 'forward' or 'reverse'")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size={chunk_size!r}: pass a positive int or None")
+    if isinstance(residual_fn, PerSampleResiduals):
+        return _per_sample_jacobian(residual_fn, params, args, mode, chunk_size, max_memory)
     x, unravel = ravel_params(params)
     f = residual_vector_fn(residual_fn, unravel, *args)
     pullback: Callable[[Tensor], tuple[Tensor, ...]] | None = None

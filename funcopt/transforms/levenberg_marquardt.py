@@ -426,6 +426,9 @@ def levenberg_marquardt(
             :func:`funcopt.func.gauss_newton_products`, ``D = I``, ``lambda_0 =
             initial_damping`` and ``grad_cos`` (MINPACK's gtol test) is ``inf`` (unknown).
         jacobian_mode, chunk_size: passed to :func:`funcopt.func.jacobian` (dense path).
+            Residuals declared per sample (:func:`funcopt.per_sample_residuals`, or the
+            adapters' ``per_sample=True``) get their Jacobian sample by sample there, ``O(N)``
+            instead of ``O(N^2)`` for ``N`` independent samples; ``chunk_size`` counts rows.
 
     ``update(updates, state, params, *, batch=None)``: ``updates`` is not read (LM computes
     its own step; pass the gradients or ``None``); ``params`` is required. Host syncs: one per
