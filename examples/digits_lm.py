@@ -26,7 +26,7 @@ def accuracy(params):
 
 
 def train_lm(steps=30, batch=256):
-    tx = fo.levenberg_marquardt(fo.cross_entropy_residuals(forward), jacobian_mode="reverse")
+    tx = fo.levenberg_marquardt(fo.cross_entropy_residuals(forward, per_sample=True))
     params, state = dict(init), tx.init(init)
     for _ in range(steps):
         idx = torch.randint(0, len(Xtr), (batch,))

@@ -95,12 +95,10 @@ def _lm(problem: Problem) -> Runner:
     _need("levenberg_marquardt")
     if problem.residual_fn is None:
         raise Unavailable("the problem has no residual function")
-    if "dense_jacobian" in problem.extra:
-        raise Unavailable(f"dense Jacobian {problem.extra['dense_jacobian']}")
     n = sum(p.numel() for p in fo.tree_leaves(problem.params))
-    if n > 5000:  # the dense Jacobian costs one backward pass per residual
-        raise Unavailable(f"{n} parameters: the dense Jacobian (one backward pass per "
-                          "residual) is too slow for this suite; use it on small models")
+    if n > 5000:  # the damped solve forms a dense N x N (or n x n) Gram matrix per step
+        raise Unavailable(f"{n} parameters: the dense Jacobian and its damped solve are too "
+                          "slow for this suite; use it on small models")
     tx = fo.levenberg_marquardt(problem.residual_fn)
 
     def step(params, state, batch):
