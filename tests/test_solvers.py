@@ -197,6 +197,24 @@ def test_gauss_newton_operator_is_the_damped_gram_matrix():
     np.testing.assert_allclose(sol.x.numpy(), _lm_reference(J, r, 0.5, None), rtol=1e-4)
 
 
+def test_gram_with_damping_shares_the_formed_gram_matrix():
+    """Operators from ``with_damping`` equal freshly built ones (float64 math) and form
+    ``J^T J`` / ``J J^T`` once between them."""
+    g = torch.Generator().manual_seed(6)
+    J = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    d = torch.rand(4, generator=g, dtype=torch.float64) + 0.5
+    for base, fresh, G in ((S.gram(J, 0.0, d), lambda lam: S.gram(J, lam, d), J.T @ J),
+                           (S.gram_dual(J, 0.0), lambda lam: S.gram_dual(J, lam), J @ J.T)):
+        first = base.with_damping(0.1)
+        formed = first.as_matrix()
+        for lam in (0.1, 2.5):
+            op = base.with_damping(torch.tensor(lam, dtype=torch.float64))
+            torch.testing.assert_close(op.as_matrix(), fresh(lam).as_matrix(), rtol=1e-14, atol=0)
+            assert op._undamped[0] is first._undamped[0]  # formed once, shared
+        damp = torch.diag(0.1 * (d if G.shape[0] == 4 else torch.ones(7, dtype=torch.float64)))
+        torch.testing.assert_close(formed, G + damp, rtol=1e-14, atol=1e-15)
+
+
 def test_block_diagonal_solves_each_block_and_reports_any_failure():
     rng = np.random.default_rng(5)
     blocks = [torch.tensor(_matrix(rng, n, 10.0, True)) for n in (3, 1, 4)]

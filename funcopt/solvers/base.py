@@ -138,7 +138,9 @@ class GramOperator(LinearOperator):
 
     Symmetric and positive semidefinite; tagged positive definite because it is definite
     whenever ``lambda * d > 0`` (a Cholesky solve reports the cases where it is not).
-    ``matvec`` never forms the Gram matrix: it costs two products with ``J``.
+    ``matvec`` never forms the Gram matrix: it costs two products with ``J``. ``as_matrix``
+    forms ``J^T J`` (or ``J J^T``) once per ``J``: operators made by :meth:`with_damping` share
+    it, so a Levenberg-Marquardt step that tries several dampings pays for it once.
     """
 
     def __init__(self, J: Tensor, damping: float | Tensor, diag: Tensor | None = None,
@@ -160,6 +162,7 @@ class GramOperator(LinearOperator):
                                  f"{J.dtype} on {J.device}; convert diag with .to(J)")
         self.J, self.diag, self.form = J, diag, form
         self.damping = _damping_tensor(damping, J)
+        self._undamped: list[Tensor] = []  # the Gram matrix of J, formed on first use
         size = J.shape[1] if form == "primal" else J.shape[0]
         self.shape = (size, size)
         self.dtype, self.device = J.dtype, J.device
@@ -177,9 +180,17 @@ class GramOperator(LinearOperator):
             return J.mT @ (J @ x) + self._damp(x)
         return J @ (J.mT @ x) + self._damp(x)
 
+    def with_damping(self, damping: float | Tensor) -> GramOperator:
+        """The same operator with another ``lambda``, sharing the formed Gram matrix."""
+        op = GramOperator(self.J, damping, self.diag, form=self.form)
+        op._undamped = self._undamped
+        return op
+
     def as_matrix(self) -> Tensor:
-        J = self.J
-        G = J.mT @ J if self.form == "primal" else J @ J.mT
+        if not self._undamped:
+            J = self.J
+            self._undamped.append(J.mT @ J if self.form == "primal" else J @ J.mT)
+        G = self._undamped[0]
         if self.diag is None:
             return G + torch.diag_embed(self.damping.expand(self.shape[0]))
         return G + torch.diag_embed(self.damping * self.diag)

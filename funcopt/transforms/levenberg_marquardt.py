@@ -110,6 +110,26 @@ def _solve(J, r, damping, scale, solver, form):
     return -(z if scale is None else z / scale), sol.success
 
 
+def _gram_solver(J: Tensor, scale: Tensor | None, solver: Any, form: str):
+    """``solve(lambda, u)``: :func:`_solve` for one ``J`` and many dampings, forming the Gram
+    matrix of the scaled Jacobian once (``J^T J`` or, with fewer rows than columns or
+    ``form="dual"``, ``J J^T``) instead of once per attempted step."""
+    from funcopt import solvers
+
+    Js = J if scale is None else J / scale
+    m, n = Js.shape
+    dual = form == "dual" or (form == "auto" and m < n)
+    base = solvers.gram_dual(Js, 0.0) if dual else solvers.gram(Js, 0.0)
+
+    def solve(lam: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        sol = solvers.solve(base.with_damping(lam), u if dual else Js.mT @ u, solver)
+        x = Js.mT @ sol.x if dual else sol.x
+        z = x.to(J.dtype)
+        return -(z if scale is None else z / scale), sol.success
+
+    return solve
+
+
 def _is_matrix_free(solver: Any) -> bool:
     """Whether ``solver`` only needs products with ``J`` (conjugate gradients)."""
     from funcopt import solvers
@@ -179,7 +199,7 @@ def _linearize(residual_fn, params, args, state, o) -> _Local:
         d, S = torch.ones_like(x), None
         start = o["tau"] * (col * col).max()
         lam = torch.where(first & (start > 0), start, lam)
-    solve = lambda lam_, u: _solve(J, u, lam_, S, o["solver"], o["form"])
+    solve = _gram_solver(J, S, o["solver"], o["form"])
     svd = None
     if o["rule"] == "trust_region":
         U, sv, _ = torch.linalg.svd(J / d, full_matrices=False)
