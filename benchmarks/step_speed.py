@@ -15,6 +15,9 @@ Cases (GPU; the CPU mode scales N down and prints ratios only):
     gpt184: a 184M-parameter transformer in 121 tensors (d=1024, 10 layers, vocab 56,704),
             the size of the heavyball comparison (AdamW, SOAP, PSGD Kron, Muon)
 
+Peers that are not installed are skipped: heavyball 3.2.1, TorchOpt 0.7.3 (``pip install
+torchopt graphviz``), optax with jax on a GPU.
+
 SOAP, PSGD Kron and Muon are not element-wise (no floor): their rows report the *mean* step
 time over the repeats, since their preconditioner work recurs every few steps.
 
