@@ -84,7 +84,10 @@ def donated(step: Callable[..., tuple[Any, Any]]) -> Callable[..., tuple[Any, An
     The numbers are those of ``step``; only the storage differs. Under ``torch.compile`` the
     copies fuse into the step's kernels, so an optimizer step reads and writes each byte once
     and keeps fixed addresses (what CUDA graphs need). Use it only when nothing else holds the
-    old values: they are overwritten.
+    old values: they are overwritten. For the same reason the params and the state must not
+    share tensors, and a result may alias an input only at its own position (a leaf passed
+    through unchanged); other aliasing raises a ValueError in eager mode (under compile it is
+    not checked).
     """
 
     def wrapped(params: Any, state: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
@@ -95,13 +98,39 @@ def donated(step: Callable[..., tuple[Any, Any]]) -> Callable[..., tuple[Any, An
             raise ValueError("donated: the step returned trees with other leaves than it was given")
         with torch.no_grad():
             if torch.compiler.is_compiling():
-                # one copy per leaf fuses into the step's own kernels; a foreach copy makes
-                # Inductor emit a combined kernel that ran at 1.5x the bandwidth floor on an
-                # H100 (1e9 parameters), against 1.04x this way
+                # one copy per leaf fuses into the step's own kernels; a single foreach copy
+                # made Inductor emit a combined kernel that ran at 1.56x the bandwidth floor on
+                # an H100 (1e9 parameters), against 1.03-1.09x this way
+                # (benchmarks/compile_variants.py, results in benchmarks/RESULTS.md)
                 for d, s in zip(dst, src):
                     d.copy_(s)
             else:
+                _check_no_aliasing(dst, src)
                 torch._foreach_copy_(dst, src)
         return params, state
 
     return wrapped
+
+
+def _check_no_aliasing(dst: list[Any], src: list[Any]) -> None:
+    """Copying ``src[i]`` into ``dst[i]`` one by one is only the pure step's result when no
+    ``dst`` tensor is read after it was written: no two inputs share a start address and no
+    result starts where another position's input does."""
+    where: dict[tuple, int] = {}
+    for i, d in enumerate(dst):
+        if d.numel():
+            key = (d.device, d.data_ptr())
+            if key in where:
+                raise ValueError(
+                    f"donated: inputs {where[key]} and {i} (params then state, in tree order) "
+                    "share memory, so writing one overwrites the other; give the state its own "
+                    "tensors (e.g. clone them) or use the pure step"
+                )
+            where[key] = i
+    for i, s in enumerate(src):
+        j = where.get((s.device, s.data_ptr())) if s.numel() else None
+        if j is not None and j != i:
+            raise ValueError(
+                f"donated: result {i} is input {j} (params then state, in tree order), which is "
+                "overwritten by then; return a copy (e.g. x.clone()) or use the pure step"
+            )

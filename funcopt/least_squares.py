@@ -199,6 +199,14 @@ def _one_sample_output(model_fn: Callable[[PyTree, Tensor], Tensor], params: PyT
     return out[0]
 
 
+def _require_integer_labels(labels: Tensor) -> None:
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(
+            f"cross_entropy_residuals: labels must be integer class indices, got {labels.dtype}; "
+            "pass them as int64 (e.g. labels.long() after checking they are whole numbers)"
+        )
+
+
 def mse_residuals(
     model_fn: Callable[[PyTree, Tensor], Tensor], per_sample: bool = False
 ) -> Callable[..., Tensor]:
@@ -211,9 +219,10 @@ def mse_residuals(
     ``per_sample=True`` gives the same residuals as :func:`funcopt.per_sample_residuals`
     (sample ``i`` contributes ``(model_fn(params, inputs[i:i+1])[0] - targets[i]) / sqrt(N)``),
     so :func:`funcopt.func.jacobian` and Levenberg-Marquardt build ``J`` sample by sample at
-    ``O(N)`` cost instead of ``O(N^2)``. This needs independent samples and a ``model_fn`` that
-    runs under ``torch.func.vmap`` (e.g. ``functional_call`` of Linear/Conv/activation layers;
-    not ``BatchNorm`` in training mode).
+    ``O(N)`` cost instead of ``O(N^2)``. This needs a ``model_fn`` that runs under
+    ``torch.func.vmap`` (e.g. ``functional_call`` of Linear/Conv/activation layers) and
+    independent samples: a model that mixes samples gets a batch of one and gives other
+    residuals, silently unless it fails under ``vmap`` (see :func:`funcopt.per_sample_residuals`).
     """
     if per_sample:
         def sample_fn(params: PyTree, sample: Any, num_samples: int) -> Tensor:
@@ -269,6 +278,7 @@ def cross_entropy_residuals(
                     f"cross_entropy_residuals needs logits (N, C) and labels (N,); one sample "
                     f"gave logits {tuple(logits.shape)} and label {tuple(label.shape)}"
                 )
+            _require_integer_labels(label)
             loss = torch.logsumexp(logits, dim=0) - logits.gather(0, label[None].long())[0]
             return torch.sqrt(2.0 * loss.clamp(min=0.0) / num_samples + eps)[None]
 
@@ -282,6 +292,7 @@ def cross_entropy_residuals(
                 f"cross_entropy_residuals needs logits (N, C) and labels (N,); got "
                 f"{tuple(logits.shape)} and {tuple(labels.shape)}"
             )
+        _require_integer_labels(labels)
         loss = torch.logsumexp(logits, dim=1) - logits.gather(1, labels[:, None].long())[:, 0]
         return torch.sqrt(2.0 * loss.clamp(min=0.0) / logits.shape[0] + eps)
 

@@ -72,3 +72,39 @@ def test_replace_is_namedtuple_replace_and_traces():
     out = torch.compile(lambda st: replace(st, count=st.count + 1), fullgraph=True,
                         backend="aot_eager")(s)
     assert type(out) is ScaleByAdamState and len(out) == 3 and int(out.count) == 1
+
+
+def _pow_in_element_loops(code: str) -> bool:
+    """Whether a ``pow`` sits inside one of the C++ kernels' element loops."""
+    for loop in code.split("for(int64_t x0")[1:]:
+        body = loop.split("#pragma omp single")[0].split("''')")[0]
+        if "pow(" in body:
+            return True
+    return False
+
+
+def test_compiled_adam_computes_its_bias_correction_once(monkeypatch):
+    """The bias correction ``1 - beta**t`` is computed once per step, not once per element of
+    the update kernel (``base.per_step``). The check is shown to catch the regression by
+    turning ``per_step`` off."""
+    import funcopt.base as base
+    import funcopt.transforms.first_order as first_order
+
+    def codes():
+        torch._dynamo.reset()
+        tx = fo.adamw(1e-3, weight_decay=1e-2)
+        p = torch.randn(1024)
+
+        def step(params, state, grads):
+            updates, state = tx.update(grads, state, params)
+            return fo.apply_updates(params, updates), state
+
+        _, code = run_and_get_code(torch.compile(step, fullgraph=True), p, tx.init(p),
+                                   torch.randn(1024))
+        return "\n".join(code)
+
+    code = codes()
+    assert "cpp_fused" in code and not _pow_in_element_loops(code)
+    for module in (base, first_order):
+        monkeypatch.setattr(module, "per_step", lambda x: x)
+    assert _pow_in_element_loops(codes())

@@ -90,3 +90,27 @@ def test_donated_step_gives_the_pure_numbers_in_the_input_buffers():
     torch.testing.assert_close(p_don, p_pure, rtol=0, atol=0)
     for a, b in zip(fo.tree_leaves(s_don), fo.tree_leaves(s_pure)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_donated_refuses_results_that_alias_other_inputs():
+    """A step that keeps the old params in its state, or params and state sharing a tensor,
+    cannot be written back in place: donated says so instead of returning other numbers."""
+    import pytest
+
+    def keep_old(params, state, g):
+        return [p - g for p in params], {"prev": list(params)}
+
+    params = [torch.ones(3), torch.zeros(2)]
+    state = {"prev": [torch.empty(3), torch.empty(2)]}
+    grads = torch.tensor(1.0)
+    pure_p, pure_s = keep_old(params, state, grads)
+    torch.testing.assert_close(pure_s["prev"][0], torch.ones(3))
+    with pytest.raises(ValueError, match="result 2 is input 0"):
+        fo.donated(keep_old)(params, state, grads)
+
+    shared = torch.ones(3)
+    with pytest.raises(ValueError, match="share memory"):
+        fo.donated(lambda p, s: (p * 2, s))(shared, {"m": shared})
+    # passing a leaf through unchanged at its own position is fine
+    p, s = fo.donated(lambda p, s: (p + 1, s))(torch.zeros(2), {"m": torch.ones(2)})
+    torch.testing.assert_close(p, torch.ones(2))

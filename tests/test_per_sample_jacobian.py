@@ -205,3 +205,16 @@ def test_batch_norm_in_training_mode_is_refused_under_vmap():
     x, y = torch.randn(8, 4), torch.randn(8, 1)
     with pytest.raises((RuntimeError, ValueError)):
         jacobian(fo.mse_residuals(model_fn, per_sample=True), params, (x, y))
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_cross_entropy_residuals_refuse_float_labels(per_sample):
+    """Float labels would be truncated to classes by .long(): both routes refuse them."""
+    model = torch.nn.Linear(3, 4)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    fn = fo.cross_entropy_residuals(
+        lambda p, x: torch.func.functional_call(model, p, (x,)), per_sample=per_sample)
+    x = torch.randn(5, 3)
+    with pytest.raises(TypeError, match="integer class indices"):
+        fn(params, (x, torch.tensor([0.0, 1.7, 2.0, 3.0, 1.0])))
+    assert fn(params, (x, torch.tensor([0, 1, 2, 3, 1]))).shape == (5,)

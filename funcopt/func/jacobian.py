@@ -162,9 +162,10 @@ class PerSampleResiduals:
     runs a backward pass over the whole batch for each of the ``m`` rows (``O(N m)``).
 
     This is exact only when samples are independent: ``r`` restricted to sample ``i`` must not
-    depend on any other sample. Models with batch statistics (``BatchNorm`` in training mode)
-    break that and fail under ``vmap``; put them in eval mode or use the generic path.
-    Randomness (dropout) under ``vmap`` raises as well.
+    depend on any other sample. A model that mixes samples sees a batch of one here and gives
+    other residuals, *silently* unless it fails under ``vmap`` (``BatchNorm`` in training mode
+    and dropout do; a hand-written ``x - x.mean(0)`` does not): use the generic path for such
+    models.
     """
 
     def __init__(
@@ -283,7 +284,9 @@ def per_sample_residuals(
 
     ``fn`` runs under ``torch.func.vmap``: it must be functional (a model through
     ``torch.func.functional_call``, no in-place updates of captured state) and samples must be
-    independent (no batch statistics: ``BatchNorm`` in training mode fails; no dropout).
+    independent: a model that mixes samples (batch statistics, ``x - x.mean(0)``) sees a batch
+    of one and gives other residuals, silently unless it fails under ``vmap`` as ``BatchNorm``
+    in training mode and dropout do.
     :func:`funcopt.mse_residuals` and :func:`funcopt.cross_entropy_residuals` with
     ``per_sample=True`` build such residuals from a batched model.
     """
@@ -363,8 +366,8 @@ def jacobian(
             half the free CUDA memory, or one batch on the CPU.
 
     Returns:
-        ``(J, r)``: ``J`` of shape ``(m, n)`` and ``r`` of shape ``(m,)``, in the promoted
-        dtype of the floating parameter leaves, on their device.
+        ``(J, r)``: ``J`` of shape ``(m, n)`` in the promoted dtype of the floating parameter
+        leaves, on their device, and ``r`` of shape ``(m,)`` as ``residual_fn`` returns it.
 
     Per-sample residuals: when ``residual_fn`` is a :class:`PerSampleResiduals` (see
     :func:`per_sample_residuals`), ``J`` is built from the ``N`` blocks ``J_i = c(N)
