@@ -10,9 +10,8 @@ Usage: ``python benchmarks/compile_variants.py``
 
 from __future__ import annotations
 
-import statistics
-
 import torch
+from step_speed import copy_bandwidth, timeit  # this folder's step-time helpers
 
 import funcopt as fo
 import funcopt.base as base
@@ -31,21 +30,6 @@ def donated_foreach(step):
         return params, state
 
     return wrapped
-
-
-def cuda_ms(fn, repeat: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def run(n: int, variant: str, repeat: int, bandwidth: float) -> None:
@@ -70,19 +54,12 @@ def run(n: int, variant: str, repeat: int, bandwidth: float) -> None:
     def call():
         box["p"], box["s"] = compiled(box["p"], box["s"], g)
 
-    ms = cuda_ms(call, repeat)
+    ms = timeit(call, "cuda", repeat) * 1e3
     print(f"| {n:.0e} | {variant} | {ms:.3f} | {ms / (n * 28 / bandwidth * 1e3):.2f} |", flush=True)
 
 
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a 1 GiB device-to-device copy."""
-    src = torch.empty(2**28, device="cuda").uniform_()
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / (cuda_ms(lambda: dst.copy_(src), 20) / 1e3)
-
-
 def main() -> None:
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth("cuda")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth "
           f"{bandwidth / 1e9:.0f} GB/s\n\n| params | variant | ms | x floor |\n| --- | --- | --- | --- |")
     for n, repeat in ((10**7, 30), (10**9, 10)):
