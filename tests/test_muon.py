@@ -77,3 +77,25 @@ def test_errors_and_purity():
     u, s = tx.update(g, tx.init(p), p)
     assert torch.equal(g["w"], g0) and u["w"].dtype == torch.float32
     assert s.momentum[0].dtype == torch.bfloat16
+
+
+def test_muon_passes_its_newton_schulz_dtype_through():
+    """``muon(ns_dtype=torch.bfloat16)`` orthogonalises in bfloat16: its matrix update is
+    ``-lr * sqrt(rows / cols) * newton_schulz(nesterov momentum, dtype=bfloat16)`` (first step:
+    momentum 0, so the Nesterov blend is ``(1 - beta) g + beta (1 - beta) g``), unlike the
+    float32 default."""
+    g = torch.Generator().manual_seed(3)
+    params = {"w": torch.randn(8, 5, generator=g)}
+    grads = {"w": torch.randn(8, 5, generator=g)}
+    beta, lr = 0.9, 0.02
+    blend = (1 - beta) * grads["w"] + beta * (1 - beta) * grads["w"]
+    for dtype in (torch.bfloat16, None):
+        tx = muon(lr, momentum=beta, ns_dtype=dtype)
+        u, _ = tx.update(grads, tx.init(params), params)
+        want = -lr * (8 / 5) ** 0.5 * newton_schulz(blend, dtype=dtype)
+        torch.testing.assert_close(u["w"], want, rtol=1e-6, atol=1e-7)
+    bf16 = muon(lr, momentum=beta, ns_dtype=torch.bfloat16)
+    f32 = muon(lr, momentum=beta)
+    diff = (bf16.update(grads, bf16.init(params), params)[0]["w"]
+            - f32.update(grads, f32.init(params), params)[0]["w"]).abs().max()
+    assert diff > 1e-5  # the dtype really changed the computation
