@@ -70,6 +70,23 @@ def test_cupynumeric_rectangular_qr_is_least_squares():
         torch.testing.assert_close(sol.x, S.solve(S.dense(A), b, "lstsq").x, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cupynumeric_single_unknown(dtype):
+    """One unknown (a 1 x 1 system, or a single-column least-squares problem) for every
+    method, with one and with several right-hand sides, against torch's lstsq."""
+    g = torch.Generator().manual_seed(2)
+    for m in (1, 4):
+        A = (torch.rand(m, 1, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+        for b in (torch.randn(m, generator=g, dtype=torch.float64).to(dtype),
+                  torch.randn(m, 3, generator=g, dtype=torch.float64).to(dtype)):
+            ref = S.solve(S.dense(A), b, "lstsq").x
+            methods = ("auto", "qr", "svd") + (("cholesky", "solve") if m == 1 else ())
+            for method in methods:
+                sol = S.solve(S.dense(A, positive_definite=m == 1), b, S.CuPyNumeric(method=method))
+                assert bool(sol.success) and sol.x.shape == ref.shape, (m, method, tuple(b.shape))
+                torch.testing.assert_close(sol.x, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_cupynumeric_reports_failure_and_auto_falls_back():
     indefinite = torch.diag(torch.tensor([2.0, -1.0, 3.0], dtype=torch.float64))
     b = torch.ones(3, dtype=torch.float64)

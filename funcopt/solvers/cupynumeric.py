@@ -131,7 +131,10 @@ class CuPyNumeric(LinearSolver):
             if shape[0] < shape[1]:
                 raise ValueError("cupynumeric qr solves m >= n systems; use method 'svd'")
             Q, R = la.qr(A)
-            return la.solve_triangular(R, Q.T @ b, lower=False)
+            c = Q.T @ b
+            if shape[1] == 1:  # cupynumeric 26.6's solve_triangular fails on a 1 x 1 matrix
+                return c / (R[:1, :1] if c.ndim == 2 else R[0, :1])
+            return la.solve_triangular(R, c, lower=False)
         U, s, Vh = la.svd(A, full_matrices=False)
         rcond = self.rcond if self.rcond is not None else max(shape) * np.finfo(A.dtype).eps
         inv = cn.where(s > rcond * s.max(), 1.0 / cn.where(s > 0, s, 1.0), 0.0)
