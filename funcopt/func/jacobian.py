@@ -270,7 +270,7 @@ def per_sample_residuals(
     shapes ``(d,)`` and ``(k,)``. The residual vector of the batch is
 
     .. math::
-        r = c(N)\,igl[ f(w, s_1); \dots; f(w, s_N) igr],
+        r = c(N)\,\bigl[ f(w, s_1); \dots; f(w, s_N) \bigr],
 
     with ``c(N)`` = ``scale`` (a number, or a function of ``N`` such as
     ``lambda n: n ** -0.5`` for a mean). With ``pass_num_samples=True``, ``fn`` is called as

@@ -23,7 +23,7 @@ from funcopt.solvers.base import (
 from funcopt.solvers.dense import LU, QR, SVD, Cholesky, Lstsq
 from funcopt.solvers.krylov import CG
 
-__all__ = ["Auto", "get", "solve", "damped_least_squares", "SOLVER_NAMES"]
+__all__ = ["Auto", "get", "solve", "damped_least_squares", "damped_least_squares_solver", "SOLVER_NAMES"]
 
 SOLVER_NAMES = ("auto", "cholesky", "lu", "qr", "lstsq", "svd", "eigh", "cg", "pcg", "cupynumeric")
 
@@ -188,9 +188,23 @@ def damped_least_squares(J: Tensor, r: Tensor, damping: float | Tensor,
     if not isinstance(r, Tensor) or r.ndim not in (1, 2) or r.shape[0] != J.shape[0]:
         raise ValueError(f"damped_least_squares: r must have shape ({J.shape[0]},) or ({J.shape[0]}, k) "
                          f"for J of shape {tuple(J.shape)}; got {getattr(r, 'shape', r)!r}")
+    _require_finite(r, "the residuals r")
+    return damped_least_squares_solver(J, diag, solver=solver, form=form)(damping, r)
+
+
+def damped_least_squares_solver(J: Tensor, diag: Tensor | str | None = None, *,
+                                solver: str | LinearSolver = "auto",
+                                form: str = "auto") -> Callable[[float | Tensor, Tensor], Solution]:
+    """:func:`damped_least_squares` for one ``J`` and many dampings and right-hand sides:
+    returns ``step(damping, r) -> Solution``. The checks on ``J`` and ``diag``, the choice of
+    form and the column scaling are done once, and the Gram matrix ``J^T J`` (or ``J J^T``) is
+    formed at most once and shared between calls (see :meth:`GramOperator.with_damping`), as
+    a Levenberg-Marquardt step that tries several dampings needs. ``r`` is not checked.
+    """
+    if not isinstance(J, Tensor) or J.ndim != 2:
+        raise ValueError(f"damped_least_squares: J must be a 2-D tensor; got {getattr(J, 'shape', J)!r}")
     if form not in ("auto", "primal", "dual"):
         raise ValueError(f"damped_least_squares: form must be 'auto', 'primal' or 'dual'; got {form!r}")
-    _require_finite(r, "the residuals r")
     _require_finite(J, "the Jacobian J")
     if isinstance(diag, str):
         if diag != "marquardt":
@@ -205,10 +219,16 @@ def damped_least_squares(J: Tensor, r: Tensor, damping: float | Tensor,
         scale = _dual_scale(J, diag.to(J), form)
         use_dual = scale is not None
     if not use_dual:
-        return solve(gram(J, damping, diag), J.mT @ r, solver)
+        primal = gram(J, 0.0, diag)
+        return lambda damping, r: solve(primal.with_damping(damping), J.mT @ r, solver)
     Js = J if scale is None else J / scale
-    sol = solve(gram_dual(Js, damping), r, solver)
-    x = Js.mT @ sol.x
-    if scale is not None:
-        x = x / (scale if x.ndim == 1 else scale[:, None])
-    return replace(sol, x=x)
+    dual = gram_dual(Js, 0.0)
+
+    def step(damping: float | Tensor, r: Tensor) -> Solution:
+        sol = solve(dual.with_damping(damping), r, solver)
+        x = Js.mT @ sol.x
+        if scale is not None:
+            x = x / (scale if x.ndim == 1 else scale[:, None])
+        return replace(sol, x=x)
+
+    return step

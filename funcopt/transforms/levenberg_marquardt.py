@@ -94,37 +94,25 @@ def damped_gauss_newton_step(
     :func:`funcopt.solvers.damped_least_squares` with ``solver`` and ``form``.
     """
     if diag is None:
-        return _solve(J, r, damping, None, solver, form)
+        return _scaled_solver(J, None, solver, form)(damping, r)
     if not bool((diag > 0).all()):  # host sync, public entry point only
         raise ValueError("diag must be positive; pass None for D = I")
-    return _solve(J, r, damping, torch.sqrt(diag), solver, form)
+    return _scaled_solver(J, torch.sqrt(diag), solver, form)(damping, r)
 
 
-def _solve(J, r, damping, scale, solver, form):
-    """The step in scaled variables (``scale`` = ``sqrt(diag(D))`` or None for ``D = I``)."""
+def _scaled_solver(J: Tensor, scale: Tensor | None, solver: Any, form: str):
+    """``solve(lambda, u) = -(J^T J + lambda S^2)^{-1} J^T u`` for one ``J`` and many
+    dampings (``scale`` = ``S`` = ``sqrt(diag(D))``, None for ``D = I``), solved in the scaled
+    variables ``z = S delta`` through
+    :func:`funcopt.solvers.damped_least_squares_solver` (which forms the Gram matrix once)."""
     from funcopt import solvers
 
-    Js = J if scale is None else J / scale
-    sol = solvers.damped_least_squares(Js, r, damping, None, solver=solver, form=form)
-    z = sol.x.to(J.dtype)
-    return -(z if scale is None else z / scale), sol.success
+    inner = solvers.damped_least_squares_solver(J if scale is None else J / scale,
+                                                solver=solver, form=form)
 
-
-def _gram_solver(J: Tensor, scale: Tensor | None, solver: Any, form: str):
-    """``solve(lambda, u)``: :func:`_solve` for one ``J`` and many dampings, forming the Gram
-    matrix of the scaled Jacobian once (``J^T J`` or, with fewer rows than columns or
-    ``form="dual"``, ``J J^T``) instead of once per attempted step."""
-    from funcopt import solvers
-
-    Js = J if scale is None else J / scale
-    m, n = Js.shape
-    dual = form == "dual" or (form == "auto" and m < n)
-    base = solvers.gram_dual(Js, 0.0) if dual else solvers.gram(Js, 0.0)
-
-    def solve(lam: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-        sol = solvers.solve(base.with_damping(lam), u if dual else Js.mT @ u, solver)
-        x = Js.mT @ sol.x if dual else sol.x
-        z = x.to(J.dtype)
+    def solve(lam: Tensor | float, u: Tensor) -> tuple[Tensor, Tensor]:
+        sol = inner(lam, u)
+        z = sol.x.to(J.dtype)
         return -(z if scale is None else z / scale), sol.success
 
     return solve
@@ -199,7 +187,7 @@ def _linearize(residual_fn, params, args, state, o) -> _Local:
         d, S = torch.ones_like(x), None
         start = o["tau"] * (col * col).max()
         lam = torch.where(first & (start > 0), start, lam)
-    solve = _gram_solver(J, S, o["solver"], o["form"])
+    solve = _scaled_solver(J, S, o["solver"], o["form"])
     svd = None
     if o["rule"] == "trust_region":
         U, sv, _ = torch.linalg.svd(J / d, full_matrices=False)
