@@ -11,6 +11,7 @@ The private helpers here (``_leaves``, ``_moment`` ...) are shared with
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Union
 
@@ -27,6 +28,7 @@ from funcopt.base import (
     Updates,
     check_hyperparameter,
     current_learning_rate,
+    host_number,
     increment,
     per_step,
     replace,
@@ -89,12 +91,19 @@ def scalar_dtype(leaves: Sequence[Tensor]) -> torch.dtype:
 
 def _hp(value: ScalarOrSchedule, count: Tensor) -> Any:
     v = resolve(value, count)
-    return v.to(count.device) if isinstance(v, Tensor) else v
+    return host_number(v.to(count.device)) if isinstance(v, Tensor) else v
 
 
-def _steps(count: Tensor, leaves: Sequence[Tensor]) -> Tensor:
-    """The step number ``count`` as a 0-d float tensor (for ``beta ** t``)."""
-    return count.to(scalar_dtype(leaves))
+def _steps(count: Tensor, leaves: Sequence[Tensor]) -> Any:
+    """The step number ``count`` for ``beta ** t``: a 0-d float tensor, or a Python int where
+    :func:`~funcopt.base.host_number` reads it (eager CPU steps)."""
+    t = host_number(count)
+    return t if isinstance(t, int) else count.to(scalar_dtype(leaves))
+
+
+def _sqrt(x: Any) -> Any:
+    """The square root of a number or a 0-d tensor."""
+    return torch.sqrt(x) if isinstance(x, Tensor) else math.sqrt(x)
 
 
 def _axpy(alpha: Any, xs: TensorList, ys: TensorList) -> TensorList:
@@ -122,9 +131,12 @@ def _moment(state: TensorList, xs: TensorList, decay: Any) -> TensorList:
 
 def _moment_sq(state: TensorList, xs: TensorList, decay: Any) -> TensorList:
     """``decay * state + (1 - decay) * xs**2``."""
+    out = torch._foreach_mul(state, decay)  # a new list: the in-place ops below touch only it
     if _is_number(decay):
-        return torch._foreach_addcmul(torch._foreach_mul(state, decay), xs, xs, value=1.0 - decay)
-    return _axpy(1.0 - decay, torch._foreach_mul(xs, xs), torch._foreach_mul(state, decay))
+        torch._foreach_addcmul_(out, xs, xs, value=1.0 - decay)
+    else:
+        torch._foreach_add_(out, torch._foreach_mul(torch._foreach_mul(xs, xs), 1.0 - decay))
+    return out
 
 
 def _as(xs: TensorList, refs: Sequence[Tensor]) -> list[Tensor]:
@@ -240,7 +252,7 @@ def scale_by_learning_rate(
         leaves, treedef = _leaves(updates, params, "scale_by_learning_rate")
         lr = current_learning_rate(learning_rate, state.learning_rate, state.count)
         if leaves:
-            leaves = _as(torch._foreach_mul(leaves, lr * sign), leaves)
+            leaves = _as(torch._foreach_mul(leaves, host_number(lr) * sign), leaves)
         return tree_unflatten(treedef, leaves), ScaleByLearningRateState(
             increment(state.count), lr
         )
@@ -379,10 +391,53 @@ class ScaleByNadamState(NamedTuple):
 def _adam_denominator(nu: TensorList, bc2: Tensor, eps: float, eps_root: float) -> TensorList:
     """``sqrt(nu / bc2 + eps_root) + eps`` (torch.optim's ``sqrt(nu)/sqrt(bc2) + eps`` form)."""
     if _is_number(eps_root) and eps_root == 0:
-        root = torch._foreach_div(torch._foreach_sqrt(nu), torch.sqrt(bc2))
+        root = torch._foreach_div(torch._foreach_sqrt(nu), _sqrt(bc2))
     else:
         root = torch._foreach_sqrt(torch._foreach_add(torch._foreach_div(nu, bc2), eps_root))
     return torch._foreach_add(root, eps)
+
+
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fusable(g: list[Tensor], state: Any, beta1: Any, beta2: Any, eps: Any, eps_root: Any) -> bool:
+    """Whether torch's fused Adam kernel can compute this eager step: number coefficients, and
+    updates and moments all contiguous, of one floating dtype, on one CPU or CUDA device, not
+    tracked by autograd or ``torch.func`` (the kernel has no derivative, and it reads strided
+    tensors wrongly)."""
+    if not (_is_number(beta1) and _is_number(beta2) and _is_number(eps) and eps_root == 0):
+        return False
+    if _is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    dtype, device = g[0].dtype, g[0].device
+    if dtype not in _FUSED_DTYPES or device.type not in ("cpu", "cuda"):
+        return False
+    grad = torch.is_grad_enabled()
+    for xs in (g, *state[1:]):  # the updates, mu, nu (and nu_max)
+        for x in xs:
+            if (x.dtype != dtype or not x.is_contiguous() or (grad and x.requires_grad)
+                    or x.device != device):
+                return False
+    return True
+
+
+def _fused_adam(g: list[Tensor], state: Any, count: Tensor, beta1: float, beta2: float,
+                eps: float, amsgrad: bool) -> tuple[list[Tensor], ...]:
+    """Adam's direction ``m_hat / (sqrt(v_hat) + eps)`` and the new moments in one fused pass.
+
+    torch's fused Adam kernel updates a parameter in place; here it runs on new tensors only:
+    copies of the moments, and an all-zero "parameter" stepped with learning rate -1, which
+    receives the direction. The inputs stay untouched, so the transform stays pure. On a CPU
+    this made an eager AdamW step 1.6x faster than seven ``_foreach`` passes
+    (benchmarks/eager_passes.py).
+    """
+    out = [torch.zeros_like(x) for x in g]
+    mu, nu = [x.clone() for x in state.mu], [x.clone() for x in state.nu]
+    nu_max = [x.clone() for x in state.nu_max] if amsgrad else []
+    step = count.to(torch.float32)  # the kernels read a float32 step count
+    torch._fused_adam_(out, g, mu, nu, nu_max, [step] * len(g), lr=-1.0, beta1=beta1,
+                       beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=amsgrad, maximize=False)
+    return out, mu, nu, nu_max
 
 
 def scale_by_adam(
@@ -433,6 +488,10 @@ def scale_by_adam(
         if not g:
             return updates, replace(state, count=count)
         beta1, beta2 = _hp(b1, state.count), _hp(b2, state.count)
+        if not nesterov and _fusable(g, state, beta1, beta2, eps, eps_root):
+            out, mu, nu, nu_max = _fused_adam(g, state, count, beta1, beta2, eps, amsgrad)
+            new = replace(state, count=count, mu=mu, nu=nu)
+            return tree_unflatten(treedef, out), replace(new, nu_max=nu_max) if amsgrad else new
         mu = _moment(_as(state.mu, g), g, beta1)
         nu = _moment_sq(_as(state.nu, g), g, beta2)
         t = _steps(count, g)
@@ -447,9 +506,10 @@ def scale_by_adam(
         elif _is_number(eps_root) and eps_root == 0 and _is_number(eps):
             # (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) = m / (sqrt(v) + eps sqrt(bc2)) * (sqrt(bc2) / bc1):
             # four kernels instead of five
-            root_bc2 = torch.sqrt(bc2)
+            root_bc2 = _sqrt(bc2)
             denom = _add_scalar(torch._foreach_sqrt(nu_used), per_step(eps * root_bc2))
-            out = torch._foreach_mul(torch._foreach_div(mu, denom), per_step(root_bc2 / bc1))
+            out = torch._foreach_div(mu, denom)
+            torch._foreach_mul_(out, per_step(root_bc2 / bc1))  # ``out`` is new: in place is pure
         else:
             out = torch._foreach_div(torch._foreach_div(mu, bc1),
                                      _adam_denominator(nu_used, bc2, eps, eps_root))

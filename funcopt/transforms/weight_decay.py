@@ -19,8 +19,7 @@ from funcopt.base import (
     resolve,
     step_counter,
     tree_check_structure,
-    tree_flatten,
-    tree_leaves,
+    tree_flatten_pair,
     tree_unflatten,
 )
 
@@ -70,9 +69,7 @@ def add_decayed_weights(
 
     def update(updates, state, params=None, **extra):
         params = require_params(params, "add_decayed_weights")
-        tree_check_structure(updates, params, ("updates", "params"))
-        u, treedef = tree_flatten(updates)
-        p = tree_leaves(params)
+        u, treedef, p = tree_flatten_pair(updates, params)
         count = increment(state.count)
         if not u:
             return updates, AddDecayedWeightsState(count)
