@@ -409,16 +409,32 @@ def _fusable(g: list[Tensor], state: Any, beta1: Any, beta2: Any, eps: Any, eps_
         return False
     if _is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
-    dtype, device = g[0].dtype, g[0].device
-    if dtype not in _FUSED_DTYPES or device.type not in ("cpu", "cuda"):
+    dtype, device = g[0].dtype, g[0].get_device()  # -1 on the CPU
+    if dtype not in _FUSED_DTYPES or not (g[0].is_cpu or g[0].is_cuda):
         return False
     grad = torch.is_grad_enabled()
     for xs in (g, *state[1:]):  # the updates, mu, nu (and nu_max)
         for x in xs:
             if (x.dtype != dtype or not x.is_contiguous() or (grad and x.requires_grad)
-                    or x.device != device):
+                    or x.get_device() != device):
                 return False
     return True
+
+
+def _copy(xs: list[Tensor], times: float = 1.0) -> list[Tensor]:
+    """New tensors ``times * x`` for ``times`` 1 (a copy) or 0 (zeros, except NaN where ``x`` is
+    not finite). On a GPU one ``_foreach_mul`` (one launch, allocations in C++; ``x * 1`` is
+    exactly ``x``, NaN, inf and -0.0 included); on a CPU a memory copy, which is faster there.
+    Zeros as ``0 * g`` for Adam's direction: where ``g`` is not finite the direction is NaN
+    anyway."""
+    if xs[0].is_cuda:
+        return list(torch._foreach_mul(xs, times))
+    out = [torch.empty_like(x) for x in xs]
+    if times == 0:
+        torch._foreach_zero_(out)
+    else:
+        torch._foreach_copy_(out, xs)
+    return out
 
 
 def _fused_adam(g: list[Tensor], state: Any, count: Tensor, beta1: float, beta2: float,
@@ -431,9 +447,9 @@ def _fused_adam(g: list[Tensor], state: Any, count: Tensor, beta1: float, beta2:
     this made an eager AdamW step 1.6x faster than seven ``_foreach`` passes
     (benchmarks/eager_passes.py).
     """
-    out = [torch.zeros_like(x) for x in g]
-    mu, nu = [x.clone() for x in state.mu], [x.clone() for x in state.nu]
-    nu_max = [x.clone() for x in state.nu_max] if amsgrad else []
+    out = _copy(g, 0.0)
+    mu, nu = _copy(state.mu), _copy(state.nu)
+    nu_max = _copy(state.nu_max) if amsgrad else []
     step = count.to(torch.float32)  # the kernels read a float32 step count
     torch._fused_adam_(out, g, mu, nu, nu_max, [step] * len(g), lr=-1.0, beta1=beta1,
                        beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=amsgrad, maximize=False)
