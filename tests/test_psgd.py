@@ -10,6 +10,7 @@ leaves below repeat some shapes so that buckets of several leaves are exercised.
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import funcopt as fo
 from funcopt.testing import check_transform, pytrees
@@ -113,6 +114,31 @@ def test_update_steps_follow_accumulated_probability():
             changed.append(not torch.equal(new.qs[0][0], state.qs[0][0]))
         state = new
     assert changed == [False, False, True, False, False, False, True]
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts reads of tensor values on the host (``.item()``, ``bool()``, indexing with a 0-d
+    tensor): on a GPU each one waits for the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_fit_reads_no_device_values_on_the_host():
+    """Beyond the one ``.tolist()`` that decides whether to fit (not a dispatched op), a step
+    with triangular, diagonal and 0-d factors in buckets of one and two leaves reads nothing."""
+    tx = fo.scale_by_psgd_kron()
+    params = [torch.randn(5, 4), torch.randn(4), torch.randn(5, 4), torch.randn(())]
+    state = tx.init(params)
+    with _HostReads() as reads:
+        for _ in range(3):
+            _, state = tx.update(params, state, params)
+    assert reads.count == 0
 
 
 def test_trust_region_clip_against_formula():
