@@ -10,7 +10,9 @@ MLP of ``step_speed.py --cases mlp``:
   numbers for every coefficient (no step-count tensor ops, no pytree work);
 * ``pure-7``: the fewest out-of-place passes that produce new moments and new parameters
   directly (``addcdiv`` into decayed parameters), which the update contract does not allow;
-* ``funcopt-eager``: ``fo.adamw`` pure update plus ``fo.apply_updates``;
+* ``funcopt-eager``: ``fo.adamw`` pure update plus ``fo.apply_updates`` (``scale_by_adam``
+  through torch's fused Adam kernel on new tensors), and the same step with ``scale_by_adam``'s
+  ``_foreach`` path (the one a compiled step traces);
 * torch.optim.AdamW with ``foreach=True`` and ``fused=True`` (in place).
 
 Usage: ``python benchmarks/eager_passes.py [--repeat 1000]`` (one thread; the rows take
@@ -26,6 +28,7 @@ import time
 import torch
 
 import funcopt as fo
+from funcopt.transforms import first_order
 
 SHAPES = [(100, 784), (100,), (64, 100), (64,), (10, 64), (10,)]
 LR, WD, B1, B2, EPS = 1e-3, 1e-2, 0.9, 0.999, 1e-8
@@ -79,15 +82,23 @@ def main() -> None:
         return new_p, m2, v2
 
     tx = fo.adamw(LR, B1, B2, EPS, weight_decay=WD)
-    box = {"p": [x.clone() for x in p], "s": tx.init(p)}
+    fusable = first_order._fusable
 
-    def funcopt_eager():
-        u, box["s"] = tx.update(g, box["s"], box["p"])
-        box["p"] = fo.apply_updates(box["p"], u)
+    def funcopt_eager(fused: bool):
+        box = {"p": [x.clone() for x in p], "s": tx.init(p)}
+
+        def step():
+            first_order._fusable = fusable if fused else (lambda *a: False)
+            u, box["s"] = tx.update(g, box["s"], box["p"])
+            box["p"] = fo.apply_updates(box["p"], u)
+            first_order._fusable = fusable
+
+        return step
 
     rows = [("pure-10 (optax-style passes, number coefficients)", pure10),
             ("pure-7 (new params directly; not the update contract)", pure7),
-            ("funcopt-eager (fo.adamw + apply_updates)", funcopt_eager)]
+            ("funcopt-eager (fo.adamw + apply_updates)", funcopt_eager(True)),
+            ("funcopt-eager, _foreach path of scale_by_adam", funcopt_eager(False))]
     for flag in ("foreach", "fused"):
         params = [torch.nn.Parameter(x.clone()) for x in p]
         for q, gg in zip(params, g):

@@ -277,6 +277,15 @@ def per_step(x: Any) -> Any:
     return x
 
 
+def is_tracing() -> bool:
+    """Whether values must stay tensors: ``torch.compile`` is tracing, a ``torch.func``
+    transform is running, or forward-mode AD (``torch.autograd.forward_ad``) is on."""
+    return (
+        _is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+        or torch.autograd.forward_ad._current_level >= 0
+    )
+
+
 def host_number(x: Any) -> Any:
     """``x`` as a Python number when it is a plain 0-d CPU tensor in an eager step, else ``x``.
 
@@ -284,13 +293,12 @@ def host_number(x: Any) -> Any:
     the Scalar overloads of the ``_foreach`` ops: a 0-d tensor costs a 0-d op for each piece of
     step arithmetic (``1 - beta**t`` ...) and a dtype conversion per leaf in every
     ``_foreach_mul(leaves, tensor)``, which made up a quarter of an eager AdamW step on a CPU.
-    Tensors stay tensors on other devices (no host sync), under ``torch.compile`` (no graph
-    break), when they require grad (hyperparameters being learned) and inside ``torch.func``
-    transforms (e.g. a vmapped state).
+    Tensors stay tensors on other devices (no host sync), when they require grad
+    (hyperparameters being learned), for tensor subclasses, and while :func:`is_tracing`.
     """
     if (
-        isinstance(x, Tensor) and x.dim() == 0 and x.device.type == "cpu" and not x.requires_grad
-        and not _is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        type(x) is Tensor and x.dim() == 0 and x.is_cpu and not x.requires_grad
+        and not is_tracing()
     ):
         return x.item()
     return x

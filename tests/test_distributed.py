@@ -99,10 +99,10 @@ def _check_functional(rank):
         assert torch.equal(other, got[k])
 
 
-def _adapter_run(wrap):
+def _adapter_run(wrap, make_tx=_adam):
     model = _model()
     net = torch.nn.parallel.DistributedDataParallel(model) if wrap else model
-    opt = fo.Optimizer(net.parameters(), _adam())
+    opt = fo.Optimizer(net.parameters(), make_tx())
     x, y = _data()
     if wrap:
         x, y = fo.shard_batch((x, y))
@@ -124,20 +124,22 @@ def _check_fsdp2(rank):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    ref = _adapter_run(wrap=False)
-    model = _model()
-    for layer in (model[0], model[2]):
-        fully_shard(layer)
-    fully_shard(model)
-    assert all(isinstance(p, DTensor) for p in model.parameters())
-    opt = fo.Optimizer(model.parameters(), _adam())
-    x, y = fo.shard_batch(_data())
-    for _ in range(STEPS):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-    for p, r in zip(model.parameters(), ref):
-        torch.testing.assert_close(p.full_tensor(), r, rtol=1e-12, atol=1e-14)
+    # the test's own Adam, and the library's (whose eager fast path must step aside for DTensor)
+    for make_tx in (_adam, lambda: fo.adamw(1e-2, weight_decay=1e-2)):
+        ref = _adapter_run(wrap=False, make_tx=make_tx)
+        model = _model()
+        for layer in (model[0], model[2]):
+            fully_shard(layer)
+        fully_shard(model)
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+        opt = fo.Optimizer(model.parameters(), make_tx())
+        x, y = fo.shard_batch(_data())
+        for _ in range(STEPS):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        for p, r in zip(model.parameters(), ref):
+            torch.testing.assert_close(p.full_tensor(), r, rtol=1e-12, atol=1e-14)
 
 
 def _worker(rank, init_file, checks):

@@ -146,3 +146,63 @@ def test_scheduled_betas_on_cpu_match_constant_ones():
     sched, _ = _run(fo.chain(fo.scale_by_adam(lambda t: 0.5 + 0 * t, lambda t: 0.75 + 0 * t),
                              fo.scale_by_learning_rate(1e-2)), params, dtype=torch.float64)
     assert_trees_close(sched, const, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(16,), (12,)])
+def test_updates_of_another_shape_raise_instead_of_reaching_the_kernel(fused_calls, shape):
+    """The kernel does not check shapes (it would run past the smaller buffers)."""
+    p = {"w": torch.zeros(4, 3)}
+    tx = fo.scale_by_adam()
+    with pytest.raises(RuntimeError):
+        tx.update({"w": torch.randn(shape)}, tx.init(p), p)
+    assert not fused_calls
+
+
+def test_float16_takes_the_foreach_path(fused_calls):
+    """In float16 the kernel (float32 inside) and the _foreach path (float16) disagree beyond
+    rounding, so eager and compiled steps would too: float16 stays on the _foreach path."""
+    p = _tree(0, torch.float16)
+    tx = fo.scale_by_adam(eps=1e-3)
+    u, _ = tx.update(_tree(1, torch.float16), tx.init(p), p)
+    assert not fused_calls and u["w"].dtype == torch.float16
+    tx.update(_tree(1, torch.bfloat16), tx.init(_tree(0, torch.bfloat16)), _tree(0, torch.bfloat16))
+    assert len(fused_calls) == 1
+
+
+def test_forward_mode_ad_keeps_its_tangents(fused_calls):
+    """Dual tensors neither require grad nor are torch.func-wrapped: the fast paths must still
+    step aside, or the tangents are dropped silently."""
+    import torch.autograd.forward_ad as fwad
+
+    p, g, t = _tree(0, torch.float64), _tree(1, torch.float64), _tree(2, torch.float64)
+    tx = fo.adam(1e-2)
+    state = tx.update(_tree(3, torch.float64), tx.init(p), p)[1]
+    fused_calls.clear()  # that step had no duals: the kernel served it
+    with fwad.dual_level():
+        duals = {k: fwad.make_dual(g[k], t[k]) for k in g}
+        u, _ = tx.update(duals, state, p)
+        tangents = {k: fwad.unpack_dual(v).tangent for k, v in u.items()}
+    assert not fused_calls
+    _, expected = torch.func.jvp(lambda gg: tx.update(gg, state, p)[0], (g,), (t,))
+    assert_trees_close(tangents, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_negative_bit_views_take_the_foreach_path(fused_calls):
+    w = torch.tensor(1 + 2j).conj().imag  # a contiguous (0-d) float32 with the negative bit
+    assert w.is_neg() and w.is_contiguous()
+    p = {"w": torch.zeros(())}
+    tx = fo.scale_by_adam()
+    u, _ = tx.update({"w": w}, tx.init(p), p)
+    assert not fused_calls
+    torch.testing.assert_close(u["w"], torch.sign(w.resolve_neg()), rtol=1e-6, atol=0)
+
+
+def test_tensor_eps_root_compiles_fullgraph():
+    p = _tree(0)
+    tx = fo.scale_by_adam(eps_root=torch.tensor(1e-8))
+    state = tx.init(p)
+    step = torch.compile(lambda g, s: tx.update(g, s, p), backend="eager", fullgraph=True)
+    u, _ = step(_tree(1), state)
+    # the compiled step computes 1 - b2**t from float32 0-d tensors (0.999 is 0.99900001 in
+    # float32: 1.3e-5 relative on the first step's bias correction), eager CPU steps in float64
+    assert_trees_close(u, tx.update(_tree(1), state, p)[0], rtol=3e-5, atol=1e-7)

@@ -141,6 +141,19 @@ def test_fit_reads_no_device_values_on_the_host():
     assert reads.count == 0
 
 
+def test_bucketing_keeps_each_leafs_state_dtype():
+    """Leaves of one gradient shape and dtype but different parameter dtypes are not stacked
+    together (stacking would promote the float32 leaf's momentum and factors to float64)."""
+    params = [torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2)]
+    tx = fo.scale_by_psgd_kron()
+    state = tx.init(params)
+    grads = [torch.randn(3, 2), torch.randn(3, 2)]
+    for _ in range(2):
+        _, state = tx.update(grads, state, params)
+    assert [m.dtype for m in state.mu] == [torch.float64, torch.float32]
+    assert [q[0].dtype for q in state.qs] == [torch.float64, torch.float32]
+
+
 def test_trust_region_clip_against_formula():
     u = torch.linspace(-20, 20, 101, dtype=torch.float64)
     out, _ = fo.scale_by_trust_region_clip().update([u], ())

@@ -1,9 +1,11 @@
 """First-order transforms: scaling, momentum and the Adam family.
 
 Each function builds one :class:`~funcopt.base.GradientTransformation`. The math runs over
-the list of leaves with ``torch._foreach_*`` ops; bias corrections are 0-d tensors computed
-from the step counter, so no update synchronises with the host. Per-parameter state (moments,
-traces) is kept as a list of tensors in the order of ``tree_leaves(params)``.
+the list of leaves with ``torch._foreach_*`` ops (``scale_by_adam``'s eager steps with torch's
+fused Adam kernel where it applies). Bias corrections are computed from the step counter as 0-d
+tensors, so no update synchronises with the host; on a CPU, where reading a value is no sync,
+eager steps use Python numbers (:func:`~funcopt.base.host_number`). Per-parameter state
+(moments, traces) is kept as a list of tensors in the order of ``tree_leaves(params)``.
 
 The private helpers here (``_leaves``, ``_moment`` ...) are shared with
 :mod:`funcopt.transforms.adaptive`.
@@ -30,6 +32,7 @@ from funcopt.base import (
     current_learning_rate,
     host_number,
     increment,
+    is_tracing,
     per_step,
     replace,
     resolve,
@@ -397,36 +400,39 @@ def _adam_denominator(nu: TensorList, bc2: Tensor, eps: float, eps_root: float) 
     return torch._foreach_add(root, eps)
 
 
-_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# float16 is left out: the kernel computes in float32, where the ``_foreach`` path (and so a
+# compiled step) computes in float16, in which eps = 1e-8 underflows: the two would disagree
+# far beyond rounding (finite against NaN for a zero gradient).
+_FUSED_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
 
 
 def _fusable(g: list[Tensor], state: Any, beta1: Any, beta2: Any, eps: Any, eps_root: Any) -> bool:
     """Whether torch's fused Adam kernel can compute this eager step: number coefficients, and
-    updates and moments all contiguous, of one floating dtype, on one CPU or CUDA device, not
-    tracked by autograd or ``torch.func`` (the kernel has no derivative, and it reads strided
-    tensors wrongly)."""
-    if not (_is_number(beta1) and _is_number(beta2) and _is_number(eps) and eps_root == 0):
-        return False
-    if _is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+    updates and moments all plain tensors (no subclasses such as DTensor), contiguous (the
+    kernel reads strided tensors wrongly), of one shape per leaf (it does not check), of one
+    dtype, on one CPU or CUDA device, and not tracked by autograd, ``torch.func`` or
+    forward-mode AD (it has no derivative)."""
+    if is_tracing() or not (_is_number(beta1) and _is_number(beta2) and _is_number(eps)
+                            and _is_number(eps_root) and eps_root == 0):
         return False
     dtype, device = g[0].dtype, g[0].get_device()  # -1 on the CPU
     if dtype not in _FUSED_DTYPES or not (g[0].is_cpu or g[0].is_cuda):
         return False
     grad = torch.is_grad_enabled()
-    for xs in (g, *state[1:]):  # the updates, mu, nu (and nu_max)
-        for x in xs:
-            if (x.dtype != dtype or not x.is_contiguous() or (grad and x.requires_grad)
-                    or x.get_device() != device):
+    for i, x in enumerate(g):
+        for y in (x, *(s[i] for s in state[1:])):  # the update, mu, nu (and nu_max)
+            if (type(y) is not Tensor or y.dtype != dtype or not y.is_contiguous()
+                    or y.shape != x.shape or (grad and y.requires_grad) or y.is_neg()
+                    or y.get_device() != device):
                 return False
     return True
 
 
 def _copy(xs: list[Tensor], times: float = 1.0) -> list[Tensor]:
-    """New tensors ``times * x`` for ``times`` 1 (a copy) or 0 (zeros, except NaN where ``x`` is
-    not finite). On a GPU one ``_foreach_mul`` (one launch, allocations in C++; ``x * 1`` is
-    exactly ``x``, NaN, inf and -0.0 included); on a CPU a memory copy, which is faster there.
-    Zeros as ``0 * g`` for Adam's direction: where ``g`` is not finite the direction is NaN
-    anyway."""
+    """New tensors ``times * x`` for ``times`` 1 (a copy) or 0 (zeros). On a GPU one
+    ``_foreach_mul`` (one launch, allocations in C++; ``x * 1`` is exactly ``x``, NaN, inf and
+    -0.0 included; ``0 * x`` is NaN where ``x`` is not finite, where Adam's direction is NaN
+    anyway); on a CPU a memory copy or fill, which is faster there."""
     if xs[0].is_cuda:
         return list(torch._foreach_mul(xs, times))
     out = [torch.empty_like(x) for x in xs]
@@ -443,14 +449,16 @@ def _fused_adam(g: list[Tensor], state: Any, count: Tensor, beta1: float, beta2:
 
     torch's fused Adam kernel updates a parameter in place; here it runs on new tensors only:
     copies of the moments, and an all-zero "parameter" stepped with learning rate -1, which
-    receives the direction. The inputs stay untouched, so the transform stays pure. On a CPU
-    this made an eager AdamW step 1.6x faster than seven ``_foreach`` passes
-    (benchmarks/eager_passes.py).
+    receives the direction. The inputs stay untouched, so the transform stays pure. The kernel
+    reads the step count in float32 (exact up to 2**24 steps; beyond, the bias corrections are
+    1 to within float32 rounding). A whole eager AdamW step was 1.2-1.3x faster with it than with
+    the ``_foreach`` path on a small CPU MLP (``benchmarks/eager_passes.py``) and 15-19% faster
+    on the H100 shapes of ``benchmarks/eager_paths.py`` (benchmarks/RESULTS.md).
     """
     out = _copy(g, 0.0)
     mu, nu = _copy(state.mu), _copy(state.nu)
     nu_max = _copy(state.nu_max) if amsgrad else []
-    step = count.to(torch.float32)  # the kernels read a float32 step count
+    step = count.to(g[0].device, torch.float32)  # the kernels read a float32 step count
     torch._fused_adam_(out, g, mu, nu, nu_max, [step] * len(g), lr=-1.0, beta1=beta1,
                        beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=amsgrad, maximize=False)
     return out, mu, nu, nu_max

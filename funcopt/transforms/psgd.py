@@ -349,7 +349,7 @@ def scale_by_psgd_kron(
         qs, lbs = [list(q) for q in state.qs], [list(lb) for lb in state.lower_bounds]
         gen = torch.Generator(device=count.device)
         gen.set_state(state.rng)
-        for idx in _buckets(g):
+        for idx in _buckets(g, state.mu, state.qs):
             # the bucket as slabs: (n, *shape) with size-1 dimensions dropped
             shape = (len(idx),) + tuple(d for d in g[idx[0]].shape if d != 1)
             m_old = _stack([state.mu[i] for i in idx]).reshape(shape)
@@ -385,14 +385,17 @@ def scale_by_psgd_kron(
     return GradientTransformation(init, update)
 
 
-def _buckets(leaves: list[Tensor]) -> list[list[int]]:
+def _buckets(leaves: list[Tensor], mu: list[Tensor], qs: list[list[Tensor]]) -> list[list[int]]:
     """Leaf indices grouped by (shape, dtype, device), in order of first appearance.
 
-    HeavyBall stacks such leaves: they share one initial scale and one probe draw.
+    HeavyBall stacks such leaves: they share one initial scale and one probe draw. The dtypes
+    of the momentum and the factors join the key, so that stacking never promotes a leaf's
+    state to another leaf's dtype.
     """
     groups: dict[tuple, list[int]] = {}
     for i, x in enumerate(leaves):
-        groups.setdefault((tuple(x.shape), x.dtype, x.device), []).append(i)
+        key = (tuple(x.shape), x.dtype, x.device, mu[i].dtype, qs[i][0].dtype)
+        groups.setdefault(key, []).append(i)
     return list(groups.values())
 
 
