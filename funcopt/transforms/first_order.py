@@ -452,7 +452,7 @@ def _fused_adam(g: list[Tensor], state: Any, count: Tensor, beta1: float, beta2:
     receives the direction. The inputs stay untouched, so the transform stays pure. The kernel
     reads the step count in float32 (exact up to 2**24 steps; beyond, the bias corrections are
     1 to within float32 rounding). A whole eager AdamW step was 1.2-1.3x faster with it than with
-    the ``_foreach`` path on a small CPU MLP (``benchmarks/eager_passes.py``) and 15-19% faster
+    the ``_foreach`` path on a small CPU MLP (``benchmarks/eager_passes.py``) and 12-19% faster
     on the H100 shapes of ``benchmarks/eager_paths.py`` (benchmarks/RESULTS.md).
     """
     out = _copy(g, 0.0)
