@@ -14,10 +14,9 @@ from funcopt.base import (
     increment,
     require_params,
     step_counter,
-    tree_check_structure,
     tree_flatten,
+    tree_flatten_pair,
     tree_global_norm,
-    tree_leaves,
     tree_unflatten,
 )
 from funcopt.transforms.first_order import _as, _is_schedule
@@ -126,9 +125,7 @@ def keep_params_nonnegative() -> GradientTransformation:
 
     def update(updates, state, params=None, **extra):
         params = require_params(params, "keep_params_nonnegative")
-        tree_check_structure(updates, params, ("updates", "params"))
-        u, treedef = tree_flatten(updates)
-        p = tree_leaves(params)
+        u, treedef, p = tree_flatten_pair(updates, params)
         if not u:
             return updates, state
         # theta + u < 0 exactly when u < -theta, so max(u, -theta) is the update

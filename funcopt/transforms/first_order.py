@@ -37,10 +37,9 @@ from funcopt.base import (
     replace,
     resolve,
     step_counter,
-    tree_check_structure,
     tree_flatten,
+    tree_flatten_pair,
     tree_leaves,
-    tree_structure,
     tree_unflatten,
 )
 
@@ -67,9 +66,10 @@ def _leaves(
     Raises a ValueError naming the mismatch instead of letting a ``_foreach`` op fail on lists
     of different lengths. The checks look at tree structure and lengths only (no host sync).
     """
-    g, treedef = tree_flatten(updates)
-    if params is not None and not _is_compiling() and tree_structure(params) != treedef:
-        tree_check_structure(updates, params, ("updates", "params"))
+    if params is None:
+        g, treedef = tree_flatten(updates)
+    else:
+        g, treedef, _ = tree_flatten_pair(updates, params)
     if state is not None and len(state) != len(g):
         raise ValueError(
             f"{who}: the updates have {len(g)} leaves but the state holds {len(state)}; pass "

@@ -15,9 +15,7 @@ from funcopt.base import (
     Params,
     Tensor,
     Updates,
-    tree_check_structure,
-    tree_flatten,
-    tree_leaves,
+    tree_flatten_pair,
     tree_unflatten,
 )
 
@@ -50,10 +48,9 @@ def apply_updates_stochastic(params: Params, updates: Updates,
     (``torch.Generator`` on the parameters' device for reproducible draws; default: the global
     one). Pure: new tensors are returned.
     """
-    tree_check_structure(updates, params, ("updates", "params"))
-    p_leaves, treedef = tree_flatten(params)
+    u_leaves, treedef, p_leaves = tree_flatten_pair(updates, params)
     out = []
-    for p, u in zip(p_leaves, tree_leaves(updates)):
+    for p, u in zip(p_leaves, u_leaves):
         if p.dtype == torch.bfloat16:
             out.append(stochastic_round_bf16(p.float() + u.float(), generator))
         else:

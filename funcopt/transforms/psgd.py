@@ -26,8 +26,8 @@ from funcopt.base import (
     check_hyperparameter,
     increment,
     step_counter,
-    tree_check_structure,
     tree_flatten,
+    tree_flatten_pair,
     tree_leaves,
     tree_unflatten,
 )
@@ -330,9 +330,10 @@ def scale_by_psgd_kron(
                                     mu, qs, lbs, gen.get_state())
 
     def update(updates, state, params=None, **extra):
-        g, treedef = tree_flatten(updates)
-        if params is not None:
-            tree_check_structure(updates, params)
+        if params is None:
+            g, treedef = tree_flatten(updates)
+        else:
+            g, treedef, _ = tree_flatten_pair(updates, params)
         if len(g) != len(state.mu):
             raise ValueError(f"scale_by_psgd_kron: updates have {len(g)} leaves but the state "
                              f"was built for {len(state.mu)}; pass the same tree as to init")
