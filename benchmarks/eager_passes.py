@@ -22,33 +22,15 @@ turns in blocks of 20 steps).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from step_speed import timeit_turns  # this folder's step-time helpers
 
 import funcopt as fo
 from funcopt.transforms import first_order
 
 SHAPES = [(100, 784), (100,), (64, 100), (64,), (10, 64), (10,)]
 LR, WD, B1, B2, EPS = 1e-3, 1e-2, 0.9, 0.999, 1e-8
-
-
-def bench(fns: list, repeat: int, block: int = 20) -> list[float]:
-    """Median ms per call of each function. The functions take turns in blocks of ``block``
-    calls (each block timed as a whole), so that drifts in the machine's speed affect all of
-    them alike while each block runs with warm caches."""
-    for fn in fns:
-        for _ in range(100):
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(max(1, repeat // block)):
-        for fn, ts in zip(fns, times):
-            t = time.perf_counter()
-            for _ in range(block):
-                fn()
-            ts.append((time.perf_counter() - t) / block)
-    return [statistics.median(ts) * 1e3 for ts in times]
 
 
 def main() -> None:
@@ -107,7 +89,7 @@ def main() -> None:
                      torch.optim.AdamW(params, lr=LR, weight_decay=WD, **{flag: True}).step))
     print(f"torch {torch.__version__}, 1 thread, {sum(torch.Size(s).numel() for s in SHAPES):,} "
           "parameters in 6 tensors\n\n| step | ms |\n| --- | --- |")
-    for (name, _), ms in zip(rows, bench([fn for _, fn in rows], args.repeat)):
+    for (name, _), ms in zip(rows, (t * 1e3 for t in timeit_turns([fn for _, fn in rows], "cpu", args.repeat, warmup=100))):
         print(f"| {name} | {ms:.3f} |")
 
 

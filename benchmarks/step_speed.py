@@ -24,6 +24,7 @@ time over the repeats, since their preconditioner work recurs every few steps.
 Usage:
     python benchmarks/step_speed.py --device cuda --cases a,b,c
     python benchmarks/step_speed.py --device cpu --cases mlp,b
+    python benchmarks/step_speed.py --device cpu --cases mlp --threads 1 --turns --repeat 2000
     python benchmarks/step_speed.py --device cuda --cases gpt184 --methods soap,psgd,muon
 """
 
@@ -100,6 +101,26 @@ def timeit(fn, device: str, repeat: int, warmup: int = 3, mean: bool = False) ->
         fn()
         times.append(time.perf_counter() - t)
     return pick(times)
+
+
+def timeit_turns(fns: list, device: str, repeat: int, block: int = 20, warmup: int = 3) -> list[float]:
+    """Median seconds per call of each function, the functions taking turns in blocks of
+    ``block`` calls (each block timed as a whole), so that a drift in the machine's speed hits
+    all of them alike."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(max(1, repeat // block)):
+        for fn, ts in zip(fns, times):
+            sync()
+            t = time.perf_counter()
+            for _ in range(block):
+                fn()
+            sync()
+            ts.append((time.perf_counter() - t) / block)
+    return [statistics.median(ts) for ts in times]
 
 
 def copy_bandwidth(device: str) -> float:
@@ -221,14 +242,15 @@ def funcopt_tx(method: str) -> fo.GradientTransformation:
 def funcopt_setup(method: str, mode: str):
     """mode: "eager" (pure tree update + apply_updates), "compiled" (the same under
     torch.compile), "flatten" (fo.flatten(tx) on the tree, compiled), "ravel" (parameters
-    stored flat with fo.ravel, gradients taken w.r.t. the buffer, compiled step), "ravel-graphs"
-    (the same compiled with CUDA graphs, mode="reduce-overhead")."""
+    stored flat with fo.ravel, gradients taken w.r.t. the buffer, compiled step), "ravel-flatten"
+    (fo.flatten(tx) on that flat storage, compiled), "ravel-graphs" (the ravel step compiled with
+    CUDA graphs, mode="reduce-overhead")."""
 
     def setup(shapes, device):
         tx = funcopt_tx(method)
         if mode != "eager" and method in SHAPED and mode != "compiled":
             return None  # flat storage is for element-wise methods
-        if mode == "flatten":
+        if "flatten" in mode:
             tx = fo.flatten(tx)
         params = make_tensors(shapes, device)
         grads = make_tensors(shapes, device, seed=1)
@@ -310,6 +332,8 @@ def contenders(method: str, which: list[str]):
         "funcopt-compiled": funcopt_setup(method, "compiled"),
         "funcopt-flatten": funcopt_setup(method, "flatten"),
         "funcopt-ravel": funcopt_setup(method, "ravel"),
+        "funcopt-ravel-flatten": funcopt_setup(method, "ravel-flatten"),
+        "funcopt-ravel-flatten-donated": funcopt_setup(method, "ravel-flatten-donated"),
         "funcopt-ravel-graphs": funcopt_setup(method, "ravel-graphs"),
         "funcopt-ravel-donated": funcopt_setup(method, "ravel-donated"),
         "funcopt-ravel-donated-graphs": funcopt_setup(method, "ravel-donated-graphs"),
@@ -318,6 +342,41 @@ def contenders(method: str, which: list[str]):
         "optax": optax_setup(method) if method not in SHAPED else lambda *a: None,
     }
     return {k: v for k, v in table.items() if not which or k in which}
+
+
+def measure_one_by_one(table, shapes, dev, repeat, method):
+    """Yield (name, seconds, peak MB) per contender, each set up, timed and freed in turn; on an
+    error, (name, None, message)."""
+    for name, setup in table.items():
+        if dev.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        try:
+            step = setup(shapes, dev)
+            if step is None:
+                continue
+            t = timeit(step, dev, repeat, mean=method in SHAPED)
+        except Exception as e:  # report, keep going
+            yield name, None, f"{type(e).__name__}: {str(e)[:80]}"
+            continue
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if dev.startswith("cuda") else None
+        del step
+        yield name, t, peak
+
+
+def measure_in_turns(table, shapes, dev, repeat, method):
+    """Set up every contender, then time them taking turns (``timeit_turns``); no peak memory."""
+    steps = {}
+    for name, setup in table.items():
+        try:
+            step = setup(shapes, dev)
+            if step is not None:
+                steps[name] = step
+        except Exception as e:
+            yield name, None, f"{type(e).__name__}: {str(e)[:80]}"
+    for name, t in zip(steps, timeit_turns(list(steps.values()), dev, repeat)):
+        yield name, t, None
 
 
 def main(argv=None) -> int:
@@ -329,6 +388,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--json")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--turns", action="store_true",
+                    help="set up all contenders first, then time them taking turns in blocks of 20 "
+                         "steps (needs memory for all of them at once; for small cases)")
     args = ap.parse_args(argv)
     dev = args.device
     if args.threads:
@@ -346,25 +408,16 @@ def main(argv=None) -> int:
                   + (f"floor {floor * 1e3:.3f} ms" if method in BYTES else "mean step time (no floor)"))
             print("| contender | ms/step | x floor | peak MB |")
             print("| --- | --- | --- | --- |")
-            for name, setup in contenders(method, [c for c in args.contenders.split(",") if c]).items():
-                if dev.startswith("cuda"):
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                try:
-                    step = setup(shapes, dev)
-                    if step is None:
-                        continue
-                    t = timeit(step, dev, args.repeat, mean=method in SHAPED)
-                except Exception as e:  # report, keep going
-                    print(f"| {name} | error: {type(e).__name__}: {str(e)[:80]} | | |")
+            table = contenders(method, [c for c in args.contenders.split(",") if c])
+            measure = measure_in_turns if args.turns else measure_one_by_one
+            for name, t, peak in measure(table, shapes, dev, args.repeat, method):
+                if t is None:
+                    print(f"| {name} | error: {peak} | | |")
                     continue
-                peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if dev.startswith("cuda") else None
                 rows.append({"case": case, "method": method, "contender": name, "n": n,
                              "tensors": len(shapes), "s": t, "floor_s": floor, "peak_mb": peak})
                 ratio = "-" if method in SHAPED else f"{t / floor:.2f}"
                 print(f"| {name} | {t * 1e3:.3f} | {ratio} | {'-' if peak is None else f'{peak:.0f}'} |")
-                del step
                 sys.stdout.flush()
     if args.json:
         with open(args.json, "w") as f:

@@ -328,8 +328,11 @@ def _groups(leaves: list[torch.Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _flat(leaves: list[torch.Tensor], groups: list[list[int]]) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.cat([leaves[i].reshape(-1) for i in g]) for g in groups)
+def _flat(leaves: list[torch.Tensor], groups: list[list[int]], copy: bool = True) -> tuple[torch.Tensor, ...]:
+    """One 1-D buffer per group. With ``copy=False`` a group of one leaf is passed as a view of
+    it (no copy: parameters already stored flat with ``fo.ravel`` cost nothing here)."""
+    return tuple(leaves[g[0]].reshape(-1) if len(g) == 1 and not copy
+                 else torch.cat([leaves[i].reshape(-1) for i in g]) for g in groups)
 
 
 def flatten(inner: GradientTransformation) -> GradientTransformation:
@@ -342,6 +345,11 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
     ones that use a leaf's shape (Muon, SOAP, Shampoo, ...) or per-leaf norms (per-leaf
     clipping, LARS/LAMB trust ratios) see one vector instead. Extra keyword arguments reach
     ``inner`` unchanged (not flattened). Updates must have the params' dtypes.
+
+    Each step copies the updates and params into the buffers (the state already lives there).
+    Under ``torch.compile`` the copies fuse into the step's kernel but still cost a write and a
+    read of each buffer; parameters and gradients that are already flat (``fo.ravel``: one
+    1-D tensor per group) are passed through without a copy.
     Reference: optax.flatten.
     """
     _check_tx(inner, "flatten", "inner")
@@ -358,8 +366,8 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
             p_leaves = tree_leaves(params)
             if len(p_leaves) != len(leaves):
                 raise ValueError("flatten: params and updates have different numbers of leaves")
-            flat_params = _flat(p_leaves, groups)
-        out, state = inner.update(_flat(leaves, groups), state, flat_params, **extra)
+            flat_params = _flat(p_leaves, groups, copy=False)
+        out, state = inner.update(_flat(leaves, groups, copy=False), state, flat_params, **extra)
         new = [None] * len(leaves)
         for g, buf in zip(groups, out):
             parts = torch.split(buf, [leaves[i].numel() for i in g])

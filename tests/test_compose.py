@@ -310,6 +310,29 @@ def test_flatten_matches_unflattened_mixed_dtypes():
     check_transform(fo.flatten(momentum()), p)
 
 
+def test_flatten_passes_flat_storage_through_without_copy():
+    """Params and grads already stored flat (fo.ravel) reach the inner transform as they are;
+    the numbers equal the inner transform run on the flat buffers directly."""
+    seen = []
+
+    def probe_update(u, s, params=None):
+        seen.append((u[0].data_ptr(), params[0].data_ptr()))
+        return u, s
+
+    probe = fo.GradientTransformation(lambda p: (), probe_update)
+    p, unravel = fo.ravel({"w": torch.randn(3, 4, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64)})
+    g = torch.randn_like(p)
+    fo.flatten(probe).update(g, fo.flatten(probe).init(p), p)
+    assert seen == [(g.data_ptr(), p.data_ptr())]
+    gs = [torch.randn_like(p) for _ in range(3)]
+    a, _, pa = run(fo.adamw(1e-2, weight_decay=0.1), p, gs)
+    b, _, pb = run(fo.flatten(fo.adamw(1e-2, weight_decay=0.1)), p, gs)
+    for x, y in zip(a, b):
+        fo.testing.assert_trees_equal(x, y)
+    fo.testing.assert_trees_equal(pa, pb)
+    assert pb.data_ptr() != p.data_ptr()  # still pure: new parameters, inputs untouched
+
+
 # --------------------------------------------------------------------------- conditionally_transform
 
 
