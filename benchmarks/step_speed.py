@@ -241,7 +241,7 @@ def funcopt_tx(method: str) -> fo.GradientTransformation:
 
 def funcopt_setup(method: str, mode: str):
     """mode: "eager" (pure tree update + apply_updates), "compiled" (the same under
-    torch.compile), "flatten" (fo.flatten(tx) on the tree, compiled), "ravel" (parameters
+    torch.compile), "flatten-eager" / "flatten" (fo.flatten(tx) on the tree, eager / compiled), "ravel" (parameters
     stored flat with fo.ravel, gradients taken w.r.t. the buffer, compiled step), "ravel-flatten"
     (fo.flatten(tx) on that flat storage, compiled), "ravel-graphs" (the ravel step compiled with
     CUDA graphs, mode="reduce-overhead")."""
@@ -265,7 +265,7 @@ def funcopt_setup(method: str, mode: str):
 
         if "donated" in mode:
             step_fn = fo.donated(step_fn)
-        if mode == "eager":
+        if mode.endswith("eager"):
             fn = step_fn
         elif mode.endswith("graphs"):
             fn = torch.compile(step_fn, fullgraph=True, mode="reduce-overhead")
@@ -330,6 +330,7 @@ def contenders(method: str, which: list[str]):
         "heavyball-eager": heavyball_setup(method, compiled=False),
         "funcopt-eager": funcopt_setup(method, "eager"),
         "funcopt-compiled": funcopt_setup(method, "compiled"),
+        "funcopt-flatten-eager": funcopt_setup(method, "flatten-eager"),
         "funcopt-flatten": funcopt_setup(method, "flatten"),
         "funcopt-ravel": funcopt_setup(method, "ravel"),
         "funcopt-ravel-flatten": funcopt_setup(method, "ravel-flatten"),

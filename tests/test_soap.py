@@ -22,7 +22,8 @@ def _problem(seed=0):
 
     HeavyBall 0.7.2 weights the newest outer product by ~0.95, so a factor of a tall gradient
     (rank < side) stays nearly singular and its eigenbasis amplifies float32 rounding; the
-    shapes here keep every factor well conditioned so that 50 steps compare at rtol 1e-4.
+    shapes here keep every factor of full rank after a few steps (STEPS below says how far the
+    two implementations stay together).
     """
     g = torch.Generator().manual_seed(seed)
     params = {"w": torch.randn(6, 5, generator=g) * 0.5,
@@ -68,12 +69,15 @@ def _replayed_schedule():
     return lambda step, seed: torch.tensor(decisions[int(step) - 1])
 
 
-# HeavyBall 0.7.2's SOAP is chaotic in float32: perturbing the initial parameters by 1e-7
-# (relative) moves them by ~1e-2 after 50 steps (its row-wise eigenvalue estimate reorders the
-# basis on rounding noise), so bit-for-bit agreement cannot last 50 steps; 8 steps do agree
-# to rtol 1e-4. PrecondSchedulePaLMForeachSOAP is not compared: in 0.7.2 its step() raises
-# KeyError('beta2_scale').
-STEPS = 8
+# HeavyBall 0.7.2's SOAP is chaotic in float32 on these problems, and so is funcopt's: a 1e-7
+# relative perturbation of the initial parameters moves either one's parameters by 4e-2 after
+# 8 steps (the early factors are rank-deficient, and the eigenvalue estimate reorders their
+# basis on rounding noise). The two agree to ~1e-7 as long as they round alike: for 3 steps on
+# every seed and case tried (8 x 5), while from step 4 on some seeds jump to 1e-3 on some CPUs
+# and not on others. So the comparison runs 3 steps (the first eigendecomposition, a QR refresh
+# and the rotated Adam steps) on several seeds. PrecondSchedulePaLMForeachSOAP is not compared:
+# in 0.7.2 its step() raises KeyError('beta2_scale').
+STEPS = 3
 PALM = lambda t: 1.0 - t ** -0.8  # noqa: E731
 
 
@@ -91,12 +95,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("name,ref_kwargs,kwargs", CASES)
-def test_matches_heavyball_072(name, ref_kwargs, kwargs):
+def test_matches_heavyball_072(name, ref_kwargs, kwargs, seed):
     hb = load_hb072()
     if kwargs.get("precondition_frequency") == "replay":
         kwargs = dict(kwargs, precondition_frequency=_replayed_schedule())
-    params, loss = _problem()
+    params, loss = _problem(seed)
     ref = _reference(getattr(hb, name), ref_kwargs, params, loss, STEPS)
     ours, _ = _funcopt(soap(shampoo_beta=None, **kwargs), params, loss, STEPS)
     for k in params:
