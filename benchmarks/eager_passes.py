@@ -89,8 +89,9 @@ def main() -> None:
                      torch.optim.AdamW(params, lr=LR, weight_decay=WD, **{flag: True}).step))
     print(f"torch {torch.__version__}, 1 thread, {sum(torch.Size(s).numel() for s in SHAPES):,} "
           "parameters in 6 tensors\n\n| step | ms |\n| --- | --- |")
-    for (name, _), ms in zip(rows, (t * 1e3 for t in timeit_turns([fn for _, fn in rows], "cpu", args.repeat, warmup=100))):
-        print(f"| {name} | {ms:.3f} |")
+    seconds = timeit_turns([fn for _, fn in rows], "cpu", args.repeat, warmup=100)
+    for (name, _), t in zip(rows, seconds):
+        print(f"| {name} | {t * 1e3:.3f} |")
 
 
 if __name__ == "__main__":

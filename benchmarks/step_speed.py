@@ -241,10 +241,11 @@ def funcopt_tx(method: str) -> fo.GradientTransformation:
 
 def funcopt_setup(method: str, mode: str):
     """mode: "eager" (pure tree update + apply_updates), "compiled" (the same under
-    torch.compile), "flatten-eager" / "flatten" (fo.flatten(tx) on the tree, eager / compiled), "ravel" (parameters
-    stored flat with fo.ravel, gradients taken w.r.t. the buffer, compiled step), "ravel-flatten"
-    (fo.flatten(tx) on that flat storage, compiled), "ravel-graphs" (the ravel step compiled with
-    CUDA graphs, mode="reduce-overhead")."""
+    torch.compile), "flatten-eager" / "flatten" (fo.flatten(tx) on the tree, eager / compiled),
+    "ravel" (parameters stored flat with fo.ravel, gradients taken w.r.t. the buffer, compiled
+    step), "ravel-flatten" (fo.flatten(tx) on that flat storage, compiled), "ravel-graphs" (the
+    ravel step compiled with CUDA graphs, mode="reduce-overhead"); "-donated" wraps the step in
+    fo.donated."""
 
     def setup(shapes, device):
         tx = funcopt_tx(method)
