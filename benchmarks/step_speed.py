@@ -18,6 +18,11 @@ Cases (GPU; the CPU mode scales N down and prints ratios only):
 Peers that are not installed are skipped: heavyball 3.2.1, TorchOpt 0.7.3 (``pip install
 torchopt graphviz``), optax with jax on a GPU.
 
+Columns: time per step (CUDA-event median on a GPU, host clock on a CPU), the multiple of the
+floor, the peak memory the contender allocated (GPU), and the minor page faults per step: on a
+CPU a step that allocates large new buffers (a pure step's outputs) makes the kernel map and
+zero fresh pages on first touch, which can cost more than the arithmetic.
+
 SOAP, PSGD Kron and Muon are not element-wise (no floor): their rows report the *mean* step
 time over the repeats, since their preconditioner work recurs every few steps.
 
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -346,9 +352,15 @@ def contenders(method: str, which: list[str]):
     return {k: v for k, v in table.items() if not which or k in which}
 
 
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (the kernel mapping fresh memory on first
+    touch: what a step that allocates large new buffers pays on a CPU)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def measure_one_by_one(table, shapes, dev, repeat, method):
-    """Yield (name, seconds, peak MB) per contender, each set up, timed and freed in turn; on an
-    error, (name, None, message)."""
+    """Yield (name, seconds, peak MB, minor page faults per step) per contender, each set up,
+    timed and freed in turn; on an error, (name, None, message, None)."""
     for name, setup in table.items():
         if dev.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -358,17 +370,21 @@ def measure_one_by_one(table, shapes, dev, repeat, method):
             step = setup(shapes, dev)
             if step is None:
                 continue
+            step()  # the first call (compilation) is not counted
+            faults = _minor_faults()
             t = timeit(step, dev, repeat, mean=method in SHAPED)
+            faults = (_minor_faults() - faults) / (repeat + 3)  # timeit's warm-up calls too
         except Exception as e:  # report, keep going
-            yield name, None, f"{type(e).__name__}: {str(e)[:80]}"
+            yield name, None, f"{type(e).__name__}: {str(e)[:80]}", None
             continue
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if dev.startswith("cuda") else None
         del step
-        yield name, t, peak
+        yield name, t, peak, faults
 
 
 def measure_in_turns(table, shapes, dev, repeat, method):
-    """Set up every contender, then time them taking turns (``timeit_turns``); no peak memory."""
+    """Set up every contender, then time them taking turns (``timeit_turns``); no peak memory
+    or page-fault counts."""
     steps = {}
     for name, setup in table.items():
         try:
@@ -376,12 +392,13 @@ def measure_in_turns(table, shapes, dev, repeat, method):
             if step is not None:
                 steps[name] = step
         except Exception as e:
-            yield name, None, f"{type(e).__name__}: {str(e)[:80]}"
+            yield name, None, f"{type(e).__name__}: {str(e)[:80]}", None
     for name, t in zip(steps, timeit_turns(list(steps.values()), dev, repeat)):
-        yield name, t, None
+        yield name, t, None, None
 
 
 def main(argv=None) -> int:
+    global HEAVYBALL_COMPILE
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cases", default="mlp,b")
@@ -390,11 +407,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--json")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--heavyball-compile", default=HEAVYBALL_COMPILE,
+                    help="torch.compile mode of the `heavyball` contender (default: heavyball's own)")
     ap.add_argument("--turns", action="store_true",
                     help="set up all contenders first, then time them taking turns in blocks of 20 "
                          "steps (needs memory for all of them at once; for small cases)")
     args = ap.parse_args(argv)
     dev = args.device
+    HEAVYBALL_COMPILE = args.heavyball_compile
     if args.threads:
         torch.set_num_threads(args.threads)
     bw = copy_bandwidth(dev)
@@ -408,18 +428,20 @@ def main(argv=None) -> int:
             floor = n * BYTES[method] / bw if method in BYTES else float("nan")
             print(f"\n## case {case}: {n:,} params in {len(shapes)} tensors, {method}, "
                   + (f"floor {floor * 1e3:.3f} ms" if method in BYTES else "mean step time (no floor)"))
-            print("| contender | ms/step | x floor | peak MB |")
-            print("| --- | --- | --- | --- |")
+            print("| contender | ms/step | x floor | peak MB | page faults/step |")
+            print("| --- | --- | --- | --- | --- |")
             table = contenders(method, [c for c in args.contenders.split(",") if c])
             measure = measure_in_turns if args.turns else measure_one_by_one
-            for name, t, peak in measure(table, shapes, dev, args.repeat, method):
+            for name, t, peak, faults in measure(table, shapes, dev, args.repeat, method):
                 if t is None:
-                    print(f"| {name} | error: {peak} | | |")
+                    print(f"| {name} | error: {peak} | | | |")
                     continue
                 rows.append({"case": case, "method": method, "contender": name, "n": n,
-                             "tensors": len(shapes), "s": t, "floor_s": floor, "peak_mb": peak})
+                             "tensors": len(shapes), "s": t, "floor_s": floor, "peak_mb": peak,
+                             "faults_per_step": faults})
                 ratio = "-" if method in SHAPED else f"{t / floor:.2f}"
-                print(f"| {name} | {t * 1e3:.3f} | {ratio} | {'-' if peak is None else f'{peak:.0f}'} |")
+                print(f"| {name} | {t * 1e3:.3f} | {ratio} | {'-' if peak is None else f'{peak:.0f}'} "
+                      f"| {'-' if faults is None else f'{faults:.0f}'} |")
                 sys.stdout.flush()
     if args.json:
         with open(args.json, "w") as f:

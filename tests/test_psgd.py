@@ -156,10 +156,16 @@ def test_bucketing_keeps_each_leafs_state_dtype():
 
 def test_trust_region_clip_against_formula():
     u = torch.linspace(-20, 20, 101, dtype=torch.float64)
-    out, _ = fo.scale_by_trust_region_clip().update([u], ())
-    x = u / 1.5
-    expected = (torch.sign(x) * torch.log1p(x.abs()) * 0.1 + torch.tanh(x) * 0.9) * 1.5
-    torch.testing.assert_close(out[0], expected.clamp(-2, 2))
+    leaves = [u, u[::2].float(), u[1::2].bfloat16()]
+    before = [x.clone() for x in leaves]
+    out, _ = fo.scale_by_trust_region_clip().update(leaves, ())
+    assert all(torch.equal(x, b) for x, b in zip(leaves, before))  # the input is not touched
+    for o, x in zip(out, leaves):
+        assert o.dtype == x.dtype
+        x = x.double() / 1.5
+        expected = (torch.sign(x) * torch.log1p(x.abs()) * 0.1 + torch.tanh(x) * 0.9) * 1.5
+        torch.testing.assert_close(o.double(), expected.clamp(-2, 2),
+                                   **({"rtol": 1e-2, "atol": 1e-2} if o.dtype == torch.bfloat16 else {}))
 
 
 def test_fixed_seed_is_reproducible_and_seed_matters():

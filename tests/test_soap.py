@@ -7,8 +7,10 @@ import torch
 from _heavyball072 import load as load_hb072
 
 from funcopt.base import apply_updates
+from funcopt.transforms import soap as soap_module
 from funcopt.transforms.soap import (
     _merged_shape,
+    _orthonormal,
     precond_schedule,
     precond_schedule_probability,
     scale_by_soap,
@@ -137,6 +139,75 @@ def test_single_factor_equals_eigh_adam_float64():
     m, v = grads[1], gp ** 2  # debiased EMAs at t=1 equal the first sample
     expected = q @ ((q.T @ m) / v.sqrt().clamp_min(1e-8))
     torch.testing.assert_close(u["w"], expected, rtol=1e-8, atol=1e-10)
+
+
+def _with_condition(n, cond, seed):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    w = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    return (u * torch.logspace(0, -torch.log10(torch.tensor(cond)), n, dtype=torch.float64)) @ w.T
+
+
+def test_cholesky_qr_is_householder_q_up_to_column_signs():
+    """The GPU path of the SOAP refresh (CholeskyQR2 in float64), run here on the CPU, against
+    float64 Householder QR: the same Q up to the signs of its columns, orthonormal, with
+    Q^T A upper triangular; several matrices of one shape go through as one batch."""
+    mats = ([_with_condition(8, 10.0, s).float() for s in range(3)]
+            + [_with_condition(33, 1e4, 3).float(), _with_condition(33, 1e6, 4).float()])
+    for a, q in zip(mats, _orthonormal(mats, cholesky=True)):
+        assert q.dtype == a.dtype and q.shape == a.shape
+        ref = torch.linalg.qr(a.double())[0]
+        torch.testing.assert_close(q.double().T @ q.double(), torch.eye(a.shape[0],
+                                   dtype=torch.float64), atol=1e-6, rtol=0)
+        r = q.double().T @ a.double()
+        assert r.tril(-1).abs().max() <= 1e-6 * r.abs().max()
+        cond = torch.linalg.cond(a.double())
+        if cond < 1e5:  # beyond that the trailing columns are set by float32 rounding of A
+            torch.testing.assert_close((q.double() * ref).sum(0).abs(),
+                                       torch.ones(a.shape[0], dtype=torch.float64),
+                                       atol=1e-5, rtol=0)
+
+
+def test_cholesky_qr_falls_back_to_householder_where_it_cannot():
+    g = torch.Generator().manual_seed(0)
+    low_rank = torch.randn(6, 2, generator=g) @ torch.randn(2, 6, generator=g)
+    nan = torch.randn(6, 6, generator=g)
+    nan[2, 3] = float("nan")
+    good = torch.randn(6, 6, generator=g)
+    mats = [low_rank, torch.zeros(6, 6), nan, good]
+    out = _orthonormal(mats, cholesky=True)
+    for a, q in zip(mats[:3], out[:3]):
+        torch.testing.assert_close(q, torch.linalg.qr(a)[0], equal_nan=True, rtol=0, atol=0)
+    assert not torch.equal(out[3], torch.linalg.qr(good)[0])  # this one went through Cholesky
+    torch.testing.assert_close(out[3].T @ out[3], torch.eye(6), atol=1e-6, rtol=0)
+
+
+def test_soap_with_cholesky_qr_matches_householder_float64(monkeypatch):
+    """The whole SOAP step with the GPU's QR (forced here) against the CPU's: the update does
+    not see the column signs in which the two differ. Float64 and full-rank square gradients,
+    so that every factor is well conditioned (where a factor is nearly singular, SOAP divides
+    rounding noise by eps, and any two QR implementations part)."""
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(7, 7, generator=g, dtype=torch.float64),
+              "c": torch.randn(3, 3, 2, 2, generator=g, dtype=torch.float64)}  # merged (3, 12)
+    grads = [{"w": torch.randn(7, 7, generator=g, dtype=torch.float64),
+              "c": torch.randn(3, 3, 2, 2, generator=g, dtype=torch.float64)} for _ in range(8)]
+
+    def run():
+        tx = soap(0.01, precondition_frequency=1, max_precond_dim=8)
+        p, state = params, tx.init(params)
+        for gr in grads:
+            u, state = tx.update(gr, state, p)
+            p = apply_updates(p, u)
+        return p
+
+    ref = run()
+    cholesky = lambda mats, cholesky=None: _orthonormal(mats, True)  # noqa: E731
+    monkeypatch.setattr(soap_module, "_orthonormal", cholesky)
+    ours = run()
+    for k in params:
+        assert not torch.equal(ours[k], ref[k])  # the two paths did differ in rounding
+        torch.testing.assert_close(ours[k], ref[k], rtol=1e-9, atol=1e-12)
 
 
 def test_merged_shape():

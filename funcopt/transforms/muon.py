@@ -93,9 +93,9 @@ def scale_by_muon(momentum: float = 0.95, nesterov: bool = True, ns_steps: int =
             return updates, state
         buf = torch._foreach_lerp([m.to(x.dtype) for m, x in zip(state.momentum, g)], g,
                                   1.0 - momentum)
-        d = torch._foreach_lerp(g, buf, momentum) if nesterov else buf
         out = []
-        for x in d:
+        for x, b in zip(g, buf):  # the Nesterov lerp leaf by leaf: one leaf-sized temporary
+            x = torch.lerp(x, b, momentum) if nesterov else b
             o = newton_schulz(x.reshape(x.shape[0], -1), ns_steps, eps, dtype=ns_dtype)
             scale = max(1.0, x.shape[0] / o.shape[1]) ** 0.5
             out.append((o * scale).reshape(x.shape))

@@ -144,18 +144,79 @@ def _gram(g: Tensor, d: int) -> Tensor:
     return torch.tensordot(g, g, dims=(other, other))
 
 
-def _qr_refresh(gg: tuple, qs: tuple, v: Tensor) -> tuple[tuple, Tensor]:
-    """One power-iteration step and QR per factor; reorders ``v`` (work shape) to match."""
-    new_qs: list[Tensor | None] = []
-    for d, (m, q) in enumerate(zip(gg, qs)):
-        if m is None:
-            new_qs.append(None)
-            continue
-        mq = m @ q
-        order = torch.argsort((q * mq).sum(1), descending=True)  # HeavyBall 0.7.2: row sums
-        new_qs.append(torch.linalg.qr(mq[:, order])[0])
-        v = None if v is None else v.index_select(d, order)
-    return tuple(new_qs), v
+_CHOLESKY_QR_BATCH = 2**25  # elements per CholeskyQR2 batch (256 MB in float64)
+
+
+def _orthonormal(mats: list[Tensor], cholesky: bool | None = None) -> list[Tensor]:
+    """The ``Q`` of the QR decomposition of each square matrix, up to the signs of its columns.
+
+    SOAP's update does not see those signs: a basis column enters the projected gradient and
+    momentum with the same sign, the second moment squares it, and projecting back undoes it;
+    the eigenvalue estimate and the reordering multiply it by itself.
+
+    On a CPU (``cholesky`` None: by device) this is Householder QR, ``torch.linalg.qr``, as in
+    HeavyBall. On a GPU that is slow at these sizes (4.4 ms for one 1024 x 1024 matrix on an
+    H200, no faster in a batch), so there it is CholeskyQR2, made of matrix products:
+    ``R = chol(A^T A)``, ``Q = A R^{-1}``, twice, in float64, matrices of one shape in
+    batches of at most 256 MB. A matrix where that is not accurate (a failed Cholesky
+    factorisation, or a first pass whose ``Q`` is off orthonormal by 0.1 or more: a singular,
+    very ill-conditioned or non-finite ``A``) gets Householder QR instead; one host read per
+    call decides. (On a CPU CholeskyQR2 is 2-2.5x slower than LAPACK's QR.) On a nearly
+    singular factor any two QR implementations differ in the trailing columns, which rounding
+    sets, and so does SOAP's update there.
+    """
+    if cholesky is None:
+        cholesky = bool(mats) and mats[0].is_cuda
+    if not cholesky:
+        return [torch.linalg.qr(a)[0] for a in mats]
+    by_shape: dict[tuple, list[int]] = {}
+    for i, a in enumerate(mats):
+        by_shape.setdefault((a.shape, a.dtype, a.device), []).append(i)
+    size = lambda idx: max(1, _CHOLESKY_QR_BATCH // mats[idx[0]].numel())  # noqa: E731
+    batches = [idx[j:j + size(idx)] for idx in by_shape.values()
+               for j in range(0, len(idx), size(idx))]
+    out: list[Tensor] = list(mats)
+    flags = []
+    for idx in batches:
+        q = torch.stack([mats[i] for i in idx]).to(torch.float64)
+        eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+        ok = torch.ones(len(idx), dtype=torch.bool, device=q.device)
+        for k in range(2):
+            gram = q.mT @ q
+            if k == 1:  # how far from orthonormal the first pass left it (NaN fails too)
+                ok &= (gram - eye).abs().amax((-2, -1)) < 0.1
+            r, info = torch.linalg.cholesky_ex(gram, upper=True)
+            ok &= info == 0
+            q = torch.linalg.solve_triangular(r, q, upper=True, left=False)
+        for i, qi in zip(idx, q.to(mats[idx[0]].dtype).unbind(0)):
+            out[i] = qi
+        flags.append(ok)
+    if flags:
+        order = [i for idx in batches for i in idx]
+        for i, good in zip(order, torch.cat(flags).tolist()):
+            if not good:
+                out[i] = torch.linalg.qr(mats[i])[0]
+    return out
+
+
+def _qr_refresh(ggs: list[tuple], qss: list[tuple], vs: list) -> tuple[list[tuple], list]:
+    """One power-iteration step and QR per factor of every leaf (the QRs batched, see
+    ``_orthonormal``); reorders each ``v`` (work shape; None to skip) to match."""
+    mats, where, vs = [], [], list(vs)
+    for leaf, (gg, qs) in enumerate(zip(ggs, qss)):
+        for d, (m, q) in enumerate(zip(gg, qs)):
+            if m is None:
+                continue
+            mq = m @ q
+            order = torch.argsort((q * mq).sum(1), descending=True)  # HeavyBall 0.7.2: row sums
+            mats.append(mq[:, order])
+            where.append((leaf, d))
+            if vs[leaf] is not None:
+                vs[leaf] = vs[leaf].index_select(d, order)
+    new = [list(qs) for qs in qss]
+    for (leaf, d), q in zip(where, _orthonormal(mats)):
+        new[leaf][d] = q
+    return [tuple(qs) for qs in new], vs
 
 
 def _eigenbasis(m: Tensor) -> Tensor:
@@ -261,7 +322,7 @@ def scale_by_soap(
             gg = [tuple(None if m is None else _gram(x.reshape(s), d) for d, m in enumerate(ms))
                   for x, s, ms in zip(g32, shapes, state.gg)]
             q = [tuple(None if m is None else _eigenbasis(m) for m in ms) for ms in gg]
-            q = [_qr_refresh(ms, qs, None)[0] for ms, qs in zip(gg, q)]  # as HeavyBall 0.7.2
+            q = _qr_refresh(gg, q, [None] * len(gg))[0]  # as HeavyBall 0.7.2
             zeros = [torch.zeros_like(x) for x in g]
             return tree_unflatten(treedef, zeros), replace(state, count=count, gg=gg, q=q)
         bh1 = _debias(b1, step)
@@ -277,14 +338,11 @@ def scale_by_soap(
         out = [_project(a / d, qs, True).reshape(x.shape).to(x.dtype)
                for a, d, qs, x in zip(mp, denom, state.q, g)]
         do_refresh = bool(refresh(state.count, state.seed))
-        gg, q = [], []
-        for x, s, ms, qs, i in zip(g32, shapes, state.gg, state.q, range(len(g))):
-            ms = tuple(None if a is None else torch.lerp(a, _gram(x.reshape(s), d), 1 - bs)
-                       for d, a in enumerate(ms))
-            if do_refresh:
-                qs, v[i] = _qr_refresh(ms, qs, v[i])
-            gg.append(ms)
-            q.append(qs)
+        gg = [tuple(None if a is None else torch.lerp(a, _gram(x.reshape(s), d), 1 - bs)
+                    for d, a in enumerate(ms)) for x, s, ms in zip(g32, shapes, state.gg)]
+        q = list(state.q)
+        if do_refresh:
+            q, v = _qr_refresh(gg, q, v)
         store = lambda xs, ref: [a.reshape(r.shape).to(r.dtype) for a, r in zip(xs, ref)]  # noqa
         new_state = ScaleBySoapState(count, state.seed, store(m, state.exp_avg),
                                      store(v, state.exp_avg_sq), gg, q)
