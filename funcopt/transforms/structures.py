@@ -307,14 +307,15 @@ class Hierarchical(Structure):
 
 
 def _diagonal_sums(m: Tensor) -> tuple[Tensor, Tensor]:
-    """Sums of the lower (k = 0..d-1 below) and upper diagonals of ``m``."""
+    """Sums of the lower (k = 0..d-1 below) and upper diagonals of ``m``.
+
+    Each as one strided reduction: below ``d`` rows of zeros, the element ``(k, i)`` of the
+    view with strides ``(d, d + 1)`` is ``m[i + k, i]`` (a sum over a scatter-add would
+    serialise on atomic adds into ``d`` bins on a GPU, and not be deterministic)."""
     d = m.shape[0]
-    i = torch.arange(d, device=m.device)
-    k = (i[:, None] - i[None, :])                      # row - col
-    lower = torch.zeros(d, dtype=m.dtype, device=m.device).index_add_(
-        0, k.clamp(min=0).flatten(), (m * (k >= 0)).flatten())
-    upper = torch.zeros(d, dtype=m.dtype, device=m.device).index_add_(
-        0, (-k).clamp(min=0).flatten(), (m * (k <= 0)).flatten())
+    pad = m.new_zeros(d, d)
+    lower = torch.cat([m, pad]).as_strided((d, d), (d, d + 1)).sum(1)
+    upper = torch.cat([m.T, pad]).as_strided((d, d), (d, d + 1)).sum(1)
     return lower, upper
 
 
