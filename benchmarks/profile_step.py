@@ -7,7 +7,7 @@ time (self CUDA time on a GPU, self CPU time on a CPU), per step, with their cal
 Usage::
 
     python benchmarks/profile_step.py --device cuda --cases gpt184 --methods soap --contenders funcopt-eager
-    python benchmarks/profile_step.py --device cpu --cases mlp --contenders funcopt-eager,torch-foreach
+    python benchmarks/profile_step.py --device cpu --cases mlp --contenders funcopt-eager,torch-foreach --threads 1 --steps 200 --by-shape
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--by-shape", action="store_true", help="one row per op and input shapes")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -50,20 +51,21 @@ def main(argv=None) -> int:
                     step()
                 if gpu:
                     torch.cuda.synchronize()
-                with profile(activities=acts) as prof:
+                with profile(activities=acts, record_shapes=args.by_shape) as prof:
                     for _ in range(args.steps):
                         step()
                     if gpu:
                         torch.cuda.synchronize()
-                events = prof.key_averages()
+                events = prof.key_averages(group_by_input_shape=args.by_shape)
                 total = sum(getattr(e, key) for e in events) / args.steps
                 print(f"\n## {case}, {method}, {name}: {total / 1e3:.2f} ms of "
                       f"{'device' if gpu else 'CPU'} self time per step over {args.steps} steps")
-                print("| op | ms/step | calls/step |")
-                print("| --- | --- | --- |")
+                print("| op | input shapes | ms/step | calls/step | us/call |")
+                print("| --- | --- | --- | --- | --- |")
                 for e in sorted(events, key=lambda e: -getattr(e, key))[: args.top]:
-                    print(f"| {e.key} | {getattr(e, key) / 1e3 / args.steps:.2f} | "
-                          f"{e.count / args.steps:.0f} |")
+                    shapes_in = str(e.input_shapes) if args.by_shape else ""
+                    print(f"| {e.key} | {shapes_in} | {getattr(e, key) / 1e3 / args.steps:.3f} | "
+                          f"{e.count / args.steps:.0f} | {getattr(e, key) / e.count:.1f} |")
                 del step
     return 0
 
