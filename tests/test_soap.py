@@ -182,6 +182,34 @@ def test_cholesky_qr_falls_back_to_householder_where_it_cannot():
     torch.testing.assert_close(out[3].T @ out[3], torch.eye(6), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("batch", [None, 60])
+def test_cholesky_qr_fallbacks_land_on_their_own_matrices(monkeypatch, batch):
+    """Shapes interleaved as SOAP's factors come (batches are formed per shape), fallbacks in
+    later batches, and each rejection criterion on its own: a Cholesky factorisation that
+    fails (cond 1e10) and one that succeeds with a first pass far from orthonormal (cond
+    ~1e9); ``batch`` 60 puts every 7x7 and 6x6 matrix in a batch of its own."""
+    if batch is not None:
+        monkeypatch.setattr(soap_module, "_CHOLESKY_QR_BATCH", batch)
+    g = torch.Generator().manual_seed(1)
+    good = lambda n: torch.randn(n, n, generator=g)  # noqa: E731
+    rank2 = torch.randn(7, 2, generator=g) @ torch.randn(2, 7, generator=g)
+    chol_fails = _with_condition(6, 1e10, 0).float()
+    not_orthonormal = _with_condition(6, 1e8, 0).float()
+    a64 = not_orthonormal.double()
+    r, info = torch.linalg.cholesky_ex(a64.T @ a64, upper=True)
+    q1 = torch.linalg.solve_triangular(r, a64, upper=True, left=False)
+    assert info == 0 and (q1.T @ q1 - torch.eye(6, dtype=torch.float64)).abs().max() >= 0.1
+    mats = [good(7), good(6), rank2, chol_fails, good(7), not_orthonormal, good(6)]
+    falls_back = [False, False, True, True, False, True, False]
+    for a, q, fb in zip(mats, _orthonormal(mats, cholesky=True), falls_back):
+        householder = torch.linalg.qr(a)[0]
+        assert torch.equal(q, householder) == fb
+        if not fb:
+            torch.testing.assert_close(q.T @ q, torch.eye(a.shape[0]), atol=1e-6, rtol=0)
+            torch.testing.assert_close((q * householder).sum(0).abs(), torch.ones(a.shape[0]),
+                                       atol=1e-5, rtol=0)
+
+
 def test_soap_with_cholesky_qr_matches_householder_float64(monkeypatch):
     """The whole SOAP step with the GPU's QR (forced here) against the CPU's: the update does
     not see the column signs in which the two differ. Float64 and full-rank square gradients,

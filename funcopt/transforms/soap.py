@@ -158,12 +158,13 @@ def _orthonormal(mats: list[Tensor], cholesky: bool | None = None) -> list[Tenso
     HeavyBall. On a GPU that is slow at these sizes (4.4 ms for one 1024 x 1024 matrix on an
     H200, no faster in a batch), so there it is CholeskyQR2, made of matrix products:
     ``R = chol(A^T A)``, ``Q = A R^{-1}``, twice, in float64, matrices of one shape in
-    batches of at most 256 MB. A matrix where that is not accurate (a failed Cholesky
-    factorisation, or a first pass whose ``Q`` is off orthonormal by 0.1 or more: a singular,
-    very ill-conditioned or non-finite ``A``) gets Householder QR instead; one host read per
-    call decides. (On a CPU CholeskyQR2 is 2-2.5x slower than LAPACK's QR.) On a nearly
-    singular factor any two QR implementations differ in the trailing columns, which rounding
-    sets, and so does SOAP's update there.
+    batches of at most 256 MB of float64 input (the work takes a few times that). A matrix
+    where that is not accurate (a failed Cholesky factorisation, or a first pass whose ``Q``
+    is off orthonormal by 0.1 or more: a singular, very ill-conditioned or non-finite ``A``)
+    gets Householder QR instead; one host read per call decides. (On a CPU CholeskyQR2 is
+    2-2.5x slower than LAPACK's QR.) On a nearly singular factor any two QR implementations
+    differ in the trailing columns, which rounding sets, and so does SOAP's update there: GPU
+    runs match CPU or HeavyBall runs to rounding only where the factors are well conditioned.
     """
     if cholesky is None:
         cholesky = bool(mats) and mats[0].is_cuda
