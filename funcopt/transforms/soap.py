@@ -335,9 +335,11 @@ def scale_by_soap(
         v = list(torch._foreach_add(torch._foreach_mul(v, bh2), torch._foreach_mul(
             torch._foreach_mul(gp, gp), 1 - bh2)))
         denom = torch._foreach_maximum(torch._foreach_sqrt(v), eps)
+        del gp  # each temporary goes as soon as it is used: one parameter-sized copy less
         mp = [_project(e.reshape(s), qs, False) for e, s, qs in zip(m, shapes, state.q)]
         out = [_project(a / d, qs, True).reshape(x.shape).to(x.dtype)
                for a, d, qs, x in zip(mp, denom, state.q, g)]
+        del mp, denom
         do_refresh = bool(refresh(state.count, state.seed))
         gg = [tuple(None if a is None else torch.lerp(a, _gram(x.reshape(s), d), 1 - bs)
                     for d, a in enumerate(ms)) for x, s, ms in zip(g32, shapes, state.gg)]
