@@ -359,8 +359,8 @@ def _minor_faults() -> int:
 
 
 def measure_one_by_one(table, shapes, dev, repeat, method):
-    """Yield (name, seconds, peak MB, minor page faults per step) per contender, each set up,
-    timed and freed in turn; on an error, (name, None, message, None)."""
+    """Yield (name, seconds, peak MB, minor page faults per step, error) per contender, each
+    set up, timed and freed in turn; on an error only the name and the message."""
     for name, setup in table.items():
         if dev.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -375,11 +375,11 @@ def measure_one_by_one(table, shapes, dev, repeat, method):
             t = timeit(step, dev, repeat, mean=method in SHAPED)
             faults = (_minor_faults() - faults) / (repeat + 3)  # timeit's warm-up calls too
         except Exception as e:  # report, keep going
-            yield name, None, f"{type(e).__name__}: {str(e)[:80]}", None
+            yield name, None, None, None, f"{type(e).__name__}: {str(e)[:80]}"
             continue
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if dev.startswith("cuda") else None
         del step
-        yield name, t, peak, faults
+        yield name, t, peak, faults, None
 
 
 def measure_in_turns(table, shapes, dev, repeat, method):
@@ -390,12 +390,13 @@ def measure_in_turns(table, shapes, dev, repeat, method):
         try:
             step = setup(shapes, dev)
             if step is not None:
-                step()  # compile here, so that a contender that fails is reported, not timed
+                for _ in range(3):  # warm up (and compile) here: a failing one is reported
+                    step()
                 steps[name] = step
         except Exception as e:
-            yield name, None, f"{type(e).__name__}: {str(e)[:80]}", None
-    for name, t in zip(steps, timeit_turns(list(steps.values()), dev, repeat)):
-        yield name, t, None, None
+            yield name, None, None, None, f"{type(e).__name__}: {str(e)[:80]}"
+    for name, t in zip(steps, timeit_turns(list(steps.values()), dev, repeat, warmup=0)):
+        yield name, t, None, None, None
 
 
 def main(argv=None) -> int:
@@ -433,9 +434,9 @@ def main(argv=None) -> int:
             print("| --- | --- | --- | --- | --- |")
             table = contenders(method, [c for c in args.contenders.split(",") if c])
             measure = measure_in_turns if args.turns else measure_one_by_one
-            for name, t, peak, faults in measure(table, shapes, dev, args.repeat, method):
-                if t is None:
-                    print(f"| {name} | error: {peak} | | | |")
+            for name, t, peak, faults, error in measure(table, shapes, dev, args.repeat, method):
+                if error is not None:
+                    print(f"| {name} | error: {error} | | | |")
                     continue
                 rows.append({"case": case, "method": method, "contender": name, "n": n,
                              "tensors": len(shapes), "s": t, "floor_s": floor, "peak_mb": peak,

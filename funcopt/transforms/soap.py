@@ -173,9 +173,10 @@ def _orthonormal(mats: list[Tensor], cholesky: bool | None = None) -> list[Tenso
     by_shape: dict[tuple, list[int]] = {}
     for i, a in enumerate(mats):
         by_shape.setdefault((a.shape, a.dtype, a.device), []).append(i)
-    size = lambda idx: max(1, _CHOLESKY_QR_BATCH // mats[idx[0]].numel())  # noqa: E731
-    batches = [idx[j:j + size(idx)] for idx in by_shape.values()
-               for j in range(0, len(idx), size(idx))]
+    batches = []
+    for idx in by_shape.values():
+        n = max(1, _CHOLESKY_QR_BATCH // mats[idx[0]].numel())
+        batches += [idx[j:j + n] for j in range(0, len(idx), n)]
     out: list[Tensor] = list(mats)
     flags = []
     for idx in batches:
