@@ -254,9 +254,15 @@ def funcopt_setup(method: str, mode: str):
     (mode="reduce-overhead"). A pure step under CUDA graphs has no contender: each replay
     writes its outputs into the graph's own memory, which the next replay, reading them as its
     inputs, overwrites (torch 2.11 raises "accessing tensor output of CUDAGraphs that has been
-    overwritten")."""
+    overwritten"). A "-graph" suffix captures the step with fo.cuda_graph: "eager-graph" the
+    pure eager tree step, "ravel-graph" the compiled fo.donated flat step."""
+    graph = mode.endswith("-graph")
+    if graph:
+        mode = {"eager-graph": "eager", "ravel-graph": "ravel-donated"}[mode]
 
     def setup(shapes, device):
+        if graph and not device.startswith("cuda"):
+            return None
         tx = funcopt_tx(method)
         if mode != "eager" and method in SHAPED and mode != "compiled":
             return None  # flat storage is for element-wise methods
@@ -281,6 +287,9 @@ def funcopt_setup(method: str, mode: str):
             fn = torch.compile(step_fn, fullgraph=True, mode="reduce-overhead")
         else:
             fn = torch.compile(step_fn, fullgraph=True)
+
+        if graph:
+            fn = fo.cuda_graph(fn, box["p"], box["s"], grads)
 
         def step():
             box["p"], box["s"] = fn(box["p"], box["s"], grads)
@@ -345,6 +354,8 @@ def contenders(method: str, which: list[str]):
         "funcopt-ravel-flatten-donated": funcopt_setup(method, "ravel-flatten-donated"),
         "funcopt-ravel-donated": funcopt_setup(method, "ravel-donated"),
         "funcopt-ravel-donated-graphs": funcopt_setup(method, "ravel-donated-graphs"),
+        "funcopt-eager-graph": funcopt_setup(method, "eager-graph"),
+        "funcopt-ravel-graph": funcopt_setup(method, "ravel-graph"),
         "torchopt": torchopt_setup(method, accelerated=False),
         "torchopt-accelerated": torchopt_setup(method, accelerated=True),
         "optax": optax_setup(method) if method not in SHAPED else lambda *a: None,

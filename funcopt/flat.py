@@ -23,6 +23,9 @@ is itself a pytree)::
 
 ``unravel`` returns views (no copy), so ``unravel(flat)`` is free. Shape-aware methods (SOAP,
 Muon, Shampoo, KFAC) need the tree: run them on ``unravel(flat)``.
+
+Where the host, not the memory, sets the pace (many small steps, a slow Python process), a
+step captured by :func:`cuda_graph` costs one graph launch per call.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ from typing import Any
 
 import torch
 
-from funcopt.base import PyTree, tree_flatten, tree_unflatten
+from funcopt.base import PyTree, tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["ravel", "donated"]
+__all__ = ["ravel", "donated", "cuda_graph"]
 
 
 def ravel(tree: PyTree) -> tuple[Any, Callable[[Any], PyTree]]:
@@ -106,7 +109,9 @@ def donated(step: Callable[..., tuple[Any, Any]]) -> Callable[..., tuple[Any, An
                     d.copy_(s)
             else:
                 _check_no_aliasing(dst, src)
-                torch._foreach_copy_(dst, src)
+                moved = [(d, s) for d, s in zip(dst, src) if d is not s]  # an inner donated step
+                if moved:
+                    torch._foreach_copy_([d for d, _ in moved], [s for _, s in moved])
         return params, state
 
     return wrapped
@@ -134,3 +139,110 @@ def _check_no_aliasing(dst: list[Any], src: list[Any]) -> None:
                 f"donated: result {i} is input {j} (params then state, in tree order), which is "
                 "overwritten by then; return a copy (e.g. x.clone()) or use the pure step"
             )
+
+
+def cuda_graph(step: Callable[..., tuple[Any, Any]], params: Any, state: Any, *args: Any,
+               warmup: int = 2) -> Callable[..., tuple[Any, Any]]:
+    """Capture ``step(params, state, *args) -> (params, state)`` as one CUDA graph.
+
+    Returns ``graphed``, called like ``step``: ``params, state = graphed(params, state, *args)``.
+    Each call replays the captured kernels, so its host cost is one graph launch whatever the
+    number of leaves and kernels. ``step`` is a pure step (eager or compiled), or one already
+    wrapped in :func:`donated` (compile ``fo.donated(step)`` to fuse the write-back into the
+    step's kernels); its results are written back into ``params`` and ``state`` as by
+    :func:`donated`, so the numbers are those of ``step``.
+
+    The graph keeps the tensors it was captured with: ``graphed`` returns those same trees
+    (overwritten by the next call). Passing other trees of the same structure, shapes and
+    dtypes costs a copy into the captured tensors (for ``args``: pass the captured tensors
+    themselves, e.g. fill them in place, to avoid it). ``params`` and ``state`` are left
+    unchanged by the capture: the ``warmup`` calls that run compilation and lazy set-up
+    before it run on copies (one copy of params and state is held meanwhile).
+
+    The step must run entirely on one CUDA device with no host reads of device values (such
+    as ``.item()`` or a data-dependent Python branch): a graph replays device work only. All
+    leaves must be tensors on that device, so that no part of the state is updated on the host
+    once at capture and then never again.
+    """
+    if warmup < 1:
+        raise ValueError(f"cuda_graph: warmup={warmup}; at least 1 call must run before capture "
+                         "(compilation and lazy CUDA set-up cannot be captured)")
+    trees = (params, state) + args
+    leaves = [tree_flatten(t)[0] for t in trees]
+    device = _graph_device(leaves)
+    inner = donated(step)
+    with torch.no_grad():
+        copies = [tree_map(torch.clone, t) for t in (params, state)]
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            inner(copies[0], copies[1], *args)
+    torch.cuda.current_stream(device).wait_stream(side)
+    del copies
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            inner(params, state, *args)
+    except RuntimeError as e:
+        if "captur" not in str(e):
+            raise
+        raise RuntimeError(
+            "cuda_graph: the step cannot be captured as a CUDA graph; it reads a device value on "
+            "the host (.item(), a data-dependent branch, a host-side check) or synchronises. Run "
+            f"it without cuda_graph, or remove the host read. The CUDA error was: {e}") from e
+    static = [list(x) for x in leaves]
+    specs = [tree_flatten(t)[1] for t in trees]
+
+    def graphed(*given: Any) -> tuple[Any, Any]:
+        if len(given) != len(trees):
+            raise TypeError(f"cuda_graph: the step was captured with {len(trees)} arguments "
+                            f"(params, state and {len(args)} more), got {len(given)}")
+        for k, (new, old) in enumerate(zip(given, trees)):
+            if new is not old:
+                _copy_in(k, new, specs[k], static[k])
+        graph.replay()
+        return params, state
+
+    return graphed
+
+
+def _graph_device(leaves: list[list[Any]]) -> torch.device:
+    flat = [x for group in leaves for x in group]
+    device = None
+    for i, x in enumerate(flat):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"cuda_graph: leaf {i} (params, state, then args, in tree order) is a "
+                            f"{type(x).__name__}; a CUDA graph replays device work only, so every "
+                            "leaf must be a CUDA tensor (make it a tensor on the device)")
+        if x.device.type != "cuda":
+            raise ValueError(f"cuda_graph: leaf {i} (params, state, then args, in tree order) is on "
+                             f"{x.device}; a CUDA graph replays device work only, so every leaf "
+                             "must be on the CUDA device (move it there with .cuda())")
+        if device is None:
+            device = x.device
+        elif x.device != device:
+            raise ValueError(f"cuda_graph: leaves on {device} and {x.device}; one graph runs on "
+                             "one device (capture one step per device)")
+    if device is None:
+        raise ValueError("cuda_graph: params, state and args hold no tensors; nothing to capture")
+    return device
+
+
+def _copy_in(k: int, tree: Any, spec: Any, into: list[Any]) -> None:
+    leaves, got = tree_flatten(tree)
+    what = ("params", "state")[k] if k < 2 else f"argument {k}"
+    if got != spec:
+        raise ValueError(f"cuda_graph: {what} has another tree structure than at capture "
+                         f"({got} against {spec}); capture again for new structures")
+    for i, (x, y) in enumerate(zip(leaves, into)):
+        if not isinstance(x, torch.Tensor) or x.shape != y.shape or x.dtype != y.dtype or x.device != y.device:
+            got_s = (f"{tuple(x.shape)} {x.dtype} on {x.device}" if isinstance(x, torch.Tensor)
+                     else type(x).__name__)
+            raise ValueError(f"cuda_graph: leaf {i} of {what} is {got_s}, captured as "
+                             f"{tuple(y.shape)} {y.dtype} on {y.device}; pass tensors of the "
+                             "captured shapes and dtypes, or capture again")
+    with torch.no_grad():
+        pairs = [(y, x) for x, y in zip(leaves, into) if x is not y]
+        if pairs:
+            torch._foreach_copy_([y for y, _ in pairs], [x for _, x in pairs])

@@ -1,0 +1,135 @@
+"""fo.cuda_graph: a captured step gives the pure step's numbers; bad input is refused clearly."""
+
+import pytest
+import torch
+
+import funcopt as fo
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+def _tree(device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(7, 5, generator=g).to(device), "b": [torch.randn(5, generator=g).to(device)]}
+
+
+def _step(tx):
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return fo.apply_updates(p, u), s
+    return step
+
+
+def _clone(tree):
+    return fo.tree_map(torch.clone, tree)
+
+
+def _assert_trees_equal(a, b):
+    la, lb = fo.tree_leaves(a), fo.tree_leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        assert torch.equal(x, y), (x - y).abs().max()
+
+
+def test_refuses_cpu_leaves():
+    tx = fo.adamw(1e-2)
+    p = _tree("cpu")
+    with pytest.raises(ValueError, match="leaf 0 .* is on cpu.*CUDA device"):
+        fo.cuda_graph(_step(tx), p, tx.init(p), _tree("cpu", 1))
+
+
+def test_refuses_non_tensor_leaves():
+    with pytest.raises(TypeError, match="leaf 0 .* is a float"):
+        fo.cuda_graph(lambda p, s: (p, s), {"lr": 0.1}, ())
+
+
+def test_refuses_no_warmup():
+    with pytest.raises(ValueError, match="warmup=0"):
+        fo.cuda_graph(lambda p, s: (p, s), torch.zeros(2), (), warmup=0)
+
+
+@cuda
+def test_eager_step_matches_pure_step_and_capture_leaves_inputs_alone():
+    tx = fo.adamw(1e-2, weight_decay=0.1)
+    p = _tree("cuda")
+    s = tx.init(p)
+    p_ref, s_ref = _clone(p), _clone(s)
+    step = _step(tx)
+    graphed = fo.cuda_graph(step, p, s, _tree("cuda", 1))
+    _assert_trees_equal(p, p_ref)  # the warm-up ran on copies
+    _assert_trees_equal(s, s_ref)
+    for k in range(4):
+        g = _tree("cuda", 10 + k)  # new tensors each call: copied into the captured ones
+        p_ref, s_ref = step(p_ref, s_ref, g)
+        out_p, out_s = graphed(p, s, g)
+        assert out_p is p and out_s is s
+        _assert_trees_equal(p, p_ref)
+        _assert_trees_equal(s, s_ref)
+
+
+@cuda
+def test_compiled_donated_flat_step_matches_uncaptured():
+    torch._dynamo.reset()
+    tx = fo.adamw(1e-2, weight_decay=0.1)
+    flat, _ = fo.ravel(_tree("cuda"))
+    grads, _ = fo.ravel(_tree("cuda", 1))
+    s = tx.init(flat)
+    compiled = torch.compile(fo.donated(_step(tx)), fullgraph=True)
+    p_ref, s_ref = flat.clone(), _clone(s)
+    graphed = fo.cuda_graph(compiled, flat, s, grads)
+    for _ in range(3):
+        p_ref, s_ref = compiled(p_ref, s_ref, grads)
+        flat, s = graphed(flat, s, grads)  # the captured grads themselves: no copy
+    _assert_trees_equal(flat, p_ref)
+    _assert_trees_equal(s, s_ref)
+
+
+@cuda
+def test_whole_training_step_with_new_batches():
+    torch.manual_seed(0)
+    w = {"w1": torch.randn(4, 8, device="cuda") * 0.5, "w2": torch.randn(8, 1, device="cuda") * 0.5}
+    tx = fo.chain(fo.clip_by_global_norm(1.0), fo.adam(1e-2))
+
+    def loss(p, x, y):
+        return ((torch.tanh(x @ p["w1"]) @ p["w2"] - y) ** 2).mean()
+
+    def train_step(p, s, x, y):
+        g = torch.func.grad(loss)(p, x, y)
+        u, s = tx.update(g, s, p)
+        return fo.apply_updates(p, u), s
+
+    batches = [(torch.randn(16, 4, device="cuda"), torch.randn(16, 1, device="cuda")) for _ in range(5)]
+    s = tx.init(w)
+    p_ref, s_ref, start = _clone(w), _clone(s), _clone(w)
+    graphed = fo.cuda_graph(train_step, w, s, *batches[0])
+    for x, y in batches:
+        p_ref, s_ref = train_step(p_ref, s_ref, x, y)
+        w, s = graphed(w, s, x, y)
+    for a, b in zip(fo.tree_leaves((w, s)), fo.tree_leaves((p_ref, s_ref))):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert (w["w1"] - start["w1"]).abs().max() > 1e-3  # the parameters moved
+
+
+@cuda
+def test_host_read_is_refused_with_the_cause():
+    def step(p, s):
+        if p.sum().item() > 1e9:  # a host read: not capturable
+            p = p * 0
+        return p + 1, s
+
+    with pytest.raises(RuntimeError, match="reads a device value on the host"):
+        fo.cuda_graph(step, torch.zeros(3, device="cuda"), ())
+
+
+@cuda
+def test_other_structures_are_refused():
+    tx = fo.sgd(0.1)
+    p = _tree("cuda")
+    s = tx.init(p)
+    graphed = fo.cuda_graph(_step(tx), p, s, _tree("cuda", 1))
+    with pytest.raises(ValueError, match="argument 2 has another tree structure"):
+        graphed(p, s, {"w": torch.zeros(7, 5, device="cuda")})
+    bad = _tree("cuda", 1)
+    bad["w"] = bad["w"].double()
+    with pytest.raises(ValueError, match="leaf 1 of argument 2 is .*float64.*captured as"):
+        graphed(p, s, bad)
