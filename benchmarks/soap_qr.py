@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import torch
 
@@ -28,13 +27,8 @@ from funcopt.transforms import soap  # noqa: E402
 
 
 def _ms(fn, repeat: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / repeat * 1e3
+    """Mean milliseconds per call, after one warm-up call."""
+    return step_speed.timeit(fn, "cuda", repeat, warmup=1, mean=True) * 1e3
 
 
 def main() -> int:

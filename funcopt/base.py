@@ -286,6 +286,14 @@ def is_tracing() -> bool:
     )
 
 
+def differentiating(tensors: Sequence[Any]) -> bool:
+    """Whether the result must be differentiable through ``tensors``: :func:`is_tracing`, or
+    autograd records and one of them requires grad. An in-place or derivative-free kernel
+    (torch's fused Adam, an in-place formula) is then not allowed."""
+    return is_tracing() or (torch.is_grad_enabled()
+                            and any(isinstance(t, Tensor) and t.requires_grad for t in tensors))
+
+
 def host_number(x: Any) -> Any:
     """``x`` as a Python number when it is a plain 0-d CPU tensor in an eager step, else ``x``.
 
@@ -296,10 +304,7 @@ def host_number(x: Any) -> Any:
     Tensors stay tensors on other devices (no host sync), when they require grad
     (hyperparameters being learned), for tensor subclasses, and while :func:`is_tracing`.
     """
-    if (
-        type(x) is Tensor and x.dim() == 0 and x.is_cpu and not x.requires_grad
-        and not is_tracing()
-    ):
+    if type(x) is Tensor and x.dim() == 0 and x.is_cpu and not differentiating([x]):
         return x.item()
     return x
 

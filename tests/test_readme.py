@@ -5,6 +5,7 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
 import torch
 
 import funcopt as fo
@@ -52,3 +53,20 @@ def test_fast_path_block_takes_a_step():
     env = {"torch": torch, "fo": fo, "params": params, "loss_fn": loss_fn, "batch": batch}
     exec(BLOCKS[2], env)
     assert float(loss_fn(env["unravel"](env["flat"]), batch)) < float(loss_fn(params, batch))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_block_takes_the_same_step():
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(10, 5, generator=g).cuda(), "b": torch.zeros(10, device="cuda")}
+    batch = (torch.randn(32, 5, generator=g).cuda(), torch.randn(32, 10, generator=g).cuda())
+
+    def loss_fn(p, b):
+        return ((b[0] @ p["w"].T + p["b"] - b[1]) ** 2).mean()
+
+    env = {"torch": torch, "fo": fo, "params": params, "loss_fn": loss_fn, "batch": batch}
+    exec(BLOCKS[2], env)
+    flat, state = env["flat"].clone(), fo.tree_map(torch.clone, env["state"])
+    expected, _ = env["step"](flat, state, env["grads"])  # the compiled pure step
+    exec(BLOCKS[3], env)  # captures, then takes one step
+    torch.testing.assert_close(env["flat"], expected)

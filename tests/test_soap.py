@@ -210,6 +210,31 @@ def test_cholesky_qr_fallbacks_land_on_their_own_matrices(monkeypatch, batch):
                                        atol=1e-5, rtol=0)
 
 
+def test_cholesky_qr_second_pass_failure_falls_back(monkeypatch):
+    """The second Cholesky factorisation is checked too: made to report failure (info 1) for
+    the middle matrix of a batch on its second call only, that matrix alone gets Householder
+    QR."""
+    real, calls = torch.linalg.cholesky_ex, []
+
+    def second_fails(a, upper=False):
+        r, info = real(a, upper=upper)
+        calls.append(a.shape)
+        if len(calls) == 2:
+            info = info.clone()
+            info[1] = 1
+        return r, info
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", second_fails)
+    g = torch.Generator().manual_seed(2)
+    mats = [torch.randn(5, 5, generator=g) for _ in range(3)]
+    out = _orthonormal(mats, cholesky=True)
+    assert len(calls) == 2 and calls[0] == (3, 5, 5)
+    for i, (a, q) in enumerate(zip(mats, out)):
+        householder = torch.linalg.qr(a)[0]
+        assert torch.equal(q, householder) == (i == 1)
+        torch.testing.assert_close(q.T @ q, torch.eye(5), atol=1e-6, rtol=0)
+
+
 def test_soap_with_cholesky_qr_matches_householder_float64(monkeypatch):
     """The whole SOAP step with the GPU's QR (forced here) against the CPU's: the update does
     not see the column signs in which the two differ. Float64 and full-rank square gradients,

@@ -30,9 +30,9 @@ from funcopt.base import (
     Updates,
     check_hyperparameter,
     current_learning_rate,
+    differentiating,
     host_number,
     increment,
-    is_tracing,
     per_step,
     replace,
     resolve,
@@ -412,18 +412,17 @@ def _fusable(g: list[Tensor], state: Any, beta1: Any, beta2: Any, eps: Any, eps_
     kernel reads strided tensors wrongly), of one shape per leaf (it does not check), of one
     dtype, on one CPU or CUDA device, and not tracked by autograd, ``torch.func`` or
     forward-mode AD (it has no derivative)."""
-    if is_tracing() or not (_is_number(beta1) and _is_number(beta2) and _is_number(eps)
-                            and _is_number(eps_root) and eps_root == 0):
+    if differentiating([*g, *(y for s in state[1:] for y in s)]) or not (
+            _is_number(beta1) and _is_number(beta2) and _is_number(eps)
+            and _is_number(eps_root) and eps_root == 0):
         return False
     dtype, device = g[0].dtype, g[0].get_device()  # -1 on the CPU
     if dtype not in _FUSED_DTYPES or not (g[0].is_cpu or g[0].is_cuda):
         return False
-    grad = torch.is_grad_enabled()
     for i, x in enumerate(g):
         for y in (x, *(s[i] for s in state[1:])):  # the update, mu, nu (and nu_max)
             if (type(y) is not Tensor or y.dtype != dtype or not y.is_contiguous()
-                    or y.shape != x.shape or (grad and y.requires_grad) or y.is_neg()
-                    or y.get_device() != device):
+                    or y.shape != x.shape or y.is_neg() or y.get_device() != device):
                 return False
     return True
 

@@ -24,8 +24,8 @@ from funcopt.base import (
     ScalarOrSchedule,
     Tensor,
     check_hyperparameter,
+    differentiating,
     increment,
-    is_tracing,
     step_counter,
     tree_flatten,
     tree_flatten_pair,
@@ -429,7 +429,7 @@ def scale_by_trust_region_clip(lerp: float = 0.9, scale: float = 1.5) -> Gradien
         y = torch._foreach_div([u.to(torch.promote_types(u.dtype, torch.float32))
                                 for u in leaves], scale)
         th = torch._foreach_tanh(y)
-        if is_tracing() or (torch.is_grad_enabled() and any(u.requires_grad for u in leaves)):
+        if differentiating(leaves):
             # differentiable: out of place (autograd and torch.func keep tanh's output and
             # copysign's for the backward pass); a compiled step plans its own buffers
             y = torch._foreach_log1p(torch._foreach_abs(y))
