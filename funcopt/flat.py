@@ -182,7 +182,10 @@ def cuda_graph(step: Callable[..., tuple[Any, Any]], params: Any, state: Any, *a
     del copies
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
+        # captured on the stream that ran the warm-up: cuBLAS keeps a workspace per stream, and
+        # one first made inside a capture lives in that graph's private memory, where eager work
+        # or another graph on the same stream would find it (pytorch/pytorch#193402)
+        with torch.cuda.graph(graph, stream=side):
             inner(params, state, *args)
     except RuntimeError as e:
         if "captur" not in str(e):
