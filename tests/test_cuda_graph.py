@@ -133,3 +133,24 @@ def test_other_structures_are_refused():
     bad["w"] = bad["w"].double()
     with pytest.raises(ValueError, match="leaf 1 of argument 2 is .*float64.*captured as"):
         graphed(p, s, bad)
+
+
+@cuda
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_foreach_path_of_adam_captures(monkeypatch, nesterov):
+    """scale_by_adam's _foreach path (taken where torch's fused kernel does not apply) has no
+    host read on a GPU, so it captures and matches the uncaptured step."""
+    from funcopt.transforms import first_order
+    monkeypatch.setattr(first_order, "_fusable", lambda *a: False)
+    tx = fo.adamw(1e-2, weight_decay=0.1, nesterov=nesterov)
+    p = _tree("cuda")
+    s = tx.init(p)
+    p_ref, s_ref = _clone(p), _clone(s)
+    step = _step(tx)
+    g = _tree("cuda", 1)
+    graphed = fo.cuda_graph(step, p, s, g)
+    for _ in range(3):
+        p_ref, s_ref = step(p_ref, s_ref, g)
+        p, s = graphed(p, s, g)
+    _assert_trees_equal(p, p_ref)
+    _assert_trees_equal(s, s_ref)

@@ -118,9 +118,10 @@ def _axpy(alpha: Any, xs: TensorList, ys: TensorList) -> TensorList:
 
 def _add_scalar(xs: TensorList, c: Any) -> TensorList:
     """``xs + c`` for a number or a 0-d tensor ``c``, without a host sync: torch.compile traces
-    ``_foreach_add(xs, tensor)`` into a ``.item()``, so a compiled step passes a list instead
-    (eager keeps the single fused op)."""
-    if isinstance(c, Tensor) and _is_compiling():
+    ``_foreach_add(xs, tensor)`` into a ``.item()``, and on a GPU the eager op reads the tensor
+    on the host too (a CUDA graph cannot capture it), so those pass a list instead (eager CPU
+    steps keep the single op)."""
+    if isinstance(c, Tensor) and (_is_compiling() or not c.is_cpu):
         return torch._foreach_add(xs, [c] * len(xs))
     return torch._foreach_add(xs, c)
 
