@@ -119,13 +119,13 @@ def main(argv=None) -> int:
           f"median of {args.repeat} CUDA-event-timed steps\n")
     print("| width | params | contender | ms/step | vs the first | max param diff vs the first |")
     print("| --- | --- | --- | --- | --- | --- |")
+    setups = {"torch-eager": (torch_setup, False), "torch-graph": (torch_setup, True),
+              "funcopt-eager": (funcopt_setup, False), "funcopt-graph": (funcopt_setup, True)}
+    names = args.contenders.split(",")
     for width in map(int, args.widths.split(",")):
         torch.manual_seed(1)
         x = torch.randn(args.batch, 784, device="cuda")
         y = torch.randint(0, 10, (args.batch,), device="cuda")
-        setups = {"torch-eager": (torch_setup, False), "torch-graph": (torch_setup, True),
-                  "funcopt-eager": (funcopt_setup, False), "funcopt-graph": (funcopt_setup, True)}
-        names = args.contenders.split(",")
         made = {k: setups[k][0](width, x, y, setups[k][1]) for k in names}
         torch.cuda.synchronize()
         times = {k: timeit(step, "cuda", args.repeat) for k, (step, _) in made.items()}

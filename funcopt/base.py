@@ -12,7 +12,7 @@ Every helper flattens once and works on the list of leaves with ``torch._foreach
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, Protocol, Union
 
 import optree
@@ -286,7 +286,7 @@ def is_tracing() -> bool:
     )
 
 
-def differentiating(tensors: Sequence[Any]) -> bool:
+def differentiating(tensors: Iterable[Any]) -> bool:
     """Whether the result must be differentiable through ``tensors``: :func:`is_tracing`, or
     autograd records and one of them requires grad. An in-place or derivative-free kernel
     (torch's fused Adam, an in-place formula) is then not allowed."""

@@ -30,7 +30,7 @@ step captured by :func:`cuda_graph` costs one graph launch per call.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -109,12 +109,18 @@ def donated(step: Callable[..., tuple[Any, Any]]) -> Callable[..., tuple[Any, An
                     d.copy_(s)
             else:
                 _check_no_aliasing(dst, src)
-                moved = [(d, s) for d, s in zip(dst, src) if d is not s]  # an inner donated step
-                if moved:
-                    torch._foreach_copy_([d for d, _ in moved], [s for _, s in moved])
+                _copy_into(dst, src)
         return params, state
 
     return wrapped
+
+
+def _copy_into(dst: list[Any], src: list[Any]) -> None:
+    """``dst[i].copy_(src[i])`` as one foreach copy, skipping the pairs that are one tensor
+    already (an inner donated step, or the captured tensors passed back in)."""
+    moved = [(d, s) for d, s in zip(dst, src) if d is not s]
+    if moved:
+        torch._foreach_copy_([d for d, _ in moved], [s for _, s in moved])
 
 
 def _check_no_aliasing(dst: list[Any], src: list[Any]) -> None:
@@ -168,7 +174,7 @@ def cuda_graph(step: Callable[..., tuple[Any, Any]], params: Any, state: Any, *a
         raise ValueError(f"cuda_graph: warmup={warmup}; at least 1 call must run before capture "
                          "(compilation and lazy CUDA set-up cannot be captured)")
     trees = (params, state) + args
-    leaves = [tree_flatten(t)[0] for t in trees]
+    leaves, specs = zip(*(tree_flatten(t) for t in trees))
     device = _graph_device(leaves)
     inner = donated(step)
     with torch.no_grad():
@@ -194,8 +200,6 @@ def cuda_graph(step: Callable[..., tuple[Any, Any]], params: Any, state: Any, *a
             "cuda_graph: the step cannot be captured as a CUDA graph; it reads a device value on "
             "the host (.item(), a data-dependent branch, a host-side check) or synchronises. Run "
             f"it without cuda_graph, or remove the host read. The CUDA error was: {e}") from e
-    static = [list(x) for x in leaves]
-    specs = [tree_flatten(t)[1] for t in trees]
 
     def graphed(*given: Any) -> tuple[Any, Any]:
         if len(given) != len(trees):
@@ -203,14 +207,14 @@ def cuda_graph(step: Callable[..., tuple[Any, Any]], params: Any, state: Any, *a
                             f"(params, state and {len(args)} more), got {len(given)}")
         for k, (new, old) in enumerate(zip(given, trees)):
             if new is not old:
-                _copy_in(k, new, specs[k], static[k])
+                _copy_in(k, new, specs[k], leaves[k])
         graph.replay()
         return params, state
 
     return graphed
 
 
-def _graph_device(leaves: list[list[Any]]) -> torch.device:
+def _graph_device(leaves: Sequence[list[Any]]) -> torch.device:
     flat = [x for group in leaves for x in group]
     device = None
     for i, x in enumerate(flat):
@@ -246,6 +250,4 @@ def _copy_in(k: int, tree: Any, spec: Any, into: list[Any]) -> None:
                              f"{tuple(y.shape)} {y.dtype} on {y.device}; pass tensors of the "
                              "captured shapes and dtypes, or capture again")
     with torch.no_grad():
-        pairs = [(y, x) for x, y in zip(leaves, into) if x is not y]
-        if pairs:
-            torch._foreach_copy_([y for y, _ in pairs], [x for _, x in pairs])
+        _copy_into(into, leaves)

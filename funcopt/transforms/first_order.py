@@ -13,6 +13,7 @@ The private helpers here (``_leaves``, ``_moment`` ...) are shared with
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Union
@@ -413,7 +414,7 @@ def _fusable(g: list[Tensor], state: Any, beta1: Any, beta2: Any, eps: Any, eps_
     kernel reads strided tensors wrongly), of one shape per leaf (it does not check), of one
     dtype, on one CPU or CUDA device, and not tracked by autograd, ``torch.func`` or
     forward-mode AD (it has no derivative)."""
-    if differentiating([*g, *(y for s in state[1:] for y in s)]) or not (
+    if differentiating(itertools.chain(g, *state[1:])) or not (
             _is_number(beta1) and _is_number(beta2) and _is_number(eps)
             and _is_number(eps_root) and eps_root == 0):
         return False
