@@ -17,11 +17,9 @@ the script prints the largest parameter difference of each against ``torch-eager
 Usage: ``python benchmarks/train_step.py [--widths 256,1024,4096] [--batch 128] [--repeat 200]
 [--contenders torch-eager,torch-graph,funcopt-eager,funcopt-graph]``
 
-Known fault (H200, torch 2.11): with all four contenders and widths 256,1024,4096 in one
-process, the first replay at width 4096 raises "an illegal memory access" (CUDA_LAUNCH_BLOCKING
-puts it in the replay of ``torch-graph``). Each contender alone over all widths, any pair at
-4096 alone, and ``funcopt-graph,torch-graph`` over two widths run clean; the cause is not
-found (see benchmarks/RESULTS.md).
+A captured step reads and writes its tensors at the addresses they had at capture, so
+whatever owns them must live as long as the graph: here the optimizer, whose state tensors
+nothing else holds (``fo.cuda_graph`` holds the step for the same reason).
 """
 
 from __future__ import annotations
@@ -80,7 +78,11 @@ def torch_setup(width, x, y, graph: bool):
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g, stream=side):  # the warmed stream, as fo.cuda_graph does
         step()
-    return g.replay, model.state_dict
+
+    def replay(keep=opt):  # the graph writes opt's state in place: opt must outlive it
+        g.replay()
+
+    return replay, model.state_dict
 
 
 def funcopt_setup(width, x, y, graph: bool):

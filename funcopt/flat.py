@@ -165,6 +165,9 @@ def cuda_graph(step: Callable[..., tuple[Any, Any]], params: Any, state: Any, *a
     unchanged by the capture: the ``warmup`` calls that run compilation and lazy set-up
     before it run on copies (one copy of params and state is held meanwhile).
 
+    ``graphed`` holds the captured trees and ``step`` (as ``graphed.step``), and with it every
+    device tensor the step closes over: the graph reads them at their captured addresses.
+
     The step must run entirely on one CUDA device with no host reads of device values (such
     as ``.item()`` or a data-dependent Python branch): a graph replays device work only. All
     leaves must be tensors on that device, so that no part of the state is updated on the host
@@ -210,6 +213,10 @@ def cuda_graph(step: Callable[..., tuple[Any, Any]], params: Any, state: Any, *a
                 _copy_in(k, new, specs[k], leaves[k])
         graph.replay()
         return params, state
+
+    # the graph reads every device tensor the step closes over (a model's buffers, tensor
+    # hyperparameters) at the address it had at capture: holding the step keeps them alive
+    graphed.step = inner  # type: ignore[attr-defined]
 
     return graphed
 

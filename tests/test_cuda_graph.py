@@ -154,3 +154,32 @@ def test_foreach_path_of_adam_captures(monkeypatch, nesterov):
         p, s = graphed(p, s, g)
     _assert_trees_equal(p, p_ref)
     _assert_trees_equal(s, s_ref)
+
+
+@cuda
+def test_graph_keeps_the_tensors_its_step_closes_over():
+    # the step's own device tensor (like a model buffer) has no other owner than the step; a
+    # freed one would be overwritten below, and the replay would read the new values
+    import gc
+    import weakref
+
+    def make_step():
+        scale = torch.full((7, 5), 2.0, device="cuda")
+
+        def step(p, s, g):
+            return {"w": p["w"] * scale + g, "b": p["b"]}, s
+
+        return step, weakref.ref(scale)
+
+    step, alive = make_step()
+    p = _tree("cuda")
+    g = _tree("cuda", 1)["w"]
+    want = step(_clone(p), (), g)[0]
+    graphed = fo.cuda_graph(step, p, (), g)
+    del step
+    gc.collect()
+    assert alive() is not None
+    junk = torch.full((7, 5), -5.0, device="cuda")  # would take the block of a freed one
+    got, _ = graphed(p, (), g)
+    _assert_trees_equal(got, want)
+    del junk
