@@ -1,10 +1,16 @@
 """A small CNN on scikit-learn's 8x8 digits: SINGD vs KFAC vs AdamW.
 
-    python examples/digits_cnn_singd.py [--epochs 15] [--structure diagonal]
+    python examples/digits_cnn_singd.py [--epochs 20] [--structure diagonal]
 
 Each optimizer trains the same CNN from the same initialisation on the same mini-batches and
-prints the test accuracy and the time per step. The natural-gradient methods get their
-curvature from ``capture_curvature`` (one forward and backward pass per step).
+prints the test accuracy and the time per step (after the first epoch, which pays for the
+first calls). The natural-gradient methods get their curvature from ``capture_curvature`` (one
+forward and backward pass per step).
+
+SINGD starts from identity preconditioners, so its first epochs take plain momentum steps
+while K and C adapt at ``lr_cov``. A larger learning rate or ``lr_cov`` learns faster at first
+and diverges later on this problem: with lr 5e-2 the dense run falls from 0.97 test accuracy
+at epoch 9 to 0.76 at epoch 15, and lr_cov 5e-2 ends in NaN.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ def train(name, model, tx, data, epochs, batch, natural):
     gen = torch.Generator().manual_seed(1)
     steps, elapsed = 0, 0.0
     loss_fn = torch.nn.functional.cross_entropy
-    for _ in range(epochs):
+    for epoch in range(epochs):
         perm = torch.randperm(len(x_tr), generator=gen)
         for i in range(0, len(x_tr) - batch + 1, batch):
             idx = perm[i:i + batch]
@@ -56,8 +62,9 @@ def train(name, model, tx, data, epochs, batch, natural):
                 extra = {}
             updates, state = tx.update(grads, state, params, **extra)
             params = fo.apply_updates(params, updates)
-            elapsed += time.perf_counter() - start
-            steps += 1
+            if epoch > 0:
+                elapsed += time.perf_counter() - start
+                steps += 1
     with torch.no_grad():
         logits = torch.func.functional_call(model, params, (x_te,))
     acc = (logits.argmax(1) == y_te).float().mean().item()
@@ -67,7 +74,7 @@ def train(name, model, tx, data, epochs, batch, natural):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--structure", default="dense", help="SINGD structure of K and C")
     args = ap.parse_args()
@@ -76,7 +83,7 @@ def main():
     s = args.structure
     runs = {
         "AdamW": (fo.adamw(3e-3, weight_decay=1e-4), False),
-        f"SINGD ({s})": (fo.singd(model, 5e-2, momentum=0.9, weight_decay=1e-4, damping=1e-3,
+        f"SINGD ({s})": (fo.singd(model, 1e-2, momentum=0.9, weight_decay=1e-4, damping=1e-3,
                                   lr_cov=1e-2, T=5, structures=(s, s)), True),
         "KFAC": (fo.kfac(model, 1e-2, momentum=0.9, T=5), True),  # damping 1e-3, KL clip
     }

@@ -1,7 +1,9 @@
 """Levenberg-Marquardt with the damped solve on cuPyNumeric (Legate).
 
 Run on N GPUs with no code change:  legate --gpus N examples/multi_gpu_lm.py
-(on a CPU-only machine: LEGATE_CONFIG="--cpus 2 --gpus 0" python examples/multi_gpu_lm.py).
+(on CPUs only: LEGATE_CONFIG="--cpus 1 --gpus 0" python examples/multi_gpu_lm.py; where no
+NVIDIA driver is installed, Legate also needs a libcuda.so.1 on LD_LIBRARY_PATH: build the
+no-device stand-in with ``gcc -shared -fPIC -o stub/libcuda.so.1 .ci/libcuda_stub.c``).
 Jacobians are computed by torch (on the GPU when available); the (J^T J + lambda D) solve is
 handed to cuPyNumeric, which partitions it across the GPUs Legate was given.
 """

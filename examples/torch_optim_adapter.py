@@ -2,7 +2,7 @@
 
 Trains a small classifier on scikit-learn's digits with:
   1. fo.adamw + OneCycleLR + GradScaler under bfloat16 autocast + gradient accumulation,
-     checkpointed mid-way with state_dict() and resumed;
+     checkpointed mid-way with state_dict() and resumed to the same parameters;
   2. a method that needs per-sample gradients (per-example clipping, as in DP-SGD), given to
      the transform through ``opt.step(per_sample_grads=...)``;
   3. Levenberg-Marquardt, which re-evaluates the residuals itself, driven by a closure.
@@ -38,34 +38,45 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def part1_scheduler_amp_accumulation(x: torch.Tensor, y: torch.Tensor) -> None:
-    model = make_model()
-    opt = fo.Optimizer(model.parameters(), fo.adamw(learning_rate=1e-3, weight_decay=1e-2))
     steps, accumulate = 60, 4
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps,
-                                                cycle_momentum=False)
-    scaler = torch.amp.GradScaler("cpu")
+    names = ("model", "opt", "sched", "scaler")
+
+    def make() -> tuple[Any, ...]:
+        model = make_model()
+        opt = fo.Optimizer(model.parameters(), fo.adamw(learning_rate=1e-3, weight_decay=1e-2))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps,
+                                                    cycle_momentum=False)
+        return model, opt, sched, torch.amp.GradScaler("cpu")
+
+    def train(model, opt, sched, scaler, first: int, last: int) -> None:
+        for _ in range(first, last):
+            opt.zero_grad()
+            for xb, yb in zip(x[:1600].chunk(accumulate), y[:1600].chunk(accumulate)):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = torch.nn.functional.cross_entropy(model(xb), yb) / accumulate
+                scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+
+    run = make()
+    train(*run, 0, steps // 2)
     checkpoint = io.BytesIO()
-    for step in range(steps):
-        opt.zero_grad()
-        for xb, yb in zip(x[:1600].chunk(accumulate), y[:1600].chunk(accumulate)):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = torch.nn.functional.cross_entropy(model(xb), yb) / accumulate
-            scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        if step == steps // 2:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
-                        "sched": sched.state_dict(), "scaler": scaler.state_dict()}, checkpoint)
+    torch.save({k: obj.state_dict() for k, obj in zip(names, run)}, checkpoint)
+    train(*run, steps // 2, steps)
     print(f"[1] adamw+OneCycleLR+GradScaler(bf16)+accumulation: "
-          f"test accuracy {accuracy(model, x[1600:], y[1600:]):.3f}")
+          f"test accuracy {accuracy(run[0], x[1600:], y[1600:]):.3f}")
     checkpoint.seek(0)
     ckpt = torch.load(checkpoint, weights_only=True)
-    resumed = make_model()
-    resumed.load_state_dict(ckpt["model"])
-    opt2 = fo.Optimizer(resumed.parameters(), fo.adamw(learning_rate=1e-3, weight_decay=1e-2))
-    opt2.load_state_dict(ckpt["opt"])
-    print(f"    resumed at step {steps // 2 + 1} with lr={opt2.param_groups[0]['lr']:.2e}")
+    resumed = make()
+    for k, obj in zip(names, resumed):
+        obj.load_state_dict(ckpt[k])
+    lr = resumed[1].param_groups[0]["lr"]
+    train(*resumed, steps // 2, steps)
+    same = all(torch.equal(a, b) for a, b in zip(run[0].state_dict().values(),
+                                                 resumed[0].state_dict().values()))
+    print(f"    resumed from the step-{steps // 2} checkpoint (lr={lr:.2e}): "
+          f"{'the same' if same else 'DIFFERENT'} parameters as the uninterrupted run")
 
 
 def clip_per_sample(max_norm: float) -> fo.GradientTransformation:

@@ -263,6 +263,24 @@ def test_missing_cupynumeric_says_how_to_install(monkeypatch):
         S.get("cupynumeric")
 
 
+def test_cupynumeric_that_fails_to_load_names_the_cause(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "cupynumeric":  # installed, but Legate's CUDA build finds no driver
+            raise ImportError("libcuda.so.1: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "cupynumeric", raising=False)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ImportError, match=r"installed but failed to load: libcuda.*libcuda_stub"
+                                          r"(?s:.*)LEGATE_CONFIG") as e:
+        S.get("cupynumeric")
+    assert "pip install" not in str(e.value)
+
+
 def test_cg_warm_start_check_every_and_unvmappable_matvec():
     rng = np.random.default_rng(6)
     A = torch.tensor(_matrix(rng, 20, 50.0, True))

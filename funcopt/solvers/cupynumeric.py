@@ -11,7 +11,7 @@ Spreading a solve over N GPUs needs no code change: start the program under Lega
 
     legate --gpus 4 train.py                       # 4 GPUs of one machine
     legate --nodes 2 --ranks-per-node 1 --gpus 8 train.py   # 16 GPUs on 2 machines (MPI/UCX)
-    LEGATE_CONFIG="--cpus 2 --gpus 0" python train.py       # CPU only (no GPU)
+    LEGATE_CONFIG="--cpus 1 --gpus 0" python train.py       # CPU only (no GPU)
 
 and ask for this solver (``solver="cupynumeric"``), or let ``solver="auto"`` use it for large
 systems once the program has imported ``cupynumeric``. Legate partitions each array over the
@@ -44,12 +44,16 @@ def import_cupynumeric() -> Any:
     try:
         import cupynumeric
     except ImportError as e:
+        missing = isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in (
+            "cupynumeric", "legate")
+        if missing:
+            raise ImportError("the cuPyNumeric solver needs the nvidia-cupynumeric package: "
+                              f"pip install funcopt[cupynumeric] ({e})") from e
         raise ImportError(
-            "the cuPyNumeric solver needs the nvidia-cupynumeric package: "
-            "pip install funcopt[cupynumeric]. On a machine without an NVIDIA driver, Legate also "
-            "needs a libcuda.so.1 (see .ci/cupynumeric.sh) and LEGATE_CONFIG='--cpus 1 --gpus 0'. "
-            f"(import failed with: {e})"
-        ) from e
+            f"cupynumeric is installed but failed to load: {e}. Legate is a CUDA build: on a "
+            "machine without an NVIDIA driver it still needs a libcuda.so.1 on LD_LIBRARY_PATH "
+            "(.ci/cupynumeric.sh builds a no-device stand-in from .ci/libcuda_stub.c) and "
+            "LEGATE_CONFIG='--cpus 1 --gpus 0'") from e
     return cupynumeric
 
 
