@@ -183,3 +183,15 @@ def test_graph_keeps_the_tensors_its_step_closes_over():
     got, _ = graphed(p, (), g)
     _assert_trees_equal(got, want)
     del junk
+
+
+def test_warmup_copies_keep_strides_and_requires_grad():
+    # a compiled step guards on both: copies that differ would compile it again in the capture
+    from funcopt.flat import _warmup_copy
+
+    base = torch.randn(4, 6)
+    for x in (base, base[:, ::2], base.t(), torch.randn(3, requires_grad=True)):
+        with torch.no_grad():
+            y = _warmup_copy(x)
+        assert y.stride() == x.stride() and y.requires_grad == x.requires_grad
+        assert torch.equal(y.detach(), x.detach()) and y.data_ptr() != x.data_ptr()

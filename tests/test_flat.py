@@ -105,7 +105,8 @@ def test_donated_refuses_results_that_alias_other_inputs():
     grads = torch.tensor(1.0)
     pure_p, pure_s = keep_old(params, state, grads)
     torch.testing.assert_close(pure_s["prev"][0], torch.ones(3))
-    with pytest.raises(ValueError, match="result 2 is input 0"):
+    with pytest.raises(ValueError, match=r"result 2 \(params then state, in tree order\) "
+                                         "overlaps input 0"):
         fo.donated(keep_old)(params, state, grads)
 
     shared = torch.ones(3)
@@ -114,3 +115,67 @@ def test_donated_refuses_results_that_alias_other_inputs():
     # passing a leaf through unchanged at its own position is fine
     p, s = fo.donated(lambda p, s: (p + 1, s))(torch.zeros(2), {"m": torch.ones(2)})
     torch.testing.assert_close(p, torch.ones(2))
+
+
+def test_donated_refuses_overlapping_views():
+    """Views into one buffer that overlap without starting at the same address."""
+    import pytest
+
+    flat = torch.arange(6.0)
+    with pytest.raises(ValueError, match="inputs 0 and 1 .* share memory"):
+        fo.donated(lambda p, s: (p * 2, {"m": s["m"] + 1}))(flat, {"m": flat[3:]})
+    buf = torch.arange(6.0)
+    with pytest.raises(ValueError, match="share memory"):
+        fo.donated(lambda p, s: ([p[0] * 10, p[1] + 100], s))([buf[0:4], buf[2:6]], ())
+    with pytest.raises(ValueError, match="result 1 .* overlaps input 0"):
+        fo.donated(lambda p, s: (p + 1, {"tail": p[1:]}))(torch.zeros(4), {"tail": torch.empty(3)})
+    with pytest.raises(ValueError, match="overlaps input 0.*another layout"):
+        fo.donated(lambda p, s: (p.t(), s))(torch.zeros(3, 3), ())
+    # disjoint views of one buffer (fo.ravel storage) are fine, and give the pure numbers
+    buf = torch.arange(6.0)
+    p, s = fo.donated(lambda p, s: ([x * 2 for x in p], s))([buf[:3], buf[3:]], ())
+    assert torch.equal(buf, torch.arange(6.0) * 2) and p[1].data_ptr() == buf[3:].data_ptr()
+
+
+def test_donated_refuses_results_it_cannot_write_back():
+    import pytest
+
+    x = torch.ones(3)
+    with pytest.raises(ValueError, match=r"result 0 .* is \(3,\) torch.float64 .* its input \(3,\) "
+                                         "torch.float32"):
+        fo.donated(lambda p, s: (p.double() + 1e-9, s))(x, ())
+    with pytest.raises(ValueError, match=r"is \(\) torch.float32 .* its input \(3,\)"):
+        fo.donated(lambda p, s: (p.sum(), s))(x, ())
+    with pytest.raises(ValueError, match="state of another tree structure"):
+        fo.donated(lambda p, s: (p, {"b": s["a"], "c": s["z"]}))(x, {"a": torch.ones(1), "z": torch.ones(1)})
+    with pytest.raises(TypeError, match="input leaf 1 .* has type int"):
+        fo.donated(lambda p, s: (p, s))(x, {"count": 3})
+    assert torch.equal(x, torch.ones(3))  # nothing was written
+
+
+def test_donated_refuses_steps_that_autograd_records():
+    import pytest
+
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    lr = torch.tensor(0.1, requires_grad=True)
+    step = fo.donated(lambda p, s: (p - lr * p, s))
+    with pytest.raises(ValueError, match="autograd records this step.*torch.no_grad"):
+        step(w * 3, ())
+    with pytest.raises(ValueError, match="autograd records"):
+        torch.func.grad(lambda p: step(p, ())[0].sum())(torch.ones(2))
+    with torch.no_grad():  # a training loop's update: allowed
+        p, _ = step(w, ())
+    torch.testing.assert_close(p.detach(), torch.tensor([0.9, 1.8]))
+
+
+def test_unravel_does_not_hold_the_original_leaves():
+    import gc
+    import weakref
+
+    tree = {"a": torch.ones(1000), "b": torch.zeros(3)}
+    alive = weakref.ref(tree["a"])
+    flat, unravel = fo.ravel(tree)
+    del tree
+    gc.collect()
+    assert alive() is None
+    assert torch.equal(unravel(flat)["a"], torch.ones(1000))
