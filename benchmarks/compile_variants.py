@@ -1,5 +1,5 @@
 """How the compiled flat AdamW step is written changes its speed: pure, donated with one
-foreach copy, donated with one copy per leaf; each with and without ``base.per_step``.
+foreach copy, donated with one copy per leaf; each with and without ``engine.per_step``.
 
 Times the step (CUDA events, median) on one flat buffer of 1e7 and of 1e9 parameters and prints
 the multiple of the memory-bandwidth floor (28 bytes per parameter at the measured copy
@@ -14,10 +14,10 @@ import torch
 from step_speed import copy_bandwidth, timeit  # this folder's step-time helpers
 
 import funcopt as fo
-import funcopt.base as base
+import funcopt.engine as engine
 import funcopt.transforms.first_order as first_order
 
-REAL_PER_STEP = base.per_step
+REAL_PER_STEP = engine.per_step
 
 
 def donated_foreach(step):
@@ -35,7 +35,7 @@ def donated_foreach(step):
 def run(n: int, variant: str, repeat: int, bandwidth: float) -> None:
     torch._dynamo.reset()
     per_step = REAL_PER_STEP if "no-per-step" not in variant else (lambda x: x)
-    base.per_step = first_order.per_step = per_step
+    engine.per_step = first_order.per_step = per_step
     tx = fo.adamw(1e-3, weight_decay=1e-2)
     p = torch.randn(n, device="cuda")
     g = torch.randn(n, device="cuda")

@@ -5,6 +5,7 @@ pytree; methods compose with :func:`chain`. The public API is re-exported flat h
 """
 
 # Submodules reachable as attributes (fo.func, fo.solvers, ...); `x as x` marks a re-export.
+from funcopt import engine as engine
 from funcopt import func as func
 from funcopt import heavyball as heavyball
 from funcopt import nist as nist

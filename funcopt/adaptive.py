@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call
 
 from funcopt.base import GradientTransformation, apply_updates, replace
+from funcopt.engine import ops
 from funcopt.func.per_sample import (
     PerSampleStats,
     batch_grad_and_sq_norms,
@@ -112,7 +113,7 @@ def gradient_and_stats(
                 losses = output_loss(functional_call(model, leaves, (x,)), y)
                 gl = list(torch.autograd.grad(losses.sum(), [leaves[k] for k in names]))
             losses = losses.detach()
-        grad_sum = list(torch._foreach_add(grad_sum, gl))
+        grad_sum = list(ops.add(grad_sum, gl))
         loss_sum = loss_sum + losses.sum()
         count = count + x.shape[0]
     *grad_sum, s2, loss_sum, count = _all_reduce(grad_sum + [s2, loss_sum, count], group)

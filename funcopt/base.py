@@ -12,12 +12,15 @@ Every helper flattens once and works on the list of leaves with ``torch._foreach
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol, Union
 
 import optree
 import torch
 from torch.compiler import is_compiling as _is_compiling
+
+from funcopt.engine import check_hyperparameter, current_learning_rate, ops, resolve
 
 Tensor = torch.Tensor
 PyTree = Any
@@ -177,7 +180,7 @@ def tree_add(a: PyTree, b: PyTree, alpha: float = 1.0) -> PyTree:
     """``a + alpha * b`` leaf by leaf."""
     tree_check_structure(a, b, ("a", "b"))
     la, treedef = tree_flatten(a)
-    return tree_unflatten(treedef, torch._foreach_add(la, tree_leaves(b), alpha=alpha))
+    return tree_unflatten(treedef, ops.add(la, tree_leaves(b), alpha=alpha))
 
 
 def tree_sub(a: PyTree, b: PyTree) -> PyTree:
@@ -186,7 +189,7 @@ def tree_sub(a: PyTree, b: PyTree) -> PyTree:
 
 def tree_scale(tree: PyTree, scalar: float | Tensor) -> PyTree:
     leaves, treedef = tree_flatten(tree)
-    return tree_unflatten(treedef, torch._foreach_mul(leaves, scalar))
+    return tree_unflatten(treedef, ops.mul(leaves, scalar))
 
 
 def tree_vdot(a: PyTree, b: PyTree) -> Tensor:
@@ -204,7 +207,7 @@ def tree_global_norm(tree: PyTree) -> Tensor:
     leaves = tree_leaves(tree)
     if not leaves:
         return torch.zeros(())
-    norms = torch._foreach_norm(leaves)
+    norms = ops.norm(leaves)
     dtype = torch.promote_types(norms[0].dtype, torch.float32)
     return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
 
@@ -225,6 +228,11 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) ->
 
     ``inplace=True`` adds into the parameter tensors and returns the same tree: the numbers
     are identical to the pure default; use it only when no one else holds the old values.
+
+    The pure form keeps autograd graphs: differentiating through unrolled steps (with respect
+    to the initial parameters or a tensor hyperparameter) works with autograd and
+    ``torch.func``. Parameters that require grad with updates that do not (a graph that only
+    grows) get a warning: detach them.
     Integer (non-float) parameter leaves are left unchanged when their update is ``None``.
     """
     u_leaves, treedef, p_leaves = tree_flatten_pair(updates, params)
@@ -233,9 +241,18 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) ->
     u_cast = [u if u.dtype == p.dtype else u.to(p.dtype) for p, u in zip(p_leaves, u_leaves)]
     if inplace:
         with torch.no_grad():
-            torch._foreach_add_(p_leaves, u_cast)
+            ops.add_(p_leaves, u_cast)
         return params
-    return tree_unflatten(treedef, torch._foreach_add(p_leaves, u_cast))
+    if (torch.is_grad_enabled() and not _is_compiling()
+            and any(p.requires_grad for p in p_leaves)
+            and not any(u.requires_grad for u in u_leaves)):
+        warnings.warn(
+            "apply_updates: the parameters require grad but the updates do not, so every step "
+            "adds to one autograd graph that grows with the number of steps (memory grows). "
+            "Pass detached parameters ({k: v.detach() for k, v in model.named_parameters()}), "
+            "or step under torch.no_grad(); keep them attached only to differentiate through "
+            "the steps.", stacklevel=2)
+    return tree_unflatten(treedef, ops.add(p_leaves, u_cast))
 
 
 # --------------------------------------------------------------------------- counters and hyperparameters
@@ -261,101 +278,6 @@ def replace(state: Any, **changes: Any) -> Any:
     if unknown:
         raise TypeError(f"{type(state).__name__} has no field(s) {sorted(unknown)}")
     return type(state)(*[changes.get(f, v) for f, v in zip(state._fields, state)])
-
-
-def per_step(x: Any) -> Any:
-    """Mark ``x``, a 0-d tensor computed from the step count, as computed once per step.
-
-    Under ``torch.compile`` Inductor inlines cheap scalar expressions into the element-wise
-    kernels that read them, so a bias correction ``1 - beta**t`` or a cosine schedule would be
-    re-evaluated for every element (``pow``/``cos`` per element made a compiled AdamW step 2x
-    slower on a CPU). A no-op ``as_strided`` view makes Inductor store the scalar once. In
-    eager mode and for numbers it returns ``x`` unchanged.
-    """
-    if isinstance(x, Tensor) and x.dim() == 0 and _is_compiling():
-        return torch.as_strided(x, (), ())
-    return x
-
-
-def is_tracing() -> bool:
-    """Whether values must stay tensors: ``torch.compile`` is tracing, a ``torch.func``
-    transform is running, or forward-mode AD (``torch.autograd.forward_ad``) is on."""
-    return (
-        _is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
-        or torch.autograd.forward_ad._current_level >= 0
-    )
-
-
-def differentiating(tensors: Iterable[Any]) -> bool:
-    """Whether the result must be differentiable through ``tensors``: :func:`is_tracing`, or
-    autograd records and one of them requires grad. An in-place or derivative-free kernel
-    (torch's fused Adam, an in-place formula) is then not allowed."""
-    return is_tracing() or (torch.is_grad_enabled()
-                            and any(isinstance(t, Tensor) and t.requires_grad for t in tensors))
-
-
-def host_number(x: Any) -> Any:
-    """``x`` as a Python number when it is a plain 0-d CPU tensor in an eager step, else ``x``.
-
-    On a CPU, reading a value costs no device synchronisation, and a number coefficient takes
-    the Scalar overloads of the ``_foreach`` ops: a 0-d tensor costs a 0-d op for each piece of
-    step arithmetic (``1 - beta**t`` ...) and a dtype conversion per leaf in every
-    ``_foreach_mul(leaves, tensor)``, which made up a quarter of an eager AdamW step on a CPU.
-    Tensors stay tensors on other devices (no host sync), when they require grad
-    (hyperparameters being learned), for tensor subclasses, and while :func:`is_tracing`.
-    """
-    if type(x) is Tensor and x.dim() == 0 and x.is_cpu and not differentiating([x]):
-        return x.item()
-    return x
-
-
-def resolve(value: ScalarOrSchedule, count: Tensor) -> Tensor | float:
-    """The value of a hyperparameter at step ``count``: schedules are called, others returned."""
-    return per_step(value(count)) if callable(value) else value
-
-
-def current_learning_rate(learning_rate: ScalarOrSchedule, stored: Tensor, step: Tensor) -> Tensor:
-    """The learning rate of this step, in ``stored``'s dtype and device.
-
-    A schedule is evaluated at ``step``; a tensor given when the transform was built (e.g. by
-    :func:`funcopt.inject_hyperparams`) is used as it is now; a plain number is read from the
-    state field ``stored``, so writing that field (as :class:`funcopt.Optimizer` does for
-    ``lr``) changes the next update.
-    """
-    if callable(learning_rate):
-        value = learning_rate(step)
-    elif isinstance(learning_rate, Tensor):
-        value = learning_rate.detach()
-    else:
-        return stored
-    return per_step(torch.as_tensor(value, dtype=stored.dtype, device=stored.device).reshape(()))
-
-
-def check_hyperparameter(
-    name: str, value: Any, *, low: float | None = 0.0, high: float | None = None,
-    low_inclusive: bool = True, high_inclusive: bool = True,
-) -> None:
-    """Raise a ValueError when a plain-number hyperparameter is outside its range.
-
-    Schedules and tensors are not checked here (their values change with the step).
-    """
-    if callable(value) or isinstance(value, torch.Tensor):
-        return
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(
-            f"{name} must be a number, a 0-d tensor or a schedule (step -> value); "
-            f"got {type(value).__name__}"
-        )
-    v = float(value)
-    if v != v:
-        raise ValueError(f"{name} is NaN; pass a finite number")
-    bad_low = low is not None and (v < low if low_inclusive else v <= low)
-    bad_high = high is not None and (v > high if high_inclusive else v >= high)
-    if bad_low or bad_high:
-        lo = "-inf" if low is None else f"{low}"
-        hi = "inf" if high is None else f"{high}"
-        bracket = ("[" if low_inclusive else "(") + f"{lo}, {hi}" + ("]" if high_inclusive else ")")
-        raise ValueError(f"{name}={value} is out of range: it must lie in {bracket}")
 
 
 def require_params(params: Params | None, who: str) -> Params:

@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from funcopt.base import PyTree, differentiating, tree_flatten, tree_map, tree_unflatten
+from funcopt.base import PyTree, tree_flatten, tree_map, tree_unflatten
+from funcopt.engine import differentiating, ops
 
 __all__ = ["ravel", "donated", "cuda_graph"]
 
@@ -133,7 +134,7 @@ def _copy_into(dst: list[Any], src: list[Any]) -> None:
     already (an inner donated step, or the captured tensors passed back in)."""
     moved = [(d, s) for d, s in zip(dst, src) if d is not s]
     if moved:
-        torch._foreach_copy_([d for d, _ in moved], [s for _, s in moved])
+        ops.copy_([d for d, _ in moved], [s for _, s in moved])
 
 
 def _check_donatable(dst: list[Any], src: list[Any]) -> None:

@@ -40,6 +40,7 @@ from funcopt.base import (
     tree_unflatten,
 )
 from funcopt.compose import chain
+from funcopt.engine import ops
 from funcopt.transforms.adaptive import scale_by_laprop
 from funcopt.transforms.first_order import scale_by_adam, scale_by_learning_rate
 from funcopt.transforms.schedule_free import scale_by_bias_corrected_rms, schedule_free
@@ -135,11 +136,11 @@ def scale_by_debiased_adopt(b1: float = 0.9, b2: float = 0.99, eps: float = 1e-8
         g32 = [x.to(m.dtype) for x, m in zip(g, state.mu)]
         w1 = torch.where(t > 1, (1 - b1) / (1 - b1 ** (t - 1).clamp(min=1)), 0.0)
         w2 = (1 - b2) / (1 - b2 ** t)
-        x = torch._foreach_div(g32, torch._foreach_clamp_min(torch._foreach_sqrt(state.nu), eps))
-        mu = torch._foreach_add(state.mu, torch._foreach_mul(
-            torch._foreach_sub(x, state.mu), w1.to(g32[0].dtype)))
-        nu = torch._foreach_add(state.nu, torch._foreach_mul(
-            torch._foreach_sub(torch._foreach_mul(g32, g32), state.nu), w2.to(g32[0].dtype)))
+        x = ops.div(g32, ops.clamp_min(ops.sqrt(state.nu), eps))
+        mu = ops.add(state.mu, ops.mul(
+            ops.sub(x, state.mu), w1.to(g32[0].dtype)))
+        nu = ops.add(state.nu, ops.mul(
+            ops.sub(ops.mul(g32, g32), state.nu), w2.to(g32[0].dtype)))
         out = [m.to(x.dtype) for m, x in zip(mu, g)]
         return tree_unflatten(treedef, out), ScaleByDebiasedAdoptState(count, list(mu), list(nu))
 

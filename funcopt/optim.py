@@ -42,6 +42,7 @@ import torch
 
 from funcopt.base import GradientTransformation, OptState, PyTree, tree_leaves
 from funcopt.checkpoint import tree_from_state_dict, tree_to_state_dict
+from funcopt.engine import ops
 
 __all__ = ["Optimizer", "find_hyperparams", "set_hyperparams"]
 
@@ -313,7 +314,7 @@ class Optimizer(torch.optim.Optimizer):
         self.transform_states[i] = _unalias(state, detached)
         moved = [(p, u) for p, u, g in zip(detached, updates, grads) if g is not None]
         targets = [p for p, _ in moved]
-        torch._foreach_add_(targets, [u if u.dtype == p.dtype else u.to(p.dtype) for p, u in moved])
+        ops.add_(targets, [u if u.dtype == p.dtype else u.to(p.dtype) for p, u in moved])
 
     # ------------------------------------------------------------------ state_dict
 

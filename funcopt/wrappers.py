@@ -31,6 +31,7 @@ from funcopt.base import (
     tree_unflatten,
 )
 from funcopt.compose import _check_tx, _where_tree
+from funcopt.engine import ops
 
 __all__ = [
     "multi_steps",
@@ -89,8 +90,8 @@ def multi_steps(
         if len(acc) != len(leaves):
             raise ValueError("multi_steps: updates do not match the params given to init")
         inv_m = 1.0 / (state.mini_step + 1).to(torch.float32)
-        delta = torch._foreach_mul(torch._foreach_sub(leaves, acc), inv_m)
-        mean = torch._foreach_add(acc, delta)
+        delta = ops.mul(ops.sub(leaves, acc), inv_m)
+        mean = ops.add(acc, delta)
         emit = state.mini_step + 1 >= k
         out, inner_state = inner.update(tree_unflatten(treedef, mean), state.inner_state, params,
                                         **extra)
@@ -436,9 +437,9 @@ def lookahead(
         sync = state.steps_since_sync == sync_period - 1
         u, treedef = tree_flatten(upd)
         fast, slow = tree_leaves(params.fast), tree_leaves(params.slow)
-        diff = torch._foreach_sub(torch._foreach_add(fast, u), slow)  # theta_k - phi
-        slow_upd = torch._foreach_mul(diff, slow_step_size)
-        to_slow = torch._foreach_sub(torch._foreach_add(slow, slow_upd), fast)  # phi' - theta
+        diff = ops.sub(ops.add(fast, u), slow)  # theta_k - phi
+        slow_upd = ops.mul(diff, slow_step_size)
+        to_slow = ops.sub(ops.add(slow, slow_upd), fast)  # phi' - theta
         fast_out = [torch.where(sync, t, x) for t, x in zip(to_slow, u)]
         slow_out = [torch.where(sync, s, torch.zeros_like(s)) for s in slow_upd]
         if reset_state:

@@ -85,9 +85,9 @@ def _pow_in_element_loops(code: str) -> bool:
 
 def test_compiled_adam_computes_its_bias_correction_once(monkeypatch):
     """The bias correction ``1 - beta**t`` is computed once per step, not once per element of
-    the update kernel (``base.per_step``). The check is shown to catch the regression by
+    the update kernel (``engine.per_step``). The check is shown to catch the regression by
     turning ``per_step`` off."""
-    import funcopt.base as base
+    import funcopt.engine as engine
     import funcopt.transforms.first_order as first_order
 
     def codes():
@@ -105,6 +105,6 @@ def test_compiled_adam_computes_its_bias_correction_once(monkeypatch):
 
     code = codes()
     assert "cpp_fused" in code and not _pow_in_element_loops(code)
-    for module in (base, first_order):
+    for module in (engine, first_order):
         monkeypatch.setattr(module, "per_step", lambda x: x)
     assert _pow_in_element_loops(codes())

@@ -29,6 +29,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from funcopt.base import PyTree, tree_flatten, tree_leaves, tree_unflatten
+from funcopt.engine import ops
 
 __all__ = [
     "PerSampleStats",
@@ -333,8 +334,8 @@ def finalize_stats(count: Tensor, grad_sum: PyTree, sum_sq_norms: Tensor,
                    ) -> tuple[PyTree, PerSampleStats]:
     """Mean gradient g = grad_sum / count and the :class:`PerSampleStats` with ||g||^2."""
     leaves, treedef = tree_flatten(grad_sum)
-    mean = torch._foreach_div(leaves, count.to(leaves[0].dtype))
-    g2 = torch.stack(torch._foreach_norm(mean)).square().sum() if mean else sum_sq_norms * 0
+    mean = ops.div(leaves, count.to(leaves[0].dtype))
+    g2 = torch.stack(ops.norm(mean)).square().sum() if mean else sum_sq_norms * 0
     stats = PerSampleStats(count, g2, sum_sq_norms, sum_inner, sum_sq_inner)
     return tree_unflatten(treedef, mean), stats
 

@@ -22,6 +22,7 @@ from funcopt.base import (
     tree_leaves,
     tree_unflatten,
 )
+from funcopt.engine import ops
 from funcopt.transforms.first_order import (
     TensorList,
     _as,
@@ -78,10 +79,10 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
         if not g:
             return updates, replace(state, count=count)
         m = _moment(_as(state.mu, g), g, b1)
-        u = torch._foreach_maximum(
-            torch._foreach_mul(_as(state.nu, g), b2), torch._foreach_add(torch._foreach_abs(g), eps)
+        u = ops.maximum(
+            ops.mul(_as(state.nu, g), b2), ops.add(ops.abs(g), eps)
         )
-        out = torch._foreach_div(torch._foreach_div(m, 1 - b1 ** _steps(count, g)), u)
+        out = ops.div(ops.div(m, 1 - b1 ** _steps(count, g)), u)
         return tree_unflatten(treedef, _as(out, g)), ScaleByAdamaxState(
             count, _as(m, state.mu), _as(u, state.nu)
         )
@@ -106,8 +107,8 @@ class ScaleByRStdDevState(NamedTuple):
 def _inv_root(xs: TensorList, eps: float, eps_in_sqrt: bool) -> TensorList:
     """``1/sqrt(x + eps)`` when ``eps_in_sqrt`` else ``1/(sqrt(x) + eps)``."""
     if eps_in_sqrt:
-        return torch._foreach_rsqrt(torch._foreach_add(xs, eps))
-    return torch._foreach_reciprocal(torch._foreach_add(torch._foreach_sqrt(xs), eps))
+        return ops.rsqrt(ops.add(xs, eps))
+    return ops.reciprocal(ops.add(ops.sqrt(xs), eps))
 
 
 def scale_by_rms(
@@ -154,12 +155,12 @@ def scale_by_rms(
             return updates, replace(state, count=count)
         nu = _moment_sq(_as(state.nu, g), g, decay)
         bc = 1 - decay ** _steps(count, g) if bias_correction else None
-        s = torch._foreach_div(nu, bc) if bias_correction else nu
+        s = ops.div(nu, bc) if bias_correction else nu
         if centered:
             mu = _moment(_as(state.mu, g), g, decay)
-            m = torch._foreach_div(mu, bc) if bias_correction else mu
-            s = torch._foreach_clamp_min(torch._foreach_addcmul(s, m, m, value=-1.0), 0.0)
-        out = torch._foreach_mul(g, _inv_root(s, eps, eps_in_sqrt))
+            m = ops.div(mu, bc) if bias_correction else mu
+            s = ops.clamp_min(ops.addcmul(s, m, m, value=-1.0), 0.0)
+        out = ops.mul(g, _inv_root(s, eps, eps_in_sqrt))
         new = replace(state, count=count, nu=_as(nu, state.nu))
         if centered:
             new = replace(new, mu=_as(mu, state.mu))
@@ -202,17 +203,17 @@ def scale_by_adagrad(
         g, treedef = _leaves(updates, params, "scale_by_adagrad", state.sum_of_squares)
         if not g:
             return updates, state
-        s = torch._foreach_addcmul(_as(state.sum_of_squares, g), g, g)
+        s = ops.addcmul(_as(state.sum_of_squares, g), g, g)
         if eps_in_sqrt:
             # An entry whose sum is still 0 gets 0, not 0 * rsqrt(0): take the root of
             # max(s + eps, 1 - sign(s)) (= s + eps wherever s > 0) and multiply by sign(s).
-            nonzero = torch._foreach_sign(s)
-            zero_at = torch._foreach_add(torch._foreach_neg(nonzero), 1.0)
-            root = torch._foreach_rsqrt(torch._foreach_maximum(torch._foreach_add(s, eps), zero_at))
-            scaling = torch._foreach_mul(root, nonzero)
+            nonzero = ops.sign(s)
+            zero_at = ops.add(ops.neg(nonzero), 1.0)
+            root = ops.rsqrt(ops.maximum(ops.add(s, eps), zero_at))
+            scaling = ops.mul(root, nonzero)
         else:
             scaling = _inv_root(s, eps, eps_in_sqrt)
-        out = torch._foreach_mul(g, scaling)
+        out = ops.mul(g, scaling)
         return tree_unflatten(treedef, _as(out, g)), ScaleByAdagradState(_as(s, state.sum_of_squares))
 
     return GradientTransformation(init, update)
@@ -253,9 +254,9 @@ def scale_by_adagrad_norm(
         if not g:
             return updates, state
         b2 = state.sum_of_norms
-        norms = torch.stack([n.to(b2.dtype) for n in torch._foreach_norm(g)])
+        norms = torch.stack([n.to(b2.dtype) for n in ops.norm(g)])
         b2 = b2 + (norms * norms).sum()
-        out = torch._foreach_div(g, torch.sqrt(b2) + eps)
+        out = ops.div(g, torch.sqrt(b2) + eps)
         return tree_unflatten(treedef, _as(out, g)), ScaleByAdagradNormState(b2)
 
     return GradientTransformation(init, update)
@@ -298,7 +299,7 @@ def scale_by_lion(
         if not g:
             return updates, ScaleByLionState(count, state.mu)
         m = _as(state.mu, g)
-        out = torch._foreach_sign(_moment(m, g, b1))
+        out = ops.sign(_moment(m, g, b1))
         return tree_unflatten(treedef, _as(out, g)), ScaleByLionState(
             count, _as(_moment(m, g, b2), state.mu))
 
@@ -351,8 +352,8 @@ def scale_by_laprop(b1: float = 0.9, b2: float = 0.99, eps: float = 1e-8) -> Gra
             return updates, replace(state, count=count)
         t = _steps(count, g)
         v = _moment_sq(_as(state.nu, g), g, _debiased(b2, t))
-        root = torch._foreach_clamp_min(torch._foreach_sqrt(torch._foreach_clamp_min(v, 0.0)), eps)
-        m = _moment(_as(state.mu, g), torch._foreach_div(g, root), _debiased(b1, t))
+        root = ops.clamp_min(ops.sqrt(ops.clamp_min(v, 0.0)), eps)
+        m = _moment(_as(state.mu, g), ops.div(g, root), _debiased(b1, t))
         return tree_unflatten(treedef, _as(m, g)), ScaleByLapropState(
             count, _as(m, state.mu), _as(v, state.nu))
 
@@ -411,14 +412,14 @@ def scale_by_adopt(
         beta1 = torch.where(started, zero + b1, 1.0)
         beta2 = torch.where(started, zero + b2, 0.0)
         nu_prev = _as(state.nu, g)
-        x = torch._foreach_div(g, torch._foreach_clamp_min(torch._foreach_sqrt(nu_prev), eps))
+        x = ops.div(g, ops.clamp_min(ops.sqrt(nu_prev), eps))
         if use_clipping:
             # clamp(x, -c, c) as x / max(1, |x| / c) (equal up to rounding), since foreach ops
             # take a 0-d tensor only in mul/div/add; c >= tiny keeps step 0 (c = 0) finite.
             c = torch.as_tensor(clip_value_fn(state.count.to(sd)), dtype=sd, device=zero.device)
             c = c.clamp_min(torch.finfo(sd).tiny)
-            excess = torch._foreach_clamp_min(torch._foreach_div(torch._foreach_abs(x), c), 1.0)
-            x = torch._foreach_div(x, excess)
+            excess = ops.clamp_min(ops.div(ops.abs(x), c), 1.0)
+            x = ops.div(x, excess)
         mu = _moment(_as(state.mu, g), x, beta1)
         out = _moment(mu, x, beta1) if nesterov else mu
         nu = _moment_sq(nu_prev, g, beta2)

@@ -75,6 +75,7 @@ from funcopt.base import (
     tree_flatten,
     tree_unflatten,
 )
+from funcopt.engine import ops
 
 __all__ = [
     "NormTestState",
@@ -382,7 +383,7 @@ def scale_by_sample_schedule(learning_rate: Any) -> GradientTransformation:
         b = per_sample_stats.count if per_sample_stats is not None else batch_size
         lr = current_learning_rate(learning_rate, state.learning_rate, state.samples)
         leaves, treedef = tree_flatten(updates)
-        out = torch._foreach_mul(leaves, -lr.to(leaves[0].dtype)) if leaves else leaves
+        out = ops.mul(leaves, -lr.to(leaves[0].dtype)) if leaves else leaves
         samples = state.samples + torch.as_tensor(b, device=state.samples.device).to(torch.int64)
         new = SampleScheduleState(increment(state.count), samples,
                                   lr.to(state.learning_rate.dtype))

@@ -19,6 +19,7 @@ from funcopt.base import (
     tree_global_norm,
     tree_unflatten,
 )
+from funcopt.engine import ops
 from funcopt.transforms.first_order import _as, _is_schedule
 
 __all__ = [
@@ -46,7 +47,7 @@ def clip(max_delta: float) -> GradientTransformation:
     def update(updates, state, params=None, **extra):
         u, treedef = tree_flatten(updates)
         if u:
-            u = torch._foreach_clamp_max(torch._foreach_clamp_min(u, -max_delta), max_delta)
+            u = ops.clamp_max(ops.clamp_min(u, -max_delta), max_delta)
         return tree_unflatten(treedef, u), state
 
     return GradientTransformation(init, update)
@@ -78,7 +79,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
             return updates, state
         norm = tree_global_norm(u)
         factor = torch.where(norm <= max_norm, 1.0, max_norm / norm)
-        return tree_unflatten(treedef, _as(torch._foreach_mul(u, factor), u)), state
+        return tree_unflatten(treedef, _as(ops.mul(u, factor), u)), state
 
     return GradientTransformation(init, update)
 
@@ -103,11 +104,11 @@ def clip_by_block_rms(threshold: float) -> GradientTransformation:
         u, treedef = tree_flatten(updates)
         if not u:
             return updates, state
-        norms = torch._foreach_norm(u)
+        norms = ops.norm(u)
         sizes = [max(x.numel(), 1) ** 0.5 for x in u]
-        rms = torch._foreach_div(norms, sizes)
-        denom = torch._foreach_clamp_min(torch._foreach_div(rms, threshold), 1.0)
-        return tree_unflatten(treedef, _as(torch._foreach_div(u, denom), u)), state
+        rms = ops.div(norms, sizes)
+        denom = ops.clamp_min(ops.div(rms, threshold), 1.0)
+        return tree_unflatten(treedef, _as(ops.div(u, denom), u)), state
 
     return GradientTransformation(init, update)
 
@@ -129,7 +130,7 @@ def keep_params_nonnegative() -> GradientTransformation:
         if not u:
             return updates, state
         # theta + u < 0 exactly when u < -theta, so max(u, -theta) is the update
-        out = torch._foreach_maximum(u, torch._foreach_neg(_as(p, u)))
+        out = ops.maximum(u, ops.neg(_as(p, u)))
         return tree_unflatten(treedef, out), state
 
     return GradientTransformation(init, update)
@@ -207,7 +208,7 @@ def add_noise(eta: float, gamma: float, seed: int = 0) -> GradientTransformation
         sizes = [x.numel() for x in u]
         noise = _normal(sum(sizes), _mix(_mix(state.key) ^ (count * _M1)), dtype) * std
         parts = [n.view(x.shape) for n, x in zip(torch.split(noise, sizes), u)]
-        out = torch._foreach_add(u, _as(parts, u))
+        out = ops.add(u, _as(parts, u))
         return tree_unflatten(treedef, out), AddNoiseState(count, state.key)
 
     return GradientTransformation(init, update)

@@ -18,31 +18,25 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Union
 
-import optree
 import torch
 from torch.compiler import is_compiling as _is_compiling
 
 from funcopt.base import (
     EmptyState,
     GradientTransformation,
-    Params,
     ScalarOrSchedule,
     Tensor,
-    Updates,
     check_hyperparameter,
     current_learning_rate,
-    differentiating,
-    host_number,
     increment,
-    per_step,
     replace,
     resolve,
     step_counter,
-    tree_flatten,
-    tree_flatten_pair,
     tree_leaves,
     tree_unflatten,
 )
+from funcopt.engine import differentiating, host_number, into, ops, per_step, scalar_dtype
+from funcopt.engine import leaves as _leaves
 
 __all__ = [
     "ScaleByScheduleState", "ScaleByLearningRateState", "TraceState", "EmaState",
@@ -59,26 +53,6 @@ __all__ = [
 TensorList = Union[list[Tensor], tuple[Tensor, ...]]
 
 
-def _leaves(
-    updates: Updates, params: Params | None, who: str, state: Sequence[Tensor] | None = None
-) -> tuple[list[Tensor], optree.PyTreeSpec]:
-    """Flatten ``updates``, checking them against ``params`` and a per-leaf ``state`` list.
-
-    Raises a ValueError naming the mismatch instead of letting a ``_foreach`` op fail on lists
-    of different lengths. The checks look at tree structure and lengths only (no host sync).
-    """
-    if params is None:
-        g, treedef = tree_flatten(updates)
-    else:
-        g, treedef, _ = tree_flatten_pair(updates, params)
-    if state is not None and len(state) != len(g):
-        raise ValueError(
-            f"{who}: the updates have {len(g)} leaves but the state holds {len(state)}; pass "
-            "updates with the structure of the params given to init (or re-run init on them)"
-        )
-    return g, treedef
-
-
 def _is_schedule(x: Any) -> bool:
     """``callable(x)`` without narrowing a float-annotated argument (for type checkers)."""
     return callable(x)
@@ -86,11 +60,6 @@ def _is_schedule(x: Any) -> bool:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def scalar_dtype(leaves: Sequence[Tensor]) -> torch.dtype:
-    """float64 when any leaf is float64, else float32: the dtype of 0-d scalars in a step."""
-    return torch.float64 if any(x.dtype == torch.float64 for x in leaves) else torch.float32
 
 
 def _hp(value: ScalarOrSchedule, count: Tensor) -> Any:
@@ -113,8 +82,8 @@ def _sqrt(x: Any) -> Any:
 def _axpy(alpha: Any, xs: TensorList, ys: TensorList) -> TensorList:
     """``ys + alpha * xs``."""
     if _is_number(alpha):
-        return torch._foreach_add(ys, xs, alpha=alpha)
-    return torch._foreach_add(ys, torch._foreach_mul(xs, alpha))
+        return ops.add(ys, xs, alpha=alpha)
+    return ops.add(ys, ops.mul(xs, alpha))
 
 
 def _add_scalar(xs: TensorList, c: Any) -> TensorList:
@@ -123,24 +92,24 @@ def _add_scalar(xs: TensorList, c: Any) -> TensorList:
     on the host too (a CUDA graph cannot capture it), so those pass a list instead (eager CPU
     steps keep the single op)."""
     if isinstance(c, Tensor) and (_is_compiling() or not c.is_cpu):
-        return torch._foreach_add(xs, [c] * len(xs))
-    return torch._foreach_add(xs, c)
+        return ops.add(xs, [c] * len(xs))
+    return ops.add(xs, c)
 
 
 def _moment(state: TensorList, xs: TensorList, decay: Any) -> TensorList:
     """``decay * state + (1 - decay) * xs`` (torch.optim's ``lerp`` form for numbers)."""
     if _is_number(decay):
-        return torch._foreach_lerp(state, xs, 1.0 - decay)
-    return _axpy(1.0 - decay, xs, torch._foreach_mul(state, decay))
+        return ops.lerp(state, xs, 1.0 - decay)
+    return _axpy(1.0 - decay, xs, ops.mul(state, decay))
 
 
 def _moment_sq(state: TensorList, xs: TensorList, decay: Any) -> TensorList:
     """``decay * state + (1 - decay) * xs**2``."""
-    out = torch._foreach_mul(state, decay)  # a new list: the in-place ops below touch only it
+    out = ops.mul(state, decay)  # a new list: the in-place ops below touch only it
     if _is_number(decay):
-        torch._foreach_addcmul_(out, xs, xs, value=1.0 - decay)
+        out = into("addcmul", out, xs, xs, value=1.0 - decay)
     else:
-        torch._foreach_add_(out, torch._foreach_mul(torch._foreach_mul(xs, xs), 1.0 - decay))
+        out = into("add", out, ops.mul(ops.mul(xs, xs), 1.0 - decay))
     return out
 
 
@@ -198,7 +167,7 @@ def scale(step_size: float | Tensor) -> GradientTransformation:
         if not leaves:
             return updates, state
         s = step_size.to(leaves[0].device) if isinstance(step_size, Tensor) else step_size
-        return tree_unflatten(treedef, _as(torch._foreach_mul(leaves, s), leaves)), state
+        return tree_unflatten(treedef, _as(ops.mul(leaves, s), leaves)), state
 
     return GradientTransformation(init, update)
 
@@ -220,7 +189,7 @@ def scale_by_schedule(step_size_fn: Callable[[Tensor], Any]) -> GradientTransfor
     def update(updates, state, params=None, **extra):
         leaves, treedef = _leaves(updates, params, "scale_by_schedule")
         if leaves:
-            leaves = _as(torch._foreach_mul(leaves, _hp(step_size_fn, state.count)), leaves)
+            leaves = _as(ops.mul(leaves, _hp(step_size_fn, state.count)), leaves)
         return tree_unflatten(treedef, leaves), ScaleByScheduleState(increment(state.count))
 
     return GradientTransformation(init, update)
@@ -257,7 +226,7 @@ def scale_by_learning_rate(
         leaves, treedef = _leaves(updates, params, "scale_by_learning_rate")
         lr = current_learning_rate(learning_rate, state.learning_rate, state.count)
         if leaves:
-            leaves = _as(torch._foreach_mul(leaves, host_number(lr) * sign), leaves)
+            leaves = _as(ops.mul(leaves, host_number(lr) * sign), leaves)
         return tree_unflatten(treedef, leaves), ScaleByLearningRateState(
             increment(state.count), lr
         )
@@ -273,7 +242,7 @@ def scale_by_sign() -> GradientTransformation:
 
     def update(updates, state, params=None, **extra):
         leaves, treedef = _leaves(updates, params, "scale_by_sign")
-        return tree_unflatten(treedef, torch._foreach_sign(leaves) if leaves else leaves), state
+        return tree_unflatten(treedef, ops.sign(leaves) if leaves else leaves), state
 
     return GradientTransformation(init, update)
 
@@ -327,7 +296,7 @@ def trace(
         if _is_schedule(dampening) or isinstance(dampening, Tensor) or dampening != 0:
             one = torch.ones((), dtype=scalar_dtype(g), device=state.count.device)
             c = torch.where(state.count == 0, one, one - _hp(dampening, state.count))
-            scaled = torch._foreach_mul(g, c)
+            scaled = ops.mul(g, c)
         new = _axpy(mu, prev, scaled)
         out = _axpy(mu, new, g) if nesterov else new
         return tree_unflatten(treedef, _as(out, g)), TraceState(
@@ -364,7 +333,7 @@ def ema(
             return updates, EmaState(count, state.ema)
         d = _hp(decay, state.count)
         new = _moment(_as(state.ema, g), g, d)
-        out = torch._foreach_div(new, 1 - d ** _steps(count, g)) if debias else new
+        out = ops.div(new, 1 - d ** _steps(count, g)) if debias else new
         return tree_unflatten(treedef, _as(out, g)), EmaState(count, _as(new, state.ema))
 
     return GradientTransformation(init, update)
@@ -396,10 +365,10 @@ class ScaleByNadamState(NamedTuple):
 def _adam_denominator(nu: TensorList, bc2: Tensor, eps: float, eps_root: float) -> TensorList:
     """``sqrt(nu / bc2 + eps_root) + eps`` (torch.optim's ``sqrt(nu)/sqrt(bc2) + eps`` form)."""
     if _is_number(eps_root) and eps_root == 0:
-        root = torch._foreach_div(torch._foreach_sqrt(nu), _sqrt(bc2))
+        root = ops.div(ops.sqrt(nu), _sqrt(bc2))
     else:
-        root = torch._foreach_sqrt(torch._foreach_add(torch._foreach_div(nu, bc2), eps_root))
-    return torch._foreach_add(root, eps)
+        root = ops.sqrt(ops.add(ops.div(nu, bc2), eps_root))
+    return ops.add(root, eps)
 
 
 # float16 is left out: the kernel computes in float32, where the ``_foreach`` path (and so a
@@ -435,12 +404,12 @@ def _copy(xs: list[Tensor], times: float = 1.0) -> list[Tensor]:
     -0.0 included; ``0 * x`` is NaN where ``x`` is not finite, where Adam's direction is NaN
     anyway); on a CPU a memory copy or fill, which is faster there."""
     if xs[0].is_cuda:
-        return list(torch._foreach_mul(xs, times))
+        return list(ops.mul(xs, times))
     out = [torch.empty_like(x) for x in xs]
     if times == 0:
-        torch._foreach_zero_(out)
+        ops.zero_(out)
     else:
-        torch._foreach_copy_(out, xs)
+        ops.copy_(out, xs)
     return out
 
 
@@ -523,20 +492,20 @@ def scale_by_adam(
         bc1, bc2 = 1 - beta1**t, 1 - beta2**t
         nu_used = nu
         if amsgrad:
-            nu_used = torch._foreach_maximum(_as(state.nu_max, g), nu)
+            nu_used = ops.maximum(_as(state.nu_max, g), nu)
         if nesterov:
-            m_hat = torch._foreach_mul(mu, beta1 / (1 - beta1 ** (t + 1)))
+            m_hat = ops.mul(mu, beta1 / (1 - beta1 ** (t + 1)))
             m_hat = _axpy((1 - beta1) / bc1, g, m_hat)
-            out = torch._foreach_div(m_hat, _adam_denominator(nu_used, bc2, eps, eps_root))
+            out = ops.div(m_hat, _adam_denominator(nu_used, bc2, eps, eps_root))
         elif _is_number(eps_root) and eps_root == 0 and _is_number(eps):
             # (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) = m / (sqrt(v) + eps sqrt(bc2)) * (sqrt(bc2) / bc1):
             # four kernels instead of five
             root_bc2 = _sqrt(bc2)
-            denom = _add_scalar(torch._foreach_sqrt(nu_used), per_step(eps * root_bc2))
-            out = torch._foreach_div(mu, denom)
-            torch._foreach_mul_(out, per_step(root_bc2 / bc1))  # ``out`` is new: in place is pure
+            denom = _add_scalar(ops.sqrt(nu_used), per_step(eps * root_bc2))
+            out = ops.div(mu, denom)
+            out = into("mul", out, per_step(root_bc2 / bc1))  # ``out`` is new: in place is pure
         else:
-            out = torch._foreach_div(torch._foreach_div(mu, bc1),
+            out = ops.div(ops.div(mu, bc1),
                                      _adam_denominator(nu_used, bc2, eps, eps_root))
         new = replace(state, count=count, mu=_as(mu, state.mu), nu=_as(nu, state.nu))
         if amsgrad:
@@ -587,10 +556,10 @@ def scale_by_nadam(
         prod = state.mu_product * mu_t
         m = _moment(_as(state.mu, g), g, b1)
         v = _moment_sq(_as(state.nu, g), g, b2)
-        denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_div(v, 1 - b2**t)), eps)
-        out = torch._foreach_mul(m, mu_next / (1 - prod * mu_next))
+        denom = ops.add(ops.sqrt(ops.div(v, 1 - b2**t)), eps)
+        out = ops.mul(m, mu_next / (1 - prod * mu_next))
         out = _axpy((1 - mu_t) / (1 - prod), g, out)
-        out = torch._foreach_div(out, denom)
+        out = ops.div(out, denom)
         return tree_unflatten(treedef, _as(out, g)), ScaleByNadamState(
             count, prod, _as(m, state.mu), _as(v, state.nu)
         )

@@ -20,6 +20,7 @@ from funcopt.base import (
     tree_leaves,
     tree_unflatten,
 )
+from funcopt.engine import ops
 
 __all__ = ["ScaleByMuonState", "newton_schulz", "scale_by_muon", "muon", "NS_COEFFICIENTS"]
 
@@ -91,7 +92,7 @@ def scale_by_muon(momentum: float = 0.95, nesterov: bool = True, ns_steps: int =
         g, treedef = tree_flatten(updates)
         if not g:
             return updates, state
-        buf = torch._foreach_lerp([m.to(x.dtype) for m, x in zip(state.momentum, g)], g,
+        buf = ops.lerp([m.to(x.dtype) for m, x in zip(state.momentum, g)], g,
                                   1.0 - momentum)
         out = []
         for x, b in zip(g, buf):  # the Nesterov lerp leaf by leaf: one leaf-sized temporary

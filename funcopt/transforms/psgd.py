@@ -24,7 +24,6 @@ from funcopt.base import (
     ScalarOrSchedule,
     Tensor,
     check_hyperparameter,
-    differentiating,
     increment,
     step_counter,
     tree_flatten,
@@ -32,6 +31,7 @@ from funcopt.base import (
     tree_leaves,
     tree_unflatten,
 )
+from funcopt.engine import differentiating, ops
 
 __all__ = [
     "ScaleByPsgdKronState",
@@ -426,29 +426,29 @@ def scale_by_trust_region_clip(lerp: float = 0.9, scale: float = 1.5) -> Gradien
             return updates, state
         # one _foreach op per step of the formula (not one op per leaf); copysign(log1p|x|,
         # tanh x) is sign(x) log1p|x|
-        y = torch._foreach_div([u.to(torch.promote_types(u.dtype, torch.float32))
+        y = ops.div([u.to(torch.promote_types(u.dtype, torch.float32))
                                 for u in leaves], scale)
-        th = torch._foreach_tanh(y)
+        th = ops.tanh(y)
         if differentiating(leaves):
             # differentiable: out of place (autograd and torch.func keep tanh's output and
             # copysign's for the backward pass); a compiled step plans its own buffers
-            y = torch._foreach_log1p(torch._foreach_abs(y))
+            y = ops.log1p(ops.abs(y))
             y = [torch.copysign(a, t) for a, t in zip(y, th)]  # no _foreach_copysign
-            y = torch._foreach_add(torch._foreach_mul(y, 1 - lerp), torch._foreach_mul(th, lerp))
-            y = torch._foreach_clamp_max(torch._foreach_clamp_min(torch._foreach_mul(y, scale),
+            y = ops.add(ops.mul(y, 1 - lerp), ops.mul(th, lerp))
+            y = ops.clamp_max(ops.clamp_min(ops.mul(y, scale),
                                                                   -2.0), 2.0)
         else:  # eager: in place in the two buffers made above (peak: two temporaries)
-            torch._foreach_abs_(y)
-            torch._foreach_log1p_(y)
+            ops.abs_(y)
+            ops.log1p_(y)
             for a, t in zip(y, th):
                 a.copysign_(t)
-            torch._foreach_mul_(y, 1 - lerp)
-            torch._foreach_mul_(th, lerp)
-            torch._foreach_add_(y, th)
+            ops.mul_(y, 1 - lerp)
+            ops.mul_(th, lerp)
+            ops.add_(y, th)
             del th
-            torch._foreach_mul_(y, scale)
-            torch._foreach_clamp_min_(y, -2.0)
-            torch._foreach_clamp_max_(y, 2.0)
+            ops.mul_(y, scale)
+            ops.clamp_min_(y, -2.0)
+            ops.clamp_max_(y, 2.0)
         return tree_unflatten(treedef, [o.to(u.dtype) for o, u in zip(y, leaves)]), state
 
     return GradientTransformation(lambda params: (), update)

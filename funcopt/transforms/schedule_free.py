@@ -33,6 +33,7 @@ from funcopt.base import (
     tree_unflatten,
 )
 from funcopt.compose import identity
+from funcopt.engine import ops
 
 __all__ = [
     "ScheduleFreeState",
@@ -90,15 +91,15 @@ def scale_by_bias_corrected_rms(
             corr = 1.0 - beta ** t
         if not g:
             return updates, ScaleByBiasCorrectedRmsState(count, state.nu)
-        nu = torch._foreach_mul(state.nu, _per_leaf(beta, g))
-        nu = torch._foreach_add(nu, torch._foreach_mul(torch._foreach_mul(g, g),
+        nu = ops.mul(state.nu, _per_leaf(beta, g))
+        nu = ops.add(nu, ops.mul(ops.mul(g, g),
                                                        _per_leaf(1.0 - beta, g)))
         nu = _cast_like(nu, g)
-        denom = nu if corr is None else torch._foreach_div(nu, _per_leaf(corr, g))
-        denom = torch._foreach_sqrt(denom)
+        denom = nu if corr is None else ops.div(nu, _per_leaf(corr, g))
+        denom = ops.sqrt(denom)
         e = _per_leaf(_f32(eps, t.device), g)
-        denom = torch._foreach_maximum(denom, e) if eps_floor else torch._foreach_add(denom, e)
-        return tree_unflatten(treedef, _cast_like(torch._foreach_div(g, denom), g)), \
+        denom = ops.maximum(denom, e) if eps_floor else ops.add(denom, e)
+        return tree_unflatten(treedef, _cast_like(ops.div(g, denom), g)), \
             ScaleByBiasCorrectedRmsState(count, nu)
 
     return GradientTransformation(init, update)
@@ -199,9 +200,9 @@ def schedule_free(
         y = tree_leaves(params)
         dev = state.count.device
         if isinstance(weight_decay, Tensor):
-            d = torch._foreach_add(d, torch._foreach_mul(y, _per_leaf(_f32(weight_decay, dev), y)))
+            d = ops.add(d, ops.mul(y, _per_leaf(_f32(weight_decay, dev), y)))
         elif weight_decay != 0:
-            d = torch._foreach_add(d, y, alpha=weight_decay)
+            d = ops.add(d, y, alpha=weight_decay)
         count = increment(state.count)
         lr = _f32(current_learning_rate(learning_rate, state.learning_rate, state.count), dev)
         t = count.to(torch.float32)
@@ -212,11 +213,11 @@ def schedule_free(
         ckp1 = torch.where(weight_sum > 0, weight / weight_sum, torch.zeros_like(weight))
         if not y:
             return tree_unflatten(treedef, []), state
-        diff = torch._foreach_sub(state.z, y)
-        step = torch._foreach_mul(diff, _per_leaf(ckp1, y))
-        step = torch._foreach_add(step, torch._foreach_mul(
+        diff = ops.sub(state.z, y)
+        step = ops.mul(diff, _per_leaf(ckp1, y))
+        step = ops.add(step, ops.mul(
             d, _per_leaf(lr_t * (state.b1 * (1 - ckp1) - 1), y)))
-        z = _cast_like(torch._foreach_sub(state.z, torch._foreach_mul(d, _per_leaf(lr_t, y))), y)
+        z = _cast_like(ops.sub(state.z, ops.mul(d, _per_leaf(lr_t, y))), y)
         new_state = ScheduleFreeState(count, lr, lr_max, weight_sum, state.b1, z, base_state)
         return tree_unflatten(treedef, _cast_like(step, y)), new_state
 
@@ -295,5 +296,5 @@ def schedule_free_eval_params(params: PyTree, state: Any) -> PyTree:
     if not y:
         return params
     weight = _per_leaf(1.0 - 1.0 / sf.b1, y)
-    return tree_unflatten(treedef, torch._foreach_add(
-        y, torch._foreach_mul(torch._foreach_sub(sf.z, y), weight)))
+    return tree_unflatten(treedef, ops.add(
+        y, ops.mul(ops.sub(sf.z, y), weight)))

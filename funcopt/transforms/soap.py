@@ -32,6 +32,7 @@ from funcopt.base import (
     tree_leaves,
     tree_unflatten,
 )
+from funcopt.engine import ops
 
 __all__ = [
     "ScaleBySoapState",
@@ -331,11 +332,11 @@ def scale_by_soap(
         bh2 = _debias(float(resolve(b2, state.count)), step)
         bs = 1.0 - bh2 if shampoo_beta is None else float(resolve(shampoo_beta, state.count))
         gp = [_project(x.reshape(s), qs, False) for x, s, qs in zip(g32, shapes, state.q)]
-        m = torch._foreach_lerp([e.to(x.dtype) for e, x in zip(state.exp_avg, g32)], g32, 1 - bh1)
+        m = ops.lerp([e.to(x.dtype) for e, x in zip(state.exp_avg, g32)], g32, 1 - bh1)
         v = [e.to(x.dtype).reshape(x.shape) for e, x in zip(state.exp_avg_sq, gp)]
-        v = list(torch._foreach_add(torch._foreach_mul(v, bh2), torch._foreach_mul(
-            torch._foreach_mul(gp, gp), 1 - bh2)))
-        denom = torch._foreach_maximum(torch._foreach_sqrt(v), eps)
+        v = list(ops.add(ops.mul(v, bh2), ops.mul(
+            ops.mul(gp, gp), 1 - bh2)))
+        denom = ops.maximum(ops.sqrt(v), eps)
         del gp  # each temporary goes as soon as it is used: one parameter-sized copy less
         mp = [_project(e.reshape(s), qs, False) for e, s, qs in zip(m, shapes, state.q)]
         out = [_project(a / d, qs, True).reshape(x.shape).to(x.dtype)

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from funcopt.engine import ops
+
 __all__ = ["Structure", "Dense", "Diagonal", "BlockDiagonal", "Hierarchical", "TrilToeplitz",
            "TriuToeplitz", "TrilCorner", "TriuCorner", "STRUCTURES", "get_structure"]
 
@@ -107,9 +109,9 @@ class Structure:
 def lincomb(terms: list[tuple[Params, float | Tensor]]) -> Params:
     """``sum_i c_i P_i`` over parameter tuples of one structure."""
     (p0, c0), rest = terms[0], terms[1:]
-    out = torch._foreach_mul(list(p0), c0)
+    out = ops.mul(list(p0), c0)
     for p, c in rest:
-        out = torch._foreach_add(out, torch._foreach_mul(list(p), c))
+        out = ops.add(out, ops.mul(list(p), c))
     return tuple(out)
 
 

@@ -6,7 +6,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import optree
-import torch
 
 from funcopt.base import (
     GradientTransformation,
@@ -22,6 +21,7 @@ from funcopt.base import (
     tree_flatten_pair,
     tree_unflatten,
 )
+from funcopt.engine import ops
 
 __all__ = ["AddDecayedWeightsState", "add_decayed_weights"]
 
@@ -79,9 +79,9 @@ def add_decayed_weights(
         if idx:
             pu = [p[i] if p[i].dtype == u[i].dtype else p[i].to(u[i].dtype) for i in idx]
             if isinstance(wd, Tensor):
-                new = torch._foreach_add([u[i] for i in idx], torch._foreach_mul(pu, wd.to(u[0].device)))
+                new = ops.add([u[i] for i in idx], ops.mul(pu, wd.to(u[0].device)))
             else:
-                new = torch._foreach_add([u[i] for i in idx], pu, alpha=wd)
+                new = ops.add([u[i] for i in idx], pu, alpha=wd)
             u = list(u)
             for i, x in zip(idx, new):
                 u[i] = x if x.dtype == u[i].dtype else x.to(u[i].dtype)
