@@ -38,3 +38,23 @@ from funcopt.transforms.weight_decay import *  # noqa: F401,F403
 from funcopt.wrappers import *  # noqa: F401,F403
 
 __version__ = "0.1.0"
+
+
+def _register_state_classes() -> None:
+    """Put every NamedTuple class that funcopt defines (the states) on torch's allow-list, so
+    ``torch.load(f, weights_only=True)`` reads a saved state back as it was."""
+    import sys
+
+    import torch
+
+    classes = {
+        obj for name, module in list(sys.modules.items())
+        if name == "funcopt" or name.startswith("funcopt.")
+        for obj in vars(module).values()
+        if isinstance(obj, type) and issubclass(obj, tuple) and hasattr(obj, "_fields")
+        and obj.__module__.startswith("funcopt")
+    }
+    torch.serialization.add_safe_globals(sorted(classes, key=lambda c: c.__qualname__))
+
+
+_register_state_classes()

@@ -25,6 +25,7 @@ from funcopt.base import (
     tree_leaves,
     tree_unflatten,
 )
+from funcopt.engine import leaves
 
 __all__ = [
     "chain",
@@ -72,6 +73,8 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 f"chain of {len(transforms)} transforms got a state that is not a tuple of "
                 f"{len(transforms)} states; pass the state returned by this chain's init"
             )
+        if not transforms:
+            leaves(updates, params, "chain()")
         new_state = []
         for t, s in zip(transforms, state):
             updates, s = t.update(updates, s, params, **extra)
@@ -111,17 +114,22 @@ def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTran
 
 
 def identity() -> GradientTransformation:
-    """``u <- u``: the updates pass through unchanged (state ``EmptyState()``)."""
-    return GradientTransformation(lambda params: EmptyState(),
-                                  lambda updates, state, params=None, **extra: (updates, state))
+    """``u <- u``: the updates pass through unchanged (state ``EmptyState()``); with
+    ``params``, their leaves are checked against the updates' (types, structure, shapes)."""
+
+    def update(updates, state, params=None, **extra):
+        leaves(updates, params, "identity")
+        return updates, state
+
+    return GradientTransformation(lambda params: EmptyState(), update)
 
 
 def set_to_zero() -> GradientTransformation:
     """``u <- 0``: zero updates (freezes parameters; use with :func:`partition`)."""
 
     def update(updates, state, params=None, **extra):
-        leaves, treedef = tree_flatten(updates)
-        return tree_unflatten(treedef, [torch.zeros_like(u) for u in leaves]), state
+        u, treedef = leaves(updates, params, "set_to_zero")
+        return tree_unflatten(treedef, [torch.zeros_like(x) for x in u]), state
 
     return GradientTransformation(lambda params: EmptyState(), update)
 

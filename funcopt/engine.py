@@ -168,8 +168,8 @@ def leaves(updates: Any, params: Any | None, who: str, *state: Sequence[Tensor]
            ) -> tuple[list[Tensor], optree.PyTreeSpec]:
     """Flatten ``updates`` once and check them before any arithmetic.
 
-    Checks: ``params`` (when given) has the updates' tree structure; every leaf is a
-    floating-point tensor; each per-leaf ``state`` list has one entry per leaf, of the leaf's
+    Checks: every leaf is a floating-point tensor; ``params`` (when given) has the updates'
+    tree structure and shapes; each per-leaf ``state`` list has one entry per leaf, of the leaf's
     shape (or a 0-d/size-1 entry where a transform keeps one number per leaf) and device. The
     checks read metadata only (no host sync) and are skipped while ``torch.compile`` traces
     (the eager run of the same step has checked them). Raises ValueError/TypeError naming
@@ -178,14 +178,20 @@ def leaves(updates: Any, params: Any | None, who: str, *state: Sequence[Tensor]
     g, treedef = optree.tree_flatten(updates)
     if _is_compiling():
         return g, treedef
+    _check_leaf_types(g, updates, who)
     if params is not None:
-        p_def = optree.tree_structure(params)
+        p_leaves, p_def = optree.tree_flatten(params)
         if p_def != treedef:
             raise ValueError(
                 f"{who}: updates and params have different tree structures:\n"
                 f"  updates: {treedef}\n  params:  {p_def}\n"
                 "Pass params with the same structure (keys, nesting, None entries) as the updates.")
-    _check_leaf_types(g, updates, who)
+        for i, (x, p) in enumerate(zip(g, p_leaves)):
+            if isinstance(p, Tensor) and p.shape != x.shape:
+                raise ValueError(
+                    f"{who}: leaf {_path(updates, i)} of the updates has shape "
+                    f"{tuple(x.shape)} but the parameter has {tuple(p.shape)}; pass gradients "
+                    "shaped like the parameters.")
     for s in state:
         if len(s) != len(g):
             raise ValueError(

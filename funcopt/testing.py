@@ -32,6 +32,9 @@ __all__ = [
     "assert_trees_close",
     "check_state",
     "check_transform",
+    "check_vmap",
+    "check_compile",
+    "check_hyperparameter_grad",
 ]
 
 
@@ -159,14 +162,18 @@ def _check_same_spec(before: PyTree, after: PyTree, what: str) -> None:
 
 
 def _roundtrip(state: PyTree) -> PyTree:
+    """``torch.save`` then ``torch.load(weights_only=True)``: funcopt registers its state
+    classes as safe globals, so no fallback to an unrestricted load is needed (or taken)."""
     buf = io.BytesIO()
     torch.save(state, buf)
     buf.seek(0)
     try:
         return torch.load(buf, weights_only=True)
-    except Exception:  # NamedTuple classes are not on the weights_only allow-list
-        buf.seek(0)
-        return torch.load(buf, weights_only=False)
+    except Exception as e:
+        raise AssertionError(
+            "the state does not load with torch.load(..., weights_only=True): "
+            f"{str(e).splitlines()[0]}\nRegister your state classes with "
+            "torch.serialization.add_safe_globals([...]) and keep every leaf a tensor") from e
 
 
 # --------------------------------------------------------------------------- the main check
@@ -186,9 +193,30 @@ def _run(tx, grads_seq, state, params, extra, seed):
     return outs, state
 
 
+def _check_refuses_bad_shape(tx: GradientTransformation, params: PyTree, extra: Any) -> None:
+    """An update whose first leaf has the wrong shape must raise ValueError/TypeError."""
+    paths, leaves, treedef = _leaves_with_paths(params)
+    if not leaves:
+        return
+    bad = [leaves[0].unsqueeze(-1).expand(*leaves[0].shape, 2).clone()] + list(leaves[1:])
+    try:
+        tx.update(optree.tree_unflatten(treedef, bad), tx.init(params), params, **extra)
+    except (ValueError, TypeError):
+        return
+    except Exception as e:
+        raise AssertionError(
+            f"gradients whose leaf {_describe(paths[0])} has shape {tuple(bad[0].shape)} (the "
+            f"parameter: {tuple(leaves[0].shape)}) failed with {type(e).__name__}, not a "
+            "ValueError naming the leaf; check leaves with funcopt.engine.leaves") from e
+    raise AssertionError(
+        f"gradients whose leaf {_describe(paths[0])} has shape {tuple(bad[0].shape)} (the "
+        f"parameter: {tuple(leaves[0].shape)}) were accepted; check leaves with "
+        "funcopt.engine.leaves")
+
+
 def check_transform(
     tx: GradientTransformation, params: PyTree, grads: PyTree | None = None, steps: int = 3,
-    **extra: Any,
+    *, vmap: bool = True, compile: bool = True, shapes: bool = True, **extra: Any,
 ) -> PyTree:
     """Run ``tx`` for ``steps`` steps and assert the contract; return the final state.
 
@@ -196,9 +224,13 @@ def check_transform(
     inputs (params, gradients, state) are never mutated; the state is a tuple/NamedTuple tree
     of tensors with 0-d int64 step counters; its structure, shapes and dtypes are stable across
     steps; and a ``torch.save``/``torch.load`` round trip of the state mid-run continues with
-    bit-identical updates and state. ``grads`` defaults to seeded normal noise shaped like
-    ``params`` (a different draw each step); ``extra`` goes to every ``update`` call.
-    Raises AssertionError with a message naming what broke.
+    bit-identical updates and state (a ``weights_only=True`` load, no fallback). With
+    ``shapes`` (default), gradients of a wrong shape must raise ValueError/TypeError; with
+    ``vmap`` (default), :func:`check_vmap`; with ``compile`` (default), :func:`check_compile`.
+    ``grads`` defaults to seeded normal noise shaped like ``params`` (a different draw each
+    step); ``extra`` goes to every ``update`` call. For a hyperparameter's derivative through
+    the updates see :func:`check_hyperparameter_grad`. Raises AssertionError with a message
+    naming what broke.
     """
     if not isinstance(tx, GradientTransformation):
         raise TypeError(f"check_transform needs a GradientTransformation, got {type(tx).__name__}")
@@ -251,7 +283,130 @@ def check_transform(
     for i, (g, g0) in enumerate(zip(grads_seq, grads0)):
         assert_trees_equal(g, g0, f"update mutated the gradients of step {i}")
     assert_trees_equal(params, params0, "update mutated params")
+    if shapes:
+        _check_refuses_bad_shape(tx, params, extra)
+    if vmap:
+        check_vmap(tx, params, **extra)
+    if compile:
+        check_compile(tx, params, **extra)
     return state_a
+
+
+# --------------------------------------------------------------------------- torch.func and compile
+
+
+def _tol(tree: PyTree) -> tuple[float, float]:
+    """(rtol, atol) for comparing two computations of the same step in the tree's dtypes."""
+    dtypes = {x.dtype for x in optree.tree_leaves(tree)}
+    if dtypes <= {torch.float64}:
+        return 1e-5, 1e-9
+    if dtypes <= {torch.float32, torch.float64}:
+        return 1e-4, 1e-6
+    return 5e-2, 1e-2
+
+
+def _steps(tx, params, grads_seq, extra):
+    state = tx.init(params)
+    for g in grads_seq:
+        upd, state = tx.update(g, state, params, **extra)
+        params = optree.tree_map(lambda a, u: a + u.to(a.dtype), params, upd)
+    return params, state
+
+
+def check_vmap(tx: GradientTransformation, params: PyTree, batch: int = 3, steps: int = 3,
+               **extra: Any) -> None:
+    """Assert that ``torch.func.vmap`` over ``batch`` independent problems (params, gradients
+    and state with a leading batch dimension) gives a Python loop's numbers.
+
+    Random draws use ``vmap(..., randomness="same")`` and the same seed for every problem of
+    the loop. ``extra`` is passed unbatched to every update.
+    """
+    stacked = optree.tree_map(
+        lambda x: torch.stack([x * (1.0 + 0.5 * i) for i in range(batch)]), params)
+    grads = [optree.tree_map(lambda x, s=s: torch.stack(
+        [v for v in random_like(x.unsqueeze(0).expand(batch, *x.shape).contiguous(),
+                                seed=s + 11)]), params) for s in range(steps)]
+
+    def one(p, *gs):
+        return _steps(tx, p, gs, extra)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        got = torch.func.vmap(one, randomness="same")(stacked, *grads)
+    rtol, atol = _tol(params)
+    for i in range(batch):
+        p_i = optree.tree_map(lambda x, i=i: x[i], stacked)
+        g_i = [optree.tree_map(lambda x, i=i: x[i], g) for g in grads]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(7)
+            want = one(p_i, *g_i)
+        assert_trees_close(optree.tree_map(lambda x, i=i: x[i], got), want, rtol=rtol,
+                           atol=atol, what=f"vmap vs a loop, problem {i}")
+
+
+def check_compile(tx: GradientTransformation, params: PyTree, steps: int = 4,
+                  **extra: Any) -> None:
+    """Assert that ``torch.compile(tx.update, fullgraph=True)`` traces, gives the eager
+    numbers, and compiles nothing new after the second step (a recompile every step would
+    cost seconds each). Uses a counting backend that runs the graph eagerly."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    compiled = torch.compile(tx.update, backend=counter, fullgraph=True)
+    torch._dynamo.reset()
+    grads_seq = [random_like(params, seed=s + 21) for s in range(steps)]
+    state_e = state_c = tx.init(params)
+    p_e = p_c = params
+    rtol, atol = _tol(params)
+    frames = []
+    for i, g in enumerate(grads_seq):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(i)
+            u_e, state_e = tx.update(g, state_e, p_e, **extra)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(i)
+            u_c, state_c = compiled(g, state_c, p_c, **extra)
+        assert_trees_close(u_c, u_e, rtol=rtol, atol=atol, what=f"compiled update, step {i}")
+        p_e = optree.tree_map(lambda a, u: a + u.to(a.dtype), p_e, u_e)
+        p_c = optree.tree_map(lambda a, u: a + u.to(a.dtype), p_c, u_c)
+        frames.append(counter.frame_count)
+    if frames[-1] != frames[1]:
+        raise AssertionError(
+            f"torch.compile recompiled after the second step (graphs compiled after each "
+            f"step: {frames}); keep counters and hyperparameters 0-d tensors, not Python numbers")
+
+
+def check_hyperparameter_grad(make: Any, value: float, params: PyTree, steps: int = 3,
+                              rtol: float = 1e-4, **extra: Any) -> None:
+    """Assert that the derivative of a loss after ``steps`` unrolled updates of ``make(h)``
+    with respect to the hyperparameter ``h`` (a 0-d float64 tensor) matches central finite
+    differences: a hyperparameter given as a tensor must keep its graph through ``update``.
+
+    The loss is ``sum((theta - 1)^2)`` of the final parameters, with the gradient of the
+    same loss as the updates' input (a quadratic, so it is smooth in ``h``).
+    """
+    p64 = optree.tree_map(lambda x: x.detach().to(torch.float64), params)
+
+    def loss(p):
+        return sum(((x - 1.0) ** 2).sum() for x in optree.tree_leaves(p))
+
+    def unrolled(h):
+        tx = make(h)
+        p, state = p64, tx.init(p64)
+        for _ in range(steps):
+            g = torch.func.grad(loss)(p)
+            upd, state = tx.update(g, state, p, **extra)
+            p = optree.tree_map(lambda a, u: a + u, p, upd)
+        return loss(p)
+
+    h = torch.tensor(float(value), dtype=torch.float64)
+    got = float(torch.func.grad(unrolled)(h))
+    eps = 1e-6 * max(1.0, abs(float(value)))
+    want = float((unrolled(h + eps) - unrolled(h - eps)) / (2 * eps))
+    if not abs(got - want) <= rtol * abs(want) + 1e-8:
+        raise AssertionError(
+            f"d loss / d hyperparameter through {steps} updates is {got:.6g}, finite differences "
+            f"give {want:.6g}: the hyperparameter lost its graph (read on the host, or detached)")
 
 
 # --------------------------------------------------------------------------- hypothesis strategies

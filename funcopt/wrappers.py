@@ -31,6 +31,7 @@ from funcopt.base import (
     tree_unflatten,
 )
 from funcopt.compose import _check_tx, _where_tree
+from funcopt.engine import leaves as engine_leaves
 from funcopt.engine import ops
 
 __all__ = [
@@ -85,10 +86,8 @@ def multi_steps(
     def update(updates, state, params=None, **extra):
         k = every_k_schedule(state.gradient_step) if callable(every_k_schedule) \
             else every_k_schedule
-        leaves, treedef = tree_flatten(updates)
         acc = tree_leaves(state.acc_grads)
-        if len(acc) != len(leaves):
-            raise ValueError("multi_steps: updates do not match the params given to init")
+        leaves, treedef = engine_leaves(updates, params, "multi_steps", acc)
         inv_m = 1.0 / (state.mini_step + 1).to(torch.float32)
         delta = ops.mul(ops.sub(leaves, acc), inv_m)
         mean = ops.add(acc, delta)
@@ -435,8 +434,8 @@ def lookahead(
                             "LookaheadParams.init_synced(params)")
         upd, fast_state = fast_optimizer.update(updates, state.fast_state, params.fast, **extra)
         sync = state.steps_since_sync == sync_period - 1
-        u, treedef = tree_flatten(upd)
         fast, slow = tree_leaves(params.fast), tree_leaves(params.slow)
+        u, treedef = engine_leaves(upd, params.fast, "lookahead", slow)
         diff = ops.sub(ops.add(fast, u), slow)  # theta_k - phi
         slow_upd = ops.mul(diff, slow_step_size)
         to_slow = ops.sub(ops.add(slow, slow_upd), fast)  # phi' - theta

@@ -72,10 +72,9 @@ from funcopt.base import (
     increment,
     resolve,
     step_counter,
-    tree_flatten,
     tree_unflatten,
 )
-from funcopt.engine import ops
+from funcopt.engine import leaves, ops
 
 __all__ = [
     "NormTestState",
@@ -382,8 +381,8 @@ def scale_by_sample_schedule(learning_rate: Any) -> GradientTransformation:
                              "per_sample_stats=stats or batch_size=b to update")
         b = per_sample_stats.count if per_sample_stats is not None else batch_size
         lr = current_learning_rate(learning_rate, state.learning_rate, state.samples)
-        leaves, treedef = tree_flatten(updates)
-        out = ops.mul(leaves, -lr.to(leaves[0].dtype)) if leaves else leaves
+        u, treedef = leaves(updates, params, "scale_by_sample_schedule")
+        out = ops.mul(u, -lr.to(u[0].dtype)) if u else u
         samples = state.samples + torch.as_tensor(b, device=state.samples.device).to(torch.int64)
         new = SampleScheduleState(increment(state.count), samples,
                                   lr.to(state.learning_rate.dtype))

@@ -14,12 +14,11 @@ from funcopt.base import (
     increment,
     require_params,
     step_counter,
-    tree_flatten,
-    tree_flatten_pair,
     tree_global_norm,
+    tree_leaves,
     tree_unflatten,
 )
-from funcopt.engine import ops
+from funcopt.engine import leaves, ops
 from funcopt.transforms.first_order import _as, _is_schedule
 
 __all__ = [
@@ -45,7 +44,7 @@ def clip(max_delta: float) -> GradientTransformation:
         return EmptyState()
 
     def update(updates, state, params=None, **extra):
-        u, treedef = tree_flatten(updates)
+        u, treedef = leaves(updates, params, "clip")
         if u:
             u = ops.clamp_max(ops.clamp_min(u, -max_delta), max_delta)
         return tree_unflatten(treedef, u), state
@@ -74,7 +73,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         return EmptyState()
 
     def update(updates, state, params=None, **extra):
-        u, treedef = tree_flatten(updates)
+        u, treedef = leaves(updates, params, "clip_by_global_norm")
         if not u:
             return updates, state
         norm = tree_global_norm(u)
@@ -101,7 +100,7 @@ def clip_by_block_rms(threshold: float) -> GradientTransformation:
         return EmptyState()
 
     def update(updates, state, params=None, **extra):
-        u, treedef = tree_flatten(updates)
+        u, treedef = leaves(updates, params, "clip_by_block_rms")
         if not u:
             return updates, state
         norms = ops.norm(u)
@@ -126,7 +125,8 @@ def keep_params_nonnegative() -> GradientTransformation:
 
     def update(updates, state, params=None, **extra):
         params = require_params(params, "keep_params_nonnegative")
-        u, treedef, p = tree_flatten_pair(updates, params)
+        u, treedef = leaves(updates, params, "keep_params_nonnegative")
+        p = tree_leaves(params)
         if not u:
             return updates, state
         # theta + u < 0 exactly when u < -theta, so max(u, -theta) is the update
@@ -199,7 +199,7 @@ def add_noise(eta: float, gamma: float, seed: int = 0) -> GradientTransformation
         return AddNoiseState(count, torch.tensor(seed, dtype=torch.int64, device=count.device))
 
     def update(updates, state, params=None, **extra):
-        u, treedef = tree_flatten(updates)
+        u, treedef = leaves(updates, params, "add_noise")
         count = increment(state.count)
         if not u:
             return updates, AddNoiseState(count, state.key)

@@ -27,13 +27,12 @@ from funcopt.base import (
     require_params,
     resolve,
     step_counter,
-    tree_check_structure,
     tree_flatten,
     tree_leaves,
     tree_unflatten,
 )
 from funcopt.compose import identity
-from funcopt.engine import ops
+from funcopt.engine import leaves, ops
 
 __all__ = [
     "ScheduleFreeState",
@@ -81,7 +80,7 @@ def scale_by_bias_corrected_rms(
             step_counter(params), [torch.zeros_like(p) for p in tree_leaves(params)])
 
     def update(updates, state, params=None, **extra):
-        g, treedef = tree_flatten(updates)
+        g, treedef = leaves(updates, params, "scale_by_bias_corrected_rms", state.nu)
         count = increment(state.count)
         t = count.to(torch.float32)
         beta = _f32(b2(count) if callable(b2) else b2, t.device)
@@ -194,7 +193,7 @@ def schedule_free(
 
     def update(updates, state, params=None, **extra):
         params = require_params(params, "schedule_free")
-        tree_check_structure(updates, params)
+        leaves(updates, params, "schedule_free", tree_leaves(state.z))
         d, base_state = base.update(updates, state.base_state, params, **extra)
         d, treedef = tree_flatten(d)
         y = tree_leaves(params)

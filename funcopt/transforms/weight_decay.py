@@ -18,10 +18,10 @@ from funcopt.base import (
     resolve,
     step_counter,
     tree_check_structure,
-    tree_flatten_pair,
+    tree_leaves,
     tree_unflatten,
 )
-from funcopt.engine import ops
+from funcopt.engine import leaves, ops
 
 __all__ = ["AddDecayedWeightsState", "add_decayed_weights"]
 
@@ -69,7 +69,8 @@ def add_decayed_weights(
 
     def update(updates, state, params=None, **extra):
         params = require_params(params, "add_decayed_weights")
-        u, treedef, p = tree_flatten_pair(updates, params)
+        u, treedef = leaves(updates, params, "add_decayed_weights")
+        p = tree_leaves(params)
         count = increment(state.count)
         if not u:
             return updates, AddDecayedWeightsState(count)
