@@ -181,13 +181,13 @@ def masked(inner: GradientTransformation, mask: PyTree | Callable) -> GradientTr
         return MaskedState(inner.init(_select(params, _mask_leaves(params, mask, "masked"))))
 
     def update(updates, state, params=None, **extra):
+        u, treedef = leaves(updates, params, "masked")
         keep = _mask_leaves(updates, mask, "masked")
         out, inner_state = inner.update(
             _select(updates, keep), state.inner_state, _select(params, keep), **extra
         )
-        leaves, treedef = tree_flatten(updates)
         it = iter(tree_leaves(out))
-        return tree_unflatten(treedef, [next(it) if k else u for u, k in zip(leaves, keep)]), \
+        return tree_unflatten(treedef, [next(it) if k else x for x, k in zip(u, keep)]), \
             MaskedState(inner_state)
 
     return GradientTransformation(init, update)

@@ -35,12 +35,11 @@ from funcopt.base import (
     increment,
     replace,
     step_counter,
-    tree_flatten,
     tree_leaves,
     tree_unflatten,
 )
 from funcopt.compose import chain
-from funcopt.engine import ops
+from funcopt.engine import leaves, ops
 from funcopt.transforms.adaptive import scale_by_laprop
 from funcopt.transforms.first_order import scale_by_adam, scale_by_learning_rate
 from funcopt.transforms.schedule_free import scale_by_bias_corrected_rms, schedule_free
@@ -55,9 +54,20 @@ __all__ = [
 ]
 
 
-def palm_beta2(scale: float = 0.8) -> Callable[[Any], float]:
-    """PaLM's ``beta2(t) = 1 - t^{-scale}`` (t counted from 1; clamped at 1)."""
-    return lambda t: 1.0 - max(float(t), 1.0) ** -scale
+def palm_beta2(scale: float = 0.8) -> Callable[[Any], Any]:
+    """PaLM's ``beta2(t) = 1 - t^{-scale}`` (t counted from 1; clamped at 1), as HeavyBall
+    0.7.2 computes it from its 1-based step. A step counter tensor gives a float64 0-d tensor
+    (no host read: the schedule traces under torch.compile and torch.func); a number gives a
+    number. For the 0-based count of funcopt's transforms use
+    :func:`funcopt.schedules.palm_beta2`, which equals this at ``t = count + 1``."""
+    check_hyperparameter("scale", scale, low=0.0, low_inclusive=False)
+
+    def beta2(t: Any) -> Any:
+        if isinstance(t, torch.Tensor):
+            return 1.0 - torch.clamp(t.to(torch.float64), min=1.0) ** -scale
+        return 1.0 - max(float(t), 1.0) ** -scale
+
+    return beta2
 
 
 def _warmup(lr: float, warmup_steps: int):
@@ -125,10 +135,7 @@ def scale_by_debiased_adopt(b1: float = 0.9, b2: float = 0.99, eps: float = 1e-8
         return ScaleByDebiasedAdoptState(step_counter(params), f32, [x.clone() for x in f32])
 
     def update(updates, state, params=None, **extra):
-        g, treedef = tree_flatten(updates)
-        if len(g) != len(state.mu):
-            raise ValueError(f"scale_by_debiased_adopt: {len(g)} leaves but the state holds "
-                             f"{len(state.mu)}; pass the tree given to init")
+        g, treedef = leaves(updates, params, "scale_by_debiased_adopt", state.mu)
         count = increment(state.count)
         t = count.to(torch.float64)
         if not g:

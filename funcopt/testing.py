@@ -170,9 +170,10 @@ def _roundtrip(state: PyTree) -> PyTree:
     try:
         return torch.load(buf, weights_only=True)
     except Exception as e:
+        lines = [x.strip() for x in str(e).splitlines() if "GLOBAL" in x or "Unsupported" in x]
         raise AssertionError(
             "the state does not load with torch.load(..., weights_only=True): "
-            f"{str(e).splitlines()[0]}\nRegister your state classes with "
+            f"{(lines or str(e).splitlines() or [''])[0]}\nRegister your state classes with "
             "torch.serialization.add_safe_globals([...]) and keep every leaf a tensor") from e
 
 

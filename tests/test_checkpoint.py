@@ -18,6 +18,9 @@ class _MomentumState(NamedTuple):
     trace: dict
 
 
+torch.serialization.add_safe_globals([_MomentumState])  # a state class loads with weights_only=True
+
+
 def _momentum(lr=0.05, beta=0.9):
     """Heavy-ball momentum (Polyak 1964): m <- beta*m + g, u = -lr*m."""
     def init(params):

@@ -22,6 +22,9 @@ class MomState(NamedTuple):
     mu: object
 
 
+torch.serialization.add_safe_globals([MomState])  # a state class loads with weights_only=True
+
+
 def momentum(lr=0.1, beta=0.9):
     """``mu <- beta mu + g``; ``u = -lr mu`` (optax.sgd(lr, momentum=beta))."""
 
@@ -29,9 +32,10 @@ def momentum(lr=0.1, beta=0.9):
         return MomState(fo.step_counter(params), fo.tree_zeros_like(params))
 
     def update(updates, state, params=None, **extra):
-        g, treedef = fo.tree_flatten(updates)
-        mu = torch._foreach_add(torch._foreach_mul(fo.tree_leaves(state.mu), beta), g)
-        return (fo.tree_unflatten(treedef, torch._foreach_mul(mu, -lr)),
+        # the leaf engine: checked leaves, and ops that also run under torch.func.vmap
+        g, treedef = fo.engine.leaves(updates, params, "momentum", fo.tree_leaves(state.mu))
+        mu = fo.engine.ops.add(fo.engine.ops.mul(fo.tree_leaves(state.mu), beta), g)
+        return (fo.tree_unflatten(treedef, fo.engine.ops.mul(mu, -lr)),
                 MomState(fo.increment(state.count), fo.tree_unflatten(treedef, mu)))
 
     return fo.GradientTransformation(init, update)
@@ -39,7 +43,8 @@ def momentum(lr=0.1, beta=0.9):
 
 def times(s):
     def update(updates, state, params=None, **extra):
-        return fo.tree_map(lambda u: u * s, updates), state
+        u, treedef = fo.engine.leaves(updates, params, "times")
+        return fo.tree_unflatten(treedef, [x * s for x in u]), state
 
     return fo.GradientTransformation(lambda p: fo.EmptyState(), update)
 

@@ -28,6 +28,9 @@ class _AdamState(NamedTuple):
     learning_rate: torch.Tensor
 
 
+torch.serialization.add_safe_globals([_AdamState])  # a state class loads with weights_only=True
+
+
 def _adam(lr=1e-2, b1=0.9, b2=0.999, eps=1e-8):
     """Element-wise Adam (float64 transcription of Kingma & Ba, Alg. 1) over a list or dict."""
     def init(params):

@@ -24,6 +24,9 @@ class _AdamState(NamedTuple):
     learning_rate: torch.Tensor
 
 
+torch.serialization.add_safe_globals([_AdamState])  # a state class loads with weights_only=True
+
+
 def _adam_ref(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True):
     def init(params):
         dt = params[0].dtype
@@ -50,6 +53,9 @@ def _adam_ref(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, decoupled=T
 class _SgdState(NamedTuple):
     trace: list
     learning_rate: torch.Tensor
+
+
+torch.serialization.add_safe_globals([_SgdState])  # a state class loads with weights_only=True
 
 
 def _sgd_ref(lr=0.1, momentum=0.9):
@@ -286,6 +292,9 @@ def test_inject_hyperparams_exposes_betas_for_onecycle_momentum(factory):
 
 class _ValueState(NamedTuple):
     learning_rate: torch.Tensor
+
+
+torch.serialization.add_safe_globals([_ValueState])  # a state class loads with weights_only=True
 
 
 def _polyak_like(lr):

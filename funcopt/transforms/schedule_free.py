@@ -32,7 +32,7 @@ from funcopt.base import (
     tree_unflatten,
 )
 from funcopt.compose import identity
-from funcopt.engine import leaves, ops
+from funcopt.engine import leaves, ops, scalar_dtype
 
 __all__ = [
     "ScheduleFreeState",
@@ -82,8 +82,8 @@ def scale_by_bias_corrected_rms(
     def update(updates, state, params=None, **extra):
         g, treedef = leaves(updates, params, "scale_by_bias_corrected_rms", state.nu)
         count = increment(state.count)
-        t = count.to(torch.float32)
-        beta = _f32(b2(count) if callable(b2) else b2, t.device)
+        t = count.to(scalar_dtype(g))
+        beta = _scalar(b2(count) if callable(b2) else b2, t)
         if callable(b2):
             beta, corr = 1.0 - (1.0 - beta) / (1.0 - beta ** t), None
         else:
@@ -96,7 +96,7 @@ def scale_by_bias_corrected_rms(
         nu = _cast_like(nu, g)
         denom = nu if corr is None else ops.div(nu, _per_leaf(corr, g))
         denom = ops.sqrt(denom)
-        e = _per_leaf(_f32(eps, t.device), g)
+        e = _per_leaf(_scalar(eps, t), g)
         denom = ops.maximum(denom, e) if eps_floor else ops.add(denom, e)
         return tree_unflatten(treedef, _cast_like(ops.div(g, denom), g)), \
             ScaleByBiasCorrectedRmsState(count, nu)
@@ -104,9 +104,11 @@ def scale_by_bias_corrected_rms(
     return GradientTransformation(init, update)
 
 
-def _f32(value, device) -> Tensor:
-    """A hyperparameter (number or 0-d tensor of any dtype) as a 0-d float32 tensor."""
-    return torch.as_tensor(value, dtype=torch.float32, device=device)
+def _scalar(value, like: Tensor) -> Tensor:
+    """A hyperparameter (number or 0-d tensor of any dtype) as a 0-d tensor of ``like``'s
+    dtype and device: float64 where the parameters are float64, else float32 (so float64 runs
+    match schedulefree's float64 arithmetic to rounding)."""
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device)
 
 
 def _per_leaf(scalar: Tensor, leaves: list[Tensor]) -> list[Tensor]:
@@ -185,10 +187,10 @@ def schedule_free(
     def init(params):
         count = step_counter(params)
         lr0 = resolve(learning_rate, count)
-        f32 = dict(dtype=torch.float32, device=count.device)
+        like = torch.zeros((), dtype=scalar_dtype(tree_leaves(params)), device=count.device)
         return ScheduleFreeState(
-            count, torch.as_tensor(lr0, **f32).clone(), torch.full((), -1.0, **f32),
-            torch.zeros((), **f32), _f32(b1, count.device).clone(),
+            count, _scalar(lr0, like).clone(), torch.full_like(like, -1.0),
+            like, _scalar(b1, like).clone(),
             [p.detach().clone() for p in tree_leaves(params)], base.init(params))
 
     def update(updates, state, params=None, **extra):
@@ -197,17 +199,17 @@ def schedule_free(
         d, base_state = base.update(updates, state.base_state, params, **extra)
         d, treedef = tree_flatten(d)
         y = tree_leaves(params)
-        dev = state.count.device
+        like = state.weight_sum
         if isinstance(weight_decay, Tensor):
-            d = ops.add(d, ops.mul(y, _per_leaf(_f32(weight_decay, dev), y)))
+            d = ops.add(d, ops.mul(y, _per_leaf(_scalar(weight_decay, like), y)))
         elif weight_decay != 0:
             d = ops.add(d, y, alpha=weight_decay)
         count = increment(state.count)
-        lr = _f32(current_learning_rate(learning_rate, state.learning_rate, state.count), dev)
-        t = count.to(torch.float32)
-        lr_t = lr * torch.clamp(t / _f32(warmup_steps, dev), max=1.0)  # t >= 1: t/0 = inf -> 1
+        lr = _scalar(current_learning_rate(learning_rate, state.learning_rate, state.count), like)
+        t = count.to(like.dtype)
+        lr_t = lr * torch.clamp(t / _scalar(warmup_steps, like), max=1.0)  # t/0 = inf -> 1
         lr_max = torch.maximum(lr_t, state.lr_max)
-        weight = t ** _f32(r, dev) * lr_max ** _f32(weight_lr_power, dev)
+        weight = t ** _scalar(r, like) * lr_max ** _scalar(weight_lr_power, like)
         weight_sum = state.weight_sum + weight
         ckp1 = torch.where(weight_sum > 0, weight / weight_sum, torch.zeros_like(weight))
         if not y:
