@@ -328,21 +328,25 @@ def check_vmap(tx: GradientTransformation, params: PyTree, batch: int = 3, steps
         [v for v in random_like(x.unsqueeze(0).expand(batch, *x.shape).contiguous(),
                                 seed=s + 11)]), params) for s in range(steps)]
 
-    def one(p, *gs):
-        return _steps(tx, p, gs, extra)
+    treedef = optree.tree_structure(params)
 
+    def one(p_leaves, *g_leaves):  # flat lists in and out: vmap sees tensors only
+        p, state = _steps(tx, optree.tree_unflatten(treedef, p_leaves),
+                          [optree.tree_unflatten(treedef, g) for g in g_leaves], extra)
+        return optree.tree_leaves(p), optree.tree_leaves(state)
+
+    flat_grads = [optree.tree_leaves(g) for g in grads]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
-        got = torch.func.vmap(one, randomness="same")(stacked, *grads)
+        got = torch.func.vmap(one, randomness="same")(optree.tree_leaves(stacked), *flat_grads)
     rtol, atol = _tol(params)
     for i in range(batch):
-        p_i = optree.tree_map(lambda x, i=i: x[i], stacked)
-        g_i = [optree.tree_map(lambda x, i=i: x[i], g) for g in grads]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(7)
-            want = one(p_i, *g_i)
+            want = one([x[i] for x in optree.tree_leaves(stacked)],
+                       *[[x[i] for x in g] for g in flat_grads])
         assert_trees_close(optree.tree_map(lambda x, i=i: x[i], got), want, rtol=rtol,
-                           atol=atol, what=f"vmap vs a loop, problem {i}")
+                           atol=atol, what=f"vmap vs a loop, problem {i} (params, state)")
 
 
 def check_compile(tx: GradientTransformation, params: PyTree, steps: int = 4,
