@@ -175,7 +175,9 @@ def damped_least_squares(J: Tensor, r: Tensor, damping: float | Tensor,
         J: Jacobian, shape ``(m, n)``; ``J``: m residuals by n unknowns.
         r: residuals ``r``, shape ``(m,)`` or ``(m, k)``. The step that decreases
             ``||r(p)||^2`` is ``p - x`` when ``J = dr/dp``.
-        damping: ``\\lambda >= 0``, float or 0-d tensor.
+        damping: ``\\lambda >= 0``, float or 0-d tensor. A negative (or NaN) damping raises
+            ValueError: a number or a CPU tensor at once; a tensor on another device when the
+            operator is checked in :func:`solve` (the host sync it already makes).
         diag: ``D``: None (identity), a tensor ``d`` of shape ``(n,)`` with ``d >= 0``, or
             "marquardt" for ``diag(J^T J)``.
         solver: name or LinearSolver for the inner solve (default "auto"); "cg" stays matrix-free.
