@@ -18,6 +18,7 @@ import torch
 
 from funcopt.base import PyTree, apply_updates
 from funcopt.func.jacobian import per_sample_residuals, ravel_params
+from funcopt.solvers.base import scaled_norm
 from funcopt.transforms.levenberg_marquardt import levenberg_marquardt
 
 __all__ = ["LeastSquaresInfo", "least_squares", "mse_residuals", "cross_entropy_residuals"]
@@ -28,10 +29,15 @@ Tensor = torch.Tensor
 class LeastSquaresInfo(NamedTuple):
     """What :func:`least_squares` did.
 
-    steps: updates run (Jacobian evaluations). cost: final ``0.5 ||r||^2``. reason: why it
-    stopped (see :func:`least_squares`). success: a convergence test held (not the step limit).
-    history: one dict per update (``cost``, ``new_cost``, ``damping``, ``gain_ratio``,
-    ``step_norm``, ``grad_cos``, ``accepted``, ``attempts``). evaluations: residual evaluations.
+    steps: updates run (Jacobian evaluations). cost: final ``0.5 ||r||^2`` in float64 (inf
+    when it overflows float64, 0 when it underflows; ``residual_norm`` is exact there).
+    reason: why it stopped (see :func:`least_squares`). success: a convergence test held; False
+    for the step limit, a damping that reached its bound, residuals that were not finite at
+    every trial point, or a start point never left. history: one dict per update (``cost``,
+    ``new_cost``, ``damping``, ``gain_ratio``, ``actual_reduction``, ``predicted_reduction``,
+    ``residual_norm``, ``step_norm``, ``grad_cos``, ``accepted``, ``attempts``,
+    ``trial_finite``). evaluations: residual evaluations. residual_norm: final ``||r||``,
+    computed without overflow or underflow.
     """
 
     steps: int
@@ -40,9 +46,10 @@ class LeastSquaresInfo(NamedTuple):
     success: bool
     history: list
     evaluations: int
+    residual_norm: float = float("nan")
 
 
-def _check_residual_fn(residual_fn: Callable[[PyTree], Tensor], params: PyTree) -> None:
+def _check_residual_fn(residual_fn: Callable[[PyTree], Tensor], params: PyTree, x: Tensor) -> None:
     r = residual_fn(params)
     if not isinstance(r, torch.Tensor) or r.ndim != 1:
         got = f"a {type(r).__name__}" if not isinstance(r, torch.Tensor) else f"shape {tuple(r.shape)}"
@@ -54,6 +61,12 @@ def _check_residual_fn(residual_fn: Callable[[PyTree], Tensor], params: PyTree) 
         raise TypeError(f"residual_fn returned a {r.dtype} tensor; residuals must be floating point")
     if r.numel() == 0:
         raise ValueError("residual_fn returned no residuals; there is nothing to fit")
+    if r.dtype != x.dtype:
+        raise TypeError(
+            f"residual_fn returned {r.dtype} residuals for {x.dtype} parameters; the residuals "
+            f"must have the parameters' dtype: return r.to({x.dtype}) from residual_fn, or pass "
+            f"{r.dtype} parameters"
+        )
 
 
 def _record(s) -> dict:
@@ -63,16 +76,16 @@ def _record(s) -> dict:
         "gain_ratio": float(s.gain_ratio), "step_norm": float(s.step_norm),
         "x_norm": float(s.x_norm), "grad_cos": float(s.grad_cos),
         "predicted": float(s.predicted), "accepted": bool(s.accepted), "attempts": int(s.attempts),
+        "residual_norm": float(s.residual_norm), "actual_reduction": float(s.actual_reduction),
+        "predicted_reduction": float(s.predicted_reduction), "trial_finite": bool(s.trial_finite),
     }
 
 
 def _converged(h: dict, ftol: float, xtol: float, gtol: float, eps: float) -> str | None:
-    """MINPACK's tests on the last update's statistics; ``None`` when none holds."""
-    cost = h["cost"]
-    if cost == 0.0:
-        return "zero residual"
-    actred = (cost - h["new_cost"]) / cost if math.isfinite(h["new_cost"]) else -1.0
-    prered = h["predicted"] / cost
+    """MINPACK's tests on the last update's statistics; ``None`` when none holds. They use
+    only relative reductions and relative step lengths, so they do not depend on the scale of
+    the residuals or the parameters."""
+    actred, prered = h["actual_reduction"], h["predicted_reduction"]
     ratio_ok = 0.5 * h["gain_ratio"] <= 1.0
     f_ok = abs(actred) <= ftol and prered <= ftol and ratio_ok
     x_ok = h["step_norm"] <= xtol * h["x_norm"]
@@ -105,16 +118,31 @@ def least_squares(
     """Minimise ``0.5 ||residual_fn(params)||^2`` by Levenberg-Marquardt (MINPACK's tests).
 
     Stopping tests (MINPACK ``lmder``), checked after every update, with ``F`` the cost,
-    ``delta`` the last step, ``d`` the scaling and ``x`` the parameters:
+    ``delta`` the last step, ``d`` the scaling and ``x`` the parameters. Every test is
+    scale-free, as MINPACK's: it compares norms of ``r``, ``J`` and ``d * x`` only through
+    their ratios (computed without overflow or underflow), so the same problem with its
+    residuals multiplied by ``10^k`` stops at the same point for any ``k`` the dtype can hold.
 
-    * ``gtol``: ``max_j |J_j^T r| / (||J_j|| ||r||) <= gtol`` at the current point;
-    * ``ftol``: ``|actual| <= ftol`` and ``predicted <= ftol`` and ``rho <= 2``, both relative
-      reductions of ``F``;
-    * ``xtol``: ``||d * delta|| <= xtol * ||d * x||``;
+    * ``residual_norm == 0``: "zero residual" (success);
+    * ``gtol``: ``max_j |J_j^T r| / (||J_j|| ||r||) <= gtol`` at the current point (success);
+    * ``ftol``: ``|actual| <= ftol`` and ``predicted <= ftol`` and ``rho <= 2``, with
+      ``actual = 1 - (||r_new|| / ||r||)^2`` and ``predicted`` the relative reductions of
+      ``F`` (success);
+    * ``xtol``: ``||d * delta|| <= xtol * ||d * x||`` (success);
     * the same three with machine epsilon of the dtype ("no further reduction possible"), so
       ``ftol = xtol = gtol = 1e-15`` runs to the limit of the floating-point format;
-    * the damping reached ``max_damping`` with every attempt rejected;
-    * ``max_steps`` updates (reason "max_steps", ``success=False``).
+
+    and the failures (``success=False``, the cause in ``reason``):
+
+    * the damping reached ``max_damping`` (or the trust region vanished) with every attempt
+      rejected;
+    * a tolerance test held only because the steps shrank around trial points where
+      ``residual_fn`` was not finite;
+    * a test held but no step was ever accepted (the start point was never left, and neither
+      the zero-residual nor the gtol test says it is a solution);
+    * ``max_steps`` updates (reason "max_steps: ...").
+
+    ``residual_fn`` must return the parameters' dtype (TypeError otherwise, before any work).
 
     Args:
         residual_fn: ``params -> r``, a 1-D floating tensor of residuals. Per-sample
@@ -147,39 +175,82 @@ def least_squares(
             raise ValueError(f"{name}={tol!r}: pass a number >= 0")
     if not isinstance(max_steps, int) or max_steps < 0:
         raise ValueError(f"max_steps={max_steps!r}: pass an int >= 0")
-    _check_residual_fn(residual_fn, params)
     x, _ = ravel_params(params)
-    eps, tiny = torch.finfo(x.dtype).eps, torch.finfo(x.dtype).tiny
+    _check_residual_fn(residual_fn, params, x)
     tx = levenberg_marquardt(residual_fn, solver=solver, damping_rule=damping_rule,
                              geodesic_acceleration=geodesic_acceleration, **lm_options)
-    max_damping = lm_options.get("max_damping", 1e16)
+    tols = (ftol, xtol, gtol, torch.finfo(x.dtype).eps)
+    limits = (lm_options.get("max_damping", 1e16), damping_rule == "trust_region",
+              torch.finfo(x.dtype).tiny)
     state = tx.init(params)
     history: list[dict] = []
-    reason, evaluations = "max_steps", 1
+    reason, success, moved, evaluations = "max_steps: the step limit was reached", False, False, 1
     for _ in range(max_steps):
         updates, new_state = tx.update(None, state, params)
         h = _record(new_state)
         history.append(h)
         evaluations += h["attempts"] + 1
-        if h["grad_cos"] <= max(gtol, eps):
-            reason = "gtol: gradient orthogonal to the residuals" if h["grad_cos"] <= gtol \
-                else "gtol below machine precision: gradient orthogonal to the residuals"
+        stop = _stationary(h, tols)
+        if stop is not None:  # a test on the current point: the step is not taken
+            reason, success = stop, True
             break
         state = new_state
         if h["accepted"]:
-            params = apply_updates(params, updates)
-        reason = _converged(h, ftol, xtol, gtol, eps) or reason
-        if reason != "max_steps":
+            params, moved = apply_updates(params, updates), True
+        stop, success = _outcome(h, tols, limits, history[-_EDGE_WINDOW:])
+        if stop is not None:
+            reason = stop
             break
-        if not h["accepted"] and (h["damping"] >= max_damping or (
-                damping_rule == "trust_region" and h["radius"] <= tiny)):
-            reason = "damping reached max_damping: no step reduces the cost" \
-                if h["damping"] >= max_damping else "trust region vanished: no step reduces the cost"
-            break
-    cost = 0.5 * float(torch.linalg.vector_norm(residual_fn(params).double()) ** 2)
+    if success and not moved and not reason.startswith(("zero residual", "gtol")):
+        reason, success = ("no step was accepted from the start point, so it is not a minimum "
+                           f"of the cost although a test held ({reason})"), False
+    r = residual_fn(params).detach()
+    rnorm = float(scaled_norm(r.double()))
     return params, LeastSquaresInfo(
-        len(history), cost, reason, reason != "max_steps", history, evaluations
+        len(history), 0.5 * rnorm * rnorm if rnorm < 1e154 else math.inf, reason, success,
+        history, evaluations, rnorm,
     )
+
+
+def _stationary(h: dict, tols) -> str | None:
+    """The tests on the current point: a zero residual, or MINPACK's gtol."""
+    gtol, eps = tols[2], tols[3]
+    if h["residual_norm"] == 0.0:
+        return "zero residual"
+    if h["grad_cos"] <= max(gtol, eps):
+        return "gtol: gradient orthogonal to the residuals" if h["grad_cos"] <= gtol \
+            else "gtol below machine precision: gradient orthogonal to the residuals"
+    return None
+
+
+_EDGE_WINDOW = 5  # updates looked back on for trial points with non-finite residuals
+
+
+def _outcome(h: dict, tols, limits, recent: list) -> tuple[str | None, bool]:
+    """``(reason, success)`` after an update, ``(None, False)`` to go on. A tolerance test
+    that holds while one of the ``recent`` updates met non-finite residuals at a trial point,
+    and the gradient is not orthogonal to the residuals (``grad_cos > sqrt(eps)``), means the
+    iterates ran into the edge of the region where ``residual_fn`` is finite: a failure."""
+    ftol, xtol, gtol, eps = tols
+    max_damping, trust, tiny = limits
+    reason = _converged(h, ftol, xtol, gtol, eps)
+    edge = any(not u["trial_finite"] for u in recent) and h["grad_cos"] > eps ** 0.5
+    if reason is not None and edge:
+        return ("residual_fn was not finite at trial points near the current parameters, and "
+                f"the steps shrank until a tolerance test held ({reason}) with the gradient "
+                f"not orthogonal to the residuals (grad_cos {h['grad_cos']:.2g}): this is the "
+                "edge of the region where residual_fn is finite, not a minimum; restrict or "
+                "reparametrise the model so it is finite around the solution"), False
+    if reason is not None:
+        return reason, True
+    if h["accepted"]:
+        return None, False
+    if h["damping"] >= max_damping:
+        return ("damping reached max_damping: no step reduces the cost (failure; check the "
+                "residuals are finite and well scaled near the current parameters)"), False
+    if trust and h["radius"] <= tiny:
+        return "trust region vanished: no step reduces the cost (failure)", False
+    return None, False
 
 
 # --------------------------------------------------------------------------- residual adapters

@@ -16,12 +16,14 @@ from funcopt.solvers.base import (
     LinearSolver,
     MatrixFreeOperator,
     Solution,
+    _damping_tensor,
     _require_finite,
+    finite_or_zero,
     gram,
     gram_dual,
 )
 from funcopt.solvers.dense import LU, QR, SVD, Cholesky, Lstsq
-from funcopt.solvers.krylov import CG
+from funcopt.solvers.krylov import CG, _power_of_two
 
 __all__ = ["Auto", "get", "solve", "damped_least_squares", "damped_least_squares_solver", "SOLVER_NAMES"]
 
@@ -173,7 +175,9 @@ def damped_least_squares(J: Tensor, r: Tensor, damping: float | Tensor,
         J: Jacobian, shape ``(m, n)``; ``J``: m residuals by n unknowns.
         r: residuals ``r``, shape ``(m,)`` or ``(m, k)``. The step that decreases
             ``||r(p)||^2`` is ``p - x`` when ``J = dr/dp``.
-        damping: ``\\lambda >= 0``, float or 0-d tensor.
+        damping: ``\\lambda >= 0``, float or 0-d tensor. A negative (or NaN) damping raises
+            ValueError: a number or a CPU tensor at once; a tensor on another device when the
+            operator is checked in :func:`solve` (the host sync it already makes).
         diag: ``D``: None (identity), a tensor ``d`` of shape ``(n,)`` with ``d >= 0``, or
             "marquardt" for ``diag(J^T J)``.
         solver: name or LinearSolver for the inner solve (default "auto"); "cg" stays matrix-free.
@@ -200,18 +204,57 @@ def damped_least_squares_solver(J: Tensor, diag: Tensor | str | None = None, *,
     form and the column scaling are done once, and the Gram matrix ``J^T J`` (or ``J J^T``) is
     formed at most once and shared between calls (see :meth:`GramOperator.with_damping`), as
     a Levenberg-Marquardt step that tries several dampings needs. ``r`` is not checked.
+
+    Scaling: with ``gamma`` the power of two nearest below ``max |J|``, the system solved is
+    ``(Jh^T Jh + (lambda / gamma^2) D) x = Jh^T (r / gamma)``, ``Jh = J / gamma`` (with
+    Marquardt's ``D = diag(J^T J)`` the damping is unchanged), which is the same system
+    multiplied by ``1 / gamma^2``: exact in floating point, and the Gram matrix neither
+    overflows nor underflows for a Jacobian of any finite size. Where ``lambda / gamma^2``
+    overflows (``max |J| < 2^-100`` and a damping that dominates ``J^T J`` beyond the range of
+    the dtype) the answer is ``J^T r / (lambda d)`` to working precision and is returned as
+    such (solver name "diagonal"); telling that case apart costs one host sync, only there.
     """
     if not isinstance(J, Tensor) or J.ndim != 2:
         raise ValueError(f"damped_least_squares: J must be a 2-D tensor; got {getattr(J, 'shape', J)!r}")
     if form not in ("auto", "primal", "dual"):
         raise ValueError(f"damped_least_squares: form must be 'auto', 'primal' or 'dual'; got {form!r}")
     _require_finite(J, "the Jacobian J")
+    gamma = _power_of_two(J.abs().amax() if J.numel() else J.new_ones(()))
+    Jh = J / gamma
+    relative_damping = isinstance(diag, str)  # Marquardt's D scales with J^T J
     if isinstance(diag, str):
         if diag != "marquardt":
             raise ValueError(f"damped_least_squares: diag must be None, a tensor or 'marquardt'; got {diag!r}")
-        diag = (J * J).sum(0)
+        diag = (Jh * Jh).sum(0)
     if diag is not None and isinstance(diag, Tensor) and bool((diag < 0).any()):
         raise ValueError("damped_least_squares: diag must be >= 0 (D = diag(diag) scales the damping)")
+    inner = _unscaled_solver(Jh, diag, solver, form)
+    tiny_J = bool(gamma < 2.0 ** -100)  # host sync, once per J
+
+    def step(damping: float | Tensor, r: Tensor) -> Solution:
+        lam = _damping_tensor(damping, J)  # ValueError for a negative number (or CPU tensor)
+        lam_h = lam if relative_damping else lam / gamma / gamma
+        if tiny_J and not relative_damping and bool(torch.isinf(lam_h) & torch.isfinite(lam)):
+            return _damping_dominated(Jh, gamma, r, lam, diag)
+        return inner(lam_h, r / gamma)
+
+    return step
+
+
+def _damping_dominated(Jh: Tensor, gamma: Tensor, r: Tensor, lam: Tensor,
+                       diag: Tensor | None) -> Solution:
+    """``x = J^T r / (lambda d)``: the damped step when ``lambda d`` exceeds ``J^T J`` by more
+    than the dtype's range."""
+    d = torch.ones_like(lam) if diag is None else diag.to(Jh)
+    d = d if r.ndim == 1 or diag is None else d[:, None]
+    x = (Jh.mT @ r) / (lam * d) * gamma
+    x, success = finite_or_zero(x, torch.ones((), dtype=torch.bool, device=x.device))
+    return Solution(x, success, "diagonal")
+
+
+def _unscaled_solver(J: Tensor, diag: Tensor | None, solver: str | LinearSolver,
+                     form: str) -> Callable[[float | Tensor, Tensor], Solution]:
+    """``step(damping, r)`` solving ``(J^T J + damping D) x = J^T r`` as it is given."""
     m, n = J.shape
     use_dual = form == "dual" or (form == "auto" and m < n)
     scale = None

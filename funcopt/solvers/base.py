@@ -30,6 +30,7 @@ __all__ = [
     "matrix_free",
     "block_diagonal",
     "gauss_newton",
+    "scaled_norm",
 ]
 
 
@@ -82,6 +83,19 @@ class LinearOperator:
         return self.shape[0] == self.shape[1]
 
 
+def scaled_norm(v: Tensor, dim: int | None = None) -> Tensor:
+    """The Euclidean norm ``||v||_2`` computed as ``s * ||v / s||`` with ``s = max |v|``, so it
+    neither overflows nor underflows when the norm itself is representable (MINPACK's
+    ``enorm``, LAPACK's ``dnrm2`` do the same). ``dim``: None for the whole tensor, or the
+    dimension to reduce (e.g. 0 for column norms). NaN in, NaN out; inf in, inf out.
+    """
+    a = v.abs()
+    s = a.amax() if dim is None else a.amax(dim=dim, keepdim=True)
+    s = torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s))
+    n = torch.linalg.vector_norm(v / s, dim=dim, keepdim=dim is not None) * s
+    return n if dim is None else n.squeeze(dim)
+
+
 def _require_finite(t: Tensor, what: str) -> None:
     if not bool(torch.isfinite(t).all()):
         raise ValueError(
@@ -124,12 +138,20 @@ def _damping_tensor(damping: float | Tensor, like: Tensor) -> Tensor:
     if isinstance(damping, Tensor):
         if damping.ndim != 0:
             raise ValueError(f"damping must be a float or a 0-d tensor; got shape {tuple(damping.shape)}")
+        if damping.device.type == "cpu":  # no host sync on the CPU; elsewhere at check_finite
+            _require_valid_damping(damping)
         return damping.to(dtype=like.dtype, device=like.device)
     if not isinstance(damping, (int, float)) or isinstance(damping, bool):
         raise TypeError(f"damping must be a float or a 0-d tensor; got {type(damping).__name__}")
     if not damping >= 0:
         raise ValueError(f"damping={damping} must be >= 0 (it is the lambda of J^T J + lambda D)")
     return torch.tensor(float(damping), dtype=like.dtype, device=like.device)
+
+
+def _require_valid_damping(damping: Tensor) -> None:
+    if not bool(damping >= 0):  # False for NaN too
+        raise ValueError(f"damping={float(damping)} must be >= 0 (it is the lambda of "
+                         "J^T J + lambda D); pass a non-negative number or 0-d tensor")
 
 
 class GramOperator(LinearOperator):
@@ -200,10 +222,23 @@ class GramOperator(LinearOperator):
         return d + (self.damping * self.diag if self.diag is not None else self.damping)
 
     def check_finite(self) -> None:
+        """Raise ValueError when ``J``, the damping or ``diag`` is not finite, the damping is
+        negative, or the Gram matrix overflows: its largest diagonal entry, the squared norm of
+        a column (primal) or row (dual) of ``J``, exceeds the dtype's range."""
         _require_finite(self.J, "the Jacobian J")
         _require_finite(self.damping, "the damping")
+        _require_valid_damping(self.damping)
         if self.diag is not None:
             _require_finite(self.diag, "the scaling diag")
+        norms = scaled_norm(self.J, dim=0 if self.form == "primal" else 1)
+        big = norms.max() if norms.numel() else torch.zeros((), dtype=norms.dtype)
+        if not bool(torch.isfinite(big * big)):
+            what = "J^T J" if self.form == "primal" else "J J^T"
+            raise ValueError(
+                f"the Gram matrix {what} overflows {self.dtype}: J has a "
+                f"{'column' if self.form == 'primal' else 'row'} of norm {float(big):.3g}, whose "
+                "square is not finite. Rescale the problem (divide J and r by a constant), or use "
+                "solvers.damped_least_squares, which rescales J itself")
 
 
 class MatrixFreeOperator(LinearOperator):
@@ -421,8 +456,11 @@ def finite_or_zero(x: Tensor, success: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def relative_residual(operator: LinearOperator, x: Tensor, b: Tensor) -> Tensor:
-    """``max_j ||b_j - A x_j|| / ||b_j||`` (columns j of a batched ``b``)."""
-    r = torch.linalg.vector_norm(b - operator.matvec(x), dim=0)
-    nb = torch.linalg.vector_norm(b, dim=0)
-    return (r / torch.clamp(nb, min=torch.finfo(nb.dtype).tiny)).max()
+    """``max_j ||b_j - A x_j|| / ||b_j||`` (columns j of a batched ``b``), with norms that
+    neither overflow nor underflow (:func:`scaled_norm`); inf where ``b_j = 0`` but
+    ``A x_j != 0``, NaN or inf when ``A x`` is not finite."""
+    r = scaled_norm(b - operator.matvec(x), dim=0)
+    nb = scaled_norm(b, dim=0)
+    zero_b = torch.where(r > 0, torch.full_like(r, float("inf")), torch.zeros_like(r))
+    return torch.where(nb > 0, r / torch.where(nb > 0, nb, torch.ones_like(nb)), zero_b).max()
 

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from funcopt.solvers.base import LinearOperator, LinearSolver, Solution, finite_or_zero
+from funcopt.solvers.dense import _require_symmetric
 
 __all__ = ["CuPyNumeric", "import_cupynumeric"]
 
@@ -114,6 +115,8 @@ class CuPyNumeric(LinearSolver):
         if method in ("cholesky", "solve") and not op.square:
             raise ValueError(f"cupynumeric {method} needs a square operator; got {op.shape}")
         A = op.as_matrix()
+        if method == "cholesky":
+            _require_symmetric(op, A, "cupynumeric cholesky")
         work = torch.float32 if A.dtype in (torch.float16, torch.bfloat16) else A.dtype
         An, bn = _to_cn(cn, A.to(work)), _to_cn(cn, b.to(work))
         ok = True

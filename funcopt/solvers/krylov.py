@@ -10,6 +10,7 @@ at most 10 n iterations).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from funcopt.solvers.base import (
     LinearSolver,
     Solution,
     finite_or_zero,
-    relative_residual,
+    scaled_norm,
 )
 
 __all__ = ["CG"]
@@ -36,6 +37,7 @@ def _preconditioner(spec: Preconditioner, op: LinearOperator) -> Callable[[Tenso
         return spec.matvec
     if spec == "jacobi":
         d = op.diagonal()
+        d = d / _power_of_two(d.abs().max())  # CG is invariant to a scalar factor of M^{-1}
         inv = torch.where(d > 0, 1.0 / torch.where(d > 0, d, torch.ones_like(d)), torch.ones_like(d))
         return lambda r: (inv if r.ndim == 1 else inv[:, None]) * r
     if callable(spec):
@@ -62,6 +64,13 @@ class CG(LinearSolver):
     columns. Converged columns are frozen. ``success`` is False when a column did not converge
     within ``maxiter`` or met ``p^T A p <= 0`` (``A`` not positive definite).
     ``Solution.residual_norm`` is the true relative residual ``||b - A x|| / ||b||``.
+
+    Scaling: CG runs on ``(A / s) y = b / beta`` with ``beta_j`` and ``s`` powers of two near
+    ``||b_j||`` and ``||A v|| / ||v||`` (from the first product), and returns
+    ``x = beta y / s``; the scaling is exact, and norms are computed without overflow or
+    underflow, so a system scaled by ``10^{+-300}`` converges as the unscaled one does.
+    Success is decided on the true residual ``b - A x``: when the recursive residual meets the
+    tolerance but the true one does not, CG restarts from the true one (at most 3 times).
 
     The loop decides when to stop on the host: one sync every ``check_every`` iterations.
 
@@ -97,35 +106,100 @@ class CG(LinearSolver):
             raise ValueError(f"CG needs a square operator; got shape {op.shape}")
         apply_m = _preconditioner(self.preconditioner, op)
         B = b if b.ndim == 2 else b[:, None]
-        mv = lambda v: op.matvec(v if b.ndim == 2 else v[:, 0]).reshape(B.shape)
+        beta = _power_of_two(scaled_norm(B, dim=0))  # b_hat = b / beta has norm in [1, 2)
+        mv = _Normalised(lambda v: op.matvec(v if b.ndim == 2 else v[:, 0]).reshape(B.shape))
         pre = lambda r: apply_m(r if b.ndim == 2 else r[:, 0]).reshape(B.shape)
-        x = torch.zeros_like(B) if self.x0 is None else self.x0.reshape(B.shape).to(B)
-        r = B - mv(x) if self.x0 is not None else B.clone()
+        Bh = B / beta
+        if self.x0 is None:
+            y, r = torch.zeros_like(B), Bh.clone()
+        else:  # y = x0 * s / beta, with s fixed by this first product
+            x0 = self.x0.reshape(B.shape).to(B)
+            Ax0 = mv(x0)
+            y = x0 * mv.scale / beta
+            r = Bh - Ax0 / beta
+        bnorm = scaled_norm(Bh, dim=0)  # in [1, 2), or 0 for a zero column
+        thresh = torch.maximum(self.tol * bnorm, torch.full_like(beta, self.atol) / beta)
+        maxiter = 10 * op.shape[0] if self.maxiter is None else self.maxiter
+        y, r_true, broken, it = self._iterate(mv, pre, Bh, y, r, thresh, maxiter)
+        rnorm = scaled_norm(r_true, dim=0)
+        converged = (rnorm <= thresh) & ~broken
+        x = y * beta / mv.scale
+        x = x if b.ndim == 2 else x[:, 0]
+        x, success = finite_or_zero(x, converged.all())
+        zero_b = torch.where(rnorm > 0, torch.full_like(rnorm, float("inf")), torch.zeros_like(rnorm))
+        rel = torch.where(bnorm > 0, rnorm / torch.where(bnorm > 0, bnorm, 1.0), zero_b).max()
+        iterations = torch.tensor(it, dtype=torch.int64, device=b.device)
+        return Solution(x, success, self.name, iterations, rel)
+
+    def _iterate(self, mv, pre, Bh, y, r, thresh, maxiter):
+        """CG iterations on the normalised system; when the recursive residual meets the
+        threshold, the true residual ``b - A y`` replaces it (at most ``_RESTARTS`` times) and the
+        iteration restarts from it, so success is decided on the true residual."""
         z = pre(r)
         p, rz = z, _dot(r, z)
-        thresh = torch.clamp(self.tol * torch.linalg.vector_norm(B, dim=0), min=self.atol)
-        broken = torch.zeros(B.shape[1], dtype=torch.bool, device=B.device)
-        maxiter = 10 * op.shape[0] if self.maxiter is None else self.maxiter
-        it = 0
+        broken = torch.zeros(Bh.shape[1], dtype=torch.bool, device=Bh.device)
+        it, restarts, r_true = 0, 0, None
         while True:
-            active = (torch.linalg.vector_norm(r, dim=0) > thresh) & ~broken
-            if it >= maxiter or (it % self.check_every == 0 and not bool(active.any())):
-                break
+            active = (scaled_norm(r, dim=0) > thresh) & ~broken
+            done = it % self.check_every == 0 and not bool(active.any())
+            if done or it >= maxiter:
+                r_true = Bh - mv(y)
+                if it >= maxiter or restarts >= _RESTARTS or not bool(
+                        ((scaled_norm(r_true, dim=0) > thresh) & ~broken).any()):
+                    return y, r_true, broken, it
+                restarts += 1
+                r = r_true
+                z = pre(r)
+                p, rz = z, _dot(r, z)
+                continue
             Ap = mv(p)
             pAp = _dot(p, Ap)
             broken = broken | (active & ~(pAp > 0))
             step = active & (pAp > 0)
             alpha = torch.where(step, rz / torch.where(step, pAp, torch.ones_like(pAp)), 0.0)
-            x = x + alpha.to(B.dtype) * p
-            r = r - alpha.to(B.dtype) * Ap
+            y = y + alpha.to(Bh.dtype) * p
+            r = r - alpha.to(Bh.dtype) * Ap
             z = pre(r)
             rz_new = _dot(r, z)
             beta = torch.where(step & (rz > 0), rz_new / torch.where(rz > 0, rz, torch.ones_like(rz)), 0.0)
-            p = torch.where(step, z + beta.to(B.dtype) * p, p)
+            p = torch.where(step, z + beta.to(Bh.dtype) * p, p)
             rz = torch.where(step, rz_new, rz)
             it += 1
-        converged = (torch.linalg.vector_norm(r, dim=0) <= thresh) & ~broken
-        x = x if b.ndim == 2 else x[:, 0]
-        x, success = finite_or_zero(x, converged.all())
-        iterations = torch.tensor(it, dtype=torch.int64, device=b.device)
-        return Solution(x, success, self.name, iterations, relative_residual(op, x, b))
+
+
+_RESTARTS = 3
+
+
+def _power_of_two(t: Tensor) -> Tensor:
+    """``2^e <= t < 2^(e+1)`` elementwise (1 where ``t`` is 0 or not finite): scaling by it is
+    exact in floating point."""
+    ok = (t > 0) & torch.isfinite(t)
+    _, e = torch.frexp(torch.where(ok, t, torch.ones_like(t)))
+    return torch.where(ok, torch.ldexp(torch.ones_like(t), e - 1), torch.ones_like(t))
+
+
+class _Normalised:
+    """``v -> A v / s``, ``s`` a power of two fixed by the first product as ``||A v|| / ||v||``
+    (largest over columns), so CG's iterates stay in range for a tiny or huge ``A``. When that
+    first product overflows, it is taken again on ``v`` shrunk by a power of two."""
+
+    def __init__(self, mv: Callable[[Tensor], Tensor]):
+        self.mv, self._shrink = mv, 1.0
+        self._scale: Tensor | None = None
+
+    @property
+    def scale(self) -> Tensor:
+        assert self._scale is not None, "s is fixed by the first product"
+        return self._scale
+
+    def __call__(self, v: Tensor) -> Tensor:
+        if self._scale is not None:
+            return self.mv(v * self._shrink) / self._scale / self._shrink
+        Av = self.mv(v)
+        if not bool(torch.isfinite(Av).all()):  # host sync, first product only: A v overflowed
+            self._shrink = 2.0 ** -(int(math.log2(torch.finfo(v.dtype).max)) // 4)
+            Av = self.mv(v * self._shrink)
+        ratio = scaled_norm(Av, dim=0) / scaled_norm(v * self._shrink, dim=0)
+        ratio = torch.where(torch.isnan(ratio), 0.0, ratio).clamp(max=torch.finfo(v.dtype).max)
+        self._scale = _power_of_two(ratio.max())
+        return Av / self._scale / self._shrink

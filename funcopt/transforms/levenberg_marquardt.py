@@ -44,6 +44,7 @@ from funcopt.func.jacobian import (
     ravel_params,
     residual_vector_fn,
 )
+from funcopt.solvers.base import scaled_norm
 
 __all__ = ["LevenbergMarquardtState", "levenberg_marquardt", "damped_gauss_newton_step"]
 
@@ -61,7 +62,12 @@ class LevenbergMarquardtState(NamedTuple):
     new_cost: ``F`` after the returned step. predicted: ``L(0) - L(delta)``. gain_ratio: ``rho``.
     step_norm: ``||d * delta||``. x_norm: ``||d * x_new||``. grad_cos: MINPACK's ``gnorm``,
     ``max_j |J_j^T r| / (||J_j|| ||r||)`` at ``x``. accepted: the step was taken.
-    attempts: solves in the last update (int64).
+    attempts: solves in the last update (int64). residual_norm: ``||r(x)||``, computed without
+    overflow or underflow (``cost`` and ``new_cost`` are ``0.5 ||r||^2`` and can overflow to inf
+    or underflow to 0 where the norm does not). actual_reduction, predicted_reduction:
+    MINPACK's scale-free ``1 - (||r_new|| / ||r||)^2`` (``-1`` when ``||r_new|| >= 10 ||r||``
+    or not finite) and ``(L(0) - L(delta)) / F(x)``; ``gain_ratio`` is their quotient.
+    trial_finite: the residuals were finite at every point tried in the last update.
     """
 
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
@@ -78,6 +84,10 @@ class LevenbergMarquardtState(NamedTuple):
     grad_cos: Tensor
     accepted: Tensor
     attempts: Tensor
+    residual_norm: Tensor
+    actual_reduction: Tensor
+    predicted_reduction: Tensor
+    trial_finite: Tensor
 
 
 def damped_gauss_newton_step(
@@ -143,12 +153,13 @@ class _Local(NamedTuple):
     x: Tensor
     f: Callable[[Tensor], Tensor]
     r: Tensor
+    rnorm: Tensor
     d: Tensor
     cos: Tensor
     damping: Tensor
     solve: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
     jv: Callable[[Tensor], Tensor]
-    svd: tuple[Tensor, Tensor] | None = None  # (s, s * U^T r) of J / d, trust-region rule
+    svd: tuple[Tensor, Tensor, Tensor] | None = None  # trust-region rule, see _normalised_svd
 
 
 def _require_finite_residuals(ok: Tensor) -> None:
@@ -170,13 +181,17 @@ def _linearize(residual_fn, params, args, state, o) -> _Local:
     f = residual_vector_fn(residual_fn, unravel, *args)
     if o["matrix_free"]:
         gn = gauss_newton_products(residual_fn, params, *args)
+        _require_dtype(gn.residuals, x)
         _require_finite_residuals(torch.isfinite(gn.residuals).all())
         inf = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
         solve = lambda lam, u: _matrix_free_solve(gn, u, lam, o["solver"])
-        return _Local(x, f, gn.residuals, torch.ones_like(x), inf, state.damping, solve, gn.jvp)
+        return _Local(x, f, gn.residuals, scaled_norm(gn.residuals), torch.ones_like(x), inf,
+                      state.damping, solve, gn.jvp)
     J, r = jacobian(residual_fn, params, *args, mode=o["mode"], chunk_size=o["chunk"])
+    _require_dtype(r, x)
     _require_finite_residuals(torch.isfinite(r).all() & torch.isfinite(J).all())
-    col, cos = _column_stats(J, r)
+    rnorm = scaled_norm(r)
+    col, cos = _column_stats(J, r, rnorm)
     first = state.count == 0
     lam = state.damping
     if o["scaling"]:
@@ -188,19 +203,39 @@ def _linearize(residual_fn, params, args, state, o) -> _Local:
         start = o["tau"] * (col * col).max()
         lam = torch.where(first & (start > 0), start, lam)
     solve = _scaled_solver(J, S, o["solver"], o["form"])
-    svd = None
-    if o["rule"] == "trust_region":
-        U, sv, _ = torch.linalg.svd(J / d, full_matrices=False)
-        svd = (sv, sv * (U.T @ r))
-    return _Local(x, f, r, d, cos, lam, solve, lambda v: J @ v, svd)
+    svd = _normalised_svd(J / d, r, rnorm) if o["rule"] == "trust_region" else None
+    return _Local(x, f, r, rnorm, d, cos, lam, solve, lambda v: J @ v, svd)
 
 
-def _column_stats(J: Tensor, r: Tensor):
-    """Column norms of ``J`` and MINPACK's ``gnorm = max_j |J_j^T r| / (||J_j|| ||r||)``."""
-    col = torch.linalg.vector_norm(J, dim=0)
-    g = J.T @ r
-    denom = col * torch.linalg.vector_norm(r)
-    cos = torch.where(denom > 0, g.abs() / torch.where(denom > 0, denom, 1.0), 0.0)
+def _require_dtype(r: Tensor, x: Tensor) -> None:
+    if r.dtype != x.dtype:
+        raise TypeError(
+            f"residual_fn returned {r.dtype} residuals for {x.dtype} parameters; the residuals "
+            f"must have the parameters' dtype: return r.to({x.dtype}) or pass {r.dtype} parameters"
+        )
+
+
+def _positive(t: Tensor) -> Tensor:
+    """``t`` where it is positive and finite, else 1 (a safe divisor)."""
+    return torch.where((t > 0) & torch.isfinite(t), t, torch.ones_like(t))
+
+
+def _normalised_svd(Jt: Tensor, r: Tensor, rnorm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(s / sigma, (s / sigma) * U^T r / ||r||, sigma)`` for ``Jt = U diag(s) V^T`` and
+    ``sigma = max s``: the trust-region damping is found on these O(1) numbers (see
+    :func:`_trust_region_damping`), whatever the scale of ``J`` and ``r``."""
+    U, sv, _ = torch.linalg.svd(Jt, full_matrices=False)
+    sigma = _positive(sv.max() if sv.numel() else torch.ones((), dtype=Jt.dtype, device=Jt.device))
+    sh = sv / sigma
+    return sh, sh * (U.T @ (r / _positive(rnorm))), sigma
+
+
+def _column_stats(J: Tensor, r: Tensor, rnorm: Tensor):
+    """Column norms of ``J`` and MINPACK's ``gnorm = max_j |J_j^T r| / (||J_j|| ||r||)``,
+    computed as ``|(J_j / ||J_j||)^T (r / ||r||)|`` so neither product under- nor overflows."""
+    col = scaled_norm(J, dim=0)
+    g = (J / _positive(col)).T @ (r / _positive(rnorm))
+    cos = torch.where((col > 0) & (rnorm > 0), g.abs(), 0.0)
     return col, cos.max() if cos.numel() else torch.zeros((), dtype=J.dtype, device=J.device)
 
 
@@ -229,15 +264,15 @@ def _propose(loc: _Local, lam: Tensor, o):
         rvv = _second_derivative(loc.f, loc.x, loc.r, delta, Jd, o["fd_step"])
         finite = torch.isfinite(rvv).all()
         a, ok_a = loc.solve(lam, torch.where(finite, rvv, torch.zeros_like(rvv)))
-        dn = torch.linalg.vector_norm(loc.d * delta)
-        small = 2.0 * torch.linalg.vector_norm(loc.d * a) <= o["alpha"] * dn
+        dn = scaled_norm(loc.d * delta)
+        small = 2.0 * scaled_norm(loc.d * a) <= o["alpha"] * dn
         ok = ok & ok_a & finite & small
         step = delta + 0.5 * a
     return delta, step, Jd, ok
 
 
 def _evaluate(f: Callable[[Tensor], Tensor], x_new: Tensor, shape: torch.Size) -> Tensor:
-    """``F(x_new)``; ``inf`` when the residuals are not finite. Checks the residual shape."""
+    """``||r(x_new)||``; ``inf`` when the residuals are not finite. Checks the residual shape."""
     with torch.no_grad():
         r_new = f(x_new)
     if r_new.shape != shape:
@@ -245,17 +280,27 @@ def _evaluate(f: Callable[[Tensor], Tensor], x_new: Tensor, shape: torch.Size) -
             f"residual_fn returned {tuple(r_new.shape)} residuals at a candidate point but "
             f"{tuple(shape)} at the current one; it must return the same number every call"
         )
-    cost = 0.5 * torch.dot(r_new, r_new)
-    return torch.where(torch.isfinite(cost), cost, torch.full_like(cost, float("inf")))
+    n = scaled_norm(r_new)
+    return torch.where(torch.isfinite(n), n, torch.full_like(n, float("inf")))
 
 
-def _gain_ratio(cost, new_cost, Jd, delta, d, lam):
-    """``rho`` (``-inf`` when undefined) and the predicted decrease ``L(0) - L(delta)``."""
-    dn = torch.linalg.vector_norm(d * delta)
-    predicted = 0.5 * torch.dot(Jd, Jd) + lam * dn * dn
-    pos = predicted > 0
-    rho = torch.where(pos, (cost - new_cost) / torch.where(pos, predicted, 1.0), -float("inf"))
-    return torch.where(torch.isnan(rho), torch.full_like(rho, -float("inf")), rho), predicted
+def _reductions(rnorm, new_rnorm, Jd, pnorm, lam):
+    """MINPACK's scale-free relative reductions of ``F = 0.5 ||r||^2``:
+
+    ``actual = 1 - (||r_new|| / ||r||)^2`` (``-1`` when ``||r_new|| >= 10 ||r||``),
+    ``predicted = (||J delta|| / ||r||)^2 + 2 lambda (||d delta|| / ||r||)^2``, which is
+    ``(L(0) - L(delta)) / F(x)``, and ``rho = actual / predicted`` (``-inf`` when undefined).
+    Only ratios of norms appear, so the result does not depend on the scale of ``r``.
+    """
+    fn = _positive(rnorm)
+    ratio = new_rnorm / fn
+    actual = torch.where(0.1 * new_rnorm < rnorm, 1.0 - ratio * ratio, -1.0)
+    t1, t2 = scaled_norm(Jd) / fn, pnorm / fn
+    predicted = t1 * t1 + 2.0 * lam * t2 * t2
+    pos = (predicted > 0) & (rnorm > 0)
+    rho = torch.where(pos, actual / torch.where(pos, predicted, 1.0), -float("inf"))
+    rho = torch.where(torch.isfinite(new_rnorm), rho, -float("inf"))
+    return torch.where(torch.isnan(rho), torch.full_like(rho, -float("inf")), rho), actual, predicted
 
 
 def _adapt(rule, damping, nu, rho, accepted, factors, bounds):
@@ -275,38 +320,54 @@ def _adapt(rule, damping, nu, rho, accepted, factors, bounds):
 def _step(residual_fn, params, args, state: LevenbergMarquardtState, o):
     """Propose, evaluate and accept/reject up to ``max_attempts`` times."""
     loc = _linearize(residual_fn, params, args, state, o)
-    x, r, d, lam, nu, radius = loc.x, loc.r, loc.d, loc.damping, state.nu, state.radius
-    cost = 0.5 * torch.dot(r, r)
+    x, d, lam, nu, radius, fn = loc.x, loc.d, loc.damping, state.nu, state.radius, loc.rnorm
     trust = o["rule"] == "trust_region"
     if trust:
         radius = torch.where(state.count == 0, _initial_radius(d, x, o["factor"]), radius)
+    all_finite = torch.ones((), dtype=torch.bool, device=x.device)
     for attempt in range(1, o["attempts"] + 1):
         if trust:
             assert loc.svd is not None  # _linearize computes it under the trust-region rule
-            lam = _trust_region_damping(*loc.svd, radius)
+            lam = _trust_region_damping(*loc.svd, radius / _positive(fn))
         delta, step, Jd, ok = _propose(loc, lam, o)
-        new_cost = _evaluate(loc.f, x + step, r.shape)
-        rho, predicted = _gain_ratio(cost, new_cost, Jd, delta, d, lam)
-        accepted = bool(ok & torch.isfinite(new_cost) & (rho > o["accept"]))  # host sync
+        new_fn = _evaluate(loc.f, x + step, loc.r.shape)
+        all_finite = all_finite & torch.isfinite(new_fn)
+        pnorm = scaled_norm(d * delta)
+        rho, actual, predicted = _reductions(fn, new_fn, Jd, pnorm, lam)
+        accepted = bool(ok & torch.isfinite(new_fn) & (rho > o["accept"]))  # host sync
         if trust:
-            pnorm = torch.linalg.vector_norm(d * delta)
             if attempt == 1:
                 radius = torch.where(state.count == 0, torch.minimum(radius, pnorm), radius)
-            radius, lam = _adapt_radius(radius, lam, cost, new_cost, Jd, pnorm, ok)
+            far = ~(0.1 * new_fn < fn)
+            radius = _adapt_radius(radius, lam, (actual, predicted, far), pnorm / _positive(fn),
+                                   pnorm, ok)
             if accepted or bool(radius <= torch.finfo(x.dtype).tiny):
                 break
             continue
         lam, nu = _adapt(o["rule"], lam, nu, rho, accepted, o["factors"], o["bounds"])
         if accepted or bool(lam >= o["bounds"][1]):
             break
+    return _finish_step(state, loc, lam, nu, radius, delta, step, (new_fn, all_finite), rho,
+                        actual, predicted, accepted, attempt)
+
+
+def _finish_step(state, loc, lam, nu, radius, delta, step, trial, rho, actual, predicted,
+                 accepted, attempt):
+    """The accepted step (zeros when every attempt failed) and the new state; ``trial`` is
+    ``(||r|| at the last trial point, whether every trial point gave finite residuals)``."""
+    x, d, fn = loc.x, loc.d, loc.rnorm
+    new_fn, all_finite = trial
     if not accepted:
         step = torch.zeros_like(x)
+    cost = 0.5 * fn * fn  # informational: may overflow or underflow where fn does not
+    kept = new_fn if accepted else fn
+    min_rho = torch.full_like(rho, torch.finfo(rho.dtype).min)
     new_state = LevenbergMarquardtState(
-        increment(state.count), lam, nu, radius, d, cost, new_cost if accepted else cost,
-        predicted, torch.where(torch.isfinite(rho), rho, torch.full_like(rho, torch.finfo(rho.dtype).min)),
-        torch.linalg.vector_norm(d * (step if accepted else delta)),
-        torch.linalg.vector_norm(d * (x + step)), loc.cos + torch.zeros_like(cost),
-        torch.tensor(accepted, device=x.device), torch.tensor(attempt, device=x.device),
+        increment(state.count), lam, nu, radius, d, cost, 0.5 * kept * kept, predicted * cost,
+        torch.where(torch.isfinite(rho), rho, min_rho),
+        scaled_norm(d * (step if accepted else delta)), scaled_norm(d * (x + step)),
+        loc.cos + torch.zeros_like(cost), torch.tensor(accepted, device=x.device),
+        torch.tensor(attempt, device=x.device), fn, actual, predicted, all_finite,
     )
     return step, new_state
 
@@ -316,51 +377,56 @@ def _step(residual_fn, params, args, state: LevenbergMarquardtState, o):
 
 def _initial_radius(d: Tensor, x: Tensor, factor: float) -> Tensor:
     """MINPACK's ``Delta_0 = factor * ||d * x_0||``, or ``factor`` when that is 0."""
-    xn = torch.linalg.vector_norm(d * x)
+    xn = scaled_norm(d * x)
     return torch.where(xn > 0, factor * xn, torch.full_like(xn, factor))
 
 
-def _trust_region_damping(s: Tensor, w: Tensor, radius: Tensor) -> Tensor:
+def _trust_region_damping(s: Tensor, w: Tensor, sigma: Tensor, radius: Tensor) -> Tensor:
     """``lambda >= 0`` with ``||z(lambda)|| <= 1.1 Delta`` (and ``>= 0.9 Delta`` when
     ``lambda > 0``), ``z(lambda) = (Jt^T Jt + lambda I)^{-1} Jt^T r`` for ``Jt = J / d``.
 
-    From the SVD ``Jt = U diag(s) V^T``: ``||z||^2 = sum_i w_i^2 / (s_i^2 + lambda)^2`` with
-    ``w = s * U^T r``; Newton's method on ``1/||z|| - 1/Delta`` from ``lambda = 0`` (Hebden;
-    Moré 1978, section 5), which increases monotonically to the root. One host sync per
-    iteration; MINPACK's ``lmpar`` does the same with a QR factorisation.
+    From the SVD ``Jt = U diag(sigma s) V^T`` (``s`` normalised to ``max s = 1``):
+    ``||z|| = (||r|| / sigma) phi(lambda / sigma^2)`` with ``phi(mu)^2 = sum_i w_i^2 /
+    (s_i^2 + mu)^2``, ``w = s * U^T r / ||r||``. ``radius`` is ``Delta / ||r||``; Newton's method
+    on ``1/phi - 1/(sigma Delta / ||r||)`` from ``mu = 0`` (Hebden; Moré 1978, section 5) increases
+    monotonically to the root, and ``lambda = sigma^2 mu``. Only these O(1) numbers enter, so the
+    damping does not depend on the scale of ``J`` or ``r``. One host sync per iteration;
+    MINPACK's ``lmpar`` does the same with a QR factorisation.
     """
-    keep = s > s.max() * torch.finfo(s.dtype).eps * max(s.numel(), 1)
+    radius = radius * sigma
+    keep = s > torch.finfo(s.dtype).eps * max(s.numel(), 1)
     s2 = torch.where(keep, s * s, torch.ones_like(s))
     w2 = torch.where(keep, w * w, torch.zeros_like(w))
-    lam = torch.zeros_like(radius)
+    mu = torch.zeros_like(radius)
     for _ in range(30):
-        q = s2 + lam
+        q = s2 + mu
         phi = torch.sqrt((w2 / (q * q)).sum())
         if bool(phi <= 1.1 * radius):  # host sync
             break
-        lam = lam + (phi - radius) / radius * phi * phi / (w2 / (q * q * q)).sum()
-    return lam
+        mu = mu + (phi - radius) / radius * phi * phi / (w2 / (q * q * q)).sum()
+    return mu * sigma * sigma
 
 
-def _adapt_radius(radius, lam, cost, new_cost, Jd, pnorm, ok):
+def _adapt_radius(radius, lam, reductions, t2, pnorm, ok):
     """MINPACK ``lmder``'s update of ``Delta`` from the ratio of actual to predicted reduction.
 
     ratio <= 1/4: ``Delta = mu * min(Delta, 10 ||D p||)``, ``mu`` from a quadratic fit in
-    [0.1, 0.5]; ratio >= 3/4 or ``lambda = 0``: ``Delta = 2 ||D p||``.
+    [0.1, 0.5]; ratio >= 3/4 or ``lambda = 0``: ``Delta = 2 ||D p||``. ``reductions`` is
+    ``(actual, predicted, far)``: the relative reductions of :func:`_reductions` and whether
+    ``||r_new|| >= 10 ||r||``; ``t2 = ||D p|| / ||r||``.
     """
-    safe = torch.where(cost > 0, cost, torch.ones_like(cost))
-    actred = torch.where(ok & (0.01 * new_cost < safe), 1.0 - new_cost / safe, -1.0)
-    t1, t2 = torch.dot(Jd, Jd) / (2 * safe), lam * pnorm * pnorm / (2 * safe)
-    prered, dirder = t1 + 2.0 * t2, -(t1 + t2)
-    ratio = torch.where(prered > 0, actred / torch.where(prered > 0, prered, 1.0), 0.0)
+    actual, predicted, far = reductions
+    actred = torch.where(ok, actual, -1.0)
+    lam_term = lam * t2 * t2
+    dirder = -(predicted - lam_term)  # -(t1^2 + lambda t2^2)
+    ratio = torch.where(predicted > 0, actred / torch.where(predicted > 0, predicted, 1.0), 0.0)
     mu = torch.where(actred >= 0, torch.full_like(ratio, 0.5),
                      0.5 * dirder / torch.where(dirder + 0.5 * actred != 0, dirder + 0.5 * actred, -1.0))
-    mu = torch.where((0.01 * new_cost >= safe) | (mu < 0.1) | ~torch.isfinite(mu), 0.1, mu)
+    mu = torch.where(far | (mu < 0.1) | ~torch.isfinite(mu), 0.1, mu)
     shrink = ratio <= 0.25
     grow = ~shrink & ((lam == 0) | (ratio >= 0.75))
-    radius = torch.where(shrink, mu * torch.minimum(radius, pnorm / 0.1),
-                         torch.where(grow, pnorm / 0.5, radius))
-    return radius, lam
+    return torch.where(shrink, mu * torch.minimum(radius, pnorm / 0.1),
+                       torch.where(grow, pnorm / 0.5, radius))
 
 
 def levenberg_marquardt(
@@ -438,6 +504,13 @@ def levenberg_marquardt(
             adapters' ``per_sample=True``) get their Jacobian sample by sample there, ``O(N)``
             instead of ``O(N^2)`` for ``N`` independent samples; ``chunk_size`` counts rows.
 
+    Scale: the gain ratio, the trust-region damping and the statistics in the state use
+    norms computed without overflow or underflow and only their ratios (as MINPACK), so a
+    problem whose residuals are multiplied by ``10^k`` takes the same steps for any ``k`` the
+    dtype can hold (with ``scaling``; with ``scaling=False`` the damping is absolute and
+    ``lambda_0 = tau max diag(J^T J)`` can underflow). ``residual_fn`` must return the
+    parameters' dtype (TypeError otherwise).
+
     ``update(updates, state, params, *, batch=None)``: ``updates`` is not read (LM computes
     its own step; pass the gradients or ``None``); ``params`` is required. Host syncs: one per
     attempt (accept/reject) and one finiteness check of ``r`` and ``J``.
@@ -482,10 +555,11 @@ def levenberg_marquardt(
     def init(params: Params) -> LevenbergMarquardtState:
         x, _ = ravel_params(params)
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        false = torch.zeros((), dtype=torch.bool, device=x.device)
         return LevenbergMarquardtState(
             step_counter(params), zero + initial_damping, zero + 2.0, zero, torch.ones_like(x),
-            zero, zero, zero, zero, zero, zero, zero,
-            torch.zeros((), dtype=torch.bool, device=x.device), step_counter(params),
+            zero, zero, zero, zero, zero, zero, zero, false, step_counter(params),
+            zero, zero, zero, ~false,
         )
 
     def update(updates: Any, state: LevenbergMarquardtState, params: Params | None = None,
