@@ -347,6 +347,19 @@ def test_a_problem_or_optimizer_that_fails_to_build_is_a_failed_row(tmp_path):
     assert "no data here" in (out / "report.md").read_text()
 
 
+def test_a_report_with_no_finished_run_links_no_plots(tmp_path):
+    @fb.register("raises-on-build")
+    def raises(seed, device):
+        raise ValueError("no data here")
+
+    out = tmp_path / "rep"
+    assert main(["--problems", "raises-on-build", "--optimizers", "lm", "--no-progress",
+                 "--out", str(out)]) == 1
+    report = (out / "report.md").read_text()
+    assert "No plots: no run finished" in report and ".png" not in report
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "report.md", "results.json"]
+
+
 # ----------------------------------------------------------------------------- packages
 
 

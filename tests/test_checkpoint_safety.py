@@ -157,6 +157,7 @@ def test_the_checksum_is_sha256_of_the_content(saved):
     assert ck.payload_digest(t) == ref.hexdigest()
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_any_single_byte_flip_is_an_error_or_changes_nothing(saved):
     """Flip bytes all over the file (zip headers, the pickle, tensor data): each load either
     raises one ValueError or returns exactly the saved numbers (bytes torch never reads)."""

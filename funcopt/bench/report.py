@@ -190,13 +190,15 @@ def _fill(results: list[Result], folder: Path, meta: dict, plots: bool) -> None:
     (folder / MARKER).write_text("Written by python -m funcopt.bench. Running it again with --out "
                                  "naming this folder replaces the folder whole.\n")
     (folder / "results.json").write_text(json.dumps({"meta": meta, "results": [r.to_json() for r in results]}, indent=1))
-    if plots:
+    if not plots:
+        tail = (f"\n\nNo plots: {meta.get('no_plots') or 'not asked for'}. "
+                "`pip install 'funcopt[bench]'` installs matplotlib.\n")
+    elif not any(r.status == "ok" for r in results):
+        tail = "\n\nNo plots: no run finished.\n"
+    else:
         _plot(results, folder / "loss_vs_step.png", "step")
         _plot(results, folder / "loss_vs_time.png", "time")
         tail = "\n\n![loss vs step](loss_vs_step.png)\n\n![loss vs time](loss_vs_time.png)\n"
-    else:
-        tail = (f"\n\nNo plots: {meta.get('no_plots', 'not asked for')}. "
-                "`pip install 'funcopt[bench]'` installs matplotlib.\n")
     header = (
         f"# funcopt benchmark\n\nseed {meta['seed']}, device {meta['device']}, torch {meta['torch']}, "
         f"{meta['cpu_count']} CPUs. Final loss and accuracy are on held-out data (curve fits: the "
