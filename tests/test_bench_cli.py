@@ -288,6 +288,7 @@ def test_a_plugin_module_that_is_not_there_says_how_to_give_a_file(tmp_path):
     assert "no such file" in _error(["--plugin", str(tmp_path / "nope.py"), "--list"])
     (tmp_path / "notes.txt").write_text("")
     assert "must be a .py file" in _error(["--plugin", str(tmp_path / "notes.txt"), "--list"])
+    assert "is a folder" in _error(["--plugin", f"{tmp_path}/", "--list"])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -108,6 +108,8 @@ def _load_plugin(spec: str) -> None:
 
 def _import_file(spec: str) -> None:
     path = Path(spec)
+    if path.is_dir():
+        raise _fail(f"--plugin {spec!r} is a folder; give a .py file, or a module name")
     if not path.is_file():
         raise _fail(f"--plugin {spec!r}: no such file")
     if path.suffix != ".py":
