@@ -17,7 +17,9 @@ the same numbers as the uninterrupted one::
     params, state, start = ckpt.params, ckpt.opt_state, ckpt.step + 1
 
 Files hold only tensors, numbers, strings, lists and dicts, so they load with
-``torch.load(path, weights_only=True)``. Pytree structure (NamedTuple state classes, dict keys)
+``torch.load(path, weights_only=True)``. Each file carries a format number and a SHA-256 of its
+content; :func:`load_checkpoint` checks both, so a truncated, empty, altered or foreign file is
+one ``ValueError`` naming the file and what is wrong, never a silent wrong state. Pytree structure (NamedTuple state classes, dict keys)
 is not pickled: the caller passes templates of the right structure (a fresh ``tx.init(params)``)
 and the stored structure is checked against them, so a checkpoint from a different transform or
 model shape is refused with an error that says what differs.
@@ -28,8 +30,13 @@ restored RNG) and deterministic kernels (``torch.use_deterministic_algorithms(Tr
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import os
+import pickle
 import random
+import re
+import zipfile
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -47,7 +54,14 @@ __all__ = [
     "set_rng_state",
 ]
 
-_FORMAT = 1
+_FORMAT = 2  # 2: adds "sha256"; 1 (no checksum) is still read
+_READABLE = (1, 2)
+_KEYS = ("params", "opt_state", "step", "extra")
+# what ``torch.load(..., weights_only=True)`` reads back (checked by exact type, not isinstance:
+# a subclass such as a NamedTuple or a str Enum pickles its class, which such a load refuses)
+_SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+_CONTAINERS = (list, tuple, dict, collections.OrderedDict, set, torch.Size)
+_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def tree_to_state_dict(tree: PyTree) -> dict[str, Any]:
@@ -147,21 +161,35 @@ def save_checkpoint(
       params: the parameter pytree (tensors).
       opt_state: the optimizer state pytree (tensors), as returned by ``update``.
       step: the step number to resume from (default 0).
-      extra: anything else ``weights_only`` can load (numbers, strings, tensors, lists, dicts).
+      extra: anything else ``weights_only`` can load: None, bool, int, float, complex, str,
+        bytes, tensors, ``torch.dtype``/``device``/``Size``, and lists, tuples, sets and dicts of
+        these. Anything else (a dataclass, a NamedTuple, a NumPy scalar or array) is refused
+        here with a TypeError naming its key, instead of writing a file that cannot be loaded.
       rng: also save torch/CUDA, Python and NumPy RNG states (default True).
+
+    The file also holds ``format`` and ``sha256``, a digest of everything else
+    (:func:`payload_digest`), which :func:`load_checkpoint` verifies.
     """
+    extra = dict(extra or {})
+    check_loadable(extra, "extra")
     payload: dict[str, Any] = {
         "format": _FORMAT,
         "params": tree_to_state_dict(params),
         "opt_state": tree_to_state_dict(opt_state),
         "step": int(step),
-        "extra": dict(extra or {}),
+        "extra": extra,
     }
     if rng:
         payload["rng"] = get_rng_state()
+    payload["sha256"] = payload_digest(payload)
     tmp = os.fspath(path) + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: leave no half-written file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_checkpoint(
@@ -183,11 +211,138 @@ def load_checkpoint(
     Returns:
       ``Checkpoint(params, opt_state, step, extra)``.
     """
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a funcopt checkpoint (format {_FORMAT})")
+    payload = _read(path)
     params = tree_from_state_dict(payload["params"], params_like, "params")
     opt_state = tree_from_state_dict(payload["opt_state"], opt_state_like, "optimizer state")
     if restore_rng and "rng" in payload:
         set_rng_state(payload["rng"])
     return Checkpoint(params, opt_state, payload["step"], payload["extra"])
+
+
+def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load and verify a checkpoint file: one ValueError for anything that is not an intact one."""
+    name = repr(os.fspath(path))
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"{name} is empty (0 bytes): not a funcopt checkpoint")
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):
+        raise ValueError(f"{name} is not a whole checkpoint: it has no zip directory at its end, "
+                         "so it was truncated (a save or copy cut short), garbled, or is not a "
+                         "file torch.save wrote")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise ValueError(
+            f"{name} holds {'a ' + found.group(1) if found else 'an object'}, which a "
+            "weights_only load does not read: save_checkpoint did not write this file (or it was "
+            "altered), and funcopt never unpickles arbitrary objects"
+        ) from None
+    except Exception as e:  # a zip whose records are damaged
+        raise ValueError(f"{name} is a damaged checkpoint: torch could not read it "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise ValueError(f"{name} is a torch file but not a funcopt checkpoint "
+                         "(it has no 'format' entry)")
+    fmt = payload["format"]
+    if type(fmt) is int and fmt > _FORMAT:
+        raise ValueError(f"{name} has checkpoint format {fmt}, written by a newer funcopt; this "
+                         f"one reads formats {_READABLE}: upgrade funcopt to load it")
+    if fmt not in _READABLE:
+        raise ValueError(f"{name} has an unknown checkpoint format {fmt!r}: not a funcopt checkpoint")
+    missing = [k for k in _KEYS if k not in payload]
+    if missing:
+        raise ValueError(f"{name} is missing {missing}: the file is corrupted")
+    if fmt >= 2:
+        want = payload.pop("sha256", None)
+        if want is None:
+            raise ValueError(f"{name} has no 'sha256' entry: the file is corrupted")
+        if want != payload_digest(payload):
+            raise ValueError(f"{name} fails its SHA-256 check: its content changed "
+                             "after it was written (a corrupted or edited file)")
+    return payload
+
+
+def check_loadable(obj: Any, where: str = "extra") -> None:
+    """Raise a TypeError naming the first value in ``obj`` that a ``weights_only`` load refuses.
+
+    ``where`` is the name printed for ``obj``; nested values are named by their key path,
+    e.g. ``extra['config']['layers'][0]``.
+    """
+    if type(obj) in _TENSORS:
+        if obj.layout != torch.strided or obj.is_quantized or obj.is_meta:
+            raise TypeError(f"{where} is a {obj.layout} tensor{' (quantized)' * obj.is_quantized}"
+                            f"{' on the meta device' * obj.is_meta}; store a dense tensor with "
+                            "data (e.g. .to_dense())")
+        return
+    if type(obj) in _SCALARS:
+        return
+    if type(obj) in (dict, collections.OrderedDict):
+        for k, v in obj.items():
+            check_loadable(k, f"a key of {where}")
+            check_loadable(v, f"{where}[{k!r}]")
+        return
+    if type(obj) in _CONTAINERS:
+        for i, v in enumerate(obj):
+            check_loadable(v, f"{where}[{i}]" if type(obj) is not set else f"an element of {where}")
+        return
+    raise TypeError(
+        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
+        "torch.load(weights_only=True) cannot read back. Store plain data instead: "
+        f"{_fix(obj)}, and rebuild the object after load_checkpoint."
+    )
+
+
+def _fix(obj: Any) -> str:
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj):
+        return "dataclasses.asdict(value) for a dataclass"
+    if isinstance(obj, tuple) and hasattr(obj, "_asdict"):
+        return "value._asdict() for a NamedTuple"
+    if isinstance(obj, np.ndarray):
+        return "torch.from_numpy(value) for a NumPy array"
+    if isinstance(obj, np.generic):
+        return "value.item() for a NumPy scalar"
+    return "numbers, strings, tensors, lists and dicts of these"
+
+
+def payload_digest(obj: Any) -> str:
+    """SHA-256 (hex) of a checkpoint payload's content: every key, number, string, and tensor
+    dtype, shape and bytes, in order (a set's elements in sorted digest order). It depends on
+    the values only, not on how ``torch.save`` lays out the file."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any) -> None:
+    kind = type(obj)
+    if kind in _TENSORS:
+        t = obj.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}:".encode())
+        h.update(t.view(torch.uint8).numpy().data)
+    elif kind in (dict, collections.OrderedDict):
+        h.update(f"D{len(obj)}:".encode())
+        for k, v in obj.items():
+            _feed(h, k)
+            _feed(h, v)
+    elif kind is set:
+        h.update(f"S{len(obj)}:".encode())
+        for d in sorted(payload_digest(v) for v in obj):
+            h.update(d.encode())
+    elif kind in (list, tuple, torch.Size):
+        h.update(f"{kind.__name__}{len(obj)}:".encode())
+        for v in obj:
+            _feed(h, v)
+    elif kind is float:
+        h.update(f"f{obj.hex()};".encode())
+    elif kind is complex:
+        h.update(f"c{obj.real.hex()},{obj.imag.hex()};".encode())
+    elif kind in (str, bytes):
+        data = obj.encode() if kind is str else obj
+        h.update(f"{kind.__name__}{len(data)}:".encode())
+        h.update(data)
+    else:  # None, bool, int, dtype, device: their repr is exact
+        h.update(f"{kind.__name__}{obj!r};".encode())

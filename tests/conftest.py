@@ -7,9 +7,16 @@ examples, which is how local runs find new failures.
 
 import os
 
-import pytest
-import torch
-from hypothesis import settings
+# Keep JAX (the optax reference tests use it) off the GPU for the whole suite, before anything
+# imports jax: by default every process that imports it takes most of the GPU's memory, so under
+# `pytest -n 12` on a GPU machine the CUDA tests of the other workers fail with out-of-memory.
+# A value the user set is kept.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

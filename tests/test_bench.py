@@ -40,6 +40,7 @@ def test_bad_options_exit_with_a_message_and_write_nothing(tmp_path, bad, messag
         main(["--no-progress", "--out", str(out)] + bad)
     assert e.value.code != 0 and message in str(e.value.code)
     assert not out.exists() and not out.with_name("rep.partial").exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary folder under any name either
 
 
 def test_a_failing_optimizer_is_reported_and_the_exit_status_says_so(tmp_path):

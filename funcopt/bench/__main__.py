@@ -1,9 +1,16 @@
-"""``python -m funcopt.bench``: run a suite of problems x optimizers and write a report folder."""
+"""``python -m funcopt.bench``: run a suite of problems x optimizers and write a report folder.
+
+Every option (names, numbers, device, plugins, the report folder) is checked before anything
+runs; a bad one exits with status 1 and one line saying what is wrong and how to fix it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
+import importlib.util
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -11,7 +18,7 @@ from pathlib import Path
 import torch
 
 from funcopt.bench.optimizers import DEFAULT_OPTIMIZERS, OPTIMIZERS
-from funcopt.bench.problems import DEFAULT_PROBLEMS, PROBLEMS
+from funcopt.bench.problems import DEFAULT_PROBLEMS, PROBLEMS, missing_packages
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,9 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="steps per run (default: each problem's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--out", default="bench-report", help="report folder (replaced when complete)")
+    p.add_argument("--out", default="bench-report",
+                   help="report folder: a new or empty folder, or an earlier report, which is "
+                        "replaced when the new one is complete (default: bench-report)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out even if it is a folder of other files (they are deleted)")
     p.add_argument("--plugin", action="append", default=[],
-                   help="import this module first (it registers problems/optimizers); repeatable")
+                   help="a module name or a path to a .py file to import first (it registers "
+                        "problems/optimizers); repeatable")
     p.add_argument("--list", action="store_true", help="list problems and optimizers and exit")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (default 1: small problems run fastest and "
@@ -32,14 +44,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fail(message: str) -> SystemExit:
+    return SystemExit(f"error: {message}")
+
+
 def _choose(arg: str | None, known: dict, default: list[str], what: str) -> list[str]:
-    names = [n.strip() for n in arg.split(",") if n.strip()] if arg else list(default)
+    if arg is None:
+        return list(default)
+    names = [n.strip() for n in arg.split(",") if n.strip()]
+    if not names:
+        raise _fail(f"--{what}s {arg!r} names no {what}; give comma-separated names (see --list)")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise _fail(f"--{what}s names {', '.join(map(repr, twice))} more than once")
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise SystemExit(
-            f"error: unknown {what} {', '.join(map(repr, unknown))}; "
-            f"known {what}s: {', '.join(sorted(known))} (see --list)"
-        )
+        raise _fail(f"unknown {what} {', '.join(map(repr, unknown))}; "
+                    f"known {what}s: {', '.join(sorted(known))} (see --list)")
     return names
 
 
@@ -47,41 +68,127 @@ def _device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError as e:
-        raise SystemExit(f"error: --device {name!r} is not a device name ({e}); use cpu or cuda[:N]") from None
+        raise _fail(f"--device {name!r} is not a device name ({e}); use cpu or cuda[:N]") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit(f"error: --device {name}: CUDA is not available on this machine; use --device cpu")
+            raise _fail(f"--device {name}: CUDA is not available on this machine; use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise SystemExit(f"error: --device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise _fail(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     elif dev.type != "cpu":
-        raise SystemExit(f"error: --device {name}: only cpu and cuda are supported")
+        raise _fail(f"--device {name}: only cpu and cuda are supported")
     return dev
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    if args.steps is not None and args.steps < 1:
+        raise _fail("--steps must be at least 1")
+    if args.threads < 1:
+        raise _fail("--threads must be at least 1")
+    if not 0 <= args.seed < 2**63:
+        raise _fail("--seed must be between 0 and 2**63 - 1")
+
+
+def _load_plugin(spec: str) -> None:
+    """Import ``spec``: a module on the Python path, or a ``.py`` file given by its path."""
+    as_file = spec.endswith(".py") or "/" in spec or "\\" in spec
+    try:
+        if as_file:
+            _import_file(spec)
+        elif spec not in sys.modules and (not spec.strip() or importlib.util.find_spec(spec) is None):
+            hint = f" (for a file here, pass its path: --plugin ./{spec}.py)" \
+                if Path(f"{spec}.py").is_file() else ""
+            raise _fail(f"--plugin {spec!r}: no module of that name on the Python path{hint}")
+        else:
+            importlib.import_module(spec)
+    except SystemExit:
+        raise
+    except Exception as e:  # the plugin's own error: its import failed, a name is taken, ...
+        raise _fail(f"--plugin {spec!r} failed while importing: {type(e).__name__}: {e}") from None
+
+
+def _import_file(spec: str) -> None:
+    path = Path(spec)
+    if path.is_dir():
+        raise _fail(f"--plugin {spec!r} is a folder; give a .py file, or a module name")
+    if not path.is_file():
+        raise _fail(f"--plugin {spec!r}: no such file")
+    if path.suffix != ".py":
+        raise _fail(f"--plugin {spec!r}: a plugin file must be a .py file")
+    full = path.resolve()
+    # one module per file, however often it is named, so its problems register once
+    name = f"_funcopt_plugin_{hashlib.sha256(str(full).encode()).hexdigest()[:12]}"
+    if name in sys.modules:
+        return
+    module_spec = importlib.util.spec_from_file_location(name, full)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(full.parent))  # as for a script: it may import files beside it
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    finally:
+        sys.path.remove(str(full.parent))
+
+
+def _print_list() -> None:
+    def tag(n: str) -> str:
+        missing = missing_packages(n)
+        return f"{n}{'*' if n in DEFAULT_PROBLEMS else ''}" + \
+            (f" (needs {', '.join(missing)}: not installed)" if missing else "")
+
+    print("problems:  ", ", ".join(map(tag, PROBLEMS)))
+    print("optimizers:", ", ".join(OPTIMIZERS))
+    print("(* = in the default suite)")
+
+
+def _check_packages(problems: list[str]) -> None:
+    for name in problems:
+        missing = missing_packages(name)
+        if missing:
+            raise _fail(f"problem {name!r} needs {', '.join(missing)}, which is not installed: "
+                        f"pip install {' '.join(missing)} (or pip install 'funcopt[bench]')")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for mod in args.plugin:
-        try:
-            importlib.import_module(mod)
-        except ImportError as e:
-            raise SystemExit(f"error: --plugin {mod!r} could not be imported: {e}") from None
+    _check_numbers(args)
+    for spec in dict.fromkeys(args.plugin):
+        _load_plugin(spec)
     if args.list:
-        print("problems:  ", ", ".join(f"{n}{'*' if n in DEFAULT_PROBLEMS else ''}" for n in PROBLEMS))
-        print("optimizers:", ", ".join(OPTIMIZERS))
-        print("(* = in the default suite)")
+        _print_list()
         return 0
-    if args.steps is not None and args.steps < 1:
-        raise SystemExit("error: --steps must be at least 1")
     problems = _choose(args.problems, PROBLEMS, DEFAULT_PROBLEMS, "problem")
     optimizers = _choose(args.optimizers, OPTIMIZERS, DEFAULT_OPTIMIZERS, "optimizer")
+    _check_packages(problems)
     device = _device(args.device)
-    if args.threads < 1:
-        raise SystemExit("error: --threads must be at least 1")
-    torch.set_num_threads(args.threads)
 
+    from funcopt.bench.report import plotting_unavailable, prepare_out
+
+    no_plots = plotting_unavailable()
+    if no_plots:
+        print(f"note: {no_plots}; the report will have no plots "
+              "(pip install 'funcopt[bench]' installs matplotlib)", file=sys.stderr)
+    try:
+        partial = prepare_out(Path(args.out), force=args.force)
+    except ValueError as e:
+        raise _fail(f"--out {e}") from None
+    try:
+        return _run(args, problems, optimizers, device, partial, no_plots)
+    except KeyboardInterrupt:
+        print("interrupted: no report written", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _run(args, problems, optimizers, device, partial: Path, no_plots: str | None) -> int:
     from funcopt.bench.report import markdown_table, write_report
     from funcopt.bench.run import run_one
 
+    torch.set_num_threads(args.threads)
     jobs = [(p, o) for p in problems for o in optimizers]
     try:
         from tqdm import tqdm
@@ -95,12 +202,19 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_description(f"{prob} / {opt}")
         results.append(run_one(prob, opt, seed=args.seed, device=device, steps=args.steps))
     meta = {"seed": args.seed, "device": str(device), "steps": args.steps,
-            "threads": args.threads, "problems": problems, "optimizers": optimizers, "total_s": time.perf_counter() - t0}
-    write_report(results, Path(args.out), meta)
+            "threads": args.threads, "problems": problems, "optimizers": optimizers,
+            "total_s": time.perf_counter() - t0, "no_plots": no_plots}
     print(markdown_table(results))
+    try:
+        write_report(results, Path(args.out), meta, partial=partial, force=args.force,
+                     plots=no_plots is None)
+    except ValueError as e:  # --out changed while the runs went on
+        raise _fail(f"--out {e}; the report was not written") from None
+    except OSError as e:  # a full disk, a folder removed under us
+        raise _fail(f"--out {args.out}: writing the report failed ({e}); nothing was "
+                    "replaced") from None
     print(f"\nreport: {args.out}/report.md ({time.perf_counter() - t0:.0f} s)")
-    failed = [r for r in results if r.status == "failed"]
-    return 1 if failed else 0
+    return 1 if any(r.status == "failed" for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 from torch.func import grad_and_value
 
 import funcopt as fo
-from funcopt.bench.problems import Problem
+from funcopt.bench.problems import Problem, check_name
 
 __all__ = ["Runner", "Unavailable", "OPTIMIZERS", "DEFAULT_OPTIMIZERS", "register_optimizer"]
 
@@ -38,7 +38,15 @@ DEFAULT_OPTIMIZERS: list[str] = []
 
 
 def register_optimizer(name: str, *, default: bool = True):
+    """Register ``build(problem) -> Runner`` under ``name`` (in the default set unless
+    ``default=False``); a name already taken is a ValueError."""
+    check_name(name, "optimizer")
+    if name in OPTIMIZERS:
+        raise ValueError(f"an optimizer named {name!r} is already registered; pick another name")
+
     def wrap(build: Callable[[Problem], Runner]):
+        if name in OPTIMIZERS:
+            raise ValueError(f"an optimizer named {name!r} is already registered; pick another name")
         OPTIMIZERS[name] = build
         if default:
             DEFAULT_OPTIMIZERS.append(name)

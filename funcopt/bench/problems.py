@@ -12,6 +12,7 @@ A problem is plain data plus functions, so users register their own with :func:`
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ from torch.func import functional_call
 
 import funcopt as fo
 
-__all__ = ["Problem", "register", "PROBLEMS", "DEFAULT_PROBLEMS"]
+__all__ = ["Problem", "register", "PROBLEMS", "DEFAULT_PROBLEMS", "REQUIRES", "missing_packages"]
 
 Batch = Any
 
@@ -63,18 +64,43 @@ PROBLEMS: dict[str, Callable[[int, torch.device], Problem]] = {}
 DEFAULT_PROBLEMS: list[str] = []
 
 
-def register(name: str, *, default: bool = False):
-    """Register ``factory(seed, device) -> Problem`` under ``name``."""
+REQUIRES: dict[str, tuple[str, ...]] = {}
+
+
+def check_name(name: str, what: str) -> None:
+    """A registered name must be selectable on the command line: text, no commas or spaces."""
+    if not isinstance(name, str) or not name or any(c in name for c in ", \t\n"):
+        raise ValueError(f"{what} name {name!r} must be non-empty text without commas or spaces "
+                         f"(it is given as --{what}s a,b,c)")
+
+
+def register(name: str, *, default: bool = False, requires: tuple[str, ...] = ()):
+    """Register ``factory(seed, device) -> Problem`` under ``name``.
+
+    default:  put it in the suite that runs when ``--problems`` is not given.
+    requires: import names of packages the factory needs; the command line refuses to run the
+              problem, before any work, when one is not installed.
+    A name already taken is a ValueError.
+    """
+    check_name(name, "problem")
+    if name in PROBLEMS:
+        raise ValueError(f"a problem named {name!r} is already registered; pick another name")
 
     def wrap(factory: Callable[[int, torch.device], Problem]):
         if name in PROBLEMS:
             raise ValueError(f"a problem named {name!r} is already registered; pick another name")
         PROBLEMS[name] = factory
+        REQUIRES[name] = tuple(requires)
         if default:
             DEFAULT_PROBLEMS.append(name)
         return factory
 
     return wrap
+
+
+def missing_packages(name: str) -> list[str]:
+    """The packages problem ``name`` declared in ``requires`` that cannot be imported here."""
+    return [m for m in REQUIRES.get(name, ()) if importlib.util.find_spec(m) is None]
 
 
 # --------------------------------------------------------------------------- data
@@ -183,9 +209,9 @@ def digits_cnn(seed: int, device: torch.device) -> Problem:
     return _classifier(model, _digits(device, seed, image=True), seed, batch_size=128, steps=100)
 
 
-@register("mnist1d-mlp")
+@register("mnist1d-mlp", requires=("mnist1d",))
 def mnist1d_mlp(seed: int, device: torch.device) -> Problem:
-    """A 40-128-128-10 ReLU MLP on MNIST-1D (needs ``pip install mnist1d``)."""
+    """A 40-128-128-10 ReLU MLP on MNIST-1D (needs mnist1d: ``pip install 'funcopt[bench]'``)."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(40, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)).to(device)
     return _classifier(model, _mnist1d(device, seed), seed, batch_size=128, steps=300)

@@ -9,7 +9,7 @@ import torch
 
 import funcopt as fo
 from funcopt.bench.optimizers import OPTIMIZERS, Unavailable
-from funcopt.bench.problems import PROBLEMS
+from funcopt.bench.problems import PROBLEMS, Problem
 
 __all__ = ["Result", "run_one"]
 
@@ -47,24 +47,37 @@ def run_one(problem_name: str, optimizer_name: str, *, seed: int, device: torch.
             steps: int | None = None, evals: int = 20) -> Result:
     """Train ``problem_name`` with ``optimizer_name``; evaluation time is not counted.
 
-    A run that raises is reported as ``failed`` with the error, so one broken method does not
-    hide the others' results.
+    Anything that raises (building the problem, building the optimizer, a step, an evaluation)
+    is reported as ``failed`` with the error, so one broken problem or method does not hide the
+    others' results; :class:`Unavailable` from either builder is reported as ``skipped``.
     """
     torch.manual_seed(seed)
-    problem = PROBLEMS[problem_name](seed, device)
     res = Result(problem_name, optimizer_name, "ok")
+    try:
+        problem = PROBLEMS[problem_name](seed, device)
+        if not isinstance(problem, Problem):
+            raise TypeError(f"returned a {type(problem).__name__}, not a funcopt.bench.Problem")
+    except Unavailable as e:
+        return _set(res, "skipped", str(e))
+    except Exception as e:
+        return _set(res, "failed", f"building the problem: {type(e).__name__}: {e}")
     try:
         runner = OPTIMIZERS[optimizer_name](problem)
     except Unavailable as e:
-        res.status, res.reason = "skipped", str(e)
-        return res
+        return _set(res, "skipped", str(e))
+    except Exception as e:
+        return _set(res, "failed", f"building the optimizer: {type(e).__name__}: {e}")
     try:
         _train(problem, runner, steps if steps is not None else problem.steps, evals, device, res)
     except Exception as e:  # report it, keep going
-        res.status, res.reason = "failed", f"{type(e).__name__}: {e}"[:300]
-        return res
+        return _set(res, "failed", f"{type(e).__name__}: {e}")
     if not all(map(_finite, res.final.values())):
         res.status, res.reason = "failed", "non-finite loss"
+    return res
+
+
+def _set(res: Result, status: str, reason: str) -> Result:
+    res.status, res.reason = status, reason[:300]
     return res
 
 
