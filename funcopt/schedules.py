@@ -255,7 +255,9 @@ def exponential_decay(init_value: float, transition_steps: int, decay_rate: floa
     def fn(t):
         s = t - transition_begin
         p = torch.floor(s / transition_steps) if staircase else s / transition_steps
-        v = torch.where(s <= 0, torch.full_like(t, init_value), init_value * decay_rate**p)
+        # r^p past the largest float is inf, and 0 * inf is NaN: cap it at the largest float
+        grown = torch.clamp(decay_rate**p, max=torch.finfo(t.dtype).max)
+        v = torch.where(s <= 0, torch.full_like(t, init_value), init_value * grown)
         if end_value is not None:
             bound = torch.full_like(t, end_value)
             v = torch.maximum(v, bound) if decay_rate < 1 else torch.minimum(v, bound)
