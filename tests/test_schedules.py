@@ -138,3 +138,96 @@ def test_host_sync_is_detected_by_fake_tracing():
     with pytest.raises(RuntimeError, match="data-dependent"):
         make_fx(lambda step: torch.tensor(float(step.item())), tracing_mode="fake")(
             torch.tensor(1))
+
+
+# --------------------------------------------------------------------------- the Schedule type
+
+EXTRA = {"inverse_sqrt": S.inverse_sqrt(2.0, 16), "palm_beta2": S.palm_beta2(0.8),
+         "as_schedule": S.as_schedule(lambda t: 0.5 * t + 1.0)}
+ALL = {**{k: v for k, (v, _) in PAIRS.items()}, **EXTRA}
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_constructors_return_schedules(name):
+    sched = ALL[name]
+    assert isinstance(sched, S.Schedule) and callable(sched)
+    assert repr(sched).startswith(f"{sched.name}(")
+    assert S.as_schedule(sched) is sched
+
+
+def test_repr_names_the_constructor_and_its_arguments():
+    assert repr(S.linear(1.0, 0.1, 50, 10)) == (
+        "linear(init_value=1.0, end_value=0.1, transition_steps=50, transition_begin=10)")
+    assert repr(S.warmup_cosine(1e-3, 10, 120)) == (
+        "warmup_cosine(peak_value=0.001, warmup_steps=10, decay_steps=120, init_value=0.0, "
+        "end_value=0.0)")
+
+    def my_lr(t):
+        return 0.1
+
+    assert repr(S.join_schedules([S.constant(0.1), my_lr], [5])) == (
+        "join_schedules(schedules=[constant(value=0.1), as_schedule(fn="
+        "test_repr_names_the_constructor_and_its_arguments.<locals>.my_lr)], boundaries=[5])")
+    assert dict(S.palm_beta2(0.5).args) == {"beta2_scale": 0.5}
+
+
+def test_schedule_is_frozen_and_copies_are_itself():
+    import copy
+
+    sched = S.cosine_decay(1.0, 10)
+    with pytest.raises(AttributeError, match="immutable"):
+        sched.name = "other"
+    with pytest.raises(AttributeError, match="immutable"):
+        del sched.args
+    assert copy.copy(sched) is sched and copy.deepcopy({"lr": sched})["lr"] is sched
+
+
+def test_as_schedule_wraps_plain_callables():
+    def fn(t):
+        return 1.0 / (1.0 + t)
+
+    sched = S.as_schedule(fn)
+    assert isinstance(sched, S.Schedule) and S.as_schedule(sched) is sched
+    assert dict(sched.args) == {"fn": fn}
+    assert sched(3) == 0.25
+    t = torch.tensor(3)
+    assert torch.equal(sched(t), fn(t))  # the step passes unchanged: int64 in, float32 out
+    assert sched(t, dtype=torch.float64).dtype == torch.float64
+    assert sched(-3) == fn(-3)  # a plain function sees negative steps as they are
+    with pytest.raises(TypeError, match="as_schedule: fn must be a callable"):
+        S.as_schedule(0.1)
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_float64_dtype_matches_python_steps(name):
+    sched = ALL[name]
+    for t in STEPS:
+        v = sched(torch.tensor(t), dtype=torch.float64)
+        if name != "constant":
+            assert v.dtype == torch.float64
+        assert float(v) == pytest.approx(sched(t), rel=1e-13, abs=1e-15)
+
+
+def test_float64_dtype_resolves_large_steps():
+    # float32 rounds 2**24 + 1 to 2**24; float64 keeps it
+    f = S.linear(0.0, 2.0**25, 2**25)
+    t = torch.tensor(2**24 + 1)
+    assert float(f(t, dtype=torch.float64)) == 2**24 + 1 == f(2**24 + 1)
+    assert float(f(t)) == 2**24
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_compiles_fullgraph_and_vmaps(name):
+    sched = ALL[name]
+    torch._dynamo.reset()
+    f32 = torch.compile(lambda t: sched(t), fullgraph=True, backend="eager")
+    f64 = torch.compile(lambda t: sched(t, dtype=torch.float64), fullgraph=True, backend="eager")
+    steps = torch.arange(-3, 130)
+    for t in (0, 5, 29, 129):
+        assert f32(torch.tensor(t)) == sched(torch.tensor(t))
+        assert f64(torch.tensor(t)) == sched(torch.tensor(t), dtype=torch.float64)
+    if name != "constant":  # constant returns its number, which vmap cannot batch
+        batched = torch.func.vmap(sched)(steps)
+        # vectorised pow/cos kernels may differ from the 0-d ones in the last bit
+        torch.testing.assert_close(batched, torch.stack([sched(t) for t in steps]),
+                                   rtol=1e-6, atol=1e-7)
