@@ -33,6 +33,7 @@ from funcopt.base import (
 from funcopt.compose import _check_tx, _where_tree
 from funcopt.engine import leaves as engine_leaves
 from funcopt.engine import ops
+from funcopt.schedules import Schedule
 
 __all__ = [
     "multi_steps",
@@ -118,16 +119,18 @@ class ApplyIfFiniteState(NamedTuple):
 def apply_if_finite(
     inner: GradientTransformation, max_consecutive_errors: int | None = None
 ) -> GradientTransformation:
-    """Skip steps whose gradients or whose ``inner`` updates are not finite.
+    """Skip steps whose gradients, ``inner`` updates or ``inner``'s new state are not finite.
 
-    ``ok = all(isfinite(g)) and all(isfinite(inner(g)))``; the output is ``inner(g)`` and
+    ``ok = all(isfinite(g)) and all(isfinite(inner(g))) and all(isfinite(new inner state))``
+    (floating leaves of the state); the output is ``inner(g)`` and
     ``inner``'s new state if ``ok``, else zero updates and ``inner``'s old state. The state
     counts consecutive (``notfinite_count``) and total (``total_notfinite``) skipped steps and
     records ``last_finite``. Args: ``inner``: the transform; ``max_consecutive_errors``:
     ``None`` (default) never lets a non-finite update through; an int ``n`` lets it through
     once more than ``n`` consecutive steps were skipped, so a diverged run shows NaNs instead
     of silently standing still (optax.apply_if_finite's rule). No host sync.
-    Reference: optax.apply_if_finite (which checks only the incoming gradients).
+    Reference: optax.apply_if_finite (which checks only the incoming gradients: there a
+    second moment overflowed to inf freezes the run without a skipped step being counted).
     """
     _check_tx(inner, "apply_if_finite", "inner")
     if max_consecutive_errors is not None and (
@@ -146,7 +149,11 @@ def apply_if_finite(
 
     def update(updates, state, params=None, **extra):
         out, inner_state = inner.update(updates, state.inner_state, params, **extra)
-        finite = tree_check_finite(updates) & tree_check_finite(out)
+        # the new state too: a finite gradient of 1e30 can overflow a second moment to inf
+        # while that step's update stays finite, and the run would stand still from then on
+        finite = (tree_check_finite(updates) & tree_check_finite(out)
+                  & tree_check_finite([x for x in tree_leaves(inner_state)
+                                       if x.is_floating_point() or x.is_complex()]))
         notfinite = torch.where(finite, torch.zeros_like(state.notfinite_count),
                                 increment(state.notfinite_count))
         ok = finite
@@ -217,9 +224,6 @@ def _hp_tensor(value: Any, dtype: torch.dtype, device: torch.device) -> torch.Te
     return torch.tensor(value, dtype=dtype, device=device)
 
 
-_NOT_SCHEDULES = ("mask", "model", "param_labels", "labels", "base", "fallback")
-
-
 def _arguments(bound: inspect.BoundArguments, signature: inspect.Signature):
     """(name, value, parameter) for every argument, with ``**kwargs`` expanded."""
     for name, value in bound.arguments.items():
@@ -236,13 +240,13 @@ def _arguments(bound: inspect.BoundArguments, signature: inspect.Signature):
 
 
 def _is_schedule(param: inspect.Parameter, value: Any) -> bool:
-    """A callable argument is a schedule (step -> value) unless it is a module, a function
-    argument (``*_fn``), a mask/label function or a transform."""
-    if not callable(value) or isinstance(value, torch.nn.Module):
-        return False
-    if "Schedule" in str(param.annotation):
+    """A schedule (step -> value) by type: a :class:`funcopt.schedules.Schedule`, or a plain
+    callable given for an argument annotated as taking a schedule (``ScalarOrSchedule``).
+    Other callables (refresh rules, masks, functions, modules, transforms) pass through."""
+    if isinstance(value, Schedule):
         return True
-    return not (param.name.endswith("_fn") or param.name in _NOT_SCHEDULES)
+    return (callable(value) and not isinstance(value, (torch.nn.Module, torch.Tensor))
+            and "Schedule" in str(param.annotation))
 
 
 def inject_hyperparams(
@@ -280,6 +284,8 @@ def inject_hyperparams(
             else:
                 other[name] = value
 
+        factory(*args, **kwargs)  # refuse out-of-range values now, not at the first update
+
         def place(params):
             leaves = [x for x in tree_leaves(params) if x.is_floating_point()]
             dtype = hyperparam_dtype or (
@@ -307,7 +313,11 @@ def inject_hyperparams(
             return InjectHyperparamsState(count, hps, build(hps).init(params))
 
         def update(updates, state, params=None, **extra):
-            dtype, device = place(updates)
+            # the dtype and device init chose (LM passes updates=None; a state must keep the
+            # dtypes init made, or a checkpoint of it would not load into a fresh init)
+            floats = [v for v in state.hyperparams.values() if v.is_floating_point()]
+            dtype, device = ((floats[0].dtype, floats[0].device) if floats
+                             else place(params if params is not None else updates))
             hps = current(state.hyperparams, state.count, dtype, device)
             out, inner_state = build(hps).update(updates, state.inner_state, params, **extra)
             return out, InjectHyperparamsState(increment(state.count), hps, inner_state)

@@ -299,7 +299,11 @@ def scale_by_lion(
         if not g:
             return updates, ScaleByLionState(count, state.mu)
         m = _as(state.mu, g)
-        out = ops.sign(_moment(m, g, b1))
+        c = _moment(m, g, b1)
+        # sign(nan) is 0: keep a non-finite momentum visible in the update (0 * c is NaN where
+        # c is NaN or inf, 0 elsewhere) so it is seen and apply_if_finite can skip the step,
+        # instead of the coordinate silently never moving again
+        out = ops.add(ops.sign(c), ops.mul(c, 0.0))
         return tree_unflatten(treedef, _as(out, g)), ScaleByLionState(
             count, _as(_moment(m, g, b2), state.mu))
 
