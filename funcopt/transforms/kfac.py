@@ -16,8 +16,13 @@ The workflow (curvature passed to ``update`` as the extra keyword ``curvature``)
         updates, state = tx.update(cap.grads, state, params, curvature=cap)
         params = fo.apply_updates(params, updates)
 
-Host syncs: the step counter is read once per step (refresh decision); on refresh steps the
-factors are checked for finiteness and the Cholesky factorisation for success.
+Host syncs (eager steps): the step counter is read once per step (refresh decision); on
+refresh steps the factors are checked for finiteness and the Cholesky factorisation for
+success. While :func:`funcopt.engine.is_tracing` (``torch.compile``, ``torch.func.vmap``)
+there is no host read: the refresh is computed on every step and ``torch.where`` keeps it on
+refresh steps only (so ``curvature`` must then be passed on every step), a failed Cholesky
+factorisation picks the pseudo-inverse the same way, and non-finite factors are not refused
+(they make the update non-finite, which :func:`funcopt.apply_if_finite` can skip).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from funcopt.base import (
     resolve,
     step_counter,
 )
+from funcopt.engine import is_tracing
 from funcopt.func.capture import kronecker_factors
 from funcopt.transforms.natural_gradient import (
     _all_reduce,
@@ -72,11 +78,25 @@ def _damped_inverse(m: Tensor, gamma: Tensor) -> Tensor:
 
     work = m if m.dtype in (torch.float32, torch.float64) else m.float()
     damped = work + gamma.to(work.dtype) * _eye(work.shape[0], work)
+    if is_tracing():
+        return _traced_damped_inverse(damped).to(m.dtype)
     sol = solvers.solve(solvers.dense(damped, symmetric=True, positive_definite=True),
                         _eye(work.shape[0], work), solver="cholesky")
     if bool(sol.success):
         return sol.x.to(m.dtype)
     return torch.linalg.pinv(damped, hermitian=True).to(m.dtype)
+
+
+def _traced_damped_inverse(damped: Tensor) -> Tensor:
+    """The solver layer's Cholesky inverse and its success test (a positive pivot ratio above
+    ``min(n, 100) eps``, finite numbers) without host reads: the pseudo-inverse is computed
+    too and ``torch.where`` picks (the solver layer checks its input on the host)."""
+    L, info = torch.linalg.cholesky_ex(damped)
+    d = torch.diagonal(L) ** 2
+    rcond = min(damped.shape[0], 100) * torch.finfo(damped.dtype).eps
+    x = torch.cholesky_solve(_eye(damped.shape[0], damped), L)
+    ok = (info == 0) & (d.min() > rcond * d.max()) & torch.isfinite(x).all()
+    return torch.where(ok, x, torch.linalg.pinv(damped, hermitian=True))
 
 
 def _eigh(m: Tensor) -> tuple[Tensor, Tensor]:
@@ -212,20 +232,35 @@ def scale_by_kfac(
         lr = torch.as_tensor(lr, dtype=torch.float32, device=w0.device).clone()
         return KFACState(count, factors, precond, lr)
 
+    def refreshed(old, cur, name, t):
+        """The averaged factors of layer ``name`` (``old``: the state's) and their
+        preconditioner (``t``: the step, a number in eager steps, a 0-d tensor while
+        tracing)."""
+        A0, G0 = old
+        A, G = _all_reduce(list(kronecker_factors(cur[name], A0.dtype)), process_group)
+        if isinstance(t, Tensor):
+            A = torch.where(t > 0, decay * A0 + (1 - decay) * A, A)
+            G = torch.where(t > 0, decay * G0 + (1 - decay) * G, G)
+        else:
+            if t > 0:
+                A, G = decay * A0 + (1 - decay) * A, decay * G0 + (1 - decay) * G
+            _check_finite(A, G, name, t, damping)
+        return (A, G), _kfac_refresh(A, G, damping, method, pi_damping)
+
     def update(updates, state, params=None, **extra):
         _check_updates(updates, layers, "scale_by_kfac")
-        t = _count(state.count)
         factors, precond = dict(state.factors), dict(state.precond)
-        if t % T == 0:
+        if is_tracing():  # every step refreshes; torch.where keeps it on refresh steps
+            cur = _curvature(extra, layers, "scale_by_kfac", traced=True)
+            due = state.count % T == 0
+            for name in layers:
+                new_f, new_p = refreshed(factors[name], cur, name, state.count)
+                factors[name] = tuple(torch.where(due, a, b) for a, b in zip(new_f, factors[name]))
+                precond[name] = tuple(torch.where(due, a, b) for a, b in zip(new_p, precond[name]))
+        elif (t := _count(state.count)) % T == 0:
             cur = _curvature(extra, layers, "scale_by_kfac")
             for name in layers:
-                A0, G0 = factors[name]
-                A, G = _all_reduce(list(kronecker_factors(cur[name], A0.dtype)), process_group)
-                if t > 0:
-                    A, G = decay * A0 + (1 - decay) * A, decay * G0 + (1 - decay) * G
-                _check_finite(A, G, name, t, damping)
-                factors[name] = (A, G)
-                precond[name] = _kfac_refresh(A, G, damping, method, pi_damping)
+                factors[name], precond[name] = refreshed(factors[name], cur, name, t)
         lr = current_learning_rate(learning_rate, state.learning_rate, state.count)
         grads = {name: _grad_matrix(updates, s) for name, s in layers.items()}
         nat = {name: _kfac_apply(V, precond[name], damping) for name, V in grads.items()}

@@ -27,8 +27,15 @@ concatenated batch (tested). Data parallel: give ``process_group``; the factor s
 averaged over it (average the gradients yourself, e.g. ``fo.tree_all_reduce_mean``). Mixed
 precision: ``capture_curvature(..., loss_scale=s)`` scales the loss and unscales the results.
 
-Host syncs: both methods read the step counter on the host once per step to decide whether
-this is a refresh step (every ``T`` steps); KFAC's factor inversion also checks its result.
+Host syncs: in eager steps both methods read the step counter on the host once per step to
+decide whether this is a refresh step (every ``T`` steps); KFAC's factor inversion also checks
+its result. While :func:`funcopt.engine.is_tracing` (``torch.compile(fullgraph=True)``,
+``torch.func.vmap``) there is no host read: the refresh runs on every step and ``torch.where``
+keeps it on refresh steps, so ``curvature`` must be passed on every step.
+
+vmap: ``update`` batches over independent problems of one architecture (a leading dimension
+on the gradients, the state and the curvature's ``a``/``g``; ``num_loss_terms`` is a number,
+``in_dims`` None). The model given at construction only names the layers and their sizes.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from funcopt.base import (
     resolve,
     step_counter,
 )
+from funcopt.engine import is_tracing, leaves
 from funcopt.func.capture import LayerSpec, supported_layers
 from funcopt.transforms.structures import Structure, get_structure, lincomb
 
@@ -100,14 +108,21 @@ def _check_updates(updates: Any, layers: dict[str, LayerSpec], who: str) -> None
     if not isinstance(updates, dict):
         raise TypeError(f"{who}: updates must be a dict keyed like model.named_parameters(), "
                         f"got {type(updates).__name__}")
+    leaves(updates, None, who)  # every leaf a floating-point tensor (a TypeError naming it)
     missing = [s.weight for s in layers.values() if updates.get(s.weight) is None]
     if missing:
         raise ValueError(f"{who}: updates have no entry for {missing}; pass gradients for every "
                          "parameter of the model given when the transform was built")
 
 
-def _curvature(extra: dict, layers: dict[str, LayerSpec], who: str) -> dict:
+def _curvature(extra: dict, layers: dict[str, LayerSpec], who: str,
+               traced: bool = False) -> dict:
     cur = extra.get("curvature")
+    if cur is None and traced:
+        raise ValueError(
+            f"{who}: under torch.compile or torch.func (vmap ...) the refresh decision is made "
+            "on the device, so every step needs "
+            "curvature=funcopt.func.capture_curvature(model, params, x, y)")
     if cur is None:
         raise ValueError(f"{who} refreshes its preconditioner on this step and needs "
                          "curvature=funcopt.func.capture_curvature(model, params, x, y)")
@@ -308,12 +323,18 @@ def scale_by_singd(
     def update(updates, state, params=None, **extra):
         _check_updates(updates, layers, "scale_by_singd")
         K, C, mK, mC = (dict(d) for d in state[1:])
-        if _count(state.count) % T == 0:
-            cur = _curvature(extra, layers, "scale_by_singd")
+        traced = is_tracing()  # then every step refreshes and torch.where keeps it when due
+        if traced or _count(state.count) % T == 0:
+            cur = _curvature(extra, layers, "scale_by_singd", traced=traced)
             for name, s in layers.items():
                 dt = dtypes_of(updates[s.weight])
-                K[name], C[name], mK[name], mC[name] = _singd_refresh(
-                    cfg, K[name], C[name], mK[name], mC[name], cur[name], dt, state.count)
+                old = (K[name], C[name], mK[name], mC[name])
+                new = _singd_refresh(cfg, *old, cur[name], dt, state.count)
+                if traced:
+                    due = state.count % T == 0
+                    new = tuple(tuple(torch.where(due, a, b) for a, b in zip(n, o))
+                                for n, o in zip(new, old))
+                K[name], C[name], mK[name], mC[name] = new
         out = dict(updates)
         for name, s in layers.items():
             V = _grad_matrix(updates, s)

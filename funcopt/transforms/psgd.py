@@ -14,7 +14,7 @@ details as HeavyBall 3.2.1's ``PSGDKron`` (https://github.com/HomebrewML/HeavyBa
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -27,11 +27,9 @@ from funcopt.base import (
     increment,
     step_counter,
     tree_flatten,
-    tree_flatten_pair,
-    tree_leaves,
     tree_unflatten,
 )
-from funcopt.engine import differentiating, ops
+from funcopt.engine import differentiating, is_tracing, leaves, ops
 
 __all__ = [
     "ScaleByPsgdKronState",
@@ -229,6 +227,39 @@ def _fit(qs, lbs, h, v, precond_lr, lb_beta, power_iter):
     return new_q, new_lb
 
 
+# --------------------------------------------------------------------------- the probe draw
+
+
+@torch.library.custom_op("funcopt::psgd_probe", mutates_args=())
+def _probe_op(rng: Tensor, shape: Sequence[int], dtype: torch.dtype, device: torch.device
+              ) -> tuple[Tensor, Tensor]:
+    """A standard normal draw of ``shape`` from the generator whose state is ``rng``, and the
+    generator's state after it: the eager draw as one op, so that ``torch.compile`` keeps it
+    in its graph and ``torch.func.vmap`` batches it by the rule below."""
+    gen = torch.Generator(device=device)
+    gen.set_state(rng.clone())  # a copy: set_state on a view into a larger tensor crashes
+    v = torch.randn(tuple(shape), dtype=dtype, device=device, generator=gen)
+    return v, gen.get_state()
+
+
+@_probe_op.register_fake
+def _probe_fake(rng, shape, dtype, device):
+    return torch.empty(tuple(shape), dtype=dtype, device=device), torch.empty_like(rng)
+
+
+def _probe_vmap(info, in_dims, rng, shape, dtype, device):
+    """Under vmap: one draw when the generator state is shared (not batched), as every element
+    of a loop whose transforms were built with the same ``seed`` would draw; one draw per
+    element from its own generator state when the state is batched."""
+    if in_dims[0] is None:
+        return _probe_op(rng, shape, dtype, device), (None, None)
+    rows = [_probe_op(r, shape, dtype, device) for r in rng.movedim(in_dims[0], 0).unbind(0)]
+    return (torch.stack([v for v, _ in rows]), torch.stack([r for _, r in rows])), (0, 0)
+
+
+_probe_op.register_vmap(_probe_vmap)
+
+
 def _initial_scale(g: Tensor, scale, scale_scale, scale_power) -> Tensor:
     """HeavyBall's automatic initial scale ``(mean(g^4)^{-1/8} * scale_scale)^power``."""
     if scale is not None:
@@ -298,9 +329,17 @@ def scale_by_psgd_kron(
     per leaf, computed for all leaves of such a bucket at once (stacked, one batched op per
     bucket rather than one op per leaf). Differences from HeavyBall 3.2.1: an all-zero first
     gradient gives :math:`s = 1` instead of an error; factors are stored as full matrices
-    (HeavyBall packs the upper triangle). Whether this step fits the factors is decided on the
-    host (one sync per step, the only one), so the transform does not trace under
-    ``torch.compile(fullgraph=True)``.
+    (HeavyBall packs the upper triangle). In eager steps whether this step fits the factors
+    is decided on the host (one sync per step, the only one); while
+    :func:`funcopt.engine.is_tracing` both branches run and ``torch.where`` picks, so
+    ``torch.compile(update, fullgraph=True)`` traces it with no recompiles.
+
+    ``torch.func.vmap``: the probes are drawn from the generator state in ``state.rng``
+    through one op (``funcopt::psgd_probe``) with its own batching rule, not from vmap's
+    randomness, so any ``randomness`` (``"error"``, the default, ``"same"`` or
+    ``"different"``) gives the same numbers: those of a loop whose elements were each
+    initialised with this ``seed`` (a state from ``vmap(init)`` draws per element from its
+    own row of ``rng``). Zero-size leaves get zero-size updates and draw nothing.
     Reference: https://arxiv.org/abs/1512.04202.
     """
     check_hyperparameter("b1", b1, low=0.0, high=1.0, high_inclusive=False)
@@ -313,10 +352,10 @@ def scale_by_psgd_kron(
             else preconditioner_update_probability)
 
     def init(params):
-        leaves = tree_leaves(params)
+        ps, _ = leaves(params, None, "scale_by_psgd_kron")
         count = step_counter(params)
         qs, lbs = [], []
-        for p in leaves:
+        for p in ps:
             shape = tuple(d for d in p.shape if d != 1)
             dt = q_dtype or torch.promote_types(p.dtype, torch.float32)
             kinds = _factor_kinds(shape, max_size_triangular, min_ndim_triangular,
@@ -325,54 +364,54 @@ def scale_by_psgd_kron(
             lbs.append([torch.zeros((), dtype=torch.float64, device=p.device) for _ in kinds])
         gen = torch.Generator(device=count.device).manual_seed(seed)
         mu = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
-              for p in leaves]
+              for p in ps]
         return ScaleByPsgdKronState(count, torch.zeros((), dtype=torch.float64,
                                                        device=count.device),
                                     mu, qs, lbs, gen.get_state())
 
     def update(updates, state, params=None, **extra):
-        if params is None:
-            g, treedef = tree_flatten(updates)
-        else:
-            g, treedef, _ = tree_flatten_pair(updates, params)
-        if len(g) != len(state.mu):
-            raise ValueError(f"scale_by_psgd_kron: updates have {len(g)} leaves but the state "
-                             f"was built for {len(state.mu)}; pass the same tree as to init")
+        g, treedef = leaves(updates, params, "scale_by_psgd_kron", state.mu)
         count = increment(state.count)
         t = count.to(torch.float64)
         p_t = torch.as_tensor(prob(count) if callable(prob) else prob, dtype=torch.float64,
                               device=t.device)
         prob_sum = state.prob_sum + p_t
-        # one host sync: whether the factors are fitted this step, and whether it is the first
-        fit, first = torch.stack([torch.floor(prob_sum) > torch.floor(state.prob_sum),
-                                  count == 1]).tolist()
+        fit_t = torch.floor(prob_sum) > torch.floor(state.prob_sum)
+        # eager: one host sync decides whether the factors are fitted and whether this is the
+        # first step; traced (compile, vmap): both branches run and torch.where picks
+        fit, first = ((fit_t, count == 1) if is_tracing()
+                      else torch.stack([fit_t, count == 1]).tolist())
         beta = 1.0 - (1.0 - b1) / (1.0 - b1 ** t)
         mu, out = list(state.mu), list(g)  # every leaf is replaced below, bucket by bucket
         qs, lbs = [list(q) for q in state.qs], [list(lb) for lb in state.lower_bounds]
-        gen = torch.Generator(device=count.device)
-        gen.set_state(state.rng)
+        draw = _Probes(state.rng, count.device, traced=isinstance(fit, Tensor))
         for idx in _buckets(g, state.mu, state.qs):
+            if g[idx[0]].numel() == 0:  # nothing to precondition: a zero-size update
+                for i in idx:
+                    out[i] = torch.zeros_like(g[i])
+                continue
             # the bucket as slabs: (n, *shape) with size-1 dimensions dropped
             shape = (len(idx),) + tuple(d for d in g[idx[0]].shape if d != 1)
             m_old = _stack([state.mu[i] for i in idx]).reshape(shape)
             g_b = _stack([g[i] for i in idx]).reshape(shape).to(m_old.dtype)
             m = m_old.lerp(g_b, (1.0 - beta).to(m_old.dtype))
             q_b = [_stack(f) for f in zip(*(qs[i] for i in idx))]
-            if first:
+            if first is not False:
                 s = _initial_scale(g_b, precond_init_scale, precond_init_scale_scale,
                                    precond_init_scale_power)
-                q_b = _scaled(q_b, s)
+                q_b = _select(first, _scaled(q_b, s), q_b)
             qd = q_b[0].dtype
-            if fit:
+            if fit is not False:
                 b = m if momentum_into_precond_update else g_b
-                v = torch.randn(b.shape, dtype=b.dtype, device=b.device, generator=gen)
+                v = draw(b)
                 h = b + (dampening + _F32_EPS * b.abs()) * v
                 lb_b = [_stack(f) for f in zip(*(lbs[i] for i in idx))]
-                q_b, lb_b = _fit(q_b, lb_b, h.to(qd), v.to(qd), precond_lr, lower_bound_beta,
-                                 precond_update_power_iterations)
+                new_q, new_lb = _fit(q_b, lb_b, h.to(qd), v.to(qd), precond_lr,
+                                     lower_bound_beta, precond_update_power_iterations)
+                q_b, lb_b = _select(fit, new_q, q_b), _select(fit, new_lb, lb_b)
                 for i, lb_i in zip(idx, zip(*(lb.unbind(0) for lb in lb_b))):
                     lbs[i] = list(lb_i)
-            if fit or first:
+            if fit is not False or first is not False:
                 for i, q_i in zip(idx, zip(*(q.unbind(0) for q in q_b))):
                     qs[i] = list(q_i)
             p_b = _precondition(q_b, m.to(qd))
@@ -381,10 +420,45 @@ def scale_by_psgd_kron(
                                    p_b.reshape(-1, *x.shape).to(x.dtype).unbind(0)):
                 mu[i], out[i] = m_i, p_i
         new = ScaleByPsgdKronState(count, prob_sum, mu, [list(q) for q in qs],
-                                   [list(lb) for lb in lbs], gen.get_state())
+                                   [list(lb) for lb in lbs], draw.state(fit))
         return tree_unflatten(treedef, out), new
 
     return GradientTransformation(init, update)
+
+
+def _select(cond, new: list[Tensor], old: list[Tensor]) -> list[Tensor]:
+    """``new`` where ``cond`` holds, else ``old``: a Python bool in eager steps, a bool tensor
+    (``torch.where``, no host read) in traced ones."""
+    if isinstance(cond, Tensor):
+        return [torch.where(cond, a, b) for a, b in zip(new, old)]
+    return new if cond else old
+
+
+class _Probes:
+    """The probe draws of one step, bucket after bucket, from the generator state ``rng``.
+
+    Eager: one ``torch.Generator`` on ``device`` (as HeavyBall's ``randn_like`` on the global
+    one). Traced: the same draws through the ``funcopt::psgd_probe`` op, which
+    ``torch.compile`` keeps in its graph and ``vmap`` batches; the generator state is threaded
+    from draw to draw, and :meth:`state` keeps the old one where no fit ran.
+    """
+
+    def __init__(self, rng: Tensor, device: torch.device, traced: bool):
+        self.start, self.rng, self.traced = rng, rng, traced
+        if not traced:
+            self.gen = torch.Generator(device=device)
+            self.gen.set_state(rng)
+
+    def __call__(self, b: Tensor) -> Tensor:
+        if self.traced:
+            v, self.rng = _probe_op(self.rng, list(b.shape), b.dtype, b.device)
+            return v
+        return torch.randn(b.shape, dtype=b.dtype, device=b.device, generator=self.gen)
+
+    def state(self, fit) -> Tensor:
+        if not self.traced:
+            return self.gen.get_state()
+        return torch.where(fit.to(self.rng.device), self.rng, self.start)
 
 
 def _buckets(leaves: list[Tensor], mu: list[Tensor], qs: list[list[Tensor]]) -> list[list[int]]:

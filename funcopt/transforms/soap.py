@@ -7,8 +7,11 @@ https://github.com/nikhilvyas/SOAP. The numbers follow HeavyBall 0.7.2's ``Forea
 row-wise eigenvalue estimate in the QR refresh and the first step that only initialises the
 preconditioner. Differences from HeavyBall 3.x are listed in :func:`scale_by_soap`.
 
-SOAP decides on the host whether to refresh the eigenbasis: one ``.item()`` per step (the
-step counter), and the QR refresh runs only on refresh steps.
+In an eager step SOAP decides on the host whether this is the first step and whether to
+refresh the eigenbasis (one ``.item()`` of the step counter per step; the QR refresh runs only
+on refresh steps). While :func:`funcopt.engine.is_tracing` (``torch.compile``,
+``torch.func.vmap``) both branches run every step and ``torch.where`` picks, on the device:
+no host read, no recompile, the eager numbers.
 """
 
 from __future__ import annotations
@@ -28,11 +31,9 @@ from funcopt.base import (
     replace,
     resolve,
     step_counter,
-    tree_flatten,
-    tree_leaves,
     tree_unflatten,
 )
-from funcopt.engine import ops
+from funcopt.engine import is_tracing, leaves, ops
 
 __all__ = [
     "ScaleBySoapState",
@@ -127,15 +128,21 @@ def _merged_shape(shape: tuple[int, ...], max_dim: int) -> list[int]:
 
 
 def _work_shape(shape, merge_dims: bool, max_dim: int) -> list[int]:
-    if len(shape) <= 1 or not merge_dims:
+    if len(shape) <= 1 or not merge_dims or 0 in shape:
         return list(shape) if shape else [1]
     return _merged_shape(tuple(shape), max_dim)
+
+
+def _has(m: Tensor) -> bool:
+    """Whether a factor slot holds a factor: a ``(0, 0)`` tensor marks a dimension without one
+    (the state holds tensors only, so ``vmap`` and ``torch.save`` see no ``None``)."""
+    return m.numel() > 0
 
 
 def _project(x: Tensor, qs: tuple, back: bool) -> Tensor:
     """Rotate every dim ``d`` that has a basis: ``Q_d^T x`` (forward) or ``Q_d x`` (back)."""
     for d, q in enumerate(qs):
-        if q is not None:
+        if _has(q):
             x = torch.tensordot(x, q.t() if back else q, dims=([d], [0])).movedim(-1, d)
     return x
 
@@ -162,10 +169,14 @@ def _orthonormal(mats: list[Tensor], cholesky: bool | None = None) -> list[Tenso
     batches of at most 256 MB of float64 input (the work takes a few times that). A matrix
     where that is not accurate (a failed Cholesky factorisation, or a first pass whose ``Q``
     is off orthonormal by 0.1 or more: a singular, very ill-conditioned or non-finite ``A``)
-    gets Householder QR instead; one host read per call decides. (On a CPU CholeskyQR2 is
+    gets Householder QR instead; one host read per call decides (while tracing, both run and
+    ``torch.where`` picks on the device). (On a CPU CholeskyQR2 is
     2-2.5x slower than LAPACK's QR.) On a nearly singular factor any two QR implementations
     differ in the trailing columns, which rounding sets, and so does SOAP's update there: GPU
     runs match CPU or HeavyBall runs to rounding only where the factors are well conditioned.
+    The batched QR and ``eigh`` that ``torch.func.vmap`` runs are such another implementation:
+    a vmapped SOAP gives a loop's numbers where every factor has full rank (a first gradient
+    ``g_0`` of shape ``(m, n)`` gives rank ``min(m, n)`` factors: only square ones are).
     """
     if cholesky is None:
         cholesky = bool(mats) and mats[0].is_cuda
@@ -194,7 +205,11 @@ def _orthonormal(mats: list[Tensor], cholesky: bool | None = None) -> list[Tenso
         for i, qi in zip(idx, q.to(mats[idx[0]].dtype).unbind(0)):
             out[i] = qi
         flags.append(ok)
-    if flags:
+    if flags and is_tracing():
+        order = [i for idx in batches for i in idx]
+        for i, good in zip(order, torch.cat(flags).unbind(0)):
+            out[i] = torch.where(good, out[i], torch.linalg.qr(mats[i])[0])
+    elif flags:
         order = [i for idx in batches for i in idx]
         for i, good in zip(order, torch.cat(flags).tolist()):
             if not good:
@@ -208,7 +223,7 @@ def _qr_refresh(ggs: list[tuple], qss: list[tuple], vs: list) -> tuple[list[tupl
     mats, where, vs = [], [], list(vs)
     for leaf, (gg, qs) in enumerate(zip(ggs, qss)):
         for d, (m, q) in enumerate(zip(gg, qs)):
-            if m is None:
+            if not _has(m):
                 continue
             mq = m @ q
             order = torch.argsort((q * mq).sum(1), descending=True)  # HeavyBall 0.7.2: row sums
@@ -239,16 +254,21 @@ class ScaleBySoapState(NamedTuple):
     q: list
 
 
-def _debias(beta: float, step: int) -> float:
+def _debias(beta, step):
+    """The debiased EMA weight ``1 - (1 - beta) / (1 - beta^step)`` (numbers or tensors)."""
     return 1.0 - (1.0 - beta) / (1.0 - beta**step)
 
 
 def _init_leaf(p: Tensor, merge_dims, max_dim, precondition_1d):
+    """Per work dimension the factor ``L_d`` (zeros) and basis ``Q_d`` (identity); ``(0, 0)``
+    for a dimension without one (too large, 1-d leaves unless ``precondition_1d``, and every
+    dimension of a zero-size leaf, whose update is zero-size)."""
     f32 = torch.promote_types(p.dtype, torch.float32)
     shape = _work_shape(p.shape, merge_dims, max_dim)
     use = (lambda s: s <= max_dim) if p.dim() > 1 else (lambda s: precondition_1d and s <= max_dim)
-    gg = tuple(torch.zeros(s, s, dtype=f32, device=p.device) if use(s) else None for s in shape)
-    q = tuple(None if m is None else torch.eye(m.shape[0], dtype=f32, device=p.device) for m in gg)
+    size = [s if use(s) and p.numel() > 0 else 0 for s in shape]
+    gg = tuple(torch.zeros(s, s, dtype=f32, device=p.device) for s in size)
+    q = tuple(torch.eye(s, dtype=f32, device=p.device) for s in size)
     return gg, q
 
 
@@ -305,55 +325,141 @@ def scale_by_soap(
                else every_n_steps(precondition_frequency))
 
     def init(params):
-        leaves = tree_leaves(params)
+        ps, _ = leaves(params, None, "scale_by_soap")
         count = step_counter(params)
-        per_leaf = [_init_leaf(p, merge_dims, max_precond_dim, precondition_1d) for p in leaves]
+        per_leaf = [_init_leaf(p, merge_dims, max_precond_dim, precondition_1d) for p in ps]
         mdt = lambda p: moment_dtype or torch.promote_types(p.dtype, torch.float32)  # noqa: E731
         return ScaleBySoapState(
             count, torch.tensor(seed, dtype=torch.int64, device=count.device),
-            [torch.zeros_like(p, dtype=mdt(p)) for p in leaves],
-            [torch.zeros_like(p, dtype=mdt(p)) for p in leaves],
+            [torch.zeros_like(p, dtype=mdt(p)) for p in ps],
+            [torch.zeros_like(p, dtype=mdt(p)) for p in ps],
             [gg for gg, _ in per_leaf], [q for _, q in per_leaf])
 
     def update(updates, state, params=None, **extra):
-        g, treedef = tree_flatten(updates)
-        step = int(state.count.item())  # host sync: SOAP branches on the step
+        g, treedef = leaves(updates, params, "scale_by_soap", state.exp_avg, state.exp_avg_sq)
+        _check_factors(g, state, merge_dims, max_precond_dim)
         count = increment(state.count)
+        if not g:  # an empty tree: nothing to precondition
+            return updates, replace(state, count=count)
         g32 = [x.to(torch.promote_types(x.dtype, torch.float32)) for x in g]
         shapes = [_work_shape(x.shape, merge_dims, max_precond_dim) for x in g]
+        if is_tracing():  # both branches, picked on the device
+            return _traced_step(g, g32, shapes, state, count, treedef, hp)
+        step = int(state.count.item())  # host sync: SOAP branches on the step
         if step == 0:
-            gg = [tuple(None if m is None else _gram(x.reshape(s), d) for d, m in enumerate(ms))
-                  for x, s, ms in zip(g32, shapes, state.gg)]
-            q = [tuple(None if m is None else _eigenbasis(m) for m in ms) for ms in gg]
-            q = _qr_refresh(gg, q, [None] * len(gg))[0]  # as HeavyBall 0.7.2
+            gg, q = _first_step(g32, shapes, state.gg)
             zeros = [torch.zeros_like(x) for x in g]
             return tree_unflatten(treedef, zeros), replace(state, count=count, gg=gg, q=q)
-        bh1 = _debias(b1, step)
-        bh2 = _debias(float(resolve(b2, state.count)), step)
-        bs = 1.0 - bh2 if shampoo_beta is None else float(resolve(shampoo_beta, state.count))
-        gp = [_project(x.reshape(s), qs, False) for x, s, qs in zip(g32, shapes, state.q)]
-        m = ops.lerp([e.to(x.dtype) for e, x in zip(state.exp_avg, g32)], g32, 1 - bh1)
-        v = [e.to(x.dtype).reshape(x.shape) for e, x in zip(state.exp_avg_sq, gp)]
-        v = list(ops.add(ops.mul(v, bh2), ops.mul(
-            ops.mul(gp, gp), 1 - bh2)))
-        denom = ops.maximum(ops.sqrt(v), eps)
-        del gp  # each temporary goes as soon as it is used: one parameter-sized copy less
-        mp = [_project(e.reshape(s), qs, False) for e, s, qs in zip(m, shapes, state.q)]
-        out = [_project(a / d, qs, True).reshape(x.shape).to(x.dtype)
-               for a, d, qs, x in zip(mp, denom, state.q, g)]
-        del mp, denom
-        do_refresh = bool(refresh(state.count, state.seed))
-        gg = [tuple(None if a is None else torch.lerp(a, _gram(x.reshape(s), d), 1 - bs)
-                    for d, a in enumerate(ms)) for x, s, ms in zip(g32, shapes, state.gg)]
+        bh1, bh2, bs = hp.betas(state.count, step)
+        out, m, v = _adam_step(g, g32, shapes, state, bh1, bh2, eps)
+        gg = _factor_step(g32, shapes, state.gg, bs)
         q = list(state.q)
-        if do_refresh:
+        if bool(refresh(state.count, state.seed)):
             q, v = _qr_refresh(gg, q, v)
-        store = lambda xs, ref: [a.reshape(r.shape).to(r.dtype) for a, r in zip(xs, ref)]  # noqa
-        new_state = ScaleBySoapState(count, state.seed, store(m, state.exp_avg),
-                                     store(v, state.exp_avg_sq), gg, q)
+        new_state = ScaleBySoapState(count, state.seed, _store(m, state.exp_avg),
+                                     _store(v, state.exp_avg_sq), gg, q)
         return tree_unflatten(treedef, out), new_state
 
+    hp = _Hyper(b1, b2, shampoo_beta, eps, refresh)
     return GradientTransformation(init, update)
+
+
+class _Hyper(NamedTuple):
+    b1: float
+    b2: ScalarOrSchedule
+    shampoo_beta: ScalarOrSchedule | None
+    eps: float
+    refresh: RefreshFn
+
+    def betas(self, count: Tensor, step):
+        """The debiased :math:`\\hat\\beta_1, \\hat\\beta_2` and :math:`\\beta_s` of step
+        ``step`` (a number in eager steps: numbers; a tensor while tracing: tensors)."""
+        b2 = resolve(self.b2, count)
+        traced = isinstance(step, Tensor)
+        bh1 = _debias(self.b1, step)
+        bh2 = _debias(torch.as_tensor(b2, dtype=torch.float64, device=count.device)
+                      if traced else float(b2), step)
+        if self.shampoo_beta is None:
+            return bh1, bh2, 1.0 - bh2
+        bs = resolve(self.shampoo_beta, count)
+        return bh1, bh2, (torch.as_tensor(bs, dtype=torch.float64, device=count.device)
+                          if traced else float(bs))
+
+
+def _check_factors(g: list[Tensor], state: ScaleBySoapState, merge_dims, max_dim) -> None:
+    """The state's factors must fit each leaf's work shape (a ValueError naming the leaf)."""
+    for i, (x, gg) in enumerate(zip(g, state.gg)):
+        shape = _work_shape(x.shape, merge_dims, max_dim)
+        if len(gg) != len(shape) or any(_has(m) and m.shape[-1] != s for m, s in zip(gg, shape)):
+            raise ValueError(
+                f"scale_by_soap: leaf #{i} of the updates has shape {tuple(x.shape)}, but the "
+                f"state's factors ({[tuple(m.shape) for m in gg]}) were made for another shape;"
+                " re-run init on these params")
+
+
+def _store(xs: list[Tensor], ref: list[Tensor]) -> list[Tensor]:
+    return [a.reshape(r.shape).to(r.dtype) for a, r in zip(xs, ref)]
+
+
+def _first_step(g32, shapes, state_gg):
+    """The first step's factors :math:`L_d = g_0 g_0^T|_d` and bases (``eigh``, then one QR
+    refresh, as HeavyBall 0.7.2)."""
+    gg = [tuple(m if not _has(m) else _gram(x.reshape(s), d) for d, m in enumerate(ms))
+          for x, s, ms in zip(g32, shapes, state_gg)]
+    q = [tuple(m if not _has(m) else _eigenbasis(m) for m in ms) for ms in gg]
+    return gg, _qr_refresh(gg, q, [None] * len(gg))[0]
+
+
+def _adam_step(g, g32, shapes, state, bh1, bh2, eps):
+    """Adam in the current eigenbasis: the update, the new ``m`` and ``v`` (work dtype)."""
+    gp = [_project(x.reshape(s), qs, False) for x, s, qs in zip(g32, shapes, state.q)]
+    m = [e.to(x.dtype) for e, x in zip(state.exp_avg, g32)]
+    v = [e.to(x.dtype).reshape(x.shape) for e, x in zip(state.exp_avg_sq, gp)]
+    if isinstance(bh1, Tensor):  # traced: 0-d float64 coefficients, cast leaf by leaf
+        m = [torch.lerp(a, x, (1 - bh1).to(x.dtype)) for a, x in zip(m, g32)]
+        v = [a * bh2.to(a.dtype) + x * x * (1 - bh2).to(a.dtype) for a, x in zip(v, gp)]
+    else:
+        m = ops.lerp(m, g32, 1 - bh1)
+        v = list(ops.add(ops.mul(v, bh2), ops.mul(ops.mul(gp, gp), 1 - bh2)))
+    denom = ops.maximum(ops.sqrt(v), eps)
+    del gp  # each temporary goes as soon as it is used: one parameter-sized copy less
+    mp = [_project(e.reshape(s), qs, False) for e, s, qs in zip(m, shapes, state.q)]
+    out = [_project(a / d, qs, True).reshape(x.shape).to(x.dtype)
+           for a, d, qs, x in zip(mp, denom, state.q, g)]
+    return out, m, v
+
+
+def _factor_step(g32, shapes, state_gg, bs):
+    """:math:`L_d \\leftarrow \\beta_s L_d + (1-\\beta_s) g g^T|_d`."""
+    w = lambda a: (1 - bs).to(a.dtype) if isinstance(bs, Tensor) else 1 - bs  # noqa: E731
+    return [tuple(a if not _has(a) else torch.lerp(a, _gram(x.reshape(s), d), w(a))
+                  for d, a in enumerate(ms)) for x, s, ms in zip(g32, shapes, state_gg)]
+
+
+def _where(cond: Tensor, new, old):
+    """``torch.where(cond, new, old)`` over matching lists/tuples of tensors."""
+    if isinstance(new, Tensor):
+        return torch.where(cond, new, old) if _has(new) else new
+    return type(new)(_where(cond, a, b) for a, b in zip(new, old))
+
+
+def _traced_step(g, g32, shapes, state, count, treedef, hp):
+    """One step with no host read: the first-step, Adam, refresh and no-refresh results are
+    all computed and ``torch.where`` (on 0-d bool tensors) picks the eager path's."""
+    first = state.count == 0
+    bh1, bh2, bs = hp.betas(state.count, state.count.clamp(min=1).to(torch.float64))
+    out, m, v = _adam_step(g, g32, shapes, state, bh1, bh2, hp.eps)
+    gg = _factor_step(g32, shapes, state.gg, bs)
+    q_r, v_r = _qr_refresh(gg, list(state.q), v)
+    do = hp.refresh(state.count, state.seed)
+    q, v = _where(do, q_r, list(state.q)), _where(do, v_r, v)
+    gg0, q0 = _first_step(g32, shapes, state.gg)
+    m = _where(first, list(state.exp_avg), _store(m, state.exp_avg))
+    v = _where(first, list(state.exp_avg_sq), _store(v, state.exp_avg_sq))
+    out = [torch.where(first, torch.zeros_like(o), o) for o in out]
+    new_state = ScaleBySoapState(count, state.seed, m, v, _where(first, gg0, gg),
+                                 _where(first, q0, q))
+    return tree_unflatten(treedef, out), new_state
 
 
 def soap(
