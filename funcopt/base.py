@@ -65,6 +65,8 @@ __all__ = [
     "current_learning_rate",
     "check_hyperparameter",
     "require_params",
+    "register_hyperparameters",
+    "hyperparameter_fields",
 ]
 
 
@@ -253,6 +255,33 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) ->
             "or step under torch.no_grad(); keep them attached only to differentiate through "
             "the steps.", stacklevel=2)
     return tree_unflatten(treedef, ops.add(p_leaves, u_cast))
+
+
+# --------------------------------------------------------------------------- settable hyperparameters
+
+_HYPERPARAMETER_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def register_hyperparameters(state_cls: type, *fields: str) -> type:
+    """Declare which fields of a NamedTuple state class hold settable hyperparameters.
+
+    A field holds a 0-d tensor that ``update`` reads (``learning_rate`` of
+    :func:`scale_by_learning_rate`), or a dict of them (``hyperparams`` of
+    :func:`inject_hyperparams`). :func:`funcopt.find_hyperparams` and
+    :class:`funcopt.Optimizer` (LR schedulers) find hyperparameters through this declaration,
+    by the state's type, never by a field's name alone: a field called ``learning_rate`` that
+    is not declared (KFAC's KL-clip step) is not exposed. Returns ``state_cls``.
+    """
+    unknown = [f for f in fields if f not in getattr(state_cls, "_fields", ())]
+    if unknown:
+        raise ValueError(f"{state_cls.__name__} has no field(s) {unknown}")
+    _HYPERPARAMETER_FIELDS[state_cls] = tuple(fields)
+    return state_cls
+
+
+def hyperparameter_fields(state: Any) -> tuple[str, ...]:
+    """The hyperparameter fields declared for ``type(state)`` (empty when none)."""
+    return _HYPERPARAMETER_FIELDS.get(type(state), ())
 
 
 # --------------------------------------------------------------------------- counters and hyperparameters

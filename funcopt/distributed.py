@@ -43,6 +43,7 @@ from funcopt.base import (
     tree_flatten,
     tree_unflatten,
 )
+from funcopt.engine import functorch_active, leaves
 
 __all__ = ["all_reduce_mean", "tree_all_reduce_mean", "broadcast_params", "shard_batch"]
 
@@ -106,6 +107,12 @@ def all_reduce_mean(group: Any = None) -> GradientTransformation:
 
     def update(updates: PyTree, state: EmptyState, params: Params | None = None, **extra: Any
                ) -> tuple[PyTree, EmptyState]:
+        leaves(updates, params, "all_reduce_mean")
+        if functorch_active():
+            raise RuntimeError(
+                "all_reduce_mean cannot run under torch.func transforms (vmap, grad): a "
+                "collective does not batch. Reduce the gradients outside the transformed "
+                "function, or leave all_reduce_mean out of the vmapped chain")
         return tree_all_reduce_mean(updates, group), state
 
     return GradientTransformation(init, update)

@@ -173,7 +173,8 @@ def leaves(updates: Any, params: Any | None, who: str, *state: Sequence[Tensor]
     shape (or a 0-d/size-1 entry where a transform keeps one number per leaf) and device. The
     checks read metadata only (no host sync) and are skipped while ``torch.compile`` traces
     (the eager run of the same step has checked them). Raises ValueError/TypeError naming
-    ``who``, the leaf's tree path and both shapes.
+    ``who``, the leaf's tree path and both shapes. States keep no names: a renamed leaf of
+    the same shape in the same place of the flattened tree cannot be told apart.
     """
     g, treedef = optree.tree_flatten(updates)
     if _is_compiling():

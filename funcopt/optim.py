@@ -12,9 +12,10 @@ use funcopt unchanged::
         opt.step()
         sched.step()
 
-How hyperparameters reach ``param_groups``: the transform's state is searched for
+How hyperparameters reach ``param_groups``: the transform's state is searched, by type, for
+the fields its state classes declare with :func:`funcopt.register_hyperparameters`:
 
-* NamedTuple fields named ``learning_rate`` (as kept by ``scale_by_learning_rate``), exposed as
+* ``learning_rate`` (as kept by ``scale_by_learning_rate`` and schedule-free), exposed as
   ``group["lr"]``;
 * the ``hyperparams`` dict of ``inject_hyperparams`` states; each 0-d entry is exposed under its
   own name, except ``learning_rate`` (exposed as ``lr``) and the pair ``b1``/``b2`` (exposed as
@@ -35,12 +36,19 @@ parameters, which is simplest with a single group.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import torch
 
-from funcopt.base import GradientTransformation, OptState, PyTree, tree_leaves
+from funcopt.base import (
+    GradientTransformation,
+    OptState,
+    PyTree,
+    hyperparameter_fields,
+    tree_leaves,
+)
 from funcopt.checkpoint import tree_from_state_dict, tree_to_state_dict
 from funcopt.engine import ops
 
@@ -58,24 +66,34 @@ def _scalar(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and x.ndim == 0
 
 
-def find_hyperparams(state: OptState) -> dict[str, torch.Tensor]:
-    """The settable hyperparameters in a transform's state, by their name in the state.
+def _declared(node: Any) -> list[tuple[str, torch.Tensor]]:
+    """(name, 0-d tensor) for the hyperparameter fields ``type(node)`` declares, in order; a
+    dict-valued field (``inject_hyperparams``' ``hyperparams``) contributes its 0-d entries."""
+    out: list[tuple[str, torch.Tensor]] = []
+    for f in hyperparameter_fields(node):
+        value = getattr(node, f)
+        if isinstance(value, dict):
+            out += [(str(k), v) for k, v in value.items() if _scalar(v)]
+        elif _scalar(value):
+            out.append((f, value))
+    return out
 
-    Finds ``learning_rate`` fields of NamedTuple states and the 0-d entries of
-    ``inject_hyperparams``' ``hyperparams`` dicts; the first occurrence of a name wins.
+
+def find_hyperparams(state: OptState) -> dict[str, torch.Tensor]:
+    """The settable hyperparameters in a transform's state, by name.
+
+    Found by the state's type: the fields each state class declares with
+    :func:`funcopt.register_hyperparameters` (``learning_rate`` of ``scale_by_learning_rate``
+    and schedule-free, the ``hyperparams`` dict of ``inject_hyperparams``). A field that only
+    happens to be called ``learning_rate`` (KFAC's KL-clip step) is not a hyperparameter here.
+    The first occurrence of a name, in depth-first order, wins.
     """
     found: dict[str, torch.Tensor] = {}
 
     def visit(node: Any) -> None:
         if _is_namedtuple(node):
-            value = getattr(node, "learning_rate", None)
-            if "learning_rate" in node._fields and isinstance(value, torch.Tensor) and _scalar(value):
-                found.setdefault("learning_rate", value)
-            hp = getattr(node, "hyperparams", None)
-            if "hyperparams" in node._fields and isinstance(hp, dict):
-                for k, v in hp.items():
-                    if _scalar(v):
-                        found.setdefault(str(k), v)
+            for name, value in _declared(node):
+                found.setdefault(name, value)
         if isinstance(node, (tuple, list)):
             for child in node:
                 visit(child)
@@ -114,22 +132,19 @@ def set_hyperparams(state: OptState, values: dict[str, Any]) -> OptState:
     def visit(node: Any) -> Any:
         if _is_namedtuple(node):
             # the same order as find_hyperparams: this node's own fields, then its children
-            lr = getattr(node, "learning_rate", None) if "learning_rate" in node._fields else None
-            set_lr = isinstance(lr, torch.Tensor) and _scalar(lr) and take("learning_rate")
-            hp = getattr(node, "hyperparams", None) if "hyperparams" in node._fields else None
-            new_hp = None
-            if isinstance(hp, dict):
-                new_hp = {k: cast_like(v, values[k]) if (_scalar(v) and take(str(k))) else v
-                          for k, v in hp.items()}
+            declared = hyperparameter_fields(node)
             fields: dict[str, Any] = {}
             for f, v in zip(node._fields, node):
-                if f == "learning_rate" and set_lr:
-                    fields[f] = cast_like(v, values["learning_rate"])
-                elif f == "hyperparams" and new_hp is not None:
-                    fields[f] = new_hp
+                if f in declared and isinstance(v, dict):
+                    fields[f] = {k: cast_like(x, values[str(k)])
+                                 if _scalar(x) and take(str(k)) else x for k, x in v.items()}
+                elif f in declared and _scalar(v) and take(f):
+                    fields[f] = cast_like(v, values[f])
                 else:
-                    fields[f] = visit(v)
-            return type(node)(**fields)
+                    fields[f] = v
+            node = type(node)(**fields)
+            return type(node)(*[v if f in declared else visit(v)
+                                for f, v in zip(node._fields, node)])
         if isinstance(node, (tuple, list)):
             return type(node)(visit(c) for c in node)
         if isinstance(node, dict):
@@ -179,6 +194,51 @@ def _unalias(state: OptState, params: list[torch.Tensor]) -> OptState:
     return optree.tree_map(
         lambda x: x.clone() if isinstance(x, torch.Tensor) and _storages([x]) & ptrs else x, state
     )
+
+
+class _Group(dict):
+    """A param group whose missing keys name the fix (an LR scheduler reads ``group["lr"]``)."""
+
+    def __missing__(self, key: Any) -> Any:
+        raise KeyError(
+            f"{key!r}: this param group's transform exposes no {key!r} (it exposes "
+            f"{sorted(k for k in self if k not in _ALLOWED_EXTRA_KEYS)}). An LR scheduler needs "
+            "a transform with a learning rate in its state: an alias such as fo.adamw(...), a "
+            "chain ending in fo.scale_by_learning_rate(...), or fo.inject_hyperparams(...)")
+
+
+def _check_values(group: dict[str, Any], names: Iterable[str]) -> None:
+    """Refuse a group value no transform step can use (NaN, inf, a negative learning rate,
+    betas outside [0, 1)), naming the key: checked at construction and before every step, as
+    a scheduler or a user may write them at any time (Python numbers: no device sync)."""
+    for key in names:
+        key = "lr" if key == "learning_rate" else "betas" if key in ("b1", "b2") else key
+        value = group.get(key)
+        values = value if key == "betas" and isinstance(value, (tuple, list)) else (value,)
+        for v in values:
+            if isinstance(v, torch.Tensor):
+                if v.numel() != 1:
+                    raise ValueError(f"param group {key}={v!r}: give a number or a 0-d tensor")
+                if not v.is_cpu:
+                    continue
+                v = v.item()
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"param group {key}={value!r}: give a finite number")
+            if key == "lr" and v < 0:
+                raise ValueError(f"param group lr={value!r} must be >= 0")
+            if key == "betas" and not 0 <= v < 1:
+                raise ValueError(f"param group betas={value!r}: each beta must lie in [0, 1)")
+
+
+def _tree(group: dict[str, Any], tensors: list[torch.Tensor]) -> Any:
+    """What the transform sees: a dict keyed by parameter name when the group has names
+    (``model.named_parameters()``; KFAC and SINGD need them), else a list."""
+    names = group.get("param_names")
+    return dict(zip(names, tensors)) if names else tensors
+
+
+def _values(tree: Any) -> list[Any]:
+    return list(tree.values()) if isinstance(tree, dict) else list(tree)
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -231,7 +291,7 @@ class Optimizer(torch.optim.Optimizer):
         initialise its transform state on the group's parameters."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        group = dict(param_group)
+        group = _Group(param_group)
         tx = group.pop("transform", self._default_transform)
         if not isinstance(tx, GradientTransformation):
             raise ValueError(
@@ -254,8 +314,11 @@ class Optimizer(torch.optim.Optimizer):
         if not raw:
             raise ValueError("a param group has no parameters")
         group["params"] = raw
+        names = group.get("param_names")
+        if names is not None and len(set(names)) != len(names):
+            raise ValueError("param group has repeated parameter names")
         params = [p.detach() for p in raw]
-        state = _unalias(tx.init(params), params)
+        state = _unalias(tx.init(_tree(group, params)), params)
         found = find_hyperparams(state)
         exposed = _to_group(found)
         for key, value in self._group_defaults.items():
@@ -269,6 +332,7 @@ class Optimizer(torch.optim.Optimizer):
             )
         for key, value in exposed.items():
             group.setdefault(key, value)
+        _check_values(group, found)
         self._transforms.append(tx)
         self.transform_states.append(state)
         self._hyper_names.append(list(found))
@@ -308,11 +372,13 @@ class Optimizer(torch.optim.Optimizer):
         state = self.transform_states[i]
         names = self._hyper_names[i]
         if names:
+            _check_values(group, names)
             state = set_hyperparams(state, _from_group(group, names))
         detached = [p.detach() for p in params]
-        updates, state = self._transforms[i].update(grads_full, state, detached, **extra)
+        updates, state = self._transforms[i].update(
+            _tree(group, grads_full), state, _tree(group, detached), **extra)
         self.transform_states[i] = _unalias(state, detached)
-        moved = [(p, u) for p, u, g in zip(detached, updates, grads) if g is not None]
+        moved = [(p, u) for p, u, g in zip(detached, _values(updates), grads) if g is not None]
         targets = [p for p, _ in moved]
         ops.add_(targets, [u if u.dtype == p.dtype else u.to(p.dtype) for p, u in moved])
 
@@ -338,6 +404,10 @@ class Optimizer(torch.optim.Optimizer):
                 "this state_dict was not written by funcopt.Optimizer.state_dict() (a "
                 "torch.optim optimizer's state_dict cannot be loaded into a funcopt transform)"
             )
+        missing = [k for k in ("state", "param_groups") if not isinstance(state_dict.get(k), (dict, list))]
+        if missing:
+            raise ValueError(f"this state_dict has no valid {missing}: pass the whole dict that "
+                             "Optimizer.state_dict() returned")
         saved = cast(list[dict[str, Any]], state_dict["param_groups"])
         if len(saved) != len(self.param_groups):
             raise ValueError(
@@ -351,6 +421,9 @@ class Optimizer(torch.optim.Optimizer):
                     f"param group {i} has {len(g['params'])} parameters but the state_dict's has "
                     f"{len(s['params'])}; build the optimizer over the same parameters"
                 )
+            if i not in state_dict["state"]:
+                raise ValueError(f"this state_dict holds no state for param group {i}; pass "
+                                 "the whole dict that Optimizer.state_dict() returned")
             what = f"state of param group {i}"
             new_states.append(tree_from_state_dict(state_dict["state"][i], self.transform_states[i], what))
         self.transform_states = new_states

@@ -23,6 +23,7 @@ from funcopt.base import (
     Params,
     PyTree,
     increment,
+    register_hyperparameters,
     require_params,
     step_counter,
     tree_check_finite,
@@ -214,6 +215,9 @@ class InjectHyperparamsState(NamedTuple):
     count: torch.Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     hyperparams: dict
     inner_state: OptState
+
+
+register_hyperparameters(InjectHyperparamsState, "hyperparams")
 
 
 def _hp_tensor(value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

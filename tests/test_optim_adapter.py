@@ -25,6 +25,7 @@ class _AdamState(NamedTuple):
 
 
 torch.serialization.add_safe_globals([_AdamState])  # a state class loads with weights_only=True
+fo.register_hyperparameters(_AdamState, "learning_rate")  # exposed as group["lr"]
 
 
 def _adam_ref(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True):
@@ -56,6 +57,7 @@ class _SgdState(NamedTuple):
 
 
 torch.serialization.add_safe_globals([_SgdState])  # a state class loads with weights_only=True
+fo.register_hyperparameters(_SgdState, "learning_rate")  # exposed as group["lr"]
 
 
 def _sgd_ref(lr=0.1, momentum=0.9):

@@ -70,6 +70,7 @@ from funcopt.base import (
     check_hyperparameter,
     current_learning_rate,
     increment,
+    register_hyperparameters,
     resolve,
     step_counter,
     tree_unflatten,
@@ -96,7 +97,9 @@ Tensor = torch.Tensor
 
 
 class NormTestState(NamedTuple):
-    """count: steps taken; statistic: the last T_k; batch_size: the batch size of the NEXT step
+    """count: steps taken; statistic: the last T_k, clipped to [0, max_batch_size] (0 where it
+    is undefined: fewer than 2 samples, or zero gradient and zero noise; 0 before the first
+    step); batch_size: the batch size of the NEXT step
     (0-d int64); samples: samples seen so far (0-d int64)."""
 
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
@@ -177,7 +180,7 @@ def _controller(name, state_cls, statistic_fn, batch_size, max_batch_size, test_
     def init(params: Params):
         count = step_counter(params)
         dtype = torch.get_default_dtype()
-        return state_cls(count, torch.full((), math.nan, dtype=dtype, device=count.device),
+        return state_cls(count, torch.zeros((), dtype=dtype, device=count.device),
                          torch.full_like(count, batch_size), torch.zeros_like(count))
 
     def update(updates: Updates, state, params: Params | None = None, *,
@@ -186,10 +189,14 @@ def _controller(name, state_cls, statistic_fn, batch_size, max_batch_size, test_
             raise ValueError(f"{name} needs the step's per-sample statistics: call "
                              "update(grads, state, params, per_sample_stats=stats) with stats "
                              "from funcopt.adaptive.gradient_and_stats or funcopt.func")
+        leaves(updates, params, name)
         t = statistic_fn(per_sample_stats, state.count)
         test_now = (state.count % test_interval == 0) & (state.batch_size < max_batch_size)
-        want = torch.nan_to_num(t, nan=0.0, posinf=float(max_batch_size))
-        want = torch.ceil(want.clamp(max=float(max_batch_size))).to(torch.int64)
+        # the stored statistic stays finite (apply_if_finite checks the state): undefined
+        # (NaN: fewer than 2 samples, or 0/0) is 0, no growth; +inf is the maximum batch size
+        t = torch.nan_to_num(t, nan=0.0, posinf=float(max_batch_size))
+        t = t.clamp(max=float(max_batch_size))
+        want = torch.ceil(t).to(torch.int64)
         grown = torch.maximum(state.batch_size, want).clamp(max=max_batch_size)
         new = state_cls(increment(state.count), t.to(state.statistic.dtype),
                         torch.where(test_now, grown, state.batch_size),
@@ -355,6 +362,9 @@ class SampleScheduleState(NamedTuple):
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     samples: Tensor
     learning_rate: Tensor
+
+
+register_hyperparameters(SampleScheduleState, "learning_rate")
 
 
 def scale_by_sample_schedule(learning_rate: Any) -> GradientTransformation:

@@ -29,13 +29,22 @@ from funcopt.base import (
     check_hyperparameter,
     current_learning_rate,
     increment,
+    register_hyperparameters,
     replace,
     resolve,
     step_counter,
     tree_leaves,
     tree_unflatten,
 )
-from funcopt.engine import differentiating, host_number, into, ops, per_step, scalar_dtype
+from funcopt.engine import (
+    check_number,
+    differentiating,
+    host_number,
+    into,
+    ops,
+    per_step,
+    scalar_dtype,
+)
 from funcopt.engine import leaves as _leaves
 
 __all__ = [
@@ -131,6 +140,9 @@ def _check(name: str, value: Any, **kw: Any) -> None:
 
 
 def _check_beta(name: str, value: Any) -> None:
+    """A decay in [0, 1): a number or a 0-d tensor. A callable is a TypeError here; the
+    transforms whose betas may follow a schedule check callables themselves."""
+    check_number(name, value)
     check_hyperparameter(name, value, low=0.0, high=1.0, high_inclusive=False)
 
 
@@ -144,6 +156,9 @@ class ScaleByScheduleState(NamedTuple):
 class ScaleByLearningRateState(NamedTuple):
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     learning_rate: Tensor
+
+
+register_hyperparameters(ScaleByLearningRateState, "learning_rate")
 
 
 def scale(step_size: float | Tensor) -> GradientTransformation:

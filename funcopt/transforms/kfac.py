@@ -213,6 +213,7 @@ def scale_by_kfac(
     layers = _layers(model)
 
     def init(params):
+        _check_updates(params, layers, "scale_by_kfac", "params")
         factors, precond = {}, {}
         for name, s in layers.items():
             w = params[s.weight]

@@ -104,10 +104,12 @@ def _scatter(out: dict, updates: dict, spec: LayerSpec, mat: Tensor) -> None:
     out[spec.weight] = mat.reshape(w.shape).to(w.dtype)
 
 
-def _check_updates(updates: Any, layers: dict[str, LayerSpec], who: str) -> None:
+def _check_updates(updates: Any, layers: dict[str, LayerSpec], who: str,
+                   what: str = "updates") -> None:
     if not isinstance(updates, dict):
-        raise TypeError(f"{who}: updates must be a dict keyed like model.named_parameters(), "
-                        f"got {type(updates).__name__}")
+        raise TypeError(f"{who}: {what} must be a dict keyed like model.named_parameters(), "
+                        f"got {type(updates).__name__}; with fo.Optimizer pass "
+                        "model.named_parameters() (it then hands the transform such a dict)")
     leaves(updates, None, who)  # every leaf a floating-point tensor (a TypeError naming it)
     missing = [s.weight for s in layers.values() if updates.get(s.weight) is None]
     if missing:
@@ -314,6 +316,7 @@ def scale_by_singd(
         return tuple(d or w.dtype for d in preconditioner_dtype)
 
     def init(params):
+        _check_updates(params, layers, "scale_by_singd", "params")
         K, C, mK, mC = {}, {}, {}, {}
         for name, s in layers.items():
             w = params[s.weight]

@@ -24,6 +24,7 @@ from funcopt.base import (
     check_hyperparameter,
     current_learning_rate,
     increment,
+    register_hyperparameters,
     require_params,
     resolve,
     step_counter,
@@ -136,6 +137,9 @@ class ScheduleFreeState(NamedTuple):
     b1: Tensor
     z: PyTree
     base_state: Any
+
+
+register_hyperparameters(ScheduleFreeState, "learning_rate")
 
 
 def schedule_free(
