@@ -36,7 +36,7 @@ Tensor = torch.Tensor
 TensorList = Union[list[Tensor], tuple[Tensor, ...]]
 
 __all__ = [
-    "ops", "into", "leaves", "is_tracing", "differentiating", "host_number", "per_step", "resolve",
+    "ops", "into", "leaves", "expect_state", "is_tracing", "differentiating", "host_number", "per_step", "resolve",
     "current_learning_rate", "check_hyperparameter", "check_number", "scalar_dtype",
 ]
 
@@ -206,6 +206,15 @@ def leaves(updates: Any, params: Any | None, who: str, *state: Sequence[Tensor]
                     f"{y.device} for it (leaf #{i}). The state was made by init for other "
                     "params: re-run init on these params, or pass the params init saw.")
     return g, treedef
+
+
+def expect_state(state: Any, cls: type | tuple[type, ...], who: str) -> None:
+    """Raise a TypeError naming ``who`` when ``state`` is not what its init returns (the
+    state of another transform, or of a chain whose parts are in another order)."""
+    if not isinstance(state, cls):
+        want = " or ".join(c.__name__ for c in (cls if isinstance(cls, tuple) else (cls,)))
+        raise TypeError(f"{who}: got a {type(state).__name__} state where its init returns a "
+                        f"{want}; pass the state this transform's init returned")
 
 
 # --------------------------------------------------------------------------- hyperparameters

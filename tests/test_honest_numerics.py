@@ -60,8 +60,8 @@ def test_non_float_leaves_are_a_type_error_naming_the_leaf(name, dtype):
 
 def test_adam_with_an_sgd_state_is_a_clear_error():
     p = _p()
-    with pytest.raises((TypeError, ValueError, AttributeError)):
-        fo.adam(0.1).update(p, fo.sgd(0.1).init(p), p)
+    with pytest.raises(TypeError, match="scale_by_adam: got a TraceState state"):
+        fo.adam(0.1).update(p, fo.sgd(0.1, momentum=0.9).init(p), p)
 
 
 # --------------------------------------------------------------------------- hyperparameters

@@ -22,7 +22,7 @@ from funcopt.base import (
     tree_leaves,
     tree_unflatten,
 )
-from funcopt.engine import ops
+from funcopt.engine import expect_state, ops
 from funcopt.transforms.first_order import (
     TensorList,
     _as,
@@ -74,6 +74,7 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
         return ScaleByAdamaxState(step_counter(params), _zeros(leaves, None), _zeros(leaves, None))
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, ScaleByAdamaxState, "scale_by_adamax")
         g, treedef = _leaves(updates, params, "scale_by_adamax", state.mu)
         count = increment(state.count)
         if not g:
@@ -149,6 +150,7 @@ def scale_by_rms(
             ScaleByRmsState(count, nu))
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, (ScaleByRmsState, ScaleByRStdDevState), "scale_by_rms")
         g, treedef = _leaves(updates, params, "scale_by_rms", state.nu)
         count = increment(state.count)
         if not g:
@@ -200,6 +202,7 @@ def scale_by_adagrad(
         return ScaleByAdagradState(_full(tree_leaves(params), initial_accumulator_value))
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, ScaleByAdagradState, "scale_by_adagrad")
         g, treedef = _leaves(updates, params, "scale_by_adagrad", state.sum_of_squares)
         if not g:
             return updates, state
@@ -294,6 +297,7 @@ def scale_by_lion(
         return ScaleByLionState(step_counter(params), _zeros(tree_leaves(params), mu_dtype))
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, ScaleByLionState, "scale_by_lion")
         g, treedef = _leaves(updates, params, "scale_by_lion", state.mu)
         count = increment(state.count)
         if not g:
@@ -350,6 +354,7 @@ def scale_by_laprop(b1: float = 0.9, b2: float = 0.99, eps: float = 1e-8) -> Gra
         return ScaleByLapropState(step_counter(params), _zeros(leaves, None), _zeros(leaves, None))
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, ScaleByLapropState, "scale_by_laprop")
         g, treedef = _leaves(updates, params, "scale_by_laprop", state.mu)
         count = increment(state.count)
         if not g:
@@ -404,6 +409,7 @@ def scale_by_adopt(
         return ScaleByAdoptState(step_counter(params), _zeros(leaves, mu_dtype), _zeros(leaves, None))
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, ScaleByAdoptState, "scale_by_adopt")
         g_in, treedef = _leaves(updates, params, "scale_by_adopt", state.mu)
         count = increment(state.count)
         if not g_in:

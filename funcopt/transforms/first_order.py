@@ -39,6 +39,7 @@ from funcopt.base import (
 from funcopt.engine import (
     check_number,
     differentiating,
+    expect_state,
     host_number,
     into,
     ops,
@@ -302,6 +303,7 @@ def trace(
         return TraceState(step_counter(params), _zeros(tree_leaves(params), accumulator_dtype))
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, TraceState, "trace")
         g, treedef = _leaves(updates, params, "trace", state.trace)
         if not g:
             return updates, TraceState(increment(state.count), state.trace)
@@ -342,6 +344,7 @@ def ema(
         return EmaState(step_counter(params), _zeros(tree_leaves(params), accumulator_dtype))
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, EmaState, "ema")
         g, treedef = _leaves(updates, params, "ema", state.ema)
         count = increment(state.count)
         if not g:
@@ -492,6 +495,7 @@ def scale_by_adam(
         return ScaleByAdamState(step_counter(params), mu, nu)
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, (ScaleByAdamState, ScaleByAmsgradState), "scale_by_adam")
         g, treedef = _leaves(updates, params, "scale_by_adam", state.mu)
         count = increment(state.count)
         if not g:
@@ -561,6 +565,7 @@ def scale_by_nadam(
         return ScaleByNadamState(count, one, _zeros(leaves, None), _zeros(leaves, None))
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, ScaleByNadamState, "scale_by_nadam")
         g, treedef = _leaves(updates, params, "scale_by_nadam", state.mu)
         count = increment(state.count)
         if not g:
