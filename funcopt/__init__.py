@@ -54,7 +54,7 @@ def _register_state_classes() -> None:
         if isinstance(obj, type) and issubclass(obj, tuple) and hasattr(obj, "_fields")
         and obj.__module__.startswith("funcopt")
     }
-    torch.serialization.add_safe_globals(sorted(classes, key=lambda c: c.__qualname__))
+    torch.serialization.add_safe_globals(sorted(classes, key=lambda c: getattr(c, "__qualname__", "")))
 
 
 _register_state_classes()

@@ -314,16 +314,17 @@ def _steps(tx, params, grads_seq, extra):
     return params, state
 
 
-def check_vmap(tx: GradientTransformation, params: PyTree, batch: int = 3, steps: int = 3,
+def check_vmap(tx: GradientTransformation, params: PyTree, problems: int = 3, steps: int = 3,
                **extra: Any) -> None:
-    """Assert that ``torch.func.vmap`` over ``batch`` independent problems (params, gradients
+    """Assert that ``torch.func.vmap`` over ``problems`` independent problems (params, gradients
     and state with a leading batch dimension) gives a Python loop's numbers.
 
     Random draws use ``vmap(..., randomness="same")`` and the same seed for every problem of
     the loop. ``extra`` is passed unbatched to every update.
     """
-    stacked = optree.tree_map(
-        lambda x: torch.stack([x * (1.0 + 0.5 * i) for i in range(batch)]), params)
+    batch = problems
+    stacked = optree.tree_map(lambda x: torch.stack(
+        [x * (1.0 + 0.5 * i) if x.is_floating_point() else x for i in range(batch)]), params)
     grads = [optree.tree_map(lambda x, s=s: torch.stack(
         [v for v in random_like(x.unsqueeze(0).expand(batch, *x.shape).contiguous(),
                                 seed=s + 11)]), params) for s in range(steps)]

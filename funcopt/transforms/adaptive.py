@@ -22,7 +22,7 @@ from funcopt.base import (
     tree_leaves,
     tree_unflatten,
 )
-from funcopt.engine import expect_state, ops
+from funcopt.engine import expect_state, one_minus_pow, ops
 from funcopt.transforms.first_order import (
     TensorList,
     _as,
@@ -83,7 +83,7 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
         u = ops.maximum(
             ops.mul(_as(state.nu, g), b2), ops.add(ops.abs(g), eps)
         )
-        out = ops.div(ops.div(m, 1 - b1 ** _steps(count, g)), u)
+        out = ops.div(ops.div(m, one_minus_pow(b1, _steps(count, g))), u)
         return tree_unflatten(treedef, _as(out, g)), ScaleByAdamaxState(
             count, _as(m, state.mu), _as(u, state.nu)
         )
@@ -156,7 +156,7 @@ def scale_by_rms(
         if not g:
             return updates, replace(state, count=count)
         nu = _moment_sq(_as(state.nu, g), g, decay)
-        bc = 1 - decay ** _steps(count, g) if bias_correction else None
+        bc = one_minus_pow(decay, _steps(count, g)) if bias_correction else None
         s = ops.div(nu, bc) if bias_correction else nu
         if centered:
             mu = _moment(_as(state.mu, g), g, decay)
@@ -322,7 +322,7 @@ class ScaleByLapropState(NamedTuple):
 
 def _debiased(beta: float, t: Tensor) -> Tensor:
     """The decay that makes an EMA started at 0 equal its bias-corrected value."""
-    return 1 - (1 - beta) / (1 - beta**t)
+    return 1 - (1 - beta) / one_minus_pow(beta, t)
 
 
 def scale_by_laprop(b1: float = 0.9, b2: float = 0.99, eps: float = 1e-8) -> GradientTransformation:

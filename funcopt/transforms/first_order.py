@@ -42,6 +42,7 @@ from funcopt.engine import (
     expect_state,
     host_number,
     into,
+    one_minus_pow,
     ops,
     per_step,
     scalar_dtype,
@@ -351,7 +352,7 @@ def ema(
             return updates, EmaState(count, state.ema)
         d = _hp(decay, state.count)
         new = _moment(_as(state.ema, g), g, d)
-        out = ops.div(new, 1 - d ** _steps(count, g)) if debias else new
+        out = ops.div(new, one_minus_pow(d, _steps(count, g))) if debias else new
         return tree_unflatten(treedef, _as(out, g)), EmaState(count, _as(new, state.ema))
 
     return GradientTransformation(init, update)
@@ -508,12 +509,12 @@ def scale_by_adam(
         mu = _moment(_as(state.mu, g), g, beta1)
         nu = _moment_sq(_as(state.nu, g), g, beta2)
         t = _steps(count, g)
-        bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+        bc1, bc2 = one_minus_pow(beta1, t), one_minus_pow(beta2, t)
         nu_used = nu
         if amsgrad:
             nu_used = ops.maximum(_as(state.nu_max, g), nu)
         if nesterov:
-            m_hat = ops.mul(mu, beta1 / (1 - beta1 ** (t + 1)))
+            m_hat = ops.mul(mu, beta1 / one_minus_pow(beta1, t + 1))
             m_hat = _axpy((1 - beta1) / bc1, g, m_hat)
             out = ops.div(m_hat, _adam_denominator(nu_used, bc2, eps, eps_root))
         elif _is_number(eps_root) and eps_root == 0 and _is_number(eps):
@@ -576,7 +577,7 @@ def scale_by_nadam(
         prod = state.mu_product * mu_t
         m = _moment(_as(state.mu, g), g, b1)
         v = _moment_sq(_as(state.nu, g), g, b2)
-        denom = ops.add(ops.sqrt(ops.div(v, 1 - b2**t)), eps)
+        denom = ops.add(ops.sqrt(ops.div(v, one_minus_pow(b2, t))), eps)
         out = ops.mul(m, mu_next / (1 - prod * mu_next))
         out = _axpy((1 - mu_t) / (1 - prod), g, out)
         out = ops.div(out, denom)

@@ -249,7 +249,7 @@ def scale_by_kfac(
         return (A, G), _kfac_refresh(A, G, damping, method, pi_damping)
 
     def update(updates, state, params=None, **extra):
-        _check_updates(updates, layers, "scale_by_kfac")
+        _check_updates(updates, layers, "scale_by_kfac", params=params)
         factors, precond = dict(state.factors), dict(state.precond)
         if is_tracing():  # every step refreshes; torch.where keeps it on refresh steps
             cur = _curvature(extra, layers, "scale_by_kfac", traced=True)

@@ -105,12 +105,12 @@ def _scatter(out: dict, updates: dict, spec: LayerSpec, mat: Tensor) -> None:
 
 
 def _check_updates(updates: Any, layers: dict[str, LayerSpec], who: str,
-                   what: str = "updates") -> None:
+                   what: str = "updates", params: Any = None) -> None:
     if not isinstance(updates, dict):
         raise TypeError(f"{who}: {what} must be a dict keyed like model.named_parameters(), "
                         f"got {type(updates).__name__}; with fo.Optimizer pass "
                         "model.named_parameters() (it then hands the transform such a dict)")
-    leaves(updates, None, who)  # every leaf a floating-point tensor (a TypeError naming it)
+    leaves(updates, params, who)  # float leaves, shaped like params (an error naming the leaf)
     missing = [s.weight for s in layers.values() if updates.get(s.weight) is None]
     if missing:
         raise ValueError(f"{who}: updates have no entry for {missing}; pass gradients for every "
@@ -324,7 +324,7 @@ def scale_by_singd(
         return SINGDState(step_counter(params), K, C, mK, mC)
 
     def update(updates, state, params=None, **extra):
-        _check_updates(updates, layers, "scale_by_singd")
+        _check_updates(updates, layers, "scale_by_singd", params=params)
         K, C, mK, mC = (dict(d) for d in state[1:])
         traced = is_tracing()  # then every step refreshes and torch.where keeps it when due
         if traced or _count(state.count) % T == 0:

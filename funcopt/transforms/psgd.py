@@ -26,10 +26,10 @@ from funcopt.base import (
     check_hyperparameter,
     increment,
     step_counter,
-    tree_flatten,
     tree_unflatten,
 )
 from funcopt.engine import differentiating, is_tracing, leaves, ops
+from funcopt.engine import leaves as engine_leaves
 
 __all__ = [
     "ScaleByPsgdKronState",
@@ -495,7 +495,7 @@ def scale_by_trust_region_clip(lerp: float = 0.9, scale: float = 1.5) -> Gradien
     check_hyperparameter("scale", scale, low=0.0, low_inclusive=False)
 
     def update(updates, state, params=None, **extra):
-        leaves, treedef = tree_flatten(updates)
+        leaves, treedef = engine_leaves(updates, params, "scale_by_trust_region_clip")
         if not leaves:
             return updates, state
         # one _foreach op per step of the formula (not one op per leaf); copysign(log1p|x|,
