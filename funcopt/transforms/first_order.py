@@ -138,10 +138,17 @@ def _check_beta(name: str, value: Any) -> None:
 
 
 class ScaleByScheduleState(NamedTuple):
+    """State of :func:`scale_by_schedule`: ``count``, the 0-d int64 step at which the schedule
+    is evaluated."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
 
 
 class ScaleByLearningRateState(NamedTuple):
+    """State of :func:`scale_by_learning_rate`: ``count``, the step t, and ``learning_rate``, a
+    0-d tensor: for a number learning rate it is the value used (writing it changes the next
+    update)."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     learning_rate: Tensor
 
@@ -251,11 +258,17 @@ def scale_by_sign() -> GradientTransformation:
 
 
 class TraceState(NamedTuple):
+    """State of :func:`trace`: ``count``, the step t, and ``trace``, the momentum buffer (a tree
+    like the params)."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     trace: Any
 
 
 class EmaState(NamedTuple):
+    r"""State of :func:`ema`: ``count``, the 0-d int64 step, and ``ema``, the moving average
+    :math:`\bar g_t` (a tree like the params)."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     ema: Any
 
@@ -343,12 +356,19 @@ def ema(
 
 
 class ScaleByAdamState(NamedTuple):
+    """State of :func:`scale_by_adam`: ``count``, the 0-d int64 step t; ``mu`` and ``nu``, the
+    first and second moment EMAs :math:`m_t, v_t` (trees like the params)."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     mu: Any
     nu: Any
 
 
 class ScaleByAmsgradState(NamedTuple):
+    r"""State of :func:`scale_by_adam` with ``amsgrad=True``: ``count``, the step t; ``mu``,
+    ``nu``, Adam's moments; ``nu_max``, the running maximum :math:`\hat v_t` of the second
+    moment."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     mu: Any
     nu: Any
@@ -356,6 +376,10 @@ class ScaleByAmsgradState(NamedTuple):
 
 
 class ScaleByNadamState(NamedTuple):
+    r"""State of :func:`scale_by_nadam`: ``count``, the step t; ``mu_product``,
+    :math:`\prod_{s \le t} \mu_s` (NAdam's momentum-schedule product); ``mu``, ``nu``, the
+    moments."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     mu_product: Tensor
     mu: Any
