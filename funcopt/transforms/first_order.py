@@ -446,8 +446,8 @@ def _fused_adam(g: list[Tensor], state: Any, count: Tensor, beta1: float, beta2:
     receives the direction. The inputs stay untouched, so the transform stays pure. The kernel
     reads the step count in float32 (exact up to 2**24 steps; beyond, the bias corrections are
     1 to within float32 rounding). A whole eager AdamW step was 1.2-1.3x faster with it than with
-    the ``_foreach`` path on a small CPU MLP (``benchmarks/eager_passes.py``), and took 12-19%
-    less time on the H100 shapes of ``benchmarks/eager_paths.py`` (benchmarks/RESULTS.md).
+    the ``_foreach`` path on a small CPU MLP, and took 12-19% less time on three H100 shapes
+    (2026-11-23; docs/performance.md, "What we learned").
     """
     out = _copy(g, 0.0)
     mu, nu = _copy(state.mu), _copy(state.nu)
