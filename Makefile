@@ -4,7 +4,7 @@ PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PIP   := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test test-fast test-cupynumeric lint clean
+.PHONY: demo test test-fast test-cupynumeric lint docs clean
 
 $(VENV)/.base:
 	python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ $(HB072): $(VENV)/.base
 	$(PY) -m pip download -q --disable-pip-version-check --no-deps -d .cache/wheels heavyball==0.7.2
 	$(PY) -m zipfile -e .cache/wheels/heavyball-0.7.2-py3-none-any.whl .cache/heavyball-0.7.2
 
+$(VENV)/.docs: $(VENV)/.base pyproject.toml
+	$(PIP) -e ".[docs]"
+	touch $@
+
 demo: $(VENV)/.bench
 	$(PY) -m funcopt.bench --out bench-report
 
@@ -46,5 +50,9 @@ lint: $(VENV)/.test
 	$(PY) -m ruff check funcopt tests examples benchmarks
 	$(PY) -m mypy --no-incremental
 
+# The guides and the API reference (from the docstrings) into docs/_build/html; warnings fail.
+docs: $(VENV)/.docs
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) bench-report .pytest_cache .hypothesis
+	rm -rf $(VENV) bench-report .pytest_cache .hypothesis docs/_build

@@ -1,6 +1,6 @@
 """Adaptive batch sizes: cost of per-sample statistics, and norm test vs fixed batches.
 
-    python benchmarks/adaptive_batch.py [--device cuda] [--skip-training]
+    python benchmarks/adaptive_batch.py [--device cuda] [--skip-training] [--out benchmarks/adaptive_batch.png]
 
 Part 1 times, on MLPs 784-512-512-10 (compute-bound on a CPU) and 784-32-32-10 (bound by
 per-operation overhead, as the larger one is on a GPU), one batch gradient, the fast
@@ -8,7 +8,7 @@ per-sample squared norms (funcopt.func.batch_grad_and_sq_norms: gradient + every
 materialised vmap(grad) and the jvp inner products. Part 2 trains logistic regression and a
 small CNN on digits with the norm test (eta 1.0 and 0.5) and with fixed batches of 16 and 256
 (examples/adaptive_batch_digits.py) and plots test accuracy against samples seen and
-wall-clock, and the batch-size trajectory, to benchmarks/adaptive_batch.png.
+wall-clock, and the batch-size trajectory, to ``--out`` (a PNG) when given.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def cost_table(device, batch, width=512):
 
 
 def training(out_png, max_samples, seeds):
-    """Norm test vs fixed batches on digits (logistic regression and the small CNN)."""
+    """Norm test vs fixed batches on digits (logistic regression and the small CNN); the plot
+    goes to ``out_png`` when it is given."""
     sys.path.insert(0, os.path.join(HERE, "..", "examples"))
     import matplotlib
     from adaptive_batch_digits import RUNS, run
@@ -103,19 +104,22 @@ def training(out_png, max_samples, seeds):
         ax[row, 0].set_ylim(0.5, 1.0), ax[row, 1].set_ylim(0.5, 1.0)
         ax[row, 1].set_xscale("log"), ax[row, 2].set_yscale("log")
     fig.tight_layout()
-    fig.savefig(out_png, dpi=90)
+    if out_png:
+        fig.savefig(out_png, dpi=90)
     return table
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     ap.add_argument("--max-samples", type=int, default=40_000)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--skip-training", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--out", default=None,
+                    help="write the training plot (PNG) here, e.g. benchmarks/adaptive_batch.png")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     for width in (512, 32):
         rows = cost_table(args.device, args.batch, width)
@@ -125,14 +129,15 @@ def main():
         for k, (med, lo) in rows.items():
             print(f"| {k} | {med:.3f} ms | {lo:.3f} ms | {med / med0:.2f}x | {lo / min0:.2f}x |")
     if not args.skip_training:
-        table = training(os.path.join(HERE, "adaptive_batch.png"), args.max_samples, args.seeds)
+        table = training(args.out, args.max_samples, args.seeds)
         print(f"digits, {args.max_samples} samples, AdaGrad lr 0.3 (warmup-cosine by samples), "
               f"mean of {args.seeds} seeds")
         print("| model | run | steps | final batch | test acc (min-max) | seconds |")
         for kind, name, steps, b, acc, lo, hi, t in table:
             print(f"| {kind} | {name} | {steps:.0f} | {b:.0f} | {acc:.3f} ({lo:.3f}-{hi:.3f}) "
                   f"| {t:.2f} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -185,7 +185,7 @@ def _batch_loss(p, model, x, y):
     return torch.nn.functional.cross_entropy(functional_call(model, p, (x,)), y)
 
 
-def main():
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--width", type=int, default=256)
@@ -194,8 +194,8 @@ def main():
     ap.add_argument("--methods", default="AdamW,SOAP,PSGD,Muon")
     ap.add_argument("--models", default="mlp,cnn")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    ap.add_argument("--out", default=None, help="write the report as Markdown to this file")
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -214,6 +214,7 @@ def main():
                 rows.append((kind, n, method, lib, ms, state_mb, peak_mb, loss, acc))
                 print(*[f"{v:.4g}" if isinstance(v, float) else v for v in rows[-1]], flush=True)
     report(rows, args, device)
+    return 0
 
 
 NOTES = """Notes
@@ -256,4 +257,4 @@ def report(rows, args, device):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -42,12 +42,12 @@ def run_scipy(problem, start, exact):
     return nist.significant_digits(torch.tensor(out.x), problem.certified).min().item(), steps, dt
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--problems", default=",".join(nist.available()))
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    ap.add_argument("--out", default=None, help="write the table as Markdown to this file")
+    args = ap.parse_args(argv)
     rows = ["| problem | start | funcopt digits | steps | ms/step | scipy-lm exact J digits | steps | "
             "ms/step | scipy-lm FD digits | nfev |", "|" + " --- |" * 10]
     solved = {"funcopt": 0, "exact": 0, "fd": 0}
@@ -75,7 +75,8 @@ def main():
                     f"({datetime.date.today()}, {platform.processor() or platform.machine()}, "
                     f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads)\n\n"
                     + "\n".join(rows) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -132,8 +132,8 @@ CONFIGS = [
 ]
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
@@ -142,7 +142,7 @@ def main():
     ap.add_argument("--packages", default="all",
                     help="comma-separated package labels to run (e.g. 'funcopt per-sample'), "
                          "or 'all'")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
           f"{args.steps} steps, median over steps {args.warmup + 1}-{args.steps}\n")
@@ -162,7 +162,8 @@ def main():
             acc_s = "-" if math.isnan(acc) else f"{acc:.3f}"
             print(f"| {name} | {pkg} | {solver} | {rule} | {ms:.2f} | {loss:.4g} | {acc_s} | "
                   f"{damping:.3g} | {rejected} | {solves} |", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

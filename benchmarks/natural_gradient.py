@@ -84,7 +84,7 @@ def bench_funcopt(tx, model, x, y, steps, device):
     return ms, tensor_bytes(box["state"])
 
 
-def main():
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--width", type=int, default=256)
@@ -93,7 +93,7 @@ def main():
     ap.add_argument("--structures", nargs="+", default=["dense", "diagonal", "block30diagonal",
                                                           "triltoeplitz"])
     ap.add_argument("--out", default=None, help="append the table to this markdown file")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = torch.device(args.device)
     model = model_for(args.width, device)
     x = torch.randn(args.batch, 784, device=device)
@@ -128,7 +128,8 @@ def main():
     if args.out:
         with open(args.out, "a") as f:
             f.write(table)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -10,8 +10,9 @@ The SPD matrix is ``A = W + 2.2 I`` with ``W`` a Wigner matrix (spectrum about [
 ``J J^T + lambda I``. Each figure is the median of ``--repeats`` timed runs after one warm-up
 (CUDA-synchronised). The relative residual ``||A x - b|| / ||b||`` is computed in float64.
 Solver/size pairs whose time, extrapolated from the previous size (n^3 for direct solvers,
-n^2 for CG), would pass ``--max-seconds`` are skipped. Results replace this device's section
-of benchmarks/RESULTS_solvers.md.
+n^2 for CG), would pass ``--max-seconds`` are skipped. The table is printed; with ``--out
+FILE`` it also replaces this device's section of that Markdown file
+(benchmarks/RESULTS_solvers.md).
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def write(path: Path, heading: str, body: str) -> None:
     path.write_text("\n## ".join(kept + [f"{heading}\n\n{body}"]).rstrip() + "\n")
 
 
-def main() -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
@@ -136,8 +137,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-seconds", type=float, default=30.0)
     p.add_argument("--cupynumeric", action="store_true", help="also time the cuPyNumeric solver")
-    p.add_argument("--out", default=str(Path(__file__).with_name("RESULTS_solvers.md")))
-    args = p.parse_args()
+    p.add_argument("--out", default=None, help="write (replace) this device's section of a Markdown file, "
+                   "e.g. benchmarks/RESULTS_solvers.md")
+    args = p.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
     default = "1024,4096,16384" if args.device == "cuda" else "1024,4096"
     args.sizes = [int(s) for s in (args.sizes or default).split(",")]
@@ -151,9 +153,12 @@ def main() -> None:
     heading = f"{device_label(args.device)}, {str(args.dtype)[6:]}"
     note = (f"{cmd}, torch {torch.__version__}, {datetime.date.today()}; median of {args.repeats} "
             f"runs. SPD: A = Wigner + 2.2 I (cond ~20).\n\n")
-    write(Path(args.out), heading, note + body)
-    print(f"wrote {args.out}")
+    print(f"## {heading}\n\n{note}{body}")
+    if args.out:
+        write(Path(args.out), heading, note + body)
+        print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -410,13 +410,13 @@ def measure_in_turns(table, shapes, dev, repeat, method):
 
 def main(argv=None) -> int:
     global HEAVYBALL_COMPILE
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cases", default="mlp,b")
     ap.add_argument("--methods", default="adamw")
     ap.add_argument("--contenders", default="")
     ap.add_argument("--repeat", type=int, default=30)
-    ap.add_argument("--json")
+    ap.add_argument("--out", help="also write every row as JSON to this file")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     ap.add_argument("--heavyball-compile", default=HEAVYBALL_COMPILE,
                     help="torch.compile mode of the `heavyball` contender (default: heavyball's own)")
@@ -454,8 +454,8 @@ def main(argv=None) -> int:
                 print(f"| {name} | {t * 1e3:.3f} | {ratio} | {'-' if peak is None else f'{peak:.0f}'} "
                       f"| {'-' if faults is None else f'{faults:.0f}'} |")
                 sys.stdout.flush()
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.out:
+        with open(args.out, "w") as f:
             json.dump({"device": dev, "bandwidth": bw, "rows": rows}, f, indent=1)
     return 0
 

@@ -108,15 +108,18 @@ def funcopt_setup(width, x, y, graph: bool):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", help="a CUDA device (CUDA graphs)")
     ap.add_argument("--widths", default="256,1024,4096")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--contenders", default="torch-eager,torch-graph,funcopt-eager,funcopt-graph",
                     help="the first is the reference of the ratio and difference columns")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("train_step.py times CUDA graphs: run it on a GPU")
+    if not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        raise SystemExit(f"train_step.py times CUDA graphs: --device {args.device} is not an "
+                         "available CUDA device; run it on a GPU")
+    torch.cuda.set_device(torch.device(args.device))
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}, "
           f"median of {args.repeat} CUDA-event-timed steps\n")
     print("| width | params | contender | ms/step | vs the first | max param diff vs the first |")

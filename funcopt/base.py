@@ -24,11 +24,19 @@ from funcopt.engine import check_hyperparameter, current_learning_rate, ops, res
 
 Tensor = torch.Tensor
 PyTree = Any
+"""A pytree: nested dict, list, tuple, NamedTuple and ``None`` nodes (optree), tensor leaves."""
 Params = PyTree
+"""The parameter pytree a transform is built for."""
 Updates = PyTree
+"""A pytree shaped like the params: gradients going in, updates coming out."""
 OptState = PyTree
+"""A transform's state: a tuple/NamedTuple tree of tensors."""
 Schedule = Callable[[Tensor], Union[Tensor, float]]
+"""A function of the 0-d int64 step count returning a value (``step -> value``); see
+:mod:`funcopt.schedules`."""
 ScalarOrSchedule = Union[float, int, Tensor, Schedule]
+"""A hyperparameter: a Python number, a 0-d tensor (differentiable through ``update``) or a
+:data:`Schedule`."""
 
 __all__ = [
     "GradientTransformation",
@@ -71,10 +79,17 @@ __all__ = [
 
 
 class TransformInitFn(Protocol):
+    """The type of ``GradientTransformation.init``: ``init(params) -> state``, a pure function
+    that builds the state (a tuple/NamedTuple tree of tensors) for the parameter tree."""
+
     def __call__(self, params: Params) -> OptState: ...
 
 
 class TransformUpdateFn(Protocol):
+    """The type of ``GradientTransformation.update``:
+    ``update(updates, state, params=None, **extra) -> (updates, state)``, pure (its inputs are
+    never mutated); extra keyword arguments a transform does not use are ignored."""
+
     def __call__(
         self, updates: Updates, state: OptState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, OptState]: ...
@@ -110,14 +125,17 @@ def tree_flatten(tree: PyTree) -> tuple[list[Any], optree.PyTreeSpec]:
 
 
 def tree_unflatten(treedef: optree.PyTreeSpec, leaves: Sequence[Any]) -> PyTree:
+    """The tree with definition ``treedef`` and these leaves (inverse of :func:`tree_flatten`)."""
     return optree.tree_unflatten(treedef, leaves)
 
 
 def tree_leaves(tree: PyTree) -> list[Any]:
+    """The leaves of ``tree`` in optree's order (``None`` is an empty node, not a leaf)."""
     return optree.tree_leaves(tree)
 
 
 def tree_structure(tree: PyTree) -> optree.PyTreeSpec:
+    """The tree definition (optree ``PyTreeSpec``) of ``tree``."""
     return optree.tree_structure(tree)
 
 
@@ -160,14 +178,17 @@ def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
 
 
 def tree_zeros_like(tree: PyTree, dtype: torch.dtype | None = None) -> PyTree:
+    """A tree of zeros shaped and placed like ``tree`` (in ``dtype`` when given)."""
     return optree.tree_map(lambda x: torch.zeros_like(x, dtype=dtype), tree)
 
 
 def tree_ones_like(tree: PyTree, dtype: torch.dtype | None = None) -> PyTree:
+    """A tree of ones shaped and placed like ``tree`` (in ``dtype`` when given)."""
     return optree.tree_map(lambda x: torch.ones_like(x, dtype=dtype), tree)
 
 
 def tree_full_like(tree: PyTree, value: float, dtype: torch.dtype | None = None) -> PyTree:
+    """A tree of ``value``, shaped and placed like ``tree`` (in ``dtype`` when given)."""
     return optree.tree_map(lambda x: torch.full_like(x, value, dtype=dtype), tree)
 
 
@@ -186,10 +207,12 @@ def tree_add(a: PyTree, b: PyTree, alpha: float = 1.0) -> PyTree:
 
 
 def tree_sub(a: PyTree, b: PyTree) -> PyTree:
+    """``a - b`` leaf by leaf (the trees must have the same structure)."""
     return tree_add(a, b, alpha=-1.0)
 
 
 def tree_scale(tree: PyTree, scalar: float | Tensor) -> PyTree:
+    """``scalar * tree`` leaf by leaf (``scalar`` a number or a 0-d tensor)."""
     leaves, treedef = tree_flatten(tree)
     return tree_unflatten(treedef, ops.mul(leaves, scalar))
 

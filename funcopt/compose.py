@@ -163,6 +163,9 @@ def _select(tree: PyTree | None, keep: list[bool]) -> PyTree | None:
 
 
 class MaskedState(NamedTuple):
+    """State of :func:`masked`: ``inner_state``, the state of the transform applied to the
+    masked-in leaves."""
+
     inner_state: OptState
 
 
@@ -194,6 +197,9 @@ def masked(inner: GradientTransformation, mask: PyTree | Callable) -> GradientTr
 
 
 class PartitionState(NamedTuple):
+    """State of :func:`partition`: ``inner_states``, a dict from each label to its transform's
+    state."""
+
     inner_states: dict
 
 

@@ -129,6 +129,9 @@ class _Ops:
 
 
 ops: Any = _Ops()
+"""``torch._foreach_*`` ops in the form the current step can run: ``ops.mul(xs, s)``,
+``ops.add(xs, ys, alpha=a)``, in-place ``ops.mul_`` ...; fused kernels in eager and compiled
+steps, leaf by leaf under ``torch.func`` transforms (see the module docstring)."""
 
 
 def into(op: str, out: TensorList, *args: Any, **kwargs: Any) -> TensorList:

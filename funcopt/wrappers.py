@@ -55,6 +55,10 @@ __all__ = [
 
 
 class MultiStepsState(NamedTuple):
+    """State of :func:`multi_steps`: ``mini_step`` (micro-steps accumulated so far),
+    ``gradient_step`` (inner steps taken), ``inner_state`` and ``acc_grads``, the running mean
+    of the accumulated gradients."""
+
     mini_step: torch.Tensor
     gradient_step: torch.Tensor
     inner_state: OptState
@@ -111,6 +115,10 @@ def multi_steps(
 
 
 class ApplyIfFiniteState(NamedTuple):
+    """State of :func:`apply_if_finite`: ``notfinite_count`` (consecutive skipped steps),
+    ``last_finite`` (0-d bool: the last step was finite), ``total_notfinite`` (all skipped
+    steps) and ``inner_state``, the wrapped transform's state."""
+
     notfinite_count: torch.Tensor
     last_finite: torch.Tensor
     total_notfinite: torch.Tensor
@@ -172,6 +180,9 @@ def apply_if_finite(
 
 
 class ConditionallyTransformState(NamedTuple):
+    """State of :func:`conditionally_transform`: ``inner_state``, the wrapped transform's state,
+    and ``step``, the 0-d int64 step passed to the predicate."""
+
     inner_state: OptState
     step: torch.Tensor
 
@@ -212,6 +223,10 @@ def conditionally_transform(
 
 
 class InjectHyperparamsState(NamedTuple):
+    """State of :func:`inject_hyperparams`: ``count``, the 0-d int64 step; ``hyperparams``, a
+    dict of 0-d tensors (write one to change it for the next step); ``inner_state``, the built
+    transform's state."""
+
     count: torch.Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     hyperparams: dict
     inner_state: OptState
@@ -412,6 +427,9 @@ class LookaheadParams(NamedTuple):
 
 
 class LookaheadState(NamedTuple):
+    """State of :func:`lookahead`: ``fast_state``, the fast optimizer's state, and
+    ``steps_since_sync``, a 0-d int64 counter of fast steps since the last synchronisation."""
+
     fast_state: OptState
     steps_since_sync: torch.Tensor
 

@@ -28,6 +28,7 @@ from funcopt.solvers.krylov import CG, _power_of_two
 __all__ = ["Auto", "get", "solve", "damped_least_squares", "damped_least_squares_solver", "SOLVER_NAMES"]
 
 SOLVER_NAMES = ("auto", "cholesky", "lu", "qr", "lstsq", "svd", "eigh", "cg", "pcg", "cupynumeric")
+"""The names :func:`get` accepts for a solver (``solver="cholesky"`` ...)."""
 
 
 def _robust(op: LinearOperator) -> LinearSolver:

@@ -37,14 +37,14 @@ __all__ = [
 class Solution(NamedTuple):
     """The result of a solve.
 
-    x: the solution, shaped like ``b`` (``(n,)`` or ``(n, k)``), in ``b``'s dtype and device;
-        zeros where the solver failed, so no NaN leaks.
-    success: 0-d bool tensor; False when the solver reports failure (not positive definite,
-        numerically singular, not converged, non-finite result).
-    solver: the name of the solver that produced ``x`` (after any fallback).
-    iterations: 0-d int64 tensor for iterative solvers, else None.
-    residual_norm: relative residual ``||b - A x|| / ||b||`` (largest over columns) where the
-        solver computes it, else None.
+    - ``x``: the solution, shaped like ``b`` (``(n,)`` or ``(n, k)``), in ``b``'s dtype and
+      device; zeros where the solver failed, so no NaN leaks.
+    - ``success``: 0-d bool tensor; False when the solver reports failure (not positive
+      definite, numerically singular, not converged, non-finite result).
+    - ``solver``: the name of the solver that produced ``x`` (after any fallback).
+    - ``iterations``: 0-d int64 tensor for iterative solvers, else None.
+    - ``residual_norm``: relative residual ``||b - A x|| / ||b||`` (largest over columns) where
+      the solver computes it, else None.
     """
 
     x: Tensor

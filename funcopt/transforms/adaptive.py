@@ -47,6 +47,9 @@ __all__ = [
 # --------------------------------------------------------------------------- adamax
 
 class ScaleByAdamaxState(NamedTuple):
+    """State of :func:`scale_by_adamax`: ``count``, the step t; ``mu``, the first-moment EMA;
+    ``nu``, the exponentially weighted infinity norm :math:`u_t`."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     mu: Any
     nu: Any
@@ -95,11 +98,17 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
 
 
 class ScaleByRmsState(NamedTuple):
+    """State of :func:`scale_by_rms`: ``count``, the step t, and ``nu``, the EMA of squared
+    gradients."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     nu: Any
 
 
 class ScaleByRStdDevState(NamedTuple):
+    """State of :func:`scale_by_rms` with ``centered=True``: ``count``, the step t; ``mu`` and
+    ``nu``, the EMAs of the gradients and of their squares."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     mu: Any
     nu: Any
@@ -172,6 +181,9 @@ def scale_by_rms(
 
 
 class ScaleByAdagradState(NamedTuple):
+    r"""State of :func:`scale_by_adagrad`: ``sum_of_squares``, :math:`\sum_s g_s^2` per element
+    (a tree like the params)."""
+
     sum_of_squares: Any
 
 
@@ -223,6 +235,9 @@ def scale_by_adagrad(
 
 
 class ScaleByAdagradNormState(NamedTuple):
+    r"""State of :func:`scale_by_adagrad_norm`: ``sum_of_norms``, the 0-d running sum
+    :math:`b_t^2 = b_{t-1}^2 + \|g_t\|^2`."""
+
     sum_of_norms: Tensor
 
 
@@ -269,6 +284,8 @@ def scale_by_adagrad_norm(
 
 
 class ScaleByLionState(NamedTuple):
+    """State of :func:`scale_by_lion`: ``count``, the step t, and ``mu``, Lion's momentum."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     mu: Any
 
@@ -315,6 +332,9 @@ def scale_by_lion(
 
 
 class ScaleByLapropState(NamedTuple):
+    """State of :func:`scale_by_laprop`: ``count``, the step t; ``mu``, the momentum of the
+    normalised gradients; ``nu``, the EMA of squared gradients."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     mu: Any
     nu: Any
@@ -370,6 +390,9 @@ def scale_by_laprop(b1: float = 0.9, b2: float = 0.99, eps: float = 1e-8) -> Gra
 
 
 class ScaleByAdoptState(NamedTuple):
+    """State of :func:`scale_by_adopt`: ``count``, the step t; ``mu`` and ``nu``, ADOPT's
+    momentum and second-moment estimate."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     mu: Any
     nu: Any

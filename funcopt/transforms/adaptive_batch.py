@@ -32,27 +32,25 @@ to the minimum (the code's linear schedule rises).
 
 Reference CLI knobs and their counterparts:
 
-=============================  =================================================================
-reference knob                 funcopt
-=============================  =================================================================
-``--test_type norm/ip/ip+orth`` :func:`norm_test`, :func:`inner_product_test`,
-                               :func:`augmented_inner_product_test`
-``--eta``, ``--theta``, ``--nu`` their ``eta``, ``theta``, ``nu`` (default 0.1 each, as the code)
-``--batch_size``               ``batch_size`` of the test (initial global batch size)
-``--max_batch_size``           ``max_batch_size`` of the test
-``--test_interval``            ``test_interval`` of the test
-``--max_micro_batch_size``     ``max_micro_batch_size`` of :func:`funcopt.adaptive.fit_adaptive`
-``--max_test_micro_batch_size`` ``chunk_size`` of fit_adaptive (per-sample statistics chunks)
-``--gradient_accumulation_steps`` ``accumulation_steps`` of fit_adaptive (the minimum number of
-                               micro-batches per rank and step)
-``--max_samples``              ``max_samples`` of fit_adaptive
-``--learning_rate``, ``--min_lr`` ``peak_value``, ``end_value`` of the sample schedules
-``--warmup_samples``, ``--lr_decay_samples`` :func:`warmup_cosine_samples`,
-                               :func:`warmup_linear_samples` arguments of the same names
-``--scheduler multistep``, ``--milestones``, ``--gamma`` :func:`multistep_samples`
-``--lr_decay_type sample``     :func:`scale_by_sample_schedule` (learning rate by samples seen)
-``--optimizer``                chain with ``fo.scale_by_adam()``, ``fo.adagrad`` ... pieces
-=============================  =================================================================
+- ``--test_type norm/ip/ip+orth``: :func:`norm_test`, :func:`inner_product_test`,
+  :func:`augmented_inner_product_test`
+- ``--eta``, ``--theta``, ``--nu``: their ``eta``, ``theta``, ``nu`` (default 0.1 each, as the
+  code)
+- ``--batch_size``: ``batch_size`` of the test (initial global batch size)
+- ``--max_batch_size``: ``max_batch_size`` of the test
+- ``--test_interval``: ``test_interval`` of the test
+- ``--max_micro_batch_size``: ``max_micro_batch_size`` of :func:`funcopt.adaptive.fit_adaptive`
+- ``--max_test_micro_batch_size``: ``chunk_size`` of fit_adaptive (per-sample statistics
+  chunks)
+- ``--gradient_accumulation_steps``: ``accumulation_steps`` of fit_adaptive (the minimum
+  number of micro-batches per rank and step)
+- ``--max_samples``: ``max_samples`` of fit_adaptive
+- ``--learning_rate``, ``--min_lr``: ``peak_value``, ``end_value`` of the sample schedules
+- ``--warmup_samples``, ``--lr_decay_samples``: :func:`warmup_cosine_samples`,
+  :func:`warmup_linear_samples` arguments of the same names
+- ``--scheduler multistep``, ``--milestones``, ``--gamma``: :func:`multistep_samples`
+- ``--lr_decay_type sample``: :func:`scale_by_sample_schedule` (learning rate by samples seen)
+- ``--optimizer``: chain with ``fo.scale_by_adam()``, ``fo.adagrad`` ... pieces
 """
 
 from __future__ import annotations

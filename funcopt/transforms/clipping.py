@@ -168,6 +168,9 @@ def _normal(n: int, stream: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class AddNoiseState(NamedTuple):
+    """State of :func:`add_noise`: ``count``, the 0-d int64 step t, and ``key``, the 0-d int64
+    seed of the noise stream."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     key: Tensor
 

@@ -152,10 +152,17 @@ def _check_beta(name: str, value: Any) -> None:
 
 
 class ScaleByScheduleState(NamedTuple):
+    """State of :func:`scale_by_schedule`: ``count``, the 0-d int64 step at which the schedule
+    is evaluated."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
 
 
 class ScaleByLearningRateState(NamedTuple):
+    """State of :func:`scale_by_learning_rate`: ``count``, the step t, and ``learning_rate``, a
+    0-d tensor: for a number learning rate it is the value used (writing it changes the next
+    update)."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     learning_rate: Tensor
 
@@ -268,11 +275,17 @@ def scale_by_sign() -> GradientTransformation:
 
 
 class TraceState(NamedTuple):
+    """State of :func:`trace`: ``count``, the step t, and ``trace``, the momentum buffer (a tree
+    like the params)."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     trace: Any
 
 
 class EmaState(NamedTuple):
+    r"""State of :func:`ema`: ``count``, the 0-d int64 step, and ``ema``, the moving average
+    :math:`\bar g_t` (a tree like the params)."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     ema: Any
 
@@ -362,12 +375,19 @@ def ema(
 
 
 class ScaleByAdamState(NamedTuple):
+    """State of :func:`scale_by_adam`: ``count``, the 0-d int64 step t; ``mu`` and ``nu``, the
+    first and second moment EMAs :math:`m_t, v_t` (trees like the params)."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     mu: Any
     nu: Any
 
 
 class ScaleByAmsgradState(NamedTuple):
+    r"""State of :func:`scale_by_adam` with ``amsgrad=True``: ``count``, the step t; ``mu``,
+    ``nu``, Adam's moments; ``nu_max``, the running maximum :math:`\hat v_t` of the second
+    moment."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     mu: Any
     nu: Any
@@ -375,6 +395,10 @@ class ScaleByAmsgradState(NamedTuple):
 
 
 class ScaleByNadamState(NamedTuple):
+    r"""State of :func:`scale_by_nadam`: ``count``, the step t; ``mu_product``,
+    :math:`\prod_{s \le t} \mu_s` (NAdam's momentum-schedule product); ``mu``, ``nu``, the
+    moments."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     mu_product: Tensor
     mu: Any
@@ -441,8 +465,8 @@ def _fused_adam(g: list[Tensor], state: Any, count: Tensor, beta1: float, beta2:
     receives the direction. The inputs stay untouched, so the transform stays pure. The kernel
     reads the step count in float32 (exact up to 2**24 steps; beyond, the bias corrections are
     1 to within float32 rounding). A whole eager AdamW step was 1.2-1.3x faster with it than with
-    the ``_foreach`` path on a small CPU MLP (``benchmarks/eager_passes.py``), and took 12-19%
-    less time on the H100 shapes of ``benchmarks/eager_paths.py`` (benchmarks/RESULTS.md).
+    the ``_foreach`` path on a small CPU MLP, and took 12-19% less time on three H100 shapes
+    (2026-11-23; docs/performance.md, "What we learned").
     """
     out = _copy(g, 0.0)
     mu, nu = _copy(state.mu), _copy(state.nu)

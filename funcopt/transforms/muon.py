@@ -24,6 +24,8 @@ from funcopt.engine import leaves, ops
 __all__ = ["ScaleByMuonState", "newton_schulz", "scale_by_muon", "muon", "NS_COEFFICIENTS"]
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+"""The quintic Newton-Schulz coefficients ``(a, b, c)`` of Muon (Jordan et al. 2024):
+``X <- a X + (b A + c A^2) X`` with ``A = X X^T``."""
 
 
 def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7,
@@ -56,6 +58,8 @@ def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7,
 
 
 class ScaleByMuonState(NamedTuple):
+    """State of :func:`scale_by_muon`: ``momentum``, one momentum buffer per leaf."""
+
     momentum: list
 
 

@@ -277,7 +277,9 @@ def scale_by_singd(
     momenta at 0. With ``kfac_like`` the traces are replaced by 1 and :math:`\alpha_1 = 0`
     (IKFAC, the update close to KFAC). ``N`` is ``num_loss_terms`` of the capture.
 
-    Args (names and defaults of the reference package ``singd`` 0.0.5):
+    Argument names and defaults are those of the reference package ``singd`` 0.0.5.
+
+    Args:
       model: the module whose supported layers are preconditioned (others pass through).
       lr_cov: :math:`\beta_1`, step size of ``K``, ``C`` (number or schedule; default 1e-2).
       damping: :math:`\lambda` (default 1e-3).

@@ -47,6 +47,9 @@ __all__ = [
 
 
 class ScaleByBiasCorrectedRmsState(NamedTuple):
+    """State of :func:`scale_by_bias_corrected_rms`: ``count``, the step t, and ``nu``, the EMA
+    of squared gradients."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     nu: PyTree
 

@@ -246,6 +246,11 @@ def _eigenbasis(m: Tensor) -> Tensor:
 
 
 class ScaleBySoapState(NamedTuple):
+    """State of :func:`scale_by_soap`: ``count``, the step t; ``seed``, the 0-d int64 seed of
+    the refresh draws; ``exp_avg`` and ``exp_avg_sq``, Adam's moments in the eigenbasis; ``gg``,
+    the Shampoo factor statistics :math:`L, R` per leaf; ``q``, their eigenbases
+    :math:`Q_L, Q_R`."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     seed: Tensor
     exp_avg: list

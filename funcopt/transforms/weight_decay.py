@@ -27,6 +27,9 @@ __all__ = ["AddDecayedWeightsState", "add_decayed_weights"]
 
 
 class AddDecayedWeightsState(NamedTuple):
+    """State of :func:`add_decayed_weights`: ``count``, the 0-d int64 step (the weight-decay
+    schedule's argument)."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
 
 
