@@ -113,8 +113,10 @@ def least_squares(
     solver: Any = "auto",
     damping_rule: str = "trust_region",
     geodesic_acceleration: bool = False,
+    batched: bool = False,
+    memory_budget: int | None = None,
     **lm_options: Any,
-) -> tuple[PyTree, LeastSquaresInfo]:
+) -> tuple[PyTree, Any]:
     """Minimise ``0.5 ||residual_fn(params)||^2`` by Levenberg-Marquardt (MINPACK's tests).
 
     Stopping tests (MINPACK ``lmder``), checked after every update, with ``F`` the cost,
@@ -175,6 +177,16 @@ def least_squares(
             raise ValueError(f"{name}={tol!r}: pass a number >= 0")
     if not isinstance(max_steps, int) or max_steps < 0:
         raise ValueError(f"max_steps={max_steps!r}: pass an int >= 0")
+    if batched:
+        from funcopt.least_squares_batched import least_squares_batched
+
+        if memory_budget is not None:
+            raise ValueError("memory_budget applies to single problems; with batched=True "
+                             "every problem's J (m x n) is formed")
+        return least_squares_batched(
+            residual_fn, params, max_steps, (ftol, xtol, gtol),
+            dict(damping_rule=damping_rule, solver=solver,
+                 geodesic_acceleration=geodesic_acceleration, **lm_options))
     x, _ = ravel_params(params)
     _check_residual_fn(residual_fn, params, x)
     tx = levenberg_marquardt(residual_fn, solver=solver, damping_rule=damping_rule,

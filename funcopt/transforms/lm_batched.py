@@ -136,7 +136,7 @@ def _from_gram(G: Tensor, gt: Tensor, rest) -> BatchedLocal:
     top = s2.amax(-1) if s2.shape[-1] else torch.ones_like(rnorm)
     sigma = torch.sqrt(_positive(top))
     sh2 = s2 / (sigma * sigma)[:, None]
-    keep = sh2 > torch.finfo(G.dtype).eps * max(s2.shape[-1], 1)
+    keep = sh2 > (torch.finfo(G.dtype).eps * max(s2.shape[-1], 1)) ** 2
     w = torch.where(keep, (V.mT @ gt[..., None])[..., 0] / sigma[:, None], 0.0)
     return BatchedLocal(x, torch.where(finite, rnorm, torch.nan), d, cos, lam,
                         torch.where(keep, sh2, 0.0), w, sigma, V, finite)
@@ -191,8 +191,8 @@ def _step(loc: BatchedLocal, mu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     keep = loc.sh2 > 0
     q = torch.where(keep, loc.sh2 + mu[:, None], torch.ones_like(loc.sh2))
     c = torch.where(keep, loc.w / q, 0.0)
-    t1 = batched_norm(torch.sqrt(loc.sh2) * c)
-    t2 = batched_norm(c) / loc.sigma
+    t1 = torch.linalg.vector_norm(torch.sqrt(loc.sh2) * c, dim=-1)  # O(1) numbers: c is at
+    t2 = torch.linalg.vector_norm(c, dim=-1) / loc.sigma  # most 1 / (eps k)^2 times w
     z = -(loc.rnorm / loc.sigma)[:, None] * (loc.V @ c[..., None])[..., 0]
     return z / loc.d, t1, t2
 
