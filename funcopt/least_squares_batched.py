@@ -151,7 +151,7 @@ def _check_independent(f: Callable[[Tensor], Tensor], x: Tensor) -> None:
     t = torch.zeros_like(x)
     t[0] = 1.0
     _, out = jvp(f, (x,), (t,))
-    if bool((out[1:] != 0).any()):
+    if bool(((out[1:] != 0) & torch.isfinite(out[1:])).any()):  # NaN rows fail on their own
         raise ValueError("batched=True: residual_fn mixes problems (row b of the residuals "
                          "depends on the parameters of another row); each problem's residuals "
                          "must depend on its own parameters only")

@@ -605,6 +605,7 @@ def levenberg_marquardt(
         params = require_params(params, "levenberg_marquardt")
         if updates is not None:
             tree_check_structure(updates, params, ("updates", "params"))
+            _check_shapes(updates, params)
         args = () if batch is None else (batch,)
         if is_tracing():
             delta, new_state = _traced_step(residual_fn, params, args, state, opts)
@@ -646,6 +647,18 @@ def _traced_step(residual_fn, params, args, state: LevenbergMarquardtState, o):
     loc = lm_batched.local_model(J[None], r.detach()[None], x[None], batched, o)
     step, new = lm_batched.iterate(loc, batched, trial_norm, o)
     return step[0], LevenbergMarquardtState(*(t[0] for t in new))
+
+
+
+def _check_shapes(updates: PyTree, params: PyTree) -> None:
+    """Leaf shapes of ``updates`` against ``params`` (metadata only; the values are unused)."""
+    paths = optree.tree_paths(params)
+    for path, u, p in zip(paths, optree.tree_leaves(updates), optree.tree_leaves(params)):
+        if isinstance(u, torch.Tensor) and isinstance(p, torch.Tensor) and u.shape != p.shape:
+            raise ValueError(
+                f"levenberg_marquardt: leaf {list(path)} of the updates has shape "
+                f"{tuple(u.shape)} but the parameter has {tuple(p.shape)}; pass gradients shaped "
+                "like the parameters, or None (LM does not read them)")
 
 
 def _to_tree(delta: Tensor, params: PyTree) -> PyTree:
