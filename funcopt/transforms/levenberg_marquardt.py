@@ -139,14 +139,41 @@ def _is_matrix_free(solver: Any) -> bool:
     return solver in ("cg", "pcg") or isinstance(solver, solvers.CG)
 
 
-def _matrix_free_solve(gn, rhs, damping, solver):
-    """``delta = -(J^T J + lambda I)^{-1} J^T rhs`` by CG on ``v -> J^T (J v) + lambda v``."""
+def _wants_jacobi(solver: Any) -> bool:
+    from funcopt import solvers
+
+    return solver == "pcg" or (isinstance(solver, solvers.CG) and solver.preconditioner == "jacobi")
+
+
+def column_norms_sq(gn, chunk: int | None = None) -> Tensor:
+    """``diag(J^T J)_j = ||J e_j||^2`` from Jacobian-vector products, ``chunk`` columns per
+    vectorised batch (memory ``chunk * m`` numbers; None: all at once), never forming ``J``."""
+    n = gn.size
+    x_dtype, dev = gn.residuals.dtype, gn.residuals.device
+    k = n if chunk is None else max(1, min(chunk, n))
+    out = []
+    for s in range(0, n, k):
+        eye = torch.eye(n, dtype=x_dtype, device=dev)[s:s + k]
+        cols = torch.func.vmap(gn.jvp)(eye)  # (k, m)
+        out.append((cols * cols).sum(-1))
+    return torch.cat(out)
+
+
+def _matrix_free_solve(gn, rhs, damping, solver, col2=None):
+    """``delta = -(J^T J + lambda I)^{-1} J^T rhs`` by CG on ``v -> J^T (J v) + lambda v``;
+    with ``col2 = diag(J^T J)`` (Jacobi) the preconditioner is ``1 / (col2 + lambda)``."""
     from funcopt import solvers
 
     b = gn.vjp(rhs)
     op = solvers.matrix_free(lambda v: gn.gnvp(v) + damping * v, gn.size, dtype=b.dtype,
                              device=b.device, symmetric=True, positive_definite=True)
-    sol = solvers.get(solver).solve_unchecked(op, b)
+    cg = solvers.get(solver)
+    if col2 is not None:
+        diag = col2 + damping
+        inv = torch.where(diag > 0, 1.0 / torch.where(diag > 0, diag, 1.0), 1.0)
+        cg = solvers.CG(tol=cg.tol, atol=cg.atol, maxiter=cg.maxiter,
+                        preconditioner=lambda r: inv * r, check_every=cg.check_every)
+    sol = cg.solve_unchecked(op, b)
     return -sol.x, sol.success
 
 
@@ -188,7 +215,8 @@ def _linearize(residual_fn, params, args, state, o) -> _Local:
         _require_dtype(gn.residuals, x)
         _require_finite_residuals(torch.isfinite(gn.residuals).all())
         inf = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
-        solve = lambda lam, u: _matrix_free_solve(gn, u, lam, o["solver"])
+        col2 = column_norms_sq(gn, o["chunk"]) if _wants_jacobi(o["solver"]) else None
+        solve = lambda lam, u: _matrix_free_solve(gn, u, lam, o["solver"], col2)
         return _Local(x, f, gn.residuals, scaled_norm(gn.residuals), torch.ones_like(x), inf,
                       state.damping, solve, gn.jvp)
     J, r = jacobian(residual_fn, params, *args, mode=o["mode"], chunk_size=o["chunk"])
