@@ -16,9 +16,10 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-from torch.func import jvp, vjp, vmap
+from torch.func import jvp, vmap
 
 from funcopt.base import PyTree, tree_flatten, tree_unflatten
+from funcopt.func.jacobian import _vjp
 from funcopt.transforms import lm_batched
 from funcopt.transforms.levenberg_marquardt import LevenbergMarquardtState, lm_options
 
@@ -116,9 +117,11 @@ def batched_jacobian(f: Callable[[Tensor], Tensor], x: Tensor,
         m = f(x).shape[1] if m is None else m
     if n <= m:
         eye = torch.eye(n, dtype=x.dtype, device=x.device)
-        r, cols = vmap(lambda e: jvp(f, (x,), (e.expand(B, n),)), out_dims=(None, 0))(eye)
+        pair = vmap(lambda e: tuple(jvp(f, (x,), (e.expand(B, n),))[:2]),
+                    out_dims=(None, 0))(eye)  # type: ignore[arg-type]
+        r, cols = pair[0], pair[1]
         return r.detach(), cols.permute(1, 2, 0)  # cols: (n, B, m)
-    r, pullback = vjp(f, x)
+    r, pullback = _vjp(f, x)
     eye = torch.eye(m, dtype=r.dtype, device=r.device)
     rows = vmap(lambda e: pullback(e.expand(B, m))[0])(eye)  # (m, B, n)
     return r.detach(), rows.transpose(0, 1)
@@ -150,7 +153,7 @@ def _check_independent(f: Callable[[Tensor], Tensor], x: Tensor) -> None:
         return
     t = torch.zeros_like(x)
     t[0] = 1.0
-    _, out = jvp(f, (x,), (t,))
+    out = jvp(f, (x,), (t,))[1]
     if bool(((out[1:] != 0) & torch.isfinite(out[1:])).any()):  # NaN rows fail on their own
         raise ValueError("batched=True: residual_fn mixes problems (row b of the residuals "
                          "depends on the parameters of another row); each problem's residuals "
