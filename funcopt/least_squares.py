@@ -21,7 +21,8 @@ from funcopt.func.jacobian import per_sample_residuals, ravel_params
 from funcopt.solvers.base import scaled_norm
 from funcopt.transforms.levenberg_marquardt import levenberg_marquardt
 
-__all__ = ["LeastSquaresInfo", "least_squares", "mse_residuals", "cross_entropy_residuals"]
+__all__ = ["LeastSquaresInfo", "least_squares", "memory_path", "mse_residuals",
+           "cross_entropy_residuals"]
 
 Tensor = torch.Tensor
 
@@ -37,7 +38,8 @@ class LeastSquaresInfo(NamedTuple):
     ``new_cost``, ``damping``, ``gain_ratio``, ``actual_reduction``, ``predicted_reduction``,
     ``residual_norm``, ``step_norm``, ``grad_cos``, ``accepted``, ``attempts``,
     ``trial_finite``). evaluations: residual evaluations. residual_norm: final ``||r||``,
-    computed without overflow or underflow.
+    computed without overflow or underflow. path: ``"dense"`` or ``"matrix-free"`` (see
+    :func:`memory_path`).
     """
 
     steps: int
@@ -47,9 +49,45 @@ class LeastSquaresInfo(NamedTuple):
     history: list
     evaluations: int
     residual_norm: float = float("nan")
+    path: str = "dense"
 
 
-def _check_residual_fn(residual_fn: Callable[[PyTree], Tensor], params: PyTree, x: Tensor) -> None:
+def memory_path(m: int, n: int, itemsize: int, budget: int | None) -> str:
+    """The path that fits ``budget`` bytes for ``m`` residuals and ``n`` parameters.
+
+    Memory model, in numbers of ``itemsize`` bytes: the Jacobian ``m n``; the normal matrix
+    ``n^2`` (primal form, ``m >= n``) or ``J J^T``, ``m^2`` (dual form, ``m < n``); the
+    matrix-free path ``4 (m + n)`` (CG's vectors and one Jacobian-vector product; ``J`` is never
+    formed). Returns ``"dense"`` when ``m n + min(m, n)^2`` fits (or ``budget`` is None),
+    else ``"matrix-free"`` when ``4 (m + n)`` fits; raises ValueError when nothing fits.
+    """
+    if budget is None:
+        return "dense"
+    if not isinstance(budget, int) or budget <= 0:
+        raise ValueError(f"memory_budget={budget!r}: pass a positive number of bytes or None")
+    if (m * n + min(m, n) ** 2) * itemsize <= budget:
+        return "dense"
+    if 4 * (m + n) * itemsize <= budget:
+        return "matrix-free"
+    raise ValueError(f"memory_budget={budget} bytes is below the matrix-free path's "
+                     f"4 (m + n) = {4 * (m + n) * itemsize} bytes for m={m}, n={n}; raise it")
+
+
+def _matrix_free_options(m: int, itemsize: int, budget: int, damping_rule: str,
+                         lm_options: dict) -> tuple[Any, str, dict]:
+    """``(solver, damping_rule, lm_options)`` of the matrix-free path: CG with the Jacobi
+    preconditioner ``1 / (diag(J^T J) + lambda)`` from column norms (Jacobian-vector products
+    in chunks of ``budget / (4 m)`` columns), D = I, and Nielsen's rule in place of the trust
+    region (which needs an SVD of J)."""
+    from funcopt.solvers import CG
+
+    chunk = max(1, budget // (4 * m * itemsize))
+    rule = "nielsen" if damping_rule == "trust_region" else damping_rule
+    return (CG(tol=1e-10, preconditioner="jacobi"), rule,
+            {**lm_options, "scaling": False, "chunk_size": lm_options.get("chunk_size", chunk)})
+
+
+def _check_residual_fn(residual_fn: Callable[[PyTree], Tensor], params: PyTree, x: Tensor) -> int:
     r = residual_fn(params)
     if not isinstance(r, torch.Tensor) or r.ndim != 1:
         got = f"a {type(r).__name__}" if not isinstance(r, torch.Tensor) else f"shape {tuple(r.shape)}"
@@ -67,6 +105,7 @@ def _check_residual_fn(residual_fn: Callable[[PyTree], Tensor], params: PyTree, 
             f"must have the parameters' dtype: return r.to({x.dtype}) from residual_fn, or pass "
             f"{r.dtype} parameters"
         )
+    return r.numel()
 
 
 def _record(s) -> dict:
@@ -113,8 +152,10 @@ def least_squares(
     solver: Any = "auto",
     damping_rule: str = "trust_region",
     geodesic_acceleration: bool = False,
+    batched: bool = False,
+    memory_budget: int | None = None,
     **lm_options: Any,
-) -> tuple[PyTree, LeastSquaresInfo]:
+) -> tuple[PyTree, Any]:
     """Minimise ``0.5 ||residual_fn(params)||^2`` by Levenberg-Marquardt (MINPACK's tests).
 
     Stopping tests (MINPACK ``lmder``), checked after every update, with ``F`` the cost,
@@ -161,6 +202,15 @@ def least_squares(
         geodesic_acceleration: Transtrum & Sethna's second-order correction (default False:
             with the trust-region rule it is not needed on NIST StRD, and its acceptance test
             shortens the long first steps MGH10 needs).
+        batched: ``params`` carry a leading batch dimension ``B`` of independent problems and
+            ``residual_fn`` returns ``(B, m)``; each problem is fitted with its own damping,
+            tests and result, and ``info`` is a
+            :class:`funcopt.least_squares_batched.BatchedLeastSquaresInfo` of ``(B,)`` tensors
+            (see :mod:`funcopt.least_squares_batched`). Default False.
+        memory_budget: bytes the linear algebra may use (None: no limit). The path follows
+            :func:`memory_path`: dense while ``m n + min(m, n)^2`` numbers fit, else
+            matrix-free (CG on Jacobian-vector products with a Jacobi preconditioner from
+            column norms, Nielsen's damping rule, ``D = I``); ``info.path`` says which.
         **lm_options: any other option of :func:`levenberg_marquardt` (damping rule, scaling,
             geodesic acceleration, ...).
 
@@ -175,8 +225,23 @@ def least_squares(
             raise ValueError(f"{name}={tol!r}: pass a number >= 0")
     if not isinstance(max_steps, int) or max_steps < 0:
         raise ValueError(f"max_steps={max_steps!r}: pass an int >= 0")
+    if batched:
+        from funcopt.least_squares_batched import least_squares_batched
+
+        if memory_budget is not None:
+            raise ValueError("memory_budget applies to single problems; with batched=True "
+                             "every problem's J (m x n) is formed")
+        return least_squares_batched(
+            residual_fn, params, max_steps, (ftol, xtol, gtol),
+            dict(damping_rule=damping_rule, solver=solver,
+                 geodesic_acceleration=geodesic_acceleration, **lm_options))
     x, _ = ravel_params(params)
-    _check_residual_fn(residual_fn, params, x)
+    m = _check_residual_fn(residual_fn, params, x)
+    path = memory_path(m, x.numel(), x.element_size(), memory_budget)
+    if path == "matrix-free":
+        assert memory_budget is not None
+        solver, damping_rule, lm_options = _matrix_free_options(
+            m, x.element_size(), memory_budget, damping_rule, lm_options)
     tx = levenberg_marquardt(residual_fn, solver=solver, damping_rule=damping_rule,
                              geodesic_acceleration=geodesic_acceleration, **lm_options)
     tols = (ftol, xtol, gtol, torch.finfo(x.dtype).eps)
@@ -208,7 +273,7 @@ def least_squares(
     rnorm = float(scaled_norm(r.double()))
     return params, LeastSquaresInfo(
         len(history), 0.5 * rnorm * rnorm if rnorm < 1e154 else math.inf, reason, success,
-        history, evaluations, rnorm,
+        history, evaluations, rnorm, path,
     )
 
 

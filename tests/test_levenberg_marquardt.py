@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import funcopt as fo
-from funcopt.testing import check_transform
+from funcopt.testing import check_transform, check_vmap
 
 DEFAULT_DTYPE = torch.float64  # applied per test by tests/conftest.py
 X = np.linspace(0.0, 3.0, 12)
@@ -113,14 +113,24 @@ def test_wrong_shapes_are_reported():
         tx.update(None, tx.init(torch.ones(2)))
 
 
+XT, YT = torch.tensor(X), torch.tensor(Y)  # tensors, not numpy: torch.compile traces them
+
+
+def residual_t(p):
+    return p[0] * torch.exp(-p[1] * XT) - YT
+
+
 def test_integer_leaves_get_zero_updates_and_contract_holds():
     params = {"w": torch.tensor([2.0, 1.0]), "n": torch.tensor(4)}
-    fn = lambda p, batch: residual(p["w"]) * batch
+    fn = lambda p, batch: residual_t(p["w"]) * batch
     tx = fo.levenberg_marquardt(fn)
     state = tx.init(params)
     upd, state = tx.update(None, state, params, batch=torch.tensor(1.0))
     assert upd["n"].dtype == torch.int64 and int(upd["n"]) == 0
-    check_transform(tx, params, batch=torch.tensor(1.0))
+    # check_vmap scales every leaf by a float (funcopt.testing), which an int64 leaf cannot
+    # take: the vmap check runs on the float leaves, the rest of the contract on the whole tree
+    check_transform(tx, params, vmap=False, batch=torch.tensor(1.0))
+    check_vmap(fo.levenberg_marquardt(lambda p: residual_t(p["w"])), {"w": params["w"]})
 
 
 def test_chains_with_other_transforms():
@@ -226,3 +236,60 @@ def test_trust_region_least_squares_matches_minpack_on_badly_scaled_problem():
     np.testing.assert_allclose(p.numpy(), ref.x, rtol=1e-9)
     with pytest.raises(ValueError, match="dense Jacobian"):
         fo.levenberg_marquardt(residual, damping_rule="trust_region", solver="cg")
+
+
+# ------------------------------------------------------------------ memory model, matrix-free
+
+
+def test_memory_path_follows_the_model():
+    from funcopt.least_squares import memory_path
+
+    m, n, b = 200, 50, 8
+    dense = (m * n + n * n) * b  # J and the normal matrix
+    assert memory_path(m, n, b, None) == "dense"
+    assert memory_path(m, n, b, dense) == "dense"
+    assert memory_path(m, n, b, dense - 1) == "matrix-free"
+    assert memory_path(30, 500, b, (30 * 500 + 30 * 30) * b) == "dense"  # dual: m^2
+    assert memory_path(m, n, b, 4 * (m + n) * b) == "matrix-free"
+    with pytest.raises(ValueError, match="below the matrix-free path"):
+        memory_path(m, n, b, 4 * (m + n) * b - 1)
+
+
+def _wide_problem():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(200, 50, generator=g, dtype=torch.float64) * torch.logspace(0, 2, 50)
+    y = torch.randn(200, generator=g, dtype=torch.float64)
+    return lambda p: torch.tanh(A @ p / 100) * 3 - y
+
+
+def test_matrix_free_path_takes_the_dense_paths_steps():
+    """CG with the column-norm Jacobi preconditioner (no J formed) against the dense Cholesky
+    step with the same damping sequence (Nielsen, D = I), five updates."""
+    fn = _wide_problem()
+    p0 = torch.zeros(50, dtype=torch.float64)
+    J, _ = fo.func.jacobian(fn, p0)
+    lam0 = 1e-3 * float((J * J).sum(0).max())  # the dense path's tau * max diag(J^T J)
+    dense = fo.levenberg_marquardt(fn, scaling=False, solver="cholesky")
+    free = fo.levenberg_marquardt(fn, initial_damping=lam0,
+                                  solver=fo.solvers.CG(tol=1e-12, preconditioner="jacobi"))
+    pd = pf = p0
+    sd, sf = dense.init(p0), free.init(p0)
+    for _ in range(5):
+        ud, sd = dense.update(None, sd, pd)
+        uf, sf = free.update(None, sf, pf)
+        torch.testing.assert_close(uf, ud, rtol=1e-8, atol=1e-12)
+        pd, pf = pd + ud, pf + uf
+    torch.testing.assert_close(sf.damping, sd.damping, rtol=1e-10, atol=0)
+
+
+def test_least_squares_over_budget_goes_matrix_free_to_scipys_answer():
+    so = pytest.importorskip("scipy.optimize")
+    fn = _wide_problem()
+    p0 = torch.zeros(50, dtype=torch.float64)
+    p, info = fo.least_squares(fn, p0, memory_budget=50_000, ftol=1e-12, xtol=1e-12)
+    assert info.path == "matrix-free" and info.success, info.reason
+    ref = so.least_squares(lambda v: fn(torch.tensor(v)).numpy(), p0.numpy(), method="lm",
+                           xtol=1e-14, ftol=1e-14, gtol=1e-14)
+    np.testing.assert_allclose(info.cost, ref.cost, rtol=1e-8)
+    _, dense = fo.least_squares(fn, p0, memory_budget=10**9)
+    assert dense.path == "dense"

@@ -13,10 +13,13 @@ The Jacobian is either formed densely (:func:`funcopt.func.jacobian`) or, with a
 solver (``solver="cg"``), used only through Jacobian-vector and vector-Jacobian products
 (:func:`funcopt.func.gauss_newton_products`).
 
-Host synchronisation: the accept/reject decision is a Python ``if`` on the gain ratio, so each
-attempt in :func:`levenberg_marquardt`'s ``update`` reads one boolean from the device, and the
-finiteness check of the residuals (and Jacobian) at the current point reads one more; the
-solver layer adds its own checks (see :mod:`funcopt.solvers`).
+Host synchronisation: in eager mode the accept/reject decision is a Python ``if`` on the gain
+ratio, so each attempt in :func:`levenberg_marquardt`'s ``update`` reads one boolean from the
+device, and the finiteness check of the residuals (and Jacobian) at the current point reads one
+more; the solver layer adds its own checks (see :mod:`funcopt.solvers`). Under ``torch.func``
+transforms (``vmap`` over independent problems) and ``torch.compile`` the update takes the
+sync-free path of :mod:`funcopt.transforms.lm_batched` instead: the same steps up to rounding,
+every decision a ``torch.where``, a fixed number of attempts with finished ones masked.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, NamedTuple
 
 import optree
 import torch
-from torch.func import jvp
+from torch.func import jacrev, jvp
 
 from funcopt.base import (
     GradientTransformation,
@@ -38,6 +41,7 @@ from funcopt.base import (
     step_counter,
     tree_check_structure,
 )
+from funcopt.engine import is_tracing
 from funcopt.func.jacobian import (
     gauss_newton_products,
     jacobian,
@@ -46,7 +50,7 @@ from funcopt.func.jacobian import (
 )
 from funcopt.solvers.base import scaled_norm
 
-__all__ = ["LevenbergMarquardtState", "levenberg_marquardt", "damped_gauss_newton_step"]
+__all__ = ["LevenbergMarquardtState", "levenberg_marquardt", "damped_gauss_newton_step", "lm_options"]
 
 Tensor = torch.Tensor
 _RULES = ("nielsen", "classic", "trust_region")
@@ -135,14 +139,41 @@ def _is_matrix_free(solver: Any) -> bool:
     return solver in ("cg", "pcg") or isinstance(solver, solvers.CG)
 
 
-def _matrix_free_solve(gn, rhs, damping, solver):
-    """``delta = -(J^T J + lambda I)^{-1} J^T rhs`` by CG on ``v -> J^T (J v) + lambda v``."""
+def _wants_jacobi(solver: Any) -> bool:
+    from funcopt import solvers
+
+    return solver == "pcg" or (isinstance(solver, solvers.CG) and solver.preconditioner == "jacobi")
+
+
+def column_norms_sq(gn, chunk: int | None = None) -> Tensor:
+    """``diag(J^T J)_j = ||J e_j||^2`` from Jacobian-vector products, ``chunk`` columns per
+    vectorised batch (memory ``chunk * m`` numbers; None: all at once), never forming ``J``."""
+    n = gn.size
+    x_dtype, dev = gn.residuals.dtype, gn.residuals.device
+    k = n if chunk is None else max(1, min(chunk, n))
+    out = []
+    for s in range(0, n, k):
+        eye = torch.eye(n, dtype=x_dtype, device=dev)[s:s + k]
+        cols = torch.func.vmap(gn.jvp)(eye)  # (k, m)
+        out.append((cols * cols).sum(-1))
+    return torch.cat(out)
+
+
+def _matrix_free_solve(gn, rhs, damping, solver, col2=None):
+    """``delta = -(J^T J + lambda I)^{-1} J^T rhs`` by CG on ``v -> J^T (J v) + lambda v``;
+    with ``col2 = diag(J^T J)`` (Jacobi) the preconditioner is ``1 / (col2 + lambda)``."""
     from funcopt import solvers
 
     b = gn.vjp(rhs)
     op = solvers.matrix_free(lambda v: gn.gnvp(v) + damping * v, gn.size, dtype=b.dtype,
                              device=b.device, symmetric=True, positive_definite=True)
-    sol = solvers.get(solver).solve_unchecked(op, b)
+    cg = solvers.get(solver)
+    if col2 is not None:
+        diag = col2 + damping
+        inv = torch.where(diag > 0, 1.0 / torch.where(diag > 0, diag, 1.0), 1.0)
+        cg = solvers.CG(tol=cg.tol, atol=cg.atol, maxiter=cg.maxiter,
+                        preconditioner=lambda r: inv * r, check_every=cg.check_every)
+    sol = cg.solve_unchecked(op, b)
     return -sol.x, sol.success
 
 
@@ -184,7 +215,8 @@ def _linearize(residual_fn, params, args, state, o) -> _Local:
         _require_dtype(gn.residuals, x)
         _require_finite_residuals(torch.isfinite(gn.residuals).all())
         inf = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
-        solve = lambda lam, u: _matrix_free_solve(gn, u, lam, o["solver"])
+        col2 = column_norms_sq(gn, o["chunk"]) if _wants_jacobi(o["solver"]) else None
+        solve = lambda lam, u: _matrix_free_solve(gn, u, lam, o["solver"], col2)
         return _Local(x, f, gn.residuals, scaled_norm(gn.residuals), torch.ones_like(x), inf,
                       state.damping, solve, gn.jvp)
     J, r = jacobian(residual_fn, params, *args, mode=o["mode"], chunk_size=o["chunk"])
@@ -429,6 +461,63 @@ def _adapt_radius(radius, lam, reductions, t2, pnorm, ok):
                        torch.where(grow, pnorm / 0.5, radius))
 
 
+
+_DEFAULTS = dict(initial_damping=1e-3, damping_rule="nielsen", increase_factor=10.0,
+                 decrease_factor=10.0, scaling=None, min_damping=1e-15, max_damping=1e16,
+                 max_attempts=10, accept_ratio=1e-4, geodesic_acceleration=False,
+                 geodesic_alpha=0.75, geodesic_fd_step=0.1, trust_radius_factor=10.0,
+                 solver="auto", form="auto", jacobian_mode="auto", chunk_size=None)
+
+
+def lm_options(**options: Any) -> dict:
+    """The validated options of :func:`levenberg_marquardt` (same names and defaults) as the
+    dict its step functions read; raises ValueError/TypeError naming a bad or unknown one."""
+    unknown = sorted(set(options) - set(_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown Levenberg-Marquardt option(s) {unknown}; the options are "
+                        f"{sorted(_DEFAULTS)}")
+    o = {**_DEFAULTS, **options}
+    initial_damping, damping_rule = o["initial_damping"], o["damping_rule"]
+    increase_factor, decrease_factor = o["increase_factor"], o["decrease_factor"]
+    scaling, min_damping, max_damping = o["scaling"], o["min_damping"], o["max_damping"]
+    max_attempts, accept_ratio = o["max_attempts"], o["accept_ratio"]
+    geodesic_acceleration, geodesic_alpha = o["geodesic_acceleration"], o["geodesic_alpha"]
+    geodesic_fd_step, trust_radius_factor = o["geodesic_fd_step"], o["trust_radius_factor"]
+    solver, form, jacobian_mode, chunk_size = (o["solver"], o["form"], o["jacobian_mode"],
+                                               o["chunk_size"])
+    if damping_rule not in _RULES:
+        raise ValueError(f"damping_rule={damping_rule!r}: use one of {_RULES}")
+    check_hyperparameter("initial_damping", initial_damping, low=0.0, low_inclusive=False)
+    check_hyperparameter("increase_factor", increase_factor, low=1.0, low_inclusive=False)
+    check_hyperparameter("decrease_factor", decrease_factor, low=1.0, low_inclusive=False)
+    check_hyperparameter("min_damping", min_damping, low=0.0)
+    check_hyperparameter("max_damping", max_damping, low=min_damping, low_inclusive=False)
+    check_hyperparameter("accept_ratio", accept_ratio, low=0.0, high=1.0, high_inclusive=False)
+    check_hyperparameter("geodesic_alpha", geodesic_alpha, low=0.0, low_inclusive=False)
+    if not isinstance(max_attempts, int) or max_attempts < 1:
+        raise ValueError(f"max_attempts={max_attempts!r}: pass an int >= 1")
+    check_hyperparameter("trust_radius_factor", trust_radius_factor, low=0.0, low_inclusive=False)
+    if geodesic_fd_step is not None:
+        check_hyperparameter("geodesic_fd_step", geodesic_fd_step, low=0.0, low_inclusive=False)
+    matrix_free = _is_matrix_free(solver)
+    if scaling is None:
+        scaling = not matrix_free
+    if matrix_free and damping_rule == "trust_region":
+        raise ValueError("damping_rule='trust_region' needs a dense Jacobian (an SVD of J / d); "
+                         "use 'nielsen' or 'classic' with a matrix-free solver")
+    if scaling and matrix_free:
+        raise ValueError(
+            f"scaling=True needs the column norms of a dense Jacobian, but solver={solver!r} is "
+            "matrix-free; pass scaling=False (D = I) or a dense solver"
+        )
+    return dict(rule=damping_rule, factors=(increase_factor, decrease_factor),
+                bounds=(min_damping, max_damping), scaling=scaling, tau=initial_damping,
+                attempts=max_attempts, accept=accept_ratio, geodesic=geodesic_acceleration,
+                alpha=geodesic_alpha, fd_step=geodesic_fd_step, solver=solver, form=form,
+                mode=jacobian_mode, chunk=chunk_size, matrix_free=matrix_free,
+                factor=trust_radius_factor)
+
+
 def levenberg_marquardt(
     residual_fn: Callable[..., Tensor],
     *,
@@ -520,37 +609,14 @@ def levenberg_marquardt(
     "Damping parameter in Marquardt's method", IMM-REP-1999-05; Transtrum & Sethna (2012),
     "Improvements to the Levenberg-Marquardt algorithm for nonlinear least-squares minimization".
     """
-    if damping_rule not in _RULES:
-        raise ValueError(f"damping_rule={damping_rule!r}: use one of {_RULES}")
-    check_hyperparameter("initial_damping", initial_damping, low=0.0, low_inclusive=False)
-    check_hyperparameter("increase_factor", increase_factor, low=1.0, low_inclusive=False)
-    check_hyperparameter("decrease_factor", decrease_factor, low=1.0, low_inclusive=False)
-    check_hyperparameter("min_damping", min_damping, low=0.0)
-    check_hyperparameter("max_damping", max_damping, low=min_damping, low_inclusive=False)
-    check_hyperparameter("accept_ratio", accept_ratio, low=0.0, high=1.0, high_inclusive=False)
-    check_hyperparameter("geodesic_alpha", geodesic_alpha, low=0.0, low_inclusive=False)
-    if not isinstance(max_attempts, int) or max_attempts < 1:
-        raise ValueError(f"max_attempts={max_attempts!r}: pass an int >= 1")
-    check_hyperparameter("trust_radius_factor", trust_radius_factor, low=0.0, low_inclusive=False)
-    if geodesic_fd_step is not None:
-        check_hyperparameter("geodesic_fd_step", geodesic_fd_step, low=0.0, low_inclusive=False)
-    matrix_free = _is_matrix_free(solver)
-    if scaling is None:
-        scaling = not matrix_free
-    if matrix_free and damping_rule == "trust_region":
-        raise ValueError("damping_rule='trust_region' needs a dense Jacobian (an SVD of J / d); "
-                         "use 'nielsen' or 'classic' with a matrix-free solver")
-    if scaling and matrix_free:
-        raise ValueError(
-            f"scaling=True needs the column norms of a dense Jacobian, but solver={solver!r} is "
-            "matrix-free; pass scaling=False (D = I) or a dense solver"
-        )
-    opts = dict(rule=damping_rule, factors=(increase_factor, decrease_factor),
-                bounds=(min_damping, max_damping), scaling=scaling, tau=initial_damping,
-                attempts=max_attempts, accept=accept_ratio, geodesic=geodesic_acceleration,
-                alpha=geodesic_alpha, fd_step=geodesic_fd_step, solver=solver, form=form,
-                mode=jacobian_mode, chunk=chunk_size, matrix_free=matrix_free,
-                factor=trust_radius_factor)
+    opts = lm_options(
+        initial_damping=initial_damping, damping_rule=damping_rule,
+        increase_factor=increase_factor, decrease_factor=decrease_factor, scaling=scaling,
+        min_damping=min_damping, max_damping=max_damping, max_attempts=max_attempts,
+        accept_ratio=accept_ratio, geodesic_acceleration=geodesic_acceleration,
+        geodesic_alpha=geodesic_alpha, geodesic_fd_step=geodesic_fd_step,
+        trust_radius_factor=trust_radius_factor, solver=solver, form=form,
+        jacobian_mode=jacobian_mode, chunk_size=chunk_size)
 
     def init(params: Params) -> LevenbergMarquardtState:
         x, _ = ravel_params(params)
@@ -567,11 +633,60 @@ def levenberg_marquardt(
         params = require_params(params, "levenberg_marquardt")
         if updates is not None:
             tree_check_structure(updates, params, ("updates", "params"))
+            _check_shapes(updates, params)
         args = () if batch is None else (batch,)
-        delta, new_state = _step(residual_fn, params, args, state, opts)
+        if is_tracing():
+            delta, new_state = _traced_step(residual_fn, params, args, state, opts)
+        else:
+            delta, new_state = _step(residual_fn, params, args, state, opts)
         return _to_tree(delta, params), new_state
 
     return GradientTransformation(init, update)
+
+
+
+def _traced_step(residual_fn, params, args, state: LevenbergMarquardtState, o):
+    """The step with no host sync, for ``torch.func`` transforms and ``torch.compile``: the
+    batched iteration of :mod:`funcopt.transforms.lm_batched` on a batch of one (``J`` by
+    ``jacrev``, the damped system through an SVD of ``J / d``, every decision a
+    ``torch.where``). It takes the steps of :func:`_step` up to rounding (the eager path solves
+    by Cholesky of the Gram matrix)."""
+    from funcopt.transforms import lm_batched
+
+    if o["matrix_free"] or o["geodesic"]:
+        what = "a matrix-free solver" if o["matrix_free"] else "geodesic_acceleration=True"
+        raise ValueError(
+            f"levenberg_marquardt with {what} cannot run under torch.func transforms or "
+            "torch.compile: its CG loop and second-derivative acceptance decide on the host. "
+            "Use a dense solver without geodesic acceleration there, or call update eagerly")
+    x, unravel = ravel_params(params)
+    if state.scale.shape != x.shape:
+        raise ValueError(
+            f"state holds {state.scale.numel()} parameters but params have {x.numel()}; "
+            "pass the state made by init for these params")
+    f = residual_vector_fn(residual_fn, unravel, *args)
+    J, r = jacrev(lambda v: (f(v), f(v)), has_aux=True)(x)
+    _require_dtype(r, x)
+    batched = LevenbergMarquardtState(*(t[None] for t in state))
+
+    def trial_norm(x_new: Tensor) -> Tensor:
+        return _evaluate(f, x_new[0], r.shape)[None]
+
+    loc = lm_batched.local_model(J[None], r.detach()[None], x[None], batched, o)
+    step, new = lm_batched.iterate(loc, batched, trial_norm, o)
+    return step[0], LevenbergMarquardtState(*(t[0] for t in new))
+
+
+
+def _check_shapes(updates: PyTree, params: PyTree) -> None:
+    """Leaf shapes of ``updates`` against ``params`` (metadata only; the values are unused)."""
+    paths = optree.tree_paths(params)
+    for path, u, p in zip(paths, optree.tree_leaves(updates), optree.tree_leaves(params)):
+        if isinstance(u, torch.Tensor) and isinstance(p, torch.Tensor) and u.shape != p.shape:
+            raise ValueError(
+                f"levenberg_marquardt: leaf {list(path)} of the updates has shape "
+                f"{tuple(u.shape)} but the parameter has {tuple(p.shape)}; pass gradients shaped "
+                "like the parameters, or None (LM does not read them)")
 
 
 def _to_tree(delta: Tensor, params: PyTree) -> PyTree:

@@ -1,0 +1,267 @@
+"""Many independent least-squares problems in one vectorised pass: ``least_squares(...,
+batched=True)``.
+
+Parameters carry a leading batch dimension ``B``; ``residual_fn`` maps them to residuals of
+shape ``(B, m)``, row ``b`` depending on problem ``b``'s parameters only. Each problem has its
+own damping, trust region, acceptance, MINPACK stopping tests and result; a problem that has
+stopped keeps its parameters while the others go on. Jacobians of all problems come from one
+vectorised forward-mode pass (``n`` Jacobian-vector products with the tangent ``e_j`` in every
+problem, ``torch.func.vmap`` over ``j``; reverse mode when ``m < n``), and the damped systems
+are solved batched (:mod:`funcopt.transforms.lm_batched`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch.func import jvp, vmap
+
+from funcopt.base import PyTree, tree_flatten, tree_unflatten
+from funcopt.func.jacobian import _vjp
+from funcopt.transforms import lm_batched
+from funcopt.transforms.levenberg_marquardt import LevenbergMarquardtState, lm_options
+
+__all__ = ["BatchedLeastSquaresInfo", "REASONS", "SUCCESS_CODES", "least_squares_batched",
+           "ravel_batched", "batched_jacobian", "stopping_codes"]
+
+Tensor = torch.Tensor
+
+#: ``info.reason`` codes of batched and data-parallel fits (index into this tuple).
+REASONS = (
+    "max_steps: the step limit was reached",
+    "zero residual",
+    "gtol: gradient orthogonal to the residuals",
+    "gtol below machine precision: gradient orthogonal to the residuals",
+    "ftol and xtol: cost and parameters converged",
+    "ftol: relative reduction of the cost below ftol",
+    "xtol: relative step below xtol",
+    "ftol below machine precision: no further reduction possible",
+    "xtol below machine precision: no further improvement possible",
+    "residual_fn was not finite at trial points near the current parameters and the steps "
+    "shrank until a tolerance test held with the gradient not orthogonal to the residuals: "
+    "the edge of the region where residual_fn is finite, not a minimum (failure)",
+    "damping reached max_damping: no step reduces the cost (failure)",
+    "trust region vanished: no step reduces the cost (failure)",
+    "no step was accepted from the start point, so it is not a minimum although a test held",
+    "residual_fn gave non-finite residuals or Jacobian at the current parameters (failure)",
+)
+SUCCESS_CODES = (1, 2, 3, 4, 5, 6, 7, 8)
+_EDGE_WINDOW = 5
+
+
+class BatchedLeastSquaresInfo(NamedTuple):
+    """What a batched (or data-parallel) fit did; every field is a tensor of shape ``(B,)``.
+
+    steps: updates run for the problem. cost: final ``0.5 ||r||^2`` in float64 (inf above
+    ``||r|| = 1e154``). reason: an index into :data:`REASONS` (``info.reasons()`` gives the
+    texts). success: a convergence test held (same rules as :func:`funcopt.least_squares`).
+    evaluations: residual evaluations of the problem. residual_norm: final ``||r||``.
+    """
+
+    steps: Tensor
+    cost: Tensor
+    reason: Tensor
+    success: Tensor
+    evaluations: Tensor
+    residual_norm: Tensor
+
+    def reasons(self) -> list[str]:
+        """The reason of each problem as text."""
+        return [REASONS[int(c)] for c in self.reason.reshape(-1).tolist()]
+
+
+def ravel_batched(params: PyTree) -> tuple[Tensor, Callable[[Tensor], PyTree]]:
+    """``(x, unravel)``: the floating leaves of ``params`` (each ``(B, ...)``) as ``x`` of shape
+    ``(B, n)``; ``unravel`` rebuilds the tree (integer leaves kept as they are). Raises
+    ValueError when leaves disagree on ``B`` or a leaf has no batch dimension."""
+    leaves, treedef = tree_flatten(params)
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, torch.Tensor) or leaf.ndim == 0:
+            got = type(leaf).__name__ if not isinstance(leaf, torch.Tensor) else "a 0-d tensor"
+            raise ValueError(f"batched=True: parameter leaf {i} is {got}; every leaf needs a "
+                             "leading batch dimension B (one row per problem)")
+    sizes = [leaf.shape[0] for leaf in leaves]
+    if len(set(sizes)) != 1:
+        raise ValueError(f"batched=True: the parameter leaves disagree on the batch size "
+                         f"(leading dims {sizes}); give every leaf one row per problem")
+    idx = [i for i, leaf in enumerate(leaves) if leaf.is_floating_point()]
+    if not idx:
+        raise ValueError("the parameters have no floating-point leaves; there is nothing to fit")
+    dtype = leaves[idx[0]].dtype
+    for i in idx[1:]:
+        dtype = torch.promote_types(dtype, leaves[i].dtype)
+    B = sizes[0]
+    shapes = [leaves[i].shape for i in idx]
+    widths = [leaves[i][0].numel() for i in idx]
+    x = torch.cat([leaves[i].detach().reshape(B, -1).to(dtype) for i in idx], dim=1)
+
+    def unravel(v: Tensor) -> PyTree:
+        out = list(leaves)
+        for i, piece, shape in zip(idx, torch.split(v, widths, dim=1), shapes):
+            out[i] = piece.reshape(shape).to(leaves[i].dtype)
+        return tree_unflatten(treedef, out)
+
+    return x, unravel
+
+
+def batched_jacobian(f: Callable[[Tensor], Tensor], x: Tensor,
+                     m: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(r, J)`` with ``J[b] = d r[b] / d x[b]`` of shape ``(B, m, n)`` for independent rows:
+    forward mode (tangent ``e_j`` in every row, ``vmap`` over the ``n`` columns) when
+    ``n <= m``, else reverse mode (``vmap`` over the ``m`` rows of cotangents). ``m``: the
+    number of residuals per problem when known (else one evaluation finds it)."""
+    B, n = x.shape
+    with torch.no_grad():
+        m = f(x).shape[1] if m is None else m
+    if n <= m:
+        eye = torch.eye(n, dtype=x.dtype, device=x.device)
+        pair = vmap(lambda e: tuple(jvp(f, (x,), (e.expand(B, n),))[:2]),
+                    out_dims=(None, 0))(eye)  # type: ignore[arg-type]
+        r, cols = pair[0], pair[1]
+        return r.detach(), cols.permute(1, 2, 0)  # cols: (n, B, m)
+    r, pullback = _vjp(f, x)
+    eye = torch.eye(m, dtype=r.dtype, device=r.device)
+    rows = vmap(lambda e: pullback(e.expand(B, m))[0])(eye)  # (m, B, n)
+    return r.detach(), rows.transpose(0, 1)
+
+
+def _residuals(residual_fn: Callable[[PyTree], Tensor], unravel, B: int, dtype) -> Callable:
+    """``x -> residual_fn(unravel(x))`` checked to be a float tensor of shape ``(B, m)``."""
+
+    def f(x: Tensor) -> Tensor:
+        r = residual_fn(unravel(x))
+        if not isinstance(r, torch.Tensor) or r.ndim != 2 or r.shape[0] != B:
+            got = (f"shape {tuple(r.shape)}" if isinstance(r, torch.Tensor)
+                   else f"a {type(r).__name__}")
+            raise ValueError(f"batched=True: residual_fn must return residuals of shape (B, m) "
+                             f"= ({B}, m), one row per problem; got {got}")
+        if r.dtype != dtype:
+            raise TypeError(f"residual_fn returned {r.dtype} residuals for {dtype} parameters; "
+                            f"return r.to({dtype}) or pass {r.dtype} parameters")
+        if r.shape[1] == 0:
+            raise ValueError("residual_fn returned no residuals; there is nothing to fit")
+        return r
+
+    return f
+
+
+def _check_independent(f: Callable[[Tensor], Tensor], x: Tensor) -> None:
+    """One Jacobian-vector product that moves problem 0 only: the other rows must not move."""
+    if x.shape[0] < 2:
+        return
+    t = torch.zeros_like(x)
+    t[0] = 1.0
+    out = jvp(f, (x,), (t,))[1]
+    if bool(((out[1:] != 0) & torch.isfinite(out[1:])).any()):  # NaN rows fail on their own
+        raise ValueError("batched=True: residual_fn mixes problems (row b of the residuals "
+                         "depends on the parameters of another row); each problem's residuals "
+                         "must depend on its own parameters only")
+
+
+def stopping_codes(s: LevenbergMarquardtState, tols: tuple) -> tuple[Tensor, Tensor]:
+    """``(stationary, converged)`` reason codes (0: none) of MINPACK's tests on a batched
+    state: the zero-residual and gtol tests on the current point, then ftol/xtol/eps tests on
+    the update (as :func:`funcopt.least_squares`)."""
+    ftol, xtol, gtol, eps = tols
+    z = torch.zeros_like(s.count)
+    stat = torch.where(s.grad_cos <= max(gtol, eps), 3, z)
+    stat = torch.where(s.grad_cos <= gtol, 2, stat)
+    stat = torch.where(s.residual_norm == 0, 1, stat)
+    act, pre = s.actual_reduction, s.predicted_reduction
+    ratio_ok = 0.5 * s.gain_ratio <= 1.0
+    f_ok = (act.abs() <= ftol) & (pre <= ftol) & ratio_ok
+    x_ok = s.step_norm <= xtol * s.x_norm
+    conv = torch.where(s.step_norm <= eps * s.x_norm, 8, z)
+    conv = torch.where((act.abs() <= eps) & (pre <= eps) & ratio_ok, 7, conv)
+    conv = torch.where(x_ok, 6, conv)
+    conv = torch.where(f_ok, 5, conv)
+    conv = torch.where(f_ok & x_ok, 4, conv)
+    return stat, conv
+
+
+class _Progress(NamedTuple):
+    running: Tensor
+    code: Tensor
+    steps: Tensor
+    evaluations: Tensor
+    moved: Tensor
+    clean: Tensor  # updates since the last one that met a non-finite trial point
+
+
+def _advance(p: _Progress, new: LevenbergMarquardtState, finite: Tensor, tols, o) -> tuple:
+    """Stopping tests after an update: ``(progress, take)``, ``take`` the problems whose new
+    state (and accepted step) is kept."""
+    run = p.running
+    stat, conv = stopping_codes(new, tols)
+    stop_now = run & (~finite | (stat > 0))
+    code = torch.where(run & ~finite, 13, torch.where(run & (stat > 0), stat, p.code))
+    take = run & ~stop_now
+    clean = torch.where(take, torch.where(new.trial_finite, p.clean + 1, 0), p.clean)
+    edge = (clean < _EDGE_WINDOW) & (new.grad_cos > tols[3] ** 0.5)
+    fail = torch.where(new.radius <= torch.finfo(new.radius.dtype).tiny, 11, 0) \
+        if o["rule"] == "trust_region" else torch.where(new.damping >= o["bounds"][1], 10, 0)
+    out = torch.where(conv > 0, torch.where(edge, 9, conv), torch.where(new.accepted, 0, fail))
+    code = torch.where(take & (out > 0), out, code)
+    return _Progress(
+        run & ~stop_now & ~(take & (out > 0)), code, p.steps + run.long(),
+        p.evaluations + torch.where(run, new.attempts + 1, 0), p.moved | (take & new.accepted),
+        clean), take
+
+
+def run_batched(f, x: Tensor, state, o: dict, limits: tuple[int, tuple], model) -> tuple:
+    """The loop shared by the batched and data-parallel drivers: ``model(x, state)`` gives the
+    local model, ``f`` evaluates trial norms. Returns ``(x, progress)``."""
+    max_steps, tols = limits
+    B = x.shape[0]
+    z = torch.zeros(B, dtype=torch.int64, device=x.device)
+    p = _Progress(torch.ones(B, dtype=torch.bool, device=x.device), z, z, z + 1,
+                  torch.zeros_like(z, dtype=torch.bool), z + _EDGE_WINDOW)
+    for _ in range(max_steps):
+        if not bool(p.running.any()):  # host sync: one per update
+            break
+        loc = model(x, state)
+        step, new = lm_batched.iterate(loc, state, f, o, frozen=~p.running)
+        p, take = _advance(p, new, loc.finite, tols, o)
+        state = LevenbergMarquardtState(*(
+            torch.where(take.reshape(-1, *([1] * (a.ndim - 1))), a, b) for a, b in zip(new, state)))
+        x = x + torch.where((take & new.accepted)[:, None], step, torch.zeros_like(step))
+    success = torch.isin(p.code, torch.tensor(SUCCESS_CODES, device=x.device))
+    never = success & ~p.moved & (p.code > 3)
+    return x, p._replace(code=torch.where(never, 12, p.code))
+
+
+def least_squares_batched(residual_fn: Callable[[PyTree], Tensor], params: PyTree,
+                          max_steps: int, tols: tuple, options: dict[str, Any]):
+    """The batched driver behind ``least_squares(..., batched=True)`` (see there)."""
+    bad = sorted(k for k in ("geodesic_acceleration", "jacobian_mode", "chunk_size", "form",
+                             "solver") if options.get(k) not in (None, False, "auto"))
+    if bad:
+        raise ValueError(f"batched=True solves every problem by the batched spectral path; "
+                         f"the options {bad} are not supported there: leave them at their "
+                         "defaults")
+    o = lm_options(**options)
+    x, unravel = ravel_batched(params)
+    B = x.shape[0]
+    f = _residuals(residual_fn, unravel, B, x.dtype)
+    m = f(x).shape[1]
+    _check_independent(f, x)
+    method = "gram"  # eigh of the n x n matrix: several times cheaper than an SVD of J
+
+    def model(xb: Tensor, state) -> lm_batched.BatchedLocal:
+        r, J = batched_jacobian(f, xb, m)
+        return lm_batched.local_model(J, r, xb, state, o, method)
+
+    def trial_norm(xb: Tensor) -> Tensor:
+        with torch.no_grad():
+            return lm_batched.batched_norm(f(xb))
+
+    eps = torch.finfo(x.dtype).eps
+    x, p = run_batched(trial_norm, x, lm_batched.init_state(x, o["tau"]), o,
+                       (max_steps, (*tols, eps)), model)
+    rnorm = trial_norm(x).double()
+    cost = torch.where(rnorm < 1e154, 0.5 * rnorm * rnorm, torch.full_like(rnorm, float("inf")))
+    success = torch.isin(p.code, torch.tensor(SUCCESS_CODES, device=x.device))
+    return unravel(x), BatchedLeastSquaresInfo(p.steps, cost, p.code, success,
+                                               p.evaluations, rnorm)

@@ -1,0 +1,314 @@
+"""One Levenberg-Marquardt iteration on a batch of independent problems, with no host sync.
+
+Every tensor carries a leading batch dimension ``B`` (``x``: ``(B, n)``, ``r``: ``(B, m)``,
+``J``: ``(B, m, n)``, statistics ``(B,)``), and every decision (accept/reject, damping and
+trust-region updates, the Newton iteration for the trust-region damping) is a ``torch.where``
+on tensors, so the same code serves
+
+* :func:`funcopt.least_squares` with ``batched=True`` (``B`` problems in one pass),
+* :func:`funcopt.levenberg_marquardt` under ``torch.func.vmap`` and ``torch.compile``
+  (``B = 1``, the batching done by ``vmap``), and
+* :func:`funcopt.least_squares_parallel` (the model built from an all-reduced ``J^T J``).
+
+The damped system is solved through a spectral model of ``Jt = J / d`` (``d`` MINPACK's
+column scaling): ``Jt = U diag(s) V^T`` from an SVD of ``Jt`` (``method="svd"``) or from the
+eigendecomposition of ``Jt^T Jt`` (``method="gram"``). With ``sigma = max s``, ``sh = s /
+sigma``, ``w = sh * U^T r / ||r||`` and ``mu = lambda / sigma^2``, the step in scaled variables
+``z = d * delta`` solving ``(Jt^T Jt + lambda I) z = -Jt^T r`` is
+
+    z = -(||r|| / sigma) V [w / (sh^2 + mu)],
+
+``||Jt z|| / ||r|| = ||sh w / (sh^2 + mu)||`` and ``||z|| / ||r|| = ||w / (sh^2 + mu)|| /
+sigma``: only O(1) numbers enter, whatever the scale of ``J`` and ``r``. Directions with
+``sh <= eps k`` (SVD) or ``sh^2 <= eps k`` (Gram) are dropped, as a pseudo-inverse does.
+
+In eager mode on a CPU the loops (attempts, the Newton iteration) stop once every problem is
+done, which reads one boolean per pass (free on a CPU); elsewhere and while tracing they run
+their full length with finished problems masked, which gives the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from funcopt.engine import is_tracing
+from funcopt.transforms.levenberg_marquardt import (
+    LevenbergMarquardtState,
+    _adapt_radius,
+    _positive,
+)
+
+__all__ = ["BatchedLocal", "local_model", "gram_local_model", "iterate", "init_state",
+           "batched_norm", "NEWTON_STEPS"]
+
+Tensor = torch.Tensor
+NEWTON_STEPS = 30  # iterations of the trust-region damping (Newton on 1/phi)
+
+
+def batched_norm(v: Tensor) -> Tensor:
+    """``||v_b||`` over the last dim without overflow or underflow (MINPACK's ``enorm``)."""
+    s = v.abs().amax(dim=-1, keepdim=True)
+    s = torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s))
+    return torch.linalg.vector_norm(v / s, dim=-1) * s.squeeze(-1)
+
+
+class BatchedLocal(NamedTuple):
+    """The Gauss-Newton model of each problem at ``x``.
+
+    x: ``(B, n)``. rnorm: ``||r||``. d: scaling ``(B, n)``. cos: MINPACK's ``gnorm``.
+    damping: ``lambda`` to start from. sh2, w: ``sh^2`` and ``w`` (``(B, k)``, zero where a
+    direction is dropped). sigma: ``max s``. V: ``(B, n, k)``. finite: ``r`` and ``J`` finite.
+    """
+
+    x: Tensor
+    rnorm: Tensor
+    d: Tensor
+    cos: Tensor
+    damping: Tensor
+    sh2: Tensor
+    w: Tensor
+    sigma: Tensor
+    V: Tensor
+    finite: Tensor
+
+
+def init_state(x: Tensor, initial_damping: float) -> LevenbergMarquardtState:
+    """The state of :func:`iterate` for ``x`` of shape ``(B, n)`` (every field ``(B,)``,
+    ``scale`` ``(B, n)``), as :func:`funcopt.levenberg_marquardt`'s ``init`` for each row."""
+    B = x.shape[0]
+    zero = torch.zeros(B, dtype=x.dtype, device=x.device)
+    count = torch.zeros(B, dtype=torch.int64, device=x.device)
+    false = torch.zeros(B, dtype=torch.bool, device=x.device)
+    return LevenbergMarquardtState(count, zero + initial_damping, zero + 2.0, zero,
+                                   torch.ones_like(x), zero, zero, zero, zero, zero, zero, zero,
+                                   false, count, zero, zero, zero, ~false)
+
+
+def _scaling(col: Tensor, state: LevenbergMarquardtState, o: dict) -> tuple[Tensor, Tensor]:
+    """``(d, lambda)``: MINPACK's running maximum of column norms (or ones), and the damping
+    to start from (``tau max col^2`` on the first step when ``scaling`` is off)."""
+    first = (state.count == 0)[:, None]
+    lam = state.damping
+    if o["scaling"]:
+        d = torch.where(first, col, torch.maximum(state.scale, col))
+        return torch.where(d > 0, d, torch.ones_like(d)), lam
+    start = o["tau"] * (col * col).amax(dim=-1)
+    return torch.ones_like(col), torch.where(first[:, 0] & (start > 0), start, lam)
+
+
+def local_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState, o: dict,
+                method: str = "svd") -> BatchedLocal:
+    """The model at ``x`` from ``J`` ``(B, m, n)`` and ``r`` ``(B, m)``. Problems whose ``r``
+    or ``J`` is not finite get a zero model (``finite`` False) so the others are unaffected."""
+    finite = torch.isfinite(r).all(-1) & torch.isfinite(J).all(-1).all(-1)
+    J = torch.where(finite[:, None, None], J, torch.zeros_like(J))
+    r = torch.where(finite[:, None], r, torch.zeros_like(r))
+    rnorm = batched_norm(r)
+    col = batched_norm(J.mT)
+    rn = r / _positive(rnorm)[:, None]
+    g = ((J / _positive(col)[:, None, :]).mT @ rn[..., None])[..., 0]
+    cos = torch.where((col > 0) & (rnorm > 0)[:, None], g.abs(), torch.zeros_like(g))
+    cos = cos.amax(-1) if cos.shape[-1] else torch.zeros_like(rnorm)
+    d, lam = _scaling(col, state, o)
+    Jt = J / d[:, None, :]
+    eps = torch.finfo(J.dtype).eps
+    if method == "gram":
+        G = Jt.mT @ Jt
+        gt = (Jt.mT @ rn[..., None])[..., 0]
+        return _from_gram(G, gt, (x, rnorm, d, cos, lam, finite))
+    U, s, Vh = torch.linalg.svd(Jt, full_matrices=False)
+    sigma = _positive(s.amax(-1)) if s.shape[-1] else torch.ones_like(rnorm)
+    sh = s / sigma[:, None]
+    keep = sh > eps * max(s.shape[-1], 1)
+    w = torch.where(keep, sh * (U.mT @ rn[..., None])[..., 0], 0.0)
+    return BatchedLocal(x, torch.where(finite, rnorm, torch.nan), d, cos, lam,
+                        torch.where(keep, sh * sh, 0.0), w, sigma, Vh.mT, finite)
+
+
+def _from_gram(G: Tensor, gt: Tensor, rest) -> BatchedLocal:
+    """The spectral model from ``Gt = Jt^T Jt`` and ``gt = Jt^T r / ||r||``."""
+    x, rnorm, d, cos, lam, finite = rest
+    ev, V = torch.linalg.eigh(G)
+    s2 = ev.clamp(min=0.0)
+    top = s2.amax(-1) if s2.shape[-1] else torch.ones_like(rnorm)
+    sigma = torch.sqrt(_positive(top))
+    sh2 = s2 / (sigma * sigma)[:, None]
+    keep = sh2 > (torch.finfo(G.dtype).eps * max(s2.shape[-1], 1)) ** 2
+    w = torch.where(keep, (V.mT @ gt[..., None])[..., 0] / sigma[:, None], 0.0)
+    return BatchedLocal(x, torch.where(finite, rnorm, torch.nan), d, cos, lam,
+                        torch.where(keep, sh2, 0.0), w, sigma, V, finite)
+
+
+def gram_local_model(G: Tensor, g: Tensor, rnorm: Tensor, x: Tensor,
+                     state: LevenbergMarquardtState, o: dict) -> BatchedLocal:
+    """The model from ``G = J^T J`` ``(B, n, n)``, ``g = J^T r`` and ``||r||`` (as a
+    data-parallel fit all-reduces them): column norms ``sqrt(diag G)``, ``Gt = G / (d d^T)``."""
+    finite = torch.isfinite(G).all(-1).all(-1) & torch.isfinite(g).all(-1) & torch.isfinite(rnorm)
+    G = torch.where(finite[:, None, None], G, torch.zeros_like(G))
+    g = torch.where(finite[:, None], g, torch.zeros_like(g))
+    rnorm = torch.where(finite, rnorm, torch.zeros_like(rnorm))
+    col = torch.sqrt(torch.diagonal(G, dim1=-2, dim2=-1).clamp(min=0.0))
+    gn = g / _positive(rnorm)[:, None]
+    cos = torch.where((col > 0) & (rnorm > 0)[:, None], gn.abs() / _positive(col), 0.0)
+    cos = cos.amax(-1) if cos.shape[-1] else torch.zeros_like(rnorm)
+    d, lam = _scaling(col, state, o)
+    Gt = G / (d[:, :, None] * d[:, None, :])
+    return _from_gram(Gt, gn / d, (x, rnorm, d, cos, lam, finite))
+
+
+def _early_exit(t: Tensor) -> bool:
+    """Whether loops may stop early by reading a boolean (eager, CPU): see the module doc."""
+    return t.device.type == "cpu" and not is_tracing()
+
+
+def _trust_region_mu(loc: BatchedLocal, radius: Tensor) -> Tensor:
+    """``mu >= 0`` with ``phi(mu) <= 1.1 rho`` (``rho = sigma Delta / ||r||``), ``phi(mu)^2 =
+    sum w^2 / (sh^2 + mu)^2``: Newton's method on ``1/phi`` from ``mu = 0`` (Hebden; Moré
+    1978), masked per problem (see :func:`funcopt.levenberg_marquardt`'s trust-region rule)."""
+    rho = radius / _positive(loc.rnorm) * loc.sigma
+    keep = loc.sh2 > 0
+    s2 = torch.where(keep, loc.sh2, torch.ones_like(loc.sh2))
+    w2 = loc.w * loc.w
+    mu = torch.zeros_like(rho)
+    early = _early_exit(mu)
+    for _ in range(NEWTON_STEPS):
+        q = s2 + mu[:, None]
+        phi = torch.sqrt((w2 / (q * q)).sum(-1))
+        active = phi > 1.1 * rho
+        if early and not bool(active.any()):
+            break
+        den = (w2 / (q * q * q)).sum(-1)
+        step = (phi - rho) / _positive(rho) * phi * phi / _positive(den)
+        mu = torch.where(active & (den > 0) & (rho > 0), mu + step, mu)
+    return mu
+
+
+def _step(loc: BatchedLocal, mu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(delta, ||Jt z|| / ||r||, ||z|| / ||r||)`` for ``mu = lambda / sigma^2``."""
+    keep = loc.sh2 > 0
+    q = torch.where(keep, loc.sh2 + mu[:, None], torch.ones_like(loc.sh2))
+    c = torch.where(keep, loc.w / q, 0.0)
+    t1 = torch.linalg.vector_norm(torch.sqrt(loc.sh2) * c, dim=-1)  # O(1) numbers: c is at
+    t2 = torch.linalg.vector_norm(c, dim=-1) / loc.sigma  # most 1 / (eps k)^2 times w
+    z = -(loc.rnorm / loc.sigma)[:, None] * (loc.V @ c[..., None])[..., 0]
+    return z / loc.d, t1, t2
+
+
+def _reductions(fn: Tensor, new_fn: Tensor, t1: Tensor, t2: Tensor, lam: Tensor):
+    """MINPACK's relative reductions (see ``levenberg_marquardt._reductions``) from
+    ``t1 = ||J delta|| / ||r||`` and ``t2 = ||d delta|| / ||r||``."""
+    ratio = new_fn / _positive(fn)
+    actual = torch.where(0.1 * new_fn < fn, 1.0 - ratio * ratio, -1.0)
+    predicted = t1 * t1 + 2.0 * lam * t2 * t2
+    pos = (predicted > 0) & (fn > 0)
+    rho = torch.where(pos, actual / torch.where(pos, predicted, 1.0), -float("inf"))
+    rho = torch.where(torch.isfinite(new_fn), rho, -float("inf"))
+    return torch.where(torch.isnan(rho), -float("inf"), rho), actual, predicted
+
+
+def _adapt(o: dict, lam: Tensor, nu: Tensor, rho: Tensor, acc: Tensor):
+    """Nielsen's or the classic rule (``levenberg_marquardt._adapt``), per problem."""
+    up, down = o["factors"]
+    if o["rule"] == "nielsen":
+        shrink = torch.clamp(1.0 - (2.0 * rho - 1.0) ** 3, min=1.0 / 3.0)
+        lam = torch.where(acc, lam * shrink, lam * nu)
+        nu = torch.where(acc, torch.full_like(nu, 2.0), nu * 2.0)
+    else:
+        lam = torch.where(acc, lam / down, lam * up)
+    return torch.clamp(lam, o["bounds"][0], o["bounds"][1]), nu
+
+
+class _Trial(NamedTuple):
+    """What the last attempt of each problem gave."""
+
+    lam: Tensor
+    nu: Tensor
+    radius: Tensor
+    delta: Tensor
+    new_fn: Tensor
+    rho: Tensor
+    actual: Tensor
+    predicted: Tensor
+    pnorm: Tensor
+    accepted: Tensor
+    attempts: Tensor
+    finite: Tensor
+
+
+def _keep(done: Tensor, old: _Trial, new: _Trial) -> _Trial:
+    return _Trial(*(torch.where(done.reshape(-1, *([1] * (a.ndim - 1))), a, b)
+                    for a, b in zip(old, new)))
+
+
+def _attempt(loc: BatchedLocal, t: _Trial, state, trial_norm, o: dict, first: bool) -> _Trial:
+    """One proposal, evaluation and accept/reject for every problem."""
+    fn, trust = loc.rnorm, o["rule"] == "trust_region"
+    lam, nu, radius = t.lam, t.nu, t.radius
+    mu = _trust_region_mu(loc, radius) if trust else lam / (loc.sigma * loc.sigma)
+    if trust:
+        lam = mu * loc.sigma * loc.sigma
+    delta, t1, t2 = _step(loc, mu)
+    ok = torch.isfinite(delta).all(-1)
+    delta = torch.where(ok[:, None], delta, torch.zeros_like(delta))
+    new_fn = trial_norm(loc.x + delta)
+    new_fn = torch.where(torch.isfinite(new_fn), new_fn, torch.full_like(new_fn, float("inf")))
+    pnorm = t2 * fn
+    rho, actual, predicted = _reductions(fn, new_fn, t1, t2, lam)
+    acc = ok & torch.isfinite(new_fn) & (rho > o["accept"])
+    if trust:
+        if first:
+            radius = torch.where(state.count == 0, torch.minimum(radius, pnorm), radius)
+        far = ~(0.1 * new_fn < fn)
+        radius = _adapt_radius(radius, lam, (actual, predicted, far), t2, pnorm, ok)
+    else:
+        lam, nu = _adapt(o, lam, nu, rho, acc)
+    return _Trial(lam, nu, radius, delta, new_fn, rho, actual, predicted, pnorm, acc,
+                  t.attempts + 1, t.finite & torch.isfinite(new_fn))
+
+
+def iterate(loc: BatchedLocal, state: LevenbergMarquardtState,
+            trial_norm: Callable[[Tensor], Tensor], o: dict,
+            frozen: Tensor | None = None) -> tuple[Tensor, LevenbergMarquardtState]:
+    """Up to ``o["attempts"]`` proposals per problem; returns ``(step, new_state)`` with
+    ``step`` zero where no attempt was accepted. ``trial_norm(x_new)`` gives ``||r(x_new)||``
+    per problem. ``frozen`` problems (and those with a non-finite model) make no attempt."""
+    x, fn = loc.x, loc.rnorm
+    B = x.shape[0]
+    radius = state.radius
+    if o["rule"] == "trust_region":
+        xn = batched_norm(loc.d * x)
+        r0 = torch.where(xn > 0, o["factor"] * xn, torch.full_like(xn, o["factor"]))
+        radius = torch.where(state.count == 0, r0, radius)
+    zero = torch.zeros_like(fn)
+    none = torch.zeros(B, dtype=torch.bool, device=x.device)
+    t = _Trial(loc.damping, state.nu, radius, torch.zeros_like(x), fn, zero, zero, zero, zero,
+               none, torch.zeros(B, dtype=torch.int64, device=x.device), ~none)
+    done = ~loc.finite if frozen is None else (frozen | ~loc.finite)
+    early = _early_exit(fn)
+    tiny = torch.finfo(x.dtype).tiny
+    for attempt in range(o["attempts"]):
+        if early and bool(done.all()):
+            break
+        t = _keep(done, t, _attempt(loc, t, state, trial_norm, o, attempt == 0))
+        stop = t.radius <= tiny if o["rule"] == "trust_region" else t.lam >= o["bounds"][1]
+        done = done | t.accepted | stop
+    return _finish(loc, state, t)
+
+
+def _finish(loc: BatchedLocal, state: LevenbergMarquardtState, t: _Trial):
+    """The accepted step and the new state (as ``levenberg_marquardt._finish_step``)."""
+    x, d, fn = loc.x, loc.d, loc.rnorm
+    step = torch.where(t.accepted[:, None], t.delta, torch.zeros_like(t.delta))
+    cost = 0.5 * fn * fn
+    kept = torch.where(t.accepted, t.new_fn, fn)
+    min_rho = torch.full_like(t.rho, torch.finfo(t.rho.dtype).min)
+    new = LevenbergMarquardtState(
+        state.count + 1, t.lam, t.nu, t.radius, d, cost, 0.5 * kept * kept, t.predicted * cost,
+        torch.where(torch.isfinite(t.rho), t.rho, min_rho), t.pnorm,
+        batched_norm(d * (x + step)), loc.cos, t.accepted, t.attempts, fn, t.actual,
+        t.predicted, t.finite,
+    )
+    return step, new

@@ -1,0 +1,183 @@
+"""least_squares(batched=True) and the sync-free Levenberg-Marquardt step: against scipy's
+MINPACK (method="lm"), a Python loop of single fits, NIST StRD, and bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+import funcopt as fo
+from funcopt import nist
+from funcopt.least_squares_batched import REASONS
+from funcopt.testing import check_compile, check_vmap
+
+DEFAULT_DTYPE = torch.float64
+T = np.linspace(0.0, 3.0, 20)
+
+
+def _data(B, seed=0):
+    rng = np.random.default_rng(seed)
+    p = np.stack([rng.uniform(1, 3, B), rng.uniform(0.5, 3, B), rng.uniform(-1, 1, B)], 1)
+    return p[:, :1] * np.exp(-p[:, 1:2] * T) + p[:, 2:3] + 0.01 * rng.standard_normal((B, T.size))
+
+
+def _batched_fn(Y):
+    t, y = torch.tensor(T), torch.tensor(Y)
+    return lambda p: p[:, :1] * torch.exp(-p[:, 1:2] * t) + p[:, 2:3] - y
+
+
+@pytest.mark.parametrize("rule", ["trust_region", "nielsen", "classic"])
+def test_batched_fits_match_scipy_minpack(rule):
+    so = pytest.importorskip("scipy.optimize")
+    Y = _data(16)
+    p0 = torch.tensor([1.0, 1.0, 0.0]).repeat(16, 1)
+    P, info = fo.least_squares(_batched_fn(Y), p0, batched=True, damping_rule=rule)
+    assert info.success.all() and info.steps.shape == (16,) and info.reason.dtype == torch.int64
+    for b in range(16):
+        ref = so.least_squares(lambda v, y=Y[b]: v[0] * np.exp(-v[1] * T) + v[2] - y,
+                               np.array([1.0, 1.0, 0.0]), method="lm",
+                               xtol=1e-15, ftol=1e-15, gtol=1e-15)
+        np.testing.assert_allclose(P[b].numpy(), ref.x, rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(float(info.cost[b]), ref.cost, rtol=1e-9)
+
+
+def test_batched_equals_a_loop_of_single_fits_step_for_step():
+    """Each problem has its own damping, trust region and stopping test: the same steps,
+    reason and result as fitting it alone."""
+    Y = _data(5, seed=3)
+    p0 = torch.tensor([[1.0, 1.0, 0.0], [3.0, 0.2, 1.0], [0.5, 4.0, -1.0], [2.0, 2.0, 0.0],
+                       [1.0, 0.1, 0.5]])
+    P, info = fo.least_squares(_batched_fn(Y), p0, batched=True)
+    for b in range(5):
+        t, y = torch.tensor(T), torch.tensor(Y[b])
+        p, one = fo.least_squares(lambda v, t=t, y=y: v[0] * torch.exp(-v[1] * t) + v[2] - y, p0[b])
+        torch.testing.assert_close(P[b], p, rtol=1e-9, atol=1e-12)
+        assert int(info.steps[b]) == one.steps and info.reasons()[b] == one.reason
+        # the last update's attempts are decided by rounding at the solution (Gram vs Cholesky)
+        assert abs(int(info.evaluations[b]) - one.evaluations) <= 2
+
+
+@pytest.mark.parametrize("name", nist.available())
+def test_nist_both_starts_as_one_batch(name):
+    problem = nist.load(name)
+    single = nist.residual_fn(problem)
+    B, info = fo.least_squares(torch.func.vmap(single), problem.starts.clone(), batched=True)
+    for s in range(2):
+        digits = nist.significant_digits(B[s], problem.certified)
+        assert digits.min() >= 6, (name, s, digits.tolist(), info.reasons()[s])
+        rss = 2.0 * float(info.cost[s])
+        assert (nist.significant_digits(rss, problem.certified_rss) >= 6
+                or abs(rss - problem.certified_rss) < 1e-20), (name, s, rss)
+    assert info.success.all()
+
+
+def test_nan_in_some_problems_fails_those_only():
+    """Problem 1 is NaN at its start, problem 3 is finite only at its start (every trial point
+    is NaN): each ends with its own failure and cause; the others converge to scipy's answer."""
+    Y = _data(5, seed=1)
+    base = _batched_fn(Y)
+
+    def fn(p):
+        r = base(p)
+        r = torch.where(torch.arange(5)[:, None] == 1, r * torch.nan, r)
+        moved = (p[3] != torch.tensor([1.0, 1.0, 0.0])).any()
+        return torch.where((torch.arange(5)[:, None] == 3) & moved, r * torch.nan, r)
+
+    P, info = fo.least_squares(fn, torch.tensor([1.0, 1.0, 0.0]).repeat(5, 1), batched=True)
+    assert info.success.tolist() == [True, False, True, False, True]
+    assert "non-finite residuals" in info.reasons()[1]
+    assert not info.reasons()[3].startswith(("ftol", "xtol", "gtol"))
+    torch.testing.assert_close(P[1], torch.tensor([1.0, 1.0, 0.0]))
+    torch.testing.assert_close(P[3], torch.tensor([1.0, 1.0, 0.0]))
+    ok, _ = fo.least_squares(_batched_fn(Y[[0, 2, 4]]), torch.tensor([1.0, 1.0, 0.0]).repeat(3, 1),
+                             batched=True)
+    torch.testing.assert_close(P[[0, 2, 4]], ok)
+
+
+def test_converged_problems_stop_moving():
+    """A problem solved at its start (zero residual) stops at once, the other goes on."""
+    t = torch.tensor(T)
+    y = torch.stack([2 * torch.exp(-t), 3 * torch.exp(-0.5 * t)])
+    fn = lambda p: p[:, :1] * torch.exp(-p[:, 1:2] * t) - y  # noqa: E731
+    P, info = fo.least_squares(fn, torch.tensor([[2.0, 1.0], [1.0, 1.0]]), batched=True)
+    assert info.steps[0] == 1 and info.reasons()[0] == "zero residual" and info.steps[1] > 3
+    torch.testing.assert_close(P, torch.tensor([[2.0, 1.0], [3.0, 0.5]]))
+
+
+def test_bad_batched_input_raises_before_work():
+    calls = []
+
+    def flat(p):
+        calls.append(1)
+        return (p - 1).reshape(-1)
+
+    with pytest.raises(ValueError, match=r"shape \(B, m\) = \(4, m\).*got shape \(8,\)"):
+        fo.least_squares(flat, torch.zeros(4, 2), batched=True)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match=r"disagree on the batch size.*\[4, 3\]"):
+        fo.least_squares(lambda p: p["a"] - 1, {"a": torch.zeros(4, 2), "b": torch.zeros(3, 1)},
+                         batched=True)
+    with pytest.raises(ValueError, match="one row per problem.*got shape \\(3, 2\\)"):
+        fo.least_squares(lambda p: (p - 1)[:3], torch.zeros(4, 2), batched=True)
+    with pytest.raises(ValueError, match="mixes problems"):
+        fo.least_squares(lambda p: p - p.sum(0), torch.zeros(4, 2), batched=True)
+    with pytest.raises(ValueError, match=r"\['geodesic_acceleration'\]"):
+        fo.least_squares(lambda p: p - 1, torch.zeros(4, 2), batched=True,
+                         geodesic_acceleration=True)
+
+
+def test_reason_table():
+    assert REASONS[0].startswith("max_steps")
+    _, info = fo.least_squares(_batched_fn(_data(3)), torch.tensor([1.0, 1.0, 0.0]).repeat(3, 1),
+                               batched=True, max_steps=1)
+    assert not info.success.any() and info.reasons() == [REASONS[0]] * 3
+
+
+# ------------------------------------------------------------------ the transform, traced
+
+X = torch.linspace(0.0, 3.0, 12, dtype=torch.float64)
+
+
+def _residual(p, y):
+    return p[0] * torch.exp(-p[1] * X) - y
+
+
+@pytest.mark.parametrize("rule", ["trust_region", "nielsen", "classic"])
+def test_update_under_vmap_gives_a_python_loops_numbers(rule):
+    """vmap over independent problems (params, state and data batched) against a loop of
+    eager updates, float64, six steps."""
+    Ys = torch.stack([2.5 * torch.exp(-1.3 * X) + 0.1 * k * torch.sin(7 * X) for k in (1, 2, 3)])
+    P = torch.tensor([[1.0, 0.5], [2.0, 1.0], [1.5, 2.0]])
+    tx = fo.levenberg_marquardt(_residual, damping_rule=rule)
+
+    def run(p, y):
+        s = tx.init(p)
+        for _ in range(6):
+            u, s = tx.update(None, s, p, batch=y)
+            p = p + u
+        return p, s
+
+    pv, sv = torch.func.vmap(run)(P, Ys)
+    for i in range(3):
+        pl, sl = run(P[i], Ys[i])
+        torch.testing.assert_close(pv[i], pl, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(sv.damping[i], sl.damping, rtol=1e-8, atol=1e-300)
+        assert int(sv.attempts[i]) == int(sl.attempts) and bool(sv.accepted[i]) == bool(sl.accepted)
+
+
+@pytest.mark.parametrize("rule", ["trust_region", "nielsen"])
+def test_update_vmaps_and_compiles_fullgraph(rule):
+    Y = 2.5 * torch.exp(-1.3 * X) + 0.1 * torch.sin(7 * X)
+    fn = lambda p: p[0] * torch.exp(-p[1] * X) - Y  # noqa: E731
+    check_vmap(fo.levenberg_marquardt(fn, damping_rule=rule), torch.tensor([1.0, 0.5]))
+    check_compile(fo.levenberg_marquardt(fn, damping_rule=rule, max_attempts=3),
+                  torch.tensor([1.0, 0.5]))
+
+
+def test_what_cannot_be_traced_says_why():
+    Y = 2.5 * torch.exp(-1.3 * X)
+    fn = lambda p: p[0] * torch.exp(-p[1] * X) - Y  # noqa: E731
+    for kw in (dict(solver="cg"), dict(geodesic_acceleration=True)):
+        tx = fo.levenberg_marquardt(fn, **kw)
+        p = torch.tensor([[1.0, 0.5]])
+        with pytest.raises(ValueError, match="cannot run under torch.func transforms"):
+            torch.func.vmap(lambda q, tx=tx: tx.update(None, tx.init(q), q)[0])(p)
