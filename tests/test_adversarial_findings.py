@@ -233,3 +233,20 @@ def test_bench_threads_beyond_what_the_machine_has_is_one_line(tmp_path):
          str(tmp_path / "r")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-500:])
     assert proc.stderr.strip().startswith("error: --threads"), proc.stderr[-500:]
+
+
+@pytest.mark.xfail(strict=True, reason="flatten names a leaf of its internal buffer list "
+                   "('scale_by_adam: leaf [0]') instead of the user's leaf ['b']")
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_flatten_names_the_users_leaf_for_a_non_float_gradient(dtype):
+    # fo.flatten(fo.adamw(0.1)).update({"w": float, "b": int64}, state, params) -> TypeError
+    # "scale_by_adam: leaf [0] of the updates is torch.int64": [0] is a position in flatten's
+    # per-dtype buffers, not in the user's tree, so the user cannot tell which parameter is
+    # wrong (masked, partition, apply_if_finite, multi_steps, inject_hyperparams all say
+    # ['b']). Expected: flatten checks the leaves with engine.leaves before packing them, so
+    # the message names ['b'].
+    p = _params()
+    grads = {"w": _grads(p)["w"], "b": torch.ones(3).to(dtype)}
+    tx = fo.flatten(fo.adamw(0.1))
+    with pytest.raises(TypeError, match=r"\['b'\]"):
+        tx.update(grads, tx.init(p), p)
