@@ -25,7 +25,7 @@ from funcopt.base import (
     tree_leaves,
     tree_unflatten,
 )
-from funcopt.engine import leaves
+from funcopt.engine import expect_state, leaves
 
 __all__ = [
     "chain",
@@ -142,6 +142,8 @@ def _mask_leaves(tree: PyTree, mask: PyTree | Callable, who: str) -> list[Any]:
     a prefix tree or a callable."""
     if callable(mask):
         mask = mask(tree)
+    if isinstance(mask, (bool, str, int)):  # one entry for the whole tree (also traces in Dynamo,
+        return [mask] * len(tree_leaves(tree))  # whose optree broadcast fails on it)
     try:
         full = optree.tree_broadcast_prefix(mask, tree)
     except ValueError as e:
@@ -184,6 +186,7 @@ def masked(inner: GradientTransformation, mask: PyTree | Callable) -> GradientTr
         return MaskedState(inner.init(_select(params, _mask_leaves(params, mask, "masked"))))
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, MaskedState, "masked")
         u, treedef = leaves(updates, params, "masked")
         keep = _mask_leaves(updates, mask, "masked")
         out, inner_state = inner.update(
@@ -236,6 +239,7 @@ def partition(
         })
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, PartitionState, "partition")
         labels = labels_of(updates)
         leaves, treedef = tree_flatten(updates)
         out, new_states = list(leaves), {}

@@ -172,7 +172,7 @@ def leaves(updates: Any, params: Any | None, who: str, *state: Sequence[Tensor]
     """Flatten ``updates`` once and check them before any arithmetic.
 
     Checks: every leaf is a floating-point tensor; ``params`` (when given) has the updates'
-    tree structure and shapes; each per-leaf ``state`` list has one entry per leaf, of the leaf's
+    tree structure, shapes and dtypes; each per-leaf ``state`` list has one entry per leaf, of the leaf's
     shape (or a 0-d/size-1 entry where a transform keeps one number per leaf) and device. The
     checks read metadata only (no host sync) and are skipped while ``torch.compile`` traces
     (the eager run of the same step has checked them). Raises ValueError/TypeError naming
@@ -196,6 +196,11 @@ def leaves(updates: Any, params: Any | None, who: str, *state: Sequence[Tensor]
                     f"{who}: leaf {_path(updates, i)} of the updates has shape "
                     f"{tuple(x.shape)} but the parameter has {tuple(p.shape)}; pass gradients "
                     "shaped like the parameters.")
+            if isinstance(p, Tensor) and p.dtype != x.dtype:
+                raise TypeError(
+                    f"{who}: leaf {_path(updates, i)} of the updates is {x.dtype} but the "
+                    f"parameter is {p.dtype}; pass gradients in the parameters' dtype (as "
+                    "autograd and torch.func give them), e.g. g.to(p.dtype).")
     for s in state:
         if len(s) != len(g):
             raise ValueError(

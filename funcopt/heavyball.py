@@ -39,7 +39,7 @@ from funcopt.base import (
     tree_unflatten,
 )
 from funcopt.compose import chain
-from funcopt.engine import leaves, ops
+from funcopt.engine import expect_state, leaves, ops
 from funcopt.transforms.adaptive import scale_by_laprop
 from funcopt.transforms.first_order import scale_by_adam, scale_by_learning_rate
 from funcopt.transforms.schedule_free import scale_by_bias_corrected_rms, schedule_free
@@ -135,6 +135,7 @@ def scale_by_debiased_adopt(b1: float = 0.9, b2: float = 0.99, eps: float = 1e-8
         return ScaleByDebiasedAdoptState(step_counter(params), f32, [x.clone() for x in f32])
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, ScaleByDebiasedAdoptState, "scale_by_debiased_adopt")
         g, treedef = leaves(updates, params, "scale_by_debiased_adopt", state.mu)
         count = increment(state.count)
         t = count.to(torch.float64)

@@ -28,7 +28,6 @@ __all__ = ["BatchedLeastSquaresInfo", "REASONS", "SUCCESS_CODES", "least_squares
 
 Tensor = torch.Tensor
 
-#: ``info.reason`` codes of batched and data-parallel fits (index into this tuple).
 REASONS = (
     "max_steps: the step limit was reached",
     "zero residual",
@@ -47,6 +46,8 @@ REASONS = (
     "no step was accepted from the start point, so it is not a minimum although a test held",
     "residual_fn gave non-finite residuals or Jacobian at the current parameters (failure)",
 )
+"""The ``info.reason`` codes of batched and data-parallel fits, in order: ``REASONS[code]``
+is the text of a code (``info.reasons()`` gives them per problem)."""
 SUCCESS_CODES = (1, 2, 3, 4, 5, 6, 7, 8)
 _EDGE_WINDOW = 5
 

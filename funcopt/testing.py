@@ -425,6 +425,9 @@ class Pair(NamedTuple):
     second: Any
 
 
+torch.serialization.add_safe_globals([Pair])  # trees of Pair nodes load with weights_only=True
+
+
 def _hypothesis():
     try:
         import hypothesis.strategies as st

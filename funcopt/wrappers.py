@@ -32,8 +32,8 @@ from funcopt.base import (
     tree_unflatten,
 )
 from funcopt.compose import _check_tx, _where_tree
+from funcopt.engine import expect_state, ops
 from funcopt.engine import leaves as engine_leaves
-from funcopt.engine import ops
 from funcopt.schedules import Schedule
 
 __all__ = [
@@ -90,6 +90,7 @@ def multi_steps(
                                optree.tree_map(torch.zeros_like, params))
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, MultiStepsState, "multi_steps")
         k = every_k_schedule(state.gradient_step) if callable(every_k_schedule) \
             else every_k_schedule
         acc = tree_leaves(state.acc_grads)
@@ -157,6 +158,7 @@ def apply_if_finite(
                                   inner.init(params))
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, ApplyIfFiniteState, "apply_if_finite")
         out, inner_state = inner.update(updates, state.inner_state, params, **extra)
         # the new state too: a finite gradient of 1e30 can overflow a second moment to inf
         # while that step's update stays finite, and the run would stand still from then on
@@ -203,6 +205,7 @@ def conditionally_transform(
         return ConditionallyTransformState(inner.init(params), step_counter(params))
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, ConditionallyTransformState, "conditionally_transform")
         cond = should_transform_fn(state.step)
         if isinstance(cond, bool):
             if cond:
@@ -332,6 +335,7 @@ def inject_hyperparams(
             return InjectHyperparamsState(count, hps, build(hps).init(params))
 
         def update(updates, state, params=None, **extra):
+            expect_state(state, InjectHyperparamsState, "inject_hyperparams")
             # the dtype and device init chose (LM passes updates=None; a state must keep the
             # dtypes init made, or a checkpoint of it would not load into a fresh init)
             floats = [v for v in state.hyperparams.values() if v.is_floating_point()]
@@ -460,6 +464,7 @@ def lookahead(
         return LookaheadState(fast_optimizer.init(fast), step_counter(fast))
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, LookaheadState, "lookahead")
         params = require_params(params, "lookahead")
         if not isinstance(params, LookaheadParams):
             raise TypeError("lookahead: params must be LookaheadParams(fast, slow); start with "

@@ -107,9 +107,6 @@ def _wrong_state_cases():
     }
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="a state from another transform is an AttributeError deep inside "
-                   "update ('tuple' object has no attribute 'inner_state' ...), not a TypeError")
 @pytest.mark.parametrize("case", sorted(_wrong_state_cases()))
 def test_a_state_from_another_transform_is_a_type_error_naming_the_transform(case):
     # e.g. fo.apply_if_finite(fo.adam(0.1)).update(g, fo.adam(0.1).init(p), p): a user who wraps

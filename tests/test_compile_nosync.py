@@ -78,7 +78,7 @@ def _pow_in_element_loops(code: str) -> bool:
     """Whether a ``pow`` sits inside one of the C++ kernels' element loops."""
     for loop in code.split("for(int64_t x0")[1:]:
         body = loop.split("#pragma omp single")[0].split("''')")[0]
-        if "pow(" in body:
+        if "pow(" in body or "expm1(" in body:  # 1 - b**t, or its -expm1(t log b) form
             return True
     return False
 

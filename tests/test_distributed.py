@@ -126,16 +126,19 @@ def _check_ddp(rank):
 
 
 def _check_fsdp2(rank):
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))  # gloo on the CPU, also where CUDA is present
 
     # the test's own Adam, and the library's (whose eager fast path must step aside for DTensor)
     for make_tx in (_adam, lambda: fo.adamw(1e-2, weight_decay=1e-2)):
         ref = _adapter_run(wrap=False, make_tx=make_tx)
         model = _model()
         for layer in (model[0], model[2]):
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         assert all(isinstance(p, DTensor) for p in model.parameters())
         opt = fo.Optimizer(model.parameters(), make_tx())
         x, y = fo.shard_batch(_data())
@@ -158,9 +161,9 @@ def _worker(rank, init_file, checks):
 
 def _spawn(*checks):
     with tempfile.TemporaryDirectory() as d:
-        # fork: the children reuse the imported modules (CPU only; no CUDA state to inherit)
+        # spawn, not fork: where CUDA is present autograd's device threads make fork unsafe
         mp.start_processes(_worker, args=(os.path.join(d, "init"), checks), nprocs=WORLD,
-                           join=True, start_method="fork")
+                           join=True, start_method="spawn")
 
 
 def test_two_process_gloo_matches_single_process():

@@ -40,8 +40,9 @@ def _worker(rank, init_file, out_dir):
 
 def test_two_processes_take_one_process_steps():
     with tempfile.TemporaryDirectory() as d:
+        # spawn, not fork: where CUDA is present autograd's device threads make fork unsafe
         mp.start_processes(_worker, args=(os.path.join(d, "init"), d), nprocs=WORLD, join=True,
-                           start_method="fork")
+                           start_method="spawn")
         results = [torch.load(os.path.join(d, f"{r}.pt"), weights_only=False) for r in range(WORLD)]
     one_path = [_fit(0, 1, k)[0] for k in (1, 2, 3, 5)]
     one_p, one_info = _fit(0, 1)

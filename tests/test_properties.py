@@ -165,7 +165,8 @@ def affine(a, b):
         return (fo.step_counter(params),)
 
     def update(updates, state, params=None, **extra):
-        out = fo.tree_map(lambda u: (a * u + b).to(u.dtype), updates)
+        u, treedef = fo.engine.leaves(updates, params, "affine")  # checked leaves
+        out = fo.tree_unflatten(treedef, [(a * x + b).to(x.dtype) for x in u])
         return out, (fo.increment(state[0]),)
 
     return fo.GradientTransformation(init, update)

@@ -268,6 +268,7 @@ def scale_by_adagrad_norm(
             float(initial_accumulator_value), dtype=scalar_dtype(leaves), device=count.device))
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, ScaleByAdagradNormState, "scale_by_adagrad_norm")
         g, treedef = _leaves(updates, params, "scale_by_adagrad_norm")
         if not g:
             return updates, state

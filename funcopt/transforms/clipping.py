@@ -18,7 +18,7 @@ from funcopt.base import (
     tree_leaves,
     tree_unflatten,
 )
-from funcopt.engine import leaves, ops
+from funcopt.engine import expect_state, leaves, ops
 from funcopt.transforms.first_order import _as, _is_schedule
 
 __all__ = [
@@ -202,6 +202,7 @@ def add_noise(eta: float, gamma: float, seed: int = 0) -> GradientTransformation
         return AddNoiseState(count, torch.tensor(seed, dtype=torch.int64, device=count.device))
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, AddNoiseState, "add_noise")
         u, treedef = leaves(updates, params, "add_noise")
         count = increment(state.count)
         if not u:

@@ -211,6 +211,7 @@ def scale_by_schedule(step_size_fn: Callable[[Tensor], Any]) -> GradientTransfor
         return ScaleByScheduleState(step_counter(params))
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, ScaleByScheduleState, "scale_by_schedule")
         leaves, treedef = _leaves(updates, params, "scale_by_schedule")
         if leaves:
             leaves = _as(ops.mul(leaves, _hp(step_size_fn, state.count)), leaves)
@@ -247,6 +248,7 @@ def scale_by_learning_rate(
         )
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, ScaleByLearningRateState, "scale_by_learning_rate")
         leaves, treedef = _leaves(updates, params, "scale_by_learning_rate")
         lr = current_learning_rate(learning_rate, state.learning_rate, state.count)
         if leaves:
@@ -520,7 +522,7 @@ def scale_by_adam(
         return ScaleByAdamState(step_counter(params), mu, nu)
 
     def update(updates, state, params=None, **extra):
-        expect_state(state, (ScaleByAdamState, ScaleByAmsgradState), "scale_by_adam")
+        expect_state(state, ScaleByAmsgradState if amsgrad else ScaleByAdamState, "scale_by_adam")
         g, treedef = _leaves(updates, params, "scale_by_adam", state.mu)
         count = increment(state.count)
         if not g:

@@ -41,7 +41,7 @@ from funcopt.base import (
     resolve,
     step_counter,
 )
-from funcopt.engine import is_tracing
+from funcopt.engine import expect_state, is_tracing
 from funcopt.func.capture import kronecker_factors
 from funcopt.transforms.natural_gradient import (
     _all_reduce,
@@ -249,6 +249,7 @@ def scale_by_kfac(
         return (A, G), _kfac_refresh(A, G, damping, method, pi_damping)
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, KFACState, "scale_by_kfac")
         _check_updates(updates, layers, "scale_by_kfac", params=params)
         factors, precond = dict(state.factors), dict(state.precond)
         if is_tracing():  # every step refreshes; torch.where keeps it on refresh steps

@@ -19,7 +19,7 @@ from funcopt.base import (
     check_hyperparameter,
     tree_unflatten,
 )
-from funcopt.engine import leaves, ops
+from funcopt.engine import expect_state, leaves, ops
 
 __all__ = ["ScaleByMuonState", "newton_schulz", "scale_by_muon", "muon", "NS_COEFFICIENTS"]
 
@@ -94,6 +94,7 @@ def scale_by_muon(momentum: float = 0.95, nesterov: bool = True, ns_steps: int =
         return ScaleByMuonState([torch.zeros_like(p, dtype=mu_dtype) for p in ps])
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, ScaleByMuonState, "scale_by_muon")
         g, treedef = leaves(updates, params, "scale_by_muon", state.momentum)
         if not g:
             return updates, state

@@ -54,7 +54,7 @@ from funcopt.base import (
     resolve,
     step_counter,
 )
-from funcopt.engine import is_tracing, leaves
+from funcopt.engine import expect_state, is_tracing, leaves
 from funcopt.func.capture import LayerSpec, supported_layers
 from funcopt.transforms.structures import Structure, get_structure, lincomb
 
@@ -326,6 +326,7 @@ def scale_by_singd(
         return SINGDState(step_counter(params), K, C, mK, mC)
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, SINGDState, "scale_by_singd")
         _check_updates(updates, layers, "scale_by_singd", params=params)
         K, C, mK, mC = (dict(d) for d in state[1:])
         traced = is_tracing()  # then every step refreshes and torch.where keeps it when due

@@ -28,7 +28,7 @@ from funcopt.base import (
     step_counter,
     tree_unflatten,
 )
-from funcopt.engine import differentiating, is_tracing, leaves, ops
+from funcopt.engine import differentiating, expect_state, is_tracing, leaves, ops
 from funcopt.engine import leaves as engine_leaves
 
 __all__ = [
@@ -370,6 +370,7 @@ def scale_by_psgd_kron(
                                     mu, qs, lbs, gen.get_state())
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, ScaleByPsgdKronState, "scale_by_psgd_kron")
         g, treedef = leaves(updates, params, "scale_by_psgd_kron", state.mu)
         count = increment(state.count)
         t = count.to(torch.float64)

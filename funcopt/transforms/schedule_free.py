@@ -33,7 +33,7 @@ from funcopt.base import (
     tree_unflatten,
 )
 from funcopt.compose import identity
-from funcopt.engine import leaves, ops, scalar_dtype
+from funcopt.engine import expect_state, leaves, ops, scalar_dtype
 
 __all__ = [
     "ScheduleFreeState",
@@ -84,6 +84,7 @@ def scale_by_bias_corrected_rms(
             step_counter(params), [torch.zeros_like(p) for p in tree_leaves(params)])
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, ScaleByBiasCorrectedRmsState, "scale_by_bias_corrected_rms")
         g, treedef = leaves(updates, params, "scale_by_bias_corrected_rms", state.nu)
         count = increment(state.count)
         t = count.to(scalar_dtype(g))
@@ -201,6 +202,7 @@ def schedule_free(
             [p.detach().clone() for p in tree_leaves(params)], base.init(params))
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, ScheduleFreeState, "schedule_free")
         params = require_params(params, "schedule_free")
         leaves(updates, params, "schedule_free", tree_leaves(state.z))
         d, base_state = base.update(updates, state.base_state, params, **extra)

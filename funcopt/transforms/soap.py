@@ -33,7 +33,7 @@ from funcopt.base import (
     step_counter,
     tree_unflatten,
 )
-from funcopt.engine import is_tracing, leaves, ops
+from funcopt.engine import expect_state, is_tracing, leaves, ops
 
 __all__ = [
     "ScaleBySoapState",
@@ -179,7 +179,7 @@ def _orthonormal(mats: list[Tensor], cholesky: bool | None = None) -> list[Tenso
     ``g_0`` of shape ``(m, n)`` gives rank ``min(m, n)`` factors: only square ones are).
     """
     if cholesky is None:
-        cholesky = bool(mats) and mats[0].is_cuda
+        cholesky = len(mats) > 0 and mats[0].is_cuda
     if not cholesky:
         return [torch.linalg.qr(a)[0] for a in mats]
     by_shape: dict[tuple, list[int]] = {}
@@ -341,6 +341,7 @@ def scale_by_soap(
             [gg for gg, _ in per_leaf], [q for _, q in per_leaf])
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, ScaleBySoapState, "scale_by_soap")
         g, treedef = leaves(updates, params, "scale_by_soap", state.exp_avg, state.exp_avg_sq)
         _check_factors(g, state, merge_dims, max_precond_dim)
         count = increment(state.count)

@@ -21,7 +21,7 @@ from funcopt.base import (
     tree_leaves,
     tree_unflatten,
 )
-from funcopt.engine import leaves, ops
+from funcopt.engine import expect_state, leaves, ops
 
 __all__ = ["AddDecayedWeightsState", "add_decayed_weights"]
 
@@ -71,6 +71,7 @@ def add_decayed_weights(
         return AddDecayedWeightsState(step_counter(params))
 
     def update(updates, state, params=None, **extra):
+        expect_state(state, AddDecayedWeightsState, "add_decayed_weights")
         params = require_params(params, "add_decayed_weights")
         u, treedef = leaves(updates, params, "add_decayed_weights")
         p = tree_leaves(params)
