@@ -79,7 +79,7 @@ def test_contract_properties(make):
     tx = make()
     # SOAP under vmap matches a loop only on full-rank Kronecker factors (see
     # tests/test_contract_table.py); a (4, 3) leaf after 3 steps has rank-deficient ones
-    is_soap = "soap" in getattr(make, "__code__").co_names
+    is_soap = "soap" in make.__code__.co_names
     check_transform(tx, {"w": torch.randn(4, 3), "b": torch.randn(3)}, vmap=not is_soap)
 
 
