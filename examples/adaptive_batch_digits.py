@@ -24,7 +24,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 import funcopt as fo
-from funcopt.adaptive import fit_adaptive
+from funcopt.batch_size_loop import fit_adaptive
 
 
 def digits(device="cpu"):

@@ -8,14 +8,14 @@ pytree; methods compose with :func:`chain`. The public API is re-exported flat h
 from funcopt import engine as engine
 from funcopt import func as func
 from funcopt import heavyball as heavyball
-from funcopt import nist as nist
 from funcopt import schedules as schedules
 from funcopt import solvers as solvers
-from funcopt.adaptive import *  # noqa: F401,F403
 from funcopt.aliases import *  # noqa: F401,F403
 from funcopt.base import *  # noqa: F401,F403
+from funcopt.batch_size_loop import *  # noqa: F401,F403
 from funcopt.checkpoint import *  # noqa: F401,F403
 from funcopt.compose import *  # noqa: F401,F403
+from funcopt.data import nist as nist
 from funcopt.distributed import *  # noqa: F401,F403
 from funcopt.flat import *  # noqa: F401,F403
 from funcopt.func.jacobian import PerSampleResiduals as PerSampleResiduals
@@ -30,10 +30,10 @@ from funcopt.transforms.adaptive import *  # noqa: F401,F403
 from funcopt.transforms.adaptive_batch import *  # noqa: F401,F403
 from funcopt.transforms.clipping import *  # noqa: F401,F403
 from funcopt.transforms.first_order import *  # noqa: F401,F403
-from funcopt.transforms.kfac import *  # noqa: F401,F403
 from funcopt.transforms.levenberg_marquardt import *  # noqa: F401,F403
 from funcopt.transforms.muon import *  # noqa: F401,F403
-from funcopt.transforms.natural_gradient import *  # noqa: F401,F403
+from funcopt.transforms.natural_gradient.kfac import *  # noqa: F401,F403
+from funcopt.transforms.natural_gradient.singd import *  # noqa: F401,F403
 from funcopt.transforms.precision import *  # noqa: F401,F403
 from funcopt.transforms.psgd import *  # noqa: F401,F403
 from funcopt.transforms.schedule_free import *  # noqa: F401,F403

@@ -38,6 +38,7 @@ import torch
 
 from funcopt.base import PyTree, tree_flatten, tree_map, tree_unflatten
 from funcopt.engine import differentiating, ops
+from funcopt.func.ravel import concat, group_by_dtype_device, split
 
 __all__ = ["ravel", "donated", "cuda_graph"]
 
@@ -54,16 +55,10 @@ def ravel(tree: PyTree) -> tuple[Any, Callable[[Any], PyTree]]:
     for i, x in enumerate(leaves):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"ravel: leaf {i} is a {type(x).__name__}, not a tensor")
-    groups: dict[tuple, list[int]] = {}
-    for i, x in enumerate(leaves):
-        groups.setdefault((x.dtype, x.device), []).append(i)
-    order = list(groups.values())
+    order = group_by_dtype_device(leaves)
     shapes = [x.shape for x in leaves]
     sizes = [[leaves[i].numel() for i in g] for g in order]
-    buffers = tuple(
-        torch.cat([leaves[i].detach().reshape(-1) for i in g]) if g else torch.empty(0)
-        for g in order
-    )
+    buffers = concat([x.detach() for x in leaves], order)
     single = len(buffers) == 1
     n_leaves = len(leaves)  # unravel must not hold the original leaves alive
 
@@ -74,11 +69,7 @@ def ravel(tree: PyTree) -> tuple[Any, Callable[[Any], PyTree]]:
                 "unravel: the flat input does not match the raveled tree: expected "
                 f"{len(order)} 1-D buffer(s) of sizes {[sum(s) for s in sizes]}"
             )
-        out: list[Any] = [None] * n_leaves
-        for g, buf, sz in zip(order, bufs, sizes):
-            for i, part in zip(g, torch.split(buf, sz)):
-                out[i] = part.view(shapes[i])
-        return tree_unflatten(treedef, out)
+        return tree_unflatten(treedef, split(bufs, order, shapes, [None] * n_leaves))
 
     return (buffers[0] if single else buffers), unravel
 

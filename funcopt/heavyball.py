@@ -22,8 +22,7 @@ Reference: https://github.com/HomebrewML/HeavyBall (v0.7.2).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -40,6 +39,7 @@ from funcopt.base import (
 )
 from funcopt.compose import chain
 from funcopt.engine import expect_state, leaves, ops
+from funcopt.schedules.one_based import host_linear_warmup, linear_warmup, palm_beta2
 from funcopt.transforms.adaptive import scale_by_laprop
 from funcopt.transforms.first_order import scale_by_adam, scale_by_learning_rate
 from funcopt.transforms.schedule_free import scale_by_bias_corrected_rms, schedule_free
@@ -54,37 +54,9 @@ __all__ = [
 ]
 
 
-def palm_beta2(scale: float = 0.8) -> Callable[[Any], Any]:
-    """PaLM's ``beta2(t) = 1 - t^{-scale}`` (t counted from 1; clamped at 1), as HeavyBall
-    0.7.2 computes it from its 1-based step. A step counter tensor gives a float64 0-d tensor
-    (no host read: the schedule traces under torch.compile and torch.func); a number gives a
-    number. For the 0-based count of funcopt's transforms use
-    :func:`funcopt.schedules.palm_beta2`, which equals this at ``t = count + 1``."""
-    check_hyperparameter("scale", scale, low=0.0, low_inclusive=False)
-
-    def beta2(t: Any) -> Any:
-        if isinstance(t, torch.Tensor):
-            return 1.0 - torch.clamp(t.to(torch.float64), min=1.0) ** -scale
-        return 1.0 - max(float(t), 1.0) ** -scale
-
-    return beta2
-
-
-def _warmup(lr: float, warmup_steps: int):
-    return lr if warmup_steps <= 0 else (lambda t: lr * min(float(t) / warmup_steps, 1.0))
-
-
-def _linear_warmup(lr: float, warmup_steps: int, offset: int = 1):
-    """0.7.2's ``lr * min(t / warmup_steps, 1)`` at ``t = count + offset`` (no warmup at 0)."""
-    check_hyperparameter("warmup_steps", warmup_steps, low=0.0)
-    if warmup_steps <= 0:
-        return lr
-    return lambda c: lr * torch.clamp((c + offset) / warmup_steps, max=1.0)
-
-
 def _tail(lr, weight_decay, warmup_steps, offset=1):
     parts = [add_decayed_weights(weight_decay)] if weight_decay else []
-    return parts + [scale_by_learning_rate(_linear_warmup(lr, warmup_steps, offset))]
+    return parts + [scale_by_learning_rate(linear_warmup(lr, warmup_steps, offset))]
 
 
 def foreach_adamw(lr=0.0025, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, warmup_steps=0):
@@ -180,7 +152,7 @@ def foreach_soap(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                  precondition_frequency=2, max_precond_dim=2048, merge_dims=True,
                  precondition_1d=False, warmup_steps=1):
     """``ForeachSOAP`` (0.7.2 default weight_decay 0.01 is replaced by 0: see module notes)."""
-    return soap(_warmup(lr, warmup_steps), betas[0], betas[1], None, eps, weight_decay,
+    return soap(host_linear_warmup(lr, warmup_steps), betas[0], betas[1], None, eps, weight_decay,
                 precondition_frequency, max_precond_dim, merge_dims, precondition_1d)
 
 

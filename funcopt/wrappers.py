@@ -34,6 +34,7 @@ from funcopt.base import (
 from funcopt.compose import _check_tx, _where_tree
 from funcopt.engine import expect_state, ops
 from funcopt.engine import leaves as engine_leaves
+from funcopt.func.ravel import concat, group_by_dtype_device, split
 from funcopt.schedules import Schedule
 
 __all__ = [
@@ -353,21 +354,6 @@ def inject_hyperparams(
 # --------------------------------------------------------------------------- one flat buffer
 
 
-def _groups(leaves: list[torch.Tensor]) -> list[list[int]]:
-    """Leaf indices grouped by (dtype, device), in order of first appearance."""
-    groups: dict[tuple, list[int]] = {}
-    for i, x in enumerate(leaves):
-        groups.setdefault((x.dtype, x.device), []).append(i)
-    return list(groups.values())
-
-
-def _flat(leaves: list[torch.Tensor], groups: list[list[int]], copy: bool = True) -> tuple[torch.Tensor, ...]:
-    """One 1-D buffer per group. With ``copy=False`` a group of one leaf is passed as a view of
-    it (no copy: parameters already stored flat with ``fo.ravel`` cost nothing here)."""
-    return tuple(leaves[g[0]].reshape(-1) if len(g) == 1 and not copy
-                 else torch.cat([leaves[i].reshape(-1) for i in g]) for g in groups)
-
-
 def flatten(inner: GradientTransformation) -> GradientTransformation:
     """Run ``inner`` on one contiguous 1-D buffer per (dtype, device) group of leaves.
 
@@ -393,23 +379,19 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
 
     def init(params):
         leaves = tree_leaves(params)
-        return inner.init(_flat(leaves, _groups(leaves)))
+        return inner.init(concat(leaves, group_by_dtype_device(leaves)))
 
     def update(updates, state, params=None, **extra):
         leaves, treedef = tree_flatten(updates)
-        groups = _groups(leaves)
+        groups = group_by_dtype_device(leaves)
         flat_params = None
         if params is not None:
             p_leaves = tree_leaves(params)
             if len(p_leaves) != len(leaves):
                 raise ValueError("flatten: params and updates have different numbers of leaves")
-            flat_params = _flat(p_leaves, groups, copy=False)
-        out, state = inner.update(_flat(leaves, groups, copy=False), state, flat_params, **extra)
-        new = [None] * len(leaves)
-        for g, buf in zip(groups, out):
-            parts = torch.split(buf, [leaves[i].numel() for i in g])
-            for i, part in zip(g, parts):
-                new[i] = part.view(leaves[i].shape)
+            flat_params = concat(p_leaves, groups, copy=False)
+        out, state = inner.update(concat(leaves, groups, copy=False), state, flat_params, **extra)
+        new = split(out, groups, [x.shape for x in leaves], [None] * len(leaves))
         return tree_unflatten(treedef, new), state
 
     return GradientTransformation(init, update)

@@ -10,7 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from funcopt.adaptive import find_batch_test_state, fit_adaptive, gradient_and_stats, split_batch
+from funcopt.batch_size_loop import (
+    find_batch_test_state,
+    fit_adaptive,
+    gradient_and_stats,
+    split_batch,
+)
 from funcopt.compose import chain
 from funcopt.func.per_sample import (
     PerSampleStats,

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from funcopt.adaptive import fit_adaptive
+from funcopt.batch_size_loop import fit_adaptive
 from funcopt.compose import chain
 from funcopt.transforms.adaptive_batch import (
     augmented_inner_product_test,

@@ -90,6 +90,20 @@ def test_palm_beta2_against_heavyball_group_value():
             float(heavyball_utils.get_beta2(group)), rel=1e-12)
 
 
+def test_heavyball_palm_beta2_is_the_schedule_at_the_1_based_step():
+    # one function, two conventions: funcopt.heavyball's takes the 1-based step t, the
+    # schedule the 0-based count t - 1; float64 reference 1 - max(t, 1) ** -scale
+    from funcopt.heavyball import palm_beta2 as one_based
+
+    for scale in (0.8, 0.5, 1.7):
+        f, g = S.palm_beta2(scale), one_based(scale)
+        for t in (0, 1, 2, 3, 10, 999, 2**24 + 1, 10**9):
+            ref = 1.0 - torch.clamp(torch.tensor(float(t), dtype=torch.float64), min=1.0) ** -scale
+            got = g(torch.tensor(t))
+            assert got.dtype == torch.float64 and torch.equal(got, ref)
+            assert g(t) == f(max(t, 1) - 1) == pytest.approx(float(ref), rel=1e-15)
+
+
 def test_inverse_sqrt_transcription():
     f = S.inverse_sqrt(2.0, warmup_steps=16)
     for t in range(0, 400, 3):

@@ -10,7 +10,7 @@ from torch import nn
 
 import funcopt as fo
 from funcopt.testing import check_transform
-from funcopt.transforms.structures import STRUCTURES, BlockDiagonal
+from funcopt.transforms.natural_gradient.structures import STRUCTURES, BlockDiagonal
 
 pytest.importorskip("singd")
 from singd.optim.optimizer import SINGD  # noqa: E402

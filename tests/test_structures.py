@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from funcopt.transforms.structures import (
+from funcopt.transforms.natural_gradient.structures import (
     STRUCTURES,
     BlockDiagonal,
     Structure,

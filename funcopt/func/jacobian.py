@@ -24,6 +24,7 @@ import torch
 from torch.func import jacfwd, jacrev, jvp, vjp, vmap
 
 from funcopt.base import PyTree, tree_flatten, tree_leaves, tree_map, tree_unflatten
+from funcopt.func.ravel import concat, split
 
 __all__ = [
     "ravel_params",
@@ -65,18 +66,14 @@ def ravel_params(params: PyTree) -> tuple[Tensor, Callable[[Tensor], PyTree]]:
     dtype = leaves[float_idx[0]].dtype
     for i in float_idx[1:]:
         dtype = torch.promote_types(dtype, leaves[i].dtype)
-    shapes = [leaves[i].shape for i in float_idx]
-    sizes = [leaves[i].numel() for i in float_idx]
-    dtypes = [leaves[i].dtype for i in float_idx]
-    x = torch.cat([leaves[i].detach().reshape(-1).to(dtype) for i in float_idx])
+    shapes = [leaf.shape for leaf in leaves]
+    dtypes = [leaf.dtype for leaf in leaves]
+    (x,) = concat([leaf.detach() for leaf in leaves], [float_idx], dtype=dtype)
 
     def unravel(v: Tensor) -> PyTree:
         if v.shape != x.shape:
             raise ValueError(f"unravel: expected a vector of shape {tuple(x.shape)}, got {tuple(v.shape)}")
-        out = list(leaves)
-        for i, piece, shape, dt in zip(float_idx, torch.split(v, sizes), shapes, dtypes):
-            out[i] = piece.reshape(shape).to(dt)
-        return tree_unflatten(treedef, out)
+        return tree_unflatten(treedef, split([v], [float_idx], shapes, list(leaves), dtypes))
 
     return x, unravel
 

@@ -39,7 +39,7 @@ Reference CLI knobs and their counterparts:
 - ``--batch_size``: ``batch_size`` of the test (initial global batch size)
 - ``--max_batch_size``: ``max_batch_size`` of the test
 - ``--test_interval``: ``test_interval`` of the test
-- ``--max_micro_batch_size``: ``max_micro_batch_size`` of :func:`funcopt.adaptive.fit_adaptive`
+- ``--max_micro_batch_size``: ``max_micro_batch_size`` of :func:`funcopt.batch_size_loop.fit_adaptive`
 - ``--max_test_micro_batch_size``: ``chunk_size`` of fit_adaptive (per-sample statistics
   chunks)
 - ``--gradient_accumulation_steps``: ``accumulation_steps`` of fit_adaptive (the minimum
@@ -186,7 +186,7 @@ def _controller(name, state_cls, statistic_fn, batch_size, max_batch_size, test_
         if per_sample_stats is None:
             raise ValueError(f"{name} needs the step's per-sample statistics: call "
                              "update(grads, state, params, per_sample_stats=stats) with stats "
-                             "from funcopt.adaptive.gradient_and_stats or funcopt.func")
+                             "from funcopt.batch_size_loop.gradient_and_stats or funcopt.func")
         leaves(updates, params, name)
         t = statistic_fn(per_sample_stats, state.count)
         test_now = (state.count % test_interval == 0) & (state.batch_size < max_batch_size)

@@ -30,6 +30,7 @@ from funcopt.base import (
 )
 from funcopt.engine import differentiating, expect_state, is_tracing, leaves, ops
 from funcopt.engine import leaves as engine_leaves
+from funcopt.schedules.one_based import precond_update_prob_schedule, psgd_warmup
 
 __all__ = [
     "ScaleByPsgdKronState",
@@ -42,21 +43,6 @@ __all__ = [
 _MODES = (None, "one_diag", "smart_one_diag", "one_triu", "all_diag")
 _F32_EPS = torch.finfo(torch.float32).eps
 _TINY = torch.finfo(torch.float32).tiny
-
-
-def precond_update_prob_schedule(
-    max_prob: float = 1.0, min_prob: float = 0.03, decay: float = 0.999, flat_start: float = 1000
-) -> Callable[[Tensor], Tensor]:
-    """Preconditioner-update probability ``p(t) = max(min_prob, max_prob * decay^max(t - s, 0))``.
-
-    Flat at ``max_prob`` for ``flat_start`` (:math:`s`) steps, then an exponential anneal to
-    ``min_prob`` (HeavyBall 3.2.1 ``precond_update_prob_schedule``; ``t`` counts from 1).
-    """
-    def prob(t: Tensor) -> Tensor:
-        t = torch.as_tensor(t, dtype=torch.float64)
-        return torch.clamp(max_prob * decay ** torch.clamp(t - flat_start, min=0.0), min=min_prob)
-
-    return prob
 
 
 class ScaleByPsgdKronState(NamedTuple):
@@ -564,7 +550,7 @@ def psgd_kron(
         if callable(learning_rate):
             raise ValueError("psgd_kron: pass warmup inside the learning-rate schedule, or a "
                              "number with warmup_steps, not both")
-        lr = lambda c: learning_rate * (c + 1) / torch.clamp(c + 1, min=warmup_steps + 1)  # noqa: E731
+        lr = psgd_warmup(learning_rate, warmup_steps)
     parts = [scale_by_psgd_kron(b1, **kwargs)]
     if update_clipping:
         parts.append(scale_by_trust_region_clip())

@@ -32,8 +32,8 @@ from funcopt.base import (
     tree_leaves,
     tree_unflatten,
 )
-from funcopt.compose import identity
 from funcopt.engine import expect_state, leaves, ops, scalar_dtype
+from funcopt.schedules.one_based import warmup_factor
 
 __all__ = [
     "ScheduleFreeState",
@@ -190,7 +190,10 @@ def schedule_free(
     check_hyperparameter("weight_lr_power", weight_lr_power, low=0.0)
     if not isinstance(b1, (int, float, torch.Tensor)):  # a schedule (other types failed above)
         raise TypeError("schedule_free: b1 must be a number (it defines the evaluation point)")
-    base = base if base is not None else identity()
+    if base is None:
+        from funcopt.compose import identity  # layer 4, lazily: transforms sit beneath it
+
+        base = identity()
 
     def init(params):
         count = step_counter(params)
@@ -216,7 +219,7 @@ def schedule_free(
         count = increment(state.count)
         lr = _scalar(current_learning_rate(learning_rate, state.learning_rate, state.count), like)
         t = count.to(like.dtype)
-        lr_t = lr * torch.clamp(t / _scalar(warmup_steps, like), max=1.0)  # t/0 = inf -> 1
+        lr_t = lr * warmup_factor(t, _scalar(warmup_steps, like))
         lr_max = torch.maximum(lr_t, state.lr_max)
         weight = t ** _scalar(r, like) * lr_max ** _scalar(weight_lr_power, like)
         weight_sum = state.weight_sum + weight

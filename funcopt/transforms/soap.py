@@ -16,7 +16,6 @@ no host read, no recompile, the eager numbers.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -34,6 +33,7 @@ from funcopt.base import (
     tree_unflatten,
 )
 from funcopt.engine import expect_state, is_tracing, leaves, ops
+from funcopt.schedules.one_based import precond_schedule_probability
 
 __all__ = [
     "ScaleBySoapState",
@@ -70,19 +70,6 @@ def uniform_from_seed(seed: Tensor, count: Tensor) -> Tensor:
     key = _fmix32(seed.to(torch.int64) & _M32)
     h = _fmix32((count.to(torch.int64) + key) & _M32)
     return h.to(torch.float64) / 2.0**32
-
-
-def precond_schedule_probability(step: Tensor | float, a: float = 1 / 3, b: float = 9.0
-                                 ) -> Tensor | float:
-    """HeavyBall's refresh probability ``1 / (log10(max(step, 1)^a)^b + 1)``.
-
-    The interval ``f = 1/p`` is 1.00005 at step 10, 1.026 at 100, 2 at 1,000, 14.3 at 10,000,
-    100.2 at 100,000 and 513 at 1,000,000 (HeavyBall 0.7.2 README, ``precond_scheduler=(1/3, 9)``).
-    """
-    if isinstance(step, Tensor):
-        s = torch.clamp(step.to(torch.float64), min=1.0)
-        return 1.0 / ((a * torch.log10(s)) ** b + 1.0)
-    return 1.0 / ((a * math.log10(max(step, 1))) ** b + 1.0)
 
 
 def precond_schedule(a: float = 1 / 3, b: float = 9.0) -> RefreshFn:

@@ -33,16 +33,12 @@ import torch
 from torch import Tensor
 
 from funcopt.engine import ops
+from funcopt.transforms.natural_gradient.kronecker import eye as _eye
 
 __all__ = ["Structure", "Dense", "Diagonal", "BlockDiagonal", "Hierarchical", "TrilToeplitz",
            "TriuToeplitz", "TrilCorner", "TriuCorner", "STRUCTURES", "get_structure"]
 
 Params = tuple[Tensor, ...]
-
-
-def _eye(d: int, dtype, device) -> Tensor:
-    # torch.eye has no bfloat16 kernel on some CPU builds: build in float32 and cast
-    return torch.eye(d, dtype=torch.float32, device=device).to(dtype)
 
 
 @dataclass(frozen=True)

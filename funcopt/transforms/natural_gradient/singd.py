@@ -1,41 +1,11 @@
-"""Kronecker-factored natural gradient: SINGD here, KFAC in :mod:`funcopt.transforms.kfac`.
+"""SINGD: structured inverse-free natural gradient (Lin et al. 2024), a pure transform fed by
+:func:`funcopt.func.capture_curvature` (the workflow: :mod:`funcopt.transforms.natural_gradient`).
 
-Both precondition the gradient of every supported layer (Linear, Conv2d; see
-:func:`funcopt.func.supported_layers`) with two Kronecker factors built from the layer inputs
-``a`` and output gradients ``g`` that :func:`funcopt.func.capture_curvature` returns. The
-captured statistics travel to ``update`` as the extra keyword ``curvature``::
-
-    import torch, funcopt as fo
-    from torch import nn
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    tx = fo.singd(model, learning_rate=1e-2)
-    state = tx.init(params)
-    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
-    for _ in range(3):
-        cap = fo.func.capture_curvature(model, params, x, y)
-        updates, state = tx.update(cap.grads, state, params, curvature=cap)
-        params = fo.apply_updates(params, updates)
-
-The parameter trees are dicts keyed like ``model.named_parameters()``. Parameters of other
-layers go to a ``fallback`` transform (through :func:`funcopt.partition`); without one, a
-model that has such parameters is refused with an error naming them.
-
-Gradient accumulation: under :func:`funcopt.multi_steps`, pass the curvature of all the
-micro-batches so far, ``fo.func.merge_curvature([...])``; the step then equals one step on the
-concatenated batch (tested). Data parallel: give ``process_group``; the factor statistics are
-averaged over it (average the gradients yourself, e.g. ``fo.tree_all_reduce_mean``). Mixed
-precision: ``capture_curvature(..., loss_scale=s)`` scales the loss and unscales the results.
-
-Host syncs: in eager steps both methods read the step counter on the host once per step to
-decide whether this is a refresh step (every ``T`` steps); KFAC's factor inversion also checks
-its result. While :func:`funcopt.engine.is_tracing` (``torch.compile(fullgraph=True)``,
-``torch.func.vmap``) there is no host read: the refresh runs on every step and ``torch.where``
-keeps it on refresh steps, so ``curvature`` must be passed on every step.
-
-vmap: ``update`` batches over independent problems of one architecture (a leading dimension
-on the gradients, the state and the curvature's ``a``/``g``; ``num_loss_terms`` is a number,
-``in_dims`` None). The model given at construction only names the layers and their sizes.
+Host syncs: in eager steps the step counter is read on the host once per step to decide
+whether this is a refresh step (every ``T`` steps). While :func:`funcopt.engine.is_tracing`
+(``torch.compile(fullgraph=True)``, ``torch.func.vmap``) there is no host read: the refresh
+runs on every step and ``torch.where`` keeps it on refresh steps, so ``curvature`` must be
+passed on every step.
 """
 
 from __future__ import annotations
@@ -54,132 +24,19 @@ from funcopt.base import (
     resolve,
     step_counter,
 )
-from funcopt.engine import expect_state, is_tracing, leaves
-from funcopt.func.capture import LayerSpec, supported_layers
-from funcopt.transforms.structures import Structure, get_structure, lincomb
+from funcopt.engine import expect_state, is_tracing
+from funcopt.func.capture import LayerSpec
+from funcopt.transforms.natural_gradient import kronecker as kr
+from funcopt.transforms.natural_gradient.structures import Structure, get_structure, lincomb
 
 __all__ = ["SINGDState", "scale_by_singd", "singd"]
-
-# KFAC lives in funcopt.transforms.kfac (exported from there); these names stay reachable
-# here as attributes for code that imports them from this module.
-_KFAC_NAMES = ("KFACState", "scale_by_kfac", "kfac")
-
-
-def __getattr__(name: str) -> Any:
-    """Give KFAC's names from :mod:`funcopt.transforms.kfac` on first use (that module imports
-    the shared helpers from here, so a top-level import would be circular)."""
-    if name in _KFAC_NAMES:
-        from funcopt.transforms import kfac as _kfac_module
-
-        return getattr(_kfac_module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# --------------------------------------------------------------------------- shared plumbing
-
-
-def _layers(model: nn.Module) -> dict[str, LayerSpec]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"pass the model (an nn.Module), got {type(model).__name__}")
-    layers, _ = supported_layers(model)
-    if not layers:
-        raise ValueError("the model has no supported layer (Linear, Conv2d with groups=1)")
-    return layers
-
-
-def _grad_matrix(updates: dict, spec: LayerSpec) -> Tensor:
-    """``[dW, db]`` as a ``dim_out x dim_in`` matrix."""
-    w = updates[spec.weight]
-    mat = w.reshape(w.shape[0], -1)
-    if spec.bias is not None:
-        mat = torch.cat([mat, updates[spec.bias].reshape(-1, 1).to(mat.dtype)], dim=1)
-    return mat
-
-
-def _scatter(out: dict, updates: dict, spec: LayerSpec, mat: Tensor) -> None:
-    w = updates[spec.weight]
-    if spec.bias is not None:
-        out[spec.bias] = mat[:, -1].reshape(updates[spec.bias].shape).to(updates[spec.bias].dtype)
-        mat = mat[:, :-1]
-    out[spec.weight] = mat.reshape(w.shape).to(w.dtype)
-
-
-def _check_updates(updates: Any, layers: dict[str, LayerSpec], who: str,
-                   what: str = "updates", params: Any = None) -> None:
-    if not isinstance(updates, dict):
-        raise TypeError(f"{who}: {what} must be a dict keyed like model.named_parameters(), "
-                        f"got {type(updates).__name__}; with fo.Optimizer pass "
-                        "model.named_parameters() (it then hands the transform such a dict)")
-    leaves(updates, params, who)  # float leaves, shaped like params (an error naming the leaf)
-    missing = [s.weight for s in layers.values() if updates.get(s.weight) is None]
-    if missing:
-        raise ValueError(f"{who}: updates have no entry for {missing}; pass gradients for every "
-                         "parameter of the model given when the transform was built")
-
-
-def _curvature(extra: dict, layers: dict[str, LayerSpec], who: str,
-               traced: bool = False) -> dict:
-    cur = extra.get("curvature")
-    if cur is None and traced:
-        raise ValueError(
-            f"{who}: under torch.compile or torch.func (vmap ...) the refresh decision is made "
-            "on the device, so every step needs "
-            "curvature=funcopt.func.capture_curvature(model, params, x, y)")
-    if cur is None:
-        raise ValueError(f"{who} refreshes its preconditioner on this step and needs "
-                         "curvature=funcopt.func.capture_curvature(model, params, x, y)")
-    cur = getattr(cur, "layers", cur)
-    missing = sorted(set(layers) - set(cur))
-    if missing:
-        raise ValueError(f"{who}: curvature has no statistics for layers {missing}; capture "
-                         "them with funcopt.func.capture_curvature on the same model")
-    return cur
-
-
-def _all_reduce(tensors: list[Tensor], group: Any) -> list[Tensor]:
-    """Average over the processes of ``group`` (new tensors; inputs untouched)."""
-    if group is None:
-        return tensors
-    import torch.distributed as dist
-
-    out = [t.clone() for t in tensors]
-    for t in out:
-        dist.all_reduce(t, op=dist.ReduceOp.AVG, group=group)
-    return out
-
-
-def _count(state_count: Tensor) -> int:
-    return int(state_count)  # host sync, once per step (refresh decision)
-
-
-def _labels(model: nn.Module, layers: dict[str, LayerSpec]) -> dict[str, str]:
-    covered = {k for s in layers.values() for k in (s.weight, s.bias) if k is not None}
-    return {k: "natural" if k in covered else "fallback" for k, _ in model.named_parameters()}
-
-
-def _with_fallback(model, layers, natural: GradientTransformation, fallback, who: str):
-    from funcopt.compose import partition
-
-    labels = _labels(model, layers)
-    others = [k for k, lab in labels.items() if lab == "fallback"]
-    if not others:
-        return natural
-    if fallback is None:
-        raise ValueError(f"{who}: parameters {others} are outside supported layers; pass "
-                         "fallback=<a transform> (e.g. fo.adamw(1e-3)) to train them")
-    return partition({"natural": natural, "fallback": fallback}, labels)
-
-
-def _eye(d: int, like: Tensor) -> Tensor:
-    return torch.eye(d, dtype=torch.float32, device=like.device).to(like.dtype)
-
 
 # --------------------------------------------------------------------------- SINGD
 
 
 class SINGDState(NamedTuple):
     """``count``; per layer the structured factors ``K``, ``C`` and their momenta ``m_K``,
-    ``m_C`` (tuples of tensors, see :mod:`funcopt.transforms.structures`; the momenta are
+    ``m_C`` (tuples of tensors, see :mod:`funcopt.transforms.natural_gradient.structures`; the momenta are
     empty tuples when ``alpha1 = 0``)."""
 
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
@@ -207,7 +64,7 @@ def _singd_momenta(cfg: _SINGDConfig, K, C, lay, dtypes):
     g = lay.g.to(dtypes[1]) * math.sqrt(lay.num_loss_terms)
     H_K, H_C = sK.from_inner(K, a.T), sC.from_inner(C, g.T)
     if cfg.process_group is not None:
-        flat = _all_reduce([*H_K, *H_C], cfg.process_group)
+        flat = kr.all_reduce_mean([*H_K, *H_C], cfg.process_group)
         H_K, H_C = tuple(flat[:len(H_K)]), tuple(flat[len(H_K):])
     KtK, CtC = sK.from_inner(K), sC.from_inner(C)
     cK: float | Tensor
@@ -273,7 +130,7 @@ def scale_by_singd(
         K &\leftarrow K (I - \beta_1 m_K),\qquad C \leftarrow C (I - \beta_1 m_C)
 
     and on every step the output is :math:`C C^\top V K K^\top`. :math:`\Pi` projects onto
-    the structure (:mod:`funcopt.transforms.structures`); ``K``, ``C`` start at ``I``, the
+    the structure (:mod:`funcopt.transforms.natural_gradient.structures`); ``K``, ``C`` start at ``I``, the
     momenta at 0. With ``kfac_like`` the traces are replaced by 1 and :math:`\alpha_1 = 0`
     (IKFAC, the update close to KFAC). ``N`` is ``num_loss_terms`` of the capture.
 
@@ -286,7 +143,7 @@ def scale_by_singd(
       alpha1: :math:`\alpha_1`, Riemannian momentum (default 0.5; 0 with ``kfac_like``).
       T: update ``K``, ``C`` every ``T`` steps (default 10).
       structures: structures of ``(K, C)``: names from
-        :data:`funcopt.transforms.structures.STRUCTURES` or Structure objects
+        :data:`funcopt.transforms.natural_gradient.structures.STRUCTURES` or Structure objects
         (default ``("dense", "dense")``).
       kfac_like: the IKFAC variant (default False).
       preconditioner_dtype: dtypes of ``(K, C)`` (``None``: the weight's; default both None).
@@ -312,13 +169,13 @@ def scale_by_singd(
         raise ValueError("structures and preconditioner_dtype are pairs: (for K, for C)")
     cfg = _SINGDConfig(get_structure(structures[0]), get_structure(structures[1]), damping,
                        alpha1, lr_cov, kfac_like, normalize_lr_cov, process_group)
-    layers = _layers(model)
+    layers = kr.supported(model)
 
     def dtypes_of(w):
         return tuple(d or w.dtype for d in preconditioner_dtype)
 
     def init(params):
-        _check_updates(params, layers, "scale_by_singd", "params")
+        kr.check_updates(params, layers, "scale_by_singd", "params")
         K, C, mK, mC = {}, {}, {}, {}
         for name, s in layers.items():
             w = params[s.weight]
@@ -327,11 +184,11 @@ def scale_by_singd(
 
     def update(updates, state, params=None, **extra):
         expect_state(state, SINGDState, "scale_by_singd")
-        _check_updates(updates, layers, "scale_by_singd", params=params)
+        kr.check_updates(updates, layers, "scale_by_singd", params=params)
         K, C, mK, mC = (dict(d) for d in state[1:])
         traced = is_tracing()  # then every step refreshes and torch.where keeps it when due
-        if traced or _count(state.count) % T == 0:
-            cur = _curvature(extra, layers, "scale_by_singd", traced=traced)
+        if traced or kr.host_count(state.count) % T == 0:
+            cur = kr.curvature_of(extra, layers, "scale_by_singd", traced=traced)
             for name, s in layers.items():
                 dt = dtypes_of(updates[s.weight])
                 old = (K[name], C[name], mK[name], mC[name])
@@ -343,11 +200,11 @@ def scale_by_singd(
                 K[name], C[name], mK[name], mC[name] = new
         out = dict(updates)
         for name, s in layers.items():
-            V = _grad_matrix(updates, s)
+            V = kr.grad_matrix(updates, s)
             Kp, Cp = K[name], C[name]
             nat = cfg.sK.matmul(Kp, cfg.sK.rmatmat(Kp, V.T.to(Kp[0].dtype))).T
             nat = cfg.sC.matmul(Cp, cfg.sC.rmatmat(Cp, nat.to(Cp[0].dtype)))
-            _scatter(out, updates, s, nat.to(V.dtype))
+            kr.scatter(out, updates, s, nat.to(V.dtype))
         return out, SINGDState(increment(state.count), K, C, mK, mC)
 
     return GradientTransformation(init, update)
@@ -388,7 +245,7 @@ def singd(
     from funcopt.transforms.first_order import scale_by_learning_rate, trace
     from funcopt.transforms.weight_decay import add_decayed_weights
 
-    layers = _layers(model)
+    layers = kr.supported(model)
     natural = chain(scale_by_singd(model, **singd_options), add_decayed_weights(weight_decay),
                     trace(momentum), scale_by_learning_rate(learning_rate))
-    return _with_fallback(model, layers, natural, fallback, "singd")
+    return kr.with_fallback(model, layers, natural, fallback, "singd")

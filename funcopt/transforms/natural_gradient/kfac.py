@@ -1,20 +1,8 @@
 """KFAC: Kronecker-factored approximate curvature (Martens & Grosse 2015; Grosse & Martens 2016
 for convolutions), as a pure transform fed by :func:`funcopt.func.capture_curvature`.
 
-The workflow (curvature passed to ``update`` as the extra keyword ``curvature``) is the one of
-:mod:`funcopt.transforms.natural_gradient`::
-
-    import torch, funcopt as fo
-    from torch import nn
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    tx = fo.kfac(model, learning_rate=1e-2, momentum=0.9)
-    state = tx.init(params)
-    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
-    for _ in range(3):
-        cap = fo.func.capture_curvature(model, params, x, y)
-        updates, state = tx.update(cap.grads, state, params, curvature=cap)
-        params = fo.apply_updates(params, updates)
+The workflow (curvature passed to ``update`` as the extra keyword ``curvature``) is that of
+:mod:`funcopt.transforms.natural_gradient`.
 
 Host syncs (eager steps): the step counter is read once per step (refresh decision); on
 refresh steps the factors are checked for finiteness and the Cholesky factorisation for
@@ -43,17 +31,7 @@ from funcopt.base import (
 )
 from funcopt.engine import expect_state, is_tracing
 from funcopt.func.capture import kronecker_factors
-from funcopt.transforms.natural_gradient import (
-    _all_reduce,
-    _check_updates,
-    _count,
-    _curvature,
-    _eye,
-    _grad_matrix,
-    _layers,
-    _scatter,
-    _with_fallback,
-)
+from funcopt.transforms.natural_gradient import kronecker as kr
 
 __all__ = ["KFACState", "scale_by_kfac", "kfac"]
 
@@ -77,11 +55,11 @@ def _damped_inverse(m: Tensor, gamma: Tensor) -> Tensor:
     from funcopt import solvers
 
     work = m if m.dtype in (torch.float32, torch.float64) else m.float()
-    damped = work + gamma.to(work.dtype) * _eye(work.shape[0], work)
+    damped = work + gamma.to(work.dtype) * kr.eye(work.shape[0], work.dtype, work.device)
     if is_tracing():
         return _traced_damped_inverse(damped).to(m.dtype)
     sol = solvers.solve(solvers.dense(damped, symmetric=True, positive_definite=True),
-                        _eye(work.shape[0], work), solver="cholesky")
+                        kr.eye(work.shape[0], work.dtype, work.device), solver="cholesky")
     if bool(sol.success):
         return sol.x.to(m.dtype)
     return torch.linalg.pinv(damped, hermitian=True).to(m.dtype)
@@ -94,7 +72,7 @@ def _traced_damped_inverse(damped: Tensor) -> Tensor:
     L, info = torch.linalg.cholesky_ex(damped)
     d = torch.diagonal(L) ** 2
     rcond = min(damped.shape[0], 100) * torch.finfo(damped.dtype).eps
-    x = torch.cholesky_solve(_eye(damped.shape[0], damped), L)
+    x = torch.cholesky_solve(kr.eye(damped.shape[0], damped.dtype, damped.device), L)
     ok = (info == 0) & (d.min() > rcond * d.max()) & torch.isfinite(x).all()
     return torch.where(ok, x, torch.linalg.pinv(damped, hermitian=True))
 
@@ -210,10 +188,10 @@ def scale_by_kfac(
     if kl_clip is not None:
         check_hyperparameter("kl_clip", kl_clip, low=0.0, low_inclusive=False)
     check_hyperparameter("learning_rate", learning_rate, low=0.0)
-    layers = _layers(model)
+    layers = kr.supported(model)
 
     def init(params):
-        _check_updates(params, layers, "scale_by_kfac", "params")
+        kr.check_updates(params, layers, "scale_by_kfac", "params")
         factors, precond = {}, {}
         for name, s in layers.items():
             w = params[s.weight]
@@ -221,12 +199,12 @@ def scale_by_kfac(
             A = torch.zeros(s.dim_in, s.dim_in, dtype=dt, device=w.device)
             G = torch.zeros(s.dim_out, s.dim_out, dtype=dt, device=w.device)
             factors[name] = (A, G)
+            eye_a, eye_g = kr.eye(s.dim_in, dt, w.device), kr.eye(s.dim_out, dt, w.device)
             if method == "inverse":
-                precond[name] = (_eye(s.dim_in, A), _eye(s.dim_out, G))
+                precond[name] = (eye_a, eye_g)
             else:
-                precond[name] = (_eye(s.dim_in, A), torch.ones(s.dim_in, dtype=dt, device=w.device),
-                                 _eye(s.dim_out, G), torch.ones(s.dim_out, dtype=dt,
-                                                                device=w.device))
+                precond[name] = (eye_a, torch.ones(s.dim_in, dtype=dt, device=w.device),
+                                 eye_g, torch.ones(s.dim_out, dtype=dt, device=w.device))
         count = step_counter(params)
         lr = resolve(learning_rate, count)
         w0 = params[next(iter(layers.values())).weight]
@@ -238,7 +216,7 @@ def scale_by_kfac(
         preconditioner (``t``: the step, a number in eager steps, a 0-d tensor while
         tracing)."""
         A0, G0 = old
-        A, G = _all_reduce(list(kronecker_factors(cur[name], A0.dtype)), process_group)
+        A, G = kr.all_reduce_mean(list(kronecker_factors(cur[name], A0.dtype)), process_group)
         if isinstance(t, Tensor):
             A = torch.where(t > 0, decay * A0 + (1 - decay) * A, A)
             G = torch.where(t > 0, decay * G0 + (1 - decay) * G, G)
@@ -250,27 +228,27 @@ def scale_by_kfac(
 
     def update(updates, state, params=None, **extra):
         expect_state(state, KFACState, "scale_by_kfac")
-        _check_updates(updates, layers, "scale_by_kfac", params=params)
+        kr.check_updates(updates, layers, "scale_by_kfac", params=params)
         factors, precond = dict(state.factors), dict(state.precond)
         if is_tracing():  # every step refreshes; torch.where keeps it on refresh steps
-            cur = _curvature(extra, layers, "scale_by_kfac", traced=True)
+            cur = kr.curvature_of(extra, layers, "scale_by_kfac", traced=True)
             due = state.count % T == 0
             for name in layers:
                 new_f, new_p = refreshed(factors[name], cur, name, state.count)
                 factors[name] = tuple(torch.where(due, a, b) for a, b in zip(new_f, factors[name]))
                 precond[name] = tuple(torch.where(due, a, b) for a, b in zip(new_p, precond[name]))
-        elif (t := _count(state.count)) % T == 0:
-            cur = _curvature(extra, layers, "scale_by_kfac")
+        elif (t := kr.host_count(state.count)) % T == 0:
+            cur = kr.curvature_of(extra, layers, "scale_by_kfac")
             for name in layers:
                 factors[name], precond[name] = refreshed(factors[name], cur, name, t)
         lr = current_learning_rate(learning_rate, state.learning_rate, state.count)
-        grads = {name: _grad_matrix(updates, s) for name, s in layers.items()}
+        grads = {name: kr.grad_matrix(updates, s) for name, s in layers.items()}
         nat = {name: _kfac_apply(V, precond[name], damping) for name, V in grads.items()}
         if kl_clip is not None:
             nat = _clip(nat, grads, kl_clip, lr)
         out = dict(updates)
         for name, s in layers.items():
-            _scatter(out, updates, s, nat[name])
+            kr.scatter(out, updates, s, nat[name])
         return out, KFACState(increment(state.count), factors, precond, lr)
 
     return GradientTransformation(init, update)
@@ -303,8 +281,8 @@ def kfac(
     from funcopt.transforms.first_order import scale_by_learning_rate, trace
     from funcopt.transforms.weight_decay import add_decayed_weights
 
-    layers = _layers(model)
+    layers = kr.supported(model)
     pre = scale_by_kfac(model, kl_clip=kl_clip, learning_rate=learning_rate, **kfac_options)
     natural = chain(pre, add_decayed_weights(weight_decay),
                     trace(momentum), scale_by_learning_rate(learning_rate))
-    return _with_fallback(model, layers, natural, fallback, "kfac")
+    return kr.with_fallback(model, layers, natural, fallback, "kfac")

@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 Tensor = torch.Tensor
-DATA_DIR = Path(__file__).parent / "bench" / "data"
+DATA_DIR = Path(__file__).parents[1] / "bench" / "data"
 LOWER = ("Misra1a", "Chwirut2", "Chwirut1", "Lanczos3", "Gauss1", "Gauss2", "DanWood", "Misra1b")
 AVERAGE = ("Kirby2", "Hahn1", "Nelson", "MGH17", "Lanczos1", "Lanczos2", "Gauss3", "Misra1c",
            "Misra1d", "Roszman1", "ENSO")
