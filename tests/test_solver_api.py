@@ -10,6 +10,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 import funcopt as fo
 from funcopt.transforms.kfac import _damped_inverse
@@ -138,6 +139,22 @@ def test_block_diagonal_state_reports_the_first_failing_block():
     assert lu.reason() == R.singular  # the zero block
 
 
+def test_gram_operators_hold_no_shared_mutable_cache():
+    """A Gram operator is immutable: ``as_matrix`` stores nothing, and operators made by
+    ``with_damping`` share only tensors (the Gram matrix ``with_gram`` formed, explicitly)."""
+    g = torch.Generator().manual_seed(5)
+    J = torch.randn(6, 3, generator=g, dtype=F64)
+    op = S.gram(J, 0.5)
+    before = dict(vars(op))
+    torch.testing.assert_close(op.as_matrix(), J.T @ J + 0.5 * torch.eye(3, dtype=F64))
+    assert vars(op) == before and op.gram is None
+    for other in (op.with_damping(2.0), op.with_gram().with_damping(2.0)):
+        assert all(isinstance(v, (Tensor, str, bool, tuple, torch.dtype, torch.device, type(None)))
+                   for v in vars(other).values())
+        np.testing.assert_allclose(other.as_matrix().numpy(),
+                                   J.numpy().T @ J.numpy() + 2.0 * np.eye(3), rtol=1e-14)
+
+
 def test_cg_reports_max_steps_and_stats():
     op, b, ref = _case("spd")
     short = S.CG(maxiter=1).compute(S.CG(maxiter=1).init(op), torch.tensor(b))
@@ -167,6 +184,11 @@ def test_kfac_inverse_uses_the_layers_fallback(monkeypatch):
     m = v.T @ v  # rank 1
     zero = torch.zeros((), dtype=F64)
     calls = _count(monkeypatch, "cholesky_ex")
+
+    def no_pinv(*args, **kwargs):
+        raise AssertionError("KFAC inverts through the solver layer, not torch.linalg.pinv")
+
+    monkeypatch.setattr(torch.linalg, "pinv", no_pinv)
     eager = _damped_inverse(m, zero)
     assert len(calls) == 1
     np.testing.assert_allclose(eager.numpy(), np.linalg.pinv(m.numpy(), hermitian=True),
