@@ -198,19 +198,21 @@ def test_gauss_newton_operator_is_the_damped_gram_matrix():
 
 
 def test_gram_with_damping_shares_the_formed_gram_matrix():
-    """Operators from ``with_damping`` equal freshly built ones (float64 math) and form
-    ``J^T J`` / ``J J^T`` once between them."""
+    """Operators from ``with_damping`` equal freshly built ones (float64 math) and share the
+    ``J^T J`` / ``J J^T`` that ``with_gram`` formed once (an explicit field, no cache)."""
     g = torch.Generator().manual_seed(6)
     J = torch.randn(7, 4, generator=g, dtype=torch.float64)
     d = torch.rand(4, generator=g, dtype=torch.float64) + 0.5
-    for base, fresh, G in ((S.gram(J, 0.0, d), lambda lam: S.gram(J, lam, d), J.T @ J),
-                           (S.gram_dual(J, 0.0), lambda lam: S.gram_dual(J, lam), J @ J.T)):
+    for plain, fresh, G in ((S.gram(J, 0.0, d), lambda lam: S.gram(J, lam, d), J.T @ J),
+                            (S.gram_dual(J, 0.0), lambda lam: S.gram_dual(J, lam), J @ J.T)):
+        base = plain.with_gram()
+        assert plain.gram is None and base.with_gram() is base  # operators never change
         first = base.with_damping(0.1)
         formed = first.as_matrix()
         for lam in (0.1, 2.5):
             op = base.with_damping(torch.tensor(lam, dtype=torch.float64))
             torch.testing.assert_close(op.as_matrix(), fresh(lam).as_matrix(), rtol=1e-14, atol=0)
-            assert op._undamped[0] is first._undamped[0]  # formed once, shared
+            assert op.gram is first.gram is base.gram  # formed once, shared
         damp = torch.diag(0.1 * (d if G.shape[0] == 4 else torch.ones(7, dtype=torch.float64)))
         torch.testing.assert_close(formed, G + damp, rtol=1e-14, atol=1e-15)
 
@@ -259,8 +261,9 @@ def test_get_by_name_object_and_unknown():
 
 def test_missing_cupynumeric_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupynumeric", None)  # makes `import cupynumeric` fail
-    with pytest.raises(ImportError, match=r"pip install funcopt\[cupynumeric\]"):
+    with pytest.raises(ImportError, match=r"pip install funcopt\[cupynumeric\](?s:.*)stand-in") as e:
         S.get("cupynumeric")
+    assert ".ci/" not in str(e.value)
 
 
 def test_cupynumeric_that_fails_to_load_names_the_cause(monkeypatch):
@@ -275,10 +278,11 @@ def test_cupynumeric_that_fails_to_load_names_the_cause(monkeypatch):
 
     monkeypatch.delitem(sys.modules, "cupynumeric", raising=False)
     monkeypatch.setattr(builtins, "__import__", fake_import)
-    with pytest.raises(ImportError, match=r"installed but failed to load: libcuda.*libcuda_stub"
-                                          r"(?s:.*)LEGATE_CONFIG") as e:
+    with pytest.raises(ImportError, match=r"installed but failed to load: libcuda.*stand-in "
+                                          r"libcuda.so.1(?s:.*)cuInit(?s:.*)LEGATE_CONFIG") as e:
         S.get("cupynumeric")
     assert "pip install" not in str(e.value)
+    assert ".ci" not in str(e.value) and ".c " not in str(e.value)  # no repository paths
 
 
 def test_cg_warm_start_check_every_and_unvmappable_matvec():

@@ -100,14 +100,40 @@ def test_cupynumeric_reports_failure_and_auto_falls_back():
     torch.testing.assert_close(auto.x, torch.full((3,), 1.0 / 3, dtype=torch.float64))
 
 
-def test_auto_uses_cupynumeric_for_large_systems_once_imported():
+def test_auto_uses_cupynumeric_for_large_systems_when_asked():
     import cupynumeric  # noqa: F401  (the program runs under Legate)
 
-    auto = S.Auto(cupynumeric_min_size=4)
     A = torch.eye(5, dtype=torch.float64) * 2
-    sol = S.solve(S.dense(A, positive_definite=True), torch.ones(5, dtype=torch.float64), auto)
+    op, b = S.dense(A, positive_definite=True), torch.ones(5, dtype=torch.float64)
+    sol = S.solve(op, b, S.Auto(use_cupynumeric=True, cupynumeric_min_size=4))
     assert sol.solver == "cupynumeric-cholesky"
     torch.testing.assert_close(sol.x, torch.full((5,), 0.5, dtype=torch.float64))
+    assert S.solve(op, b, S.Auto(cupynumeric_min_size=4)).solver == "cholesky"  # imported only
+    small = S.solve(op, b, S.Auto(use_cupynumeric=True, cupynumeric_min_size=6))
+    assert small.solver == "cholesky"
+
+
+def test_cupynumeric_init_once_compute_many_and_result_codes():
+    """One cho_factor for several right-hand sides; the result codes of the layer."""
+    rng = np.random.default_rng(8)
+    A = torch.tensor(_spd(rng, 12, 10.0))
+    op = S.dense(A, positive_definite=True)
+    solver = S.CuPyNumeric(method="cholesky")
+    state = solver.init(op)
+    for _ in range(3):
+        b = torch.tensor(rng.standard_normal(12))
+        sol = solver.compute(state, b)
+        assert int(sol.result) == S.Result.success
+        np.testing.assert_allclose(sol.x.numpy(), np.linalg.solve(A.numpy(), b.numpy()), rtol=1e-10)
+    indefinite = S.dense(torch.diag(torch.tensor([2.0, -1.0, 3.0], dtype=torch.float64)),
+                         positive_definite=True)
+    bad = solver.compute(solver.init(indefinite), torch.ones(3, dtype=torch.float64))
+    assert bad.reason() == S.Result.not_positive_definite and not bool(bad.x.any())
+    unsym = S.dense(torch.tensor([[2.0, 5.0], [0.0, 2.0]], dtype=torch.float64))
+    st = solver.init(unsym)
+    assert int(st.result) == S.Result.not_symmetric
+    with pytest.raises(ValueError, match="not tagged symmetric"):
+        solver.solve(unsym, torch.ones(2, dtype=torch.float64))
 
 
 def test_cupynumeric_partitioned_solve_matches_torch():

@@ -4,8 +4,12 @@ Second-order methods (Gauss-Newton, Levenberg-Marquardt, natural gradient) reduc
 linear solve. Build an operator (``dense``, ``gram``, ``gram_dual``, ``matrix_free``,
 ``gauss_newton``, ``block_diagonal``), then ``solve(operator, b, solver="auto")`` or
 ``get(name).solve(operator, b)``; ``damped_least_squares(J, r, damping)`` does the whole
-Levenberg-Marquardt step in the primal or dual form. Every solve returns a :class:`Solution`
-whose ``success`` flag reports failure (no silent NaN).
+Levenberg-Marquardt step in the primal or dual form. Every solver is a small frozen
+object with ``init(operator) -> state`` (factorise once) and ``compute(state, b) -> Solution``
+(one right-hand side); a :class:`Solution` carries a :class:`Result` code (``success`` is
+derived from it), so failure is a value, never a silent NaN. ``solve`` is ``init`` then
+``compute`` with input checks. cuPyNumeric is used only when asked for (``solver="cupynumeric"``
+or ``Auto(use_cupynumeric=True)``).
 
 Example::
 
@@ -19,12 +23,14 @@ from funcopt.solvers.auto import *  # noqa: F401,F403
 from funcopt.solvers.auto import __all__ as _auto_all
 from funcopt.solvers.base import *  # noqa: F401,F403
 from funcopt.solvers.base import __all__ as _base_all
+from funcopt.solvers.damped import *  # noqa: F401,F403
+from funcopt.solvers.damped import __all__ as _damped_all
 from funcopt.solvers.dense import *  # noqa: F401,F403
 from funcopt.solvers.dense import __all__ as _dense_all
 from funcopt.solvers.krylov import *  # noqa: F401,F403
 from funcopt.solvers.krylov import __all__ as _krylov_all
 
-__all__ = [*_base_all, *_dense_all, *_krylov_all, *_auto_all, "CuPyNumeric"]  # noqa: F405
+__all__ = [*_base_all, *_dense_all, *_krylov_all, *_auto_all, *_damped_all, "CuPyNumeric"]  # noqa: F405
 
 
 def __getattr__(name: str):

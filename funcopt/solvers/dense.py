@@ -14,48 +14,57 @@ References: Golub & Van Loan, *Matrix Computations* (4th ed.), ch. 3 (LU), 4.2 (
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from funcopt.solvers.base import LinearOperator, LinearSolver, Solution, finite_or_zero
+from funcopt.solvers.base import (
+    LinearOperator,
+    LinearSolver,
+    Result,
+    Solution,
+    SolveStats,
+    finite_or_zero,
+    result_code,
+    symmetric_within_tolerance,
+)
 
-__all__ = ["Cholesky", "LU", "QR", "Lstsq", "SVD"]
+__all__ = ["Cholesky", "LU", "QR", "Lstsq", "SVD", "DenseState"]
 
 
-def _work(A: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The matrix and a 2-D right-hand side in a dtype torch.linalg supports, and whether the
-    matrix is finite. A non-finite matrix (e.g. a Gram matrix ``J^T J`` formed from a matrix-free
-    operator that overflows) is replaced by zeros, so LAPACK never sees NaN or inf; the caller
-    reports failure through the flag (no host sync)."""
+class DenseState(NamedTuple):
+    """A direct solver's state: the operator, its factors (solver-specific tensors), the
+    factorisation's :class:`~funcopt.solvers.base.Result` code and the name reported."""
+
+    operator: LinearOperator
+    factors: tuple
+    result: Tensor
+    name: str
+
+
+def _work(A: Tensor) -> tuple[Tensor, Tensor]:
+    """The matrix in a dtype torch.linalg supports, and whether it is finite. A non-finite
+    matrix (e.g. a Gram matrix ``J^T J`` formed from a matrix-free operator that overflows) is
+    replaced by zeros, so LAPACK never sees NaN or inf; the caller reports ``non_finite``
+    through the flag (no host sync)."""
     if A.dtype in (torch.float16, torch.bfloat16):
-        A, b = A.float(), b.float()
+        A = A.float()
     finite = torch.isfinite(A).all()
-    A = torch.where(finite, A, torch.zeros_like(A))
-    return A, (b if b.ndim == 2 else b[:, None]), finite
+    return torch.where(finite, A, torch.zeros_like(A)), finite
 
 
-def _require_symmetric(op: LinearOperator, A: Tensor, name: str) -> None:
-    """Refuse an operator not tagged symmetric whose matrix is not symmetric to within
-    ``sqrt(eps) * max |A|`` (one host sync, only for untagged operators): Cholesky and eigh read
-    one triangle of ``A`` and would solve another system."""
-    if op.symmetric:
-        return
-    asym, size = (A - A.mH).abs().max(), A.abs().max()
-    if not bool(asym <= torch.finfo(A.dtype).eps ** 0.5 * size):
-        raise ValueError(
-            f"solver {name!r} needs a symmetric matrix (it reads one triangle of A), but the "
-            f"operator is not tagged symmetric and max|A - A^T| = {float(asym):.3g} with "
-            f"max|A| = {float(size):.3g}. Use solver='lu' (or 'auto') for a general square "
-            "matrix, or tag a symmetric one: solvers.dense(A, symmetric=True) or "
-            "positive_definite=True")
+def _rhs(b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``b`` as a 2-D right-hand side in the factors' dtype."""
+    b = b.to(dtype)
+    return b if b.ndim == 2 else b[:, None]
 
 
-def _finish(x: Tensor, b: Tensor, success: Tensor, name: str) -> Solution:
+def _finish(x: Tensor, b: Tensor, result: Tensor, name: str) -> Solution:
     x = x.to(b.dtype)
     x = x if b.ndim == 2 else x[:, 0]
-    x, success = finite_or_zero(x, success)
-    return Solution(x, success, name)
+    x, result = finite_or_zero(x, result)
+    return Solution(x, result, SolveStats(), name)
 
 
 def _rcond(rcond: float | None, A: Tensor) -> float:
@@ -82,12 +91,15 @@ def _require_square(op: LinearOperator, name: str) -> None:
 
 @dataclass(frozen=True)
 class Cholesky(LinearSolver):
-    """``A = L L^T`` (``torch.linalg.cholesky_ex``), then two triangular solves.
+    """``A = L L^T`` (``torch.linalg.cholesky_ex``) in ``init``, two triangular solves per
+    right-hand side in ``compute``.
 
     For symmetric positive definite ``A``; the symmetric tag is trusted (only the lower
-    triangle is read). An operator not tagged symmetric is checked first (one host sync) and
-    refused with a ValueError when ``max|A - A^T| > sqrt(eps) max|A|``. Fails (``success`` False) when the factorisation reports a non-positive
-    pivot or when ``min_i L_ii^2 <= rcond * max_i L_ii^2``.
+    triangle is read). For an operator not tagged symmetric, ``init`` checks
+    ``max|A - A^T| <= sqrt(eps) max|A|`` (``not_symmetric`` otherwise; ``solve`` raises a
+    ValueError then). Result codes: ``not_positive_definite`` when the factorisation meets a
+    non-positive pivot, ``singular`` when ``min_i L_ii^2 <= rcond * max_i L_ii^2``,
+    ``non_finite`` for a non-finite matrix or result.
 
     Args:
         rcond: pivot-ratio threshold; default ``min(n, 100) * eps(dtype)``.
@@ -96,21 +108,32 @@ class Cholesky(LinearSolver):
     rcond: float | None = None
     name = "cholesky"
 
-    def _solve(self, op: LinearOperator, b: Tensor) -> Solution:
+    def needs_symmetric(self, operator: LinearOperator) -> bool:
+        return True
+
+    def _init(self, op: LinearOperator) -> DenseState:
         _require_square(op, self.name)
-        A, B, finite = _work(op.as_matrix(), b)
-        _require_symmetric(op, A, self.name)
+        A, finite = _work(op.as_matrix())
+        sym = symmetric_within_tolerance(op, A)
         L, info = torch.linalg.cholesky_ex(A)
         d = torch.diagonal(L).real
-        ok = finite & (info == 0) & _pivots_ok(d * d, _pivot_rcond(self.rcond, A))
-        return _finish(torch.cholesky_solve(B, L), b, ok, self.name)
+        result = result_code([(~finite, Result.non_finite), (~sym, Result.not_symmetric),
+                              (info != 0, Result.not_positive_definite),
+                              (~_pivots_ok(d * d, _pivot_rcond(self.rcond, A)), Result.singular)],
+                             A.device)
+        return DenseState(op, (L,), result, self.name)
+
+    def _compute(self, state: DenseState, b: Tensor) -> Solution:
+        (L,) = state.factors
+        return _finish(torch.cholesky_solve(_rhs(b, L.dtype), L), b, state.result, state.name)
 
 
 @dataclass(frozen=True)
 class LU(LinearSolver):
-    """``P A = L U`` with partial pivoting (``torch.linalg.lu_factor_ex``), for any square ``A``.
+    """``P A = L U`` with partial pivoting (``torch.linalg.lu_factor_ex``) in ``init``, for any
+    square ``A``; ``torch.linalg.lu_solve`` per right-hand side.
 
-    Fails when a pivot is exactly zero or ``min_i |U_ii| <= rcond * max_i |U_ii|``.
+    ``singular`` when a pivot is exactly zero or ``min_i |U_ii| <= rcond * max_i |U_ii|``.
 
     Args:
         rcond: pivot-ratio threshold; default ``min(n, 100) * eps(dtype)``.
@@ -119,24 +142,31 @@ class LU(LinearSolver):
     rcond: float | None = None
     name = "lu"
 
-    def _solve(self, op: LinearOperator, b: Tensor) -> Solution:
+    def _init(self, op: LinearOperator) -> DenseState:
         _require_square(op, self.name)
-        A, B, finite = _work(op.as_matrix(), b)
+        A, finite = _work(op.as_matrix())
         LU_, piv, info = torch.linalg.lu_factor_ex(A)
-        ok = finite & (info == 0) & _pivots_ok(torch.diagonal(LU_), _pivot_rcond(self.rcond, A))
-        return _finish(torch.linalg.lu_solve(LU_, piv, B), b, ok, self.name)
+        ok = (info == 0) & _pivots_ok(torch.diagonal(LU_), _pivot_rcond(self.rcond, A))
+        result = result_code([(~finite, Result.non_finite), (~ok, Result.singular)], A.device)
+        return DenseState(op, (LU_, piv), result, self.name)
+
+    def _compute(self, state: DenseState, b: Tensor) -> Solution:
+        LU_, piv = state.factors
+        x = torch.linalg.lu_solve(LU_, piv, _rhs(b, LU_.dtype))
+        return _finish(x, b, state.result, state.name)
 
 
 @dataclass(frozen=True)
 class QR(LinearSolver):
-    """Householder QR (``torch.linalg.qr``). For ``A`` of shape ``(m, n)``:
+    """Householder QR (``torch.linalg.qr``) in ``init``. For ``A`` of shape ``(m, n)``:
 
     * ``m >= n``: ``A = Q R``, ``x = R^{-1} Q^T b`` (the least-squares solution when A has full
       column rank);
     * ``m < n``: ``A^T = Q R``, ``x = Q R^{-T} b`` (the minimum-norm solution when A has full
       row rank).
 
-    Fails when ``min_i |R_ii| <= rcond * max_i |R_ii|`` (rank-deficient; use "lstsq" or "svd").
+    ``singular`` when ``min_i |R_ii| <= rcond * max_i |R_ii|`` (rank-deficient; use "lstsq" or
+    "svd").
 
     Args:
         rcond: pivot-ratio threshold; default ``min(max(m, n), 100) * eps(dtype)``.
@@ -145,25 +175,32 @@ class QR(LinearSolver):
     rcond: float | None = None
     name = "qr"
 
-    def _solve(self, op: LinearOperator, b: Tensor) -> Solution:
-        A, B, finite = _work(op.as_matrix(), b)
+    def _init(self, op: LinearOperator) -> DenseState:
+        A, finite = _work(op.as_matrix())
         m, n = A.shape
+        Q, R = torch.linalg.qr(A if m >= n else A.mH)
+        ok = _pivots_ok(torch.diagonal(R), _pivot_rcond(self.rcond, A))
+        result = result_code([(~finite, Result.non_finite), (~ok, Result.singular)], A.device)
+        return DenseState(op, (Q, R), result, self.name)
+
+    def _compute(self, state: DenseState, b: Tensor) -> Solution:
+        Q, R = state.factors
+        B = _rhs(b, R.dtype)
+        m, n = state.operator.shape
         if m >= n:
-            Q, R = torch.linalg.qr(A)
             x = torch.linalg.solve_triangular(R, Q.mH @ B, upper=True)
         else:
-            Q, R = torch.linalg.qr(A.mH)
             x = Q @ torch.linalg.solve_triangular(R.mH, B, upper=False)
-        ok = finite & _pivots_ok(torch.diagonal(R), _pivot_rcond(self.rcond, A))
-        return _finish(x, b, ok, self.name)
+        return _finish(x, b, state.result, state.name)
 
 
 @dataclass(frozen=True)
 class SVD(LinearSolver):
     """The pseudo-inverse solve ``x = A^+ b`` with a cutoff: singular values (eigenvalues for a
     symmetric operator, via ``torch.linalg.eigh``) at most ``rcond * sigma_max`` are dropped,
-    giving the minimum-norm least-squares solution. Always succeeds on finite input. With
-    ``hermitian=True`` an operator not tagged symmetric is checked as :class:`Cholesky` does.
+    giving the minimum-norm least-squares solution. The decomposition is made in ``init``.
+    Always succeeds on finite input. With ``hermitian=True`` an operator not tagged symmetric is
+    checked as :class:`Cholesky` does (``not_symmetric``).
 
     Args:
         rcond: relative cutoff; default ``max(m, n) * eps(dtype)``.
@@ -175,22 +212,36 @@ class SVD(LinearSolver):
     hermitian: bool | None = None
     name = "svd"
 
-    def _solve(self, op: LinearOperator, b: Tensor) -> Solution:
-        A, B, finite = _work(op.as_matrix(), b)
+    def needs_symmetric(self, operator: LinearOperator) -> bool:
+        return operator.symmetric if self.hermitian is None else self.hermitian
+
+    def _init(self, op: LinearOperator) -> DenseState:
+        A, finite = _work(op.as_matrix())
         rcond = _rcond(self.rcond, A)
-        hermitian = op.symmetric if self.hermitian is None else self.hermitian
-        if hermitian:
-            _require_symmetric(op, A, "eigh")
+        if self.needs_symmetric(op):
+            sym = symmetric_within_tolerance(op, A)
             w, V = torch.linalg.eigh(A)
             keep = w.abs() > rcond * w.abs().max()
             inv = torch.where(keep, 1.0 / torch.where(keep, w, torch.ones_like(w)), 0.0)
-            x = V @ (inv[:, None] * (V.mH @ B))
-            return _finish(x, b, finite, "eigh")
+            result = result_code([(~finite, Result.non_finite), (~sym, Result.not_symmetric)],
+                                 A.device)
+            return DenseState(op, (V, inv, V.mH), result, "eigh")
         U, s, Vh = torch.linalg.svd(A, full_matrices=False)
         keep = s > rcond * s.max()
         inv = torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), 0.0)
-        x = Vh.mH @ (inv[:, None] * (U.mH @ B))
-        return _finish(x, b, finite, self.name)
+        return DenseState(op, (Vh.mH, inv, U.mH), result_code([(~finite, Result.non_finite)], A.device),
+                          self.name)
+
+    def _compute(self, state: DenseState, b: Tensor) -> Solution:
+        return _pseudo_inverse_solve(state, b)
+
+
+def _pseudo_inverse_solve(state: DenseState, b: Tensor) -> Solution:
+    """``x = V diag(inv) U^H b`` for the factors ``(V, inv, U^H)`` of :class:`SVD` (``U = V``
+    for eigh)."""
+    V, inv, Uh = state.factors
+    x = V @ (inv[:, None] * (Uh @ _rhs(b, V.dtype)))
+    return _finish(x, b, state.result, state.name)
 
 
 @dataclass(frozen=True)
@@ -198,8 +249,10 @@ class Lstsq(LinearSolver):
     """Least squares ``min_x ||A x - b||`` (``torch.linalg.lstsq``), for any shape and rank.
 
     On the CPU it uses LAPACK ``gelsd`` (SVD-based: minimum-norm solution of rank-deficient
-    systems, singular values below ``rcond * sigma_max`` treated as zero). On CUDA, where torch
-    only offers ``gels`` (full rank only), it solves through :class:`SVD` instead.
+    systems, singular values below ``rcond * sigma_max`` treated as zero); ``gelsd`` factorises
+    with the right-hand side, so ``init`` only prepares the matrix and each ``compute`` runs
+    it. On CUDA, where torch only offers ``gels`` (full rank only), it solves through
+    :class:`SVD` instead (factorised once in ``init``).
 
     Args:
         rcond: relative cutoff; default ``max(m, n) * eps(dtype)``.
@@ -208,10 +261,16 @@ class Lstsq(LinearSolver):
     rcond: float | None = None
     name = "lstsq"
 
-    def _solve(self, op: LinearOperator, b: Tensor) -> Solution:
+    def _init(self, op: LinearOperator) -> DenseState:
         if op.device.type != "cpu":
-            x, success, _, _, _ = SVD(self.rcond, hermitian=op.symmetric)._solve(op, b)
-            return Solution(x, success, self.name)
-        A, B, finite = _work(op.as_matrix(), b)
-        x = torch.linalg.lstsq(A, B, rcond=_rcond(self.rcond, A), driver="gelsd").solution
-        return _finish(x, b, finite, self.name)
+            st = SVD(self.rcond, hermitian=op.symmetric)._init(op)
+            return st._replace(name=self.name)
+        A, finite = _work(op.as_matrix())
+        return DenseState(op, (A,), result_code([(~finite, Result.non_finite)], A.device), self.name)
+
+    def _compute(self, state: DenseState, b: Tensor) -> Solution:
+        if len(state.factors) == 3:
+            return _pseudo_inverse_solve(state, b)
+        (A,) = state.factors
+        x = torch.linalg.lstsq(A, _rhs(b, A.dtype), rcond=_rcond(self.rcond, A), driver="gelsd").solution
+        return _finish(x, b, state.result, state.name)

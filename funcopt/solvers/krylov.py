@@ -13,19 +13,25 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from funcopt.solvers.base import (
+    DenseOperator,
     LinearOperator,
     LinearSolver,
+    Result,
     Solution,
+    SolveStats,
     finite_or_zero,
+    result_code,
     scaled_norm,
+    symmetric_within_tolerance,
 )
 
-__all__ = ["CG"]
+__all__ = ["CG", "CGState"]
 
 Preconditioner = Callable[[Tensor], Tensor] | LinearOperator | str | None
 
@@ -46,6 +52,16 @@ def _preconditioner(spec: Preconditioner, op: LinearOperator) -> Callable[[Tenso
                      f"LinearOperator; got {spec!r}")
 
 
+class CGState(NamedTuple):
+    """CG's state: the operator, the preconditioner ``r -> M^{-1} r`` (Jacobi's diagonal is
+    formed once, in ``init``) and the :class:`~funcopt.solvers.base.Result` code of the
+    checks made there (``not_symmetric`` for an untagged dense matrix that is not symmetric)."""
+
+    operator: LinearOperator
+    apply_m: Callable[[Tensor], Tensor]
+    result: Tensor
+
+
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     return (a.conj() * b).sum(0).real
 
@@ -61,8 +77,13 @@ class CG(LinearSolver):
         p_{k+1} = z_{k+1} + \\frac{r_{k+1}^T z_{k+1}}{r_k^T z_k} p_k
 
     run on every column of ``b`` at once until ``||r_k|| <= max(tol * ||b||, atol)`` for all
-    columns. Converged columns are frozen. ``success`` is False when a column did not converge
-    within ``maxiter`` or met ``p^T A p <= 0`` (``A`` not positive definite).
+    columns. Converged columns are frozen. Result codes: ``max_steps`` when a column did not
+    converge within ``maxiter``; ``not_positive_definite`` when a column met ``p^T A p < 0``,
+    ``breakdown`` for ``p^T A p = 0``; ``stagnation`` when the true residual misses the
+    tolerance after the restarts below; ``non_finite`` for a non-finite result;
+    ``not_symmetric`` for a dense operator not tagged symmetric whose matrix is not symmetric
+    (checked in ``init``; matrix-free operators are trusted). ``init`` builds the
+    preconditioner; ``compute`` runs CG for one ``b``.
     ``Solution.residual_norm`` is the true relative residual ``||b - A x|| / ||b||``.
 
     Scaling: CG runs on ``(A / s) y = b / beta`` with ``beta_j`` and ``s`` powers of two near
@@ -101,11 +122,25 @@ class CG(LinearSolver):
         if self.check_every < 1:
             raise ValueError(f"CG: check_every={self.check_every} must be >= 1")
 
-    def _solve(self, op: LinearOperator, b: Tensor) -> Solution:
+    def needs_symmetric(self, operator: LinearOperator) -> bool:
+        return isinstance(operator, DenseOperator)
+
+    def _init(self, op: LinearOperator) -> CGState:
         if not op.square:
             raise ValueError(f"CG needs a square operator; got shape {op.shape}")
         apply_m = _preconditioner(self.preconditioner, op)
+        asym: Tensor | bool = False
+        if isinstance(op, DenseOperator):
+            asym = ~symmetric_within_tolerance(op, op.A)
+        return CGState(op, apply_m, result_code([(asym, Result.not_symmetric)], op.device))
+
+    def _compute(self, state: CGState, b: Tensor) -> Solution:
+        op, apply_m = state.operator, state.apply_m
         B = b if b.ndim == 2 else b[:, None]
+        if not op.symmetric and isinstance(op, DenseOperator) and bool(state.result):  # host sync
+            x = torch.zeros_like(b)
+            its = torch.zeros((), dtype=torch.int64, device=b.device)
+            return Solution(x, state.result, SolveStats(its, None), self.name)
         beta = _power_of_two(scaled_norm(B, dim=0))  # b_hat = b / beta has norm in [1, 2)
         mv = _Normalised(lambda v: op.matvec(v if b.ndim == 2 else v[:, 0]).reshape(B.shape))
         pre = lambda r: apply_m(r if b.ndim == 2 else r[:, 0]).reshape(B.shape)
@@ -120,16 +155,24 @@ class CG(LinearSolver):
         bnorm = scaled_norm(Bh, dim=0)  # in [1, 2), or 0 for a zero column
         thresh = torch.maximum(self.tol * bnorm, torch.full_like(beta, self.atol) / beta)
         maxiter = 10 * op.shape[0] if self.maxiter is None else self.maxiter
-        y, r_true, broken, it = self._iterate(mv, pre, Bh, y, r, thresh, maxiter)
+        y, r_true, (broken, negative), it = self._iterate(mv, pre, Bh, y, r, thresh, maxiter)
         rnorm = scaled_norm(r_true, dim=0)
         converged = (rnorm <= thresh) & ~broken
         x = y * beta / mv.scale
         x = x if b.ndim == 2 else x[:, 0]
-        x, success = finite_or_zero(x, converged.all())
+        missed = ~converged.all()
+        finite = torch.isfinite(x).all() & torch.isfinite(rnorm).all()
+        result = result_code([(~mv.finite, Result.non_finite),  # the operator's first product
+                              (negative.any(), Result.not_positive_definite),
+                              (broken.any(), Result.breakdown),
+                              (~finite, Result.non_finite),
+                              (missed & (it >= maxiter), Result.max_steps),
+                              (missed, Result.stagnation)], b.device)
+        x, result = finite_or_zero(x, result)
         zero_b = torch.where(rnorm > 0, torch.full_like(rnorm, float("inf")), torch.zeros_like(rnorm))
         rel = torch.where(bnorm > 0, rnorm / torch.where(bnorm > 0, bnorm, 1.0), zero_b).max()
         iterations = torch.tensor(it, dtype=torch.int64, device=b.device)
-        return Solution(x, success, self.name, iterations, rel)
+        return Solution(x, result, SolveStats(iterations, rel), self.name)
 
     def _iterate(self, mv, pre, Bh, y, r, thresh, maxiter):
         """CG iterations on the normalised system; when the recursive residual meets the
@@ -138,6 +181,7 @@ class CG(LinearSolver):
         z = pre(r)
         p, rz = z, _dot(r, z)
         broken = torch.zeros(Bh.shape[1], dtype=torch.bool, device=Bh.device)
+        negative = broken  # columns that met p^T A p < 0 (A not positive definite)
         it, restarts, r_true = 0, 0, None
         while True:
             active = (scaled_norm(r, dim=0) > thresh) & ~broken
@@ -146,7 +190,7 @@ class CG(LinearSolver):
                 r_true = Bh - mv(y)
                 if it >= maxiter or restarts >= _RESTARTS or not bool(
                         ((scaled_norm(r_true, dim=0) > thresh) & ~broken).any()):
-                    return y, r_true, broken, it
+                    return y, r_true, (broken, negative), it
                 restarts += 1
                 r = r_true
                 z = pre(r)
@@ -155,6 +199,7 @@ class CG(LinearSolver):
             Ap = mv(p)
             pAp = _dot(p, Ap)
             broken = broken | (active & ~(pAp > 0))
+            negative = negative | (active & (pAp < 0))
             step = active & (pAp > 0)
             alpha = torch.where(step, rz / torch.where(step, pAp, torch.ones_like(pAp)), 0.0)
             y = y + alpha.to(Bh.dtype) * p
@@ -186,6 +231,7 @@ class _Normalised:
     def __init__(self, mv: Callable[[Tensor], Tensor]):
         self.mv, self._shrink = mv, 1.0
         self._scale: Tensor | None = None
+        self.finite = torch.ones((), dtype=torch.bool)  # the first product is finite
 
     @property
     def scale(self) -> Tensor:
@@ -199,6 +245,7 @@ class _Normalised:
         if not bool(torch.isfinite(Av).all()):  # host sync, first product only: A v overflowed
             self._shrink = 2.0 ** -(int(math.log2(torch.finfo(v.dtype).max)) // 4)
             Av = self.mv(v * self._shrink)
+        self.finite = torch.isfinite(Av).all()
         ratio = scaled_norm(Av, dim=0) / scaled_norm(v * self._shrink, dim=0)
         ratio = torch.where(torch.isnan(ratio), 0.0, ratio).clamp(max=torch.finfo(v.dtype).max)
         self._scale = _power_of_two(ratio.max())

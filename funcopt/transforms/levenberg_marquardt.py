@@ -105,31 +105,31 @@ def damped_gauss_newton_step(
     ``z = S delta``, ``S = diag(sqrt(diag))``: ``(Jt^T Jt + damping I) z = -Jt^T r`` with
     ``Jt = J S^{-1}`` (as MINPACK), which keeps the normal equations well conditioned when
     the columns of ``J`` differ in scale by many orders of magnitude. The inner solve is
-    :func:`funcopt.solvers.damped_least_squares` with ``solver`` and ``form``.
+    :class:`funcopt.solvers.DampedLeastSquares` with ``solver``, ``form`` and
+    ``scale=sqrt(diag)``.
     """
-    if diag is None:
-        return _scaled_solver(J, None, solver, form)(damping, r)
-    if not bool((diag > 0).all()):  # host sync, public entry point only
+    if diag is not None and not bool((diag > 0).all()):  # host sync, public entry point only
         raise ValueError("diag must be positive; pass None for D = I")
-    return _scaled_solver(J, torch.sqrt(diag), solver, form)(damping, r)
+    factor, solve = _damped_solver(J, None if diag is None else torch.sqrt(diag), solver, form)
+    return solve(factor(damping), r)
 
 
-def _scaled_solver(J: Tensor, scale: Tensor | None, solver: Any, form: str):
-    """``solve(lambda, u) = -(J^T J + lambda S^2)^{-1} J^T u`` for one ``J`` and many
-    dampings (``scale`` = ``S`` = ``sqrt(diag(D))``, None for ``D = I``), solved in the scaled
-    variables ``z = S delta`` through
-    :func:`funcopt.solvers.damped_least_squares_solver` (which forms the Gram matrix once)."""
+def _damped_solver(J: Tensor, scale: Tensor | None, solver: Any, form: str):
+    """``(factor, solve)`` for one ``J``: ``factor(lambda)`` factorises
+    ``J^T J + lambda S^2`` once (``scale`` = ``S`` = ``sqrt(diag(D))``, None for ``D = I``) and
+    ``solve(state, u) = (-(J^T J + lambda S^2)^{-1} J^T u, success)`` reuses it, in the scaled
+    variables ``z = S delta`` of :class:`funcopt.solvers.DampedLeastSquares` (which forms the
+    Gram matrix once per ``J``)."""
     from funcopt import solvers
 
-    inner = solvers.damped_least_squares_solver(J if scale is None else J / scale,
-                                                solver=solver, form=form)
+    dls = solvers.DampedLeastSquares(solver, form)
+    plan = dls.plan(J, scale=scale)
 
-    def solve(lam: Tensor | float, u: Tensor) -> tuple[Tensor, Tensor]:
-        sol = inner(lam, u)
-        z = sol.x.to(J.dtype)
-        return -(z if scale is None else z / scale), sol.success
+    def solve(state, u: Tensor) -> tuple[Tensor, Tensor]:
+        sol = dls.compute(state, u)
+        return -sol.value.to(J.dtype), sol.success
 
-    return solve
+    return (lambda lam: dls.init(plan, lam)), solve
 
 
 def _is_matrix_free(solver: Any) -> bool:
@@ -159,27 +159,35 @@ def column_norms_sq(gn, chunk: int | None = None) -> Tensor:
     return torch.cat(out)
 
 
-def _matrix_free_solve(gn, rhs, damping, solver, col2=None):
-    """``delta = -(J^T J + lambda I)^{-1} J^T rhs`` by CG on ``v -> J^T (J v) + lambda v``;
-    with ``col2 = diag(J^T J)`` (Jacobi) the preconditioner is ``1 / (col2 + lambda)``."""
+def _matrix_free_factor(gn, damping, solver, col2=None):
+    """CG's state for ``v -> J^T (J v) + lambda v`` (the solver and its state); with
+    ``col2 = diag(J^T J)`` (Jacobi) the preconditioner is ``1 / (col2 + lambda)``."""
     from funcopt import solvers
 
-    b = gn.vjp(rhs)
-    op = solvers.matrix_free(lambda v: gn.gnvp(v) + damping * v, gn.size, dtype=b.dtype,
-                             device=b.device, symmetric=True, positive_definite=True)
+    dtype, device = gn.residuals.dtype, gn.residuals.device
+    op = solvers.matrix_free(lambda v: gn.gnvp(v) + damping * v, gn.size, dtype=dtype,
+                             device=device, symmetric=True, positive_definite=True)
     cg = solvers.get(solver)
     if col2 is not None:
         diag = col2 + damping
         inv = torch.where(diag > 0, 1.0 / torch.where(diag > 0, diag, 1.0), 1.0)
         cg = solvers.CG(tol=cg.tol, atol=cg.atol, maxiter=cg.maxiter,
                         preconditioner=lambda r: inv * r, check_every=cg.check_every)
-    sol = cg.solve_unchecked(op, b)
-    return -sol.x, sol.success
+    return cg, cg.init(op)
+
+
+def _matrix_free_solve(gn, factored, rhs):
+    """``delta = -(J^T J + lambda I)^{-1} J^T rhs`` with the CG state of
+    :func:`_matrix_free_factor`."""
+    cg, state = factored
+    sol = cg.compute(state, gn.vjp(rhs))
+    return -sol.value, sol.success
 
 
 class _Local(NamedTuple):
-    """The Gauss-Newton model at ``x``: ``solve(lambda, u) = -(J^T J + lambda D)^{-1} J^T u``
-    and ``jv(v) = J v``; ``d`` the scaling (``D = diag(d^2)``), ``cos`` MINPACK's ``gnorm``."""
+    """The Gauss-Newton model at ``x``: ``factor(lambda)`` factorises ``J^T J + lambda D``
+    once, ``solve(factored, u) = -(J^T J + lambda D)^{-1} J^T u`` reuses it, and
+    ``jv(v) = J v``; ``d`` the scaling (``D = diag(d^2)``), ``cos`` MINPACK's ``gnorm``."""
 
     x: Tensor
     f: Callable[[Tensor], Tensor]
@@ -188,7 +196,8 @@ class _Local(NamedTuple):
     d: Tensor
     cos: Tensor
     damping: Tensor
-    solve: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+    factor: Callable[[Tensor], Any]
+    solve: Callable[[Any, Tensor], tuple[Tensor, Tensor]]
     jv: Callable[[Tensor], Tensor]
     svd: tuple[Tensor, Tensor, Tensor] | None = None  # trust-region rule, see _normalised_svd
 
@@ -216,9 +225,10 @@ def _linearize(residual_fn, params, args, state, o) -> _Local:
         _require_finite_residuals(torch.isfinite(gn.residuals).all())
         inf = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
         col2 = column_norms_sq(gn, o["chunk"]) if _wants_jacobi(o["solver"]) else None
-        solve = lambda lam, u: _matrix_free_solve(gn, u, lam, o["solver"], col2)
+        factor = lambda lam: _matrix_free_factor(gn, lam, o["solver"], col2)
+        solve = lambda factored, u: _matrix_free_solve(gn, factored, u)
         return _Local(x, f, gn.residuals, scaled_norm(gn.residuals), torch.ones_like(x), inf,
-                      state.damping, solve, gn.jvp)
+                      state.damping, factor, solve, gn.jvp)
     J, r = jacobian(residual_fn, params, *args, mode=o["mode"], chunk_size=o["chunk"])
     _require_dtype(r, x)
     _require_finite_residuals(torch.isfinite(r).all() & torch.isfinite(J).all())
@@ -234,9 +244,9 @@ def _linearize(residual_fn, params, args, state, o) -> _Local:
         d, S = torch.ones_like(x), None
         start = o["tau"] * (col * col).max()
         lam = torch.where(first & (start > 0), start, lam)
-    solve = _scaled_solver(J, S, o["solver"], o["form"])
+    factor, solve = _damped_solver(J, S, o["solver"], o["form"])
     svd = _normalised_svd(J / d, r, rnorm) if o["rule"] == "trust_region" else None
-    return _Local(x, f, r, rnorm, d, cos, lam, solve, lambda v: J @ v, svd)
+    return _Local(x, f, r, rnorm, d, cos, lam, factor, solve, lambda v: J @ v, svd)
 
 
 def _require_dtype(r: Tensor, x: Tensor) -> None:
@@ -288,14 +298,16 @@ def _second_derivative(f, x, r, delta, Jd, h):
 
 
 def _propose(loc: _Local, lam: Tensor, o):
-    """The step (with the geodesic correction when asked), its ``J delta`` and success flag."""
-    delta, ok = loc.solve(lam, loc.r)
+    """The step (with the geodesic correction when asked), its ``J delta`` and success flag.
+    ``J^T J + lambda D`` is factorised once; the correction reuses the factorisation."""
+    factored = loc.factor(lam)
+    delta, ok = loc.solve(factored, loc.r)
     Jd = loc.jv(delta)
     step = delta
     if o["geodesic"]:
         rvv = _second_derivative(loc.f, loc.x, loc.r, delta, Jd, o["fd_step"])
         finite = torch.isfinite(rvv).all()
-        a, ok_a = loc.solve(lam, torch.where(finite, rvv, torch.zeros_like(rvv)))
+        a, ok_a = loc.solve(factored, torch.where(finite, rvv, torch.zeros_like(rvv)))
         dn = scaled_norm(loc.d * delta)
         small = 2.0 * scaled_norm(loc.d * a) <= o["alpha"] * dn
         ok = ok & ok_a & finite & small

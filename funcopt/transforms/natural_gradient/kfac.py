@@ -9,7 +9,7 @@ refresh steps the factors are checked for finiteness and the Cholesky factorisat
 success. While :func:`funcopt.engine.is_tracing` (``torch.compile``, ``torch.func.vmap``)
 there is no host read: the refresh is computed on every step and ``torch.where`` keeps it on
 refresh steps only (so ``curvature`` must then be passed on every step), a failed Cholesky
-factorisation picks the pseudo-inverse the same way, and non-finite factors are not refused
+factorisation picks the eigh pseudo-inverse the same way (:class:`funcopt.solvers.Fallback`), and non-finite factors are not refused
 (they make the update non-finite, which :func:`funcopt.apply_if_finite` can skip).
 """
 
@@ -47,34 +47,21 @@ class KFACState(NamedTuple):
 
 
 def _damped_inverse(m: Tensor, gamma: Tensor) -> Tensor:
-    """``(m + gamma I)^{-1}`` through the solver layer (Cholesky), in float32 or wider.
-
-    A failed factorisation (``success`` False) falls back to the pseudo-inverse of the
-    symmetric eigen-decomposition, so a singular, undamped factor still gives finite numbers.
-    """
+    """``(m + gamma I)^{-1}`` through the solver layer, in float32 or wider: Cholesky, and where
+    it reports failure the eigh pseudo-inverse (``solvers.Fallback(Cholesky(),
+    SVD(hermitian=True))``), so a singular, undamped factor still gives finite numbers. While
+    tracing, both are computed and ``torch.where`` picks (no host read; the eager path checks
+    its input and decides on the host)."""
     from funcopt import solvers
 
     work = m if m.dtype in (torch.float32, torch.float64) else m.float()
     damped = work + gamma.to(work.dtype) * kr.eye(work.shape[0], work.dtype, work.device)
+    op = solvers.dense(damped, symmetric=True, positive_definite=True)
+    eye = kr.eye(work.shape[0], work.dtype, work.device)
+    solver = solvers.Fallback(solvers.Cholesky(), solvers.SVD(hermitian=True), eager=not is_tracing())
     if is_tracing():
-        return _traced_damped_inverse(damped).to(m.dtype)
-    sol = solvers.solve(solvers.dense(damped, symmetric=True, positive_definite=True),
-                        kr.eye(work.shape[0], work.dtype, work.device), solver="cholesky")
-    if bool(sol.success):
-        return sol.x.to(m.dtype)
-    return torch.linalg.pinv(damped, hermitian=True).to(m.dtype)
-
-
-def _traced_damped_inverse(damped: Tensor) -> Tensor:
-    """The solver layer's Cholesky inverse and its success test (a positive pivot ratio above
-    ``min(n, 100) eps``, finite numbers) without host reads: the pseudo-inverse is computed
-    too and ``torch.where`` picks (the solver layer checks its input on the host)."""
-    L, info = torch.linalg.cholesky_ex(damped)
-    d = torch.diagonal(L) ** 2
-    rcond = min(damped.shape[0], 100) * torch.finfo(damped.dtype).eps
-    x = torch.cholesky_solve(kr.eye(damped.shape[0], damped.dtype, damped.device), L)
-    ok = (info == 0) & (d.min() > rcond * d.max()) & torch.isfinite(x).all()
-    return torch.where(ok, x, torch.linalg.pinv(damped, hermitian=True))
+        return solver.compute(solver.init(op), eye).value.to(m.dtype)
+    return solver.solve(op, eye).value.to(m.dtype)
 
 
 def _eigh(m: Tensor) -> tuple[Tensor, Tensor]:

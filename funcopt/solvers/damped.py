@@ -1,0 +1,273 @@
+"""Damped least squares: the Levenberg-Marquardt linear step, in one place.
+
+.. math::  (J^T J + \\lambda D) x = J^T r
+
+:class:`DampedLeastSquares` owns the damping, the column scaling and the choice between the
+primal (``n x n``) and dual (``m x m``) forms; :func:`damped_least_squares` (one solve) and
+the Levenberg-Marquardt transform both use it. Three stages, as lineax's ``init``/``compute``
+with the damping between them:
+
+* ``plan(J, diag, scale=...)``: the checks on ``J`` and ``diag``, the scalings and the form,
+  and the Gram matrix ``J^T J`` (or ``J J^T``) formed once (for a direct inner solver);
+* ``init(plan, damping)``: the damped operator, factorised once by the inner solver;
+* ``compute(state, r)``: ``x`` for one right-hand side ``r`` (call it for several).
+
+References: Levenberg (1944), Marquardt (1963); the dual form as in Nocedal & Wright,
+*Numerical Optimization* (2nd ed.), section 10.3; the column scaling as MINPACK (Moré 1978).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from funcopt.solvers.auto import get
+from funcopt.solvers.base import (
+    GramOperator,
+    LinearSolver,
+    Solution,
+    SolveStats,
+    _damping_tensor,
+    _require_finite,
+    finite_or_zero,
+    gram,
+    gram_dual,
+)
+from funcopt.solvers.krylov import CG, _power_of_two
+
+__all__ = ["DampedLeastSquares", "DampedPlan", "DampedState", "damped_least_squares",
+           "damped_least_squares_solver"]
+
+
+class DampedPlan(NamedTuple):
+    """What :meth:`DampedLeastSquares.plan` prepared for one ``J``.
+
+    ``J``: ``J S^{-1} / gamma`` (``S`` the column scale, ``gamma`` a power of two near
+    ``max |J S^{-1}|``); the operator is built on it (columns scaled again in the dual form). ``gamma``: that power of two. ``scale``: ``S`` or
+    None. ``diag``: ``d`` of ``D = diag(d)`` for ``J`` as solved, or None. ``relative``: the
+    damping scales with ``J^T J`` (Marquardt's ``D``). ``operator``: the undamped primal or
+    dual Gram operator (holding its formed Gram matrix for a direct solver). ``dual_scale``:
+    ``sqrt(d)`` of the column-scaled dual form, or None. ``tiny``: ``gamma < 2^-100``.
+    """
+
+    J: Tensor
+    gamma: Tensor
+    scale: Tensor | None
+    diag: Tensor | None
+    relative: bool
+    operator: GramOperator
+    dual_scale: Tensor | None
+    tiny: bool
+
+
+class DampedState(NamedTuple):
+    """The plan at one damping: the inner solver's state (None when the damping dominates
+    ``J^T J`` beyond the dtype's range, see :class:`DampedLeastSquares`) and the damping."""
+
+    plan: DampedPlan
+    inner: Any
+    damping: Tensor
+
+
+def _dual_scale(J: Tensor, diag: Tensor, form: str) -> Tensor | None:
+    """``sqrt(diag)`` for the column-scaled dual form, or None when it cannot be used.
+
+    A zero entry of ``diag`` is only allowed for an all-zero column of ``J`` (as Marquardt's
+    ``diag(J^T J)`` gives); there the scale is set to 1 (the minimum-norm answer is 0).
+    """
+    bad = bool(((diag == 0) & (J != 0).any(0)).any())
+    if bad:
+        if form == "dual":
+            raise ValueError("damped_least_squares: the dual form with a diag needs diag > 0 "
+                             "wherever J's column is not zero; use form='primal'")
+        return None
+    return torch.sqrt(torch.where(diag > 0, diag, torch.ones_like(diag)))
+
+
+@dataclass(frozen=True)
+class DampedLeastSquares:
+    """The damped Gauss-Newton (Levenberg-Marquardt) step ``x`` solving
+
+    .. math::  (J^T J + \\lambda D) x = J^T r
+
+    * form "primal": the ``n x n`` normal equations, through :func:`gram`;
+    * form "dual": ``(J J^T + \\lambda I) y = r``, ``x = J^T y`` (an ``m x m`` system, the same
+      ``x`` because ``(J^T J + \\lambda I) J^T = J^T (J J^T + \\lambda I)``); with ``D = diag(d)``
+      the columns are scaled first: ``\\tilde J = J S^{-1}``, ``S = diag(sqrt(d))``,
+      ``x = S^{-1} \\tilde J^T (\\tilde J \\tilde J^T + \\lambda I)^{-1} r``;
+    * form "auto" (default): dual when ``m < n``, else primal.
+
+    Column scaling (``plan(J, scale=s)``, MINPACK's variables ``z = diag(s) x``): the system
+    solved is ``(Jt^T Jt + \\lambda I) z = Jt^T r`` with ``Jt = J diag(s)^{-1}``, and
+    ``x = z / s``; this is ``D = diag(s^2)``, better conditioned when the columns of ``J``
+    differ in scale by many orders of magnitude.
+
+    Scaling by ``gamma``, the power of two nearest below ``max |J|``: the system solved is
+    ``(Jh^T Jh + (\\lambda / gamma^2) D) x = Jh^T (r / gamma)``, ``Jh = J / gamma`` (with
+    Marquardt's ``D = diag(J^T J)`` the damping is unchanged), the same system times
+    ``1 / gamma^2``: exact in floating point, and the Gram matrix neither overflows nor
+    underflows for a Jacobian of any finite size. Where ``\\lambda / gamma^2`` overflows
+    (``max |J| < 2^-100`` and a damping that dominates ``J^T J`` beyond the range of the
+    dtype) the answer is ``J^T r / (\\lambda d)`` to working precision and is returned as such
+    (solver name "diagonal"); telling that case apart costs one host sync, only there.
+
+    Args:
+        solver: name or LinearSolver for the inner solve (default "auto"); "cg" stays
+            matrix-free (the Gram matrix is then never formed).
+        form: "auto", "primal" or "dual".
+    """
+
+    solver: str | LinearSolver = "auto"
+    form: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.form not in ("auto", "primal", "dual"):
+            raise ValueError(f"damped_least_squares: form must be 'auto', 'primal' or 'dual'; "
+                             f"got {self.form!r}")
+
+    def plan(self, J: Tensor, diag: Tensor | str | None = None, *,
+             scale: Tensor | None = None) -> DampedPlan:
+        """Check ``J`` and ``diag``, scale, choose the form and form the Gram matrix once.
+
+        Args:
+            J: Jacobian, shape ``(m, n)``, finite (ValueError otherwise).
+            diag: ``D``: None (identity), a tensor ``d`` of shape ``(n,)`` with ``d >= 0``, or
+                "marquardt" for ``diag(J^T J)``.
+            scale: column scale ``s > 0`` of shape ``(n,)`` (``D = diag(s^2)`` solved in the
+                variables ``z = s x``), or None; not together with ``diag``.
+        """
+        if not isinstance(J, Tensor) or J.ndim != 2:
+            raise ValueError(f"damped_least_squares: J must be a 2-D tensor; got {getattr(J, 'shape', J)!r}")
+        if scale is not None and diag is not None:
+            raise ValueError("damped_least_squares: pass diag or scale, not both (scale s means "
+                             "D = diag(s^2) solved in the variables z = s x)")
+        J = J if scale is None else J / scale
+        _require_finite(J, "the Jacobian J")
+        gamma = _power_of_two(J.abs().amax() if J.numel() else J.new_ones(()))
+        Jh = J / gamma
+        relative = isinstance(diag, str)  # Marquardt's D scales with J^T J
+        if isinstance(diag, str):
+            if diag != "marquardt":
+                raise ValueError(f"damped_least_squares: diag must be None, a tensor or 'marquardt'; got {diag!r}")
+            diag = (Jh * Jh).sum(0)
+        if diag is not None and isinstance(diag, Tensor) and bool((diag < 0).any()):
+            raise ValueError("damped_least_squares: diag must be >= 0 (D = diag(diag) scales the damping)")
+        operator, dual_scale = self._operator(Jh, diag)
+        tiny = bool(gamma < 2.0 ** -100)  # host sync, once per J
+        return DampedPlan(Jh, gamma, scale, diag, relative, operator, dual_scale, tiny)
+
+    def _operator(self, J: Tensor, diag: Tensor | None):
+        """The undamped Gram operator of the chosen form and the dual form's column scale."""
+        m, n = J.shape
+        use_dual = self.form == "dual" or (self.form == "auto" and m < n)
+        scale = None
+        if use_dual and diag is not None:
+            scale = _dual_scale(J, diag.to(J), self.form)
+            use_dual = scale is not None
+        if use_dual:
+            Js = J if scale is None else J / scale
+            op = gram_dual(Js, 0.0)
+        else:
+            op = gram(J, 0.0, diag)
+        if not isinstance(get(self.solver), CG):  # a direct solver reads the matrix: form it once
+            op = op.with_gram()
+        return op, scale
+
+    def init(self, plan: DampedPlan, damping: float | Tensor) -> DampedState:
+        """The operator at ``damping`` (``lambda >= 0``, float or 0-d tensor; ValueError for a
+        negative or NaN one, on other devices at the operator check's host sync), factorised
+        once by the inner solver. Raises ValueError when the damped Gram matrix overflows."""
+        lam = _damping_tensor(damping, plan.J)  # ValueError for a negative number (or CPU tensor)
+        lam_h = lam if plan.relative else lam / plan.gamma / plan.gamma
+        if plan.tiny and not plan.relative and bool(torch.isinf(lam_h) & torch.isfinite(lam)):
+            return DampedState(plan, None, lam)
+        op = plan.operator.with_damping(lam_h)
+        op.check_finite()
+        return DampedState(plan, get(self.solver).init(op), lam)
+
+    def compute(self, state: DampedState, r: Tensor) -> Solution:
+        """``x`` for residuals ``r`` of shape ``(m,)`` or ``(m, k)`` (ValueError when ``J^T r``
+        is not finite); ``residual_norm``, when given, is that of the inner system."""
+        plan = state.plan
+        if state.inner is None:
+            return self._unscale(plan, _damping_dominated(plan, r, state.damping))
+        rh = r / plan.gamma
+        inner = get(self.solver)
+        if plan.operator.form == "primal":
+            b = plan.operator.J.mT @ rh
+            _require_finite(b, "the right-hand side b")
+            return self._unscale(plan, inner.compute(state.inner, b))
+        _require_finite(rh, "the right-hand side b")
+        sol = inner.compute(state.inner, rh)
+        x = plan.operator.J.mT @ sol.value
+        if plan.dual_scale is not None:
+            x = x / (plan.dual_scale if x.ndim == 1 else plan.dual_scale[:, None])
+        return self._unscale(plan, sol._replace(value=x))
+
+    @staticmethod
+    def _unscale(plan: DampedPlan, sol: Solution) -> Solution:
+        """``x = z / s`` for a column-scaled plan."""
+        if plan.scale is None:
+            return sol
+        s = plan.scale if sol.value.ndim == 1 else plan.scale[:, None]
+        return sol._replace(value=sol.value.to(s.dtype) / s)
+
+
+def _damping_dominated(plan: DampedPlan, r: Tensor, lam: Tensor) -> Solution:
+    """``x = J^T r / (lambda d)``: the damped step when ``lambda d`` exceeds ``J^T J`` by more
+    than the dtype's range."""
+    Jh, gamma, diag = plan.J, plan.gamma, plan.diag
+    d = torch.ones_like(lam) if diag is None else diag.to(Jh)
+    d = d if r.ndim == 1 or diag is None else d[:, None]
+    x = (Jh.mT @ r) / (lam * d) * gamma
+    x, result = finite_or_zero(x, torch.zeros((), dtype=torch.int64, device=x.device))
+    return Solution(x, result, SolveStats(), "diagonal")
+
+
+def damped_least_squares(J: Tensor, r: Tensor, damping: float | Tensor,
+                         diag: Tensor | str | None = None, *, solver: str | LinearSolver = "auto",
+                         form: str = "auto") -> Solution:
+    """The damped Gauss-Newton (Levenberg-Marquardt) step: ``x`` solving
+    ``(J^T J + lambda D) x = J^T r`` (see :class:`DampedLeastSquares` for the forms and the
+    scaling); ``plan``, ``init`` and ``compute`` in one call.
+
+    Args:
+        J: Jacobian, shape ``(m, n)``; ``J``: m residuals by n unknowns.
+        r: residuals ``r``, shape ``(m,)`` or ``(m, k)``. The step that decreases
+            ``||r(p)||^2`` is ``p - x`` when ``J = dr/dp``.
+        damping: ``lambda >= 0``, float or 0-d tensor. A negative (or NaN) damping raises
+            ValueError: a number or a CPU tensor at once; a tensor on another device when the
+            operator is checked (the host sync it already makes).
+        diag: ``D``: None (identity), a tensor ``d`` of shape ``(n,)`` with ``d >= 0``, or
+            "marquardt" for ``diag(J^T J)``.
+        solver: name or LinearSolver for the inner solve (default "auto"); "cg" stays matrix-free.
+        form: "auto", "primal" or "dual".
+
+    Returns:
+        A :class:`Solution` with ``value`` of shape ``(n,)`` or ``(n, k)``; ``residual_norm``,
+        when given, is that of the inner (primal or dual) system.
+    """
+    if not isinstance(J, Tensor) or J.ndim != 2:
+        raise ValueError(f"damped_least_squares: J must be a 2-D tensor; got {getattr(J, 'shape', J)!r}")
+    if not isinstance(r, Tensor) or r.ndim not in (1, 2) or r.shape[0] != J.shape[0]:
+        raise ValueError(f"damped_least_squares: r must have shape ({J.shape[0]},) or ({J.shape[0]}, k) "
+                         f"for J of shape {tuple(J.shape)}; got {getattr(r, 'shape', r)!r}")
+    _require_finite(r, "the residuals r")
+    return damped_least_squares_solver(J, diag, solver=solver, form=form)(damping, r)
+
+
+def damped_least_squares_solver(J: Tensor, diag: Tensor | str | None = None, *,
+                                solver: str | LinearSolver = "auto",
+                                form: str = "auto") -> Callable[[float | Tensor, Tensor], Solution]:
+    """:func:`damped_least_squares` for one ``J`` and many dampings and right-hand sides:
+    returns ``step(damping, r) -> Solution``, ``compute(init(plan, damping), r)`` of
+    :class:`DampedLeastSquares` on one ``plan(J, diag)`` (the checks, scalings and the Gram
+    matrix are done once). To solve several ``r`` at one damping with one factorisation, use
+    the class's ``init`` and ``compute`` directly."""
+    dls = DampedLeastSquares(solver, form)
+    plan = dls.plan(J, diag)
+    return lambda damping, r: dls.compute(dls.init(plan, damping), r)
