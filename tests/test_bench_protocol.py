@@ -172,7 +172,8 @@ def test_seeds_give_one_row_each_and_the_summary_is_their_mean_and_sd(tmp_path):
     for r in rows:
         assert {"learning_rate", "schedule", "batch_size", "seed", "wall_s",
                 "time_per_step_s", "setup_s", "state_bytes", "peak_mb"} <= set(r)
-        assert r["learning_rate"] == 3e-3 and r["batch_size"] == 128 and r["schedule"] == "constant"
+        assert r["learning_rate"] == pytest.approx(3e-3 * 10 ** 0.5)  # default x lr_scale
+        assert r["batch_size"] == 128 and r["schedule"] == "constant"
     assert f"{summary['test_loss']:.4g} ± " in (out / "report.md").read_text()
 
 

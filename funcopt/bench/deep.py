@@ -80,7 +80,8 @@ def _token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _char_lm(seed: int, device: torch.device, *, context: int, width: int, layers: int,
-             batch_size: int, steps: int, eval_windows: int, target: float) -> Problem:
+             batch_size: int, steps: int, eval_windows: int, target: float,
+             lr_scale: float = 1.0) -> Problem:
     chars, ids = _encoded()
     n = len(ids)
     train, val, test = ids[: int(0.9 * n)], ids[int(0.9 * n): int(0.95 * n)], ids[int(0.95 * n):]
@@ -122,7 +123,7 @@ def _char_lm(seed: int, device: torch.device, *, context: int, width: int, layer
         validate=lambda p: score(p, val_batch), kind="language-model", batch_size=batch_size,
         loss_name="cross-entropy per character (nats)", target=target,
         capture={"loss": _token_loss, "loss_average": "batch+sequence"},
-        extra={"vocab": len(chars), "characters": n, "context": context},
+        extra={"vocab": len(chars), "characters": n, "context": context}, lr_scale=lr_scale,
     )
 
 
@@ -140,7 +141,7 @@ def char_transformer(seed: int, device: torch.device) -> Problem:
     """A 2-layer, 32-wide character transformer (context 32, about 30k parameters) on Python's
     documentation text; cross-entropy per character on held-out text."""
     return _char_lm(seed, device, context=32, width=32, layers=1, batch_size=16, steps=60,
-                    eval_windows=64, target=2.7)
+                    eval_windows=64, target=2.7, lr_scale=10 ** 0.5)  # short run: larger rates
 
 
 @register("char-transformer-large", full=True)
@@ -195,7 +196,8 @@ def _cnn(width: int) -> nn.Module:
 
 
 def _shapes(seed: int, device: torch.device, *, n_train: int, n_val: int, n_test: int,
-            width: int, batch_size: int, steps: int, target: float) -> Problem:
+            width: int, batch_size: int, steps: int, target: float,
+            lr_scale: float = 1.0) -> Problem:
     x, y = shapes_images(n_train + n_val + n_test)  # fixed data; ``seed`` picks the split
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     x, y = x[perm], y[perm]
@@ -204,7 +206,7 @@ def _shapes(seed: int, device: torch.device, *, n_train: int, n_val: int, n_test
     torch.manual_seed(seed)
     model = _cnn(width).to(device)
     return classifier(model, tuple(t.to(device) for t in data), seed, batch_size=batch_size,
-                      steps=steps, target=target)
+                      steps=steps, target=target, lr_scale=lr_scale)
 
 
 @register("cifar-cnn", default=True, full=False)
@@ -212,7 +214,7 @@ def cifar_cnn(seed: int, device: torch.device) -> Problem:
     """A 3-conv CNN (8-16-32 channels, about 6k parameters) on 512 generated CIFAR-sized
     (3x32x32) images in 10 classes (:func:`shapes_images`); 256 validation, 512 test."""
     return _shapes(seed, device, n_train=512, n_val=256, n_test=512, width=8, batch_size=32,
-                   steps=60, target=0.5)
+                   steps=60, target=0.5, lr_scale=10 ** 0.5)  # short run: larger rates
 
 
 @register("cifar-cnn-large", full=True)
