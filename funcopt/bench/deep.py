@@ -67,6 +67,7 @@ class CharTransformer(nn.Module):
         b, t = tokens.shape
         h = self.embed(tokens) + self.position(torch.arange(t, device=tokens.device))
         for blk in self.blocks:
+            assert isinstance(blk, nn.ModuleDict)
             q, k, v = blk["qkv"](blk["norm1"](h)).split(h.shape[-1], dim=-1)
             q, k, v = (z.reshape(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
             a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)

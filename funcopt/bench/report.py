@@ -89,7 +89,7 @@ def not_run(results: list[Result]) -> str:
     if skipped:
         lines += ["", "Not applicable (not run):", ""]
         for reason, by_opt in skipped.items():
-            pairs = {}
+            pairs: dict[str, list[str]] = {}
             for opt, probs in by_opt.items():
                 pairs.setdefault(", ".join(probs), []).append(opt)
             lines += [f"- {', '.join(opts)} on {probs}: {reason}" for probs, opts in pairs.items()]

@@ -228,8 +228,8 @@ class _PeakMemory:
             hwm = _proc_status_kb("VmHWM")
             if hwm is not None:
                 return hwm / 1024, "process peak RSS over the run (VmHWM, reset at its start)"
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        kb = kb / 1024 if sys.platform == "darwin" else kb  # bytes on macOS, KiB on Linux
+        raw = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        kb = raw / 1024 if sys.platform == "darwin" else float(raw)  # bytes on macOS, KiB on Linux
         return kb / 1024, "process peak RSS since the process started (getrusage; no reset here)"
 
 

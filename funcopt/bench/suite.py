@@ -17,6 +17,7 @@ deviation intervals do not overlap (and never from one seed).
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Callable
@@ -70,7 +71,7 @@ def run_suite(problems: list[str], optimizers: list[str], *, seeds: list[int], t
         for opt in optimizers:
             first = run(prob, opt, seeds[0], None)
             if tune and opt in LEARNING_RATES and first.status != "skipped":
-                first, sweep = _tune(first, grid, lambda lr, p=prob, o=opt: run(p, o, seeds[0], lr))
+                first, sweep = _tune(first, grid, functools.partial(run, prob, opt, seeds[0]))
                 sweeps.append(sweep)
             results.append(first)
             if first.status == "skipped":
