@@ -1,5 +1,9 @@
 """``python -m funcopt.bench``: run a suite of problems x optimizers and write a report folder.
 
+``--suite quick`` (the default, ``make demo``): the quick problems, one seed, a 3-point
+learning-rate sweep per optimizer. ``--suite full``: larger problems, 3 seeds, a 5-point sweep
+(meant for ``--device cuda``). ``--problems``, ``--seeds`` and ``--tune`` override the suite's.
+
 Every option (names, numbers, device, plugins, the report folder) is checked before anything
 runs; a bad one exits with status 1 and one line saying what is wrong and how to fix it.
 """
@@ -7,6 +11,7 @@ runs; a bad one exits with status 1 and one line saying what is wrong and how to
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import importlib
 import importlib.util
@@ -18,15 +23,28 @@ from pathlib import Path
 import torch
 
 from funcopt.bench.optimizers import DEFAULT_OPTIMIZERS, OPTIMIZERS
-from funcopt.bench.problems import DEFAULT_PROBLEMS, PROBLEMS, missing_packages
+from funcopt.bench.problems import DEFAULT_PROBLEMS, FULL_PROBLEMS, PROBLEMS, missing_packages
+from funcopt.bench.run import WARMUP_STEPS
+from funcopt.bench.suite import EVALS, GRIDS, SEEDS
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m funcopt.bench", description=__doc__)
     p.add_argument("--problems", help="comma-separated problem names (default: the default suite)")
     p.add_argument("--optimizers", help="comma-separated optimizer names (default: all)")
+    p.add_argument("--suite", choices=("quick", "full"), default="quick",
+                   help="quick (default): small problems, 1 seed, 3 learning rates; full: "
+                        "larger problems, 3 seeds, 5 learning rates")
     p.add_argument("--steps", type=int, help="steps per run (default: each problem's own)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the first seed (default 0)")
+    p.add_argument("--seeds", type=int,
+                   help="seeds per (problem, optimizer): --seed, --seed + 1, ... (default: 1 in "
+                        "the quick suite, 3 in the full one)")
+    p.add_argument("--tune", choices=("on", "off"), default="on",
+                   help="on (default): sweep each optimizer's learning rate on a log grid and "
+                        "keep the best on the validation split; off: each one's default")
+    p.add_argument("--warmup", type=int, default=WARMUP_STEPS,
+                   help=f"untimed steps on a copy before the timed run (default {WARMUP_STEPS})")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--out", default="bench-report",
                    help="report folder: a new or empty folder, or an earlier report, which is "
@@ -84,8 +102,13 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise _fail("--steps must be at least 1")
     if args.threads < 1:
         raise _fail("--threads must be at least 1")
-    if not 0 <= args.seed < 2**63:
-        raise _fail("--seed must be between 0 and 2**63 - 1")
+    if args.seeds is not None and not 1 <= args.seeds <= 100:
+        raise _fail("--seeds must be between 1 and 100")
+    if args.warmup < 0:
+        raise _fail("--warmup must be 0 or more")
+    n = args.seeds or 1
+    if not 0 <= args.seed <= 2**63 - n:
+        raise _fail(f"--seed must be between 0 and 2**63 - {n} (seeds run from --seed up)")
 
 
 def _load_plugin(spec: str) -> None:
@@ -141,7 +164,8 @@ def _print_list() -> None:
 
     print("problems:  ", ", ".join(map(tag, PROBLEMS)))
     print("optimizers:", ", ".join(OPTIMIZERS))
-    print("(* = in the default suite)")
+    print("(* = in the quick suite, the default; --suite full runs "
+          f"{', '.join(FULL_PROBLEMS)})")
 
 
 def _check_packages(problems: list[str]) -> None:
@@ -160,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         _print_list()
         return 0
-    problems = _choose(args.problems, PROBLEMS, DEFAULT_PROBLEMS, "problem")
+    suite = FULL_PROBLEMS if args.suite == "full" else DEFAULT_PROBLEMS
+    problems = _choose(args.problems, PROBLEMS, suite, "problem")
     optimizers = _choose(args.optimizers, OPTIMIZERS, DEFAULT_OPTIMIZERS, "optimizer")
     _check_packages(problems)
     device = _device(args.device)
@@ -186,28 +211,29 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, problems, optimizers, device, partial: Path, no_plots: str | None) -> int:
     from funcopt.bench.report import markdown_table, write_report
-    from funcopt.bench.run import run_one
+    from funcopt.bench.suite import run_suite
 
     torch.set_num_threads(args.threads)
-    jobs = [(p, o) for p in problems for o in optimizers]
-    try:
-        from tqdm import tqdm
-        bar = tqdm(jobs, disable=args.no_progress, file=sys.stderr, unit="run")
-    except ImportError:
-        bar = jobs
-    results = []
+    n_seeds = args.seeds or SEEDS[args.suite]
+    seeds = [args.seed + i for i in range(n_seeds)]
+    grid = GRIDS[args.suite]
+    bar = _progress(args, len(problems) * len(optimizers) * (len(grid) + n_seeds - 1))
     t0 = time.perf_counter()
-    for prob, opt in bar:
-        if hasattr(bar, "set_description"):
-            bar.set_description(f"{prob} / {opt}")
-        results.append(run_one(prob, opt, seed=args.seed, device=device, steps=args.steps))
-    meta = {"seed": args.seed, "device": str(device), "steps": args.steps,
-            "threads": args.threads, "problems": problems, "optimizers": optimizers,
+    results, sweeps = run_suite(problems, optimizers, seeds=seeds, tune=args.tune == "on",
+                                grid=grid, device=device, steps=args.steps,
+                                warmup=args.warmup, evals=EVALS[args.suite], progress=bar)
+    meta = {"suite": args.suite, "seed": args.seed, "seeds": seeds, "tune": args.tune == "on",
+            "grid": list(grid) if args.tune == "on" else [], "warmup": args.warmup,
+            "evals": EVALS[args.suite],
+            "device": str(device), "steps": args.steps, "threads": args.threads,
+            "problems": problems, "optimizers": optimizers,
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "total_s": time.perf_counter() - t0, "no_plots": no_plots}
+    bar.close()
     print(markdown_table(results))
     try:
         write_report(results, Path(args.out), meta, partial=partial, force=args.force,
-                     plots=no_plots is None)
+                     plots=no_plots is None, sweeps=sweeps)
     except ValueError as e:  # --out changed while the runs went on
         raise _fail(f"--out {e}; the report was not written") from None
     except OSError as e:  # a full disk, a folder removed under us
@@ -215,6 +241,29 @@ def _run(args, problems, optimizers, device, partial: Path, no_plots: str | None
                     "replaced") from None
     print(f"\nreport: {args.out}/report.md ({time.perf_counter() - t0:.0f} s)")
     return 1 if any(r.status == "failed" for r in results) else 0
+
+
+class _progress:
+    """A progress bar over at most ``total`` runs (tqdm when installed and not --no-progress);
+    called with each run's label."""
+
+    def __init__(self, args, total: int):
+        self.bar = None
+        if not args.no_progress:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, file=sys.stderr, unit="run")
+            except ImportError:
+                pass
+
+    def __call__(self, label: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(label, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Optimizers the benchmark runs, each as a builder ``build(problem) -> Runner``.
+"""Optimizers the benchmark runs, each as a builder ``build(problem) -> Runner``, or
+``build(problem, lr) -> Runner`` for one registered with a default learning rate (the
+benchmark then tunes ``lr`` on a log grid around that default times ``problem.lr_scale``).
 
 A :class:`Runner` is what one training loop needs: ``init(params) -> state`` and
 ``step(params, state, batch) -> (params, state, loss)``, plus ``eval_params`` for methods whose
@@ -10,7 +12,7 @@ Levenberg-Marquardt on a problem with no residuals) or is not part of this insta
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,7 +21,8 @@ from torch.func import grad_and_value
 import funcopt as fo
 from funcopt.bench.problems import Problem, check_name
 
-__all__ = ["Runner", "Unavailable", "OPTIMIZERS", "DEFAULT_OPTIMIZERS", "register_optimizer"]
+__all__ = ["Runner", "Unavailable", "OPTIMIZERS", "DEFAULT_OPTIMIZERS", "LEARNING_RATES",
+           "register_optimizer"]
 
 
 class Unavailable(Exception):
@@ -28,26 +31,43 @@ class Unavailable(Exception):
 
 @dataclass
 class Runner:
+    """init(params) -> state; step(params, state, batch) -> (params, state, loss);
+    eval_params(params, state) -> the point to evaluate; settings: what the report shows
+    beside the learning rate (``schedule``, and ``batch_size`` where the method picks it)."""
+
     init: Callable[[Any], Any]
     step: Callable[[Any, Any, Any], tuple[Any, Any, torch.Tensor]]
     eval_params: Callable[[Any, Any], Any] = lambda params, state: params
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
-OPTIMIZERS: dict[str, Callable[[Problem], Runner]] = {}
+OPTIMIZERS: dict[str, Callable[..., Runner]] = {}
 DEFAULT_OPTIMIZERS: list[str] = []
+LEARNING_RATES: dict[str, float] = {}  # default learning rate of each tunable optimizer
 
 
-def register_optimizer(name: str, *, default: bool = True):
-    """Register ``build(problem) -> Runner`` under ``name`` (in the default set unless
-    ``default=False``); a name already taken is a ValueError."""
+def register_optimizer(name: str, *, default: bool = True, lr: float | None = None):
+    """Register a builder under ``name`` (in the default set unless ``default=False``).
+
+    lr: the default learning rate. Given, the builder is called ``build(problem, lr=value)``
+        and the benchmark tunes ``value`` (``--tune off`` uses ``lr * problem.lr_scale``);
+        ``None`` (a method with no learning rate), it is called ``build(problem)``.
+    A name already taken, or an ``lr`` that is not a positive number, is a ValueError.
+    """
     check_name(name, "optimizer")
     if name in OPTIMIZERS:
         raise ValueError(f"an optimizer named {name!r} is already registered; pick another name")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))
+                           or not 0 < lr < float("inf")):
+        raise ValueError(f"register_optimizer({name!r}, lr={lr!r}): lr must be a positive "
+                         "number (the default learning rate), or None for no learning rate")
 
-    def wrap(build: Callable[[Problem], Runner]):
+    def wrap(build: Callable[..., Runner]):
         if name in OPTIMIZERS:
             raise ValueError(f"an optimizer named {name!r} is already registered; pick another name")
         OPTIMIZERS[name] = build
+        if lr is not None:
+            LEARNING_RATES[name] = float(lr)
         if default:
             DEFAULT_OPTIMIZERS.append(name)
         return build
@@ -61,7 +81,8 @@ def _need(*names: str) -> None:
         raise Unavailable(f"funcopt has no {', '.join(missing)} in this version")
 
 
-def _gradient_runner(problem: Problem, tx: fo.GradientTransformation, eval_params=None) -> Runner:
+def _gradient_runner(problem: Problem, tx: fo.GradientTransformation, eval_params=None,
+                     schedule: str = "constant") -> Runner:
     gv = grad_and_value(problem.loss_fn)
 
     def step(params, state, batch):
@@ -69,37 +90,42 @@ def _gradient_runner(problem: Problem, tx: fo.GradientTransformation, eval_param
         updates, state = tx.update(grads, state, params)
         return fo.apply_updates(params, updates), state, loss
 
-    return Runner(tx.init, step, eval_params or (lambda p, s: p))
+    return Runner(tx.init, step, eval_params or (lambda p, s: p), {"schedule": schedule})
 
 
-def _first_order(alias: str, lr: float, **kwargs):
-    def build(problem: Problem) -> Runner:
+def _no_curve_fits(problem: Problem) -> None:
+    if problem.kind == "curve-fit":
+        raise Unavailable("first-order methods are not run on the curve fits (see LM)")
+
+
+def _first_order(alias: str, **kwargs):
+    def build(problem: Problem, lr: float) -> Runner:
         _need(alias)
-        if problem.kind == "curve-fit":
-            raise Unavailable("first-order methods are not run on the curve fits (see LM)")
-        return _gradient_runner(problem, getattr(fo, alias)(lr * problem.lr_scale, **kwargs))
+        _no_curve_fits(problem)
+        return _gradient_runner(problem, getattr(fo, alias)(lr, **kwargs))
 
     return build
 
 
-register_optimizer("sgd-momentum")(_first_order("sgd", 0.1, momentum=0.9))
-register_optimizer("adamw")(_first_order("adamw", 3e-3, weight_decay=1e-4))
-register_optimizer("lion")(_first_order("lion", 1e-3, weight_decay=1e-4))
-register_optimizer("soap")(_first_order("soap", 3e-3))
-register_optimizer("psgd")(_first_order("psgd_kron", 1e-2))
+register_optimizer("sgd-momentum", lr=0.1)(_first_order("sgd", momentum=0.9))
+register_optimizer("adamw", lr=3e-3)(_first_order("adamw", weight_decay=1e-4))
+register_optimizer("lion", lr=3e-3)(_first_order("lion", weight_decay=1e-4))
+register_optimizer("soap", lr=3e-3)(_first_order("soap"))
+register_optimizer("psgd", lr=1e-2)(_first_order("psgd_kron"))
 
 
-@register_optimizer("sf-adamw")
-def _sf_adamw(problem: Problem) -> Runner:
+@register_optimizer("sf-adamw", lr=1e-2)
+def _sf_adamw(problem: Problem, lr: float) -> Runner:
     _need("schedule_free_adamw", "schedule_free_eval_params")
-    if problem.kind == "curve-fit":
-        raise Unavailable("first-order methods are not run on the curve fits (see LM)")
-    tx = fo.schedule_free_adamw(1e-2 * problem.lr_scale, warmup_steps=10)
-    return _gradient_runner(problem, tx, eval_params=fo.schedule_free_eval_params)
+    _no_curve_fits(problem)
+    tx = fo.schedule_free_adamw(lr, warmup_steps=10)
+    return _gradient_runner(problem, tx, eval_params=fo.schedule_free_eval_params,
+                            schedule="schedule-free, 10 warm-up steps")
 
 
 @register_optimizer("lm")
 def _lm(problem: Problem) -> Runner:
+    """Levenberg-Marquardt: no learning rate (its damping adapts at every step), not tuned."""
     _need("levenberg_marquardt")
     if problem.residual_fn is None:
         raise Unavailable("the problem has no residual function")
@@ -115,18 +141,20 @@ def _lm(problem: Problem) -> Runner:
         params = fo.apply_updates(params, updates)
         return params, state, problem.loss_fn(params, batch).detach()
 
-    return Runner(tx.init, step)
+    return Runner(tx.init, step, settings={"schedule": "adaptive damping (no learning rate)"})
 
 
-@register_optimizer("adamw-norm-test")
-def _adamw_norm_test(problem: Problem) -> Runner:
-    """AdamW whose batch grows by the norm test (AdAdaGrad), from 32 samples up to the data."""
+@register_optimizer("adamw-norm-test", lr=3e-3)
+def _adamw_norm_test(problem: Problem, lr: float) -> Runner:
+    """AdamW whose batch grows by the norm test (AdAdaGrad), from 32 samples up to 128 (or
+    the whole training set, if smaller)."""
     _need("norm_test", "gradient_and_stats", "find_batch_test_state")
-    if problem.model is None or problem.data is None:
-        raise Unavailable("needs a model and a data set (per-sample statistics)")
+    if problem.model is None or problem.data is None or problem.kind != "classification":
+        raise Unavailable("needs a classifier with a model and a data set (per-sample statistics)")
     x, y = problem.data
-    tx = fo.chain(fo.norm_test(eta=1.0, batch_size=32, max_batch_size=len(y)),
-                  fo.adamw(3e-3 * problem.lr_scale, weight_decay=1e-4))
+    most = min(len(y), 128)
+    tx = fo.chain(fo.norm_test(eta=1.0, batch_size=32, max_batch_size=most),
+                  fo.adamw(lr, weight_decay=1e-4))
     output_loss = lambda out, target: torch.nn.functional.cross_entropy(out, target, reduction="none")
     gen = torch.Generator().manual_seed(1234)
 
@@ -137,26 +165,32 @@ def _adamw_norm_test(problem: Problem) -> Runner:
         updates, state = tx.update(g, state, params, per_sample_stats=stats, batch_size=b)
         return fo.apply_updates(params, updates), state, loss
 
-    return Runner(tx.init, step)
+    return Runner(tx.init, step, settings={
+        "schedule": "constant", "batch_size": f"adaptive, 32 to {most} (norm test)"})
 
 
-def _curvature(name: str, lr: float, **kwargs):
-    def build(problem: Problem) -> Runner:
+def _curvature(name: str, **kwargs):
+    def build(problem: Problem, lr: float) -> Runner:
         _need(name)
-        if problem.model is None or problem.kind != "classification":
+        if problem.model is None or problem.kind not in ("classification", "language-model"):
             raise Unavailable("needs an nn.Module classifier (layer statistics are captured)")
-        tx = getattr(fo, name)(problem.model, lr * problem.lr_scale, **kwargs)
+        settings = {"schedule": "constant"}
+        extra = {}
+        if problem.kind == "language-model":  # embeddings and norms: AdamW at its default
+            extra["fallback"] = fo.adamw(3e-3 * problem.lr_scale, weight_decay=1e-4)
+            settings["fallback"] = f"adamw lr {3e-3 * problem.lr_scale:g} outside Linear layers"
+        tx = getattr(fo, name)(problem.model, lr, **kwargs, **extra)
 
         def step(params, state, batch):
             x, y = batch
-            cap = fo.func.capture_curvature(problem.model, params, x, y)
+            cap = fo.func.capture_curvature(problem.model, params, x, y, **problem.capture)
             updates, state = tx.update(cap.grads, state, params, curvature=cap)
             return fo.apply_updates(params, updates), state, cap.loss.detach()
 
-        return Runner(tx.init, step)
+        return Runner(tx.init, step, settings=settings)
 
     return build
 
 
-register_optimizer("singd")(_curvature("singd", 3e-2, momentum=0.9, weight_decay=1e-4))
-register_optimizer("kfac")(_curvature("kfac", 2e-2, momentum=0.9, damping=1e-1, T=5))
+register_optimizer("singd", lr=3e-2)(_curvature("singd", momentum=0.9, weight_decay=1e-4))
+register_optimizer("kfac", lr=2e-2)(_curvature("kfac", momentum=0.9, damping=1e-1, T=5))

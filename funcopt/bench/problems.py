@@ -23,7 +23,8 @@ from torch.func import functional_call
 
 import funcopt as fo
 
-__all__ = ["Problem", "register", "PROBLEMS", "DEFAULT_PROBLEMS", "REQUIRES", "missing_packages"]
+__all__ = ["Problem", "register", "PROBLEMS", "DEFAULT_PROBLEMS", "FULL_PROBLEMS", "REQUIRES",
+           "missing_packages"]
 
 Batch = Any
 
@@ -35,7 +36,11 @@ class Problem:
     params:      the initial parameter pytree (detached tensors).
     loss_fn:     ``loss_fn(params, batch) -> 0-d tensor``.
     batches:     ``batches(step) -> batch``: deterministic for a seed.
-    evaluate:    ``evaluate(params) -> {"loss": float, ...}`` on held-out or full data.
+    evaluate:    ``evaluate(params) -> {"loss": float, ...}`` on held-out test data (or all the
+                 data, for curve fits); called once, at the end of a run.
+    validate:    ``validate(params) -> {"loss": float, ...}`` on a validation split, called along
+                 the run: it picks the learning rate, draws the curves and times the target.
+                 Default: ``evaluate``.
     residual_fn: ``residual_fn(params, batch) -> 1-D tensor`` with ``loss = 0.5 * sum(r**2)``
                  up to a constant factor; problems without one skip least-squares methods.
     model:       the ``nn.Module`` whose ``functional_call`` the loss uses, for methods that
@@ -44,6 +49,12 @@ class Problem:
                  need per-sample gradients (adaptive batch sizes); with ``data=(x, y)``.
     steps:       the default number of steps.
     lr_scale:    multiplies every optimizer's default learning rate on this problem.
+    batch_size:  samples per step, shown with the results (``None``: the whole data set).
+    loss_name:   what ``loss`` is, for the report and the plots' y axes.
+    target:      a validation loss; the report gives the steps and seconds to reach it
+                 (``None``: no time to target for this problem).
+    capture:     keyword arguments for ``funcopt.func.capture_curvature`` (KFAC, SINGD), e.g. a
+                 loss for sequence outputs.
     """
 
     params: Any
@@ -58,10 +69,16 @@ class Problem:
     lr_scale: float = 1.0
     kind: str = "classification"
     extra: dict[str, Any] = field(default_factory=dict)
+    validate: Callable[[Any], dict[str, float]] | None = None
+    batch_size: int | None = None
+    loss_name: str = "cross-entropy (nats)"
+    target: float | None = None
+    capture: dict[str, Any] = field(default_factory=dict)
 
 
 PROBLEMS: dict[str, Callable[[int, torch.device], Problem]] = {}
-DEFAULT_PROBLEMS: list[str] = []
+DEFAULT_PROBLEMS: list[str] = []  # the quick suite (``make demo``)
+FULL_PROBLEMS: list[str] = []  # ``--suite full``
 
 
 REQUIRES: dict[str, tuple[str, ...]] = {}
@@ -74,10 +91,13 @@ def check_name(name: str, what: str) -> None:
                          f"(it is given as --{what}s a,b,c)")
 
 
-def register(name: str, *, default: bool = False, requires: tuple[str, ...] = ()):
+def register(name: str, *, default: bool = False, full: bool | None = None,
+             requires: tuple[str, ...] = ()):
     """Register ``factory(seed, device) -> Problem`` under ``name``.
 
-    default:  put it in the suite that runs when ``--problems`` is not given.
+    default:  put it in the quick suite, the one that runs when neither ``--problems`` nor
+              ``--suite full`` is given.
+    full:     put it in ``--suite full`` (default: as ``default``).
     requires: import names of packages the factory needs; the command line refuses to run the
               problem, before any work, when one is not installed.
     A name already taken is a ValueError.
@@ -93,6 +113,8 @@ def register(name: str, *, default: bool = False, requires: tuple[str, ...] = ()
         REQUIRES[name] = tuple(requires)
         if default:
             DEFAULT_PROBLEMS.append(name)
+        if default if full is None else full:
+            FULL_PROBLEMS.append(name)
         return factory
 
     return wrap
@@ -106,32 +128,42 @@ def missing_packages(name: str) -> list[str]:
 # --------------------------------------------------------------------------- data
 
 
+def _split(x: torch.Tensor, y: torch.Tensor, n_val: int, seed: int):
+    """Shuffle (x, y) with ``seed`` and cut ``n_val`` samples off the end for validation."""
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    x, y = x[perm], y[perm]
+    return x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:]
+
+
 def _digits(device: torch.device, seed: int, image: bool = False):
+    """scikit-learn's 1,797 digits: 1,150 train, 250 validation, 397 test (split by ``seed``)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.tensor(d.data, dtype=torch.float32) / 16.0
     y = torch.tensor(d.target, dtype=torch.int64)
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(y), generator=g)
-    x, y = x[perm], y[perm]
     if image:
         x = x.reshape(-1, 1, 8, 8)
-    n_train = 1400
-    return (x[:n_train].to(device), y[:n_train].to(device), x[n_train:].to(device), y[n_train:].to(device))
+    xa, ya, xte, yte = _split(x, y, 397, seed)
+    xtr, ytr, xva, yva = xa[:1150], ya[:1150], xa[1150:], ya[1150:]
+    return tuple(t.to(device) for t in (xtr, ytr, xva, yva, xte, yte))
 
 
 def _mnist1d(device: torch.device, seed: int):
+    """MNIST-1D (fixed data set): 3,500 train, 500 validation (split by ``seed``), 1,000 test."""
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
-    args.seed = 42  # the dataset itself is fixed; ``seed`` drives init and batching
+    args.seed = 42  # the dataset itself is fixed; ``seed`` drives init, split and batching
     d = make_dataset(args)
-    to = lambda a, dt: torch.as_tensor(a, dtype=dt).to(device)
-    return to(d["x"], torch.float32), to(d["y"], torch.int64), to(d["x_test"], torch.float32), to(d["y_test"], torch.int64)
+    to = lambda a, dt: torch.as_tensor(a, dtype=dt)
+    xtr, ytr, xva, yva = _split(to(d["x"], torch.float32), to(d["y"], torch.int64), 500, seed)
+    xte, yte = to(d["x_test"], torch.float32), to(d["y_test"], torch.int64)
+    return tuple(t.to(device) for t in (xtr, ytr, xva, yva, xte, yte))
 
 
-def _minibatches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
+def minibatches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
+    """``batches(step)``: epochs of shuffled minibatches, the same for the same ``seed``."""
     g = torch.Generator().manual_seed(seed + 1)
     n = len(y)
     cache: dict[int, torch.Tensor] = {}
@@ -147,8 +179,10 @@ def _minibatches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
     return batches
 
 
-def _classifier(model: nn.Module, data, seed: int, batch_size: int, steps: int, lr_scale=1.0) -> Problem:
-    xtr, ytr, xte, yte = data
+def classifier(model: nn.Module, data, seed: int, batch_size: int, steps: int, *,
+               target: float | None = None, lr_scale: float = 1.0) -> Problem:
+    """A cross-entropy classification problem from ``data = (xtr, ytr, xva, yva, xte, yte)``."""
+    xtr, ytr, xva, yva, xte, yte = data
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
 
     def logits(p, x):
@@ -167,18 +201,21 @@ def _classifier(model: nn.Module, data, seed: int, batch_size: int, steps: int, 
         return nn.functional.cross_entropy(logits(p, x[None]), y[None])
 
     @torch.no_grad()
+    def scores(p, x, y):
+        z = logits(p, x)
+        return {"loss": float(nn.functional.cross_entropy(z, y)),
+                "accuracy": float((z.argmax(-1) == y).float().mean())}
+
     def evaluate(p):
-        z = logits(p, xte)
-        return {
-            "loss": float(nn.functional.cross_entropy(z, yte)),
-            "accuracy": float((z.argmax(-1) == yte).float().mean()),
-            "train_loss": float(nn.functional.cross_entropy(logits(p, xtr), ytr)),
-        }
+        with torch.no_grad():
+            train_loss = float(loss_fn(p, (xtr, ytr)))
+        return {**scores(p, xte, yte), "train_loss": train_loss}
 
     return Problem(
-        params=params, loss_fn=loss_fn, batches=_minibatches(xtr, ytr, batch_size, seed),
-        evaluate=evaluate, residual_fn=residual_fn, model=model, per_sample_loss=per_sample_loss,
-        data=(xtr, ytr), steps=steps, lr_scale=lr_scale,
+        params=params, loss_fn=loss_fn, batches=minibatches(xtr, ytr, batch_size, seed),
+        evaluate=evaluate, validate=lambda p: scores(p, xva, yva), residual_fn=residual_fn,
+        model=model, per_sample_loss=per_sample_loss, data=(xtr, ytr), steps=steps,
+        lr_scale=lr_scale, batch_size=batch_size, target=target,
     )
 
 
@@ -187,18 +224,20 @@ def digits_logreg(seed: int, device: torch.device) -> Problem:
     """Multinomial logistic regression on scikit-learn's 8x8 digits (64 -> 10)."""
     torch.manual_seed(seed)
     model = nn.Linear(64, 10).to(device)
-    return _classifier(model, _digits(device, seed), seed, batch_size=128, steps=150)
+    # 150 steps: every default rate swept in the quick suite chose the grid's top at scale 1
+    return classifier(model, _digits(device, seed), seed, batch_size=128, steps=150, target=0.2,
+                      lr_scale=10 ** 0.5)
 
 
-@register("digits-mlp", default=True)
+@register("digits-mlp", full=True)
 def digits_mlp(seed: int, device: torch.device) -> Problem:
     """A 64-64-10 tanh MLP on scikit-learn's digits."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)).to(device)
-    return _classifier(model, _digits(device, seed), seed, batch_size=128, steps=150)
+    return classifier(model, _digits(device, seed), seed, batch_size=128, steps=150, target=0.15)
 
 
-@register("digits-cnn", default=True)
+@register("digits-cnn", full=True)
 def digits_cnn(seed: int, device: torch.device) -> Problem:
     """A small CNN (conv 8 -> conv 16 -> linear) on scikit-learn's digits as 1x8x8 images."""
     torch.manual_seed(seed)
@@ -206,15 +245,16 @@ def digits_cnn(seed: int, device: torch.device) -> Problem:
         nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
         nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
     ).to(device)
-    return _classifier(model, _digits(device, seed, image=True), seed, batch_size=128, steps=100)
+    return classifier(model, _digits(device, seed, image=True), seed, batch_size=128, steps=100,
+                      target=0.15)
 
 
-@register("mnist1d-mlp", requires=("mnist1d",))
+@register("mnist1d-mlp", full=True, requires=("mnist1d",))
 def mnist1d_mlp(seed: int, device: torch.device) -> Problem:
     """A 40-128-128-10 ReLU MLP on MNIST-1D (needs mnist1d: ``pip install 'funcopt[bench]'``)."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(40, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)).to(device)
-    return _classifier(model, _mnist1d(device, seed), seed, batch_size=128, steps=300)
+    return classifier(model, _mnist1d(device, seed), seed, batch_size=128, steps=300, target=1.0)
 
 
 # --------------------------------------------------------------------------- curve fits
@@ -243,6 +283,7 @@ def _nist_problem(name: str, device: torch.device, start: int = 0) -> Problem:
     return Problem(
         params=params, loss_fn=loss_fn, batches=lambda step: None, evaluate=evaluate,
         residual_fn=residual_fn, steps=60, kind="curve-fit", extra={"certified_rss": certified},
+        loss_name="residual sum of squares", target=certified * (1 + 1e-6),
     )
 
 
