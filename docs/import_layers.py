@@ -22,7 +22,9 @@ LAYERS = {  # first component under funcopt/ -> (layer number, layer name)
     "func": (3, "torch.func utilities"),
     "compose": (4, "combinators"), "wrappers": (4, "combinators"), "aliases": (4, "aliases"),
     "heavyball": (4, "aliases"),
-    "least_squares": (5, "drivers"), "adaptive": (5, "drivers"), "nist": (5, "drivers"),
+    "least_squares": (5, "drivers"), "least_squares_batched": (5, "drivers"),
+    "least_squares_parallel": (5, "drivers"), "batch_size_loop": (5, "drivers"),
+    "data": (6, "main job"),
     "optim": (6, "interop"), "distributed": (6, "interop"), "checkpoint": (6, "interop"),
     "flat": (6, "interop"), "testing": (6, "interop"), "bench": (6, "main job"),
 }

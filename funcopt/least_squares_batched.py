@@ -87,6 +87,8 @@ def ravel_batched(params: PyTree) -> tuple[Tensor, Callable[[Tensor], PyTree]]:
     if len(set(sizes)) != 1:
         raise ValueError(f"batched=True: the parameter leaves disagree on the batch size "
                          f"(leading dims {sizes}); give every leaf one row per problem")
+    if sizes and sizes[0] == 0:
+        raise ValueError("batched=True: the batch holds no problems (B = 0); give at least one")
     idx = [i for i, leaf in enumerate(leaves) if leaf.is_floating_point()]
     if not idx:
         raise ValueError("the parameters have no floating-point leaves; there is nothing to fit")

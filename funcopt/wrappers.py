@@ -97,8 +97,8 @@ def multi_steps(
         acc = tree_leaves(state.acc_grads)
         leaves, treedef = engine_leaves(updates, params, "multi_steps", acc)
         inv_m = 1.0 / (state.mini_step + 1).to(torch.float32)
-        delta = ops.mul(ops.sub(leaves, acc), inv_m)
-        mean = ops.add(acc, delta)
+        delta = ops.mul(ops.sub(leaves, acc), inv_m) if leaves else []
+        mean = ops.add(acc, delta) if leaves else []
         emit = state.mini_step + 1 >= k
         out, inner_state = inner.update(tree_unflatten(treedef, mean), state.inner_state, params,
                                         **extra)
@@ -382,7 +382,7 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
         return inner.init(concat(leaves, group_by_dtype_device(leaves)))
 
     def update(updates, state, params=None, **extra):
-        leaves, treedef = tree_flatten(updates)
+        leaves, treedef = engine_leaves(updates, params, "flatten")  # the user's leaf names
         groups = group_by_dtype_device(leaves)
         flat_params = None
         if params is not None:

@@ -1,6 +1,7 @@
 """Adversarial findings: each test states what a user does, what goes wrong on the current
 code, and what a user would expect. Every test here fails today and is marked
-``xfail(strict=True)``, so it turns into an error (XPASS) the moment the library is fixed:
+``xfail(strict=True)`` while open, so it turns into an error (XPASS) the moment the library is fixed;
+the ones fixed since run as plain tests:
 then drop the mark and move the test to the guards."""
 
 from __future__ import annotations
@@ -133,9 +134,6 @@ DRIFT = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="gradients in another dtype than the params are "
-                   "accepted, and the state changes dtype or the updates come back in the "
-                   "params' dtype instead of the gradients'")
 @pytest.mark.parametrize("name, grad_dtype", [
     (n, d) for d in (torch.float64, torch.float16) for n in sorted(DRIFT)
     if (n, d) != ("soap", torch.float16)])  # soap keeps its dtypes for float16 gradients
@@ -164,9 +162,6 @@ def test_gradients_in_another_dtype_keep_the_state_and_update_dtypes(name, grad_
 # ----------------------------------------------------------------------------- empty input
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="multi_steps on an empty parameter tree raises torch's "
-                   "'Tensor list must have at least one tensor.'")
 def test_multi_steps_on_an_empty_tree_is_a_no_op_like_every_other_transform():
     # fo.multi_steps(fo.adam(0.1), 2).update({}, tx.init({}), {}) -> RuntimeError from a
     # _foreach op on an empty list. Every other transform of the contract table returns ({},
@@ -179,9 +174,6 @@ def test_multi_steps_on_an_empty_tree_is_a_no_op_like_every_other_transform():
         assert upd == {}
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="least_squares(batched=True) with a batch of 0 problems is an "
-                   "IndexError")
 def test_batched_least_squares_of_zero_problems_is_empty_or_a_clear_error():
     # fo.least_squares(r, torch.ones(0, 1), batched=True) -> IndexError: index 0 is out of
     # bounds. A batch built by filtering can be empty. Expected: params back unchanged with
@@ -216,8 +208,6 @@ def test_a_zero_jacobian_at_a_maximum_of_the_cost_is_not_success():
 # ----------------------------------------------------------------------------- benchmark CLI
 
 
-@pytest.mark.xfail(strict=True, reason="--threads 100000 is accepted; OpenBLAS then kills the "
-                   "process with a segmentation fault")
 def test_bench_threads_beyond_what_the_machine_has_is_one_line(tmp_path):
     # python -m funcopt.bench --threads 100000 ... -> "OpenBLAS blas_thread_init: RLIMIT_NPROC"
     # then SIGSEGV (exit -11), no report and no one-line error. --threads 0 is refused, a
@@ -232,8 +222,6 @@ def test_bench_threads_beyond_what_the_machine_has_is_one_line(tmp_path):
     assert proc.stderr.strip().startswith("error: --threads"), proc.stderr[-500:]
 
 
-@pytest.mark.xfail(strict=True, reason="flatten names a leaf of its internal buffer list "
-                   "('scale_by_adam: leaf [0]') instead of the user's leaf ['b']")
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
 def test_flatten_names_the_users_leaf_for_a_non_float_gradient(dtype):
     # fo.flatten(fo.adamw(0.1)).update({"w": float, "b": int64}, state, params) -> TypeError

@@ -15,6 +15,7 @@ import datetime
 import hashlib
 import importlib
 import importlib.util
+import os
 import shutil
 import sys
 import time
@@ -102,6 +103,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise _fail("--steps must be at least 1")
     if args.threads < 1:
         raise _fail("--threads must be at least 1")
+    cores = os.cpu_count() or 1
+    if args.threads > cores:
+        raise _fail(f"--threads {args.threads} is more than this machine's {cores} CPU cores")
     if args.seeds is not None and not 1 <= args.seeds <= 100:
         raise _fail("--seeds must be between 1 and 100")
     if args.warmup < 0:
