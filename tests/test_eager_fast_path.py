@@ -159,15 +159,21 @@ def test_updates_of_another_shape_raise_instead_of_reaching_the_kernel(fused_cal
     assert not fused_calls
 
 
-def test_float16_takes_the_foreach_path(fused_calls):
-    """In float16 the kernel (float32 inside) and the _foreach path (float16) disagree beyond
-    rounding, so eager and compiled steps would too: float16 stays on the _foreach path."""
+def test_float16_steps_run_in_float32(fused_calls):
+    """float16 moments underflow (eps = 1e-8 is 0 in float16): the moments are kept in float32
+    and the step computed in float32 (the kernel may run on it), the update in float16. The
+    same step as float32 parameters, rounded to float16."""
     p = _tree(0, torch.float16)
-    tx = fo.scale_by_adam(eps=1e-3)
-    u, _ = tx.update(_tree(1, torch.float16), tx.init(p), p)
-    assert not fused_calls and u["w"].dtype == torch.float16
+    tx = fo.scale_by_adam()
+    u, s = tx.update(_tree(1, torch.float16), tx.init(p), p)
+    assert u["w"].dtype == torch.float16 and s.mu[0].dtype == torch.float32
+    p32 = {k: v.float() for k, v in p.items()}
+    u32, _ = tx.update({k: v.float() for k, v in _tree(1, torch.float16).items()},
+                       tx.init(p32), p32)
+    for k in u:
+        torch.testing.assert_close(u[k], u32[k].half())
     tx.update(_tree(1, torch.bfloat16), tx.init(_tree(0, torch.bfloat16)), _tree(0, torch.bfloat16))
-    assert len(fused_calls) == 1
+    assert len(fused_calls) == 3  # the float16, float32 and bfloat16 steps
 
 
 def test_forward_mode_ad_keeps_its_tangents(fused_calls):

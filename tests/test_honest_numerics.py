@@ -240,3 +240,20 @@ def test_kfac_with_unnamed_parameters_names_the_fix():
     m = _model()
     with pytest.raises(TypeError, match="named_parameters"):
         fo.Optimizer(m.parameters(), fo.kfac(m, 1e-2))
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "amsgrad"])
+def test_float16_adam_with_small_gradients_stays_finite_and_moves(name):
+    """Gradients of 1e-3 square to 1e-6, below float16's normal range, and eps = 1e-8 is 0 in
+    float16: the moments live in float32, and the parameters follow the float32 run."""
+    p16 = {"w": torch.ones(4, dtype=torch.float16)}
+    p32 = {"w": torch.ones(4, dtype=torch.float32)}
+    tx = getattr(fo, name)(1e-3)
+    s16, s32 = tx.init(p16), tx.init(p32)
+    for _ in range(10):
+        u16, s16 = tx.update({"w": torch.full((4,), 1e-3, dtype=torch.float16)}, s16, p16)
+        u32, s32 = tx.update({"w": torch.full((4,), 1e-3, dtype=torch.float32)}, s32, p32)
+        p16, p32 = fo.apply_updates(p16, u16), fo.apply_updates(p32, u32)
+    assert bool(torch.isfinite(p16["w"]).all())
+    torch.testing.assert_close(p16["w"].float(), p32["w"], rtol=0, atol=2e-3)
+    assert float(p16["w"][0]) < 0.995  # it moved (10 steps of about -1e-3)

@@ -129,6 +129,11 @@ def _as(xs: TensorList, refs: Sequence[Tensor]) -> list[Tensor]:
     return [x if x.dtype == r.dtype else x.to(r.dtype) for x, r in zip(xs, refs)]
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """float32 for float16 (whose range loses Adam's second moments), else ``dtype``."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def _zeros(leaves: Sequence[Tensor], dtype: torch.dtype | None) -> list[Tensor]:
     return [torch.zeros_like(x, dtype=dtype) for x in leaves]
 
@@ -516,14 +521,19 @@ def scale_by_adam(
 
     def init(params):
         leaves = tree_leaves(params)
-        mu, nu = _zeros(leaves, mu_dtype), _zeros(leaves, None)
+        # float16 moments underflow (g^2 < 6e-8 is 0, and eps = 1e-8 is 0 too: 0/0): kept in
+        # float32 unless mu_dtype says otherwise, and float16 steps computed in float32
+        mu = [torch.zeros_like(x, dtype=mu_dtype or _wide(x.dtype)) for x in leaves]
+        nu = [torch.zeros_like(x, dtype=_wide(x.dtype)) for x in leaves]
         if amsgrad:
-            return ScaleByAmsgradState(step_counter(params), mu, nu, _zeros(leaves, None))
+            nu_max = [torch.zeros_like(x, dtype=_wide(x.dtype)) for x in leaves]
+            return ScaleByAmsgradState(step_counter(params), mu, nu, nu_max)
         return ScaleByAdamState(step_counter(params), mu, nu)
 
     def update(updates, state, params=None, **extra):
         expect_state(state, ScaleByAmsgradState if amsgrad else ScaleByAdamState, "scale_by_adam")
-        g, treedef = _leaves(updates, params, "scale_by_adam", state.mu)
+        g_in, treedef = _leaves(updates, params, "scale_by_adam", state.mu)
+        g = [x.float() if x.dtype == torch.float16 else x for x in g_in]
         count = increment(state.count)
         if not g:
             return updates, replace(state, count=count)
@@ -531,7 +541,7 @@ def scale_by_adam(
         if not nesterov and _fusable(g, state, beta1, beta2, eps, eps_root):
             out, mu, nu, nu_max = _fused_adam(g, state, count, beta1, beta2, eps, amsgrad)
             new = replace(state, count=count, mu=mu, nu=nu)
-            return tree_unflatten(treedef, out), replace(new, nu_max=nu_max) if amsgrad else new
+            return tree_unflatten(treedef, _as(out, g_in)), replace(new, nu_max=nu_max) if amsgrad else new
         mu = _moment(_as(state.mu, g), g, beta1)
         nu = _moment_sq(_as(state.nu, g), g, beta2)
         t = _steps(count, g)
@@ -556,7 +566,7 @@ def scale_by_adam(
         new = replace(state, count=count, mu=_as(mu, state.mu), nu=_as(nu, state.nu))
         if amsgrad:
             new = replace(new, nu_max=_as(nu_used, state.nu_max))
-        return tree_unflatten(treedef, _as(out, g)), new
+        return tree_unflatten(treedef, _as(out, g_in)), new
 
     return GradientTransformation(init, update)
 
