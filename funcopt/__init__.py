@@ -22,7 +22,7 @@ from funcopt.func.jacobian import PerSampleResiduals as PerSampleResiduals
 from funcopt.func.jacobian import per_sample_residuals as per_sample_residuals
 from funcopt.least_squares import *  # noqa: F401,F403
 from funcopt.least_squares import memory_path as memory_path
-from funcopt.least_squares_batched import REASONS as LEAST_SQUARES_REASONS  # noqa: F401
+from funcopt.least_squares_batched import LEAST_SQUARES_REASONS as LEAST_SQUARES_REASONS
 from funcopt.least_squares_batched import BatchedLeastSquaresInfo as BatchedLeastSquaresInfo
 from funcopt.least_squares_parallel import least_squares_parallel as least_squares_parallel
 from funcopt.optim import *  # noqa: F401,F403

@@ -48,6 +48,8 @@ REASONS = (
 )
 """The ``info.reason`` codes of batched and data-parallel fits, in order: ``REASONS[code]``
 is the text of a code (``info.reasons()`` gives them per problem)."""
+LEAST_SQUARES_REASONS = REASONS
+"""``REASONS`` under its top-level name, ``fo.LEAST_SQUARES_REASONS``."""
 SUCCESS_CODES = (1, 2, 3, 4, 5, 6, 7, 8)
 _EDGE_WINDOW = 5
 

@@ -147,7 +147,9 @@ def test_bucketing_keeps_each_leafs_state_dtype():
     params = [torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2)]
     tx = fo.scale_by_psgd_kron()
     state = tx.init(params)
-    grads = [torch.randn(3, 2), torch.randn(3, 2)]
+    with pytest.raises(TypeError, match=r"leaf \[0\].*float32.*float64"):  # not in params' dtype
+        tx.update([torch.randn(3, 2), torch.randn(3, 2)], state, params)
+    grads = [torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2)]
     for _ in range(2):
         _, state = tx.update(grads, state, params)
     assert [m.dtype for m in state.mu] == [torch.float64, torch.float32]

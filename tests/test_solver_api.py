@@ -10,11 +10,11 @@ import types
 import numpy as np
 import pytest
 import torch
-from funcopt.transforms.kfac import _damped_inverse
 from torch import Tensor
 
 import funcopt as fo
 from funcopt.transforms.levenberg_marquardt import damped_gauss_newton_step
+from funcopt.transforms.natural_gradient.kfac import _damped_inverse
 
 S = fo.solvers
 R = S.Result
