@@ -22,6 +22,7 @@ from funcopt.func.jacobian import PerSampleResiduals as PerSampleResiduals
 from funcopt.func.jacobian import per_sample_residuals as per_sample_residuals
 from funcopt.least_squares import *  # noqa: F401,F403
 from funcopt.optim import *  # noqa: F401,F403
+from funcopt.transforms.adam_variants import *  # noqa: F401,F403
 from funcopt.transforms.adaptive import *  # noqa: F401,F403
 from funcopt.transforms.adaptive_batch import *  # noqa: F401,F403
 from funcopt.transforms.clipping import *  # noqa: F401,F403
@@ -34,6 +35,7 @@ from funcopt.transforms.precision import *  # noqa: F401,F403
 from funcopt.transforms.psgd import *  # noqa: F401,F403
 from funcopt.transforms.schedule_free import *  # noqa: F401,F403
 from funcopt.transforms.soap import *  # noqa: F401,F403
+from funcopt.transforms.trust_ratio import *  # noqa: F401,F403
 from funcopt.transforms.weight_decay import *  # noqa: F401,F403
 from funcopt.wrappers import *  # noqa: F401,F403
 

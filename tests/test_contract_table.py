@@ -85,6 +85,17 @@ BUILD = {
     "kfac": None, "scale_by_kfac": None, "singd": None, "scale_by_singd": None,
     "levenberg_marquardt": None, "norm_test": None, "inner_product_test": None,
     "augmented_inner_product_test": None,
+    # Adam variants, trust ratios
+    "radam": lambda: fo.radam(0.1), "yogi": lambda: fo.yogi(0.1),
+    "adabelief": lambda: fo.adabelief(0.1), "lamb": lambda: fo.lamb(0.1, weight_decay=0.01),
+    "lars": lambda: fo.lars(0.1, weight_decay=0.01), "fromage": lambda: fo.fromage(0.1),
+    "nadamw": lambda: fo.nadamw(0.1), "adamaxw": lambda: fo.adamaxw(0.1),
+    "scale_by_radam": lambda: fo.scale_by_radam(threshold=2.0),
+    "scale_by_yogi": fo.scale_by_yogi, "scale_by_belief": fo.scale_by_belief,
+    "scale_by_trust_ratio": lambda: fo.scale_by_trust_ratio(0.1, 0.5, 1e-3),
+    "scale_by_param_block_norm": fo.scale_by_param_block_norm,
+    "scale_by_param_block_rms": fo.scale_by_param_block_rms,
+    "normalize_by_update_norm": lambda: fo.normalize_by_update_norm(-1.0),
 }
 
 # Rows whose checks need more than (grads, state, params), or that cannot run under a
@@ -161,6 +172,8 @@ HYPER = {
     "schedule_free": (lambda lr: fo.schedule_free(fo.scale_by_adam(), lr), 0.05),
     "muon": (lambda lr: fo.muon(lr), 0.02),
     "soap": (lambda lr: fo.soap(lr), 0.01),
+    **{n: (getattr(fo, n), 0.05) for n in
+       "radam yogi adabelief lamb lars fromage nadamw adamaxw".split()},
 }
 
 
