@@ -96,6 +96,10 @@ BUILD = {
     "scale_by_param_block_norm": fo.scale_by_param_block_norm,
     "scale_by_param_block_rms": fo.scale_by_param_block_rms,
     "normalize_by_update_norm": lambda: fo.normalize_by_update_norm(-1.0),
+    # factored second moments
+    "adafactor": lambda: fo.adafactor(0.1, min_dim_size_to_factor=3, momentum=0.9),
+    "scale_by_factored_rms": lambda: fo.scale_by_factored_rms(min_dim_size_to_factor=3),
+    "sm3": lambda: fo.sm3(0.1), "scale_by_sm3": fo.scale_by_sm3,
 }
 
 # Rows whose checks need more than (grads, state, params), or that cannot run under a
@@ -173,7 +177,7 @@ HYPER = {
     "muon": (lambda lr: fo.muon(lr), 0.02),
     "soap": (lambda lr: fo.soap(lr), 0.01),
     **{n: (getattr(fo, n), 0.05) for n in
-       "radam yogi adabelief lamb lars fromage nadamw adamaxw".split()},
+       "radam yogi adabelief lamb lars fromage nadamw adamaxw adafactor sm3".split()},
 }
 
 
