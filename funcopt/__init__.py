@@ -30,6 +30,7 @@ from funcopt.transforms.factored import *  # noqa: F401,F403
 from funcopt.transforms.first_order import *  # noqa: F401,F403
 from funcopt.transforms.kfac import *  # noqa: F401,F403
 from funcopt.transforms.levenberg_marquardt import *  # noqa: F401,F403
+from funcopt.transforms.line_search import *  # noqa: F401,F403
 from funcopt.transforms.muon import *  # noqa: F401,F403
 from funcopt.transforms.natural_gradient import *  # noqa: F401,F403
 from funcopt.transforms.precision import *  # noqa: F401,F403

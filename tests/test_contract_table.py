@@ -100,6 +100,9 @@ BUILD = {
     "adafactor": lambda: fo.adafactor(0.1, min_dim_size_to_factor=3, momentum=0.9),
     "scale_by_factored_rms": lambda: fo.scale_by_factored_rms(min_dim_size_to_factor=3),
     "sm3": lambda: fo.sm3(0.1), "scale_by_sm3": fo.scale_by_sm3,
+    "scale_by_lbfgs": lambda: fo.scale_by_lbfgs(3),
+    # update needs value=, grad=, value_fn=: contract in tests/test_breadth_line_search.py
+    "lbfgs": None, "scale_by_backtracking_linesearch": None,
 }
 
 # Rows whose checks need more than (grads, state, params), or that cannot run under a
@@ -178,6 +181,7 @@ HYPER = {
     "soap": (lambda lr: fo.soap(lr), 0.01),
     **{n: (getattr(fo, n), 0.05) for n in
        "radam yogi adabelief lamb lars fromage nadamw adamaxw adafactor sm3".split()},
+    "lbfgs": (lambda lr: fo.lbfgs(lr, memory_size=3, linesearch=None), 0.05),
 }
 
 
