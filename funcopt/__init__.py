@@ -26,6 +26,7 @@ from funcopt.transforms.adam_variants import *  # noqa: F401,F403
 from funcopt.transforms.adaptive import *  # noqa: F401,F403
 from funcopt.transforms.adaptive_batch import *  # noqa: F401,F403
 from funcopt.transforms.clipping import *  # noqa: F401,F403
+from funcopt.transforms.contrib import *  # noqa: F401,F403
 from funcopt.transforms.factored import *  # noqa: F401,F403
 from funcopt.transforms.first_order import *  # noqa: F401,F403
 from funcopt.transforms.kfac import *  # noqa: F401,F403
@@ -33,6 +34,7 @@ from funcopt.transforms.levenberg_marquardt import *  # noqa: F401,F403
 from funcopt.transforms.line_search import *  # noqa: F401,F403
 from funcopt.transforms.muon import *  # noqa: F401,F403
 from funcopt.transforms.natural_gradient import *  # noqa: F401,F403
+from funcopt.transforms.parameter_free import *  # noqa: F401,F403
 from funcopt.transforms.precision import *  # noqa: F401,F403
 from funcopt.transforms.psgd import *  # noqa: F401,F403
 from funcopt.transforms.schedule_free import *  # noqa: F401,F403

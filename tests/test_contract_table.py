@@ -103,6 +103,12 @@ BUILD = {
     "scale_by_lbfgs": lambda: fo.scale_by_lbfgs(3),
     # update needs value=, grad=, value_fn=: contract in tests/test_breadth_line_search.py
     "lbfgs": None, "scale_by_backtracking_linesearch": None,
+    # optax.contrib
+    "prodigy": lambda: fo.prodigy(weight_decay=0.01), "dadapt_adamw": fo.dadapt_adamw,
+    "ademamix": lambda: fo.ademamix(0.1), "scale_by_ademamix": fo.scale_by_ademamix,
+    "simplified_ademamix": lambda: fo.simplified_ademamix(0.1, alpha=1.0),
+    "scale_by_simplified_ademamix": fo.scale_by_simplified_ademamix,
+    "sam": lambda: fo.sam(fo.sgd(0.1, 0.9), fo.chain(fo.normalize_by_update_norm(), fo.scale(0.05))),
 }
 
 # Rows whose checks need more than (grads, state, params), or that cannot run under a
@@ -182,6 +188,10 @@ HYPER = {
     **{n: (getattr(fo, n), 0.05) for n in
        "radam yogi adabelief lamb lars fromage nadamw adamaxw adafactor sm3".split()},
     "lbfgs": (lambda lr: fo.lbfgs(lr, memory_size=3, linesearch=None), 0.05),
+    **{n: (getattr(fo, n), 0.05) for n in "ademamix simplified_ademamix".split()},
+    "prodigy": (fo.prodigy, 0.7), "dadapt_adamw": (fo.dadapt_adamw, 0.7),
+    "sam": (lambda lr: fo.sam(fo.sgd(lr), fo.chain(fo.normalize_by_update_norm(), fo.scale(0.05))),
+            0.05),
 }
 
 
