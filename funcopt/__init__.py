@@ -25,6 +25,7 @@ from funcopt.optim import *  # noqa: F401,F403
 from funcopt.transforms.adam_variants import *  # noqa: F401,F403
 from funcopt.transforms.adaptive import *  # noqa: F401,F403
 from funcopt.transforms.adaptive_batch import *  # noqa: F401,F403
+from funcopt.transforms.adaptive_more import *  # noqa: F401,F403
 from funcopt.transforms.clipping import *  # noqa: F401,F403
 from funcopt.transforms.contrib import *  # noqa: F401,F403
 from funcopt.transforms.factored import *  # noqa: F401,F403
@@ -38,6 +39,7 @@ from funcopt.transforms.parameter_free import *  # noqa: F401,F403
 from funcopt.transforms.precision import *  # noqa: F401,F403
 from funcopt.transforms.psgd import *  # noqa: F401,F403
 from funcopt.transforms.schedule_free import *  # noqa: F401,F403
+from funcopt.transforms.sgd_variants import *  # noqa: F401,F403
 from funcopt.transforms.soap import *  # noqa: F401,F403
 from funcopt.transforms.trust_ratio import *  # noqa: F401,F403
 from funcopt.transforms.weight_decay import *  # noqa: F401,F403

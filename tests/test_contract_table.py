@@ -109,6 +109,18 @@ BUILD = {
     "simplified_ademamix": lambda: fo.simplified_ademamix(0.1, alpha=1.0),
     "scale_by_simplified_ademamix": fo.scale_by_simplified_ademamix,
     "sam": lambda: fo.sam(fo.sgd(0.1, 0.9), fo.chain(fo.normalize_by_update_norm(), fo.scale(0.05))),
+    # more adaptive methods, SGD variants
+    "adan": lambda: fo.adan(0.1, weight_decay=0.01), "scale_by_adan": fo.scale_by_adan,
+    "novograd": lambda: fo.novograd(0.1, weight_decay=0.01), "scale_by_novograd": fo.scale_by_novograd,
+    "adadelta": lambda: fo.adadelta(0.5, weight_decay=0.01), "scale_by_adadelta": fo.scale_by_adadelta,
+    "rprop": lambda: fo.rprop(0.1), "scale_by_rprop": lambda: fo.scale_by_rprop(0.1),
+    "sign_sgd": lambda: fo.sign_sgd(0.1), "signum": lambda: fo.signum(0.1),
+    "noisy_sgd": lambda: fo.noisy_sgd(0.1, seed=1),
+    "scale_by_optimistic_gradient": lambda: fo.scale_by_optimistic_gradient(0.5, 0.8),
+    "optimistic_gradient_descent": lambda: fo.optimistic_gradient_descent(0.1),
+    "optimistic_adam": lambda: fo.optimistic_adam(0.1),
+    # update needs value=: contract in tests/test_breadth_sgd_adaptive.py
+    "scale_by_polyak": None, "polyak_sgd": None,
 }
 
 # Rows whose checks need more than (grads, state, params), or that cannot run under a
@@ -192,6 +204,9 @@ HYPER = {
     "prodigy": (fo.prodigy, 0.7), "dadapt_adamw": (fo.dadapt_adamw, 0.7),
     "sam": (lambda lr: fo.sam(fo.sgd(lr), fo.chain(fo.normalize_by_update_norm(), fo.scale(0.05))),
             0.05),
+    **{n: (getattr(fo, n), 0.05) for n in (
+        "adan novograd adadelta sign_sgd signum noisy_sgd optimistic_gradient_descent "
+        "optimistic_adam").split()},
 }
 
 
