@@ -121,6 +121,12 @@ BUILD = {
     "optimistic_adam": lambda: fo.optimistic_adam(0.1),
     # update needs value=: contract in tests/test_breadth_sgd_adaptive.py
     "scale_by_polyak": None, "polyak_sgd": None,
+    # filters and gates
+    "centralize": fo.centralize, "zero_nans": fo.zero_nans,
+    "adaptive_grad_clip": lambda: fo.adaptive_grad_clip(0.1),
+    "apply_every": lambda: fo.apply_every(2), "freeze": lambda: fo.freeze({"w": True, "b": False}),
+    "selective_transform": lambda: fo.selective_transform(
+        fo.adam(0.1), freeze_mask={"w": False, "b": True}),
 }
 
 # Rows whose checks need more than (grads, state, params), or that cannot run under a
