@@ -11,6 +11,7 @@ from funcopt import heavyball as heavyball
 from funcopt import nist as nist
 from funcopt import schedules as schedules
 from funcopt import solvers as solvers
+from funcopt import tree as tree
 from funcopt.adaptive import *  # noqa: F401,F403
 from funcopt.aliases import *  # noqa: F401,F403
 from funcopt.base import *  # noqa: F401,F403
