@@ -127,6 +127,14 @@ BUILD = {
     "apply_every": lambda: fo.apply_every(2), "freeze": lambda: fo.freeze({"w": True, "b": False}),
     "selective_transform": lambda: fo.selective_transform(
         fo.adam(0.1), freeze_mask={"w": False, "b": True}),
+    # distance-based steps, ACProp
+    "dog": lambda: fo.dog(weight_decay=0.01), "scale_by_dog": lambda: fo.scale_by_dog(
+        ("learning_rate", 0.1)),
+    "dowg": fo.dowg, "scale_by_dowg": fo.scale_by_dowg, "cocob": fo.cocob,
+    "scale_by_cocob": fo.scale_by_cocob, "acprop": lambda: fo.acprop(0.1),
+    "scale_by_acprop": fo.scale_by_acprop,
+    # update needs value=: contract in tests/test_breadth_contrib_more.py
+    "momo": None, "momo_adam": None,
 }
 
 # Rows whose checks need more than (grads, state, params), or that cannot run under a
@@ -213,6 +221,8 @@ HYPER = {
     **{n: (getattr(fo, n), 0.05) for n in (
         "adan novograd adadelta sign_sgd signum noisy_sgd optimistic_gradient_descent "
         "optimistic_adam").split()},
+    **{n: (getattr(fo, n), 0.7) for n in "dog dowg cocob".split()},
+    "acprop": (fo.acprop, 0.05),
 }
 
 

@@ -1,4 +1,4 @@
-"""Adam variants that change the second moment or its use: RAdam, Yogi and AdaBelief.
+"""Adam variants that change the second moment or its use: RAdam, Yogi, AdaBelief, ACProp.
 
 Each keeps Adam's state (``count``, ``mu``, ``nu``) and differs in one line of the update; the
 math runs over the leaf list with the engine's ``_foreach`` ops and never reads a tensor on the
@@ -39,9 +39,11 @@ from funcopt.transforms.first_order import (
     _zeros,
     scale_by_learning_rate,
 )
+from funcopt.transforms.weight_decay import add_decayed_weights
 
 __all__ = [
     "scale_by_radam", "scale_by_yogi", "scale_by_belief", "radam", "yogi", "adabelief",
+    "scale_by_acprop", "acprop",
 ]
 
 
@@ -250,4 +252,62 @@ def adabelief(
     Reference: Zhuang et al., NeurIPS 2020; optax ``adabelief``. torch.optim has none.
     """
     return chain(scale_by_belief(b1, b2, eps, eps_root, nesterov=nesterov),
+                 scale_by_learning_rate(learning_rate))
+
+
+def scale_by_acprop(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-16, eps_root: float = 1e-16
+) -> GradientTransformation:
+    r"""ACProp's scaling: the gradient over the *previous* belief second moment.
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
+        s_t = \beta_2 s_{t-1} + (1-\beta_2)(g_t - m_{t-1})^2 + \epsilon_{root},\\
+        u_t = g_t / (\sqrt{s_{t-1}/(1-\beta_2^{t-1})} + \epsilon)\ (t \ge 2),\quad
+        u_1 = g_1/(1 + \epsilon).
+
+    Args:
+      b1: :math:`\beta_1` (default 0.9). b2: :math:`\beta_2` (default 0.999).
+      eps: :math:`\epsilon` (default 1e-16). eps_root: :math:`\epsilon_{root}` (default 1e-16).
+
+    Reference: Zhuang et al., "Momentum Centering and Asynchronous Update for Adaptive Gradient
+    Methods", NeurIPS 2021; optax ``contrib.scale_by_acprop``.
+    """
+    _check_adam(b1, b2, eps, eps_root)
+
+    def init(params):
+        leaves = tree_leaves(params)
+        return ScaleByAdamState(step_counter(params), _zeros(leaves, None), _zeros(leaves, None))
+
+    def update(updates, state, params=None, **extra):
+        g, treedef = _leaves(updates, params, "scale_by_acprop", state.mu)
+        count = increment(state.count)
+        if not g:
+            return updates, replace(state, count=count)
+        mu_prev, nu_prev = _as(state.mu, g), _as(state.nu, g)
+        mu = _moment(mu_prev, g, b1)
+        nu = ops.add(_moment_sq(nu_prev, ops.sub(g, mu_prev), b2), eps_root)
+        first = state.count == 0
+        t = torch.where(first, count, state.count).to(g[0].dtype)
+        keep = torch.where(first, 0.0, 1.0).to(g[0].dtype)
+        nu_hat = ops.add(ops.mul(ops.div(nu_prev, 1 - b2**t), keep), 1 - keep)
+        out = ops.div(g, ops.add(ops.sqrt(nu_hat), eps))
+        return tree_unflatten(treedef, _as(out, g)), ScaleByAdamState(
+            count, _as(mu, state.mu), _as(nu, state.nu))
+
+    return GradientTransformation(init, update)
+
+
+def acprop(
+    learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-16,
+    eps_root: float = 1e-16, weight_decay: ScalarOrSchedule = 0.0, mask: Any = None,
+) -> GradientTransformation:
+    r"""ACProp: ``chain(scale_by_acprop(b1, b2, eps, eps_root), add_decayed_weights(
+    weight_decay, mask), scale_by_learning_rate(learning_rate))``.
+
+    Reference: Zhuang et al., NeurIPS 2021; optax ``contrib.acprop``.
+    """
+    zero = isinstance(weight_decay, (int, float)) and weight_decay == 0
+    decay = () if zero else (add_decayed_weights(weight_decay, mask),)
+    return chain(scale_by_acprop(b1, b2, eps, eps_root), *decay,
                  scale_by_learning_rate(learning_rate))
