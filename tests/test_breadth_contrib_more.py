@@ -85,3 +85,14 @@ def test_momo_needs_value():
     p = {k: torch.tensor(v) for k, v in P0.items()}
     with pytest.raises(ValueError, match="value"):
         tx.update(p, tx.init(p), p)
+
+
+@pytest.mark.parametrize("make, ref", [
+    (lambda: fo.mechanize(fo.adam(1.0)), lambda: C.mechanize(optax.adam(1.0))),
+    (lambda: fo.mechanize(fo.sgd(1.0, 0.9), 0.1, 1e-6, 1e-4, 3),
+     lambda: C.mechanize(optax.sgd(1.0, 0.9), 0.1, 1e-6, 1e-4, 3)),
+], ids=["adam", "sgd_options"])
+def test_mechanize_against_optax(make, ref):
+    want = run_optax(ref())
+    assert moved(want) > 1e-3
+    assert_same_path(run_funcopt(make()), want, what="mechanize")

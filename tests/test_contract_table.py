@@ -135,6 +135,7 @@ BUILD = {
     "scale_by_acprop": fo.scale_by_acprop,
     # update needs value=: contract in tests/test_breadth_contrib_more.py
     "momo": None, "momo_adam": None,
+    "mechanize": lambda: fo.mechanize(fo.adam(1.0)),
 }
 
 # Rows whose checks need more than (grads, state, params), or that cannot run under a
@@ -223,6 +224,7 @@ HYPER = {
         "optimistic_adam").split()},
     **{n: (getattr(fo, n), 0.7) for n in "dog dowg cocob".split()},
     "acprop": (fo.acprop, 0.05),
+    "mechanize": (lambda wd: fo.mechanize(fo.sgd(1.0), weight_decay=wd), 0.1),
 }
 
 

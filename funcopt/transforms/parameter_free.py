@@ -1,4 +1,4 @@
-"""Learning-rate-free Adam variants: Prodigy and D-Adaptation (AdamW).
+"""Learning-rate-free methods: Prodigy, D-Adaptation (AdamW) and Mechanic.
 
 Both estimate the distance to the solution :math:`D` on the fly and scale an Adam step by it;
 their output is the final parameter change (learning rate and sign included), as optax's
@@ -26,7 +26,8 @@ from funcopt.engine import ops
 from funcopt.transforms.first_order import _as, _check, _check_beta, _hp, _leaves, _zeros
 from funcopt.transforms.line_search import _vdot
 
-__all__ = ["ProdigyState", "DAdaptAdamWState", "prodigy", "dadapt_adamw"]
+__all__ = ["ProdigyState", "DAdaptAdamWState", "MechanicState", "prodigy", "dadapt_adamw",
+           "mechanize"]
 
 
 def _lowest_dtype(leaves: list[Tensor]) -> torch.dtype:
@@ -199,5 +200,84 @@ def dadapt_adamw(
         if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
             out = ops.sub(out, ops.mul(_as(tree_leaves(params), g), weight_decay * dlr))
         return tree_unflatten(treedef, _as(out, g)), DAdaptAdamWState(m, v, s, d_new, num, count)
+
+    return GradientTransformation(init, update)
+
+
+class MechanicState(NamedTuple):
+    base_optimizer_state: Any
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
+    r: Tensor
+    m: Tensor
+    v: Tensor
+    s: Tensor
+    x0: Any
+
+
+def mechanize(
+    base_optimizer: GradientTransformation, weight_decay: float = 1e-2, eps: float = 1e-8,
+    s_init: float = 1e-6, num_betas: int = 6,
+) -> GradientTransformation:
+    r"""Mechanic: learn the scale :math:`s` of ``base_optimizer``'s steps online.
+
+    With :math:`\Delta_t` the sum of the base steps so far (:math:`x_t = x_0 + s\Delta_t`),
+    :math:`\tilde g_t = g_t + \lambda\,\Sigma s\,\|g_t\|/(\|x_t\|+\epsilon)\,x_t` and
+    :math:`h_t = \langle\tilde g_t, \Delta_{t-1}\rangle`, for each :math:`\beta_i = 1 - 0.1^i`
+    (:math:`i = 1..n`):
+
+    .. math:: m_i \leftarrow \max(\beta_i m_i, |h_t| + \epsilon),\quad
+        v_i \leftarrow \beta_i^2 v_i + h_t^2,\quad
+        r_i \leftarrow \beta_i r_i - \operatorname{clip}(h_t, -m_i, m_i)\, s_i,\\
+        s_i = \frac{s_{init} m_i / n + \max(r_i, 0)}{\sqrt{v_i} + \epsilon},\quad
+        x_{t+1} = x_0 + \Big(\sum_i s_i\Big)\Delta_t
+
+    (signs as optax computes them: the clipped term uses the previous :math:`m`). The output
+    is :math:`x_{t+1} - x_t`.
+
+    Args:
+      base_optimizer: the transform whose steps are scaled (e.g. ``adam(1.0)``; its
+        learning rate should be about 1).
+      weight_decay: :math:`\lambda` (default 1e-2). eps: :math:`\epsilon` (default 1e-8).
+      s_init: :math:`s_{init}` > 0 (default 1e-6). num_betas: :math:`n` >= 1 (default 6).
+
+    Needs ``params``. Reference: Cutkosky, Defazio, Mehta, "Mechanic: A Learning Rate Tuner",
+    NeurIPS 2023; optax ``contrib.mechanize``.
+    """
+    _check("weight_decay", weight_decay)
+    _check("eps", eps)
+    _check("s_init", s_init, low=0.0, low_inclusive=False)
+    if not isinstance(num_betas, int) or num_betas < 1:
+        raise ValueError(f"mechanize: num_betas={num_betas!r} must be an int >= 1")
+
+    def init(params):
+        leaves, count = tree_leaves(params), step_counter(params)
+        z = torch.zeros(num_betas, dtype=_lowest_dtype(leaves), device=count.device)
+        return MechanicState(base_optimizer.init(params), count, z, z.clone(), z.clone(),
+                             z + s_init, [x.detach().clone() for x in leaves])
+
+    def update(updates, state, params=None, **extra):
+        params = require_params(params, "mechanize")
+        g, treedef = _leaves(updates, params, "mechanize", state.x0)
+        steps, base_state = base_optimizer.update(updates, state.base_optimizer_state, params, **extra)
+        p, dt = _as(tree_leaves(params), g), state.s.dtype
+        first = state.count == 0
+        x0 = [torch.where(first, x, y) for x, y in zip(p, _as(state.x0, g))]
+        s_sum = state.s.sum()
+        g_norm, p_norm = torch.sqrt(_vdot(g, g, dt)), torch.sqrt(_vdot(p, p, dt))
+        g = ops.add(g, ops.mul(p, weight_decay * s_sum * g_norm / (p_norm + eps)))
+        delta_prev = ops.div(ops.sub(x0, p), s_sum + eps)
+        delta = ops.sub(delta_prev, _as(tree_leaves(steps), g))
+        h = _vdot(g, delta_prev, dt)
+        betas = torch.tensor([1.0 - 0.1**i for i in range(1, num_betas + 1)], dtype=dt,
+                             device=h.device)
+        clipped = torch.minimum(torch.maximum(h, -state.m), state.m)
+        m = torch.maximum(betas * state.m, h.abs() + eps)
+        v = betas**2 * state.v + h**2
+        r = betas * state.r + clipped * state.s
+        root = torch.where(v > 0, torch.sqrt(torch.where(v > 0, v, 1.0)), 0.0)  # d/dv finite at 0
+        s = (s_init / num_betas * m + r.clamp_min(0.0)) / (root + eps)
+        out = ops.sub(ops.sub(x0, ops.mul(delta, s.sum())), p)
+        return tree_unflatten(treedef, _as(out, g)), MechanicState(
+            base_state, increment(state.count), r, m, v, s, _as(x0, state.x0))
 
     return GradientTransformation(init, update)
