@@ -46,6 +46,7 @@ from funcopt.transforms.sgd_variants import *  # noqa: F401,F403
 from funcopt.transforms.soap import *  # noqa: F401,F403
 from funcopt.transforms.trust_ratio import *  # noqa: F401,F403
 from funcopt.transforms.weight_decay import *  # noqa: F401,F403
+from funcopt.transforms.zoom_line_search import *  # noqa: F401,F403
 from funcopt.wrappers import *  # noqa: F401,F403
 
 __version__ = "0.1.0"

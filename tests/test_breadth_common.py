@@ -64,14 +64,16 @@ def run_optax(tx, steps=30, extras=None, p0=None):
     p = {k: jnp.asarray(v) for k, v in (p0 or P0).items()}
     state = tx.init(p)
     out = []
+    if extras == "linesearch":  # compiled once: an eager while_loop recompiles every step
+        ls_update = jax.jit(lambda g, s, q, v: tx.update(g, s, q, value=v, grad=g,
+                                                         value_fn=jax_loss))
     for _ in range(steps):
         value, g = jax.value_and_grad(jax_loss)(p)
-        kw = {}
-        if extras == "value":
-            kw = {"value": value}
-        elif extras == "linesearch":
-            kw = {"value": value, "grad": g, "value_fn": jax_loss}
-        u, state = tx.update(g, state, p, **kw)
+        if extras == "linesearch":
+            u, state = ls_update(g, state, p, value)
+        else:
+            kw = {"value": value} if extras == "value" else {}
+            u, state = tx.update(g, state, p, **kw)
         p = optax.apply_updates(p, u)
         out.append({k: np.asarray(v) for k, v in p.items()})
     return out

@@ -1,4 +1,4 @@
-"""L-BFGS and the backtracking line search against optax 0.2.8, 30 steps in float64."""
+"""L-BFGS, the backtracking and the zoom line searches against optax 0.2.8, 30 float64 steps."""
 
 from __future__ import annotations
 
@@ -31,6 +31,14 @@ PAIRS = {
     "lbfgs_unscaled": (
         lambda: fo.lbfgs(None, 4, False, _bt(fo, decrease_factor=0.5, store_grad=True)),
         lambda: optax.lbfgs(None, 4, False, _bt(optax, decrease_factor=0.5, store_grad=True))),
+    "lbfgs_default_zoom": (lambda: fo.lbfgs(), lambda: optax.lbfgs()),
+    "lbfgs_zoom_keep_capped": (
+        lambda: fo.lbfgs(None, 5, True, fo.scale_by_zoom_linesearch(10, 1.5, 0.0, 3.0, 1e-3, 0.5,
+                                                                    None)),
+        lambda: optax.lbfgs(None, 5, True, optax.scale_by_zoom_linesearch(10, 1.5, 0.0, 3.0, 1e-3,
+                                                                          0.5, None))),
+    "gd_zoom": (lambda: fo.chain(fo.scale(-1.0), fo.scale_by_zoom_linesearch(15)),
+                lambda: optax.chain(optax.scale(-1.0), optax.scale_by_zoom_linesearch(15))),
     "gd_backtracking": (
         lambda: fo.chain(fo.scale(-1.0), _bt(fo, slope_rtol=0.3, increase_factor=2.0,
                                             max_learning_rate=2.0, rtol=1e-3)),
@@ -80,6 +88,9 @@ def test_missing_value_fn_is_a_clear_error():
     (lambda: fo.scale_by_lbfgs(0), "memory_size"),
     (lambda: fo.scale_by_backtracking_linesearch(-1), "max_backtracking_steps"),
     (lambda: fo.scale_by_backtracking_linesearch(5, decrease_factor=1.5), "decrease_factor"),
+    (lambda: fo.scale_by_zoom_linesearch(0), "max_linesearch_steps"),
+    (lambda: fo.scale_by_zoom_linesearch(5, initial_guess_strategy="two"), "initial_guess"),
+    (lambda: fo.lbfgs(linesearch="wolfe"), "linesearch"),
 ])
 def test_bad_hyperparameters_raise_at_construction(make, name):
     with pytest.raises((ValueError, TypeError), match=name):
@@ -102,7 +113,8 @@ def _with_objective(tx):
 @pytest.mark.parametrize("make", [
     lambda: fo.lbfgs(), lambda: fo.lbfgs(0.1, 3, False, None),
     lambda: fo.chain(fo.scale(-1.0), fo.scale_by_backtracking_linesearch(4)),
-], ids=["lbfgs", "lbfgs_no_linesearch", "backtracking"])
+    lambda: fo.lbfgs(linesearch=fo.scale_by_zoom_linesearch(4, 2.0)),
+], ids=["lbfgs", "lbfgs_no_linesearch", "backtracking", "zoom"])
 def test_contract(make):
     from funcopt.testing import check_transform
     check_transform(_with_objective(make()), {k: torch.tensor(v) for k, v in P0.items()})

@@ -102,7 +102,7 @@ BUILD = {
     "sm3": lambda: fo.sm3(0.1), "scale_by_sm3": fo.scale_by_sm3,
     "scale_by_lbfgs": lambda: fo.scale_by_lbfgs(3),
     # update needs value=, grad=, value_fn=: contract in tests/test_breadth_line_search.py
-    "lbfgs": None, "scale_by_backtracking_linesearch": None,
+    "lbfgs": None, "scale_by_backtracking_linesearch": None, "scale_by_zoom_linesearch": None,
     # optax.contrib
     "prodigy": lambda: fo.prodigy(weight_decay=0.01), "dadapt_adamw": fo.dadapt_adamw,
     "ademamix": lambda: fo.ademamix(0.1), "scale_by_ademamix": fo.scale_by_ademamix,

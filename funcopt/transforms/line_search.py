@@ -240,7 +240,7 @@ def scale_by_backtracking_linesearch(
 
 def lbfgs(
     learning_rate: ScalarOrSchedule | None = None, memory_size: int = 10,
-    scale_init_precond: bool = True, linesearch: GradientTransformation | None | str = "default",
+    scale_init_precond: bool = True, linesearch: GradientTransformation | None | str = "zoom",
 ) -> GradientTransformation:
     r"""L-BFGS: ``chain(scale_by_lbfgs(memory_size, scale_init_precond),
     scale_by_learning_rate(lr) (or scale(-1) when lr is None), linesearch)``.
@@ -253,16 +253,19 @@ def lbfgs(
     Args:
       learning_rate: :math:`\eta` or None (default: no scaling; the line search sets it).
       memory_size: pairs kept (default 10). scale_init_precond: see :func:`scale_by_lbfgs`.
-      linesearch: a line-search transform, or None for none. The default is
-        ``scale_by_backtracking_linesearch(max_backtracking_steps=15)``: optax's default, a
-        zoom (strong Wolfe) line search, is not in funcopt, so the two defaults take
-        different steps (``lbfgs(linesearch=scale_by_backtracking_linesearch(...))`` gives
-        optax's numbers with the same line search).
+      linesearch: a line-search transform, or None for none. The default (``"zoom"``) is
+        optax's: ``scale_by_zoom_linesearch(max_linesearch_steps=20,
+        initial_guess_strategy="one")``; :func:`scale_by_backtracking_linesearch` is the
+        cheaper alternative.
 
     Reference: Liu & Nocedal 1989; Nocedal & Wright, Chapter 7; optax ``lbfgs``.
     """
-    if linesearch == "default":
-        linesearch = scale_by_backtracking_linesearch(max_backtracking_steps=15)
+    if isinstance(linesearch, str):
+        if linesearch != "zoom":
+            raise ValueError(f"lbfgs: linesearch={linesearch!r}; pass a transform, None or 'zoom'")
+        from funcopt.transforms.zoom_line_search import scale_by_zoom_linesearch
+
+        linesearch = scale_by_zoom_linesearch(max_linesearch_steps=20, initial_guess_strategy="one")
     scaling = fo.scale(-1.0) if learning_rate is None else fo.scale_by_learning_rate(learning_rate)
     tail = () if linesearch is None else (linesearch,)
     return chain(scale_by_lbfgs(memory_size, scale_init_precond), scaling, *tail)
