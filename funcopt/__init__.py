@@ -44,6 +44,7 @@ from funcopt.transforms.psgd import *  # noqa: F401,F403
 from funcopt.transforms.schedule_free import *  # noqa: F401,F403
 from funcopt.transforms.sgd_variants import *  # noqa: F401,F403
 from funcopt.transforms.soap import *  # noqa: F401,F403
+from funcopt.transforms.sophia import *  # noqa: F401,F403
 from funcopt.transforms.trust_ratio import *  # noqa: F401,F403
 from funcopt.transforms.weight_decay import *  # noqa: F401,F403
 from funcopt.transforms.zoom_line_search import *  # noqa: F401,F403

@@ -54,6 +54,8 @@ def run_funcopt(tx, steps=30, extras=None, p0=None):
             kw = {"value": value}
         elif extras == "linesearch":
             kw = {"value": value, "grad": g, "value_fn": torch_loss}
+        elif extras == "obj_fn":
+            kw = {"obj_fn": torch_loss}
         u, state = tx.update(g, state, p, **kw)
         p = fo.apply_updates(p, u)
         out.append({k: v.numpy().copy() for k, v in p.items()})
@@ -67,13 +69,16 @@ def run_optax(tx, steps=30, extras=None, p0=None):
     if extras == "linesearch":  # compiled once: an eager while_loop recompiles every step
         ls_update = jax.jit(lambda g, s, q, v: tx.update(g, s, q, value=v, grad=g,
                                                          value_fn=jax_loss))
+    if extras == "obj_fn":
+        obj_update = jax.jit(lambda g, s, q: tx.update(g, s, q, obj_fn=jax_loss))
     for _ in range(steps):
         value, g = jax.value_and_grad(jax_loss)(p)
         if extras == "linesearch":
             u, state = ls_update(g, state, p, value)
         else:
             kw = {"value": value} if extras == "value" else {}
-            u, state = tx.update(g, state, p, **kw)
+            update = obj_update if extras == "obj_fn" else tx.update
+            u, state = update(g, state, p, **kw)
         p = optax.apply_updates(p, u)
         out.append({k: np.asarray(v) for k, v in p.items()})
     return out

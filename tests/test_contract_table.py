@@ -136,6 +136,8 @@ BUILD = {
     # update needs value=: contract in tests/test_breadth_contrib_more.py
     "momo": None, "momo_adam": None,
     "mechanize": lambda: fo.mechanize(fo.adam(1.0)),
+    # update needs obj_fn=: contract in tests/test_breadth_sophia.py
+    "sophia": None, "scale_by_sophia": None, "hutchinson_estimator_diag_hessian": None,
 }
 
 # Rows whose checks need more than (grads, state, params), or that cannot run under a
