@@ -10,6 +10,7 @@ from funcopt import func as func
 from funcopt import heavyball as heavyball
 from funcopt import schedules as schedules
 from funcopt import solvers as solvers
+from funcopt import tree as tree
 from funcopt.aliases import *  # noqa: F401,F403
 from funcopt.base import *  # noqa: F401,F403
 from funcopt.batch_size_loop import *  # noqa: F401,F403
@@ -26,19 +27,31 @@ from funcopt.least_squares_batched import LEAST_SQUARES_REASONS as LEAST_SQUARES
 from funcopt.least_squares_batched import BatchedLeastSquaresInfo as BatchedLeastSquaresInfo
 from funcopt.least_squares_parallel import least_squares_parallel as least_squares_parallel
 from funcopt.optim import *  # noqa: F401,F403
+from funcopt.transforms.adam_variants import *  # noqa: F401,F403
 from funcopt.transforms.adaptive import *  # noqa: F401,F403
 from funcopt.transforms.adaptive_batch import *  # noqa: F401,F403
+from funcopt.transforms.adaptive_more import *  # noqa: F401,F403
 from funcopt.transforms.clipping import *  # noqa: F401,F403
+from funcopt.transforms.contrib import *  # noqa: F401,F403
+from funcopt.transforms.distance import *  # noqa: F401,F403
+from funcopt.transforms.factored import *  # noqa: F401,F403
+from funcopt.transforms.filters import *  # noqa: F401,F403
 from funcopt.transforms.first_order import *  # noqa: F401,F403
 from funcopt.transforms.levenberg_marquardt import *  # noqa: F401,F403
+from funcopt.transforms.line_search import *  # noqa: F401,F403
 from funcopt.transforms.muon import *  # noqa: F401,F403
 from funcopt.transforms.natural_gradient.kfac import *  # noqa: F401,F403
 from funcopt.transforms.natural_gradient.singd import *  # noqa: F401,F403
+from funcopt.transforms.parameter_free import *  # noqa: F401,F403
 from funcopt.transforms.precision import *  # noqa: F401,F403
 from funcopt.transforms.psgd import *  # noqa: F401,F403
 from funcopt.transforms.schedule_free import *  # noqa: F401,F403
+from funcopt.transforms.sgd_variants import *  # noqa: F401,F403
 from funcopt.transforms.soap import *  # noqa: F401,F403
+from funcopt.transforms.sophia import *  # noqa: F401,F403
+from funcopt.transforms.trust_ratio import *  # noqa: F401,F403
 from funcopt.transforms.weight_decay import *  # noqa: F401,F403
+from funcopt.transforms.zoom_line_search import *  # noqa: F401,F403
 from funcopt.wrappers import *  # noqa: F401,F403
 
 __version__ = "0.1.0"

@@ -18,7 +18,7 @@ from funcopt.transforms.weight_decay import add_decayed_weights
 
 __all__ = [
     "sgd", "adam", "adamw", "nadam", "amsgrad", "adamax", "rmsprop", "adagrad", "adagrad_norm",
-    "lion", "laprop", "adopt",
+    "lion", "laprop", "adopt", "nadamw", "adamaxw",
 ]
 
 
@@ -32,8 +32,8 @@ def _decay(weight_decay: ScalarOrSchedule, mask: Any = None) -> tuple[GradientTr
 
 def sgd(
     learning_rate: ScalarOrSchedule, momentum: float | None = None, nesterov: bool = False,
-    weight_decay: ScalarOrSchedule = 0.0, *, dampening: float = 0.0,
-    accumulator_dtype: torch.dtype | None = None,
+    accumulator_dtype: torch.dtype | None = None, *, weight_decay: ScalarOrSchedule = 0.0,
+    dampening: float = 0.0,
 ) -> GradientTransformation:
     r"""Stochastic gradient descent with optional (Nesterov) momentum and L2 weight decay.
 
@@ -50,6 +50,9 @@ def sgd(
       weight_decay: :math:`\lambda`, added to the gradient before momentum (default 0).
       dampening: torch's dampening of the momentum buffer (default 0).
       accumulator_dtype: dtype of the momentum buffer (default: the parameters').
+
+    The positional order is optax's (``learning_rate, momentum, nesterov, accumulator_dtype``);
+    ``weight_decay`` and ``dampening``, which optax's ``sgd`` does not have, are keyword-only.
 
     Reference: Robbins & Monro 1951; Sutskever et al. 2013; optax ``sgd``; torch.optim.SGD.
     """
@@ -189,7 +192,7 @@ def rmsprop(
     momentum_tx = () if momentum is None or _is_zero(momentum) else (
         fo.trace(momentum, nesterov),)
     return chain(
-        ad.scale_by_rms(decay, eps, initial_scale, centered, eps_in_sqrt, bias_correction),
+        ad.scale_by_rms(decay, eps, initial_scale, eps_in_sqrt, bias_correction, centered=centered),
         *momentum_tx,
         fo.scale_by_learning_rate(learning_rate),
     )
@@ -269,3 +272,49 @@ def adopt(
                           clip_value_fn=clip_value_fn),
         fo.scale_by_learning_rate(learning_rate),
     )
+
+
+def nadamw(
+    learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+    eps_root: float = 0.0, mu_dtype: torch.dtype | None = None,
+    weight_decay: ScalarOrSchedule = 1e-4, mask: Any = None, *, nesterov: bool = True,
+) -> GradientTransformation:
+    r"""NAdamW: AdamW with Nesterov momentum, ``adamw(..., nesterov=True)``.
+
+    .. math:: \hat m_t = \beta_1 m_t/(1-\beta_1^{t+1}) + (1-\beta_1) g_t/(1-\beta_1^t),\quad
+        \theta_{t+1} = \theta_t - \eta\,\big(\hat m_t/(\sqrt{\hat v_t + \epsilon_{root}}
+        + \epsilon) + \lambda\theta_t\big).
+
+    Args: as :func:`adamw` (weight_decay :math:`\lambda` default 1e-4, mask default all);
+    ``nesterov`` (default True) is kept for optax's signature.
+
+    funcopt follows optax (constant :math:`\beta_1`); torch.optim.NAdam(decoupled_weight_decay=True)
+    uses Dozat's momentum schedule (:func:`scale_by_nadam`) and multiplies the decay by the
+    learning rate the same way.
+
+    Reference: Loshchilov & Hutter 2019; Dozat 2016; optax ``nadamw``.
+    """
+    return adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask,
+                 nesterov=nesterov)
+
+
+def adamaxw(
+    learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+    weight_decay: ScalarOrSchedule = 1e-4, mask: Any = None,
+) -> GradientTransformation:
+    r"""AdamaxW: Adamax with decoupled weight decay.
+
+    .. math:: \theta_{t+1} = \theta_t - \eta\,\big(m_t/((1-\beta_1^t) u^\infty_t)
+        + \lambda\theta_t\big)\quad(\text{see } scale\_by\_adamax).
+
+    ``chain(scale_by_adamax(b1, b2, eps), add_decayed_weights(weight_decay, mask),
+    scale_by_learning_rate(learning_rate))``.
+
+    Args:
+      learning_rate: :math:`\eta`. b1, b2, eps: as :func:`adamax` (0.9, 0.999, 1e-8).
+      weight_decay: :math:`\lambda` (default 1e-4). mask: which leaves decay (default all).
+
+    Reference: Kingma & Ba 2015; Loshchilov & Hutter 2019; optax ``adamaxw``.
+    """
+    return chain(ad.scale_by_adamax(b1, b2, eps), *_decay(weight_decay, mask),
+                 fo.scale_by_learning_rate(learning_rate))

@@ -85,6 +85,59 @@ BUILD = {
     "kfac": None, "scale_by_kfac": None, "singd": None, "scale_by_singd": None,
     "levenberg_marquardt": None, "norm_test": None, "inner_product_test": None,
     "augmented_inner_product_test": None,
+    # Adam variants, trust ratios
+    "radam": lambda: fo.radam(0.1), "yogi": lambda: fo.yogi(0.1),
+    "adabelief": lambda: fo.adabelief(0.1), "lamb": lambda: fo.lamb(0.1, weight_decay=0.01),
+    "lars": lambda: fo.lars(0.1, weight_decay=0.01), "fromage": lambda: fo.fromage(0.1),
+    "nadamw": lambda: fo.nadamw(0.1), "adamaxw": lambda: fo.adamaxw(0.1),
+    "scale_by_radam": lambda: fo.scale_by_radam(threshold=2.0),
+    "scale_by_yogi": fo.scale_by_yogi, "scale_by_belief": fo.scale_by_belief,
+    "scale_by_trust_ratio": lambda: fo.scale_by_trust_ratio(0.1, 0.5, 1e-3),
+    "scale_by_param_block_norm": fo.scale_by_param_block_norm,
+    "scale_by_param_block_rms": fo.scale_by_param_block_rms,
+    "normalize_by_update_norm": lambda: fo.normalize_by_update_norm(-1.0),
+    # factored second moments
+    "adafactor": lambda: fo.adafactor(0.1, min_dim_size_to_factor=3, momentum=0.9),
+    "scale_by_factored_rms": lambda: fo.scale_by_factored_rms(min_dim_size_to_factor=3),
+    "sm3": lambda: fo.sm3(0.1), "scale_by_sm3": fo.scale_by_sm3,
+    "scale_by_lbfgs": lambda: fo.scale_by_lbfgs(3),
+    # update needs value=, grad=, value_fn=: contract in tests/test_breadth_line_search.py
+    "lbfgs": None, "scale_by_backtracking_linesearch": None, "scale_by_zoom_linesearch": None,
+    # optax.contrib
+    "prodigy": lambda: fo.prodigy(weight_decay=0.01), "dadapt_adamw": fo.dadapt_adamw,
+    "ademamix": lambda: fo.ademamix(0.1), "scale_by_ademamix": fo.scale_by_ademamix,
+    "simplified_ademamix": lambda: fo.simplified_ademamix(0.1, alpha=1.0),
+    "scale_by_simplified_ademamix": fo.scale_by_simplified_ademamix,
+    "sam": lambda: fo.sam(fo.sgd(0.1, 0.9), fo.chain(fo.normalize_by_update_norm(), fo.scale(0.05))),
+    # more adaptive methods, SGD variants
+    "adan": lambda: fo.adan(0.1, weight_decay=0.01), "scale_by_adan": fo.scale_by_adan,
+    "novograd": lambda: fo.novograd(0.1, weight_decay=0.01), "scale_by_novograd": fo.scale_by_novograd,
+    "adadelta": lambda: fo.adadelta(0.5, weight_decay=0.01), "scale_by_adadelta": fo.scale_by_adadelta,
+    "rprop": lambda: fo.rprop(0.1), "scale_by_rprop": lambda: fo.scale_by_rprop(0.1),
+    "sign_sgd": lambda: fo.sign_sgd(0.1), "signum": lambda: fo.signum(0.1),
+    "noisy_sgd": lambda: fo.noisy_sgd(0.1, seed=1),
+    "scale_by_optimistic_gradient": lambda: fo.scale_by_optimistic_gradient(0.5, 0.8),
+    "optimistic_gradient_descent": lambda: fo.optimistic_gradient_descent(0.1),
+    "optimistic_adam": lambda: fo.optimistic_adam(0.1),
+    # update needs value=: contract in tests/test_breadth_sgd_adaptive.py
+    "scale_by_polyak": None, "polyak_sgd": None,
+    # filters and gates
+    "centralize": fo.centralize, "zero_nans": fo.zero_nans,
+    "adaptive_grad_clip": lambda: fo.adaptive_grad_clip(0.1),
+    "apply_every": lambda: fo.apply_every(2), "freeze": lambda: fo.freeze({"w": True, "b": False}),
+    "selective_transform": lambda: fo.selective_transform(
+        fo.adam(0.1), freeze_mask={"w": False, "b": True}),
+    # distance-based steps, ACProp
+    "dog": lambda: fo.dog(weight_decay=0.01), "scale_by_dog": lambda: fo.scale_by_dog(
+        ("learning_rate", 0.1)),
+    "dowg": fo.dowg, "scale_by_dowg": fo.scale_by_dowg, "cocob": fo.cocob,
+    "scale_by_cocob": fo.scale_by_cocob, "acprop": lambda: fo.acprop(0.1),
+    "scale_by_acprop": fo.scale_by_acprop,
+    # update needs value=: contract in tests/test_breadth_contrib_more.py
+    "momo": None, "momo_adam": None,
+    "mechanize": lambda: fo.mechanize(fo.adam(1.0)),
+    # update needs obj_fn=: contract in tests/test_breadth_sophia.py
+    "sophia": None, "scale_by_sophia": None, "hutchinson_estimator_diag_hessian": None,
 }
 
 # Rows whose checks need more than (grads, state, params), or that cannot run under a
@@ -164,6 +217,19 @@ HYPER = {
     "schedule_free": (lambda lr: fo.schedule_free(fo.scale_by_adam(), lr), 0.05),
     "muon": (lambda lr: fo.muon(lr), 0.02),
     "soap": (lambda lr: fo.soap(lr), 0.01),
+    **{n: (getattr(fo, n), 0.05) for n in
+       "radam yogi adabelief lamb lars fromage nadamw adamaxw adafactor sm3".split()},
+    "lbfgs": (lambda lr: fo.lbfgs(lr, memory_size=3, linesearch=None), 0.05),
+    **{n: (getattr(fo, n), 0.05) for n in "ademamix simplified_ademamix".split()},
+    "prodigy": (fo.prodigy, 0.7), "dadapt_adamw": (fo.dadapt_adamw, 0.7),
+    "sam": (lambda lr: fo.sam(fo.sgd(lr), fo.chain(fo.normalize_by_update_norm(), fo.scale(0.05))),
+            0.05),
+    **{n: (getattr(fo, n), 0.05) for n in (
+        "adan novograd adadelta sign_sgd signum noisy_sgd optimistic_gradient_descent "
+        "optimistic_adam").split()},
+    **{n: (getattr(fo, n), 0.7) for n in "dog dowg cocob".split()},
+    "acprop": (fo.acprop, 0.05),
+    "mechanize": (lambda wd: fo.mechanize(fo.sgd(1.0), weight_decay=wd), 0.1),
 }
 
 

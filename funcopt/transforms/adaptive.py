@@ -122,8 +122,8 @@ def _inv_root(xs: TensorList, eps: float, eps_in_sqrt: bool) -> TensorList:
 
 
 def scale_by_rms(
-    decay: float = 0.9, eps: float = 1e-8, initial_scale: float = 0.0, centered: bool = False,
-    eps_in_sqrt: bool = True, bias_correction: bool = False,
+    decay: float = 0.9, eps: float = 1e-8, initial_scale: float = 0.0, eps_in_sqrt: bool = True,
+    bias_correction: bool = False, *, centered: bool = False,
 ) -> GradientTransformation:
     r"""RMSprop's scaling, optionally centred.
 
@@ -137,13 +137,16 @@ def scale_by_rms(
     square root: ``scale_by_rms(decay=alpha, eps=eps, eps_in_sqrt=False)`` reproduces it
     (including ``centered``). Negative round-off in ``v_t - m_t^2`` is clamped to 0.
 
+    The positional order is optax's (``decay, eps, initial_scale, eps_in_sqrt,
+    bias_correction``); ``centered=True`` is optax's ``scale_by_stddev``.
+
     Args:
       decay: :math:`\rho` (torch's ``alpha``), default 0.9.
       eps: :math:`\epsilon`, default 1e-8.
       initial_scale: :math:`v_0`, default 0.
-      centered: subtract the squared mean (Graves 2013), default False.
       eps_in_sqrt: where :math:`\epsilon` goes (default True, optax).
       bias_correction: divide :math:`m_t, v_t` by :math:`1-\rho^t` (default False).
+      centered: keyword-only; subtract the squared mean (Graves 2013), default False.
 
     Reference: Tieleman & Hinton, Lecture 6.5, 2012; optax ``scale_by_rms`` /
     ``scale_by_stddev``; torch.optim.RMSprop.
