@@ -39,6 +39,9 @@ def _decay(weight_decay: Any, mask: Any = None) -> tuple[GradientTransformation,
 
 
 class ScaleByAdanState(NamedTuple):
+    """State of :func:`scale_by_adan`: the step count, the moments ``m``, ``v`` (of gradient
+    differences) and ``n``, and the previous gradient ``g`` (Xie et al. 2022)."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's ``t``)
     m: Any
     v: Any
@@ -111,6 +114,9 @@ def adan(
 
 
 class ScaleByNovogradState(NamedTuple):
+    """State of :func:`scale_by_novograd`: the step count, the first moment ``mu`` and the
+    per-layer second moment ``nu`` (Ginsburg et al. 2019)."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     mu: Any
     nu: Any
@@ -180,6 +186,9 @@ def novograd(
 
 
 class ScaleByAdaDeltaState(NamedTuple):
+    """State of :func:`scale_by_adadelta`: the running averages of squared gradients ``e_g``
+    and squared updates ``e_x`` (Zeiler 2012)."""
+
     e_g: Any
     e_x: Any
 
@@ -238,6 +247,9 @@ def adadelta(
 
 
 class ScaleByRpropState(NamedTuple):
+    """State of :func:`scale_by_rprop`: the per-coordinate step sizes, the previous updates
+    and the learning rate (Riedmiller and Braun 1993)."""
+
     step_sizes: Any
     prev_updates: Any
 

@@ -38,6 +38,9 @@ __all__ = [
 
 
 class ScaleByAdemamixState(NamedTuple):
+    """State of :func:`scale_by_ademamix`: the step count and the second moment ``nu`` (the
+    two first moments are held by its inner EMAs)."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     count_m2: Tensor
     m1: Any
@@ -123,6 +126,9 @@ def ademamix(
 
 
 class ScaleBySimplifiedAdEMAMixState(NamedTuple):
+    """State of :func:`scale_by_simplified_ademamix`: the step count and the two moments
+    ``m`` and ``n``."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's ``t``)
     m: Any
     n: Any
@@ -188,6 +194,9 @@ def simplified_ademamix(
 
 
 class SAMState(NamedTuple):
+    """State of :func:`sam`: steps since the last outer step, the outer optimizer's state,
+    the adversarial optimizer's state and the cached outer gradient."""
+
     steps_since_sync: Tensor
     opt_state: Any
     adv_state: Any

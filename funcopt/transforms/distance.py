@@ -46,6 +46,9 @@ def _maybe_decay(weight_decay: Any, mask: Any) -> tuple[GradientTransformation, 
 
 
 class DoGState(NamedTuple):
+    """State of :func:`scale_by_dog`: the step count, the starting parameters, the largest
+    distance from them so far and the sum of squared gradient norms (Ivgi et al. 2023)."""
+
     count: Tensor  # type: ignore[assignment]  # optax: a boolean ``is_init_step``
     init_params: Any
     max_dist: Tensor
@@ -116,6 +119,9 @@ def dog(
 
 
 class DoWGState(NamedTuple):
+    """State of :func:`scale_by_dowg`: the starting parameters, the distance-weighted sum of
+    squared gradient norms and the squared distance estimate (Khaled et al. 2023)."""
+
     init_params: Any
     weighted_sq_norm_grads: Tensor
     estim_sq_dist: Tensor
@@ -170,6 +176,10 @@ def dowg(
 
 
 class COCOBState(NamedTuple):
+    """State of :func:`scale_by_cocob`: the starting parameters, summed gradients, per-
+    coordinate scales, summed absolute gradients and the accumulated reward (Orabona and
+    Tommasi 2017)."""
+
     init_particles: Any
     cumulative_gradients: Any
     scale: Any

@@ -37,6 +37,10 @@ __all__ = [
 
 
 class FactoredState(NamedTuple):
+    """State of :func:`scale_by_factored_rms` (Adafactor): the step count, the row and
+    column factors of the second moment for matrices, and the full second moment ``v`` for
+    other leaves."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     v_row: Any
     v_col: Any
@@ -204,6 +208,9 @@ def adafactor(
 
 
 class ScaleBySM3State(NamedTuple):
+    """State of :func:`scale_by_sm3`: the momentum and the per-dimension accumulators of SM3
+    (Anil et al. 2019)."""
+
     mu: Any
     nu: Any
 

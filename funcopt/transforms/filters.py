@@ -46,6 +46,8 @@ def centralize() -> GradientTransformation:
 
 
 class ZeroNansState(NamedTuple):
+    """State of :func:`zero_nans`: per leaf, whether the last gradient held a NaN."""
+
     found_nan: Any
 
 
@@ -119,6 +121,9 @@ def adaptive_grad_clip(clipping: float, eps: float = 1e-3, axis: Any = None) -> 
 
 
 class ApplyEveryState(NamedTuple):
+    """State of :func:`apply_every`: the step ``count`` and the gradients accumulated since
+    the last emitted update (``grad_acc``)."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     grad_acc: Any
 

@@ -42,6 +42,10 @@ def _vdot(a: list[Tensor], b: list[Tensor], dtype: torch.dtype) -> Tensor:
 
 
 class ScaleByLBFGSState(NamedTuple):
+    """State of :func:`scale_by_lbfgs`: the step count, the last parameters and updates, and
+    the ring buffers of parameter and gradient differences with their weights (the L-BFGS
+    memory)."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     params: Any
     updates: Any
@@ -133,11 +137,18 @@ def scale_by_lbfgs(memory_size: int = 10, scale_init_precond: bool = True) -> Gr
 
 
 class BacktrackingLinesearchInfo(NamedTuple):
+    """What the last backtracking line search did: its number of trial steps, how far the
+    accepted step missed the sufficient-decrease condition, and the step size it chose."""
+
     num_linesearch_steps: Tensor
     decrease_error: Tensor
 
 
 class ScaleByBacktrackingLinesearchState(NamedTuple):
+    """State of :func:`scale_by_backtracking_linesearch`: the last step size, the
+    objective's value and gradient at the accepted point, and the last search's
+    :class:`BacktrackingLinesearchInfo`."""
+
     learning_rate: Tensor
     value: Tensor
     grad: Any

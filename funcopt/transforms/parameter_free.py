@@ -48,6 +48,9 @@ def _check_betas(betas: Any) -> tuple[Any, Any]:
 
 
 class ProdigyState(NamedTuple):
+    """State of :func:`prodigy`: Adam's moments, the weighted gradient sum, the current
+    distance estimate ``estim_lr`` and its numerator (Mishchenko and Defazio 2023)."""
+
     exp_avg: Any
     exp_avg_sq: Any
     grad_sum: Any
@@ -133,6 +136,9 @@ def prodigy(
 
 
 class DAdaptAdamWState(NamedTuple):
+    """State of :func:`dadapt_adamw`: Adam's moments, the weighted gradient sum, the current
+    distance estimate ``estim_lr`` (D-Adaptation's ``d``), its numerator and the step count."""
+
     exp_avg: Any
     exp_avg_sq: Any
     grad_sum: Any
@@ -205,6 +211,10 @@ def dadapt_adamw(
 
 
 class MechanicState(NamedTuple):
+    """State of :func:`mechanize` (Mechanic, Cutkosky et al. 2023): the wrapped optimizer's
+    state, the step count, the starting point's offset ``r`` and the moments ``m``, ``v``
+    and scales ``s`` of its learned step sizes."""
+
     base_optimizer_state: Any
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     r: Tensor

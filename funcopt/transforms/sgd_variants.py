@@ -72,6 +72,9 @@ def noisy_sgd(
 
 
 class ScaleByOptimisticGradientState(NamedTuple):
+    """State of :func:`scale_by_optimistic_gradient`: the step count and the previous
+    gradient (Daskalakis et al. 2018)."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     previous_gradient: Any
 
@@ -197,6 +200,10 @@ def polyak_sgd(
 
 
 class MomoState(NamedTuple):
+    """State of :func:`momo` and :func:`momo_adam`: the momentum (and second moment), the
+    averaged loss ``barf``, the averaged gradient-parameter product ``gamma``, the loss
+    lower bound ``lb`` and the step count."""
+
     exp_avg: Any
     exp_avg_sq: Any
     barf: Tensor

@@ -30,6 +30,9 @@ __all__ = ["HutchinsonState", "SophiaState", "hutchinson_estimator_diag_hessian"
 
 
 class HutchinsonState(NamedTuple):
+    """State of :func:`hutchinson_estimator_diag_hessian`: the step count and the seed its
+    Rademacher probes are drawn from."""
+
     count: Tensor  # type: ignore[assignment]  # optax keeps a JAX key instead
     key: Tensor
 
@@ -71,6 +74,9 @@ def hutchinson_estimator_diag_hessian(random_seed: int = 0) -> GradientTransform
 
 
 class SophiaState(NamedTuple):
+    """State of :func:`scale_by_sophia`: the step count, the momentum ``mu``, the diagonal
+    Hessian estimate ``nu`` and the estimator's state (Liu et al. 2023)."""
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
     mu: Any
     nu: Any

@@ -57,12 +57,18 @@ def _quadmin(a, fa, fpa, b, fb):
 
 
 class ZoomLinesearchInfo(NamedTuple):
+    """What the last zoom line search did: its number of trial steps and how far the
+    accepted step missed the sufficient-decrease and curvature (strong Wolfe) conditions."""
+
     num_linesearch_steps: Tensor
     decrease_error: Tensor
     curvature_error: Tensor
 
 
 class ScaleByZoomLinesearchState(NamedTuple):
+    """State of :func:`scale_by_zoom_linesearch`: the last step size, the objective's value
+    and gradient at the accepted point, and the last search's :class:`ZoomLinesearchInfo`."""
+
     learning_rate: Tensor
     value: Tensor
     grad: Any
