@@ -20,8 +20,9 @@ arguments raise ValueError naming the argument and its range. A tensor argument 
 and not checked (reading it would synchronise with its device).
 Names and formulas follow optax's schedules (``optax.linear_schedule`` -> :func:`linear` ...).
 
-Modules: :mod:`.base` (the :class:`Schedule` type and its checks), :mod:`.standard` (the
-constructors above) and :mod:`.one_based` (HeavyBall's functions of the 1-based step: PaLM's
+Modules: :mod:`funcopt.schedules.base` (the :class:`Schedule` type and its checks),
+:mod:`funcopt.schedules.standard` (the
+constructors above) and :mod:`funcopt.schedules.one_based` (HeavyBall's functions of the 1-based step: PaLM's
 ``beta2``, the recipes' linear warm-ups, PSGD's and SOAP's refresh probabilities).
 """
 
