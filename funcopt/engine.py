@@ -172,8 +172,8 @@ def leaves(updates: Any, params: Any | None, who: str, *state: Sequence[Tensor]
     """Flatten ``updates`` once and check them before any arithmetic.
 
     Checks: every leaf is a floating-point tensor; ``params`` (when given) has the updates'
-    tree structure, shapes and dtypes; each per-leaf ``state`` list has one entry per leaf, of the leaf's
-    shape (or a 0-d/size-1 entry where a transform keeps one number per leaf) and device. The
+    tree structure, shapes and dtypes; each per-leaf ``state`` list has one entry per leaf, of
+    the leaf's shape (devices are left to torch's own error). The
     checks read metadata only (no host sync) and are skipped while ``torch.compile`` traces
     (the eager run of the same step has checked them). Raises ValueError/TypeError naming
     ``who``, the leaf's tree path and both shapes. States keep no names: a renamed leaf of
@@ -182,7 +182,10 @@ def leaves(updates: Any, params: Any | None, who: str, *state: Sequence[Tensor]
     g, treedef = optree.tree_flatten(updates)
     if _is_compiling():
         return g, treedef
-    _check_leaf_types(g, updates, who)
+    # fast comparisons of whole lists first (this runs in every transform of every step);
+    # the loops that name the offending leaf run only when one fails
+    if not all(isinstance(x, Tensor) and x.is_floating_point() for x in g):
+        _check_leaf_types(g, updates, who)
     if params is not None:
         p_leaves, p_def = optree.tree_flatten(params)
         if p_def != treedef:
@@ -190,30 +193,45 @@ def leaves(updates: Any, params: Any | None, who: str, *state: Sequence[Tensor]
                 f"{who}: updates and params have different tree structures:\n"
                 f"  updates: {treedef}\n  params:  {p_def}\n"
                 "Pass params with the same structure (keys, nesting, None entries) as the updates.")
-        for i, (x, p) in enumerate(zip(g, p_leaves)):
-            if isinstance(p, Tensor) and p.shape != x.shape:
-                raise ValueError(
-                    f"{who}: leaf {_path(updates, i)} of the updates has shape "
-                    f"{tuple(x.shape)} but the parameter has {tuple(p.shape)}; pass gradients "
-                    "shaped like the parameters.")
-            if isinstance(p, Tensor) and p.dtype != x.dtype:
-                raise TypeError(
-                    f"{who}: leaf {_path(updates, i)} of the updates is {x.dtype} but the "
-                    f"parameter is {p.dtype}; pass gradients in the parameters' dtype (as "
-                    "autograd and torch.func give them), e.g. g.to(p.dtype).")
-    for s in state:
-        if len(s) != len(g):
-            raise ValueError(
-                f"{who}: the updates have {len(g)} leaves but the state holds {len(s)}; pass "
-                "updates with the structure of the params given to init (or re-run init on them)")
-        for i, (x, y) in enumerate(zip(g, s)):
-            if y.shape != x.shape or y.device != x.device:
-                raise ValueError(
-                    f"{who}: leaf {_path(updates, i)} of the updates has shape "
-                    f"{tuple(x.shape)} on {x.device}, but the state holds {tuple(y.shape)} on "
-                    f"{y.device} for it (leaf #{i}). The state was made by init for other "
-                    "params: re-run init on these params, or pass the params init saw.")
+        if [(x.shape, x.dtype) for x in g] != [(q.shape, q.dtype) for q in p_leaves]:
+            _check_against_params(g, p_leaves, updates, who)
+    shapes = None
+    for st in state:
+        if shapes is None:
+            shapes = [x.shape for x in g]
+        if len(st) != len(g) or [y.shape for y in st] != shapes:
+            _check_against_state(g, st, updates, who)
     return g, treedef
+
+
+def _check_against_params(g: Sequence[Tensor], p_leaves: Sequence[Any], updates: Any,
+                          who: str) -> None:
+    for i, (x, q) in enumerate(zip(g, p_leaves)):
+        if isinstance(q, Tensor) and q.shape != x.shape:
+            raise ValueError(
+                f"{who}: leaf {_path(updates, i)} of the updates has shape "
+                f"{tuple(x.shape)} but the parameter has {tuple(q.shape)}; pass gradients "
+                "shaped like the parameters.")
+        if isinstance(q, Tensor) and q.dtype != x.dtype:
+            raise TypeError(
+                f"{who}: leaf {_path(updates, i)} of the updates is {x.dtype} but the "
+                f"parameter is {q.dtype}; pass gradients in the parameters' dtype (as "
+                "autograd and torch.func give them), e.g. g.to(p.dtype).")
+
+
+def _check_against_state(g: Sequence[Tensor], st: Sequence[Tensor], updates: Any,
+                         who: str) -> None:
+    if len(st) != len(g):
+        raise ValueError(
+            f"{who}: the updates have {len(g)} leaves but the state holds {len(st)}; pass "
+            "updates with the structure of the params given to init (or re-run init on them)")
+    for i, (x, y) in enumerate(zip(g, st)):
+        if y.shape != x.shape:
+            raise ValueError(
+                f"{who}: leaf {_path(updates, i)} of the updates has shape "
+                f"{tuple(x.shape)}, but the state holds {tuple(y.shape)} for it (leaf #{i}). "
+                "The state was made by init for other params: re-run init on these params, "
+                "or pass the params init saw.")
 
 
 def expect_state(state: Any, cls: type | tuple[type, ...], who: str) -> None:
