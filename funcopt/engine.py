@@ -84,10 +84,8 @@ def _dispatch(fused: Callable[..., Any], single: Callable[..., Any], inplace: bo
     loop = _per_leaf(single)
 
     def op(*args: Any, **kwargs: Any) -> Any:
-        if not _is_compiling() and functorch_active():
-            out = loop(*args, **kwargs)
-            return args[0] if inplace else out
-        out = fused(*args, **kwargs)
+        run = loop if not _is_compiling() and functorch_active() else fused
+        out = run(*args, **kwargs)
         return args[0] if inplace else out
 
     op.__name__ = fused.__name__

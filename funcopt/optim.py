@@ -142,9 +142,7 @@ def set_hyperparams(state: OptState, values: dict[str, Any]) -> OptState:
                     fields[f] = cast_like(v, values[f])
                 else:
                     fields[f] = v
-            node = type(node)(**fields)
-            return type(node)(*[v if f in declared else visit(v)
-                                for f, v in zip(node._fields, node)])
+            return type(node)(**{f: v if f in declared else visit(v) for f, v in fields.items()})
         if isinstance(node, (tuple, list)):
             return type(node)(visit(c) for c in node)
         if isinstance(node, dict):
