@@ -7,7 +7,9 @@ One place decides three things that every transform shares:
    steps and under ``torch.compile`` it calls the fused ``_foreach`` kernel (one launch for
    the whole leaf list). While a ``torch.func`` transform runs (``vmap``, ``grad``, ``jvp``,
    ``jacrev`` ...) it applies the single-tensor op leaf by leaf instead: ``_foreach`` ops have
-   no batching rule, so ``torch.func.vmap`` over a transform could not run otherwise. The
+   no batching rule, so ``torch.func.vmap`` over a transform could not run otherwise. Eager
+   steps on ``DTensor`` leaves (FSDP2) run leaf by leaf too: torch 2.11's DTensor has no
+   sharding rule for some ``_foreach`` overloads (``_foreach_lerp.Scalar``). The
    in-place forms (``ops.mul_`` ...) return the list they wrote, so a caller writes
    ``out = ops.mul_(out, s)`` and the code is right in both forms.
 2. **The leaf checks.** :func:`leaves` flattens the updates once and checks them against the
@@ -84,7 +86,10 @@ def _dispatch(fused: Callable[..., Any], single: Callable[..., Any], inplace: bo
     loop = _per_leaf(single)
 
     def op(*args: Any, **kwargs: Any) -> Any:
-        run = loop if not _is_compiling() and functorch_active() else fused
+        first = args[0]
+        eager_only = not _is_compiling() and (
+            functorch_active() or (len(first) and hasattr(first[0], "_local_tensor")))
+        run = loop if eager_only else fused
         out = run(*args, **kwargs)
         return args[0] if inplace else out
 

@@ -213,7 +213,7 @@ def test_bench_threads_beyond_what_the_machine_has_is_one_line(tmp_path):
     # then SIGSEGV (exit -11), no report and no one-line error. --threads 0 is refused, a
     # typo with extra zeros is not. Expected: exit status 1 and one line "error: --threads ..."
     # (e.g. refuse values above os.cpu_count(), or clamp with a note) before any work.
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [sys.executable, "-m", "funcopt.bench", "--problems", "nist-misra1a", "--optimizers",
          "lm", "--steps", "1", "--no-progress", "--threads", "100000", "--out",
