@@ -31,6 +31,7 @@ step captured by :func:`cuda_graph` costs one graph launch per call.
 from __future__ import annotations
 
 import bisect
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,7 +41,7 @@ from funcopt.base import PyTree, tree_flatten, tree_map, tree_unflatten
 from funcopt.engine import differentiating, ops
 from funcopt.func.ravel import concat, group_by_dtype_device, split
 
-__all__ = ["ravel", "donated", "cuda_graph"]
+__all__ = ["ravel", "donated", "cuda_graph", "jit"]
 
 
 def ravel(tree: PyTree) -> tuple[Any, Callable[[Any], PyTree]]:
@@ -61,6 +62,9 @@ def ravel(tree: PyTree) -> tuple[Any, Callable[[Any], PyTree]]:
     buffers = concat([x.detach() for x in leaves], order)
     single = len(buffers) == 1
     n_leaves = len(leaves)  # unravel must not hold the original leaves alive
+    # the tree with each leaf's index in place of the leaf: unravel maps over it rather than
+    # unflattening a PyTreeSpec, which torch.compile cannot take from outside the step
+    skeleton = tree_unflatten(treedef, list(range(n_leaves)))
 
     def unravel(flat: Any) -> PyTree:
         bufs = (flat,) if single else tuple(flat)
@@ -69,7 +73,8 @@ def ravel(tree: PyTree) -> tuple[Any, Callable[[Any], PyTree]]:
                 "unravel: the flat input does not match the raveled tree: expected "
                 f"{len(order)} 1-D buffer(s) of sizes {[sum(s) for s in sizes]}"
             )
-        return tree_unflatten(treedef, split(bufs, order, shapes, [None] * n_leaves))
+        parts = split(bufs, order, shapes, [None] * n_leaves)
+        return tree_map(lambda i: parts[i], skeleton)
 
     return (buffers[0] if single else buffers), unravel
 
@@ -149,12 +154,7 @@ def _check_donatable(dst: list[Any], src: list[Any]) -> None:
                          "under torch.func), and results written in place are cut out of the "
                          "graph; run the step under torch.no_grad(), or differentiate the pure "
                          "step")
-    spans = sorted((d.device, *_span(d), i) for i, d in enumerate(dst) if d.numel())
-    for (dev0, _, end0, i), (dev1, start1, _, j) in zip(spans, spans[1:]):
-        if dev0 == dev1 and start1 < end0:
-            raise ValueError(f"donated: inputs {i} and {j} {where} share memory, so writing one "
-                             "overwrites the other; give each leaf its own tensor (e.g. clone "
-                             "the state's) or use the pure step")
+    spans = _check_disjoint(dst, "donated")
     starts = [(dev, start) for dev, start, _, _ in spans]
     for i, s in enumerate(src):
         if not s.numel() or s is dst[i]:
@@ -168,6 +168,18 @@ def _check_donatable(dst: list[Any], src: list[Any]) -> None:
             raise ValueError(f"donated: result {i} {where} overlaps input {j}, which is "
                              f"overwritten by then{'' if j != i else ' (in another layout)'}; "
                              "return a copy (e.g. x.clone()) or use the pure step")
+
+
+def _check_disjoint(dst: list[Any], who: str) -> list[tuple[Any, int, int, int]]:
+    """Refuse inputs that share memory (writing one would overwrite another); returns the
+    inputs' byte spans sorted by device and start, as ``(device, start, end, position)``."""
+    spans = sorted((d.device, *_span(d), i) for i, d in enumerate(dst) if d.numel())
+    for (dev0, _, end0, i), (dev1, start1, _, j) in zip(spans, spans[1:]):
+        if dev0 == dev1 and start1 < end0:
+            raise ValueError(f"{who}: inputs {i} and {j} (params then state, in tree order) share "
+                             "memory, so writing one overwrites the other; give each leaf its own "
+                             "tensor (e.g. clone the state's) or use the pure step")
+    return spans
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
@@ -221,20 +233,7 @@ def cuda_graph(step: Callable[..., tuple[Any, Any]], params: Any, state: Any, *a
             inner(copies[0], copies[1], *args)
     torch.cuda.current_stream(device).wait_stream(side)
     del copies
-    graph = torch.cuda.CUDAGraph()
-    try:
-        # captured on the stream that ran the warm-up: cuBLAS keeps a workspace per stream, and
-        # one first made inside a capture lives in that graph's private memory, where eager work
-        # or another graph on the same stream would find it (pytorch/pytorch#193402)
-        with torch.cuda.graph(graph, stream=side):
-            inner(params, state, *args)
-    except RuntimeError as e:
-        if "captur" not in str(e):
-            raise
-        raise RuntimeError(
-            "cuda_graph: the step cannot be captured as a CUDA graph; it reads a device value on "
-            "the host (.item(), a data-dependent branch, a host-side check) or synchronises. Run "
-            f"it without cuda_graph, or remove the host read. The CUDA error was: {e}") from e
+    graph = _capture(inner, trees, side, "cuda_graph", "Run it without cuda_graph")
 
     def graphed(*given: Any) -> tuple[Any, Any]:
         if len(given) != len(trees):
@@ -251,6 +250,140 @@ def cuda_graph(step: Callable[..., tuple[Any, Any]], params: Any, state: Any, *a
     graphed.step = inner  # type: ignore[attr-defined]
 
     return graphed
+
+
+def _capture(inner: Callable[..., Any], trees: tuple[Any, ...], side: torch.cuda.Stream, who: str,
+             fix: str, pool: Any = None) -> torch.cuda.CUDAGraph:
+    """Record ``inner(*trees)`` as a CUDA graph (nothing runs until ``replay``)."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        # captured on the stream that ran the warm-up: cuBLAS keeps a workspace per stream, and
+        # one first made inside a capture lives in that graph's private memory, where eager work
+        # or another graph on the same stream would find it (pytorch/pytorch#193402)
+        with torch.cuda.graph(graph, pool=pool, stream=side):
+            inner(*trees)
+    except RuntimeError as e:
+        if "captur" not in str(e):
+            raise
+        raise RuntimeError(
+            f"{who}: the step cannot be captured as a CUDA graph; it reads a device value on "
+            "the host (.item(), a data-dependent branch, a host-side check) or synchronises. "
+            f"{fix}, or remove the host read. The CUDA error was: {e}") from e
+    return graph
+
+
+def jit(step: Callable[..., tuple[Any, Any]], *, graph: bool | None = None,
+        warmup: int = 2) -> Callable[..., tuple[Any, Any]]:
+    """The fast form of a pure ``step(params, state, *args) -> (params, state)``: compiled,
+    donated and, on a CUDA device, captured as a CUDA graph. Like ``jax.jit`` with the params
+    and the state donated.
+
+    Returns ``fast``, called like ``step``; ``params, state = fast(params, state, *args)`` gives
+    ``step``'s numbers (up to the compiler's rounding) written into the tensors of ``params``
+    and ``state``, and returns those same trees. What it does:
+
+    * ``torch.compile(fo.donated(step), fullgraph=True)``: the step's element-wise work fuses
+      into few kernels that write the new values into the inputs' memory, so a step needs no
+      memory beyond the params, gradients and state (plus the step's own non-element-wise
+      temporaries). Give element-wise methods (AdamW, SGD, Lion ...) parameters stored flat
+      with :func:`ravel` and each step is one kernel over one buffer.
+    * on CUDA (``graph=None`` or ``True``): the first ``warmup`` calls per shape of ``args`` run
+      the compiled step for real (on a side stream, as capture needs), the next one captures
+      it as a CUDA graph and replays it, and later calls replay it: one launch per step,
+      whatever the number of leaves and kernels. Unlike :func:`cuda_graph` no warm-up copy of
+      params and state is made (the warm-up calls are real steps). A new shape of ``args``
+      (a last, smaller batch) warms up and captures its own graph; all of them share one memory
+      pool. Tensors in ``args`` are copied into the captured ones (pass the tensors ``fast``
+      was captured with, filled in place, to save the copy); params and state are the captured
+      trees as long as you pass back what ``fast`` returned.
+    * ``graph=False`` (or a CPU device): no graph; each call runs the compiled step.
+
+    The params and the state are overwritten (donated): keep using the trees ``fast``
+    returns. Every leaf of ``params`` and ``state`` must be a tensor, on one device, and none
+    may share memory with another (checked at the first call, with a clear error). The step may
+    take gradients itself (``torch.func.grad`` of a loss of ``unravel(flat)``, as in the
+    README's fast path) or be given them in ``args``. A step that reads device values on the
+    host (SOAP's and PSGD Kron's eager refresh decisions) cannot be captured: the error says
+    to pass ``graph=False``.
+    """
+    if warmup < 1:
+        raise ValueError(f"jit: warmup={warmup}; at least 1 call must run before capture "
+                         "(compilation and lazy CUDA set-up cannot be captured)")
+    if graph not in (None, True, False):
+        raise TypeError(f"jit: graph={graph!r}; pass None (a graph on CUDA), True or False")
+    # a code object of its own: torch.compile caches compiled steps per code object and stops
+    # compiling one after a few closures (torch._dynamo's recompile limit), which a process
+    # making many jitted steps (a sweep) would reach
+    donor = donated(step)
+    fresh = types.FunctionType(donor.__code__.replace(), donor.__globals__, "jitted_step",
+                               donor.__defaults__, donor.__closure__)
+    compiled = torch.compile(fresh, fullgraph=True)
+    graphs: dict[Any, tuple[torch.cuda.CUDAGraph, tuple[Any, ...], list[Any], list[list[Any]]]] = {}
+    warm: dict[Any, int] = {}
+    pool: list[Any] = []
+    checked: list[Any] = []
+
+    def fast(params: Any, state: Any, *args: Any) -> tuple[Any, Any]:
+        if not checked:
+            checked.append(_check_jit_inputs(params, state))
+        device = checked[0]
+        if graph and device.type != "cuda":
+            raise ValueError(f"jit: graph=True, but the params are on {device}; CUDA graphs "
+                             "need a CUDA device (pass graph=None to capture only there)")
+        if device.type != "cuda" or graph is False:
+            with torch.no_grad():
+                return compiled(params, state, *args)
+        arg_leaves, arg_spec = tree_flatten(args)
+        key = (arg_spec, tuple((x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor)
+                               else (type(x), x) for x in arg_leaves))
+        entry = graphs.get(key)
+        if entry is not None:
+            g, trees, specs, captured = entry
+            for k, (new, old) in enumerate(zip((params, state, *args), trees)):
+                if new is not old:
+                    _copy_in(k, new, specs[k], captured[k])
+            g.replay()
+            return trees[0], trees[1]
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        if warm.get(key, 0) < warmup:
+            warm[key] = warm.get(key, 0) + 1
+            with torch.cuda.stream(side), torch.no_grad():
+                out = compiled(params, state, *args)
+            torch.cuda.current_stream(device).wait_stream(side)
+            return out
+        if not pool:
+            pool.append(torch.cuda.graph_pool_handle())
+        trees = (params, state, *args)
+        with torch.no_grad():
+            g = _capture(compiled, trees, side, "jit", "Pass graph=False", pool[0])
+        torch.cuda.current_stream(device).wait_stream(side)
+        flat = [tree_flatten(t) for t in trees]
+        graphs[key] = (g, trees, [f[1] for f in flat], [f[0] for f in flat])
+        g.replay()
+        return params, state
+
+    return fast
+
+
+def _check_jit_inputs(params: Any, state: Any) -> torch.device:
+    """The one device of ``params`` and ``state``, after checking that every leaf is a tensor
+    there and that no two share memory (a donated step overwrites them)."""
+    leaves = tree_flatten(params)[0] + tree_flatten(state)[0]
+    device = None
+    for i, x in enumerate(leaves):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"jit: leaf {i} (params then state, in tree order) is a "
+                            f"{type(x).__name__}; a jitted step writes each result into its "
+                            "input tensor, so every leaf must be a tensor")
+        if device is not None and x.device != device:
+            raise ValueError(f"jit: leaves on {device} and {x.device}; a jitted step runs on one "
+                             "device (move the params and state there)")
+        device = x.device
+    if device is None:
+        raise ValueError("jit: params and state hold no tensors; there is nothing to update")
+    _check_disjoint(leaves, "jit")
+    return device
 
 
 def _warmup_copy(x: torch.Tensor) -> torch.Tensor:

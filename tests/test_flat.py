@@ -179,3 +179,54 @@ def test_unravel_does_not_hold_the_original_leaves():
     gc.collect()
     assert alive() is None
     assert torch.equal(unravel(flat)["a"], torch.ones(1000))
+
+
+def _jit_problem():
+    g = torch.Generator().manual_seed(3)
+    params = {"w": torch.randn(6, 4, generator=g), "b": torch.randn(6, generator=g)}
+    x, y = torch.randn(16, 4, generator=g), torch.randn(16, 6, generator=g)
+    flat, unravel = fo.ravel(params)
+    tx = fo.adamw(1e-2, weight_decay=1e-3)
+
+    def train_step(flat, state, x, y):
+        loss = lambda f: ((x @ unravel(f)["w"].T + unravel(f)["b"] - y) ** 2).mean()  # noqa: E731
+        updates, state = tx.update(torch.func.grad(loss)(flat), state, flat)
+        return fo.apply_updates(flat, updates), state
+
+    return flat, tx, train_step, x, y
+
+
+def test_jit_gives_the_pure_steps_numbers_in_the_input_buffers():
+    flat, tx, train_step, x, y = _jit_problem()
+    want, want_state = flat.clone(), tx.init(flat)
+    for _ in range(4):
+        want, want_state = train_step(want, want_state, x, y)
+    state = tx.init(flat)
+    fast = fo.jit(train_step)
+    ptrs = [t.data_ptr() for t in [flat, *fo.tree_leaves(state)]]
+    for _ in range(4):
+        flat, state = fast(flat, state, x, y)
+    torch.testing.assert_close(flat, want, rtol=1e-6, atol=1e-7)
+    for a, b in zip(fo.tree_leaves(state), fo.tree_leaves(want_state)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert [t.data_ptr() for t in [flat, *fo.tree_leaves(state)]] == ptrs  # donated
+
+
+def test_jit_refuses_bad_input_before_any_work():
+    import pytest
+
+    flat, tx, train_step, x, y = _jit_problem()
+    with pytest.raises(ValueError, match="warmup=0"):
+        fo.jit(train_step, warmup=0)
+    with pytest.raises(TypeError, match="graph='yes'"):
+        fo.jit(train_step, graph="yes")
+    state = tx.init(flat)
+    with pytest.raises(ValueError, match="graph=True.*cpu.*CUDA"):
+        fo.jit(train_step, graph=True)(flat, state, x, y)
+    with pytest.raises(TypeError, match="leaf 1 .* is a int"):
+        fo.jit(lambda p, s: (p, s))(flat, {"count": 3})
+    with pytest.raises(ValueError, match="share memory"):
+        fo.jit(train_step)(flat, (state[0]._replace(mu=[flat[:2]], nu=[flat]), *state[1:]), x, y)
+    with pytest.raises(ValueError, match="no tensors"):
+        fo.jit(lambda p, s: (p, s))({}, ())
+    assert torch.equal(flat, _jit_problem()[0])  # nothing was written
