@@ -18,6 +18,8 @@ from funcopt.checkpoint import *  # noqa: F401,F403
 from funcopt.compose import *  # noqa: F401,F403
 from funcopt.data import nist as nist
 from funcopt.distributed import *  # noqa: F401,F403
+from funcopt.engine import elementwise as elementwise
+from funcopt.engine import is_elementwise as is_elementwise
 from funcopt.flat import *  # noqa: F401,F403
 from funcopt.func.jacobian import PerSampleResiduals as PerSampleResiduals
 from funcopt.func.jacobian import per_sample_residuals as per_sample_residuals

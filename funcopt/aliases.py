@@ -5,6 +5,8 @@ reproduce the torch.optim optimizer of the same name where one exists.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +14,7 @@ import torch
 
 from funcopt.base import GradientTransformation, ScalarOrSchedule, Tensor
 from funcopt.compose import chain
+from funcopt.engine import elementwise
 from funcopt.transforms import adaptive as ad
 from funcopt.transforms import first_order as fo
 from funcopt.transforms.weight_decay import add_decayed_weights
@@ -22,6 +25,21 @@ __all__ = [
 ]
 
 
+def _elementwise_alias(alias: Callable[..., GradientTransformation]) -> Callable[..., GradientTransformation]:
+    """Mark what ``alias`` builds as element-wise (:func:`funcopt.elementwise`) unless a
+    weight-decay ``mask`` picks leaves by the tree's shape."""
+
+    signature = inspect.signature(alias)
+
+    @functools.wraps(alias)
+    def build(*args: Any, **kwargs: Any) -> GradientTransformation:
+        tx = alias(*args, **kwargs)
+        mask = signature.bind(*args, **kwargs).arguments.get("mask")
+        return tx if mask is not None else elementwise(tx)
+
+    return build
+
+
 def _is_zero(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == 0
 
@@ -30,6 +48,7 @@ def _decay(weight_decay: ScalarOrSchedule, mask: Any = None) -> tuple[GradientTr
     return () if _is_zero(weight_decay) else (add_decayed_weights(weight_decay, mask),)
 
 
+@_elementwise_alias
 def sgd(
     learning_rate: ScalarOrSchedule, momentum: float | None = None, nesterov: bool = False,
     accumulator_dtype: torch.dtype | None = None, *, weight_decay: ScalarOrSchedule = 0.0,
@@ -63,6 +82,7 @@ def sgd(
     return chain(*_decay(weight_decay), *momentum_tx, fo.scale_by_learning_rate(learning_rate))
 
 
+@_elementwise_alias
 def adam(
     learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     eps_root: float = 0.0, mu_dtype: torch.dtype | None = None, *, nesterov: bool = False,
@@ -89,6 +109,7 @@ def adam(
     )
 
 
+@_elementwise_alias
 def adamw(
     learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     eps_root: float = 0.0, mu_dtype: torch.dtype | None = None,
@@ -120,6 +141,7 @@ def adamw(
     )
 
 
+@_elementwise_alias
 def nadam(
     learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     eps_root: float = 0.0, mu_dtype: torch.dtype | None = None, *,
@@ -146,6 +168,7 @@ def nadam(
     return chain(scaling, fo.scale_by_learning_rate(learning_rate))
 
 
+@_elementwise_alias
 def amsgrad(
     learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     eps_root: float = 0.0, mu_dtype: torch.dtype | None = None,
@@ -161,6 +184,7 @@ def amsgrad(
     return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, amsgrad=True)
 
 
+@_elementwise_alias
 def adamax(
     learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
 ) -> GradientTransformation:
@@ -172,6 +196,7 @@ def adamax(
     return chain(ad.scale_by_adamax(b1, b2, eps), fo.scale_by_learning_rate(learning_rate))
 
 
+@_elementwise_alias
 def rmsprop(
     learning_rate: ScalarOrSchedule, decay: float = 0.9, eps: float = 1e-8,
     initial_scale: float = 0.0, eps_in_sqrt: bool = True, centered: bool = False,
@@ -198,6 +223,7 @@ def rmsprop(
     )
 
 
+@_elementwise_alias
 def adagrad(
     learning_rate: ScalarOrSchedule, initial_accumulator_value: float = 0.1, eps: float = 1e-7,
     *, eps_in_sqrt: bool = True,
@@ -229,6 +255,7 @@ def adagrad_norm(
     )
 
 
+@_elementwise_alias
 def lion(
     learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.99,
     mu_dtype: torch.dtype | None = None, weight_decay: ScalarOrSchedule = 1e-3, mask: Any = None,
@@ -243,6 +270,7 @@ def lion(
     )
 
 
+@_elementwise_alias
 def laprop(
     learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.99, eps: float = 1e-8,
     weight_decay: ScalarOrSchedule = 0.0, mask: Any = None,
@@ -257,6 +285,7 @@ def laprop(
     )
 
 
+@_elementwise_alias
 def adopt(
     learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.9999, eps: float = 1e-6,
     mu_dtype: torch.dtype | None = None, *, nesterov: bool = False, use_clipping: bool = True,
@@ -274,6 +303,7 @@ def adopt(
     )
 
 
+@_elementwise_alias
 def nadamw(
     learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     eps_root: float = 0.0, mu_dtype: torch.dtype | None = None,
@@ -298,6 +328,7 @@ def nadamw(
                  nesterov=nesterov)
 
 
+@_elementwise_alias
 def adamaxw(
     learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     weight_decay: ScalarOrSchedule = 1e-4, mask: Any = None,

@@ -27,6 +27,7 @@ One place decides three things that every transform shares:
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Union
 
@@ -40,6 +41,7 @@ TensorList = Union[list[Tensor], tuple[Tensor, ...]]
 __all__ = [
     "ops", "into", "leaves", "expect_state", "is_tracing", "differentiating", "host_number", "per_step", "resolve",
     "current_learning_rate", "check_hyperparameter", "check_number", "scalar_dtype",
+    "elementwise", "is_elementwise",
 ]
 
 
@@ -364,3 +366,34 @@ def check_hyperparameter(
         hi = "inf" if high is None else f"{high}"
         bracket = ("[" if low_inclusive else "(") + f"{lo}, {hi}" + ("]" if high_inclusive else ")")
         raise ValueError(f"{name}={value} is out of range: it must lie in {bracket}")
+
+
+# --------------------------------------------------------------------------- element-wise marks
+
+_ELEMENTWISE: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
+
+
+def elementwise(tx: Any) -> Any:
+    """Mark the transform ``tx`` as element-wise and return it.
+
+    A transform is element-wise when its update of a concatenation of leaves is the
+    concatenation of its updates of the leaves, state included: every number depends only on
+    the same position of the gradients, parameters and state (AdamW, SGD, Lion ... with no
+    per-leaf mask). :class:`funcopt.Optimizer` runs such a transform on flat storage (one
+    buffer for the parameters, one for the gradients, one per state entry). The mark is a
+    promise the caller makes; the aliases that keep it mark themselves.
+    """
+    update = getattr(tx, "update", None)
+    if not callable(update) or not callable(getattr(tx, "init", None)):
+        raise TypeError(f"elementwise: {type(tx).__name__} is not a transform (init, update)")
+    _ELEMENTWISE.add(update)
+    return tx
+
+
+def is_elementwise(tx: Any) -> bool:
+    """Whether ``tx`` was marked with :func:`elementwise`."""
+    update = getattr(tx, "update", None)
+    try:
+        return update in _ELEMENTWISE
+    except TypeError:  # an unhashable update
+        return False

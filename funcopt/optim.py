@@ -26,6 +26,17 @@ field's dtype and device. A learning rate that the transform takes from a schedu
 is recomputed by the transform every step, so writing ``lr`` has no effect on it: give a plain
 number to the transform when an LR scheduler should drive it.
 
+Flat storage: a group whose transform is element-wise (:func:`funcopt.elementwise`; the
+aliases ``adamw``, ``adam``, ``sgd``, ``lion``, ``rmsprop`` ... mark themselves when no
+weight-decay ``mask`` is given) and whose parameters are plain dense tensors on one device
+keeps its parameters, gradients and state in one buffer each (``p.data`` and ``p.grad`` become
+views of them; see :mod:`funcopt.optim_flat`). Its peak memory is then that of torch's fused
+AdamW (parameters, gradients, state), and on a CUDA device its step is compiled and captured
+as one CUDA graph (:func:`funcopt.jit`; the first steps compile, a few seconds). Other groups
+(Muon, SOAP, KFAC, masks, DTensor parameters) run the transform on the list of parameters.
+``transform_states[i]`` of a flat group is the state of the flat buffer (one tensor per
+moment), which ``state_dict`` saves as such.
+
 Differences from torch.optim: the transform sees each param group as one pytree (a list of
 tensors). When some parameters of a group have ``grad is None`` they get a zero gradient and
 are not moved, but the group's state still advances (torch.optim skips them entirely). Extra
@@ -51,6 +62,7 @@ from funcopt.base import (
 )
 from funcopt.checkpoint import tree_from_state_dict, tree_to_state_dict
 from funcopt.engine import ops
+from funcopt.optim_flat import FlatGroup, can_flatten
 
 __all__ = ["Optimizer", "find_hyperparams", "set_hyperparams"]
 
@@ -278,6 +290,7 @@ class Optimizer(torch.optim.Optimizer):
         self._transforms: list[GradientTransformation] = []
         self.transform_states: list[OptState] = []
         self._hyper_names: list[list[str]] = []
+        self._flat: list[FlatGroup | None] = []
         super().__init__(params, {})
         first = self.param_groups[0]
         self.defaults = {k: v for k, v in first.items() if k not in _ALLOWED_EXTRA_KEYS}
@@ -315,8 +328,12 @@ class Optimizer(torch.optim.Optimizer):
         names = group.get("param_names")
         if names is not None and len(set(names)) != len(names):
             raise ValueError("param group has repeated parameter names")
-        params = [p.detach() for p in raw]
-        state = _unalias(tx.init(_tree(group, params)), params)
+        flat = FlatGroup(tx, raw, compile=raw[0].is_cuda) if can_flatten(tx, raw) else None
+        if flat is not None:
+            state = flat.init()
+        else:
+            params = [p.detach() for p in raw]
+            state = _unalias(tx.init(_tree(group, params)), params)
         found = find_hyperparams(state)
         exposed = _to_group(found)
         for key, value in self._group_defaults.items():
@@ -332,6 +349,7 @@ class Optimizer(torch.optim.Optimizer):
             group.setdefault(key, value)
         _check_values(group, found)
         self._transforms.append(tx)
+        self._flat.append(flat)
         self.transform_states.append(state)
         self._hyper_names.append(list(found))
         self.param_groups.append(group)
@@ -359,6 +377,17 @@ class Optimizer(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, i: int, group: dict[str, Any], extra: dict[str, Any]) -> None:
+        flat = self._flat[i]
+        if flat is not None:
+            missing = flat.gather()
+            if missing is None:
+                return
+            state, names = self.transform_states[i], self._hyper_names[i]
+            if names:
+                _check_values(group, names)
+                flat.write_hyperparams(find_hyperparams(state), _from_group(group, names))
+            self.transform_states[i] = flat.step(state, missing, extra)
+            return
         params: list[torch.Tensor] = group["params"]
         grads = [p.grad for p in params]
         if all(g is None for g in grads):

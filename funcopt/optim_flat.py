@@ -1,0 +1,148 @@
+"""Flat storage for a :class:`funcopt.Optimizer` param group (the adapter's fast path).
+
+An element-wise transform (:func:`funcopt.elementwise`: AdamW, SGD, Lion ...) gives the same
+numbers on one buffer as on the list of parameters, so a group that runs one keeps
+
+* its parameters in one buffer per dtype: each ``p.data`` is re-pointed to a view of it, as
+  apex's and DeepSpeed's flat optimizers do (the model sees no difference);
+* its gradients in a buffer of the same layout: after the gradient of ``p`` is accumulated a
+  hook copies it into its view and makes ``p.grad`` that view, so the fresh gradient is freed
+  at once (peak memory: parameters, gradients and state, as torch's fused AdamW); gradient
+  accumulation then adds into the view in place;
+* its state as the transform's state of the flat buffer (one tensor per moment).
+
+A step is ``u, s = tx.update(g, s, p); p += u`` on the buffers: a handful of kernels over all
+parameters in eager mode, one compiled kernel (and on CUDA one graph replay) with
+:func:`funcopt.jit`. Anything that moved a parameter to other memory since (``p.data = ...``,
+``model.to(...)`` with the same dtype and device) is copied back into the buffer before the
+step; a changed dtype or device is refused.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+from funcopt.base import GradientTransformation, OptState, apply_updates, tree_leaves, tree_map
+from funcopt.flat import jit, ravel
+
+__all__: list[str] = []
+
+
+def can_flatten(tx: GradientTransformation, params: list[torch.Tensor]) -> bool:
+    """Whether a group of ``params`` can run ``tx`` on flat storage: ``tx`` is marked
+    element-wise and every parameter is a plain dense floating-point tensor on one device
+    (no DTensor or other subclass, no sparse or meta tensors)."""
+    from funcopt.engine import is_elementwise
+
+    if not is_elementwise(tx) or not params:
+        return False
+    device = params[0].device
+    return all(type(p.data) is torch.Tensor and p.layout == torch.strided and p.is_floating_point()
+               and p.device == device and device.type in ("cpu", "cuda") for p in params)
+
+
+class FlatGroup:
+    """One param group's buffers, gradient hooks and step (see the module docstring)."""
+
+    def __init__(self, tx: GradientTransformation, params: list[torch.Tensor], compile: bool) -> None:
+        self.tx, self.params = tx, params
+        with torch.no_grad():
+            self.flat, self.unravel = ravel([p.detach() for p in params])
+            self.views = tree_leaves(self.unravel(self.flat))
+            for p, v in zip(params, self.views):
+                p.data = v
+            self.grad_flat = tree_map(torch.zeros_like, self.flat)
+        self.grad_views = tree_leaves(self.unravel(self.grad_flat))
+        self.dtypes = [p.dtype for p in params]
+        self.fast = jit(self._pure_step) if compile else None
+        self.written: dict[str, Any] = {}
+        me = weakref.ref(self)
+        self.handles = [p.register_post_accumulate_grad_hook(_GradIntoView(me, i))
+                        for i, p in enumerate(params)]
+        weakref.finalize(self, _remove, self.handles)
+
+    def _pure_step(self, flat: Any, state: OptState, grads: Any) -> tuple[Any, OptState]:
+        updates, state = self.tx.update(grads, state, flat)
+        return apply_updates(flat, updates), state
+
+    def init(self) -> OptState:
+        return self.tx.init(self.flat)
+
+    def gather(self) -> list[int] | None:
+        """Bring every gradient into the gradient buffer and every parameter into the
+        parameter buffer; returns the positions whose ``grad`` is None (their gradient view is
+        zeroed), or None when no parameter has a gradient."""
+        missing = []
+        with torch.no_grad():
+            for i, (p, v, gv) in enumerate(zip(self.params, self.views, self.grad_views)):
+                if p.dtype != self.dtypes[i] or p.device != v.device:
+                    raise RuntimeError(
+                        f"parameter {i} is now {p.dtype} on {p.device}, but its param group was "
+                        f"built for {self.dtypes[i]} on {v.device}: build the optimizer after "
+                        "moving or casting the model (model.to(...)), as torch.optim needs")
+                if p.data_ptr() != v.data_ptr():  # moved since (p.data = ..., a reload)
+                    v.copy_(p.data)
+                    p.data = v
+                g = p.grad
+                if g is None:
+                    missing.append(i)
+                    gv.zero_()
+                elif g.data_ptr() != gv.data_ptr():
+                    if g.is_sparse:
+                        raise RuntimeError("funcopt.Optimizer does not support sparse gradients")
+                    gv.copy_(g)
+                    p.grad = gv
+        return None if len(missing) == len(self.params) else missing
+
+    def write_hyperparams(self, found: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+        """Write the param group's values into the state's hyperparameter tensors in place
+        (a compiled or captured step reads them there; a new tensor would be a new input),
+        only when a value changed."""
+        with torch.no_grad():
+            for name, value in values.items():
+                key = value.item() if isinstance(value, torch.Tensor) else value
+                if self.written.get(name) != key:
+                    found[name].fill_(value)
+                    self.written[name] = key
+
+    def step(self, state: OptState, missing: list[int], extra: dict[str, Any]) -> OptState:
+        """One update of the buffers in place; parameters without a gradient keep their values
+        (their state still advances, as in the tree path)."""
+        keep = [(self.views[i], self.views[i].clone()) for i in missing]
+        if self.fast is not None and not extra:
+            _, state = self.fast(self.flat, state, self.grad_flat)
+        else:
+            updates, state = self.tx.update(self.grad_flat, state, self.flat, **extra)
+            apply_updates(self.flat, updates, inplace=True)
+        with torch.no_grad():
+            for v, saved in keep:
+                v.copy_(saved)
+        return state
+
+
+class _GradIntoView:
+    """The post-accumulate-grad hook of parameter ``i``: copy its fresh gradient into the
+    group's gradient buffer and point ``p.grad`` at that view (a no-op once it is the view)."""
+
+    def __init__(self, group: weakref.ref, i: int) -> None:
+        self.group, self.i = group, i
+
+    def __call__(self, p: torch.Tensor) -> None:
+        group = self.group()
+        if group is None or p.grad is None:
+            return
+        gv = group.grad_views[self.i]
+        g = p.grad
+        if g.data_ptr() == gv.data_ptr() or g.is_sparse or g.shape != gv.shape or g.dtype != gv.dtype:
+            return  # already the view, or a gradient the step will refuse or copy
+        with torch.no_grad():
+            gv.copy_(g)
+        p.grad = gv
+
+
+def _remove(handles: list[Any]) -> None:
+    for h in handles:
+        h.remove()
