@@ -298,6 +298,50 @@ def funcopt_setup(method: str, mode: str):
     return setup
 
 
+def funcopt_jit_setup(method: str):
+    """The one-call fast path: parameters stored flat (``fo.ravel``) and the pure step given to
+    ``fo.jit`` (compiled, donated, captured as a CUDA graph on a GPU). The buffers are made
+    flat from the start, as a model raveled before its gradients and state exist."""
+
+    def setup(shapes, device):
+        if method in SHAPED:
+            return None
+        tx = funcopt_tx(method)
+        n = sum(torch.Size(s).numel() for s in shapes)
+        g = torch.Generator(device=device).manual_seed(0)
+        box = {"p": torch.randn(n, device=device, generator=g)}
+        grads = torch.randn(n, device=device, generator=g)
+        box["s"] = tx.init(box["p"])
+
+        def step_fn(p, s, gr):
+            u, s = tx.update(gr, s, p)
+            return fo.apply_updates(p, u), s
+
+        fast = fo.jit(step_fn)
+
+        def step():
+            box["p"], box["s"] = fast(box["p"], box["s"], grads)
+
+        return step
+
+    return setup
+
+
+def funcopt_adapter_setup(method: str):
+    """``fo.Optimizer(params, tx)`` as a PyTorch user meets it: parameters as
+    ``nn.Parameter``s, gradients made by one real backward (the adapter's hooks move each into
+    its flat buffer as it arrives), then ``opt.step()`` timed."""
+
+    def setup(shapes, device):
+        params = [torch.nn.Parameter(t) for t in make_tensors(shapes, device)]
+        opt = fo.Optimizer(params, funcopt_tx(method))
+        weights = torch.rand(len(params), device=device)
+        sum((p * w).sum() for p, w in zip(params, weights)).backward()
+        return opt.step
+
+    return setup
+
+
 def optax_setup(method: str):
     """optax under jax.jit with the parameters and state donated (GPU machine only)."""
 
@@ -352,6 +396,8 @@ def contenders(method: str, which: list[str]):
         "funcopt-ravel-flatten": funcopt_setup(method, "ravel-flatten"),
         "funcopt-ravel-flatten-donated": funcopt_setup(method, "ravel-flatten-donated"),
         "funcopt-ravel-donated": funcopt_setup(method, "ravel-donated"),
+        "funcopt-jit": funcopt_jit_setup(method),
+        "funcopt-adapter": funcopt_adapter_setup(method),
         "funcopt-eager-graph": funcopt_setup(method, "eager-graph"),
         "funcopt-ravel-graph": funcopt_setup(method, "ravel-graph"),
         "torchopt": torchopt_setup(method, accelerated=False),
