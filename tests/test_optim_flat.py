@@ -160,18 +160,35 @@ def test_a_dropped_optimizer_leaves_no_hook_behind():
 
 @cuda
 def test_cuda_adapter_compiles_captures_and_keeps_torch_fused_memory():
+    """Peak memory over set-up and steps: parameters, gradients and state, as torch's fused
+    AdamW, plus the one fresh gradient a hook moves into the buffer (at most the largest
+    parameter) and the compiler's one-time work buffers."""
+
+    def run(make_opt):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(512, 4096), torch.nn.Tanh(),
+                                    torch.nn.Linear(4096, 1024)).cuda()
+        x, y = torch.randn(8, 512, device="cuda"), torch.randn(8, 1024, device="cuda")
+        opt = make_opt(model.parameters())
+        for _ in range(6):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
     def peak(make_opt):
-        model = _model(device="cuda")
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        opt = make_opt(model.parameters())
-        out = _train(model, opt, 6, device="cuda")
+        out = run(make_opt)
         torch.cuda.synchronize()
         return out, torch.cuda.max_memory_allocated() - base
 
-    got, fo_peak = peak(lambda ps: fo.Optimizer(ps, fo.adamw(1e-2, weight_decay=1e-2)))
+    run(lambda ps: torch.optim.SGD(ps, 0.0))  # cuBLAS and the allocator's first blocks
+    run(lambda ps: fo.Optimizer(ps, fo.adamw(1e-2, weight_decay=1e-2)))  # Inductor's first use
     want, torch_peak = peak(lambda ps: torch.optim.AdamW(ps, 1e-2, fused=True))
+    got, fo_peak = peak(lambda ps: fo.Optimizer(ps, fo.adamw(1e-2, weight_decay=1e-2)))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert fo_peak <= 1.05 * torch_peak + 64 * 1024, (fo_peak, torch_peak)
+    largest = 4096 * 1024 * 4
+    assert fo_peak <= 1.05 * torch_peak + largest, (fo_peak, torch_peak)
