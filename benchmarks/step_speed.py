@@ -299,18 +299,21 @@ def funcopt_setup(method: str, mode: str):
 
 
 def funcopt_jit_setup(method: str):
-    """The one-call fast path: parameters stored flat (``fo.ravel``) and the pure step given to
-    ``fo.jit`` (compiled, donated, captured as a CUDA graph on a GPU). The buffers are made
-    flat from the start, as a model raveled before its gradients and state exist."""
+    """The one-call fast path: the pure step given to ``fo.jit`` (compiled, donated, captured
+    as a CUDA graph on a GPU), on parameters stored flat for element-wise methods (made flat
+    from the start, as a model raveled before its gradients and state exist) and on the list
+    of tensors for shape-aware ones (Muon)."""
 
     def setup(shapes, device):
-        if method in SHAPED:
-            return None
         tx = funcopt_tx(method)
-        n = sum(torch.Size(s).numel() for s in shapes)
-        g = torch.Generator(device=device).manual_seed(0)
-        box = {"p": torch.randn(n, device=device, generator=g)}
-        grads = torch.randn(n, device=device, generator=g)
+        if method in SHAPED:  # shape-aware: the step runs on the list of tensors
+            box = {"p": make_tensors(shapes, device)}
+            grads = make_tensors(shapes, device, seed=1)
+        else:
+            n = sum(torch.Size(s).numel() for s in shapes)
+            g = torch.Generator(device=device).manual_seed(0)
+            box = {"p": torch.randn(n, device=device, generator=g)}
+            grads = torch.randn(n, device=device, generator=g)
         box["s"] = tx.init(box["p"])
 
         def step_fn(p, s, gr):
