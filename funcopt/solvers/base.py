@@ -15,41 +15,17 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from funcopt.solvers.operators import *  # noqa: F401,F403  (re-exported: fo.solvers.dense ...)
 from funcopt.solvers.operators import (
     BlockDiagonalOperator,
-    DenseOperator,
-    GramOperator,
     LinearOperator,
-    MatrixFreeOperator,
     _require_finite,
-    block_diagonal,
     check_rhs,
-    dense,
-    gauss_newton,
-    gram,
-    gram_dual,
-    matrix_free,
     scaled_norm,
 )
+from funcopt.solvers.operators import __all__ as _operators_all
 
-__all__ = [
-    "Result",
-    "SolveStats",
-    "Solution",
-    "LinearOperator",
-    "DenseOperator",
-    "GramOperator",
-    "MatrixFreeOperator",
-    "BlockDiagonalOperator",
-    "LinearSolver",
-    "dense",
-    "gram",
-    "gram_dual",
-    "matrix_free",
-    "block_diagonal",
-    "gauss_newton",
-    "scaled_norm",
-]
+__all__ = ["Result", "SolveStats", "Solution", "LinearSolver", *_operators_all]
 
 
 class Result(enum.IntEnum):
