@@ -16,6 +16,7 @@ import torch
 from funcopt.base import (
     GradientTransformation,
     Tensor,
+    TransformInitFn,
     increment,
     replace,
     step_counter,
@@ -46,7 +47,7 @@ __all__ = [
 
 # --------------------------------------------------------------------------- adamax
 
-def _zero_moments_init(state_cls: type) -> Callable[[Any], Any]:
+def _zero_moments_init(state_cls: type) -> TransformInitFn:
     """The ``init`` of a ``(count, mu, nu)`` state: the step counter and two zero moments,
     one tensor per leaf in the parameters' dtype (shared by the Adam-like scalings)."""
 
