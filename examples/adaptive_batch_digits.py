@@ -24,7 +24,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 import funcopt as fo
-from funcopt.batch_size_loop import fit_adaptive
+from funcopt.batch_size_loop import Batching, fit_adaptive
 
 
 def digits(device="cpu"):
@@ -72,10 +72,10 @@ def run(kind, method, *, max_samples, lr=0.3, eta=1.0, batch_size=16, max_batch_
             while record["samples"] >= next_mark[0]:
                 next_mark[0] = next(marks, float("inf"))
 
+    batching = Batching(batch_size=batch_size, seed=seed,
+                        max_micro_batch_size=max_micro_batch_size)
     params, _, hist = fit_adaptive(model, loss, tx, params, xtr, ytr, max_samples=max_samples,
-                                   batch_size=batch_size,
-                                   max_micro_batch_size=max_micro_batch_size, seed=seed,
-                                   callback=evaluate)
+                                   batching=batching, callback=evaluate)
     hist[-1]["test_acc"] = accuracy(params)
     return hist
 

@@ -30,9 +30,7 @@ from funcopt.least_squares_batched import BatchedLeastSquaresInfo as BatchedLeas
 from funcopt.least_squares_parallel import least_squares_parallel as least_squares_parallel
 from funcopt.optim import *  # noqa: F401,F403
 from funcopt.transforms.adam_variants import *  # noqa: F401,F403
-from funcopt.transforms.adaptive import *  # noqa: F401,F403
 from funcopt.transforms.adaptive_batch import *  # noqa: F401,F403
-from funcopt.transforms.adaptive_more import *  # noqa: F401,F403
 from funcopt.transforms.clipping import *  # noqa: F401,F403
 from funcopt.transforms.contrib import *  # noqa: F401,F403
 from funcopt.transforms.distance import *  # noqa: F401,F403
@@ -45,6 +43,8 @@ from funcopt.transforms.muon import *  # noqa: F401,F403
 from funcopt.transforms.natural_gradient.kfac import *  # noqa: F401,F403
 from funcopt.transforms.natural_gradient.singd import *  # noqa: F401,F403
 from funcopt.transforms.parameter_free import *  # noqa: F401,F403
+from funcopt.transforms.per_coordinate import *  # noqa: F401,F403
+from funcopt.transforms.per_coordinate_more import *  # noqa: F401,F403
 from funcopt.transforms.precision import *  # noqa: F401,F403
 from funcopt.transforms.psgd import *  # noqa: F401,F403
 from funcopt.transforms.schedule_free import *  # noqa: F401,F403

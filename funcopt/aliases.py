@@ -15,8 +15,8 @@ import torch
 from funcopt.base import GradientTransformation, ScalarOrSchedule, Tensor
 from funcopt.compose import chain
 from funcopt.engine import elementwise
-from funcopt.transforms import adaptive as ad
 from funcopt.transforms import first_order as fo
+from funcopt.transforms import per_coordinate as ad
 from funcopt.transforms.weight_decay import add_decayed_weights
 
 __all__ = [

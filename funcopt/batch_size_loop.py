@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ from funcopt.func.per_sample import (
 )
 from funcopt.transforms.adaptive_batch import InnerProductTestState, NormTestState
 
-__all__ = ["split_batch", "gradient_and_stats", "find_batch_test_state", "fit_adaptive"]
+__all__ = ["split_batch", "gradient_and_stats", "find_batch_test_state", "Batching", "fit_adaptive"]
 
 Tensor = torch.Tensor
 
@@ -161,11 +162,50 @@ def _index_stream(n: int, seed: int, device):
     return take
 
 
+def _positive(value: Any, name: str, none_ok: bool) -> None:
+    if value is None and none_ok:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"Batching: {name} must be a positive int{' or None' if none_ok else ''}"
+                         f"; got {value!r}")
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How :func:`fit_adaptive` draws its batches and cuts them into forward/backward passes.
+
+    Args:
+        batch_size: the fixed global batch size when ``tx`` has no batch-size test (ignored
+            when it has one). Default None (then ``tx`` must have a test).
+        seed: seed of the shuffle, the same on every rank. Default 0.
+        max_micro_batch_size: m, the most samples per forward/backward
+            (``--max_micro_batch_size``); None for no limit. Default 5000.
+        accumulation_steps: the least number of micro-batches per rank and step. Default 1.
+        chunk_size: vmap chunk size for the statistics (``--max_test_micro_batch_size``);
+            None for one chunk. Default None.
+
+    A bad value raises ValueError naming the field.
+    """
+
+    batch_size: int | None = None
+    seed: int = 0
+    max_micro_batch_size: int | None = 5000
+    accumulation_steps: int = 1
+    chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self.batch_size, "batch_size", True)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"Batching: seed must be an int; got {self.seed!r}")
+        _positive(self.max_micro_batch_size, "max_micro_batch_size", True)
+        _positive(self.accumulation_steps, "accumulation_steps", False)
+        _positive(self.chunk_size, "chunk_size", True)
+
+
 def fit_adaptive(
     model: nn.Module, output_loss: Callable[[Tensor, Tensor], Tensor],
     tx: GradientTransformation, params: dict[str, Tensor], inputs: Tensor, targets: Tensor, *,
-    max_samples: int, batch_size: int | None = None, max_micro_batch_size: int = 5000,
-    accumulation_steps: int = 1, chunk_size: int | None = None, seed: int = 0, group=None,
+    max_samples: int, batching: Batching | None = None, group=None,
     callback: Callable[[dict[str, Any], dict[str, Tensor]], None] | None = None,
     state: Any = None,
 ) -> tuple[dict[str, Tensor], Any, list[dict[str, Any]]]:
@@ -175,15 +215,13 @@ def fit_adaptive(
         model, output_loss: model and per-sample output loss (``reduction="none"``).
         tx: a transform; if it contains :func:`norm_test` / :func:`inner_product_test` /
             :func:`augmented_inner_product_test`, the batch size follows that test's state,
-            otherwise it stays ``batch_size``.
+            otherwise it stays ``batching.batch_size``.
         params: dict name -> tensor (every rank passes the same values).
         inputs, targets: the whole training set (the same on every rank).
         max_samples: stop once this many samples were seen (``--max_samples``).
-        batch_size: the fixed global batch size when ``tx`` has no test (else ignored).
-        max_micro_batch_size: m, the most samples per forward/backward (``--max_micro_batch_size``).
-        accumulation_steps: the least number of micro-batches per rank and step.
-        chunk_size: vmap chunk size for statistics (``--max_test_micro_batch_size``).
-        seed: seed of the shuffle (the same on every rank).
+        batching: how the batches are drawn and cut (:class:`Batching`: the fixed batch size
+            without a test, the shuffle seed, micro-batches, vmap chunks); default
+            ``Batching()``.
         group: torch.distributed group for data parallelism (default: world, if initialised).
         callback: ``callback(record, params)`` after every step.
         state: a state to continue from (default ``tx.init(params)``).
@@ -193,10 +231,16 @@ def fit_adaptive(
         batch_size, loss, statistic, micro_batches, time (seconds since the start, not
         counting the time spent in ``callback``).
     """
+    batching = Batching() if batching is None else batching
+    if not isinstance(batching, Batching):
+        raise TypeError(f"fit_adaptive: batching must be a Batching(...), got "
+                        f"{type(batching).__name__}; e.g. batching=Batching(batch_size=64)")
+    batch_size, seed = batching.batch_size, batching.seed
     state = tx.init(params) if state is None else state
     test = find_batch_test_state(state)
     if test is None and batch_size is None:
-        raise ValueError("fit_adaptive: tx has no batch-size test; pass batch_size=b")
+        raise ValueError("fit_adaptive: tx has no batch-size test; pass "
+                         "batching=Batching(batch_size=b)")
     inner = isinstance(test, InnerProductTestState)
     world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank(group) if world > 1 else 0
@@ -209,10 +253,11 @@ def fit_adaptive(
             assert batch_size is not None  # checked before the loop
             b = batch_size
         idx = take(b)
-        parts = split_batch(b, world, rank, max_micro_batch_size, accumulation_steps)
+        parts = split_batch(b, world, rank, batching.max_micro_batch_size,
+                            batching.accumulation_steps)
         micro = [(inputs[idx[s:e]], targets[idx[s:e]]) for s, e in parts]
         g, stats, loss = gradient_and_stats(model, output_loss, params, micro, inner=inner,
-                                            norms=test is not None, chunk_size=chunk_size,
+                                            norms=test is not None, chunk_size=batching.chunk_size,
                                             group=group)
         updates, state = tx.update(g, state, params, per_sample_stats=stats, batch_size=b)
         params = apply_updates(params, updates)

@@ -40,8 +40,8 @@ from funcopt.base import (
 from funcopt.compose import chain
 from funcopt.engine import expect_state, leaves, ops
 from funcopt.schedules.one_based import host_linear_warmup, linear_warmup, palm_beta2
-from funcopt.transforms.adaptive import scale_by_laprop
 from funcopt.transforms.first_order import scale_by_adam, scale_by_learning_rate
+from funcopt.transforms.per_coordinate import scale_by_laprop
 from funcopt.transforms.schedule_free import scale_by_bias_corrected_rms, schedule_free
 from funcopt.transforms.soap import precond_schedule, scale_by_soap, soap
 from funcopt.transforms.weight_decay import add_decayed_weights

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from funcopt.batch_size_loop import (
+    Batching,
     find_batch_test_state,
     fit_adaptive,
     gradient_and_stats,
@@ -222,7 +223,7 @@ def test_fit_adaptive_matches_a_materialised_reference_loop(make):
     lr = 0.5
     tx = chain(make(), scale_by_sample_schedule(lr))
     p_fast, state, hist = fit_adaptive(model, ce, tx, params, x, y, max_samples=300,
-                                       max_micro_batch_size=9, seed=3)
+                                       batching=Batching(max_micro_batch_size=9, seed=3))
     # reference: materialised vmap per-sample gradients, paper formulas, same data order
     gen = torch.Generator().manual_seed(3)
     order = torch.cat([torch.randperm(120, generator=gen) for _ in range(4)])
@@ -255,3 +256,20 @@ def test_transforms_follow_the_contract(make):
     params = {"w": torch.zeros(5, dtype=torch.float64), "v": torch.zeros(2, 2, dtype=torch.float64)}
     state = check_transform(make(), params, per_sample_stats=stats, batch_size=6)
     assert int(state.count) == 3 and int(state.samples) == 18
+
+
+@pytest.mark.parametrize("field, value", [
+    ("batch_size", 0), ("seed", 1.5), ("max_micro_batch_size", -1), ("accumulation_steps", None),
+    ("chunk_size", True)])
+def test_batching_refuses_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"Batching: {field}"):
+        Batching(**{field: value})
+
+
+def test_fit_adaptive_refuses_a_batching_that_is_not_one():
+    model, params, x, y = problem()
+    with pytest.raises(TypeError, match="batching must be a Batching"):
+        fit_adaptive(model, ce, scale_by_sample_schedule(0.1), params, x, y, max_samples=8,
+                     batching={"batch_size": 4})
+    with pytest.raises(ValueError, match=r"batching=Batching\(batch_size=b\)"):
+        fit_adaptive(model, ce, scale_by_sample_schedule(0.1), params, x, y, max_samples=8)

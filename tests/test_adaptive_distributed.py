@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from funcopt.batch_size_loop import fit_adaptive
+from funcopt.batch_size_loop import Batching, fit_adaptive
 from funcopt.compose import chain
 from funcopt.transforms.adaptive_batch import (
     augmented_inner_product_test,
@@ -35,7 +35,7 @@ def run(kind):
     params = {k: v.detach() for k, v in model.named_parameters()}
     tx = chain(MAKERS[kind](), scale_by_sample_schedule(0.5))
     params, _, hist = fit_adaptive(model, ce, tx, params, x, y, max_samples=300,
-                                   max_micro_batch_size=9, seed=3)
+                                   batching=Batching(max_micro_batch_size=9, seed=3))
     return params, [r["batch_size"] for r in hist]
 
 

@@ -5,7 +5,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from funcopt.func import capture_curvature, kronecker_factors, merge_curvature, supported_layers
+from funcopt.func import (
+    MonteCarloFisher,
+    capture_curvature,
+    kronecker_factors,
+    merge_curvature,
+    supported_layers,
+)
 
 DEFAULT_DTYPE = torch.float64  # float64 references (tests/conftest.py sets it per test)
 
@@ -158,13 +164,13 @@ def test_mc_fisher_converges_to_the_true_fisher_of_the_last_layer():
     y = torch.zeros(5, dtype=torch.long)
     gen = torch.Generator().manual_seed(5)
     reps = 800  # each example repeated: one MC draw per copy
-    cap = capture_curvature(model, params, x.repeat(reps, 1), y.repeat(reps), fisher="mc",
-                            generator=gen)
+    cap = capture_curvature(model, params, x.repeat(reps, 1), y.repeat(reps),
+                            fisher=MonteCarloFisher(gen))
     G = kronecker_factors(cap.layers["4"])[1]
     p = torch.softmax(torch.func.functional_call(model, params, (x,)), -1)
     exact = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mean(0)
     torch.testing.assert_close(G, exact, atol=0.03, rtol=0)
-    emp = capture_curvature(model, params, x, y, fisher="mc", generator=gen)
+    emp = capture_curvature(model, params, x, y, fisher=MonteCarloFisher(gen))
     torch.testing.assert_close(emp.grads["0.weight"], autograd_grads(model, params, x, y)["0.weight"])
 
 
@@ -255,10 +261,11 @@ def test_loss_scale_is_undone_exactly(fisher):
     model = cnn().double()
     params = params_of(model)
     x, y = torch.randn(4, 2, 6, 6), torch.randint(0, 5, (4,))
-    kw = dict(fisher=fisher)
-    ref = capture_curvature(model, params, x, y, generator=torch.Generator().manual_seed(0), **kw)
-    got = capture_curvature(model, params, x, y, generator=torch.Generator().manual_seed(0),
-                            loss_scale=2.0 ** 12, **kw)
+    def fisher_of(seed):
+        return MonteCarloFisher(torch.Generator().manual_seed(seed)) if fisher == "mc" else fisher
+
+    ref = capture_curvature(model, params, x, y, fisher=fisher_of(0))
+    got = capture_curvature(model, params, x, y, fisher=fisher_of(0), loss_scale=2.0 ** 12)
     torch.testing.assert_close(got.loss, ref.loss, rtol=0, atol=0)
     for k in ref.grads:
         torch.testing.assert_close(got.grads[k], ref.grads[k], rtol=1e-14, atol=0)
@@ -290,3 +297,24 @@ def test_loss_scale_rescues_float16_autocast_from_underflow():
     assert rel_err(scaled) < 5e-3
     assert all(lay.g.dtype == torch.float32 for lay in scaled.layers.values())
     assert all(scaled.grads[k].dtype == torch.float32 for k in params)
+
+
+def test_monte_carlo_fisher_object_is_the_mc_option_and_refuses_a_bad_generator():
+    model = mlp()
+    params = params_of(model)
+    x, y = torch.randn(6, 5), torch.arange(6) % 4
+    torch.manual_seed(7)
+    by_name = capture_curvature(model, params, x, y, fisher="mc")
+    torch.manual_seed(7)
+    by_object = capture_curvature(model, params, x, y, fisher=MonteCarloFisher())
+    seeded = [capture_curvature(model, params, x, y,
+                                fisher=MonteCarloFisher(torch.Generator().manual_seed(7)))
+              for _ in range(2)]
+    for name in by_name.layers:
+        torch.testing.assert_close(by_object.layers[name].g, by_name.layers[name].g, rtol=0, atol=0)
+        torch.testing.assert_close(seeded[0].layers[name].g, seeded[1].layers[name].g,
+                                   rtol=0, atol=0)
+    with pytest.raises(TypeError, match="MonteCarloFisher: generator"):
+        MonteCarloFisher(generator=3)
+    with pytest.raises(ValueError, match="fisher="):
+        capture_curvature(model, params, x, y, fisher=None)

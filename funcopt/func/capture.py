@@ -21,6 +21,7 @@ per-example gradients.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -28,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["LayerSpec", "LayerCurvature", "Captured", "supported_layers", "capture_curvature",
-           "kronecker_factors", "merge_curvature"]
+__all__ = ["LayerSpec", "LayerCurvature", "Captured", "supported_layers", "MonteCarloFisher",
+           "capture_curvature", "kronecker_factors", "merge_curvature"]
 
 _LOSSES = ("cross_entropy", "mse")
 _FISHERS = ("empirical", "mc")
@@ -172,12 +173,38 @@ def _sample_targets(loss: str, out: Tensor, generator: torch.Generator | None) -
     return out + noise * 0.5 ** 0.5
 
 
+@dataclass(frozen=True)
+class MonteCarloFisher:
+    """``capture_curvature(..., fisher=MonteCarloFisher(generator))``: ``g`` from the loss on
+    targets sampled from the model's predictive distribution (one Monte-Carlo sample of the
+    Fisher). ``fisher="mc"`` is ``MonteCarloFisher()``.
+
+    Args:
+      generator: the ``torch.Generator`` of the samples; None (default) for torch's global one.
+    """
+
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if self.generator is not None and not isinstance(self.generator, torch.Generator):
+            raise TypeError("MonteCarloFisher: generator must be a torch.Generator or None; got "
+                            f"{type(self.generator).__name__}")
+
+
+def _monte_carlo(fisher: Any) -> MonteCarloFisher | None:
+    """The Monte-Carlo options of ``fisher`` ("empirical", "mc" or a MonteCarloFisher)."""
+    if isinstance(fisher, MonteCarloFisher):
+        return fisher
+    if isinstance(fisher, str) and fisher in _FISHERS:
+        return MonteCarloFisher() if fisher == "mc" else None
+    raise ValueError(f"fisher={fisher!r}: pass 'empirical', 'mc' or "
+                     "MonteCarloFisher(generator)")
+
+
 def _check_options(loss, fisher, kfac_approx, loss_average) -> None:
     if not callable(loss) and loss not in _LOSSES:
         raise ValueError(f"loss={loss!r}: pass one of {_LOSSES} or a callable(outputs, targets)")
-    if fisher not in _FISHERS:
-        raise ValueError(f"fisher={fisher!r}: pass 'empirical' or 'mc'")
-    if fisher == "mc" and callable(loss):
+    if _monte_carlo(fisher) is not None and callable(loss):
         raise ValueError("fisher='mc' needs a known likelihood: pass loss='cross_entropy' or "
                          "'mse' (a custom loss works with fisher='empirical')")
     if kfac_approx not in _APPROX:
@@ -232,8 +259,8 @@ def _gradients(value: Tensor, leaves: list[Tensor], probes: list[Tensor],
 def capture_curvature(
     model: nn.Module, params: dict[str, Tensor], inputs: Any, targets: Tensor, *,
     loss: str | Callable[[Tensor, Tensor], Tensor] = "cross_entropy",
-    fisher: str = "empirical", kfac_approx: str = "expand", loss_average: str | None = "batch",
-    buffers: dict[str, Tensor] | None = None, generator: torch.Generator | None = None,
+    fisher: str | MonteCarloFisher = "empirical", kfac_approx: str = "expand",
+    loss_average: str | None = "batch", buffers: dict[str, Tensor] | None = None,
     strict: bool = False, loss_scale: float | Tensor | None = None,
 ) -> Captured:
     """Loss, gradients and per-layer ``(a, g)`` from one pass of ``model`` on ``params``.
@@ -250,14 +277,14 @@ def capture_curvature(
       loss: ``"cross_entropy"`` (``F.cross_entropy``), ``"mse"`` (``F.mse_loss``), both with
         mean reduction, or a callable ``loss(outputs, targets) -> scalar``. Default
         ``"cross_entropy"``.
-      fisher: ``"empirical"`` (``g`` from the loss on ``targets``) or ``"mc"`` (``g`` from the
-        loss on targets sampled from the model's predictive distribution: one Monte-Carlo
-        sample of the Fisher; the gradients still use ``targets``). Default ``"empirical"``.
+      fisher: ``"empirical"`` (``g`` from the loss on ``targets``), ``"mc"`` or
+        :class:`MonteCarloFisher` (``g`` from the loss on targets sampled from the model's
+        predictive distribution: one Monte-Carlo sample of the Fisher, drawn with the
+        object's ``generator``; the gradients still use ``targets``). Default ``"empirical"``.
       kfac_approx: ``"expand"`` or ``"reduce"`` for weight-shared layers. Default ``"expand"``.
       loss_average: what the loss is a mean over: ``"batch"`` (N terms), ``"batch+sequence"``
         (N times the shared positions of each layer) or ``None`` (a sum). Default ``"batch"``.
       buffers: optional dict of buffers for ``functional_call``.
-      generator: optional ``torch.Generator`` for the MC samples.
       strict: raise when a module with parameters is unsupported (default: report it in
         ``Captured.unsupported``; its gradients are still returned).
       loss_scale: mixed precision (AMP): backpropagate ``loss_scale * loss`` so that 16-bit
@@ -308,9 +335,9 @@ def capture_curvature(
         value = fn(out, targets)
     keys = list(leaves)
     probes = [p for name in specs for _, p in records[name]]
-    sampled = None
-    if fisher != "empirical" and isinstance(loss, str):  # _check_options: mc needs a named loss
-        loss_name = loss
+    sampled, mc = None, _monte_carlo(fisher)
+    if mc is not None and isinstance(loss, str):  # _check_options: mc needs a named loss
+        loss_name, generator = loss, mc.generator
         sampled = lambda: fn(out, _sample_targets(loss_name, out, generator))  # noqa: E731
     found, gys = _gradients(value, [leaves[k] for k in keys], probes, sampled, loss_scale)
     grads = {k: torch.zeros_like(leaves[k]) if gr is None else gr for k, gr in zip(keys, found)}

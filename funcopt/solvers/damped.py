@@ -31,13 +31,12 @@ from funcopt.solvers.base import (
     LinearSolver,
     Solution,
     SolveStats,
-    _damping_tensor,
-    _require_finite,
     finite_or_zero,
     gram,
     gram_dual,
 )
 from funcopt.solvers.krylov import CG, _power_of_two
+from funcopt.solvers.operators import _damping_tensor, _require_finite
 
 __all__ = ["DampedLeastSquares", "DampedPlan", "DampedState", "damped_least_squares",
            "damped_least_squares_solver"]

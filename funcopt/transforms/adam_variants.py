@@ -36,9 +36,9 @@ from funcopt.transforms.first_order import (
     _moment_sq,
     _sqrt,
     _steps,
-    _zeros,
     scale_by_learning_rate,
 )
+from funcopt.transforms.per_coordinate import _zero_moments_init
 from funcopt.transforms.weight_decay import add_decayed_weights
 
 __all__ = [
@@ -100,9 +100,7 @@ def scale_by_radam(
     _check("threshold", threshold, low=None)
     ro_inf = 2.0 / (1.0 - b2) - 1.0
 
-    def init(params):
-        leaves = tree_leaves(params)
-        return ScaleByAdamState(step_counter(params), _zeros(leaves, None), _zeros(leaves, None))
+    init = _zero_moments_init(ScaleByAdamState)
 
     def update(updates, state, params=None, **extra):
         g, treedef = _leaves(updates, params, "scale_by_radam", state.mu)
@@ -199,9 +197,7 @@ def scale_by_belief(
     """
     _check_adam(b1, b2, eps, eps_root)
 
-    def init(params):
-        leaves = tree_leaves(params)
-        return ScaleByAdamState(step_counter(params), _zeros(leaves, None), _zeros(leaves, None))
+    init = _zero_moments_init(ScaleByAdamState)
 
     def update(updates, state, params=None, **extra):
         g, treedef = _leaves(updates, params, "scale_by_belief", state.mu)
@@ -275,9 +271,7 @@ def scale_by_acprop(
     """
     _check_adam(b1, b2, eps, eps_root)
 
-    def init(params):
-        leaves = tree_leaves(params)
-        return ScaleByAdamState(step_counter(params), _zeros(leaves, None), _zeros(leaves, None))
+    init = _zero_moments_init(ScaleByAdamState)
 
     def update(updates, state, params=None, **extra):
         g, treedef = _leaves(updates, params, "scale_by_acprop", state.mu)

@@ -8,7 +8,7 @@ eager steps use Python numbers (:func:`~funcopt.base.host_number`). Per-paramete
 (moments, traces) is kept as a list of tensors in the order of ``tree_leaves(params)``.
 
 The private helpers here (``_leaves``, ``_moment`` ...) are shared with
-:mod:`funcopt.transforms.adaptive`.
+:mod:`funcopt.transforms.per_coordinate`.
 """
 
 from __future__ import annotations

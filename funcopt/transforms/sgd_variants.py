@@ -194,9 +194,8 @@ def polyak_sgd(
 
     Reference: Loizou et al. 2021; optax ``polyak_sgd``.
     """
-    from funcopt.aliases import sgd
-
-    return chain(sgd(scaling), scale_by_polyak(f_min, max_learning_rate, eps, variant))
+    sgd = chain(fo.scale_by_learning_rate(scaling))  # fo.sgd(scaling): the same state layout
+    return chain(sgd, scale_by_polyak(f_min, max_learning_rate, eps, variant))
 
 
 class MomoState(NamedTuple):

@@ -16,6 +16,7 @@ import torch
 from funcopt.base import (
     GradientTransformation,
     Tensor,
+    TransformInitFn,
     increment,
     replace,
     step_counter,
@@ -46,6 +47,17 @@ __all__ = [
 
 # --------------------------------------------------------------------------- adamax
 
+def _zero_moments_init(state_cls: type) -> TransformInitFn:
+    """The ``init`` of a ``(count, mu, nu)`` state: the step counter and two zero moments,
+    one tensor per leaf in the parameters' dtype (shared by the Adam-like scalings)."""
+
+    def init(params):
+        leaves = tree_leaves(params)
+        return state_cls(step_counter(params), _zeros(leaves, None), _zeros(leaves, None))
+
+    return init
+
+
 class ScaleByAdamaxState(NamedTuple):
     """State of :func:`scale_by_adamax`: ``count``, the step t; ``mu``, the first-moment EMA;
     ``nu``, the exponentially weighted infinity norm :math:`u_t`."""
@@ -72,9 +84,7 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
     _check_beta("b2", b2)
     _check("eps", eps)
 
-    def init(params):
-        leaves = tree_leaves(params)
-        return ScaleByAdamaxState(step_counter(params), _zeros(leaves, None), _zeros(leaves, None))
+    init = _zero_moments_init(ScaleByAdamaxState)
 
     def update(updates, state, params=None, **extra):
         expect_state(state, ScaleByAdamaxState, "scale_by_adamax")
@@ -373,9 +383,7 @@ def scale_by_laprop(b1: float = 0.9, b2: float = 0.99, eps: float = 1e-8) -> Gra
     _check_beta("b2", b2)
     _check("eps", eps)
 
-    def init(params):
-        leaves = tree_leaves(params)
-        return ScaleByLapropState(step_counter(params), _zeros(leaves, None), _zeros(leaves, None))
+    init = _zero_moments_init(ScaleByLapropState)
 
     def update(updates, state, params=None, **extra):
         expect_state(state, ScaleByLapropState, "scale_by_laprop")
