@@ -258,3 +258,15 @@ def test_default_options_equal_no_options():
     b, _ = _funcopt_run(init, grads, fo.psgd_kron(0.01, seed=3, options=fo.PsgdKronOptions()))
     for x, y in zip(a[-1], b[-1]):
         assert torch.equal(x, y)
+
+
+def test_public_widths():
+    """No public builder of these families takes more than 11 parameters (optax's widest
+    alias); the rarely tuned numbers live in PsgdKronOptions / SoapFactors / other=."""
+    import inspect
+    funcs = [fo.scale_by_psgd_kron, fo.psgd_kron, fo.muon, fo.scale_by_muon, fo.soap,
+             fo.scale_by_soap, fo.sophia, fo.scale_by_sophia, fo.adafactor,
+             fo.heavyball.sf_palm_foreach_soap, fo.heavyball.foreach_soap]
+    wide = {f.__name__: len(inspect.signature(f).parameters) for f in funcs
+            if len(inspect.signature(f).parameters) > 11}
+    assert not wide

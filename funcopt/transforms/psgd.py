@@ -214,7 +214,7 @@ def scale_by_psgd_kron(
                                   opt.memory_save_mode)
             qs.append([_init_factor(k, d, dt, p.device) for k, d in zip(kinds, shape or (1,))])
             lbs.append([torch.zeros((), dtype=torch.float64, device=p.device) for _ in kinds])
-        gen = torch.Generator(device=count.device).manual_seed(seed)
+        gen = torch.Generator(device=count.device).manual_seed(int(seed))  # a 0-d tensor too
         mu = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
               for p in ps]
         return ScaleByPsgdKronState(count, torch.zeros((), dtype=torch.float64,
