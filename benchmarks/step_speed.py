@@ -241,7 +241,7 @@ def funcopt_tx(method: str) -> fo.GradientTransformation:
     if method == "psgd":
         return fo.psgd_kron(LR)
     if method == "muon":  # heavyball's momentum 0.9 and bfloat16 Newton-Schulz
-        return fo.muon(0.02, momentum=0.9, ns_dtype=torch.bfloat16)
+        return fo.muon(0.02, beta=0.9, ns_dtype=torch.bfloat16)
     raise SystemExit(f"unknown method {method}")
 
 

@@ -149,11 +149,13 @@ def palm_foreach_sfadamw(lr=0.0025, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.
 
 
 def foreach_soap(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
-                 precondition_frequency=2, max_precond_dim=2048, merge_dims=True,
-                 precondition_1d=False, warmup_steps=1):
-    """``ForeachSOAP`` (0.7.2 default weight_decay 0.01 is replaced by 0: see module notes)."""
+                 precondition_frequency=2, factors=None, warmup_steps=1):
+    """``ForeachSOAP`` (0.7.2 default weight_decay 0.01 is replaced by 0: see module notes).
+
+    ``factors``: a :class:`funcopt.SoapFactors` holding 0.7.2's ``max_precond_dim``,
+    ``merge_dims`` and ``precondition_1d`` (default None: 2048, True, False, as 0.7.2)."""
     return soap(host_linear_warmup(lr, warmup_steps), betas[0], betas[1], None, eps, weight_decay,
-                precondition_frequency, max_precond_dim, merge_dims, precondition_1d)
+                precondition_frequency, factors)
 
 
 def palm_foreach_soap(lr=3e-3, betas=(0.9, 0.95), beta2_scale=0.8, **kw):
@@ -173,10 +175,12 @@ def precond_schedule_palm_foreach_soap(lr=3e-3, precond_scheduler=(1 / 3, 9), **
 
 def sf_palm_foreach_soap(lr=3e-3, beta=0.9, beta2_scale=0.8, eps=1e-8, weight_decay=0.0,
                          warmup_steps=1, r=0.0, weight_lr_power=2.0, precondition_frequency=2,
-                         max_precond_dim=2048, merge_dims=True, precondition_1d=False):
-    """``SFPaLMForeachSOAP``: Schedule-Free over SOAP without momentum, PaLM beta2."""
+                         factors=None):
+    """``SFPaLMForeachSOAP``: Schedule-Free over SOAP without momentum, PaLM beta2.
+
+    ``factors``: as :func:`foreach_soap`."""
     base = scale_by_soap(0.0, palm_beta2(beta2_scale), None, eps, precondition_frequency,
-                         max_precond_dim, merge_dims, precondition_1d)
+                         factors)
     return schedule_free(base, lr, beta, weight_decay, warmup_steps, r, weight_lr_power)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -34,6 +35,14 @@ PAIRS = {
         lambda: optax.chain(optax.scale_by_factored_rms(True, 0.5, 0, 2, 1e-20,
                                                         lambda t, c: 0.9 - 0.0 * t),
                             optax.scale(-0.01))),
+    # optax's weight_decay_mask, as the composition adafactor's docstring gives
+    "adafactor_masked_decay": (
+        lambda: fo.chain(fo.adafactor(0.05, min_dim_size_to_factor=3), fo.scale(-1.0),
+                         fo.add_decayed_weights(0.1, lambda p: fo.tree_map(
+                             lambda x: x.ndim > 1, p)), fo.scale(-1.0)),
+        lambda: optax.adafactor(0.05, min_dim_size_to_factor=3, weight_decay_rate=0.1,
+                                weight_decay_mask=lambda p: jax.tree_util.tree_map(
+                                    lambda x: x.ndim > 1, p))),
     "sm3": (lambda: fo.sm3(0.1), lambda: optax.sm3(0.1)),
     "sm3_decay": (lambda: fo.chain(fo.scale_by_sm3(0.5, 0.9, 1e-6), fo.scale(-0.1)),
                   lambda: optax.chain(optax.scale_by_sm3(0.5, 0.9, 1e-6), optax.scale(-0.1))),
@@ -72,3 +81,11 @@ def test_factored_state_is_sublinear():
 def test_bad_hyperparameters_raise_at_construction(make, name):
     with pytest.raises((ValueError, TypeError), match=name):
         make()
+
+
+def test_adafactor_width_and_mask_keyword():
+    """11 parameters; the mask travels in the composition above, not as a keyword."""
+    import inspect
+    assert len(inspect.signature(fo.adafactor).parameters) == 11
+    with pytest.raises(TypeError, match="weight_decay_mask"):
+        fo.adafactor(weight_decay_rate=0.1, weight_decay_mask=None)

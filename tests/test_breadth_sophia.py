@@ -60,3 +60,12 @@ def test_contract():
 def test_bad_hyperparameters_raise_at_construction(make, name):
     with pytest.raises((ValueError, TypeError), match=name):
         make()
+
+
+@pytest.mark.parametrize("flag", ["verbose", "print_win_rate_every_n_steps"])
+def test_printing_flags_are_not_taken(flag):
+    """optax's printing flags did nothing here; passing one is a TypeError naming it."""
+    with pytest.raises(TypeError, match=flag):
+        fo.sophia(0.1, **{flag: 1})
+    with pytest.raises(TypeError, match=flag):
+        fo.scale_by_sophia(**{flag: 1})

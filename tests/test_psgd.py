@@ -62,17 +62,22 @@ CASES = {
     "defaults": ({}, {}),
     "weight_decay_warmup": ({"weight_decay": 0.1, "warmup_steps": 5},
                             {"weight_decay": 0.1, "warmup_steps": 5}),
-    "small_triangular": ({"max_size_triangular": 4}, {"max_size_triangular": 4}),
-    "one_diag": ({"memory_save_mode": "one_diag"}, {"memory_save_mode": "one_diag"}),
-    "one_triu": ({"memory_save_mode": "one_triu"}, {"memory_save_mode": "one_triu"}),
+    "small_triangular": ({"max_size_triangular": 4},
+                         {"options": fo.PsgdKronOptions(max_size_triangular=4)}),
+    "one_diag": ({"memory_save_mode": "one_diag"},
+                 {"options": fo.PsgdKronOptions(memory_save_mode="one_diag")}),
+    "one_triu": ({"memory_save_mode": "one_triu"},
+                 {"options": fo.PsgdKronOptions(memory_save_mode="one_triu")}),
     "all_diag_min_ndim": ({"memory_save_mode": "all_diag", "min_ndim_triangular": 3},
-                          {"memory_save_mode": "all_diag", "min_ndim_triangular": 3}),
+                          {"options": fo.PsgdKronOptions(memory_save_mode="all_diag",
+                                                         min_ndim_triangular=3)}),
     "grad_into_precond": ({"momentum_into_precond_update": False, "betas": (0.8, 0.999)},
                           {"momentum_into_precond_update": False, "b1": 0.8}),
     "half_probability": ({"preconditioner_update_probability": 0.4},
                          {"preconditioner_update_probability": 0.4}),
     "fixed_init_scale": ({"precond_init_scale": 0.5, "precond_lr": 0.3},
-                         {"precond_init_scale": 0.5, "precond_lr": 0.3}),
+                         {"options": fo.PsgdKronOptions(precond_init_scale=0.5),
+                          "precond_lr": 0.3}),
 }
 
 
@@ -209,15 +214,59 @@ def test_contract(params):
 def test_contract_bfloat16_and_memory_modes():
     params = {"w": torch.randn(4, 3, dtype=torch.bfloat16), "b": torch.randn(3), "s": torch.randn(())}
     check_transform(fo.psgd_kron(0.01), params)
-    check_transform(fo.psgd_kron(0.01, memory_save_mode="smart_one_diag"), params)
+    check_transform(fo.psgd_kron(0.01, options=fo.PsgdKronOptions(
+        memory_save_mode="smart_one_diag")), params)
 
 
 def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="memory_save_mode"):
-        fo.scale_by_psgd_kron(memory_save_mode="half")
+        fo.PsgdKronOptions(memory_save_mode="half")
     with pytest.raises(ValueError, match="b1"):
         fo.psgd_kron(b1=1.5)
     tx = fo.psgd_kron()
     state = tx.init([torch.ones(2)])
     with pytest.raises(ValueError, match="leaves|structure"):
         tx.update([torch.ones(2), torch.ones(3)], state, [torch.ones(2), torch.ones(3)])
+
+
+@pytest.mark.parametrize("field, value, error", [
+    ("max_size_triangular", 0, ValueError), ("max_size_triangular", 2.5, TypeError),
+    ("min_ndim_triangular", -1, ValueError), ("memory_save_mode", "half", ValueError),
+    ("precond_init_scale", 0.0, ValueError), ("precond_init_scale_scale", -1.0, ValueError),
+    ("precond_init_scale_power", float("nan"), ValueError),
+    ("lower_bound_beta", 1.5, ValueError), ("dampening", -1e-9, ValueError),
+    ("precond_update_power_iterations", 0, ValueError), ("q_dtype", torch.int32, TypeError),
+])
+def test_options_reject_bad_values_naming_the_field(field, value, error):
+    with pytest.raises(error, match=f"PsgdKronOptions.{field}"):
+        fo.PsgdKronOptions(**{field: value})
+
+
+def test_options_are_frozen_and_typed():
+    opts = fo.PsgdKronOptions(dampening=1e-6)
+    with pytest.raises(AttributeError):
+        opts.dampening = 0.0  # type: ignore[misc]
+    with pytest.raises(TypeError, match="options"):
+        fo.scale_by_psgd_kron(options={"dampening": 1e-6})
+    with pytest.raises(TypeError):
+        fo.psgd_kron(0.01, memory_save_mode="one_diag")  # a field of the options, not a keyword
+
+
+def test_default_options_equal_no_options():
+    init, grads = _problem(torch.float64, steps=5)
+    a, _ = _funcopt_run(init, grads, fo.psgd_kron(0.01, seed=3))
+    b, _ = _funcopt_run(init, grads, fo.psgd_kron(0.01, seed=3, options=fo.PsgdKronOptions()))
+    for x, y in zip(a[-1], b[-1]):
+        assert torch.equal(x, y)
+
+
+def test_public_widths():
+    """No public builder of these families takes more than 11 parameters (optax's widest
+    alias); the rarely tuned numbers live in PsgdKronOptions / SoapFactors / other=."""
+    import inspect
+    funcs = [fo.scale_by_psgd_kron, fo.psgd_kron, fo.muon, fo.scale_by_muon, fo.soap,
+             fo.scale_by_soap, fo.sophia, fo.scale_by_sophia, fo.adafactor,
+             fo.heavyball.sf_palm_foreach_soap, fo.heavyball.foreach_soap]
+    wide = {f.__name__: len(inspect.signature(f).parameters) for f in funcs
+            if len(inspect.signature(f).parameters) > 11}
+    assert not wide

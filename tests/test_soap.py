@@ -9,6 +9,7 @@ from _heavyball072 import load as load_hb072
 from funcopt.base import apply_updates
 from funcopt.transforms import soap as soap_module
 from funcopt.transforms.soap import (
+    SoapFactors,
     _merged_shape,
     _orthonormal,
     precond_schedule,
@@ -88,9 +89,10 @@ CASES = [
     ("ForeachSOAP", dict(lr=0.01, betas=(0.8, 0.9), weight_decay=0.0, precondition_frequency=3,
                          max_precond_dim=5, precondition_1d=True, warmup_steps=4),
      dict(learning_rate=lambda t: 0.01 * min(t / 4, 1.0), b1=0.8, b2=0.9,
-          precondition_frequency=3, max_precond_dim=5, precondition_1d=True)),
+          precondition_frequency=3,
+          factors=SoapFactors(max_precond_dim=5, precondition_1d=True))),
     ("ForeachSOAP", dict(lr=0.01, weight_decay=0.0, merge_dims=False),
-     dict(learning_rate=0.01, merge_dims=False)),
+     dict(learning_rate=0.01, factors=SoapFactors(merge_dims=False))),
     ("PaLMForeachSOAP", dict(lr=0.01, weight_decay=0.0), dict(learning_rate=0.01, b2=PALM)),
     ("PrecondScheduleForeachSOAP", dict(lr=0.01, weight_decay=0.0),
      dict(learning_rate=0.01, precondition_frequency="replay")),
@@ -129,7 +131,7 @@ def test_single_factor_equals_eigh_adam_float64():
     p = {"w": torch.randn(4, 50, dtype=torch.float64)}
     grads = [torch.randn(4, 50, dtype=torch.float64) for _ in range(3)]
     tx = scale_by_soap(b1=0.9, b2=0.95, shampoo_beta=0.9, precondition_frequency=10**6,
-                       max_precond_dim=10)
+                       factors=SoapFactors(max_precond_dim=10))
     state = tx.init(p)
     _, state = tx.update({"w": grads[0]}, state, p)
     u, _ = tx.update({"w": grads[1]}, state, p)
@@ -247,7 +249,7 @@ def test_soap_with_cholesky_qr_matches_householder_float64(monkeypatch):
               "c": torch.randn(3, 3, 2, 2, generator=g, dtype=torch.float64)} for _ in range(8)]
 
     def run():
-        tx = soap(0.01, precondition_frequency=1, max_precond_dim=8)
+        tx = soap(0.01, precondition_frequency=1, factors=SoapFactors(max_precond_dim=8))
         p, state = params, tx.init(params)
         for gr in grads:
             u, state = tx.update(gr, state, p)
@@ -322,8 +324,24 @@ def test_checkpoint_roundtrip(tmp_path):
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="max_precond_dim"):
-        scale_by_soap(max_precond_dim=0)
+        SoapFactors(max_precond_dim=0)
     with pytest.raises(ValueError, match="precondition_frequency"):
         scale_by_soap(precondition_frequency=0)
     with pytest.raises(ValueError, match="b2"):
         scale_by_soap(b2=1.0)
+
+
+@pytest.mark.parametrize("field, value, error", [
+    ("max_precond_dim", 0, ValueError), ("max_precond_dim", 2.0, ValueError),
+    ("merge_dims", 1, TypeError), ("precondition_1d", "yes", TypeError),
+])
+def test_factors_reject_bad_values_naming_the_field(field, value, error):
+    with pytest.raises(error, match=f"SoapFactors.{field}"):
+        SoapFactors(**{field: value})
+
+
+def test_factors_must_be_the_options_object():
+    with pytest.raises(TypeError, match="factors"):
+        scale_by_soap(factors={"max_precond_dim": 8})
+    with pytest.raises(TypeError):
+        soap(0.01, max_precond_dim=8)  # a field of SoapFactors, not a keyword

@@ -73,7 +73,7 @@ VMAP_CASES = {
     "scale_by_soap": (lambda: fo.scale_by_soap(), SQUARE),
     "soap_random_refresh": (lambda: fo.soap(0.1, precondition_frequency=fo.precond_schedule()),
                             SQUARE),
-    "muon": (lambda: fo.muon(0.02, weight_decay=0.1, adam_weight_decay=0.1), {**MATRICES, "b": (3,)}),
+    "muon": (lambda: fo.muon(0.02, weight_decay=0.1, other=fo.adamw(3e-4, 0.9, 0.95, 1e-10, weight_decay=0.1)), {**MATRICES, "b": (3,)}),
     "scale_by_muon": (lambda: fo.scale_by_muon(), MATRICES),
 }
 
@@ -263,16 +263,16 @@ def test_muon_on_a_bare_tensor(shape):
     """A bare tensor goes to one group; the other group (with weight decay) sees nothing and
     does not ask for parameters (it said 'add_decayed_weights needs the current parameters')."""
     p = torch.randn(shape, dtype=torch.float64)
-    tx = fo.muon(0.02, weight_decay=0.1, adam_weight_decay=0.1)
+    tx = fo.muon(0.02, weight_decay=0.1, other=fo.adamw(3e-4, 0.9, 0.95, 1e-10, weight_decay=0.1))
     torch.testing.assert_close(_step(tx, p), _step(tx, {"p": p})["p"])
 
 
 def test_muon_other_transform_and_default_adamw():
-    """``other`` takes the non-matrix leaves; the default is AdamW with the ``adam_*``
-    arguments, the numbers of ``fo.adamw``."""
+    """``other`` takes the non-matrix leaves; the default is ``fo.adamw(3e-4, 0.9, 0.95,
+    1e-10, weight_decay=0)``."""
     params = {"w": torch.randn(3, 4, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64)}
-    got = _step(fo.muon(adam_learning_rate=1e-2, adam_weight_decay=0.1), params, 3)
-    ref = _step(fo.adamw(1e-2, 0.9, 0.95, 1e-10, weight_decay=0.1), {"b": params["b"]}, 3)
+    got = _step(fo.muon(), params, 3)
+    ref = _step(fo.adamw(3e-4, 0.9, 0.95, 1e-10, weight_decay=0.0), {"b": params["b"]}, 3)
     torch.testing.assert_close(got["b"], ref["b"])
     got = _step(fo.muon(other=fo.sgd(0.5)), params, 3)
     torch.testing.assert_close(got["b"], -0.5 * params["b"])

@@ -165,15 +165,15 @@ def adafactor(
     decay_rate: float = 0.8, decay_offset: int = 0, multiply_by_parameter_scale: bool = True,
     clipping_threshold: float | None = 1.0, momentum: float | None = None,
     dtype_momentum: torch.dtype = torch.float32, weight_decay_rate: ScalarOrSchedule | None = None,
-    eps: float = 1e-30, factored: bool = True, weight_decay_mask: Any = None,
+    eps: float = 1e-30, factored: bool = True,
 ) -> GradientTransformation:
     r"""Adafactor, as optax composes it.
 
     ``chain(scale_by_factored_rms(factored, decay_rate, decay_offset, min_dim_size_to_factor,
     eps), [clip_by_block_rms(clipping_threshold)], [scale_by_learning_rate(lr,
     flip_sign=False)], [scale_by_param_block_rms()], [ema(momentum, debias=False)],
-    [add_decayed_weights(weight_decay_rate, weight_decay_mask)], scale(-1))``: the bracketed
-    steps are left out when their argument is None/False.
+    [add_decayed_weights(weight_decay_rate)], scale(-1))``: the bracketed steps are left out
+    when their argument is None/False.
 
     Args:
       learning_rate: :math:`\eta` or None (default None: no scaling, the relative step
@@ -184,7 +184,13 @@ def adafactor(
       clipping_threshold: block RMS clipping :math:`d` (default 1.0; None: no clipping).
       momentum: EMA decay of the updates (default None: none).
       dtype_momentum: dtype of that EMA (default float32, as optax).
-      weight_decay_rate: decoupled weight decay (default None). weight_decay_mask: its mask.
+      weight_decay_rate: decoupled weight decay, not scaled by the learning rate (default
+        None: none), on every leaf.
+
+    optax's ``weight_decay_mask`` is not an argument: the decay is the last step before the
+    sign flip, so a masked decay is ``fo.chain(fo.adafactor(...), fo.scale(-1),
+    fo.add_decayed_weights(rate, mask), fo.scale(-1))``, the same numbers as optax's
+    ``adafactor(..., weight_decay_rate=rate, weight_decay_mask=mask)``.
 
     torch.optim.Adafactor (torch >= 2.5) is a different variant (no factoring threshold, its
     own decay and relative step); funcopt follows optax.
@@ -202,7 +208,7 @@ def adafactor(
     if momentum is not None:
         tx.append(fo.ema(momentum, debias=False, accumulator_dtype=dtype_momentum))
     if weight_decay_rate is not None:
-        tx.append(add_decayed_weights(weight_decay_rate, weight_decay_mask))
+        tx.append(add_decayed_weights(weight_decay_rate))
     tx.append(fo.scale(-1.0))
     return chain(*tx)
 

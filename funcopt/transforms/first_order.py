@@ -1,46 +1,38 @@
-"""First-order transforms: scaling, momentum and the Adam family.
+"""First-order transforms: the Adam family (``scale_by_adam``, ``scale_by_nadam``).
 
 Each function builds one :class:`~funcopt.base.GradientTransformation`. The math runs over
 the list of leaves with ``torch._foreach_*`` ops (``scale_by_adam``'s eager steps with torch's
 fused Adam kernel where it applies). Bias corrections are computed from the step counter as 0-d
 tensors, so no update synchronises with the host; on a CPU, where reading a value is no sync,
 eager steps use Python numbers (:func:`~funcopt.base.host_number`). Per-parameter state
-(moments, traces) is kept as a list of tensors in the order of ``tree_leaves(params)``.
+(moments) is kept as a list of tensors in the order of ``tree_leaves(params)``.
 
-The private helpers here (``_leaves``, ``_moment`` ...) are shared with
-:mod:`funcopt.transforms.per_coordinate`.
+Scaling and momentum (``scale``, ``scale_by_learning_rate``, ``trace``, ``ema`` ...) live in
+:mod:`funcopt.transforms.scaling`, the private leaf helpers (``_leaves``, ``_moment`` ...) in
+:mod:`funcopt.transforms.leaf_math` (shared with :mod:`funcopt.transforms.per_coordinate`);
+both are re-exported here under the same names.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import torch
-from torch.compiler import is_compiling as _is_compiling
 
 from funcopt.base import (
-    EmptyState,
     GradientTransformation,
     ScalarOrSchedule,
     Tensor,
-    check_hyperparameter,
-    current_learning_rate,
     increment,
-    register_hyperparameters,
     replace,
-    resolve,
     step_counter,
     tree_leaves,
     tree_unflatten,
 )
 from funcopt.engine import (
-    check_number,
     differentiating,
     expect_state,
-    host_number,
     into,
     one_minus_pow,
     ops,
@@ -49,334 +41,45 @@ from funcopt.engine import (
 )
 from funcopt.engine import leaves as _leaves
 
+# The shared leaf helpers and the scaling/momentum transforms live in their own modules;
+# they are re-exported here, where the other transform modules import them from.
+from funcopt.transforms.leaf_math import (  # noqa: F401
+    TensorList,
+    _add_scalar,
+    _as,
+    _axpy,
+    _check,
+    _check_beta,
+    _full,
+    _hp,
+    _is_number,
+    _is_schedule,
+    _moment,
+    _moment_sq,
+    _sqrt,
+    _steps,
+    _wide,
+    _zeros,
+)
+from funcopt.transforms.scaling import (  # noqa: F401
+    EmaState,
+    ScaleByLearningRateState,
+    ScaleByScheduleState,
+    TraceState,
+    ema,
+    scale,
+    scale_by_learning_rate,
+    scale_by_schedule,
+    scale_by_sign,
+    trace,
+)
+
 __all__ = [
     "ScaleByScheduleState", "ScaleByLearningRateState", "TraceState", "EmaState",
     "ScaleByAdamState", "ScaleByAmsgradState", "ScaleByNadamState",
     "scale", "scale_by_schedule", "scale_by_learning_rate", "trace", "ema", "scale_by_adam",
     "scale_by_nadam", "scale_by_sign",
 ]
-
-# --------------------------------------------------------------------------- helpers
-# Scalars (hyperparameters, bias corrections) are Python numbers or 0-d tensors. Numbers use
-# the fused Scalar overloads; tensors use the Tensor overloads, which never read the value on
-# the host.
-
-TensorList = Union[list[Tensor], tuple[Tensor, ...]]
-
-
-def _is_schedule(x: Any) -> bool:
-    """``callable(x)`` without narrowing a float-annotated argument (for type checkers)."""
-    return callable(x)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _hp(value: ScalarOrSchedule, count: Tensor) -> Any:
-    v = resolve(value, count)
-    return host_number(v.to(count.device)) if isinstance(v, Tensor) else v
-
-
-def _steps(count: Tensor, leaves: Sequence[Tensor]) -> Any:
-    """The step number ``count`` for ``beta ** t``: a 0-d float tensor, or a Python int where
-    :func:`~funcopt.base.host_number` reads it (eager CPU steps)."""
-    t = host_number(count)
-    return t if isinstance(t, int) else count.to(scalar_dtype(leaves))
-
-
-def _sqrt(x: Any) -> Any:
-    """The square root of a number or a 0-d tensor."""
-    return torch.sqrt(x) if isinstance(x, Tensor) else math.sqrt(x)
-
-
-def _axpy(alpha: Any, xs: TensorList, ys: TensorList) -> TensorList:
-    """``ys + alpha * xs``."""
-    if _is_number(alpha):
-        return ops.add(ys, xs, alpha=alpha)
-    return ops.add(ys, ops.mul(xs, alpha))
-
-
-def _add_scalar(xs: TensorList, c: Any) -> TensorList:
-    """``xs + c`` for a number or a 0-d tensor ``c``, without a host sync: torch.compile traces
-    ``_foreach_add(xs, tensor)`` into a ``.item()``, and on a GPU the eager op reads the tensor
-    on the host too (a CUDA graph cannot capture it), so those pass a list instead (eager CPU
-    steps keep the single op)."""
-    if isinstance(c, Tensor) and (_is_compiling() or not c.is_cpu):
-        return ops.add(xs, [c] * len(xs))
-    return ops.add(xs, c)
-
-
-def _moment(state: TensorList, xs: TensorList, decay: Any) -> TensorList:
-    """``decay * state + (1 - decay) * xs`` (torch.optim's ``lerp`` form for numbers)."""
-    if _is_number(decay):
-        return ops.lerp(state, xs, 1.0 - decay)
-    return _axpy(1.0 - decay, xs, ops.mul(state, decay))
-
-
-def _moment_sq(state: TensorList, xs: TensorList, decay: Any) -> TensorList:
-    """``decay * state + (1 - decay) * xs**2``."""
-    out = ops.mul(state, decay)  # a new list: the in-place ops below touch only it
-    if _is_number(decay):
-        out = into("addcmul", out, xs, xs, value=1.0 - decay)
-    else:
-        out = into("add", out, ops.mul(ops.mul(xs, xs), 1.0 - decay))
-    return out
-
-
-def _as(xs: TensorList, refs: Sequence[Tensor]) -> list[Tensor]:
-    """Each ``x`` in the dtype of the matching ``ref`` (no copy when it already is)."""
-    return [x if x.dtype == r.dtype else x.to(r.dtype) for x, r in zip(xs, refs)]
-
-
-def _wide(dtype: torch.dtype) -> torch.dtype:
-    """float32 for float16 (whose range loses Adam's second moments), else ``dtype``."""
-    return torch.float32 if dtype == torch.float16 else dtype
-
-
-def _zeros(leaves: Sequence[Tensor], dtype: torch.dtype | None) -> list[Tensor]:
-    return [torch.zeros_like(x, dtype=dtype) for x in leaves]
-
-
-def _full(leaves: Sequence[Tensor], value: float, dtype: torch.dtype | None = None) -> list[Tensor]:
-    return [torch.full_like(x, value, dtype=dtype) for x in leaves]
-
-
-def _check(name: str, value: Any, **kw: Any) -> None:
-    check_hyperparameter(name, value, **kw)
-
-
-def _check_beta(name: str, value: Any) -> None:
-    """A decay in [0, 1): a number or a 0-d tensor. A callable is a TypeError here; the
-    transforms whose betas may follow a schedule check callables themselves."""
-    check_number(name, value)
-    check_hyperparameter(name, value, low=0.0, high=1.0, high_inclusive=False)
-
-
-# --------------------------------------------------------------------------- scaling
-
-
-class ScaleByScheduleState(NamedTuple):
-    """State of :func:`scale_by_schedule`: ``count``, the 0-d int64 step at which the schedule
-    is evaluated."""
-
-    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
-
-
-class ScaleByLearningRateState(NamedTuple):
-    """State of :func:`scale_by_learning_rate`: ``count``, the step t, and ``learning_rate``, a
-    0-d tensor: for a number learning rate it is the value used (writing it changes the next
-    update)."""
-
-    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
-    learning_rate: Tensor
-
-
-register_hyperparameters(ScaleByLearningRateState, "learning_rate")
-
-
-def scale(step_size: float | Tensor) -> GradientTransformation:
-    """Multiply the updates by a constant: ``u <- step_size * u``.
-
-    Args:
-      step_size: the factor (a number or 0-d tensor). For a value that changes with the step
-        use :func:`scale_by_schedule`.
-
-    Reference: optax ``scale``.
-    """
-    if _is_schedule(step_size):
-        raise TypeError("scale takes a number; for a schedule use scale_by_schedule(fn)")
-    _check("step_size", step_size, low=None)
-
-    def init(params):
-        return EmptyState()
-
-    def update(updates, state, params=None, **extra):
-        leaves, treedef = _leaves(updates, params, "scale")
-        if not leaves:
-            return updates, state
-        s = step_size.to(leaves[0].device) if isinstance(step_size, Tensor) else step_size
-        return tree_unflatten(treedef, _as(ops.mul(leaves, s), leaves)), state
-
-    return GradientTransformation(init, update)
-
-
-def scale_by_schedule(step_size_fn: Callable[[Tensor], Any]) -> GradientTransformation:
-    """Multiply the updates by ``step_size_fn(count)``, ``count`` = 0, 1, 2, ... (0-d int64).
-
-    Args:
-      step_size_fn: a schedule ``count -> factor`` (number or 0-d tensor).
-
-    Reference: optax ``scale_by_schedule``.
-    """
-    if not callable(step_size_fn):
-        raise TypeError("scale_by_schedule takes a function count -> factor; for a number use scale")
-
-    def init(params):
-        return ScaleByScheduleState(step_counter(params))
-
-    def update(updates, state, params=None, **extra):
-        expect_state(state, ScaleByScheduleState, "scale_by_schedule")
-        leaves, treedef = _leaves(updates, params, "scale_by_schedule")
-        if leaves:
-            leaves = _as(ops.mul(leaves, _hp(step_size_fn, state.count)), leaves)
-        return tree_unflatten(treedef, leaves), ScaleByScheduleState(increment(state.count))
-
-    return GradientTransformation(init, update)
-
-
-def scale_by_learning_rate(
-    learning_rate: ScalarOrSchedule, *, flip_sign: bool = True
-) -> GradientTransformation:
-    """Multiply the updates by ``-learning_rate`` (or ``+learning_rate``): ``u <- -eta_t u``.
-
-    The state holds the current learning rate ``eta_t`` as a 0-d float tensor. When
-    ``learning_rate`` is a number (or 0-d tensor) update() reads it from the state, so writing
-    ``state.learning_rate`` changes it; when it is a schedule, update() uses
-    ``learning_rate(count)`` and stores that value in the state for inspection.
-
-    Args:
-      learning_rate: ``eta``, a non-negative number, 0-d tensor or schedule ``count -> eta``.
-      flip_sign: multiply by ``-eta`` (default True: descent) or by ``+eta``.
-
-    Reference: optax ``scale_by_learning_rate``.
-    """
-    _check("learning_rate", learning_rate, low=0.0)
-    sign = -1.0 if flip_sign else 1.0
-
-    def init(params):
-        leaves = tree_leaves(params)
-        count = step_counter(params)
-        lr0 = resolve(learning_rate, count)
-        return ScaleByLearningRateState(
-            count, torch.as_tensor(lr0, dtype=scalar_dtype(leaves), device=count.device).clone()
-        )
-
-    def update(updates, state, params=None, **extra):
-        expect_state(state, ScaleByLearningRateState, "scale_by_learning_rate")
-        leaves, treedef = _leaves(updates, params, "scale_by_learning_rate")
-        lr = current_learning_rate(learning_rate, state.learning_rate, state.count)
-        if leaves:
-            leaves = _as(ops.mul(leaves, host_number(lr) * sign), leaves)
-        return tree_unflatten(treedef, leaves), ScaleByLearningRateState(
-            increment(state.count), lr
-        )
-
-    return GradientTransformation(init, update)
-
-
-def scale_by_sign() -> GradientTransformation:
-    """``u <- sign(u)`` element-wise (signSGD; Bernstein et al. 2018). Reference: optax."""
-
-    def init(params):
-        return EmptyState()
-
-    def update(updates, state, params=None, **extra):
-        leaves, treedef = _leaves(updates, params, "scale_by_sign")
-        return tree_unflatten(treedef, ops.sign(leaves) if leaves else leaves), state
-
-    return GradientTransformation(init, update)
-
-
-# --------------------------------------------------------------------------- momentum
-
-
-class TraceState(NamedTuple):
-    """State of :func:`trace`: ``count``, the step t, and ``trace``, the momentum buffer (a tree
-    like the params)."""
-
-    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
-    trace: Any
-
-
-class EmaState(NamedTuple):
-    r"""State of :func:`ema`: ``count``, the 0-d int64 step, and ``ema``, the moving average
-    :math:`\bar g_t` (a tree like the params)."""
-
-    count: Tensor  # type: ignore[assignment]  # shadows tuple.count by design (optax's name)
-    ema: Any
-
-
-def trace(
-    decay: ScalarOrSchedule, nesterov: bool = False, accumulator_dtype: torch.dtype | None = None,
-    *, dampening: float = 0.0,
-) -> GradientTransformation:
-    """Heavy-ball momentum.
-
-    ``t_k = decay * t_{k-1} + c_k g_k`` with ``t_0 = 0``, ``c_1 = 1`` and ``c_k = 1 - dampening``
-    afterwards; the output is ``t_k``, or ``g_k + decay * t_k`` when ``nesterov``. With
-    ``dampening=0`` this is optax ``trace`` and torch.optim.SGD's momentum buffer (whose first
-    step ``buf = g`` equals ``0 * decay + g``); with ``dampening > 0`` it is torch's dampened
-    buffer, first step undampened as torch does.
-
-    Args:
-      decay: the momentum ``mu`` (0 <= mu < 1 not required: any number >= 0), or a schedule.
-      nesterov: use Nesterov's look-ahead ``g + mu t`` (default False).
-      accumulator_dtype: dtype of the stored trace (default: the parameters' dtype).
-      dampening: torch.optim.SGD's ``dampening`` (default 0).
-
-    Reference: Polyak 1964; Sutskever et al. 2013; optax ``trace``; torch.optim.SGD.
-    """
-    _check("decay", decay)
-    _check("dampening", dampening, high=1.0)
-
-    def init(params):
-        return TraceState(step_counter(params), _zeros(tree_leaves(params), accumulator_dtype))
-
-    def update(updates, state, params=None, **extra):
-        expect_state(state, TraceState, "trace")
-        g, treedef = _leaves(updates, params, "trace", state.trace)
-        if not g:
-            return updates, TraceState(increment(state.count), state.trace)
-        mu = _hp(decay, state.count)
-        prev = _as(state.trace, g)
-        scaled = g
-        if _is_schedule(dampening) or isinstance(dampening, Tensor) or dampening != 0:
-            one = torch.ones((), dtype=scalar_dtype(g), device=state.count.device)
-            c = torch.where(state.count == 0, one, one - _hp(dampening, state.count))
-            scaled = ops.mul(g, c)
-        new = _axpy(mu, prev, scaled)
-        out = _axpy(mu, new, g) if nesterov else new
-        return tree_unflatten(treedef, _as(out, g)), TraceState(
-            increment(state.count), _as(new, state.trace)
-        )
-
-    return GradientTransformation(init, update)
-
-
-def ema(
-    decay: ScalarOrSchedule, debias: bool = True, accumulator_dtype: torch.dtype | None = None
-) -> GradientTransformation:
-    """Exponential moving average: ``e_t = decay e_{t-1} + (1 - decay) g_t``, ``e_0 = 0``.
-
-    Outputs ``e_t / (1 - decay^t)`` when ``debias`` (default True), else ``e_t``.
-
-    Args:
-      decay: the averaging factor in [0, 1) (number, tensor or schedule).
-      debias: divide by ``1 - decay^t`` to remove the bias towards ``e_0 = 0``.
-      accumulator_dtype: dtype of the stored average (default: the parameters' dtype).
-
-    Reference: optax ``ema``.
-    """
-    if not callable(decay):
-        _check_beta("decay", decay)
-
-    def init(params):
-        return EmaState(step_counter(params), _zeros(tree_leaves(params), accumulator_dtype))
-
-    def update(updates, state, params=None, **extra):
-        expect_state(state, EmaState, "ema")
-        g, treedef = _leaves(updates, params, "ema", state.ema)
-        count = increment(state.count)
-        if not g:
-            return updates, EmaState(count, state.ema)
-        d = _hp(decay, state.count)
-        new = _moment(_as(state.ema, g), g, d)
-        out = ops.div(new, one_minus_pow(d, _steps(count, g))) if debias else new
-        return tree_unflatten(treedef, _as(out, g)), EmaState(count, _as(new, state.ema))
-
-    return GradientTransformation(init, update)
-
 
 # --------------------------------------------------------------------------- adam family
 

@@ -57,31 +57,47 @@ def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7,
     return (x.mT if tall else x).to(g.dtype)
 
 
+def _check_coeffs(ns_coeffs) -> None:
+    """``ns_coeffs`` must be three finite numbers ``(a, b, c)``."""
+    if not (isinstance(ns_coeffs, (tuple, list)) and len(ns_coeffs) == 3):
+        raise TypeError(f"ns_coeffs={ns_coeffs!r} must be a tuple of three numbers (a, b, c), "
+                        f"e.g. {NS_COEFFICIENTS}")
+    for name, c in zip("abc", ns_coeffs):
+        check_hyperparameter(f"ns_coeffs[{name}]", c, low=None)
+
+
 class ScaleByMuonState(NamedTuple):
     """State of :func:`scale_by_muon`: ``momentum``, one momentum buffer per leaf."""
 
     momentum: list
 
 
-def scale_by_muon(momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                  eps: float = 1e-7, ns_dtype: torch.dtype | None = None,
+def scale_by_muon(beta: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+                  ns_coeffs: tuple[float, float, float] = NS_COEFFICIENTS, eps: float = 1e-7,
+                  ns_dtype: torch.dtype | None = None,
                   mu_dtype: torch.dtype | None = None) -> GradientTransformation:
     """Muon's direction for matrices (conv kernels are flattened to ``(out, -1)``).
 
     .. math::
-        m_t &= \\mu m_{t-1} + (1-\\mu) g_t, \\quad
-        \\tilde g_t = (1-\\mu) g_t + \\mu m_t \\text{ (Nesterov) or } m_t \\\\
-        u_t &= \\mathrm{NS}(\\tilde g_t)\\, \\sqrt{\\max(1, \\text{rows}/\\text{cols})}
+        m_t &= \\beta m_{t-1} + (1-\\beta) g_t, \\quad
+        \\tilde g_t = (1-\\beta) g_t + \\beta m_t \\text{ (Nesterov) or } m_t \\\\
+        u_t &= \\mathrm{NS}_{a,b,c}(\\tilde g_t)\\, \\sqrt{\\max(1, \\text{rows}/\\text{cols})}
 
-    Args: ``momentum`` :math:`\\mu` (0.95); ``nesterov`` (True); ``ns_steps`` (5); ``eps`` (1e-7);
-    ``ns_dtype`` Newton-Schulz compute dtype (None: float32 at least; the reference uses
-    bfloat16); ``mu_dtype`` momentum storage dtype (None: the parameter's).
+    Args: ``beta`` :math:`\\beta`, the momentum (0.95); ``nesterov`` (True); ``ns_steps``
+    Newton-Schulz iterations (5); ``ns_coeffs`` their ``(a, b, c)`` (default
+    :data:`NS_COEFFICIENTS`, (3.4445, -4.7750, 2.0315)); ``eps`` :math:`\\epsilon` of the
+    Frobenius normalisation (1e-7); ``ns_dtype`` Newton-Schulz compute dtype (None: float32 at
+    least; the reference uses bfloat16); ``mu_dtype`` momentum storage dtype (None: the
+    parameter's).
     Every leaf must have at least 2 dims: combine with AdamW through :func:`muon`. A
     zero-size leaf (``(3, 0)``, ``(0, 4)``) gets a zero-size update. Runs under
     ``torch.func.vmap`` (leaf by leaf) and ``torch.compile(fullgraph=True)``.
     Reference: https://github.com/KellerJordan/Muon (``Muon.step``, ``muon_update``).
     """
-    check_hyperparameter("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
+    check_hyperparameter("beta", beta, low=0.0, high=1.0, high_inclusive=False)
+    check_hyperparameter("ns_steps", ns_steps, low=1.0)
+    check_hyperparameter("eps", eps, low=0.0)
+    _check_coeffs(ns_coeffs)
     check_hyperparameter("ns_steps", ns_steps, low=1.0)
 
     def init(params):
@@ -98,32 +114,21 @@ def scale_by_muon(momentum: float = 0.95, nesterov: bool = True, ns_steps: int =
         g, treedef = leaves(updates, params, "scale_by_muon", state.momentum)
         if not g:
             return updates, state
-        buf = ops.lerp([m.to(x.dtype) for m, x in zip(state.momentum, g)], g,
-                                  1.0 - momentum)
+        buf = ops.lerp([m.to(x.dtype) for m, x in zip(state.momentum, g)], g, 1.0 - beta)
         out = []
         for x, b in zip(g, buf):  # the Nesterov lerp leaf by leaf: one leaf-sized temporary
-            x = torch.lerp(x, b, momentum) if nesterov else b
+            x = torch.lerp(x, b, beta) if nesterov else b
             if x.numel() == 0:  # nothing to orthogonalise
                 out.append(torch.zeros_like(x))
                 continue
             rows, cols = x.shape[0], math.prod(x.shape[1:])
-            o = newton_schulz(x.reshape(rows, cols), ns_steps, eps, dtype=ns_dtype)
+            o = newton_schulz(x.reshape(rows, cols), ns_steps, eps, ns_coeffs, ns_dtype)
             scale = max(1.0, rows / cols) ** 0.5
             out.append((o * scale).reshape(x.shape))
         mom = [b.to(m.dtype) for b, m in zip(buf, state.momentum)]
         return tree_unflatten(treedef, out), ScaleByMuonState(mom)
 
     return GradientTransformation(init, update)
-
-
-def _adamw(learning_rate, b1, b2, eps, weight_decay) -> GradientTransformation:
-    """``chain(scale_by_adam, add_decayed_weights, scale_by_learning_rate)``: AdamW."""
-    from funcopt.compose import chain
-    from funcopt.transforms.first_order import scale_by_adam, scale_by_learning_rate
-    from funcopt.transforms.weight_decay import add_decayed_weights
-
-    decay = [add_decayed_weights(weight_decay)] if weight_decay else []
-    return chain(scale_by_adam(b1, b2, eps), *decay, scale_by_learning_rate(learning_rate))
 
 
 def _group(inner: GradientTransformation) -> GradientTransformation:
@@ -145,37 +150,56 @@ def _is_matrix_tree(params: PyTree) -> PyTree:
 
 
 def muon(
-    learning_rate: ScalarOrSchedule = 0.02, momentum: float = 0.95, nesterov: bool = True,
-    ns_steps: int = 5, weight_decay: float = 0.0, adam_learning_rate: ScalarOrSchedule = 3e-4,
-    adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-10,
-    adam_weight_decay: float = 0.0, param_labels: PyTree | None = None,
+    learning_rate: ScalarOrSchedule = 0.02, beta: float = 0.95, nesterov: bool = True,
+    ns_steps: int = 5, ns_coeffs: tuple[float, float, float] = NS_COEFFICIENTS,
+    eps: float = 1e-7, weight_decay: float = 0.0, param_labels: PyTree | None = None,
     ns_dtype: torch.dtype | None = None, *, other: GradientTransformation | None = None,
 ) -> GradientTransformation:
-    """Muon for matrices, AdamW (or ``other``) for everything else, via ``partition``.
+    """Muon for matrices, another transform (default AdamW) for everything else.
 
-    Matrices: ``chain(scale_by_muon, add_decayed_weights(weight_decay),
-    scale_by_learning_rate(learning_rate))``, i.e. :math:`p \\leftarrow p - \\eta(u + \\lambda p)`
-    (the reference decays by :math:`1-\\eta\\lambda` then steps: the same). Other leaves:
-    ``adamw(adam_learning_rate, adam_b1, adam_b2, adam_eps, weight_decay=adam_weight_decay)``.
-    Defaults follow the reference's ``MuonWithAuxAdam`` (lr 0.02, momentum 0.95, AdamW lr 3e-4,
-    betas (0.9, 0.95), eps 1e-10). ``param_labels``: a tree of ``"muon"``/``"adam"`` labels
-    (default: ``"muon"`` for every leaf with 2+ dims; embeddings and heads should be labelled
-    ``"adam"`` as the reference advises). ``ns_dtype``: Newton-Schulz compute dtype (default
-    float32 at least; the reference and HeavyBall use bfloat16, about 2x faster on a GPU).
-    ``other``: the transform for the ``"adam"`` leaves, including their learning rate
-    (default None: AdamW built from ``adam_*``, i.e. ``chain(scale_by_adam(adam_b1, adam_b2,
-    adam_eps), add_decayed_weights(adam_weight_decay), scale_by_learning_rate(
-    adam_learning_rate))``; the ``adam_*`` arguments are unused when ``other`` is given).
+    Matrices: ``chain(scale_by_muon(beta, nesterov, ns_steps, ns_coeffs, eps, ns_dtype),
+    add_decayed_weights(weight_decay), scale_by_learning_rate(learning_rate))``, i.e.
+    :math:`p \\leftarrow p - \\eta(u + \\lambda p)` (the reference decays by
+    :math:`1-\\eta\\lambda` then steps: the same). The other leaves get ``other``, a whole
+    transform including its own learning rate, through :func:`funcopt.partition`.
+
+    Args:
+      learning_rate: :math:`\\eta` for the matrices. Default 0.02.
+      beta, nesterov, ns_steps, ns_coeffs, eps, ns_dtype: see :func:`scale_by_muon`
+        (defaults 0.95, True, 5, :data:`NS_COEFFICIENTS`, 1e-7, None: float32 at least; the
+        reference and HeavyBall orthogonalise in bfloat16, about 2x faster on a GPU).
+      weight_decay: :math:`\\lambda` for the matrices (decoupled). Default 0.
+      param_labels: a tree of ``"muon"``/``"adam"`` labels (default: ``"muon"`` for every
+        leaf with 2+ dims; embeddings and heads should be labelled ``"adam"`` as the reference
+        advises).
+      other: the transform for the ``"adam"`` leaves (default None:
+        ``fo.adamw(3e-4, b1=0.9, b2=0.95, eps=1e-10, weight_decay=0.0)``, the reference's
+        ``MuonWithAuxAdam`` numbers). To change those numbers, pass the whole transform:
+        ``fo.muon(0.02, other=fo.adamw(1e-3, b1=0.9, b2=0.95, eps=1e-10,
+        weight_decay=0.01))``; the former ``adam_learning_rate``, ``adam_b1``, ``adam_b2``,
+        ``adam_eps`` and ``adam_weight_decay`` keywords are those arguments of ``fo.adamw``.
+
+    Defaults against other libraries: this follows the reference (lr 0.02, :math:`\\beta`
+    0.95, Nesterov, 5 steps, the same coefficients, eps 1e-7, AdamW lr 3e-4 and betas (0.9,
+    0.95), eps 1e-10). ``optax.contrib.muon`` (0.2.8) names the same numbers ``beta``,
+    ``ns_coeffs``, ``ns_steps`` and ``eps`` but takes eps 1e-8, bias-corrects the momentum,
+    requires the learning rate, and defaults its AdamW to betas (0.9, 0.999) at the Muon
+    learning rate. ``torch.optim.Muon`` calls :math:`\\beta` ``momentum`` (0.95) and keeps
+    :math:`B_t = \\beta B_{t-1} + g_t` (no :math:`1-\\beta`; Newton-Schulz normalises the
+    scale away up to eps), with lr 1e-3, weight_decay 0.1, eps 1e-7, the same coefficients
+    and shape factor, and leaves non-matrix parameters to another optimizer.
+
     Reference: https://github.com/KellerJordan/Muon.
     """
+    from funcopt.aliases import adamw
     from funcopt.compose import chain, partition
-    from funcopt.transforms.first_order import scale_by_learning_rate
+    from funcopt.transforms.scaling import scale_by_learning_rate
     from funcopt.transforms.weight_decay import add_decayed_weights
 
     decay = [add_decayed_weights(weight_decay)] if weight_decay else []
-    matrix = chain(scale_by_muon(momentum, nesterov, ns_steps, ns_dtype=ns_dtype), *decay,
+    matrix = chain(scale_by_muon(beta, nesterov, ns_steps, ns_coeffs, eps, ns_dtype), *decay,
                    scale_by_learning_rate(learning_rate))
     if other is None:
-        other = _adamw(adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay)
+        other = adamw(3e-4, b1=0.9, b2=0.95, eps=1e-10, weight_decay=0.0)
     return partition({"muon": _group(matrix), "adam": _group(other)},
                      param_labels if param_labels is not None else _is_matrix_tree)

@@ -16,7 +16,7 @@ no host read, no recompile, the eager numbers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -34,8 +34,15 @@ from funcopt.base import (
 )
 from funcopt.engine import expect_state, is_tracing, leaves, ops
 from funcopt.schedules.one_based import precond_schedule_probability
+from funcopt.transforms.soap_refresh import (
+    RefreshFn,
+    every_n_steps,
+    precond_schedule,
+    uniform_from_seed,
+)
 
 __all__ = [
+    "SoapFactors",
     "ScaleBySoapState",
     "scale_by_soap",
     "soap",
@@ -44,57 +51,6 @@ __all__ = [
     "every_n_steps",
     "uniform_from_seed",
 ]
-
-RefreshFn = Callable[[Tensor, Tensor], Tensor]
-_M32 = 0xFFFFFFFF
-
-
-# --------------------------------------------------------------------------- refresh schedules
-
-
-def _fmix32(h: Tensor) -> Tensor:
-    """MurmurHash3's 32-bit finaliser on int64 tensors holding values in [0, 2^32)."""
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & _M32
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & _M32
-    return h ^ (h >> 16)
-
-
-def uniform_from_seed(seed: Tensor, count: Tensor) -> Tensor:
-    """A reproducible uniform draw in [0, 1) from an int64 ``seed`` and step ``count``.
-
-    A counter-based hash (MurmurHash3 finaliser of ``count + fmix(seed)``): pure tensor ops,
-    no host sync, the same value for the same (seed, count) on every device.
-    """
-    key = _fmix32(seed.to(torch.int64) & _M32)
-    h = _fmix32((count.to(torch.int64) + key) & _M32)
-    return h.to(torch.float64) / 2.0**32
-
-
-def precond_schedule(a: float = 1 / 3, b: float = 9.0) -> RefreshFn:
-    """A SOAP/PSGD refresh rule: refresh with probability ``1/(log10(max(t,1)^a)^b + 1)``.
-
-    Returns ``refresh(step, seed) -> bool tensor``; the draw is
-    :func:`uniform_from_seed` (seed, step), so a run is reproducible from the seed in the
-    optimizer state. Defaults ``a=1/3, b=9`` are HeavyBall 0.7.2's ``precond_scheduler``:
-    about 738 refreshes in the first 1,000 steps.
-    """
-    check_hyperparameter("a", a, low=0.0, low_inclusive=False)
-    check_hyperparameter("b", b, low=0.0, low_inclusive=False)
-
-    def refresh(step: Tensor, seed: Tensor) -> Tensor:
-        return uniform_from_seed(seed, step) < precond_schedule_probability(step, a, b)
-
-    return refresh
-
-
-def every_n_steps(n: int) -> RefreshFn:
-    """Refresh when ``step % n == 0`` (SOAP's ``precondition_frequency``)."""
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"precondition_frequency={n!r} must be a positive integer")
-    return lambda step, seed: (step % n) == 0
-
 
 # --------------------------------------------------------------------------- shapes and projections
 
@@ -232,6 +188,33 @@ def _eigenbasis(m: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- the transform
 
 
+@dataclass(frozen=True)
+class SoapFactors:
+    """Which dimensions of a tensor get a Kronecker factor (and an eigenbasis) in SOAP.
+
+    Pass one to :func:`scale_by_soap` or :func:`soap` as ``factors=``, e.g.
+    ``fo.soap(3e-3, factors=fo.SoapFactors(max_precond_dim=1024))``. Fields are checked when
+    the object is built; a bad value raises an error that names the field.
+
+    Attributes:
+      max_precond_dim: dimensions larger than this get no factor (int >= 1). Default 2048.
+      merge_dims: merge trailing dimensions (conv kernels) as HeavyBall does. Default True.
+      precondition_1d: give 1-d tensors a factor too. Default False (plain Adam on them).
+    """
+
+    max_precond_dim: int = 2048
+    merge_dims: bool = True
+    precondition_1d: bool = False
+
+    def __post_init__(self) -> None:
+        m = self.max_precond_dim
+        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+            raise ValueError(f"SoapFactors.max_precond_dim={m!r} must be a positive integer")
+        for name in ("merge_dims", "precondition_1d"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"SoapFactors.{name}={getattr(self, name)!r} must be a bool")
+
+
 class ScaleBySoapState(NamedTuple):
     """State of :func:`scale_by_soap`: ``count``, the step t; ``seed``, the 0-d int64 seed of
     the refresh draws; ``exp_avg`` and ``exp_avg_sq``, Adam's moments in the eigenbasis; ``gg``,
@@ -266,9 +249,8 @@ def _init_leaf(p: Tensor, merge_dims, max_dim, precondition_1d):
 
 def scale_by_soap(
     b1: float = 0.9, b2: ScalarOrSchedule = 0.95, shampoo_beta: ScalarOrSchedule | None = 0.95,
-    eps: float = 1e-8, precondition_frequency: int | RefreshFn = 2, max_precond_dim: int = 2048,
-    merge_dims: bool = True, precondition_1d: bool = False, seed: int = 0,
-    moment_dtype: torch.dtype | None = None,
+    eps: float = 1e-8, precondition_frequency: int | RefreshFn = 2,
+    factors: SoapFactors | None = None, seed: int = 0, moment_dtype: torch.dtype | None = None,
 ) -> GradientTransformation:
     """SOAP's direction: Adam run in the eigenbasis of Shampoo's Kronecker factors.
 
@@ -298,9 +280,8 @@ def scale_by_soap(
       eps: :math:`\\epsilon` (a floor on :math:`\\sqrt{v}`). Default 1e-8.
       precondition_frequency: refresh every ``n`` steps (int, default 2) or a rule
         ``refresh(step, seed) -> bool tensor`` such as :func:`precond_schedule`.
-      max_precond_dim: dims larger than this get no factor. Default 2048.
-      merge_dims: merge trailing dims (conv kernels) as HeavyBall does. Default True.
-      precondition_1d: give 1-d tensors a full factor too. Default False (plain Adam on them).
+      factors: a :class:`SoapFactors`: which dims get a factor (``max_precond_dim`` 2048,
+        ``merge_dims`` True, ``precondition_1d`` False). Default None: those defaults.
       seed: the seed stored in the state for random refresh rules. Default 0.
       moment_dtype: storage dtype of :math:`m, v` (e.g. ``torch.bfloat16``); math is float32+.
 
@@ -311,8 +292,12 @@ def scale_by_soap(
     check_hyperparameter("b1", b1, low=0.0, high=1.0, high_inclusive=False)
     check_hyperparameter("b2", b2, low=0.0, high=1.0, high_inclusive=False)
     check_hyperparameter("eps", eps, low=0.0)
-    if not isinstance(max_precond_dim, int) or max_precond_dim < 1:
-        raise ValueError(f"max_precond_dim={max_precond_dim!r} must be a positive integer")
+    fac = SoapFactors() if factors is None else factors
+    if not isinstance(fac, SoapFactors):
+        raise TypeError(f"scale_by_soap: factors must be a fo.SoapFactors; got "
+                        f"{type(fac).__name__}")
+    max_precond_dim, merge_dims, precondition_1d = (fac.max_precond_dim, fac.merge_dims,
+                                                    fac.precondition_1d)
     refresh = (precondition_frequency if callable(precondition_frequency)
                else every_n_steps(precondition_frequency))
 
@@ -458,9 +443,8 @@ def _traced_step(g, g32, shapes, state, count, treedef, hp):
 def soap(
     learning_rate: ScalarOrSchedule = 3e-3, b1: float = 0.9, b2: ScalarOrSchedule = 0.95,
     shampoo_beta: ScalarOrSchedule | None = 0.95, eps: float = 1e-8, weight_decay: float = 0.0,
-    precondition_frequency: int | RefreshFn = 2, max_precond_dim: int = 2048,
-    merge_dims: bool = True, precondition_1d: bool = False, seed: int = 0,
-    moment_dtype: torch.dtype | None = None,
+    precondition_frequency: int | RefreshFn = 2, factors: SoapFactors | None = None,
+    seed: int = 0, moment_dtype: torch.dtype | None = None,
 ) -> GradientTransformation:
     """SOAP: ``chain(scale_by_soap(...), add_decayed_weights(weight_decay),
     scale_by_learning_rate(learning_rate))``.
@@ -476,8 +460,8 @@ def soap(
     from funcopt.compose import chain
     from funcopt.transforms.first_order import scale_by_learning_rate
 
-    parts = [scale_by_soap(b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim,
-                           merge_dims, precondition_1d, seed, moment_dtype)]
+    parts = [scale_by_soap(b1, b2, shampoo_beta, eps, precondition_frequency, factors, seed,
+                           moment_dtype)]
     if weight_decay:
         from funcopt.transforms.weight_decay import add_decayed_weights
         parts.append(add_decayed_weights(weight_decay))

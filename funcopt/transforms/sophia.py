@@ -87,8 +87,7 @@ def scale_by_sophia(
     b1: float = 0.965, b2: float = 0.99, eps: float = 1e-8, gamma: float = 0.01,
     clip_threshold: float | None = 1.0, update_interval: int = 10,
     hessian_diagonal_fn: GradientTransformation | None = None,
-    mu_dtype: torch.dtype | None = None, verbose: bool = False,
-    print_win_rate_every_n_steps: int = 0,
+    mu_dtype: torch.dtype | None = None,
 ) -> GradientTransformation:
     r"""Sophia's scaling.
 
@@ -110,7 +109,9 @@ def scale_by_sophia(
       update_interval: steps between Hessian estimates (default 10).
       hessian_diagonal_fn: the estimator transform (default Hutchinson, seed 0).
       mu_dtype: dtype of :math:`m` (default: the parameters').
-      verbose, print_win_rate_every_n_steps: accepted for optax's signature; nothing printed.
+
+    optax's ``verbose`` and ``print_win_rate_every_n_steps`` (which only print) are not taken:
+    funcopt prints nothing; the clipping is visible in the updates and the state.
 
     Eager steps estimate the Hessian only on the steps that use it (a host read of the
     counter); under ``torch.compile``/``torch.func`` it is estimated every step and kept on
@@ -162,18 +163,19 @@ def sophia(
     weight_decay: ScalarOrSchedule = 1e-4, weight_decay_mask: Any = None, gamma: float = 0.01,
     clip_threshold: float | None = 1.0, update_interval: int = 10,
     hessian_diagonal_fn: GradientTransformation | None = None,
-    mu_dtype: torch.dtype | None = None, verbose: bool = False,
-    print_win_rate_every_n_steps: int = 0,
+    mu_dtype: torch.dtype | None = None,
 ) -> GradientTransformation:
     r"""Sophia: ``chain(scale_by_sophia(...), add_decayed_weights(weight_decay,
     weight_decay_mask), scale_by_learning_rate(learning_rate))``; ``update`` needs
     ``obj_fn`` = the loss as a function of the params (for the default Hessian estimator).
+    Arguments as :func:`scale_by_sophia` (positions as optax's, without its printing flags),
+    plus ``learning_rate`` :math:`\eta`, ``weight_decay`` (default 1e-4, decoupled) and
+    ``weight_decay_mask``.
 
     Reference: Liu et al., ICLR 2024; optax ``contrib.sophia``.
     """
     zero = isinstance(weight_decay, (int, float)) and weight_decay == 0
     decay = () if zero else (add_decayed_weights(weight_decay, weight_decay_mask),)
     return chain(scale_by_sophia(b1, b2, eps, gamma, clip_threshold, update_interval,
-                                 hessian_diagonal_fn, mu_dtype, verbose,
-                                 print_win_rate_every_n_steps),
+                                 hessian_diagonal_fn, mu_dtype),
                  *decay, fo.scale_by_learning_rate(learning_rate))
