@@ -191,8 +191,8 @@ def muon(
 
     Reference: https://github.com/KellerJordan/Muon.
     """
-    from funcopt.aliases import adamw
     from funcopt.compose import chain, partition
+    from funcopt.transforms.first_order import scale_by_adam
     from funcopt.transforms.scaling import scale_by_learning_rate
     from funcopt.transforms.weight_decay import add_decayed_weights
 
@@ -200,6 +200,8 @@ def muon(
     matrix = chain(scale_by_muon(beta, nesterov, ns_steps, ns_coeffs, eps, ns_dtype), *decay,
                    scale_by_learning_rate(learning_rate))
     if other is None:
-        other = adamw(3e-4, b1=0.9, b2=0.95, eps=1e-10, weight_decay=0.0)
+        # fo.adamw(3e-4, b1=0.9, b2=0.95, eps=1e-10, weight_decay=0.0), from its blocks (the
+        # aliases sit a layer above this module)
+        other = chain(scale_by_adam(0.9, 0.95, 1e-10), scale_by_learning_rate(3e-4))
     return partition({"muon": _group(matrix), "adam": _group(other)},
                      param_labels if param_labels is not None else _is_matrix_tree)
