@@ -164,7 +164,7 @@ def _early_exit(t: Tensor) -> bool:
 def _trust_region_mu(loc: BatchedLocal, radius: Tensor) -> Tensor:
     """``mu >= 0`` with ``phi(mu) <= 1.1 rho`` (``rho = sigma Delta / ||r||``), ``phi(mu)^2 =
     sum w^2 / (sh^2 + mu)^2``: Newton's method on ``1/phi`` from ``mu = 0`` (Hebden; Moré
-    1978), masked per problem (see :func:`funcopt.levenberg_marquardt`'s trust-region rule)."""
+    1978), masked per problem (see :class:`funcopt.TrustRegion`)."""
     rho = radius / _positive(loc.rnorm) * loc.sigma
     keep = loc.sh2 > 0
     s2 = torch.where(keep, loc.sh2, torch.ones_like(loc.sh2))
@@ -195,7 +195,7 @@ def _step(loc: BatchedLocal, mu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _reductions(fn: Tensor, new_fn: Tensor, t1: Tensor, t2: Tensor, lam: Tensor):
-    """MINPACK's relative reductions (see ``levenberg_marquardt._reductions``) from
+    """MINPACK's relative reductions (see ``lm_model._reductions``) from
     ``t1 = ||J delta|| / ||r||`` and ``t2 = ||d delta|| / ||r||``."""
     ratio = new_fn / _positive(fn)
     actual = torch.where(0.1 * new_fn < fn, 1.0 - ratio * ratio, -1.0)
@@ -282,7 +282,7 @@ def iterate(loc: BatchedLocal, state: LevenbergMarquardtState,
 
 
 def _finish(loc: BatchedLocal, state: LevenbergMarquardtState, t: _Trial):
-    """The accepted step and the new state (as ``levenberg_marquardt._finish_step``)."""
+    """The accepted step and the new state (as ``levenberg_marquardt._finish_step``, one problem)."""
     x, d, fn = loc.x, loc.d, loc.rnorm
     step = torch.where(t.accepted[:, None], t.delta, torch.zeros_like(t.delta))
     cost = 0.5 * fn * fn
