@@ -54,7 +54,8 @@ def funcopt_batched(t, y, tol: float):
         return p[:, :1] * torch.exp(-p[:, 1:2] * tt) + p[:, 2:3] - yy
 
     p0 = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64).repeat(len(y), 1)
-    _, info = fo.least_squares(residual_fn, p0, batched=True, ftol=tol, xtol=tol, gtol=tol)
+    _, info = fo.least_squares(residual_fn, p0, batched=True,
+                               tolerances=fo.Tolerances(ftol=tol, xtol=tol, gtol=tol))
     return info
 
 

@@ -25,6 +25,6 @@ def residual(w):
 
 
 w, info = fo.least_squares(residual, torch.zeros(n_params, device=device, dtype=torch.float64),
-                           solver="cupynumeric", max_steps=50, geodesic_acceleration=False)
+                           solver="cupynumeric", max_steps=50, geodesic=None)
 print(f"steps {info.steps}, cost {info.cost:.3e}, reason: {info.reason}")
 print(f"max |w - w_true| = {(w - w_true).abs().max().item():.3e}")

@@ -18,10 +18,19 @@ import torch
 
 from funcopt.base import PyTree, apply_updates
 from funcopt.func.jacobian import per_sample_residuals, ravel_params
+from funcopt.least_squares_options import Tolerances, check_driver_options
 from funcopt.solvers.base import scaled_norm
-from funcopt.transforms.levenberg_marquardt import levenberg_marquardt
+from funcopt.transforms.levenberg_marquardt import levenberg_marquardt, lm_options
+from funcopt.transforms.lm_damping import (
+    DampingRule,
+    Geodesic,
+    Nielsen,
+    TrustRegion,
+    check_geodesic,
+    check_rule,
+)
 
-__all__ = ["LeastSquaresInfo", "least_squares", "memory_path", "mse_residuals",
+__all__ = ["LeastSquaresInfo", "Tolerances", "least_squares", "memory_path", "mse_residuals",
            "cross_entropy_residuals"]
 
 Tensor = torch.Tensor
@@ -73,18 +82,18 @@ def memory_path(m: int, n: int, itemsize: int, budget: int | None) -> str:
                      f"4 (m + n) = {4 * (m + n) * itemsize} bytes for m={m}, n={n}; raise it")
 
 
-def _matrix_free_options(m: int, itemsize: int, budget: int, damping_rule: str,
-                         lm_options: dict) -> tuple[Any, str, dict]:
-    """``(solver, damping_rule, lm_options)`` of the matrix-free path: CG with the Jacobi
+def _matrix_free_options(m: int, itemsize: int, budget: int, rule: DampingRule,
+                         options: dict) -> tuple[Any, DampingRule, dict]:
+    """``(solver, rule, options)`` of the matrix-free path: CG with the Jacobi
     preconditioner ``1 / (diag(J^T J) + lambda)`` from column norms (Jacobian-vector products
-    in chunks of ``budget / (4 m)`` columns), D = I, and Nielsen's rule in place of the trust
+    in chunks of ``budget / (4 m)`` columns), D = I, and ``Nielsen()`` in place of the trust
     region (which needs an SVD of J)."""
     from funcopt.solvers import CG
 
     chunk = max(1, budget // (4 * m * itemsize))
-    rule = "nielsen" if damping_rule == "trust_region" else damping_rule
+    rule = Nielsen() if isinstance(rule, TrustRegion) else rule
     return (CG(tol=1e-10, preconditioner="jacobi"), rule,
-            {**lm_options, "scaling": False, "chunk_size": lm_options.get("chunk_size", chunk)})
+            {**options, "scaling": False, "chunk_size": options.get("chunk_size", chunk)})
 
 
 def _check_residual_fn(residual_fn: Callable[[PyTree], Tensor], params: PyTree, x: Tensor) -> int:
@@ -146,15 +155,13 @@ def least_squares(
     params: PyTree,
     *,
     max_steps: int = 1000,
-    ftol: float = 1e-14,
-    xtol: float = 1e-12,
-    gtol: float = 1e-14,
+    tolerances: Tolerances = Tolerances(),  # noqa: B008  (frozen, immutable)
+    rule: DampingRule = TrustRegion(),  # noqa: B008
+    geodesic: Geodesic | None = None,
     solver: Any = "auto",
-    damping_rule: str = "trust_region",
-    geodesic_acceleration: bool = False,
     batched: bool = False,
     memory_budget: int | None = None,
-    **lm_options: Any,
+    **options: Any,
 ) -> tuple[PyTree, Any]:
     """Minimise ``0.5 ||residual_fn(params)||^2`` by Levenberg-Marquardt (MINPACK's tests).
 
@@ -192,16 +199,19 @@ def least_squares(
             Jacobian here.
         params: the starting parameter pytree (float64 for reference-quality fits).
         max_steps: limit on updates (Jacobian evaluations), default 1000.
-        ftol, xtol, gtol: tolerances above (defaults 1e-14, 1e-12, 1e-14: reference-quality
-            fits in float64; MINPACK's default is 1.5e-8 for each).
+        tolerances: :class:`Tolerances` ``(ftol, xtol, gtol)`` of the tests above (default
+            ``Tolerances()``: 1e-14, 1e-12, 1e-14, reference-quality fits in float64; MINPACK's
+            default is 1.5e-8 for each).
+        rule: the damping rule object; default ``TrustRegion()`` here: MINPACK's trust-region
+            control of the damping (Moré 1978) with ``Delta_0 = 10 ||d x_0||``; with it and the
+            exact Jacobian all 27 NIST StRD problems are solved from both starts to 6 digits
+            (``fo.Nielsen()`` and ``fo.Classic()`` also work, see
+            :func:`levenberg_marquardt`).
+        geodesic: None (default) or :class:`funcopt.Geodesic`, Transtrum & Sethna's
+            second-order correction (off by default: with the trust-region rule it is not
+            needed on NIST StRD, and its acceptance test shortens the long first steps MGH10
+            needs).
         solver: linear solver for the damped system (see :func:`levenberg_marquardt`).
-        damping_rule: default ``"trust_region"`` here: MINPACK's trust-region control of the
-            damping (Moré 1978) with ``Delta_0 = 10 ||d x_0||``; with it and the exact Jacobian
-            all 27 NIST StRD problems are solved from both starts to 6 digits (``"nielsen"``
-            and ``"classic"`` also work, see :func:`levenberg_marquardt`).
-        geodesic_acceleration: Transtrum & Sethna's second-order correction (default False:
-            with the trust-region rule it is not needed on NIST StRD, and its acceptance test
-            shortens the long first steps MGH10 needs).
         batched: ``params`` carry a leading batch dimension ``B`` of independent problems and
             ``residual_fn`` returns ``(B, m)``; each problem is fitted with its own damping,
             tests and result, and ``info`` is a
@@ -210,9 +220,12 @@ def least_squares(
         memory_budget: bytes the linear algebra may use (None: no limit). The path follows
             :func:`memory_path`: dense while ``m n + min(m, n)^2`` numbers fit, else
             matrix-free (CG on Jacobian-vector products with a Jacobi preconditioner from
-            column norms, Nielsen's damping rule, ``D = I``); ``info.path`` says which.
-        **lm_options: any other option of :func:`levenberg_marquardt` (damping rule, scaling,
-            geodesic acceleration, ...).
+            column norms, ``Nielsen()`` in place of ``TrustRegion()``, ``D = I``);
+            ``info.path`` says which.
+        **options: the other options of :func:`levenberg_marquardt`: ``scaling``,
+            ``max_attempts``, ``accept_ratio``, ``form``, ``jacobian_mode``, ``chunk_size``.
+            A keyword that moved into an option object (``damping_rule``, ``ftol`` ...) raises
+            TypeError naming the object to pass.
 
     Returns:
         ``(params, info)``: the final parameters (same tree, dtypes and devices) and a
@@ -220,9 +233,9 @@ def least_squares(
 
     Reference: Moré, Garbow & Hillstrom (1980), User Guide for MINPACK-1, ANL-80-74.
     """
-    for name, tol in (("ftol", ftol), ("xtol", xtol), ("gtol", gtol)):
-        if not (isinstance(tol, (int, float)) and tol >= 0):
-            raise ValueError(f"{name}={tol!r}: pass a number >= 0")
+    check_driver_options(options, tolerances, "least_squares")
+    check_rule(rule)
+    check_geodesic(geodesic)
     if not isinstance(max_steps, int) or max_steps < 0:
         raise ValueError(f"max_steps={max_steps!r}: pass an int >= 0")
     if batched:
@@ -231,22 +244,20 @@ def least_squares(
         if memory_budget is not None:
             raise ValueError("memory_budget applies to single problems; with batched=True "
                              "every problem's J (m x n) is formed")
-        return least_squares_batched(
-            residual_fn, params, max_steps, (ftol, xtol, gtol),
-            dict(damping_rule=damping_rule, solver=solver,
-                 geodesic_acceleration=geodesic_acceleration, **lm_options))
+        o = lm_options(rule, geodesic, solver=solver, **options)
+        return least_squares_batched(residual_fn, params, max_steps, tolerances, o)
     x, _ = ravel_params(params)
     m = _check_residual_fn(residual_fn, params, x)
     path = memory_path(m, x.numel(), x.element_size(), memory_budget)
     if path == "matrix-free":
         assert memory_budget is not None
-        solver, damping_rule, lm_options = _matrix_free_options(
-            m, x.element_size(), memory_budget, damping_rule, lm_options)
-    tx = levenberg_marquardt(residual_fn, solver=solver, damping_rule=damping_rule,
-                             geodesic_acceleration=geodesic_acceleration, **lm_options)
-    tols = (ftol, xtol, gtol, torch.finfo(x.dtype).eps)
-    limits = (lm_options.get("max_damping", 1e16), damping_rule == "trust_region",
-              torch.finfo(x.dtype).tiny)
+        solver, rule, options = _matrix_free_options(m, x.element_size(), memory_budget, rule,
+                                                     options)
+    tx = levenberg_marquardt(residual_fn, rule=rule, geodesic=geodesic, solver=solver,
+                             **options)
+    t = tolerances
+    tols = (t.ftol, t.xtol, t.gtol, torch.finfo(x.dtype).eps)
+    limits = (rule.max_damping, isinstance(rule, TrustRegion), torch.finfo(x.dtype).tiny)
     state = tx.init(params)
     history: list[dict] = []
     reason, success, moved, evaluations = "max_steps: the step limit was reached", False, False, 1

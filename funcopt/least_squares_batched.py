@@ -21,7 +21,8 @@ from torch.func import jvp, vmap
 from funcopt.base import PyTree, tree_flatten, tree_unflatten
 from funcopt.func.jacobian import _vjp
 from funcopt.transforms import lm_batched
-from funcopt.transforms.levenberg_marquardt import LevenbergMarquardtState, lm_options
+from funcopt.transforms.levenberg_marquardt import LevenbergMarquardtState, LMOptions
+from funcopt.transforms.lm_damping import TrustRegion
 
 __all__ = ["BatchedLeastSquaresInfo", "REASONS", "SUCCESS_CODES", "least_squares_batched",
            "ravel_batched", "batched_jacobian", "stopping_codes"]
@@ -195,7 +196,8 @@ class _Progress(NamedTuple):
     clean: Tensor  # updates since the last one that met a non-finite trial point
 
 
-def _advance(p: _Progress, new: LevenbergMarquardtState, finite: Tensor, tols, o) -> tuple:
+def _advance(p: _Progress, new: LevenbergMarquardtState, finite: Tensor, tols,
+             o: LMOptions) -> tuple:
     """Stopping tests after an update: ``(progress, take)``, ``take`` the problems whose new
     state (and accepted step) is kept."""
     run = p.running
@@ -206,7 +208,7 @@ def _advance(p: _Progress, new: LevenbergMarquardtState, finite: Tensor, tols, o
     clean = torch.where(take, torch.where(new.trial_finite, p.clean + 1, 0), p.clean)
     edge = (clean < _EDGE_WINDOW) & (new.grad_cos > tols[3] ** 0.5)
     fail = torch.where(new.radius <= torch.finfo(new.radius.dtype).tiny, 11, 0) \
-        if o["rule"] == "trust_region" else torch.where(new.damping >= o["bounds"][1], 10, 0)
+        if isinstance(o.rule, TrustRegion) else torch.where(new.damping >= o.rule.max_damping, 10, 0)
     out = torch.where(conv > 0, torch.where(edge, 9, conv), torch.where(new.accepted, 0, fail))
     code = torch.where(take & (out > 0), out, code)
     return _Progress(
@@ -215,7 +217,7 @@ def _advance(p: _Progress, new: LevenbergMarquardtState, finite: Tensor, tols, o
         clean), take
 
 
-def run_batched(f, x: Tensor, state, o: dict, limits: tuple[int, tuple], model) -> tuple:
+def run_batched(f, x: Tensor, state, o: LMOptions, limits: tuple[int, tuple], model) -> tuple:
     """The loop shared by the batched and data-parallel drivers: ``model(x, state)`` gives the
     local model, ``f`` evaluates trial norms. Returns ``(x, progress)``."""
     max_steps, tols = limits
@@ -238,15 +240,15 @@ def run_batched(f, x: Tensor, state, o: dict, limits: tuple[int, tuple], model) 
 
 
 def least_squares_batched(residual_fn: Callable[[PyTree], Tensor], params: PyTree,
-                          max_steps: int, tols: tuple, options: dict[str, Any]):
-    """The batched driver behind ``least_squares(..., batched=True)`` (see there)."""
-    bad = sorted(k for k in ("geodesic_acceleration", "jacobian_mode", "chunk_size", "form",
-                             "solver") if options.get(k) not in (None, False, "auto"))
+                          max_steps: int, tolerances: Any, o: LMOptions):
+    """The batched driver behind ``least_squares(..., batched=True)`` (see there);
+    ``tolerances`` a :class:`funcopt.Tolerances`, ``o`` the validated options."""
+    bad = sorted(k for k in ("geodesic", "jacobian_mode", "chunk_size", "form", "solver")
+                 if getattr(o, k) not in (None, "auto"))
     if bad:
         raise ValueError(f"batched=True solves every problem by the batched spectral path; "
                          f"the options {bad} are not supported there: leave them at their "
                          "defaults")
-    o = lm_options(**options)
     x, unravel = ravel_batched(params)
     B = x.shape[0]
     f = _residuals(residual_fn, unravel, B, x.dtype)
@@ -263,8 +265,9 @@ def least_squares_batched(residual_fn: Callable[[PyTree], Tensor], params: PyTre
             return lm_batched.batched_norm(f(xb))
 
     eps = torch.finfo(x.dtype).eps
-    x, p = run_batched(trial_norm, x, lm_batched.init_state(x, o["tau"]), o,
-                       (max_steps, (*tols, eps)), model)
+    tols = (tolerances.ftol, tolerances.xtol, tolerances.gtol, eps)
+    x, p = run_batched(trial_norm, x, lm_batched.init_state(x, o.rule.initial_damping), o,
+                       (max_steps, tols), model)
     rnorm = trial_norm(x).double()
     cost = torch.where(rnorm < 1e154, 0.5 * rnorm * rnorm, torch.full_like(rnorm, float("inf")))
     success = torch.isin(p.code, torch.tensor(SUCCESS_CODES, device=x.device))

@@ -20,8 +20,10 @@ import torch.distributed as dist
 from funcopt.base import PyTree
 from funcopt.func.jacobian import jacobian, ravel_params, residual_vector_fn
 from funcopt.least_squares_batched import SUCCESS_CODES, BatchedLeastSquaresInfo, run_batched
+from funcopt.least_squares_options import Tolerances, check_driver_options
 from funcopt.transforms import lm_batched
 from funcopt.transforms.levenberg_marquardt import lm_options
+from funcopt.transforms.lm_damping import DampingRule, TrustRegion
 
 __all__ = ["least_squares_parallel"]
 
@@ -43,11 +45,9 @@ def least_squares_parallel(
     *,
     group: Any = None,
     max_steps: int = 1000,
-    ftol: float = 1e-14,
-    xtol: float = 1e-12,
-    gtol: float = 1e-14,
-    damping_rule: str = "trust_region",
-    **lm_options_: Any,
+    tolerances: Tolerances = Tolerances(),  # noqa: B008  (frozen, immutable)
+    rule: DampingRule = TrustRegion(),  # noqa: B008
+    **options: Any,
 ) -> tuple[PyTree, BatchedLeastSquaresInfo]:
     """Minimise ``0.5 sum_k ||r_k(params)||^2`` with the residual shards ``r_k`` spread over
     the ranks of ``group`` (MINPACK's tests, as :func:`funcopt.least_squares`).
@@ -56,8 +56,9 @@ def least_squares_parallel(
         residual_fn: ``params -> r_k``, this rank's 1-D shard of the residuals.
         params: the same starting parameters on every rank.
         group: the process group (default: the world; no process group: one process).
-        max_steps, ftol, xtol, gtol, damping_rule: as :func:`funcopt.least_squares`.
-        **lm_options_: ``initial_damping``, ``max_attempts``, ``trust_radius_factor`` ... of
+        max_steps, tolerances, rule: as :func:`funcopt.least_squares` (default
+            ``Tolerances()`` and ``TrustRegion()``).
+        **options: ``max_attempts``, ``accept_ratio``, ``scaling``, ``jacobian_mode`` of
             :func:`funcopt.levenberg_marquardt` (dense Jacobians, no geodesic acceleration).
 
     Returns:
@@ -67,17 +68,15 @@ def least_squares_parallel(
     Range: the sums of squares are all-reduced as they are, so ``||r||`` must stay below
     about ``1e154`` (float64); the single-process drivers have no such limit.
     """
-    o = lm_options(damping_rule=damping_rule, **lm_options_)
-    if o["matrix_free"] or o["geodesic"]:
-        raise ValueError("least_squares_parallel uses dense Jacobians of each shard and no "
-                         "geodesic acceleration")
+    check_driver_options(options, tolerances, "least_squares_parallel")
+    o = lm_options(rule, **options)
     x0, unravel = ravel_params(params)
 
     def f(x: Tensor) -> Tensor:
         return residual_vector_fn(residual_fn, unravel)(x)
 
     def model(x: Tensor, state) -> lm_batched.BatchedLocal:
-        J, r = jacobian(residual_fn, unravel(x[0]), mode=o["mode"])
+        J, r = jacobian(residual_fn, unravel(x[0]), mode=o.jacobian_mode)
         if r.dtype != x.dtype:
             raise TypeError(f"residual_fn returned {r.dtype} residuals for {x.dtype} "
                             f"parameters; return r.to({x.dtype})")
@@ -91,8 +90,9 @@ def least_squares_parallel(
             r = f(x[0])
         return torch.sqrt(_sum((r @ r)[None], group))
 
-    tols = (ftol, xtol, gtol, torch.finfo(x0.dtype).eps)
-    x, p = run_batched(trial_norm, x0[None], lm_batched.init_state(x0[None], o["tau"]), o,
+    t = tolerances
+    tols = (t.ftol, t.xtol, t.gtol, torch.finfo(x0.dtype).eps)
+    x, p = run_batched(trial_norm, x0[None], lm_batched.init_state(x0[None], o.rule.initial_damping), o,
                        (max_steps, tols), model)
     rnorm = trial_norm(x).double()
     cost = torch.where(rnorm < 1e154, 0.5 * rnorm * rnorm, torch.full_like(rnorm, float("inf")))

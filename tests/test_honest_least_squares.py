@@ -14,7 +14,7 @@ import funcopt as fo
 
 DEFAULT_DTYPE = torch.float64
 S = fo.solvers
-RULES = ["trust_region", "nielsen", "classic"]
+RULES = [fo.TrustRegion(), fo.Nielsen(), fo.Classic()]
 X = np.linspace(0.0, 3.0, 12)
 Y = 2.5 * np.exp(-1.3 * X) + 0.1 * np.sin(7 * X)
 
@@ -33,7 +33,7 @@ def test_badly_scaled_residuals_are_solved(rule, scale, dtype):
     """r = (a - 3) * scale * ones(4) from a = 1: the cost 0.5 ||r||^2 under- or overflows, the
     norms do not; the answer a = 3 is independent of the scale."""
     a, info = fo.least_squares(_constant(scale, dtype), torch.tensor([1.0], dtype=dtype),
-                               damping_rule=rule)
+                               rule=rule)
     assert info.success, info.reason
     torch.testing.assert_close(a, torch.tensor([3.0], dtype=dtype))
     assert info.residual_norm < 1e-6 * 4 * scale
@@ -58,7 +58,7 @@ def minpack_solution():
 def test_scaled_problem_stops_where_the_unscaled_one_does(minpack_solution, k, rule):
     """Multiplying the residuals by 10^k changes no stopping test: the fit succeeds and gives
     MINPACK's (scipy) answer of the unscaled problem."""
-    p, info = fo.least_squares(_exp_residual(10.0**k), torch.tensor([1.0, 0.5]), damping_rule=rule)
+    p, info = fo.least_squares(_exp_residual(10.0**k), torch.tensor([1.0, 0.5]), rule=rule)
     assert info.success, (k, info.reason)
     np.testing.assert_allclose(p.numpy(), minpack_solution, rtol=1e-8)
 
@@ -76,7 +76,7 @@ def test_overflowing_cost_at_the_start_is_never_success_unmoved():
 @pytest.mark.parametrize("rule", RULES)
 def test_residual_finite_only_at_the_start_fails_with_the_cause(rule):
     fn = lambda a: torch.where(a == 1, a - 3, torch.nan)  # noqa: E731
-    a, info = fo.least_squares(fn, torch.tensor([1.0]), damping_rule=rule)
+    a, info = fo.least_squares(fn, torch.tensor([1.0]), rule=rule)
     assert not info.success and "not finite" in info.reason
     assert float(a) == 1.0
 
@@ -86,7 +86,7 @@ def test_residual_that_turns_nan_after_moving_fails_with_the_cause(rule):
     """Finite for a <= 2 only, minimum at a = 3: the iterates stop at the edge a = 2, which is
     no minimum (the gradient there is not zero)."""
     fn = lambda a: torch.where(a <= 2, a - 3, torch.nan)  # noqa: E731
-    a, info = fo.least_squares(fn, torch.tensor([1.0]), damping_rule=rule)
+    a, info = fo.least_squares(fn, torch.tensor([1.0]), rule=rule)
     assert not info.success and "not finite" in info.reason
     assert 1.0 < float(a) <= 2.0
 
@@ -94,16 +94,16 @@ def test_residual_that_turns_nan_after_moving_fails_with_the_cause(rule):
 def test_max_damping_is_a_failure():
     """No step from a = 1 reduces the cost (every other point has residual a + 100)."""
     fn = lambda a: torch.where(a == 1, a - 3, a + 100)  # noqa: E731
-    a, info = fo.least_squares(fn, torch.tensor([1.0]), damping_rule="nielsen", max_damping=1.0)
+    a, info = fo.least_squares(fn, torch.tensor([1.0]), rule=fo.Nielsen(max_damping=1.0))
     assert not info.success and info.reason.startswith("damping reached max_damping")
-    _, info = fo.least_squares(fn, torch.tensor([1.0]), damping_rule="nielsen")
+    _, info = fo.least_squares(fn, torch.tensor([1.0]), rule=fo.Nielsen())
     assert not info.success and float(a) == 1.0
 
 
 def test_start_point_never_left_is_not_success():
     fn = lambda a: torch.where(a == 1, a - 3, a + 100)  # noqa: E731
     for rule in RULES:
-        a, info = fo.least_squares(fn, torch.tensor([1.0]), damping_rule=rule)
+        a, info = fo.least_squares(fn, torch.tensor([1.0]), rule=rule)
         assert not info.success, (rule, info.reason)
         assert float(a) == 1.0
 
@@ -135,7 +135,7 @@ def test_state_reductions_are_minpacks_relative_ones():
     p0 = np.array([2.0, 1.0])
     out = []
     for scale in (1.0, 1e-200):
-        tx = fo.levenberg_marquardt(_exp_residual(scale), initial_damping=1e-2)
+        tx = fo.levenberg_marquardt(_exp_residual(scale), rule=fo.Nielsen(initial_damping=1e-2))
         step, st_ = tx.update(None, tx.init(torch.tensor(p0)), torch.tensor(p0))
         out.append((step.numpy(), float(st_.actual_reduction), float(st_.predicted_reduction),
                     float(st_.residual_norm) / scale))

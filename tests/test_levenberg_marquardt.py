@@ -38,7 +38,8 @@ SOLVERS = ["auto", "cholesky", "lu", "qr", "lstsq", "svd"]
 def test_first_step_is_exact_damped_gauss_newton_step(solver, form):
     p0 = np.array([2.0, 1.0])
     lam = 1e-2
-    tx = fo.levenberg_marquardt(residual, initial_damping=lam, solver=solver, form=form)
+    tx = fo.levenberg_marquardt(residual, rule=fo.Nielsen(initial_damping=lam), solver=solver,
+                                form=form)
     state = tx.init(torch.tensor(p0))
     step, state = tx.update(None, state, torch.tensor(p0))
     delta, rho = reference_step(p0, lam)
@@ -53,7 +54,8 @@ def test_first_step_is_exact_damped_gauss_newton_step(solver, form):
 def test_cupynumeric_solver_gives_the_same_step():
     pytest.importorskip("cupynumeric", exc_type=ImportError)
     p0 = np.array([2.0, 1.0])
-    tx = fo.levenberg_marquardt(residual, initial_damping=1e-2, solver="cupynumeric")
+    tx = fo.levenberg_marquardt(residual, rule=fo.Nielsen(initial_damping=1e-2),
+                                solver="cupynumeric")
     step, _ = tx.update(None, tx.init(torch.tensor(p0)), torch.tensor(p0))
     np.testing.assert_allclose(step.numpy(), reference_step(p0, 1e-2)[0], rtol=1e-7)
 
@@ -76,7 +78,8 @@ def test_non_finite_candidate_is_rejected_and_damping_raised():
         return torch.stack([r + bad, p[0] * 0.0 + bad])
 
     x0 = torch.tensor([1.05])
-    tx = fo.levenberg_marquardt(guarded, initial_damping=1e-6, max_attempts=1, scaling=False)
+    tx = fo.levenberg_marquardt(guarded, rule=fo.Nielsen(initial_damping=1e-6), max_attempts=1,
+                                scaling=False)
     state = tx.init(x0)
     step, state = tx.update(None, state, x0)
     assert not bool(state.accepted) and float(state.damping) > 1e-6 * 4 * 1.05**2
@@ -135,8 +138,9 @@ def test_integer_leaves_get_zero_updates_and_contract_holds():
 
 def test_chains_with_other_transforms():
     p0 = torch.tensor([2.0, 1.0])
-    lm = fo.levenberg_marquardt(residual, initial_damping=1e-2)
-    half = fo.chain(fo.levenberg_marquardt(residual, initial_damping=1e-2), fo.scale(0.5))
+    lm = fo.levenberg_marquardt(residual, rule=fo.Nielsen(initial_damping=1e-2))
+    half = fo.chain(fo.levenberg_marquardt(residual, rule=fo.Nielsen(initial_damping=1e-2)),
+                    fo.scale(0.5))
     s1, _ = lm.update(None, lm.init(p0), p0)
     s2, _ = half.update(None, half.init(p0), p0)
     torch.testing.assert_close(s2, 0.5 * s1)
@@ -161,8 +165,8 @@ def test_residual_adapters_match_torch_losses():
 def test_geodesic_acceleration_step(h):
     p0 = np.array([2.0, 1.0])
     lam = 1e-2
-    tx = fo.levenberg_marquardt(residual, initial_damping=lam, geodesic_acceleration=True,
-                                geodesic_fd_step=h)
+    tx = fo.levenberg_marquardt(residual, rule=fo.Nielsen(initial_damping=lam),
+                                geodesic=fo.Geodesic(fd_step=h))
     step, state = tx.update(None, tx.init(torch.tensor(p0)), torch.tensor(p0))
     delta, _ = reference_step(p0, lam)
     a, b = p0
@@ -190,7 +194,7 @@ def test_matrix_free_cg_step_equals_dense_step(solver, rtol):
     fn, A, y = _tanh_problem()
     w0 = 0.1 * torch.ones(12)
     lam = 1e-1
-    tx = fo.levenberg_marquardt(fn, initial_damping=lam, solver=solver)
+    tx = fo.levenberg_marquardt(fn, rule=fo.Nielsen(initial_damping=lam), solver=solver)
     step, state = tx.update(None, tx.init(w0), w0)
     # float64 dense reference with D = I: J of tanh(A w) - y by hand
     An, wn = A.numpy(), w0.numpy()
@@ -205,7 +209,8 @@ def test_matrix_free_cg_step_equals_dense_step(solver, rtol):
 
 def test_matrix_free_least_squares_converges():
     fn, A, y = _tanh_problem()
-    w, info = fo.least_squares(fn, torch.zeros(12), solver="cg", damping_rule="nielsen", max_steps=100)
+    w, info = fo.least_squares(fn, torch.zeros(12), solver="cg", rule=fo.Nielsen(),
+                               max_steps=100)
     assert info.cost < 1e-16, info.reason
 
 
@@ -214,7 +219,7 @@ def test_trust_region_step_has_the_trust_radius_length():
     step is the exact damped Gauss-Newton step at that lambda."""
     p0 = np.array([2.0, 1.0])
     factor = 0.05
-    tx = fo.levenberg_marquardt(residual, damping_rule="trust_region", trust_radius_factor=factor)
+    tx = fo.levenberg_marquardt(residual, rule=fo.TrustRegion(radius_factor=factor))
     step, state = tx.update(None, tx.init(torch.tensor(p0)), torch.tensor(p0))
     lam = float(state.damping)
     assert lam > 0
@@ -232,10 +237,10 @@ def test_trust_region_least_squares_matches_minpack_on_badly_scaled_problem():
     p0 = np.array([10.0, 0.01])
     ref = scipy_opt.least_squares(lambda v: v[0] * np.exp(-v[1] * X) - Y, p0, method="lm",
                                   xtol=1e-15, ftol=1e-15, gtol=1e-15)
-    p, info = fo.least_squares(residual, torch.tensor(p0), damping_rule="trust_region")
+    p, info = fo.least_squares(residual, torch.tensor(p0), rule=fo.TrustRegion())
     np.testing.assert_allclose(p.numpy(), ref.x, rtol=1e-9)
     with pytest.raises(ValueError, match="dense Jacobian"):
-        fo.levenberg_marquardt(residual, damping_rule="trust_region", solver="cg")
+        fo.levenberg_marquardt(residual, rule=fo.TrustRegion(), solver="cg")
 
 
 # ------------------------------------------------------------------ memory model, matrix-free
@@ -270,7 +275,7 @@ def test_matrix_free_path_takes_the_dense_paths_steps():
     J, _ = fo.func.jacobian(fn, p0)
     lam0 = 1e-3 * float((J * J).sum(0).max())  # the dense path's tau * max diag(J^T J)
     dense = fo.levenberg_marquardt(fn, scaling=False, solver="cholesky")
-    free = fo.levenberg_marquardt(fn, initial_damping=lam0,
+    free = fo.levenberg_marquardt(fn, rule=fo.Nielsen(initial_damping=lam0),
                                   solver=fo.solvers.CG(tol=1e-12, preconditioner="jacobi"))
     pd = pf = p0
     sd, sf = dense.init(p0), free.init(p0)
@@ -286,7 +291,8 @@ def test_least_squares_over_budget_goes_matrix_free_to_scipys_answer():
     so = pytest.importorskip("scipy.optimize")
     fn = _wide_problem()
     p0 = torch.zeros(50, dtype=torch.float64)
-    p, info = fo.least_squares(fn, p0, memory_budget=50_000, ftol=1e-12, xtol=1e-12)
+    p, info = fo.least_squares(fn, p0, memory_budget=50_000,
+                               tolerances=fo.Tolerances(ftol=1e-12, xtol=1e-12))
     assert info.path == "matrix-free" and info.success, info.reason
     ref = so.least_squares(lambda v: fn(torch.tensor(v)).numpy(), p0.numpy(), method="lm",
                            xtol=1e-14, ftol=1e-14, gtol=1e-14)

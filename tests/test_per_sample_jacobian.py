@@ -98,8 +98,8 @@ def test_explicit_scale_matches_the_mse_adapter():
 
 LM_OPTIONS = [
     {},
-    {"damping_rule": "trust_region"},
-    {"geodesic_acceleration": True, "chunk_size": 5},
+    {"rule": fo.TrustRegion()},
+    {"geodesic": fo.Geodesic(), "chunk_size": 5},
 ]
 
 

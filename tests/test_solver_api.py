@@ -246,7 +246,7 @@ def test_lm_geodesic_correction_reuses_the_factorisation(solver, monkeypatch):
     t = torch.linspace(0, 2, 20, dtype=F64)
     y = 2.0 * torch.exp(-1.5 * t)
     fn = lambda p: p[0] * torch.exp(-p[1] * t) - y  # noqa: E731
-    tx = fo.levenberg_marquardt(fn, geodesic_acceleration=True, solver=solver)
+    tx = fo.levenberg_marquardt(fn, geodesic=fo.Geodesic(), solver=solver)
     p = torch.tensor([1.0, 0.3], dtype=F64)
     state = tx.init(p)
     calls = _count(monkeypatch, "cholesky_ex")

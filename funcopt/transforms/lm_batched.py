@@ -35,11 +35,8 @@ from typing import NamedTuple
 import torch
 
 from funcopt.engine import is_tracing
-from funcopt.transforms.levenberg_marquardt import (
-    LevenbergMarquardtState,
-    _adapt_radius,
-    _positive,
-)
+from funcopt.transforms.levenberg_marquardt import LevenbergMarquardtState, LMOptions
+from funcopt.transforms.lm_damping import TrustRegion, _positive, adapt_radius
 
 __all__ = ["BatchedLocal", "local_model", "gram_local_model", "iterate", "init_state",
            "batched_norm", "NEWTON_STEPS"]
@@ -87,19 +84,19 @@ def init_state(x: Tensor, initial_damping: float) -> LevenbergMarquardtState:
                                    false, count, zero, zero, zero, ~false)
 
 
-def _scaling(col: Tensor, state: LevenbergMarquardtState, o: dict) -> tuple[Tensor, Tensor]:
+def _scaling(col: Tensor, state: LevenbergMarquardtState, o: LMOptions) -> tuple[Tensor, Tensor]:
     """``(d, lambda)``: MINPACK's running maximum of column norms (or ones), and the damping
     to start from (``tau max col^2`` on the first step when ``scaling`` is off)."""
     first = (state.count == 0)[:, None]
     lam = state.damping
-    if o["scaling"]:
+    if o.scaling:
         d = torch.where(first, col, torch.maximum(state.scale, col))
         return torch.where(d > 0, d, torch.ones_like(d)), lam
-    start = o["tau"] * (col * col).amax(dim=-1)
+    start = o.rule.initial_damping * (col * col).amax(dim=-1)
     return torch.ones_like(col), torch.where(first[:, 0] & (start > 0), start, lam)
 
 
-def local_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState, o: dict,
+def local_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState, o: LMOptions,
                 method: str = "svd") -> BatchedLocal:
     """The model at ``x`` from ``J`` ``(B, m, n)`` and ``r`` ``(B, m)``. Problems whose ``r``
     or ``J`` is not finite get a zero model (``finite`` False) so the others are unaffected."""
@@ -143,7 +140,7 @@ def _from_gram(G: Tensor, gt: Tensor, rest) -> BatchedLocal:
 
 
 def gram_local_model(G: Tensor, g: Tensor, rnorm: Tensor, x: Tensor,
-                     state: LevenbergMarquardtState, o: dict) -> BatchedLocal:
+                     state: LevenbergMarquardtState, o: LMOptions) -> BatchedLocal:
     """The model from ``G = J^T J`` ``(B, n, n)``, ``g = J^T r`` and ``||r||`` (as a
     data-parallel fit all-reduces them): column norms ``sqrt(diag G)``, ``Gt = G / (d d^T)``."""
     finite = torch.isfinite(G).all(-1).all(-1) & torch.isfinite(g).all(-1) & torch.isfinite(rnorm)
@@ -167,7 +164,7 @@ def _early_exit(t: Tensor) -> bool:
 def _trust_region_mu(loc: BatchedLocal, radius: Tensor) -> Tensor:
     """``mu >= 0`` with ``phi(mu) <= 1.1 rho`` (``rho = sigma Delta / ||r||``), ``phi(mu)^2 =
     sum w^2 / (sh^2 + mu)^2``: Newton's method on ``1/phi`` from ``mu = 0`` (Hebden; Moré
-    1978), masked per problem (see :func:`funcopt.levenberg_marquardt`'s trust-region rule)."""
+    1978), masked per problem (see :class:`funcopt.TrustRegion`)."""
     rho = radius / _positive(loc.rnorm) * loc.sigma
     keep = loc.sh2 > 0
     s2 = torch.where(keep, loc.sh2, torch.ones_like(loc.sh2))
@@ -198,7 +195,7 @@ def _step(loc: BatchedLocal, mu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _reductions(fn: Tensor, new_fn: Tensor, t1: Tensor, t2: Tensor, lam: Tensor):
-    """MINPACK's relative reductions (see ``levenberg_marquardt._reductions``) from
+    """MINPACK's relative reductions (see ``lm_model._reductions``) from
     ``t1 = ||J delta|| / ||r||`` and ``t2 = ||d delta|| / ||r||``."""
     ratio = new_fn / _positive(fn)
     actual = torch.where(0.1 * new_fn < fn, 1.0 - ratio * ratio, -1.0)
@@ -207,18 +204,6 @@ def _reductions(fn: Tensor, new_fn: Tensor, t1: Tensor, t2: Tensor, lam: Tensor)
     rho = torch.where(pos, actual / torch.where(pos, predicted, 1.0), -float("inf"))
     rho = torch.where(torch.isfinite(new_fn), rho, -float("inf"))
     return torch.where(torch.isnan(rho), -float("inf"), rho), actual, predicted
-
-
-def _adapt(o: dict, lam: Tensor, nu: Tensor, rho: Tensor, acc: Tensor):
-    """Nielsen's or the classic rule (``levenberg_marquardt._adapt``), per problem."""
-    up, down = o["factors"]
-    if o["rule"] == "nielsen":
-        shrink = torch.clamp(1.0 - (2.0 * rho - 1.0) ** 3, min=1.0 / 3.0)
-        lam = torch.where(acc, lam * shrink, lam * nu)
-        nu = torch.where(acc, torch.full_like(nu, 2.0), nu * 2.0)
-    else:
-        lam = torch.where(acc, lam / down, lam * up)
-    return torch.clamp(lam, o["bounds"][0], o["bounds"][1]), nu
 
 
 class _Trial(NamedTuple):
@@ -243,10 +228,11 @@ def _keep(done: Tensor, old: _Trial, new: _Trial) -> _Trial:
                     for a, b in zip(old, new)))
 
 
-def _attempt(loc: BatchedLocal, t: _Trial, state, trial_norm, o: dict, first: bool) -> _Trial:
+def _attempt(loc: BatchedLocal, t: _Trial, state, trial_norm, o: LMOptions, first: bool) -> _Trial:
     """One proposal, evaluation and accept/reject for every problem."""
-    fn, trust = loc.rnorm, o["rule"] == "trust_region"
+    fn, rule = loc.rnorm, o.rule
     lam, nu, radius = t.lam, t.nu, t.radius
+    trust = isinstance(rule, TrustRegion)
     mu = _trust_region_mu(loc, radius) if trust else lam / (loc.sigma * loc.sigma)
     if trust:
         lam = mu * loc.sigma * loc.sigma
@@ -257,30 +243,29 @@ def _attempt(loc: BatchedLocal, t: _Trial, state, trial_norm, o: dict, first: bo
     new_fn = torch.where(torch.isfinite(new_fn), new_fn, torch.full_like(new_fn, float("inf")))
     pnorm = t2 * fn
     rho, actual, predicted = _reductions(fn, new_fn, t1, t2, lam)
-    acc = ok & torch.isfinite(new_fn) & (rho > o["accept"])
-    if trust:
+    acc = ok & torch.isfinite(new_fn) & (rho > o.accept_ratio)
+    if isinstance(rule, TrustRegion):
         if first:
             radius = torch.where(state.count == 0, torch.minimum(radius, pnorm), radius)
         far = ~(0.1 * new_fn < fn)
-        radius = _adapt_radius(radius, lam, (actual, predicted, far), t2, pnorm, ok)
+        radius = adapt_radius(radius, lam, (actual, predicted, far), t2, pnorm, ok)
     else:
-        lam, nu = _adapt(o, lam, nu, rho, acc)
+        lam, nu = rule.adapt(lam, nu, rho, acc)
     return _Trial(lam, nu, radius, delta, new_fn, rho, actual, predicted, pnorm, acc,
                   t.attempts + 1, t.finite & torch.isfinite(new_fn))
 
 
 def iterate(loc: BatchedLocal, state: LevenbergMarquardtState,
-            trial_norm: Callable[[Tensor], Tensor], o: dict,
+            trial_norm: Callable[[Tensor], Tensor], o: LMOptions,
             frozen: Tensor | None = None) -> tuple[Tensor, LevenbergMarquardtState]:
-    """Up to ``o["attempts"]`` proposals per problem; returns ``(step, new_state)`` with
+    """Up to ``o.max_attempts`` proposals per problem; returns ``(step, new_state)`` with
     ``step`` zero where no attempt was accepted. ``trial_norm(x_new)`` gives ``||r(x_new)||``
     per problem. ``frozen`` problems (and those with a non-finite model) make no attempt."""
     x, fn = loc.x, loc.rnorm
     B = x.shape[0]
     radius = state.radius
-    if o["rule"] == "trust_region":
-        xn = batched_norm(loc.d * x)
-        r0 = torch.where(xn > 0, o["factor"] * xn, torch.full_like(xn, o["factor"]))
+    if isinstance(o.rule, TrustRegion):
+        r0 = o.rule.initial_radius(batched_norm(loc.d * x))
         radius = torch.where(state.count == 0, r0, radius)
     zero = torch.zeros_like(fn)
     none = torch.zeros(B, dtype=torch.bool, device=x.device)
@@ -288,18 +273,16 @@ def iterate(loc: BatchedLocal, state: LevenbergMarquardtState,
                none, torch.zeros(B, dtype=torch.int64, device=x.device), ~none)
     done = ~loc.finite if frozen is None else (frozen | ~loc.finite)
     early = _early_exit(fn)
-    tiny = torch.finfo(x.dtype).tiny
-    for attempt in range(o["attempts"]):
+    for attempt in range(o.max_attempts):
         if early and bool(done.all()):
             break
         t = _keep(done, t, _attempt(loc, t, state, trial_norm, o, attempt == 0))
-        stop = t.radius <= tiny if o["rule"] == "trust_region" else t.lam >= o["bounds"][1]
-        done = done | t.accepted | stop
+        done = done | t.accepted | o.rule.exhausted(t.lam, t.radius)
     return _finish(loc, state, t)
 
 
 def _finish(loc: BatchedLocal, state: LevenbergMarquardtState, t: _Trial):
-    """The accepted step and the new state (as ``levenberg_marquardt._finish_step``)."""
+    """The accepted step and the new state (as ``levenberg_marquardt._finish_step``, one problem)."""
     x, d, fn = loc.x, loc.d, loc.rnorm
     step = torch.where(t.accepted[:, None], t.delta, torch.zeros_like(t.delta))
     cost = 0.5 * fn * fn

@@ -1,0 +1,281 @@
+"""The local Gauss-Newton model of :func:`funcopt.levenberg_marquardt` (eager path).
+
+At ``x`` with residuals ``r`` and Jacobian ``J`` (dense, or used only through products on the
+matrix-free path), the damped system ``(J^T J + lambda D) delta = -J^T r`` is factorised once
+per damping and solved through :mod:`funcopt.solvers`; this module also evaluates trial points
+and MINPACK's scale-free relative reductions of ``F = 0.5 ||r||^2``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from torch.func import jvp
+
+from funcopt.func.jacobian import (
+    gauss_newton_products,
+    jacobian,
+    ravel_params,
+    residual_vector_fn,
+)
+from funcopt.solvers.base import scaled_norm
+from funcopt.transforms.lm_damping import TrustRegion, _positive
+
+if TYPE_CHECKING:
+    from funcopt.transforms.levenberg_marquardt import LMOptions
+
+__all__ = ["damped_gauss_newton_step", "column_norms_sq"]
+
+Tensor = torch.Tensor
+
+
+def damped_gauss_newton_step(
+    J: Tensor, r: Tensor, damping: Tensor | float, diag: Tensor | None = None, *,
+    solver: Any = "auto", form: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """``delta = -(J^T J + damping * diag(diag))^{-1} J^T r`` through :mod:`funcopt.solvers`.
+
+    Returns ``(delta, success)`` (``success`` a 0-d bool tensor). ``diag=None`` means ``D = I``;
+    otherwise ``diag`` must be positive. The system is solved in scaled variables
+    ``z = S delta``, ``S = diag(sqrt(diag))``: ``(Jt^T Jt + damping I) z = -Jt^T r`` with
+    ``Jt = J S^{-1}`` (as MINPACK), which keeps the normal equations well conditioned when
+    the columns of ``J`` differ in scale by many orders of magnitude. The inner solve is
+    :class:`funcopt.solvers.DampedLeastSquares` with ``solver``, ``form`` and
+    ``scale=sqrt(diag)``.
+    """
+    if diag is not None and not bool((diag > 0).all()):  # host sync, public entry point only
+        raise ValueError("diag must be positive; pass None for D = I")
+    factor, solve = _damped_solver(J, None if diag is None else torch.sqrt(diag), solver, form)
+    return solve(factor(damping), r)
+
+
+def _damped_solver(J: Tensor, scale: Tensor | None, solver: Any, form: str):
+    """``(factor, solve)`` for one ``J``: ``factor(lambda)`` factorises
+    ``J^T J + lambda S^2`` once (``scale`` = ``S`` = ``sqrt(diag(D))``, None for ``D = I``) and
+    ``solve(state, u) = (-(J^T J + lambda S^2)^{-1} J^T u, success)`` reuses it, in the scaled
+    variables ``z = S delta`` of :class:`funcopt.solvers.DampedLeastSquares` (which forms the
+    Gram matrix once per ``J``)."""
+    from funcopt import solvers
+
+    dls = solvers.DampedLeastSquares(solver, form)
+    plan = dls.plan(J, scale=scale)
+
+    def solve(state, u: Tensor) -> tuple[Tensor, Tensor]:
+        sol = dls.compute(state, u)
+        return -sol.value.to(J.dtype), sol.success
+
+    return (lambda lam: dls.init(plan, lam)), solve
+
+
+def _is_matrix_free(solver: Any) -> bool:
+    """Whether ``solver`` only needs products with ``J`` (conjugate gradients)."""
+    from funcopt import solvers
+
+    return solver in ("cg", "pcg") or isinstance(solver, solvers.CG)
+
+
+def _wants_jacobi(solver: Any) -> bool:
+    from funcopt import solvers
+
+    return solver == "pcg" or (isinstance(solver, solvers.CG) and solver.preconditioner == "jacobi")
+
+
+def column_norms_sq(gn, chunk: int | None = None) -> Tensor:
+    """``diag(J^T J)_j = ||J e_j||^2`` from Jacobian-vector products, ``chunk`` columns per
+    vectorised batch (memory ``chunk * m`` numbers; None: all at once), never forming ``J``."""
+    n = gn.size
+    x_dtype, dev = gn.residuals.dtype, gn.residuals.device
+    k = n if chunk is None else max(1, min(chunk, n))
+    out = []
+    for s in range(0, n, k):
+        eye = torch.eye(n, dtype=x_dtype, device=dev)[s:s + k]
+        cols = torch.func.vmap(gn.jvp)(eye)  # (k, m)
+        out.append((cols * cols).sum(-1))
+    return torch.cat(out)
+
+
+def _matrix_free_factor(gn, damping, solver, col2=None):
+    """CG's state for ``v -> J^T (J v) + lambda v`` (the solver and its state); with
+    ``col2 = diag(J^T J)`` (Jacobi) the preconditioner is ``1 / (col2 + lambda)``."""
+    from funcopt import solvers
+
+    dtype, device = gn.residuals.dtype, gn.residuals.device
+    op = solvers.matrix_free(lambda v: gn.gnvp(v) + damping * v, gn.size, dtype=dtype,
+                             device=device, symmetric=True, positive_definite=True)
+    cg = solvers.get(solver)
+    if col2 is not None:
+        diag = col2 + damping
+        inv = torch.where(diag > 0, 1.0 / torch.where(diag > 0, diag, 1.0), 1.0)
+        cg = solvers.CG(tol=cg.tol, atol=cg.atol, maxiter=cg.maxiter,
+                        preconditioner=lambda r: inv * r, check_every=cg.check_every)
+    return cg, cg.init(op)
+
+
+def _matrix_free_solve(gn, factored, rhs):
+    """``delta = -(J^T J + lambda I)^{-1} J^T rhs`` with the CG state of
+    :func:`_matrix_free_factor`."""
+    cg, state = factored
+    sol = cg.compute(state, gn.vjp(rhs))
+    return -sol.value, sol.success
+
+
+class _Local(NamedTuple):
+    """The Gauss-Newton model at ``x``: ``factor(lambda)`` factorises ``J^T J + lambda D``
+    once, ``solve(factored, u) = -(J^T J + lambda D)^{-1} J^T u`` reuses it, and
+    ``jv(v) = J v``; ``d`` the scaling (``D = diag(d^2)``), ``cos`` MINPACK's ``gnorm``."""
+
+    x: Tensor
+    f: Callable[[Tensor], Tensor]
+    r: Tensor
+    rnorm: Tensor
+    d: Tensor
+    cos: Tensor
+    damping: Tensor
+    factor: Callable[[Tensor], Any]
+    solve: Callable[[Any, Tensor], tuple[Tensor, Tensor]]
+    jv: Callable[[Tensor], Tensor]
+    svd: tuple[Tensor, Tensor, Tensor] | None = None  # trust-region rule, see _normalised_svd
+
+
+def _require_finite_residuals(ok: Tensor) -> None:
+    if not bool(ok):  # host sync
+        raise ValueError(
+            "residual_fn gave non-finite residuals or Jacobian at the current parameters; "
+            "start from parameters where the model is finite"
+        )
+
+
+def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
+    """The local model at ``params``; raises on non-finite ``r`` or ``J``."""
+    x, unravel = ravel_params(params)
+    if state.scale.shape != x.shape:
+        raise ValueError(
+            f"state holds {state.scale.numel()} parameters but params have {x.numel()}; "
+            "pass the state made by init for these params"
+        )
+    f = residual_vector_fn(residual_fn, unravel, *args)
+    if o.matrix_free:
+        gn = gauss_newton_products(residual_fn, params, *args)
+        _require_dtype(gn.residuals, x)
+        _require_finite_residuals(torch.isfinite(gn.residuals).all())
+        inf = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
+        col2 = column_norms_sq(gn, o.chunk_size) if _wants_jacobi(o.solver) else None
+        factor = lambda lam: _matrix_free_factor(gn, lam, o.solver, col2)
+        solve = lambda factored, u: _matrix_free_solve(gn, factored, u)
+        return _Local(x, f, gn.residuals, scaled_norm(gn.residuals), torch.ones_like(x), inf,
+                      state.damping, factor, solve, gn.jvp)
+    J, r = jacobian(residual_fn, params, *args, mode=o.jacobian_mode, chunk_size=o.chunk_size)
+    _require_dtype(r, x)
+    _require_finite_residuals(torch.isfinite(r).all() & torch.isfinite(J).all())
+    rnorm = scaled_norm(r)
+    col, cos = _column_stats(J, r, rnorm)
+    first = state.count == 0
+    lam = state.damping
+    if o.scaling:
+        d = torch.where(first, col, torch.maximum(state.scale, col))
+        d = torch.where(d > 0, d, torch.ones_like(d))
+        S = d
+    else:
+        d, S = torch.ones_like(x), None
+        start = o.rule.initial_damping * (col * col).max()
+        lam = torch.where(first & (start > 0), start, lam)
+    factor, solve = _damped_solver(J, S, o.solver, o.form)
+    svd = _normalised_svd(J / d, r, rnorm) if isinstance(o.rule, TrustRegion) else None
+    return _Local(x, f, r, rnorm, d, cos, lam, factor, solve, lambda v: J @ v, svd)
+
+
+def _require_dtype(r: Tensor, x: Tensor) -> None:
+    if r.dtype != x.dtype:
+        raise TypeError(
+            f"residual_fn returned {r.dtype} residuals for {x.dtype} parameters; the residuals "
+            f"must have the parameters' dtype: return r.to({x.dtype}) or pass {r.dtype} parameters"
+        )
+
+
+def _normalised_svd(Jt: Tensor, r: Tensor, rnorm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(s / sigma, (s / sigma) * U^T r / ||r||, sigma)`` for ``Jt = U diag(s) V^T`` and
+    ``sigma = max s``: the trust-region damping is found on these O(1) numbers (see
+    :func:`funcopt.transforms.lm_damping.trust_region_damping`), whatever the scale of ``J`` and ``r``."""
+    U, sv, _ = torch.linalg.svd(Jt, full_matrices=False)
+    sigma = _positive(sv.max() if sv.numel() else torch.ones((), dtype=Jt.dtype, device=Jt.device))
+    sh = sv / sigma
+    return sh, sh * (U.T @ (r / _positive(rnorm))), sigma
+
+
+def _column_stats(J: Tensor, r: Tensor, rnorm: Tensor):
+    """Column norms of ``J`` and MINPACK's ``gnorm = max_j |J_j^T r| / (||J_j|| ||r||)``,
+    computed as ``|(J_j / ||J_j||)^T (r / ||r||)|`` so neither product under- nor overflows."""
+    col = scaled_norm(J, dim=0)
+    g = (J / _positive(col)).T @ (r / _positive(rnorm))
+    cos = torch.where((col > 0) & (rnorm > 0), g.abs(), 0.0)
+    return col, cos.max() if cos.numel() else torch.zeros((), dtype=J.dtype, device=J.device)
+
+
+def _second_derivative(f, x, r, delta, Jd, h):
+    """``r_vv``, the second directional derivative of ``r`` along ``delta``.
+
+    ``h=None``: exact, forward over forward mode. Otherwise Transtrum & Sethna's finite
+    difference ``r_vv = (2/h) ((r(x + h delta) - r(x)) / h - J delta)`` (one residual call).
+    """
+    if h is None:
+        def directional(y: Tensor) -> Tensor:
+            return jvp(f, (y,), (delta,))[1]
+
+        return jvp(directional, (x,), (delta,))[1].detach()
+    with torch.no_grad():
+        rh = f(x + h * delta)
+    return (2.0 / h) * ((rh - r) / h - Jd)
+
+
+def _propose(loc: _Local, lam: Tensor, o: LMOptions):
+    """The step (with the geodesic correction when asked), its ``J delta`` and success flag.
+    ``J^T J + lambda D`` is factorised once; the correction reuses the factorisation."""
+    factored = loc.factor(lam)
+    delta, ok = loc.solve(factored, loc.r)
+    Jd = loc.jv(delta)
+    step = delta
+    if o.geodesic is not None:
+        rvv = _second_derivative(loc.f, loc.x, loc.r, delta, Jd, o.geodesic.fd_step)
+        finite = torch.isfinite(rvv).all()
+        a, ok_a = loc.solve(factored, torch.where(finite, rvv, torch.zeros_like(rvv)))
+        dn = scaled_norm(loc.d * delta)
+        small = 2.0 * scaled_norm(loc.d * a) <= o.geodesic.alpha * dn
+        ok = ok & ok_a & finite & small
+        step = delta + 0.5 * a
+    return delta, step, Jd, ok
+
+
+def _evaluate(f: Callable[[Tensor], Tensor], x_new: Tensor, shape: torch.Size) -> Tensor:
+    """``||r(x_new)||``; ``inf`` when the residuals are not finite. Checks the residual shape."""
+    with torch.no_grad():
+        r_new = f(x_new)
+    if r_new.shape != shape:
+        raise ValueError(
+            f"residual_fn returned {tuple(r_new.shape)} residuals at a candidate point but "
+            f"{tuple(shape)} at the current one; it must return the same number every call"
+        )
+    n = scaled_norm(r_new)
+    return torch.where(torch.isfinite(n), n, torch.full_like(n, float("inf")))
+
+
+def _reductions(rnorm, new_rnorm, Jd, pnorm, lam):
+    """MINPACK's scale-free relative reductions of ``F = 0.5 ||r||^2``:
+
+    ``actual = 1 - (||r_new|| / ||r||)^2`` (``-1`` when ``||r_new|| >= 10 ||r||``),
+    ``predicted = (||J delta|| / ||r||)^2 + 2 lambda (||d delta|| / ||r||)^2``, which is
+    ``(L(0) - L(delta)) / F(x)``, and ``rho = actual / predicted`` (``-inf`` when undefined).
+    Only ratios of norms appear, so the result does not depend on the scale of ``r``.
+    """
+    fn = _positive(rnorm)
+    ratio = new_rnorm / fn
+    actual = torch.where(0.1 * new_rnorm < rnorm, 1.0 - ratio * ratio, -1.0)
+    t1, t2 = scaled_norm(Jd) / fn, pnorm / fn
+    predicted = t1 * t1 + 2.0 * lam * t2 * t2
+    pos = (predicted > 0) & (rnorm > 0)
+    rho = torch.where(pos, actual / torch.where(pos, predicted, 1.0), -float("inf"))
+    rho = torch.where(torch.isfinite(new_rnorm), rho, -float("inf"))
+    return torch.where(torch.isnan(rho), torch.full_like(rho, -float("inf")), rho), actual, predicted
+
+
