@@ -23,6 +23,7 @@ LAYERS = {  # first component under funcopt/ -> (layer number, layer name)
     "compose": (2, "combinators"), "wrappers": (4, "wrappers"), "aliases": (4, "aliases"),
     "heavyball": (4, "aliases"), "tree": (2, "contract"),
     "least_squares": (5, "drivers"), "least_squares_batched": (5, "drivers"),
+    "least_squares_options": (5, "drivers"),
     "least_squares_parallel": (5, "drivers"), "batch_size_loop": (5, "drivers"),
     "data": (6, "main job"),
     "optim": (6, "interop"), "optim_flat": (6, "interop"), "distributed": (6, "interop"), "checkpoint": (6, "interop"),
@@ -48,6 +49,9 @@ def imports(modules: dict[str, Path]) -> dict[tuple[str, str], set[str]]:
 
         def visit(node: ast.AST, lazy: bool, name: str = name, package: str = package) -> None:
             for child in ast.iter_child_nodes(node):
+                if (isinstance(child, ast.If) and isinstance(child.test, ast.Name)
+                        and child.test.id == "TYPE_CHECKING"):
+                    continue  # imports for type checkers only: nothing runs them
                 inner = lazy or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
                 targets: list[str] = []
                 if isinstance(child, ast.Import):
