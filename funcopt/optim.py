@@ -421,7 +421,11 @@ class Optimizer(torch.optim.Optimizer):
             start += len(g["params"])
             groups.append(packed)
         states = {i: tree_to_state_dict(s) for i, s in enumerate(self.transform_states)}
-        return {"format": _STATE_DICT_TAG, "state": states, "param_groups": groups}
+        # a flat group's state has one tensor per moment for all its parameters: only the
+        # parameters' shapes tell two groups of equal total size apart
+        shapes = {i: [list(p.shape) for p in g["params"]] for i, g in enumerate(self.param_groups)}
+        return {"format": _STATE_DICT_TAG, "state": states, "param_groups": groups,
+                "shapes": shapes}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; raises a ValueError if it came from a different
@@ -448,6 +452,12 @@ class Optimizer(torch.optim.Optimizer):
                     f"param group {i} has {len(g['params'])} parameters but the state_dict's has "
                     f"{len(s['params'])}; build the optimizer over the same parameters"
                 )
+            saved_shapes = state_dict.get("shapes", {}).get(i)
+            now = [list(p.shape) for p in g["params"]]
+            if saved_shapes is not None and [list(x) for x in saved_shapes] != now:
+                raise ValueError(f"param group {i}: the state_dict was saved for parameters of "
+                                 f"shapes {saved_shapes}, this optimizer's are {now}; build the "
+                                 "optimizer over the same parameters")
             if i not in state_dict["state"]:
                 raise ValueError(f"this state_dict holds no state for param group {i}; pass "
                                  "the whole dict that Optimizer.state_dict() returned")

@@ -33,15 +33,21 @@ __all__: list[str] = []
 
 def can_flatten(tx: GradientTransformation, params: list[torch.Tensor]) -> bool:
     """Whether a group of ``params`` can run ``tx`` on flat storage: ``tx`` is marked
-    element-wise and every parameter is a plain dense floating-point tensor on one device
-    (no DTensor or other subclass, no sparse or meta tensors)."""
+    element-wise and every parameter is a plain, contiguous floating-point tensor that requires
+    grad, on one device, with storage of its own (no DTensor or other subclass, no sparse,
+    expanded or frozen parameter, none a view of another's memory). Other groups run on the
+    list of parameters, which keeps torch.optim's behaviour for those cases."""
     from funcopt.engine import is_elementwise
 
     if not is_elementwise(tx) or not params:
         return False
     device = params[0].device
-    return all(type(p.data) is torch.Tensor and p.layout == torch.strided and p.is_floating_point()
-               and p.device == device and device.type in ("cpu", "cuda") for p in params)
+    if not all(type(p.data) is torch.Tensor and p.layout == torch.strided and p.is_floating_point()
+               and p.is_contiguous() and p.requires_grad and p.device == device
+               and device.type in ("cpu", "cuda") for p in params):
+        return False
+    storages = {p.untyped_storage().data_ptr() for p in params if p.numel()}
+    return len(storages) == sum(1 for p in params if p.numel())
 
 
 class FlatGroup:
@@ -85,11 +91,13 @@ class FlatGroup:
         missing = []
         with torch.no_grad():
             for i, (p, v, gv) in enumerate(zip(self.params, self.views, self.grad_views)):
-                if p.dtype != self.dtypes[i] or p.device != v.device:
+                if p.dtype != self.dtypes[i] or p.device != v.device or p.shape != v.shape:
                     raise RuntimeError(
-                        f"parameter {i} is now {p.dtype} on {p.device}, but its param group was "
-                        f"built for {self.dtypes[i]} on {v.device}: build the optimizer after "
-                        "moving or casting the model (model.to(...)), as torch.optim needs")
+                        f"parameter {i} now has shape {tuple(p.shape)}, dtype {p.dtype} and device "
+                        f"{p.device}, but its param group was built for shape {tuple(v.shape)}, "
+                        f"dtype {self.dtypes[i]} and device {v.device}: build the optimizer after "
+                        "moving, casting or reshaping the model (model.to(...)), as torch.optim "
+                        "needs")
                 if p.data_ptr() != v.data_ptr():  # moved since (p.data = ..., a reload)
                     v.copy_(p.data)
                     p.data = v

@@ -99,7 +99,7 @@ def test_a_cast_model_is_refused_with_the_fix():
     model.double()
     x, y = _data(dtype=torch.float64)
     torch.nn.functional.mse_loss(model(x), y).backward()
-    with pytest.raises(RuntimeError, match="parameter 0 is now torch.float64.*after moving or casting"):
+    with pytest.raises(RuntimeError, match="parameter 0 now has shape .* dtype torch.float64.*after moving, casting"):
         opt.step()
 
 
