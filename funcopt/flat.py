@@ -368,18 +368,22 @@ def jit(step: Callable[..., tuple[Any, Any]], *, graph: bool | None = None,
 
 def _donating(step: Callable[..., tuple[Any, Any]]) -> Callable[..., tuple[Any, Any]]:
     """``step`` whose results are written into its inputs (what ``fo.donated`` does), for
-    tracing: a result that cannot be written back (another tree, shape, dtype or device)
+    tracing: a result that cannot be written back (another number of leaves, shape, dtype or
+    device)
     returns ``(message, text)`` instead of raising, since an error raised while
     ``torch.compile`` traces reaches the caller only as an unclear "observed exception"."""
 
     def core(params: Any, state: Any, *args: Any) -> tuple[Any, Any]:
         new_params, new_state = step(params, state, *args)
-        (dst_p, spec_p), (dst_s, spec_s) = tree_flatten(params), tree_flatten(state)
-        (src_p, got_p), (src_s, got_s) = tree_flatten(new_params), tree_flatten(new_state)
-        if got_p != spec_p or got_s != spec_s:
+        dst_p, dst_s = tree_flatten(params)[0], tree_flatten(state)[0]
+        src_p, src_s = tree_flatten(new_params)[0], tree_flatten(new_state)[0]
+        # leaves are written back by position: their number, shapes and dtypes must match (the
+        # tree specs themselves are not compared here, which some torch versions cannot trace
+        # for custom nodes; the results are returned in the inputs' trees)
+        if len(src_p) != len(dst_p) or len(src_s) != len(dst_s):
             return ("refused", "jit: the step returned params or state of another tree structure "
-                    "than it was given; a jitted step writes each result into its input, so it "
-                    "must return trees of its inputs' structure")
+                    "(another number of leaves) than it was given; a jitted step writes each "
+                    "result into its input, so it must return trees of its inputs' structure")
         for i, (d, s) in enumerate(zip(dst_p + dst_s, src_p + src_s)):
             if not isinstance(s, torch.Tensor) or s.shape != d.shape or s.dtype != d.dtype \
                     or s.device != d.device:

@@ -535,7 +535,7 @@ def test_jit_refuses_a_step_returning_another_tree_structure_with_a_value_error(
 
     def step(p, s, g):
         new_p, s = _pure(p, s, g)
-        return [new_p], s
+        return [new_p, new_p], s  # two leaves for one
 
     with pytest.raises(ValueError, match="tree structure"):
         fo.jit(step)(p, _TX.init(p), torch.ones(4, dtype=F64))

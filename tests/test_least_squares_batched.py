@@ -181,3 +181,27 @@ def test_what_cannot_be_traced_says_why():
         p = torch.tensor([[1.0, 0.5]])
         with pytest.raises(ValueError, match="cannot run under torch.func transforms"):
             torch.func.vmap(lambda q, tx=tx: tx.update(None, tx.init(q), q)[0])(p)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_hundred_thousand_fits_on_a_gpu():
+    """10^5 fits of y = a exp(-b t) + c at once on one GPU (past cuSOLVER's batched
+    eigensolver limit, which the model splits into chunks), each at scipy's cost."""
+    from scipy.optimize import least_squares as scipy_lsq
+
+    g = torch.Generator().manual_seed(0)
+    B, t = 100_000, torch.linspace(0, 3, 30, dtype=torch.float64)
+    truth = torch.stack([torch.rand(B, generator=g, dtype=torch.float64) * 2 + 1,
+                         torch.rand(B, generator=g, dtype=torch.float64) * 2.5 + 0.5,
+                         torch.rand(B, generator=g, dtype=torch.float64) * 2 - 1], 1)
+    y = truth[:, :1] * torch.exp(-truth[:, 1:2] * t) + truth[:, 2:3]
+    y = y + 0.01 * torch.randn(y.shape, generator=g, dtype=torch.float64)
+    tc, yc = t.cuda(), y.cuda()
+    p0 = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64, device="cuda").repeat(B, 1)
+    fit, info = fo.least_squares(lambda p: p[:, :1] * torch.exp(-p[:, 1:2] * tc) + p[:, 2:3] - yc,
+                                 p0, batched=True)
+    assert bool(info.success.all()) and info.cost.shape == (B,)
+    for i in (0, 1, B // 2, B - 1):
+        ref = scipy_lsq(lambda q, i=i: q[0] * np.exp(-q[1] * t.numpy()) + q[2] - y[i].numpy(),
+                        [1.0, 1.0, 0.0], method="lm", xtol=1e-12, ftol=1e-12, gtol=1e-12)
+        assert abs(float(info.cost[i]) - ref.cost) <= 1e-8 * ref.cost

@@ -125,10 +125,23 @@ def local_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState,
                         torch.where(keep, sh * sh, 0.0), w, sigma, Vh.mT, finite)
 
 
+# cuSOLVER's batched symmetric eigensolver failed with CUSOLVER_STATUS_INTERNAL_ERROR on
+# 100,000 3x3 float64 matrices (H100, torch 2.11): CUDA batches go in chunks of this size
+_EIGH_CHUNK = 1 << 15
+
+
+def _batched_eigh(G: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh`` of a batch of matrices, in chunks on CUDA (see above)."""
+    if not G.is_cuda or G.shape[0] <= _EIGH_CHUNK or is_tracing():
+        return torch.linalg.eigh(G)
+    parts = [torch.linalg.eigh(c) for c in G.split(_EIGH_CHUNK)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
 def _from_gram(G: Tensor, gt: Tensor, rest) -> BatchedLocal:
     """The spectral model from ``Gt = Jt^T Jt`` and ``gt = Jt^T r / ||r||``."""
     x, rnorm, d, cos, lam, finite = rest
-    ev, V = torch.linalg.eigh(G)
+    ev, V = _batched_eigh(G)
     s2 = ev.clamp(min=0.0)
     top = s2.amax(-1) if s2.shape[-1] else torch.ones_like(rnorm)
     sigma = torch.sqrt(_positive(top))
