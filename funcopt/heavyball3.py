@@ -37,7 +37,6 @@ import torch
 from funcopt.base import GradientTransformation, Tensor, check_hyperparameter, tree_unflatten
 from funcopt.compose import chain
 from funcopt.engine import expect_state, leaves, ops
-from funcopt.schedules.one_based import psgd_warmup
 from funcopt.transforms.first_order import scale_by_learning_rate
 from funcopt.transforms.per_coordinate import scale_by_laprop
 from funcopt.transforms.psgd import PsgdKronOptions
@@ -67,16 +66,21 @@ def _betas(betas) -> tuple[float, float]:
 
 
 def _learning_rate(lr: float, warmup_steps: int, skip_first: bool = False):
-    """3.2.1's :math:`\\gamma t / \\max(t, T_w + 1)` of the counter ``c = t - 1``; with
-    ``skip_first`` it is 0 at ``t = 1`` (the classes whose first step only fills state and
-    leaves the parameters, weight decay included, unchanged)."""
+    """3.2.1's :math:`\\gamma t / \\max(t, T_w + 1)` of the counter ``c = t - 1``, computed in
+    float64; with ``skip_first`` it is 0 at ``t = 1`` (the classes whose first step only fills
+    state and leaves the parameters, weight decay included, unchanged)."""
     check_hyperparameter("lr", lr, low=0.0)
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"warmup_steps={warmup_steps!r} must be an int >= 0 (0: no warmup)")
-    if not skip_first:
-        return psgd_warmup(lr, warmup_steps) if warmup_steps else lr
-    warm = psgd_warmup(lr, warmup_steps)
-    return lambda c: torch.where(c == 0, torch.zeros_like(warm(c)), warm(c))
+    if not (warmup_steps or skip_first):
+        return lr
+
+    def schedule(c: Tensor) -> Tensor:
+        t = torch.as_tensor(c).to(torch.float64) + 1
+        rate = lr * t / torch.clamp(t, min=warmup_steps + 1)
+        return torch.where(t > 1, rate, torch.zeros_like(rate)) if skip_first else rate
+
+    return schedule
 
 
 def _tail(lr, weight_decay, warmup_steps, skip_first=False) -> list[GradientTransformation]:
@@ -259,8 +263,7 @@ def psgd_kron(lr: float = 0.001, beta: float | None = None, betas=(0.9, 0.999),
     one).
     """
     b1 = _betas(betas)[0] if beta is None else beta
-    _learning_rate(lr, warmup_steps)
-    return _psgd_kron(lr, b1, weight_decay, warmup_steps, True,
+    return _psgd_kron(_learning_rate(lr, warmup_steps), b1, weight_decay, 0, True,
                       preconditioner_update_probability, momentum_into_precond_update,
                       precond_lr, options, seed)
 
