@@ -291,7 +291,9 @@ def soap(lr: float = 3e-3, betas=(0.9, 0.95), shampoo_beta: float = 0.95, eps: f
     step for step. Leaves with factors do not: 3.2.1 debiases ``shampoo_beta``, seeds its basis
     from the first gradient differently, lifts the Gram matrix before its QR refresh, sorts by
     column-wise eigenvalue estimates and rotates the momentum into each new basis; funcopt's
-    SOAP keeps HeavyBall 0.7.2's refresh. Defaults as 3.2.1: ``lr`` 3e-3, ``betas``
+    SOAP keeps HeavyBall 0.7.2's refresh. On random float64 gradients the matrices'
+    displacement from the start differs from 3.2.1's by 20-80% over 20 steps: a SOAP of the
+    same family, not 3.2.1's numbers. Defaults as 3.2.1: ``lr`` 3e-3, ``betas``
     (0.9, 0.95), ``shampoo_beta`` 0.95, ``eps`` 1e-8, ``weight_decay`` 0.01,
     ``precondition_frequency`` 2, ``warmup_steps`` 0.
     """

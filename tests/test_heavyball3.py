@@ -149,6 +149,16 @@ def test_soap_without_factors_matches_heavyball_3(case):
     _assert_same(_funcopt_run(ours, init, grads), theirs)
 
 
+def test_soap_with_factors_is_not_heavyball_3s():
+    """Pins the documented limit of ``soap``: on leaves with factors its basis refresh is
+    funcopt's (HeavyBall 0.7.2's), so the first real step already differs from 3.2.1's."""
+    heavyball = _heavyball()
+    init, grads = _problem(steps=2, shapes=[(6, 4)])
+    ours = _funcopt_run(hb3.soap(), init, grads)[-1][0] - init[0]
+    theirs = _heavyball_run(heavyball.SOAP, init, grads)[-1][0] - init[0]
+    assert float((ours - theirs).norm() / theirs.norm()) > 0.1
+
+
 NS_ABC = [(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
           (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)]
 
