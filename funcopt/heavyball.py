@@ -1,4 +1,7 @@
-"""The optimizers HeavyBall 0.7.2 ships, as short funcopt chains.
+"""The optimizers HeavyBall 0.7.2 ships, as short funcopt chains, and (from
+:mod:`funcopt.heavyball3`) those HeavyBall 3.2.1 names: ``laprop`` (``LaProp``), ``adopt``
+(``ADOPT``), ``sf_adamw`` (``SFAdamW``), ``muon`` (``Muon``), ``psgd_kron`` (``PSGDKron``) and
+``soap`` (``SOAP``), with 3.2.1's defaults; see that module for how each one matches 3.2.1.
 
 Each 0.7.2 class is one line over funcopt's building blocks (``ForeachSOAP`` ->
 ``foreach_soap``). Defaults are 0.7.2's. Where 0.7.2 differs from these recipes:
@@ -43,7 +46,8 @@ from funcopt.schedules.one_based import host_linear_warmup, linear_warmup, palm_
 from funcopt.transforms.first_order import scale_by_adam, scale_by_learning_rate
 from funcopt.transforms.per_coordinate import scale_by_laprop
 from funcopt.transforms.schedule_free import scale_by_bias_corrected_rms, schedule_free
-from funcopt.transforms.soap import precond_schedule, scale_by_soap, soap
+from funcopt.transforms.soap import precond_schedule, scale_by_soap
+from funcopt.transforms.soap import soap as _soap
 from funcopt.transforms.weight_decay import add_decayed_weights
 
 __all__ = [
@@ -51,6 +55,8 @@ __all__ = [
     "palm_beta2", "foreach_sfadamw", "palm_foreach_sfadamw", "foreach_soap",
     "palm_foreach_soap", "precond_schedule_foreach_soap", "precond_schedule_palm_foreach_soap",
     "sf_palm_foreach_soap", "precond_schedule_sf_palm_foreach_soap",
+    # HeavyBall 3.2.1's names (funcopt.heavyball3)
+    "laprop", "adopt", "sf_adamw", "muon", "psgd_kron", "soap",
 ]
 
 
@@ -154,7 +160,7 @@ def foreach_soap(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
 
     ``factors``: a :class:`funcopt.SoapFactors` holding 0.7.2's ``max_precond_dim``,
     ``merge_dims`` and ``precondition_1d`` (default None: 2048, True, False, as 0.7.2)."""
-    return soap(host_linear_warmup(lr, warmup_steps), betas[0], betas[1], None, eps, weight_decay,
+    return _soap(host_linear_warmup(lr, warmup_steps), betas[0], betas[1], None, eps, weight_decay,
                 precondition_frequency, factors)
 
 
@@ -188,3 +194,6 @@ def precond_schedule_sf_palm_foreach_soap(lr=3e-3, precond_scheduler=(1 / 3, 9),
     """``PrecondScheduleSFPaLMSOAP``."""
     return sf_palm_foreach_soap(lr, precondition_frequency=precond_schedule(*precond_scheduler),
                                 **kw)
+
+
+from funcopt.heavyball3 import adopt, laprop, muon, psgd_kron, sf_adamw, soap  # noqa: E402
