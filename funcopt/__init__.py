@@ -43,6 +43,7 @@ from funcopt.transforms.muon import *  # noqa: F401,F403
 from funcopt.transforms.natural_gradient.kfac import *  # noqa: F401,F403
 from funcopt.transforms.natural_gradient.singd import *  # noqa: F401,F403
 from funcopt.transforms.parameter_free import *  # noqa: F401,F403
+from funcopt.transforms.plateau import *  # noqa: F401,F403
 from funcopt.transforms.precision import *  # noqa: F401,F403
 from funcopt.transforms.psgd import *  # noqa: F401,F403
 from funcopt.transforms.schedule_free import *  # noqa: F401,F403
