@@ -34,6 +34,7 @@ from funcopt.transforms.adaptive_more import *  # noqa: F401,F403
 from funcopt.transforms.clipping import *  # noqa: F401,F403
 from funcopt.transforms.contrib import *  # noqa: F401,F403
 from funcopt.transforms.distance import *  # noqa: F401,F403
+from funcopt.transforms.dp import *  # noqa: F401,F403
 from funcopt.transforms.factored import *  # noqa: F401,F403
 from funcopt.transforms.filters import *  # noqa: F401,F403
 from funcopt.transforms.first_order import *  # noqa: F401,F403
