@@ -31,6 +31,8 @@ from funcopt.transforms.adam_variants import *  # noqa: F401,F403
 from funcopt.transforms.adaptive import *  # noqa: F401,F403
 from funcopt.transforms.adaptive_batch import *  # noqa: F401,F403
 from funcopt.transforms.adaptive_more import *  # noqa: F401,F403
+from funcopt.transforms.asgd import *  # noqa: F401,F403
+from funcopt.transforms.averaging import *  # noqa: F401,F403
 from funcopt.transforms.clipping import *  # noqa: F401,F403
 from funcopt.transforms.contrib import *  # noqa: F401,F403
 from funcopt.transforms.distance import *  # noqa: F401,F403
@@ -40,6 +42,7 @@ from funcopt.transforms.filters import *  # noqa: F401,F403
 from funcopt.transforms.first_order import *  # noqa: F401,F403
 from funcopt.transforms.levenberg_marquardt import *  # noqa: F401,F403
 from funcopt.transforms.line_search import *  # noqa: F401,F403
+from funcopt.transforms.maximize import *  # noqa: F401,F403
 from funcopt.transforms.muon import *  # noqa: F401,F403
 from funcopt.transforms.natural_gradient.kfac import *  # noqa: F401,F403
 from funcopt.transforms.natural_gradient.singd import *  # noqa: F401,F403
