@@ -68,3 +68,14 @@ def test_reduce_on_plateau_in_a_chain_scales_adam():
     for _ in range(4):
         u, s = tx.update(p, s, p, value=1.0)
     assert float(s[1].scale) == 0.125  # 4 equal values: steps 2, 3, 4 do not improve: 3 halvings
+
+
+def test_reduce_on_plateau_contract():
+    """The contract table's checks (purity, state checkpoint, vmap, compile), with value=."""
+    from funcopt.testing import check_transform
+
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(4, 3, generator=g, dtype=torch.float64),
+              "b": torch.randn(3, generator=g, dtype=torch.float64)}
+    check_transform(fo.chain(fo.adam(0.1), fo.reduce_on_plateau(0.5, 1)), params, steps=4,
+                    value=torch.tensor(1.0, dtype=torch.float64))

@@ -72,7 +72,7 @@ def asgd(
     def init(params):
         count = step_counter(params)
         f64 = dict(dtype=torch.float64, device=count.device)
-        return ASGDState(count, torch.tensor(float(learning_rate), **f64),
+        return ASGDState(count, torch.as_tensor(learning_rate).to(**f64),
                          torch.ones((), **f64), tree_map(torch.zeros_like, params))
 
     def update(updates, state, params=None, **extra):
