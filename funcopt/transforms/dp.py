@@ -52,7 +52,10 @@ def _check_clip(name: str, value: Any) -> None:
 def _clip_sum(leaves: list[Tensor], clip: Any) -> tuple[list[Tensor], Tensor]:
     """Sum over the batch of each example's gradient scaled by ``min(1, clip / ||g_i||)``
     (the norm over all of ``leaves``; 1 where it is 0/0), and how many were scaled down."""
-    sq = sum((g.reshape(g.shape[0], -1) ** 2).sum(dim=1) for g in leaves)
+    parts = [(g.reshape(g.shape[0], -1) ** 2).sum(dim=1) for g in leaves]
+    sq = parts[0]
+    for part in parts[1:]:
+        sq = sq + part
     norms = torch.sqrt(sq)
     mult = torch.nan_to_num(torch.clamp(clip / norms, max=1.0), nan=1.0)
     out = [torch.tensordot(mult.to(g.dtype), g, dims=1) for g in leaves]
