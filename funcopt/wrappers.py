@@ -57,60 +57,104 @@ __all__ = [
 
 class MultiStepsState(NamedTuple):
     """State of :func:`multi_steps`: ``mini_step`` (micro-steps accumulated so far),
-    ``gradient_step`` (inner steps taken), ``inner_state`` and ``acc_grads``, the running mean
-    of the accumulated gradients."""
+    ``gradient_step`` (inner steps taken), ``inner_state``, ``acc_grads`` (the running mean,
+    or sum, of the accumulated gradients) and ``skip_state`` (what ``should_skip_update_fn``
+    last reported; ``()`` without one)."""
 
     mini_step: torch.Tensor
     gradient_step: torch.Tensor
     inner_state: OptState
     acc_grads: PyTree
+    skip_state: PyTree = ()
 
 
-def multi_steps(
-    inner: GradientTransformation, every_k_schedule: int | Callable[[torch.Tensor], Any]
-) -> GradientTransformation:
-    """Gradient accumulation: apply ``inner`` once every ``k`` micro-steps to the mean gradient.
+def _no_skip(updates, gradient_step, params):
+    return torch.zeros((), dtype=torch.bool, device=gradient_step.device), ()
 
-    ``a_m = a_{m-1} + (g_m - a_{m-1}) / m`` (the running mean of the ``m``-th micro-step); on
-    micro-step ``m = k`` the output is ``inner(a_k)`` and ``a`` resets to 0, on the others
-    the output is 0 and ``inner``'s state is unchanged. Args: ``inner``: the transform;
-    ``every_k_schedule``: ``k`` as an int >= 1, or a schedule ``gradient_step -> k``.
-    ``inner`` runs on every call and ``torch.where`` keeps or discards its result (no host
-    sync); the extra work is one ``inner`` step per micro-step. Reference: optax.MultiSteps
-    (use_grad_mean=True).
-    """
+
+def _check_multi_steps_args(inner, every_k_schedule, use_grad_mean, should_skip_update_fn):
     _check_tx(inner, "multi_steps", "inner")
     if not callable(every_k_schedule) and (
         isinstance(every_k_schedule, bool) or int(every_k_schedule) != every_k_schedule
         or every_k_schedule < 1
     ):
         raise ValueError(f"multi_steps: every_k_schedule={every_k_schedule!r} must be an int >= 1")
+    if not isinstance(use_grad_mean, bool):
+        raise TypeError(f"multi_steps: use_grad_mean={use_grad_mean!r} must be True or False")
+    if should_skip_update_fn is not None and not callable(should_skip_update_fn):
+        raise TypeError("multi_steps: should_skip_update_fn must be None or a function "
+                        "(updates, gradient_step, params) -> (bool 0-d tensor, info), e.g. "
+                        f"fo.skip_not_finite; got {type(should_skip_update_fn).__name__}")
+
+
+def multi_steps(
+    inner: GradientTransformation,
+    every_k_schedule: int | Callable[[torch.Tensor], Any],
+    use_grad_mean: bool = True,
+    should_skip_update_fn: Callable[..., tuple[torch.Tensor, Any]] | None = None,
+) -> GradientTransformation:
+    """Gradient accumulation: apply ``inner`` once every ``k`` micro-steps to the accumulated
+    gradient.
+
+    With ``use_grad_mean`` (default True) ``a_m = a_{m-1} + (g_m - a_{m-1}) / m`` (the running
+    mean of micro-step ``m``), else ``a_m = a_{m-1} + g_m`` (the sum); on micro-step ``m = k``
+    the output is ``inner(a_k)`` and ``a`` resets to 0, on the others the output is 0 and
+    ``inner``'s state is unchanged.
+
+    Args:
+      inner: the transform.
+      every_k_schedule: ``k`` as an int >= 1, or a schedule ``gradient_step -> k``.
+      use_grad_mean: average (True, default) or sum (False) the micro-step gradients.
+      should_skip_update_fn: None (default) or a predicate
+        ``(updates, gradient_step, params) -> (skip, info)`` with ``skip`` a 0-d bool tensor
+        (e.g. :func:`funcopt.skip_not_finite`, or :func:`funcopt.skip_large_updates` bound
+        with ``functools.partial``). A skipped micro-step outputs zeros and leaves the whole
+        state as it was except ``skip_state``, which holds ``info``.
+
+    ``inner`` runs on every call and ``torch.where`` keeps or discards its result (no host
+    sync); the extra work is one ``inner`` step per micro-step. The accumulator has the
+    gradients' dtype (optax 0.2.8 keeps it in float32 unless given ``accumulator_dtype``).
+    Reference: optax.MultiSteps.
+    """
+    _check_multi_steps_args(inner, every_k_schedule, use_grad_mean, should_skip_update_fn)
+    skip_fn = should_skip_update_fn or _no_skip
 
     def init(params):
-        return MultiStepsState(step_counter(params), step_counter(params), inner.init(params),
-                               optree.tree_map(torch.zeros_like, params))
+        zeros = optree.tree_map(torch.zeros_like, params)
+        step = step_counter(params)
+        _, skip_state = skip_fn(zeros, step, params)
+        return MultiStepsState(step_counter(params), step, inner.init(params), zeros, skip_state)
 
     def update(updates, state, params=None, **extra):
         expect_state(state, MultiStepsState, "multi_steps")
         k = every_k_schedule(state.gradient_step) if callable(every_k_schedule) \
             else every_k_schedule
+        skip, skip_state = skip_fn(updates, state.gradient_step, params)
+        if not (isinstance(skip, torch.Tensor) and skip.dtype == torch.bool and skip.dim() == 0):
+            raise TypeError("multi_steps: should_skip_update_fn must return a 0-d bool tensor "
+                            f"first; got {skip!r}")
         acc = tree_leaves(state.acc_grads)
         leaves, treedef = engine_leaves(updates, params, "multi_steps", acc)
-        inv_m = 1.0 / (state.mini_step + 1).to(torch.float32)
-        delta = ops.mul(ops.sub(leaves, acc), inv_m) if leaves else []
-        mean = ops.add(acc, delta) if leaves else []
-        emit = state.mini_step + 1 >= k
+        if leaves and use_grad_mean:
+            inv_m = 1.0 / (state.mini_step + 1).to(torch.float32)
+            mean = ops.add(acc, ops.mul(ops.sub(leaves, acc), inv_m))
+        else:
+            mean = ops.add(acc, leaves) if leaves else []
+        emit = (state.mini_step + 1 >= k) & ~skip
         out, inner_state = inner.update(tree_unflatten(treedef, mean), state.inner_state, params,
                                         **extra)
         out_leaves, out_def = tree_flatten(out)
         out = tree_unflatten(out_def, [torch.where(emit, o, torch.zeros_like(o))
                                        for o in out_leaves])
-        new_acc = [torch.where(emit, torch.zeros_like(m), m) for m in mean]
+        new_acc = [torch.where(skip, a, torch.where(emit, torch.zeros_like(m), m))
+                   for a, m in zip(acc, mean)]
+        mini = torch.where(emit, torch.zeros_like(state.mini_step), state.mini_step + 1)
         return out, MultiStepsState(
-            torch.where(emit, torch.zeros_like(state.mini_step), state.mini_step + 1),
+            torch.where(skip, state.mini_step, mini),
             torch.where(emit, increment(state.gradient_step), state.gradient_step),
             _where_tree(emit, inner_state, state.inner_state),
             tree_unflatten(treedef, new_acc),
+            skip_state,
         )
 
     return GradientTransformation(init, update)

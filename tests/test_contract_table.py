@@ -138,6 +138,14 @@ BUILD = {
     "mechanize": lambda: fo.mechanize(fo.adam(1.0)),
     # update needs obj_fn=: contract in tests/test_breadth_sophia.py
     "sophia": None, "scale_by_sophia": None, "hutchinson_estimator_diag_hessian": None,
+    # torch.optim counterparts: ASGD, maximize, parameter averaging (swa_utils)
+    "asgd": lambda: fo.asgd(0.1, t0=1), "maximize": fo.maximize,
+    "ema_params": lambda: fo.chain(fo.sgd(0.1), fo.ema_params(0.9)),
+    "swa": lambda: fo.chain(fo.sgd(0.1), fo.swa(start=1)),
+    # update needs value=: contract in tests/test_breadth_plateau.py
+    "reduce_on_plateau": None,
+    # updates are per-example gradients (a leading batch axis): tests/test_breadth_dp.py
+    "differentially_private_aggregate": None, "dpsgd": None,
 }
 
 # Rows whose checks need more than (grads, state, params), or that cannot run under a
@@ -230,6 +238,8 @@ HYPER = {
     **{n: (getattr(fo, n), 0.7) for n in "dog dowg cocob".split()},
     "acprop": (fo.acprop, 0.05),
     "mechanize": (lambda wd: fo.mechanize(fo.sgd(1.0), weight_decay=wd), 0.1),
+    "asgd": (lambda lr: fo.asgd(lr, lambd=0.1, t0=1), 0.05),
+    "maximize-adam": (lambda lr: fo.chain(fo.maximize(), fo.adam(lr)), 0.05),
 }
 
 

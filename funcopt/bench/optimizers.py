@@ -114,6 +114,45 @@ register_optimizer("soap", lr=3e-3)(_first_order("soap"))
 register_optimizer("psgd", lr=1e-2)(_first_order("psgd_kron"))
 
 
+# the breadth of optax's aliases and optax.contrib: in --list, run with --optimizers NAME,...
+register_optimizer("radam", lr=3e-3, default=False)(_first_order("radam"))
+register_optimizer("lamb", lr=3e-3, default=False)(_first_order("lamb", weight_decay=1e-4))
+register_optimizer("adafactor", lr=1e-2, default=False)(_first_order("adafactor"))
+register_optimizer("ademamix", lr=3e-3, default=False)(_first_order("ademamix"))
+register_optimizer("prodigy", lr=1.0, default=False)(_first_order("prodigy"))
+register_optimizer("dadapt-adamw", lr=1.0, default=False)(_first_order("dadapt_adamw"))
+
+
+@register_optimizer("sam", lr=3e-3, default=False)
+def _sam(problem: Problem, lr: float) -> Runner:
+    """SAM over AdamW (optax.contrib.sam's non-opaque mode): every other step moves to the
+    adversarial point ``rho = 0.05`` along the normalised gradient; the loss shown alternates
+    between the two points."""
+    _need("sam", "normalize_by_update_norm")
+    _no_curve_fits(problem)
+    adv = fo.chain(fo.normalize_by_update_norm(), fo.scale(0.05))
+    return _gradient_runner(problem, fo.sam(fo.adamw(lr, weight_decay=1e-4), adv),
+                            schedule="constant (SAM, rho 0.05)")
+
+
+@register_optimizer("lbfgs", lr=1.0, default=False)
+def _lbfgs(problem: Problem, lr: float) -> Runner:
+    """L-BFGS with optax's zoom line search on each mini-batch's loss (its value, gradient
+    and loss function are passed to every update)."""
+    _need("lbfgs")
+    _no_curve_fits(problem)
+    tx = fo.lbfgs(lr)
+    gv = grad_and_value(problem.loss_fn)
+
+    def step(params, state, batch):
+        grads, loss = gv(params, batch)
+        updates, state = tx.update(grads, state, params, value=loss, grad=grads,
+                                   value_fn=lambda p: problem.loss_fn(p, batch))
+        return fo.apply_updates(params, updates), state, loss
+
+    return Runner(tx.init, step, settings={"schedule": "zoom line search"})
+
+
 @register_optimizer("sf-adamw", lr=1e-2)
 def _sf_adamw(problem: Problem, lr: float) -> Runner:
     _need("schedule_free_adamw", "schedule_free_eval_params")

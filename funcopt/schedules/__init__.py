@@ -23,11 +23,19 @@ Names and formulas follow optax's schedules (``optax.linear_schedule`` -> :func:
 Modules: :mod:`funcopt.schedules.base` (the :class:`Schedule` type and its checks),
 :mod:`funcopt.schedules.standard` (the
 constructors above) and :mod:`funcopt.schedules.one_based` (HeavyBall's functions of the 1-based step: PaLM's
-``beta2``, the recipes' linear warm-ups, PSGD's and SOAP's refresh probabilities).
+``beta2``, the recipes' linear warm-ups, PSGD's and SOAP's refresh probabilities),
+:mod:`funcopt.schedules.cyclic` (piecewise interpolation, cosine one-cycle, SGDR, warmup +
+exponential decay, torch's CyclicLR and CosineAnnealingWarmRestarts) and
+:mod:`funcopt.schedules.optax_names` (optax's ``*_schedule`` names for all of them).
 """
 
 from funcopt.schedules.base import Schedule, as_schedule
+from funcopt.schedules.cyclic import *  # noqa: F401,F403
+from funcopt.schedules.optax_names import *  # noqa: F401,F403
 from funcopt.schedules.standard import *  # noqa: F401,F403
 from funcopt.schedules.standard import __all__ as _standard
 
+# The constructors of cyclic.py and optax_names.py are attributes of this package; __all__
+# lists the ones whose float64-formula cases are in tests/test_schedule_validation.py
+# (those of cyclic.py are checked against optax and torch in tests/test_breadth_schedules.py).
 __all__ = ["Schedule", "as_schedule", *_standard]

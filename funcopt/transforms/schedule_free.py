@@ -33,6 +33,7 @@ from funcopt.base import (
     tree_unflatten,
 )
 from funcopt.engine import expect_state, leaves, ops, scalar_dtype
+from funcopt.schedules.base import Schedule
 from funcopt.schedules.one_based import warmup_factor
 
 __all__ = [
@@ -146,42 +147,25 @@ class ScheduleFreeState(NamedTuple):
 register_hyperparameters(ScheduleFreeState, "learning_rate")
 
 
-def schedule_free(
-    base: GradientTransformation | None,
-    learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    weight_decay: float = 0.0,
-    warmup_steps: int = 0,
-    r: float = 0.0,
-    weight_lr_power: float = 2.0,
-) -> GradientTransformation:
-    """Schedule-Free wrapper: turn a base direction into the y/z/x Schedule-Free iteration.
+def _includes_learning_rate(base_state: Any) -> bool:
+    """Whether a base's state holds a :func:`funcopt.scale_by_learning_rate` state (every
+    funcopt alias ends with one): its updates then already carry ``-learning_rate``."""
+    from funcopt.transforms.first_order import ScaleByLearningRateState
 
-    With :math:`d_t` the base transform's output at :math:`y_t` (the params given to update),
-    :math:`\\gamma_t` the learning rate times the linear warmup :math:`\\min(1, t/T_w)`:
+    stack = [base_state]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ScaleByLearningRateState):
+            return True
+        if isinstance(node, (tuple, list)):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            stack.extend(node.values())
+    return False
 
-    .. math::
-        d_t &\\leftarrow d_t + \\lambda y_t \\\\
-        w_t &= t^r (\\max_{s\\le t}\\gamma_s)^{p}, \\quad c_t = w_t / \\textstyle\\sum_{s\\le t} w_s \\\\
-        y_{t+1} &= (1-c_t) y_t + c_t z_t + \\gamma_t(\\beta_1(1-c_t) - 1) d_t \\\\
-        z_{t+1} &= z_t - \\gamma_t d_t
 
-    The returned update is :math:`y_{t+1} - y_t`. The evaluation point
-    :math:`x = y + (1 - 1/\\beta_1)(z - y)` comes from :func:`schedule_free_eval_params`.
-
-    Args:
-      base: the direction (``scale_by_bias_corrected_rms`` gives AdamW, ``None`` gives SGD).
-      learning_rate: :math:`\\gamma`, float or schedule; its current value is the state field
-        ``learning_rate`` (read from there when a float was given).
-      b1: :math:`\\beta_1`, interpolation momentum in (0, 1). Default 0.9.
-      weight_decay: :math:`\\lambda`, applied to the direction at :math:`y`. Default 0.
-      warmup_steps: :math:`T_w`, linear warmup length. Default 0.
-      r: :math:`r`, polynomial weighting power. Default 0.
-      weight_lr_power: :math:`p`, learning-rate weighting power. Default 2.
-
-    Reference: Defazio et al., "The Road Less Scheduled", https://arxiv.org/abs/2405.15682
-    (schedulefree 1.4.1). ``params`` must be passed to ``update`` (they are :math:`y_t`).
-    """
+def _check_schedule_free(learning_rate, b1, weight_decay, warmup_steps, r, weight_lr_power,
+                         base_includes_learning_rate) -> None:
     check_hyperparameter("learning_rate", learning_rate, low=0.0)
     check_hyperparameter("b1", b1, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
     check_hyperparameter("weight_decay", weight_decay, low=0.0)
@@ -190,24 +174,104 @@ def schedule_free(
     check_hyperparameter("weight_lr_power", weight_lr_power, low=0.0)
     if not isinstance(b1, (int, float, torch.Tensor)):  # a schedule (other types failed above)
         raise TypeError("schedule_free: b1 must be a number (it defines the evaluation point)")
+    if base_includes_learning_rate not in (None, True, False):
+        raise TypeError("schedule_free: base_includes_learning_rate must be None (detect), "
+                        f"True or False; got {base_includes_learning_rate!r}")
+
+
+def _step_size(learning_rate, stored: Tensor, count: Tensor, like: Tensor) -> Tensor:
+    """The learning rate at ``count`` as a 0-d tensor of ``like``'s dtype (a schedule is
+    evaluated in that dtype: float64 where the parameters are float64)."""
+    if isinstance(learning_rate, Schedule):
+        return _scalar(learning_rate(count, dtype=like.dtype), like)
+    return _scalar(current_learning_rate(learning_rate, stored, count), like)
+
+
+def schedule_free(
+    base: GradientTransformation | None,
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 0,
+    r: float = 0.0,
+    weight_lr_power: float = 2.0,
+    *,
+    base_includes_learning_rate: bool | None = None,
+) -> GradientTransformation:
+    r"""Schedule-Free wrapper: turn a base direction into the y/z/x Schedule-Free iteration.
+
+    With :math:`s_t` the base step at :math:`y_t` (the params given to update), either
+    :math:`s_t = -\gamma_t (d_t + \lambda y_t)` for a base that gives a direction :math:`d_t`
+    (funcopt's convention: ``scale_by_adam()``, ``None`` for SGD) with :math:`\gamma_t` the
+    learning rate times the linear warmup :math:`\min(1, t/T_w)`, or :math:`s_t = u_t`, the
+    base's update, for a base that already includes the learning rate (optax's convention:
+    ``fo.adamw(lr)``, ``fo.sgd(lr)``):
+
+    .. math::
+        w_t &= t^r (\max_{s\le t}\gamma_s)^{p}, \quad c_t = w_t / \textstyle\sum_{s\le t} w_s \\
+        y_{t+1} &= (1-c_t) y_t + c_t z_t + (1 - \beta_1(1-c_t)) s_t \\
+        z_{t+1} &= z_t + s_t
+
+    The returned update is :math:`y_{t+1} - y_t`. The evaluation point
+    :math:`x = y + (1 - 1/\beta_1)(z - y)` comes from :func:`schedule_free_eval_params`.
+
+    Args:
+      base: the direction (``scale_by_bias_corrected_rms`` gives AdamW, ``None`` gives SGD),
+        or an optax-style base whose updates include ``-learning_rate`` (see below).
+      learning_rate: :math:`\gamma`, float or schedule; its current value is the state field
+        ``learning_rate`` (read from there when a float was given). With an optax-style base
+        it only weights the average (the base applies it), evaluated at the 1-based step as
+        optax.contrib.schedule_free does.
+      b1: :math:`\beta_1`, interpolation momentum in (0, 1). Default 0.9.
+      weight_decay: :math:`\lambda`, applied to the direction at :math:`y`. Default 0.
+      warmup_steps: :math:`T_w`, linear warmup length. Default 0.
+      r: :math:`r`, polynomial weighting power. Default 0.
+      weight_lr_power: :math:`p`, learning-rate weighting power. Default 2.
+      base_includes_learning_rate: None (default) detects it: a base whose state holds a
+        :func:`funcopt.scale_by_learning_rate` state (every funcopt alias: ``sgd``, ``adamw``
+        ...) includes it; True declares it (e.g. a base ending in ``scale(-lr)``); False
+        declares a direction. With an optax-style base, ``weight_decay`` and ``warmup_steps``
+        must be 0 (put them in the base and in ``learning_rate``, as optax does); otherwise
+        ``init`` raises ValueError.
+
+    Scalars (weights, learning rate, :math:`\beta_1`) are float64 where the parameters are.
+    Reference: Defazio et al., "The Road Less Scheduled", https://arxiv.org/abs/2405.15682
+    (schedulefree 1.4.1; optax.contrib.schedule_free). ``params`` must be passed to
+    ``update`` (they are :math:`y_t`).
+    """
+    _check_schedule_free(learning_rate, b1, weight_decay, warmup_steps, r, weight_lr_power,
+                         base_includes_learning_rate)
     if base is None:
         from funcopt.compose import identity  # layer 4, lazily: transforms sit beneath it
 
         base = identity()
 
+    def optax_style(base_state: Any) -> bool:
+        if base_includes_learning_rate is not None:
+            return base_includes_learning_rate
+        return _includes_learning_rate(base_state)
+
     def init(params):
         count = step_counter(params)
         lr0 = resolve(learning_rate, count)
         like = torch.zeros((), dtype=scalar_dtype(tree_leaves(params)), device=count.device)
+        base_state = base.init(params)
+        if optax_style(base_state) and (_nonzero(weight_decay) or _nonzero(warmup_steps)):
+            raise ValueError(
+                "schedule_free: the base already includes the learning rate (optax's "
+                "convention), so weight_decay and warmup_steps must be 0: chain "
+                "add_decayed_weights into the base and give a warmup schedule as learning_rate "
+                "(and to the base), or pass a direction such as scale_by_adam()")
         return ScheduleFreeState(
             count, _scalar(lr0, like).clone(), torch.full_like(like, -1.0),
             like, _scalar(b1, like).clone(),
-            [p.detach().clone() for p in tree_leaves(params)], base.init(params))
+            [p.detach().clone() for p in tree_leaves(params)], base_state)
 
     def update(updates, state, params=None, **extra):
         expect_state(state, ScheduleFreeState, "schedule_free")
         params = require_params(params, "schedule_free")
         leaves(updates, params, "schedule_free", tree_leaves(state.z))
+        includes_lr = optax_style(state.base_state)
         d, base_state = base.update(updates, state.base_state, params, **extra)
         d, treedef = tree_flatten(d)
         y = tree_leaves(params)
@@ -217,7 +281,8 @@ def schedule_free(
         elif weight_decay != 0:
             d = ops.add(d, y, alpha=weight_decay)
         count = increment(state.count)
-        lr = _scalar(current_learning_rate(learning_rate, state.learning_rate, state.count), like)
+        lr = _step_size(learning_rate, state.learning_rate,
+                        count if includes_lr else state.count, like)
         t = count.to(like.dtype)
         lr_t = lr * warmup_factor(t, _scalar(warmup_steps, like))
         lr_max = torch.maximum(lr_t, state.lr_max)
@@ -226,15 +291,18 @@ def schedule_free(
         ckp1 = torch.where(weight_sum > 0, weight / weight_sum, torch.zeros_like(weight))
         if not y:
             return tree_unflatten(treedef, []), state
-        diff = ops.sub(state.z, y)
-        step = ops.mul(diff, _per_leaf(ckp1, y))
-        step = ops.add(step, ops.mul(
-            d, _per_leaf(lr_t * (state.b1 * (1 - ckp1) - 1), y)))
-        z = _cast_like(ops.sub(state.z, ops.mul(d, _per_leaf(lr_t, y))), y)
+        s = d if includes_lr else ops.mul(d, _per_leaf(-lr_t, y))
+        step = ops.mul(ops.sub(state.z, y), _per_leaf(ckp1, y))
+        step = ops.add(step, ops.mul(s, _per_leaf(1 - state.b1 * (1 - ckp1), y)))
+        z = _cast_like(ops.add(state.z, s), y)
         new_state = ScheduleFreeState(count, lr, lr_max, weight_sum, state.b1, z, base_state)
         return tree_unflatten(treedef, _cast_like(step, y)), new_state
 
     return GradientTransformation(init, update)
+
+
+def _nonzero(value: Any) -> bool:
+    return isinstance(value, Tensor) or callable(value) or value != 0
 
 
 def schedule_free_adamw(
@@ -256,7 +324,7 @@ def schedule_free_adamw(
         state = tx.init(params)
         updates, state = tx.update(grads, state, params)
         params = fo.apply_updates(params, updates)
-        eval_params = fo.schedule_free_eval_params(params, state)
+        eval_params = fo.schedule_free_eval_params(state, params)
     """
     return schedule_free(scale_by_bias_corrected_rms(b2, eps), learning_rate, b1, weight_decay,
                          warmup_steps, r, weight_lr_power)
@@ -291,17 +359,22 @@ def _find_schedule_free_state(state: Any) -> ScheduleFreeState | None:
     return None
 
 
-def schedule_free_eval_params(params: PyTree, state: Any) -> PyTree:
+def schedule_free_eval_params(state: Any, params: PyTree) -> PyTree:
     """The parameters to evaluate with: :math:`x = y + (1 - 1/\\beta_1)(z - y)`.
 
-    ``params`` are the training parameters :math:`y` (those given to ``update``); ``state`` is
-    a :func:`schedule_free` state or any state tree containing one (e.g. a ``chain``'s).
+    ``state`` is a :func:`schedule_free` state or any state tree containing one (e.g. a
+    ``chain``'s); ``params`` are the training parameters :math:`y` (those given to ``update``).
+    The order is optax's ``(state, params)``; the reversed order ``(params, state)`` is
+    recognised (by which argument holds the ScheduleFreeState) and gives the same result.
     This is schedulefree's ``optimizer.eval()`` without mutating anything.
     """
     sf = _find_schedule_free_state(state)
     if sf is None:
+        sf, params = _find_schedule_free_state(params), state
+    if sf is None:
         raise ValueError("schedule_free_eval_params: no ScheduleFreeState found in state; pass "
-                         "the state of a transform built with fo.schedule_free(...)")
+                         "(state, params) with the state of a transform built with "
+                         "fo.schedule_free(...)")
     y, treedef = tree_flatten(params)
     if len(y) != len(sf.z):
         raise ValueError(f"schedule_free_eval_params: params have {len(y)} leaves but the state "
