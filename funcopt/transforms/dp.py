@@ -179,10 +179,10 @@ def dpsgd(
     per-example gradients (leading batch axis). Reference: Abadi et al. 2016; optax.contrib
     ``dpsgd``.
     """
-    import funcopt as fo
+    from funcopt.transforms.scaling import scale_by_learning_rate, trace
 
     return chain(
         differentially_private_aggregate(l2_norm_clip, noise_multiplier, seed),
-        fo.trace(decay=momentum, nesterov=nesterov) if momentum is not None else identity(),
-        fo.scale_by_learning_rate(learning_rate),
+        trace(decay=momentum, nesterov=nesterov) if momentum is not None else identity(),
+        scale_by_learning_rate(learning_rate),
     )
