@@ -34,6 +34,8 @@ def _elementwise_alias(alias: Callable[..., GradientTransformation]) -> Callable
     @functools.wraps(alias)
     def build(*args: Any, **kwargs: Any) -> GradientTransformation:
         tx = alias(*args, **kwargs)
+        if torch.compiler.is_compiling():  # rebuilt inside a traced step (inject_hyperparams):
+            return tx  # the mark is for fo.Optimizer, which builds its groups outside
         mask = signature.bind(*args, **kwargs).arguments.get("mask")
         return tx if mask is not None else elementwise(tx)
 
