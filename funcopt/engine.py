@@ -295,7 +295,9 @@ def current_learning_rate(learning_rate: Any, stored: Tensor, step: Tensor) -> T
     the next update.
     """
     if callable(learning_rate):
-        value = learning_rate(step)
+        # a Schedule takes the dtype to compute in (float64 values for float64 parameters)
+        takes_dtype = type(learning_rate).__name__ == "Schedule"
+        value = learning_rate(step, stored.dtype) if takes_dtype else learning_rate(step)
     elif isinstance(learning_rate, Tensor):
         value = learning_rate
     else:

@@ -257,3 +257,26 @@ def test_float16_adam_with_small_gradients_stays_finite_and_moves(name):
     assert bool(torch.isfinite(p16["w"]).all())
     torch.testing.assert_close(p16["w"].float(), p32["w"], rtol=0, atol=2e-3)
     assert float(p16["w"][0]) < 0.995  # it moved (10 steps of about -1e-3)
+
+
+def test_a_schedule_learning_rate_is_computed_in_the_parameters_float64():
+    sched = fo.schedules.warmup_cosine_decay(0.0, 0.1, 5, 50)
+    tx = fo.scale_by_learning_rate(sched)
+    p = torch.ones(3, dtype=torch.float64)
+    for step in (1, 3, 7, 31):
+        _, s = tx.update(p, tx.init(p)._replace(count=torch.tensor(step)), p)
+        if step < 5:
+            want = 0.1 * step / 5
+        else:
+            want = 0.5 * 0.1 * (1 + math.cos(math.pi * (step - 5) / 45))
+        assert s.learning_rate.dtype == torch.float64
+        assert abs(float(s.learning_rate) - want) <= 1e-15, (step, float(s.learning_rate), want)
+
+
+def test_psgd_warmup_is_float64():
+    from funcopt.schedules.one_based import psgd_warmup
+
+    lr = psgd_warmup(0.3, 7)
+    for c in (0, 2, 6, 40):
+        t = c + 1
+        assert abs(float(lr(torch.tensor(c))) - 0.3 * t / max(t, 8)) <= 1e-16

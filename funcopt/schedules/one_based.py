@@ -63,7 +63,11 @@ def host_linear_warmup(lr: float, warmup_steps: int) -> Any:
 
 def psgd_warmup(lr: float | Tensor, warmup_steps: int) -> Callable[[Tensor], Tensor]:
     """HeavyBall 3.2.1 PSGD's ``lr * t / max(t, T_w + 1)`` at ``t = count + 1``."""
-    return lambda c: lr * (c + 1) / torch.clamp(c + 1, min=warmup_steps + 1)
+    def value(c: Tensor) -> Tensor:
+        t = torch.as_tensor(c).to(torch.float64) + 1  # float64: int counters divide in float32
+        return lr * t / torch.clamp(t, min=warmup_steps + 1)
+
+    return value
 
 
 def precond_update_prob_schedule(
