@@ -34,8 +34,8 @@ __all__: list[str] = []
 def can_flatten(tx: GradientTransformation, params: list[torch.Tensor]) -> bool:
     """Whether a group of ``params`` can run ``tx`` on flat storage: ``tx`` is marked
     element-wise and every parameter is a plain, contiguous floating-point tensor that requires
-    grad, on one device, with storage of its own (no DTensor or other subclass, no sparse,
-    expanded or frozen parameter, none a view of another's memory). Other groups run on the
+    grad, on one device, none overlapping another's memory (no DTensor or other subclass, no
+    sparse, expanded or frozen parameter, no parameter viewing another's elements). Other groups run on the
     list of parameters, which keeps torch.optim's behaviour for those cases."""
     from funcopt.engine import is_elementwise
 
@@ -46,8 +46,11 @@ def can_flatten(tx: GradientTransformation, params: list[torch.Tensor]) -> bool:
                and p.is_contiguous() and p.requires_grad and p.device == device
                and device.type in ("cpu", "cuda") for p in params):
         return False
-    storages = {p.untyped_storage().data_ptr() for p in params if p.numel()}
-    return len(storages) == sum(1 for p in params if p.numel())
+    # no two parameters may share memory (tied views would be untied by the copy); views of
+    # one buffer that do not overlap (an earlier flat group's) are fine
+    spans = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size())
+                   for p in params if p.numel())
+    return all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
 
 
 class FlatGroup:

@@ -192,3 +192,15 @@ def test_cuda_adapter_compiles_captures_and_keeps_torch_fused_memory():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     largest = 4096 * 1024 * 4
     assert fo_peak <= 1.05 * torch_peak + largest, (fo_peak, torch_peak)
+
+
+def test_a_second_optimizer_over_the_same_model_resumes_the_first():
+    """Rebuilding the optimizer in the same process (its parameters are now views of the first
+    one's buffer) gives a flat group again, which loads the first one's state dict."""
+    model = _model()
+    opt = fo.Optimizer(model.parameters(), fo.adamw(1e-2))
+    _train(model, opt, 2)
+    opt2 = fo.Optimizer(model.parameters(), fo.adamw(1e-2))
+    assert opt2._flat[0] is not None
+    opt2.load_state_dict(opt.state_dict())
+    assert torch.equal(opt2.transform_states[0][0].mu[0], opt.transform_states[0][0].mu[0])
