@@ -53,10 +53,11 @@ def _damped_inverse(m: Tensor, gamma: Tensor) -> Tensor:
     tracing, both are computed and ``torch.where`` picks (no host read; the eager path checks
     its input and decides on the host)."""
     from funcopt import solvers
+    from funcopt.solvers.operators import dense
 
     work = m if m.dtype in (torch.float32, torch.float64) else m.float()
     damped = work + gamma.to(work.dtype) * kr.eye(work.shape[0], work.dtype, work.device)
-    op = solvers.dense(damped, symmetric=True, positive_definite=True)
+    op = dense(damped, symmetric=True, positive_definite=True)
     eye = kr.eye(work.shape[0], work.dtype, work.device)
     solver = solvers.Fallback(solvers.Cholesky(), solvers.SVD(hermitian=True), eager=not is_tracing())
     if is_tracing():
