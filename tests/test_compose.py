@@ -448,12 +448,17 @@ def test_injected_learning_rate_changes_the_next_update_of_an_alias():
 def test_inject_hyperparams_keeps_function_arguments_and_expands_kwargs():
     p = {"w": torch.randn(4, 3), "b": torch.randn(3)}
     g = {"w": torch.randn(4, 3), "b": torch.randn(3)}
-    for factory in (fo.adopt, fo.psgd_kron):  # adopt has clip_value_fn; psgd_kron takes **kwargs
+    def with_kwargs(learning_rate, **kwargs):  # a factory that takes **kwargs
+        return fo.adamw(learning_rate, **kwargs)
+
+    for factory in (fo.adopt, fo.psgd_kron, with_kwargs):  # adopt has clip_value_fn
         tx = fo.inject_hyperparams(factory)(learning_rate=1e-2)
         state = tx.init(p)
         u, state = tx.update(g, state, p)
         assert "learning_rate" in state.hyperparams
         assert all(torch.isfinite(x).all() for x in fo.tree_leaves(u))
+    tx = fo.inject_hyperparams(with_kwargs)(learning_rate=1e-2, weight_decay=0.5)
+    assert float(tx.init(p).hyperparams["weight_decay"]) == 0.5  # a **kwargs value is injected
     tx = fo.inject_hyperparams(fo.levenberg_marquardt)(lambda q: q["b"] - 1.0)
     with pytest.raises(ValueError, match="static_args"):
         tx.init(p)
