@@ -353,9 +353,12 @@ def psgd_kron(
       weight_decay: :math:`\\lambda`, decoupled (scaled by the learning rate). Default 0.
       warmup_steps: :math:`T_w`, HeavyBall's linear warmup. Default 0.
       update_clipping: apply :func:`scale_by_trust_region_clip` (HeavyBall's default). Default True.
-      preconditioner_update_probability, momentum_into_precond_update, precond_lr, options,
-        seed: passed to :func:`scale_by_psgd_kron` (defaults: HeavyBall's schedule
-        :func:`precond_update_prob_schedule`, True, 0.1, ``PsgdKronOptions()``, 0).
+      preconditioner_update_probability: passed to :func:`scale_by_psgd_kron` (default
+        HeavyBall's schedule :func:`precond_update_prob_schedule`).
+      momentum_into_precond_update: passed on (default True).
+      precond_lr: passed on (default 0.1).
+      options: passed on (default ``PsgdKronOptions()``).
+      seed: passed on (default 0).
 
     Reference: https://arxiv.org/abs/1512.04202; HeavyBall 3.2.1 ``PSGDKron``.
     """
