@@ -40,10 +40,11 @@ def _run_fo(tx, steps=30, poison=False):
 def _run_optax(tx, steps=30, poison=False):
     p = {k: jnp.asarray(v) for k, v in P0.items()}
     state, out = tx.init(p), []
+    update, grad = jax.jit(tx.update), jax.jit(jax.grad(jax_loss))  # eager jax dispatch is slow
     for i in range(steps):
-        g = jax.grad(jax_loss)(p)
+        g = grad(p)
         g = _poison(g, i, "jax") if poison else g
-        u, state = tx.update(g, state, p)
+        u, state = update(g, state, p)
         p = optax.apply_updates(p, u)
         out.append({k: np.asarray(v) for k, v in p.items()})
     return out, state
