@@ -175,15 +175,25 @@ def _check_donatable(dst: list[Any], src: list[Any]) -> None:
                              "return a copy (e.g. x.clone()) or use the pure step")
 
 
-def _check_disjoint(dst: list[Any], who: str) -> list[tuple[Any, int, int, int]]:
-    """Refuse inputs that share memory (writing one would overwrite another); returns the
-    inputs' byte spans sorted by device and start, as ``(device, start, end, position)``."""
-    spans = sorted((d.device, *_span(d), i) for i, d in enumerate(dst) if d.numel())
+def _overlapping(tensors: Sequence[torch.Tensor]) -> tuple[list[tuple[Any, int, int, int]],
+                                                         tuple[int, int] | None]:
+    """The tensors' byte spans sorted by device and start, as ``(device, start, end,
+    position)``, and the positions of the first two that share memory (None if none do)."""
+    spans = sorted((t.device, *_span(t), i) for i, t in enumerate(tensors) if t.numel())
     for (dev0, _, end0, i), (dev1, start1, _, j) in zip(spans, spans[1:]):
         if dev0 == dev1 and start1 < end0:
-            raise ValueError(f"{who}: inputs {i} and {j} (params then state, in tree order) share "
-                             "memory, so writing one overwrites the other; give each leaf its own "
-                             "tensor (e.g. clone the state's) or use the pure step")
+            return spans, (i, j)
+    return spans, None
+
+
+def _check_disjoint(dst: list[Any], who: str) -> list[tuple[Any, int, int, int]]:
+    """Refuse inputs that share memory (writing one would overwrite another); returns the
+    inputs' spans (see :func:`_overlapping`)."""
+    spans, pair = _overlapping(dst)
+    if pair is not None:
+        raise ValueError(f"{who}: inputs {pair[0]} and {pair[1]} (params then state, in tree "
+                         "order) share memory, so writing one overwrites the other; give each "
+                         "leaf its own tensor (e.g. clone the state's) or use the pure step")
     return spans
 
 
@@ -369,8 +379,7 @@ def jit(step: Callable[..., tuple[Any, Any]], *, graph: bool | None = None,
 def _donating(step: Callable[..., tuple[Any, Any]]) -> Callable[..., tuple[Any, Any]]:
     """``step`` whose results are written into its inputs (what ``fo.donated`` does), for
     tracing: a result that cannot be written back (another number of leaves, shape, dtype or
-    device)
-    returns ``(message, text)`` instead of raising, since an error raised while
+    device) returns ``("refused", message)`` instead of raising, since an error raised while
     ``torch.compile`` traces reaches the caller only as an unclear "observed exception"."""
 
     def core(params: Any, state: Any, *args: Any) -> tuple[Any, Any]:

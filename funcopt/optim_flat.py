@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from funcopt.base import GradientTransformation, OptState, apply_updates, tree_leaves, tree_map
-from funcopt.flat import jit, ravel
+from funcopt.flat import _overlapping, jit, ravel
 
 __all__: list[str] = []
 
@@ -48,9 +48,7 @@ def can_flatten(tx: GradientTransformation, params: list[torch.Tensor]) -> bool:
         return False
     # no two parameters may share memory (tied views would be untied by the copy); views of
     # one buffer that do not overlap (an earlier flat group's) are fine
-    spans = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size())
-                   for p in params if p.numel())
-    return all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+    return _overlapping(params)[1] is None
 
 
 class FlatGroup:
@@ -67,7 +65,6 @@ class FlatGroup:
         self.grad_views = tree_leaves(self.unravel(self.grad_flat))
         self.ptrs = [v.data_ptr() for v in self.views]
         self.grad_ptrs = [v.data_ptr() for v in self.grad_views]
-        self.dtypes = [p.dtype for p in params]
         self.fast = jit(self._pure_step) if compile else None
         self.written: dict[str, Any] = {}
         me = weakref.ref(self)
@@ -89,16 +86,16 @@ class FlatGroup:
         # the usual case, checked in two passes of plain integers: every parameter and
         # gradient is still its view (a step over 1,000 tensors spends ~0.1 ms here)
         if ([p.data_ptr() for p in self.params] == self.ptrs
-                and [-1 if p.grad is None else p.grad.data_ptr() for p in self.params] == self.grad_ptrs):
+                and [-1 if (g := p.grad) is None else g.data_ptr() for p in self.params] == self.grad_ptrs):
             return []
         missing = []
         with torch.no_grad():
             for i, (p, v, gv) in enumerate(zip(self.params, self.views, self.grad_views)):
-                if p.dtype != self.dtypes[i] or p.device != v.device or p.shape != v.shape:
+                if p.dtype != v.dtype or p.device != v.device or p.shape != v.shape:
                     raise RuntimeError(
                         f"parameter {i} now has shape {tuple(p.shape)}, dtype {p.dtype} and device "
                         f"{p.device}, but its param group was built for shape {tuple(v.shape)}, "
-                        f"dtype {self.dtypes[i]} and device {v.device}: build the optimizer after "
+                        f"dtype {v.dtype} and device {v.device}: build the optimizer after "
                         "moving, casting or reshaping the model (model.to(...)), as torch.optim "
                         "needs")
                 if p.data_ptr() != v.data_ptr():  # moved since (p.data = ..., a reload)
