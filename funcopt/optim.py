@@ -28,8 +28,8 @@ number to the transform when an LR scheduler should drive it.
 
 Flat storage: a group whose transform is element-wise (:func:`funcopt.elementwise`; the
 aliases ``adamw``, ``adam``, ``sgd``, ``lion``, ``rmsprop`` ... mark themselves when no
-weight-decay ``mask`` is given) and whose parameters are plain dense tensors on one device
-keeps its parameters, gradients and state in one buffer each (``p.data`` and ``p.grad`` become
+weight-decay ``mask`` is given) and whose parameters are plain, contiguous, trainable tensors
+on one device that do not overlap in memory keeps its parameters, gradients and state in one buffer each (``p.data`` and ``p.grad`` become
 views of them; see :mod:`funcopt.optim_flat`). Its peak memory is then that of torch's fused
 AdamW (parameters, gradients, state), and on a CUDA device its step is compiled and captured
 as one CUDA graph (:func:`funcopt.jit`; the first steps compile, a few seconds). Other groups

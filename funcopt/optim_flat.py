@@ -85,9 +85,13 @@ class FlatGroup:
         zeroed), or None when no parameter has a gradient."""
         # the usual case, checked in two passes of plain integers: every parameter and
         # gradient is still its view (a step over 1,000 tensors spends ~0.1 ms here)
-        if ([p.data_ptr() for p in self.params] == self.ptrs
-                and [-1 if (g := p.grad) is None else g.data_ptr() for p in self.params] == self.grad_ptrs):
-            return []
+        try:
+            if ([p.data_ptr() for p in self.params] == self.ptrs
+                    and [-1 if (g := p.grad) is None else g.data_ptr() for p in self.params]
+                    == self.grad_ptrs):
+                return []
+        except RuntimeError:  # a gradient without storage (sparse): refused below
+            pass
         missing = []
         with torch.no_grad():
             for i, (p, v, gv) in enumerate(zip(self.params, self.views, self.grad_views)):
@@ -102,12 +106,12 @@ class FlatGroup:
                     v.copy_(p.data)
                     p.data = v
                 g = p.grad
+                if g is not None and g.is_sparse:
+                    raise RuntimeError("funcopt.Optimizer does not support sparse gradients")
                 if g is None:
                     missing.append(i)
                     gv.zero_()
                 elif g.data_ptr() != gv.data_ptr():
-                    if g.is_sparse:
-                        raise RuntimeError("funcopt.Optimizer does not support sparse gradients")
                     gv.copy_(g)
                     p.grad = gv
         return None if len(missing) == len(self.params) else missing
@@ -151,7 +155,7 @@ class _GradIntoView:
             return
         gv = group.grad_views[self.i]
         g = p.grad
-        if g.data_ptr() == gv.data_ptr() or g.is_sparse or g.shape != gv.shape or g.dtype != gv.dtype:
+        if g.is_sparse or g.data_ptr() == gv.data_ptr() or g.shape != gv.shape or g.dtype != gv.dtype:
             return  # already the view, or a gradient the step will refuse or copy
         with torch.no_grad():
             gv.copy_(g)

@@ -204,3 +204,11 @@ def test_a_second_optimizer_over_the_same_model_resumes_the_first():
     assert opt2._flat[0] is not None
     opt2.load_state_dict(opt.state_dict())
     assert torch.equal(opt2.transform_states[0][0].mu[0], opt.transform_states[0][0].mu[0])
+
+
+def test_a_sparse_gradient_is_refused_with_a_clear_error():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = fo.Optimizer(emb.parameters(), fo.sgd(0.1))
+    emb(torch.tensor([1, 2])).sum().backward()  # the gradient hook leaves a sparse one alone
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
