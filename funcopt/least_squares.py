@@ -82,17 +82,22 @@ def memory_path(m: int, n: int, itemsize: int, budget: int | None) -> str:
                      f"4 (m + n) = {4 * (m + n) * itemsize} bytes for m={m}, n={n}; raise it")
 
 
-def _matrix_free_options(m: int, itemsize: int, budget: int, rule: DampingRule,
+def _matrix_free_options(m: int, dtype: torch.dtype, budget: int, rule: DampingRule,
                          options: dict) -> tuple[Any, DampingRule, dict]:
     """``(solver, rule, options)`` of the matrix-free path: CG with the Jacobi
     preconditioner ``1 / (diag(J^T J) + lambda)`` from column norms (Jacobian-vector products
     in chunks of ``budget / (4 m)`` columns), D = I, and ``Nielsen()`` in place of the trust
-    region (which needs an SVD of J)."""
+    region (which needs an SVD of J). CG's relative tolerance is ``max(1e-10, 100 eps)``
+    (``eps`` of ``dtype``): 1e-10 in float64, 1.2e-5 in float32, where CG's true residual
+    stalls near ``eps`` times the condition number and a tolerance of 1e-10 fails every
+    solve."""
     from funcopt.solvers import CG
 
+    itemsize = torch.finfo(dtype).bits // 8
     chunk = max(1, budget // (4 * m * itemsize))
     rule = Nielsen() if isinstance(rule, TrustRegion) else rule
-    return (CG(tol=1e-10, preconditioner="jacobi"), rule,
+    tol = max(1e-10, 100 * torch.finfo(dtype).eps)
+    return (CG(tol=tol, preconditioner="jacobi"), rule,
             {**options, "scaling": False, "chunk_size": options.get("chunk_size", chunk)})
 
 
@@ -219,8 +224,9 @@ def least_squares(
             (see :mod:`funcopt.least_squares_batched`). Default False.
         memory_budget: bytes the linear algebra may use (None: no limit). The path follows
             :func:`memory_path`: dense while ``m n + min(m, n)^2`` numbers fit, else
-            matrix-free (CG on Jacobian-vector products with a Jacobi preconditioner from
-            column norms, ``Nielsen()`` in place of ``TrustRegion()``, ``D = I``);
+            matrix-free (CG to a relative residual of ``max(1e-10, 100 eps)`` on
+            Jacobian-vector products with a Jacobi preconditioner from column norms,
+            ``Nielsen()`` in place of ``TrustRegion()``, ``D = I``);
             ``info.path`` says which.
         **options: the other options of :func:`levenberg_marquardt`: ``scaling``,
             ``max_attempts``, ``accept_ratio``, ``form``, ``jacobian_mode``, ``chunk_size``.
@@ -251,8 +257,7 @@ def least_squares(
     path = memory_path(m, x.numel(), x.element_size(), memory_budget)
     if path == "matrix-free":
         assert memory_budget is not None
-        solver, rule, options = _matrix_free_options(m, x.element_size(), memory_budget, rule,
-                                                     options)
+        solver, rule, options = _matrix_free_options(m, x.dtype, memory_budget, rule, options)
     tx = levenberg_marquardt(residual_fn, rule=rule, geodesic=geodesic, solver=solver,
                              **options)
     t = tolerances
