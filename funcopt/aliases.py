@@ -15,6 +15,7 @@ import torch
 from funcopt.base import GradientTransformation, ScalarOrSchedule, Tensor
 from funcopt.compose import chain
 from funcopt.engine import elementwise
+from funcopt.torch_kernels import with_kernel
 from funcopt.transforms import first_order as fo
 from funcopt.transforms import per_coordinate as ad
 from funcopt.transforms.weight_decay import add_decayed_weights
@@ -81,7 +82,11 @@ def sgd(
         raise ValueError("sgd: nesterov=True needs momentum; pass momentum=0.9 (say)")
     momentum_tx = () if momentum is None else (
         fo.trace(momentum, nesterov, accumulator_dtype, dampening=dampening),)
-    return chain(*_decay(weight_decay), *momentum_tx, fo.scale_by_learning_rate(learning_rate))
+    tx = chain(*_decay(weight_decay), *momentum_tx, fo.scale_by_learning_rate(learning_rate))
+    if accumulator_dtype is not None:
+        return tx
+    return with_kernel(tx, "sgd", learning_rate, momentum=momentum, nesterov=nesterov,
+                       dampening=dampening, weight_decay=weight_decay)
 
 
 @_elementwise_alias
@@ -135,12 +140,16 @@ def adamw(
     Reference: Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019;
     optax ``adamw``; torch.optim.AdamW.
     """
-    return chain(
+    tx = chain(
         fo.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nesterov=nesterov,
                          amsgrad=amsgrad),
         *_decay(weight_decay, mask),
         fo.scale_by_learning_rate(learning_rate),
     )
+    if mask is not None or nesterov or amsgrad or eps_root != 0 or mu_dtype is not None:
+        return tx
+    return with_kernel(tx, "adamw", learning_rate, b1=b1, b2=b2, eps=eps,
+                       weight_decay=weight_decay)
 
 
 @_elementwise_alias

@@ -59,6 +59,7 @@ from funcopt.base import (
     PyTree,
     hyperparameter_fields,
     tree_leaves,
+    tree_map,
 )
 from funcopt.checkpoint import tree_from_state_dict, tree_to_state_dict
 from funcopt.engine import ops
@@ -89,6 +90,10 @@ def _declared(node: Any) -> list[tuple[str, torch.Tensor]]:
         elif _scalar(value):
             out.append((f, value))
     return out
+
+
+def _copy(x: Any) -> Any:
+    return x.clone() if isinstance(x, torch.Tensor) else x
 
 
 def find_hyperparams(state: OptState) -> dict[str, torch.Tensor]:
@@ -385,7 +390,7 @@ class Optimizer(torch.optim.Optimizer):
             state, names = self.transform_states[i], self._hyper_names[i]
             if names:
                 _check_values(group, names)
-                flat.write_hyperparams(find_hyperparams(state), _from_group(group, names))
+                flat.write_hyperparams(state, _from_group(group, names), find_hyperparams)
             self.transform_states[i] = flat.step(state, missing, extra)
             return
         params: list[torch.Tensor] = group["params"]
@@ -412,7 +417,8 @@ class Optimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ state_dict
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"state": {group index: tree dict}, "param_groups": [...], "format": ...}``."""
+        """``{"state": {group index: tree dict}, "param_groups": [...], "format": ...}``: a
+        snapshot, which later steps do not change."""
         groups: list[dict[str, Any]] = []
         start = 0
         for g in self.param_groups:
@@ -420,7 +426,10 @@ class Optimizer(torch.optim.Optimizer):
             packed["params"] = list(range(start, start + len(g["params"])))
             start += len(g["params"])
             groups.append(packed)
-        states = {i: tree_to_state_dict(s) for i, s in enumerate(self.transform_states)}
+        # flat groups update their state in place (torch's kernels, fo.jit): a copy keeps
+        # this dict a snapshot that later steps do not change
+        states = {i: tree_to_state_dict(s if f is None else tree_map(_copy, s))
+                  for i, (s, f) in enumerate(zip(self.transform_states, self._flat))}
         # a flat group's state has one tensor per moment for all its parameters: only the
         # parameters' shapes tell two groups of equal total size apart
         shapes = {i: [list(p.shape) for p in g["params"]] for i, g in enumerate(self.param_groups)}

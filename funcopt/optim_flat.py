@@ -13,7 +13,8 @@ numbers on one buffer as on the list of parameters, so a group that runs one kee
 
 A step is ``u, s = tx.update(g, s, p); p += u`` on the buffers: a handful of kernels over all
 parameters in eager mode, one compiled kernel (and on CUDA one graph replay) with
-:func:`funcopt.jit`. Anything that moved a parameter to other memory since (``p.data = ...``,
+:func:`funcopt.jit`; off CUDA, plain :func:`funcopt.adamw` and :func:`funcopt.sgd` run torch's
+fused kernels on the buffers (:mod:`funcopt.torch_kernels`). Anything that moved a parameter to other memory since (``p.data = ...``,
 ``model.to(...)`` with the same dtype and device) is copied back into the buffer before the
 step; a changed dtype or device is refused.
 """
@@ -21,12 +22,14 @@ step; a changed dtype or device is refused.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from funcopt.base import GradientTransformation, OptState, apply_updates, tree_leaves, tree_map
 from funcopt.flat import _overlapping, jit, ravel
+from funcopt.torch_kernels import kernel_for
 
 __all__: list[str] = []
 
@@ -66,7 +69,11 @@ class FlatGroup:
         self.ptrs = [v.data_ptr() for v in self.views]
         self.grad_ptrs = [v.data_ptr() for v in self.grad_views]
         self.fast = jit(self._pure_step) if compile else None
+        # torch's fused AdamW/SGD (on a CPU; CUDA compiles)
+        self.kernel = kernel_for(tx) if params[0].device.type == "cpu" else None
         self.written: dict[str, Any] = {}
+        self.found: dict[str, torch.Tensor] = {}
+        self.found_in: Any = None
         me = weakref.ref(self)
         self.handles = [p.register_post_accumulate_grad_hook(_GradIntoView(me, i))
                         for i, p in enumerate(params)]
@@ -116,10 +123,15 @@ class FlatGroup:
                     p.grad = gv
         return None if len(missing) == len(self.params) else missing
 
-    def write_hyperparams(self, found: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+    def write_hyperparams(self, state: OptState, values: dict[str, Any],
+                          find: Callable[[OptState], dict[str, torch.Tensor]]) -> None:
         """Write the param group's values into the state's hyperparameter tensors in place
         (a compiled or captured step reads them there; a new tensor would be a new input),
-        only when a value changed."""
+        only when a value changed. ``find`` looks the tensors up again when ``state`` is a new
+        object (the eager update returns one; torch's kernels update it in place)."""
+        if state is not self.found_in:
+            self.found, self.found_in, self.written = find(state), state, {}
+        found = self.found
         with torch.no_grad():
             for name, value in values.items():
                 key = value.item() if isinstance(value, torch.Tensor) else value
@@ -133,6 +145,9 @@ class FlatGroup:
         keep = [(self.views[i], self.views[i].clone()) for i in missing]
         if self.fast is not None and not extra:
             _, state = self.fast(self.flat, state, self.grad_flat)
+        elif self.kernel is not None:  # plain AdamW/SGD: step keywords change nothing
+            with torch.no_grad():
+                state = self.kernel(self.flat, self.grad_flat, state)
         else:
             updates, state = self.tx.update(self.grad_flat, state, self.flat, **extra)
             apply_updates(self.flat, updates, inplace=True)
