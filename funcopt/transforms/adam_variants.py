@@ -5,39 +5,15 @@ math runs over the leaf list with the engine's ``_foreach`` ops and never reads 
 host (eager CPU steps use Python numbers for the step-dependent scalars).
 """
 
+# ruff: noqa: F405 (the names of the toolkit's star import)
 from __future__ import annotations
 
 from typing import Any
 
 import torch
 
-from funcopt.base import (
-    GradientTransformation,
-    ScalarOrSchedule,
-    Tensor,
-    increment,
-    replace,
-    step_counter,
-    tree_leaves,
-    tree_unflatten,
-)
-from funcopt.compose import chain
-from funcopt.engine import ops
-from funcopt.transforms.first_order import (
-    ScaleByAdamState,
-    TensorList,
-    _as,
-    _axpy,
-    _check,
-    _check_beta,
-    _full,
-    _leaves,
-    _moment,
-    _moment_sq,
-    _sqrt,
-    _steps,
-    scale_by_learning_rate,
-)
+from funcopt.transforms._toolkit import *  # noqa: F403
+from funcopt.transforms.first_order import ScaleByAdamState, scale_by_learning_rate
 from funcopt.transforms.per_coordinate import _zero_moments_init
 from funcopt.transforms.weight_decay import add_decayed_weights
 

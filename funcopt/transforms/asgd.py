@@ -1,23 +1,14 @@
 """Averaged SGD (ASGD) as torch.optim.ASGD, with the averaged parameters kept in the state."""
 
+# ruff: noqa: F405 (the names of the toolkit's star import)
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
 import torch
 
-from funcopt.base import (
-    GradientTransformation,
-    Tensor,
-    increment,
-    require_params,
-    step_counter,
-    tree_leaves,
-    tree_map,
-    tree_unflatten,
-)
-from funcopt.engine import check_hyperparameter, check_number, expect_state
-from funcopt.engine import leaves as engine_leaves
+from funcopt.engine import check_hyperparameter, check_number
+from funcopt.transforms._toolkit import *  # noqa: F403
 
 __all__ = ["ASGDState", "asgd", "asgd_averaged_params"]
 
@@ -78,7 +69,7 @@ def asgd(
     def update(updates, state, params=None, **extra):
         expect_state(state, ASGDState, "asgd")
         params = require_params(params, "asgd")
-        g, treedef = engine_leaves(updates, params, "asgd")
+        g, treedef = _leaves(updates, params, "asgd")
         p = tree_leaves(params)
         ax = tree_leaves(state.ax)
         if weight_decay:

@@ -6,6 +6,7 @@ the list of leaves with ``torch._foreach_*`` ops and never synchronises with the
 shared helpers live in :mod:`funcopt.transforms.first_order`.
 """
 
+# ruff: noqa: F405 (the names of the toolkit's star import)
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -13,30 +14,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from funcopt.base import (
-    GradientTransformation,
-    Tensor,
-    TransformInitFn,
-    increment,
-    replace,
-    step_counter,
-    tree_leaves,
-    tree_unflatten,
-)
-from funcopt.engine import expect_state, one_minus_pow, ops
-from funcopt.transforms.first_order import (
-    TensorList,
-    _as,
-    _check,
-    _check_beta,
-    _full,
-    _leaves,
-    _moment,
-    _moment_sq,
-    _steps,
-    _zeros,
-    scalar_dtype,
-)
+from funcopt.base import TransformInitFn
+from funcopt.engine import one_minus_pow
+from funcopt.transforms._toolkit import *  # noqa: F403
 
 __all__ = [
     "ScaleByAdamaxState", "ScaleByRmsState", "ScaleByRStdDevState", "ScaleByAdagradState",
