@@ -8,7 +8,9 @@ leaf-list arithmetic of :mod:`funcopt.transforms.leaf_math`, and three builders 
 - :func:`counted_update`: a state with a step ``count``; check the state, flatten and check
   the updates, step the counter (an empty tree only counts), then the method's own step;
 - :func:`moments_update`: the same for a ``(count, mu, nu)`` state (Adam's shape);
-- :func:`leafwise`: an empty state and a function of the update leaves (clipping, scaling).
+- :func:`leafwise`: an empty state and a function of the update leaves (clipping, scaling);
+
+and :func:`param_leaves`, the opening of an ``update`` that needs the parameters.
 """
 
 from __future__ import annotations
@@ -53,8 +55,18 @@ __all__ = [
     "chain", "expect_state", "ops", "scalar_dtype", "_leaves",
     "TensorList", "_as", "_axpy", "_check", "_check_beta", "_full", "_hp", "_moment",
     "_moment_sq", "_sqrt", "_steps", "_zeros",
-    "counted_update", "moments_update", "leafwise",
+    "counted_update", "moments_update", "leafwise", "param_leaves",
 ]
+
+def param_leaves(updates: Any, params: Any, who: str, *state: Any
+                 ) -> tuple[list[Tensor], Any, list[Tensor]]:
+    """``(g, treedef, p)``: the update leaves, checked against ``params`` (required: a
+    ValueError naming ``who`` without them) and ``state`` as :func:`funcopt.engine.leaves`
+    does, their tree definition, and the parameter leaves."""
+    params = require_params(params, who)
+    g, treedef = _leaves(updates, params, who, *state)
+    return g, treedef, tree_leaves(params)
+
 
 Step = Callable[[list[Tensor], Any, Tensor], tuple[TensorList, Any]]
 

@@ -90,9 +90,7 @@ def keep_params_nonnegative() -> GradientTransformation:
         return EmptyState()
 
     def update(updates, state, params=None, **extra):
-        params = require_params(params, "keep_params_nonnegative")
-        u, treedef = _leaves(updates, params, "keep_params_nonnegative")
-        p = tree_leaves(params)
+        u, treedef, p = param_leaves(updates, params, "keep_params_nonnegative")
         if not u:
             return updates, state
         # theta + u < 0 exactly when u < -theta, so max(u, -theta) is the update
