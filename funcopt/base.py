@@ -124,6 +124,16 @@ def tree_flatten(tree: PyTree) -> tuple[list[Any], optree.PyTreeSpec]:
     return optree.tree_flatten(tree)
 
 
+def tree_flatten_tensors(tree: PyTree, leaf: str, fix: str) -> tuple[list[Tensor], optree.PyTreeSpec]:
+    """:func:`tree_flatten`, after checking that every leaf is a tensor; otherwise a TypeError
+    ``"<leaf % i> is a <type>, not a tensor; <fix>"`` (``leaf`` holds ``%d`` for the index)."""
+    leaves, treedef = optree.tree_flatten(tree)
+    for i, x in enumerate(leaves):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{leaf % i} is a {type(x).__name__}, not a tensor; {fix}")
+    return leaves, treedef
+
+
 def tree_unflatten(treedef: optree.PyTreeSpec, leaves: Sequence[Any]) -> PyTree:
     """The tree with definition ``treedef`` and these leaves (inverse of :func:`tree_flatten`)."""
     return optree.tree_unflatten(treedef, leaves)
@@ -330,6 +340,20 @@ def replace(state: Any, **changes: Any) -> Any:
     if unknown:
         raise TypeError(f"{type(state).__name__} has no field(s) {sorted(unknown)}")
     return type(state)(*[changes.get(f, v) for f, v in zip(state._fields, state)])
+
+
+def find_state(state: Any, cls: type | tuple[type, ...]) -> Any:
+    """The first ``cls`` state inside ``state``: ``state`` itself, or the first found depth
+    first in its tuples (a chain's or wrapper's state), lists and dict values; None if none."""
+    if isinstance(state, cls):
+        return state
+    children = state.values() if isinstance(state, dict) else (
+        state if isinstance(state, (tuple, list)) else ())
+    for child in children:
+        found = find_state(child, cls)
+        if found is not None:
+            return found
+    return None
 
 
 def require_params(params: Params | None, who: str) -> Params:

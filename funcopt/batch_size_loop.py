@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
 
-from funcopt.base import GradientTransformation, apply_updates, replace
+from funcopt.base import GradientTransformation, apply_updates, find_state, replace
 from funcopt.engine import ops
 from funcopt.func.per_sample import (
     PerSampleStats,
@@ -132,16 +132,7 @@ def gradient_and_stats(
 
 def find_batch_test_state(state: Any) -> NormTestState | InnerProductTestState | None:
     """The first norm/inner-product test state inside a (chained) state, or None."""
-    if isinstance(state, (NormTestState, InnerProductTestState)):
-        return state
-    if isinstance(state, (tuple, list)):
-        for s in state:
-            found = find_batch_test_state(s)
-            if found is not None:
-                return found
-    if isinstance(state, dict):
-        return find_batch_test_state(tuple(state.values()))
-    return None
+    return find_state(state, (NormTestState, InnerProductTestState))
 
 
 def _index_stream(n: int, seed: int, device):

@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from funcopt.base import PyTree, tree_flatten, tree_unflatten
+from funcopt.base import PyTree, tree_flatten, tree_flatten_tensors, tree_unflatten
 
 __all__ = [
     "Checkpoint",
@@ -70,13 +70,9 @@ def tree_to_state_dict(tree: PyTree) -> dict[str, Any]:
     It holds the leaves, their shapes and dtypes, and the structure as text (used only to check
     a template on load; NamedTuple classes are never pickled).
     """
-    leaves, treedef = tree_flatten(tree)
-    for i, leaf in enumerate(leaves):
-        if not isinstance(leaf, torch.Tensor):
-            raise TypeError(
-                f"leaf {i} of the tree is a {type(leaf).__name__}, not a tensor; "
-                "store only tensors in params and optimizer state (use 0-d tensors for numbers)"
-            )
+    leaves, treedef = tree_flatten_tensors(
+        tree, "leaf %d of the tree",
+        "store only tensors in params and optimizer state (use 0-d tensors for numbers)")
     return {
         "structure": str(treedef),
         "shapes": [list(x.shape) for x in leaves],

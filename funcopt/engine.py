@@ -239,6 +239,16 @@ def _check_against_state(g: Sequence[Tensor], st: Sequence[Tensor], updates: Any
                 "or pass the params init saw.")
 
 
+def options_or_default(value: Any, cls: type, who: str, name: str) -> Any:
+    """``cls()`` when ``value`` is None, else ``value``, which must be a ``cls``: a TypeError
+    naming ``who`` and the argument ``name`` otherwise (an options object such as
+    ``fo.SoapFactors``)."""
+    opt = cls() if value is None else value
+    if not isinstance(opt, cls):
+        raise TypeError(f"{who}: {name} must be a fo.{cls.__name__}; got {type(opt).__name__}")
+    return opt
+
+
 def expect_state(state: Any, cls: type | tuple[type, ...], who: str) -> None:
     """Raise a TypeError naming ``who`` when ``state`` is not what its init returns (the
     state of another transform, or of a chain whose parts are in another order)."""

@@ -23,7 +23,13 @@ from typing import Any, NamedTuple
 import torch
 from torch.func import jacfwd, jacrev, jvp, vjp, vmap
 
-from funcopt.base import PyTree, tree_flatten, tree_leaves, tree_map, tree_unflatten
+from funcopt.base import (
+    PyTree,
+    tree_flatten_tensors,
+    tree_leaves,
+    tree_map,
+    tree_unflatten,
+)
 from funcopt.func.ravel import concat, split
 
 __all__ = [
@@ -50,13 +56,8 @@ def ravel_params(params: PyTree) -> tuple[Tensor, Callable[[Tensor], PyTree]]:
 
     Raises ValueError when the tree has no floating-point leaf (nothing to fit).
     """
-    leaves, treedef = tree_flatten(params)
-    for i, leaf in enumerate(leaves):
-        if not isinstance(leaf, torch.Tensor):
-            raise TypeError(
-                f"parameter leaf {i} is a {type(leaf).__name__}, not a tensor; "
-                "pass a pytree of tensors (wrap numbers with torch.tensor)"
-            )
+    leaves, treedef = tree_flatten_tensors(
+        params, "parameter leaf %d", "pass a pytree of tensors (wrap numbers with torch.tensor)")
     float_idx = [i for i, leaf in enumerate(leaves) if leaf.is_floating_point()]
     if not float_idx:
         raise ValueError(

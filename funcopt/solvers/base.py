@@ -251,6 +251,13 @@ def finite_or_zero(x: Tensor, result: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(result == 0, x, torch.zeros_like(x)), result
 
 
+def finished(x: Tensor, result: Tensor, name: str, stats: SolveStats | None = None) -> Solution:
+    """The :class:`Solution` of a solve by ``name`` that ended with ``x`` and ``result``, passed
+    through :func:`finite_or_zero`; ``stats`` defaults to an empty :class:`SolveStats`."""
+    x, result = finite_or_zero(x, result)
+    return Solution(x, result, SolveStats() if stats is None else stats, name)
+
+
 def relative_residual(operator: LinearOperator, x: Tensor, b: Tensor) -> Tensor:
     """``max_j ||b_j - A x_j|| / ||b_j||`` (columns j of a batched ``b``), with norms that
     neither overflow nor underflow (:func:`scaled_norm`); inf where ``b_j = 0`` but

@@ -24,8 +24,7 @@ from funcopt.solvers.base import (
     LinearSolver,
     Result,
     Solution,
-    SolveStats,
-    finite_or_zero,
+    finished,
     result_code,
     symmetric_within_tolerance,
 )
@@ -63,8 +62,7 @@ def _rhs(b: Tensor, dtype: torch.dtype) -> Tensor:
 def _finish(x: Tensor, b: Tensor, result: Tensor, name: str) -> Solution:
     x = x.to(b.dtype)
     x = x if b.ndim == 2 else x[:, 0]
-    x, result = finite_or_zero(x, result)
-    return Solution(x, result, SolveStats(), name)
+    return finished(x, result, name)
 
 
 def _rcond(rcond: float | None, A: Tensor) -> float:

@@ -25,7 +25,7 @@ from funcopt.solvers.base import (
     Result,
     Solution,
     SolveStats,
-    finite_or_zero,
+    finished,
     result_code,
     scaled_norm,
     symmetric_within_tolerance,
@@ -168,11 +168,10 @@ class CG(LinearSolver):
                               (~finite, Result.non_finite),
                               (missed & (it >= maxiter), Result.max_steps),
                               (missed, Result.stagnation)], b.device)
-        x, result = finite_or_zero(x, result)
         zero_b = torch.where(rnorm > 0, torch.full_like(rnorm, float("inf")), torch.zeros_like(rnorm))
         rel = torch.where(bnorm > 0, rnorm / torch.where(bnorm > 0, bnorm, 1.0), zero_b).max()
         iterations = torch.tensor(it, dtype=torch.int64, device=b.device)
-        return Solution(x, result, SolveStats(iterations, rel), self.name)
+        return finished(x, result, self.name, SolveStats(iterations, rel))
 
     def _iterate(self, mv, pre, Bh, y, r, thresh, maxiter):
         """CG iterations on the normalised system; when the recursive residual meets the

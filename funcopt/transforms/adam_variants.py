@@ -5,39 +5,15 @@ math runs over the leaf list with the engine's ``_foreach`` ops and never reads 
 host (eager CPU steps use Python numbers for the step-dependent scalars).
 """
 
+# ruff: noqa: F405 (the names of the toolkit's star import)
 from __future__ import annotations
 
 from typing import Any
 
 import torch
 
-from funcopt.base import (
-    GradientTransformation,
-    ScalarOrSchedule,
-    Tensor,
-    increment,
-    replace,
-    step_counter,
-    tree_leaves,
-    tree_unflatten,
-)
-from funcopt.compose import chain
-from funcopt.engine import ops
-from funcopt.transforms.first_order import (
-    ScaleByAdamState,
-    TensorList,
-    _as,
-    _axpy,
-    _check,
-    _check_beta,
-    _full,
-    _leaves,
-    _moment,
-    _moment_sq,
-    _sqrt,
-    _steps,
-    scale_by_learning_rate,
-)
+from funcopt.transforms._toolkit import *  # noqa: F403
+from funcopt.transforms.first_order import ScaleByAdamState, scale_by_learning_rate
 from funcopt.transforms.per_coordinate import _zero_moments_init
 from funcopt.transforms.weight_decay import add_decayed_weights
 
@@ -102,13 +78,9 @@ def scale_by_radam(
 
     init = _zero_moments_init(ScaleByAdamState)
 
-    def update(updates, state, params=None, **extra):
-        g, treedef = _leaves(updates, params, "scale_by_radam", state.mu)
-        count = increment(state.count)
-        if not g:
-            return updates, replace(state, count=count)
-        mu = _moment(_as(state.mu, g), g, b1)
-        nu = _moment_sq(_as(state.nu, g), g, b2)
+    def step(g, mu, nu, count):
+        mu = _moment(mu, g, b1)
+        nu = _moment_sq(nu, g, b2)
         t = _steps(count, g)
         b2t = b2**t
         ro = ro_inf - 2 * t * b2t / (1 - b2t)
@@ -123,10 +95,9 @@ def scale_by_radam(
             out = ops.mul(ops.div(m_hat, _root(nu, 1 - b2t, eps, eps_root)), _sqrt(max(ratio, 0.0)))
         else:
             out = m_hat
-        return tree_unflatten(treedef, _as(out, g)), ScaleByAdamState(
-            count, _as(mu, state.mu), _as(nu, state.nu))
+        return out, mu, nu
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, moments_update("scale_by_radam", ScaleByAdamState, step))
 
 
 def scale_by_yogi(
@@ -159,21 +130,15 @@ def scale_by_yogi(
         v0 = initial_accumulator_value
         return ScaleByAdamState(step_counter(params), _full(leaves, v0), _full(leaves, v0))
 
-    def update(updates, state, params=None, **extra):
-        g, treedef = _leaves(updates, params, "scale_by_yogi", state.mu)
-        count = increment(state.count)
-        if not g:
-            return updates, replace(state, count=count)
-        mu = _moment(_as(state.mu, g), g, b1)
-        nu0 = _as(state.nu, g)
+    def step(g, mu, nu0, count):
+        mu = _moment(mu, g, b1)
         g2 = ops.mul(g, g)
         nu = ops.sub(nu0, ops.mul(ops.mul(ops.sign(ops.sub(nu0, g2)), g2), 1 - b2))
         t = _steps(count, g)
         out = ops.div(ops.div(mu, 1 - b1**t), _root(nu, 1 - b2**t, eps, eps_root))
-        return tree_unflatten(treedef, _as(out, g)), ScaleByAdamState(
-            count, _as(mu, state.mu), _as(nu, state.nu))
+        return out, mu, nu
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, moments_update("scale_by_yogi", ScaleByAdamState, step))
 
 
 def scale_by_belief(
@@ -199,20 +164,15 @@ def scale_by_belief(
 
     init = _zero_moments_init(ScaleByAdamState)
 
-    def update(updates, state, params=None, **extra):
-        g, treedef = _leaves(updates, params, "scale_by_belief", state.mu)
-        count = increment(state.count)
-        if not g:
-            return updates, replace(state, count=count)
-        mu = _moment(_as(state.mu, g), g, b1)
-        nu = ops.add(_moment_sq(_as(state.nu, g), ops.sub(g, mu), b2), eps_root)
+    def step(g, mu, nu, count):
+        mu = _moment(mu, g, b1)
+        nu = ops.add(_moment_sq(nu, ops.sub(g, mu), b2), eps_root)
         t = _steps(count, g)
         m_hat = _mu_hat(mu, g, b1, t, nesterov)
         out = ops.div(m_hat, ops.add(ops.sqrt(ops.div(nu, 1 - b2**t)), eps))
-        return tree_unflatten(treedef, _as(out, g)), ScaleByAdamState(
-            count, _as(mu, state.mu), _as(nu, state.nu))
+        return out, mu, nu
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, moments_update("scale_by_belief", ScaleByAdamState, step))
 
 
 def radam(
@@ -273,23 +233,18 @@ def scale_by_acprop(
 
     init = _zero_moments_init(ScaleByAdamState)
 
-    def update(updates, state, params=None, **extra):
-        g, treedef = _leaves(updates, params, "scale_by_acprop", state.mu)
-        count = increment(state.count)
-        if not g:
-            return updates, replace(state, count=count)
-        mu_prev, nu_prev = _as(state.mu, g), _as(state.nu, g)
+    def step(g, mu_prev, nu_prev, count):
         mu = _moment(mu_prev, g, b1)
         nu = ops.add(_moment_sq(nu_prev, ops.sub(g, mu_prev), b2), eps_root)
-        first = state.count == 0
-        t = torch.where(first, count, state.count).to(g[0].dtype)
+        prev = count - 1  # the state's count
+        first = prev == 0
+        t = torch.where(first, count, prev).to(g[0].dtype)
         keep = torch.where(first, 0.0, 1.0).to(g[0].dtype)
         nu_hat = ops.add(ops.mul(ops.div(nu_prev, 1 - b2**t), keep), 1 - keep)
         out = ops.div(g, ops.add(ops.sqrt(nu_hat), eps))
-        return tree_unflatten(treedef, _as(out, g)), ScaleByAdamState(
-            count, _as(mu, state.mu), _as(nu, state.nu))
+        return out, mu, nu
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, moments_update("scale_by_acprop", ScaleByAdamState, step))
 
 
 def acprop(

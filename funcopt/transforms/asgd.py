@@ -1,23 +1,15 @@
 """Averaged SGD (ASGD) as torch.optim.ASGD, with the averaged parameters kept in the state."""
 
+# ruff: noqa: F405 (the names of the toolkit's star import)
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
 import torch
 
-from funcopt.base import (
-    GradientTransformation,
-    Tensor,
-    increment,
-    require_params,
-    step_counter,
-    tree_leaves,
-    tree_map,
-    tree_unflatten,
-)
-from funcopt.engine import check_hyperparameter, check_number, expect_state
-from funcopt.engine import leaves as engine_leaves
+from funcopt.base import find_state
+from funcopt.engine import check_hyperparameter, check_number
+from funcopt.transforms._toolkit import *  # noqa: F403
 
 __all__ = ["ASGDState", "asgd", "asgd_averaged_params"]
 
@@ -77,9 +69,7 @@ def asgd(
 
     def update(updates, state, params=None, **extra):
         expect_state(state, ASGDState, "asgd")
-        params = require_params(params, "asgd")
-        g, treedef = engine_leaves(updates, params, "asgd")
-        p = tree_leaves(params)
+        g, treedef, p = param_leaves(updates, params, "asgd")
         ax = tree_leaves(state.ax)
         if weight_decay:
             g = torch._foreach_add(g, p, alpha=weight_decay)
@@ -104,24 +94,8 @@ def asgd_averaged_params(state: Any) -> Any:
 
     Raises ValueError when ``state`` holds no ASGD state.
     """
-    found = _find(state)
+    found = find_state(state, ASGDState)
     if found is None:
         raise ValueError("asgd_averaged_params: state holds no ASGDState; pass the state of "
                          "fo.asgd(...) or of a chain containing it")
     return found.ax
-
-
-def _find(node: Any) -> ASGDState | None:
-    if isinstance(node, ASGDState):
-        return node
-    if isinstance(node, (tuple, list)):
-        for child in node:
-            hit = _find(child)
-            if hit is not None:
-                return hit
-    if isinstance(node, dict):
-        for child in node.values():
-            hit = _find(child)
-            if hit is not None:
-                return hit
-    return None

@@ -1,24 +1,15 @@
 """Weight averaging as torch.optim.swa_utils does it: an exponential moving average (EMA) or
 the equal-weight stochastic weight average (SWA) of the parameters, kept in the state."""
 
+# ruff: noqa: F405 (the names of the toolkit's star import)
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
 import torch
 
-from funcopt.base import (
-    GradientTransformation,
-    Tensor,
-    increment,
-    require_params,
-    step_counter,
-    tree_leaves,
-    tree_map,
-    tree_unflatten,
-)
-from funcopt.engine import check_number, expect_state
-from funcopt.engine import leaves as engine_leaves
+from funcopt.engine import check_number
+from funcopt.transforms._toolkit import *  # noqa: F403
 
 __all__ = ["AveragedParamsState", "ema_params", "swa", "averaged_params"]
 
@@ -45,7 +36,7 @@ def _averager(name: str, weight_fn, start: int, every: int) -> GradientTransform
     def update(updates, state, params=None, **extra):
         expect_state(state, AveragedParamsState, name)
         params = require_params(params, name)
-        u, treedef = engine_leaves(updates, params, name)
+        u, treedef = _leaves(updates, params, name)
         count = increment(state.count)
         due = (count > start) & ((count - start) % every == 0)
         first = state.n_averaged == 0

@@ -1,25 +1,15 @@
 """Clipping, constraints and gradient noise."""
 
+# ruff: noqa: F405 (the names of the toolkit's star import)
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
 
-from funcopt.base import (
-    EmptyState,
-    GradientTransformation,
-    Tensor,
-    check_hyperparameter,
-    increment,
-    require_params,
-    step_counter,
-    tree_global_norm,
-    tree_leaves,
-    tree_unflatten,
-)
-from funcopt.engine import expect_state, leaves, ops
-from funcopt.transforms.first_order import _as, _is_schedule
+from funcopt.base import check_hyperparameter, tree_global_norm
+from funcopt.transforms._toolkit import *  # noqa: F403
+from funcopt.transforms.leaf_math import _is_schedule
 
 __all__ = [
     "AddNoiseState", "clip", "clip_by_global_norm", "clip_by_block_rms",
@@ -40,16 +30,7 @@ def clip(max_delta: float) -> GradientTransformation:
     if isinstance(max_delta, Tensor) or _is_schedule(max_delta):
         raise TypeError("clip: max_delta must be a number")
 
-    def init(params):
-        return EmptyState()
-
-    def update(updates, state, params=None, **extra):
-        u, treedef = leaves(updates, params, "clip")
-        if u:
-            u = ops.clamp_max(ops.clamp_min(u, -max_delta), max_delta)
-        return tree_unflatten(treedef, u), state
-
-    return GradientTransformation(init, update)
+    return leafwise("clip", lambda u: ops.clamp_max(ops.clamp_min(u, -max_delta), max_delta))
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
@@ -69,18 +50,11 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """
     check_hyperparameter("max_norm", max_norm, low=0.0, low_inclusive=False)
 
-    def init(params):
-        return EmptyState()
-
-    def update(updates, state, params=None, **extra):
-        u, treedef = leaves(updates, params, "clip_by_global_norm")
-        if not u:
-            return updates, state
+    def clipped(u):
         norm = tree_global_norm(u)
-        factor = torch.where(norm <= max_norm, 1.0, max_norm / norm)
-        return tree_unflatten(treedef, _as(ops.mul(u, factor), u)), state
+        return ops.mul(u, torch.where(norm <= max_norm, 1.0, max_norm / norm))
 
-    return GradientTransformation(init, update)
+    return leafwise("clip_by_global_norm", clipped)
 
 
 def clip_by_block_rms(threshold: float) -> GradientTransformation:
@@ -96,20 +70,12 @@ def clip_by_block_rms(threshold: float) -> GradientTransformation:
     """
     check_hyperparameter("threshold", threshold, low=0.0, low_inclusive=False)
 
-    def init(params):
-        return EmptyState()
-
-    def update(updates, state, params=None, **extra):
-        u, treedef = leaves(updates, params, "clip_by_block_rms")
-        if not u:
-            return updates, state
-        norms = ops.norm(u)
+    def clipped(u):
         sizes = [max(x.numel(), 1) ** 0.5 for x in u]
-        rms = ops.div(norms, sizes)
-        denom = ops.clamp_min(ops.div(rms, threshold), 1.0)
-        return tree_unflatten(treedef, _as(ops.div(u, denom), u)), state
+        rms = ops.div(ops.norm(u), sizes)
+        return ops.div(u, ops.clamp_min(ops.div(rms, threshold), 1.0))
 
-    return GradientTransformation(init, update)
+    return leafwise("clip_by_block_rms", clipped)
 
 
 def keep_params_nonnegative() -> GradientTransformation:
@@ -124,9 +90,7 @@ def keep_params_nonnegative() -> GradientTransformation:
         return EmptyState()
 
     def update(updates, state, params=None, **extra):
-        params = require_params(params, "keep_params_nonnegative")
-        u, treedef = leaves(updates, params, "keep_params_nonnegative")
-        p = tree_leaves(params)
+        u, treedef, p = param_leaves(updates, params, "keep_params_nonnegative")
         if not u:
             return updates, state
         # theta + u < 0 exactly when u < -theta, so max(u, -theta) is the update
@@ -203,7 +167,7 @@ def add_noise(eta: float, gamma: float, seed: int = 0) -> GradientTransformation
 
     def update(updates, state, params=None, **extra):
         expect_state(state, AddNoiseState, "add_noise")
-        u, treedef = leaves(updates, params, "add_noise")
+        u, treedef = _leaves(updates, params, "add_noise")
         count = increment(state.count)
         if not u:
             return updates, AddNoiseState(count, state.key)

@@ -4,6 +4,7 @@ AdEMAMix adds a slow momentum to Adam's fast one; SAM (sharpness-aware minimisat
 outer step with the gradient at an adversarially perturbed point.
 """
 
+# ruff: noqa: F405 (the names of the toolkit's star import)
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -12,22 +13,9 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from funcopt.base import (
-    GradientTransformation,
-    ScalarOrSchedule,
-    Tensor,
-    apply_updates,
-    increment,
-    replace,
-    require_params,
-    step_counter,
-    tree_leaves,
-    tree_unflatten,
-)
-from funcopt.compose import chain
-from funcopt.engine import ops
+from funcopt.base import apply_updates
 from funcopt.transforms import first_order as fo
-from funcopt.transforms.first_order import _as, _check, _check_beta, _hp, _leaves, _steps, _zeros
+from funcopt.transforms._toolkit import *  # noqa: F403
 from funcopt.transforms.weight_decay import add_decayed_weights
 
 __all__ = [
@@ -97,11 +85,11 @@ def scale_by_ademamix(
         if not g:
             return updates, replace(state, count=count, count_m2=count_m2)
         c_b3, c_alpha = _hp(b3, state.count_m2), _hp(alpha, state.count_m2)
-        m1 = fo._moment(_as(state.m1, g), g, b1)
-        m2 = fo._moment(_as(state.m2, g), g, c_b3)
-        nu = fo._moment_sq(_as(state.nu, g), g, b2)
+        m1 = _moment(_as(state.m1, g), g, b1)
+        m2 = _moment(_as(state.m2, g), g, c_b3)
+        nu = _moment_sq(_as(state.nu, g), g, b2)
         t = _steps(count, g)
-        num = fo._axpy(c_alpha, m2, ops.div(m1, 1 - b1**t))
+        num = _axpy(c_alpha, m2, ops.div(m1, 1 - b1**t))
         den = ops.add(ops.sqrt(ops.add(ops.div(nu, 1 - b2**t), eps_root)), eps)
         return tree_unflatten(treedef, _as(ops.div(num, den), g)), ScaleByAdemamixState(
             count, count_m2, _as(m1, state.m1), _as(m2, state.m2), _as(nu, state.nu))
@@ -170,8 +158,8 @@ def scale_by_simplified_ademamix(
             return updates, replace(state, count=count)
         c_alpha = _hp(alpha, state.count)
         m = ops.add(g, ops.mul(_as(state.m, g), b1))
-        n = fo._moment_sq(_as(state.n, g), g, b2)
-        num = fo._axpy(c_alpha, g, m)
+        n = _moment_sq(_as(state.n, g), g, b2)
+        num = _axpy(c_alpha, g, m)
         den = ops.add(ops.sqrt(ops.add(ops.div(n, 1 - b2 ** _steps(count, g)), eps_root)), eps)
         return tree_unflatten(treedef, _as(ops.div(num, den), g)), ScaleBySimplifiedAdEMAMixState(
             count, _as(m, state.m), _as(n, state.n))

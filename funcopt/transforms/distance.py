@@ -4,26 +4,15 @@ Each keeps the initial parameters in its state and scales the gradient by a rati
 largest distance from them to the accumulated gradient norms, so no learning rate needs tuning.
 """
 
+# ruff: noqa: F405 (the names of the toolkit's star import)
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
 import torch
 
-from funcopt.base import (
-    GradientTransformation,
-    ScalarOrSchedule,
-    Tensor,
-    increment,
-    require_params,
-    step_counter,
-    tree_leaves,
-    tree_unflatten,
-)
-from funcopt.compose import chain
-from funcopt.engine import ops
 from funcopt.transforms import first_order as fo
-from funcopt.transforms.first_order import _as, _check, _leaves
+from funcopt.transforms._toolkit import *  # noqa: F403
 from funcopt.transforms.parameter_free import _lowest_dtype
 from funcopt.transforms.weight_decay import add_decayed_weights
 
@@ -206,8 +195,8 @@ def scale_by_cocob(alpha: float = 100.0, eps: float = 1e-8) -> GradientTransform
 
     def init(params):
         leaves = tree_leaves(params)
-        z = fo._zeros(leaves, None)
-        return COCOBState(_copy(params), z, fo._full(leaves, float(eps)), [x.clone() for x in z],
+        z = _zeros(leaves, None)
+        return COCOBState(_copy(params), z, _full(leaves, float(eps)), [x.clone() for x in z],
                           [x.clone() for x in z])
 
     def update(updates, state, params=None, **extra):

@@ -5,6 +5,7 @@ so its state has other shapes than the leaf: the work is done leaf by leaf (each
 own reductions), and the leaf checks compare the updates against the params.
 """
 
+# ruff: noqa: F405 (the names of the toolkit's star import)
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -12,21 +13,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-from funcopt.base import (
-    GradientTransformation,
-    ScalarOrSchedule,
-    Tensor,
-    increment,
-    require_params,
-    step_counter,
-    tree_leaves,
-    tree_unflatten,
-)
-from funcopt.compose import chain
-from funcopt.engine import check_number, host_number, scalar_dtype
+from funcopt.engine import check_number, host_number
 from funcopt.transforms import first_order as fo
+from funcopt.transforms._toolkit import *  # noqa: F403
 from funcopt.transforms.clipping import clip_by_block_rms
-from funcopt.transforms.first_order import _check, _check_beta, _leaves
 from funcopt.transforms.trust_ratio import scale_by_param_block_rms
 from funcopt.transforms.weight_decay import add_decayed_weights
 
@@ -153,9 +143,9 @@ def scale_by_factored_rms(
             rows.append(r)
             cols.append(c)
             vs.append(v)
-        return tree_unflatten(treedef, fo._as(outs, g)), FactoredState(
-            increment(state.count), fo._as(rows, state.v_row), fo._as(cols, state.v_col),
-            fo._as(vs, state.v))
+        return tree_unflatten(treedef, _as(outs, g)), FactoredState(
+            increment(state.count), _as(rows, state.v_row), _as(cols, state.v_col),
+            _as(vs, state.v))
 
     return GradientTransformation(init, update)
 
@@ -268,7 +258,7 @@ def scale_by_sm3(b1: float = 0.9, b2: float = 1.0, eps: float = 1e-8) -> Gradien
 
     def init(params):
         leaves = tree_leaves(params)
-        return ScaleBySM3State([covers_of(p) for p in leaves], fo._zeros(leaves, None))
+        return ScaleBySM3State([covers_of(p) for p in leaves], _zeros(leaves, None))
 
     def update(updates, state, params=None, **extra):
         g, treedef = _leaves(updates, params, "scale_by_sm3", state.nu)
@@ -276,11 +266,11 @@ def scale_by_sm3(b1: float = 0.9, b2: float = 1.0, eps: float = 1e-8) -> Gradien
             return updates, state
         accs = [_sm3_accumulator(x, c, b2) for x, c in zip(g, state.mu)]
         scaled = [x * torch.where(a > 0, (a + eps).rsqrt(), 0.0) for x, a in zip(g, accs)]
-        nu = fo._moment(fo._as(state.nu, g), scaled, b1)
+        nu = _moment(_as(state.nu, g), scaled, b1)
         mu = [[a] if a.dim() < 2 else
               [a.amax(dim=[d for d in range(a.dim()) if d != i]) for i in range(a.dim())]
               for a in accs]
-        return tree_unflatten(treedef, fo._as(nu, g)), ScaleBySM3State(mu, fo._as(nu, state.nu))
+        return tree_unflatten(treedef, _as(nu, g)), ScaleBySM3State(mu, _as(nu, state.nu))
 
     return GradientTransformation(init, update)
 

@@ -2,25 +2,15 @@
 accumulation over k steps, freezing, and the skip predicates of optax's MultiSteps.
 """
 
+# ruff: noqa: F405 (the names of the toolkit's star import)
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
 import torch
 
-from funcopt.base import (
-    EmptyState,
-    GradientTransformation,
-    Tensor,
-    require_params,
-    step_counter,
-    tree_leaves,
-    tree_map,
-    tree_unflatten,
-)
 from funcopt.compose import masked, partition, set_to_zero
-from funcopt.engine import ops, scalar_dtype
-from funcopt.transforms.first_order import _as, _check, _leaves, _zeros
+from funcopt.transforms._toolkit import *  # noqa: F403
 
 __all__ = [
     "ZeroNansState", "ApplyEveryState", "centralize", "zero_nans", "adaptive_grad_clip",

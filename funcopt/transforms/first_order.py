@@ -8,11 +8,12 @@ eager steps use Python numbers (:func:`~funcopt.base.host_number`). Per-paramete
 (moments) is kept as a list of tensors in the order of ``tree_leaves(params)``.
 
 Scaling and momentum (``scale``, ``scale_by_learning_rate``, ``trace``, ``ema`` ...) live in
-:mod:`funcopt.transforms.scaling`, the private leaf helpers (``_leaves``, ``_moment`` ...) in
-:mod:`funcopt.transforms.leaf_math` (shared with :mod:`funcopt.transforms.per_coordinate`);
-both are re-exported here under the same names.
+:mod:`funcopt.transforms.scaling` (re-exported here under the same names), the private leaf
+helpers (``_leaves``, ``_moment`` ...) in :mod:`funcopt.transforms.leaf_math`, which the
+transform modules import with the rest of their toolkit from :mod:`funcopt.transforms._toolkit`.
 """
 
+# ruff: noqa: F405 (the names of the toolkit's star import)
 from __future__ import annotations
 
 import itertools
@@ -20,47 +21,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from funcopt.base import (
-    GradientTransformation,
-    ScalarOrSchedule,
-    Tensor,
-    increment,
-    replace,
-    step_counter,
-    tree_leaves,
-    tree_unflatten,
-)
-from funcopt.engine import (
-    differentiating,
-    expect_state,
-    into,
-    one_minus_pow,
-    ops,
-    per_step,
-    scalar_dtype,
-)
-from funcopt.engine import leaves as _leaves
+from funcopt.engine import differentiating, into, one_minus_pow, per_step
+from funcopt.transforms._toolkit import *  # noqa: F403
+from funcopt.transforms.leaf_math import _add_scalar, _is_number, _wide
 
-# The shared leaf helpers and the scaling/momentum transforms live in their own modules;
-# they are re-exported here, where the other transform modules import them from.
-from funcopt.transforms.leaf_math import (  # noqa: F401
-    TensorList,
-    _add_scalar,
-    _as,
-    _axpy,
-    _check,
-    _check_beta,
-    _full,
-    _hp,
-    _is_number,
-    _is_schedule,
-    _moment,
-    _moment_sq,
-    _sqrt,
-    _steps,
-    _wide,
-    _zeros,
-)
+# Scaling and momentum live in their own module; they are re-exported here, where the other
+# modules import them from.
 from funcopt.transforms.scaling import (  # noqa: F401
     EmaState,
     ScaleByLearningRateState,
@@ -233,18 +199,13 @@ def scale_by_adam(
             return ScaleByAmsgradState(step_counter(params), mu, nu, nu_max)
         return ScaleByAdamState(step_counter(params), mu, nu)
 
-    def update(updates, state, params=None, **extra):
-        expect_state(state, ScaleByAmsgradState if amsgrad else ScaleByAdamState, "scale_by_adam")
-        g_in, treedef = _leaves(updates, params, "scale_by_adam", state.mu)
+    def step(g_in, state, count):
         g = [x.float() if x.dtype == torch.float16 else x for x in g_in]
-        count = increment(state.count)
-        if not g:
-            return updates, replace(state, count=count)
         beta1, beta2 = _hp(b1, state.count), _hp(b2, state.count)
         if not nesterov and _fusable(g, state, beta1, beta2, eps, eps_root):
             out, mu, nu, nu_max = _fused_adam(g, state, count, beta1, beta2, eps, amsgrad)
             new = replace(state, count=count, mu=mu, nu=nu)
-            return tree_unflatten(treedef, _as(out, g_in)), replace(new, nu_max=nu_max) if amsgrad else new
+            return out, replace(new, nu_max=nu_max) if amsgrad else new
         mu = _moment(_as(state.mu, g), g, beta1)
         nu = _moment_sq(_as(state.nu, g), g, beta2)
         t = _steps(count, g)
@@ -269,8 +230,10 @@ def scale_by_adam(
         new = replace(state, count=count, mu=_as(mu, state.mu), nu=_as(nu, state.nu))
         if amsgrad:
             new = replace(new, nu_max=_as(nu_used, state.nu_max))
-        return tree_unflatten(treedef, _as(out, g_in)), new
+        return out, new
 
+    update = counted_update("scale_by_adam", ScaleByAmsgradState if amsgrad else ScaleByAdamState,
+                            step)
     return GradientTransformation(init, update)
 
 
@@ -304,12 +267,7 @@ def scale_by_nadam(
         one = torch.ones((), dtype=scalar_dtype(leaves), device=count.device)
         return ScaleByNadamState(count, one, _zeros(leaves, None), _zeros(leaves, None))
 
-    def update(updates, state, params=None, **extra):
-        expect_state(state, ScaleByNadamState, "scale_by_nadam")
-        g, treedef = _leaves(updates, params, "scale_by_nadam", state.mu)
-        count = increment(state.count)
-        if not g:
-            return updates, replace(state, count=count)
+    def step(g, state, count):
         t = count.to(state.mu_product.dtype)
         mu_t = b1 * (1 - 0.5 * 0.96 ** (t * momentum_decay))
         mu_next = b1 * (1 - 0.5 * 0.96 ** ((t + 1) * momentum_decay))
@@ -320,8 +278,7 @@ def scale_by_nadam(
         out = ops.mul(m, mu_next / (1 - prod * mu_next))
         out = _axpy((1 - mu_t) / (1 - prod), g, out)
         out = ops.div(out, denom)
-        return tree_unflatten(treedef, _as(out, g)), ScaleByNadamState(
-            count, prod, _as(m, state.mu), _as(v, state.nu)
-        )
+        return out, ScaleByNadamState(count, prod, _as(m, state.mu), _as(v, state.nu))
 
+    update = counted_update("scale_by_nadam", ScaleByNadamState, step)
     return GradientTransformation(init, update)

@@ -6,6 +6,7 @@ travel through :func:`~funcopt.chain` to it. The L-BFGS memory is kept in chrono
 (oldest first), one stacked tensor per leaf, so no step indexes the state by a tensor.
 """
 
+# ruff: noqa: F405 (the names of the toolkit's star import)
 from __future__ import annotations
 
 import inspect
@@ -14,20 +15,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from funcopt.base import (
-    GradientTransformation,
-    ScalarOrSchedule,
-    Tensor,
-    increment,
-    require_params,
-    step_counter,
-    tree_leaves,
-    tree_unflatten,
-)
-from funcopt.compose import chain
-from funcopt.engine import is_tracing, ops, scalar_dtype
+from funcopt.engine import is_tracing
 from funcopt.transforms import first_order as fo
-from funcopt.transforms.first_order import _as, _check, _leaves
+from funcopt.transforms._toolkit import *  # noqa: F403
 
 __all__ = [
     "ScaleByLBFGSState", "BacktrackingLinesearchInfo", "ScaleByBacktrackingLinesearchState",
@@ -105,7 +95,7 @@ def scale_by_lbfgs(memory_size: int = 10, scale_init_precond: bool = True) -> Gr
         mem = [torch.zeros((memory_size, *x.shape), dtype=x.dtype, device=x.device) for x in leaves]
         count = step_counter(params)
         return ScaleByLBFGSState(
-            count, fo._zeros(leaves, None), fo._zeros(leaves, None), mem,
+            count, _zeros(leaves, None), _zeros(leaves, None), mem,
             [m.clone() for m in mem],
             torch.zeros(memory_size, dtype=scalar_dtype(leaves), device=count.device))
 
@@ -211,7 +201,7 @@ def scale_by_backtracking_linesearch(
         inf = torch.tensor(float("inf"), dtype=dt, device=dev)
         return ScaleByBacktrackingLinesearchState(
             torch.ones((), dtype=dt, device=dev), inf.clone(),
-            fo._zeros(leaves, None) if store_grad else None,
+            _zeros(leaves, None) if store_grad else None,
             BacktrackingLinesearchInfo(torch.zeros((), dtype=torch.int64, device=dev), inf.clone()))
 
     def update(updates, state, params=None, *, value=None, grad=None, value_fn=None, **extra):

@@ -6,24 +6,14 @@ their output is the final parameter change (learning rate and sign included), as
 the state, so no step reads a value on the host.
 """
 
+# ruff: noqa: F405 (the names of the toolkit's star import)
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
 import torch
 
-from funcopt.base import (
-    GradientTransformation,
-    ScalarOrSchedule,
-    Tensor,
-    increment,
-    require_params,
-    step_counter,
-    tree_leaves,
-    tree_unflatten,
-)
-from funcopt.engine import ops
-from funcopt.transforms.first_order import _as, _check, _check_beta, _hp, _leaves, _zeros
+from funcopt.transforms._toolkit import *  # noqa: F403
 from funcopt.transforms.line_search import _vdot
 
 __all__ = ["ProdigyState", "DAdaptAdamWState", "MechanicState", "prodigy", "dadapt_adamw",

@@ -6,6 +6,7 @@ the list of leaves with ``torch._foreach_*`` ops and never synchronises with the
 shared helpers live in :mod:`funcopt.transforms.first_order`.
 """
 
+# ruff: noqa: F405 (the names of the toolkit's star import)
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -13,30 +14,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from funcopt.base import (
-    GradientTransformation,
-    Tensor,
-    TransformInitFn,
-    increment,
-    replace,
-    step_counter,
-    tree_leaves,
-    tree_unflatten,
-)
-from funcopt.engine import expect_state, one_minus_pow, ops
-from funcopt.transforms.first_order import (
-    TensorList,
-    _as,
-    _check,
-    _check_beta,
-    _full,
-    _leaves,
-    _moment,
-    _moment_sq,
-    _steps,
-    _zeros,
-    scalar_dtype,
-)
+from funcopt.base import TransformInitFn
+from funcopt.engine import one_minus_pow
+from funcopt.transforms._toolkit import *  # noqa: F403
 
 __all__ = [
     "ScaleByAdamaxState", "ScaleByRmsState", "ScaleByRStdDevState", "ScaleByAdagradState",
@@ -86,22 +66,12 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
 
     init = _zero_moments_init(ScaleByAdamaxState)
 
-    def update(updates, state, params=None, **extra):
-        expect_state(state, ScaleByAdamaxState, "scale_by_adamax")
-        g, treedef = _leaves(updates, params, "scale_by_adamax", state.mu)
-        count = increment(state.count)
-        if not g:
-            return updates, replace(state, count=count)
-        m = _moment(_as(state.mu, g), g, b1)
-        u = ops.maximum(
-            ops.mul(_as(state.nu, g), b2), ops.add(ops.abs(g), eps)
-        )
-        out = ops.div(ops.div(m, one_minus_pow(b1, _steps(count, g))), u)
-        return tree_unflatten(treedef, _as(out, g)), ScaleByAdamaxState(
-            count, _as(m, state.mu), _as(u, state.nu)
-        )
+    def step(g, mu, nu, count):
+        m = _moment(mu, g, b1)
+        u = ops.maximum(ops.mul(nu, b2), ops.add(ops.abs(g), eps))
+        return ops.div(ops.div(m, one_minus_pow(b1, _steps(count, g))), u), m, u
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, moments_update("scale_by_adamax", ScaleByAdamaxState, step))
 
 
 # --------------------------------------------------------------------------- rms / adagrad
@@ -171,12 +141,7 @@ def scale_by_rms(
         return ScaleByRStdDevState(count, _zeros(leaves, None), nu) if centered else (
             ScaleByRmsState(count, nu))
 
-    def update(updates, state, params=None, **extra):
-        expect_state(state, (ScaleByRmsState, ScaleByRStdDevState), "scale_by_rms")
-        g, treedef = _leaves(updates, params, "scale_by_rms", state.nu)
-        count = increment(state.count)
-        if not g:
-            return updates, replace(state, count=count)
+    def step(g, state, count):
         nu = _moment_sq(_as(state.nu, g), g, decay)
         bc = one_minus_pow(decay, _steps(count, g)) if bias_correction else None
         s = ops.div(nu, bc) if bias_correction else nu
@@ -188,9 +153,10 @@ def scale_by_rms(
         new = replace(state, count=count, nu=_as(nu, state.nu))
         if centered:
             new = replace(new, mu=_as(mu, state.mu))
-        return tree_unflatten(treedef, _as(out, g)), new
+        return out, new
 
-    return GradientTransformation(init, update)
+    states = (ScaleByRmsState, ScaleByRStdDevState)
+    return GradientTransformation(init, counted_update("scale_by_rms", states, step, "nu"))
 
 
 class ScaleByAdagradState(NamedTuple):
@@ -327,22 +293,16 @@ def scale_by_lion(
     def init(params):
         return ScaleByLionState(step_counter(params), _zeros(tree_leaves(params), mu_dtype))
 
-    def update(updates, state, params=None, **extra):
-        expect_state(state, ScaleByLionState, "scale_by_lion")
-        g, treedef = _leaves(updates, params, "scale_by_lion", state.mu)
-        count = increment(state.count)
-        if not g:
-            return updates, ScaleByLionState(count, state.mu)
+    def step(g, state, count):
         m = _as(state.mu, g)
         c = _moment(m, g, b1)
         # sign(nan) is 0: keep a non-finite momentum visible in the update (0 * c is NaN where
         # c is NaN or inf, 0 elsewhere) so it is seen and apply_if_finite can skip the step,
         # instead of the coordinate silently never moving again
         out = ops.add(ops.sign(c), ops.mul(c, 0.0))
-        return tree_unflatten(treedef, _as(out, g)), ScaleByLionState(
-            count, _as(_moment(m, g, b2), state.mu))
+        return out, ScaleByLionState(count, _as(_moment(m, g, b2), state.mu))
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, counted_update("scale_by_lion", ScaleByLionState, step))
 
 
 class ScaleByLapropState(NamedTuple):
@@ -385,20 +345,14 @@ def scale_by_laprop(b1: float = 0.9, b2: float = 0.99, eps: float = 1e-8) -> Gra
 
     init = _zero_moments_init(ScaleByLapropState)
 
-    def update(updates, state, params=None, **extra):
-        expect_state(state, ScaleByLapropState, "scale_by_laprop")
-        g, treedef = _leaves(updates, params, "scale_by_laprop", state.mu)
-        count = increment(state.count)
-        if not g:
-            return updates, replace(state, count=count)
+    def step(g, mu, nu, count):
         t = _steps(count, g)
-        v = _moment_sq(_as(state.nu, g), g, _debiased(b2, t))
+        v = _moment_sq(nu, g, _debiased(b2, t))
         root = ops.clamp_min(ops.sqrt(ops.clamp_min(v, 0.0)), eps)
-        m = _moment(_as(state.mu, g), ops.div(g, root), _debiased(b1, t))
-        return tree_unflatten(treedef, _as(m, g)), ScaleByLapropState(
-            count, _as(m, state.mu), _as(v, state.nu))
+        m = _moment(mu, ops.div(g, root), _debiased(b1, t))
+        return m, m, v
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, moments_update("scale_by_laprop", ScaleByLapropState, step))
 
 
 class ScaleByAdoptState(NamedTuple):
@@ -443,12 +397,7 @@ def scale_by_adopt(
         leaves = tree_leaves(params)
         return ScaleByAdoptState(step_counter(params), _zeros(leaves, mu_dtype), _zeros(leaves, None))
 
-    def update(updates, state, params=None, **extra):
-        expect_state(state, ScaleByAdoptState, "scale_by_adopt")
-        g_in, treedef = _leaves(updates, params, "scale_by_adopt", state.mu)
-        count = increment(state.count)
-        if not g_in:
-            return updates, replace(state, count=count)
+    def step(g_in, state, count):
         # 16-bit leaves are computed in float32: g / eps overflows float16 while nu is still 0
         g = [x.float() if x.dtype in (torch.float16, torch.bfloat16) else x for x in g_in]
         started = state.count > 0
@@ -468,7 +417,6 @@ def scale_by_adopt(
         mu = _moment(_as(state.mu, g), x, beta1)
         out = _moment(mu, x, beta1) if nesterov else mu
         nu = _moment_sq(nu_prev, g, beta2)
-        return tree_unflatten(treedef, _as(out, g_in)), ScaleByAdoptState(
-            count, _as(mu, state.mu), _as(nu, state.nu))
+        return out, ScaleByAdoptState(count, _as(mu, state.mu), _as(nu, state.nu))
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, counted_update("scale_by_adopt", ScaleByAdoptState, step))

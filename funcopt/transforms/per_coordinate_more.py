@@ -3,27 +3,15 @@
 Where optax 0.2.8 and torch.optim disagree the docstring says which one funcopt follows.
 """
 
+# ruff: noqa: F405 (the names of the toolkit's star import)
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
 import torch
 
-from funcopt.base import (
-    GradientTransformation,
-    ScalarOrSchedule,
-    Tensor,
-    increment,
-    replace,
-    require_params,
-    step_counter,
-    tree_leaves,
-    tree_unflatten,
-)
-from funcopt.compose import chain
-from funcopt.engine import ops, scalar_dtype
 from funcopt.transforms import first_order as fo
-from funcopt.transforms.first_order import _as, _check, _check_beta, _leaves, _steps, _zeros
+from funcopt.transforms._toolkit import *  # noqa: F403
 from funcopt.transforms.weight_decay import add_decayed_weights
 
 __all__ = [
@@ -88,9 +76,9 @@ def scale_by_adan(
             return updates, replace(state, count=count)
         started = (state.count > 0).to(scalar_dtype(g))
         diff = ops.mul(ops.sub(g, _as(state.g, g)), started)
-        m = fo._moment(_as(state.m, g), g, b1)
-        v = fo._moment(_as(state.v, g), diff, b2)
-        n = fo._moment_sq(_as(state.n, g), ops.add(g, ops.mul(diff, 1 - b2)), b3)
+        m = _moment(_as(state.m, g), g, b1)
+        v = _moment(_as(state.v, g), diff, b2)
+        n = _moment_sq(_as(state.n, g), ops.add(g, ops.mul(diff, 1 - b2)), b3)
         t = _steps(count, g)
         num = ops.add(ops.div(m, 1 - b1**t), ops.mul(v, (1 - b2) / (1 - b2**t)))
         den = ops.add(ops.sqrt(ops.add(ops.div(n, 1 - b3**t), eps_root)), eps)
@@ -163,7 +151,7 @@ def scale_by_novograd(
         norms2 = [(n * n).to(v.dtype) for n, v in zip(ops.norm(g), state.nu)]
         nu = [torch.where(first, n2, b2 * v + (1 - b2) * n2) for n2, v in zip(norms2, state.nu)]
         d = ops.div(g, [torch.sqrt(v + eps_root) + eps for v in nu])
-        d = fo._axpy(weight_decay, _as(tree_leaves(params), g), d)
+        d = _axpy(weight_decay, _as(tree_leaves(params), g), d)
         keep = torch.where(first, 0.0, b1).to(scalar_dtype(g))
         mu = ops.add(ops.mul(_as(state.mu, g), keep), d)
         return tree_unflatten(treedef, _as(mu, g)), ScaleByNovogradState(
@@ -217,10 +205,10 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> GradientTransforma
         g, treedef = _leaves(updates, params, "scale_by_adadelta", state.e_g, state.e_x)
         if not g:
             return updates, state
-        e_g = fo._moment_sq(_as(state.e_g, g), g, rho)
+        e_g = _moment_sq(_as(state.e_g, g), g, rho)
         e_x = _as(state.e_x, g)
         out = ops.mul(ops.div(ops.sqrt(ops.add(e_x, eps)), ops.sqrt(ops.add(e_g, eps))), g)
-        e_x = fo._moment_sq(e_x, out, rho)
+        e_x = _moment_sq(e_x, out, rho)
         return tree_unflatten(treedef, _as(out, g)), ScaleByAdaDeltaState(
             _as(e_g, state.e_g), _as(e_x, state.e_x))
 
@@ -287,7 +275,7 @@ def scale_by_rprop(
 
     def init(params):
         leaves = tree_leaves(params)
-        return ScaleByRpropState(fo._full(leaves, float(learning_rate)), _zeros(leaves, None))
+        return ScaleByRpropState(_full(leaves, float(learning_rate)), _zeros(leaves, None))
 
     def update(updates, state, params=None, **extra):
         g, treedef = _leaves(updates, params, "scale_by_rprop", state.step_sizes)

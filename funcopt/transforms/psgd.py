@@ -28,7 +28,14 @@ from funcopt.base import (
     step_counter,
     tree_unflatten,
 )
-from funcopt.engine import differentiating, expect_state, is_tracing, leaves, ops
+from funcopt.engine import (
+    differentiating,
+    expect_state,
+    is_tracing,
+    leaves,
+    ops,
+    options_or_default,
+)
 from funcopt.engine import leaves as engine_leaves
 from funcopt.schedules.one_based import precond_update_prob_schedule, psgd_warmup
 from funcopt.transforms.psgd_factors import (
@@ -196,10 +203,7 @@ def scale_by_psgd_kron(
     """
     check_hyperparameter("b1", b1, low=0.0, high=1.0, high_inclusive=False)
     check_hyperparameter("precond_lr", precond_lr, low=0.0)
-    opt = PsgdKronOptions() if options is None else options
-    if not isinstance(opt, PsgdKronOptions):
-        raise TypeError(f"scale_by_psgd_kron: options must be a fo.PsgdKronOptions; got "
-                        f"{type(opt).__name__}")
+    opt = options_or_default(options, PsgdKronOptions, "scale_by_psgd_kron", "options")
     prob = (precond_update_prob_schedule() if preconditioner_update_probability is None
             else preconditioner_update_probability)
 

@@ -6,6 +6,7 @@ with ``torch._foreach_*`` ops (helpers in :mod:`funcopt.transforms.leaf_math`). 
 re-exported by :mod:`funcopt.transforms.first_order` and by ``funcopt``.
 """
 
+# ruff: noqa: F405 (the names of the toolkit's star import)
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -13,32 +14,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-from funcopt.base import (
-    EmptyState,
-    GradientTransformation,
-    ScalarOrSchedule,
-    Tensor,
-    current_learning_rate,
-    increment,
-    register_hyperparameters,
-    resolve,
-    step_counter,
-    tree_leaves,
-    tree_unflatten,
-)
-from funcopt.engine import expect_state, host_number, one_minus_pow, ops, scalar_dtype
-from funcopt.engine import leaves as _leaves
-from funcopt.transforms.leaf_math import (
-    _as,
-    _axpy,
-    _check,
-    _check_beta,
-    _hp,
-    _is_schedule,
-    _moment,
-    _steps,
-    _zeros,
-)
+from funcopt.base import current_learning_rate, register_hyperparameters, resolve
+from funcopt.engine import host_number, one_minus_pow
+from funcopt.transforms._toolkit import *  # noqa: F403
+from funcopt.transforms.leaf_math import _is_schedule
 
 __all__ = [
     "ScaleByScheduleState", "ScaleByLearningRateState", "TraceState", "EmaState",
@@ -78,17 +57,11 @@ def scale(step_size: float | Tensor) -> GradientTransformation:
         raise TypeError("scale takes a number; for a schedule use scale_by_schedule(fn)")
     _check("step_size", step_size, low=None)
 
-    def init(params):
-        return EmptyState()
-
-    def update(updates, state, params=None, **extra):
-        leaves, treedef = _leaves(updates, params, "scale")
-        if not leaves:
-            return updates, state
+    def scaled(leaves):
         s = step_size.to(leaves[0].device) if isinstance(step_size, Tensor) else step_size
-        return tree_unflatten(treedef, _as(ops.mul(leaves, s), leaves)), state
+        return ops.mul(leaves, s)
 
-    return GradientTransformation(init, update)
+    return leafwise("scale", scaled)
 
 
 def scale_by_schedule(step_size_fn: Callable[[Tensor], Any]) -> GradientTransformation:
@@ -158,14 +131,7 @@ def scale_by_learning_rate(
 def scale_by_sign() -> GradientTransformation:
     """``u <- sign(u)`` element-wise (signSGD; Bernstein et al. 2018). Reference: optax."""
 
-    def init(params):
-        return EmptyState()
-
-    def update(updates, state, params=None, **extra):
-        leaves, treedef = _leaves(updates, params, "scale_by_sign")
-        return tree_unflatten(treedef, ops.sign(leaves) if leaves else leaves), state
-
-    return GradientTransformation(init, update)
+    return leafwise("scale_by_sign", ops.sign)
 
 
 # --------------------------------------------------------------------------- momentum
@@ -213,11 +179,7 @@ def trace(
     def init(params):
         return TraceState(step_counter(params), _zeros(tree_leaves(params), accumulator_dtype))
 
-    def update(updates, state, params=None, **extra):
-        expect_state(state, TraceState, "trace")
-        g, treedef = _leaves(updates, params, "trace", state.trace)
-        if not g:
-            return updates, TraceState(increment(state.count), state.trace)
+    def step(g, state, count):
         mu = _hp(decay, state.count)
         prev = _as(state.trace, g)
         scaled = g
@@ -227,11 +189,9 @@ def trace(
             scaled = ops.mul(g, c)
         new = _axpy(mu, prev, scaled)
         out = _axpy(mu, new, g) if nesterov else new
-        return tree_unflatten(treedef, _as(out, g)), TraceState(
-            increment(state.count), _as(new, state.trace)
-        )
+        return out, TraceState(count, _as(new, state.trace))
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, counted_update("trace", TraceState, step, "trace"))
 
 
 def ema(
@@ -254,15 +214,10 @@ def ema(
     def init(params):
         return EmaState(step_counter(params), _zeros(tree_leaves(params), accumulator_dtype))
 
-    def update(updates, state, params=None, **extra):
-        expect_state(state, EmaState, "ema")
-        g, treedef = _leaves(updates, params, "ema", state.ema)
-        count = increment(state.count)
-        if not g:
-            return updates, EmaState(count, state.ema)
+    def step(g, state, count):
         d = _hp(decay, state.count)
         new = _moment(_as(state.ema, g), g, d)
         out = ops.div(new, one_minus_pow(d, _steps(count, g))) if debias else new
-        return tree_unflatten(treedef, _as(out, g)), EmaState(count, _as(new, state.ema))
+        return out, EmaState(count, _as(new, state.ema))
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, counted_update("ema", EmaState, step, "ema"))

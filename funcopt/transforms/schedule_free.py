@@ -23,6 +23,7 @@ from funcopt.base import (
     Tensor,
     check_hyperparameter,
     current_learning_rate,
+    find_state,
     increment,
     register_hyperparameters,
     require_params,
@@ -343,22 +344,6 @@ def schedule_free_sgd(
     return schedule_free(None, learning_rate, b1, weight_decay, warmup_steps, r, weight_lr_power)
 
 
-def _find_schedule_free_state(state: Any) -> ScheduleFreeState | None:
-    if isinstance(state, ScheduleFreeState):
-        return state
-    if isinstance(state, (tuple, list)):
-        for s in state:
-            found = _find_schedule_free_state(s)
-            if found is not None:
-                return found
-    if isinstance(state, dict):
-        for s in state.values():
-            found = _find_schedule_free_state(s)
-            if found is not None:
-                return found
-    return None
-
-
 def schedule_free_eval_params(state: Any, params: PyTree) -> PyTree:
     """The parameters to evaluate with: :math:`x = y + (1 - 1/\\beta_1)(z - y)`.
 
@@ -368,9 +353,9 @@ def schedule_free_eval_params(state: Any, params: PyTree) -> PyTree:
     recognised (by which argument holds the ScheduleFreeState) and gives the same result.
     This is schedulefree's ``optimizer.eval()`` without mutating anything.
     """
-    sf = _find_schedule_free_state(state)
+    sf = find_state(state, ScheduleFreeState)
     if sf is None:
-        sf, params = _find_schedule_free_state(params), state
+        sf, params = find_state(params, ScheduleFreeState), state
     if sf is None:
         raise ValueError("schedule_free_eval_params: no ScheduleFreeState found in state; pass "
                          "(state, params) with the state of a transform built with "

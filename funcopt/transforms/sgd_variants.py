@@ -1,28 +1,17 @@
 """Variants of gradient descent: sign descent (signSGD, Signum), noisy SGD, optimistic
 gradient descent (and optimistic Adam), the Polyak step size and Momo."""
 
+# ruff: noqa: F405 (the names of the toolkit's star import)
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
 import torch
 
-from funcopt.base import (
-    EmptyState,
-    GradientTransformation,
-    ScalarOrSchedule,
-    Tensor,
-    increment,
-    require_params,
-    step_counter,
-    tree_leaves,
-    tree_unflatten,
-)
-from funcopt.compose import chain
-from funcopt.engine import check_number, ops, scalar_dtype
+from funcopt.engine import check_number
 from funcopt.transforms import first_order as fo
+from funcopt.transforms._toolkit import *  # noqa: F403
 from funcopt.transforms.clipping import add_noise
-from funcopt.transforms.first_order import _as, _check, _leaves
 from funcopt.transforms.line_search import _vdot
 
 __all__ = [
@@ -92,7 +81,7 @@ def scale_by_optimistic_gradient(alpha: float = 1.0, beta: float = 1.0) -> Gradi
 
     def init(params):
         return ScaleByOptimisticGradientState(step_counter(params),
-                                              fo._zeros(tree_leaves(params), None))
+                                              _zeros(tree_leaves(params), None))
 
     def update(updates, state, params=None, **extra):
         g, treedef = _leaves(updates, params, "scale_by_optimistic_gradient",
@@ -223,7 +212,7 @@ def _momo(learning_rate: Any, b1: float, b2: float | None, eps: float, lower_bou
         leaves = tree_leaves(params)
         dt = min((x.dtype for x in leaves), key=lambda d: torch.finfo(d).bits, default=torch.float32)
         z = torch.zeros((), dtype=dt, device=step_counter(params).device)
-        return MomoState(fo._zeros(leaves, None), fo._zeros(leaves, None) if b2 is not None else [],
+        return MomoState(_zeros(leaves, None), _zeros(leaves, None) if b2 is not None else [],
                          z, z.clone(), z + lower_bound, step_counter(params))
 
     def update(updates, state, params=None, *, value=None, **extra):
@@ -237,7 +226,7 @@ def _momo(learning_rate: Any, b1: float, b2: float | None, eps: float, lower_bou
         barf = bt * state.barf + (1 - bt) * torch.as_tensor(value).to(dt)
         m = _as(ops.add(ops.mul(state.exp_avg, bt), ops.mul(g, 1 - bt)), g)
         gamma = bt * state.gamma + (1 - bt) * _vdot(g, p, dt)
-        alpha = fo._hp(learning_rate, state.count)
+        alpha = _hp(learning_rate, state.count)
         bc1, v, precond = torch.ones((), dtype=dt), state.exp_avg_sq, None
         if b2 is not None:
             v = _as(ops.add(ops.mul(state.exp_avg_sq, b2), ops.mul(ops.mul(g, g), 1 - b2)), g)
@@ -287,7 +276,7 @@ def momo(
     (default False). Reference: Schaipp, Ohana, Eickenberg, Defazio, Gower, "MoMo:
     Momentum Models for Adaptive Learning Rates", ICML 2024; optax ``contrib.momo``.
     """
-    fo._check_beta("beta", beta)
+    _check_beta("beta", beta)
     return _momo(learning_rate, beta, None, 0.0, lower_bound, weight_decay, adapt_lower_bound,
                  "momo")
 
@@ -306,7 +295,7 @@ def momo_adam(
     weight_decay (0); adapt_lower_bound (False). Reference: Schaipp et al., ICML 2024; optax
     ``contrib.momo_adam``.
     """
-    fo._check_beta("b1", b1)
-    fo._check_beta("b2", b2)
+    _check_beta("b1", b1)
+    _check_beta("b2", b2)
     return _momo(learning_rate, b1, b2, eps, lower_bound, weight_decay, adapt_lower_bound,
                  "momo_adam")

@@ -32,7 +32,7 @@ from funcopt.base import (
     step_counter,
     tree_unflatten,
 )
-from funcopt.engine import expect_state, is_tracing, leaves, ops
+from funcopt.engine import expect_state, is_tracing, leaves, ops, options_or_default
 from funcopt.schedules.one_based import precond_schedule_probability
 from funcopt.transforms.soap_refresh import (
     RefreshFn,
@@ -292,10 +292,7 @@ def scale_by_soap(
     check_hyperparameter("b1", b1, low=0.0, high=1.0, high_inclusive=False)
     check_hyperparameter("b2", b2, low=0.0, high=1.0, high_inclusive=False)
     check_hyperparameter("eps", eps, low=0.0)
-    fac = SoapFactors() if factors is None else factors
-    if not isinstance(fac, SoapFactors):
-        raise TypeError(f"scale_by_soap: factors must be a fo.SoapFactors; got "
-                        f"{type(fac).__name__}")
+    fac = options_or_default(factors, SoapFactors, "scale_by_soap", "factors")
     max_precond_dim, merge_dims, precondition_1d = (fac.max_precond_dim, fac.merge_dims,
                                                     fac.precondition_1d)
     refresh = (precondition_frequency if callable(precondition_frequency)

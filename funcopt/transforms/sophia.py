@@ -1,6 +1,7 @@
 """Sophia: Adam-like momentum preconditioned by a clipped estimate of the Hessian diagonal,
 with Hutchinson's estimator of that diagonal."""
 
+# ruff: noqa: F405 (the names of the toolkit's star import)
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -8,21 +9,10 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from funcopt.base import (
-    GradientTransformation,
-    ScalarOrSchedule,
-    Tensor,
-    increment,
-    require_params,
-    step_counter,
-    tree_leaves,
-    tree_unflatten,
-)
-from funcopt.compose import chain
-from funcopt.engine import is_tracing, ops
+from funcopt.engine import is_tracing
 from funcopt.transforms import first_order as fo
+from funcopt.transforms._toolkit import *  # noqa: F403
 from funcopt.transforms.clipping import _M1, _mix, _normal
-from funcopt.transforms.first_order import _as, _check, _check_beta, _leaves
 from funcopt.transforms.weight_decay import add_decayed_weights
 
 __all__ = ["HutchinsonState", "SophiaState", "hutchinson_estimator_diag_hessian",
@@ -130,15 +120,15 @@ def scale_by_sophia(
 
     def init(params):
         leaves = tree_leaves(params)
-        return SophiaState(step_counter(params), fo._zeros(leaves, mu_dtype), fo._zeros(leaves, None),
+        return SophiaState(step_counter(params), _zeros(leaves, mu_dtype), _zeros(leaves, None),
                            hess.init(params))
 
     def update(updates, state, params=None, **extra):
         params = require_params(params, "scale_by_sophia")
         g, treedef = _leaves(updates, params, "scale_by_sophia", state.mu)
         count = increment(state.count)
-        mu = fo._moment(_as(state.mu, g), g, b1)
-        m_hat = ops.div(mu, 1 - b1 ** fo._steps(count, g))
+        mu = _moment(_as(state.mu, g), g, b1)
+        m_hat = ops.div(mu, 1 - b1 ** _steps(count, g))
         out = ops.div(m_hat, ops.clamp_min(ops.mul(_as(state.nu, g), gamma), eps))
         if clip_threshold is not None:
             out = ops.clamp_max(ops.clamp_min(out, -clip_threshold), clip_threshold)
@@ -146,7 +136,7 @@ def scale_by_sophia(
         nu, hess_state = state.nu, state.hessian_fn_state
         if is_tracing() or bool(due):
             d, new_hess = hess.update(updates, state.hessian_fn_state, params, **extra)
-            new_nu = _as(fo._moment(_as(state.nu, g), _as(tree_leaves(d), g), b2), state.nu)
+            new_nu = _as(_moment(_as(state.nu, g), _as(tree_leaves(d), g), b2), state.nu)
             if is_tracing():
                 new_nu = [torch.where(due, a, b) for a, b in zip(new_nu, state.nu)]
                 new_hess = optree.tree_map(lambda a, b: torch.where(due, a, b), new_hess,

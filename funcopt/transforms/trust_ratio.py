@@ -5,27 +5,18 @@ a ratio of norms (of the parameters, of the update), computed for all leaves at 
 vector of per-leaf norms, with no host synchronisation.
 """
 
+# ruff: noqa: F405 (the names of the toolkit's star import)
 from __future__ import annotations
 
 from typing import Any
 
 import torch
 
-from funcopt.base import (
-    EmptyState,
-    GradientTransformation,
-    ScalarOrSchedule,
-    Tensor,
-    increment,
-    require_params,
-    step_counter,
-    tree_leaves,
-    tree_unflatten,
-)
-from funcopt.compose import chain, masked
-from funcopt.engine import ops, scalar_dtype
+from funcopt.compose import masked
 from funcopt.transforms import first_order as fo
-from funcopt.transforms.first_order import ScaleByScheduleState, _as, _check, _leaves
+from funcopt.transforms._toolkit import *  # noqa: F403
+from funcopt.transforms.first_order import ScaleByScheduleState
+from funcopt.transforms.leaf_math import _is_number
 from funcopt.transforms.weight_decay import add_decayed_weights
 
 __all__ = [
@@ -187,7 +178,7 @@ def lamb(
     Reference: You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76
     minutes", ICLR 2020; optax ``lamb``. torch.optim has no LAMB.
     """
-    decay = () if fo._is_number(weight_decay) and weight_decay == 0 else (
+    decay = () if _is_number(weight_decay) and weight_decay == 0 else (
         add_decayed_weights(weight_decay, mask),)
     return chain(fo.scale_by_adam(b1, b2, eps, eps_root), *decay, scale_by_trust_ratio(),
                  fo.scale_by_learning_rate(learning_rate))
@@ -236,7 +227,7 @@ def fromage(learning_rate: float, min_norm: float = 1e-6) -> GradientTransformat
     Reference: Bernstein et al., "On the distance between two neural networks and the
     stability of learning", NeurIPS 2020; optax ``fromage``.
     """
-    fo._check("learning_rate", learning_rate, low=0.0)
+    _check("learning_rate", learning_rate, low=0.0)
     if callable(learning_rate) and not isinstance(learning_rate, Tensor):
         mult: Any = lambda c: 1 / (1 + learning_rate(c) ** 2) ** 0.5  # noqa: E731
         step: Any = lambda c: mult(c) * learning_rate(c)  # noqa: E731

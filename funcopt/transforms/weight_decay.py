@@ -14,14 +14,13 @@ from funcopt.base import (
     Tensor,
     check_hyperparameter,
     increment,
-    require_params,
     resolve,
     step_counter,
     tree_check_structure,
-    tree_leaves,
     tree_unflatten,
 )
-from funcopt.engine import expect_state, leaves, ops
+from funcopt.engine import expect_state, ops
+from funcopt.transforms._toolkit import param_leaves
 
 __all__ = ["AddDecayedWeightsState", "add_decayed_weights"]
 
@@ -72,9 +71,7 @@ def add_decayed_weights(
 
     def update(updates, state, params=None, **extra):
         expect_state(state, AddDecayedWeightsState, "add_decayed_weights")
-        params = require_params(params, "add_decayed_weights")
-        u, treedef = leaves(updates, params, "add_decayed_weights")
-        p = tree_leaves(params)
+        u, treedef, p = param_leaves(updates, params, "add_decayed_weights")
         count = increment(state.count)
         if not u:
             return updates, AddDecayedWeightsState(count)

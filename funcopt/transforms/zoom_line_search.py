@@ -8,23 +8,15 @@ as the fallback). Eager steps branch and stop on the host (one sync per trial); 
 ``torch.compile``/``torch.func`` every trial of both phases runs and the right one is kept.
 """
 
+# ruff: noqa: F405 (the names of the toolkit's star import)
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
 import torch
 
-from funcopt.base import (
-    GradientTransformation,
-    Tensor,
-    require_params,
-    step_counter,
-    tree_leaves,
-    tree_unflatten,
-)
-from funcopt.engine import is_tracing, ops, scalar_dtype
-from funcopt.transforms import first_order as fo
-from funcopt.transforms.first_order import _as, _check, _leaves
+from funcopt.engine import is_tracing
+from funcopt.transforms._toolkit import *  # noqa: F403
 from funcopt.transforms.line_search import _call_value_fn, _vdot
 
 __all__ = ["ZoomLinesearchInfo", "ScaleByZoomLinesearchState", "scale_by_zoom_linesearch"]
@@ -213,7 +205,7 @@ def scale_by_zoom_linesearch(
         dt, dev = scalar_dtype(leaves), step_counter(params).device
         inf = torch.tensor(float("inf"), dtype=dt, device=dev)
         return ScaleByZoomLinesearchState(
-            torch.ones((), dtype=dt, device=dev), inf.clone(), fo._zeros(leaves, None),
+            torch.ones((), dtype=dt, device=dev), inf.clone(), _zeros(leaves, None),
             ZoomLinesearchInfo(torch.zeros((), dtype=torch.int64, device=dev), inf.clone(),
                                inf.clone()))
 
