@@ -218,17 +218,16 @@ def scale_by_kfac(
         expect_state(state, KFACState, "scale_by_kfac")
         kr.check_updates(updates, layers, "scale_by_kfac", params=params)
         factors, precond = dict(state.factors), dict(state.precond)
-        if is_tracing():  # every step refreshes; torch.where keeps it on refresh steps
-            cur = kr.curvature_of(extra, layers, "scale_by_kfac", traced=True)
-            due = state.count % T == 0
+        due = kr.refresh_due(extra, state.count, T, "scale_by_kfac")
+        if due is not False:  # a 0-d tensor while tracing: torch.where keeps it when due
+            cur = kr.curvature_of(extra, layers, "scale_by_kfac", traced=due is not True)
+            t = state.count if is_tracing() else kr.host_count(state.count)
             for name in layers:
-                new_f, new_p = refreshed(factors[name], cur, name, state.count)
-                factors[name] = tuple(torch.where(due, a, b) for a, b in zip(new_f, factors[name]))
-                precond[name] = tuple(torch.where(due, a, b) for a, b in zip(new_p, precond[name]))
-        elif (t := kr.host_count(state.count)) % T == 0:
-            cur = kr.curvature_of(extra, layers, "scale_by_kfac")
-            for name in layers:
-                factors[name], precond[name] = refreshed(factors[name], cur, name, t)
+                new_f, new_p = refreshed(factors[name], cur, name, t)
+                if due is not True:
+                    new_f = tuple(torch.where(due, a, b) for a, b in zip(new_f, factors[name]))
+                    new_p = tuple(torch.where(due, a, b) for a, b in zip(new_p, precond[name]))
+                factors[name], precond[name] = new_f, new_p
         lr = current_learning_rate(learning_rate, state.learning_rate, state.count)
         grads = {name: kr.grad_matrix(updates, s) for name, s in layers.items()}
         nat = {name: _kfac_apply(V, precond[name], damping) for name, V in grads.items()}
