@@ -378,7 +378,8 @@ def _run_hooked(call: _Call, params: dict[str, Tensor], specs: dict[str, LayerSp
         value = call.fn(out, call.targets)
     keys = list(leaves)
     probes = [p for name in specs for _, p in records[name]]
-    sampled = None if call.sampled is None else (lambda: call.sampled(out))
+    sample_loss = call.sampled
+    sampled = None if sample_loss is None else (lambda: sample_loss(out))
     found, gys = _gradients(value, [leaves[k] for k in keys], probes, sampled, call.loss_scale)
     grads = {k: torch.zeros_like(leaves[k]) if gr is None else gr for k, gr in zip(keys, found)}
     it = iter(gys)
@@ -445,7 +446,9 @@ def _run_traced(call: _Call, params: dict[str, Tensor], specs: dict[str, LayerSp
         inputs = {name: [x.detach() for x, _ in calls] for name, calls in records.items()}
         return tuple(terms), (value.detach(), inputs)
 
-    terms, vjp_fn, (value, inputs) = torch.func.vjp(losses, params, probes, has_aux=True)
+    # with has_aux, vjp returns (outputs, vjp_fn, aux); its annotation lists two
+    terms, vjp_fn, aux = torch.func.vjp(losses, params, probes, has_aux=True)  # type: ignore[misc]
+    value, inputs = aux
     one, zero = torch.ones_like(terms[0]), torch.zeros_like(terms[0])
     grads, gys = vjp_fn((one,) if len(terms) == 1 else (one, zero))
     if len(terms) == 2:

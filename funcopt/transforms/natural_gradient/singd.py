@@ -1,11 +1,17 @@
 """SINGD: structured inverse-free natural gradient (Lin et al. 2024), a pure transform fed by
 :func:`funcopt.func.capture_curvature` (the workflow: :mod:`funcopt.transforms.natural_gradient`).
 
-Host syncs: in eager steps the step counter is read on the host once per step to decide
-whether this is a refresh step (every ``T`` steps). While :func:`funcopt.engine.is_tracing`
-(``torch.compile(fullgraph=True)``, ``torch.func.vmap``) there is no host read: the refresh
-runs on every step and ``torch.where`` keeps it on refresh steps, so ``curvature`` must be
-passed on every step.
+Host syncs: none with ``T=1`` or with the extra keyword ``refresh=True/False`` of ``update``
+(the caller decides on the host whether this step refreshes; it overrides the every-``T``
+schedule). Otherwise, in eager steps the step counter is read on the host once per step to
+decide whether this is a refresh step (every ``T`` steps); while
+:func:`funcopt.engine.is_tracing` (``torch.compile(fullgraph=True)``, ``torch.func.vmap``)
+there is no host read: the refresh runs on every step and ``torch.where`` keeps it on refresh
+steps, so ``curvature`` must be passed on every step.
+
+A whole training step (``capture_curvature``, ``update``, ``apply_updates``) runs under
+:func:`funcopt.jit` (compiled, donated, a CUDA graph on CUDA); pass ``refresh`` to get one
+graph per kind of step instead of a refresh computed and discarded on most steps.
 """
 
 from __future__ import annotations
@@ -147,7 +153,8 @@ def scale_by_singd(
         momentum step by :math:`1-\alpha_1` (default False).
       process_group: ``torch.distributed`` group; ``H_K``, ``H_C`` are averaged over it.
 
-    Extra keyword of ``update``: ``curvature``, required on refresh steps (``count % T == 0``).
+    Extra keywords of ``update``: ``curvature``, required on refresh steps (``count % T ==
+    0``); ``refresh`` (True/False, optional): refresh on this step or not, whatever the count.
 
     Reference: Lin et al., "Structured Inverse-Free Natural Gradient Descent:
     Memory-Efficient & Numerically-Stable KFAC", ICML 2024, arXiv:2312.05705; package
