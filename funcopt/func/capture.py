@@ -301,6 +301,14 @@ def capture_curvature(
       ``params``; ``layers[name] = LayerCurvature(a, g, num_loss_terms)``. A module called
       several times contributes one block of rows per call.
 
+    Under ``torch.compile(fullgraph=True)`` (e.g. a whole step under :func:`funcopt.jit`) the
+    same numbers come from another route, since module hooks cannot be registered and
+    ``torch.autograd.grad`` cannot run there: a supported layer's calls are found by its
+    weight tensor in ``F.linear``/``F.conv2d`` (a weight shared by two supported layers
+    counts for the first), the output shapes by a forward pass whose arithmetic the compiler
+    drops, and the gradients by ``torch.func.vjp`` in the params and in zero probes added to
+    the outputs.
+
     Example::
 
         params = {k: v.detach() for k, v in model.named_parameters()}
