@@ -7,7 +7,15 @@ Every method runs a full training step on the same MLP (784-width-width-10) and 
 forward, backward (for funcopt: ``capture_curvature``, which also records the layer
 statistics) and the optimizer step. Reported: median step time over ``--steps`` steps after
 3 warm-up steps (CUDA-synchronised), and the bytes held in optimizer state. The preconditioner
-is refreshed every step (T=1), the worst case for the natural-gradient methods.
+is refreshed every step (T=1), the worst case for the natural-gradient methods, except in the
+``T=10`` rows: their time is the mean over a multiple of 10 steps timed as one block (the
+refresh amortised).
+
+``fo.jit`` rows run the whole step ``step(params, state, x, y, refresh)`` (capture, update,
+apply) under :func:`funcopt.jit`: compiled with ``fullgraph=True``, params and state donated
+and, on CUDA, captured as a CUDA graph; ``refresh`` is decided by the loop on the host. Their
+compilation and capture run before the timing. In ``kfac (T=10, fo.jit)`` the refresh steps
+run eagerly (see :func:`bench_funcopt`).
 """
 
 from __future__ import annotations
@@ -37,15 +45,24 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(step, steps, device):
+def timed(step, steps, device, mean=False):
+    """Median step time in ms over ``steps`` steps after 3 warm-up steps; with ``mean``, the
+    mean over ``steps`` steps timed as one block."""
     times = []
-    for i in range(steps + 3):
+    for i in range(3 if mean else steps + 3):
         sync(device)
         t0 = time.perf_counter()
         step()
         sync(device)
         if i >= 3:
             times.append(time.perf_counter() - t0)
+    if mean:
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        return 1e3 * (time.perf_counter() - t0) / steps
     return 1e3 * statistics.median(times)
 
 
@@ -71,16 +88,37 @@ def bench_torch(make_opt, model, x, y, steps, device):
     return ms, tensor_bytes(state)
 
 
-def bench_funcopt(tx, model, x, y, steps, device):
+def bench_funcopt(tx, model, x, y, steps, device, T=1, jit=False):
+    """A funcopt step: eager (the transform reads its step counter to decide on a refresh) or
+    under ``fo.jit`` (the loop passes ``refresh``). With ``T > 1`` under ``fo.jit`` only the
+    steps between refreshes are jitted and the refresh steps run eagerly: KFAC's compiled
+    refresh computes the eigh fallback of every Cholesky factorisation (to pick it on the
+    device), and ``torch.linalg.eigh`` reads its error code on the host, which a CUDA graph
+    cannot capture."""
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    box = {"params": params, "state": tx.init(params)}
+    state = tx.init(params)
+
+    def pure(params, state, x, y, refresh=None):
+        cap = fo.func.capture_curvature(model, params, x, y)
+        extra = {} if refresh is None else {"refresh": refresh}
+        upd, state = tx.update(cap.grads, state, params, curvature=cap, **extra)
+        return fo.apply_updates(params, upd), state
+
+    fast = fo.jit(pure) if jit else pure
+    box = {"params": params, "state": state, "i": 0}
 
     def step():
-        cap = fo.func.capture_curvature(model, box["params"], x, y)
-        upd, box["state"] = tx.update(cap.grads, box["state"], box["params"], curvature=cap)
-        box["params"] = fo.apply_updates(box["params"], upd)
+        refresh = box["i"] % T == 0
+        run = pure if refresh and T > 1 else fast
+        box["params"], box["state"] = run(box["params"], box["state"], x, y,
+                                          refresh if jit else None)
+        box["i"] += 1
 
-    ms = timed(step, steps, device)
+    for _ in range(3 * T + 3 if jit else 0):  # compile, warm up and capture every graph
+        step()
+    box["i"] = 0
+    steps = -(-steps // T) * T
+    ms = timed(step, steps, device, mean=T > 1)
     return ms, tensor_bytes(box["state"])
 
 
@@ -106,13 +144,19 @@ def main(argv=None) -> int:
         lambda m: torch.optim.AdamW(m.parameters(), 1e-3), model, x, y, args.steps, device)))
     rows.append(("funcopt kfac (T=1)", *bench_funcopt(
         fo.kfac(model, 1e-3, momentum=0.9, T=1), model, x, y, args.steps, device)))
+    for jit in (False, True):
+        rows.append((f"funcopt kfac (T=10{', fo.jit' if jit else ''})", *bench_funcopt(
+            fo.kfac(model, 1e-3, momentum=0.9, T=10), model, x, y, args.steps, device,
+            T=10, jit=jit)))
     try:
         from singd.optim.optimizer import SINGD
     except ImportError:
         SINGD = None
     for s in args.structures:
-        rows.append((f"funcopt singd {s} (T=1)", *bench_funcopt(
-            fo.singd(model, 1e-3, T=1, structures=(s, s)), model, x, y, args.steps, device)))
+        for jit in (False, True):
+            rows.append((f"funcopt singd {s} (T=1{', fo.jit' if jit else ''})", *bench_funcopt(
+                fo.singd(model, 1e-3, T=1, structures=(s, s)), model, x, y, args.steps,
+                device, jit=jit)))
         if SINGD is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -122,7 +166,8 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     head = (f"\n### MLP 784-{args.width}-{args.width}-10, batch {args.batch}, {name}, "
             f"torch {torch.__version__}, threads {torch.get_num_threads()}\n\n"
-            "| method | step (ms, median) | optimizer state (MB) |\n| --- | --- | --- |\n")
+            "| method | step (ms; median, T=10: mean) | optimizer state (MB) |\n"
+            "| --- | --- | --- |\n")
     table = head + "".join(f"| {n} | {ms:.2f} | {b / 2**20:.2f} |\n" for n, ms, b in rows)
     print(table)
     if args.out:

@@ -170,3 +170,28 @@ def test_low_precision_keeps_dtype(dtype):
 def test_unknown_structure_names_the_choices():
     with pytest.raises(ValueError, match="triltoeplitz"):
         get_structure("toeplitz")
+
+
+@pytest.mark.parametrize("name", sorted(STRUCTURES))
+def test_combine_descend_precondition_equal_the_dense_math(name):
+    """SINGD's fused steps (Dense and Diagonal override them) against float64 dense math:
+    ``combine`` is ``sum_i c_i t_i P_i + diag I``, ``descend`` is ``P - beta P M`` (beta a
+    number or a 0-d tensor), ``precondition`` is ``P P^T X``."""
+    s = STRUCTURES[name]
+    d = 34
+    P, Q, R = (random_params(s, d, k) for k in (6, 7, 8))
+    dense = s.to_dense
+    X = torch.randn(d, 3, dtype=torch.float64)
+    t1, t2 = torch.tensor(0.3, dtype=torch.float64), torch.tensor(-1.7, dtype=torch.float64)
+    eye = torch.eye(d, dtype=torch.float64)
+    for terms, want in [
+        ([(P, 0.5, None), (Q, 2.0, t1), (R, -0.25, t2)],
+         0.5 * dense(P) + 2.0 * 0.3 * dense(Q) - 0.25 * -1.7 * dense(R) - 0.75 * eye),
+        ([(Q, 2.0, t1), (R, -0.25, None)], 0.6 * dense(Q) - 0.25 * dense(R) - 0.75 * eye),
+    ]:
+        close(dense(s.combine(terms, -0.75)), want)
+    close(dense(s.combine([(P, 3.0, None)], 0.0)), 3.0 * dense(P))
+    step = dense(P) @ dense(Q)
+    close(dense(s.descend(P, Q, 0.1)), dense(P) - 0.1 * step)
+    close(dense(s.descend(P, Q, t1)), dense(P) - 0.3 * step)
+    close(s.precondition(P, X), dense(P) @ dense(P).T @ X)

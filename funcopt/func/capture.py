@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 
 __all__ = ["LayerSpec", "LayerCurvature", "Captured", "supported_layers", "MonteCarloFisher",
            "capture_curvature", "kronecker_factors", "merge_curvature"]
@@ -300,6 +301,14 @@ def capture_curvature(
       ``params``; ``layers[name] = LayerCurvature(a, g, num_loss_terms)``. A module called
       several times contributes one block of rows per call.
 
+    Under ``torch.compile(fullgraph=True)`` (e.g. a whole step under :func:`funcopt.jit`) the
+    same numbers come from another route, since module hooks cannot be registered and
+    ``torch.autograd.grad`` cannot run there: a supported layer's calls are found by its
+    weight tensor in ``F.linear``/``F.conv2d`` (a weight shared by two supported layers
+    counts for the first), the output shapes by a forward pass whose arithmetic the compiler
+    drops, and the gradients by ``torch.func.vjp`` in the params and in zero probes added to
+    the outputs.
+
     Example::
 
         params = {k: v.detach() for k, v in model.named_parameters()}
@@ -312,6 +321,50 @@ def capture_curvature(
         raise ValueError("capture_curvature: unsupported modules with parameters: "
                          + ", ".join(f"{k} ({v})" for k, v in unsupported.items()))
     modules = dict(model.named_modules())
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    call = _Call(model, {**(buffers or {})}, args, targets, _loss_fn(loss),
+                 _sampler(loss, fisher), loss_scale)
+    # torch.compile cannot trace module hooks being registered nor torch.autograd.grad: there
+    # the layers are found by their weights and differentiated with torch.func.vjp
+    run = _run_traced if torch.compiler.is_compiling() else _run_hooked
+    value, grads, records = run(call, params, specs, modules)
+    layers = {}
+    for name, spec in specs.items():
+        parts = [_process(spec.kind, modules[name], x, gy, kfac_approx, spec.bias is not None,
+                          loss_average) for x, gy in records[name]]
+        if parts:
+            layers[name] = LayerCurvature(torch.cat([p.a for p in parts]),
+                                          torch.cat([p.g for p in parts]),
+                                          parts[0].num_loss_terms)
+    return Captured(value.detach(), grads, layers, tuple(unsupported))
+
+
+class _Call(NamedTuple):
+    """One capture's model call and loss: ``fn(model(*args), targets)``; ``sampled(out)``
+    the Monte-Carlo loss (None for the empirical Fisher)."""
+
+    model: nn.Module
+    buffers: dict[str, Tensor]
+    args: tuple
+    targets: Tensor
+    fn: Callable[[Tensor, Tensor], Tensor]
+    sampled: Callable[[Tensor], Tensor] | None
+    loss_scale: Any
+
+
+def _sampler(loss: Any, fisher: Any) -> Callable[[Tensor], Tensor] | None:
+    """``out -> loss(out, targets sampled from out)`` for the Monte-Carlo Fisher, else None."""
+    mc = _monte_carlo(fisher)
+    if mc is None or not isinstance(loss, str):  # _check_options: mc needs a named loss
+        return None
+    fn, generator = _loss_fn(loss), mc.generator
+    return lambda out: fn(out, _sample_targets(loss, out, generator))
+
+
+def _run_hooked(call: _Call, params: dict[str, Tensor], specs: dict[str, LayerSpec],
+                modules: dict[str, nn.Module]) -> tuple[Tensor, dict, dict]:
+    """The eager capture: forward hooks add a zero probe to every supported layer's output
+    and ``torch.autograd.grad`` differentiates the loss for the params and the probes."""
     records: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in specs}
 
     def hook(name):
@@ -325,36 +378,93 @@ def capture_curvature(
     handles = [modules[name].register_forward_hook(hook(name)) for name in specs]
     try:
         with torch.enable_grad():
-            args = inputs if isinstance(inputs, tuple) else (inputs,)
-            out = functional_call(model, {**leaves, **(buffers or {})}, args)
+            out = functional_call(call.model, {**leaves, **call.buffers}, call.args)
     finally:
         for h in handles:
             h.remove()
-    fn = _loss_fn(loss)
     with torch.enable_grad():
-        value = fn(out, targets)
+        value = call.fn(out, call.targets)
     keys = list(leaves)
     probes = [p for name in specs for _, p in records[name]]
-    sampled, mc = None, _monte_carlo(fisher)
-    if mc is not None and isinstance(loss, str):  # _check_options: mc needs a named loss
-        loss_name, generator = loss, mc.generator
-        sampled = lambda: fn(out, _sample_targets(loss_name, out, generator))  # noqa: E731
-    found, gys = _gradients(value, [leaves[k] for k in keys], probes, sampled, loss_scale)
+    sample_loss = call.sampled
+    sampled = None if sample_loss is None else (lambda: sample_loss(out))
+    found, gys = _gradients(value, [leaves[k] for k in keys], probes, sampled, call.loss_scale)
     grads = {k: torch.zeros_like(leaves[k]) if gr is None else gr for k, gr in zip(keys, found)}
-    layers, i = {}, 0
-    for name, spec in specs.items():
-        parts = []
-        for x, probe in records[name]:
-            gy = gys[i]
-            gy = torch.zeros_like(probe) if gy is None else gy
-            i += 1
-            parts.append(_process(spec.kind, modules[name], x, gy, kfac_approx,
-                                  spec.bias is not None, loss_average))
-        if parts:
-            layers[name] = LayerCurvature(torch.cat([p.a for p in parts]),
-                                          torch.cat([p.g for p in parts]),
-                                          parts[0].num_loss_terms)
-    return Captured(value.detach(), grads, layers, tuple(unsupported))
+    it = iter(gys)
+    pairs = {name: [(x, _or_zeros(next(it), p)) for x, p in records[name]] for name in specs}
+    return value, grads, pairs
+
+
+def _or_zeros(gy: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if gy is None else gy
+
+
+class _Recorder(TorchFunctionMode):
+    """Records the input and output of every ``F.linear``/``F.conv2d`` call whose weight is
+    one of ``weights`` (``(tensor, layer name)`` pairs, matched by identity), and adds the
+    call's probe to its output when ``probes`` is given (the traced capture)."""
+
+    def __init__(self, weights: list[tuple[Tensor, str]], probes: dict | None,
+                 records: dict[str, list]):
+        super().__init__()
+        self.weights, self.probes, self.records = weights, probes, records
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch._C._nn.linear or func is torch.conv2d:
+            w = args[1] if len(args) > 1 else (kwargs or {}).get("weight")
+            for t, name in self.weights:
+                if t is w:
+                    calls = self.records[name]
+                    if self.probes is not None:
+                        out = out + self.probes[name][len(calls)]
+                    calls.append((args[0], out))
+                    break
+        return out
+
+
+def _run_traced(call: _Call, params: dict[str, Tensor], specs: dict[str, LayerSpec],
+                modules: dict[str, nn.Module]) -> tuple[Tensor, dict, dict]:
+    """The capture while ``torch.compile`` traces: a first pass (no autograd; the compiler
+    drops its arithmetic, only its shapes are used) finds the output shape of every call of a
+    supported layer, then ``torch.func.vjp`` of the loss in the params and in zero probes
+    added to those outputs gives the gradients and ``g``. The layers' calls are found by their
+    weights (a weight shared by two supported layers counts for the first)."""
+
+    def forward(leaves, probes, records):
+        weights = [(leaves[s.weight], name) for name, s in specs.items()]
+        with _Recorder(weights, probes, records):
+            return functional_call(call.model, {**leaves, **call.buffers}, call.args)
+
+    shapes: dict[str, list] = {name: [] for name in specs}
+    with torch.no_grad():
+        forward(params, None, shapes)
+    probes = {name: [torch.zeros_like(y) for _, y in calls] for name, calls in shapes.items()}
+    scale = 1.0 if call.loss_scale is None else call.loss_scale
+
+    def losses(leaves, probes):
+        records: dict[str, list] = {name: [] for name in specs}
+        out = forward(leaves, probes, records)
+        value = call.fn(out, call.targets)
+        wide = value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+        terms = [wide * scale]
+        if call.sampled is not None:
+            sample = call.sampled(out)
+            terms.append((sample.float() if sample.dtype != wide.dtype else sample) * scale)
+        inputs = {name: [x.detach() for x, _ in calls] for name, calls in records.items()}
+        return tuple(terms), (value.detach(), inputs)
+
+    # with has_aux, vjp returns (outputs, vjp_fn, aux); its annotation lists two
+    terms, vjp_fn, aux = torch.func.vjp(losses, params, probes, has_aux=True)  # type: ignore[misc]
+    value, inputs = aux
+    one, zero = torch.ones_like(terms[0]), torch.zeros_like(terms[0])
+    grads, gys = vjp_fn((one,) if len(terms) == 1 else (one, zero))
+    if len(terms) == 2:
+        gys = vjp_fn((zero, one))[1]
+    if call.loss_scale is not None:  # as _gradients
+        grads = {k: (gr / call.loss_scale).to(gr.dtype) for k, gr in grads.items()}
+        gys = {name: [_unscale(gy, call.loss_scale) for gy in gs] for name, gs in gys.items()}
+    return value, grads, {name: list(zip(inputs[name], gys[name])) for name in specs}
 
 
 def kronecker_factors(layer: LayerCurvature, dtype: torch.dtype | None = None

@@ -4,13 +4,21 @@ for convolutions), as a pure transform fed by :func:`funcopt.func.capture_curvat
 The workflow (curvature passed to ``update`` as the extra keyword ``curvature``) is that of
 :mod:`funcopt.transforms.natural_gradient`.
 
-Host syncs (eager steps): the step counter is read once per step (refresh decision); on
-refresh steps the factors are checked for finiteness and the Cholesky factorisation for
-success. While :func:`funcopt.engine.is_tracing` (``torch.compile``, ``torch.func.vmap``)
-there is no host read: the refresh is computed on every step and ``torch.where`` keeps it on
-refresh steps only (so ``curvature`` must then be passed on every step), a failed Cholesky
-factorisation picks the eigh pseudo-inverse the same way (:class:`funcopt.solvers.Fallback`), and non-finite factors are not refused
-(they make the update non-finite, which :func:`funcopt.apply_if_finite` can skip).
+Host syncs (eager steps): the step counter is read once per step (refresh decision) unless
+``T=1`` or the extra keyword ``refresh=True/False`` of ``update`` decides (it overrides the
+every-``T`` schedule); on refresh steps the factors are checked for finiteness and the
+Cholesky factorisation for success. While :func:`funcopt.engine.is_tracing`
+(``torch.compile``, ``torch.func.vmap``) there is no host read: without ``refresh`` the
+refresh is computed on every step and ``torch.where`` keeps it on refresh steps only (so
+``curvature`` must then be passed on every step), a failed Cholesky factorisation picks the
+eigh pseudo-inverse the same way (:class:`funcopt.solvers.Fallback`), and non-finite factors
+are not refused (they make the update non-finite, which :func:`funcopt.apply_if_finite` can
+skip).
+
+Under :func:`funcopt.jit` on CUDA, steps without a refresh (``refresh=False``) are captured
+as CUDA graphs; a refresh step is not capturable, since the eigh fallback it computes
+(``torch.linalg.eigh``) reads its error code on the host: run refresh steps eagerly or with
+``fo.jit(step, graph=False)``.
 """
 
 from __future__ import annotations
@@ -154,8 +162,9 @@ def scale_by_kfac(
         As a number it is kept in ``state.learning_rate`` and read from there, so writing
         that field changes it; as a schedule, ``learning_rate(count)`` is stored there.
 
-    Extra keyword of ``update``: ``curvature`` (a :class:`funcopt.func.Captured` or its
-    ``layers`` dict), required on refresh steps (``count % T == 0``).
+    Extra keywords of ``update``: ``curvature`` (a :class:`funcopt.func.Captured` or its
+    ``layers`` dict), required on refresh steps (``count % T == 0``); ``refresh``
+    (True/False, optional): refresh on this step or not, whatever the count.
 
     A refresh whose factors are not finite (the loss or the parameters diverged) raises a
     ``FloatingPointError`` naming the layer and the remedies.
@@ -218,17 +227,16 @@ def scale_by_kfac(
         expect_state(state, KFACState, "scale_by_kfac")
         kr.check_updates(updates, layers, "scale_by_kfac", params=params)
         factors, precond = dict(state.factors), dict(state.precond)
-        if is_tracing():  # every step refreshes; torch.where keeps it on refresh steps
-            cur = kr.curvature_of(extra, layers, "scale_by_kfac", traced=True)
-            due = state.count % T == 0
+        due = kr.refresh_due(extra, state.count, T, "scale_by_kfac")
+        if due is not False:  # a 0-d tensor while tracing: torch.where keeps it when due
+            cur = kr.curvature_of(extra, layers, "scale_by_kfac", traced=due is not True)
+            t = state.count if is_tracing() else kr.host_count(state.count)
             for name in layers:
-                new_f, new_p = refreshed(factors[name], cur, name, state.count)
-                factors[name] = tuple(torch.where(due, a, b) for a, b in zip(new_f, factors[name]))
-                precond[name] = tuple(torch.where(due, a, b) for a, b in zip(new_p, precond[name]))
-        elif (t := kr.host_count(state.count)) % T == 0:
-            cur = kr.curvature_of(extra, layers, "scale_by_kfac")
-            for name in layers:
-                factors[name], precond[name] = refreshed(factors[name], cur, name, t)
+                new_f, new_p = refreshed(factors[name], cur, name, t)
+                if due is not True:
+                    new_f = tuple(torch.where(due, a, b) for a, b in zip(new_f, factors[name]))
+                    new_p = tuple(torch.where(due, a, b) for a, b in zip(new_p, precond[name]))
+                factors[name], precond[name] = new_f, new_p
         lr = current_learning_rate(learning_rate, state.learning_rate, state.count)
         grads = {name: kr.grad_matrix(updates, s) for name, s in layers.items()}
         nat = {name: _kfac_apply(V, precond[name], damping) for name, V in grads.items()}

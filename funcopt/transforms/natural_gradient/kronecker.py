@@ -11,11 +11,11 @@ import torch
 from torch import Tensor, nn
 
 from funcopt.base import GradientTransformation
-from funcopt.engine import leaves
+from funcopt.engine import is_tracing, leaves
 from funcopt.func.capture import LayerSpec, supported_layers
 
 __all__ = ["eye", "supported", "grad_matrix", "scatter", "check_updates", "curvature_of",
-           "all_reduce_mean", "host_count", "with_fallback"]
+           "all_reduce_mean", "host_count", "refresh_due", "with_fallback"]
 
 
 def eye(d: int, dtype: torch.dtype, device: Any) -> Tensor:
@@ -104,6 +104,28 @@ def all_reduce_mean(tensors: list[Tensor], group: Any) -> list[Tensor]:
 def host_count(state_count: Tensor) -> int:
     """The step counter on the host (one sync per step: the refresh decision)."""
     return int(state_count)
+
+
+def refresh_due(extra: dict, count: Tensor, T: int, who: str) -> bool | Tensor:
+    """Whether this step refreshes the preconditioner.
+
+    The extra keyword ``refresh`` (True or False, decided by the caller on the host) overrides
+    the every-``T``-steps schedule; without it: True when ``T == 1``, else ``count % T == 0``,
+    read on the host in eager steps (one sync) and a 0-d bool tensor while
+    :func:`funcopt.engine.is_tracing` (the refresh is then computed on every step and
+    ``torch.where`` keeps it when due). Checked before any work."""
+    given = extra.get("refresh")
+    if given is not None:
+        if not isinstance(given, bool):
+            raise TypeError(f"{who}: refresh={given!r}; pass True or False (whether this step "
+                            "refreshes the preconditioner, decided on the host), or leave it "
+                            "out to refresh every T steps")
+        return given
+    if T == 1:
+        return True
+    if is_tracing():
+        return count % T == 0
+    return host_count(count) % T == 0
 
 
 def with_fallback(model: nn.Module, layers: dict[str, LayerSpec],

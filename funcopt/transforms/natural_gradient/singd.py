@@ -1,11 +1,17 @@
 """SINGD: structured inverse-free natural gradient (Lin et al. 2024), a pure transform fed by
 :func:`funcopt.func.capture_curvature` (the workflow: :mod:`funcopt.transforms.natural_gradient`).
 
-Host syncs: in eager steps the step counter is read on the host once per step to decide
-whether this is a refresh step (every ``T`` steps). While :func:`funcopt.engine.is_tracing`
-(``torch.compile(fullgraph=True)``, ``torch.func.vmap``) there is no host read: the refresh
-runs on every step and ``torch.where`` keeps it on refresh steps, so ``curvature`` must be
-passed on every step.
+Host syncs: none with ``T=1`` or with the extra keyword ``refresh=True/False`` of ``update``
+(the caller decides on the host whether this step refreshes; it overrides the every-``T``
+schedule). Otherwise, in eager steps the step counter is read on the host once per step to
+decide whether this is a refresh step (every ``T`` steps); while
+:func:`funcopt.engine.is_tracing` (``torch.compile(fullgraph=True)``, ``torch.func.vmap``)
+there is no host read: the refresh runs on every step and ``torch.where`` keeps it on refresh
+steps, so ``curvature`` must be passed on every step.
+
+A whole training step (``capture_curvature``, ``update``, ``apply_updates``) runs under
+:func:`funcopt.jit` (compiled, donated, a CUDA graph on CUDA); pass ``refresh`` to get one
+graph per kind of step instead of a refresh computed and discarded on most steps.
 """
 
 from __future__ import annotations
@@ -24,10 +30,10 @@ from funcopt.base import (
     resolve,
     step_counter,
 )
-from funcopt.engine import expect_state, is_tracing
+from funcopt.engine import expect_state
 from funcopt.func.capture import LayerSpec
 from funcopt.transforms.natural_gradient import kronecker as kr
-from funcopt.transforms.natural_gradient.structures import Structure, get_structure, lincomb
+from funcopt.transforms.natural_gradient.structures import Structure, get_structure
 
 __all__ = ["SINGDState", "scale_by_singd", "singd"]
 
@@ -57,8 +63,9 @@ class _SINGDConfig(NamedTuple):
     process_group: Any
 
 
-def _singd_momenta(cfg: _SINGDConfig, K, C, lay, dtypes):
-    """The new momenta ``m_K, m_C`` of one layer (before adding ``alpha1`` times the old)."""
+def _singd_momenta(cfg: _SINGDConfig, K, C, mK_old, mC_old, lay, dtypes):
+    """The new momenta ``m_K, m_C`` of one layer (Lin et al. 2024, Fig. 2, lines 3-6),
+    ``alpha1`` times the old ones included, each one :meth:`Structure.combine`."""
     sK, sC = cfg.sK, cfg.sC
     a = lay.a.to(dtypes[0]) / math.sqrt(lay.a.shape[0])
     g = lay.g.to(dtypes[1]) * math.sqrt(lay.num_loss_terms)
@@ -67,34 +74,29 @@ def _singd_momenta(cfg: _SINGDConfig, K, C, lay, dtypes):
         flat = kr.all_reduce_mean([*H_K, *H_C], cfg.process_group)
         H_K, H_C = tuple(flat[:len(H_K)]), tuple(flat[len(H_K):])
     KtK, CtC = sK.from_inner(K), sC.from_inner(C)
-    cK: float | Tensor
-    dK: float | Tensor
-    cC: float | Tensor
-    dC: float | Tensor
-    if cfg.kfac_like:
-        cK, dK, cC, dC = 1.0, cfg.damping, 1.0, cfg.damping
+    s = 0.5 * ((1.0 - cfg.alpha1) if cfg.normalize_lr_cov else 1.0)
+    lam = cfg.damping
+    if cfg.kfac_like:  # c^2 = kappa^2 = 1
+        cK = dK = cC = dC = None
     else:
-        cK, dK = sC.average_trace(H_C), cfg.damping * sC.average_trace(CtC)
-        cC, dC = sK.average_trace(H_K), cfg.damping * sK.average_trace(KtK)
-    scale = 0.5 * ((1.0 - cfg.alpha1) if cfg.normalize_lr_cov else 1.0)
-    m_K = sK.diag_add(lincomb([(H_K, cK), (KtK, dK)]), -1.0)
-    m_C = sC.diag_add(lincomb([(H_C, cC), (CtC, dC)]), -1.0)
-    return lincomb([(m_K, scale)]), lincomb([(m_C, scale)])
+        cK, dK = sC.average_trace(H_C), sC.average_trace(CtC)
+        cC, dC = sK.average_trace(H_K), sK.average_trace(KtK)
+    old_K = [(mK_old, cfg.alpha1, None)] if cfg.alpha1 != 0.0 else []
+    old_C = [(mC_old, cfg.alpha1, None)] if cfg.alpha1 != 0.0 else []
+    m_K = sK.combine(old_K + [(H_K, s, cK), (KtK, s * lam, dK)], -s)
+    m_C = sC.combine(old_C + [(H_C, s, cC), (CtC, s * lam, dC)], -s)
+    return m_K, m_C
 
 
 def _singd_refresh(cfg: _SINGDConfig, K, C, mK_old, mC_old, lay, dtypes, count):
     """One Riemannian step on ``K``, ``C`` (Lin et al. 2024, Fig. 2, lines 3-8)."""
-    m_K, m_C = _singd_momenta(cfg, K, C, lay, dtypes)
-    if cfg.alpha1 != 0.0:
-        m_K = lincomb([(m_K, 1.0), (mK_old, cfg.alpha1)])
-        m_C = lincomb([(m_C, 1.0), (mC_old, cfg.alpha1)])
+    m_K, m_C = _singd_momenta(cfg, K, C, mK_old, mC_old, lay, dtypes)
     beta = resolve(cfg.lr_cov, count)
     beta_K = beta_C = beta
     if cfg.normalize_lr_cov:
         beta_K = beta / cfg.sK.inf_norm(m_K).clamp(min=1.0)
         beta_C = beta / cfg.sC.inf_norm(m_C).clamp(min=1.0)
-    K = lincomb([(K, 1.0), (cfg.sK.mul(K, m_K), -beta_K)])
-    C = lincomb([(C, 1.0), (cfg.sC.mul(C, m_C), -beta_C)])
+    K, C = cfg.sK.descend(K, m_K, beta_K), cfg.sC.descend(C, m_C, beta_C)
     keep = cfg.alpha1 != 0.0
     return K, C, (m_K if keep else ()), (m_C if keep else ())
 
@@ -151,7 +153,8 @@ def scale_by_singd(
         momentum step by :math:`1-\alpha_1` (default False).
       process_group: ``torch.distributed`` group; ``H_K``, ``H_C`` are averaged over it.
 
-    Extra keyword of ``update``: ``curvature``, required on refresh steps (``count % T == 0``).
+    Extra keywords of ``update``: ``curvature``, required on refresh steps (``count % T ==
+    0``); ``refresh`` (True/False, optional): refresh on this step or not, whatever the count.
 
     Reference: Lin et al., "Structured Inverse-Free Natural Gradient Descent:
     Memory-Efficient & Numerically-Stable KFAC", ICML 2024, arXiv:2312.05705; package
@@ -186,15 +189,14 @@ def scale_by_singd(
         expect_state(state, SINGDState, "scale_by_singd")
         kr.check_updates(updates, layers, "scale_by_singd", params=params)
         K, C, mK, mC = (dict(d) for d in state[1:])
-        traced = is_tracing()  # then every step refreshes and torch.where keeps it when due
-        if traced or kr.host_count(state.count) % T == 0:
-            cur = kr.curvature_of(extra, layers, "scale_by_singd", traced=traced)
+        due = kr.refresh_due(extra, state.count, T, "scale_by_singd")
+        if due is not False:  # a 0-d tensor while tracing: torch.where keeps it when due
+            cur = kr.curvature_of(extra, layers, "scale_by_singd", traced=due is not True)
             for name, s in layers.items():
                 dt = dtypes_of(updates[s.weight])
                 old = (K[name], C[name], mK[name], mC[name])
                 new = _singd_refresh(cfg, *old, cur[name], dt, state.count)
-                if traced:
-                    due = state.count % T == 0
+                if due is not True:
                     new = tuple(tuple(torch.where(due, a, b) for a, b in zip(n, o))
                                 for n, o in zip(new, old))
                 K[name], C[name], mK[name], mC[name] = new
@@ -202,8 +204,8 @@ def scale_by_singd(
         for name, s in layers.items():
             V = kr.grad_matrix(updates, s)
             Kp, Cp = K[name], C[name]
-            nat = cfg.sK.matmul(Kp, cfg.sK.rmatmat(Kp, V.T.to(Kp[0].dtype))).T
-            nat = cfg.sC.matmul(Cp, cfg.sC.rmatmat(Cp, nat.to(Cp[0].dtype)))
+            nat = cfg.sK.precondition(Kp, V.T.to(Kp[0].dtype)).T    # V K K^T
+            nat = cfg.sC.precondition(Cp, nat.to(Cp[0].dtype))      # C C^T V K K^T
             kr.scatter(out, updates, s, nat.to(V.dtype))
         return out, SINGDState(increment(state.count), K, C, mK, mC)
 

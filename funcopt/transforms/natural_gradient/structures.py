@@ -101,6 +101,44 @@ class Structure:
     def dim(self, p: Params) -> int:
         return self.to_dense(p).shape[0]
 
+    def combine(self, terms: list[Term], diag: float) -> Params:
+        """``sum_i c_i t_i P_i + diag * I`` for terms ``(P_i, c_i, t_i)``: ``c_i`` a number,
+        ``t_i`` a 0-d tensor or None (1)."""
+        out = lincomb([(q, c if t is None else t * c) for q, c, t in terms])
+        return self.diag_add(out, diag) if diag else out
+
+    def descend(self, p: Params, m: Params, beta: float | Tensor) -> Params:
+        """``P - beta P M`` (SINGD's step on a factor: ``P (I - beta M)``)."""
+        return lincomb([(p, 1.0), (self.mul(p, m), -beta)])
+
+    def precondition(self, p: Params, x: Tensor) -> Tensor:
+        """``P P^T x`` for a dense ``x``."""
+        return self.matmul(p, self.rmatmat(p, x))
+
+
+Term = tuple[Params, float, "Tensor | None"]
+
+
+def _combine_one(terms: list[Term], diag: float, add_diag) -> Tensor:
+    """:meth:`Structure.combine` for structures stored as one tensor, in few kernels: the
+    tensor coefficients enter through ``addcmul`` (no kernel of their own)."""
+    (q0, c0, t0), rest = terms[0], terms[1:]
+    # out of place: under vmap an unbatched ``out`` cannot take a batched term in place
+    out = q0[0] * c0 if t0 is None else (q0[0] * t0) * c0
+    for q, c, t in rest:
+        if t is None:
+            out = torch.add(out, q[0], alpha=c)
+        else:
+            out = torch.addcmul(out, q[0], t.to(out.dtype), value=c)
+    if diag:
+        add_diag(out, diag)  # in place on a new tensor, by a number
+    return out
+
+
+def _descend_tensor(p: Tensor, pm: Tensor, beta: Tensor) -> Tensor:
+    """``p - beta * pm`` (``pm = p m``) for a 0-d tensor ``beta``."""
+    return torch.addcmul(p, pm, beta.to(p.dtype), value=-1.0)
+
 
 def lincomb(terms: list[tuple[Params, float | Tensor]]) -> Params:
     """``sum_i c_i P_i`` over parameter tuples of one structure."""
@@ -143,6 +181,14 @@ class Dense(Structure):
     def dim(self, p):
         return p[0].shape[0]
 
+    def combine(self, terms, diag):
+        return (_combine_one(terms, diag, lambda m, v: m.diagonal().add_(v)),)
+
+    def descend(self, p, m, beta):
+        if isinstance(beta, Tensor):
+            return (_descend_tensor(p[0], p[0] @ m[0], beta),)
+        return (torch.addmm(p[0], p[0], m[0], alpha=-beta),)
+
 
 @dataclass(frozen=True)
 class Diagonal(Structure):
@@ -181,6 +227,17 @@ class Diagonal(Structure):
 
     def dim(self, p):
         return p[0].shape[0]
+
+    def combine(self, terms, diag):
+        return (_combine_one(terms, diag, lambda m, v: m.add_(v)),)
+
+    def descend(self, p, m, beta):
+        if isinstance(beta, Tensor):
+            return (_descend_tensor(p[0], p[0] * m[0], beta),)
+        return (torch.addcmul(p[0], p[0], m[0], value=-beta),)
+
+    def precondition(self, p, x):
+        return (p[0] * p[0])[:, None] * x
 
 
 # --------------------------------------------------------------------------- block diagonal
