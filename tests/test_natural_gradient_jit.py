@@ -176,3 +176,19 @@ def test_refresh_must_be_a_bool(make):
     cap = fo.func.capture_curvature(model, params, x, y)
     with pytest.raises(TypeError, match="refresh="):
         tx.update(cap.grads, tx.init(params), params, curvature=cap, refresh=1)
+
+
+def test_compiled_capture_refuses_layers_that_share_a_weight():
+    """Two Linear layers with one weight tensor: the compiled capture finds layers by their
+    weight, cannot tell the two apart, and says so instead of mixing their calls up."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 4).double(), torch.nn.Linear(4, 4).double()
+    b.weight = a.weight
+    model = torch.nn.Sequential(a, torch.nn.Tanh(), b)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,))
+    assert "0" in fo.func.capture_curvature(model, params, x, y).layers
+    with pytest.raises(Exception, match="share one weight tensor|params has no"):
+        torch.compile(lambda p: fo.func.capture_curvature(model, p, x, y), fullgraph=True,
+                      backend="aot_eager")(params)

@@ -304,8 +304,8 @@ def capture_curvature(
     Under ``torch.compile(fullgraph=True)`` (e.g. a whole step under :func:`funcopt.jit`) the
     same numbers come from another route, since module hooks cannot be registered and
     ``torch.autograd.grad`` cannot run there: a supported layer's calls are found by its
-    weight tensor in ``F.linear``/``F.conv2d`` (a weight shared by two supported layers
-    counts for the first), the output shapes by a forward pass whose arithmetic the compiler
+    weight tensor in ``F.linear``/``F.conv2d`` (layers that share one weight tensor are
+    refused there, with a ValueError), the output shapes by a forward pass whose arithmetic the compiler
     drops, and the gradients by ``torch.func.vjp`` in the params and in zero probes added to
     the outputs.
 
@@ -429,7 +429,21 @@ def _run_traced(call: _Call, params: dict[str, Tensor], specs: dict[str, LayerSp
     drops its arithmetic, only its shapes are used) finds the output shape of every call of a
     supported layer, then ``torch.func.vjp`` of the loss in the params and in zero probes
     added to those outputs gives the gradients and ``g``. The layers' calls are found by their
-    weights (a weight shared by two supported layers counts for the first)."""
+    weights (layers that share one weight tensor are refused)."""
+
+    missing = sorted(s.weight for s in specs.values() if s.weight not in params)
+    if missing:
+        raise ValueError(f"capture_curvature under torch.compile: params has no {missing}; "
+                         "pass every layer's weight in params (named_parameters)")
+    owners: dict[int, list[str]] = {}
+    for name, module in modules.items():
+        if isinstance(getattr(module, "weight", None), Tensor):
+            owners.setdefault(id(module.weight), []).append(name)
+    tied = [names for names in owners.values() if len(names) > 1 and set(names) & set(specs)]
+    if tied:
+        raise ValueError(f"capture_curvature under torch.compile: modules {tied} share one "
+                         "weight tensor, which the compiled capture cannot tell apart; capture "
+                         "them eagerly (outside torch.compile / fo.jit)")
 
     def forward(leaves, probes, records):
         weights = [(leaves[s.weight], name) for name, s in specs.items()]
