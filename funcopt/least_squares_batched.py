@@ -53,6 +53,7 @@ LEAST_SQUARES_REASONS = REASONS
 """``REASONS`` under its top-level name, ``fo.LEAST_SQUARES_REASONS``."""
 SUCCESS_CODES = (1, 2, 3, 4, 5, 6, 7, 8)
 _EDGE_WINDOW = 5
+_PASS_NEWTON_STEPS = 4  # trust-region search updates per pass off the CPU (no early exit there)
 
 
 class BatchedLeastSquaresInfo(NamedTuple):
@@ -250,6 +251,12 @@ def _select(mask: Tensor, new: tuple, old: tuple) -> tuple:
                        for a, b in zip(new, old)))
 
 
+def _newton_per_pass(device: torch.device) -> int:
+    """Trust-region search updates per pass: all of them on the CPU, where the search stops
+    early once every problem is done (a free read there), else ``_PASS_NEWTON_STEPS``."""
+    return lm_batched.NEWTON_STEPS if device.type == "cpu" else _PASS_NEWTON_STEPS
+
+
 def run_flat(f, x: Tensor, state, o: LMOptions, limits: tuple[int, tuple], model) -> tuple:
     """The batched loop with one attempt per problem and pass: a problem whose update ends
     (accepted, rejected ``o.max_attempts`` times, or the rule exhausted) takes its stopping
@@ -257,13 +264,17 @@ def run_flat(f, x: Tensor, state, o: LMOptions, limits: tuple[int, tuple], model
     each problem takes the steps :func:`run_batched` gives it, in fewer passes (as many as
     the most evaluations any problem needs). ``model(x, state, idx)`` gives the local model
     of the rows ``idx`` (all when None), ``f`` evaluates trial norms. One host sync per pass
-    (whether any problem runs, with the number needing a model). Returns ``(x, progress)``."""
+    (whether any problem runs, with the number needing a model): off the CPU the trust-region
+    search makes ``_PASS_NEWTON_STEPS`` updates per pass, a problem whose search needs more
+    resuming it on the next pass (the same damping, so the same steps). Returns
+    ``(x, progress)``."""
     max_steps, tols = limits
     B = x.shape[0]
     z = torch.zeros(B, dtype=torch.int64, device=x.device)
     p = _Progress(z == 0, z, z, z + 1, z != 0, z + _EDGE_WINDOW)
     loc, fresh, need = None, z == 0, z == 0
     t = None
+    newton = _newton_per_pass(x.device)
     while True:
         flags = torch.stack([p.running.any().long(), need.sum()]).tolist()  # the host sync
         if max_steps == 0 or not flags[0]:
@@ -277,7 +288,7 @@ def run_flat(f, x: Tensor, state, o: LMOptions, limits: tuple[int, tuple], model
         start = lm_batched.start_trial(loc, state, o)
         t = start if t is None else _select(fresh, start, t)
         trying = p.running & loc.finite
-        t = lm_batched.attempt(loc, t, state, f, o, trying)
+        t = lm_batched.attempt(loc, t, state, f, o, trying, newton)
         over = p.running & (~loc.finite | lm_batched.update_over(t, o))
         step, new = lm_batched.finish(loc, state, t)
         q, take = _advance(p._replace(running=over), new, loc.finite, tols, o)

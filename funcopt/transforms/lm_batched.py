@@ -174,30 +174,38 @@ def _early_exit(t: Tensor) -> bool:
     return t.device.type == "cpu" and not is_tracing()
 
 
-def _trust_region_mu(loc: BatchedLocal, radius: Tensor, mask: Tensor | None = None) -> Tensor:
+def _trust_region_mu(loc: BatchedLocal, radius: Tensor, mask: Tensor, start: tuple[Tensor, Tensor],
+                     steps: int = NEWTON_STEPS) -> tuple[Tensor, Tensor, Tensor]:
     """``mu >= 0`` with ``phi(mu) <= 1.1 rho`` (``rho = sigma Delta / ||r||``), ``phi(mu)^2 =
     sum w^2 / (sh^2 + mu)^2``: Newton's method on ``1/phi`` from ``mu = 0`` (Hebden; Moré
-    1978), masked per problem (see :class:`funcopt.TrustRegion`). With ``c = w / (sh^2 + mu)``
-    the Newton step is ``(phi - rho) / rho * phi^2 / sum c^2 / (sh^2 + mu)``. Problems outside
-    ``mask`` (and those with ``rho <= 0``) keep ``mu = 0`` and do not hold the loop open."""
+    1978), at most ``NEWTON_STEPS`` updates, masked per problem (see
+    :class:`funcopt.TrustRegion`); the update is ``(phi - rho) / rho * phi^2 / sum w^2 /
+    (sh^2 + mu)^3``. ``start = (mu, updates so far)`` resumes a search; this call makes at most
+    ``steps`` updates. Returns ``(mu, updates, searching)``, ``searching`` where the search is
+    not over. Problems outside ``mask`` (and those with ``rho <= 0``) are left as they are."""
     rho = radius / _positive(loc.rnorm) * loc.sigma
-    ok = rho > 0 if mask is None else (rho > 0) & mask
+    ok = (rho > 0) & mask
     limit = torch.where(ok, 1.1 * rho, torch.inf)  # phi > limit: not yet inside the region
     rho1 = torch.where(ok, rho, 1.0)
     w2 = loc.w * loc.w
     s2 = torch.where(loc.sh2 > 0, loc.sh2, 1.0)  # w = 0 where a direction is dropped
-    mu = torch.zeros_like(rho)
+    mu, count = start
     early = _early_exit(mu)
-    for _ in range(NEWTON_STEPS):
+
+    def outside(mu: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         q = s2 + mu[:, None]
         qq = q * q
-        phi = (w2 / qq).sum(-1).sqrt()
-        active = phi > limit  # implies phi > 0, hence a positive denominator
+        phi = (w2 / qq).sum(-1).sqrt()  # phi > limit implies a positive denominator below
+        return (phi > limit) & (count < NEWTON_STEPS), phi, q, qq
+
+    for _ in range(steps):
+        active, phi, q, qq = outside(mu)
         if early and not bool(active.any()):
-            break
+            return mu, count, active
         step = (phi - rho) / rho1 * phi * phi / (w2 / (qq * q)).sum(-1)
         mu = torch.where(active, mu + step, mu)
-    return mu
+        count = count + active.long()
+    return mu, count, outside(mu)[0]
 
 
 def _step(loc: BatchedLocal, mu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -226,7 +234,8 @@ def _reductions(fn: Tensor, new_fn: Tensor, t1: Tensor, t2: Tensor, lam: Tensor)
 class Trial(NamedTuple):
     """The attempts of the current update of each problem: what the last one gave (all
     ``(B,)`` but ``delta`` ``(B, n)``); ``attempts`` counts them, ``finite`` says every trial
-    point so far gave finite residuals."""
+    point so far gave finite residuals; ``mu`` and ``newton`` hold a trust-region search for
+    the current radius that is not over (value, updates made)."""
 
     lam: Tensor
     nu: Tensor
@@ -240,6 +249,8 @@ class Trial(NamedTuple):
     accepted: Tensor
     attempts: Tensor
     finite: Tensor
+    mu: Tensor
+    newton: Tensor
 
 
 def _keep(done: Tensor, old: Trial, new: Trial) -> Trial:
@@ -257,20 +268,27 @@ def start_trial(loc: BatchedLocal, state: LevenbergMarquardtState, o: LMOptions)
         radius = torch.where(first, o.rule.initial_radius(batched_norm(loc.d * x)), radius)
     zero = torch.zeros_like(fn)
     none = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    count = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
     return Trial(torch.where(first, loc.damping, state.damping), state.nu, radius,
-                 torch.zeros_like(x), fn, zero, zero, zero, zero, none,
-                 torch.zeros(x.shape[0], dtype=torch.int64, device=x.device), ~none)
+                 torch.zeros_like(x), fn, zero, zero, zero, zero, none, count, ~none, zero, count)
 
 
-def attempt(loc: BatchedLocal, t: Trial, state, trial_norm, o: LMOptions, active: Tensor) -> Trial:
+def attempt(loc: BatchedLocal, t: Trial, state, trial_norm, o: LMOptions, active: Tensor,
+            newton_steps: int = NEWTON_STEPS) -> Trial:
     """One proposal, evaluation (``trial_norm(x_new)`` gives ``||r(x_new)||`` per problem)
-    and accept/reject for the ``active`` problems; the others keep ``t``."""
+    and accept/reject for the ``active`` problems; the others keep ``t``. The trust-region
+    search makes at most ``newton_steps`` updates here: a problem whose search is not over
+    keeps ``t`` with the search's state and makes its attempt on a later call (with the
+    default, every search ends within the call)."""
     fn, rule = loc.rnorm, o.rule
     lam, nu, radius = t.lam, t.nu, t.radius
     trust = isinstance(rule, TrustRegion)
     if trust:
-        mu = _trust_region_mu(loc, radius, active)
+        mu, newton, searching = _trust_region_mu(loc, radius, active, (t.mu, t.newton),
+                                                 newton_steps)
         lam = mu * loc.sigma * loc.sigma
+        t = t._replace(mu=mu, newton=newton)  # masked: unchanged outside ``active``
+        active = active & ~searching
     else:
         mu = lam / (loc.sigma * loc.sigma)
     delta, t1, t2 = _step(loc, mu)
@@ -289,7 +307,7 @@ def attempt(loc: BatchedLocal, t: Trial, state, trial_norm, o: LMOptions, active
     else:
         lam, nu = rule.adapt(lam, nu, rho, acc)
     new = Trial(lam, nu, radius, delta, new_fn, rho, actual, predicted, pnorm, acc,
-                t.attempts + 1, t.finite & finite)
+                t.attempts + 1, t.finite & finite, torch.zeros_like(fn), torch.zeros_like(t.newton))
     return _keep(~active, t, new)
 
 
