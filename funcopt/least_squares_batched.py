@@ -240,12 +240,12 @@ def run_batched(f, x: Tensor, state, o: LMOptions, limits: tuple[int, tuple], mo
     return x, p._replace(code=torch.where(never, 12, p.code))
 
 
-def _rows(t: tuple, idx: Tensor | None) -> tuple:
+def _rows(t: Any, idx: Tensor | None) -> Any:
     """The rows ``idx`` of every tensor of the NamedTuple ``t`` (all of them when None)."""
     return t if idx is None else type(t)(*(a.index_select(0, idx) for a in t))
 
 
-def _select(mask: Tensor, new: tuple, old: tuple) -> tuple:
+def _select(mask: Tensor, new: Any, old: Any) -> Any:
     """``new`` where ``mask`` (per problem), else ``old``, field by field."""
     return type(old)(*(torch.where(mask.reshape(-1, *([1] * (a.ndim - 1))), a, b)
                        for a, b in zip(new, old)))
@@ -272,21 +272,20 @@ def run_flat(f, x: Tensor, state, o: LMOptions, limits: tuple[int, tuple], model
     B = x.shape[0]
     z = torch.zeros(B, dtype=torch.int64, device=x.device)
     p = _Progress(z == 0, z, z, z + 1, z != 0, z + _EDGE_WINDOW)
-    loc, fresh, need = None, z == 0, z == 0
-    t = None
+    loc = model(x, state, None)
+    t = lm_batched.start_trial(loc, state, o)
+    fresh = need = z != 0
     newton = _newton_per_pass(x.device)
-    while True:
+    while max_steps > 0:
         flags = torch.stack([p.running.any().long(), need.sum()]).tolist()  # the host sync
-        if max_steps == 0 or not flags[0]:
+        if not flags[0]:
             break
-        if flags[1] == B:
-            loc = model(x, state, None)
-        elif flags[1]:
-            idx = torch.nonzero_static(need, size=flags[1])[:, 0]
+        if flags[1]:
+            idx = None if flags[1] == B else torch.nonzero_static(need, size=flags[1])[:, 0]
             part = model(x, state, idx)
-            loc = type(loc)(*(a.index_copy(0, idx, b) for a, b in zip(loc, part)))
-        start = lm_batched.start_trial(loc, state, o)
-        t = start if t is None else _select(fresh, start, t)
+            loc = part if idx is None else lm_batched.BatchedLocal(
+                *(a.index_copy(0, idx, b) for a, b in zip(loc, part)))
+        t = _select(fresh, lm_batched.start_trial(loc, state, o), t)
         trying = p.running & loc.finite
         t = lm_batched.attempt(loc, t, state, f, o, trying, newton)
         over = p.running & (~loc.finite | lm_batched.update_over(t, o))
