@@ -7,7 +7,9 @@ own damping, trust region, acceptance, MINPACK stopping tests and result; a prob
 stopped keeps its parameters while the others go on. Jacobians of all problems come from one
 vectorised forward-mode pass (``n`` Jacobian-vector products with the tangent ``e_j`` in every
 problem, ``torch.func.vmap`` over ``j``; reverse mode when ``m < n``), and the damped systems
-are solved batched (:mod:`funcopt.transforms.lm_batched`).
+are solved batched (:mod:`funcopt.transforms.lm_batched`). Each pass of the loop makes one
+attempt per problem (:func:`run_flat`) and reads one value on the host; ``benchmarks/
+lsq_profile.py`` prints the time per phase and the host syncs per pass.
 """
 
 from __future__ import annotations
