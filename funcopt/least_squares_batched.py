@@ -7,7 +7,9 @@ own damping, trust region, acceptance, MINPACK stopping tests and result; a prob
 stopped keeps its parameters while the others go on. Jacobians of all problems come from one
 vectorised forward-mode pass (``n`` Jacobian-vector products with the tangent ``e_j`` in every
 problem, ``torch.func.vmap`` over ``j``; reverse mode when ``m < n``), and the damped systems
-are solved batched (:mod:`funcopt.transforms.lm_batched`).
+are solved batched (:mod:`funcopt.transforms.lm_batched`). Each pass of the loop makes one
+attempt per problem (:func:`run_flat`) and reads one value on the host; ``benchmarks/
+lsq_profile.py`` prints the time per phase and the host syncs per pass.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ LEAST_SQUARES_REASONS = REASONS
 """``REASONS`` under its top-level name, ``fo.LEAST_SQUARES_REASONS``."""
 SUCCESS_CODES = (1, 2, 3, 4, 5, 6, 7, 8)
 _EDGE_WINDOW = 5
+_PASS_NEWTON_STEPS = 4  # trust-region search updates per pass off the CPU (no early exit there)
 
 
 class BatchedLeastSquaresInfo(NamedTuple):
@@ -239,6 +242,68 @@ def run_batched(f, x: Tensor, state, o: LMOptions, limits: tuple[int, tuple], mo
     return x, p._replace(code=torch.where(never, 12, p.code))
 
 
+def _rows(t: Any, idx: Tensor | None) -> Any:
+    """The rows ``idx`` of every tensor of the NamedTuple ``t`` (all of them when None)."""
+    return t if idx is None else type(t)(*(a.index_select(0, idx) for a in t))
+
+
+def _select(mask: Tensor, new: Any, old: Any) -> Any:
+    """``new`` where ``mask`` (per problem), else ``old``, field by field."""
+    return type(old)(*(torch.where(mask.reshape(-1, *([1] * (a.ndim - 1))), a, b)
+                       for a, b in zip(new, old)))
+
+
+def _newton_per_pass(device: torch.device) -> int:
+    """Trust-region search updates per pass: all of them on the CPU, where the search stops
+    early once every problem is done (a free read there), else ``_PASS_NEWTON_STEPS``."""
+    return lm_batched.NEWTON_STEPS if device.type == "cpu" else _PASS_NEWTON_STEPS
+
+
+def run_flat(f, x: Tensor, state, o: LMOptions, limits: tuple[int, tuple], model) -> tuple:
+    """The batched loop with one attempt per problem and pass: a problem whose update ends
+    (accepted, rejected ``o.max_attempts`` times, or the rule exhausted) takes its stopping
+    tests and, where it moved, a new model on the next pass, while the others go on trying;
+    each problem takes the steps :func:`run_batched` gives it, in fewer passes (as many as
+    the most evaluations any problem needs). ``model(x, state, idx)`` gives the local model
+    of the rows ``idx`` (all when None), ``f`` evaluates trial norms. One host sync per pass
+    (whether any problem runs, with the number needing a model): off the CPU the trust-region
+    search makes ``_PASS_NEWTON_STEPS`` updates per pass, a problem whose search needs more
+    resuming it on the next pass (the same damping, so the same steps). Returns
+    ``(x, progress)``."""
+    max_steps, tols = limits
+    B = x.shape[0]
+    z = torch.zeros(B, dtype=torch.int64, device=x.device)
+    p = _Progress(z == 0, z, z, z + 1, z != 0, z + _EDGE_WINDOW)
+    loc = model(x, state, None)
+    t = lm_batched.start_trial(loc, state, o)
+    fresh = need = z != 0
+    newton = _newton_per_pass(x.device)
+    while max_steps > 0:
+        flags = torch.stack([p.running.any().long(), need.sum()]).tolist()  # the host sync
+        if not flags[0]:
+            break
+        if flags[1]:
+            idx = None if flags[1] == B else torch.nonzero_static(need, size=flags[1])[:, 0]
+            part = model(x, state, idx)
+            loc = part if idx is None else lm_batched.BatchedLocal(
+                *(a.index_copy(0, idx, b) for a, b in zip(loc, part)))
+        t = _select(fresh, lm_batched.start_trial(loc, state, o), t)
+        trying = p.running & loc.finite
+        t = lm_batched.attempt(loc, t, state, f, o, trying, newton)
+        over = p.running & (~loc.finite | lm_batched.update_over(t, o))
+        step, new = lm_batched.finish(loc, state, t)
+        q, take = _advance(p._replace(running=over), new, loc.finite, tols, o)
+        running = ((p.running & ~over) | q.running) & (q.steps < max_steps)
+        p = q._replace(running=running)
+        state = _select(take, new, state)
+        moved = take & new.accepted
+        x = x + torch.where(moved[:, None], step, 0.0)
+        fresh, need = over & running, moved & running
+    success = torch.isin(p.code, torch.tensor(SUCCESS_CODES, device=x.device))
+    never = success & ~p.moved & (p.code > 3)
+    return x, p._replace(code=torch.where(never, 12, p.code))
+
+
 def least_squares_batched(residual_fn: Callable[[PyTree], Tensor], params: PyTree,
                           max_steps: int, tolerances: Any, o: LMOptions):
     """The batched driver behind ``least_squares(..., batched=True)`` (see there);
@@ -256,8 +321,10 @@ def least_squares_batched(residual_fn: Callable[[PyTree], Tensor], params: PyTre
     _check_independent(f, x)
     method = "gram"  # eigh of the n x n matrix: several times cheaper than an SVD of J
 
-    def model(xb: Tensor, state) -> lm_batched.BatchedLocal:
+    def model(xb: Tensor, state, idx: Tensor | None) -> lm_batched.BatchedLocal:
         r, J = batched_jacobian(f, xb, m)
+        if idx is not None:
+            r, J, xb, state = r[idx], J[idx], xb[idx], _rows(state, idx)
         return lm_batched.local_model(J, r, xb, state, o, method)
 
     def trial_norm(xb: Tensor) -> Tensor:
@@ -266,8 +333,8 @@ def least_squares_batched(residual_fn: Callable[[PyTree], Tensor], params: PyTre
 
     eps = torch.finfo(x.dtype).eps
     tols = (tolerances.ftol, tolerances.xtol, tolerances.gtol, eps)
-    x, p = run_batched(trial_norm, x, lm_batched.init_state(x, o.rule.initial_damping), o,
-                       (max_steps, tols), model)
+    x, p = run_flat(trial_norm, x, lm_batched.init_state(x, o.rule.initial_damping), o,
+                    (max_steps, tols), model)
     rnorm = trial_norm(x).double()
     cost = torch.where(rnorm < 1e154, 0.5 * rnorm * rnorm, torch.full_like(rnorm, float("inf")))
     success = torch.isin(p.code, torch.tensor(SUCCESS_CODES, device=x.device))

@@ -205,3 +205,45 @@ def test_a_hundred_thousand_fits_on_a_gpu():
         ref = scipy_lsq(lambda q, i=i: q[0] * np.exp(-q[1] * t.numpy()) + q[2] - y[i].numpy(),
                         [1.0, 1.0, 0.0], method="lm", xtol=1e-12, ftol=1e-12, gtol=1e-12)
         assert abs(float(info.cost[i]) - ref.cost) <= 1e-8 * ref.cost
+
+
+def _varied_batch(B=12, seed=5):
+    rng = np.random.default_rng(seed)
+    p0 = torch.tensor(np.stack([rng.uniform(0.3, 4, B), rng.uniform(0.05, 5, B),
+                                rng.uniform(-2, 2, B)], 1))
+    return _batched_fn(_data(B, seed)), p0
+
+
+@pytest.mark.parametrize("rule", [fo.TrustRegion(), fo.Nielsen(), fo.Classic()])
+def test_one_attempt_per_pass_takes_the_update_loops_steps(monkeypatch, rule):
+    """The driver makes one attempt per problem and pass; each problem takes exactly the steps
+    of the loop of whole updates (all attempts of an update before the next model)."""
+    import funcopt.least_squares_batched as lsb
+
+    fn, p0 = _varied_batch()
+    P, info = fo.least_squares(fn, p0, batched=True, rule=rule)
+
+    def update_loop(f, x, state, o, limits, model):
+        return lsb.run_batched(f, x, state, o, limits, lambda xb, s: model(xb, s, None))
+
+    monkeypatch.setattr(lsb, "run_flat", update_loop)
+    Q, ref = fo.least_squares(fn, p0, batched=True, rule=rule)
+    torch.testing.assert_close(P, Q, rtol=1e-13, atol=1e-15)
+    for a, b in zip(info, ref):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=0.0)
+    assert (ref.steps > 3).all() and (ref.evaluations > ref.steps + 1).any()  # rejections happen
+
+
+@pytest.mark.parametrize("per_pass", [1, 2])
+def test_trust_region_search_spread_over_passes_gives_the_same_fits(monkeypatch, per_pass):
+    """Off the CPU the damping search makes a few updates per pass and resumes on the next:
+    the same damping, hence the same steps, evaluations and results as a search done at once."""
+    import funcopt.least_squares_batched as lsb
+
+    fn, p0 = _varied_batch(seed=7)
+    P, info = fo.least_squares(fn, p0, batched=True)
+    monkeypatch.setattr(lsb, "_newton_per_pass", lambda device: per_pass)
+    Q, spread = fo.least_squares(fn, p0, batched=True)
+    torch.testing.assert_close(P, Q, rtol=0.0, atol=0.0)
+    for a, b in zip(info, spread):
+        torch.testing.assert_close(a, b, rtol=0.0, atol=0.0)

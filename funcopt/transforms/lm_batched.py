@@ -24,7 +24,10 @@ sigma``: only O(1) numbers enter, whatever the scale of ``J`` and ``r``. Directi
 
 In eager mode on a CPU the loops (attempts, the Newton iteration) stop once every problem is
 done, which reads one boolean per pass (free on a CPU); elsewhere and while tracing they run
-their full length with finished problems masked, which gives the same numbers.
+their full length with finished problems masked, which gives the same numbers. The batched
+driver calls :func:`attempt` once per pass instead of :func:`iterate`, so an update's attempts
+spread over passes, and off the CPU it lets the trust-region search of a problem resume on the
+next pass (:class:`Trial` keeps it) rather than run 30 masked Newton updates.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ from funcopt.engine import is_tracing
 from funcopt.transforms.levenberg_marquardt import LevenbergMarquardtState, LMOptions
 from funcopt.transforms.lm_damping import TrustRegion, _positive, adapt_radius
 
-__all__ = ["BatchedLocal", "local_model", "gram_local_model", "iterate", "init_state",
-           "batched_norm", "NEWTON_STEPS"]
+__all__ = ["BatchedLocal", "Trial", "local_model", "gram_local_model", "iterate", "init_state",
+           "start_trial", "attempt", "update_over", "finish", "batched_norm", "NEWTON_STEPS"]
 
 Tensor = torch.Tensor
 NEWTON_STEPS = 30  # iterations of the trust-region damping (Newton on 1/phi)
@@ -174,26 +177,38 @@ def _early_exit(t: Tensor) -> bool:
     return t.device.type == "cpu" and not is_tracing()
 
 
-def _trust_region_mu(loc: BatchedLocal, radius: Tensor) -> Tensor:
+def _trust_region_mu(loc: BatchedLocal, radius: Tensor, mask: Tensor, start: tuple[Tensor, Tensor],
+                     steps: int = NEWTON_STEPS) -> tuple[Tensor, Tensor, Tensor]:
     """``mu >= 0`` with ``phi(mu) <= 1.1 rho`` (``rho = sigma Delta / ||r||``), ``phi(mu)^2 =
     sum w^2 / (sh^2 + mu)^2``: Newton's method on ``1/phi`` from ``mu = 0`` (Hebden; Moré
-    1978), masked per problem (see :class:`funcopt.TrustRegion`)."""
+    1978), at most ``NEWTON_STEPS`` updates, masked per problem (see
+    :class:`funcopt.TrustRegion`); the update is ``(phi - rho) / rho * phi^2 / sum w^2 /
+    (sh^2 + mu)^3``. ``start = (mu, updates so far)`` resumes a search; this call makes at most
+    ``steps`` updates. Returns ``(mu, updates, searching)``, ``searching`` where the search is
+    not over. Problems outside ``mask`` (and those with ``rho <= 0``) are left as they are."""
     rho = radius / _positive(loc.rnorm) * loc.sigma
-    keep = loc.sh2 > 0
-    s2 = torch.where(keep, loc.sh2, torch.ones_like(loc.sh2))
+    ok = (rho > 0) & mask
+    limit = torch.where(ok, 1.1 * rho, torch.inf)  # phi > limit: not yet inside the region
+    rho1 = torch.where(ok, rho, 1.0)
     w2 = loc.w * loc.w
-    mu = torch.zeros_like(rho)
+    s2 = torch.where(loc.sh2 > 0, loc.sh2, 1.0)  # w = 0 where a direction is dropped
+    mu, count = start
     early = _early_exit(mu)
-    for _ in range(NEWTON_STEPS):
+
+    def outside(mu: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         q = s2 + mu[:, None]
-        phi = torch.sqrt((w2 / (q * q)).sum(-1))
-        active = phi > 1.1 * rho
+        qq = q * q
+        phi = (w2 / qq).sum(-1).sqrt()  # phi > limit implies a positive denominator below
+        return (phi > limit) & (count < NEWTON_STEPS), phi, q, qq
+
+    for _ in range(steps):
+        active, phi, q, qq = outside(mu)
         if early and not bool(active.any()):
-            break
-        den = (w2 / (q * q * q)).sum(-1)
-        step = (phi - rho) / _positive(rho) * phi * phi / _positive(den)
-        mu = torch.where(active & (den > 0) & (rho > 0), mu + step, mu)
-    return mu
+            return mu, count, active
+        step = (phi - rho) / rho1 * phi * phi / (w2 / (qq * q)).sum(-1)
+        mu = torch.where(active, mu + step, mu)
+        count = count + active.long()
+    return mu, count, outside(mu)[0]
 
 
 def _step(loc: BatchedLocal, mu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -219,8 +234,11 @@ def _reductions(fn: Tensor, new_fn: Tensor, t1: Tensor, t2: Tensor, lam: Tensor)
     return torch.where(torch.isnan(rho), -float("inf"), rho), actual, predicted
 
 
-class _Trial(NamedTuple):
-    """What the last attempt of each problem gave."""
+class Trial(NamedTuple):
+    """The attempts of the current update of each problem: what the last one gave (all
+    ``(B,)`` but ``delta`` ``(B, n)``); ``attempts`` counts them, ``finite`` says every trial
+    point so far gave finite residuals; ``mu`` and ``newton`` hold a trust-region search for
+    the current radius that is not over (value, updates made)."""
 
     lam: Tensor
     nu: Tensor
@@ -234,38 +252,72 @@ class _Trial(NamedTuple):
     accepted: Tensor
     attempts: Tensor
     finite: Tensor
+    mu: Tensor
+    newton: Tensor
 
 
-def _keep(done: Tensor, old: _Trial, new: _Trial) -> _Trial:
-    return _Trial(*(torch.where(done.reshape(-1, *([1] * (a.ndim - 1))), a, b)
-                    for a, b in zip(old, new)))
+def _keep(done: Tensor, old: Trial, new: Trial) -> Trial:
+    return Trial(*(torch.where(done.reshape(-1, *([1] * (a.ndim - 1))), a, b)
+                   for a, b in zip(old, new)))
 
 
-def _attempt(loc: BatchedLocal, t: _Trial, state, trial_norm, o: LMOptions, first: bool) -> _Trial:
-    """One proposal, evaluation and accept/reject for every problem."""
+def start_trial(loc: BatchedLocal, state: LevenbergMarquardtState, o: LMOptions) -> Trial:
+    """The trial of a new update at ``loc.x``: the state's damping (``loc.damping`` on the
+    first update), ``nu`` and radius (``initial_radius(||d x||)`` on the first update)."""
+    x, fn = loc.x, loc.rnorm
+    first = state.count == 0
+    radius = state.radius
+    if isinstance(o.rule, TrustRegion):
+        radius = torch.where(first, o.rule.initial_radius(batched_norm(loc.d * x)), radius)
+    zero = torch.zeros_like(fn)
+    none = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    count = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    return Trial(torch.where(first, loc.damping, state.damping), state.nu, radius,
+                 torch.zeros_like(x), fn, zero, zero, zero, zero, none, count, ~none, zero, count)
+
+
+def attempt(loc: BatchedLocal, t: Trial, state, trial_norm, o: LMOptions, active: Tensor,
+            newton_steps: int = NEWTON_STEPS) -> Trial:
+    """One proposal, evaluation (``trial_norm(x_new)`` gives ``||r(x_new)||`` per problem)
+    and accept/reject for the ``active`` problems; the others keep ``t``. The trust-region
+    search makes at most ``newton_steps`` updates here: a problem whose search is not over
+    keeps ``t`` with the search's state and makes its attempt on a later call (with the
+    default, every search ends within the call)."""
     fn, rule = loc.rnorm, o.rule
     lam, nu, radius = t.lam, t.nu, t.radius
     trust = isinstance(rule, TrustRegion)
-    mu = _trust_region_mu(loc, radius) if trust else lam / (loc.sigma * loc.sigma)
     if trust:
+        mu, newton, searching = _trust_region_mu(loc, radius, active, (t.mu, t.newton),
+                                                 newton_steps)
         lam = mu * loc.sigma * loc.sigma
+        t = t._replace(mu=mu, newton=newton)  # masked: unchanged outside ``active``
+        active = active & ~searching
+    else:
+        mu = lam / (loc.sigma * loc.sigma)
     delta, t1, t2 = _step(loc, mu)
     ok = torch.isfinite(delta).all(-1)
-    delta = torch.where(ok[:, None], delta, torch.zeros_like(delta))
+    delta = torch.where(ok[:, None], delta, 0.0)
     new_fn = trial_norm(loc.x + delta)
-    new_fn = torch.where(torch.isfinite(new_fn), new_fn, torch.full_like(new_fn, float("inf")))
+    finite = torch.isfinite(new_fn)
+    new_fn = torch.where(finite, new_fn, torch.inf)
     pnorm = t2 * fn
     rho, actual, predicted = _reductions(fn, new_fn, t1, t2, lam)
-    acc = ok & torch.isfinite(new_fn) & (rho > o.accept_ratio)
-    if isinstance(rule, TrustRegion):
-        if first:
-            radius = torch.where(state.count == 0, torch.minimum(radius, pnorm), radius)
-        far = ~(0.1 * new_fn < fn)
-        radius = adapt_radius(radius, lam, (actual, predicted, far), t2, pnorm, ok)
+    acc = ok & finite & (rho > o.accept_ratio)
+    if isinstance(rule, TrustRegion):  # the first step of a fit cuts the radius to its length
+        first = (state.count == 0) & (t.attempts == 0)
+        radius = torch.where(first, torch.minimum(radius, pnorm), radius)
+        radius = adapt_radius(radius, lam, (actual, predicted, ~(0.1 * new_fn < fn)), t2, pnorm, ok)
     else:
         lam, nu = rule.adapt(lam, nu, rho, acc)
-    return _Trial(lam, nu, radius, delta, new_fn, rho, actual, predicted, pnorm, acc,
-                  t.attempts + 1, t.finite & torch.isfinite(new_fn))
+    new = Trial(lam, nu, radius, delta, new_fn, rho, actual, predicted, pnorm, acc,
+                t.attempts + 1, t.finite & finite, torch.zeros_like(fn), torch.zeros_like(t.newton))
+    return _keep(~active, t, new)
+
+
+def update_over(t: Trial, o: LMOptions) -> Tensor:
+    """Whether each problem's update is over: a step was accepted, the damping rule is
+    exhausted, or ``o.max_attempts`` attempts were made."""
+    return t.accepted | o.rule.exhausted(t.lam, t.radius) | (t.attempts >= o.max_attempts)
 
 
 def iterate(loc: BatchedLocal, state: LevenbergMarquardtState,
@@ -274,33 +326,24 @@ def iterate(loc: BatchedLocal, state: LevenbergMarquardtState,
     """Up to ``o.max_attempts`` proposals per problem; returns ``(step, new_state)`` with
     ``step`` zero where no attempt was accepted. ``trial_norm(x_new)`` gives ``||r(x_new)||``
     per problem. ``frozen`` problems (and those with a non-finite model) make no attempt."""
-    x, fn = loc.x, loc.rnorm
-    B = x.shape[0]
-    radius = state.radius
-    if isinstance(o.rule, TrustRegion):
-        r0 = o.rule.initial_radius(batched_norm(loc.d * x))
-        radius = torch.where(state.count == 0, r0, radius)
-    zero = torch.zeros_like(fn)
-    none = torch.zeros(B, dtype=torch.bool, device=x.device)
-    t = _Trial(loc.damping, state.nu, radius, torch.zeros_like(x), fn, zero, zero, zero, zero,
-               none, torch.zeros(B, dtype=torch.int64, device=x.device), ~none)
+    t = start_trial(loc, state, o)
     done = ~loc.finite if frozen is None else (frozen | ~loc.finite)
-    early = _early_exit(fn)
-    for attempt in range(o.max_attempts):
+    early = _early_exit(loc.rnorm)
+    for _ in range(o.max_attempts):
         if early and bool(done.all()):
             break
-        t = _keep(done, t, _attempt(loc, t, state, trial_norm, o, attempt == 0))
+        t = attempt(loc, t, state, trial_norm, o, ~done)
         done = done | t.accepted | o.rule.exhausted(t.lam, t.radius)
-    return _finish(loc, state, t)
+    return finish(loc, state, t)
 
 
-def _finish(loc: BatchedLocal, state: LevenbergMarquardtState, t: _Trial):
+def finish(loc: BatchedLocal, state: LevenbergMarquardtState, t: Trial):
     """The accepted step and the new state (as ``levenberg_marquardt._finish_step``, one problem)."""
     x, d, fn = loc.x, loc.d, loc.rnorm
-    step = torch.where(t.accepted[:, None], t.delta, torch.zeros_like(t.delta))
+    step = torch.where(t.accepted[:, None], t.delta, 0.0)
     cost = 0.5 * fn * fn
     kept = torch.where(t.accepted, t.new_fn, fn)
-    min_rho = torch.full_like(t.rho, torch.finfo(t.rho.dtype).min)
+    min_rho = torch.finfo(t.rho.dtype).min
     new = LevenbergMarquardtState(
         state.count + 1, t.lam, t.nu, t.radius, d, cost, 0.5 * kept * kept, t.predicted * cost,
         torch.where(torch.isfinite(t.rho), t.rho, min_rho), t.pnorm,
