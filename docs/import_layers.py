@@ -20,7 +20,8 @@ LAYERS = {  # first component under funcopt/ -> (layer number, layer name)
     "engine": (1, "leaf engine"), "base": (2, "contract"),
     "transforms": (3, "transforms"), "schedules": (3, "schedules"), "solvers": (3, "solvers"),
     "func": (3, "torch.func utilities"),
-    "compose": (2, "combinators"), "wrappers": (4, "wrappers"), "aliases": (4, "aliases"),
+    "compose": (2, "combinators"), "wrappers": (4, "wrappers"), "lookahead": (4, "wrappers"),
+    "aliases": (4, "aliases"),
     "heavyball3": (4, "aliases"), "heavyball": (4, "aliases"), "tree": (2, "contract"),
     "torch_kernels": (3, "transforms"),
     "least_squares": (5, "drivers"), "least_squares_batched": (5, "drivers"),
@@ -28,7 +29,8 @@ LAYERS = {  # first component under funcopt/ -> (layer number, layer name)
     "least_squares_parallel": (5, "drivers"), "batch_size_loop": (5, "drivers"),
     "data": (6, "main job"),
     "optim": (6, "interop"), "optim_flat": (6, "interop"), "distributed": (6, "interop"), "checkpoint": (6, "interop"),
-    "flat": (6, "interop"), "testing": (6, "interop"), "bench": (6, "main job"),
+    "flat": (6, "interop"), "flat_jit": (6, "interop"), "testing": (6, "interop"),
+    "bench": (6, "main job"),
 }
 
 

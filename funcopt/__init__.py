@@ -21,6 +21,7 @@ from funcopt.distributed import *  # noqa: F401,F403
 from funcopt.engine import elementwise as elementwise
 from funcopt.engine import is_elementwise as is_elementwise
 from funcopt.flat import *  # noqa: F401,F403
+from funcopt.flat_jit import *  # noqa: F401,F403
 from funcopt.func.jacobian import PerSampleResiduals as PerSampleResiduals
 from funcopt.func.jacobian import per_sample_residuals as per_sample_residuals
 from funcopt.least_squares import *  # noqa: F401,F403
@@ -28,6 +29,7 @@ from funcopt.least_squares import memory_path as memory_path
 from funcopt.least_squares_batched import LEAST_SQUARES_REASONS as LEAST_SQUARES_REASONS
 from funcopt.least_squares_batched import BatchedLeastSquaresInfo as BatchedLeastSquaresInfo
 from funcopt.least_squares_parallel import least_squares_parallel as least_squares_parallel
+from funcopt.lookahead import *  # noqa: F401,F403
 from funcopt.optim import *  # noqa: F401,F403
 from funcopt.transforms.adam_variants import *  # noqa: F401,F403
 from funcopt.transforms.adaptive_batch import *  # noqa: F401,F403

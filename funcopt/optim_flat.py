@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from funcopt.base import GradientTransformation, OptState, apply_updates, tree_leaves, tree_map
-from funcopt.flat import _overlapping, jit, ravel
+from funcopt.flat import _overlapping, ravel
+from funcopt.flat_jit import jit
 from funcopt.torch_kernels import kernel_for
 
 __all__: list[str] = []

@@ -5,12 +5,12 @@ import warnings
 import pytest
 import torch
 
+from funcopt.transforms.natural_gradient.structure_base import lincomb
 from funcopt.transforms.natural_gradient.structures import (
     STRUCTURES,
     BlockDiagonal,
     Structure,
     get_structure,
-    lincomb,
 )
 
 singd_structures = pytest.importorskip("singd.structures.base")
