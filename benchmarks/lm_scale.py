@@ -135,10 +135,12 @@ class FuncoptLM:
         from funcopt.least_squares import _matrix_free_options
 
         fwd = lambda p, xx: functional_call(model, p, (xx,))
+        n = sum(v.numel() for v in model.parameters())
         res = fo.mse_residuals(fwd, per_sample=True)
         opts: dict = {}
         if path == "matrix-free":
-            solver, rule, opts = _matrix_free_options(x.shape[0], x.dtype, budget, fo.Nielsen(), {})
+            solver, rule, opts = _matrix_free_options(x.shape[0], n, x.dtype, budget,
+                                                      fo.Nielsen(), {})
             opts = {**opts, "rule": rule, "solver": solver}
         self.make = lambda: fo.levenberg_marquardt(res, **opts)
         self.fo, self.batch = fo, (x, y)

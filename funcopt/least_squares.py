@@ -46,7 +46,7 @@ class LeastSquaresInfo(NamedTuple):
     every trial point, or a start point never left. history: one dict per update (``cost``,
     ``new_cost``, ``damping``, ``gain_ratio``, ``actual_reduction``, ``predicted_reduction``,
     ``residual_norm``, ``step_norm``, ``grad_cos``, ``accepted``, ``attempts``,
-    ``trial_finite``). evaluations: residual evaluations. residual_norm: final ``||r||``,
+    ``trial_finite``, ``solve_failed``). evaluations: residual evaluations. residual_norm: final ``||r||``,
     computed without overflow or underflow. path: ``"dense"`` or ``"matrix-free"`` (see
     :func:`memory_path`).
     """
@@ -82,19 +82,24 @@ def memory_path(m: int, n: int, itemsize: int, budget: int | None) -> str:
                      f"4 (m + n) = {4 * (m + n) * itemsize} bytes for m={m}, n={n}; raise it")
 
 
-def _matrix_free_options(m: int, dtype: torch.dtype, budget: int, rule: DampingRule,
-                         options: dict) -> tuple[Any, DampingRule, dict]:
+def _matrix_free_options(m: int, n: int, dtype: torch.dtype, budget: int,
+                         rule: DampingRule, options: dict) -> tuple[Any, DampingRule, dict]:
     """``(solver, rule, options)`` of the matrix-free path: CG with the Jacobi
-    preconditioner ``1 / (diag(J^T J) + lambda)`` from column norms (Jacobian-vector products
-    in chunks of ``budget / (4 m)`` columns), D = I, and ``Nielsen()`` in place of the trust
-    region (which needs an SVD of J). CG's relative tolerance is ``max(1e-10, 100 eps)``
+    preconditioner ``1 / (diag(J^T J) + lambda)``, D = I, and ``Nielsen()`` in place of the
+    trust region (which needs an SVD of J). CG's relative tolerance is ``max(1e-10, 100 eps)``
     (``eps`` of ``dtype``): 1e-10 in float64, 1.2e-5 in float32, where CG's true residual
     stalls near ``eps`` times the condition number and a tolerance of 1e-10 fails every
-    solve."""
+    solve. ``diag(J^T J)`` is exact, from ``min(m, n)`` products
+    (:func:`funcopt.transforms.lm_model.column_norms_sq`) in chunks of ``k`` products, whose
+    one-hot vectors and results take ``k (m + n)`` numbers: ``k`` is the largest number with
+    ``(4 + k) (m + n)`` numbers within the budget, at most ``JACOBI_CHUNK`` (32), at least 1
+    (the chunk's products also hold ``k`` times the intermediate values of one product,
+    which the memory model does not count)."""
     from funcopt.solvers import CG
+    from funcopt.transforms.lm_model import JACOBI_CHUNK
 
     itemsize = torch.finfo(dtype).bits // 8
-    chunk = max(1, budget // (4 * m * itemsize))
+    chunk = max(1, min(JACOBI_CHUNK, budget // ((m + n) * itemsize) - 4))
     rule = Nielsen() if isinstance(rule, TrustRegion) else rule
     tol = max(1e-10, 100 * torch.finfo(dtype).eps)
     return (CG(tol=tol, preconditioner="jacobi"), rule,
@@ -131,6 +136,7 @@ def _record(s) -> dict:
         "predicted": float(s.predicted), "accepted": bool(s.accepted), "attempts": int(s.attempts),
         "residual_norm": float(s.residual_norm), "actual_reduction": float(s.actual_reduction),
         "predicted_reduction": float(s.predicted_reduction), "trial_finite": bool(s.trial_finite),
+        "solve_failed": math.isnan(float(s.step_norm)),  # NaN: the last solve failed, no step
     }
 
 
@@ -193,7 +199,10 @@ def least_squares(
       ``residual_fn`` was not finite;
     * a test held but no step was ever accepted (the start point was never left, and neither
       the zero-residual nor the gtol test says it is a solution);
-    * ``max_steps`` updates (reason "max_steps: ...").
+    * the linear solver failed (e.g. CG did not converge) at the last damping the rule
+      allows: an update rejected because its solve failed has no step, so it never passes a
+      tolerance test (its ``step_norm`` and ``predicted_reduction`` are NaN in ``history``);
+    * ``max_steps`` updates (reason "max_steps: ...", naming a failed last solve).
 
     ``residual_fn`` must return the parameters' dtype (TypeError otherwise, before any work).
 
@@ -225,7 +234,8 @@ def least_squares(
         memory_budget: bytes the linear algebra may use (None: no limit). The path follows
             :func:`memory_path`: dense while ``m n + min(m, n)^2`` numbers fit, else
             matrix-free (CG to a relative residual of ``max(1e-10, 100 eps)`` on
-            Jacobian-vector products with a Jacobi preconditioner from column norms,
+            Jacobian-vector products with a Jacobi preconditioner from the exact
+            ``diag(J^T J)``, ``min(m, n)`` products per update in chunks that fit the budget,
             ``Nielsen()`` in place of ``TrustRegion()``, ``D = I``);
             ``info.path`` says which.
         **options: the other options of :func:`levenberg_marquardt`: ``scaling``,
@@ -257,7 +267,8 @@ def least_squares(
     path = memory_path(m, x.numel(), x.element_size(), memory_budget)
     if path == "matrix-free":
         assert memory_budget is not None
-        solver, rule, options = _matrix_free_options(m, x.dtype, memory_budget, rule, options)
+        solver, rule, options = _matrix_free_options(m, x.numel(), x.dtype, memory_budget, rule,
+                                                       options)
     tx = levenberg_marquardt(residual_fn, rule=rule, geodesic=geodesic, solver=solver,
                              **options)
     t = tolerances
@@ -282,6 +293,8 @@ def least_squares(
         if stop is not None:
             reason = stop
             break
+    if reason.startswith("max_steps") and history and history[-1]["solve_failed"]:
+        reason += "; the last update's linear solves failed (e.g. CG did not converge)"
     if success and not moved and not reason.startswith(("zero residual", "gtol")):
         reason, success = ("no step was accepted from the start point, so it is not a minimum "
                            f"of the cost although a test held ({reason})"), False
@@ -314,7 +327,8 @@ def _outcome(h: dict, tols, limits, recent: list) -> tuple[str | None, bool]:
     iterates ran into the edge of the region where ``residual_fn`` is finite: a failure."""
     ftol, xtol, gtol, eps = tols
     max_damping, trust, tiny = limits
-    reason = _converged(h, ftol, xtol, gtol, eps)
+    # an update rejected because its linear solve failed measured no step: no test applies
+    reason = None if h["solve_failed"] else _converged(h, ftol, xtol, gtol, eps)
     edge = any(not u["trial_finite"] for u in recent) and h["grad_cos"] > eps ** 0.5
     if reason is not None and edge:
         return ("residual_fn was not finite at trial points near the current parameters, and "
@@ -326,6 +340,11 @@ def _outcome(h: dict, tols, limits, recent: list) -> tuple[str | None, bool]:
         return reason, True
     if h["accepted"]:
         return None, False
+    exhausted = h["damping"] >= max_damping or (trust and h["radius"] <= tiny)
+    if exhausted and h["solve_failed"]:
+        return ("the linear solver failed at every damping tried, up to the rule's limit: no "
+                "step could be computed (failure; e.g. CG did not reach its tolerance within "
+                "maxiter: raise maxiter or the tolerance, or use a direct solver)"), False
     if h["damping"] >= max_damping:
         return ("damping reached max_damping: no step reduces the cost (failure; check the "
                 "residuals are finite and well scaled near the current parameters)"), False

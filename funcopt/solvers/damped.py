@@ -36,7 +36,7 @@ from funcopt.solvers.base import (
     gram_dual,
 )
 from funcopt.solvers.krylov import CG, _power_of_two
-from funcopt.solvers.operators import _damping_tensor, _require_finite
+from funcopt.solvers.operators import _damping_tensor, _require_finite, _require_valid_damping
 
 __all__ = ["DampedLeastSquares", "DampedPlan", "DampedState", "damped_least_squares",
            "damped_least_squares_solver"]
@@ -144,10 +144,13 @@ class DampedLeastSquares:
         if scale is not None and diag is not None:
             raise ValueError("damped_least_squares: pass diag or scale, not both (scale s means "
                              "D = diag(s^2) solved in the variables z = s x)")
-        J = J if scale is None else J / scale
-        _require_finite(J, "the Jacobian J")
-        gamma = _power_of_two(J.abs().amax() if J.numel() else J.new_ones(()))
-        Jh = J / gamma
+        Js = J if scale is None else J / scale
+        # max |J| (NaN or inf exactly when J is not finite), from two passes with no copy
+        big = torch.maximum(Js.amax(), -Js.amin()) if J.numel() else J.new_ones(())
+        if not bool(torch.isfinite(big)):  # max |J| is NaN or inf exactly when J is not finite
+            _require_finite(Js, "the Jacobian J")
+        gamma = _power_of_two(big)
+        Jh = Js.div_(gamma) if Js is not J else J / gamma  # one fresh copy of J at most
         relative = isinstance(diag, str)  # Marquardt's D scales with J^T J
         if isinstance(diag, str):
             if diag != "marquardt":
@@ -179,13 +182,23 @@ class DampedLeastSquares:
     def init(self, plan: DampedPlan, damping: float | Tensor) -> DampedState:
         """The operator at ``damping`` (``lambda >= 0``, float or 0-d tensor; ValueError for a
         negative or NaN one, on other devices at the operator check's host sync), factorised
-        once by the inner solver. Raises ValueError when the damped Gram matrix overflows."""
+        once by the inner solver. Raises ValueError when the damping or ``diag`` is not finite,
+        or (dual form with a ``diag``, whose columns are divided by ``sqrt(diag)``) when the
+        Gram matrix overflows; elsewhere the plan's checked, scaled ``J`` (``|J / gamma| < 2``)
+        bounds every Gram entry by ``4 max(m, n)``, so ``J`` is not read again."""
         lam = _damping_tensor(damping, plan.J)  # ValueError for a negative number (or CPU tensor)
         lam_h = lam if plan.relative else lam / plan.gamma / plan.gamma
         if plan.tiny and not plan.relative and bool(torch.isinf(lam_h) & torch.isfinite(lam)):
             return DampedState(plan, None, lam)
         op = plan.operator.with_damping(lam_h)
-        op.check_finite()
+        if plan.dual_scale is None and 4.0 * max(plan.J.shape) < torch.finfo(plan.J.dtype).max:
+            # plan checked J, and |J / gamma| < 2 bounds every Gram entry by 4 max(m, n)
+            _require_finite(lam_h, "the damping")
+            _require_valid_damping(lam_h)
+            if op.diag is not None:
+                _require_finite(op.diag, "the scaling diag")
+        else:  # the dual form's columns divided by sqrt(diag) may overflow
+            op.check_finite()
         return DampedState(plan, get(self.solver).init(op), lam)
 
     def compute(self, state: DampedState, r: Tensor) -> Solution:

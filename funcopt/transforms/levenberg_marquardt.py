@@ -85,7 +85,9 @@ class LevenbergMarquardtState(NamedTuple):
     scale: ``d``, running maximum of the Jacobian column norms (MINPACK's ``diag``;
     ones before the first step). cost: ``F(x)`` at the params given to the last update.
     new_cost: ``F`` after the returned step. predicted: ``L(0) - L(delta)``. gain_ratio: ``rho``.
-    step_norm: ``||d * delta||``. x_norm: ``||d * x_new||``. grad_cos: MINPACK's ``gnorm``,
+    step_norm: ``||d * delta||`` (NaN, as ``predicted`` and ``predicted_reduction``, when the
+    last attempt was rejected because its linear solve failed: there is no step to measure).
+    x_norm: ``||d * x_new||``. grad_cos: MINPACK's ``gnorm``,
     ``max_j |J_j^T r| / (||J_j|| ||r||)`` at ``x``. accepted: the step was taken.
     attempts: solves in the last update (int64). residual_norm: ``||r(x)||``, computed without
     overflow or underflow (``cost`` and ``new_cost`` are ``0.5 ||r||^2`` and can overflow to inf
@@ -282,7 +284,7 @@ def _step(residual_fn, params, args, state: LevenbergMarquardtState, o: LMOption
         if isinstance(rule, TrustRegion):
             assert loc.svd is not None  # _linearize computes it under the trust-region rule
             lam = trust_region_damping(*loc.svd, radius / _positive(fn))
-        delta, step, Jd, ok = _propose(loc, lam, o)
+        delta, step, Jd, ok, solved = _propose(loc, lam, o)
         new_fn = _evaluate(loc.f, x + step, loc.r.shape)
         all_finite = all_finite & torch.isfinite(new_fn)
         pnorm = scaled_norm(d * delta)
@@ -299,25 +301,31 @@ def _step(residual_fn, params, args, state: LevenbergMarquardtState, o: LMOption
             lam, nu = rule.adapt(lam, nu, rho, acc)
         if accepted or bool(rule.exhausted(lam, radius)):
             break
-    return _finish_step(state, loc, lam, nu, radius, delta, step, (new_fn, all_finite), rho,
-                        actual, predicted, accepted, attempt)
+    return _finish_step(state, loc, lam, nu, radius, delta, step, (new_fn, all_finite, solved),
+                        rho, actual, predicted, accepted, attempt)
 
 
 def _finish_step(state, loc, lam, nu, radius, delta, step, trial, rho, actual, predicted,
                  accepted, attempt):
     """The accepted step (zeros when every attempt failed) and the new state; ``trial`` is
-    ``(||r|| at the last trial point, whether every trial point gave finite residuals)``."""
+    ``(||r|| at the last trial point, whether every trial point gave finite residuals,
+    whether the last attempt's linear solves succeeded)``. A rejected last attempt whose solve
+    failed has no step to measure: its step norm and predicted reductions are NaN."""
     x, d, fn = loc.x, loc.d, loc.rnorm
-    new_fn, all_finite = trial
+    new_fn, all_finite, solved = trial
     if not accepted:
         step = torch.zeros_like(x)
     cost = 0.5 * fn * fn  # informational: may overflow or underflow where fn does not
     kept = new_fn if accepted else fn
     min_rho = torch.full_like(rho, torch.finfo(rho.dtype).min)
+    unsolved = torch.zeros_like(solved) if accepted else ~solved
+    nan = torch.full_like(fn, float("nan"))
+    predicted = torch.where(unsolved, nan, predicted)
     new_state = LevenbergMarquardtState(
         increment(state.count), lam, nu, radius, d, cost, 0.5 * kept * kept, predicted * cost,
         torch.where(torch.isfinite(rho), rho, min_rho),
-        scaled_norm(d * (step if accepted else delta)), scaled_norm(d * (x + step)),
+        torch.where(unsolved, nan, scaled_norm(d * (step if accepted else delta))),
+        scaled_norm(d * (x + step)),
         loc.cos + torch.zeros_like(cost), torch.tensor(accepted, device=x.device),
         torch.tensor(attempt, device=x.device), fn, actual, predicted, all_finite,
     )
