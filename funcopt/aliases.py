@@ -146,10 +146,10 @@ def adamw(
         *_decay(weight_decay, mask),
         fo.scale_by_learning_rate(learning_rate),
     )
-    if mask is not None or nesterov or amsgrad or eps_root != 0 or mu_dtype is not None:
-        return tx
-    return with_kernel(tx, "adamw", learning_rate, b1=b1, b2=b2, eps=eps,
-                       weight_decay=weight_decay)
+    if mask is None and not (nesterov or amsgrad) and mu_dtype is None and _is_zero(eps_root):
+        tx = with_kernel(tx, "adamw", learning_rate, b1=b1, b2=b2, eps=eps,
+                         weight_decay=weight_decay)
+    return tx
 
 
 @_elementwise_alias
