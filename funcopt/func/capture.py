@@ -85,11 +85,15 @@ def supported_layers(model: nn.Module, params: dict[str, Tensor] | None = None
 
     Returns ``(layers, unsupported)``: ``layers`` maps module names to :class:`LayerSpec`
     (Linear, and Conv2d with ``groups=1`` and zero padding); ``unsupported`` maps the names
-    of other modules with parameters (in ``params`` when given) to the reason.
+    of other modules with parameters (in ``params`` when given) to the reason. The
+    ``out_proj`` of an ``nn.MultiheadAttention`` is unsupported: the attention applies its
+    weight functionally and never calls the module.
     """
     keys = None if params is None else set(params)
     layers: dict[str, LayerSpec] = {}
     unsupported: dict[str, str] = {}
+    inside_attention = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+                        if isinstance(m, nn.MultiheadAttention)}
     for name, m in model.named_modules():
         own = [f"{name}.{p}" if name else p for p, _ in m.named_parameters(recurse=False)]
         if keys is not None:
@@ -100,7 +104,10 @@ def supported_layers(model: nn.Module, params: dict[str, Tensor] | None = None
         w = prefix + "weight"
         b = prefix + "bias" if prefix + "bias" in own else None
         reason = None
-        if isinstance(m, nn.Conv2d):
+        if name in inside_attention:
+            reason = ("MultiheadAttention applies its weight functionally (the module is never "
+                      "called), so no curvature can be captured for it")
+        elif isinstance(m, nn.Conv2d):
             reason = _conv_unsupported_reason(m)
         elif not isinstance(m, nn.Linear):
             reason = f"{type(m).__name__} has no Kronecker-factored curvature here"
@@ -368,14 +375,15 @@ def _run_hooked(call: _Call, params: dict[str, Tensor], specs: dict[str, LayerSp
     records: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in specs}
 
     def hook(name):
-        def fn(module, args, output):
+        def fn(module, args, kwargs, output):
+            x = args[0] if args else kwargs["input"]  # Linear/Conv2d: forward(input)
             probe = output.new_zeros(()).requires_grad_(True).expand(output.shape)
-            records[name].append((args[0].detach(), probe))
+            records[name].append((x.detach(), probe))
             return output + probe
         return fn
 
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    handles = [modules[name].register_forward_hook(hook(name)) for name in specs]
+    handles = [modules[name].register_forward_hook(hook(name), with_kwargs=True) for name in specs]
     try:
         with torch.enable_grad():
             out = functional_call(call.model, {**leaves, **call.buffers}, call.args)
@@ -445,20 +453,26 @@ def _run_traced(call: _Call, params: dict[str, Tensor], specs: dict[str, LayerSp
                          "weight tensor, which the compiled capture cannot tell apart; capture "
                          "them eagerly (outside torch.compile / fo.jit)")
 
-    def forward(leaves, probes, records):
+    # the buffers the forward may update in place (BatchNorm's running statistics): each
+    # pass gets copies, and the vjp pass's updated copies are written back once, as one
+    # eager forward would leave them
+    buffers = {**dict(call.model.named_buffers()), **call.buffers}
+
+    def forward(leaves, probes, records, bufs, args):
         weights = [(leaves[s.weight], name) for name, s in specs.items()]
         with _Recorder(weights, probes, records):
-            return functional_call(call.model, {**leaves, **call.buffers}, call.args)
+            return functional_call(call.model, {**leaves, **bufs}, args)
 
     shapes: dict[str, list] = {name: [] for name in specs}
     with torch.no_grad():
-        forward(params, None, shapes)
+        forward(params, None, shapes, {k: v.clone() for k, v in buffers.items()}, call.args)
     probes = {name: [torch.zeros_like(y) for _, y in calls] for name, calls in shapes.items()}
     scale = 1.0 if call.loss_scale is None else call.loss_scale
 
     def losses(leaves, probes):
         records: dict[str, list] = {name: [] for name in specs}
-        out = forward(leaves, probes, records)
+        bufs = {k: v.clone() for k, v in buffers.items()}
+        out = forward(leaves, probes, records, bufs, call.args)
         value = call.fn(out, call.targets)
         wide = value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
         terms = [wide * scale]
@@ -466,11 +480,14 @@ def _run_traced(call: _Call, params: dict[str, Tensor], specs: dict[str, LayerSp
             sample = call.sampled(out)
             terms.append((sample.float() if sample.dtype != wide.dtype else sample) * scale)
         inputs = {name: [x.detach() for x, _ in calls] for name, calls in records.items()}
-        return tuple(terms), (value.detach(), inputs)
+        return tuple(terms), (value.detach(), inputs, {k: v.detach() for k, v in bufs.items()})
 
     # with has_aux, vjp returns (outputs, vjp_fn, aux); its annotation lists two
     terms, vjp_fn, aux = torch.func.vjp(losses, params, probes, has_aux=True)  # type: ignore[misc]
-    value, inputs = aux
+    value, inputs, updated = aux
+    with torch.no_grad():
+        for k, v in updated.items():
+            buffers[k].copy_(v)
     one, zero = torch.ones_like(terms[0]), torch.zeros_like(terms[0])
     grads, gys = vjp_fn((one,) if len(terms) == 1 else (one, zero))
     if len(terms) == 2:
