@@ -80,8 +80,10 @@ def sgd(
     """
     if nesterov and momentum is None:
         raise ValueError("sgd: nesterov=True needs momentum; pass momentum=0.9 (say)")
+    # torch applies dampening to a momentum buffer only: at momentum 0 it has none
+    damp = 0.0 if _is_zero(momentum) else dampening
     momentum_tx = () if momentum is None else (
-        fo.trace(momentum, nesterov, accumulator_dtype, dampening=dampening),)
+        fo.trace(momentum, nesterov, accumulator_dtype, dampening=damp),)
     tx = chain(*_decay(weight_decay), *momentum_tx, fo.scale_by_learning_rate(learning_rate))
     if accumulator_dtype is not None:
         return tx

@@ -471,7 +471,10 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"this state_dict holds no state for param group {i}; pass "
                                  "the whole dict that Optimizer.state_dict() returned")
             what = f"state of param group {i}"
-            new_states.append(tree_from_state_dict(state_dict["state"][i], self.transform_states[i], what))
+            loaded = tree_from_state_dict(state_dict["state"][i], self.transform_states[i], what)
+            # copies: a flat group updates its state in place, which must not write into the
+            # given dict (nor into another optimizer that loaded the same dict)
+            new_states.append(tree_map(_copy, loaded))
         self.transform_states = new_states
         for g, s in zip(self.param_groups, saved):
             g.update({k: v for k, v in s.items() if k != "params"})

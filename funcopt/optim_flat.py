@@ -14,7 +14,7 @@ numbers on one buffer as on the list of parameters, so a group that runs one kee
 A step is ``u, s = tx.update(g, s, p); p += u`` on the buffers: a handful of kernels over all
 parameters in eager mode, one compiled kernel (and on CUDA one graph replay) with
 :func:`funcopt.jit`; off CUDA, plain :func:`funcopt.adamw` and :func:`funcopt.sgd` run torch's
-fused kernels on the buffers (:mod:`funcopt.torch_kernels`). Anything that moved a parameter to other memory since (``p.data = ...``,
+fused kernels on float32/float64 buffers (:mod:`funcopt.torch_kernels`). Anything that moved a parameter to other memory since (``p.data = ...``,
 ``model.to(...)`` with the same dtype and device) is copied back into the buffer before the
 step; a changed dtype or device is refused.
 """
@@ -70,8 +70,11 @@ class FlatGroup:
         self.ptrs = [v.data_ptr() for v in self.views]
         self.grad_ptrs = [v.data_ptr() for v in self.grad_views]
         self.fast = jit(self._pure_step) if compile else None
-        # torch's fused AdamW/SGD (on a CPU; CUDA compiles)
-        self.kernel = kernel_for(tx) if params[0].device.type == "cpu" else None
+        # torch's fused AdamW/SGD (on a CPU; CUDA compiles), float32/float64 only: torch's
+        # CPU fused SGD gives wrong numbers for float16/bfloat16 buffers, and funcopt keeps
+        # float16 parameters' Adam moments in float32, which the fused AdamW kernel refuses
+        self.kernel = kernel_for(tx) if params[0].device.type == "cpu" and all(
+            p.dtype in (torch.float32, torch.float64) for p in params) else None
         self.written: dict[str, Any] = {}
         self.found: dict[str, torch.Tensor] = {}
         self.found_in: Any = None

@@ -4,7 +4,8 @@
 flat buffers. On CUDA its step is compiled (:func:`funcopt.jit`); elsewhere it would run the
 transform's eager ops, one pass over the buffers each (AdamW: about twenty). For the two
 optimizers torch fuses on every device, :func:`funcopt.adamw` and :func:`funcopt.sgd` with
-plain numbers for their hyperparameters, the group calls torch's kernel instead
+plain numbers for their hyperparameters (SGD: momentum None or above 0) and float32/float64
+parameters, the group calls torch's kernel instead
 (``torch._fused_adamw_``, ``torch._fused_sgd_``: the kernels of ``torch.optim.AdamW/SGD(
 fused=True)``), one pass, on the same state the pure update keeps: the counters advance as
 there (in place), so the state can be saved, loaded or given back to the pure update.
@@ -40,6 +41,10 @@ def with_kernel(tx: GradientTransformation, name: str, learning_rate: Any,
     every value in ``hyper`` are plain numbers, booleans or None (a schedule or a tensor keeps
     the transform's own update)."""
     if torch.compiler.is_compiling():  # rebuilt inside a traced step: nothing to register
+        return tx
+    if name == "sgd" and hyper.get("momentum") == 0:
+        # torch's kernel takes no buffer at momentum 0, while fo.trace(0) keeps one (b = d,
+        # with dampening from the second step): the transform's own update keeps its numbers
         return tx
     if all(v is None or isinstance(v, (int, float)) for v in (learning_rate, *hyper.values())):
         kernels: dict[str, Callable[..., OptState]] = {"adamw": _adamw, "sgd": _sgd}

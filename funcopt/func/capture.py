@@ -86,11 +86,15 @@ def supported_layers(model: nn.Module, params: dict[str, Tensor] | None = None
 
     Returns ``(layers, unsupported)``: ``layers`` maps module names to :class:`LayerSpec`
     (Linear, and Conv2d with ``groups=1`` and zero padding); ``unsupported`` maps the names
-    of other modules with parameters (in ``params`` when given) to the reason.
+    of other modules with parameters (in ``params`` when given) to the reason. The
+    ``out_proj`` of an ``nn.MultiheadAttention`` is unsupported: the attention applies its
+    weight functionally and never calls the module.
     """
     keys = None if params is None else set(params)
     layers: dict[str, LayerSpec] = {}
     unsupported: dict[str, str] = {}
+    inside_attention = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+                        if isinstance(m, nn.MultiheadAttention)}
     for name, m in model.named_modules():
         own = [f"{name}.{p}" if name else p for p, _ in m.named_parameters(recurse=False)]
         if keys is not None:
@@ -101,7 +105,10 @@ def supported_layers(model: nn.Module, params: dict[str, Tensor] | None = None
         w = prefix + "weight"
         b = prefix + "bias" if prefix + "bias" in own else None
         reason = None
-        if isinstance(m, nn.Conv2d):
+        if name in inside_attention:
+            reason = ("MultiheadAttention applies its weight functionally (the module is never "
+                      "called), so no curvature can be captured for it")
+        elif isinstance(m, nn.Conv2d):
             reason = _conv_unsupported_reason(m)
         elif not isinstance(m, nn.Linear):
             reason = f"{type(m).__name__} has no Kronecker-factored curvature here"
@@ -299,9 +306,11 @@ def capture_curvature(
     same numbers come from another route, since module hooks cannot be registered and
     ``torch.autograd.grad`` cannot run there: a supported layer's calls are found by its
     weight tensor in ``F.linear``/``F.conv2d`` (layers that share one weight tensor are
-    refused there, with a ValueError), the output shapes by a forward pass whose arithmetic the compiler
-    drops, and the gradients by ``torch.func.vjp`` in the params and in zero probes added to
-    the outputs.
+    refused there, with a ValueError; a weight used outside its module is counted at each
+    use there, at its module's calls only in eager mode), the output shapes by a forward
+    pass whose arithmetic the compiler drops, and the gradients by ``torch.func.vjp`` in the params and in zero probes added to
+    the outputs. The model runs twice there, so random layers (dropout) draw their masks as
+    compiled code does, not as the eager capture would at the same seed.
 
     Example::
 
@@ -349,14 +358,15 @@ def _run_hooked(call: _Call, params: dict[str, Tensor], specs: dict[str, LayerSp
     records: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in specs}
 
     def hook(name):
-        def fn(module, args, output):
+        def fn(module, args, kwargs, output):
+            x = args[0] if args else kwargs["input"]  # Linear/Conv2d: forward(input)
             probe = output.new_zeros(()).requires_grad_(True).expand(output.shape)
-            records[name].append((args[0].detach(), probe))
+            records[name].append((x.detach(), probe))
             return output + probe
         return fn
 
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    handles = [modules[name].register_forward_hook(hook(name)) for name in specs]
+    handles = [modules[name].register_forward_hook(hook(name), with_kwargs=True) for name in specs]
     try:
         with torch.enable_grad():
             out = functional_call(call.model, {**leaves, **call.buffers}, call.args)

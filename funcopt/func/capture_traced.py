@@ -90,20 +90,26 @@ def _run_traced(call: _Call, params: dict[str, Tensor], specs: dict[str, LayerSp
                          "weight tensor, which the compiled capture cannot tell apart; capture "
                          "them eagerly (outside torch.compile / fo.jit)")
 
-    def forward(leaves, probes, records):
+    # the buffers the forward may update in place (BatchNorm's running statistics): each
+    # pass gets copies, and the vjp pass's updated copies are written back once, as one
+    # eager forward would leave them
+    buffers = {**dict(call.model.named_buffers()), **call.buffers}
+
+    def forward(leaves, probes, records, bufs, args):
         weights = [(leaves[s.weight], name) for name, s in specs.items()]
         with _Recorder(weights, probes, records):
-            return functional_call(call.model, {**leaves, **call.buffers}, call.args)
+            return functional_call(call.model, {**leaves, **bufs}, args)
 
     shapes: dict[str, list] = {name: [] for name in specs}
     with torch.no_grad():
-        forward(params, None, shapes)
+        forward(params, None, shapes, {k: v.clone() for k, v in buffers.items()}, call.args)
     probes = {name: [torch.zeros_like(y) for _, y in calls] for name, calls in shapes.items()}
     scale = 1.0 if call.loss_scale is None else call.loss_scale
 
     def losses(leaves, probes):
         records: dict[str, list] = {name: [] for name in specs}
-        out = forward(leaves, probes, records)
+        bufs = {k: v.clone() for k, v in buffers.items()}
+        out = forward(leaves, probes, records, bufs, call.args)
         value = call.fn(out, call.targets)
         wide = value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
         terms = [wide * scale]
@@ -111,11 +117,14 @@ def _run_traced(call: _Call, params: dict[str, Tensor], specs: dict[str, LayerSp
             sample = call.sampled(out)
             terms.append((sample.float() if sample.dtype != wide.dtype else sample) * scale)
         inputs = {name: [x.detach() for x, _ in calls] for name, calls in records.items()}
-        return tuple(terms), (value.detach(), inputs)
+        return tuple(terms), (value.detach(), inputs, {k: v.detach() for k, v in bufs.items()})
 
     # with has_aux, vjp returns (outputs, vjp_fn, aux); its annotation lists two
     terms, vjp_fn, aux = torch.func.vjp(losses, params, probes, has_aux=True)  # type: ignore[misc]
-    value, inputs = aux
+    value, inputs, updated = aux
+    with torch.no_grad():
+        for k, v in updated.items():
+            buffers[k].copy_(v)
     one, zero = torch.ones_like(terms[0]), torch.zeros_like(terms[0])
     grads, gys = vjp_fn((one,) if len(terms) == 1 else (one, zero))
     if len(terms) == 2:
