@@ -338,3 +338,32 @@ def test_row_block_rejects_the_dual_form():
     residual, p0 = _exp_decay_problem()
     with pytest.raises(ValueError, match="primal n x n normal equations"):
         fo.least_squares(residual, p0, solver=S.CuPyNumeric(row_block=16), form="dual")
+
+
+_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_normal_equations_on_the_blocks_device(device):
+    """Blocks on the CPU (through NumPy) or a GPU (through DLPack); the step comes back on
+    their device, and a fit there equals the CPU torch path's."""
+    g = torch.Generator().manual_seed(11)
+    J = torch.randn(500, 40, generator=g, dtype=torch.float64)
+    r = torch.randn(500, generator=g, dtype=torch.float64)
+    ne = S.normal_equations(S.row_blocks(J.to(device), r.to(device), 128))
+    sol = S.damped_step(S.factor_normal(ne, torch.tensor(0.1, device=device)))
+    ref = torch.linalg.solve(J.T @ J + 0.1 * torch.eye(40, dtype=torch.float64), -J.T @ r)
+    assert bool(sol.success) and sol.x.device.type == device
+    torch.testing.assert_close(sol.x.cpu(), ref, rtol=1e-9, atol=1e-12)
+    residual, p0 = _exp_decay_problem()
+    t = torch.linspace(0, 4, 90, dtype=torch.float64, device=device)
+    y = (-residual(torch.zeros(4, dtype=torch.float64))).to(device)  # the data: r(0) = -y
+
+    def residual_on_device(p):
+        return p[0] * torch.exp(-p[1] * t) + p[2] * torch.sin(p[3] * t) - y
+
+    got, info = fo.least_squares(residual_on_device, p0.to(device), solver=S.CuPyNumeric(row_block=32))
+    ref_p, _ = fo.least_squares(residual, p0.clone(), solver="cholesky")
+    assert info.success and got.device.type == device
+    torch.testing.assert_close(got.cpu(), ref_p, rtol=1e-8, atol=1e-10)
