@@ -147,3 +147,223 @@ def test_cupynumeric_partitioned_solve_matches_torch():
         sol = S.solve(op, b, S.CuPyNumeric(method=method))
         assert bool(sol.success)
         torch.testing.assert_close(sol.x, ref, rtol=1e-9, atol=1e-10)
+
+
+# --------------------------------------------- the normal equations formed in cuPyNumeric
+
+
+def _counted(blocks, seen):
+    for b in blocks:
+        seen.append(1)
+        yield b
+
+
+@pytest.mark.parametrize("size", [1, 7, 37, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normal_equations_from_row_blocks_equal_whole_J(size, dtype):
+    """A = sum_k J_k^T J_k and g = sum_k J_k^T r_k, blocks read once from a generator, equal
+    J^T J and J^T r of the whole J in float64."""
+    g = torch.Generator().manual_seed(3)
+    J = torch.randn(37, 9, generator=g, dtype=torch.float64)
+    for r in (torch.randn(37, generator=g, dtype=torch.float64),
+              torch.randn(37, 2, generator=g, dtype=torch.float64)):
+        seen: list = []
+        ne = S.normal_equations(_counted(S.row_blocks(J.to(dtype), r.to(dtype), size), seen))
+        assert len(seen) == -(-37 // size) and ne.rows == 37 and ne.dtype == dtype
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        np.testing.assert_allclose(np.asarray(ne.A), (J.T @ J).numpy(), rtol=tol, atol=tol * 40)
+        np.testing.assert_allclose(np.asarray(ne.g), (J.T @ r).numpy(), rtol=tol, atol=tol * 40)
+
+
+def test_damped_step_equals_torch_solve_for_several_lambdas_without_reforming_A():
+    g = torch.Generator().manual_seed(4)
+    J = torch.randn(60, 8, generator=g, dtype=torch.float64) * torch.logspace(0, 3, 8, dtype=torch.float64)
+    r = torch.randn(60, generator=g, dtype=torch.float64)
+    seen: list = []
+    ne = S.normal_equations(_counted(S.row_blocks(J, r, 16), seen))
+    A, b = J.T @ J, J.T @ r
+    d = torch.rand(8, generator=g, dtype=torch.float64) + 0.5
+    for lam in (0.0, 1e-3, 1.0, 1e4):
+        for diag, D in ((None, torch.ones(8, dtype=torch.float64)), (d, d), ("marquardt", A.diagonal())):
+            sol = S.damped_step(S.factor_normal(ne, lam, diag))
+            ref = torch.linalg.solve(A + lam * torch.diag(D), -b)
+            assert bool(sol.success) and sol.solver == "cupynumeric-normal-cholesky"
+            assert sol.x.dtype == torch.float64 and sol.x.device == J.device
+            torch.testing.assert_close(sol.x, ref, rtol=1e-8, atol=1e-12)
+    assert len(seen) == 4  # the four blocks were read once for all twelve factorisations
+    u = torch.randn(60, 3, generator=g, dtype=torch.float64)  # another right-hand side
+    sol = S.damped_step(S.factor_normal(ne, torch.tensor(0.5)), S.transposed_product(S.row_blocks(J, u, 25)))
+    torch.testing.assert_close(sol.x, torch.linalg.solve(A + 0.5 * torch.eye(8, dtype=torch.float64), -J.T @ u))
+
+
+@settings(max_examples=8, deadline=None)
+@given(m=st.integers(1, 40), n=st.integers(1, 12), size=st.integers(1, 50), seed=st.integers(0, 2**31 - 1))
+def test_normal_equations_any_blocking(m, n, size, seed):
+    """Any row blocking (blocks of one row, one block, a last short block) gives J^T J, J^T r
+    and the damped step of the whole J."""
+    g = torch.Generator().manual_seed(seed)
+    J = torch.randn(m, n, generator=g, dtype=torch.float64)
+    r = torch.randn(m, generator=g, dtype=torch.float64)
+    ne = S.normal_equations(S.row_blocks(J, r, size))
+    np.testing.assert_allclose(np.asarray(ne.A), (J.T @ J).numpy(), rtol=1e-12, atol=1e-12)
+    sol = S.damped_step(S.factor_normal(ne, 0.3))
+    ref = torch.linalg.solve(J.T @ J + 0.3 * torch.eye(n, dtype=torch.float64), -J.T @ r)
+    assert bool(sol.success)
+    torch.testing.assert_close(sol.x, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_normal_equations_partitioned():
+    """Large enough for Legate to split A over its processors (--cpus 2 in CI)."""
+    g = torch.Generator().manual_seed(10)
+    J = torch.randn(1200, 300, generator=g, dtype=torch.float64)
+    r = torch.randn(1200, generator=g, dtype=torch.float64)
+    ne = S.normal_equations(S.row_blocks(J, r, 256))
+    for lam in (1e-2, 10.0):
+        sol = S.damped_step(S.factor_normal(ne, lam))
+        ref = torch.linalg.solve(J.T @ J + lam * torch.eye(300, dtype=torch.float64), -J.T @ r)
+        assert bool(sol.success)
+        torch.testing.assert_close(sol.x, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_damped_step_float32_blocks_return_float32():
+    g = torch.Generator().manual_seed(5)
+    J = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    r = torch.randn(40, generator=g, dtype=torch.float64)
+    sol = S.damped_step(S.factor_normal(S.normal_equations(S.row_blocks(J.float(), r.float(), 9)), 0.1))
+    ref = torch.linalg.solve(J.T @ J + 0.1 * torch.eye(5, dtype=torch.float64), -J.T @ r)
+    assert bool(sol.success) and sol.x.dtype == torch.float32
+    torch.testing.assert_close(sol.x.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_normal_factor_reports_not_positive_definite_and_non_finite():
+    """A zero column of J makes A + lambda D singular (lambda = 0, or Marquardt's D = diag(A)):
+    the result code says so and the step is zeros; NaN in a block gives non_finite."""
+    g = torch.Generator().manual_seed(6)
+    J = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    J[:, 2] = 0.0
+    r = torch.randn(30, generator=g, dtype=torch.float64)
+    ne = S.normal_equations(S.row_blocks(J, r, 8))
+    for lam, diag in ((0.0, None), (1.0, "marquardt")):
+        f = S.factor_normal(ne, lam, diag)
+        sol = S.damped_step(f)
+        assert f.factors is None and sol.reason() == S.Result.not_positive_definite
+        assert not bool(sol.success) and torch.equal(sol.x, torch.zeros(4, dtype=torch.float64))
+    ok = S.damped_step(S.factor_normal(ne, 1.0))  # the damping makes it definite again
+    ref = torch.linalg.solve(J.T @ J + torch.eye(4, dtype=torch.float64), -J.T @ r)
+    assert bool(ok.success)
+    torch.testing.assert_close(ok.x, ref)
+    J[5, 1] = float("nan")
+    bad = S.damped_step(S.factor_normal(S.normal_equations(S.row_blocks(J, r, 8)), 1.0))
+    assert bad.reason() == S.Result.non_finite and torch.equal(bad.x, torch.zeros(4, dtype=torch.float64))
+
+
+def test_normal_equations_input_errors():
+    J, r = torch.ones(6, 3, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="no blocks"):
+        S.normal_equations(iter(()))
+    with pytest.raises(ValueError, match="block 1 .*same columns"):
+        S.normal_equations([(J, r), (torch.ones(2, 4, dtype=torch.float64), r[:2])])
+    with pytest.raises(ValueError, match="block 1 .*same columns, dtype"):
+        S.normal_equations([(J, r), (J.float(), r.float())])
+    with pytest.raises(ValueError, match="block 1: the residual blocks must all be given"):
+        S.normal_equations([(J, r), (J, None)])
+    with pytest.raises(ValueError, match="block 0: r_k must"):
+        S.normal_equations([(J, r[:5])])
+    with pytest.raises(TypeError, match="block 0 must be a pair"):
+        S.normal_equations([J])
+    with pytest.raises(ValueError, match="size=0"):
+        next(S.row_blocks(J, r, 0))
+    ne = S.normal_equations([(J, None)])
+    with pytest.raises(ValueError, match="damping=-1.0"):
+        S.factor_normal(ne, -1.0)
+    with pytest.raises(ValueError, match="diag must be a tensor of shape"):
+        S.factor_normal(ne, 1.0, -torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="hold no g"):
+        S.damped_step(S.factor_normal(ne, 1.0))
+    with pytest.raises(ValueError, match="row_block=0"):
+        S.CuPyNumeric(row_block=0)
+    with pytest.raises(ValueError, match="method='qr' cannot"):
+        S.CuPyNumeric(method="qr", row_block=8)
+
+
+def _exp_decay_problem():
+    g = torch.Generator().manual_seed(9)
+    t = torch.linspace(0, 4, 90, dtype=torch.float64)
+    y = 2.5 * torch.exp(-1.3 * t) + 0.4 * torch.sin(2.0 * t) + 0.01 * torch.randn(90, generator=g, dtype=torch.float64)
+
+    def residual(p):
+        return p[0] * torch.exp(-p[1] * t) + p[2] * torch.sin(p[3] * t) - y
+
+    return residual, torch.tensor([1.0, 1.0, 1.0, 1.8], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("rule, geodesic", [(fo.TrustRegion(), None), (fo.Nielsen(), fo.Geodesic())])
+def test_least_squares_with_normal_equations_in_cupynumeric_equals_torch_path(rule, geodesic, monkeypatch):
+    """fo.least_squares with CuPyNumeric(row_block=16): every step forms J^T J from row blocks
+    in cuPyNumeric, and the fit equals the torch Cholesky path's, step for step."""
+    from funcopt.solvers import cupynumeric_normal as cnn
+
+    formed: list = []
+    real = cnn.normal_equations
+    monkeypatch.setattr(cnn, "normal_equations", lambda blocks: formed.append(1) or real(blocks))
+    residual, p0 = _exp_decay_problem()
+    ref, ref_info = fo.least_squares(residual, p0.clone(), rule=rule, geodesic=geodesic, solver="cholesky")
+    got, info = fo.least_squares(residual, p0.clone(), rule=rule, geodesic=geodesic,
+                                 solver=S.CuPyNumeric(row_block=16))
+    assert ref_info.success and info.success and info.reason == ref_info.reason
+    assert len(formed) == info.steps == ref_info.steps
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(info.cost, ref_info.cost, rtol=1e-10)
+
+
+def test_nist_problem_with_normal_equations_in_cupynumeric():
+    """A NIST StRD problem (Gauss1: 250 observations, 8 parameters): the block path's steps
+    have the torch path's costs, and both stop at the certified values (the last test may
+    hold one step apart: the sums of J^T J differ in rounding)."""
+    from funcopt import nist
+
+    problem = nist.load("Gauss1")
+    b, info = fo.least_squares(nist.residual_fn(problem), problem.starts[0].clone(),
+                               solver=S.CuPyNumeric(row_block=64))
+    ref, ref_info = fo.least_squares(nist.residual_fn(problem), problem.starts[0].clone())
+    assert info.success and ref_info.success and abs(info.steps - ref_info.steps) <= 1
+    for h, h_ref in zip(info.history[:ref_info.steps - 1], ref_info.history):
+        np.testing.assert_allclose(h["new_cost"], h_ref["new_cost"], rtol=1e-12)
+    np.testing.assert_allclose(info.cost, ref_info.cost, rtol=1e-13)
+    assert float(nist.significant_digits(b, problem.certified).min()) >= 8
+    torch.testing.assert_close(b, ref, rtol=1e-8, atol=0)
+
+
+def test_row_block_rejects_the_dual_form():
+    residual, p0 = _exp_decay_problem()
+    with pytest.raises(ValueError, match="primal n x n normal equations"):
+        fo.least_squares(residual, p0, solver=S.CuPyNumeric(row_block=16), form="dual")
+
+
+_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_normal_equations_on_the_blocks_device(device):
+    """Blocks on the CPU (through NumPy) or a GPU (through DLPack); the step comes back on
+    their device, and a fit there equals the CPU torch path's."""
+    g = torch.Generator().manual_seed(11)
+    J = torch.randn(500, 40, generator=g, dtype=torch.float64)
+    r = torch.randn(500, generator=g, dtype=torch.float64)
+    ne = S.normal_equations(S.row_blocks(J.to(device), r.to(device), 128))
+    sol = S.damped_step(S.factor_normal(ne, torch.tensor(0.1, device=device)))
+    ref = torch.linalg.solve(J.T @ J + 0.1 * torch.eye(40, dtype=torch.float64), -J.T @ r)
+    assert bool(sol.success) and sol.x.device.type == device
+    torch.testing.assert_close(sol.x.cpu(), ref, rtol=1e-9, atol=1e-12)
+    residual, p0 = _exp_decay_problem()
+    t = torch.linspace(0, 4, 90, dtype=torch.float64, device=device)
+    y = (-residual(torch.zeros(4, dtype=torch.float64))).to(device)  # the data: r(0) = -y
+
+    def residual_on_device(p):
+        return p[0] * torch.exp(-p[1] * t) + p[2] * torch.sin(p[3] * t) - y
+
+    got, info = fo.least_squares(residual_on_device, p0.to(device), solver=S.CuPyNumeric(row_block=32))
+    ref_p, _ = fo.least_squares(residual, p0.clone(), solver="cholesky")
+    assert info.success and got.device.type == device
+    torch.testing.assert_close(got.cpu(), ref_p, rtol=1e-8, atol=1e-10)

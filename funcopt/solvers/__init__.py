@@ -9,7 +9,9 @@ object with ``init(operator) -> state`` (factorise once) and ``compute(state, b)
 (one right-hand side); a :class:`Solution` carries a :class:`Result` code (``success`` is
 derived from it), so failure is a value, never a silent NaN. ``solve`` is ``init`` then
 ``compute`` with input checks. cuPyNumeric is used only when asked for (``solver="cupynumeric"``
-or ``Auto(use_cupynumeric=True)``).
+or ``Auto(use_cupynumeric=True)``); :func:`normal_equations` and :func:`factor_normal` form and
+solve the damped normal equations in cuPyNumeric from row blocks of a Jacobian
+(:mod:`funcopt.solvers.cupynumeric_normal`).
 
 Example::
 
@@ -30,7 +32,11 @@ from funcopt.solvers.dense import __all__ as _dense_all
 from funcopt.solvers.krylov import *  # noqa: F401,F403
 from funcopt.solvers.krylov import __all__ as _krylov_all
 
-__all__ = [*_base_all, *_dense_all, *_krylov_all, *_auto_all, *_damped_all, "CuPyNumeric"]  # noqa: F405
+_NORMAL = ("NormalEquations", "NormalFactor", "row_blocks", "normal_equations",
+           "transposed_product", "factor_normal", "damped_step")
+
+__all__ = [*_base_all, *_dense_all, *_krylov_all, *_auto_all, *_damped_all, "CuPyNumeric",  # noqa: F405
+           *_NORMAL]
 
 
 def __getattr__(name: str):
@@ -38,4 +44,8 @@ def __getattr__(name: str):
         from funcopt.solvers.cupynumeric import CuPyNumeric
 
         return CuPyNumeric
+    if name in _NORMAL:  # the cuPyNumeric normal equations, also on first use
+        from funcopt.solvers import cupynumeric_normal
+
+        return getattr(cupynumeric_normal, name)
     raise AttributeError(f"module 'funcopt.solvers' has no attribute {name!r}")

@@ -116,19 +116,38 @@ class CuPyNumeric(LinearSolver):
     ``value`` zeros. Half precision is solved in float32. The result has ``b``'s dtype and
     device.
 
+    ``row_block=k`` (Levenberg-Marquardt with a dense Jacobian: ``fo.least_squares``,
+    ``fo.levenberg_marquardt``): ``J^T J`` and ``J^T r`` are formed in cuPyNumeric from row
+    blocks of ``k`` rows of ``J``, one block handed over at a time, and the damped system is
+    solved there by Cholesky for every damping tried without forming ``J^T J`` again (see
+    :mod:`funcopt.solvers.cupynumeric_normal`); without it (default None) the normal matrix is
+    formed in torch and only the ``n x n`` solve runs in cuPyNumeric. Direct solves of an
+    operator (``solve``, ``damped_least_squares``) are the same with or without it.
+
     Args:
-        method: one of "auto", "cholesky", "solve", "qr", "svd".
+        method: one of "auto", "cholesky", "solve", "qr", "svd" ("auto" or "cholesky" with
+            ``row_block``).
         rcond: cutoff for "svd"; default ``max(m, n) * eps(dtype)``.
+        row_block: None (default) or rows of ``J`` per block sent to cuPyNumeric, a positive
+            int.
     """
 
     method: str = "auto"
     rcond: float | None = None
+    row_block: int | None = None
     _cn: Any = field(default=None, init=False, repr=False, compare=False)  # the cupynumeric module
     name = "cupynumeric"
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
             raise ValueError(f"CuPyNumeric: method must be one of {_METHODS}; got {self.method!r}")
+        rb = self.row_block
+        if rb is not None and (not isinstance(rb, int) or isinstance(rb, bool) or rb < 1):
+            raise ValueError(f"CuPyNumeric: row_block={rb!r}; pass None or a positive int "
+                             "(rows of J per block)")
+        if rb is not None and self.method not in ("auto", "cholesky"):
+            raise ValueError(f"CuPyNumeric: row_block solves the normal equations by Cholesky; "
+                             f"method={self.method!r} cannot be used with it (pass 'auto')")
         object.__setattr__(self, "_cn", import_cupynumeric())
 
     def _method(self, op: LinearOperator) -> str:

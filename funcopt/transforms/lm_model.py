@@ -59,6 +59,10 @@ def _damped_solver(J: Tensor, scale: Tensor | None, solver: Any, form: str):
     Gram matrix once per ``J``)."""
     from funcopt import solvers
 
+    if getattr(solver, "row_block", None) is not None:  # CuPyNumeric(row_block=k): J^T J there
+        from funcopt.solvers.cupynumeric_normal import damped_normal_solver
+
+        return damped_normal_solver(J, scale, solver.row_block, form)
     dls = solvers.DampedLeastSquares(solver, form)
     plan = dls.plan(J, scale=scale)
 
