@@ -116,9 +116,15 @@ def local_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState,
     Jt = J / d[:, None, :]
     eps = torch.finfo(J.dtype).eps
     if method == "gram":
-        G = Jt.mT @ Jt
-        gt = (Jt.mT @ rn[..., None])[..., 0]
-        return _from_gram(G, gt, (x, rnorm, d, cos, lam, finite))
+        # squared, a scaled Jacobian far below one underflows (its column scale d is the
+        # largest column norm seen): square it divided by a power of two near its largest
+        # entry (exact), and scale sigma back
+        c = Jt.abs().amax((-2, -1)) if Jt.numel() else torch.ones_like(rnorm)
+        c = torch.where(c > 0, torch.exp2(torch.floor(torch.log2(_positive(c)))), 1.0)
+        Jn = Jt / c[:, None, None]
+        loc = _from_gram(Jn.mT @ Jn, (Jn.mT @ rn[..., None])[..., 0],
+                         (x, rnorm, d, cos, lam, finite))
+        return loc._replace(sigma=loc.sigma * c)
     U, s, Vh = torch.linalg.svd(Jt, full_matrices=False)
     sigma = _positive(s.amax(-1)) if s.shape[-1] else torch.ones_like(rnorm)
     sh = s / sigma[:, None]
