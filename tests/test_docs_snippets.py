@@ -2,8 +2,9 @@
 
 The blocks of one page share a namespace (a later block may use what an earlier one built),
 and most end in ``assert`` statements that check what the text around them says. A block
-whose first line is ``# requires: cuda`` runs only where CUDA is available; one whose first
-line is ``# requires: torchrun`` (it needs several processes) is not run here.
+whose first line is ``# requires: cuda`` runs only where CUDA is available, ``# requires:
+cupynumeric`` by the cuPyNumeric tests under Legate (``.ci/cupynumeric.sh``); one whose first line is ``# requires:
+torchrun`` (it needs several processes) is not run here.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def test_guide_code_blocks_run(page, tmp_path, monkeypatch):
         if first == "# requires: torchrun":
             continue
         if first == "# requires: cuda" and not torch.cuda.is_available():
+            continue
+        if first == "# requires: cupynumeric":  # run under Legate by test_solvers_cupynumeric
             continue
         try:
             exec(compile(code, f"{page.name}[block {i}]", "exec"), env)

@@ -367,3 +367,19 @@ def test_normal_equations_on_the_blocks_device(device):
     ref_p, _ = fo.least_squares(residual, p0.clone(), solver="cholesky")
     assert info.success and got.device.type == device
     torch.testing.assert_close(got.cpu(), ref_p, rtol=1e-8, atol=1e-10)
+
+
+def test_the_solvers_guide_cupynumeric_blocks_run():
+    """The blocks of docs/solvers.md marked ``# requires: cupynumeric`` (the main docs test
+    skips them) run here, under Legate, in order, with their assertions."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "solvers.md").read_text()
+    blocks = [b for b in re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+              if b.startswith("# requires: cupynumeric")]
+    assert len(blocks) == 2
+    env: dict = {"torch": torch, "fo": fo}
+    torch.manual_seed(0)
+    for code in blocks:
+        exec(compile(code, "solvers.md", "exec"), env)

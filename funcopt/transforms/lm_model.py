@@ -196,8 +196,9 @@ def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
     J, r = jacobian(residual_fn, params, *args, mode=o.jacobian_mode, chunk_size=o.chunk_size)
     _require_dtype(r, x)
     # a finite sum of J (one cheap pass) proves J finite; otherwise look element by element
-    ok = torch.isfinite(r).all() & torch.isfinite(J.sum())
-    _require_finite_residuals(ok if bool(ok) else ok | torch.isfinite(J).all())  # host sync
+    r_ok = torch.isfinite(r).all()
+    ok = r_ok & torch.isfinite(J.sum())
+    _require_finite_residuals(ok if bool(ok) else r_ok & torch.isfinite(J).all())  # host sync
     rnorm = scaled_norm(r)
     col, cos = _column_stats(J, r, rnorm)
     first = state.count == 0
