@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.func import grad_and_value
+from torch.func import grad_and_value, vmap
 
 import funcopt as fo
 from funcopt.bench.problems import Problem, check_name
@@ -164,14 +164,20 @@ def _sf_adamw(problem: Problem, lr: float) -> Runner:
 
 @register_optimizer("lm")
 def _lm(problem: Problem) -> Runner:
-    """Levenberg-Marquardt: no learning rate (its damping adapts at every step), not tuned."""
+    """Levenberg-Marquardt: no learning rate (its damping adapts at every step), not tuned.
+    On a batched problem every fit has its own state (damping, trust region) and takes its own
+    step: the transform is mapped over the rows with ``torch.func.vmap``."""
     _need("levenberg_marquardt")
     if problem.residual_fn is None:
         raise Unavailable("the problem has no residual function")
     n = sum(p.numel() for p in fo.tree_leaves(problem.params))
+    if problem.batched:
+        n //= fo.tree_leaves(problem.params)[0].shape[0]
     if n > 5000:  # the damped solve forms a dense N x N (or n x n) Gram matrix per step
         raise Unavailable(f"{n} parameters: the dense Jacobian and its damped solve are too "
                           "slow for this suite; use it on small models")
+    if problem.batched:
+        return _batched_lm(problem)
     tx = fo.levenberg_marquardt(problem.residual_fn)
 
     def step(params, state, batch):
@@ -181,6 +187,24 @@ def _lm(problem: Problem) -> Runner:
         return params, state, problem.loss_fn(params, batch).detach()
 
     return Runner(tx.init, step, settings={"schedule": "adaptive damping (no learning rate)"})
+
+
+def _batched_lm(problem: Problem) -> Runner:
+    """``levenberg_marquardt`` on one row (``residual_fn`` of a batch of one), ``vmap``-ed over
+    the rows: one update of every fit per step."""
+    residual_fn = problem.residual_fn
+    assert residual_fn is not None
+    one = lambda tree: fo.tree_map(lambda a: a[None], tree)
+    tx = fo.levenberg_marquardt(lambda p, batch: residual_fn(one(p), one(batch))[0])
+    update = vmap(lambda s, p, b: tx.update(fo.tree_zeros_like(p), s, p, batch=b))
+
+    def step(params, state, batch):
+        updates, state = update(state, params, batch)
+        params = fo.apply_updates(params, updates)
+        return params, state, problem.loss_fn(params, batch).detach()
+
+    return Runner(vmap(tx.init), step, settings={
+        "schedule": "adaptive damping per fit (no learning rate), vmap over the fits"})
 
 
 @register_optimizer("adamw-norm-test", lr=3e-3)

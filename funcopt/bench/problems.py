@@ -55,6 +55,11 @@ class Problem:
                  (``None``: no time to target for this problem).
     capture:     keyword arguments for ``funcopt.func.capture_curvature`` (KFAC, SINGD), e.g. a
                  loss for sequence outputs.
+    batched:     ``params`` hold ``B`` independent problems along the leading dimension of every
+                 leaf, ``batch`` is a pytree of tensors with the same leading ``B`` and
+                 ``residual_fn(params, batch)`` returns ``(B, m)`` residuals, row ``b`` from
+                 problem ``b`` alone; Levenberg-Marquardt then steps each problem on its own
+                 (``torch.func.vmap`` over the rows). Default False.
     """
 
     params: Any
@@ -74,6 +79,7 @@ class Problem:
     loss_name: str = "cross-entropy (nats)"
     target: float | None = None
     capture: dict[str, Any] = field(default_factory=dict)
+    batched: bool = False
 
 
 PROBLEMS: dict[str, Callable[[int, torch.device], Problem]] = {}
@@ -297,3 +303,71 @@ def nist_misra1a(seed: int, device: torch.device) -> Problem:
 def nist_chwirut2(seed: int, device: torch.device) -> Problem:
     """NIST StRD Chwirut2 (3 parameters, 54 points, start 1): y = exp(-b1 x) / (b2 + b3 x)."""
     return _nist_problem("Chwirut2", device)
+
+
+# --------------------------------------------------------------------------- batched fits
+
+_REFERENCE: dict[tuple, tuple[torch.Tensor, int]] = {}  # (B, seed, device) -> (costs, successes)
+
+
+def decay_fits(fits: int, seed: int, device: torch.device, points: int = 30):
+    """``(t, y)``: ``fits`` data sets of ``y = a exp(-b t) + c + 0.01 noise`` at ``points``
+    times in ``[0, 3]``, with ``a ~ U(1, 3)``, ``b ~ U(0.5, 3)``, ``c ~ U(-1, 1)`` (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.linspace(0.0, 3.0, points, dtype=torch.float64)
+    u = torch.rand(fits, 3, generator=g, dtype=torch.float64)
+    a, b, c = (1 + 2 * u[:, :1], 0.5 + 2.5 * u[:, 1:2], 2 * u[:, 2:] - 1)
+    y = a * torch.exp(-b * t) + c + 0.01 * torch.randn(fits, points, generator=g, dtype=torch.float64)
+    return t.to(device), y.to(device)
+
+
+def batched_decay_fits(fits: int, seed: int, device: torch.device, steps: int) -> Problem:
+    """``fits`` independent fits of ``y = a exp(-b t) + c`` to 30 points each, all from the
+    start ``(1, 1, 0)``, as one problem with parameters ``{"abc": (fits, 3)}``.
+
+    loss: the mean over the fits of each fit's cost ``0.5 ||r_b||^2``. The reference is
+    ``funcopt.least_squares(residual_fn, params, batched=True)`` (MINPACK tolerances 1e-8),
+    solved once per (fits, seed, device); ``evaluate`` counts the fits whose cost is within a
+    relative 1e-6 of a reference fit that succeeded (``converged``), and the target is the
+    reference's mean cost times ``1 + 1e-6``."""
+    t, y = decay_fits(fits, seed, device)
+    params = {"abc": torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64, device=device).repeat(fits, 1)}
+
+    def residual_fn(p, data):
+        x = p["abc"]
+        return x[:, :1] * torch.exp(-x[:, 1:2] * t) + x[:, 2:] - data
+
+    def costs(p):
+        return 0.5 * residual_fn(p, y).pow(2).sum(1)
+
+    key = (fits, seed, str(device))
+    if key not in _REFERENCE:
+        _, info = fo.least_squares(lambda p: residual_fn(p, y), params, batched=True)
+        _REFERENCE[key] = (info.cost, int(info.success.sum()))
+    ref, ref_ok = _REFERENCE[key]
+
+    @torch.no_grad()
+    def evaluate(p):
+        c = costs(p)
+        close = (c - ref).abs() <= 1e-6 * ref
+        return {"loss": float(c.mean()), "total_cost": float(c.sum()), "fits": float(fits),
+                "converged": float(close.sum()), "reference_successes": float(ref_ok)}
+
+    return Problem(
+        params=params, loss_fn=lambda p, data: 0.5 * residual_fn(p, data).pow(2).sum(1).mean(),
+        batches=lambda step: y, evaluate=evaluate, residual_fn=residual_fn, steps=steps,
+        kind="curve-fit", loss_name="mean cost 0.5 ||r||^2 over the fits",
+        target=float(ref.mean()) * (1 + 1e-6), batched=True, extra={"fits": fits},
+    )
+
+
+@register("curve-fits-batched", default=True, full=False)
+def curve_fits_batched(seed: int, device: torch.device) -> Problem:
+    """1,000 independent fits of y = a exp(-b t) + c (30 points each), solved together."""
+    return batched_decay_fits(1000, seed, device, steps=15)
+
+
+@register("curve-fits-batched-large", full=True)
+def curve_fits_batched_large(seed: int, device: torch.device) -> Problem:
+    """100,000 independent fits of y = a exp(-b t) + c (30 points each), for a GPU."""
+    return batched_decay_fits(100_000, seed, device, steps=20)

@@ -96,11 +96,25 @@ def not_run(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def converged_fits(results: list[Result]) -> str:
+    """For batched fits (a ``converged`` count in the final numbers): how many fits of each
+    finished run ended within a relative 1e-6 of the cost of a reference fit that succeeded."""
+    done = [r for r in results if r.status == "ok" and "converged" in r.final]
+    if not done:
+        return ""
+    lines = ["", "Batched fits converged (cost within 1e-6 of a successful "
+             "`funcopt.least_squares(..., batched=True)` fit):", ""]
+    lines += [f"- {r.problem}, {r.optimizer}, seed {r.seed}: {r.final['converged']:g} of "
+              f"{r.final.get('fits', float('nan')):g}" for r in done]
+    return "\n".join([*lines, ""])
+
+
 def markdown_table(results: list[Result]) -> str:
-    """The summary table and the not-run list, as printed at the end of a run."""
+    """The summary table, the converged batched fits and the not-run list, as printed at the
+    end of a run."""
     from funcopt.bench.suite import summarise
 
-    return summary_table(summarise(results)) + "\n" + not_run(results)
+    return summary_table(summarise(results)) + "\n" + converged_fits(results) + not_run(results)
 
 
 def sweep_table(sweeps: list[Sweep]) -> str:
@@ -316,7 +330,7 @@ def _fill(results: list[Result], sweeps: list[Sweep], folder: Path, meta: dict, 
             _plot_sweeps(sweeps, results, folder / "lr_sweep.png")
             figures += "\n![final validation loss vs learning rate](lr_sweep.png)\n"
     body = [_header(meta), "## Results\n", *[f"- {p}: {w}" for p, w in winners(rows).items()],
-            "", summary_table(rows), not_run(results), "", _legend(results, meta)]
+            "", summary_table(rows), converged_fits(results) + not_run(results), "", _legend(results, meta)]
     extra = notes(results, sweeps)
     if extra:
         body += ["", "## Notes", "", *[f"- {n}" for n in extra]]
