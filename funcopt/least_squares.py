@@ -98,6 +98,10 @@ def _matrix_free_options(m: int, n: int, dtype: torch.dtype, budget: int,
     from funcopt.solvers import CG
     from funcopt.transforms.lm_model import JACOBI_CHUNK
 
+    if options.get("scaling"):
+        raise ValueError(f"memory_budget={budget} puts this problem on the matrix-free path, "
+                         "which uses D = I: scaling=True cannot be honoured; drop it or raise "
+                         "memory_budget to m n + min(m, n)^2 numbers")
     itemsize = torch.finfo(dtype).bits // 8
     chunk = max(1, min(JACOBI_CHUNK, budget // ((m + n) * itemsize) - 4))
     rule = Nielsen() if isinstance(rule, TrustRegion) else rule
@@ -267,6 +271,11 @@ def least_squares(
     path = memory_path(m, x.numel(), x.element_size(), memory_budget)
     if path == "matrix-free":
         assert memory_budget is not None
+        if not (isinstance(solver, str) and solver == "auto"):
+            raise ValueError(f"memory_budget={memory_budget} puts this problem (m={m}, "
+                             f"n={x.numel()}) on the matrix-free path, which chooses its own CG; "
+                             f"solver={solver!r} would be ignored: pass solver='auto', or a "
+                             "CG solver without memory_budget")
         solver, rule, options = _matrix_free_options(m, x.numel(), x.dtype, memory_budget, rule,
                                                        options)
     tx = levenberg_marquardt(residual_fn, rule=rule, geodesic=geodesic, solver=solver,

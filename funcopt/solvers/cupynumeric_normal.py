@@ -76,11 +76,19 @@ class NormalFactor(NamedTuple):
 
 def row_blocks(J: Tensor, r: Tensor | None = None, size: int = 4096
                ) -> Iterator[tuple[Tensor, Tensor | None]]:
-    """Consecutive blocks of ``size`` rows of ``J`` and ``r`` (views, no copies)."""
+    """Consecutive blocks of ``size`` rows of ``J`` and ``r`` (views, no copies). The
+    arguments are checked at the call (ValueError), not when the blocks are first read; ``r``
+    must have ``J``'s rows."""
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"row_blocks: size={size!r}; pass a positive int (rows per block)")
-    for s in range(0, J.shape[0], size):
-        yield J[s:s + size], None if r is None else r[s:s + size]
+    if not isinstance(J, Tensor) or J.ndim != 2:
+        raise ValueError(f"row_blocks: J must be a 2-D tensor; got "
+                         f"{getattr(J, 'shape', type(J).__name__)!r}")
+    if r is not None and (not isinstance(r, Tensor) or r.ndim == 0 or r.shape[0] != J.shape[0]):
+        raise ValueError(f"row_blocks: r must have J's {J.shape[0]} rows; got "
+                         f"{getattr(r, 'shape', type(r).__name__)!r}")
+    return ((J[s:s + size], None if r is None else r[s:s + size])
+            for s in range(0, J.shape[0], size))
 
 
 def _check_block(k: int, J: Any, r: Any, first: tuple | None) -> None:
