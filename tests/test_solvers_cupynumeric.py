@@ -383,3 +383,22 @@ def test_the_solvers_guide_cupynumeric_blocks_run():
     torch.manual_seed(0)
     for code in blocks:
         exec(compile(code, "solvers.md", "exec"), env)
+
+
+def test_adversarial_normal_equations_nan_singular_and_spent_generator():
+    """A NaN block gives non_finite and a zero step; an exactly singular A (two equal
+    columns) at damping 0 is not reported as a successful step; a generator already read
+    gives the 'no blocks' error, not zeros."""
+    J = torch.ones(6, 2, dtype=torch.float64)
+    r = torch.arange(6, dtype=torch.float64)
+    bad = J.clone()
+    bad[3, 1] = float("nan")
+    sol = S.damped_step(S.factor_normal(S.normal_equations(S.row_blocks(bad, r, 4)), 0.1))
+    assert int(sol.result) == int(fo.solvers.Result.non_finite) and not bool(sol.success)
+    assert bool((sol.x == 0).all())
+    sing = S.damped_step(S.factor_normal(S.normal_equations(S.row_blocks(J, r, 4)), 0.0))
+    assert not bool(sing.success)
+    gen = S.row_blocks(J, r, 4)
+    S.normal_equations(gen)
+    with pytest.raises(ValueError, match="no blocks were given"):
+        S.normal_equations(gen)
