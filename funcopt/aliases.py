@@ -85,10 +85,11 @@ def sgd(
     momentum_tx = () if momentum is None else (
         fo.trace(momentum, nesterov, accumulator_dtype, dampening=damp),)
     tx = chain(*_decay(weight_decay), *momentum_tx, fo.scale_by_learning_rate(learning_rate))
-    if accumulator_dtype is not None:
-        return tx
-    return with_kernel(tx, "sgd", learning_rate, momentum=momentum, nesterov=nesterov,
-                       dampening=dampening, weight_decay=weight_decay)
+    # torch's kernel takes no momentum buffer at momentum 0, where fo.trace keeps one
+    if accumulator_dtype is None and not _is_zero(momentum):
+        tx = with_kernel(tx, "sgd", learning_rate, momentum=momentum, nesterov=nesterov,
+                         dampening=dampening, weight_decay=weight_decay)
+    return tx
 
 
 @_elementwise_alias

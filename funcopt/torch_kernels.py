@@ -42,10 +42,6 @@ def with_kernel(tx: GradientTransformation, name: str, learning_rate: Any,
     the transform's own update)."""
     if torch.compiler.is_compiling():  # rebuilt inside a traced step: nothing to register
         return tx
-    if name == "sgd" and hyper.get("momentum") == 0:
-        # torch's kernel takes no buffer at momentum 0, while fo.trace(0) keeps one (b = d,
-        # with dampening from the second step): the transform's own update keeps its numbers
-        return tx
     if all(v is None or isinstance(v, (int, float)) for v in (learning_rate, *hyper.values())):
         kernels: dict[str, Callable[..., OptState]] = {"adamw": _adamw, "sgd": _sgd}
         _KERNELS[tx.update] = functools.partial(kernels[name], **hyper)
@@ -67,12 +63,10 @@ def _find(state: OptState, kind: str) -> Any:
     raise TypeError(f"fused kernel: no {kind} in the state; it was not built by this transform")
 
 
-def _advance(state: OptState) -> torch.Tensor:
+def _advance(state: OptState) -> None:
     """Advance every counter of the chain's states by one, in place (the buffers are updated
-    in place too); returns the first counter, now the step number."""
-    counts = [s.count for s in state if hasattr(s, "count")]
-    torch._foreach_add_(counts, 1)
-    return counts[0]
+    in place too)."""
+    torch._foreach_add_([s.count for s in state if hasattr(s, "count")], 1)
 
 
 def _lr(state: OptState) -> float:
@@ -96,8 +90,11 @@ def _sgd(flat: Any, grads: Any, state: OptState, *, momentum: float | None, nest
          dampening: float, weight_decay: float) -> OptState:
     """SGD (momentum, Nesterov, dampening, L2 decay) in place with ``torch._fused_sgd_``."""
     params, gs = tree_leaves(flat), tree_leaves(grads)
-    first = _advance(state).item() == 1
-    buffers = [] if momentum is None else tree_leaves(_find(state, "TraceState").trace)
+    _advance(state)
+    buffers, first = [], False
+    if momentum is not None:
+        trace = _find(state, "TraceState")
+        buffers, first = tree_leaves(trace.trace), int(trace.count) == 1
     torch._fused_sgd_(params, gs, buffers, weight_decay=weight_decay, momentum=momentum or 0.0,
                       lr=_lr(state), dampening=dampening, nesterov=nesterov, maximize=False,
                       is_first_step=first)
