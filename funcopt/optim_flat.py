@@ -13,10 +13,10 @@ numbers on one buffer as on the list of parameters, so a group that runs one kee
 
 A step is ``u, s = tx.update(g, s, p); p += u`` on the buffers: a handful of kernels over all
 parameters in eager mode, one compiled kernel (and on CUDA one graph replay) with
-:func:`funcopt.jit`; off CUDA, plain :func:`funcopt.adamw` and :func:`funcopt.sgd` run torch's
-fused kernels on float32/float64 buffers (:mod:`funcopt.torch_kernels`). Anything that moved a parameter to other memory since (``p.data = ...``,
-``model.to(...)`` with the same dtype and device) is copied back into the buffer before the
-step; a changed dtype or device is refused.
+:func:`funcopt.jit`; on a CPU, plain :func:`funcopt.adamw` and :func:`funcopt.sgd` run torch's
+fused kernels on float32/float64 buffers (:mod:`funcopt.torch_kernels`). Anything that moved a
+parameter to other memory since (``p.data = ...``, ``model.to(...)`` with the same dtype and
+device) is copied back into the buffer before the step; a changed dtype or device is refused.
 """
 
 from __future__ import annotations
