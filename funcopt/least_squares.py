@@ -29,6 +29,7 @@ from funcopt.transforms.lm_damping import (
     check_geodesic,
     check_rule,
 )
+from funcopt.transforms.lm_model import stationarity_floor
 
 __all__ = ["LeastSquaresInfo", "Tolerances", "least_squares", "memory_path", "mse_residuals",
            "cross_entropy_residuals"]
@@ -85,7 +86,8 @@ def memory_path(m: int, n: int, itemsize: int, budget: int | None) -> str:
 def _matrix_free_options(m: int, n: int, dtype: torch.dtype, budget: int,
                          rule: DampingRule, options: dict) -> tuple[Any, DampingRule, dict]:
     """``(solver, rule, options)`` of the matrix-free path: CG with the Jacobi
-    preconditioner ``1 / (diag(J^T J) + lambda)``, D = I, and ``Nielsen()`` in place of the
+    preconditioner ``1 / (diag(J^T J) + lambda D)``, MINPACK's scaling ``D`` from the same
+    ``diag(J^T J)`` (unless ``scaling=False``), and ``Nielsen()`` in place of the
     trust region (which needs an SVD of J). CG's relative tolerance is ``max(1e-10, 100 eps)``
     (``eps`` of ``dtype``): 1e-10 in float64, 1.2e-5 in float32, where CG's true residual
     stalls near ``eps`` times the condition number and a tolerance of 1e-10 fails every
@@ -98,16 +100,13 @@ def _matrix_free_options(m: int, n: int, dtype: torch.dtype, budget: int,
     from funcopt.solvers import CG
     from funcopt.transforms.lm_model import JACOBI_CHUNK
 
-    if options.get("scaling"):
-        raise ValueError(f"memory_budget={budget} puts this problem on the matrix-free path, "
-                         "which uses D = I: scaling=True cannot be honoured; drop it or raise "
-                         "memory_budget to m n + min(m, n)^2 numbers")
     itemsize = torch.finfo(dtype).bits // 8
     chunk = max(1, min(JACOBI_CHUNK, budget // ((m + n) * itemsize) - 4))
     rule = Nielsen() if isinstance(rule, TrustRegion) else rule
     tol = max(1e-10, 100 * torch.finfo(dtype).eps)
     return (CG(tol=tol, preconditioner="jacobi"), rule,
-            {**options, "scaling": False, "chunk_size": options.get("chunk_size", chunk)})
+            {**options, "scaling": options.get("scaling") is not False,
+             "chunk_size": options.get("chunk_size", chunk)})
 
 
 def _check_residual_fn(residual_fn: Callable[[PyTree], Tensor], params: PyTree, x: Tensor) -> int:
@@ -240,7 +239,7 @@ def least_squares(
             matrix-free (CG to a relative residual of ``max(1e-10, 100 eps)`` on
             Jacobian-vector products with a Jacobi preconditioner from the exact
             ``diag(J^T J)``, ``min(m, n)`` products per update in chunks that fit the budget,
-            ``Nielsen()`` in place of ``TrustRegion()``, ``D = I``);
+            ``Nielsen()`` in place of ``TrustRegion()``, ``D`` from that ``diag(J^T J)``);
             ``info.path`` says which.
         **options: the other options of :func:`levenberg_marquardt`: ``scaling``,
             ``max_attempts``, ``accept_ratio``, ``form``, ``jacobian_mode``, ``chunk_size``.
@@ -304,6 +303,8 @@ def least_squares(
             break
     if reason.startswith("max_steps") and history and history[-1]["solve_failed"]:
         reason += "; the last update's linear solves failed (e.g. CG did not converge)"
+    if success and history and not reason.startswith(("zero residual", "gtol")):
+        reason, success = _stall_check(residual_fn, params, history[-1], tols, reason)
     if success and not moved and not reason.startswith(("zero residual", "gtol")):
         reason, success = ("no step was accepted from the start point, so it is not a minimum "
                            f"of the cost although a test held ({reason})"), False
@@ -313,6 +314,25 @@ def least_squares(
         len(history), 0.5 * rnorm * rnorm if rnorm < 1e154 else math.inf, reason, success,
         history, evaluations, rnorm, path,
     )
+
+
+def _stall_check(residual_fn, params, h: dict, tols, reason: str) -> tuple[str, bool]:
+    """A tolerance test held after an update found no acceptable step: ``(reason, success)``.
+    A step along column ``j`` alone lowers the linear model's cost by the fraction
+    ``cos_j^2``, so ``gnorm^2`` above ``ftol``, ``eps`` and the residuals' relative rounding
+    (:func:`funcopt.transforms.lm_model.stationarity_floor`) means the steps failed for
+    another reason than convergence (e.g. inexact CG on a badly scaled float32 problem)."""
+    if h["accepted"] or h["grad_cos"] ** 2 <= max(tols[0], tols[3]):
+        return reason, True
+    cos, floor = stationarity_floor(residual_fn, params, h["grad_cos"])
+    bound = max(tols[0], tols[3], floor)
+    if not (math.isfinite(cos) and cos * cos > bound):  # inf: J^T J overflowed, unknown
+        return reason, True
+    return (f"stalled: a tolerance test held ({reason}) after no damping gave an acceptable "
+            f"step, but the gradient is not orthogonal to the residuals (grad_cos {cos:.2g}: "
+            f"the linear model predicts a relative reduction of {cos * cos:.2g}, above the "
+            f"{bound:.2g} that ftol and rounding allow): not a minimum (failure); for an "
+            "iterative solver use solver='pcg' with scaling=True, a dense solver, or float64"), False
 
 
 def _stationary(h: dict, tols) -> str | None:

@@ -203,8 +203,28 @@ def test_matrix_free_cg_step_equals_dense_step(solver, rtol):
     delta = -np.linalg.solve(J.T @ J + lam * np.eye(12), J.T @ (t - y.numpy()))
     np.testing.assert_allclose(step.numpy(), delta, rtol=rtol, atol=rtol * np.abs(delta).max())
     assert float(state.grad_cos) == float("inf")
-    with pytest.raises(ValueError, match="scaling=False"):
-        fo.levenberg_marquardt(fn, solver="cg", scaling=True)
+
+
+@pytest.mark.parametrize("solver, rtol", [("cg", 1e-3),
+                                          (fo.solvers.CG(tol=1e-12, preconditioner="jacobi"), 1e-8)])
+def test_matrix_free_scaled_step_equals_dense_scaled_step(solver, rtol):
+    """scaling=True on the matrix-free path (D from diag(J^T J), no J formed) gives the
+    dense path's scaled step and its MINPACK gnorm, in float64 numpy math."""
+    fn, A, y = _tanh_problem()
+    An, yn = A.double().numpy(), y.double().numpy()
+    w0 = 0.1 * torch.ones(12, dtype=torch.float64)
+    lam = 1e-1
+    tx = fo.levenberg_marquardt(lambda w: torch.tanh(A.double() @ w) - y.double(),
+                                rule=fo.Nielsen(initial_damping=lam), solver=solver,
+                                scaling=True)
+    step, state = tx.update(None, tx.init(w0), w0)
+    t = np.tanh(An @ w0.numpy())
+    J, r = (1 - t**2)[:, None] * An, t - yn
+    d2 = (J * J).sum(0)
+    delta = -np.linalg.solve(J.T @ J + lam * np.diag(d2), J.T @ r)
+    np.testing.assert_allclose(step.numpy(), delta, rtol=rtol, atol=rtol * np.abs(delta).max())
+    gnorm = np.max(np.abs(J.T @ r) / np.sqrt(d2)) / np.linalg.norm(r)
+    np.testing.assert_allclose(float(state.grad_cos), gnorm, rtol=1e-10)
 
 
 def test_matrix_free_least_squares_converges():

@@ -162,11 +162,6 @@ def lm_options(
     if matrix_free and isinstance(rule, TrustRegion):
         raise ValueError("rule=TrustRegion() needs a dense Jacobian (an SVD of J / d); "
                          "use rule=fo.Nielsen() or fo.Classic() with a matrix-free solver")
-    if scaling and matrix_free:
-        raise ValueError(
-            f"scaling=True needs the column norms of a dense Jacobian, but solver={solver!r} is "
-            "matrix-free; pass scaling=False (D = I) or a dense solver"
-        )
     return LMOptions(rule, geodesic, scaling, max_attempts, accept_ratio, solver, form,
                      jacobian_mode, chunk_size, matrix_free)
 
@@ -209,16 +204,20 @@ def levenberg_marquardt(
             steps of the norm of column ``j`` of ``J`` (1 for a zero column); the rule's
             ``initial_damping`` is then relative to ``D``. False: ``D = I`` and ``lambda_0 =
             tau * max diag(J^T J)`` with ``tau = initial_damping`` (Nielsen 1999). Default
-            None: True with a dense Jacobian, False on the matrix-free path (which never forms
-            the columns of ``J``; True there raises).
+            None: True with a dense Jacobian, False on the matrix-free path; True there
+            takes the columns' norms from ``diag(J^T J)``, ``min(m, n)`` Jacobian products
+            per update (:func:`funcopt.transforms.lm_model.column_norms_sq`), which the Jacobi
+            preconditioner computes anyway.
         max_attempts: solves per update before giving up with a zero step (10).
         accept_ratio: smallest gain ratio accepted (1e-4, as MINPACK), in ``[0, 1)``.
         solver, form: passed to :func:`funcopt.solvers.damped_least_squares` (``"auto"``:
             primal ``J^T J`` or dual ``J J^T`` form by shape; or any named solver).
             ``"cg"``, ``"pcg"`` or a :class:`funcopt.solvers.CG` object select the matrix-free
-            path: ``J`` is never formed; CG runs on ``v -> J^T (J v) + lambda v`` built from
-            :func:`funcopt.func.gauss_newton_products`, ``D = I``, ``lambda_0 =
-            initial_damping`` and ``grad_cos`` (MINPACK's gtol test) is ``inf`` (unknown).
+            path: ``J`` is never formed; CG runs on ``v -> J^T (J v) + lambda D v`` built
+            from :func:`funcopt.func.gauss_newton_products`. Where ``diag(J^T J)`` is known
+            (scaling, or Jacobi) it also gives ``grad_cos`` (MINPACK's gtol test, one more
+            product); with plain CG and ``scaling=False``, ``D = I``, ``lambda_0 =
+            initial_damping`` and ``grad_cos`` is ``inf`` (unknown).
         jacobian_mode, chunk_size: passed to :func:`funcopt.func.jacobian` (dense path).
             Residuals declared per sample (:func:`funcopt.per_sample_residuals`, or the
             adapters' ``per_sample=True``) get their Jacobian sample by sample there, ``O(N)``

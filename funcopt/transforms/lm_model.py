@@ -8,6 +8,7 @@ and MINPACK's scale-free relative reductions of ``F = 0.5 ||r||^2``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -123,17 +124,18 @@ JACOBI_CHUNK = 32
 at a time, 223 ms in chunks of 8, 186 ms in chunks of 32, 240 ms of 128 and 343 ms all at once."""
 
 
-def _matrix_free_factor(gn, damping, solver, col2=None):
-    """CG's state for ``v -> J^T (J v) + lambda v`` (the solver and its state); with
-    ``col2 = diag(J^T J)`` (Jacobi) the preconditioner is ``1 / (col2 + lambda)``."""
+def _matrix_free_factor(gn, damping, solver, d2, col2=None):
+    """CG's state for ``v -> J^T (J v) + lambda d2 v`` (the solver and its state; ``d2`` the
+    diagonal of ``D``); with ``col2 = diag(J^T J)`` (Jacobi) the preconditioner is
+    ``1 / (col2 + lambda d2)``."""
     from funcopt import solvers
 
     dtype, device = gn.residuals.dtype, gn.residuals.device
-    op = solvers.matrix_free(lambda v: gn.gnvp(v) + damping * v, gn.size, dtype=dtype,
+    op = solvers.matrix_free(lambda v: gn.gnvp(v) + damping * d2 * v, gn.size, dtype=dtype,
                              device=device, symmetric=True, positive_definite=True)
     cg = solvers.get(solver)
-    if col2 is not None:
-        diag = col2 + damping
+    if col2 is not None and _wants_jacobi(solver):
+        diag = col2 + damping * d2
         inv = torch.where(diag > 0, 1.0 / torch.where(diag > 0, diag, 1.0), 1.0)
         cg = solvers.CG(tol=cg.tol, atol=cg.atol, maxiter=cg.maxiter,
                         preconditioner=lambda r: inv * r, check_every=cg.check_every)
@@ -184,15 +186,7 @@ def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
         )
     f = residual_vector_fn(residual_fn, unravel, *args)
     if o.matrix_free:
-        gn = gauss_newton_products(residual_fn, params, *args)
-        _require_dtype(gn.residuals, x)
-        _require_finite_residuals(torch.isfinite(gn.residuals).all())
-        inf = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
-        col2 = column_norms_sq(gn, o.chunk_size) if _wants_jacobi(o.solver) else None
-        factor = lambda lam: _matrix_free_factor(gn, lam, o.solver, col2)
-        solve = lambda factored, u: _matrix_free_solve(gn, factored, u)
-        return _Local(x, f, gn.residuals, scaled_norm(gn.residuals), torch.ones_like(x), inf,
-                      state.damping, factor, solve, gn.jvp)
+        return _linearize_matrix_free(residual_fn, params, args, state, o, x, f)
     J, r = jacobian(residual_fn, params, *args, mode=o.jacobian_mode, chunk_size=o.chunk_size)
     _require_dtype(r, x)
     # a finite sum of J (one cheap pass) proves J finite; otherwise look element by element
@@ -214,6 +208,70 @@ def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
     factor, solve = _damped_solver(J, S, o.solver, o.form)
     svd = _normalised_svd(J / d, r, rnorm) if isinstance(o.rule, TrustRegion) else None
     return _Local(x, f, r, rnorm, d, cos, lam, factor, solve, lambda v: J @ v, svd)
+
+
+def _linearize_matrix_free(residual_fn, params, args, state, o: LMOptions, x, f) -> _Local:
+    """The local model without ``J``: products by :func:`gauss_newton_products`. When the
+    scaling or the Jacobi preconditioner asks for ``col2 = diag(J^T J)``
+    (:func:`column_norms_sq`, ``min(m, n)`` products), it also gives the column norms for
+    ``D`` (as the dense path's) and MINPACK's ``gnorm = max_j |(J^T r)_j| / (||J_j|| ||r||)``
+    (one more product); without it ``D = I`` and ``gnorm`` is ``inf`` (unknown)."""
+    gn = gauss_newton_products(residual_fn, params, *args)
+    r = gn.residuals
+    _require_dtype(r, x)
+    _require_finite_residuals(torch.isfinite(r).all())
+    rnorm = scaled_norm(r)
+    cos = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
+    col2 = column_norms_sq(gn, o.chunk_size) if (o.scaling or _wants_jacobi(o.solver)) else None
+    d = torch.ones_like(x)
+    if col2 is not None:
+        col, cos = col2.sqrt(), _gradient_cosine(gn, col2, rnorm)
+        if o.scaling:
+            d = torch.where(state.count == 0, col, torch.maximum(state.scale, col))
+            d = torch.where((d > 0) & torch.isfinite(d), d, torch.ones_like(d))
+    d2 = d * d
+    factor = lambda lam_: _matrix_free_factor(gn, lam_, o.solver, d2, col2)
+    solve = lambda factored, u: _matrix_free_solve(gn, factored, u)
+    return _Local(x, f, r, rnorm, d, cos, state.damping, factor, solve, gn.jvp)
+
+
+def _gradient_cosine(gn, col2: Tensor, rnorm: Tensor) -> Tensor:
+    """MINPACK's ``gnorm = max_j |(J^T r)_j| / (||J_j|| ||r||)`` over the nonzero columns
+    from ``col2 = diag(J^T J)`` and one product; ``inf`` (unknown) where a number overflows."""
+    col = col2.sqrt()
+    g = gn.vjp(gn.residuals / _positive(rnorm))  # J^T r / ||r||: no overflow for large r
+    live = col > 0
+    ratio = torch.where(live, g.abs() / torch.where(live, col, 1.0), 0.0)
+    known = torch.isfinite(col).all() & torch.isfinite(ratio).all()
+    top = ratio.max() if ratio.numel() else torch.zeros((), dtype=col.dtype, device=col.device)
+    return torch.where(known, top, torch.full_like(top, float("inf")))
+
+
+def stationarity_floor(residual_fn: Callable, params: Any, grad_cos: float) -> tuple[float, float]:
+    """``(gnorm, floor)`` at ``params``: MINPACK's ``gnorm`` (``grad_cos`` when known, else
+    from ``diag(J^T J)``, ``min(m, n)`` products) and the relative rounding of the residuals,
+    ``floor = 4 ||r(x + h) - r(x) - J h|| / ||r(x)||`` for a step ``h`` of 4 ulps per
+    parameter with alternating signs (and one of -16 ulps; the larger; ``J h`` is exact up to
+    rounding, so the difference is the rounding noise of ``r``). Relative changes of the cost below about ``floor`` cannot
+    be measured, so a predicted reduction ``gnorm^2`` below it is no evidence of a better
+    point."""
+    gn = gauss_newton_products(residual_fn, params)
+    x, unravel = ravel_params(params)
+    r = gn.residuals
+    rnorm = scaled_norm(r)
+    if float(rnorm) == 0.0:
+        return 0.0, math.inf
+    if not math.isfinite(grad_cos):
+        grad_cos = float(_gradient_cosine(gn, column_norms_sq(gn), rnorm))
+    mag = x.abs()
+    big = mag.max() if mag.numel() else torch.ones((), dtype=x.dtype, device=x.device)
+    mag = torch.where(mag > 0, mag, torch.where(big > 0, big, torch.ones_like(big)))
+    sign = 1.0 - 2.0 * (torch.arange(x.numel(), device=x.device) % 2).to(x.dtype)
+    f, noise = residual_vector_fn(residual_fn, unravel), 0.0
+    for ulps in (4, -16):  # two probes: rounding can be exact at one point
+        h = (x + ulps * torch.finfo(x.dtype).eps * mag * sign) - x
+        noise = max(noise, float(scaled_norm(f(x + h) - r - gn.jvp(h))))
+    return grad_cos, 4 * noise / float(_positive(rnorm))
 
 
 def _require_dtype(r: Tensor, x: Tensor) -> None:
