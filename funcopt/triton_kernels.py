@@ -263,7 +263,7 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, u_ptr, mo_ptr, vo_ptr, table, work
                   ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     """One block of one leaf: the row ``work[program]`` names the leaf, the first element and
     the leaf's numel; ``table[leaf]`` the element offsets of its seven tensors from the seven
-    base pointers. Uses only long-stable ``tl`` functions."""
+    base pointers. Uses ``tl`` functions present since Triton 3.0."""
     pid = tl.program_id(0)
     leaf = tl.load(work + 3 * pid)
     start = tl.load(work + 3 * pid + 1)
@@ -292,8 +292,11 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, u_ptr, mo_ptr, vo_ptr, table, work
     # b1 >= 1/2), so c1 * g is fma(-b1, g, g) without relying on the compiler forming an fma
     m = b1 * m + c1 * g
     v = b2 * v + c2 * (g * g)
-    step_size = -1.0 / bc1  # torch's fused kernel with lr = -1 on a zero parameter
-    d = 0.0 - step_size * m / (tl.sqrt(v) / tl.sqrt(bc2) + eps)
+    # torch's fused kernel with lr = -1 on a zero parameter; IEEE division and square root
+    # (sqrt_rn, div_rn) as in torch's CUDA build (Triton's / and sqrt are approximate)
+    step_size = tl.div_rn(-1.0, bc1)
+    denom = tl.div_rn(tl.sqrt_rn(v), tl.sqrt_rn(bc2)) + eps
+    d = 0.0 - tl.div_rn(step_size * m, denom)
     d = d.to(u_ptr.dtype.element_ty).to(tl.float32)  # scale_by_adam's output dtype
     if HAS_WD:
         if MASKED:

@@ -373,3 +373,32 @@ def test_cuda_vmap_takes_the_chain(launches):
     want = torch.func.vmap(lambda g: ref.update(g, ref.init(params), params)[0])(gb)
     torch.testing.assert_close(got["w"], want["w"], rtol=0, atol=0)
     assert not launches
+
+
+# --------------------------------------------------------------------------- compiled, no GPU
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_kernel_compiles_for_h100_with_vector_loads(dtype, monkeypatch):
+    """The kernel compiles for sm_90 without a GPU (Triton's bundled ptxas), with IEEE division
+    and square root, and full aligned blocks move data in 128-bit loads and stores."""
+    pytest.importorskip("triton.backends.nvidia")
+    compiler = pytest.importorskip("triton.backends.compiler")
+    import triton.language as tl
+
+    monkeypatch.setattr(tk, "tl", tl)  # what tk._kernel sets on the first build
+    fn = triton.jit(tk._adamw_kernel)
+    pointers = dict.fromkeys(["p_ptr", "g_ptr", "m_ptr", "v_ptr", "u_ptr", "mo_ptr", "vo_ptr"],
+                             f"*{dtype}")
+    signature = {**pointers, "table": "*i64", "work": "*i64", "neg_bc": "*fp64",
+                 "lr_ptr": "*fp32", **dict.fromkeys(["b1", "b2", "c1", "c2", "eps", "wd"], "fp32"),
+                 **dict.fromkeys(["HAS_WD", "MASKED", "ALIGN", "BLOCK"], "constexpr")}
+    constants = {"HAS_WD": True, "MASKED": False, "ALIGN": 4 if dtype == "fp32" else 8,
+                 "BLOCK": 1024}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(11)}
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants,
+                                       attrs=attrs)
+    ptx = triton.compile(source, target=compiler.GPUTarget("cuda", 90, 32),
+                         options={"num_warps": 4}).asm["ptx"]
+    assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx and "approx" not in ptx
+    assert ptx.count("st.global.v4") == (6 if dtype == "fp32" else 3)  # u, m, v
