@@ -23,7 +23,7 @@ LAYERS = {  # first component under funcopt/ -> (layer number, layer name)
     "compose": (2, "combinators"), "wrappers": (4, "wrappers"), "lookahead": (4, "wrappers"),
     "aliases": (4, "aliases"),
     "heavyball3": (4, "aliases"), "heavyball": (4, "aliases"), "tree": (2, "contract"),
-    "torch_kernels": (3, "transforms"),
+    "torch_kernels": (3, "transforms"), "triton_kernels": (3, "transforms"),
     "least_squares": (5, "drivers"), "least_squares_batched": (5, "drivers"),
     "least_squares_options": (5, "drivers"),
     "least_squares_parallel": (5, "drivers"), "batch_size_loop": (5, "drivers"),

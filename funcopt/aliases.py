@@ -19,6 +19,7 @@ from funcopt.torch_kernels import with_kernel
 from funcopt.transforms import first_order as fo
 from funcopt.transforms import per_coordinate as ad
 from funcopt.transforms.weight_decay import add_decayed_weights
+from funcopt.triton_kernels import with_triton_adamw
 
 __all__ = [
     "sgd", "adam", "adamw", "nadam", "amsgrad", "adamax", "rmsprop", "adagrad", "adagrad_norm",
@@ -150,6 +151,9 @@ def adamw(
         fo.scale_by_learning_rate(learning_rate),
     )
     if mask is None and not (nesterov or amsgrad) and mu_dtype is None and _is_zero(eps_root):
+        # eager CUDA steps: one Triton kernel where it gives the chain's numbers
+        tx = with_triton_adamw(tx, learning_rate, b1=b1, b2=b2, eps=eps,
+                               weight_decay=weight_decay)
         tx = with_kernel(tx, "adamw", learning_rate, b1=b1, b2=b2, eps=eps,
                          weight_decay=weight_decay)
     return tx

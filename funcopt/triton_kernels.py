@@ -1,0 +1,315 @@
+r"""A Triton kernel for the eager AdamW step on CUDA tensors.
+
+:func:`funcopt.adamw` is ``chain(scale_by_adam, add_decayed_weights, scale_by_learning_rate)``.
+Run op by op, a pure eager step makes about twenty passes over memory. Where the kernel applies,
+:func:`with_triton_adamw` replaces the chain's ``update`` by one kernel that reads
+:math:`g, m, v` (and :math:`\theta` for the decay) once and writes the update :math:`u` and the
+new moments once (seven passes), with the chain's own numbers:
+
+.. math::
+    m_t = \beta_1 m + (1-\beta_1) g,\quad v_t = \beta_2 v + (1-\beta_2) g^2,\quad
+    d = \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon},\quad
+    u = -\eta\,(d + \lambda\theta).
+
+Every leaf computes in float32 and rounds as the chain does: :math:`d` and :math:`d +
+\lambda\theta` are rounded to the update's dtype before the next operation, the moments to
+theirs (float32 for float16 leaves). The bias corrections are computed in float64 from the
+step counter on the device (no host synchronisation), the learning rate is read from the
+state's 0-d tensor (or the schedule's value) on the device.
+
+The kernel runs only where it gives the chain's answer: every leaf (updates, params, moments) a
+plain contiguous float32/bfloat16/float16 CUDA tensor on one device, with its moments in the
+dtype init gives them; nothing requires grad; no ``torch.compile`` trace, ``torch.func``
+transform, forward-mode AD or CUDA-graph capture is running; Triton imports; the
+hyperparameters ``b1, b2, eps, weight_decay`` are numbers (the learning rate may be a number,
+a tensor that does not require grad or a schedule). Anything else, and any state or tree the
+chain would reject, runs the chain's own update unchanged (which raises its own errors).
+
+Leaves are grouped by dtype; each group is one launch over a table of blocks, so many small
+leaves cost one launch, not one each. Full blocks and each leaf's last, partial block are
+launched apart, so that full blocks load and store without masks (vectorised).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import math
+from typing import Any
+
+import optree
+import torch
+
+from funcopt.base import GradientTransformation, Tensor
+from funcopt.engine import current_learning_rate, is_tracing
+from funcopt.transforms.first_order import ScaleByAdamState
+from funcopt.transforms.scaling import ScaleByLearningRateState
+from funcopt.transforms.weight_decay import AddDecayedWeightsState
+
+__all__ = ["with_triton_adamw"]
+
+_DEVICE_TYPES: tuple[str, ...] = ("cuda",)  # tests add "cpu" (Triton's interpreter)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_BLOCK = 1024  # elements per program
+_NUM_WARPS = 4
+_TABLES: dict[Any, tuple[Tensor, Tensor]] = {}  # block tables by (device, numels)
+_MAX_TABLES = 16
+tl: Any = None  # triton.language, set when the kernel is first built (Triton is optional)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def with_triton_adamw(tx: GradientTransformation, learning_rate: Any, *, b1: Any, b2: Any,
+                      eps: Any, weight_decay: Any) -> GradientTransformation:
+    """``tx`` (the chain :func:`funcopt.adamw` builds with these hyperparameters, no mask,
+    AMSGrad, Nesterov, ``mu_dtype`` or ``eps_root``) with an ``update`` that runs the Triton
+    kernel where it applies and ``tx.update`` elsewhere; ``tx`` itself unless ``b1``, ``b2``,
+    ``eps`` and ``weight_decay`` are numbers."""
+    if torch.compiler.is_compiling() or not all(map(_is_number, (b1, b2, eps, weight_decay))):
+        return tx
+    # the betas as the kernel computes with them (float32, as torch's fused Adam)
+    b1f, b2f = torch.tensor([b1, b2], dtype=torch.float32).tolist()
+    hyper = (b1f, b2f, float(eps), float(weight_decay))
+    n_states = 2 if weight_decay == 0 else 3
+    chain_update = tx.update
+
+    def update(updates, state, params=None, **extra):
+        got = _fast_update(updates, state, params, learning_rate, hyper, n_states)
+        return chain_update(updates, state, params, **extra) if got is None else got
+
+    return GradientTransformation(tx.init, update)
+
+
+@functools.cache
+def _triton() -> Any:
+    """The ``triton`` module, or None where it does not import."""
+    try:
+        triton = importlib.import_module("triton")
+        importlib.import_module("triton.language")
+    except Exception:  # not installed, or broken for this torch
+        return None
+    return triton
+
+
+def _fast_update(updates: Any, state: Any, params: Any, learning_rate: Any,
+                 hyper: tuple[float, float, float, float], n_states: int) -> Any:
+    """``(updates, state)`` computed by the kernel, or None where it does not apply."""
+    if (is_tracing() or type(state) is not tuple or len(state) != n_states
+            or type(state[0]) is not ScaleByAdamState
+            or type(state[-1]) is not ScaleByLearningRateState
+            or (n_states == 3 and type(state[1]) is not AddDecayedWeightsState)):
+        return None
+    g, treedef = optree.tree_flatten(updates)
+    if not g or type(state[0].mu) is not list or type(state[0].nu) is not list:
+        return None
+    if params is None:
+        if n_states == 3:
+            return None  # the chain raises: add_decayed_weights needs params
+        p = g
+    else:
+        p, p_def = optree.tree_flatten(params)
+        if p_def != treedef:
+            return None
+    adam, lr_state = state[0], state[-1]
+    if not _leaves_fit(g, p, adam.mu, adam.nu):
+        return None
+    device = g[0].device
+    counts = [s.count for s in state]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None  # a captured step would keep this step's tables
+    if not all(_scalar_on(c, device, torch.int64) for c in counts) or _triton() is None:
+        return None
+    lr = current_learning_rate(learning_rate, lr_state.learning_rate, lr_state.count)
+    if not _scalar_on(lr, device, torch.float32):
+        return None
+    new_counts = torch._foreach_add(counts, 1)
+    u, mu, nu = _run(g, p, adam.mu, adam.nu, new_counts[0], lr, hyper)
+    new: list[Any] = [ScaleByAdamState(new_counts[0], mu, nu)]
+    if n_states == 3:
+        new.append(AddDecayedWeightsState(new_counts[1]))
+    new.append(ScaleByLearningRateState(new_counts[-1], lr))
+    return optree.tree_unflatten(treedef, u), tuple(new)
+
+
+def _scalar_on(x: Any, device: torch.device, dtype: torch.dtype) -> bool:
+    return (type(x) is Tensor and x.dim() == 0 and x.dtype == dtype and x.device == device
+            and not x.requires_grad)
+
+
+def _leaves_fit(g: list[Any], p: list[Any], mu: list[Any], nu: list[Any]) -> bool:
+    """Whether every leaf is one the kernel computes exactly as the chain (module docstring):
+    whole-list comparisons, so that a thousand leaves cost little host time."""
+    n = len(g)
+    if len(p) != n or len(mu) != n or len(nu) != n:
+        return False
+    first = g[0]
+    if type(first) is not Tensor or first.device.type not in _DEVICE_TYPES:
+        return False
+    every = [*g, *p, *mu, *nu]
+    if not all(type(y) is Tensor for y in every):
+        return False
+    dtypes = [x.dtype for x in g]
+    if not all(d in _DTYPES for d in dtypes):
+        return False
+    wide = [torch.float32 if d == torch.float16 else d for d in dtypes]
+    shapes = [x.shape for x in g]
+    if ([q.dtype for q in p] != dtypes or [m.dtype for m in mu] != wide
+            or [v.dtype for v in nu] != wide or [q.shape for q in p] != shapes
+            or [m.shape for m in mu] != shapes or [v.shape for v in nu] != shapes):
+        return False
+    index, cuda = first.get_device(), first.is_cuda
+    if any(y.get_device() != index or y.is_cuda != cuda or y.requires_grad
+           or not y.is_contiguous() or y.is_neg() or y.data_ptr() % y.element_size()
+           for y in every):
+        return False
+    return not any(map(torch._C._functorch.is_functorch_wrapped_tensor, every))
+
+
+def _run(g: list[Tensor], p: list[Tensor], mu: list[Tensor], nu: list[Tensor], t: Tensor,
+         lr: Tensor, hyper: tuple[float, float, float, float]) -> tuple[list[Tensor], ...]:
+    """New tensors ``u, mu, nu`` for every leaf at step ``t`` (the new count): one launch per
+    dtype group (two where the group has full and partial blocks)."""
+    b1, b2, eps, wd = hyper
+    u = [x.new_empty(x.shape) for x in g]  # contiguous, as the leaves
+    mu_new = [m.new_empty(m.shape) for m in mu]
+    nu_new = [v.new_empty(v.shape) for v in nu]
+    device = g[0].device
+    neg_bc = torch.expm1(_log_betas(b1, b2, device) * t)  # -(1 - beta^t), float64
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, x in enumerate(g):
+        if x.numel():
+            groups.setdefault(x.dtype, []).append(i)
+    with _on(device):
+        for idx in groups.values():
+            roles = [[t[i] for i in idx] for t in (p, g, mu, nu, u, mu_new, nu_new)]
+            _launch(roles, neg_bc, lr, b1, b2, eps, wd, device)
+    return u, mu_new, nu_new
+
+
+@functools.lru_cache(maxsize=64)
+def _log_betas(b1: float, b2: float, device: torch.device) -> Tensor:
+    """``[log b1, log b2]`` in float64 on ``device`` (copied there once)."""
+    logs = [math.log(b) if b > 0 else -math.inf for b in (b1, b2)]
+    return torch.tensor(logs, dtype=torch.float64).to(device)
+
+
+def _on(device: torch.device) -> Any:
+    """The context that makes ``device`` current for the launch (Triton launches there)."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _launch(roles: list[list[Tensor]], neg_bc: Tensor, lr: Tensor, b1: float, b2: float,
+            eps: float, wd: float, device: torch.device) -> None:
+    """Launch the kernel over one dtype group: ``roles`` holds the group's ``p, g, mu, nu, u,
+    mu_new, nu_new`` leaves. Each role is addressed from its lowest address (the base tensor)
+    by element offsets, one row of seven per leaf."""
+    addrs = torch.tensor([[t.data_ptr() for t in leaves] for leaves in roles])  # (7, leaves)
+    low = addrs.argmin(1)
+    sizes = torch.tensor([leaves[0].element_size() for leaves in roles])
+    table = ((addrs - addrs.gather(1, low[:, None])) // sizes[:, None]).t().contiguous()
+    table = table.to(device, non_blocking=True)  # staged at once: the CPU tensor may go
+    bases = [leaves[i] for leaves, i in zip(roles, low.tolist())]
+    aligned = bool((addrs % 16 == 0).all())
+    full, tail = _blocks(tuple(t.numel() for t in roles[1]), device)
+    align = 16 // roles[0][0].element_size() if aligned else 1
+    kernel = _kernel(device.type)
+    for work, masked in ((full, False), (tail, True)):
+        if len(work):
+            kernel[(len(work),)](*bases, table, work, neg_bc, lr, b1, b2, 1 - b1, 1 - b2, eps, wd,
+                                 HAS_WD=wd != 0, MASKED=masked, ALIGN=align, BLOCK=_BLOCK,
+                                 num_warps=_NUM_WARPS)
+
+
+def _blocks(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """The work tables of a group: rows ``(leaf, first element, numel)``, full blocks first
+    table, each leaf's partial last block in the second; cached by device and shapes."""
+    key = (device, numels)
+    hit = _TABLES.get(key)
+    if hit is not None:
+        return hit
+    n = torch.tensor(numels, dtype=torch.int64)
+    nfull = n // _BLOCK
+    leaf = torch.repeat_interleave(torch.arange(len(numels)), nfull)
+    before = torch.repeat_interleave(torch.cumsum(nfull, 0) - nfull, nfull)  # blocks of leaves before
+    full = torch.stack([leaf, (torch.arange(len(leaf)) - before) * _BLOCK, n[leaf]], 1)
+    has_tail = (n % _BLOCK).nonzero().flatten()
+    tail = torch.stack([has_tail, nfull[has_tail] * _BLOCK, n[has_tail]], 1)
+    tables = (full.to(device).contiguous(), tail.to(device).contiguous())
+    if len(_TABLES) >= _MAX_TABLES:
+        _TABLES.pop(next(iter(_TABLES)))
+    _TABLES[key] = tables
+    return tables
+
+
+@functools.cache
+def _kernel(device_type: str) -> Any:
+    """The compiled kernel (CUDA), or Triton's interpreter of it (CPU tensors, for tests)."""
+    global tl
+    triton = _triton()
+    tl = triton.language
+    if device_type == "cpu":
+        interpreter = importlib.import_module("triton.runtime.interpreter")
+        return interpreter.InterpretedFunction(_adamw_kernel)
+    return triton.jit(_adamw_kernel)
+
+
+def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, u_ptr, mo_ptr, vo_ptr, table, work, neg_bc,
+                  lr_ptr, b1, b2, c1, c2, eps, wd, HAS_WD: tl.constexpr, MASKED: tl.constexpr,
+                  ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    """One block of one leaf: the row ``work[program]`` names the leaf, the first element and
+    the leaf's numel; ``table[leaf]`` the element offsets of its seven tensors from the seven
+    base pointers. Uses ``tl`` functions present since Triton 3.0."""
+    pid = tl.program_id(0)
+    leaf = tl.load(work + 3 * pid)
+    start = tl.load(work + 3 * pid + 1)
+    end = tl.load(work + 3 * pid + 2)
+    row = table + 7 * leaf
+    i = start + tl.arange(0, BLOCK)
+    o_p = tl.max_contiguous(tl.multiple_of(tl.load(row) + i, ALIGN), BLOCK)
+    o_g = tl.max_contiguous(tl.multiple_of(tl.load(row + 1) + i, ALIGN), BLOCK)
+    o_m = tl.max_contiguous(tl.multiple_of(tl.load(row + 2) + i, ALIGN), BLOCK)
+    o_v = tl.max_contiguous(tl.multiple_of(tl.load(row + 3) + i, ALIGN), BLOCK)
+    o_u = tl.max_contiguous(tl.multiple_of(tl.load(row + 4) + i, ALIGN), BLOCK)
+    o_mo = tl.max_contiguous(tl.multiple_of(tl.load(row + 5) + i, ALIGN), BLOCK)
+    o_vo = tl.max_contiguous(tl.multiple_of(tl.load(row + 6) + i, ALIGN), BLOCK)
+    mask = i < end
+    if MASKED:
+        g = tl.load(g_ptr + o_g, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + o_m, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + o_v, mask=mask, other=0.0).to(tl.float32)
+    else:
+        g = tl.load(g_ptr + o_g).to(tl.float32)
+        m = tl.load(m_ptr + o_m).to(tl.float32)
+        v = tl.load(v_ptr + o_v).to(tl.float32)
+    bc1 = (0.0 - tl.load(neg_bc)).to(tl.float32)
+    bc2 = (0.0 - tl.load(neg_bc + 1)).to(tl.float32)
+    # torch's fused Adam: fma(b1, m, fma(-b1, g, g)); c1 = 1 - b1 (exact in float32 for
+    # b1 >= 1/2), so c1 * g is fma(-b1, g, g) without relying on the compiler forming an fma
+    m = b1 * m + c1 * g
+    v = b2 * v + c2 * (g * g)
+    # torch's fused kernel with lr = -1 on a zero parameter; IEEE division and square root
+    # (sqrt_rn, div_rn) as in torch's CUDA build (Triton's / and sqrt are approximate)
+    step_size = tl.div_rn(-1.0, bc1)
+    denom = tl.div_rn(tl.sqrt_rn(v), tl.sqrt_rn(bc2)) + eps
+    d = 0.0 - tl.div_rn(step_size * m, denom)
+    d = d.to(u_ptr.dtype.element_ty).to(tl.float32)  # scale_by_adam's output dtype
+    if HAS_WD:
+        if MASKED:
+            q = tl.load(p_ptr + o_p, mask=mask, other=0.0).to(tl.float32)
+        else:
+            q = tl.load(p_ptr + o_p).to(tl.float32)
+        d = (d + wd * q).to(u_ptr.dtype.element_ty).to(tl.float32)  # add_decayed_weights
+    u = (d * (0.0 - tl.load(lr_ptr))).to(u_ptr.dtype.element_ty)  # scale_by_learning_rate
+    if MASKED:
+        tl.store(u_ptr + o_u, u, mask=mask)
+        tl.store(mo_ptr + o_mo, m.to(mo_ptr.dtype.element_ty), mask=mask)
+        tl.store(vo_ptr + o_vo, v.to(vo_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(u_ptr + o_u, u)
+        tl.store(mo_ptr + o_mo, m.to(mo_ptr.dtype.element_ty))
+        tl.store(vo_ptr + o_vo, v.to(vo_ptr.dtype.element_ty))
