@@ -108,6 +108,22 @@ def test_merge_writes_the_single_runs_report(pieces, tmp_path):
         _body((pieces["single"] / "report.md").read_text())
 
 
+def test_a_merged_report_merges_again(pieces, tmp_path):
+    """Pieces can be merged as they come: a merged report is itself a piece, and the header
+    still lists the original commands."""
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    assert main(["--merge", str(pieces["a"]), "--out", str(once)]) == 0
+    assert main(["--merge", str(once), str(pieces["b"]), "--out", str(twice)]) == 0
+    a, b, again = _json(pieces["a"]), _json(pieces["b"]), _json(twice)
+    for key in ("results", "sweeps", "summary"):
+        assert again[key] == b[key] + a[key]
+    assert [(p["folder"], p["command"]) for p in again["meta"]["pieces"]] == \
+        [(str(pieces["a"]), a["meta"]["command"]), (str(pieces["b"]), b["meta"]["command"])]
+    assert f"`{a['meta']['command']}`" in (twice / "report.md").read_text()
+    msg = _error(["--merge", str(once), str(pieces["a"]), "--out", str(tmp_path / "m")])
+    assert "adamw on digits-logreg" in msg
+
+
 def _set(path: str, value):
     def edit(data):
         *keys, last = path.split(".")

@@ -424,8 +424,12 @@ def _sweep_text(meta: dict) -> str:
 _SHARED: dict[str, Any] = {"device": str, "device_name": str, "torch": str, "python": str,
                            "suite": str, "seeds": list[int], "tune": bool, "grid": list[float],
                            "evals": int, "warmup": int, "threads": int}
-_META: dict[str, Any] = {**_SHARED, "steps": int | None, "problems": list[str],
-                         "optimizers": list[str], "date": str, "total_s": float}
+# steps: --steps, or per problem in a merged report (which can be merged again)
+_META: dict[str, Any] = {**_SHARED, "steps": int | None | dict[str, int | None],
+                         "problems": list[str], "optimizers": list[str], "date": str,
+                         "total_s": float, "pieces": list[dict[str, Any]]}
+_PIECE: dict[str, Any] = {"folder": str, "command": str, "device": str, "device_name": str,
+                          "date": str, "total_s": float}
 
 
 def _fits(value: Any, hint: Any) -> bool:
@@ -483,10 +487,16 @@ def load_report(folder: Path) -> tuple[dict, list[Result], list[Sweep]]:
         if not isinstance(meta, dict):
             raise ValueError("it has no meta object")
         for key, hint in _META.items():
+            if key == "pieces" and key not in meta:  # a run's report, not a merged one
+                continue
             if key not in meta:
                 raise ValueError(f"it has no meta.{key} (written by an older funcopt.bench?)")
             if not _fits(meta[key], hint):
                 raise ValueError(f"meta.{key} is {meta[key]!r}, not a {hint}")
+        for i, piece in enumerate(meta.get("pieces", [])):
+            bad = [k for k, hint in _PIECE.items() if not _fits(piece.get(k), hint)]
+            if bad:
+                raise ValueError(f"meta.pieces[{i}].{bad[0]} is missing or of the wrong type")
         results = [_from_json(Result, r, f"results[{i}]")
                    for i, r in enumerate(_list(data, "results"))]
         sweeps = [_from_json(Sweep, s, f"sweeps[{i}]") for i, s in enumerate(_list(data, "sweeps"))]
@@ -506,6 +516,8 @@ def _check_rows(meta: dict, results: list[Result], sweeps: list[Sweep]) -> None:
     empty = [k for k in ("seeds", "problems", "optimizers") if not meta[k]]
     if empty:
         raise ValueError(f"meta.{empty[0]} is empty")
+    if isinstance(meta["steps"], dict) and set(meta["steps"]) != set(meta["problems"]):
+        raise ValueError(f"meta.steps names {sorted(meta['steps'])}, not meta.problems")
     rows: list[tuple[str, Result | Sweep]] = [
         *((f"results[{i}]", r) for i, r in enumerate(results)),
         *((f"sweeps[{i}]", s) for i, s in enumerate(sweeps))]
@@ -548,10 +560,10 @@ def merge_reports(folders: list[Path]) -> tuple[dict, list[Result], list[Sweep]]
                 raise ValueError(f"{folder}: its {key} {meta[key]!r} differs from {first}'s "
                                  f"{meta0[key]!r}; runs under different {key}s cannot share "
                                  "one report")
-        for prob in meta["problems"]:
-            earlier = steps.setdefault(prob, (folder, meta["steps"]))
-            if earlier[1] != meta["steps"]:
-                raise ValueError(f"{folder}: its steps {meta['steps']!r} differ from "
+        for prob, mine in _steps_of(meta).items():
+            earlier = steps.setdefault(prob, (folder, mine))
+            if earlier[1] != mine:
+                raise ValueError(f"{folder}: its steps {mine!r} differ from "
                                  f"{earlier[0]}'s {earlier[1]!r} for {prob}; a problem's runs "
                                  "must all have the same --steps")
         for pair in dict.fromkeys((r.problem, r.optimizer) for r in results):
@@ -559,6 +571,12 @@ def merge_reports(folders: list[Path]) -> tuple[dict, list[Result], list[Sweep]]
                 raise ValueError(f"{folder}: {pair[1]} on {pair[0]} is also in {owner[pair]}; "
                                  "each (problem, optimizer) pair must come from one piece")
     return _merged(pieces)
+
+
+def _steps_of(meta: dict) -> dict[str, int | None]:
+    """Each problem's --steps (None: the problem's own count)."""
+    steps = meta["steps"]
+    return dict(steps) if isinstance(steps, dict) else {p: steps for p in meta["problems"]}
 
 
 def _order(names: list[str], known: list[str]) -> list[str]:
@@ -580,7 +598,8 @@ def _merged(pieces: list) -> tuple[dict, list[Result], list[Sweep]]:
 
     results = sorted((r for _, _, rs, _ in pieces for r in rs), key=rank)  # stable: seed order
     sweeps = sorted((s for _, _, _, ss in pieces for s in ss), key=rank)
-    steps = {p: m["steps"] for m in metas for p in m["problems"]}
+    given = {p: n for m in metas for p, n in _steps_of(m).items()}  # equal where shared
+    steps = {p: given[p] for p in problems}
 
     def common(key: str) -> Any:
         return metas[0].get(key) if all(m.get(key) == metas[0].get(key) for m in metas) else None
@@ -590,11 +609,12 @@ def _merged(pieces: list) -> tuple[dict, list[Result], list[Sweep]]:
             "steps": next(iter(steps.values())) if len(set(steps.values())) == 1 else steps,
             "total_s": sum(m["total_s"] for m in metas),
             "machine": common("machine"), "cpu_count": common("cpu_count"),
-            "pieces": [{"folder": str(f), "command": m.get("command") or "(not recorded)",
-                        "device": m["device"], "device_name": m["device_name"],
-                        "machine": m.get("machine"), "cpu_count": m.get("cpu_count"),
-                        "date": m["date"], "total_s": m["total_s"], "problems": m["problems"],
-                        "optimizers": m["optimizers"]} for f, m, _, _ in pieces]}
+            "pieces": [piece for f, m, _, _ in pieces for piece in m.get("pieces") or [
+                {"folder": str(f), "command": m.get("command") or "(not recorded)",
+                 "device": m["device"], "device_name": m["device_name"],
+                 "machine": m.get("machine"), "cpu_count": m.get("cpu_count"),
+                 "date": m["date"], "total_s": m["total_s"], "problems": m["problems"],
+                 "optimizers": m["optimizers"]}]]}
     return meta, results, sweeps
 
 
