@@ -211,7 +211,18 @@ def test_run_options_with_merge_are_refused(pieces, tmp_path, extra, expected):
     assert expected in msg
 
 
-def test_out_naming_a_piece_is_refused(pieces):
-    msg = _error(["--merge", str(pieces["a"]), str(pieces["b"]), "--out", str(pieces["b"])])
-    assert "one of the --merge folders" in msg
-    assert (pieces["b"] / "results.json").is_file()
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_out_naming_or_holding_a_piece_is_refused(pieces, force):
+    for out in (pieces["b"], pieces["b"].parent):
+        msg = _error(["--merge", str(pieces["a"]), str(pieces["b"]), "--out", str(out), *force])
+        assert "one of the --merge folders or holds one" in msg
+    assert (pieces["b"] / "results.json").is_file() and (pieces["a"] / "results.json").is_file()
+
+
+def test_a_folder_of_other_files_as_out_is_refused_before_loading(pieces, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    msg = _error(["--merge", str(pieces["a"]), str(tmp_path / "missing"), "--out", str(mine)])
+    assert "--force" in msg and "notes.txt" in msg  # not the missing piece: --out comes first
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

@@ -284,7 +284,7 @@ def _write(args, results, sweeps, meta: dict, partial: Path, t0: float) -> int:
 
 def _merge(args) -> int:
     """``--merge``: one report from earlier report folders (:func:`merge_reports`)."""
-    from funcopt.bench.report import merge_reports, plotting_unavailable, prepare_out
+    from funcopt.bench.report import check_out, merge_reports, plotting_unavailable, prepare_out
 
     t0 = time.perf_counter()
     defaults = _parser().parse_args([])
@@ -293,9 +293,13 @@ def _merge(args) -> int:
         raise _fail(f"--merge runs nothing, so --{given[0]} does not apply; give only --merge, "
                     "--out and --force")
     out = Path(args.out).resolve()
-    if any(Path(d).resolve() == out for d in args.merge):
-        raise _fail(f"--out {args.out} is one of the --merge folders, and the report replaces "
-                    "--out whole; name a new folder")
+    if any(out == Path(d).resolve() or out in Path(d).resolve().parents for d in args.merge):
+        raise _fail(f"--out {args.out} is one of the --merge folders or holds one, and the "
+                    "report replaces --out whole; name a new folder")
+    try:
+        check_out(Path(args.out), force=args.force)
+    except ValueError as e:
+        raise _fail(f"--out {e}") from None
     try:
         meta, results, sweeps = merge_reports([Path(d) for d in args.merge])
     except ValueError as e:
