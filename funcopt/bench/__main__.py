@@ -4,6 +4,20 @@
 learning-rate sweep per optimizer. ``--suite full``: larger problems, 3 seeds, a 5-point sweep
 (meant for ``--device cuda``). ``--problems``, ``--seeds`` and ``--tune`` override the suite's.
 
+In pieces: a suite too long for one command runs as several, each with its own ``--problems``
+and ``--optimizers`` (the other options the same) into its own ``--out`` folder; then
+``--merge DIR [DIR ...] --out REPORT`` writes the one report those runs make together, running
+nothing: its tables, sweeps, plots and results.json are a single run's, and its header lists
+each piece's command, device and date. It refuses pieces that cannot be combined honestly:
+different devices, torch or Python versions, suite, seeds, tuning, warm-up or threads, a
+problem with a different ``--steps`` in two pieces, or a (problem, optimizer) pair twice. E.g.::
+
+    python -m funcopt.bench --suite full --device cuda --problems cifar-cnn-large \\
+        --optimizers adamw,soap --out piece1
+    python -m funcopt.bench --suite full --device cuda --problems cifar-cnn-large \\
+        --optimizers psgd --out piece2
+    python -m funcopt.bench --merge piece1 piece2 --out bench-report
+
 Every option (names, numbers, device, plugins, the report folder) is checked before anything
 runs; a bad one exits with status 1 and one line saying what is wrong and how to fix it.
 """
@@ -16,6 +30,7 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -25,12 +40,13 @@ import torch
 
 from funcopt.bench.optimizers import DEFAULT_OPTIMIZERS, OPTIMIZERS
 from funcopt.bench.problems import DEFAULT_PROBLEMS, FULL_PROBLEMS, PROBLEMS, missing_packages
-from funcopt.bench.run import WARMUP_STEPS
+from funcopt.bench.run import WARMUP_STEPS, device_name
 from funcopt.bench.suite import EVALS, GRIDS, SEEDS
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m funcopt.bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m funcopt.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--problems", help="comma-separated problem names (default: the default suite)")
     p.add_argument("--optimizers", help="comma-separated optimizer names (default: all)")
     p.add_argument("--suite", choices=("quick", "full"), default="quick",
@@ -60,7 +76,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="CPU threads for torch (default 1: small problems run fastest and "
                         "results do not depend on the machine's core count)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--merge", nargs="+", metavar="DIR",
+                   help="run nothing: write into --out the one report of these earlier report "
+                        "folders (pieces of one suite; see above)")
     return p
+
+
+# options that choose what runs: a merge runs nothing, so it takes none of them
+_RUN_OPTIONS = ("problems", "optimizers", "suite", "steps", "seed", "seeds", "tune", "warmup",
+                "device", "plugin", "list", "threads")
 
 
 def _fail(message: str) -> SystemExit:
@@ -181,7 +205,11 @@ def _check_packages(problems: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    args.command = shlex.join(["python", "-m", "funcopt.bench", *argv])
+    if args.merge is not None:
+        return _merge(args)
     _check_numbers(args)
     for spec in dict.fromkeys(args.plugin):
         _load_plugin(spec)
@@ -214,7 +242,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, problems, optimizers, device, partial: Path, no_plots: str | None) -> int:
-    from funcopt.bench.report import markdown_table, write_report
     from funcopt.bench.suite import run_suite
 
     torch.set_num_threads(args.threads)
@@ -229,15 +256,23 @@ def _run(args, problems, optimizers, device, partial: Path, no_plots: str | None
     meta = {"suite": args.suite, "seed": args.seed, "seeds": seeds, "tune": args.tune == "on",
             "grid": list(grid) if args.tune == "on" else [], "warmup": args.warmup,
             "evals": EVALS[args.suite],
-            "device": str(device), "steps": args.steps, "threads": args.threads,
+            "device": str(device), "device_name": device_name(device),
+            "steps": args.steps, "threads": args.threads, "command": args.command,
             "problems": problems, "optimizers": optimizers,
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "total_s": time.perf_counter() - t0, "no_plots": no_plots}
     bar.close()
+    return _write(args, results, sweeps, meta, partial, t0)
+
+
+def _write(args, results, sweeps, meta: dict, partial: Path, t0: float) -> int:
+    """Print the table, write the report into --out; exit status 1 if a run failed."""
+    from funcopt.bench.report import markdown_table, write_report
+
     print(markdown_table(results))
     try:
         write_report(results, Path(args.out), meta, partial=partial, force=args.force,
-                     plots=no_plots is None, sweeps=sweeps)
+                     plots=meta["no_plots"] is None, sweeps=sweeps)
     except ValueError as e:  # --out changed while the runs went on
         raise _fail(f"--out {e}; the report was not written") from None
     except OSError as e:  # a full disk, a folder removed under us
@@ -245,6 +280,43 @@ def _run(args, problems, optimizers, device, partial: Path, no_plots: str | None
                     "replaced") from None
     print(f"\nreport: {args.out}/report.md ({time.perf_counter() - t0:.0f} s)")
     return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def _merge(args) -> int:
+    """``--merge``: one report from earlier report folders (:func:`merge_reports`)."""
+    from funcopt.bench.report import check_out, merge_reports, plotting_unavailable, prepare_out
+
+    t0 = time.perf_counter()
+    defaults = _parser().parse_args([])
+    given = [o for o in _RUN_OPTIONS if getattr(args, o) != getattr(defaults, o)]
+    if given:
+        raise _fail(f"--merge runs nothing, so --{given[0]} does not apply; give only --merge, "
+                    "--out and --force")
+    out = Path(args.out).resolve()
+    if any(out == Path(d).resolve() or out in Path(d).resolve().parents for d in args.merge):
+        raise _fail(f"--out {args.out} is one of the --merge folders or holds one, and the "
+                    "report replaces --out whole; name a new folder")
+    try:
+        check_out(Path(args.out), force=args.force)
+    except ValueError as e:
+        raise _fail(f"--out {e}") from None
+    try:
+        meta, results, sweeps = merge_reports([Path(d) for d in args.merge])
+    except ValueError as e:
+        raise _fail(f"--merge {e}") from None
+    no_plots = plotting_unavailable()
+    if no_plots:
+        print(f"note: {no_plots}; the report will have no plots", file=sys.stderr)
+    meta.update(command=args.command, no_plots=no_plots,
+                date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
+    try:
+        partial = prepare_out(Path(args.out), force=args.force)
+    except ValueError as e:
+        raise _fail(f"--out {e}") from None
+    try:
+        return _write(args, results, sweeps, meta, partial, t0)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 class _progress:

@@ -19,6 +19,7 @@ started (``resource.getrusage``); ``memory_kind`` says which.
 from __future__ import annotations
 
 import os
+import platform
 import re
 import resource
 import sys
@@ -32,7 +33,7 @@ import funcopt as fo
 from funcopt.bench.optimizers import LEARNING_RATES, OPTIMIZERS, Unavailable
 from funcopt.bench.problems import PROBLEMS, Problem
 
-__all__ = ["Result", "run_one", "WARMUP_STEPS"]
+__all__ = ["Result", "device_name", "run_one", "WARMUP_STEPS"]
 
 WARMUP_STEPS = 3
 
@@ -204,6 +205,20 @@ def _time_to_target(res: Result) -> None:
         if loss <= res.target:
             res.steps_to_target, res.time_to_target_s = step, t
             return
+
+
+def device_name(device: torch.device) -> str:
+    """The model name of ``device``: the GPU's for CUDA (``torch.cuda.get_device_name``), the
+    CPU's otherwise (``model name`` in Linux's ``/proc/cpuinfo``, else ``platform.processor()``
+    or ``platform.machine()``). Reports from different device models are never merged."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+    except OSError:
+        m = None
+    return m.group(1).strip() if m else platform.processor() or platform.machine()
 
 
 def _finite(x: float) -> bool:
