@@ -199,9 +199,8 @@ class GramOperator(LinearOperator):
         G = self.gram
         if G is None:
             G = self.J.mT @ self.J if self.form == "primal" else self.J @ self.J.mT
-        if self.diag is None:
-            return G + torch.diag_embed(self.damping.expand(self.shape[0]))
-        return G + torch.diag_embed(self.damping * self.diag)
+        d = self.damping if self.diag is None else self.damping * self.diag
+        return torch.diagonal_scatter(G, G.diagonal() + d)  # one copy of G
 
     def diagonal(self) -> Tensor:
         d = (self.J * self.J).sum(0 if self.form == "primal" else 1)
