@@ -87,6 +87,31 @@ def _dual_scale(J: Tensor, diag: Tensor, form: str) -> Tensor | None:
     return torch.sqrt(torch.where(diag > 0, diag, torch.ones_like(diag)))
 
 
+def _scaled(J: Tensor, scale: Tensor | None, bound: Tensor | None,
+            overwrite: bool) -> tuple[Tensor, Tensor]:
+    """``(J S^{-1} / gamma, gamma)`` for :meth:`DampedLeastSquares.plan`, with one copy of
+    ``J`` at most (none with ``overwrite``). Without ``bound``, ``gamma`` comes from ``max |J
+    S^{-1}|`` (NaN or inf exactly when ``J`` is not finite: then ValueError); with it, from
+    ``bound``, and ``J`` is divided once by ``s gamma`` (the same numbers as dividing by ``s``
+    and then by the power of two ``gamma`` where ``s gamma`` is a normal number; one host sync
+    tells, and two divisions are made where it is not)."""
+    if bound is None:
+        Js = J if scale is None else J.div_(scale) if overwrite else J / scale
+        big = torch.maximum(Js.amax(), -Js.amin()) if J.numel() else J.new_ones(())
+        if not bool(torch.isfinite(big)):
+            _require_finite(Js, "the Jacobian J")
+        gamma = _power_of_two(big)
+        return (Js.div_(gamma) if Js is not J or overwrite else J / gamma), gamma
+    gamma = _power_of_two(bound.to(J))
+    if scale is None:
+        return (J.div_(gamma) if overwrite else J / gamma), gamma
+    div = scale * gamma
+    info = torch.finfo(J.dtype)
+    if bool(((div >= info.tiny) & (div <= info.max)).all()):  # host sync
+        return (J.div_(div) if overwrite else J / div), gamma
+    return (J.div_(scale) if overwrite else J / scale).div_(gamma), gamma
+
+
 @dataclass(frozen=True)
 class DampedLeastSquares:
     """The damped Gauss-Newton (Levenberg-Marquardt) step ``x`` solving
@@ -129,7 +154,8 @@ class DampedLeastSquares:
                              f"got {self.form!r}")
 
     def plan(self, J: Tensor, diag: Tensor | str | None = None, *,
-             scale: Tensor | None = None) -> DampedPlan:
+             scale: Tensor | None = None, bound: Tensor | None = None,
+             overwrite: bool = False) -> DampedPlan:
         """Check ``J`` and ``diag``, scale, choose the form and form the Gram matrix once.
 
         Args:
@@ -138,19 +164,21 @@ class DampedLeastSquares:
                 "marquardt" for ``diag(J^T J)``.
             scale: column scale ``s > 0`` of shape ``(n,)`` (``D = diag(s^2)`` solved in the
                 variables ``z = s x``), or None; not together with ``diag``.
+            bound: None (default: ``gamma`` from ``max |J S^{-1}|``, one pass over ``J``
+                that also checks it finite), or a finite 0-d tensor ``b`` with ``max |J
+                S^{-1}| <= b <= sqrt(m) max |J S^{-1}|`` that the caller knows, e.g.
+                ``max_j ||J_j|| / s_j`` from finite column norms: ``gamma`` is then the power
+                of two nearest below ``b`` and ``J`` is taken as finite (not read again).
+                ``|J S^{-1} / gamma| < 2`` holds either way.
+            overwrite: ``J`` may be divided in place (default False: one copy of ``J``); the
+                plan's ``J`` is then the caller's tensor, which no longer holds ``J``.
         """
         if not isinstance(J, Tensor) or J.ndim != 2:
             raise ValueError(f"damped_least_squares: J must be a 2-D tensor; got {getattr(J, 'shape', J)!r}")
         if scale is not None and diag is not None:
             raise ValueError("damped_least_squares: pass diag or scale, not both (scale s means "
                              "D = diag(s^2) solved in the variables z = s x)")
-        Js = J if scale is None else J / scale
-        # max |J| (NaN or inf exactly when J is not finite), from two passes with no copy
-        big = torch.maximum(Js.amax(), -Js.amin()) if J.numel() else J.new_ones(())
-        if not bool(torch.isfinite(big)):  # max |J| is NaN or inf exactly when J is not finite
-            _require_finite(Js, "the Jacobian J")
-        gamma = _power_of_two(big)
-        Jh = Js.div_(gamma) if Js is not J else J / gamma  # one fresh copy of J at most
+        Jh, gamma = _scaled(J, scale, bound, overwrite)
         relative = isinstance(diag, str)  # Marquardt's D scales with J^T J
         if isinstance(diag, str):
             if diag != "marquardt":

@@ -43,14 +43,17 @@ class DenseState(NamedTuple):
 
 
 def _work(A: Tensor) -> tuple[Tensor, Tensor]:
-    """The matrix in a dtype torch.linalg supports, and whether it is finite. A non-finite
-    matrix (e.g. a Gram matrix ``J^T J`` formed from a matrix-free operator that overflows) is
-    replaced by zeros, so LAPACK never sees NaN or inf; the caller reports ``non_finite``
-    through the flag (no host sync)."""
+    """The matrix in a dtype torch.linalg supports, and whether it is finite (``max |A|`` is
+    NaN or inf exactly when ``A`` is not: two reductions, no temporaries). The non-finite
+    entries of a non-finite matrix (e.g. a Gram matrix ``J^T J`` formed from a matrix-free
+    operator that overflows) are replaced by zeros, so LAPACK never sees NaN or inf; the
+    caller reports ``non_finite`` through the flag (no host sync)."""
     if A.dtype in (torch.float16, torch.bfloat16):
         A = A.float()
-    finite = torch.isfinite(A).all()
-    return torch.where(finite, A, torch.zeros_like(A)), finite
+    if A.numel() == 0:
+        return A, torch.ones((), dtype=torch.bool, device=A.device)
+    big = A.abs().amax() if A.is_complex() else torch.maximum(A.amax(), -A.amin())
+    return torch.nan_to_num(A, nan=0.0, posinf=0.0, neginf=0.0), torch.isfinite(big)
 
 
 def _rhs(b: Tensor, dtype: torch.dtype) -> Tensor:
