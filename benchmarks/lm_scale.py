@@ -18,7 +18,7 @@ costs only its row):
   ``--memory-budget`` (default: half of the free device memory, resp. of the available RAM):
   dense with the transform's defaults (Nielsen damping, column scaling, ``solver="auto"``),
   or matrix-free with the options ``fo.least_squares`` takes there (CG with the Jacobi
-  preconditioner, ``D = I``, Nielsen);
+  preconditioner, ``D`` from the same ``diag(J^T J)``, Nielsen);
 * ``funcopt LM matrix-free``: the matrix-free path forced (skipped when the memory model
   already picked it);
 * ``torch-lm``: torch-levenberg-marquardt's ``LevenbergMarquardtModule`` with
@@ -146,7 +146,8 @@ class FuncoptLM:
         self.fo, self.batch = fo, (x, y)
         self.params = {k: v.detach().clone() for k, v in model.named_parameters()}
         self.setting = ("dense, Nielsen, scaling, solver auto" if path == "dense" else
-                        f"CG jacobi tol {opts['solver'].tol:.1e}, Nielsen, D=I, "
+                        f"CG jacobi tol {opts['solver'].tol:.1e}, Nielsen, "
+                        f"{'D from diag(J^T J)' if opts['scaling'] else 'D=I'}, "
                         f"chunk {opts['chunk_size']}")
 
     def warm_up(self):
