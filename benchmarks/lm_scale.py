@@ -132,7 +132,7 @@ class FuncoptLM:
         from torch.func import functional_call
 
         import funcopt as fo
-        from funcopt.least_squares import _matrix_free_options
+        from funcopt.least_squares_options import _matrix_free_options
 
         fwd = lambda p, xx: functional_call(model, p, (xx,))
         n = sum(v.numel() for v in model.parameters())

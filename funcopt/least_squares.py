@@ -18,7 +18,7 @@ import torch
 
 from funcopt.base import PyTree, apply_updates
 from funcopt.func.jacobian import per_sample_residuals, ravel_params
-from funcopt.least_squares_options import Tolerances, check_driver_options
+from funcopt.least_squares_options import Tolerances, _matrix_free_options, check_driver_options
 from funcopt.solvers.base import scaled_norm
 from funcopt.transforms.levenberg_marquardt import levenberg_marquardt, lm_options
 from funcopt.transforms.lm_damping import (
@@ -29,7 +29,7 @@ from funcopt.transforms.lm_damping import (
     check_geodesic,
     check_rule,
 )
-from funcopt.transforms.lm_model import stationarity_floor
+from funcopt.transforms.lm_model import _is_matrix_free, stationarity_floor
 
 __all__ = ["LeastSquaresInfo", "Tolerances", "least_squares", "memory_path", "mse_residuals",
            "cross_entropy_residuals"]
@@ -81,32 +81,6 @@ def memory_path(m: int, n: int, itemsize: int, budget: int | None) -> str:
         return "matrix-free"
     raise ValueError(f"memory_budget={budget} bytes is below the matrix-free path's "
                      f"4 (m + n) = {4 * (m + n) * itemsize} bytes for m={m}, n={n}; raise it")
-
-
-def _matrix_free_options(m: int, n: int, dtype: torch.dtype, budget: int,
-                         rule: DampingRule, options: dict) -> tuple[Any, DampingRule, dict]:
-    """``(solver, rule, options)`` of the matrix-free path: CG with the Jacobi
-    preconditioner ``1 / (diag(J^T J) + lambda D)``, MINPACK's scaling ``D`` from the same
-    ``diag(J^T J)`` (unless ``scaling=False``), and ``Nielsen()`` in place of the
-    trust region (which needs an SVD of J). CG's relative tolerance is ``max(1e-10, 100 eps)``
-    (``eps`` of ``dtype``): 1e-10 in float64, 1.2e-5 in float32, where CG's true residual
-    stalls near ``eps`` times the condition number and a tolerance of 1e-10 fails every
-    solve. ``diag(J^T J)`` is exact, from ``min(m, n)`` products
-    (:func:`funcopt.transforms.lm_model.column_norms_sq`) in chunks of ``k`` products, whose
-    one-hot vectors and results take ``k (m + n)`` numbers: ``k`` is the largest number with
-    ``(4 + k) (m + n)`` numbers within the budget, at most ``JACOBI_CHUNK`` (32), at least 1
-    (the chunk's products also hold ``k`` times the intermediate values of one product,
-    which the memory model does not count)."""
-    from funcopt.solvers import CG
-    from funcopt.transforms.lm_model import JACOBI_CHUNK
-
-    itemsize = torch.finfo(dtype).bits // 8
-    chunk = max(1, min(JACOBI_CHUNK, budget // ((m + n) * itemsize) - 4))
-    rule = Nielsen() if isinstance(rule, TrustRegion) else rule
-    tol = max(1e-10, 100 * torch.finfo(dtype).eps)
-    return (CG(tol=tol, preconditioner="jacobi"), rule,
-            {**options, "scaling": options.get("scaling") is not False,
-             "chunk_size": options.get("chunk_size", chunk)})
 
 
 def _check_residual_fn(residual_fn: Callable[[PyTree], Tensor], params: PyTree, x: Tensor) -> int:
@@ -170,7 +144,7 @@ def least_squares(
     *,
     max_steps: int = 1000,
     tolerances: Tolerances = Tolerances(),  # noqa: B008  (frozen, immutable)
-    rule: DampingRule = TrustRegion(),  # noqa: B008
+    rule: DampingRule | None = None,
     geodesic: Geodesic | None = None,
     solver: Any = "auto",
     batched: bool = False,
@@ -219,11 +193,13 @@ def least_squares(
         tolerances: :class:`Tolerances` ``(ftol, xtol, gtol)`` of the tests above (default
             ``Tolerances()``: 1e-14, 1e-12, 1e-14, reference-quality fits in float64; MINPACK's
             default is 1.5e-8 for each).
-        rule: the damping rule object; default ``TrustRegion()`` here: MINPACK's trust-region
-            control of the damping (Moré 1978) with ``Delta_0 = 10 ||d x_0||``; with it and the
-            exact Jacobian all 27 NIST StRD problems are solved from both starts to 6 digits
-            (``fo.Nielsen()`` and ``fo.Classic()`` also work, see
-            :func:`levenberg_marquardt`).
+        rule: the damping rule object; default None: ``TrustRegion()``, MINPACK's
+            trust-region control of the damping (Moré 1978) with ``Delta_0 = 10 ||d x_0||``
+            (with it and the exact Jacobian all 27 NIST StRD problems are solved from both
+            starts to 6 digits), or ``Nielsen()`` with a matrix-free solver (``"cg"``,
+            ``"pcg"``, :class:`funcopt.solvers.CG`), where the trust region's SVD of ``J`` is
+            not available. ``fo.Nielsen()`` and ``fo.Classic()`` also work, see
+            :func:`levenberg_marquardt`.
         geodesic: None (default) or :class:`funcopt.Geodesic`, Transtrum & Sethna's
             second-order correction (off by default: with the trust-region rule it is not
             needed on NIST StRD, and its acceptance test shortens the long first steps MGH10
@@ -253,6 +229,8 @@ def least_squares(
     Reference: Moré, Garbow & Hillstrom (1980), User Guide for MINPACK-1, ANL-80-74.
     """
     check_driver_options(options, tolerances, "least_squares")
+    if rule is None:
+        rule = Nielsen() if _is_matrix_free(solver) else TrustRegion()
     check_rule(rule)
     check_geodesic(geodesic)
     if not isinstance(max_steps, int) or max_steps < 0:
@@ -324,7 +302,7 @@ def _stall_check(residual_fn, params, h: dict, tols, reason: str) -> tuple[str, 
     another reason than convergence (e.g. inexact CG on a badly scaled float32 problem)."""
     if h["accepted"] or h["grad_cos"] ** 2 <= max(tols[0], tols[3]):
         return reason, True
-    cos, floor = stationarity_floor(residual_fn, params, h["grad_cos"])
+    cos, floor = stationarity_floor(residual_fn, params)
     bound = max(tols[0], tols[3], floor)
     if not (math.isfinite(cos) and cos * cos > bound):  # inf: J^T J overflowed, unknown
         return reason, True

@@ -5,8 +5,12 @@ which moved into an option object into a TypeError naming that object."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 from funcopt.base import check_hyperparameter
+from funcopt.transforms.lm_damping import DampingRule, Nielsen, TrustRegion
 
 __all__ = ["Tolerances", "check_driver_options"]
 
@@ -64,3 +68,29 @@ def check_driver_options(options: dict, tolerances: object, who: str) -> None:
     if not isinstance(tolerances, Tolerances):
         raise TypeError(f"tolerances={tolerances!r}: pass fo.Tolerances(ftol=..., xtol=..., "
                         "gtol=...)")
+
+
+def _matrix_free_options(m: int, n: int, dtype: torch.dtype, budget: int,
+                         rule: DampingRule, options: dict) -> tuple[Any, DampingRule, dict]:
+    """``(solver, rule, options)`` of the matrix-free path: CG with the Jacobi
+    preconditioner ``1 / (diag(J^T J) + lambda D)``, MINPACK's scaling ``D`` from the same
+    ``diag(J^T J)`` (unless ``scaling=False``), and ``Nielsen()`` in place of the
+    trust region (which needs an SVD of J). CG's relative tolerance is ``max(1e-10, 100 eps)``
+    (``eps`` of ``dtype``): 1e-10 in float64, 1.2e-5 in float32, where CG's true residual
+    stalls near ``eps`` times the condition number and a tolerance of 1e-10 fails every
+    solve. ``diag(J^T J)`` is exact, from ``min(m, n)`` products
+    (:func:`funcopt.transforms.lm_model.column_norms_sq`) in chunks of ``k`` products, whose
+    one-hot vectors and results take ``k (m + n)`` numbers: ``k`` is the largest number with
+    ``(4 + k) (m + n)`` numbers within the budget, at most ``JACOBI_CHUNK`` (32), at least 1
+    (the chunk's products also hold ``k`` times the intermediate values of one product,
+    which the memory model does not count)."""
+    from funcopt.solvers import CG
+    from funcopt.transforms.lm_model import JACOBI_CHUNK
+
+    itemsize = torch.finfo(dtype).bits // 8
+    chunk = max(1, min(JACOBI_CHUNK, budget // ((m + n) * itemsize) - 4))
+    rule = Nielsen() if isinstance(rule, TrustRegion) else rule
+    tol = max(1e-10, 100 * torch.finfo(dtype).eps)
+    return (CG(tol=tol, preconditioner="jacobi"), rule,
+            {**options, "scaling": options.get("scaling") is not False,
+             "chunk_size": options.get("chunk_size", chunk)})

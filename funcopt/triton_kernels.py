@@ -18,15 +18,16 @@ step counter on the device (no host synchronisation), the learning rate is read 
 state's 0-d tensor (or the schedule's value) on the device.
 
 The kernel runs only where it gives the chain's answer: every leaf (updates, params, moments) a
-plain contiguous float32/bfloat16/float16 CUDA tensor on one device, with its moments in the
+plain contiguous CUDA tensor on one device, all of one dtype (float32, bfloat16 or float16: a
+tree of several dtypes takes the chain's foreach path, which rounds differently), with its moments in the
 dtype init gives them; nothing requires grad; no ``torch.compile`` trace, ``torch.func``
 transform, forward-mode AD or CUDA-graph capture is running; Triton imports; the
 hyperparameters ``b1, b2, eps, weight_decay`` are numbers (the learning rate may be a number,
 a tensor that does not require grad or a schedule). Anything else, and any state or tree the
 chain would reject, runs the chain's own update unchanged (which raises its own errors).
 
-Leaves are grouped by dtype; each group is one launch over a table of blocks, so many small
-leaves cost one launch, not one each. Full blocks and each leaf's last, partial block are
+The leaves are one launch over a table of blocks, so many small leaves cost one launch, not
+one each. Full blocks and each leaf's last, partial block are
 launched apart, so that full blocks load and store without masks (vectorised).
 """
 
@@ -152,8 +153,8 @@ def _leaves_fit(g: list[Any], p: list[Any], mu: list[Any], nu: list[Any]) -> boo
     if not all(type(y) is Tensor for y in every):
         return False
     dtypes = [x.dtype for x in g]
-    if not all(d in _DTYPES for d in dtypes):
-        return False
+    if dtypes[0] not in _DTYPES or dtypes.count(dtypes[0]) != n:
+        return False  # one dtype, as the chain's fused path: a mixed tree takes its foreach one
     wide = [torch.float32 if d == torch.float16 else d for d in dtypes]
     shapes = [x.shape for x in g]
     if ([q.dtype for q in p] != dtypes or [m.dtype for m in mu] != wide

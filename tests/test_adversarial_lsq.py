@@ -148,3 +148,33 @@ def test_float32_near_zero_residual_fits_keep_their_success(noise):
     p, info = fo.least_squares(lambda p: fn(p, t.float(), y.float()), torch.tensor([1.0, 1.0, 0.0]))
     assert rinfo.success and info.success, info.reason
     np.testing.assert_allclose(p.double().numpy(), ref.numpy(), rtol=0, atol=max(30 * noise, 1e-5))
+
+
+@pytest.mark.parametrize("dtype, c, x0", [
+    (torch.float32, [2.0**24, 2.0**24 + 2], 1.0e7),
+    (torch.float64, [1.0, 1.0 + 2**-52], 0.5)])
+def test_optimum_between_representable_numbers_is_a_success(dtype, c, x0):
+    """The minimiser (the mean of c) lies between two representable numbers and r = x - c is
+    exact: gnorm stays large, but the move it asks for is below one ulp of x, so the point is
+    optimal within the dtype (it was reported 'stalled')."""
+    ct = torch.tensor(c, dtype=dtype)
+    p, info = fo.least_squares(lambda x: x - ct, torch.tensor([x0], dtype=dtype))
+    assert info.success, info.reason
+    mean = sum(c) / 2
+    assert abs(float(p) - mean) <= float(torch.finfo(dtype).eps) * abs(mean)
+
+
+@pytest.mark.parametrize("solver", ["cg", "pcg", fo.solvers.CG(tol=1e-12)])
+def test_matrix_free_solver_without_a_rule_takes_nielsen(solver):
+    """least_squares' default rule is the trust region, which needs J's SVD: with a
+    matrix-free solver and no rule given it used to raise; it takes Nielsen() (an explicit
+    TrustRegion() still raises)."""
+    t = torch.linspace(0, 4, 50, dtype=torch.float64)
+    y = 2.5 * torch.exp(-1.3 * t)
+    fn = lambda p: p[0] * torch.exp(-p[1] * t) - y
+    p, info = fo.least_squares(fn, torch.tensor([1.0, 1.0], dtype=torch.float64), solver=solver)
+    assert info.success, info.reason
+    np.testing.assert_allclose(p.numpy(), [2.5, 1.3], rtol=1e-6)
+    with pytest.raises(ValueError, match="TrustRegion"):
+        fo.least_squares(fn, torch.zeros(2, dtype=torch.float64), solver=solver,
+                         rule=fo.TrustRegion())

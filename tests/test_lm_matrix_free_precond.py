@@ -6,7 +6,7 @@ import torch
 
 import funcopt as fo
 from funcopt.func import gauss_newton_products
-from funcopt.least_squares import _matrix_free_options
+from funcopt.least_squares_options import _matrix_free_options
 from funcopt.transforms.lm_model import column_norms_sq
 
 

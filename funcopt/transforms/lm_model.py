@@ -258,31 +258,44 @@ def _gradient_cosine(gn, col2: Tensor, rnorm: Tensor) -> Tensor:
     return torch.where(known, top, torch.full_like(top, float("inf")))
 
 
-def stationarity_floor(residual_fn: Callable, params: Any, grad_cos: float) -> tuple[float, float]:
-    """``(gnorm, floor)`` at ``params``: MINPACK's ``gnorm`` (``grad_cos`` when known, else
-    from ``diag(J^T J)``, ``min(m, n)`` products) and the relative rounding of the residuals,
-    ``floor = 4 ||r(x + h) - r(x) - J h|| / ||r(x)||`` for a step ``h`` of 4 ulps per
-    parameter with alternating signs (and one of -16 ulps; the larger; ``J h`` is exact up to
-    rounding, so the difference is the rounding noise of ``r``). Relative changes of the cost below about ``floor`` cannot
-    be measured, so a predicted reduction ``gnorm^2`` below it is no evidence of a better
-    point."""
+def stationarity_floor(residual_fn: Callable, params: Any) -> tuple[float, float]:
+    """``(gnorm, floor)`` at ``params``, for telling a minimum from a stall.
+
+    ``gnorm = max_j |(J^T r)_j| / (||J_j|| ||r||)`` (MINPACK's) over the columns whose
+    one-dimensional Gauss-Newton move ``|alpha_j| = |J_j^T r| / ||J_j||^2`` is at least one
+    unit of ``x_j``'s resolution, ``eps |x_j|``: a smaller move cannot be represented, so its
+    predicted reduction is none (the point is optimal within the dtype); ``inf`` where
+    ``diag(J^T J)`` overflows (unknown). ``floor``: the relative rounding of the residuals,
+    ``4 ||r(x + h) - r(x) - J h|| / ||r(x)||`` for a step ``h`` of 4 and of -16 ulps per
+    parameter with alternating signs (the larger; ``J h`` is exact up to rounding, so the
+    difference is the rounding noise of ``r``): relative changes of the cost below it cannot
+    be measured. ``min(m, n) + 2`` Jacobian products and two evaluations of ``residual_fn``."""
     gn = gauss_newton_products(residual_fn, params)
     x, unravel = ravel_params(params)
     r = gn.residuals
     rnorm = scaled_norm(r)
     if float(rnorm) == 0.0:
         return 0.0, math.inf
-    if not math.isfinite(grad_cos):
-        grad_cos = float(_gradient_cosine(gn, column_norms_sq(gn), rnorm))
+    eps = torch.finfo(x.dtype).eps
+    col2 = column_norms_sq(gn)
+    col = col2.sqrt()
+    g = gn.vjp(r / _positive(rnorm))  # J^T r / ||r||
+    live = col > 0
+    safe = torch.where(live, col, 1.0)
+    move = (g.abs() / safe) * (rnorm / safe)  # |alpha_j| without overflow in J^T r
+    resolvable = live & (move > eps * x.abs())
+    ratio = torch.where(resolvable, g.abs() / safe, 0.0)
+    known = bool(torch.isfinite(col).all() & torch.isfinite(ratio).all())
+    cos = float(ratio.max()) if known and ratio.numel() else (0.0 if known else math.inf)
     mag = x.abs()
     big = mag.max() if mag.numel() else torch.ones((), dtype=x.dtype, device=x.device)
     mag = torch.where(mag > 0, mag, torch.where(big > 0, big, torch.ones_like(big)))
     sign = 1.0 - 2.0 * (torch.arange(x.numel(), device=x.device) % 2).to(x.dtype)
     f, noise = residual_vector_fn(residual_fn, unravel), 0.0
     for ulps in (4, -16):  # two probes: rounding can be exact at one point
-        h = (x + ulps * torch.finfo(x.dtype).eps * mag * sign) - x
+        h = (x + ulps * eps * mag * sign) - x
         noise = max(noise, float(scaled_norm(f(x + h) - r - gn.jvp(h))))
-    return grad_cos, 4 * noise / float(_positive(rnorm))
+    return cos, 4 * noise / float(_positive(rnorm))
 
 
 def _require_dtype(r: Tensor, x: Tensor) -> None:
