@@ -21,8 +21,10 @@ and in the dtype of the first Jacobian block. A damped matrix that is not positi
 
 This is the split of cuPyLMA (Jacobians computed by the model in torch, the normal equations
 held and solved by the optimiser in cuPyNumeric). ``fo.least_squares(..., solver=
-fo.solvers.CuPyNumeric(row_block=k))`` uses it for every step (see
-:func:`damped_normal_solver`).
+fo.solvers.CuPyNumeric(row_block=k))`` uses it for every step, with ``J`` formed ``k`` rows at
+a time and never whole (:func:`funcopt.func.jacobian_row_blocks`, then
+:func:`gram_damped_solver`); :func:`damped_normal_solver` does the same for a ``J`` given
+whole.
 
 Example::
 
