@@ -117,8 +117,9 @@ class CuPyNumeric(LinearSolver):
     device.
 
     ``row_block=k`` (Levenberg-Marquardt with a dense Jacobian: ``fo.least_squares``,
-    ``fo.levenberg_marquardt``): ``J^T J`` and ``J^T r`` are formed in cuPyNumeric from row
-    blocks of ``k`` rows of ``J``, one block handed over at a time, and the damped system is
+    ``fo.levenberg_marquardt``): ``J`` is formed ``k`` rows at a time and never whole
+    (:func:`funcopt.func.jacobian_row_blocks`), ``J^T J`` is summed in cuPyNumeric one block
+    at a time (the column norms and ``J^T r`` in torch), and the damped system is
     solved there by Cholesky for every damping tried without forming ``J^T J`` again (see
     :mod:`funcopt.solvers.cupynumeric_normal`); without it (default None) the normal matrix is
     formed in torch and only the ``n x n`` solve runs in cuPyNumeric. Direct solves of an

@@ -21,8 +21,10 @@ and in the dtype of the first Jacobian block. A damped matrix that is not positi
 
 This is the split of cuPyLMA (Jacobians computed by the model in torch, the normal equations
 held and solved by the optimiser in cuPyNumeric). ``fo.least_squares(..., solver=
-fo.solvers.CuPyNumeric(row_block=k))`` uses it for every step (see
-:func:`damped_normal_solver`).
+fo.solvers.CuPyNumeric(row_block=k))`` uses it for every step, with ``J`` formed ``k`` rows at
+a time and never whole (:func:`funcopt.func.jacobian_row_blocks`, then
+:func:`gram_damped_solver`); :func:`damped_normal_solver` does the same for a ``J`` given
+whole.
 
 Example::
 
@@ -45,7 +47,8 @@ from funcopt.solvers.cupynumeric import _from_cn, _to_cn, import_cupynumeric
 from funcopt.solvers.krylov import _power_of_two
 
 __all__ = ["NormalEquations", "NormalFactor", "row_blocks", "normal_equations",
-           "transposed_product", "factor_normal", "damped_step", "damped_normal_solver"]
+           "transposed_product", "factor_normal", "damped_step", "damped_normal_solver",
+           "gram_damped_solver"]
 
 _NAME = "cupynumeric-normal-cholesky"
 
@@ -120,11 +123,19 @@ def _accumulate(blocks: Iterable[tuple[Tensor, Tensor | None]], gram: bool):
     A = g = first = like = None
     rows, work = 0, torch.float64
     for k, block in enumerate(blocks):
-        if not isinstance(block, tuple) or len(block) != 2:
+        if not isinstance(block, tuple) or len(block) not in (2, 3):
             raise TypeError(f"normal_equations: block {k} must be a pair (J_k, r_k) (r_k may "
-                            f"be None); got {type(block).__name__}")
-        J, r = block
+                            f"be None) or a triple (J_k, r_k, f_k); got {type(block).__name__}")
+        J, r = block[:2]
         _check_block(k, J, r, first)
+        f = block[2] if len(block) == 3 and first is not None else None
+        if f is not None:  # the sums so far in the columns' new scale
+            if not isinstance(f, Tensor) or f.shape != (J.shape[1],):
+                raise ValueError(f"normal_equations: block {k}: f_k must be a tensor of shape "
+                                 f"({J.shape[1]},); got {getattr(f, 'shape', f)!r}")
+            fc = _to_cn(cn, f.detach().to(work))
+            A = None if A is None else A * cn.outer(fc, fc)
+            g = None if g is None else g * (fc if g.ndim == 1 else fc[:, None])
         if first is None:
             first = (J.shape[1], J.dtype, J.device, None if r is None else r.shape[1:])
             like = J
@@ -149,7 +160,12 @@ def normal_equations(blocks: Iterable[tuple[Tensor, Tensor | None]]) -> NormalEq
         blocks: an iterable (a generator is fine: it is read once) of pairs ``(J_k, r_k)``:
             ``J_k`` of shape ``(m_k, n)``, every block with the same ``n``, dtype and device;
             ``r_k`` of shape ``(m_k,)`` or ``(m_k, p)``, or None in every block (then ``g`` is
-            None). Half precision is accumulated in float32.
+            None). Half precision is accumulated in float32. An item may be a triple
+            ``(J_k, r_k, f_k)``, ``f_k`` of shape ``(n,)``: the sums so far are rescaled
+            first, ``A <- diag(f_k) A diag(f_k)``, ``g <- diag(f_k) g``; with blocks
+            ``J_k / c_k`` for a growing column scale ``c_k`` and ``f_k = c_{k-1} / c_k``
+            (powers of two: exact), ``A = diag(1/c) J^T J diag(1/c)`` for the last ``c``, and
+            no entry overflows however large ``J`` is.
 
     Returns:
         A :class:`NormalEquations`. Non-finite entries are not checked here (that needs a host
@@ -280,6 +296,31 @@ def damped_normal_solver(J: Tensor, scale: Tensor | None, row_block: int, form: 
     def solve(state: NormalFactor, u: Tensor) -> tuple[Tensor, Tensor]:
         sol = damped_step(state, transposed_product(row_blocks(Jh, u / gamma, row_block)))
         x = sol.value.to(J.dtype)
+        return (x if scale is None else x / scale), sol.success
+
+    return factor, solve
+
+
+def gram_damped_solver(normal: NormalEquations, t: Tensor, gamma: Tensor,
+                       scale: Tensor | None, rhs):
+    """``(factor, solve)`` of :func:`damped_normal_solver` from a Gram matrix formed already:
+    ``normal.A = diag(1/c) J^T J diag(1/c)`` (:func:`normal_equations` with ``f_k``) and
+    ``t = c / (S gamma)`` (``c / gamma`` for ``S = I``), so ``diag(t) A diag(t) = Jh^T Jh``
+    with ``Jh = J S^{-1} / gamma``. ``rhs(u)`` gives ``Jh^T (u / gamma)`` (an ``(n,)``
+    tensor, from products with ``J``, not from ``J``). ``factor(lambda)`` factorises
+    ``Jh^T Jh + (lambda / gamma^2) I``; ``solve(state, u) = (delta, success)``, ``delta =
+    -S^{-1} (Jh^T Jh + ...)^{-1} rhs(u)``."""
+    cn = import_cupynumeric()
+    tc = _to_cn(cn, t.detach().to(normal.work))
+    scaled = normal._replace(A=normal.A * cn.outer(tc, tc))
+    inv_g2 = float(1.0 / (gamma * gamma))
+
+    def factor(lam: Tensor | float) -> NormalFactor:
+        return factor_normal(scaled, float(lam) * inv_g2)
+
+    def solve(state: NormalFactor, u: Tensor) -> tuple[Tensor, Tensor]:
+        sol = damped_step(state, rhs(u))
+        x = sol.value.to(normal.dtype)
         return (x if scale is None else x / scale), sol.success
 
     return factor, solve
