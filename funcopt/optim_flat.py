@@ -68,16 +68,22 @@ class FlatGroup:
             self.grad_flat = tree_map(torch.zeros_like, self.flat)
         self.grad_views = tree_leaves(self.unravel(self.grad_flat))
         self.ptrs = [v.data_ptr() for v in self.views]
-        self.grad_ptrs = [v.data_ptr() for v in self.grad_views]
+        self.expected = list(zip(params, self.ptrs, self.grad_views))
         self.fast = jit(self._pure_step) if compile else None
         # torch's fused AdamW/SGD (on a CPU; CUDA compiles), float32/float64 only: torch's
         # CPU fused SGD gives wrong numbers for float16/bfloat16 buffers, and funcopt keeps
         # float16 parameters' Adam moments in float32, which the fused AdamW kernel refuses
         self.kernel = kernel_for(tx) if params[0].device.type == "cpu" and all(
             p.dtype in (torch.float32, torch.float64) for p in params) else None
+        # the state object the hyperparameter tensors were found in, the tensors, and the
+        # values last written into them (the group's values, as Python numbers)
         self.written: dict[str, Any] = {}
         self.found: dict[str, torch.Tensor] = {}
         self.found_in: Any = None
+        # the kernel's step prepared for the state object ``run_for`` (torch's kernels update
+        # that object's tensors in place, so it stays the group's state from step to step)
+        self.run: Callable[[], None] | None = None
+        self.run_for: Any = None
         me = weakref.ref(self)
         self.handles = [p.register_post_accumulate_grad_hook(_GradIntoView(me, i))
                         for i, p in enumerate(params)]
@@ -94,14 +100,15 @@ class FlatGroup:
         """Bring every gradient into the gradient buffer and every parameter into the
         parameter buffer; returns the positions whose ``grad`` is None (their gradient view is
         zeroed), or None when no parameter has a gradient."""
-        # the usual case, checked in two passes of plain integers: every parameter and
-        # gradient is still its view (a step over 1,000 tensors spends ~0.1 ms here)
+        # the usual case, checked in one pass: every parameter still has its view's address
+        # and every gradient is its view (the object the hook or the last step put there)
         try:
-            if ([p.data_ptr() for p in self.params] == self.ptrs
-                    and [-1 if (g := p.grad) is None else g.data_ptr() for p in self.params]
-                    == self.grad_ptrs):
+            for p, ptr, gv in self.expected:
+                if p.grad is not gv or p.data_ptr() != ptr:
+                    break
+            else:
                 return []
-        except RuntimeError:  # a gradient without storage (sparse): refused below
+        except RuntimeError:  # a parameter without storage: refused below
             pass
         missing = []
         with torch.no_grad():
@@ -127,6 +134,19 @@ class FlatGroup:
                     p.grad = gv
         return None if len(missing) == len(self.params) else missing
 
+    def hyperparams_current(self, state: OptState, values: dict[str, Any]) -> bool:
+        """Whether ``values`` are plain numbers (not tensors, whose contents may change in
+        place) equal to those :meth:`write_hyperparams` last wrote into this same ``state``
+        object: then they were checked then and there is nothing to write (the usual step,
+        ~0.3 us; a scheduler's write of ``group["lr"]`` gives a new number, which fails it)."""
+        if state is not self.found_in:
+            return False
+        written = self.written
+        for name, value in values.items():
+            if type(value) is not float and type(value) is not int or written.get(name) != value:
+                return False
+        return True
+
     def write_hyperparams(self, state: OptState, values: dict[str, Any],
                           find: Callable[[OptState], dict[str, torch.Tensor]]) -> None:
         """Write the param group's values into the state's hyperparameter tensors in place
@@ -136,28 +156,31 @@ class FlatGroup:
         if state is not self.found_in:
             self.found, self.found_in, self.written = find(state), state, {}
         found = self.found
-        with torch.no_grad():
-            for name, value in values.items():
-                key = value.item() if isinstance(value, torch.Tensor) else value
-                if self.written.get(name) != key:
+        for name, value in values.items():
+            key = value.item() if isinstance(value, torch.Tensor) else value
+            if self.written.get(name) != key:
+                with torch.no_grad():
                     found[name].fill_(value)
-                    self.written[name] = key
+                self.written[name] = key
 
     def step(self, state: OptState, missing: list[int], extra: dict[str, Any]) -> OptState:
-        """One update of the buffers in place; parameters without a gradient keep their values
-        (their state still advances, as in the tree path)."""
+        """One update of the buffers in place, to be called under ``torch.no_grad()``;
+        parameters without a gradient keep their values (their state still advances, as in
+        the tree path)."""
         keep = [(self.views[i], self.views[i].clone()) for i in missing]
         if self.fast is not None and not extra:
             _, state = self.fast(self.flat, state, self.grad_flat)
         elif self.kernel is not None:  # plain AdamW/SGD: step keywords change nothing
-            with torch.no_grad():
-                state = self.kernel(self.flat, self.grad_flat, state)
+            if state is not self.run_for:  # the first step, or a state given since (a load)
+                self.run = self.kernel.prepare(self.flat, self.grad_flat, state)
+                self.run_for = state
+            assert self.run is not None
+            self.run()
         else:
             updates, state = self.tx.update(self.grad_flat, state, self.flat, **extra)
             apply_updates(self.flat, updates, inplace=True)
-        with torch.no_grad():
-            for v, saved in keep:
-                v.copy_(saved)
+        for v, saved in keep:
+            v.copy_(saved)
         return state
 
 

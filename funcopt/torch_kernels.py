@@ -18,7 +18,6 @@ torch and :func:`funcopt.trace`), :math:`d = g + \\lambda\\theta`.
 
 from __future__ import annotations
 
-import functools
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -30,8 +29,27 @@ from funcopt.tree import tree_leaves
 
 __all__ = ["kernel_for", "with_kernel"]
 
-Kernel = Callable[[Any, Any, OptState], OptState]
-_KERNELS: weakref.WeakKeyDictionary[Any, Kernel] = weakref.WeakKeyDictionary()
+Run = Callable[[], None]
+
+
+class _Fused:
+    """A registered kernel: ``kernel(flat, grads, state)`` runs one step in place and returns
+    ``state``; ``kernel.prepare(flat, grads, state)`` does the look-ups into ``state`` once
+    and returns a ``run()`` that steps these same tensors (for a caller that steps one state
+    object many times: the step then spends its time in the kernel, not in finding it)."""
+
+    def __init__(self, prepare: Callable[..., Run], hyper: dict[str, Any]) -> None:
+        self._prepare, self.hyper = prepare, hyper
+
+    def prepare(self, flat: Any, grads: Any, state: OptState) -> Run:
+        return self._prepare(flat, grads, state, **self.hyper)
+
+    def __call__(self, flat: Any, grads: Any, state: OptState) -> OptState:
+        self.prepare(flat, grads, state)()
+        return state
+
+
+_KERNELS: weakref.WeakKeyDictionary[Any, _Fused] = weakref.WeakKeyDictionary()
 
 
 def with_kernel(tx: GradientTransformation, name: str, learning_rate: Any,
@@ -43,12 +61,12 @@ def with_kernel(tx: GradientTransformation, name: str, learning_rate: Any,
     if torch.compiler.is_compiling():  # rebuilt inside a traced step: nothing to register
         return tx
     if all(v is None or isinstance(v, (int, float)) for v in (learning_rate, *hyper.values())):
-        kernels: dict[str, Callable[..., OptState]] = {"adamw": _adamw, "sgd": _sgd}
-        _KERNELS[tx.update] = functools.partial(kernels[name], **hyper)
+        kernels: dict[str, Callable[..., Run]] = {"adamw": _adamw, "sgd": _sgd}
+        _KERNELS[tx.update] = _Fused(kernels[name], hyper)
     return tx
 
 
-def kernel_for(tx: GradientTransformation) -> Kernel | None:
+def kernel_for(tx: GradientTransformation) -> _Fused | None:
     """The fused kernel registered for ``tx`` by :func:`with_kernel`, else None."""
     try:
         return _KERNELS.get(tx.update)
@@ -63,39 +81,49 @@ def _find(state: OptState, kind: str) -> Any:
     raise TypeError(f"fused kernel: no {kind} in the state; it was not built by this transform")
 
 
-def _advance(state: OptState) -> None:
-    """Advance every counter of the chain's states by one, in place (the buffers are updated
-    in place too)."""
-    torch._foreach_add_([s.count for s in state if hasattr(s, "count")], 1)
+def _counts(state: OptState) -> list[torch.Tensor]:
+    """The counters of the chain's states, which every step advances by one in place (the
+    buffers are updated in place too)."""
+    return [s.count for s in state if hasattr(s, "count")]
 
 
-def _lr(state: OptState) -> float:
-    return float(_find(state, "ScaleByLearningRateState").learning_rate)
+def _lr(state: OptState) -> torch.Tensor:
+    """The 0-d learning-rate tensor (read at every run: the adapter writes a param group's
+    ``lr`` into it in place)."""
+    return _find(state, "ScaleByLearningRateState").learning_rate
 
 
 def _adamw(flat: Any, grads: Any, state: OptState, *, b1: float, b2: float, eps: float,
-           weight_decay: float) -> OptState:
+           weight_decay: float) -> Run:
     """AdamW in place with ``torch._fused_adamw_`` (one pass per dtype buffer)."""
     adam = _find(state, "ScaleByAdamState")
-    params, gs = tree_leaves(flat), tree_leaves(grads)
-    _advance(state)
-    steps = [adam.count.to(torch.float32) for _ in params]
-    torch._fused_adamw_(params, gs, tree_leaves(adam.mu), tree_leaves(adam.nu), [], steps,
-                        lr=_lr(state), beta1=b1, beta2=b2, weight_decay=weight_decay, eps=eps,
-                        amsgrad=False, maximize=False)
-    return state
+    params, gs, mu, nu = tree_leaves(flat), tree_leaves(grads), tree_leaves(adam.mu), tree_leaves(adam.nu)
+    counts, lr, count = _counts(state), _lr(state), adam.count
+
+    def run() -> None:
+        torch._foreach_add_(counts, 1)
+        steps = [count.to(torch.float32) for _ in params]
+        torch._fused_adamw_(params, gs, mu, nu, [], steps, lr=float(lr), beta1=b1, beta2=b2,
+                            weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+
+    return run
 
 
 def _sgd(flat: Any, grads: Any, state: OptState, *, momentum: float | None, nesterov: bool,
-         dampening: float, weight_decay: float) -> OptState:
-    """SGD (momentum, Nesterov, dampening, L2 decay) in place with ``torch._fused_sgd_``."""
+         dampening: float, weight_decay: float) -> Run:
+    """SGD (momentum, Nesterov, dampening, L2 decay) in place with ``torch._fused_sgd_``; the
+    first step (momentum buffer = gradient) is the one where the trace's counter reaches 1."""
     params, gs = tree_leaves(flat), tree_leaves(grads)
-    _advance(state)
-    buffers, first = [], False
+    counts, lr, buffers, count = _counts(state), _lr(state), [], None
     if momentum is not None:
         trace = _find(state, "TraceState")
-        buffers, first = tree_leaves(trace.trace), int(trace.count) == 1
-    torch._fused_sgd_(params, gs, buffers, weight_decay=weight_decay, momentum=momentum or 0.0,
-                      lr=_lr(state), dampening=dampening, nesterov=nesterov, maximize=False,
-                      is_first_step=first)
-    return state
+        buffers, count = tree_leaves(trace.trace), trace.count
+
+    def run() -> None:
+        torch._foreach_add_(counts, 1)
+        torch._fused_sgd_(params, gs, buffers, weight_decay=weight_decay,
+                          momentum=momentum or 0.0, lr=float(lr), dampening=dampening,
+                          nesterov=nesterov, maximize=False,
+                          is_first_step=count is not None and int(count) == 1)
+
+    return run
