@@ -161,7 +161,8 @@ def test_defaults_are_the_documented_numbers():
     assert dataclasses.asdict(fo.Geodesic()) == dict(alpha=0.75, fd_step=0.1)
     assert dataclasses.asdict(fo.Tolerances()) == dict(ftol=1e-14, xtol=1e-12, gtol=1e-14)
     assert inspect.signature(fo.levenberg_marquardt).parameters["rule"].default == fo.Nielsen()
-    assert inspect.signature(fo.least_squares).parameters["rule"].default == fo.TrustRegion()
+    # None: TrustRegion() with a dense solver, Nielsen() with a matrix-free one
+    assert inspect.signature(fo.least_squares).parameters["rule"].default is None
 
 
 # --------------------------------------------------------------------------- bad options

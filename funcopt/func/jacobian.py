@@ -10,8 +10,6 @@ fixed) and return
   products, columns chunked), chosen by shape; for residuals declared per sample with
   :func:`per_sample_residuals`, sample by sample (``vmap`` over samples of the Jacobian of one
   sample's residuals), which costs ``O(N)`` instead of ``O(N^2)`` for ``N`` samples;
-* :func:`jacobian_row_blocks` - ``r`` and a generator of consecutive row blocks of ``J``,
-  so ``J`` is never whole (rows by vector-Jacobian products, or whole samples per block);
 * :func:`gauss_newton_products` - the matrix-free path: ``J v`` (jvp), ``J^T u`` (vjp) and
   the Gauss-Newton product ``J^T J v`` without forming ``J``.
 """
@@ -19,7 +17,7 @@ fixed) and return
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -41,7 +39,6 @@ __all__ = [
     "per_sample_residuals",
     "jacobian",
     "jacobian_chunk_size",
-    "jacobian_row_blocks",
     "GaussNewtonProducts",
     "gauss_newton_products",
 ]
@@ -404,71 +401,6 @@ def jacobian(
     push = vmap(lambda v: jvp(f, (x,), (v,))[1])
     cols = [push(eye[s:s + k]) for s in range(0, n, k)]
     return torch.cat(cols).T.contiguous(), r0
-
-
-def jacobian_row_blocks(
-    residual_fn: Callable[..., Tensor], params: PyTree, *args: Any, rows: int,
-    mode: str = "auto",
-) -> tuple[Tensor, Iterator[Tensor]]:
-    """``(r, blocks)``: the residuals ``r`` (``m``, detached) and a generator of consecutive
-    row blocks of ``J = dr/dx``, each formed when it is read, so ``J`` is never whole.
-
-    A generic ``residual_fn`` gives blocks of ``rows`` rows, ``J[s:s+rows] = vmap(vjp)(E)``
-    for the one-hot rows ``E`` (``rows x m``) of the identity, from one forward pass.
-    :class:`PerSampleResiduals` give blocks of ``max(1, rows // m_s)`` whole samples (``m_s``
-    residuals each), the Jacobian of each sample's residuals by ``jacrev`` (``jacfwd`` when
-    ``mode="forward"``, or ``"auto"`` with ``8 n < m_s``) under ``vmap``, with the scale
-    ``c(N)`` of the whole batch. Blocks are ``(m_k, n)`` in the parameters' dtype.
-    """
-    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
-        raise ValueError(f"jacobian_row_blocks: rows={rows!r}; pass a positive int")
-    if mode not in ("auto", "forward", "reverse"):
-        raise ValueError(f"mode={mode!r}: use 'auto', 'forward' or 'reverse'")
-    x, unravel = ravel_params(params)
-    if isinstance(residual_fn, PerSampleResiduals):
-        return _per_sample_row_blocks(residual_fn, args, x, unravel, rows, mode)
-    r, pullback = _vjp(residual_vector_fn(residual_fn, unravel, *args), x)
-    r = r.detach()
-
-    def blocks() -> Iterator[Tensor]:
-        m = r.numel()
-        for s in range(0, m, rows):
-            k = min(rows, m - s)
-            idx = torch.arange(k, device=r.device)
-            onehot = torch.zeros(k, m, dtype=r.dtype, device=r.device)
-            onehot[idx, idx + s] = 1.0
-            yield vmap(pullback)(onehot)[0].to(x.dtype)
-
-    return r, blocks()
-
-
-def _per_sample_row_blocks(res: PerSampleResiduals, args: tuple[Any, ...], x: Tensor,
-                           unravel: Callable[[Tensor], PyTree], rows: int, mode: str
-                           ) -> tuple[Tensor, Iterator[Tensor]]:
-    """:func:`jacobian_row_blocks` for per-sample residuals: whole samples per block."""
-    batch = res.batch_of(args)
-    num = _num_samples(batch)
-    one = res.sample_fn(num)
-
-    def value_and_value(v: Tensor, sample: Any) -> tuple[Tensor, Tensor]:
-        r = one(unravel(v), sample)
-        return r, r
-
-    with torch.no_grad():
-        r = vmap(one, in_dims=(None, 0))(unravel(x), batch).reshape(-1).detach()
-    per = max(r.numel() // num, 1)
-    if mode == "auto":
-        mode = "forward" if 8 * x.numel() < per else "reverse"
-    jac = (jacrev if mode == "reverse" else jacfwd)(value_and_value, has_aux=True)
-    step = max(1, rows // per)
-
-    def blocks() -> Iterator[Tensor]:
-        for s in range(0, num, step):
-            part = tree_map(lambda t, s=s: t[s:s + step], batch)
-            J, _ = vmap(jac, in_dims=(None, 0))(x, part)
-            yield J.reshape(-1, x.numel()).to(x.dtype)
-
-    return r, blocks()
 
 
 class GaussNewtonProducts(NamedTuple):
