@@ -68,6 +68,12 @@ from funcopt.optim_flat import FlatGroup, can_flatten
 __all__ = ["Optimizer", "find_hyperparams", "set_hyperparams"]
 
 _ALLOWED_EXTRA_KEYS = frozenset({"params", "transform", "param_names", "initial_lr"})
+# hyperparameters torch.optim's optimizers read from a param group: written into a group after
+# construction when the transform does not expose them, they would be ignored (refused instead)
+_TORCH_HYPERPARAMETERS = frozenset({
+    "lr", "momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "amsgrad",
+    "maximize", "alpha", "centered", "lr_decay", "rho", "lambd", "t0", "momentum_decay",
+    "decoupled_weight_decay", "initial_accumulator_value", "etas", "step_sizes"})
 _STATE_DICT_TAG = "funcopt.Optimizer"
 
 
@@ -296,6 +302,7 @@ class Optimizer(torch.optim.Optimizer):
         self.transform_states: list[OptState] = []
         self._hyper_names: list[list[str]] = []
         self._flat: list[FlatGroup | None] = []
+        self._group_sizes: list[int] = []  # len(group) last checked for keys the step ignores
         super().__init__(params, {})
         first = self.param_groups[0]
         self.defaults = {k: v for k, v in first.items() if k not in _ALLOWED_EXTRA_KEYS}
@@ -357,6 +364,7 @@ class Optimizer(torch.optim.Optimizer):
         self._flat.append(flat)
         self.transform_states.append(state)
         self._hyper_names.append(list(found))
+        self._group_sizes.append(len(group))
         self.param_groups.append(group)
 
     # ------------------------------------------------------------------ step
@@ -387,6 +395,8 @@ class Optimizer(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, i: int, group: dict[str, Any], extra: dict[str, Any]) -> None:
+        if len(group) != self._group_sizes[i]:  # keys added since: none the step would ignore
+            self._check_added_keys(i, group)
         flat = self._flat[i]
         if flat is not None:
             missing = flat.gather()
@@ -420,6 +430,19 @@ class Optimizer(torch.optim.Optimizer):
         moved = [(p, u) for p, u, g in zip(detached, _values(updates), grads) if g is not None]
         targets = [p for p, _ in moved]
         ops.add_(targets, [u if u.dtype == p.dtype else u.to(p.dtype) for p, u in moved])
+
+    def _check_added_keys(self, i: int, group: dict[str, Any]) -> None:
+        names = {"lr" if n == "learning_rate" else n for n in self._hyper_names[i]}
+        if {"b1", "b2"} <= names:
+            names.add("betas")
+        ignored = sorted(k for k in group if k in _TORCH_HYPERPARAMETERS and k not in names)
+        if ignored:
+            raise ValueError(
+                f"param group {i} now sets {ignored}, which its transform does not expose as "
+                "hyperparameters, so the step would ignore them (torch.optim would apply them); "
+                "build the transform with fo.inject_hyperparams(factory)(...) to change them "
+                "between steps, or do not set them")
+        self._group_sizes[i] = len(group)
 
     # ------------------------------------------------------------------ state_dict
 

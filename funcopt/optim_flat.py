@@ -112,7 +112,8 @@ class FlatGroup:
             pass
         missing = []
         with torch.no_grad():
-            for i, (p, v, gv) in enumerate(zip(self.params, self.views, self.grad_views)):
+            moved: dict[int, torch.Tensor] = {}  # all read before any copy writes the buffer
+            for i, (p, v) in enumerate(zip(self.params, self.views)):
                 if p.dtype != v.dtype or p.device != v.device or p.shape != v.shape:
                     raise RuntimeError(
                         f"parameter {i} now has shape {tuple(p.shape)}, dtype {p.dtype} and device "
@@ -121,8 +122,13 @@ class FlatGroup:
                         "moving, casting or reshaping the model (model.to(...)), as torch.optim "
                         "needs")
                 if p.data_ptr() != v.data_ptr():  # moved since (p.data = ..., a reload)
-                    v.copy_(p.data)
-                    p.data = v
+                    d = p.data  # a view of this buffer (two parameters swapped) is copied first
+                    same = d.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+                    moved[i] = d.clone() if same else d
+            for i, d in moved.items():
+                self.views[i].copy_(d)
+                self.params[i].data = self.views[i]
+            for i, (p, gv) in enumerate(zip(self.params, self.grad_views)):
                 g = p.grad
                 if g is not None and g.is_sparse:
                     raise RuntimeError("funcopt.Optimizer does not support sparse gradients")

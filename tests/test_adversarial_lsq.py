@@ -178,3 +178,20 @@ def test_matrix_free_solver_without_a_rule_takes_nielsen(solver):
     with pytest.raises(ValueError, match="TrustRegion"):
         fo.least_squares(fn, torch.zeros(2, dtype=torch.float64), solver=solver,
                          rule=fo.TrustRegion())
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "lu"])
+def test_trust_region_with_a_singular_gram_takes_damped_steps(solver):
+    """A zero column (an unused parameter) makes J^T J singular: the trust region's damping 0
+    fails a Cholesky/LU solve, whose zero-length step used to set the radius to 0 and end the
+    fit after one update. The radius now shrinks by itself, so a damped (regular) system is
+    solved and the fit reaches the full-rank fit's cost."""
+    t = torch.linspace(0, 4, 50, dtype=torch.float64)
+    y = 2.5 * torch.exp(-1.3 * t) + 0.01 * torch.sin(7 * t)
+    full = lambda p: p[0] * torch.exp(-p[1] * t) + p[2] - y
+    _, ref = fo.least_squares(full, torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64))
+    _, info = fo.least_squares(lambda p: full(p[:3]) + 0 * p[3],
+                               torch.tensor([1.0, 1.0, 0.0, 5.0], dtype=torch.float64),
+                               solver=solver)
+    assert ref.success and info.success, info.reason
+    np.testing.assert_allclose(info.cost, ref.cost, rtol=1e-9)

@@ -230,3 +230,19 @@ def test_huge_jacobian_columns_do_not_overflow(monkeypatch):
         assert bool(torch.isfinite(s.scale).all()) and bool(torch.isfinite(s.grad_cos))
         torch.testing.assert_close(s.scale, s_ref.scale, rtol=1e-12, atol=0)
         torch.testing.assert_close(p, p_ref, rtol=1e-9, atol=0)
+
+
+@pytest.mark.cupynumeric
+def test_row_blocks_with_a_rank_deficient_jacobian_fit_under_the_trust_region():
+    """An unused parameter (a zero column): the default trust region's damping 0 meets a
+    singular Gram matrix, which the row-block path's Cholesky cannot factor; the fit used to
+    end after one update with 'the linear solver failed'. It now takes damped steps."""
+    t = torch.linspace(0, 4, 50, dtype=torch.float64)
+    y = 2.5 * torch.exp(-1.3 * t) + 0.01 * torch.sin(7 * t)
+    full = lambda p: p[0] * torch.exp(-p[1] * t) + p[2] - y
+    _, ref = fo.least_squares(full, torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64))
+    _, info = fo.least_squares(lambda p: full(p[:3]) + 0 * p[3],
+                               torch.tensor([1.0, 1.0, 0.0, 5.0], dtype=torch.float64),
+                               solver=fo.solvers.CuPyNumeric(row_block=7))
+    assert ref.success and info.success, info.reason
+    assert abs(info.cost - ref.cost) <= 1e-9 * ref.cost

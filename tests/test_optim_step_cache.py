@@ -222,3 +222,51 @@ def test_closure_and_zero_grad_keep_working() -> None:
     with torch.no_grad():
         opt.step(closure(model, opt))
         assert not torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("key, value", [("momentum", 0.5), ("weight_decay", 0.2),
+                                        ("nesterov", True), ("betas", (0.8, 0.9))])
+def test_a_torch_hyperparameter_the_transform_does_not_expose_is_refused_not_ignored(key, value):
+    """torch.optim applies group['momentum'] (or weight_decay ...) written between steps; a
+    plain fo.sgd has no such hyperparameter in its state, and the write was silently ignored
+    (parameters 0.09 off torch's after 8 steps). Now the step refuses it, naming the fix."""
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = fo.Optimizer([w], fo.sgd(0.01, momentum=0.9))
+    w.grad = torch.ones(3)
+    opt.step()
+    opt.param_groups[0][key] = value
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match=rf"\['{key}'\].*inject_hyperparams"):
+        opt.step()
+    assert torch.equal(w.detach(), before)
+
+
+def test_scheduler_bookkeeping_keys_and_exposed_hyperparameters_are_accepted():
+    """Keys a scheduler adds (initial_lr, max_lr ...) and the transform's own hyperparameters
+    (inject_hyperparams: momentum) may be written; the writes take effect as in torch."""
+    w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    ref = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = fo.Optimizer([w], fo.inject_hyperparams(fo.sgd)(learning_rate=0.1, momentum=0.9))
+    tref = torch.optim.SGD([ref], lr=0.1, momentum=0.9)
+    for o in (opt, tref):
+        o.param_groups[0]["max_lr"] = 1.0
+    for step in range(4):
+        if step == 2:
+            opt.param_groups[0]["momentum"] = tref.param_groups[0]["momentum"] = 0.5
+        for p in (w, ref):
+            p.grad = p.detach() ** 2
+        opt.step()
+        tref.step()
+    torch.testing.assert_close(w.detach(), ref.detach(), rtol=1e-12, atol=0)
+
+
+def test_two_parameters_swapping_storage_keep_their_values():
+    """a.data, b.data = b.data, a.data inside one flat group: the copy into a's view used to
+    overwrite b's new data before it was read (both ended as b's values)."""
+    a = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    b = torch.nn.Parameter(torch.tensor([2.0, 2.0]))
+    opt = fo.Optimizer([a, b], fo.sgd(0.0))
+    a.data, b.data = b.data, a.data
+    (a.sum() + b.sum()).backward()
+    opt.step()
+    assert a.tolist() == [2.0, 2.0] and b.tolist() == [1.0, 1.0]

@@ -292,7 +292,8 @@ def _step(residual_fn, params, args, state: LevenbergMarquardtState, o: LMOption
         accepted = bool(acc)  # host sync
         if isinstance(rule, TrustRegion):
             if attempt == 1:
-                radius = torch.where(state.count == 0, torch.minimum(radius, pnorm), radius)
+                # a failed solve measured no step: its zero length is no radius
+                radius = torch.where((state.count == 0) & ok, torch.minimum(radius, pnorm), radius)
             far = ~(0.1 * new_fn < fn)
             radius = adapt_radius(radius, lam, (actual, predicted, far), pnorm / _positive(fn),
                                   pnorm, ok)

@@ -310,7 +310,7 @@ def attempt(loc: BatchedLocal, t: Trial, state, trial_norm, o: LMOptions, active
     rho, actual, predicted = _reductions(fn, new_fn, t1, t2, lam)
     acc = ok & finite & (rho > o.accept_ratio)
     if isinstance(rule, TrustRegion):  # the first step of a fit cuts the radius to its length
-        first = (state.count == 0) & (t.attempts == 0)
+        first = (state.count == 0) & (t.attempts == 0) & ok  # a failed solve has no length
         radius = torch.where(first, torch.minimum(radius, pnorm), radius)
         radius = adapt_radius(radius, lam, (actual, predicted, ~(0.1 * new_fn < fn)), t2, pnorm, ok)
     else:

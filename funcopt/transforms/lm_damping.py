@@ -276,5 +276,7 @@ def adapt_radius(radius, lam, reductions, t2, pnorm, ok):
     mu = torch.where(far | (mu < 0.1) | ~torch.isfinite(mu), 0.1, mu)
     shrink = ratio <= 0.25
     grow = ~shrink & ((lam == 0) | (ratio >= 0.75))
-    return torch.where(shrink, mu * torch.minimum(radius, pnorm / 0.1),
+    # a failed solve (not ok) has no step: shrink the radius itself, not its zero length
+    base = torch.where(ok, torch.minimum(radius, pnorm / 0.1), radius)
+    return torch.where(shrink, mu * base,
                        torch.where(grow, pnorm / 0.5, radius))
