@@ -29,7 +29,12 @@ from funcopt.transforms.lm_damping import (
     check_geodesic,
     check_rule,
 )
-from funcopt.transforms.lm_model import _is_matrix_free, stationarity_floor
+from funcopt.transforms.lm_model import (
+    GAIN_CHECK_SIZE,
+    _is_matrix_free,
+    gauss_newton_gain,
+    stationarity_floor,
+)
 
 __all__ = ["LeastSquaresInfo", "Tolerances", "least_squares", "memory_path", "mse_residuals",
            "cross_entropy_residuals"]
@@ -282,7 +287,7 @@ def least_squares(
     if reason.startswith("max_steps") and history and history[-1]["solve_failed"]:
         reason += "; the last update's linear solves failed (e.g. CG did not converge)"
     if success and history and not reason.startswith(("zero residual", "gtol")):
-        reason, success = _stall_check(residual_fn, params, history[-1], tols, reason)
+        reason, success = _stall_check(residual_fn, params, history[-1], tols, reason, m * x.numel())
     if success and not moved and not reason.startswith(("zero residual", "gtol")):
         reason, success = ("no step was accepted from the start point, so it is not a minimum "
                            f"of the cost although a test held ({reason})"), False
@@ -294,22 +299,29 @@ def least_squares(
     )
 
 
-def _stall_check(residual_fn, params, h: dict, tols, reason: str) -> tuple[str, bool]:
-    """A tolerance test held after an update found no acceptable step: ``(reason, success)``.
-    A step along column ``j`` alone lowers the linear model's cost by the fraction
-    ``cos_j^2``, so ``gnorm^2`` above ``ftol``, ``eps`` and the residuals' relative rounding
-    (:func:`funcopt.transforms.lm_model.stationarity_floor`) means the steps failed for
-    another reason than convergence (e.g. inexact CG on a badly scaled float32 problem)."""
-    if h["accepted"] or h["grad_cos"] ** 2 <= max(tols[0], tols[3]):
+def _stall_check(residual_fn, params, h: dict, tols, reason: str, size: int) -> tuple[str, bool]:
+    """A tolerance test held: ``(reason, success)``. After an update that found no acceptable
+    step, ``gnorm^2`` above ``ftol``, ``eps`` and the residuals' relative rounding
+    (:func:`funcopt.transforms.lm_model.stationarity_floor`) means the steps failed for another
+    reason than convergence (e.g. inexact CG on a badly scaled float32 problem). When a test
+    "below machine precision" held (``m n <= GAIN_CHECK_SIZE``), the full Gauss-Newton step
+    solved in float64 (:func:`funcopt.transforms.lm_model.gauss_newton_gain`) must not promise
+    such a reduction by a move of more than 4 units of the parameters' resolution."""
+    limit = "machine precision" in reason and size <= GAIN_CHECK_SIZE
+    quiet = h["accepted"] or h["grad_cos"] ** 2 <= max(tols[0], tols[3])
+    if quiet and not limit:
         return reason, True
     cos, floor = stationarity_floor(residual_fn, params)
     bound = max(tols[0], tols[3], floor)
-    if not (math.isfinite(cos) and cos * cos > bound):  # inf: J^T J overflowed, unknown
+    gain, ulps = gauss_newton_gain(residual_fn, params) if limit else (0.0, 0.0)
+    if not quiet and math.isfinite(cos) and cos * cos > bound:  # inf: unknown
+        why = f"grad_cos {cos:.2g}: a step along one column alone predicts {cos * cos:.2g}"
+    elif gain > bound and ulps > 4:
+        why = f"the Gauss-Newton step, {ulps:.2g} units of x's resolution, predicts {gain:.2g}"
+    else:
         return reason, True
-    return (f"stalled: a tolerance test held ({reason}) after no damping gave an acceptable "
-            f"step, but the gradient is not orthogonal to the residuals (grad_cos {cos:.2g}: "
-            f"the linear model predicts a relative reduction of {cos * cos:.2g}, above the "
-            f"{bound:.2g} that ftol and rounding allow): not a minimum (failure); for an "
+    return (f"stalled: a tolerance test held ({reason}), but the point is not a minimum "
+            f"({why}, above the {bound:.2g} that ftol and rounding allow): a failure; for an "
             "iterative solver use solver='pcg' with scaling=True, a dense solver, or float64"), False
 
 

@@ -302,6 +302,34 @@ def stationarity_floor(residual_fn: Callable, params: Any) -> tuple[float, float
     return cos, 4 * noise / float(_positive(rnorm))
 
 
+GAIN_CHECK_SIZE = 2**22
+"""Largest ``m n`` for which :func:`gauss_newton_gain` runs (a float64 SVD of ``J``)."""
+
+
+def gauss_newton_gain(residual_fn: Callable, params: Any) -> tuple[float, float]:
+    """``(gain, ulps)`` of the full Gauss-Newton step ``delta = -J^+ r`` at ``params``,
+    solved in float64 from the dtype's ``J`` and ``r`` (an SVD of ``J`` with scaled columns,
+    singular values below ``n eps_64 sigma_max`` dropped): ``gain = 1 - ||r + J delta||^2 /
+    ||r||^2``, the linear model's relative reduction, and ``ulps = max_j |delta_j| / (eps
+    |x_j|)`` (``eps`` of the parameters' dtype), how far it moves the parameters in units of
+    their resolution. A ``gain`` above the rounding floor with ``ulps`` well above 1 means a
+    step the dtype can represent still promises a reduction: the point is not a minimum."""
+    J, r = jacobian(residual_fn, params)
+    x, _ = ravel_params(params)
+    Jd, rd = J.double(), r.double()
+    c = Jd.norm(dim=0)
+    c = torch.where(c > 0, c, 1.0)
+    U, sv, Vh = torch.linalg.svd(Jd / c, full_matrices=False)
+    keep = sv > sv.max() * max(Jd.shape) * torch.finfo(torch.float64).eps if sv.numel() else sv > 0
+    coef = torch.where(keep, (U.T @ rd) / torch.where(keep, sv, 1.0), 0.0)
+    delta = -(Vh.T @ coef) / c
+    rnorm = rd.norm()
+    gain = 1.0 - float((rd + Jd @ delta).norm() / rnorm) ** 2 if float(rnorm) > 0 else 0.0
+    res = torch.finfo(x.dtype).eps * x.double().abs()
+    ulps = delta.abs() / torch.where(res > 0, res, torch.finfo(x.dtype).tiny)
+    return gain, float(ulps.max()) if ulps.numel() else 0.0
+
+
 def _require_dtype(r: Tensor, x: Tensor) -> None:
     if r.dtype != x.dtype:
         raise TypeError(
