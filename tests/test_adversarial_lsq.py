@@ -212,3 +212,15 @@ def test_float32_nist_success_means_the_certified_minimum(name, start):
         assert info.cost <= 1.01 * certified + 1e-9 * float(problem.y.double().pow(2).sum())
     else:
         assert info.reason.startswith("stalled") and "Gauss-Newton step" in info.reason
+
+
+@pytest.mark.parametrize("dtype, big", [(torch.float64, 1.5e308), (torch.float32, 3e38)])
+def test_a_jacobian_column_beyond_the_dtype_is_a_clear_error(dtype, big):
+    """A parameter whose derivatives' norm exceeds the dtype's largest number: the damping
+    became NaN and the error named 'damping=nan', an internal value. Now one ValueError names
+    the column and the fix."""
+    t = torch.linspace(0, 4, 20, dtype=dtype)
+    y = 2.5 * torch.exp(-1.3 * t)
+    fn = lambda p: p[0] * torch.exp(-p[1] * t) + p[2] * big - y
+    with pytest.raises(ValueError, match="column 2 of the Jacobian has a norm beyond"):
+        fo.least_squares(fn, torch.tensor([1.0, 1.0, 0.0], dtype=dtype))

@@ -388,11 +388,18 @@ def _column_stats_scaled(J: Tensor, r: Tensor, rnorm: Tensor) -> tuple[Tensor, T
     ``gnorm_j = |(J_j / s_j)^T (r / ||r||)| / ||J_j / s_j||``, so no square or product
     overflows, and none that matters underflows."""
     s = torch.maximum(J.amax(0), -J.amin(0)) if J.shape[0] else J.new_zeros(J.shape[1])
-    _require_finite_residuals(torch.isfinite(r).all() & torch.isfinite(s).all())  # host sync
+    finite = torch.isfinite(r).all() & torch.isfinite(s).all()
     s = torch.where(s > 0, s, torch.ones_like(s))
     Js = J / s
     cs = (Js * Js).sum(0).sqrt()  # in [1, sqrt(m)] for a nonzero column
     col = cs * s
+    if not bool(finite & torch.isfinite(col).all()):  # host sync
+        _require_finite_residuals(finite)
+        j = int(torch.nonzero(~torch.isfinite(col))[0])
+        raise ValueError(
+            f"column {j} of the Jacobian has a norm beyond the largest {J.dtype} number: the "
+            "scaling, the damping and the stopping tests cannot be computed; rescale that "
+            "parameter (or the residuals) so its derivatives are smaller")
     g = (r / _positive(rnorm)) @ Js / _positive(cs)
     cos = torch.where((col > 0) & (rnorm > 0), g.abs(), 0.0)
     return col, cos.max() if cos.numel() else torch.zeros((), dtype=J.dtype, device=J.device)
