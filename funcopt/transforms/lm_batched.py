@@ -40,6 +40,7 @@ import torch
 from funcopt.engine import is_tracing
 from funcopt.transforms.levenberg_marquardt import LevenbergMarquardtState, LMOptions
 from funcopt.transforms.lm_damping import TrustRegion, _positive, adapt_radius
+from funcopt.transforms.lm_model import running_scale
 
 __all__ = ["BatchedLocal", "Trial", "local_model", "gram_local_model", "iterate", "init_state",
            "start_trial", "attempt", "update_over", "finish", "batched_norm", "NEWTON_STEPS"]
@@ -93,8 +94,7 @@ def _scaling(col: Tensor, state: LevenbergMarquardtState, o: LMOptions) -> tuple
     first = (state.count == 0)[:, None]
     lam = state.damping
     if o.scaling:
-        d = torch.where(first, col, torch.maximum(state.scale, col))
-        return torch.where(d > 0, d, torch.ones_like(d)), lam
+        return running_scale(state.scale, col, first), lam
     start = o.rule.initial_damping * (col * col).amax(dim=-1)
     return torch.ones_like(col), torch.where(first[:, 0] & (start > 0), start, lam)
 

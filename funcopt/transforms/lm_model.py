@@ -177,6 +177,13 @@ class _Local(NamedTuple):
     svd: tuple[Tensor, Tensor, Tensor] | None = None  # trust-region rule, see _normalised_svd
 
 
+def running_scale(scale: Tensor, col: Tensor, first: Tensor) -> Tensor:
+    """MINPACK's ``diag``: the column norms ``col`` on the first step, else the running maximum
+    ``max(scale, col)``; 1 for a zero column."""
+    d = torch.where(first, col, torch.maximum(scale, col))
+    return torch.where(d > 0, d, torch.ones_like(d))
+
+
 def _require_finite_residuals(ok: Tensor) -> None:
     if not bool(ok):  # host sync
         raise ValueError(
@@ -207,9 +214,7 @@ def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
     first = state.count == 0
     lam = state.damping
     if o.scaling:
-        d = torch.where(first, col, torch.maximum(state.scale, col))
-        d = torch.where(d > 0, d, torch.ones_like(d))
-        S = d
+        d = S = running_scale(state.scale, col, first)
     else:
         d, S = torch.ones_like(x), None
         start = o.rule.initial_damping * (col * col).max()
@@ -242,21 +247,26 @@ def _linearize_matrix_free(residual_fn, params, args, state, o: LMOptions, x, f)
     if col2 is not None:
         col, cos = col2.sqrt(), _gradient_cosine(gn, col2, rnorm)
         if o.scaling:
-            d = torch.where(state.count == 0, col, torch.maximum(state.scale, col))
-            d = torch.where((d > 0) & torch.isfinite(d), d, torch.ones_like(d))
+            d = running_scale(state.scale, col, state.count == 0)
+            d = torch.where(torch.isfinite(d), d, torch.ones_like(d))  # col2 overflowed
     d2 = d * d
     factor = lambda lam_: _matrix_free_factor(gn, lam_, o.solver, d2, col2)
     solve = lambda factored, u: _matrix_free_solve(gn, factored, u)
     return _Local(x, f, r, rnorm, d, cos, state.damping, factor, solve, gn.jvp)
 
 
-def _gradient_cosine(gn, col2: Tensor, rnorm: Tensor) -> Tensor:
+def _gradient_cosine(gn, col2: Tensor, rnorm: Tensor, x: Tensor | None = None) -> Tensor:
     """MINPACK's ``gnorm = max_j |(J^T r)_j| / (||J_j|| ||r||)`` over the nonzero columns
-    from ``col2 = diag(J^T J)`` and one product; ``inf`` (unknown) where a number overflows."""
+    from ``col2 = diag(J^T J)`` and one product; ``inf`` (unknown) where a number overflows.
+    With ``x``, only over the columns whose one-dimensional Gauss-Newton move ``|alpha_j| =
+    |J_j^T r| / ||J_j||^2`` is at least ``eps |x_j|`` (see :func:`stationarity_floor`)."""
     col = col2.sqrt()
     g = gn.vjp(gn.residuals / _positive(rnorm))  # J^T r / ||r||: no overflow for large r
     live = col > 0
-    ratio = torch.where(live, g.abs() / torch.where(live, col, 1.0), 0.0)
+    safe = torch.where(live, col, 1.0)
+    if x is not None:  # |alpha_j| without overflow in J^T r
+        live = live & ((g.abs() / safe) * (rnorm / safe) > torch.finfo(x.dtype).eps * x.abs())
+    ratio = torch.where(live, g.abs() / safe, 0.0)
     known = torch.isfinite(col).all() & torch.isfinite(ratio).all()
     top = ratio.max() if ratio.numel() else torch.zeros((), dtype=col.dtype, device=col.device)
     return torch.where(known, top, torch.full_like(top, float("inf")))
@@ -281,16 +291,7 @@ def stationarity_floor(residual_fn: Callable, params: Any) -> tuple[float, float
     if float(rnorm) == 0.0:
         return 0.0, math.inf
     eps = torch.finfo(x.dtype).eps
-    col2 = column_norms_sq(gn)
-    col = col2.sqrt()
-    g = gn.vjp(r / _positive(rnorm))  # J^T r / ||r||
-    live = col > 0
-    safe = torch.where(live, col, 1.0)
-    move = (g.abs() / safe) * (rnorm / safe)  # |alpha_j| without overflow in J^T r
-    resolvable = live & (move > eps * x.abs())
-    ratio = torch.where(resolvable, g.abs() / safe, 0.0)
-    known = bool(torch.isfinite(col).all() & torch.isfinite(ratio).all())
-    cos = float(ratio.max()) if known and ratio.numel() else (0.0 if known else math.inf)
+    cos = float(_gradient_cosine(gn, column_norms_sq(gn), rnorm, x))
     mag = x.abs()
     big = mag.max() if mag.numel() else torch.ones((), dtype=x.dtype, device=x.device)
     mag = torch.where(mag > 0, mag, torch.where(big > 0, big, torch.ones_like(big)))

@@ -18,6 +18,7 @@ from funcopt.transforms.lm_model import (
     _Local,
     _require_dtype,
     _require_finite_residuals,
+    running_scale,
 )
 
 if TYPE_CHECKING:
@@ -55,9 +56,7 @@ def linearize_row_blocks(residual_fn, params, args, state, o: LMOptions, x, f) -
     col, cos = acc.column_stats(rnorm)  # raises on a non-finite J
     lam = state.damping
     if o.scaling:
-        d = torch.where(state.count == 0, col, torch.maximum(state.scale, col))
-        d = torch.where(d > 0, d, torch.ones_like(d))
-        S = d
+        d = S = running_scale(state.scale, col, state.count == 0)
     else:
         d, S = torch.ones_like(x), None
         start = o.rule.initial_damping * (col * col).max()
