@@ -2,7 +2,7 @@
 
     python benchmarks/lm_peers.py [--device cuda] [--steps 50] [--threads 1]
 
-Needs ``torch-levenberg-marquardt`` (1.2.3, which imports pytorch-lightning) and scikit-learn
+Needs ``torch-levenberg-marquardt`` (1.2.3; loaded as in ``lm_scale.py``, so pytorch-lightning is optional) and scikit-learn
 besides funcopt. Problems:
 
 * ``sin``: a 1-32-32-1 tanh MLP fitting ``sin(2x)`` on 512 points of ``[-pi, pi]`` (MSE);
@@ -96,12 +96,13 @@ def run_funcopt(name, model, xtr, ytr, steps, solver, device, per_sample=False, 
 
 def run_peer(name, model, xtr, ytr, steps, solve_method, device):
     """torch_levenberg_marquardt.training.LevenbergMarquardtModule.training_step."""
-    import torch_levenberg_marquardt as tlm
+    from lm_scale import load_peer  # the same loader: works without pytorch-lightning
 
+    training, tlm_loss = load_peer()
     logging.getLogger("torch_levenberg_marquardt").setLevel(logging.ERROR)
     net = copy.deepcopy(model)
-    loss = tlm.loss.MSELoss() if name == "sin" else tlm.loss.CrossEntropyLoss()
-    lm = tlm.training.LevenbergMarquardtModule(net, loss_fn=loss, solve_method=solve_method)
+    loss = tlm_loss.MSELoss() if name == "sin" else tlm_loss.CrossEntropyLoss()
+    lm = training.LevenbergMarquardtModule(net, loss_fn=loss, solve_method=solve_method)
     times, rejected, solves, logs = [], 0, 0, {}
     for _ in range(steps):
         before = lm.flat_params.clone()
