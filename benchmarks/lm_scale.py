@@ -21,6 +21,9 @@ costs only its row):
   preconditioner, ``D`` from the same ``diag(J^T J)``, Nielsen);
 * ``funcopt LM matrix-free``: the matrix-free path forced (skipped when the memory model
   already picked it);
+* ``funcopt LM dense, Classic rule``: the dense path with ``rule=fo.Classic()`` (damping
+  times 0.1 on an accepted step, times 10 on a rejected one: torch-lm's factors), the other
+  defaults unchanged;
 * ``torch-lm``: torch-levenberg-marquardt's ``LevenbergMarquardtModule`` with
   ``solve_method=--peer-solve`` (default ``cholesky``, its fastest) and its other defaults;
   loaded without its package ``__init__`` when that fails (the ``__init__`` imports
@@ -55,8 +58,9 @@ import time
 import types
 
 D_IN, TEACHER = 8, 32
-CONTENDERS = ("funcopt", "funcopt-mf", "torch-lm", "adam")
+CONTENDERS = ("funcopt", "funcopt-mf", "funcopt-classic", "torch-lm", "adam")
 LABEL = {"funcopt": "funcopt LM (memory model)", "funcopt-mf": "funcopt LM matrix-free",
+         "funcopt-classic": "funcopt LM dense, Classic rule",
          "torch-lm": "torch-lm 1.2.3", "adam": "torch Adam"}
 
 
@@ -128,7 +132,7 @@ class FuncoptLM:
 
     lag = 0
 
-    def __init__(self, model, x, y, path: str, budget: int):
+    def __init__(self, model, x, y, path: str, budget: int, classic: bool = False):
         from torch.func import functional_call
 
         import funcopt as fo
@@ -142,10 +146,13 @@ class FuncoptLM:
             solver, rule, opts = _matrix_free_options(x.shape[0], n, x.dtype, budget,
                                                       fo.Nielsen(), {})
             opts = {**opts, "rule": rule, "solver": solver}
+        elif classic:
+            opts = {"rule": fo.Classic()}  # x0.1 on accept, x10 on reject, as torch-lm
         self.make = lambda: fo.levenberg_marquardt(res, **opts)
         self.fo, self.batch = fo, (x, y)
         self.params = {k: v.detach().clone() for k, v in model.named_parameters()}
-        self.setting = ("dense, Nielsen, scaling, solver auto" if path == "dense" else
+        self.setting = ("dense, Classic (x0.1 / x10), scaling, solver auto" if classic else
+                        "dense, Nielsen, scaling, solver auto" if path == "dense" else
                         f"CG jacobi tol {opts['solver'].tol:.1e}, Nielsen, "
                         f"{'D from diag(J^T J)' if opts['scaling'] else 'D=I'}, "
                         f"chunk {opts['chunk_size']}")
@@ -276,6 +283,8 @@ def _build(spec, model, x, y, budget):
         path = "matrix-free" if kind == "funcopt-mf" else \
             fo.memory_path(x.shape[0], n, x.element_size(), budget)
         return FuncoptLM(model, x, y, path, budget), path
+    if kind == "funcopt-classic":
+        return FuncoptLM(model, x, y, "dense", budget, classic=True), "dense"
     if kind == "torch-lm":
         return PeerLM(model, x, y, spec["peer_solve"]), "dense"
     return Adam(model, x, y, spec["adam_lrs"], spec["adam_pilot_steps"]), "-"
