@@ -184,7 +184,10 @@ def least_squares(
         rule: the damping rule object; default None: ``TrustRegion()``, MINPACK's
             trust-region control of the damping (Moré 1978) with ``Delta_0 = 10 ||d x_0||``
             (with it and the exact Jacobian all 27 NIST StRD problems are solved from both
-            starts to 6 digits), or ``Nielsen()`` with a matrix-free solver (``"cg"``,
+            starts to 6 digits); from ``x_0 = 0`` with scaling, where MINPACK takes
+            ``Delta_0 = factor``, a length that does not scale with the residuals, here
+            ``Delta_0 = factor ||r(x_0)||`` (see
+            :func:`funcopt.least_squares_options._zero_start_rule`), or ``Nielsen()`` with a matrix-free solver (``"cg"``,
             ``"pcg"``, :class:`funcopt.solvers.CG`), where the trust region's SVD of ``J`` is
             not available. ``fo.Nielsen()`` and ``fo.Classic()`` also work, see
             :func:`levenberg_marquardt`.
@@ -274,6 +277,12 @@ def least_squares(
         reason += "; the last update's linear solves failed (e.g. CG did not converge)"
     if success and history and not reason.startswith(("zero residual", "gtol")):
         reason, success = _stall_check(residual_fn, params, history[-1], tols, reason, m * x.numel())
+        if not success and not moved and isinstance(rule, TrustRegion):
+            reason += (f"; no step from x0 was accepted: the trust region's first radius, "
+                       f"radius_factor ||d x0|| (||r(x0)|| = {history[0]['residual_norm']:.2g}), "
+                       "is too short to change the cost when x0 is far below the solution's "
+                       "scale: start from x0 of that scale (or x0 = 0), or pass a larger "
+                       "rule=fo.TrustRegion(radius_factor=...)")
     if success and not moved and not reason.startswith(("zero residual", "gtol")):
         reason, success = ("no step was accepted from the start point, so it is not a minimum "
                            f"of the cost although a test held ({reason})"), False

@@ -152,3 +152,19 @@ def test_row_blocks_entry_above_the_largest_power_of_two_fits_as_dense():
     assert dinfo.success and rinfo.success, rinfo.reason
     np.testing.assert_allclose(rows.numpy(), [2.5, 1.3, 0.0], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(rows.numpy(), dense.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_tiny_nonzero_start_names_the_trust_radius():
+    """From x0 = 1e-30 on 1e100 (A x - b), MINPACK's Delta_0 = factor ||d x0|| is 1e-29 of
+    ||r||: no step changes the cost and the fit stops at x0. The failure said to use 'pcg', a
+    dense solver or float64, none of which applies; it now names the trust region's first
+    radius and the fixes, and the first fix given (x0 = 0) reaches numpy's solution."""
+    A, b = _small_linear()
+    fn = lambda x: 1e100 * (A @ x - b)  # noqa: E731
+    _, info = fo.least_squares(fn, torch.full((3,), 1e-30, dtype=F64))
+    assert not info.success
+    assert "trust region's first radius" in info.reason and "radius_factor" in info.reason
+    p, fixed = fo.least_squares(fn, torch.zeros(3, dtype=F64))
+    assert fixed.success, fixed.reason
+    np.testing.assert_allclose(p.numpy(), np.linalg.lstsq(A.numpy(), b.numpy(), rcond=None)[0],
+                               rtol=1e-12)
