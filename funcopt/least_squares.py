@@ -18,7 +18,16 @@ import torch
 
 from funcopt.base import PyTree, apply_updates
 from funcopt.func.jacobian import per_sample_residuals, ravel_params
-from funcopt.least_squares_options import Tolerances, _matrix_free_options, check_driver_options
+from funcopt.least_squares_options import (
+    _EDGE_WINDOW,
+    Tolerances,
+    _matrix_free_options,
+    _outcome,
+    _stall_check,
+    _stationary,
+    _zero_start_rule,
+    check_driver_options,
+)
 from funcopt.solvers.base import scaled_norm
 from funcopt.transforms.levenberg_marquardt import levenberg_marquardt, lm_options
 from funcopt.transforms.lm_damping import (
@@ -29,12 +38,7 @@ from funcopt.transforms.lm_damping import (
     check_geodesic,
     check_rule,
 )
-from funcopt.transforms.lm_model import (
-    GAIN_CHECK_SIZE,
-    _is_matrix_free,
-    gauss_newton_gain,
-    stationarity_floor,
-)
+from funcopt.transforms.lm_model import _is_matrix_free
 
 __all__ = ["LeastSquaresInfo", "Tolerances", "least_squares", "memory_path", "mse_residuals",
            "cross_entropy_residuals"]
@@ -88,7 +92,7 @@ def memory_path(m: int, n: int, itemsize: int, budget: int | None) -> str:
                      f"4 (m + n) = {4 * (m + n) * itemsize} bytes for m={m}, n={n}; raise it")
 
 
-def _check_residual_fn(residual_fn: Callable[[PyTree], Tensor], params: PyTree, x: Tensor) -> int:
+def _check_residual_fn(residual_fn: Callable[[PyTree], Tensor], params: PyTree, x: Tensor) -> Tensor:
     r = residual_fn(params)
     if not isinstance(r, torch.Tensor) or r.ndim != 1:
         got = f"a {type(r).__name__}" if not isinstance(r, torch.Tensor) else f"shape {tuple(r.shape)}"
@@ -106,7 +110,7 @@ def _check_residual_fn(residual_fn: Callable[[PyTree], Tensor], params: PyTree, 
             f"must have the parameters' dtype: return r.to({x.dtype}) from residual_fn, or pass "
             f"{r.dtype} parameters"
         )
-    return r.numel()
+    return r.detach()
 
 
 def _record(s) -> dict:
@@ -120,27 +124,6 @@ def _record(s) -> dict:
         "predicted_reduction": float(s.predicted_reduction), "trial_finite": bool(s.trial_finite),
         "solve_failed": math.isnan(float(s.step_norm)),  # NaN: the last solve failed, no step
     }
-
-
-def _converged(h: dict, ftol: float, xtol: float, gtol: float, eps: float) -> str | None:
-    """MINPACK's tests on the last update's statistics; ``None`` when none holds. They use
-    only relative reductions and relative step lengths, so they do not depend on the scale of
-    the residuals or the parameters."""
-    actred, prered = h["actual_reduction"], h["predicted_reduction"]
-    ratio_ok = 0.5 * h["gain_ratio"] <= 1.0
-    f_ok = abs(actred) <= ftol and prered <= ftol and ratio_ok
-    x_ok = h["step_norm"] <= xtol * h["x_norm"]
-    if f_ok and x_ok:
-        return "ftol and xtol: cost and parameters converged"
-    if f_ok:
-        return "ftol: relative reduction of the cost below ftol"
-    if x_ok:
-        return "xtol: relative step below xtol"
-    if abs(actred) <= eps and prered <= eps and ratio_ok:
-        return "ftol below machine precision: no further reduction possible"
-    if h["step_norm"] <= eps * h["x_norm"]:
-        return "xtol below machine precision: no further improvement possible"
-    return None
 
 
 def least_squares(
@@ -201,7 +184,10 @@ def least_squares(
         rule: the damping rule object; default None: ``TrustRegion()``, MINPACK's
             trust-region control of the damping (Moré 1978) with ``Delta_0 = 10 ||d x_0||``
             (with it and the exact Jacobian all 27 NIST StRD problems are solved from both
-            starts to 6 digits), or ``Nielsen()`` with a matrix-free solver (``"cg"``,
+            starts to 6 digits); from ``x_0 = 0`` with scaling, where MINPACK takes
+            ``Delta_0 = factor``, a length that does not scale with the residuals, here
+            ``Delta_0 = factor ||r(x_0)||`` (see
+            :func:`funcopt.least_squares_options._zero_start_rule`), or ``Nielsen()`` with a matrix-free solver (``"cg"``,
             ``"pcg"``, :class:`funcopt.solvers.CG`), where the trust region's SVD of ``J`` is
             not available. ``fo.Nielsen()`` and ``fo.Classic()`` also work, see
             :func:`levenberg_marquardt`.
@@ -249,7 +235,8 @@ def least_squares(
         o = lm_options(rule, geodesic, solver=solver, **options)
         return least_squares_batched(residual_fn, params, max_steps, tolerances, o)
     x, _ = ravel_params(params)
-    m = _check_residual_fn(residual_fn, params, x)
+    r0 = _check_residual_fn(residual_fn, params, x)
+    m = r0.numel()
     path = memory_path(m, x.numel(), x.element_size(), memory_budget)
     if path == "matrix-free":
         assert memory_budget is not None
@@ -260,6 +247,8 @@ def least_squares(
                              "CG solver without memory_budget")
         solver, rule, options = _matrix_free_options(m, x.numel(), x.dtype, memory_budget, rule,
                                                        options)
+    if isinstance(rule, TrustRegion) and lm_options(rule, geodesic, solver=solver, **options).scaling:
+        rule = _zero_start_rule(rule, x, r0)
     tx = levenberg_marquardt(residual_fn, rule=rule, geodesic=geodesic, solver=solver,
                              **options)
     t = tolerances
@@ -288,6 +277,12 @@ def least_squares(
         reason += "; the last update's linear solves failed (e.g. CG did not converge)"
     if success and history and not reason.startswith(("zero residual", "gtol")):
         reason, success = _stall_check(residual_fn, params, history[-1], tols, reason, m * x.numel())
+        if not success and not moved and isinstance(rule, TrustRegion):
+            reason += (f"; no step from x0 was accepted: the trust region's first radius, "
+                       f"radius_factor ||d x0|| (||r(x0)|| = {history[0]['residual_norm']:.2g}), "
+                       "is too short to change the cost when x0 is far below the solution's "
+                       "scale: start from x0 of that scale (or x0 = 0), or pass a larger "
+                       "rule=fo.TrustRegion(radius_factor=...)")
     if success and not moved and not reason.startswith(("zero residual", "gtol")):
         reason, success = ("no step was accepted from the start point, so it is not a minimum "
                            f"of the cost although a test held ({reason})"), False
@@ -297,79 +292,6 @@ def least_squares(
         len(history), 0.5 * rnorm * rnorm if rnorm < 1e154 else math.inf, reason, success,
         history, evaluations, rnorm, path,
     )
-
-
-def _stall_check(residual_fn, params, h: dict, tols, reason: str, size: int) -> tuple[str, bool]:
-    """A tolerance test held: ``(reason, success)``. After an update that found no acceptable
-    step, ``gnorm^2`` above ``ftol``, ``eps`` and the residuals' relative rounding
-    (:func:`funcopt.transforms.lm_model.stationarity_floor`) means the steps failed for another
-    reason than convergence (e.g. inexact CG on a badly scaled float32 problem). When a test
-    "below machine precision" held (``m n <= GAIN_CHECK_SIZE``), the full Gauss-Newton step
-    solved in float64 (:func:`funcopt.transforms.lm_model.gauss_newton_gain`) must not promise
-    such a reduction by a move of more than 4 units of the parameters' resolution."""
-    limit = "machine precision" in reason and size <= GAIN_CHECK_SIZE
-    quiet = h["accepted"] or h["grad_cos"] ** 2 <= max(tols[0], tols[3])
-    if quiet and not limit:
-        return reason, True
-    cos, floor = stationarity_floor(residual_fn, params)
-    bound = max(tols[0], tols[3], floor)
-    gain, ulps = gauss_newton_gain(residual_fn, params) if limit else (0.0, 0.0)
-    if not quiet and math.isfinite(cos) and cos * cos > bound:  # inf: unknown
-        why = f"grad_cos {cos:.2g}: a step along one column alone predicts {cos * cos:.2g}"
-    elif gain > bound and ulps > 4:
-        why = f"the Gauss-Newton step, {ulps:.2g} units of x's resolution, predicts {gain:.2g}"
-    else:
-        return reason, True
-    return (f"stalled: a tolerance test held ({reason}), but the point is not a minimum "
-            f"({why}, above the {bound:.2g} that ftol and rounding allow): a failure; for an "
-            "iterative solver use solver='pcg' with scaling=True, a dense solver, or float64"), False
-
-
-def _stationary(h: dict, tols) -> str | None:
-    """The tests on the current point: a zero residual, or MINPACK's gtol."""
-    gtol, eps = tols[2], tols[3]
-    if h["residual_norm"] == 0.0:
-        return "zero residual"
-    if h["grad_cos"] <= max(gtol, eps):
-        return "gtol: gradient orthogonal to the residuals" if h["grad_cos"] <= gtol \
-            else "gtol below machine precision: gradient orthogonal to the residuals"
-    return None
-
-
-_EDGE_WINDOW = 5  # updates looked back on for trial points with non-finite residuals
-
-
-def _outcome(h: dict, tols, limits, recent: list) -> tuple[str | None, bool]:
-    """``(reason, success)`` after an update, ``(None, False)`` to go on. A tolerance test
-    that holds while one of the ``recent`` updates met non-finite residuals at a trial point,
-    and the gradient is not orthogonal to the residuals (``grad_cos > sqrt(eps)``), means the
-    iterates ran into the edge of the region where ``residual_fn`` is finite: a failure."""
-    ftol, xtol, gtol, eps = tols
-    max_damping, trust, tiny = limits
-    # an update rejected because its linear solve failed measured no step: no test applies
-    reason = None if h["solve_failed"] else _converged(h, ftol, xtol, gtol, eps)
-    edge = any(not u["trial_finite"] for u in recent) and h["grad_cos"] > eps ** 0.5
-    if reason is not None and edge:
-        return ("residual_fn was not finite at trial points near the current parameters, and "
-                f"the steps shrank until a tolerance test held ({reason}) with the gradient "
-                f"not orthogonal to the residuals (grad_cos {h['grad_cos']:.2g}): this is the "
-                "edge of the region where residual_fn is finite, not a minimum; restrict or "
-                "reparametrise the model so it is finite around the solution"), False
-    if reason is not None:
-        return reason, True
-    if h["accepted"]:
-        return None, False
-    exhausted = h["damping"] >= max_damping or (trust and h["radius"] <= tiny)
-    if exhausted and h["solve_failed"]:
-        return ("the linear solver failed at every damping tried, up to the rule's limit: no "
-                "step could be computed (failure; e.g. CG did not reach its tolerance within "
-                "maxiter: raise maxiter or the tolerance, or use a direct solver)"), False
-    if h["damping"] >= max_damping:
-        return ("damping reached max_damping: no step reduces the cost (failure; check the "
-                "residuals are finite and well scaled near the current parameters)"), False
-    if trust and h["radius"] <= tiny:
-        return "trust region vanished: no step reduces the cost (failure)", False
-    return None, False
 
 
 # --------------------------------------------------------------------------- residual adapters

@@ -1,16 +1,28 @@
 """Options of the least-squares drivers (:func:`funcopt.least_squares`, its batched and
-data-parallel forms): the stopping :class:`Tolerances`, and the check that turns a keyword
-which moved into an option object into a TypeError naming that object."""
+data-parallel forms): the stopping :class:`Tolerances`, the check that turns a keyword which
+moved into an option object into a TypeError naming that object, and the stopping tests of
+:func:`funcopt.least_squares` (MINPACK's, and the check that a test which held is not a
+stall)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from funcopt.base import check_hyperparameter
-from funcopt.transforms.lm_damping import DampingRule, Nielsen, TrustRegion
+from funcopt.func.jacobian import (
+    gauss_newton_products,
+    jacobian,
+    ravel_params,
+    residual_vector_fn,
+)
+from funcopt.solvers.base import scaled_norm
+from funcopt.transforms.lm_damping import DampingRule, Nielsen, TrustRegion, _positive
+from funcopt.transforms.lm_model import _gradient_cosine, column_norms_sq
 
 __all__ = ["Tolerances", "check_driver_options"]
 
@@ -94,3 +106,190 @@ def _matrix_free_options(m: int, n: int, dtype: torch.dtype, budget: int,
     return (CG(tol=tol, preconditioner="jacobi"), rule,
             {**options, "scaling": options.get("scaling") is not False,
              "chunk_size": options.get("chunk_size", chunk)})
+
+
+def _zero_start_rule(rule: TrustRegion, x: torch.Tensor, r0: torch.Tensor) -> TrustRegion:
+    r"""The trust region of :func:`funcopt.least_squares` (with scaling) from ``x0 = 0``.
+
+    MINPACK's ``Delta_0 = factor ||D x0||`` is ``factor`` itself when ``||D x0|| = 0``: a
+    length in units of ``D x``, ``D`` the Jacobian's column norms, so residuals ``s r(x)``
+    shrink the first steps ``s`` times (from ``s ~ 1e16`` on, the first step changes the cost
+    by less than ``eps`` and the fit stops at ``x0``). There the radius takes its scale from
+    the residuals instead:
+
+    .. math:: \Delta_0 = \text{factor}\, \|r(x_0)\| \quad (x_0 = 0),
+
+    which does not depend on ``s``: in the scaled variables ``z = D delta`` the columns of
+    ``J D^{-1}`` have unit norm, so the Gauss-Newton step has ``||z|| >= ||P r|| / sqrt(n)``
+    (``P r`` the part of ``r`` in the range of ``J``), of the order of ``||r(x0)||``. Returns
+    ``rule`` with ``radius_factor = factor ||r(x0)||`` (capped at the dtype's largest number)
+    when every parameter is 0 and ``0 < ||r(x0)|| < inf``, else ``rule`` unchanged."""
+    rnorm = float(scaled_norm(r0.double()))
+    if bool(x.any()) or not 0.0 < rnorm < math.inf:
+        return rule
+    return replace(rule, radius_factor=min(rule.radius_factor * rnorm, torch.finfo(x.dtype).max))
+
+
+# --------------------------------------------------------------------------- stopping tests
+
+
+def _converged(h: dict, ftol: float, xtol: float, gtol: float, eps: float) -> str | None:
+    """MINPACK's tests on the last update's statistics; ``None`` when none holds. They use
+    only relative reductions and relative step lengths, so they do not depend on the scale of
+    the residuals or the parameters."""
+    actred, prered = h["actual_reduction"], h["predicted_reduction"]
+    ratio_ok = 0.5 * h["gain_ratio"] <= 1.0
+    f_ok = abs(actred) <= ftol and prered <= ftol and ratio_ok
+    x_ok = h["step_norm"] <= xtol * h["x_norm"]
+    if f_ok and x_ok:
+        return "ftol and xtol: cost and parameters converged"
+    if f_ok:
+        return "ftol: relative reduction of the cost below ftol"
+    if x_ok:
+        return "xtol: relative step below xtol"
+    if abs(actred) <= eps and prered <= eps and ratio_ok:
+        return "ftol below machine precision: no further reduction possible"
+    if h["step_norm"] <= eps * h["x_norm"]:
+        return "xtol below machine precision: no further improvement possible"
+    return None
+
+
+def _stall_check(residual_fn, params, h: dict, tols, reason: str, size: int) -> tuple[str, bool]:
+    """A tolerance test held: ``(reason, success)``. After an update that found no acceptable
+    step, ``gnorm^2`` above ``ftol``, ``eps`` and the residuals' relative rounding
+    (:func:`stationarity_floor`) means the steps failed for another reason than convergence
+    (e.g. inexact CG on a badly scaled float32 problem). When a test "below machine
+    precision" held (``m n <= GAIN_CHECK_SIZE``), the full Gauss-Newton step solved in
+    float64 (:func:`gauss_newton_gain`) must not promise such a reduction by a move of more
+    than 4 units of the parameters' resolution. ``J`` is formed at most once here: the gain
+    check forms it, and ``gnorm`` (only needed when the update was not quiet) reads
+    ``diag(J^T J)`` from it instead of ``min(m, n)`` more products."""
+    limit = "machine precision" in reason and size <= GAIN_CHECK_SIZE
+    quiet = h["accepted"] or h["grad_cos"] ** 2 <= max(tols[0], tols[3])
+    if quiet and not limit:
+        return reason, True
+    J, r = jacobian(residual_fn, params) if limit else (None, None)
+    cos, floor = stationarity_floor(residual_fn, params, gnorm=not quiet, J=J)
+    bound = max(tols[0], tols[3], floor)
+    x = ravel_params(params)[0]
+    gain, ulps = gauss_newton_gain(J, r, x) if J is not None and r is not None else (0.0, 0.0)
+    if not quiet and math.isfinite(cos) and cos * cos > bound:  # inf: unknown
+        why = f"grad_cos {cos:.2g}: a step along one column alone predicts {cos * cos:.2g}"
+    elif gain > bound and ulps > 4:
+        why = f"the Gauss-Newton step, {ulps:.2g} units of x's resolution, predicts {gain:.2g}"
+    else:
+        return reason, True
+    return (f"stalled: a tolerance test held ({reason}), but the point is not a minimum "
+            f"({why}, above the {bound:.2g} that ftol and rounding allow): a failure; for an "
+            "iterative solver use solver='pcg' with scaling=True, a dense solver, or float64"), False
+
+
+def stationarity_floor(residual_fn: Callable, params: Any, gnorm: bool = True,
+                       J: torch.Tensor | None = None) -> tuple[float, float]:
+    """``(gnorm, floor)`` at ``params``, for telling a minimum from a stall.
+
+    ``gnorm = max_j |(J^T r)_j| / (||J_j|| ||r||)`` (MINPACK's) over the columns whose
+    one-dimensional Gauss-Newton move ``|alpha_j| = |J_j^T r| / ||J_j||^2`` is at least one
+    unit of ``x_j``'s resolution, ``eps |x_j|``: a smaller move cannot be represented, so its
+    predicted reduction is none (the point is optimal within the dtype); ``inf`` where
+    ``diag(J^T J)`` overflows (unknown); NaN (not computed) with ``gnorm=False``.
+    ``diag(J^T J)`` comes from ``J`` (the Jacobian at ``params``) when given, else from
+    ``min(m, n)`` Jacobian products (:func:`funcopt.transforms.lm_model.column_norms_sq`).
+    ``floor``: the relative rounding of the residuals, ``4 ||r(x + h) - r(x) - J h|| /
+    ||r(x)||`` for a step ``h`` of 4 and of -16 ulps per parameter with alternating signs
+    (the larger; ``J h`` is exact up to rounding, so the difference is the rounding noise of
+    ``r``): relative changes of the cost below it cannot be measured. Two Jacobian products
+    (one more for ``gnorm``) and two evaluations of ``residual_fn``."""
+    gn = gauss_newton_products(residual_fn, params)
+    x, unravel = ravel_params(params)
+    r = gn.residuals
+    rnorm = scaled_norm(r)
+    if float(rnorm) == 0.0:
+        return 0.0, math.inf
+    eps = torch.finfo(x.dtype).eps
+    cos = math.nan
+    if gnorm:
+        col2 = column_norms_sq(gn) if J is None else (J * J).sum(0)
+        cos = float(_gradient_cosine(gn, col2, rnorm, x))
+    mag = x.abs()
+    big = mag.max() if mag.numel() else torch.ones((), dtype=x.dtype, device=x.device)
+    mag = torch.where(mag > 0, mag, torch.where(big > 0, big, torch.ones_like(big)))
+    sign = 1.0 - 2.0 * (torch.arange(x.numel(), device=x.device) % 2).to(x.dtype)
+    f, noise = residual_vector_fn(residual_fn, unravel), 0.0
+    for ulps in (4, -16):  # two probes: rounding can be exact at one point
+        h = (x + ulps * eps * mag * sign) - x
+        noise = max(noise, float(scaled_norm(f(x + h) - r - gn.jvp(h))))
+    return cos, 4 * noise / float(_positive(rnorm))
+
+
+GAIN_CHECK_SIZE = 2**22
+"""Largest ``m n`` for which :func:`gauss_newton_gain` runs (a float64 SVD of ``J``)."""
+
+
+def gauss_newton_gain(J: torch.Tensor, r: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:
+    """``(gain, ulps)`` of the full Gauss-Newton step ``delta = -J^+ r`` at ``x``, solved in
+    float64 from the dtype's ``J`` and ``r`` (an SVD of ``J`` with scaled columns, singular
+    values below ``n eps_64 sigma_max`` dropped): ``gain = 1 - ||r + J delta||^2 /
+    ||r||^2``, the linear model's relative reduction, and ``ulps = max_j |delta_j| / (eps
+    |x_j|)`` (``eps`` of the parameters' dtype), how far it moves the parameters in units of
+    their resolution. A ``gain`` above the rounding floor with ``ulps`` well above 1 means a
+    step the dtype can represent still promises a reduction: the point is not a minimum."""
+    Jd, rd = J.double(), r.double()
+    c = Jd.norm(dim=0)
+    c = torch.where(c > 0, c, 1.0)
+    U, sv, Vh = torch.linalg.svd(Jd / c, full_matrices=False)
+    keep = sv > sv.max() * max(Jd.shape) * torch.finfo(torch.float64).eps if sv.numel() else sv > 0
+    coef = torch.where(keep, (U.T @ rd) / torch.where(keep, sv, 1.0), 0.0)
+    delta = -(Vh.T @ coef) / c
+    rnorm = rd.norm()
+    gain = 1.0 - float((rd + Jd @ delta).norm() / rnorm) ** 2 if float(rnorm) > 0 else 0.0
+    res = torch.finfo(x.dtype).eps * x.double().abs()
+    ulps = delta.abs() / torch.where(res > 0, res, torch.finfo(x.dtype).tiny)
+    return gain, float(ulps.max()) if ulps.numel() else 0.0
+
+
+def _stationary(h: dict, tols) -> str | None:
+    """The tests on the current point: a zero residual, or MINPACK's gtol."""
+    gtol, eps = tols[2], tols[3]
+    if h["residual_norm"] == 0.0:
+        return "zero residual"
+    if h["grad_cos"] <= max(gtol, eps):
+        return "gtol: gradient orthogonal to the residuals" if h["grad_cos"] <= gtol \
+            else "gtol below machine precision: gradient orthogonal to the residuals"
+    return None
+
+
+_EDGE_WINDOW = 5  # updates looked back on for trial points with non-finite residuals
+
+
+def _outcome(h: dict, tols, limits, recent: list) -> tuple[str | None, bool]:
+    """``(reason, success)`` after an update, ``(None, False)`` to go on. A tolerance test
+    that holds while one of the ``recent`` updates met non-finite residuals at a trial point,
+    and the gradient is not orthogonal to the residuals (``grad_cos > sqrt(eps)``), means the
+    iterates ran into the edge of the region where ``residual_fn`` is finite: a failure."""
+    ftol, xtol, gtol, eps = tols
+    max_damping, trust, tiny = limits
+    # an update rejected because its linear solve failed measured no step: no test applies
+    reason = None if h["solve_failed"] else _converged(h, ftol, xtol, gtol, eps)
+    edge = any(not u["trial_finite"] for u in recent) and h["grad_cos"] > eps ** 0.5
+    if reason is not None and edge:
+        return ("residual_fn was not finite at trial points near the current parameters, and "
+                f"the steps shrank until a tolerance test held ({reason}) with the gradient "
+                f"not orthogonal to the residuals (grad_cos {h['grad_cos']:.2g}): this is the "
+                "edge of the region where residual_fn is finite, not a minimum; restrict or "
+                "reparametrise the model so it is finite around the solution"), False
+    if reason is not None:
+        return reason, True
+    if h["accepted"]:
+        return None, False
+    exhausted = h["damping"] >= max_damping or (trust and h["radius"] <= tiny)
+    if exhausted and h["solve_failed"]:
+        return ("the linear solver failed at every damping tried, up to the rule's limit: no "
+                "step could be computed (failure; e.g. CG did not reach its tolerance within "
+                "maxiter: raise maxiter or the tolerance, or use a direct solver)"), False
+    if h["damping"] >= max_damping:
+        return ("damping reached max_damping: no step reduces the cost (failure; check the "
+                "residuals are finite and well scaled near the current parameters)"), False
+    if trust and h["radius"] <= tiny:
+        return "trust region vanished: no step reduces the cost (failure)", False
+    return None, False

@@ -8,7 +8,6 @@ and MINPACK's scale-free relative reductions of ``F = 0.5 ||r||^2``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -272,65 +271,6 @@ def _gradient_cosine(gn, col2: Tensor, rnorm: Tensor, x: Tensor | None = None) -
     return torch.where(known, top, torch.full_like(top, float("inf")))
 
 
-def stationarity_floor(residual_fn: Callable, params: Any) -> tuple[float, float]:
-    """``(gnorm, floor)`` at ``params``, for telling a minimum from a stall.
-
-    ``gnorm = max_j |(J^T r)_j| / (||J_j|| ||r||)`` (MINPACK's) over the columns whose
-    one-dimensional Gauss-Newton move ``|alpha_j| = |J_j^T r| / ||J_j||^2`` is at least one
-    unit of ``x_j``'s resolution, ``eps |x_j|``: a smaller move cannot be represented, so its
-    predicted reduction is none (the point is optimal within the dtype); ``inf`` where
-    ``diag(J^T J)`` overflows (unknown). ``floor``: the relative rounding of the residuals,
-    ``4 ||r(x + h) - r(x) - J h|| / ||r(x)||`` for a step ``h`` of 4 and of -16 ulps per
-    parameter with alternating signs (the larger; ``J h`` is exact up to rounding, so the
-    difference is the rounding noise of ``r``): relative changes of the cost below it cannot
-    be measured. ``min(m, n) + 2`` Jacobian products and two evaluations of ``residual_fn``."""
-    gn = gauss_newton_products(residual_fn, params)
-    x, unravel = ravel_params(params)
-    r = gn.residuals
-    rnorm = scaled_norm(r)
-    if float(rnorm) == 0.0:
-        return 0.0, math.inf
-    eps = torch.finfo(x.dtype).eps
-    cos = float(_gradient_cosine(gn, column_norms_sq(gn), rnorm, x))
-    mag = x.abs()
-    big = mag.max() if mag.numel() else torch.ones((), dtype=x.dtype, device=x.device)
-    mag = torch.where(mag > 0, mag, torch.where(big > 0, big, torch.ones_like(big)))
-    sign = 1.0 - 2.0 * (torch.arange(x.numel(), device=x.device) % 2).to(x.dtype)
-    f, noise = residual_vector_fn(residual_fn, unravel), 0.0
-    for ulps in (4, -16):  # two probes: rounding can be exact at one point
-        h = (x + ulps * eps * mag * sign) - x
-        noise = max(noise, float(scaled_norm(f(x + h) - r - gn.jvp(h))))
-    return cos, 4 * noise / float(_positive(rnorm))
-
-
-GAIN_CHECK_SIZE = 2**22
-"""Largest ``m n`` for which :func:`gauss_newton_gain` runs (a float64 SVD of ``J``)."""
-
-
-def gauss_newton_gain(residual_fn: Callable, params: Any) -> tuple[float, float]:
-    """``(gain, ulps)`` of the full Gauss-Newton step ``delta = -J^+ r`` at ``params``,
-    solved in float64 from the dtype's ``J`` and ``r`` (an SVD of ``J`` with scaled columns,
-    singular values below ``n eps_64 sigma_max`` dropped): ``gain = 1 - ||r + J delta||^2 /
-    ||r||^2``, the linear model's relative reduction, and ``ulps = max_j |delta_j| / (eps
-    |x_j|)`` (``eps`` of the parameters' dtype), how far it moves the parameters in units of
-    their resolution. A ``gain`` above the rounding floor with ``ulps`` well above 1 means a
-    step the dtype can represent still promises a reduction: the point is not a minimum."""
-    J, r = jacobian(residual_fn, params)
-    x, _ = ravel_params(params)
-    Jd, rd = J.double(), r.double()
-    c = Jd.norm(dim=0)
-    c = torch.where(c > 0, c, 1.0)
-    U, sv, Vh = torch.linalg.svd(Jd / c, full_matrices=False)
-    keep = sv > sv.max() * max(Jd.shape) * torch.finfo(torch.float64).eps if sv.numel() else sv > 0
-    coef = torch.where(keep, (U.T @ rd) / torch.where(keep, sv, 1.0), 0.0)
-    delta = -(Vh.T @ coef) / c
-    rnorm = rd.norm()
-    gain = 1.0 - float((rd + Jd @ delta).norm() / rnorm) ** 2 if float(rnorm) > 0 else 0.0
-    res = torch.finfo(x.dtype).eps * x.double().abs()
-    ulps = delta.abs() / torch.where(res > 0, res, torch.finfo(x.dtype).tiny)
-    return gain, float(ulps.max()) if ulps.numel() else 0.0
-
-
 def _require_dtype(r: Tensor, x: Tensor) -> None:
     if r.dtype != x.dtype:
         raise TypeError(
@@ -383,6 +323,18 @@ pass took 3.5-3.9 ms (3.0 ms in blocks of 13-16 rows, 4.1 ms of 26, 4.2 ms of 64
 30-33 ms for :func:`_column_stats_scaled` with its copy of ``J``."""
 
 
+def require_finite_columns(col: Tensor) -> None:
+    """ValueError naming the first column of ``J`` whose norm ``col_j`` is not finite (beyond
+    the dtype's largest number) and the fix; one host sync."""
+    bad = ~torch.isfinite(col)
+    if bool(bad.any()):
+        j = int(torch.nonzero(bad)[0])
+        raise ValueError(
+            f"column {j} of the Jacobian has a norm beyond the largest {col.dtype} number: the "
+            "scaling, the damping and the stopping tests cannot be computed; rescale that "
+            "parameter (or the residuals) so its derivatives are smaller")
+
+
 def _column_stats_scaled(J: Tensor, r: Tensor, rnorm: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`_column_stats` from a copy of ``J`` whose columns are divided by their largest
     magnitudes ``s_j`` first (as :func:`scaled_norm`): ``||J_j|| = s_j ||J_j / s_j||`` and
@@ -396,11 +348,7 @@ def _column_stats_scaled(J: Tensor, r: Tensor, rnorm: Tensor) -> tuple[Tensor, T
     col = cs * s
     if not bool(finite & torch.isfinite(col).all()):  # host sync
         _require_finite_residuals(finite)
-        j = int(torch.nonzero(~torch.isfinite(col))[0])
-        raise ValueError(
-            f"column {j} of the Jacobian has a norm beyond the largest {J.dtype} number: the "
-            "scaling, the damping and the stopping tests cannot be computed; rescale that "
-            "parameter (or the residuals) so its derivatives are smaller")
+        require_finite_columns(col)
     g = (r / _positive(rnorm)) @ Js / _positive(cs)
     cos = torch.where((col > 0) & (rnorm > 0), g.abs(), 0.0)
     return col, cos.max() if cos.numel() else torch.zeros((), dtype=J.dtype, device=J.device)

@@ -18,6 +18,7 @@ from funcopt.transforms.lm_model import (
     _Local,
     _require_dtype,
     _require_finite_residuals,
+    require_finite_columns,
     running_scale,
 )
 
@@ -81,7 +82,8 @@ def linearize_row_blocks(residual_fn, params, args, state, o: LMOptions, x, f) -
 class _RowBlockPass:
     """One pass over the row blocks ``J_k`` of :func:`linearize_row_blocks`, keeping
     ``n``-vectors only (and an ``(n + 1)``-column QR factor when ``qr``): the running column
-    scale ``c`` (a power of two at least ``max_i |J_ij|``, 0 for a column all zero so far),
+    scale ``c`` (a power of two above ``max_i |J_ij|``, at most the dtype's largest power of
+    two ``2^e_max``, so ``|J_ij / c_j| < 2``; 0 for a column all zero so far),
     ``colmax = max_i |J_ij|``, ``ssq = sum_i (J_ij / c_j)^2`` and ``gu = (J / c)^T u``.
     When a block raises ``c``, the sums so far are multiplied by ``f = c_old / c_new``
     (exact), as the Gram sum in cuPyNumeric is."""
@@ -96,12 +98,14 @@ class _RowBlockPass:
     def feed(self, blocks):
         """Yields ``(J_k / c, None, f)`` for
         :func:`funcopt.solvers.cupynumeric_normal.normal_equations` (``f`` rescales its sum)."""
+        top = _power_of_two(torch.full_like(self.c, torch.finfo(self.c.dtype).max))
         for J in blocks:
             a = J.abs().amax(0) if J.shape[0] else torch.zeros_like(self.c)
             ok = torch.isfinite(a)
             self.finite = self.finite & ok.all()
             a = torch.where(ok, a, 0.0)
-            c = torch.maximum(self.c, torch.where(a > 0, 2.0 * _power_of_two(a), 0.0))
+            up = torch.minimum(2.0 * _power_of_two(a), top)  # 2 2^e_max would be inf
+            c = torch.maximum(self.c, torch.where(a > 0, up, 0.0))
             f = torch.where(self.c > 0, self.c / torch.where(c > 0, c, 1.0), 1.0)
             B = J / torch.where(c > 0, c, 1.0)
             uk = self.u[self.row:self.row + J.shape[0]]
@@ -122,10 +126,13 @@ class _RowBlockPass:
 
     def column_stats(self, rnorm: Tensor) -> tuple[Tensor, Tensor]:
         """Column norms ``c sqrt(ssq)`` and ``gnorm = max_j |gu_j| / sqrt(ssq_j)`` over the
-        nonzero columns (as :func:`_column_stats_scaled`); raises on a non-finite ``J``."""
-        _require_finite_residuals(self.finite)  # host sync
+        nonzero columns (as :func:`_column_stats_scaled`); raises on a non-finite ``J`` and,
+        as the dense path, on a column whose norm exceeds the dtype (naming it)."""
         cs = self.ssq.sqrt()
         col = self.c * cs
+        if not bool(self.finite & torch.isfinite(col).all()):  # host sync
+            _require_finite_residuals(self.finite)
+            require_finite_columns(col)
         cos = torch.where((col > 0) & (rnorm > 0), self.gu.abs() / torch.where(cs > 0, cs, 1.0),
                           0.0)
         return col, cos.max() if cos.numel() else torch.zeros_like(rnorm)
