@@ -28,4 +28,4 @@ else
 fi
 
 exec "$PY" -m pytest -q -p no:cacheprovider -m cupynumeric tests/test_solvers_cupynumeric.py \
-  tests/test_levenberg_marquardt.py tests/test_cupynumeric_rowchunk.py
+  tests/test_levenberg_marquardt.py tests/test_cupynumeric_rowchunk.py tests/test_lsq_edges.py
