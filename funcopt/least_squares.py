@@ -25,7 +25,6 @@ from funcopt.least_squares_options import (
     _outcome,
     _stall_check,
     _stationary,
-    _zero_start_rule,
     check_driver_options,
 )
 from funcopt.solvers.base import scaled_norm
@@ -186,9 +185,9 @@ def least_squares(
             (with it and the exact Jacobian all 27 NIST StRD problems are solved from both
             starts to 6 digits); from ``x_0 = 0`` with scaling, where MINPACK takes
             ``Delta_0 = factor``, a length that does not scale with the residuals, here
-            ``Delta_0 = factor ||r(x_0)||`` (see
-            :func:`funcopt.least_squares_options._zero_start_rule`), or ``Nielsen()`` with a matrix-free solver (``"cg"``,
-            ``"pcg"``, :class:`funcopt.solvers.CG`), where the trust region's SVD of ``J`` is
+            ``Delta_0 = factor ||r(x_0)||`` (see :meth:`funcopt.TrustRegion.initial_radius`),
+            or ``Nielsen()`` with a matrix-free solver (``"cg"``, ``"pcg"``,
+            :class:`funcopt.solvers.CG`), where the trust region's SVD of ``J`` is
             not available. ``fo.Nielsen()`` and ``fo.Classic()`` also work, see
             :func:`levenberg_marquardt`.
         geodesic: None (default) or :class:`funcopt.Geodesic`, Transtrum & Sethna's
@@ -247,8 +246,6 @@ def least_squares(
                              "CG solver without memory_budget")
         solver, rule, options = _matrix_free_options(m, x.numel(), x.dtype, memory_budget, rule,
                                                        options)
-    if isinstance(rule, TrustRegion) and lm_options(rule, geodesic, solver=solver, **options).scaling:
-        rule = _zero_start_rule(rule, x, r0)
     tx = levenberg_marquardt(residual_fn, rule=rule, geodesic=geodesic, solver=solver,
                              **options)
     t = tolerances

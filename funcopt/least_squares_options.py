@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -106,28 +106,6 @@ def _matrix_free_options(m: int, n: int, dtype: torch.dtype, budget: int,
     return (CG(tol=tol, preconditioner="jacobi"), rule,
             {**options, "scaling": options.get("scaling") is not False,
              "chunk_size": options.get("chunk_size", chunk)})
-
-
-def _zero_start_rule(rule: TrustRegion, x: torch.Tensor, r0: torch.Tensor) -> TrustRegion:
-    r"""The trust region of :func:`funcopt.least_squares` (with scaling) from ``x0 = 0``.
-
-    MINPACK's ``Delta_0 = factor ||D x0||`` is ``factor`` itself when ``||D x0|| = 0``: a
-    length in units of ``D x``, ``D`` the Jacobian's column norms, so residuals ``s r(x)``
-    shrink the first steps ``s`` times (from ``s ~ 1e16`` on, the first step changes the cost
-    by less than ``eps`` and the fit stops at ``x0``). There the radius takes its scale from
-    the residuals instead:
-
-    .. math:: \Delta_0 = \text{factor}\, \|r(x_0)\| \quad (x_0 = 0),
-
-    which does not depend on ``s``: in the scaled variables ``z = D delta`` the columns of
-    ``J D^{-1}`` have unit norm, so the Gauss-Newton step has ``||z|| >= ||P r|| / sqrt(n)``
-    (``P r`` the part of ``r`` in the range of ``J``), of the order of ``||r(x0)||``. Returns
-    ``rule`` with ``radius_factor = factor ||r(x0)||`` (capped at the dtype's largest number)
-    when every parameter is 0 and ``0 < ||r(x0)|| < inf``, else ``rule`` unchanged."""
-    rnorm = float(scaled_norm(r0.double()))
-    if bool(x.any()) or not 0.0 < rnorm < math.inf:
-        return rule
-    return replace(rule, radius_factor=min(rule.radius_factor * rnorm, torch.finfo(x.dtype).max))
 
 
 # --------------------------------------------------------------------------- stopping tests

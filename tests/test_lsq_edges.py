@@ -3,6 +3,7 @@ row-block path, and a start at x0 = 0 on residuals of a large or small scale."""
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -101,6 +102,43 @@ def test_zero_start_on_scaled_residuals_matches_scipy(scale):
     assert info.success, info.reason
     np.testing.assert_allclose(p.numpy(), ref.x, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(p.numpy(), np.linalg.lstsq(An, bn, rcond=None)[0], rtol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e200, 1e300])
+def test_zero_start_scaled_residuals_every_path(scale):
+    """The zero-start radius lives in TrustRegion.initial_radius, so the batched driver and
+    the transform stepped by hand get it too (they stopped at x0 = 0 with success False from
+    s = 1e20 on); the batched path also without scaling (D = I, MINPACK's Delta_0 =
+    factor)."""
+    A, b = _small_linear()
+    ref = np.linalg.lstsq(A.numpy(), b.numpy(), rcond=None)[0]
+    for scaling in (True, False):
+        P, binfo = fo.least_squares(lambda X: scale * (X @ A.T - b), torch.zeros(4, 3, dtype=F64),
+                                    batched=True, scaling=scaling)
+        assert binfo.success.all()
+        np.testing.assert_allclose(P.numpy(), np.broadcast_to(ref, (4, 3)), rtol=1e-12)
+    tx = fo.levenberg_marquardt(lambda x: scale * (A @ x - b), rule=fo.TrustRegion())
+    x = torch.zeros(3, dtype=F64)
+    state = tx.init(x)
+    for _ in range(3):
+        u, state = tx.update(None, state, x)
+        x = fo.apply_updates(x, u)
+    np.testing.assert_allclose(x.numpy(), ref, rtol=1e-10)
+
+
+@pytest.mark.parametrize("radius", [1e-3, 1e-110, 1e-200])
+def test_trust_region_damping_tiny_radius(radius):
+    """The Newton search for mu with phi(mu) = ||z(mu)|| in [0.9, 1.1] radius: for radii below
+    ~1e-102 the old sum(w^2 / q^3) overflowed q^3 (mu ~ 1/radius), the step was inf and the
+    damping NaN. Checked against phi computed in log space from the returned mu."""
+    from funcopt.transforms.lm_damping import trust_region_damping
+
+    s = torch.tensor([1.0, 0.5, 0.25], dtype=F64)
+    w = torch.tensor([0.6, 0.0, 0.8], dtype=F64)
+    lam = trust_region_damping(s, w, torch.tensor(1.0, dtype=F64), torch.tensor(radius, dtype=F64))
+    assert torch.isfinite(lam) and lam > 0
+    logphi = 0.5 * torch.logsumexp(2 * torch.log(w[w != 0]) - 2 * torch.log(s[w != 0] ** 2 + lam), 0)
+    assert math.log(0.9 * radius) <= float(logphi) <= math.log(1.1 * radius)
 
 
 def test_zero_start_radius_is_scale_free():

@@ -277,7 +277,8 @@ def _step(residual_fn, params, args, state: LevenbergMarquardtState, o: LMOption
     x, d, lam, nu, radius, fn = loc.x, loc.d, loc.damping, state.nu, state.radius, loc.rnorm
     rule = o.rule
     if isinstance(rule, TrustRegion):
-        radius = torch.where(state.count == 0, rule.initial_radius(scaled_norm(d * x)), radius)
+        rn = fn if o.scaling else None
+        radius = torch.where(state.count == 0, rule.initial_radius(scaled_norm(d * x), rn), radius)
     all_finite = torch.ones((), dtype=torch.bool, device=x.device)
     for attempt in range(1, o.max_attempts + 1):
         if isinstance(rule, TrustRegion):

@@ -201,17 +201,21 @@ def _trust_region_mu(loc: BatchedLocal, radius: Tensor, mask: Tensor, start: tup
     mu, count = start
     early = _early_exit(mu)
 
-    def outside(mu: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def outside(mu: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        # sums of q / c, c = 2^k >= max q: the same bits as of q, without overflowing q^2 and
+        # q^3 when mu ~ 1 / radius is large (radius below ~1e-102)
         q = s2 + mu[:, None]
-        qq = q * q
-        phi = (w2 / qq).sum(-1).sqrt()  # phi > limit implies a positive denominator below
-        return (phi > limit) & (count < NEWTON_STEPS), phi, q, qq
+        c = torch.ldexp(torch.ones_like(mu), torch.frexp(q.amax(-1))[1])
+        qh = q / c[:, None]
+        phi_c = (w2 / (qh * qh)).sum(-1).sqrt()  # phi c
+        phi = phi_c / c  # phi > limit implies a positive denominator below
+        return (phi > limit) & (count < NEWTON_STEPS), phi, phi_c, qh, c
 
     for _ in range(steps):
-        active, phi, q, qq = outside(mu)
+        active, phi, phi_c, qh, c = outside(mu)
         if early and not bool(active.any()):
             return mu, count, active
-        step = (phi - rho) / rho1 * phi * phi / (w2 / (qq * q)).sum(-1)
+        step = (phi - rho) / rho1 * phi_c * phi_c / (w2 / (qh * qh * qh)).sum(-1) * c
         mu = torch.where(active, mu + step, mu)
         count = count + active.long()
     return mu, count, outside(mu)[0]
@@ -274,7 +278,8 @@ def start_trial(loc: BatchedLocal, state: LevenbergMarquardtState, o: LMOptions)
     first = state.count == 0
     radius = state.radius
     if isinstance(o.rule, TrustRegion):
-        radius = torch.where(first, o.rule.initial_radius(batched_norm(loc.d * x)), radius)
+        rn = fn if o.scaling else None
+        radius = torch.where(first, o.rule.initial_radius(batched_norm(loc.d * x), rn), radius)
     zero = torch.zeros_like(fn)
     none = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     count = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)

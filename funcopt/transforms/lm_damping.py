@@ -162,10 +162,23 @@ class TrustRegion:
         check_hyperparameter("TrustRegion.radius_factor", self.radius_factor, low=0.0,
                              low_inclusive=False)
 
-    def initial_radius(self, xnorm: Tensor) -> Tensor:
-        """``Delta_0 = radius_factor * ||d * x_0||``, or ``radius_factor`` when that is 0."""
+    def initial_radius(self, xnorm: Tensor, rnorm: Tensor | None = None) -> Tensor:
+        r"""MINPACK's ``Delta_0 = radius_factor ||d x_0||``; when that is 0, ``radius_factor``
+        (MINPACK), or with column scaling (``rnorm = ||r(x_0)||`` given)
+
+        .. math:: \Delta_0 = \text{radius\_factor}\, \|r(x_0)\| \quad (d x_0 = 0),
+
+        capped at the dtype's largest number. MINPACK's ``factor`` is a length in units of
+        ``d x``, ``d`` the Jacobian's column norms, so residuals ``s r(x)`` would shrink the
+        first steps ``s`` times (from ``s ~ 1e16`` on the first step changes the cost by less
+        than ``eps`` and a fit from ``x_0 = 0`` stops there); in the scaled variables
+        ``z = d delta`` the columns of ``J / d`` have unit norm and the Gauss-Newton step has
+        ``||z|| >= ||P r|| / sqrt(n)`` (``P r`` the part of ``r`` in the range of ``J``), of the
+        order of ``||r(x_0)||`` whatever ``s``."""
         f = self.radius_factor
-        return torch.where(xnorm > 0, f * xnorm, torch.full_like(xnorm, f))
+        zero = torch.full_like(xnorm, f) if rnorm is None else \
+            (f * rnorm.to(xnorm.dtype)).clamp(max=torch.finfo(xnorm.dtype).max)
+        return torch.where(xnorm > 0, f * xnorm, torch.where(zero > 0, zero, f))
 
     def exhausted(self, lam: Tensor, radius: Tensor) -> Tensor:
         """Whether further attempts are pointless: the radius underflowed."""
@@ -249,11 +262,16 @@ def trust_region_damping(s: Tensor, w: Tensor, sigma: Tensor, radius: Tensor) ->
     w2 = torch.where(keep, w * w, torch.zeros_like(w))
     mu = torch.zeros_like(radius)
     for _ in range(30):
+        # sums of q / c, c = 2^k >= max q: the same bits as of q, without overflowing q^2 and
+        # q^3 when mu ~ 1 / radius is large (radius below ~1e-102)
         q = s2 + mu
-        phi = torch.sqrt((w2 / (q * q)).sum())
+        c = torch.ldexp(torch.ones_like(mu), torch.frexp(q.max())[1])
+        qh = q / c
+        phi_c = torch.sqrt((w2 / (qh * qh)).sum())  # phi c
+        phi = phi_c / c
         if bool(phi <= 1.1 * radius):  # host sync
             break
-        mu = mu + (phi - radius) / radius * phi * phi / (w2 / (q * q * q)).sum()
+        mu = mu + (phi - radius) / radius * phi_c * phi_c / (w2 / (qh * qh * qh)).sum() * c
     return mu * sigma * sigma
 
 
