@@ -419,7 +419,7 @@ def _sweep_text(meta: dict) -> str:
     return ("Each optimizer with a learning rate ran at every point of the grid "
             + " · ".join(f"{m:.3g}" for m in grid)
             + " times its default, with the first seed and the full step budget (the same "
-              "budget for every optimizer); the rate with the lowest final validation loss "
+              "rule for every optimizer); the rate with the lowest final validation loss "
               "was chosen (bold), and that run is also the first seed's result. When the "
               "chosen rate was the grid's smallest or largest, the grid was extended one step "
               f"further that way, up to {EXTEND} times per optimizer (those rates are marked "

@@ -1,6 +1,6 @@
 """The protocol over many runs: learning-rate tuning, seeds, and the summary the report shows.
 
-Tuning (as DeepOBS's protocol, with the same budget for every optimizer): an optimizer
+Tuning (as DeepOBS's protocol, with the same rule and budget for every optimizer): an optimizer
 registered with a default learning rate ``lr0`` (``register_optimizer(..., lr=lr0)``) is run at
 every point of a log grid ``lr0 * problem.lr_scale * m`` (``m`` in :data:`GRIDS`), with the
 first seed and the problem's full step count; the point with the lowest final *validation*
