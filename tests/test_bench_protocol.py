@@ -129,10 +129,11 @@ def test_a_rate_at_the_grid_edge_is_noted_and_a_diverged_one_is_not_chosen():
     (s,) = sweeps
     assert s.val_loss[2] is None and s.chosen == 1.0  # 3.16 ended non-finite
     assert results[0].status == "ok"
-    _scalar_problem("p-up", val=lambda x: (x - 10) ** 2)
+    # the best rate lies beyond the grid and its 2 extensions (0.316 ... 3.16, 10, 31.6)
+    _scalar_problem("p-up", val=lambda x: (x - 1000) ** 2)
     _, sweeps = suite.run_suite(["p-up"], ["jump"], seeds=[0], tune=True,
                                 grid=suite.GRIDS["quick"], device=CPU)
-    assert sweeps[0].edge == "upper"
+    assert sweeps[0].edge == "upper" and sweeps[0].chosen == pytest.approx(10 ** 1.5)
     assert any("grid's upper end" in n for n in suite.notes([], sweeps))
 
 

@@ -2,7 +2,8 @@
 
 ``--suite quick`` (the default, ``make demo``): the quick problems, one seed, a 3-point
 learning-rate sweep per optimizer. ``--suite full``: larger problems, 3 seeds, a 5-point sweep
-(meant for ``--device cuda``). ``--problems``, ``--seeds`` and ``--tune`` override the suite's.
+(meant for ``--device cuda``). A sweep whose best rate is an end of its grid goes up to 2 points
+further that way (``funcopt.bench.suite.EXTEND``). ``--problems``, ``--seeds`` and ``--tune`` override the suite's.
 
 In pieces: a suite too long for one command runs as several, each with its own ``--problems``
 and ``--optimizers`` (the other options the same) into its own ``--out`` folder; then
@@ -41,7 +42,7 @@ import torch
 from funcopt.bench.optimizers import DEFAULT_OPTIMIZERS, OPTIMIZERS
 from funcopt.bench.problems import DEFAULT_PROBLEMS, FULL_PROBLEMS, PROBLEMS, missing_packages
 from funcopt.bench.run import WARMUP_STEPS, device_name
-from funcopt.bench.suite import EVALS, GRIDS, SEEDS
+from funcopt.bench.suite import EVALS, EXTEND, GRIDS, SEEDS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizers", help="comma-separated optimizer names (default: all)")
     p.add_argument("--suite", choices=("quick", "full"), default="quick",
                    help="quick (default): small problems, 1 seed, 3 learning rates; full: "
-                        "larger problems, 3 seeds, 5 learning rates")
+                        "larger problems, 3 seeds, 5 learning rates (each plus up to 2 beyond "
+                        "an end of the grid that wins)")
     p.add_argument("--steps", type=int, help="steps per run (default: each problem's own)")
     p.add_argument("--seed", type=int, default=0, help="the first seed (default 0)")
     p.add_argument("--seeds", type=int,
@@ -248,7 +250,8 @@ def _run(args, problems, optimizers, device, partial: Path, no_plots: str | None
     n_seeds = args.seeds or SEEDS[args.suite]
     seeds = [args.seed + i for i in range(n_seeds)]
     grid = GRIDS[args.suite]
-    bar = _progress(args, len(problems) * len(optimizers) * (len(grid) + n_seeds - 1))
+    sweep = len(grid) + EXTEND if args.tune == "on" else 1
+    bar = _progress(args, len(problems) * len(optimizers) * (sweep + n_seeds - 1))
     t0 = time.perf_counter()
     results, sweeps = run_suite(problems, optimizers, seeds=seeds, tune=args.tune == "on",
                                 grid=grid, device=device, steps=args.steps,

@@ -16,7 +16,7 @@ from torch.func import functional_call
 
 from funcopt.bench.problems import Problem, classifier, register
 
-__all__ = ["CharTransformer", "corpus", "shapes_images"]
+__all__ = ["CharTransformer", "corpus", "hard_shapes_images", "shapes_images"]
 
 
 # --------------------------------------------------------------------------- text
@@ -185,6 +185,58 @@ def shapes_images(n: int, seed: int = 0, size: int = 32) -> tuple[torch.Tensor, 
     return (img - img.mean()) / img.std(), labels
 
 
+@functools.lru_cache(maxsize=2)
+def hard_shapes_images(n: int, seed: int = 0, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A harder version of :func:`shapes_images`: ``n`` images (3 x ``size`` x ``size``) in the
+    same 10 classes, whose classes overlap, so that no classifier reaches perfect accuracy.
+
+    Class ``c`` is again a grating at ``18 c`` degrees and ``2 + c % 4`` cycles per image under
+    a soft disc at a random place, but each image draws
+
+    - an angle jitter of +-15 degrees (neighbouring classes are 18 degrees apart, so their
+      angles overlap) and a frequency jitter of +-0.6 cycles;
+    - a contrast in [0.25, 1] (some gratings are faint);
+    - a random mix of the class colour with a random one, as in :func:`shapes_images`;
+    - a label-free distractor: a second grating of random angle (any), frequency (2 to 5
+      cycles), phase and colour, with contrast in [0, 0.8], under a second disc;
+    - pixel noise of sd 0.6 (twice :func:`shapes_images`'s).
+
+    The images are standardised over the whole set. The same arguments give the same tensors
+    (cached: do not modify them); 14,000 images take 2 to 3 s on a 2-core CPU.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rand = functools.partial(torch.rand, generator=g)
+    labels = torch.randint(10, (n,), generator=g)
+    palette = rand(10, 3)
+    u = torch.linspace(-1, 1, size)
+    yy, xx = torch.meshgrid(u, u, indexing="ij")
+
+    def grating(angle: torch.Tensor, cycles: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+        along = xx * torch.cos(angle)[:, None, None] + yy * torch.sin(angle)[:, None, None]
+        return torch.sin(math.pi * cycles[:, None, None] * along + phase[:, None, None])
+
+    def disc() -> torch.Tensor:  # a soft disc of radius 0.6 at a random centre
+        centre = rand(n, 2) * 1.2 - 0.6
+        r2 = (xx - centre[:, 0, None, None]) ** 2 + (yy - centre[:, 1, None, None]) ** 2
+        return torch.sigmoid((0.35 - r2) * 20)
+
+    angle = math.pi * (labels.float() / 10 + (rand(n) - 0.5) * (30 / 180))
+    cycles = (2 + labels % 4).float() + (rand(n) - 0.5) * 1.2
+    main = grating(angle, cycles, 2 * math.pi * rand(n))
+    spot = disc()
+    mix = rand(n, 1)
+    colour = (1 - mix) * palette[labels] + mix * rand(n, 3)
+    contrast = 0.25 + 0.75 * rand(n)
+    img = (colour[:, :, None, None] * (contrast[:, None, None] * main * (0.3 + 0.7 * spot))[:, None]
+           + 0.2 * spot[:, None])
+    other = grating(math.pi * rand(n), 2 + 3 * rand(n), 2 * math.pi * rand(n))
+    spot2 = disc()
+    strength = 0.8 * rand(n)
+    img = img + rand(n, 3)[:, :, None, None] * (strength[:, None, None] * other * spot2)[:, None]
+    img = img + 0.6 * torch.randn(img.shape, generator=g)
+    return (img - img.mean()) / img.std(), labels
+
+
 def _cnn(width: int) -> nn.Module:
     """conv 3x3 stride 2 (to 16x16), conv 3x3 stride 2 (to 8x8), conv 3x3, global average
     pool, linear; ReLU between; ``width``, ``2 width``, ``4 width`` channels."""
@@ -198,8 +250,8 @@ def _cnn(width: int) -> nn.Module:
 
 def _shapes(seed: int, device: torch.device, *, n_train: int, n_val: int, n_test: int,
             width: int, batch_size: int, steps: int, target: float,
-            lr_scale: float = 1.0) -> Problem:
-    x, y = shapes_images(n_train + n_val + n_test)  # fixed data; ``seed`` picks the split
+            lr_scale: float = 1.0, images=shapes_images) -> Problem:
+    x, y = images(n_train + n_val + n_test)  # fixed data; ``seed`` picks the split
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     x, y = x[perm], y[perm]
     cut = [n_train, n_train + n_val]
@@ -220,7 +272,17 @@ def cifar_cnn(seed: int, device: torch.device) -> Problem:
 
 @register("cifar-cnn-large", full=True)
 def cifar_cnn_large(seed: int, device: torch.device) -> Problem:
-    """The same CNN 64-128-256 channels wide (about 370k parameters) on 20,000 generated images,
-    2,000 validation, 4,000 test (``--suite full``; for a GPU)."""
-    return _shapes(seed, device, n_train=20_000, n_val=2_000, n_test=4_000, width=64,
-                   batch_size=128, steps=1000, target=0.1)
+    """The same CNN 64-128-256 channels wide (about 370k parameters) on the harder images of
+    :func:`hard_shapes_images` (overlapping classes, faint gratings, a distractor, more
+    noise): 8,000 training images (1,000 steps of 128 are 16 passes, so generalisation
+    matters), 2,000 validation, 4,000 test (``--suite full``; for a GPU).
+
+    Calibrated on an H100 with torch.optim's AdamW (weight decay 1e-4) and SGD (momentum 0.9),
+    1,000 steps of 128 (test accuracy, test loss; the step where the loss passed 0.6):
+    AdamW lr 1e-3: 0.84, 0.49, 500 (seeds 1 and 2: 0.85, 0.47, 500; 0.83, 0.50, 600);
+    3e-4: 0.82, 0.56, 800; 2e-3: at chance for 300 steps, then 0.67, 0.99, never; 3e-3: every
+    ReLU dead, chance (2.303) throughout. SGD lr 0.1: 0.85, 0.48, 300; 0.03: 0.83, 0.53, 700;
+    0.3: chance throughout. The target, 0.6, is thus reached around the middle of the run by a
+    well-tuned method and not at all by weaker settings."""
+    return _shapes(seed, device, n_train=8_000, n_val=2_000, n_test=4_000, width=64,
+                   batch_size=128, steps=1000, target=0.6, images=hard_shapes_images)

@@ -21,7 +21,7 @@ import torch
 from funcopt.bench.optimizers import DEFAULT_OPTIMIZERS, OPTIMIZERS
 from funcopt.bench.problems import DEFAULT_PROBLEMS, FULL_PROBLEMS, PROBLEMS
 from funcopt.bench.run import Result
-from funcopt.bench.suite import Sweep
+from funcopt.bench.suite import EXTEND, Sweep
 
 __all__ = ["MARKER", "REPORT_FILES", "check_out", "load_report", "merge_reports",
            "plotting_unavailable", "prepare_out", "write_report"]
@@ -125,19 +125,24 @@ def markdown_table(results: list[Result]) -> str:
 
 
 def sweep_table(sweeps: list[Sweep]) -> str:
-    """The learning-rate sweeps: final validation loss at each rate; the chosen one in bold."""
+    """The learning-rate sweeps: final validation loss at each rate; the chosen one in bold,
+    a rate beyond the grid (an extension past a winning end) marked "(+)"."""
     lines: list[str] = []
     for prob in dict.fromkeys(s.problem for s in sweeps):
         lines += [f"\n{prob}:\n", "| optimizer | learning rate: validation loss | chosen |",
                   "| --- | --- | --- |"]
         for s in (s for s in sweeps if s.problem == prob):
-            cells = [(f"**{lr:.3g}: {_fmt(v)}**" if lr == s.chosen else
-                      f"{lr:.3g}: {'failed' if v is None else _fmt(v)}")
+            cells = [(f"**{_rate(lr, s)}: {_fmt(v)}**" if lr == s.chosen else
+                      f"{_rate(lr, s)}: {'failed' if v is None else _fmt(v)}")
                      for lr, v in zip(s.learning_rates, s.val_loss)]
             chosen = "-" if s.chosen is None else f"{s.chosen:.3g}" + \
                 (f" ({s.edge} edge)" if s.edge else "")
             lines.append(f"| {s.optimizer} | {' · '.join(cells)} | {chosen} |")
     return "\n".join(lines)
+
+
+def _rate(lr: float, s: Sweep) -> str:
+    return f"{lr:.3g}" + (" (+)" if lr in s.beyond else "")
 
 
 def _curves(results: list[Result], prob: str, xkey: str):
@@ -414,8 +419,11 @@ def _sweep_text(meta: dict) -> str:
     return ("Each optimizer with a learning rate ran at every point of the grid "
             + " · ".join(f"{m:.3g}" for m in grid)
             + " times its default, with the first seed and the full step budget (the same "
-              "budget for every optimizer); the rate with the lowest final validation loss "
-              "was chosen (bold), and that run is also the first seed's result.")
+              "rule for every optimizer); the rate with the lowest final validation loss "
+              "was chosen (bold), and that run is also the first seed's result. When the "
+              "chosen rate was the grid's smallest or largest, the grid was extended one step "
+              f"further that way, up to {EXTEND} times per optimizer (those rates are marked "
+              "(+)); \"edge\" means the choice is still the end of the rates tried.")
 
 
 # --------------------------------------------------------------------------- merging
@@ -430,6 +438,11 @@ _META: dict[str, Any] = {**_SHARED, "steps": int | None | dict[str, int | None],
                          "total_s": float, "pieces": list[dict[str, Any]]}
 _PIECE: dict[str, Any] = {"folder": str, "command": str, "device": str, "device_name": str,
                           "date": str, "total_s": float}
+
+
+# fields added after reports were first written: an older report without them loads with the
+# field's default (a sweep from before the grid extension went beyond no end)
+_LATER = {(Sweep, "beyond")}
 
 
 def _fits(value: Any, hint: Any) -> bool:
@@ -457,11 +470,13 @@ def _from_json(cls, data: Any, where: str):
         raise ValueError(f"{where} is not an object")
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
+        if f.name not in data and (cls, f.name) in _LATER:  # a report from before the field
+            continue
         if f.name not in data:
             raise ValueError(f"{where} has no field {f.name!r}")
         if not _fits(data[f.name], hints[f.name]):
             raise ValueError(f"{where}.{f.name} is {data[f.name]!r}, not a {hints[f.name]}")
-    return cls(**{f.name: data[f.name] for f in fields(cls)})
+    return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 def load_report(folder: Path) -> tuple[dict, list[Result], list[Sweep]]:

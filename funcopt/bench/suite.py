@@ -1,11 +1,16 @@
 """The protocol over many runs: learning-rate tuning, seeds, and the summary the report shows.
 
-Tuning (as DeepOBS's protocol, with the same budget for every optimizer): an optimizer
+Tuning (as DeepOBS's protocol, with the same rule and budget for every optimizer): an optimizer
 registered with a default learning rate ``lr0`` (``register_optimizer(..., lr=lr0)``) is run at
 every point of a log grid ``lr0 * problem.lr_scale * m`` (``m`` in :data:`GRIDS`), with the
 first seed and the problem's full step count; the point with the lowest final *validation*
-loss is chosen (runs that fail or end non-finite are not chosen). That chosen run is also the
-first seed's result; the other seeds rerun the chosen rate. Methods without a learning rate
+loss is chosen (runs that fail or end non-finite are not chosen). When the chosen point is the
+grid's smallest (largest) rate, the grid is extended one step further that way (the grid's own
+multiplier step, half a decade) and the choice is made again, at most :data:`EXTEND` (2) times
+per optimizer: the budget is "the grid's points, plus up to 2 beyond an end that wins", the
+same rule for every optimizer, so that the chosen rate is bracketed by worse ones wherever 2
+steps suffice. That chosen run is also the first seed's result; the other seeds rerun the
+chosen rate. Methods without a learning rate
 (Levenberg-Marquardt) and ``--tune off`` run the default rate. Test numbers never pick anything.
 
 Seeds: every (problem, optimizer) runs with ``seeds`` (``--seed``, ``--seed + 1``, ...); a
@@ -21,32 +26,38 @@ import functools
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from funcopt.bench.optimizers import LEARNING_RATES
 from funcopt.bench.run import WARMUP_STEPS, Result, run_one
 
-__all__ = ["EVALS", "GRIDS", "SEEDS", "Sweep", "run_suite", "summarise", "winners"]
+__all__ = ["EVALS", "EXTEND", "GRIDS", "SEEDS", "Sweep", "run_suite", "summarise", "winners"]
 
 # learning-rate multipliers around each optimizer's default: half-decade steps
 GRIDS = {"quick": (10 ** -0.5, 1.0, 10 ** 0.5),
          "full": (0.1, 10 ** -0.5, 1.0, 10 ** 0.5, 10.0)}
+EXTEND = 2  # at most this many rates beyond the grid's end, when that end wins
 SEEDS = {"quick": 1, "full": 3}  # default --seeds of each suite
 EVALS = {"quick": 10, "full": 20}  # validations along a run (and for the time to target)
 
 
 @dataclass
 class Sweep:
-    """One optimizer's learning-rate sweep on one problem (first seed, validation loss)."""
+    """One optimizer's learning-rate sweep on one problem (first seed, validation loss).
+
+    ``learning_rates`` (ascending) holds the grid's rates and those it was extended by, which
+    are also listed in ``beyond``; ``edge`` is "lower" / "upper" when the chosen rate is still
+    the smallest / largest tried after the extensions, else ""."""
 
     problem: str
     optimizer: str
     learning_rates: list[float]
     val_loss: list[float | None]  # None: the run failed or ended non-finite
     chosen: float | None = None
-    edge: str = ""  # "lower" / "upper" when the chosen rate is the grid's smallest / largest
+    edge: str = ""
+    beyond: list[float] = field(default_factory=list)  # rates tried past the grid's ends
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -82,21 +93,32 @@ def run_suite(problems: list[str], optimizers: list[str], *, seeds: list[int], t
 
 
 def _tune(at_default: Result, grid: tuple[float, ...], run: Callable[[float], Result]):
-    """Run the grid around ``at_default``'s rate (reusing it for multiplier 1); pick by the
-    final validation loss."""
+    """Run the grid around ``at_default``'s rate (reusing it for multiplier 1), then extend it
+    past an end that wins (:data:`EXTEND`); pick by the final validation loss."""
     lr0 = at_default.learning_rate
     assert lr0 is not None
-    runs = [at_default if m == 1.0 else run(lr0 * m) for m in grid]
-    val = [r.final_val.get("loss") if r.status == "ok" else None for r in runs]
-    sweep = Sweep(at_default.problem, at_default.optimizer, [lr0 * m for m in grid], val)
-    ok = [i for i, v in enumerate(val) if v is not None]
-    if not ok:
+    mults = sorted(grid)
+    runs = [at_default if m == 1.0 else run(lr0 * m) for m in mults]
+    beyond: list[float] = []
+    while True:
+        val = [r.final_val.get("loss") if r.status == "ok" else None for r in runs]
+        ok = [i for i, v in enumerate(val) if v is not None]
+        best = min(ok, key=lambda i: val[i]) if ok else None  # type: ignore[arg-type,return-value]
+        end = "lower" if best == 0 else "upper" if best == len(runs) - 1 else ""
+        if not end or len(beyond) == EXTEND or len(mults) < 2:
+            break
+        m = mults[0] ** 2 / mults[1] if end == "lower" else mults[-1] ** 2 / mults[-2]
+        r = run(lr0 * m)
+        beyond.append(lr0 * m)
+        mults, runs = ([m, *mults], [r, *runs]) if end == "lower" else ([*mults, m], [*runs, r])
+    sweep = Sweep(at_default.problem, at_default.optimizer, [lr0 * m for m in mults], val,
+                  beyond=beyond)
+    if best is None:
         at_default.reason = (f"every learning rate of the sweep failed; at the default "
                              f"{lr0:.3g}: {at_default.reason}")[:300]
         return at_default, sweep
-    best = min(ok, key=lambda i: val[i])  # type: ignore[arg-type,return-value]
     sweep.chosen = runs[best].learning_rate
-    sweep.edge = "lower" if best == 0 else "upper" if best == len(grid) - 1 else ""
+    sweep.edge = end
     return runs[best], sweep
 
 
@@ -170,7 +192,8 @@ def winners(rows: list[dict]) -> dict[str, str]:
 
 def notes(results: list[Result], sweeps: list[Sweep]) -> list[str]:
     """Remarks a reader needs: held-out loss that rose while training went on (overfitting:
-    nothing here stops early) and chosen learning rates at the edge of the grid."""
+    nothing here stops early) and chosen learning rates still at the edge of the rates tried
+    (the grid and its extensions)."""
     out = []
     seen = set()
     for r in results:
@@ -187,7 +210,8 @@ def notes(results: list[Result], sweeps: list[Sweep]) -> list[str]:
                        + ": it overfits, and this benchmark does not stop early.")
     for s in sweeps:
         if s.edge:
+            past = f", also after {len(s.beyond)} rates beyond it" if s.beyond else ""
             out.append(f"{s.optimizer} on {s.problem}: the chosen learning rate {s.chosen:.3g} "
-                       f"is the grid's {s.edge} end; a {'smaller' if s.edge == 'lower' else 'larger'}"
-                       " one might do better.")
+                       f"is the grid's {s.edge} end{past}; a "
+                       f"{'smaller' if s.edge == 'lower' else 'larger'} one might do better.")
     return out
