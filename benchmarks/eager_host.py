@@ -11,11 +11,14 @@ Rows: ``update`` is ``tx.update(grads, state, params)`` with the state of the pr
 back (as in training); ``step`` adds ``fo.apply_updates(params, updates)``. Each row is the
 median over ``--repeat`` blocks of ``--block`` calls, in ms per call. With ``--before FILE`` (an
 older copy of funcopt/triton_kernels.py) the same rows are measured for it too, the two taking
-turns block by block, so that a change in the machine's load hits both alike.
+turns block by block, so that a change in the machine's load hits both alike. Python's cyclic
+garbage collector runs as in any program (each step makes thousands of tensor objects, so
+collections are part of the cost, and they grow with every live object in the process: the two
+contenders share one heap); ``--no-gc`` turns it off to time the step's own work alone.
 
 Usage (Triton installed, or on ``PYTHONPATH``):
     python benchmarks/eager_host.py                      # case b: 1000 leaves of 1000
-    python benchmarks/eager_host.py --leaves 150 --numel 4096
+    python benchmarks/eager_host.py --case gpt           # the gpt184 tree (121 leaves), narrowed
     git show HEAD~1:funcopt/triton_kernels.py > /tmp/tk_before.py
     python benchmarks/eager_host.py --before /tmp/tk_before.py
 """
@@ -23,7 +26,9 @@ Usage (Triton installed, or on ``PYTHONPATH``):
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
+import math
 import statistics
 import time
 
@@ -97,22 +102,41 @@ def _turns(fns, repeat: int, block: int) -> list[float]:
     return [1e3 * statistics.median(ts) for ts in times]
 
 
+def _shapes(case: str, leaves: int, numel: int) -> list[tuple[int, ...]]:
+    """Case ``b``: ``leaves`` 1-D leaves of ``numel``; case ``gpt``: the 121 leaves of
+    step_speed.py's gpt184 tree (embedding, then per layer 12 matrices and vectors) with the
+    width 1024 narrowed to 64 and the vocabulary to 1024, so that it fits a CPU's memory."""
+    if case == "b":
+        return [(numel,)] * leaves
+    d, layers, v = 64, 10, 1024
+    per = [(3 * d, d), (3 * d,), (d, d), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,), (d,), (d,),
+           (d,), (d,)]
+    return [(v, d)] + per * layers
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", choices=["b", "gpt"], default="b")
     ap.add_argument("--leaves", type=int, default=1000)
     ap.add_argument("--numel", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--block", type=int, default=10)
     ap.add_argument("--weight-decay", type=float, default=1e-2)
+    ap.add_argument("--no-gc", action="store_true", help="time with the garbage collector off")
     ap.add_argument("--before", default=None, help="an older triton_kernels.py to compare with")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    shapes = [(args.numel,)] * args.leaves
+    shapes = _shapes(args.case, args.leaves, args.numel)
     names = ["after"] + (["before"] if args.before else [])
     contenders = [_steps(*_module(path), shapes, args.weight_decay)
                   for path in [None] + ([args.before] if args.before else [])]
-    print(f"{args.leaves} leaves of {args.numel} elements, weight_decay={args.weight_decay}, "
+    print(f"case {args.case}: {len(shapes)} leaves, {sum(map(math.prod, shapes)):,} elements, "
+          f"weight_decay={args.weight_decay}, "
+          f"gc {'off' if args.no_gc else 'on'}, "
           f"torch {torch.__version__}, median of {args.repeat} blocks of {args.block} calls")
+    if args.no_gc:
+        gc.collect()
+        gc.disable()
     for row in (0, 1):
         times = _turns([c[row] for c in contenders], args.repeat, args.block)
         cells = "  ".join(f"{name} {ms:8.3f} ms" for name, ms in zip(names, times))
