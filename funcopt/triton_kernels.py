@@ -28,7 +28,11 @@ chain would reject, runs the chain's own update unchanged (which raises its own 
 
 The leaves are one launch over a table of blocks, so many small leaves cost one launch, not
 one each. Full blocks and each leaf's last, partial block are
-launched apart, so that full blocks load and store without masks (vectorised).
+launched apart, so that full blocks load and store without masks (vectorised). Each output
+(the updates, the new first and second moments) is one new buffer whose leaves are contiguous
+views of the leaves' shapes, each starting 16-byte aligned: the outputs never share memory
+with the inputs, and a leaf kept alive keeps its whole buffer alive. The layout of a tree of
+shapes and its block tables are cached by device and shapes.
 """
 
 from __future__ import annotations
