@@ -28,16 +28,23 @@ chain would reject, runs the chain's own update unchanged (which raises its own 
 
 The leaves are one launch over a table of blocks, so many small leaves cost one launch, not
 one each. Full blocks and each leaf's last, partial block are
-launched apart, so that full blocks load and store without masks (vectorised).
+launched apart, so that full blocks load and store without masks (vectorised). Each output
+(the updates, the new first and second moments) is one new buffer whose leaves are contiguous
+views of the leaves' shapes, each starting 16-byte aligned: the outputs never share memory
+with the inputs, and a leaf kept alive keeps its whole buffer alive. The layout of a tree of
+shapes and its block tables are cached by device and shapes.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import functools
 import importlib
+import itertools
 import math
-from typing import Any
+import operator
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -54,8 +61,9 @@ _DEVICE_TYPES: tuple[str, ...] = ("cuda",)  # tests add "cpu" (Triton's interpre
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK = 1024  # elements per program
 _NUM_WARPS = 4
-_TABLES: dict[Any, tuple[Tensor, Tensor]] = {}  # block tables by (device, numels)
-_MAX_TABLES = 16
+_PAD = 8  # each leaf of a flat output starts at a multiple of 8 elements (16 bytes or more)
+_LAYOUTS: dict[Any, Any] = {}  # _Layout by (device, shapes)
+_MAX_LAYOUTS = 16
 tl: Any = None  # triton.language, set when the kernel is first built (Triton is optional)
 
 
@@ -115,8 +123,10 @@ def _fast_update(updates: Any, state: Any, params: Any, learning_rate: Any,
         if p_def != treedef:
             return None
     adam, lr_state = state[0], state[-1]
-    if not _leaves_fit(g, p, adam.mu, adam.nu):
+    fit = _leaves_fit(g, p, adam.mu, adam.nu)
+    if fit is None:
         return None
+    shapes, every = fit
     device = g[0].device
     counts = [s.count for s in state]
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -126,8 +136,12 @@ def _fast_update(updates: Any, state: Any, params: Any, learning_rate: Any,
     lr = current_learning_rate(learning_rate, lr_state.learning_rate, lr_state.count)
     if not _scalar_on(lr, device, torch.float32):
         return None
+    layout = _layout(shapes, device)
+    addrs = _addresses(every, layout, g[0].element_size(), adam.mu[0].element_size())
+    if addrs is None:
+        return None
     new_counts = torch._foreach_add(counts, 1)
-    u, mu, nu = _run(g, p, adam.mu, adam.nu, new_counts[0], lr, hyper)
+    u, mu, nu = _run(g, p, adam.mu, adam.nu, layout, addrs, new_counts[0], lr, hyper)
     new: list[Any] = [ScaleByAdamState(new_counts[0], mu, nu)]
     if n_states == 3:
         new.append(AddDecayedWeightsState(new_counts[1]))
@@ -140,54 +154,119 @@ def _scalar_on(x: Any, device: torch.device, dtype: torch.dtype) -> bool:
             and not x.requires_grad)
 
 
-def _leaves_fit(g: list[Any], p: list[Any], mu: list[Any], nu: list[Any]) -> bool:
-    """Whether every leaf is one the kernel computes exactly as the chain (module docstring):
-    whole-list comparisons, so that a thousand leaves cost little host time."""
+_dtype_of, _shape_of = operator.attrgetter("dtype"), operator.attrgetter("shape")
+_device_of, _requires_grad = operator.attrgetter("device"), operator.attrgetter("requires_grad")
+
+
+def _leaves_fit(g: list[Any], p: list[Any], mu: list[Any],
+                nu: list[Any]) -> tuple[tuple[torch.Size, ...], list[Tensor]] | None:
+    """The leaves' shapes and the list ``p + g + mu + nu`` where every leaf is one the kernel
+    computes exactly as the chain (module docstring), else None. Each test is one C-level
+    ``map`` over all leaves, so that a thousand leaves cost little host time; the element
+    alignment of the addresses is checked by :func:`_addresses`."""
     n = len(g)
     if len(p) != n or len(mu) != n or len(nu) != n:
-        return False
+        return None
     first = g[0]
     if type(first) is not Tensor or first.device.type not in _DEVICE_TYPES:
-        return False
-    every = [*g, *p, *mu, *nu]
-    if not all(type(y) is Tensor for y in every):
-        return False
-    dtypes = [x.dtype for x in g]
-    if dtypes[0] not in _DTYPES or dtypes.count(dtypes[0]) != n:
-        return False  # one dtype, as the chain's fused path: a mixed tree takes its foreach one
-    wide = [torch.float32 if d == torch.float16 else d for d in dtypes]
-    shapes = [x.shape for x in g]
-    if ([q.dtype for q in p] != dtypes or [m.dtype for m in mu] != wide
-            or [v.dtype for v in nu] != wide or [q.shape for q in p] != shapes
-            or [m.shape for m in mu] != shapes or [v.shape for v in nu] != shapes):
-        return False
-    index, cuda = first.get_device(), first.is_cuda
-    if any(y.get_device() != index or y.is_cuda != cuda or y.requires_grad
-           or not y.is_contiguous() or y.is_neg() or y.data_ptr() % y.element_size()
-           for y in every):
-        return False
-    return not any(map(torch._C._functorch.is_functorch_wrapped_tensor, every))
+        return None
+    every = [*p, *g, *mu, *nu]
+    if set(map(type, every)) != {Tensor}:
+        return None
+    dtype = first.dtype  # one dtype, as the chain's fused path: a mixed tree takes its foreach one
+    wide = torch.float32 if dtype == torch.float16 else dtype
+    dtypes = list(map(_dtype_of, every))
+    if dtype not in _DTYPES or dtypes != [dtype] * (2 * n) + [wide] * (2 * n):
+        return None
+    shapes = list(map(_shape_of, every))
+    if shapes[n:2 * n] * 4 != shapes or set(map(_device_of, every)) != {first.device}:
+        return None
+    if (any(map(_requires_grad, every)) or not all(map(Tensor.is_contiguous, every))
+            or any(map(Tensor.is_neg, every))
+            or any(map(torch._C._functorch.is_functorch_wrapped_tensor, every))):
+        return None
+    return tuple(shapes[n:2 * n]), every
 
 
-def _run(g: list[Tensor], p: list[Tensor], mu: list[Tensor], nu: list[Tensor], t: Tensor,
-         lr: Tensor, hyper: tuple[float, float, float, float]) -> tuple[list[Tensor], ...]:
-    """New tensors ``u, mu, nu`` for every leaf at step ``t`` (the new count): one launch per
-    dtype group (two where the group has full and partial blocks)."""
+class _Layout(NamedTuple):
+    """What the kernel needs to know of a tree of leaf shapes on a device (cached by
+    :func:`_layout`). A flat output buffer of ``total`` elements is split into ``sizes`` (each
+    leaf's numel rounded up to ``_PAD``, so that every leaf starts 16-byte aligned); the leaves
+    in ``fixes`` (not 1-D, or padded) are made as ``buf.as_strided(shape, stride, offset)``
+    instead of the split's chunk. ``launched``: the leaves with elements (an int64 index, or
+    None for all); ``starts``: their element offsets in a flat buffer (int64, on the CPU);
+    ``full``, ``tail``: their work tables on the device (see :func:`_blocks`)."""
+
+    sizes: list[int]
+    total: int
+    fixes: list[tuple[int, tuple[int, ...], tuple[int, ...], int]]
+    launched: Tensor | None
+    starts: Tensor
+    full: Tensor
+    tail: Tensor
+
+
+def _layout(shapes: tuple[torch.Size, ...], device: torch.device) -> _Layout:
+    """The :class:`_Layout` of ``shapes`` on ``device``: built once, then read from a small
+    cache keyed by ``(device, shapes)``, which determine every field."""
+    key = (device, shapes)
+    hit = _LAYOUTS.get(key)
+    if hit is not None:
+        return hit
+    numels = [math.prod(s) for s in shapes]
+    sizes = [-(-k // _PAD) * _PAD for k in numels]
+    offsets = list(itertools.accumulate(sizes, initial=0))
+    fixes = [(i, tuple(s), torch.empty(s, device="meta").stride(), offsets[i])
+             for i, s in enumerate(shapes) if len(s) != 1 or sizes[i] != numels[i]]
+    launched = [i for i, k in enumerate(numels) if k]
+    full, tail = _blocks(tuple(numels[i] for i in launched), device)
+    layout = _Layout(sizes, offsets[-1], fixes,
+                     None if len(launched) == len(numels) else torch.tensor(launched, dtype=torch.int64),
+                     torch.tensor([offsets[i] for i in launched], dtype=torch.int64), full, tail)
+    if len(_LAYOUTS) >= _MAX_LAYOUTS:
+        _LAYOUTS.pop(next(iter(_LAYOUTS)))
+    _LAYOUTS[key] = layout
+    return layout
+
+
+def _addresses(every: list[Tensor], layout: _Layout, size: int, wide: int) -> Tensor | None:
+    """The addresses of the launched leaves of ``p, g, mu, nu`` (``every``), shape
+    ``(4, leaves)`` int64; None where one is not a multiple of its element size (``size`` for
+    ``p, g``, ``wide`` for the moments)."""
+    addrs = torch.frombuffer(array.array("q", map(Tensor.data_ptr, every)), dtype=torch.int64)
+    addrs = addrs.view(4, -1)
+    if layout.launched is not None:
+        addrs = addrs[:, layout.launched]
+    sizes = torch.tensor([[size], [size], [wide], [wide]])
+    return None if bool((addrs % sizes).any()) else addrs
+
+
+def _outputs(layout: _Layout, like: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """A new flat buffer of ``like``'s dtype and device and its leaves: contiguous views at
+    the layout's offsets, each of its leaf's shape (one split, plus one view per fixed leaf)."""
+    buf = torch.empty(layout.total, dtype=like.dtype, device=like.device)
+    leaves = list(torch.split_with_sizes(buf, layout.sizes))
+    for i, shape, stride, offset in layout.fixes:
+        leaves[i] = buf.as_strided(shape, stride, offset)
+    return buf, leaves
+
+
+def _run(g: list[Tensor], p: list[Tensor], mu: list[Tensor], nu: list[Tensor], layout: _Layout,
+         addrs: Tensor, t: Tensor, lr: Tensor,
+         hyper: tuple[float, float, float, float]) -> tuple[list[Tensor], ...]:
+    """New leaves ``u, mu, nu`` at step ``t`` (the new count): each role one new flat buffer
+    (:func:`_outputs`), written by one launch (two where there are full and partial blocks)."""
     b1, b2, eps, wd = hyper
-    u = [x.new_empty(x.shape) for x in g]  # contiguous, as the leaves
-    mu_new = [m.new_empty(m.shape) for m in mu]
-    nu_new = [v.new_empty(v.shape) for v in nu]
+    bufs, outs = zip(*(_outputs(layout, like) for like in (g[0], mu[0], nu[0])))
     device = g[0].device
     neg_bc = torch.expm1(_log_betas(b1, b2, device) * t)  # -(1 - beta^t), float64
-    groups: dict[torch.dtype, list[int]] = {}
-    for i, x in enumerate(g):
-        if x.numel():
-            groups.setdefault(x.dtype, []).append(i)
-    with _on(device):
-        for idx in groups.values():
-            roles = [[t[i] for i in idx] for t in (p, g, mu, nu, u, mu_new, nu_new)]
-            _launch(roles, neg_bc, lr, b1, b2, eps, wd, device)
-    return u, mu_new, nu_new
+    if len(layout.starts):
+        low = addrs.argmin(1)
+        picked = low if layout.launched is None else layout.launched[low]
+        inputs = [leaves[i] for leaves, i in zip((p, g, mu, nu), picked.tolist())]
+        with _on(device):
+            _launch([*inputs, *bufs], addrs, low, layout, neg_bc, lr, b1, b2, eps, wd, device)
+    return tuple(outs)
 
 
 @functools.lru_cache(maxsize=64)
@@ -204,22 +283,20 @@ def _on(device: torch.device) -> Any:
     return contextlib.nullcontext()
 
 
-def _launch(roles: list[list[Tensor]], neg_bc: Tensor, lr: Tensor, b1: float, b2: float,
-            eps: float, wd: float, device: torch.device) -> None:
-    """Launch the kernel over one dtype group: ``roles`` holds the group's ``p, g, mu, nu, u,
-    mu_new, nu_new`` leaves. Each role is addressed from its lowest address (the base tensor)
-    by element offsets, one row of seven per leaf."""
-    addrs = torch.tensor([[t.data_ptr() for t in leaves] for leaves in roles])  # (7, leaves)
-    low = addrs.argmin(1)
-    sizes = torch.tensor([leaves[0].element_size() for leaves in roles])
-    table = ((addrs - addrs.gather(1, low[:, None])) // sizes[:, None]).t().contiguous()
+def _launch(bases: list[Tensor], addrs: Tensor, low: Tensor, layout: _Layout, neg_bc: Tensor,
+            lr: Tensor, b1: float, b2: float, eps: float, wd: float, device: torch.device) -> None:
+    """Launch the kernel over the launched leaves. ``bases``: the leaf of lowest address of
+    ``p, g, mu, nu`` (``addrs``, its index ``low``) and the three flat output buffers; each
+    leaf's row of the table holds its seven tensors' element offsets from them."""
+    sizes = torch.tensor([b.element_size() for b in bases[:4]])[:, None]
+    rel = (addrs - addrs.gather(1, low[:, None])) // sizes
+    n = rel.shape[1]
+    table = torch.cat([rel, layout.starts.expand(3, n)]).t().contiguous()
     table = table.to(device, non_blocking=True)  # staged at once: the CPU tensor may go
-    bases = [leaves[i] for leaves, i in zip(roles, low.tolist())]
-    aligned = bool((addrs % 16 == 0).all())
-    full, tail = _blocks(tuple(t.numel() for t in roles[1]), device)
-    align = 16 // roles[0][0].element_size() if aligned else 1
+    aligned = not bool((addrs % 16).any()) and all(b.data_ptr() % 16 == 0 for b in bases[4:])
+    align = 16 // bases[0].element_size() if aligned else 1
     kernel = _kernel(device.type)
-    for work, masked in ((full, False), (tail, True)):
+    for work, masked in ((layout.full, False), (layout.tail, True)):
         if len(work):
             kernel[(len(work),)](*bases, table, work, neg_bc, lr, b1, b2, 1 - b1, 1 - b2, eps, wd,
                                  HAS_WD=wd != 0, MASKED=masked, ALIGN=align, BLOCK=_BLOCK,
@@ -227,12 +304,8 @@ def _launch(roles: list[list[Tensor]], neg_bc: Tensor, lr: Tensor, b1: float, b2
 
 
 def _blocks(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
-    """The work tables of a group: rows ``(leaf, first element, numel)``, full blocks first
-    table, each leaf's partial last block in the second; cached by device and shapes."""
-    key = (device, numels)
-    hit = _TABLES.get(key)
-    if hit is not None:
-        return hit
+    """The work tables of the launched leaves: rows ``(leaf, first element, numel)``, full
+    blocks in the first table, each leaf's partial last block in the second."""
     n = torch.tensor(numels, dtype=torch.int64)
     nfull = n // _BLOCK
     leaf = torch.repeat_interleave(torch.arange(len(numels)), nfull)
@@ -240,11 +313,7 @@ def _blocks(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tens
     full = torch.stack([leaf, (torch.arange(len(leaf)) - before) * _BLOCK, n[leaf]], 1)
     has_tail = (n % _BLOCK).nonzero().flatten()
     tail = torch.stack([has_tail, nfull[has_tail] * _BLOCK, n[has_tail]], 1)
-    tables = (full.to(device).contiguous(), tail.to(device).contiguous())
-    if len(_TABLES) >= _MAX_TABLES:
-        _TABLES.pop(next(iter(_TABLES)))
-    _TABLES[key] = tables
-    return tables
+    return full.to(device).contiguous(), tail.to(device).contiguous()
 
 
 @functools.cache

@@ -293,6 +293,142 @@ def test_without_triton_the_chain_runs(interpreter, monkeypatch):
     _declined(interpreter, {"w": torch.randn(5)}, {"w": torch.randn(5)})
 
 
+# --------------------------------------------------------------------------- flat outputs, cache
+
+
+def _bits(x):
+    """The bytes of ``x`` (equal bytes: the very same numbers, signed zeros and NaNs too)."""
+    return x.detach().reshape(-1).view(torch.uint8) if x.numel() else x
+
+
+def _same_bits(got, want):
+    got, want = fo.tree_leaves(got), fo.tree_leaves(want)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
+
+
+def _byte_span(x):
+    start = x.untyped_storage().data_ptr() + x.storage_offset() * x.element_size()
+    return start, start + x.numel() * x.element_size()
+
+
+def _clone_tree(tree):
+    return fo.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def _step(tx, params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return fo.apply_updates(params, updates), updates, state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interpreter_outputs_are_fresh_contiguous_aligned_and_inputs_untouched(interpreter, dtype):
+    """The pure contract with flat output buffers: every output leaf is a contiguous tensor of
+    its input's shape, dtype and device, starting 16-byte aligned; no output shares a byte
+    with any input or with another output; the inputs keep their values, also when they are
+    themselves the previous step's outputs (views of one buffer)."""
+    shapes = SHAPES + [(0, 3), (1, 1, 9)]
+    tx = fo.adamw(1e-3, weight_decay=1e-2)
+    params = _tree(shapes, dtype, 0)
+    state = tx.init(params)
+    for k in range(3):
+        grads = _tree(shapes, dtype, 100 + k)
+        inputs = (params, state, grads)
+        before = _clone_tree(inputs)
+        updates, new_state = tx.update(grads, state, params)
+        _same_bits(inputs, before)  # nothing written into the inputs
+        outs = [*fo.tree_leaves(updates), *new_state[0].mu, *new_state[0].nu]
+        likes = [*params.values(), *state[0].mu, *state[0].nu]
+        for out, like in zip(outs, likes):
+            assert out.shape == like.shape and out.dtype == like.dtype
+            assert out.device == like.device and out.is_contiguous()
+            assert not out.requires_grad
+        spans = sorted(_byte_span(x) for x in outs + fo.tree_leaves(inputs) if x.numel())
+        for (_, end), (start, _) in zip(spans, spans[1:]):
+            assert start >= end  # no two tensors (outputs, inputs) overlap
+        assert all(x.data_ptr() % 16 == 0 for x in outs if x.numel())
+        params, state = fo.apply_updates(params, updates), new_state
+    assert len(interpreter) == 3
+
+
+def test_interpreter_fed_back_outputs_match_fresh_copies_bitwise(interpreter):
+    """Five steps that feed the kernel its own outputs (moments that are views of one flat
+    buffer) give the very bits of steps whose inputs are copied into separate tensors first,
+    and of steps run with an empty layout cache; and they stay within the chain's tolerance."""
+    shapes = SHAPES + [(5, 1, 3)]
+    tx = fo.adamw(1e-2, weight_decay=0.1)
+    params = _tree(shapes, torch.float32, 0)
+    fed = copied = (params, tx.init(params))
+    for k in range(5):
+        grads = _tree(shapes, torch.float32, 100 + k)
+        p1, u1, s1 = _step(tx, *fed, grads)
+        tk._LAYOUTS.clear()
+        p2, u2, s2 = _step(tx, *_clone_tree(copied), _clone_tree(grads))
+        _same_bits((p1, u1, s1), (p2, u2, s2))
+        fed, copied = (p1, s1), (p2, s2)
+    assert len(interpreter) == 10
+    want_p, want_u, want_s = _run(_chain(1e-2, 0.1), params, 5, torch.float32, "cpu")
+    _close(list(fed[0].values()), list(want_p.values()), CHAIN_TOL["p"])
+    _close(fed[1][0].mu, want_s[0].mu, CHAIN_TOL["mu"])
+    _close(fed[1][0].nu, want_s[0].nu, CHAIN_TOL["nu"])
+
+
+def test_interpreter_layout_cache_follows_shapes_dtypes_trees_and_reused_state(interpreter):
+    """One transform stepped on trees that change between steps: the same numels in other
+    shapes ((2, 6), (6, 2), (12,)), other dtypes, another tree structure, an empty leaf, more
+    trees than the cache holds. Each result has its own shapes and equals, bit for bit, the
+    result computed with an empty cache; a state stepped twice gives the same result twice."""
+    tx = fo.adamw(1e-3, weight_decay=1e-2)
+    cases = [([(2, 6), (3,)], torch.float32), ([(6, 2), (3,)], torch.float32),
+             ([(12,), (3,)], torch.float32), ([(2, 6), (3,)], torch.bfloat16),
+             ([(2, 6), (3,)], torch.float16), ([(2, 6), (0,), (3,)], torch.float32)]
+    cases += [([(k + 1,)], torch.float32) for k in range(tk._MAX_LAYOUTS + 1)]
+    cases += cases[:3]  # back to trees whose layout was evicted or is still cached
+    for i, (shapes, dtype) in enumerate(cases):
+        params = _tree(shapes, dtype, i)
+        if i % 2:  # another tree structure: a list instead of a dict
+            params = list(params.values())
+        grads = fo.tree_map(torch.randn_like, params)
+        state = tx.init(params)
+        u1, s1 = tx.update(grads, state, params)
+        u2, s2 = tx.update(grads, state, params)  # the same state object again
+        _same_bits((u1, s1), (u2, s2))
+        assert [x.shape for x in fo.tree_leaves(u1)] == [x.shape for x in fo.tree_leaves(params)]
+        tk._LAYOUTS.clear()
+        _same_bits((u1, s1), tx.update(grads, state, params))
+        want, _ = _chain(1e-3, 1e-2).update(grads, _chain(1e-3, 1e-2).init(params), params)
+        _close(fo.tree_leaves(u1), fo.tree_leaves(want), CHAIN_TOL["u"], _ulps(dtype))
+    assert len(interpreter) == 3 * len(cases)
+
+
+def test_interpreter_state_of_other_shapes_takes_the_chain(interpreter):
+    """Moments of another shape than the gradients (a state from another tree) are not
+    stepped by the kernel: the chain runs and raises its own error."""
+    tx, ref = fo.adamw(1e-3, weight_decay=1e-2), _chain(1e-3, 1e-2)
+    params, grads = {"w": torch.randn(2, 3)}, {"w": torch.randn(2, 3)}
+    other = {"w": torch.randn(3, 2)}
+    for t in (tx, ref):
+        with pytest.raises(ValueError, match="the state holds"):
+            t.update(grads, t.init(other), params)
+    assert not interpreter
+
+
+def test_interpreter_unaligned_views_of_one_buffer(interpreter):
+    """Leaves that are views at odd offsets of one buffer (not 16-byte aligned) are addressed
+    from the lowest one and give the chain's numbers."""
+    buf, gbuf = torch.randn(1 + 100 + 3000), torch.randn(3101)
+    params = {"a": buf[1:101], "b": buf[101:].view(30, 100)}
+    grads = {"a": gbuf[1:101], "b": gbuf[101:].view(30, 100)}
+    before = _clone_tree((params, grads))
+    _, u1, _ = _step(fo.adamw(1e-3, weight_decay=1e-2), params,
+                     fo.adamw(1e-3).init(params), grads)
+    _, u2, _ = _step(_chain(1e-3, 1e-2), params, _chain(1e-3, 1e-2).init(params), grads)
+    _close(list(u1.values()), list(u2.values()), CHAIN_TOL["u"])
+    _same_bits((params, grads), before)
+    assert len(interpreter) == 1
+
+
 # --------------------------------------------------------------------------- CUDA
 
 cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
