@@ -294,12 +294,16 @@ def _launch(bases: list[Tensor], addrs: Tensor, low: Tensor, layout: _Layout, ne
     table = torch.cat([rel, layout.starts.expand(3, n)]).t().contiguous()
     table = table.to(device, non_blocking=True)  # staged at once: the CPU tensor may go
     aligned = not bool((addrs % 16).any()) and all(b.data_ptr() % 16 == 0 for b in bases[4:])
-    align = 16 // bases[0].element_size() if aligned else 1
+    # in elements of each tensor's dtype: p, g, u in the parameters' and the moments in
+    # theirs (float32 for float16 parameters)
+    align, align_m = (16 // bases[0].element_size(), 16 // bases[2].element_size()) \
+        if aligned else (1, 1)
     kernel = _kernel(device.type)
     for work, masked in ((layout.full, False), (layout.tail, True)):
         if len(work):
             kernel[(len(work),)](*bases, table, work, neg_bc, lr, b1, b2, 1 - b1, 1 - b2, eps, wd,
-                                 HAS_WD=wd != 0, MASKED=masked, ALIGN=align, BLOCK=_BLOCK,
+                                 HAS_WD=wd != 0, MASKED=masked, ALIGN=align, ALIGN_M=align_m,
+                                 BLOCK=_BLOCK,
                                  num_warps=_NUM_WARPS)
 
 
@@ -330,7 +334,7 @@ def _kernel(device_type: str) -> Any:
 
 def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, u_ptr, mo_ptr, vo_ptr, table, work, neg_bc,
                   lr_ptr, b1, b2, c1, c2, eps, wd, HAS_WD: tl.constexpr, MASKED: tl.constexpr,
-                  ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+                  ALIGN: tl.constexpr, ALIGN_M: tl.constexpr, BLOCK: tl.constexpr):
     """One block of one leaf: the row ``work[program]`` names the leaf, the first element and
     the leaf's numel; ``table[leaf]`` the element offsets of its seven tensors from the seven
     base pointers. Uses ``tl`` functions present since Triton 3.0."""
@@ -342,11 +346,11 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, u_ptr, mo_ptr, vo_ptr, table, work
     i = start + tl.arange(0, BLOCK)
     o_p = tl.max_contiguous(tl.multiple_of(tl.load(row) + i, ALIGN), BLOCK)
     o_g = tl.max_contiguous(tl.multiple_of(tl.load(row + 1) + i, ALIGN), BLOCK)
-    o_m = tl.max_contiguous(tl.multiple_of(tl.load(row + 2) + i, ALIGN), BLOCK)
-    o_v = tl.max_contiguous(tl.multiple_of(tl.load(row + 3) + i, ALIGN), BLOCK)
+    o_m = tl.max_contiguous(tl.multiple_of(tl.load(row + 2) + i, ALIGN_M), BLOCK)
+    o_v = tl.max_contiguous(tl.multiple_of(tl.load(row + 3) + i, ALIGN_M), BLOCK)
     o_u = tl.max_contiguous(tl.multiple_of(tl.load(row + 4) + i, ALIGN), BLOCK)
-    o_mo = tl.max_contiguous(tl.multiple_of(tl.load(row + 5) + i, ALIGN), BLOCK)
-    o_vo = tl.max_contiguous(tl.multiple_of(tl.load(row + 6) + i, ALIGN), BLOCK)
+    o_mo = tl.max_contiguous(tl.multiple_of(tl.load(row + 5) + i, ALIGN_M), BLOCK)
+    o_vo = tl.max_contiguous(tl.multiple_of(tl.load(row + 6) + i, ALIGN_M), BLOCK)
     mask = i < end
     if MASKED:
         g = tl.load(g_ptr + o_g, mask=mask, other=0.0).to(tl.float32)
