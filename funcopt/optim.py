@@ -30,12 +30,12 @@ Flat storage: a group whose transform is element-wise (:func:`funcopt.elementwis
 aliases ``adamw``, ``adam``, ``sgd``, ``lion``, ``rmsprop`` ... mark themselves when no
 weight-decay ``mask`` is given) and whose parameters are plain, contiguous, trainable tensors
 on one device that do not overlap in memory keeps its parameters, gradients and state in one buffer each (``p.data`` and ``p.grad`` become
-views of them; see :mod:`funcopt.optim_flat`). Its peak memory is then that of torch's fused
+views of them; a large parameter is kept apart: see :mod:`funcopt.optim_flat`). Its peak memory is then that of torch's fused
 AdamW (parameters, gradients, state), and on a CUDA device its step is compiled and captured
 as one CUDA graph (:func:`funcopt.jit`; the first steps compile, a few seconds). Other groups
 (Muon, SOAP, KFAC, masks, DTensor parameters) run the transform on the list of parameters.
-``transform_states[i]`` of a flat group is the state of the flat buffer (one tensor per
-moment), which ``state_dict`` saves as such.
+``transform_states[i]`` of a flat group is the state of its flat buffer and large parameters
+(one tensor per moment and leaf), which ``state_dict`` saves as such.
 
 Differences from torch.optim: the transform sees each param group as one pytree (a list of
 tensors). When some parameters of a group have ``grad is None`` they get a zero gradient and
