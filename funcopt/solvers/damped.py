@@ -326,8 +326,8 @@ class DirectDamped(NamedTuple):
     ``scale`` and a ``bound`` and the :class:`~funcopt.solvers.Cholesky` solver.
 
     ``J``: ``J S^{-1} / gamma`` (the caller's tensor, divided in place); ``gram``: its Gram
-    matrix, ``J^T J`` (primal) or ``J J^T`` (dual); ``rhs``: ``J^T r / gamma`` (primal) or
-    ``r / gamma`` (dual) as one column; ``finite``: 0-d bool, ``rhs`` is finite (the check
+    matrix, ``J^T J`` (primal) or ``J J^T`` (dual); ``rhs``: ``-J^T r / gamma`` (primal) or
+    ``-r / gamma`` (dual) as one column (negated: the solve gives the step); ``finite``: 0-d bool, ``rhs`` is finite (the check
     :meth:`DampedLeastSquares.compute` makes, left to the caller to read); ``scale``: ``S`` or
     None; ``gamma``: the power of two; ``rcond``: Cholesky's pivot-ratio threshold; ``dual``:
     the form.
@@ -369,7 +369,7 @@ def direct_damped(J: Tensor, r: Tensor, scale: Tensor | None, gamma: float, one_
     m, n = Jh.shape
     dual = form == "dual" or (form == "auto" and m < n)
     gram = _gram_matrix(Jh if dual else Jh.mT)
-    rhs = (r / gamma)[:, None]
+    rhs = (r / -gamma)[:, None]
     rhs = rhs if dual else Jh.mT @ rhs
     if rcond is None:
         rcond = min(gram.shape[0], 100) * torch.finfo(J.dtype).eps
@@ -391,7 +391,7 @@ def direct_damped_solve(dd: DirectDamped, damping: float) -> tuple[Tensor, Tenso
     ok = (info == 0) & (lo > dd.rcond * hi) & torch.isfinite(y).all()
     y = torch.where(ok, y, 0.0)[:, 0]
     x = dd.J.mT @ y if dd.dual else y
-    return -(x if dd.scale is None else x / dd.scale), ok
+    return (x if dd.scale is None else x / dd.scale), ok
 
 
 def direct_supported(solver: str | LinearSolver, J: Tensor) -> bool:

@@ -267,12 +267,13 @@ def levenberg_marquardt(
             tree_check_structure(updates, params, ("updates", "params"))
             _check_shapes(updates, params)
         args = () if batch is None else (batch,)
+        unravel = None
         if is_tracing():
             delta, new_state = _traced_step(residual_fn, params, args, state, opts)
         else:
             with np.errstate(all="ignore"):  # host numbers overflow as the dtype's do
-                delta, new_state = _step(residual_fn, params, args, state, opts)
-        return _to_tree(delta, params), new_state
+                delta, new_state, unravel = _step(residual_fn, params, args, state, opts)
+        return _to_tree(delta, params, unravel), new_state
 
     return GradientTransformation(init, update)
 
@@ -284,7 +285,7 @@ def _step(residual_fn, params, args, state: LevenbergMarquardtState, o: LMOption
     (:func:`funcopt.transforms.lm_damping.host_type`), as 0-d tensors would compute it."""
     loc = _linearize(residual_fn, params, args, state, o)
     x, d, rule = loc.x, loc.d, o.rule
-    host = loc.host or read_host(loc.rnorm, loc.damping, state, rule, d * x)
+    host = loc.host or read_host(loc.rnorm, loc.damping, state, rule, d, x)
     fn, lam, nu, radius, first = host
     T = type(fn)
     fn_pos = fn if 0 < fn < math.inf else T(1.0)
@@ -312,7 +313,7 @@ def _step(residual_fn, params, args, state: LevenbergMarquardtState, o: LMOption
         if accepted or exhausted:
             break
     stats = (fn, lam, nu, radius, rho, actual, predicted, all_finite, solved)
-    return _finish_step(state, loc, trial, stats, accepted, attempt)
+    return (*_finish_step(state, loc, trial, stats, accepted, attempt), loc.unravel)
 
 
 def _attempt(loc, lam, o: LMOptions, first: bool) -> tuple:
@@ -324,19 +325,22 @@ def _attempt(loc, lam, o: LMOptions, first: bool) -> tuple:
         delta, step, Jd, ok, solved = _propose(loc, lam, o, generic)
         x_new = loc.x + step
         norms = [_evaluate(loc.f, x_new, loc.r.shape, inf=False),
-                 scaled_norm(loc.d * delta), ok, solved, scaled_norm(Jd)]
+                 scaled_norm(loc.d * delta), scaled_norm(Jd)]
         if o.geodesic is not None:
             norms.append(scaled_norm(loc.d * step))
+        flags = [ok] if solved is ok else [ok, solved]  # one tensor on the direct path
         check = first and loc.direct is not None
-        vals = host_values(*norms, *((loc.direct.finite,) if check else ()))  # host sync
+        vals = host_values(*norms, *flags, *((loc.direct.finite,) if check else ()))  # sync
         if check and not vals.pop():
             raise ValueError("the right-hand side b contains NaN or inf; a linear solve of "
                              "non-finite data has no meaning. Check the computation that "
                              "produced it (e.g. the residuals or the Jacobian).")
-        if generic or vals[3] or loc.direct is None or not isinstance(get(o.solver), Auto):
+        new_fn, pnorm, jdn, *rest = vals
+        snorm = rest.pop(0) if o.geodesic is not None else pnorm
+        ok, solved = rest[0], rest[-1]
+        if generic or solved or loc.direct is None or not isinstance(get(o.solver), Auto):
             break
-    new_fn, pnorm, ok, solved, jdn, *snorm = vals
-    return (step, x_new, new_fn, pnorm, ok, solved, jdn, snorm[0] if snorm else pnorm)
+    return (step, x_new, new_fn, pnorm, ok, solved, jdn, snorm)
 
 
 def _finish_step(state, loc, trial, stats, accepted, attempt):
@@ -413,9 +417,11 @@ def _check_shapes(updates: PyTree, params: PyTree) -> None:
                 "like the parameters, or None (LM does not read them)")
 
 
-def _to_tree(delta: Tensor, params: PyTree) -> PyTree:
-    """The flat step as a tree like ``params`` (zeros for integer leaves)."""
-    _, unravel = ravel_params(params)
+def _to_tree(delta: Tensor, params: PyTree, unravel: Callable | None = None) -> PyTree:
+    """The flat step as a tree like ``params`` (zeros for integer leaves); ``unravel`` that of
+    ``ravel_params(params)`` when the caller has it."""
+    if unravel is None:
+        _, unravel = ravel_params(params)
     tree = unravel(delta)
     return optree.tree_map(
         lambda u, p: u if p.is_floating_point() else torch.zeros_like(p), tree, params

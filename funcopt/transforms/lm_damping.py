@@ -359,16 +359,16 @@ def _min(a: Any, b: Any) -> Any:
     return a if math.isnan(a) else b if math.isnan(b) else min(a, b)
 
 
-def read_host(rnorm: Tensor, lam: Tensor, state: Any, rule: DampingRule, dx: Any,
+def read_host(rnorm: Tensor, lam: Tensor, state: Any, rule: DampingRule, d: Tensor, x: Tensor,
               *more: Tensor) -> list:
     """One host read for an eager Levenberg-Marquardt step: ``(||r||, lambda, nu, radius,
     first step, *more)``, numbers as numpy scalars of :func:`host_type`, boolean tensors as
     bools. ``state`` is the transform's; under the trust-region rule the radius is
-    ``Delta_0`` of ``||d x||`` on the first step (``dx = d * x``, a tensor, read then)."""
+    ``Delta_0`` of ``||d x||`` on the first step."""
     first = state.count == 0
     radius = state.radius
     if isinstance(rule, TrustRegion):
-        radius = torch.where(first, rule.initial_radius(scaled_norm(dx)), radius)
+        radius = torch.where(first, rule.initial_radius(scaled_norm(d * x)), radius)
     return host_values(rnorm, lam, state.nu, radius, first, *more)
 
 

@@ -160,6 +160,7 @@ class _Local(NamedTuple):
     host: list | None = None  # (||r||, lambda, nu, radius, first step), see read_host
     direct: DirectDamped | None = None  # the Cholesky solve with no host read
     gamma: float = 1.0  # the power of two that scales J for ``direct``
+    unravel: Callable[[Tensor], Any] | None = None  # of ravel_params(params)
 
 
 def running_scale(scale: Tensor, col: Tensor, first: Tensor) -> Tensor:
@@ -206,14 +207,15 @@ def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
         # max_j ||J_j|| / S_j bounds max |J S^{-1}| within sqrt(m)
         bound = (col if S is None else col / S).max() if col.numel() else col.new_ones(())
         smin, smax = torch.aminmax(S) if S is not None and S.numel() else (bound, bound)
-        *host, ok_h, bound_h, smin_h, smax_h = read_host(rnorm, lam, state, o.rule, d * x,
+        *host, ok_h, bound_h, smin_h, smax_h = read_host(rnorm, lam, state, o.rule, d, x,
                                                          ok, bound, smin, smax)
         if ok_h:
             break
         stats = (*_column_stats_scaled(J, r, rnorm), ~ok)  # raises on a non-finite r or J
     gamma = power_of_two_host(bound_h)
     svd = _normalised_svd(J / d, r, rnorm) if isinstance(o.rule, TrustRegion) else None
-    J = J.detach() if J.is_contiguous() else J.contiguous()  # no expanded (stride 0) rows
+    if J.requires_grad or not J.is_contiguous():
+        J = J.detach().contiguous()  # no expanded (stride 0) rows
     if o.geodesic is None and direct_supported(o.solver, J):
         T, info = type(gamma), torch.finfo(J.dtype)
         one = S is None or (smin_h * gamma >= T(info.tiny) and smax_h * gamma <= T(info.max))
@@ -221,12 +223,13 @@ def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
 
         rcond = getattr(get(o.solver), "rcond", None)
         dd = direct_damped(J, r, S, float(gamma), one, o.form, rcond)
-        return _Local(x, f, r, rnorm, d, cos, lam, None, None, dd.jv, svd, host, dd, float(gamma))
+        return _Local(x, f, r, rnorm, d, cos, lam, None, None, dd.jv, svd, host, dd,
+                      float(gamma), unravel)
     # J is ours to overwrite (then J v comes from the scaled J), except that geodesic
     # acceleration keeps it: its finite difference subtracts J v, reproduced to the last bit
     factor, solve, jv = _damped_solver(J, S, o.solver, o.form, bound,
                                        overwrite=o.geodesic is None)
-    return _Local(x, f, r, rnorm, d, cos, lam, factor, solve, jv, svd, host)
+    return _Local(x, f, r, rnorm, d, cos, lam, factor, solve, jv, svd, host, unravel=unravel)
 
 
 def _scaling(col: Tensor, state, o: LMOptions) -> tuple[Tensor, Tensor | None, Tensor]:
