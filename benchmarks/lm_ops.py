@@ -6,14 +6,15 @@ torch-levenberg-marquardt, on the two problems of ``benchmarks/lm_peers.py``.
 An eager LM step on a small network is bound by the host: each dispatched op costs ~10-20 us
 of Python and launch time on a GPU whatever its size, and each host read of a tensor
 (``.item()``, ``bool()``, ``.tolist()``, a ``torch.linalg`` call that checks its ``info``)
-waits for the device. The counts below do not depend on the device, so they are taken on the
-CPU: every ATen op that reaches the dispatcher (views included; the "compute" column leaves out
+waits for the device. The counts hardly depend on the device (funcopt reads the Jacobian's
+column statistics in cache-sized blocks on the CPU, in one pass on a GPU), so they are taken
+on the CPU by default: every ATen op that reaches the dispatcher (views included; the "compute" column leaves out
 views and metadata ops, which launch no kernel) is counted under a
 ``torch.utils._python_dispatch.TorchDispatchMode``, grouped by op name and by the innermost
 funcopt (or torch-lm) source line that issued it. Syncs are the ops that read a value on the
 host (``aten._local_scalar_dense``: ``.item()``, ``bool()``, ``float()``; ``_linalg_check_errors``;
-``nonzero``) plus calls of ``Tensor.tolist``. Also printed: host ms per step on the CPU with
-one thread (median), and the solves per step.
+``nonzero``) plus calls of ``Tensor.tolist``. Also printed: the median ms per step (on the CPU
+with ``--threads`` threads, default 1, or on ``--device cuda``), and the solves per step.
 
 funcopt runs ``fo.levenberg_marquardt(fo.mse_residuals(fwd, per_sample=True), solver="cholesky")``
 (``cross_entropy_residuals`` for digits), the peer ``LevenbergMarquardtModule(...,
@@ -145,10 +146,10 @@ def peer_stepper(name, model, xtr, ytr):
     return step, lambda: int(box["logs"]["attempts"])
 
 
-def measure(make, name, steps, warmup):
+def measure(make, name, steps, warmup, device="cpu"):
     """``(counter, solves, ms)``: the ops of ``steps`` steps after ``warmup``, their solves,
-    then the median host ms of ``steps`` more steps."""
-    model, xtr, ytr, _, _ = make_problem(name, "cpu")
+    then the median ms of ``steps`` more steps (the device synchronised around each)."""
+    model, xtr, ytr, _, _ = make_problem(name, device)
     step, attempts = make(name, model, xtr, ytr)
     for _ in range(warmup):
         step()
@@ -159,20 +160,24 @@ def measure(make, name, steps, warmup):
         solves += attempts()
     times = []
     for _ in range(steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
         t = time.perf_counter()
         step()
+        if device == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return counter, solves, 1e3 * statistics.median(times)
 
 
-def report(label, counter, solves, ms, steps, top):
+def report(label, counter, solves, ms, steps, top, device="cpu"):
     total = sum(counter.ops.values())
     views = sum(v for k, v in counter.ops.items() if k in VIEW_OPS)
     syncs = sum(counter.syncs.values())
     print(f"## {label}: {total / steps:.1f} ops/step ({(total - views) / steps:.1f} compute, "
           f"{views / steps:.1f} views/metadata), {syncs / steps:.1f} syncs/step, "
-          f"{solves / steps:.2f} solves/step, {ms:.2f} ms/step (CPU, "
-          f"{torch.get_num_threads()} thread)")
+          f"{solves / steps:.2f} solves/step, {ms:.2f} ms/step ({device}, "
+          f"{torch.get_num_threads()} CPU threads)")
     print("   top ops per step:")
     for k, v in counter.ops.most_common(top):
         print(f"     {v / steps:7.1f}  {k}")
@@ -193,14 +198,19 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--problems", default="sin,digits")
     ap.add_argument("--packages", default="funcopt,torch-lm")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where the steps run (the counts are the same but for the CPU's "
+                         "cache-sized blocks)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, CPU, {args.steps} steps counted after {args.warmup}\n")
+    print(f"torch {torch.__version__}, {args.device}, {args.steps} steps counted after "
+          f"{args.warmup}\n")
     makers = {"funcopt": funcopt_stepper, "torch-lm": peer_stepper}
     for name in args.problems.split(","):
         for pkg in args.packages.split(","):
-            counter, solves, ms = measure(makers[pkg], name, args.steps, args.warmup)
-            report(f"{name} {pkg}", counter, solves, ms, args.steps, args.top)
+            counter, solves, ms = measure(makers[pkg], name, args.steps, args.warmup,
+                                          args.device)
+            report(f"{name} {pkg}", counter, solves, ms, args.steps, args.top, args.device)
     return 0
 
 
