@@ -64,12 +64,14 @@ def ravel_params(params: PyTree) -> tuple[Tensor, Callable[[Tensor], PyTree]]:
             "the parameters have no floating-point leaves, so there is nothing to fit; "
             "pass parameters as float tensors (e.g. torch.tensor([1.0, 2.0], dtype=torch.float64))"
         )
-    dtype = leaves[float_idx[0]].dtype
-    for i in float_idx[1:]:
-        dtype = torch.promote_types(dtype, leaves[i].dtype)
-    shapes = [leaf.shape for leaf in leaves]
     dtypes = [leaf.dtype for leaf in leaves]
-    (x,) = concat([leaf.detach() for leaf in leaves], [float_idx], dtype=dtype)
+    dtype = dtypes[float_idx[0]]
+    for i in float_idx[1:]:
+        if dtypes[i] != dtype:
+            dtype = torch.promote_types(dtype, dtypes[i])
+    shapes = [leaf.shape for leaf in leaves]
+    (x,) = concat(leaves, [float_idx], dtype=dtype)
+    x = x.detach()
 
     def unravel(v: Tensor) -> PyTree:
         if v.shape != x.shape:
@@ -184,6 +186,7 @@ class PerSampleResiduals:
         self.scale = scale
         self.pass_num_samples = bool(pass_num_samples)
         self.batch = batch
+        self._per: dict[tuple, int] = {}  # residuals per sample, by input shapes and dtypes
         if batch is not None:
             _num_samples(batch)
 
@@ -243,6 +246,18 @@ class PerSampleResiduals:
 
         return one
 
+    def residuals_per_sample(self, params: PyTree, batch: Any, num: int,
+                             count: Callable[[], int]) -> int:
+        """Residuals of one sample: ``count()`` (one sample's residuals evaluated) the first
+        time for these shapes and dtypes of ``params`` and ``batch`` and this ``num``, then
+        remembered (the shape of a function's output is fixed by those of its inputs)."""
+        key = (num, *((t.shape, t.dtype) for t in tree_leaves(params)),
+               *((t.shape, t.dtype) for t in tree_leaves(batch)))
+        if key not in self._per:
+            with torch.no_grad():
+                self._per[key] = int(count())
+        return self._per[key]
+
     def __call__(self, params: PyTree, *args: Any) -> Tensor:
         """``r`` for the batch: ``vmap`` of the per-sample function over dim 0, flattened."""
         batch = self.batch_of(args)
@@ -294,27 +309,36 @@ def per_sample_residuals(
 def _per_sample_jacobian(
     res: PerSampleResiduals, params: PyTree, args: tuple[Any, ...], mode: str,
     chunk_size: int | None, max_memory: int | None,
+    raveled: tuple[Tensor, Callable[[Tensor], PyTree]] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`jacobian` for :class:`PerSampleResiduals`: ``vmap`` over samples of ``jacrev``
-    (or ``jacfwd``) of one sample's residuals, ``chunk_size`` rows rounded to whole samples."""
+    (or ``jacfwd``) of one sample's residuals, ``chunk_size`` rows rounded to whole samples;
+    ``raveled``: ``ravel_params(params)`` when the caller has it. One residual per sample in
+    reverse mode is one vector-Jacobian product with cotangent 1 (the numbers of ``jacrev``)."""
     batch = res.batch_of(args)
     num = _num_samples(batch)
-    x, unravel = ravel_params(params)
+    x, unravel = ravel_params(params) if raveled is None else raveled
     one = res.sample_fn(num)
-
-    def value_and_value(v: Tensor, sample: Any) -> tuple[Tensor, Tensor]:
-        r = one(unravel(v), sample)
-        return r, r
-
-    with torch.no_grad():  # residuals per sample, from the first sample alone
-        first = tree_map(lambda t: t[:1], batch)
-        per = vmap(one, in_dims=(None, 0))(unravel(x), first).shape[1]
+    per = res.residuals_per_sample(params, batch, num, lambda: vmap(one, in_dims=(None, 0))(
+        unravel(x), tree_map(lambda t: t[:1], batch)).shape[1])
     n = x.numel()
     if mode == "auto":
         mode = "forward" if 8 * n < per else "reverse"
     rows = chunk_size or jacobian_chunk_size(per, n, x.dtype, x.device, max_memory)
     samples = max(1, rows // max(per, 1))
-    jac = (jacrev if mode == "reverse" else jacfwd)(value_and_value, has_aux=True)
+
+    def value_and_value(v: Tensor, sample: Any) -> tuple[Tensor, Tensor]:
+        r = one(unravel(v), sample)
+        return r, r
+
+    def row_and_value(v: Tensor, sample: Any) -> tuple[Tensor, Tensor]:
+        r, pullback = _vjp(lambda w: one(unravel(w), sample), v)
+        return pullback(torch.ones_like(r))[0][None], r
+
+    if mode == "reverse" and per == 1:
+        jac = row_and_value
+    else:
+        jac = (jacrev if mode == "reverse" else jacfwd)(value_and_value, has_aux=True)
     blocks, r = vmap(jac, in_dims=(None, 0), chunk_size=samples if samples < num else None)(x, batch)
     return blocks.reshape(num * per, n).to(x.dtype), r.reshape(-1).detach()
 
@@ -378,9 +402,19 @@ def jacobian(
         raise ValueError(f"mode={mode!r}: use 'auto', 'forward' or 'reverse'")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size={chunk_size!r}: pass a positive int or None")
+    return _jacobian(residual_fn, params, args, mode, chunk_size, max_memory)
+
+
+def _jacobian(residual_fn: Callable[..., Tensor], params: PyTree, args: tuple[Any, ...],
+              mode: str, chunk_size: int | None, max_memory: int | None = None,
+              raveled: tuple[Tensor, Callable[[Tensor], PyTree]] | None = None
+              ) -> tuple[Tensor, Tensor]:
+    """:func:`jacobian` with checked arguments; ``raveled``: ``ravel_params(params)`` when the
+    caller has it."""
     if isinstance(residual_fn, PerSampleResiduals):
-        return _per_sample_jacobian(residual_fn, params, args, mode, chunk_size, max_memory)
-    x, unravel = ravel_params(params)
+        return _per_sample_jacobian(residual_fn, params, args, mode, chunk_size, max_memory,
+                                    raveled)
+    x, unravel = ravel_params(params) if raveled is None else raveled
     f = residual_vector_fn(residual_fn, unravel, *args)
     pullback: Callable[[Tensor], tuple[Tensor, ...]] | None = None
     if mode == "forward":

@@ -34,9 +34,15 @@ from funcopt.solvers.base import (
     finite_or_zero,
     gram,
     gram_dual,
+    matrix_free,
 )
 from funcopt.solvers.krylov import CG, _power_of_two
-from funcopt.solvers.operators import _damping_tensor, _require_finite, _require_valid_damping
+from funcopt.solvers.operators import (
+    _damping_tensor,
+    _gram_matrix,
+    _require_finite,
+    _require_valid_damping,
+)
 
 __all__ = ["DampedLeastSquares", "DampedPlan", "DampedState", "damped_least_squares",
            "damped_least_squares_solver"]
@@ -311,3 +317,121 @@ def damped_least_squares_solver(J: Tensor, diag: Tensor | str | None = None, *,
     dls = DampedLeastSquares(solver, form)
     plan = dls.plan(J, diag)
     return lambda damping, r: dls.compute(dls.init(plan, damping), r)
+
+
+class DirectDamped(NamedTuple):
+    """The damped normal equations of one ``J`` for Cholesky solves with no host read (the
+    eager Levenberg-Marquardt step); made by :func:`direct_damped`, solved by
+    :func:`direct_damped_solve`. The numbers are those of :class:`DampedLeastSquares` with a
+    ``scale`` and a ``bound`` and the :class:`~funcopt.solvers.Cholesky` solver.
+
+    ``J``: ``J S^{-1} / gamma`` (the caller's tensor, divided in place); ``gram``: its Gram
+    matrix, ``J^T J`` (primal) or ``J J^T`` (dual); ``rhs``: ``-J^T r / gamma`` (primal) or
+    ``-r / gamma`` (dual) as one column (negated: the solve gives the step); ``finite``: 0-d bool, ``rhs`` is finite (the check
+    :meth:`DampedLeastSquares.compute` makes, left to the caller to read); ``scale``: ``S`` or
+    None; ``gamma``: the power of two; ``rcond``: Cholesky's pivot-ratio threshold; ``dual``:
+    the form.
+    """
+
+    J: Tensor
+    gram: Tensor
+    rhs: Tensor
+    finite: Tensor
+    scale: Tensor | None
+    gamma: float
+    rcond: float
+    dual: bool
+
+    def jv(self, v: Tensor) -> Tensor:
+        """``J v`` for the unscaled ``J``, from ``(J S^{-1} / gamma) (gamma S v)``."""
+        return self.J @ (v if self.scale is None else self.scale * v) * self.gamma
+
+    def plan(self, tiny: bool) -> DampedPlan:
+        """The same system as a :class:`DampedPlan` (for another solver, or a damping that
+        :func:`direct_damped_solve` does not take); ``tiny``: ``gamma < 2^-100``."""
+        op = GramOperator(self.J, 0.0, form="dual" if self.dual else "primal", gram=self.gram)
+        gamma = torch.full((), self.gamma, dtype=self.J.dtype, device=self.J.device)
+        return DampedPlan(self.J, gamma, self.scale, None, False, op, None, tiny)
+
+
+def direct_damped(J: Tensor, r: Tensor, scale: Tensor | None, gamma: float, one_division: bool,
+                  form: str, rcond: float | None) -> DirectDamped:
+    """:class:`DirectDamped` for a finite ``J`` (overwritten) and ``r``: ``gamma``, the power
+    of two of :meth:`DampedLeastSquares.plan` for a ``bound``, and ``one_division``, whether
+    ``scale * gamma`` is a normal number everywhere (then ``J`` is divided once by it, else by
+    ``scale`` and then by ``gamma``, as :func:`_scaled`), are read by the caller beforehand;
+    ``form`` as :class:`DampedLeastSquares`; ``rcond`` as :class:`~funcopt.solvers.Cholesky`'s.
+    """
+    if scale is None:
+        Jh = J.div_(gamma)
+    else:
+        Jh = J.div_(scale * gamma) if one_division else J.div_(scale).div_(gamma)
+    m, n = Jh.shape
+    dual = form == "dual" or (form == "auto" and m < n)
+    gram = _gram_matrix(Jh if dual else Jh.mT)
+    rhs = (r / -gamma)[:, None]
+    rhs = rhs if dual else Jh.mT @ rhs
+    if rcond is None:
+        rcond = min(gram.shape[0], 100) * torch.finfo(J.dtype).eps
+    return DirectDamped(Jh, gram, rhs, torch.isfinite(rhs).all(), scale, gamma, rcond, dual)
+
+
+def direct_damped_solve(dd: DirectDamped, damping: float) -> tuple[Tensor, Tensor]:
+    """``(-x, success)`` for ``(J^T J + damping S^2) x = J^T r`` with the :class:`DirectDamped`
+    ``dd`` of that ``J`` and ``r``, by Cholesky; ``damping`` is the scaled ``lambda / gamma^2``,
+    a finite number ``>= 0``. ``success`` (0-d bool, not read here) is False where the
+    factorisation meets a non-positive pivot, the squared pivots span more than ``1 / rcond``,
+    or the solution is not finite; ``x`` is then zeros. The rest of the Gram matrix is finite
+    by construction (``|J| < 2``, see :class:`DampedLeastSquares`)."""
+    L, info = torch.linalg.cholesky_ex(
+        torch.diagonal_scatter(dd.gram, dd.gram.diagonal() + damping))
+    p = L.diagonal()
+    lo, hi = torch.aminmax(p * p)
+    y = torch.cholesky_solve(dd.rhs, L)
+    ok = (info == 0) & (lo > dd.rcond * hi) & torch.isfinite(y).all()
+    y = torch.where(ok, y, 0.0)[:, 0]
+    x = dd.J.mT @ y if dd.dual else y
+    return (x if dd.scale is None else x / dd.scale), ok
+
+
+def direct_supported(solver: str | LinearSolver, J: Tensor) -> bool:
+    """Whether :func:`direct_damped` solves the damped system of ``J`` for ``solver``:
+    :class:`~funcopt.solvers.Cholesky`, or :class:`~funcopt.solvers.Auto` without cuPyNumeric
+    (Cholesky is its first solver for the positive definite Gram operator), float32 or
+    float64, and a dtype that holds the Gram matrix's bound ``4 max(m, n)``."""
+    from funcopt.solvers.auto import Auto
+    from funcopt.solvers.dense import Cholesky
+
+    s = get(solver)
+    return (J.dtype in (torch.float32, torch.float64)
+            and 4.0 * max(J.shape) < torch.finfo(J.dtype).max
+            and (type(s) is Cholesky or (type(s) is Auto and not s.use_cupynumeric)))
+
+
+def wants_jacobi(solver: Any) -> bool:
+    """Whether ``solver`` is CG with a Jacobi preconditioner (``"pcg"``)."""
+    return solver == "pcg" or (isinstance(solver, CG) and solver.preconditioner == "jacobi")
+
+
+def matrix_free_factor(gn, damping, solver, d2, col2=None):
+    """CG's state for ``v -> J^T (J v) + lambda d2 v`` (the solver and its state; ``d2`` the
+    diagonal of ``D``); with ``col2 = diag(J^T J)`` (Jacobi) the preconditioner is
+    ``1 / (col2 + lambda d2)``."""
+    dtype, device = gn.residuals.dtype, gn.residuals.device
+    op = matrix_free(lambda v: gn.gnvp(v) + damping * d2 * v, gn.size, dtype=dtype,
+                     device=device, symmetric=True, positive_definite=True)
+    cg = get(solver)
+    if col2 is not None and wants_jacobi(solver):
+        diag = col2 + damping * d2
+        inv = torch.where(diag > 0, 1.0 / torch.where(diag > 0, diag, 1.0), 1.0)
+        cg = CG(tol=cg.tol, atol=cg.atol, maxiter=cg.maxiter,
+                preconditioner=lambda r: inv * r, check_every=cg.check_every)
+    return cg, cg.init(op)
+
+
+def matrix_free_solve(gn, factored, rhs):
+    """``delta = -(J^T J + lambda I)^{-1} J^T rhs`` with the CG state of
+    :func:`matrix_free_factor`."""
+    cg, state = factored
+    sol = cg.compute(state, gn.vjp(rhs))
+    return -sol.value, sol.success

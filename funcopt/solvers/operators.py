@@ -64,9 +64,8 @@ def scaled_norm(v: Tensor, dim: int | None = None) -> Tensor:
     ``enorm``, LAPACK's ``dnrm2`` do the same). ``dim``: None for the whole tensor, or the
     dimension to reduce (e.g. 0 for column norms). NaN in, NaN out; inf in, inf out.
     """
-    a = v.abs()
-    s = a.amax() if dim is None else a.amax(dim=dim, keepdim=True)
-    s = torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s))
+    s = torch.linalg.vector_norm(v, float("inf"), dim=dim, keepdim=dim is not None)  # max |v|
+    s = torch.where(s.nan_to_num(0.0, 0.0) > 0, s, 1.0)  # 1 where max |v| is 0, NaN or inf
     n = torch.linalg.vector_norm(v / s, dim=dim, keepdim=dim is not None) * s
     return n if dim is None else n.squeeze(dim)
 
@@ -227,21 +226,31 @@ class GramOperator(LinearOperator):
 
 
 def _gram_matrix(A: Tensor) -> Tensor:
-    """``A A^T`` from its blocks on and below the diagonal: ``A`` split into at most 16
-    blocks of at least 32 rows, block ``i`` times the rows of blocks ``>= i``, and the blocks
-    above the diagonal copied from those below (exactly symmetric). With 16 blocks that is
-    17/32 of the multiplications of one matrix product (a symmetric rank-k update, which torch
-    does not offer); ``A`` of at most 32 rows is one product. On the CPU (one thread, float32)
-    ``J J^T`` for ``J`` of 512 x 10^4 took 21 ms against 47 ms as one product (33 ms with 8
-    blocks), and of 1024 x 3 10^4 283 ms against 455 ms."""
-    k = max(32, -(-A.shape[0] // 16))
-    if A.shape[0] <= k:
+    """``A A^T``; a large one from its blocks on and below the diagonal: ``A`` split into at
+    most 16 blocks of at least 32 rows, block ``i`` times the rows of blocks ``>= i``, and the
+    blocks above the diagonal copied from those below (exactly symmetric). With 16 blocks that
+    is 17/32 of the multiplications of one matrix product (a symmetric rank-k update, which
+    torch does not offer). On the CPU (one thread, float32) ``J J^T`` for ``J`` of 512 x 10^4
+    took 21 ms against 47 ms as one product (33 ms with 8 blocks), and of 1024 x 3 10^4 283 ms
+    against 455 ms. The blocks cost some 150 more operations, which outweigh the work saved
+    below :data:`GRAM_BLOCK_WORK` multiply-adds (``m^2 n`` for ``A`` of ``m x n``): there,
+    and for ``A`` of at most 32 rows, it is one product."""
+    m = A.shape[0]
+    k = max(32, -(-m // 16))
+    if m <= k or m * m * A.shape[1] < GRAM_BLOCK_WORK[A.device.type == "cpu"]:
         return A @ A.mT
-    G = A.new_empty(A.shape[0], A.shape[0])
-    for i in range(0, A.shape[0], k):
-        G[i:, i:i + k] = A[i:] @ A[i:i + k].mT
-        G[i:i + k, i + k:] = G[i + k:, i:i + k].mT
+    G = A.new_empty(m, m)
+    for i, (Gr, Gc) in enumerate(zip(G.split(k), G.split(k, dim=1))):
+        Gc[i * k:] = A[i * k:] @ A[i * k:(i + 1) * k].mT
+        Gr[:, (i + 1) * k:] = Gc[(i + 1) * k:].mT
     return G
+
+
+GRAM_BLOCK_WORK = (2**38, 2**29)
+"""Multiply-adds of ``A A^T`` (``m^2 n``) from which :func:`_gram_matrix` forms it by blocks:
+on a GPU (first number) and on the CPU (second). The extra operations of the blocks cost about
+1 ms to launch on an H100 and 0.5 ms on one CPU thread; half of ``2^38`` multiply-adds is some
+5 ms of an H100's float32 work, half of ``2^29`` some 3 ms of one CPU thread."""
 
 
 class MatrixFreeOperator(LinearOperator):

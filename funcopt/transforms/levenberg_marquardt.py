@@ -27,10 +27,12 @@ every decision a ``torch.where``, a fixed number of attempts with finished ones 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import optree
 import torch
 from torch.func import jacrev
@@ -47,6 +49,7 @@ from funcopt.base import (
 )
 from funcopt.engine import is_tracing
 from funcopt.func.jacobian import ravel_params, residual_vector_fn
+from funcopt.solvers import Auto, get
 from funcopt.solvers.base import scaled_norm
 from funcopt.transforms.lm_damping import (
     Classic,
@@ -54,10 +57,13 @@ from funcopt.transforms.lm_damping import (
     Geodesic,
     Nielsen,
     TrustRegion,
-    _positive,
-    adapt_radius,
+    _min,
+    adapt_radius_host,
     check_geodesic,
     check_rule,
+    host_values,
+    read_host,
+    relative_reductions,
     trust_region_damping,
 )
 from funcopt.transforms.lm_model import (
@@ -65,7 +71,6 @@ from funcopt.transforms.lm_model import (
     _is_matrix_free,
     _linearize,
     _propose,
-    _reductions,
     _require_dtype,
     damped_gauss_newton_step,
 )
@@ -262,75 +267,112 @@ def levenberg_marquardt(
             tree_check_structure(updates, params, ("updates", "params"))
             _check_shapes(updates, params)
         args = () if batch is None else (batch,)
+        unravel = None
         if is_tracing():
             delta, new_state = _traced_step(residual_fn, params, args, state, opts)
         else:
-            delta, new_state = _step(residual_fn, params, args, state, opts)
-        return _to_tree(delta, params), new_state
+            with np.errstate(all="ignore"):  # host numbers overflow as the dtype's do
+                delta, new_state, unravel = _step(residual_fn, params, args, state, opts)
+        return _to_tree(delta, params, unravel), new_state
 
     return GradientTransformation(init, update)
 
 
 def _step(residual_fn, params, args, state: LevenbergMarquardtState, o: LMOptions):
-    """Propose, evaluate and accept/reject up to ``max_attempts`` times."""
+    """Propose, evaluate and accept/reject up to ``max_attempts`` times. The scalars the
+    decisions need are read once per attempt (with the linearisation's on the dense path)
+    and the rule's arithmetic runs on the host in the parameters' dtype
+    (:func:`funcopt.transforms.lm_damping.host_type`), as 0-d tensors would compute it."""
     loc = _linearize(residual_fn, params, args, state, o)
-    x, d, lam, nu, radius, fn = loc.x, loc.d, loc.damping, state.nu, state.radius, loc.rnorm
-    rule = o.rule
-    if isinstance(rule, TrustRegion):
-        rn = fn if o.scaling else None
-        radius = torch.where(state.count == 0, rule.initial_radius(scaled_norm(d * x), rn), radius)
-    all_finite = torch.ones((), dtype=torch.bool, device=x.device)
+    x, d, rule = loc.x, loc.d, o.rule
+    host = loc.host or read_host(loc.rnorm, loc.damping, state, rule, d, x,
+                                    scaling=o.scaling)
+    fn, lam, nu, radius, first = host
+    T = type(fn)
+    fn_pos = fn if 0 < fn < math.inf else T(1.0)
+    all_finite = True
     for attempt in range(1, o.max_attempts + 1):
         if isinstance(rule, TrustRegion):
             assert loc.svd is not None  # _linearize computes it under the trust-region rule
-            lam = trust_region_damping(*loc.svd, radius / _positive(fn))
-        delta, step, Jd, ok, solved = _propose(loc, lam, o)
-        new_fn = _evaluate(loc.f, x + step, loc.r.shape)
-        all_finite = all_finite & torch.isfinite(new_fn)
-        pnorm = scaled_norm(d * delta)
-        rho, actual, predicted = _reductions(fn, new_fn, Jd, pnorm, lam)
-        acc = ok & torch.isfinite(new_fn) & (rho > o.accept_ratio)
-        accepted = bool(acc)  # host sync
+            lam = T(trust_region_damping(*loc.svd, float(radius / fn_pos)).item())  # host sync
+        trial = _attempt(loc, lam, o, attempt == 1)
+        new_fn, pnorm, ok, solved = trial[2:6]
+        finite = math.isfinite(new_fn)
+        all_finite = all_finite and finite
+        rho, actual, predicted = relative_reductions(fn, new_fn, trial[6], pnorm, lam)
+        accepted = ok and finite and rho > T(o.accept_ratio)
         if isinstance(rule, TrustRegion):
-            if attempt == 1:
-                # a failed solve measured no step: its zero length is no radius
-                radius = torch.where((state.count == 0) & ok, torch.minimum(radius, pnorm), radius)
-            far = ~(0.1 * new_fn < fn)
-            radius = adapt_radius(radius, lam, (actual, predicted, far), pnorm / _positive(fn),
-                                  pnorm, ok)
+            if attempt == 1 and first and ok:  # a failed solve measured no step: no radius
+                radius = _min(radius, pnorm)
+            far = not (T(0.1) * new_fn < fn)
+            radius = adapt_radius_host(radius, lam, (actual, predicted, far), pnorm / fn_pos,
+                                       pnorm, ok)
+            exhausted = radius <= T(torch.finfo(x.dtype).tiny)
         else:
-            lam, nu = rule.adapt(lam, nu, rho, acc)
-        if accepted or bool(rule.exhausted(lam, radius)):
+            lam, nu = rule.adapt_host(lam, nu, rho, accepted)
+            exhausted = lam >= T(rule.max_damping)
+        if accepted or exhausted:
             break
-    return _finish_step(state, loc, lam, nu, radius, delta, step, (new_fn, all_finite, solved),
-                        rho, actual, predicted, accepted, attempt)
+    stats = (fn, lam, nu, radius, rho, actual, predicted, all_finite, solved)
+    return (*_finish_step(state, loc, trial, stats, accepted, attempt), loc.unravel)
 
 
-def _finish_step(state, loc, lam, nu, radius, delta, step, trial, rho, actual, predicted,
-                 accepted, attempt):
+def _attempt(loc, lam, o: LMOptions, first: bool) -> tuple:
+    """One trial at damping ``lam``: ``(step, x + step, ||r(x + step)||, ||d delta||, ok,
+    solved, ||J delta||, ||d step||)``, the norms and flags read in one host sync (with the
+    check of the direct solve's right-hand side on the ``first`` attempt). Under "auto", a
+    failed Cholesky solve is solved again by the solver's fallback."""
+    for generic in (False, True):
+        delta, step, Jd, ok, solved = _propose(loc, lam, o, generic)
+        x_new = loc.x + step
+        norms = [_evaluate(loc.f, x_new, loc.r.shape, inf=False),
+                 scaled_norm(loc.d * delta), scaled_norm(Jd)]
+        if o.geodesic is not None:
+            norms.append(scaled_norm(loc.d * step))
+        flags = [ok] if solved is ok else [ok, solved]  # one tensor on the direct path
+        check = first and loc.direct is not None
+        vals = host_values(*norms, *flags, *((loc.direct.finite,) if check else ()))  # sync
+        if check and not vals.pop():
+            raise ValueError("the right-hand side b contains NaN or inf; a linear solve of "
+                             "non-finite data has no meaning. Check the computation that "
+                             "produced it (e.g. the residuals or the Jacobian).")
+        new_fn, pnorm, jdn, *rest = vals
+        snorm = rest.pop(0) if o.geodesic is not None else pnorm
+        ok, solved = rest[0], rest[-1]
+        if generic or solved or loc.direct is None or not isinstance(get(o.solver), Auto):
+            break
+    return (step, x_new, new_fn, pnorm, ok, solved, jdn, snorm)
+
+
+def _finish_step(state, loc, trial, stats, accepted, attempt):
     """The accepted step (zeros when every attempt failed) and the new state; ``trial`` is
-    ``(||r|| at the last trial point, whether every trial point gave finite residuals,
-    whether the last attempt's linear solves succeeded)``. A rejected last attempt whose solve
+    the last attempt's (see :func:`_attempt`), ``stats`` ``(lambda, nu, radius, rho,
+    actual, predicted, whether every trial point gave finite residuals, whether the last
+    attempt's linear solves succeeded)``, host numbers. A rejected last attempt whose solve
     failed has no step to measure: its step norm and predicted reductions are NaN."""
-    x, d, fn = loc.x, loc.d, loc.rnorm
-    new_fn, all_finite, solved = trial
-    if not accepted:
-        step = torch.zeros_like(x)
-    cost = 0.5 * fn * fn  # informational: may overflow or underflow where fn does not
+    x, d = loc.x, loc.d
+    step, x_new, new_fn, pnorm, _, _, _, snorm = trial
+    fn, lam, nu, radius, rho, actual, predicted, all_finite, solved = stats
+    T, dtype, dev = type(fn), x.dtype, x.device
+    cost = T(0.5) * fn * fn  # informational: may overflow or underflow where fn does not
     kept = new_fn if accepted else fn
-    min_rho = torch.full_like(rho, torch.finfo(rho.dtype).min)
-    unsolved = torch.zeros_like(solved) if accepted else ~solved
-    nan = torch.full_like(fn, float("nan"))
-    predicted = torch.where(unsolved, nan, predicted)
+    nan = T(math.nan)
+    unsolved = not accepted and not solved
+    predicted = nan if unsolved else predicted
+
+    def full(v: Any, t: torch.dtype = dtype) -> Tensor:
+        return torch.full((), v if isinstance(v, (bool, int)) else float(v), dtype=t, device=dev)
+
     new_state = LevenbergMarquardtState(
-        increment(state.count), lam, nu, radius, d, cost, 0.5 * kept * kept, predicted * cost,
-        torch.where(torch.isfinite(rho), rho, min_rho),
-        torch.where(unsolved, nan, scaled_norm(d * (step if accepted else delta))),
-        scaled_norm(d * (x + step)),
-        loc.cos + torch.zeros_like(cost), torch.tensor(accepted, device=x.device),
-        torch.tensor(attempt, device=x.device), fn, actual, predicted, all_finite,
+        increment(state.count), full(lam), full(nu), full(radius), d, full(cost),
+        full(T(0.5) * kept * kept), full(predicted * cost),
+        full(rho if math.isfinite(rho) else T(torch.finfo(dtype).min)),
+        full(nan if unsolved else (snorm if accepted else pnorm)),
+        scaled_norm(d * (x_new if accepted else x)),
+        loc.cos, full(accepted, torch.bool), full(attempt, torch.int64), loc.rnorm,
+        full(actual), full(predicted), full(all_finite, torch.bool),
     )
-    return step, new_state
+    return (step if accepted else torch.zeros_like(x)), new_state
 
 
 def _traced_step(residual_fn, params, args, state: LevenbergMarquardtState, o: LMOptions):
@@ -376,9 +418,11 @@ def _check_shapes(updates: PyTree, params: PyTree) -> None:
                 "like the parameters, or None (LM does not read them)")
 
 
-def _to_tree(delta: Tensor, params: PyTree) -> PyTree:
-    """The flat step as a tree like ``params`` (zeros for integer leaves)."""
-    _, unravel = ravel_params(params)
+def _to_tree(delta: Tensor, params: PyTree, unravel: Callable | None = None) -> PyTree:
+    """The flat step as a tree like ``params`` (zeros for integer leaves); ``unravel`` that of
+    ``ravel_params(params)`` when the caller has it."""
+    if unravel is None:
+        _, unravel = ravel_params(params)
     tree = unravel(delta)
     return optree.tree_map(
         lambda u, p: u if p.is_floating_point() else torch.zeros_like(p), tree, params

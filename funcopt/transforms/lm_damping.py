@@ -18,12 +18,15 @@ sync-free traced path and the batched drivers share it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import ClassVar, Union
+from typing import Any, ClassVar, Union
 
+import numpy as np
 import torch
 
 from funcopt.base import check_hyperparameter
+from funcopt.solvers.operators import scaled_norm
 
 __all__ = ["Nielsen", "Classic", "TrustRegion", "Geodesic", "DampingRule"]
 
@@ -74,6 +77,17 @@ class Nielsen:
         nu = torch.where(accepted, torch.full_like(nu, 2.0), nu * 2.0)
         return torch.clamp(lam, self.min_damping, self.max_damping), nu
 
+    def adapt_host(self, lam: Any, nu: Any, rho: Any, accepted: bool) -> tuple[Any, Any]:
+        """:meth:`adapt` on host numbers (numpy scalars of :func:`host_type`: the same
+        roundings)."""
+        T = type(lam)
+        if accepted:
+            b = T(2.0) * rho - T(1.0)
+            lam, nu = lam * max(T(1.0) - b * b * b, T(1.0 / 3.0)), T(2.0)
+        else:
+            lam, nu = lam * nu, nu * T(2.0)
+        return min(max(lam, T(self.min_damping)), T(self.max_damping)), nu
+
     def exhausted(self, lam: Tensor, radius: Tensor) -> Tensor:
         """Whether further attempts are pointless: ``lambda`` reached ``max_damping``."""
         return lam >= self.max_damping
@@ -117,6 +131,12 @@ class Classic:
         """Next ``(lambda, nu)`` (``nu`` unused, returned as it is)."""
         lam = torch.where(accepted, lam / self.decrease_factor, lam * self.increase_factor)
         return torch.clamp(lam, self.min_damping, self.max_damping), nu
+
+    def adapt_host(self, lam: Any, nu: Any, rho: Any, accepted: bool) -> tuple[Any, Any]:
+        """:meth:`adapt` on host numbers (numpy scalars of :func:`host_type`)."""
+        T = type(lam)
+        lam = lam / T(self.decrease_factor) if accepted else lam * T(self.increase_factor)
+        return min(max(lam, T(self.min_damping)), T(self.max_damping)), nu
 
     def exhausted(self, lam: Tensor, radius: Tensor) -> Tensor:
         """Whether further attempts are pointless: ``lambda`` reached ``max_damping``."""
@@ -241,10 +261,10 @@ def check_geodesic(geodesic: object) -> None:
 
 def _positive(t: Tensor) -> Tensor:
     """``t`` where it is positive and finite, else 1 (a safe divisor)."""
-    return torch.where((t > 0) & torch.isfinite(t), t, torch.ones_like(t))
+    return torch.where(t.nan_to_num(0.0, 0.0) > 0, t, 1.0)
 
 
-def trust_region_damping(s: Tensor, w: Tensor, sigma: Tensor, radius: Tensor) -> Tensor:
+def trust_region_damping(s: Tensor, w: Tensor, sigma: Tensor, radius: Tensor | float) -> Tensor:
     """``lambda >= 0`` with ``||z(lambda)|| <= 1.1 Delta`` (and ``>= 0.9 Delta`` when
     ``lambda > 0``), ``z(lambda) = (Jt^T Jt + lambda I)^{-1} Jt^T r`` for ``Jt = J / d``.
 
@@ -298,3 +318,91 @@ def adapt_radius(radius, lam, reductions, t2, pnorm, ok):
     base = torch.where(ok, torch.minimum(radius, pnorm / 0.1), radius)
     return torch.where(shrink, mu * base,
                        torch.where(grow, pnorm / 0.5, radius))
+
+
+# --------------------------------------------------------------------------- host numbers
+
+
+def host_type(dtype: torch.dtype) -> type:
+    """The numpy scalar type whose arithmetic rounds as ``dtype``'s does (each operation
+    correctly rounded), so decisions taken on the host after one read of the device's numbers
+    reproduce those of 0-d tensors; float32 for bfloat16, which numpy lacks."""
+    return _HOST_TYPES.get(dtype, np.float32)
+
+
+_HOST_TYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
+
+
+def relative_reductions(rnorm: Any, new_rnorm: Any, jdnorm: Any, pnorm: Any,
+                        lam: Any) -> tuple[Any, Any, Any]:
+    """MINPACK's scale-free relative reductions of ``F = 0.5 ||r||^2`` on host numbers (numpy
+    scalars of one :func:`host_type`), from ``||r||``, ``||r_new||``, ``||J delta||``,
+    ``||d delta||`` and ``lambda``:
+
+    ``actual = 1 - (||r_new|| / ||r||)^2`` (``-1`` when ``||r_new|| >= 10 ||r||`` or it is not
+    finite), ``predicted = (||J delta|| / ||r||)^2 + 2 lambda (||d delta|| / ||r||)^2``, which
+    is ``(L(0) - L(delta)) / F(x)``, and ``rho = actual / predicted`` (``-inf`` when undefined
+    or ``r_new`` is not finite). Only ratios of norms appear, so the result does not depend on
+    the scale of ``r``. Returns ``(rho, actual, predicted)``.
+    """
+    T = type(rnorm)
+    fn = rnorm if 0 < rnorm < math.inf else T(1.0)
+    finite = math.isfinite(new_rnorm)
+    ratio = new_rnorm / fn
+    actual = T(1.0) - ratio * ratio if finite and T(0.1) * new_rnorm < rnorm else T(-1.0)
+    t1, t2 = jdnorm / fn, pnorm / fn
+    predicted = t1 * t1 + T(2.0) * lam * t2 * t2
+    rho = actual / predicted if predicted > 0 and rnorm > 0 and finite else T(-math.inf)
+    return (T(-math.inf) if math.isnan(rho) else rho), actual, predicted
+
+
+def adapt_radius_host(radius, lam, reductions, t2, pnorm, ok: bool):
+    """:func:`adapt_radius` on host numbers (numpy scalars of one :func:`host_type`)."""
+    T = type(radius)
+    actual, predicted, far = reductions
+    actred = actual if ok else T(-1.0)
+    dirder = -(predicted - lam * t2 * t2)  # -(t1^2 + lambda t2^2)
+    ratio = actred / predicted if predicted > 0 else T(0.0)
+    den = dirder + T(0.5) * actred
+    mu = T(0.5) if actred >= 0 else T(0.5) * dirder / (den if den != 0 else T(-1.0))
+    if far or mu < T(0.1) or not math.isfinite(mu):
+        mu = T(0.1)
+    if ratio <= T(0.25):  # a failed solve (not ok) has no step: shrink the radius itself
+        return mu * (_min(radius, pnorm / T(0.1)) if ok else radius)
+    return pnorm / T(0.5) if (lam == 0 or ratio >= T(0.75)) else radius
+
+
+def _min(a: Any, b: Any) -> Any:
+    """``torch.minimum`` of two host numbers: NaN when either is."""
+    return a if math.isnan(a) else b if math.isnan(b) else min(a, b)
+
+
+def read_host(rnorm: Tensor, lam: Tensor, state: Any, rule: DampingRule, d: Tensor, x: Tensor,
+              *more: Tensor, scaling: bool = False) -> list:
+    """One host read for an eager Levenberg-Marquardt step: ``(||r||, lambda, nu, radius,
+    first step, *more)``, numbers as numpy scalars of :func:`host_type`, boolean tensors as
+    bools. ``state`` is the transform's; under the trust-region rule the radius is
+    ``Delta_0`` of ``||d x||`` (and of ``||r||`` with ``scaling``, see
+    :meth:`TrustRegion.initial_radius`) on the first step."""
+    first = state.count == 0
+    radius = state.radius
+    if isinstance(rule, TrustRegion):
+        start = rule.initial_radius(scaled_norm(d * x), rnorm if scaling else None)
+        radius = torch.where(first, start, radius)
+    return host_values(rnorm, lam, state.nu, radius, first, *more)
+
+
+def host_values(*items: Tensor) -> list:
+    """0-d tensors read in one host sync: those of the first one's dtype (and any other
+    floating one) as numpy scalars of its :func:`host_type`, boolean ones as bools."""
+    dtype = items[0].dtype
+    vals = torch.stack([t.to(dtype) for t in items]).tolist()  # host sync
+    T = host_type(dtype)
+    return [bool(v) if t.dtype == torch.bool else T(v) for v, t in zip(vals, items)]
+
+
+def power_of_two_host(b: Any) -> Any:
+    """``gamma = 2^e <= b < 2^(e+1)`` (1 where ``b`` is 0 or not finite) for a host number, as
+    :func:`funcopt.solvers.krylov._power_of_two` for tensors."""
+    T = type(b)
+    return T(math.ldexp(1.0, math.frexp(b)[1] - 1)) if 0 < b < math.inf else T(1.0)

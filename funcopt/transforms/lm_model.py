@@ -8,6 +8,7 @@ and MINPACK's scale-free relative reductions of ``F = 0.5 ||r||^2``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -15,13 +16,22 @@ import torch
 from torch.func import jvp
 
 from funcopt.func.jacobian import (
+    _jacobian,
     gauss_newton_products,
-    jacobian,
     ravel_params,
     residual_vector_fn,
 )
 from funcopt.solvers.base import scaled_norm
-from funcopt.transforms.lm_damping import TrustRegion, _positive
+from funcopt.solvers.damped import (
+    DirectDamped,
+    direct_damped,
+    direct_damped_solve,
+    direct_supported,
+    matrix_free_factor,
+    matrix_free_solve,
+    wants_jacobi,
+)
+from funcopt.transforms.lm_damping import TrustRegion, _positive, power_of_two_host, read_host
 
 if TYPE_CHECKING:
     from funcopt.transforms.levenberg_marquardt import LMOptions
@@ -71,8 +81,7 @@ def _damped_solver(J: Tensor, scale: Tensor | None, solver: Any, form: str,
     plan = dls.plan(J, scale=scale, bound=bound, overwrite=overwrite)
 
     def solve(state, u: Tensor) -> tuple[Tensor, Tensor]:
-        sol = dls.compute(state, u)
-        return -sol.value.to(J.dtype), sol.success
+        return _negated(dls.compute(state, u), J.dtype)
 
     def jv(v: Tensor) -> Tensor:
         if not overwrite:
@@ -82,17 +91,16 @@ def _damped_solver(J: Tensor, scale: Tensor | None, solver: Any, form: str,
     return (lambda lam: dls.init(plan, lam)), solve, jv
 
 
+def _negated(sol, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(-x, success)`` of a :class:`funcopt.solvers.Solution`, ``x`` in ``dtype``."""
+    return -sol.value.to(dtype), sol.success
+
+
 def _is_matrix_free(solver: Any) -> bool:
     """Whether ``solver`` only needs products with ``J`` (conjugate gradients)."""
     from funcopt import solvers
 
     return solver in ("cg", "pcg") or isinstance(solver, solvers.CG)
-
-
-def _wants_jacobi(solver: Any) -> bool:
-    from funcopt import solvers
-
-    return solver == "pcg" or (isinstance(solver, solvers.CG) and solver.preconditioner == "jacobi")
 
 
 def column_norms_sq(gn, chunk: int | None = None) -> Tensor:
@@ -132,32 +140,6 @@ JACOBI_CHUNK = 32
 at a time, 223 ms in chunks of 8, 186 ms in chunks of 32, 240 ms of 128 and 343 ms all at once."""
 
 
-def _matrix_free_factor(gn, damping, solver, d2, col2=None):
-    """CG's state for ``v -> J^T (J v) + lambda d2 v`` (the solver and its state; ``d2`` the
-    diagonal of ``D``); with ``col2 = diag(J^T J)`` (Jacobi) the preconditioner is
-    ``1 / (col2 + lambda d2)``."""
-    from funcopt import solvers
-
-    dtype, device = gn.residuals.dtype, gn.residuals.device
-    op = solvers.matrix_free(lambda v: gn.gnvp(v) + damping * d2 * v, gn.size, dtype=dtype,
-                             device=device, symmetric=True, positive_definite=True)
-    cg = solvers.get(solver)
-    if col2 is not None and _wants_jacobi(solver):
-        diag = col2 + damping * d2
-        inv = torch.where(diag > 0, 1.0 / torch.where(diag > 0, diag, 1.0), 1.0)
-        cg = solvers.CG(tol=cg.tol, atol=cg.atol, maxiter=cg.maxiter,
-                        preconditioner=lambda r: inv * r, check_every=cg.check_every)
-    return cg, cg.init(op)
-
-
-def _matrix_free_solve(gn, factored, rhs):
-    """``delta = -(J^T J + lambda I)^{-1} J^T rhs`` with the CG state of
-    :func:`_matrix_free_factor`."""
-    cg, state = factored
-    sol = cg.compute(state, gn.vjp(rhs))
-    return -sol.value, sol.success
-
-
 class _Local(NamedTuple):
     """The Gauss-Newton model at ``x``: ``factor(lambda)`` factorises ``J^T J + lambda D``
     once, ``solve(factored, u) = -(J^T J + lambda D)^{-1} J^T u`` reuses it, and
@@ -170,17 +152,21 @@ class _Local(NamedTuple):
     d: Tensor
     cos: Tensor
     damping: Tensor
-    factor: Callable[[Tensor], Any]
-    solve: Callable[[Any, Tensor], tuple[Tensor, Tensor]]
+    factor: Callable[[Any], Any] | None  # None with ``direct``
+    solve: Callable[[Any, Tensor], tuple[Tensor, Tensor]] | None
     jv: Callable[[Tensor], Tensor]
     svd: tuple[Tensor, Tensor, Tensor] | None = None  # trust-region rule, see _normalised_svd
+    host: list | None = None  # (||r||, lambda, nu, radius, first step), see read_host
+    direct: DirectDamped | None = None  # the Cholesky solve with no host read
+    gamma: float = 1.0  # the power of two that scales J for ``direct``
+    unravel: Callable[[Tensor], Any] | None = None  # of ravel_params(params)
 
 
 def running_scale(scale: Tensor, col: Tensor, first: Tensor) -> Tensor:
     """MINPACK's ``diag``: the column norms ``col`` on the first step, else the running maximum
     ``max(scale, col)``; 1 for a zero column."""
     d = torch.where(first, col, torch.maximum(scale, col))
-    return torch.where(d > 0, d, torch.ones_like(d))
+    return torch.where(d > 0, d, 1.0)
 
 
 def _require_finite_residuals(ok: Tensor) -> None:
@@ -192,7 +178,10 @@ def _require_finite_residuals(ok: Tensor) -> None:
 
 
 def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
-    """The local model at ``params``; raises on non-finite ``r`` or ``J``."""
+    """The local model at ``params``; raises on non-finite ``r`` or ``J``. The dense path
+    reads the numbers the step decides on (:func:`_read`) once, with the column statistics'
+    check; with a Cholesky solver (or "auto") it solves with no other host read
+    (:func:`funcopt.solvers.damped.direct_damped`)."""
     x, unravel = ravel_params(params)
     if state.scale.shape != x.shape:
         raise ValueError(
@@ -206,27 +195,53 @@ def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
         from funcopt.transforms.lm_row_blocks import linearize_row_blocks
 
         return linearize_row_blocks(residual_fn, params, args, state, o, x, f)
-    J, r = jacobian(residual_fn, params, *args, mode=o.jacobian_mode, chunk_size=o.chunk_size)
+    J, r = _jacobian(residual_fn, params, args, o.jacobian_mode, o.chunk_size,
+                     raveled=(x, unravel))
     _require_dtype(r, x)
     rnorm = scaled_norm(r)
-    col, cos = _column_stats(J, r, rnorm)  # raises on a non-finite r or J
-    first = state.count == 0
-    lam = state.damping
-    if o.scaling:
-        d = S = running_scale(state.scale, col, first)
-    else:
-        d, S = torch.ones_like(x), None
-        start = o.rule.initial_damping * (col * col).max()
-        lam = torch.where(first & (start > 0), start, lam)
+    stats = _column_stats_deferred(J, r, rnorm)
+    while True:
+        col, cos, ok = stats
+        d, S, lam = _scaling(col, state, o)
+        # max_j ||J_j|| / S_j bounds max |J S^{-1}| within sqrt(m)
+        bound = (col if S is None else col / S).max() if col.numel() else col.new_ones(())
+        smin, smax = torch.aminmax(S) if S is not None and S.numel() else (bound, bound)
+        *host, ok_h, bound_h, smin_h, smax_h = read_host(rnorm, lam, state, o.rule, d, x,
+                                                         ok, bound, smin, smax,
+                                                         scaling=o.scaling)
+        if ok_h:
+            break
+        stats = (*_column_stats_scaled(J, r, rnorm), ~ok)  # raises on a non-finite r or J
+    gamma = power_of_two_host(bound_h)
     svd = _normalised_svd(J / d, r, rnorm) if isinstance(o.rule, TrustRegion) else None
-    # max_j ||J_j|| / S_j bounds max |J S^{-1}| within sqrt(m). J is ours to overwrite (then
-    # J v comes from the scaled J), except that geodesic acceleration keeps it: its finite
-    # difference subtracts J v and is reproduced to the last bit that way
-    bound = (col if S is None else col / S).max() if col.numel() else col.new_ones(())
-    J = J.detach() if J.is_contiguous() else J.contiguous()  # no expanded (stride 0) rows
+    if J.requires_grad or not J.is_contiguous():
+        J = J.detach().contiguous()  # no expanded (stride 0) rows
+    if o.geodesic is None and direct_supported(o.solver, J):
+        T, info = type(gamma), torch.finfo(J.dtype)
+        one = S is None or (smin_h * gamma >= T(info.tiny) and smax_h * gamma <= T(info.max))
+        from funcopt.solvers import get
+
+        rcond = getattr(get(o.solver), "rcond", None)
+        dd = direct_damped(J, r, S, float(gamma), one, o.form, rcond)
+        return _Local(x, f, r, rnorm, d, cos, lam, None, None, dd.jv, svd, host, dd,
+                      float(gamma), unravel)
+    # J is ours to overwrite (then J v comes from the scaled J), except that geodesic
+    # acceleration keeps it: its finite difference subtracts J v, reproduced to the last bit
     factor, solve, jv = _damped_solver(J, S, o.solver, o.form, bound,
                                        overwrite=o.geodesic is None)
-    return _Local(x, f, r, rnorm, d, cos, lam, factor, solve, jv, svd)
+    return _Local(x, f, r, rnorm, d, cos, lam, factor, solve, jv, svd, host, unravel=unravel)
+
+
+def _scaling(col: Tensor, state, o: LMOptions) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``(d, S, lambda)``: the scaling ``d`` (MINPACK's running maximum of the column norms
+    ``col``, or ones), the solver's column scale ``S`` (``d`` or None) and the damping (the
+    state's, or ``tau max diag(J^T J)`` on the first step without scaling)."""
+    first = state.count == 0
+    if o.scaling:
+        d = running_scale(state.scale, col, first)
+        return d, d, state.damping
+    start = o.rule.initial_damping * (col * col).max()
+    return torch.ones_like(col), None, torch.where(first & (start > 0), start, state.damping)
 
 
 def _linearize_matrix_free(residual_fn, params, args, state, o: LMOptions, x, f) -> _Local:
@@ -241,7 +256,7 @@ def _linearize_matrix_free(residual_fn, params, args, state, o: LMOptions, x, f)
     _require_finite_residuals(torch.isfinite(r).all())
     rnorm = scaled_norm(r)
     cos = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
-    col2 = column_norms_sq(gn, o.chunk_size) if (o.scaling or _wants_jacobi(o.solver)) else None
+    col2 = column_norms_sq(gn, o.chunk_size) if (o.scaling or wants_jacobi(o.solver)) else None
     d = torch.ones_like(x)
     if col2 is not None:
         col, cos = col2.sqrt(), _gradient_cosine(gn, col2, rnorm)
@@ -249,8 +264,8 @@ def _linearize_matrix_free(residual_fn, params, args, state, o: LMOptions, x, f)
             d = running_scale(state.scale, col, state.count == 0)
             d = torch.where(torch.isfinite(d), d, torch.ones_like(d))  # col2 overflowed
     d2 = d * d
-    factor = lambda lam_: _matrix_free_factor(gn, lam_, o.solver, d2, col2)
-    solve = lambda factored, u: _matrix_free_solve(gn, factored, u)
+    factor = lambda lam_: matrix_free_factor(gn, lam_, o.solver, d2, col2)
+    solve = lambda factored, u: matrix_free_solve(gn, factored, u)
     return _Local(x, f, r, rnorm, d, cos, state.damping, factor, solve, gn.jvp)
 
 
@@ -291,29 +306,39 @@ def _normalised_svd(Jt: Tensor, r: Tensor, rnorm: Tensor) -> tuple[Tensor, Tenso
 
 def _column_stats(J: Tensor, r: Tensor, rnorm: Tensor) -> tuple[Tensor, Tensor]:
     """Column norms of ``J`` and MINPACK's ``gnorm = max_j |J_j^T r| / (||J_j|| ||r||)``;
-    raises ValueError when ``r`` or ``J`` is not finite (one host sync).
+    raises ValueError when ``r`` or ``J`` is not finite (one host sync): those of
+    :func:`_column_stats_deferred`, or of :func:`_column_stats_scaled` where its check fails."""
+    col, cos, ok = _column_stats_deferred(J, r, rnorm)
+    return (col, cos) if bool(ok) else _column_stats_scaled(J, r, rnorm)  # host sync
 
-    A ``J`` of more than :data:`COLUMN_BLOCK` numbers is read once, in blocks of rows that
-    stay in a CPU's cache: each block's squares are summed and the block is multiplied by its
-    part of ``r / ||r||`` (no copy of ``J``). Where a sum of squares may have overflowed or
-    lost digits to underflow (it is not in ``[m tiny / eps, max]`` of the dtype; so also a
-    zero column or a non-finite ``J``), or ``r`` is not finite, :func:`_column_stats_scaled`
-    gives the numbers instead, as it does for a smaller ``J``."""
+
+def _column_stats_deferred(J: Tensor, r: Tensor, rnorm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(col, gnorm, ok)`` as :func:`_column_stats` with no host read: where ``ok`` (0-d
+    bool) is False, :func:`_column_stats_scaled` gives the numbers (or raises).
+
+    A ``J`` of more than :data:`COLUMN_BLOCK` numbers is read once, on the CPU in blocks of
+    rows that stay in its cache (elsewhere in blocks of ``2^23`` numbers): each block's
+    squares are summed and the block is multiplied by its part of ``r / ||r||`` (no copy of
+    ``J``). ``ok`` is False where a sum of squares may have overflowed or lost digits to
+    underflow (it is not in ``[m tiny / eps, max]`` of the dtype, unless the column is zero;
+    so also for a non-finite ``J``), or ``r`` is not finite. A smaller ``J`` gets the numbers of
+    :func:`_column_stats_scaled`, ``ok`` False where they are not finite."""
     m, n = J.shape
     if J.numel() <= COLUMN_BLOCK:
-        return _column_stats_scaled(J, r, rnorm)
-    k = max(1, COLUMN_BLOCK // n, -(-m // 32))  # at most 32 blocks: few launches on a GPU
-    col2, g, u = J.new_zeros(n), J.new_zeros(n), r / _positive(rnorm)
+        return _column_stats_scaled(J, r, rnorm, check=False)
+    k = max(1, COLUMN_BLOCK // n, -(-m // 32)) if J.device.type == "cpu" else max(1, 2**23 // n)
+    col2, big, g = J.new_zeros(n), J.new_zeros(n), J.new_zeros(n)
+    u = r / _positive(rnorm)
     for i in range(0, m, k):
         block = J[i:i + k]
         col2 += (block * block).sum(0)
+        big = torch.maximum(big, torch.linalg.vector_norm(block, float("inf"), dim=0))
         g += u[i:i + k] @ block
     info = torch.finfo(J.dtype)
-    ok = (col2 >= m * info.tiny / info.eps).all() & (col2 <= info.max).all()
-    if not bool(ok & torch.isfinite(r).all()):  # host sync
-        return _column_stats_scaled(J, r, rnorm)
+    lost = (col2 < m * info.tiny / info.eps) & (big > 0)  # a zero column is measured exactly
+    ok = ~lost.any() & (col2.max() <= info.max) & torch.isfinite(r).all()
     col = col2.sqrt()
-    return col, (g.abs() / col).max() * (rnorm > 0)
+    return col, torch.where(col > 0, g.abs() / col, 0.0).max() * (rnorm > 0), ok
 
 
 COLUMN_BLOCK = 2**17
@@ -335,23 +360,24 @@ def require_finite_columns(col: Tensor) -> None:
             "parameter (or the residuals) so its derivatives are smaller")
 
 
-def _column_stats_scaled(J: Tensor, r: Tensor, rnorm: Tensor) -> tuple[Tensor, Tensor]:
+def _column_stats_scaled(J: Tensor, r: Tensor, rnorm: Tensor, check: bool = True):
     """:func:`_column_stats` from a copy of ``J`` whose columns are divided by their largest
     magnitudes ``s_j`` first (as :func:`scaled_norm`): ``||J_j|| = s_j ||J_j / s_j||`` and
     ``gnorm_j = |(J_j / s_j)^T (r / ||r||)| / ||J_j / s_j||``, so no square or product
-    overflows, and none that matters underflows."""
-    s = torch.maximum(J.amax(0), -J.amin(0)) if J.shape[0] else J.new_zeros(J.shape[1])
-    finite = torch.isfinite(r).all() & torch.isfinite(s).all()
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    Js = J / s
+    overflows, and none that matters underflows. ``check=False``: no host read, and
+    ``(col, gnorm, ok)`` with ``ok`` False where ``r`` or a column norm is not finite."""
+    s = torch.linalg.vector_norm(J, float("inf"), dim=0) if J.shape[0] else J.new_zeros(J.shape[1])
+    Js = J / torch.where(s > 0, s, 1.0)
     cs = (Js * Js).sum(0).sqrt()  # in [1, sqrt(m)] for a nonzero column
-    col = cs * s
-    if not bool(finite & torch.isfinite(col).all()):  # host sync
-        _require_finite_residuals(finite)
+    col = cs * torch.where(s > 0, s, 1.0)
+    ok = torch.isfinite(r).all() & torch.isfinite(col).all()  # col is NaN or inf where s is
+    if check and not bool(ok):  # host sync
+        _require_finite_residuals(torch.isfinite(r).all() & torch.isfinite(s).all())
         require_finite_columns(col)
     g = (r / _positive(rnorm)) @ Js / _positive(cs)
     cos = torch.where((col > 0) & (rnorm > 0), g.abs(), 0.0)
-    return col, cos.max() if cos.numel() else torch.zeros((), dtype=J.dtype, device=J.device)
+    cos = cos.max() if cos.numel() else torch.zeros((), dtype=J.dtype, device=J.device)
+    return (col, cos) if check else (col, cos, ok)
 
 
 def _second_derivative(f, x, r, delta, Jd, h):
@@ -370,20 +396,34 @@ def _second_derivative(f, x, r, delta, Jd, h):
     return (2.0 / h) * ((rh - r) / h - Jd)
 
 
-def _propose(loc: _Local, lam: Tensor, o: LMOptions):
-    """``(delta, step, J delta, ok, solved)``: the step (with the geodesic correction when
-    asked); ``ok`` says it may be tried, ``solved`` that its linear solves succeeded (``ok``
-    is also False for a geodesic correction that is too large or not finite).
-    ``J^T J + lambda D`` is factorised once; the correction reuses the factorisation."""
-    factored = loc.factor(lam)
-    delta, ok = loc.solve(factored, loc.r)
+def _propose(loc: _Local, lam: Any, o: LMOptions, generic: bool = False):
+    """``(delta, step, J delta, ok, solved)``: the step at the damping ``lam`` (a host
+    number), with the geodesic correction when asked; ``ok`` says it may be tried, ``solved``
+    that its linear solves succeeded (``ok`` is also False for a geodesic correction that is
+    too large or not finite). ``J^T J + lambda D`` is factorised once; the correction reuses
+    the factorisation. ``generic``: solve ``loc.direct``'s system by the named solver."""
+    factor, solve = loc.factor, loc.solve
+    if loc.direct is not None or factor is None or solve is None:
+        assert loc.direct is not None
+        lam_h = lam / type(lam)(loc.gamma) / type(lam)(loc.gamma)
+        if not generic and 0 <= lam_h < math.inf:
+            delta, ok = direct_damped_solve(loc.direct, float(lam_h))
+            return delta, delta, loc.jv(delta), ok, ok
+        from funcopt.solvers import DampedLeastSquares
+
+        dls = DampedLeastSquares(o.solver, o.form)
+        plan = loc.direct.plan(loc.gamma < 2.0 ** -100)
+        factor = lambda lam_: dls.init(plan, lam_)  # noqa: E731
+        solve = lambda st, u: _negated(dls.compute(st, u), u.dtype)  # noqa: E731
+    factored = factor(float(lam))
+    delta, ok = solve(factored, loc.r)
     solved = ok
     Jd = loc.jv(delta)
     step = delta
     if o.geodesic is not None:
         rvv = _second_derivative(loc.f, loc.x, loc.r, delta, Jd, o.geodesic.fd_step)
         finite = torch.isfinite(rvv).all()
-        a, ok_a = loc.solve(factored, torch.where(finite, rvv, torch.zeros_like(rvv)))
+        a, ok_a = solve(factored, torch.where(finite, rvv, torch.zeros_like(rvv)))
         dn = scaled_norm(loc.d * delta)
         small = 2.0 * scaled_norm(loc.d * a) <= o.geodesic.alpha * dn
         solved = ok & ok_a
@@ -392,8 +432,10 @@ def _propose(loc: _Local, lam: Tensor, o: LMOptions):
     return delta, step, Jd, ok, solved
 
 
-def _evaluate(f: Callable[[Tensor], Tensor], x_new: Tensor, shape: torch.Size) -> Tensor:
-    """``||r(x_new)||``; ``inf`` when the residuals are not finite. Checks the residual shape."""
+def _evaluate(f: Callable[[Tensor], Tensor], x_new: Tensor, shape: torch.Size,
+              inf: bool = True) -> Tensor:
+    """``||r(x_new)||``; with ``inf``, ``inf`` when the residuals are not finite (else NaN or
+    inf, for the caller to read). Checks the residual shape."""
     with torch.no_grad():
         r_new = f(x_new)
     if r_new.shape != shape:
@@ -402,25 +444,4 @@ def _evaluate(f: Callable[[Tensor], Tensor], x_new: Tensor, shape: torch.Size) -
             f"{tuple(shape)} at the current one; it must return the same number every call"
         )
     n = scaled_norm(r_new)
-    return torch.where(torch.isfinite(n), n, torch.full_like(n, float("inf")))
-
-
-def _reductions(rnorm, new_rnorm, Jd, pnorm, lam):
-    """MINPACK's scale-free relative reductions of ``F = 0.5 ||r||^2``:
-
-    ``actual = 1 - (||r_new|| / ||r||)^2`` (``-1`` when ``||r_new|| >= 10 ||r||``),
-    ``predicted = (||J delta|| / ||r||)^2 + 2 lambda (||d delta|| / ||r||)^2``, which is
-    ``(L(0) - L(delta)) / F(x)``, and ``rho = actual / predicted`` (``-inf`` when undefined).
-    Only ratios of norms appear, so the result does not depend on the scale of ``r``.
-    """
-    fn = _positive(rnorm)
-    ratio = new_rnorm / fn
-    actual = torch.where(0.1 * new_rnorm < rnorm, 1.0 - ratio * ratio, -1.0)
-    t1, t2 = scaled_norm(Jd) / fn, pnorm / fn
-    predicted = t1 * t1 + 2.0 * lam * t2 * t2
-    pos = (predicted > 0) & (rnorm > 0)
-    rho = torch.where(pos, actual / torch.where(pos, predicted, 1.0), -float("inf"))
-    rho = torch.where(torch.isfinite(new_rnorm), rho, -float("inf"))
-    return torch.where(torch.isnan(rho), torch.full_like(rho, -float("inf")), rho), actual, predicted
-
-
+    return torch.where(torch.isfinite(n), n, torch.full_like(n, float("inf"))) if inf else n
