@@ -147,6 +147,23 @@ def test_pieces_that_differ_are_refused(pieces, tmp_path, field, value):
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["other"]
 
 
+def test_a_piece_from_before_the_grid_extension_is_refused(pieces, tmp_path):
+    """A report written before the learning-rate grid was extended past a winning end has no
+    meta.extend: it reads as 0 and is not merged with one of today's (whose sweeps may hold
+    extended rates), where the merged report would claim the extension for both."""
+    def old(data):
+        del data["meta"]["extend"]
+        for sweep in data["sweeps"]:
+            sweep.pop("beyond", None)
+
+    other = _copy(pieces["b"], tmp_path / "other", old)
+    out = tmp_path / "merged"
+    msg = _error(["--merge", str(pieces["a"]), str(other), "--out", str(out)])
+    assert str(other) in msg and "extend 0" in msg and not out.exists()
+    both = _copy(pieces["a"], tmp_path / "older_a", old)
+    assert main(["--merge", str(both), str(other), "--out", str(out)]) == 0  # two old pieces
+
+
 def test_different_steps_on_different_problems_merge(pieces, tmp_path):
     """--steps must agree per problem only: the table shows each row's steps."""
     def other_problem(data):

@@ -258,6 +258,7 @@ def _run(args, problems, optimizers, device, partial: Path, no_plots: str | None
                                 warmup=args.warmup, evals=EVALS[args.suite], progress=bar)
     meta = {"suite": args.suite, "seed": args.seed, "seeds": seeds, "tune": args.tune == "on",
             "grid": list(grid) if args.tune == "on" else [], "warmup": args.warmup,
+            "extend": EXTEND if args.tune == "on" else 0,
             "evals": EVALS[args.suite],
             "device": str(device), "device_name": device_name(device),
             "steps": args.steps, "threads": args.threads, "command": args.command,

@@ -431,7 +431,7 @@ def _sweep_text(meta: dict) -> str:
 # what a report's meta must hold to be merged, and its type; the first group every piece shares
 _SHARED: dict[str, Any] = {"device": str, "device_name": str, "torch": str, "python": str,
                            "suite": str, "seeds": list[int], "tune": bool, "grid": list[float],
-                           "evals": int, "warmup": int, "threads": int}
+                           "extend": int, "evals": int, "warmup": int, "threads": int}
 # steps: --steps, or per problem in a merged report (which can be merged again)
 _META: dict[str, Any] = {**_SHARED, "steps": int | None | dict[str, int | None],
                          "problems": list[str], "optimizers": list[str], "date": str,
@@ -501,6 +501,8 @@ def load_report(folder: Path) -> tuple[dict, list[Result], list[Sweep]]:
         meta = data.get("meta")
         if not isinstance(meta, dict):
             raise ValueError("it has no meta object")
+        if "extend" not in meta:  # written before the grid's extension past a winning end
+            meta["extend"] = 0
         for key, hint in _META.items():
             if key == "pieces" and key not in meta:  # a run's report, not a merged one
                 continue
