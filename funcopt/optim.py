@@ -500,8 +500,16 @@ class Optimizer(torch.optim.Optimizer):
             if i not in state_dict["state"]:
                 raise ValueError(f"this state_dict holds no state for param group {i}; pass "
                                  "the whole dict that Optimizer.state_dict() returned")
-            what = f"state of param group {i}"
-            loaded = tree_from_state_dict(state_dict["state"][i], self.transform_states[i], what)
+            try:
+                loaded = tree_from_state_dict(state_dict["state"][i], self.transform_states[i],
+                                              f"state of param group {i}")
+            except ValueError as e:  # a layout of flat storage older than its own leaves
+                note = "" if self._flat[i] is None or not self._flat[i].own else (
+                    "\nThis group keeps its large parameters (>= 1/16 of the group and 2**22 "
+                    "elements) as their own leaves of the state; a state_dict written when they "
+                    "were inside the one flat buffer cannot be loaded: restart the optimizer "
+                    "state, or load it with the funcopt version that wrote it.")
+                raise ValueError(f"{e}{note}") from None
             # copies: a flat group updates its state in place, which must not write into the
             # given dict (nor into another optimizer that loaded the same dict)
             new_states.append(tree_map(_copy, loaded))

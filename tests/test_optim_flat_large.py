@@ -223,3 +223,18 @@ class _Tracker(TorchDispatchMode):
         self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
         self.peak = max(self.peak, sum(n for _, n in self.live.values()))
         return out
+
+
+def test_a_state_dict_of_the_one_buffer_layout_names_the_cause(monkeypatch):
+    """A group's state written when every parameter was inside the one flat buffer (before
+    large parameters became their own leaves) does not fit today's layout: the error says so
+    and what to do, not only that the trees differ."""
+    import funcopt.optim_flat as optim_flat
+
+    monkeypatch.setattr(optim_flat, "own_leaves", lambda numels: [False] * len(numels))
+    old = fo.Optimizer(_net().parameters(), fo.adamw(1e-2))
+    saved = old.state_dict()
+    monkeypatch.undo()
+    new = fo.Optimizer(_net().parameters(), fo.adamw(1e-2))
+    with pytest.raises(ValueError, match="own leaves of the state.*restart the optimizer state"):
+        new.load_state_dict(saved)
