@@ -504,7 +504,8 @@ class Optimizer(torch.optim.Optimizer):
                 loaded = tree_from_state_dict(state_dict["state"][i], self.transform_states[i],
                                               f"state of param group {i}")
             except ValueError as e:  # a layout of flat storage older than its own leaves
-                note = "" if self._flat[i] is None or not self._flat[i].own else (
+                flat = self._flat[i]
+                note = "" if flat is None or not flat.own else (
                     "\nThis group keeps its large parameters (>= 1/16 of the group and 2**22 "
                     "elements) as their own leaves of the state; a state_dict written when they "
                     "were inside the one flat buffer cannot be loaded: restart the optimizer "
