@@ -72,7 +72,7 @@ def _no_whole_jacobian(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the whole Jacobian was asked for on the row-block path")
 
-    monkeypatch.setattr(lm_model, "jacobian", refuse)
+    monkeypatch.setattr(lm_model, "_jacobian", refuse)  # what the dense path forms J with
 
 
 def _rel(p, q):

@@ -206,7 +206,8 @@ def levenberg_marquardt(
             second-order correction ``a / 2``, ``(J^T J + lambda D) a = -J^T r_vv``, and reject
             steps with ``2 ||a||_D / ||delta||_D > alpha``.
         scaling: Marquardt/MINPACK scaling: ``D = diag(d^2)``, ``d_j`` the running maximum over
-            steps of the norm of column ``j`` of ``J`` (1 for a zero column); the rule's
+            steps of the norm of column ``j`` of ``J`` (1 while the column has been zero at
+            every step so far; unlike MINPACK that 1 does not enter the maximum); the rule's
             ``initial_damping`` is then relative to ``D``. False: ``D = I`` and ``lambda_0 =
             tau * max diag(J^T J)`` with ``tau = initial_damping`` (Nielsen 1999). Default
             None: True with a dense Jacobian, False on the matrix-free path; True there
@@ -363,8 +364,9 @@ def _finish_step(state, loc, trial, stats, accepted, attempt):
     def full(v: Any, t: torch.dtype = dtype) -> Tensor:
         return torch.full((), v if isinstance(v, (bool, int)) else float(v), dtype=t, device=dev)
 
+    running = d if loc.scale is None else loc.scale  # the state's scale (see running_scale)
     new_state = LevenbergMarquardtState(
-        increment(state.count), full(lam), full(nu), full(radius), d, full(cost),
+        increment(state.count), full(lam), full(nu), full(radius), running, full(cost),
         full(T(0.5) * kept * kept), full(predicted * cost),
         full(rho if math.isfinite(rho) else T(torch.finfo(dtype).min)),
         full(nan if unsolved else (snorm if accepted else pnorm)),

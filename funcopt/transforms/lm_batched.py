@@ -74,6 +74,7 @@ class BatchedLocal(NamedTuple):
     sigma: Tensor
     V: Tensor
     finite: Tensor
+    scale: Tensor | None = None  # the running maximum the state keeps (see running_scale)
 
 
 def init_state(x: Tensor, initial_damping: float) -> LevenbergMarquardtState:
@@ -88,15 +89,19 @@ def init_state(x: Tensor, initial_damping: float) -> LevenbergMarquardtState:
                                    false, count, zero, zero, zero, ~false)
 
 
-def _scaling(col: Tensor, state: LevenbergMarquardtState, o: LMOptions) -> tuple[Tensor, Tensor]:
-    """``(d, lambda)``: MINPACK's running maximum of column norms (or ones), and the damping
-    to start from (``tau max col^2`` on the first step when ``scaling`` is off)."""
+def _scaling(col: Tensor, state: LevenbergMarquardtState,
+             o: LMOptions) -> tuple[Tensor, Tensor, Tensor]:
+    """``(d, lambda, kept)``: MINPACK's running maximum of column norms (or ones), the damping
+    to start from (``tau max col^2`` on the first step when ``scaling`` is off) and the scale
+    the state keeps (:func:`funcopt.transforms.lm_model.running_scale`)."""
     first = (state.count == 0)[:, None]
     lam = state.damping
     if o.scaling:
-        return running_scale(state.scale, col, first), lam
+        d, kept = running_scale(state.scale, col, first)
+        return d, lam, kept
     start = o.rule.initial_damping * (col * col).amax(dim=-1)
-    return torch.ones_like(col), torch.where(first[:, 0] & (start > 0), start, lam)
+    ones = torch.ones_like(col)
+    return ones, torch.where(first[:, 0] & (start > 0), start, lam), ones
 
 
 def local_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState, o: LMOptions,
@@ -112,7 +117,7 @@ def local_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState,
     g = ((J / _positive(col)[:, None, :]).mT @ rn[..., None])[..., 0]
     cos = torch.where((col > 0) & (rnorm > 0)[:, None], g.abs(), torch.zeros_like(g))
     cos = cos.amax(-1) if cos.shape[-1] else torch.zeros_like(rnorm)
-    d, lam = _scaling(col, state, o)
+    d, lam, kept = _scaling(col, state, o)
     Jt = J / d[:, None, :]
     eps = torch.finfo(J.dtype).eps
     if method == "gram":
@@ -124,14 +129,14 @@ def local_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState,
         Jn = Jt / c[:, None, None]
         loc = _from_gram(Jn.mT @ Jn, (Jn.mT @ rn[..., None])[..., 0],
                          (x, rnorm, d, cos, lam, finite))
-        return loc._replace(sigma=loc.sigma * c)
+        return loc._replace(sigma=loc.sigma * c, scale=kept)
     U, s, Vh = torch.linalg.svd(Jt, full_matrices=False)
     sigma = _positive(s.amax(-1)) if s.shape[-1] else torch.ones_like(rnorm)
     sh = s / sigma[:, None]
     keep = sh > eps * max(s.shape[-1], 1)
     w = torch.where(keep, sh * (U.mT @ rn[..., None])[..., 0], 0.0)
     return BatchedLocal(x, torch.where(finite, rnorm, torch.nan), d, cos, lam,
-                        torch.where(keep, sh * sh, 0.0), w, sigma, Vh.mT, finite)
+                        torch.where(keep, sh * sh, 0.0), w, sigma, Vh.mT, finite, kept)
 
 
 # cuSOLVER's batched symmetric eigensolver failed with CUSOLVER_STATUS_INTERNAL_ERROR on
@@ -173,9 +178,9 @@ def gram_local_model(G: Tensor, g: Tensor, rnorm: Tensor, x: Tensor,
     gn = g / _positive(rnorm)[:, None]
     cos = torch.where((col > 0) & (rnorm > 0)[:, None], gn.abs() / _positive(col), 0.0)
     cos = cos.amax(-1) if cos.shape[-1] else torch.zeros_like(rnorm)
-    d, lam = _scaling(col, state, o)
+    d, lam, kept = _scaling(col, state, o)
     Gt = G / (d[:, :, None] * d[:, None, :])
-    return _from_gram(Gt, gn / d, (x, rnorm, d, cos, lam, finite))
+    return _from_gram(Gt, gn / d, (x, rnorm, d, cos, lam, finite))._replace(scale=kept)
 
 
 def _early_exit(t: Tensor) -> bool:
@@ -356,7 +361,7 @@ def finish(loc: BatchedLocal, state: LevenbergMarquardtState, t: Trial):
     kept = torch.where(t.accepted, t.new_fn, fn)
     min_rho = torch.finfo(t.rho.dtype).min
     new = LevenbergMarquardtState(
-        state.count + 1, t.lam, t.nu, t.radius, d, cost, 0.5 * kept * kept, t.predicted * cost,
+        state.count + 1, t.lam, t.nu, t.radius, d if loc.scale is None else loc.scale, cost, 0.5 * kept * kept, t.predicted * cost,
         torch.where(torch.isfinite(t.rho), t.rho, min_rho), t.pnorm,
         batched_norm(d * (x + step)), loc.cos, t.accepted, t.attempts, fn, t.actual,
         t.predicted, t.finite,

@@ -160,13 +160,17 @@ class _Local(NamedTuple):
     direct: DirectDamped | None = None  # the Cholesky solve with no host read
     gamma: float = 1.0  # the power of two that scales J for ``direct``
     unravel: Callable[[Tensor], Any] | None = None  # of ravel_params(params)
+    scale: Tensor | None = None  # the running maximum kept in the state (see running_scale)
 
 
-def running_scale(scale: Tensor, col: Tensor, first: Tensor) -> Tensor:
-    """MINPACK's ``diag``: the column norms ``col`` on the first step, else the running maximum
-    ``max(scale, col)``; 1 for a zero column."""
-    d = torch.where(first, col, torch.maximum(scale, col))
-    return torch.where(d > 0, d, 1.0)
+def running_scale(scale: Tensor, col: Tensor, first: Tensor) -> tuple[Tensor, Tensor]:
+    """MINPACK's ``diag`` as ``(d, kept)``: ``kept`` the column norms ``col`` on the first
+    step, else the running maximum ``max(scale, col)`` (``scale`` the state's ``kept``);
+    ``d`` the same with 1 for a column zero so far. MINPACK keeps the 1 in its maximum, so a
+    column that is zero at the start and then stays below 1 (residuals of a small scale) kept
+    the scale 1 and a step too short for it; here the maximum runs over the norms alone."""
+    kept = torch.where(first, col, torch.maximum(scale, col))
+    return torch.where(kept > 0, kept, 1.0), kept
 
 
 def _require_finite_residuals(ok: Tensor) -> None:
@@ -202,7 +206,7 @@ def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
     stats = _column_stats_deferred(J, r, rnorm)
     while True:
         col, cos, ok = stats
-        d, S, lam = _scaling(col, state, o)
+        d, S, lam, kept = _scaling(col, state, o)
         # max_j ||J_j|| / S_j bounds max |J S^{-1}| within sqrt(m)
         bound = (col if S is None else col / S).max() if col.numel() else col.new_ones(())
         smin, smax = torch.aminmax(S) if S is not None and S.numel() else (bound, bound)
@@ -224,24 +228,27 @@ def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
         rcond = getattr(get(o.solver), "rcond", None)
         dd = direct_damped(J, r, S, float(gamma), one, o.form, rcond)
         return _Local(x, f, r, rnorm, d, cos, lam, None, None, dd.jv, svd, host, dd,
-                      float(gamma), unravel)
+                      float(gamma), unravel, kept)
     # J is ours to overwrite (then J v comes from the scaled J), except that geodesic
     # acceleration keeps it: its finite difference subtracts J v, reproduced to the last bit
     factor, solve, jv = _damped_solver(J, S, o.solver, o.form, bound,
                                        overwrite=o.geodesic is None)
-    return _Local(x, f, r, rnorm, d, cos, lam, factor, solve, jv, svd, host, unravel=unravel)
+    return _Local(x, f, r, rnorm, d, cos, lam, factor, solve, jv, svd, host, unravel=unravel,
+                  scale=kept)
 
 
-def _scaling(col: Tensor, state, o: LMOptions) -> tuple[Tensor, Tensor | None, Tensor]:
-    """``(d, S, lambda)``: the scaling ``d`` (MINPACK's running maximum of the column norms
-    ``col``, or ones), the solver's column scale ``S`` (``d`` or None) and the damping (the
-    state's, or ``tau max diag(J^T J)`` on the first step without scaling)."""
+def _scaling(col: Tensor, state, o: LMOptions) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """``(d, S, lambda, kept)``: the scaling ``d`` (MINPACK's running maximum of the column
+    norms ``col``, or ones), the solver's column scale ``S`` (``d`` or None), the damping (the
+    state's, or ``tau max diag(J^T J)`` on the first step without scaling) and the scale the
+    state keeps (:func:`running_scale`)."""
     first = state.count == 0
     if o.scaling:
-        d = running_scale(state.scale, col, first)
-        return d, d, state.damping
+        d, kept = running_scale(state.scale, col, first)
+        return d, d, state.damping, kept
     start = o.rule.initial_damping * (col * col).max()
-    return torch.ones_like(col), None, torch.where(first & (start > 0), start, state.damping)
+    ones = torch.ones_like(col)
+    return ones, None, torch.where(first & (start > 0), start, state.damping), ones
 
 
 def _linearize_matrix_free(residual_fn, params, args, state, o: LMOptions, x, f) -> _Local:
@@ -257,16 +264,18 @@ def _linearize_matrix_free(residual_fn, params, args, state, o: LMOptions, x, f)
     rnorm = scaled_norm(r)
     cos = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
     col2 = column_norms_sq(gn, o.chunk_size) if (o.scaling or wants_jacobi(o.solver)) else None
-    d = torch.ones_like(x)
+    d, kept = torch.ones_like(x), None
     if col2 is not None:
         col, cos = col2.sqrt(), _gradient_cosine(gn, col2, rnorm)
         if o.scaling:
-            d = running_scale(state.scale, col, state.count == 0)
+            d, kept = running_scale(state.scale, col, state.count == 0)
             d = torch.where(torch.isfinite(d), d, torch.ones_like(d))  # col2 overflowed
+            kept = torch.where(torch.isfinite(kept), kept, torch.zeros_like(kept))
     d2 = d * d
     factor = lambda lam_: matrix_free_factor(gn, lam_, o.solver, d2, col2)
     solve = lambda factored, u: matrix_free_solve(gn, factored, u)
-    return _Local(x, f, r, rnorm, d, cos, state.damping, factor, solve, gn.jvp)
+    return _Local(x, f, r, rnorm, d, cos, state.damping, factor, solve, gn.jvp,
+                  scale=kept)
 
 
 def _gradient_cosine(gn, col2: Tensor, rnorm: Tensor, x: Tensor | None = None) -> Tensor:

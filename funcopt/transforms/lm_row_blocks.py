@@ -57,7 +57,8 @@ def linearize_row_blocks(residual_fn, params, args, state, o: LMOptions, x, f) -
     col, cos = acc.column_stats(rnorm)  # raises on a non-finite J
     lam = state.damping
     if o.scaling:
-        d = S = running_scale(state.scale, col, state.count == 0)
+        d, kept = running_scale(state.scale, col, state.count == 0)
+        S = d
     else:
         d, S = torch.ones_like(x), None
         start = o.rule.initial_damping * (col * col).max()
@@ -76,7 +77,8 @@ def linearize_row_blocks(residual_fn, params, args, state, o: LMOptions, x, f) -
 
     factor, solve = cnn.gram_damped_solver(normal, t, gamma, S, rhs)
     jv = lambda v: jvp(f, (x,), (v,))[1]  # noqa: E731
-    return _Local(x, f, r, rnorm, d, cos, lam, factor, solve, jv, svd)
+    return _Local(x, f, r, rnorm, d, cos, lam, factor, solve, jv, svd,
+                  scale=kept if o.scaling else None)
 
 
 class _RowBlockPass:
