@@ -231,3 +231,19 @@ def test_zero_column_at_x0_small_scale_reaches_the_optimum(scale):
         X32, i32 = fo.least_squares(lambda v: (scale * f(v.double())).float(),
                                     torch.zeros(1, 3), batched=True)
         assert i32.success.all() and float(f(X32.double()).norm()) <= 1.001 * optimum
+
+
+@pytest.mark.parametrize("rule", [None, fo.Nielsen()])
+def test_unscaled_damping_beyond_the_dtype_is_one_clear_error(rule):
+    """scaling=False puts the damping in units of J^T J: residuals of 1e160 make it inf. That
+    was 'the damping contains NaN or inf ... check the residuals or the Jacobian' (both
+    finite); it now names the overflow and the fix. At 1e150 the fit still succeeds."""
+    A, b = _small_linear()
+    p, info = fo.least_squares(lambda x: 1e150 * (A @ x - b), torch.zeros(3, dtype=F64),
+                               scaling=False, rule=rule)
+    assert info.success
+    np.testing.assert_allclose(p.numpy(), np.linalg.lstsq(A.numpy(), b.numpy(), rcond=None)[0],
+                               rtol=1e-10)
+    with pytest.raises(ValueError, match="beyond the largest torch.float64 number.*scaling=True"):
+        fo.least_squares(lambda x: 1e160 * (A @ x - b), torch.zeros(3, dtype=F64),
+                         scaling=False, rule=rule)

@@ -296,6 +296,7 @@ def _step(residual_fn, params, args, state: LevenbergMarquardtState, o: LMOption
         if isinstance(rule, TrustRegion):
             assert loc.svd is not None  # _linearize computes it under the trust-region rule
             lam = T(trust_region_damping(*loc.svd, float(radius / fn_pos)).item())  # host sync
+        _require_finite_damping(lam, x.dtype, o.scaling)
         trial = _attempt(loc, lam, o, attempt == 1)
         new_fn, pnorm, ok, solved = trial[2:6]
         finite = math.isfinite(new_fn)
@@ -316,6 +317,17 @@ def _step(residual_fn, params, args, state: LevenbergMarquardtState, o: LMOption
             break
     stats = (fn, lam, nu, radius, rho, actual, predicted, all_finite, solved)
     return (*_finish_step(state, loc, trial, stats, accepted, attempt), loc.unravel)
+
+
+def _require_finite_damping(lam: Any, dtype: torch.dtype, scaling: bool) -> None:
+    """A damping beyond the dtype (``lambda`` is in units of ``J^T J``: with ``scaling=False``
+    a Jacobian of norm above ~sqrt(max) overflows it) is one ValueError saying so."""
+    if not math.isfinite(lam):
+        fix = ("pass scaling=True (the default), whose damping is relative to the column "
+               "norms, or rescale" if not scaling else "rescale")
+        raise ValueError(
+            f"the damping lambda = {float(lam)} is beyond the largest {dtype} number: the "
+            f"Jacobian's scale is too large for it; {fix} the residuals or the parameters")
 
 
 def _attempt(loc, lam, o: LMOptions, first: bool) -> tuple:
