@@ -97,10 +97,13 @@ def test_a_bound_and_overwrite_give_the_same_step(m, n):
 def test_jv_of_an_overwritten_jacobian_is_j_times_v():
     J, _ = _big(200, 600, F64, seed=2)
     s = torch.linalg.vector_norm(J, dim=0)
-    v = torch.randn(600, dtype=F64)
+    v = torch.randn(600, dtype=F64, generator=torch.Generator().manual_seed(5))
     want = J @ v
     _, _, jv = _damped_solver(J.clone(), s, "auto", "auto", s.div(s).max(), overwrite=True)
-    torch.testing.assert_close(jv(v), want, rtol=1e-13, atol=1e-13)
+    # a sum of 600 products: within 600 eps (|J| |v|) of J v entry by entry (a relative
+    # tolerance on J v itself fails where the sum cancels)
+    bound = 600 * torch.finfo(F64).eps * (J.abs() @ v.abs())
+    assert bool(((jv(v) - want).abs() <= bound).all())
 
 
 def _mlp_problem(m: int, width: int, scale: float = 1.0):
