@@ -143,11 +143,16 @@ def _stall_check(residual_fn, params, h: dict, tols, reason: str, size: int) -> 
     check forms it, and ``gnorm`` (only needed when the update was not quiet) reads
     ``diag(J^T J)`` from it instead of ``min(m, n)`` more products."""
     limit = "machine precision" in reason and size <= GAIN_CHECK_SIZE
-    quiet = h["accepted"] or h["grad_cos"] ** 2 <= max(tols[0], tols[3])
+    # xtol's relative step is norm-wise: it also holds where one parameter's |d x| is huge
+    # and another would still move by all of itself, so a stop on xtol is checked whatever
+    # the update, counting the columns whose own Gauss-Newton move is above xtol |x_j|
+    xtol = "xtol" in reason
+    quiet = (h["accepted"] and not xtol) or h["grad_cos"] ** 2 <= max(tols[0], tols[3])
     if quiet and not limit:
         return reason, True
     J, r = jacobian(residual_fn, params) if limit else (None, None)
-    cos, floor = stationarity_floor(residual_fn, params, gnorm=not quiet, J=J)
+    rel = max(tols[1], tols[3]) if xtol else None
+    cos, floor = stationarity_floor(residual_fn, params, gnorm=not quiet, J=J, rel=rel)
     bound = max(tols[0], tols[3], floor)
     x = ravel_params(params)[0]
     gain, ulps = gauss_newton_gain(J, r, x) if J is not None and r is not None else (0.0, 0.0)
@@ -163,13 +168,15 @@ def _stall_check(residual_fn, params, h: dict, tols, reason: str, size: int) -> 
 
 
 def stationarity_floor(residual_fn: Callable, params: Any, gnorm: bool = True,
-                       J: torch.Tensor | None = None) -> tuple[float, float]:
+                       J: torch.Tensor | None = None,
+                       rel: float | None = None) -> tuple[float, float]:
     """``(gnorm, floor)`` at ``params``, for telling a minimum from a stall.
 
     ``gnorm = max_j |(J^T r)_j| / (||J_j|| ||r||)`` (MINPACK's) over the columns whose
     one-dimensional Gauss-Newton move ``|alpha_j| = |J_j^T r| / ||J_j||^2`` is at least one
-    unit of ``x_j``'s resolution, ``eps |x_j|``: a smaller move cannot be represented, so its
-    predicted reduction is none (the point is optimal within the dtype); ``inf`` where
+    unit of ``x_j``'s resolution, ``eps |x_j|`` (``rel |x_j|`` when given): a smaller move
+    cannot be represented, so its predicted reduction is none (the point is optimal within
+    the dtype); ``inf`` where
     ``diag(J^T J)`` overflows (unknown); NaN (not computed) with ``gnorm=False``.
     ``diag(J^T J)`` comes from ``J`` (the Jacobian at ``params``) when given, else from
     ``min(m, n)`` Jacobian products (:func:`funcopt.transforms.lm_model.column_norms_sq`).
@@ -188,7 +195,7 @@ def stationarity_floor(residual_fn: Callable, params: Any, gnorm: bool = True,
     cos = math.nan
     if gnorm:
         col2 = column_norms_sq(gn) if J is None else (J * J).sum(0)
-        cos = float(_gradient_cosine(gn, col2, rnorm, x))
+        cos = float(_gradient_cosine(gn, col2, rnorm, x, rel))
     mag = x.abs()
     big = mag.max() if mag.numel() else torch.ones((), dtype=x.dtype, device=x.device)
     mag = torch.where(mag > 0, mag, torch.where(big > 0, big, torch.ones_like(big)))

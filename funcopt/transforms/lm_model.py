@@ -278,17 +278,20 @@ def _linearize_matrix_free(residual_fn, params, args, state, o: LMOptions, x, f)
                   scale=kept)
 
 
-def _gradient_cosine(gn, col2: Tensor, rnorm: Tensor, x: Tensor | None = None) -> Tensor:
+def _gradient_cosine(gn, col2: Tensor, rnorm: Tensor, x: Tensor | None = None,
+                     rel: float | None = None) -> Tensor:
     """MINPACK's ``gnorm = max_j |(J^T r)_j| / (||J_j|| ||r||)`` over the nonzero columns
     from ``col2 = diag(J^T J)`` and one product; ``inf`` (unknown) where a number overflows.
     With ``x``, only over the columns whose one-dimensional Gauss-Newton move ``|alpha_j| =
-    |J_j^T r| / ||J_j||^2`` is at least ``eps |x_j|`` (see :func:`stationarity_floor`)."""
+    |J_j^T r| / ||J_j||^2`` is at least ``rel |x_j|`` (default ``eps``; see
+    :func:`stationarity_floor`)."""
     col = col2.sqrt()
     g = gn.vjp(gn.residuals / _positive(rnorm))  # J^T r / ||r||: no overflow for large r
     live = col > 0
     safe = torch.where(live, col, 1.0)
     if x is not None:  # |alpha_j| without overflow in J^T r
-        live = live & ((g.abs() / safe) * (rnorm / safe) > torch.finfo(x.dtype).eps * x.abs())
+        rel = torch.finfo(x.dtype).eps if rel is None else rel
+        live = live & ((g.abs() / safe) * (rnorm / safe) > rel * x.abs())
     ratio = torch.where(live, g.abs() / safe, 0.0)
     known = torch.isfinite(col).all() & torch.isfinite(ratio).all()
     top = ratio.max() if ratio.numel() else torch.zeros((), dtype=col.dtype, device=col.device)
