@@ -48,6 +48,8 @@ REASONS = (
     "trust region vanished: no step reduces the cost (failure)",
     "no step was accepted from the start point, so it is not a minimum although a test held",
     "residual_fn gave non-finite residuals or Jacobian at the current parameters (failure)",
+    "stalled: the relative step test (xtol) held, but a parameter whose own Gauss-Newton move "
+    "exceeds xtol |x_j| would still reduce the cost: not a minimum (failure)",
 )
 """The ``info.reason`` codes of batched and data-parallel fits, in order: ``REASONS[code]``
 is the text of a code (``info.reasons()`` gives them per problem)."""
@@ -335,8 +337,57 @@ def least_squares_batched(residual_fn: Callable[[PyTree], Tensor], params: PyTre
     tols = (tolerances.ftol, tolerances.xtol, tolerances.gtol, eps)
     x, p = run_flat(trial_norm, x, lm_batched.init_state(x, o.rule.initial_damping), o,
                     (max_steps, tols), model)
+    code = _xtol_stationary(f, x, p.code, m, tols)
     rnorm = trial_norm(x).double()
     cost = torch.where(rnorm < 1e154, 0.5 * rnorm * rnorm, torch.full_like(rnorm, float("inf")))
-    success = torch.isin(p.code, torch.tensor(SUCCESS_CODES, device=x.device))
-    return unravel(x), BatchedLeastSquaresInfo(p.steps, cost, p.code, success,
+    success = torch.isin(code, torch.tensor(SUCCESS_CODES, device=x.device))
+    return unravel(x), BatchedLeastSquaresInfo(p.steps, cost, code, success,
                                                p.evaluations, rnorm)
+
+
+def _xtol_stationary(f: Callable[[Tensor], Tensor], x: Tensor, code: Tensor, m: int,
+                     tols: tuple) -> Tensor:
+    """``code`` with the stops on xtol (codes 4 and 6) that are not stationary turned into
+    the failure code ``len(REASONS) - 1``. MINPACK's xtol test is norm-wise, ``||D delta|| <=
+    xtol ||D x||``: it also holds where one parameter was driven to a huge value and another
+    would still move by all of itself. Stationary here: MINPACK's ``gnorm = max_j |J_j^T r| /
+    (||J_j|| ||r||)`` squared at most ``max(ftol, eps)`` over the columns whose own
+    Gauss-Newton move ``|J_j^T r| / ||J_j||^2`` exceeds ``max(xtol, eps) |x_j|`` (a smaller
+    move is converged in xtol's sense); unknown (a number overflows): left as it is. One
+    batched Jacobian, only when some problem stopped on xtol (as the single-problem
+    driver's check)."""
+    ftol, xtol, _, eps = tols
+    on_xtol = (code == 4) | (code == 6)
+    if not bool(on_xtol.any()):
+        return code
+    r, J = batched_jacobian(f, x, m)
+    rnorm = lm_batched.batched_norm(r)
+    col = lm_batched.batched_norm(J.mT)
+    safe = torch.where(col > 0, col, 1.0)
+    g = (J.mT @ (r / torch.where(rnorm > 0, rnorm, 1.0)[:, None])[..., None])[..., 0].abs() / safe
+    live = (col > 0) & (g * (rnorm[:, None] / safe) > max(xtol, eps) * x.abs())
+    gnorm = torch.where(live, g, 0.0).amax(-1) if x.shape[1] else torch.zeros_like(rnorm)
+    known = torch.isfinite(col).all(-1) & torch.isfinite(g).all(-1) & (rnorm > 0)
+    stalled = on_xtol & known & (gnorm * gnorm > torch.clamp(_rounding(f, x, r, J, rnorm),
+                                                             min=max(ftol, eps)))
+    return torch.where(stalled, torch.full_like(code, len(REASONS) - 1), code)
+
+
+def _rounding(f: Callable[[Tensor], Tensor], x: Tensor, r: Tensor, J: Tensor,
+              rnorm: Tensor) -> Tensor:
+    """Each problem's relative rounding of its residuals, ``4 ||r(x + h) - r(x) - J h|| /
+    ||r||`` for steps ``h`` of 4 and of -16 ulps per parameter with alternating signs (the
+    larger), as :func:`funcopt.least_squares_options.stationarity_floor`: a predicted
+    relative reduction below it cannot be told from rounding."""
+    eps = torch.finfo(x.dtype).eps
+    mag = x.abs()
+    big = mag.amax(-1, keepdim=True) if x.shape[1] else torch.ones_like(x[:, :1])
+    mag = torch.where(mag > 0, mag, torch.where(big > 0, big, 1.0))
+    sign = 1.0 - 2.0 * (torch.arange(x.shape[1], device=x.device) % 2).to(x.dtype)
+    noise = torch.zeros_like(rnorm)
+    with torch.no_grad():
+        for ulps in (4, -16):  # two probes: rounding can be exact at one point
+            h = (x + ulps * eps * mag * sign) - x
+            d = f(x + h) - r - (J @ h[..., None])[..., 0]
+            noise = torch.maximum(noise, lm_batched.batched_norm(d))
+    return 4 * noise / torch.where(rnorm > 0, rnorm, 1.0)

@@ -275,3 +275,20 @@ def test_xtol_is_not_fooled_by_one_huge_parameter(x2):
     norms = J.norm(dim=0)
     cos = ((J.T @ r).abs() / (norms * r.norm())).where(norms > 0, 0.0).max()
     assert info.success and float(cos) <= 1e-6  # a true (if poor) local minimum
+
+
+def test_batched_xtol_is_not_fooled_by_one_huge_parameter():
+    """The batched driver's xtol stops get the same stationarity check: the problem started at
+    p2 = 0.5 (p1 driven to ~3e85, gnorm 0.99 at its end) ended with success at cost 3e107;
+    now it fails with the 'stalled' code, while its neighbour started at p2 = 0, a
+    zero-residual fit whose residuals are rounding noise at the end, keeps its success."""
+    from funcopt.least_squares_batched import REASONS
+
+    t = torch.linspace(0, 4, 20, dtype=F64)
+    y = 2.5 * torch.exp(-1.3 * t)
+    fn = lambda P: P[:, :1] * torch.exp(-P[:, 1:2] * t) + P[:, 2:3] * 1e100 - y  # noqa: E731
+    P, info = fo.least_squares(fn, torch.tensor([[1.0, 1.0, 0.5], [1.0, 1.0, 0.0]], dtype=F64),
+                               batched=True)
+    assert info.success.tolist() == [False, True]
+    assert info.reasons()[0] == REASONS[-1] and info.reasons()[0].startswith("stalled")
+    np.testing.assert_allclose(P[1, :2].numpy(), [2.5, 1.3], rtol=1e-12)
