@@ -22,6 +22,7 @@ from torch.func import jvp, vmap
 
 from funcopt.base import PyTree, tree_flatten, tree_unflatten
 from funcopt.func.jacobian import _vjp
+from funcopt.least_squares_options import rounding_steps
 from funcopt.transforms import lm_batched
 from funcopt.transforms.levenberg_marquardt import LevenbergMarquardtState, LMOptions
 from funcopt.transforms.lm_damping import TrustRegion
@@ -379,15 +380,9 @@ def _rounding(f: Callable[[Tensor], Tensor], x: Tensor, r: Tensor, J: Tensor,
     ||r||`` for steps ``h`` of 4 and of -16 ulps per parameter with alternating signs (the
     larger), as :func:`funcopt.least_squares_options.stationarity_floor`: a predicted
     relative reduction below it cannot be told from rounding."""
-    eps = torch.finfo(x.dtype).eps
-    mag = x.abs()
-    big = mag.amax(-1, keepdim=True) if x.shape[1] else torch.ones_like(x[:, :1])
-    mag = torch.where(mag > 0, mag, torch.where(big > 0, big, 1.0))
-    sign = 1.0 - 2.0 * (torch.arange(x.shape[1], device=x.device) % 2).to(x.dtype)
     noise = torch.zeros_like(rnorm)
     with torch.no_grad():
-        for ulps in (4, -16):  # two probes: rounding can be exact at one point
-            h = (x + ulps * eps * mag * sign) - x
+        for h in rounding_steps(x):
             d = f(x + h) - r - (J @ h[..., None])[..., 0]
             noise = torch.maximum(noise, lm_batched.batched_norm(d))
     return 4 * noise / torch.where(rnorm > 0, rnorm, 1.0)

@@ -191,20 +191,27 @@ def stationarity_floor(residual_fn: Callable, params: Any, gnorm: bool = True,
     rnorm = scaled_norm(r)
     if float(rnorm) == 0.0:
         return 0.0, math.inf
-    eps = torch.finfo(x.dtype).eps
     cos = math.nan
     if gnorm:
         col2 = column_norms_sq(gn) if J is None else (J * J).sum(0)
         cos = float(_gradient_cosine(gn, col2, rnorm, x, rel))
-    mag = x.abs()
-    big = mag.max() if mag.numel() else torch.ones((), dtype=x.dtype, device=x.device)
-    mag = torch.where(mag > 0, mag, torch.where(big > 0, big, torch.ones_like(big)))
-    sign = 1.0 - 2.0 * (torch.arange(x.numel(), device=x.device) % 2).to(x.dtype)
     f, noise = residual_vector_fn(residual_fn, unravel), 0.0
-    for ulps in (4, -16):  # two probes: rounding can be exact at one point
-        h = (x + ulps * eps * mag * sign) - x
+    for h in rounding_steps(x):
         noise = max(noise, float(scaled_norm(f(x + h) - r - gn.jvp(h))))
     return cos, 4 * noise / float(_positive(rnorm))
+
+
+def rounding_steps(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two probe steps ``h`` of :func:`stationarity_floor` (and of the batched driver's
+    check) along the last dimension of ``x``: 4 and -16 ulps of each parameter with
+    alternating signs (rounding can be exact at one point), where an ulp of a zero parameter
+    is one of the largest ``|x_j|`` of its row (or of 1)."""
+    eps = torch.finfo(x.dtype).eps
+    mag = x.abs()
+    big = mag.amax(-1, keepdim=True) if x.shape[-1] else torch.ones_like(mag[..., :1])
+    mag = torch.where(mag > 0, mag, torch.where(big > 0, big, 1.0))
+    sign = 1.0 - 2.0 * (torch.arange(x.shape[-1], device=x.device) % 2).to(x.dtype)
+    return ((x + 4 * eps * mag * sign) - x, (x + -16 * eps * mag * sign) - x)
 
 
 GAIN_CHECK_SIZE = 2**22
