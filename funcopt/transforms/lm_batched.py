@@ -39,7 +39,7 @@ import torch
 
 from funcopt.engine import is_tracing
 from funcopt.transforms.levenberg_marquardt import LevenbergMarquardtState, LMOptions
-from funcopt.transforms.lm_damping import TrustRegion, _positive, adapt_radius
+from funcopt.transforms.lm_damping import TrustRegion, _positive, adapt_radius, newton_terms
 from funcopt.transforms.lm_model import running_scale
 
 __all__ = ["BatchedLocal", "Trial", "local_model", "gram_local_model", "iterate", "init_state",
@@ -206,21 +206,15 @@ def _trust_region_mu(loc: BatchedLocal, radius: Tensor, mask: Tensor, start: tup
     mu, count = start
     early = _early_exit(mu)
 
-    def outside(mu: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        # sums of q / c, c = 2^k >= max q: the same bits as of q, without overflowing q^2 and
-        # q^3 when mu ~ 1 / radius is large (radius below ~1e-102)
-        q = s2 + mu[:, None]
-        c = torch.ldexp(torch.ones_like(mu), torch.frexp(q.amax(-1))[1])
-        qh = q / c[:, None]
-        phi_c = (w2 / (qh * qh)).sum(-1).sqrt()  # phi c
-        phi = phi_c / c  # phi > limit implies a positive denominator below
-        return (phi > limit) & (count < NEWTON_STEPS), phi, phi_c, qh, c
+    def outside(mu: Tensor) -> tuple[Tensor, Tensor]:
+        # phi > limit implies a positive denominator in the step
+        phi, step = newton_terms(w2, s2 + mu[:, None], rho, rho1)
+        return (phi > limit) & (count < NEWTON_STEPS), step
 
     for _ in range(steps):
-        active, phi, phi_c, qh, c = outside(mu)
+        active, step = outside(mu)
         if early and not bool(active.any()):
             return mu, count, active
-        step = (phi - rho) / rho1 * phi_c * phi_c / (w2 / (qh * qh * qh)).sum(-1) * c
         mu = torch.where(active, mu + step, mu)
         count = count + active.long()
     return mu, count, outside(mu)[0]

@@ -282,17 +282,24 @@ def trust_region_damping(s: Tensor, w: Tensor, sigma: Tensor, radius: Tensor | f
     w2 = torch.where(keep, w * w, torch.zeros_like(w))
     mu = torch.zeros_like(radius)
     for _ in range(30):
-        # sums of q / c, c = 2^k >= max q: the same bits as of q, without overflowing q^2 and
-        # q^3 when mu ~ 1 / radius is large (radius below ~1e-102)
-        q = s2 + mu
-        c = torch.ldexp(torch.ones_like(mu), torch.frexp(q.max())[1])
-        qh = q / c
-        phi_c = torch.sqrt((w2 / (qh * qh)).sum())  # phi c
-        phi = phi_c / c
+        phi, step = newton_terms(w2, s2 + mu, radius, radius)
         if bool(phi <= 1.1 * radius):  # host sync
             break
-        mu = mu + (phi - radius) / radius * phi_c * phi_c / (w2 / (qh * qh * qh)).sum() * c
+        mu = mu + step
     return mu * sigma * sigma
+
+
+def newton_terms(w2: Tensor, q: Tensor, rho: Tensor, rho1: Tensor) -> tuple[Tensor, Tensor]:
+    """``(phi, step)`` of the trust region's Newton iteration over the last dimension:
+    ``phi = sqrt(sum w2 / q^2)`` and ``step = (phi - rho) / rho1 * phi^2 / sum w2 / q^3``
+    (``q = s^2 + mu``). The sums are taken of ``q / c``, ``c = 2^k >= max q``: the same bits as
+    of ``q``, without overflowing ``q^2`` and ``q^3`` when ``mu ~ 1 / radius`` is large (radius
+    below ~1e-102)."""
+    c = torch.ldexp(torch.ones_like(q[..., 0]), torch.frexp(q.amax(-1))[1])
+    qh = q / c[..., None]
+    phi_c = (w2 / (qh * qh)).sum(-1).sqrt()  # phi c
+    phi = phi_c / c
+    return phi, (phi - rho) / rho1 * phi_c * phi_c / (w2 / (qh * qh * qh)).sum(-1) * c
 
 
 def adapt_radius(radius, lam, reductions, t2, pnorm, ok):
