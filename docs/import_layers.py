@@ -28,7 +28,7 @@ LAYERS = {  # first component under funcopt/ -> (layer number, layer name)
     "least_squares_options": (5, "drivers"),
     "least_squares_parallel": (5, "drivers"), "batch_size_loop": (5, "drivers"),
     "data": (6, "main job"),
-    "optim": (6, "interop"), "optim_flat": (6, "interop"), "distributed": (6, "interop"), "checkpoint": (6, "interop"),
+    "optim": (6, "interop"), "optim_flat": (6, "interop"), "optim_hyperparams": (6, "interop"), "distributed": (6, "interop"), "checkpoint": (6, "interop"),
     "flat": (6, "interop"), "flat_jit": (6, "interop"), "testing": (6, "interop"),
     "bench": (6, "main job"),
 }
