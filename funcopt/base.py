@@ -12,7 +12,9 @@ Every helper flattens once and works on the list of leaves with ``torch._foreach
 
 from __future__ import annotations
 
+import operator
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol, Union
 
@@ -269,10 +271,18 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) ->
     ``torch.func``. Parameters that require grad with updates that do not (a graph that only
     grows) get a warning: detach them.
     Integer (non-float) parameter leaves are left unchanged when their update is ``None``.
+
+    Where a kernel computed ``params + updates`` beside the updates (``register_sum``;
+    :func:`funcopt.adamw`'s CUDA kernel does), the pure form returns that result for those
+    very, unmodified updates and parameters instead of adding again: the same numbers.
     """
     u_leaves, treedef, p_leaves = tree_flatten_pair(updates, params)
     if not p_leaves:
         return params
+    if not inplace and not _is_compiling():
+        done = _take_sum(p_leaves, u_leaves)
+        if done is not None:
+            return tree_unflatten(treedef, done)
     u_cast = [u if u.dtype == p.dtype else u.to(p.dtype) for p, u in zip(p_leaves, u_leaves)]
     if inplace:
         with torch.no_grad():
@@ -288,6 +298,55 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) ->
             "or step under torch.no_grad(); keep them attached only to differentiate through "
             "the steps.", stacklevel=2)
     return tree_unflatten(treedef, ops.add(p_leaves, u_cast))
+
+
+_SUM = "_funcopt_sum"
+_version_of, _shape_of = operator.attrgetter("_version"), operator.attrgetter("shape")
+
+
+class _Sum(NamedTuple):
+    """``params + updates`` as a kernel wrote it beside the updates: weak references to the
+    parameter leaves and their version counters, the updates' buffer's version counter and
+    leaf addresses at that time, and the result's leaves."""
+
+    params: list[Any]
+    versions: list[int]
+    version: int
+    addresses: list[int]
+    result: list[Tensor]
+
+
+def register_sum(buffer: Tensor, params: list[Tensor], updates: list[Tensor],
+                 result: list[Tensor]) -> None:
+    """Record that ``result`` holds ``params + updates`` leaf by leaf, rounded as
+    :func:`apply_updates` rounds it, where ``updates`` are contiguous views of the flat
+    ``buffer`` (the record is kept on it, so it lives as long as the updates). The next
+    pure :func:`apply_updates` of these updates returns ``result`` if they are unmodified (the
+    buffer's version counter and the leaves' addresses unchanged) and the parameters are the
+    same objects, unmodified and not requiring grad; it adds otherwise. One use: the record
+    is dropped by the first :func:`apply_updates` that sees it."""
+    setattr(buffer, _SUM, _Sum(list(map(weakref.ref, params)), list(map(_version_of, params)),
+                               buffer._version, list(map(Tensor.data_ptr, updates)), result))
+
+
+def _take_sum(p_leaves: list[Any], u_leaves: list[Any]) -> list[Tensor] | None:
+    """The result :func:`register_sum` recorded for exactly these leaves (then dropped), or
+    None."""
+    buffer = getattr(u_leaves[0], "_base", None)
+    s = getattr(buffer, _SUM, None) if type(buffer) is Tensor else None
+    if s is None:
+        return None
+    delattr(buffer, _SUM)
+    if (buffer._version != s.version or len(p_leaves) != len(s.params)
+            or not all(r() is p for r, p in zip(s.params, p_leaves))
+            or not all(type(u) is Tensor and u._base is buffer for u in u_leaves)
+            or list(map(_version_of, p_leaves)) != s.versions
+            or list(map(Tensor.data_ptr, u_leaves)) != s.addresses
+            or list(map(_shape_of, u_leaves)) != list(map(_shape_of, s.result))
+            or not all(map(Tensor.is_contiguous, u_leaves))
+            or any(p.requires_grad for p in p_leaves) or any(u.requires_grad for u in u_leaves)):
+        return None
+    return s.result
 
 
 # --------------------------------------------------------------------------- settable hyperparameters

@@ -11,6 +11,13 @@ new moments once (seven passes), with the chain's own numbers:
     d = \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon},\quad
     u = -\eta\,(d + \lambda\theta).
 
+Given the parameters, the kernel also writes :math:`\theta + u` (rounded as torch's add) into a
+fourth buffer and records it for :func:`funcopt.apply_updates` (``funcopt.base.register_sum``):
+the usual ``apply_updates(params, updates)`` of these very, unmodified updates and parameters
+then returns it without a pass of its own, so a pure step reads :math:`\theta, g, m, v` and
+writes :math:`u, \theta', m, v` once (eight passes, against ten with a separate add; an update
+that is never applied costs the one extra write, and keeps :math:`\theta'` alive while it lives).
+
 Every leaf computes in float32 and rounds as the chain does: :math:`d` and :math:`d +
 \lambda\theta` are rounded to the update's dtype before the next operation, the moments to
 theirs (float32 for float16 leaves). The bias corrections are computed in float64 from the
@@ -49,7 +56,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from funcopt.base import GradientTransformation, Tensor
+from funcopt.base import GradientTransformation, Tensor, register_sum
 from funcopt.engine import current_learning_rate, is_tracing
 from funcopt.transforms.first_order import ScaleByAdamState
 from funcopt.transforms.scaling import ScaleByLearningRateState
@@ -141,7 +148,8 @@ def _fast_update(updates: Any, state: Any, params: Any, learning_rate: Any,
     if addrs is None:
         return None
     new_counts = torch._foreach_add(counts, 1)
-    u, mu, nu = _run(g, p, adam.mu, adam.nu, layout, addrs, new_counts[0], lr, hyper)
+    u, mu, nu = _run(g, p, adam.mu, adam.nu, layout, addrs, new_counts[0], lr, hyper,
+                     with_sum=params is not None)
     new: list[Any] = [ScaleByAdamState(new_counts[0], mu, nu)]
     if n_states == 3:
         new.append(AddDecayedWeightsState(new_counts[1]))
@@ -252,12 +260,15 @@ def _outputs(layout: _Layout, like: Tensor) -> tuple[Tensor, list[Tensor]]:
 
 
 def _run(g: list[Tensor], p: list[Tensor], mu: list[Tensor], nu: list[Tensor], layout: _Layout,
-         addrs: Tensor, t: Tensor, lr: Tensor,
-         hyper: tuple[float, float, float, float]) -> tuple[list[Tensor], ...]:
+         addrs: Tensor, t: Tensor, lr: Tensor, hyper: tuple[float, float, float, float],
+         with_sum: bool) -> tuple[list[Tensor], ...]:
     """New leaves ``u, mu, nu`` at step ``t`` (the new count): each role one new flat buffer
-    (:func:`_outputs`), written by one launch (two where there are full and partial blocks)."""
+    (:func:`_outputs`), written by one launch (two where there are full and partial blocks).
+    ``with_sum``: the kernel also writes ``p + u`` into a fourth buffer, registered with
+    ``funcopt.base.register_sum`` for the :func:`funcopt.apply_updates` that follows."""
     b1, b2, eps, wd = hyper
-    bufs, outs = zip(*(_outputs(layout, like) for like in (g[0], mu[0], nu[0])))
+    likes = (g[0], mu[0], nu[0], g[0]) if with_sum else (g[0], mu[0], nu[0])
+    bufs, outs = zip(*(_outputs(layout, like) for like in likes))
     device = g[0].device
     neg_bc = torch.expm1(_log_betas(b1, b2, device) * t)  # -(1 - beta^t), float64
     if len(layout.starts):
@@ -266,7 +277,9 @@ def _run(g: list[Tensor], p: list[Tensor], mu: list[Tensor], nu: list[Tensor], l
         inputs = [leaves[i] for leaves, i in zip((p, g, mu, nu), picked.tolist())]
         with _on(device):
             _launch([*inputs, *bufs], addrs, low, layout, neg_bc, lr, b1, b2, eps, wd, device)
-    return tuple(outs)
+    if with_sum:
+        register_sum(bufs[0], p, outs[0], outs[3])
+    return tuple(outs[:3])
 
 
 @functools.lru_cache(maxsize=64)
@@ -286,8 +299,9 @@ def _on(device: torch.device) -> Any:
 def _launch(bases: list[Tensor], addrs: Tensor, low: Tensor, layout: _Layout, neg_bc: Tensor,
             lr: Tensor, b1: float, b2: float, eps: float, wd: float, device: torch.device) -> None:
     """Launch the kernel over the launched leaves. ``bases``: the leaf of lowest address of
-    ``p, g, mu, nu`` (``addrs``, its index ``low``) and the three flat output buffers; each
-    leaf's row of the table holds its seven tensors' element offsets from them."""
+    ``p, g, mu, nu`` (``addrs``, its index ``low``) and the flat output buffers ``u, mu, nu``
+    (and ``p + u``, at ``u``'s offsets); each leaf's row of the table holds the element offsets
+    of its seven tensors from the first seven."""
     sizes = torch.tensor([b.element_size() for b in bases[:4]])[:, None]
     rel = (addrs - addrs.gather(1, low[:, None])) // sizes
     n = rel.shape[1]
@@ -299,10 +313,12 @@ def _launch(bases: list[Tensor], addrs: Tensor, low: Tensor, layout: _Layout, ne
     align, align_m = (16 // bases[0].element_size(), 16 // bases[2].element_size()) \
         if aligned else (1, 1)
     kernel = _kernel(device.type)
+    has_sum = len(bases) == 8
     for work, masked in ((layout.full, False), (layout.tail, True)):
         if len(work):
-            kernel[(len(work),)](*bases, table, work, neg_bc, lr, b1, b2, 1 - b1, 1 - b2, eps, wd,
-                                 HAS_WD=wd != 0, MASKED=masked, ALIGN=align, ALIGN_M=align_m,
+            kernel[(len(work),)](*bases[:7], bases[7 if has_sum else 4], table, work, neg_bc, lr,
+                                 b1, b2, 1 - b1, 1 - b2, eps, wd, HAS_WD=wd != 0,
+                                 HAS_SUM=has_sum, MASKED=masked, ALIGN=align, ALIGN_M=align_m,
                                  BLOCK=_BLOCK,
                                  num_warps=_NUM_WARPS)
 
@@ -332,12 +348,14 @@ def _kernel(device_type: str) -> Any:
     return triton.jit(_adamw_kernel)
 
 
-def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, u_ptr, mo_ptr, vo_ptr, table, work, neg_bc,
-                  lr_ptr, b1, b2, c1, c2, eps, wd, HAS_WD: tl.constexpr, MASKED: tl.constexpr,
-                  ALIGN: tl.constexpr, ALIGN_M: tl.constexpr, BLOCK: tl.constexpr):
+def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, u_ptr, mo_ptr, vo_ptr, s_ptr, table, work,
+                  neg_bc, lr_ptr, b1, b2, c1, c2, eps, wd, HAS_WD: tl.constexpr,
+                  HAS_SUM: tl.constexpr, MASKED: tl.constexpr, ALIGN: tl.constexpr,
+                  ALIGN_M: tl.constexpr, BLOCK: tl.constexpr):
     """One block of one leaf: the row ``work[program]`` names the leaf, the first element and
     the leaf's numel; ``table[leaf]`` the element offsets of its seven tensors from the seven
-    base pointers. Uses ``tl`` functions present since Triton 3.0."""
+    base pointers ``p .. vo``; ``HAS_SUM``: ``p + u`` is also written at ``s_ptr`` (``u``'s
+    offsets), rounded as torch's add. Uses ``tl`` functions present since Triton 3.0."""
     pid = tl.program_id(0)
     leaf = tl.load(work + 3 * pid)
     start = tl.load(work + 3 * pid + 1)
@@ -372,18 +390,23 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, u_ptr, mo_ptr, vo_ptr, table, work
     denom = tl.div_rn(tl.sqrt_rn(v), tl.sqrt_rn(bc2)) + eps
     d = 0.0 - tl.div_rn(step_size * m, denom)
     d = d.to(u_ptr.dtype.element_ty).to(tl.float32)  # scale_by_adam's output dtype
-    if HAS_WD:
+    if HAS_WD or HAS_SUM:
         if MASKED:
             q = tl.load(p_ptr + o_p, mask=mask, other=0.0).to(tl.float32)
         else:
             q = tl.load(p_ptr + o_p).to(tl.float32)
+    if HAS_WD:
         d = (d + wd * q).to(u_ptr.dtype.element_ty).to(tl.float32)  # add_decayed_weights
     u = (d * (0.0 - tl.load(lr_ptr))).to(u_ptr.dtype.element_ty)  # scale_by_learning_rate
     if MASKED:
         tl.store(u_ptr + o_u, u, mask=mask)
         tl.store(mo_ptr + o_mo, m.to(mo_ptr.dtype.element_ty), mask=mask)
         tl.store(vo_ptr + o_vo, v.to(vo_ptr.dtype.element_ty), mask=mask)
+        if HAS_SUM:
+            tl.store(s_ptr + o_u, (q + u.to(tl.float32)).to(s_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(u_ptr + o_u, u)
         tl.store(mo_ptr + o_mo, m.to(mo_ptr.dtype.element_ty))
         tl.store(vo_ptr + o_vo, v.to(vo_ptr.dtype.element_ty))
+        if HAS_SUM:
+            tl.store(s_ptr + o_u, (q + u.to(tl.float32)).to(s_ptr.dtype.element_ty))

@@ -519,30 +519,36 @@ def test_cuda_vmap_takes_the_chain(launches):
 # --------------------------------------------------------------------------- compiled, no GPU
 
 
+@pytest.mark.parametrize("has_sum", [False, True])
 @pytest.mark.parametrize("dtype, moments, stores", [("fp32", "fp32", 6), ("bf16", "bf16", 3),
                                                     ("fp16", "fp32", 5)])
-def test_kernel_compiles_for_h100_with_vector_loads(dtype, moments, stores, monkeypatch):
+def test_kernel_compiles_for_h100_with_vector_loads(dtype, moments, stores, has_sum, monkeypatch):
     """The kernel compiles for sm_90 without a GPU (Triton's bundled ptxas), with IEEE division
     and square root, and full aligned blocks move data in 128-bit loads and stores (float16
-    parameters keep float32 moments: each tensor's alignment is stated in its own elements)."""
+    parameters keep float32 moments: each tensor's alignment is stated in its own elements);
+    with ``HAS_SUM`` the sum ``p + u`` is stored as ``u`` is."""
     pytest.importorskip("triton.backends.nvidia")
     compiler = pytest.importorskip("triton.backends.compiler")
     import triton.language as tl
 
     monkeypatch.setattr(tk, "tl", tl)  # what tk._kernel sets on the first build
     fn = triton.jit(tk._adamw_kernel)
-    pointers = {**dict.fromkeys(["p_ptr", "g_ptr", "u_ptr"], f"*{dtype}"),
+    pointers = {**dict.fromkeys(["p_ptr", "g_ptr", "u_ptr", "s_ptr"], f"*{dtype}"),
                 **dict.fromkeys(["m_ptr", "v_ptr", "mo_ptr", "vo_ptr"], f"*{moments}")}
-    pointers = {k: pointers[k] for k in ["p_ptr", "g_ptr", "m_ptr", "v_ptr", "u_ptr", "mo_ptr", "vo_ptr"]}
+    pointers = {k: pointers[k] for k in ["p_ptr", "g_ptr", "m_ptr", "v_ptr", "u_ptr", "mo_ptr",
+                                         "vo_ptr", "s_ptr"]}
     signature = {**pointers, "table": "*i64", "work": "*i64", "neg_bc": "*fp64",
                  "lr_ptr": "*fp32", **dict.fromkeys(["b1", "b2", "c1", "c2", "eps", "wd"], "fp32"),
-                 **dict.fromkeys(["HAS_WD", "MASKED", "ALIGN", "ALIGN_M", "BLOCK"], "constexpr")}
-    constants = {"HAS_WD": True, "MASKED": False, "ALIGN": 4 if dtype == "fp32" else 8,
-                 "ALIGN_M": 4 if moments == "fp32" else 8, "BLOCK": 1024}
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(11)}
+                 **dict.fromkeys(["HAS_WD", "HAS_SUM", "MASKED", "ALIGN", "ALIGN_M", "BLOCK"],
+                                 "constexpr")}
+    constants = {"HAS_WD": True, "HAS_SUM": has_sum, "MASKED": False,
+                 "ALIGN": 4 if dtype == "fp32" else 8, "ALIGN_M": 4 if moments == "fp32" else 8,
+                 "BLOCK": 1024}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(12)}
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants,
                                        attrs=attrs)
     ptx = triton.compile(source, target=compiler.GPUTarget("cuda", 90, 32),
                          options={"num_warps": 4}).asm["ptx"]
     assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx and "approx" not in ptx
-    assert ptx.count("st.global.v4") == stores  # u, m, v
+    per_u = 2 if dtype == "fp32" else 1  # v4 stores of one block's u (8 elements a thread)
+    assert ptx.count("st.global.v4") == stores + has_sum * per_u  # u, m, v (and p + u)
