@@ -334,7 +334,7 @@ def _take_sum(p_leaves: list[Any], u_leaves: list[Any]) -> list[Tensor] | None:
     None."""
     buffer = getattr(u_leaves[0], "_base", None)
     s = getattr(buffer, _SUM, None) if type(buffer) is Tensor else None
-    if s is None:
+    if buffer is None or s is None:
         return None
     delattr(buffer, _SUM)
     if (buffer._version != s.version or len(p_leaves) != len(s.params)
