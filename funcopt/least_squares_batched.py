@@ -49,8 +49,9 @@ REASONS = (
     "trust region vanished: no step reduces the cost (failure)",
     "no step was accepted from the start point, so it is not a minimum although a test held",
     "residual_fn gave non-finite residuals or Jacobian at the current parameters (failure)",
-    "stalled: the relative step test (xtol) held, but a parameter whose own Gauss-Newton move "
-    "exceeds xtol |x_j| would still reduce the cost: not a minimum (failure)",
+    "stalled: a tolerance test held (a test on xtol, or ftol after an update that found no "
+    "acceptable step), but a parameter whose own Gauss-Newton move exceeds its resolution "
+    "(xtol |x_j| for a test on xtol) would still reduce the cost: not a minimum (failure)",
 )
 """The ``info.reason`` codes of batched and data-parallel fits, in order: ``REASONS[code]``
 is the text of a code (``info.reasons()`` gives them per problem)."""
@@ -200,6 +201,7 @@ class _Progress(NamedTuple):
     evaluations: Tensor
     moved: Tensor
     clean: Tensor  # updates since the last one that met a non-finite trial point
+    loud: Tensor  # the stop came after a rejected update with gnorm^2 above max(ftol, eps)
 
 
 def _advance(p: _Progress, new: LevenbergMarquardtState, finite: Tensor, tols,
@@ -216,11 +218,13 @@ def _advance(p: _Progress, new: LevenbergMarquardtState, finite: Tensor, tols,
     fail = torch.where(new.radius <= torch.finfo(new.radius.dtype).tiny, 11, 0) \
         if isinstance(o.rule, TrustRegion) else torch.where(new.damping >= o.rule.max_damping, 10, 0)
     out = torch.where(conv > 0, torch.where(edge, 9, conv), torch.where(new.accepted, 0, fail))
-    code = torch.where(take & (out > 0), out, code)
+    ends = take & (out > 0)
+    code = torch.where(ends, out, code)
+    loud = ~new.accepted & (new.grad_cos * new.grad_cos > max(tols[0], tols[3]))
     return _Progress(
-        run & ~stop_now & ~(take & (out > 0)), code, p.steps + run.long(),
+        run & ~stop_now & ~ends, code, p.steps + run.long(),
         p.evaluations + torch.where(run, new.attempts + 1, 0), p.moved | (take & new.accepted),
-        clean), take
+        clean, torch.where(ends, loud, p.loud)), take
 
 
 def run_batched(f, x: Tensor, state, o: LMOptions, limits: tuple[int, tuple], model) -> tuple:
@@ -230,7 +234,7 @@ def run_batched(f, x: Tensor, state, o: LMOptions, limits: tuple[int, tuple], mo
     B = x.shape[0]
     z = torch.zeros(B, dtype=torch.int64, device=x.device)
     p = _Progress(torch.ones(B, dtype=torch.bool, device=x.device), z, z, z + 1,
-                  torch.zeros_like(z, dtype=torch.bool), z + _EDGE_WINDOW)
+                  torch.zeros_like(z, dtype=torch.bool), z + _EDGE_WINDOW, z != 0)
     for _ in range(max_steps):
         if not bool(p.running.any()):  # host sync: one per update
             break
@@ -276,7 +280,7 @@ def run_flat(f, x: Tensor, state, o: LMOptions, limits: tuple[int, tuple], model
     max_steps, tols = limits
     B = x.shape[0]
     z = torch.zeros(B, dtype=torch.int64, device=x.device)
-    p = _Progress(z == 0, z, z, z + 1, z != 0, z + _EDGE_WINDOW)
+    p = _Progress(z == 0, z, z, z + 1, z != 0, z + _EDGE_WINDOW, z != 0)
     loc = model(x, state, None)
     t = lm_batched.start_trial(loc, state, o)
     fresh = need = z != 0
@@ -338,7 +342,7 @@ def least_squares_batched(residual_fn: Callable[[PyTree], Tensor], params: PyTre
     tols = (tolerances.ftol, tolerances.xtol, tolerances.gtol, eps)
     x, p = run_flat(trial_norm, x, lm_batched.init_state(x, o.rule.initial_damping), o,
                     (max_steps, tols), model)
-    code = _xtol_stationary(f, x, p.code, m, tols)
+    code = _check_stalls(f, x, (p.code, p.loud), m, tols)
     rnorm = trial_norm(x).double()
     cost = torch.where(rnorm < 1e154, 0.5 * rnorm * rnorm, torch.full_like(rnorm, float("inf")))
     success = torch.isin(code, torch.tensor(SUCCESS_CODES, device=x.device))
@@ -346,30 +350,37 @@ def least_squares_batched(residual_fn: Callable[[PyTree], Tensor], params: PyTre
                                                p.evaluations, rnorm)
 
 
-def _xtol_stationary(f: Callable[[Tensor], Tensor], x: Tensor, code: Tensor, m: int,
-                     tols: tuple) -> Tensor:
-    """``code`` with the stops on xtol (codes 4 and 6) that are not stationary turned into
-    the failure code ``len(REASONS) - 1``. MINPACK's xtol test is norm-wise, ``||D delta|| <=
-    xtol ||D x||``: it also holds where one parameter was driven to a huge value and another
-    would still move by all of itself. Stationary here: MINPACK's ``gnorm = max_j |J_j^T r| /
-    (||J_j|| ||r||)`` squared at most ``max(ftol, eps)`` over the columns whose own
-    Gauss-Newton move ``|J_j^T r| / ||J_j||^2`` exceeds ``max(xtol, eps) |x_j|`` (a smaller
-    move is converged in xtol's sense); unknown (a number overflows): left as it is. One
-    batched Jacobian, only when some problem stopped on xtol (as the single-problem
-    driver's check)."""
+def _check_stalls(f: Callable[[Tensor], Tensor], x: Tensor, stops: tuple[Tensor, Tensor],
+                  m: int, tols: tuple) -> Tensor:
+    """The reason codes ``stops[0]`` with the tolerance stops that are not stationary turned
+    into the failure code ``len(REASONS) - 1``, as :func:`funcopt.least_squares`' stall check.
+    Checked: every stop on xtol (codes 4, 6, 8: MINPACK's test is norm-wise, ``||D delta||
+    <= xtol ||D x||``, so it also holds where one parameter was driven to a huge value and
+    another would still move by all of itself), and the stops on ftol (codes 5, 7) flagged in
+    ``stops[1]``: the update that ended them found no acceptable step while its ``gnorm^2``
+    was above ``max(ftol, eps)`` (its attempts shrank until a rejected trial looked small).
+    Stationary: MINPACK's ``gnorm = max_j |J_j^T r| / (||J_j|| ||r||)`` squared at most
+    ``max(ftol, eps)`` and the residuals' measured rounding (:func:`_rounding`), over the
+    columns whose own Gauss-Newton move ``|J_j^T r| / ||J_j||^2`` exceeds ``rel |x_j|``
+    (``rel = max(xtol, eps)`` on xtol, else ``eps``: a smaller move is converged);
+    unknown (a number overflows): left as it is. One batched Jacobian, only when some
+    problem stopped that way."""
+    code, loud = stops
     ftol, xtol, _, eps = tols
-    on_xtol = (code == 4) | (code == 6)
-    if not bool(on_xtol.any()):
+    on_xtol = (code == 4) | (code == 6) | (code == 8)
+    checked = on_xtol | (loud & ((code == 5) | (code == 7)))
+    if not bool(checked.any()):  # host sync: one, after the fit
         return code
     r, J = batched_jacobian(f, x, m)
     rnorm = lm_batched.batched_norm(r)
     col = lm_batched.batched_norm(J.mT)
     safe = torch.where(col > 0, col, 1.0)
     g = (J.mT @ (r / torch.where(rnorm > 0, rnorm, 1.0)[:, None])[..., None])[..., 0].abs() / safe
-    live = (col > 0) & (g * (rnorm[:, None] / safe) > max(xtol, eps) * x.abs())
+    rel = torch.where(on_xtol, max(xtol, eps), eps).to(x.dtype)[:, None]
+    live = (col > 0) & (g * (rnorm[:, None] / safe) > rel * x.abs())
     gnorm = torch.where(live, g, 0.0).amax(-1) if x.shape[1] else torch.zeros_like(rnorm)
     known = torch.isfinite(col).all(-1) & torch.isfinite(g).all(-1) & (rnorm > 0)
-    stalled = on_xtol & known & (gnorm * gnorm > torch.clamp(_rounding(f, x, r, J, rnorm),
+    stalled = checked & known & (gnorm * gnorm > torch.clamp(_rounding(f, x, r, J, rnorm),
                                                              min=max(ftol, eps)))
     return torch.where(stalled, torch.full_like(code, len(REASONS) - 1), code)
 
