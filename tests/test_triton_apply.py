@@ -162,3 +162,17 @@ def test_training_loop_matches_chain_bit_for_bit_on_params(interpreter):
         return params
 
     _same_bits(loop(True), loop(False))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_sum_bit_for_bit(launches, dtype):
+    params = {k: v.cuda() for k, v in _tree(SHAPES + [(4096, 33)], dtype, 0).items()}
+    tx = fo.adamw(1e-2, weight_decay=1e-2)
+    updates, _ = tx.update({k: torch.randn_like(v) for k, v in params.items()}, tx.init(params),
+                           params)
+    assert launches
+    want = _plain_sum(params, updates)
+    got = fo.apply_updates(params, updates)
+    assert _used_sum(got)
+    _same_bits(got, want)
