@@ -85,9 +85,12 @@ def tree_from_state_dict(sd: dict[str, Any], like: PyTree, what: str = "tree") -
     """Rebuild a pytree from :func:`tree_to_state_dict` output, in the structure of ``like``.
 
     Each leaf keeps the stored values and lands on the device of the matching leaf of ``like``.
-    Raises a ValueError naming the difference when the structure, a shape or a dtype differs.
+    Raises a ValueError naming the difference when the structure, a shape or a dtype differs,
+    or when ``sd`` is not such a dict (no ``structure``/``leaves``, a leaf that is not a
+    tensor, more or fewer leaves than the structure holds: a corrupted or edited file).
     """
     leaves_like, treedef = tree_flatten(like)
+    _check_stored(sd, what)
     if sd.get("structure") != str(treedef):
         raise ValueError(
             f"the saved {what} does not match the template: it was saved from a different "
@@ -95,6 +98,10 @@ def tree_from_state_dict(sd: dict[str, Any], like: PyTree, what: str = "tree") -
             "Build the template with the same transform and parameters that wrote it."
         )
     stored = sd["leaves"]
+    if len(stored) != len(leaves_like):
+        raise ValueError(f"the saved {what} holds {len(stored)} leaves but its structure (and "
+                         f"the template) has {len(leaves_like)}; it is corrupted: pass the "
+                         f"saved {what} as tree_to_state_dict / state_dict() wrote it")
     for i, (x, ref) in enumerate(zip(stored, leaves_like)):
         if tuple(x.shape) != tuple(ref.shape) or x.dtype != ref.dtype:
             raise ValueError(
@@ -103,6 +110,23 @@ def tree_from_state_dict(sd: dict[str, Any], like: PyTree, what: str = "tree") -
                 "shape or dtype since it was saved. Load it into a model of the saved shape."
             )
     return tree_unflatten(treedef, [x.to(ref.device) for x, ref in zip(stored, leaves_like)])
+
+
+def _check_stored(sd: Any, what: str) -> None:
+    """ValueError unless ``sd`` has the form :func:`tree_to_state_dict` writes: a dict with a
+    ``structure`` string and a ``leaves`` list of tensors."""
+    fix = f"pass the saved {what} as tree_to_state_dict / state_dict() wrote it"
+    if not isinstance(sd, dict) or not isinstance(sd.get("structure"), str) \
+            or not isinstance(sd.get("leaves"), list):
+        raise ValueError(f"the saved {what} is not a dict with a 'structure' string and a "
+                         f"'leaves' list (got {type(sd).__name__}"
+                         f"{' with keys ' + str(sorted(map(str, sd))) if isinstance(sd, dict) else ''}"
+                         f"); it is corrupted or not a saved tree: {fix}")
+    stored = sd["leaves"]
+    bad = next((i for i, x in enumerate(stored) if not isinstance(x, torch.Tensor)), None)
+    if bad is not None:
+        raise ValueError(f"the saved {what} leaf {bad} is a {type(stored[bad]).__name__}, not a "
+                         f"tensor; it is corrupted: {fix}")
 
 
 def get_rng_state() -> dict[str, Any]:

@@ -308,11 +308,35 @@ def current_learning_rate(learning_rate: Any, stored: Tensor, step: Tensor) -> T
         # a Schedule takes the dtype to compute in (float64 values for float64 parameters)
         takes_dtype = type(learning_rate).__name__ == "Schedule"
         value = learning_rate(step, stored.dtype) if takes_dtype else learning_rate(step)
+        check_schedule_value(learning_rate, value)
     elif isinstance(learning_rate, Tensor):
         value = learning_rate
     else:
         return stored
     return per_step(torch.as_tensor(value, dtype=stored.dtype, device=stored.device).reshape(()))
+
+
+def check_schedule_value(schedule: Any, value: Any) -> None:
+    """Raise a TypeError (not a number or tensor) or ValueError (a tensor of more than one
+    element; a Python number that is NaN, inf or negative) naming the schedule, for a
+    learning-rate schedule's return ``value``: one number or 0-d tensor per step (a tensor's
+    shape only is checked: no host read)."""
+    name = getattr(schedule, "__name__", type(schedule).__name__)
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"the learning-rate schedule {name} returned a tensor of shape "
+                f"{tuple(value.shape)} at a step; a schedule returns one number or a 0-d "
+                "tensor per step (e.g. return lr * factor, not a tensor of several values)")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise TypeError(
+            f"the learning-rate schedule {name} returned a {type(value).__name__} "
+            f"({value!r:.40}); a schedule maps the step count to a number or a 0-d tensor")
+    if isinstance(value, (int, float)) and not _is_compiling() and not (
+            math.isfinite(value) and value >= 0):  # traced, a number may be symbolic
+        raise ValueError(f"the learning-rate schedule {name} returned {value!r} at a step; a "
+                         "learning rate must be a finite number >= 0")
 
 
 def one_minus_pow(beta: Any, t: Any) -> Any:

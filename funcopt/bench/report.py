@@ -533,6 +533,10 @@ def _check_rows(meta: dict, results: list[Result], sweeps: list[Sweep]) -> None:
     empty = [k for k in ("seeds", "problems", "optimizers") if not meta[k]]
     if empty:
         raise ValueError(f"meta.{empty[0]} is empty")
+    try:
+        torch.device(meta["device"])
+    except RuntimeError:
+        raise ValueError(f"meta.device {meta['device']!r} is not a device name") from None
     if isinstance(meta["steps"], dict) and set(meta["steps"]) != set(meta["problems"]):
         raise ValueError(f"meta.steps names {sorted(meta['steps'])}, not meta.problems")
     rows: list[tuple[str, Result | Sweep]] = [
@@ -542,11 +546,31 @@ def _check_rows(meta: dict, results: list[Result], sweeps: list[Sweep]) -> None:
         if row.problem not in meta["problems"] or row.optimizer not in meta["optimizers"]:
             raise ValueError(f"{what} is {row.optimizer} on {row.problem}, which "
                              "meta.problems x meta.optimizers does not hold")
+    seen: dict[tuple[str, str, int], int] = {}
     for i, r in enumerate(results):
         if r.status not in ("ok", "skipped", "failed"):
             raise ValueError(f"results[{i}].status is {r.status!r}")
         if r.status == "ok" and ("loss" not in r.final or "loss" not in r.final_val):
             raise ValueError(f"results[{i}] finished but has no final or validation loss")
+        _check_curves(r, f"results[{i}]")
+        j = seen.setdefault((r.problem, r.optimizer, r.seed), i)
+        if j != i:
+            raise ValueError(f"results[{i}] and results[{j}] are both {r.optimizer} on "
+                             f"{r.problem} with seed {r.seed}")
+
+
+def _check_curves(r: Result, where: str) -> None:
+    """A result's curves are one entry per evaluation (step, time, validation loss), and a
+    target reached has both its step and its time, the step one of the evaluations'."""
+    lengths = {len(r.curve_step), len(r.curve_time), len(r.curve_eval)}
+    if len(lengths) != 1:
+        raise ValueError(f"{where}: curve_step, curve_time and curve_eval have lengths "
+                         f"{len(r.curve_step)}, {len(r.curve_time)} and {len(r.curve_eval)}, "
+                         "not one entry per evaluation each")
+    if (r.steps_to_target is None) != (r.time_to_target_s is None) or (
+            r.steps_to_target is not None and r.steps_to_target not in r.curve_step):
+        raise ValueError(f"{where}: steps_to_target {r.steps_to_target!r} and time_to_target_s "
+                         f"{r.time_to_target_s!r} are not an evaluation's step and time")
 
 
 def merge_reports(folders: list[Path]) -> tuple[dict, list[Result], list[Sweep]]:

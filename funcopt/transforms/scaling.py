@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import torch
 
 from funcopt.base import current_learning_rate, register_hyperparameters, resolve
-from funcopt.engine import host_number, one_minus_pow
+from funcopt.engine import check_schedule_value, host_number, one_minus_pow
 from funcopt.transforms._toolkit import *  # noqa: F403
 from funcopt.transforms.leaf_math import _is_schedule
 
@@ -111,6 +111,8 @@ def scale_by_learning_rate(
         leaves = tree_leaves(params)
         count = step_counter(params)
         lr0 = resolve(learning_rate, count)
+        if callable(learning_rate):
+            check_schedule_value(learning_rate, lr0)
         return ScaleByLearningRateState(
             count, torch.as_tensor(lr0, dtype=scalar_dtype(leaves), device=count.device).clone()
         )
