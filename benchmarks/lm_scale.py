@@ -21,6 +21,9 @@ costs only its row):
   preconditioner, ``D`` from the same ``diag(J^T J)``, Nielsen);
 * ``funcopt LM matrix-free``: the matrix-free path forced (skipped when the memory model
   already picked it);
+* ``funcopt LM dense, scaling=False``: the dense path with ``D = I`` (``lambda_0 = 1e-3 max
+  diag(J^T J)``), Nielsen's rule; on wide networks this took fewer steps than the default
+  (``docs/least_squares.md``, "Step counts on wide networks");
 * ``funcopt LM dense, Classic rule``: the dense path with ``rule=fo.Classic()`` (damping
   times 0.1 on an accepted step, times 10 on a rejected one: torch-lm's factors), the other
   defaults unchanged;
@@ -58,8 +61,9 @@ import time
 import types
 
 D_IN, TEACHER = 8, 32
-CONTENDERS = ("funcopt", "funcopt-mf", "funcopt-classic", "torch-lm", "adam")
+CONTENDERS = ("funcopt", "funcopt-mf", "funcopt-noscale", "funcopt-classic", "torch-lm", "adam")
 LABEL = {"funcopt": "funcopt LM (memory model)", "funcopt-mf": "funcopt LM matrix-free",
+         "funcopt-noscale": "funcopt LM dense, scaling=False",
          "funcopt-classic": "funcopt LM dense, Classic rule",
          "torch-lm": "torch-lm 1.2.3", "adam": "torch Adam"}
 
@@ -132,7 +136,8 @@ class FuncoptLM:
 
     lag = 0
 
-    def __init__(self, model, x, y, path: str, budget: int, classic: bool = False):
+    def __init__(self, model, x, y, path: str, budget: int, classic: bool = False,
+                 noscale: bool = False):
         from torch.func import functional_call
 
         import funcopt as fo
@@ -148,10 +153,13 @@ class FuncoptLM:
             opts = {**opts, "rule": rule, "solver": solver}
         elif classic:
             opts = {"rule": fo.Classic()}  # x0.1 on accept, x10 on reject, as torch-lm
+        elif noscale:
+            opts = {"scaling": False}  # D = I, as torch-lm
         self.make = lambda: fo.levenberg_marquardt(res, **opts)
         self.fo, self.batch = fo, (x, y)
         self.params = {k: v.detach().clone() for k, v in model.named_parameters()}
         self.setting = ("dense, Classic (x0.1 / x10), scaling, solver auto" if classic else
+                        "dense, Nielsen, D=I (scaling=False), solver auto" if noscale else
                         "dense, Nielsen, scaling, solver auto" if path == "dense" else
                         f"CG jacobi tol {opts['solver'].tol:.1e}, Nielsen, "
                         f"{'D from diag(J^T J)' if opts['scaling'] else 'D=I'}, "
@@ -285,6 +293,8 @@ def _build(spec, model, x, y, budget):
         return FuncoptLM(model, x, y, path, budget), path
     if kind == "funcopt-classic":
         return FuncoptLM(model, x, y, "dense", budget, classic=True), "dense"
+    if kind == "funcopt-noscale":
+        return FuncoptLM(model, x, y, "dense", budget, noscale=True), "dense"
     if kind == "torch-lm":
         return PeerLM(model, x, y, spec["peer_solve"]), "dense"
     return Adam(model, x, y, spec["adam_lrs"], spec["adam_pilot_steps"]), "-"

@@ -213,7 +213,14 @@ def levenberg_marquardt(
             None: True with a dense Jacobian, False on the matrix-free path; True there
             takes the columns' norms from ``diag(J^T J)``, ``min(m, n)`` Jacobian products
             per update (:func:`funcopt.transforms.lm_model.column_norms_sq`), which the Jacobi
-            preconditioner computes anyway.
+            preconditioner computes anyway. Wide networks (many more parameters than
+            residuals): the column norms there spread over 4-5 orders of magnitude (an MLP's
+            hidden-to-hidden weights scale with the next layer's weights), ``D`` damps every
+            column by its own curvature, and the step moves the weakly coupled weights far;
+            ``scaling=False`` (``D = I``, the minimum-norm step as ``lambda -> 0``) took one
+            step fewer at 3e5 and 1e6 parameters for 512 samples and was one step slower at 1e4
+            with a tighter target (``docs/least_squares.md``, "Step counts on wide networks");
+            the default stays, for the parameter-scale invariance it gives.
         max_attempts: solves per update before giving up with a zero step (10).
         accept_ratio: smallest gain ratio accepted (1e-4, as MINPACK), in ``[0, 1)``.
         solver, form: passed to :func:`funcopt.solvers.damped_least_squares` (``"auto"``:
