@@ -30,7 +30,8 @@ __all__ = ["Tolerances", "check_driver_options"]
 @dataclass(frozen=True)
 class Tolerances:
     """MINPACK's stopping tolerances of :func:`least_squares` (and its batched and
-    data-parallel drivers); each a number >= 0.
+    data-parallel drivers); each a number >= 0, ``ftol`` and ``gtol`` below 1 (at 1 their tests
+    hold at any point: a cosine is at most 1, an accepted step's relative reductions too).
 
     ftol: ``|actual| <= ftol`` and ``predicted <= ftol`` (relative reductions of the cost,
     with ``rho <= 2``). xtol: ``||d * delta|| <= xtol * ||d * x||``. gtol: ``max_j |J_j^T r| /
@@ -46,7 +47,8 @@ class Tolerances:
 
     def __post_init__(self) -> None:
         for name in ("ftol", "xtol", "gtol"):
-            check_hyperparameter(f"Tolerances.{name}", getattr(self, name), low=0.0)
+            check_hyperparameter(f"Tolerances.{name}", getattr(self, name), low=0.0,
+                                 high=None if name == "xtol" else 1.0, high_inclusive=False)
 
 
 _MOVED = {

@@ -366,6 +366,15 @@ class Optimizer(torch.optim.Optimizer):
                 f"the state_dict has {len(saved)} param groups, this optimizer has "
                 f"{len(self.param_groups)}; build the optimizer with the same groups"
             )
+        bad = [f"param_groups[{i}]" for i, s in enumerate(saved)
+               if not isinstance(s, dict) or not isinstance(s.get("params"), list)]
+        if not isinstance(state_dict.get("shapes", {}), dict):
+            bad.append("shapes")
+        if bad:
+            raise ValueError(f"this state_dict's {', '.join(bad)} is not as "
+                             "Optimizer.state_dict() writes it (a dict with a 'params' list; "
+                             "'shapes' a dict): pass the whole dict that Optimizer.state_dict() "
+                             "returned")
         new_states: list[PyTree] = []
         for i, (g, s) in enumerate(zip(self.param_groups, saved)):
             if len(s["params"]) != len(g["params"]):

@@ -318,7 +318,8 @@ def _launch(bases: list[Tensor], addrs: Tensor, low: Tensor, layout: _Layout, ne
         if len(work):
             kernel[(len(work),)](*bases[:7], bases[7 if has_sum else 4], table, work, neg_bc, lr,
                                  b1, b2, 1 - b1, 1 - b2, eps, wd, HAS_WD=wd != 0,
-                                 HAS_SUM=has_sum, MASKED=masked, ALIGN=align, ALIGN_M=align_m,
+                                 HAS_SUM=has_sum, PTX=device.type == "cuda", MASKED=masked,
+                                 ALIGN=align, ALIGN_M=align_m,
                                  BLOCK=_BLOCK,
                                  num_warps=_NUM_WARPS)
 
@@ -350,12 +351,13 @@ def _kernel(device_type: str) -> Any:
 
 def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, u_ptr, mo_ptr, vo_ptr, s_ptr, table, work,
                   neg_bc, lr_ptr, b1, b2, c1, c2, eps, wd, HAS_WD: tl.constexpr,
-                  HAS_SUM: tl.constexpr, MASKED: tl.constexpr, ALIGN: tl.constexpr,
+                  HAS_SUM: tl.constexpr, PTX: tl.constexpr, MASKED: tl.constexpr, ALIGN: tl.constexpr,
                   ALIGN_M: tl.constexpr, BLOCK: tl.constexpr):
     """One block of one leaf: the row ``work[program]`` names the leaf, the first element and
     the leaf's numel; ``table[leaf]`` the element offsets of its seven tensors from the seven
     base pointers ``p .. vo``; ``HAS_SUM``: ``p + u`` is also written at ``s_ptr`` (``u``'s
-    offsets), rounded as torch's add. Uses ``tl`` functions present since Triton 3.0."""
+    offsets), rounded as torch's add (``PTX``: by an ``add.rn``, which the compiler does not
+    contract with the product that made ``u``; the interpreter has no contraction). Uses ``tl`` functions present since Triton 3.0."""
     pid = tl.program_id(0)
     leaf = tl.load(work + 3 * pid)
     start = tl.load(work + 3 * pid + 1)
@@ -398,15 +400,23 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, u_ptr, mo_ptr, vo_ptr, s_ptr, tabl
     if HAS_WD:
         d = (d + wd * q).to(u_ptr.dtype.element_ty).to(tl.float32)  # add_decayed_weights
     u = (d * (0.0 - tl.load(lr_ptr))).to(u_ptr.dtype.element_ty)  # scale_by_learning_rate
+    if HAS_SUM:  # p + u as torch adds: u rounded first, so never an fma with the product
+        if PTX:
+            s = tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=f,f,f",
+                                          [q, u.to(tl.float32)], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+        else:
+            s = q + u.to(tl.float32)
+        s = s.to(s_ptr.dtype.element_ty)
     if MASKED:
         tl.store(u_ptr + o_u, u, mask=mask)
         tl.store(mo_ptr + o_mo, m.to(mo_ptr.dtype.element_ty), mask=mask)
         tl.store(vo_ptr + o_vo, v.to(vo_ptr.dtype.element_ty), mask=mask)
         if HAS_SUM:
-            tl.store(s_ptr + o_u, (q + u.to(tl.float32)).to(s_ptr.dtype.element_ty), mask=mask)
+            tl.store(s_ptr + o_u, s, mask=mask)
     else:
         tl.store(u_ptr + o_u, u)
         tl.store(mo_ptr + o_mo, m.to(mo_ptr.dtype.element_ty))
         tl.store(vo_ptr + o_vo, v.to(vo_ptr.dtype.element_ty))
         if HAS_SUM:
-            tl.store(s_ptr + o_u, (q + u.to(tl.float32)).to(s_ptr.dtype.element_ty))
+            tl.store(s_ptr + o_u, s)

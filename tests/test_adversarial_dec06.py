@@ -87,8 +87,6 @@ GROUP_CORRUPTIONS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="funcopt/optim.py load_state_dict reads param_groups[i] "
-                   "['params'] and state_dict['shapes'].get without checking their types")
 @pytest.mark.parametrize("name", sorted(GROUP_CORRUPTIONS))
 def test_a_corrupted_param_group_entry_is_one_value_error(name):
     # load_state_dict(sd) with sd["param_groups"][0] = "x" -> TypeError "string indices must
@@ -221,8 +219,6 @@ def _decay(p):
     return p[0] * torch.exp(-p[1] * _T) - _Y
 
 
-@pytest.mark.xfail(strict=True, reason="funcopt/least_squares_options.py Tolerances accepts "
-                   "ftol >= 1 and gtol >= 1, under which a MINPACK test holds at any point")
 @pytest.mark.parametrize("field", ["ftol", "gtol"])
 def test_a_tolerance_that_holds_everywhere_is_refused(field):
     # fo.least_squares(a exp(-k t) - y, [1, 1], tolerances=fo.Tolerances(gtol=1.0)) -> success

@@ -539,9 +539,9 @@ def test_kernel_compiles_for_h100_with_vector_loads(dtype, moments, stores, has_
                                          "vo_ptr", "s_ptr"]}
     signature = {**pointers, "table": "*i64", "work": "*i64", "neg_bc": "*fp64",
                  "lr_ptr": "*fp32", **dict.fromkeys(["b1", "b2", "c1", "c2", "eps", "wd"], "fp32"),
-                 **dict.fromkeys(["HAS_WD", "HAS_SUM", "MASKED", "ALIGN", "ALIGN_M", "BLOCK"],
-                                 "constexpr")}
-    constants = {"HAS_WD": True, "HAS_SUM": has_sum, "MASKED": False,
+                 **dict.fromkeys(["HAS_WD", "HAS_SUM", "PTX", "MASKED", "ALIGN", "ALIGN_M",
+                                  "BLOCK"], "constexpr")}
+    constants = {"HAS_WD": True, "HAS_SUM": has_sum, "PTX": True, "MASKED": False,
                  "ALIGN": 4 if dtype == "fp32" else 8, "ALIGN_M": 4 if moments == "fp32" else 8,
                  "BLOCK": 1024}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(12)}
@@ -550,5 +550,6 @@ def test_kernel_compiles_for_h100_with_vector_loads(dtype, moments, stores, has_
     ptx = triton.compile(source, target=compiler.GPUTarget("cuda", 90, 32),
                          options={"num_warps": 4}).asm["ptx"]
     assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx and "approx" not in ptx
+    assert ("add.rn.f32" in ptx) == has_sum  # p + u: an add of the rounded u, never an fma
     per_u = 2 if dtype == "fp32" else 1  # v4 stores of one block's u (8 elements a thread)
     assert ptx.count("st.global.v4") == stores + has_sum * per_u  # u, m, v (and p + u)
