@@ -243,3 +243,18 @@ def test_a_folder_of_other_files_as_out_is_refused_before_loading(pieces, tmp_pa
     msg = _error(["--merge", str(pieces["a"]), str(tmp_path / "missing"), "--out", str(mine)])
     assert "--force" in msg and "notes.txt" in msg  # not the missing piece: --out comes first
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_a_piece_from_the_extension_before_meta_recorded_it_reads_as_extend_2(pieces, tmp_path):
+    """Reports written by the first version of the grid extension (always at most 2 rates, the
+    sweeps carrying ``beyond``) but before meta.extend existed merge with today's pieces of
+    extend 2, and not with pieces run without the extension."""
+    def unrecorded(data):
+        del data["meta"]["extend"]
+
+    first = _copy(pieces["b"], tmp_path / "first", unrecorded)
+    out = tmp_path / "merged"
+    assert main(["--merge", str(pieces["a"]), str(first), "--out", str(out)]) == 0
+    none = _copy(pieces["a"], tmp_path / "none", _set("meta.extend", 0))
+    msg = _error(["--merge", str(none), str(first), "--out", str(tmp_path / "m2")])
+    assert str(first) in msg and "extend" in msg

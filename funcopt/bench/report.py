@@ -501,8 +501,11 @@ def load_report(folder: Path) -> tuple[dict, list[Result], list[Sweep]]:
         meta = data.get("meta")
         if not isinstance(meta, dict):
             raise ValueError("it has no meta object")
-        if "extend" not in meta:  # written before the grid's extension past a winning end
-            meta["extend"] = 0
+        if "extend" not in meta:  # written before meta recorded the grid's extension: 2 (its
+            # only setting then) where the sweeps carry the extension's field, else 0 (none)
+            sweeps = data.get("sweeps")
+            meta["extend"] = 2 if meta.get("tune") and isinstance(sweeps, list) and any(
+                isinstance(s, dict) and "beyond" in s for s in sweeps) else 0
         for key, hint in _META.items():
             if key == "pieces" and key not in meta:  # a run's report, not a merged one
                 continue
