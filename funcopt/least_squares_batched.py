@@ -51,7 +51,8 @@ REASONS = (
     "residual_fn gave non-finite residuals or Jacobian at the current parameters (failure)",
     "stalled: a tolerance test held (a test on xtol, or ftol after an update that found no "
     "acceptable step), but a parameter whose own Gauss-Newton move exceeds its resolution "
-    "(xtol |x_j| for a test on xtol) would still reduce the cost: not a minimum (failure)",
+    "(xtol |x_j| for a test on xtol) would still reduce the cost, or (a test below machine "
+    "precision) the full Gauss-Newton step, solved in float64, would: not a minimum (failure)",
 )
 """The ``info.reason`` codes of batched and data-parallel fits, in order: ``REASONS[code]``
 is the text of a code (``info.reasons()`` gives them per problem)."""
