@@ -22,7 +22,7 @@ from torch.func import jvp, vmap
 
 from funcopt.base import PyTree, tree_flatten, tree_unflatten
 from funcopt.func.jacobian import _vjp
-from funcopt.least_squares_options import rounding_steps
+from funcopt.least_squares_options import GAIN_CHECK_SIZE, rounding_steps
 from funcopt.transforms import lm_batched
 from funcopt.transforms.levenberg_marquardt import LevenbergMarquardtState, LMOptions
 from funcopt.transforms.lm_damping import TrustRegion
@@ -51,7 +51,8 @@ REASONS = (
     "residual_fn gave non-finite residuals or Jacobian at the current parameters (failure)",
     "stalled: a tolerance test held (a test on xtol, or ftol after an update that found no "
     "acceptable step), but a parameter whose own Gauss-Newton move exceeds its resolution "
-    "(xtol |x_j| for a test on xtol) would still reduce the cost: not a minimum (failure)",
+    "(xtol |x_j| for a test on xtol) would still reduce the cost, or (a test below machine "
+    "precision) the full Gauss-Newton step, solved in float64, would: not a minimum (failure)",
 )
 """The ``info.reason`` codes of batched and data-parallel fits, in order: ``REASONS[code]``
 is the text of a code (``info.reasons()`` gives them per problem)."""
@@ -350,39 +351,90 @@ def least_squares_batched(residual_fn: Callable[[PyTree], Tensor], params: PyTre
                                                p.evaluations, rnorm)
 
 
-def _check_stalls(f: Callable[[Tensor], Tensor], x: Tensor, stops: tuple[Tensor, Tensor],
-                  m: int, tols: tuple) -> Tensor:
-    """The reason codes ``stops[0]`` with the tolerance stops that are not stationary turned
-    into the failure code ``len(REASONS) - 1``, as :func:`funcopt.least_squares`' stall check.
-    Checked: every stop on xtol (codes 4, 6, 8: MINPACK's test is norm-wise, ``||D delta||
-    <= xtol ||D x||``, so it also holds where one parameter was driven to a huge value and
-    another would still move by all of itself), and the stops on ftol (codes 5, 7) flagged in
-    ``stops[1]``: the update that ended them found no acceptable step while its ``gnorm^2``
-    was above ``max(ftol, eps)`` (its attempts shrank until a rejected trial looked small).
-    Stationary: MINPACK's ``gnorm = max_j |J_j^T r| / (||J_j|| ||r||)`` squared at most
-    ``max(ftol, eps)`` and the residuals' measured rounding (:func:`_rounding`), over the
-    columns whose own Gauss-Newton move ``|J_j^T r| / ||J_j||^2`` exceeds ``rel |x_j|``
-    (``rel = max(xtol, eps)`` on xtol, else ``eps``: a smaller move is converged);
-    unknown (a number overflows): left as it is. One batched Jacobian, only when some
-    problem stopped that way."""
-    code, loud = stops
+class StallModel(NamedTuple):
+    """What the stall check reads at the final parameters, per problem (``(B, ...)``).
+
+    g: ``|J_j^T r| / (||J_j|| ||r||)`` ``(B, n)``; col: ``||J_j||``; rnorm: ``||r||``;
+    floor: the residuals' relative rounding (:func:`_rounding`); gain, ulps: the float64
+    Gauss-Newton step's (:func:`funcopt.transforms.lm_batched.gauss_newton_gain`; 0 where
+    not computed)."""
+
+    g: Tensor
+    col: Tensor
+    rnorm: Tensor
+    floor: Tensor
+    gain: Tensor
+    ulps: Tensor
+
+
+def stall_candidates(code: Tensor, loud: Tensor, tols: tuple) -> tuple[Tensor, Tensor]:
+    """``(checked, limit)``: the problems whose stop on a tolerance gets the gnorm test
+    (every stop on xtol, codes 4, 6, 8; a stop on ftol, codes 5, 7, flagged ``loud``: the
+    update that ended it found no acceptable step while its ``gnorm^2`` was above ``max(ftol,
+    eps)``) and those that get the Gauss-Newton gain test: the stops below machine precision,
+    codes 7 and 8, and the stops on xtol (ftol) when ``xtol <= eps`` (``ftol <= eps``), whose
+    test then implies code 8's (7's) under another name."""
     ftol, xtol, _, eps = tols
     on_xtol = (code == 4) | (code == 6) | (code == 8)
     checked = on_xtol | (loud & ((code == 5) | (code == 7)))
-    if not bool(checked.any()):  # host sync: one, after the fit
+    limit = (code == 7) | (code == 8)
+    if xtol <= eps:
+        limit = limit | (code == 4) | (code == 6)
+    if ftol <= eps:
+        limit = limit | (code == 4) | (code == 5)
+    return checked, limit
+
+
+def judge_stalls(code: Tensor, checked: Tensor, limit: Tensor, s: StallModel, x: Tensor,
+                 tols: tuple) -> Tensor:
+    """``code`` with the stalled stops turned into ``len(REASONS) - 1``, as
+    :func:`funcopt.least_squares`' stall check. With ``bound = max(ftol, eps, s.floor)``: a
+    ``checked`` problem stalled where MINPACK's ``gnorm`` over the columns whose own
+    Gauss-Newton move ``|J_j^T r| / ||J_j||^2`` exceeds ``rel |x_j|`` (``rel = max(xtol,
+    eps)`` on xtol, else ``eps``: a smaller move is converged) has ``gnorm^2 > bound``
+    (unknown, a number overflows: not stalled); a ``limit`` problem stalled where the full
+    Gauss-Newton step predicts ``gain > bound`` by a move of more than 4 units of the
+    parameters' resolution."""
+    ftol, xtol, _, eps = tols
+    on_xtol = (code == 4) | (code == 6) | (code == 8)
+    safe = torch.where(s.col > 0, s.col, 1.0)
+    rel = torch.where(on_xtol, max(xtol, eps), eps).to(x.dtype)[:, None]
+    live = (s.col > 0) & (s.g * (s.rnorm[:, None] / safe) > rel * x.abs())
+    gnorm = torch.where(live, s.g, 0.0).amax(-1) if x.shape[1] else torch.zeros_like(s.rnorm)
+    known = torch.isfinite(s.col).all(-1) & torch.isfinite(s.g).all(-1) & (s.rnorm > 0)
+    bound = torch.clamp(s.floor, min=max(ftol, eps))
+    stalled = (checked & known & (gnorm * gnorm > bound)) | (
+        limit & (s.gain > bound.double()) & (s.ulps > 4))
+    return torch.where(stalled, torch.full_like(code, len(REASONS) - 1), code)
+
+
+def _check_stalls(f: Callable[[Tensor], Tensor], x: Tensor, stops: tuple[Tensor, Tensor],
+                  m: int, tols: tuple) -> Tensor:
+    """The reason codes ``stops[0]`` with the tolerance stops that are not stationary turned
+    into the failure code ``len(REASONS) - 1`` (:func:`stall_candidates` says which stops are
+    checked and how, :func:`judge_stalls` decides), ``stops[1]`` the ``loud`` flags. One
+    batched Jacobian and two evaluations of ``f``, and a float64 SVD of the Jacobians of the
+    problems with a gain test (``m n <= GAIN_CHECK_SIZE``), only when some problem stopped
+    that way."""
+    code, loud = stops
+    checked, limit = stall_candidates(code, loud, tols)
+    limit = limit & (m * x.shape[1] <= GAIN_CHECK_SIZE)
+    todo = torch.stack([(checked | limit).any(), limit.sum()]).tolist()  # host sync: one
+    if not todo[0]:
         return code
     r, J = batched_jacobian(f, x, m)
     rnorm = lm_batched.batched_norm(r)
     col = lm_batched.batched_norm(J.mT)
     safe = torch.where(col > 0, col, 1.0)
     g = (J.mT @ (r / torch.where(rnorm > 0, rnorm, 1.0)[:, None])[..., None])[..., 0].abs() / safe
-    rel = torch.where(on_xtol, max(xtol, eps), eps).to(x.dtype)[:, None]
-    live = (col > 0) & (g * (rnorm[:, None] / safe) > rel * x.abs())
-    gnorm = torch.where(live, g, 0.0).amax(-1) if x.shape[1] else torch.zeros_like(rnorm)
-    known = torch.isfinite(col).all(-1) & torch.isfinite(g).all(-1) & (rnorm > 0)
-    stalled = checked & known & (gnorm * gnorm > torch.clamp(_rounding(f, x, r, J, rnorm),
-                                                             min=max(ftol, eps)))
-    return torch.where(stalled, torch.full_like(code, len(REASONS) - 1), code)
+    gain = ulps = torch.zeros_like(rnorm, dtype=torch.float64)
+    if todo[1]:
+        idx = torch.nonzero_static(limit, size=todo[1])[:, 0]
+        part = lm_batched.gauss_newton_gain(J[idx], r[idx], torch.zeros_like(rnorm[idx]), x[idx],
+                                            m)
+        gain, ulps = (z.index_copy(0, idx, v) for z, v in zip((gain, ulps), part))
+    s = StallModel(g, col, rnorm, _rounding(f, x, r, J, rnorm), gain, ulps)
+    return judge_stalls(code, checked, limit, s, x, tols)
 
 
 def _rounding(f: Callable[[Tensor], Tensor], x: Tensor, r: Tensor, J: Tensor,

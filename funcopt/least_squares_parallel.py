@@ -19,8 +19,20 @@ import torch.distributed as dist
 
 from funcopt.base import PyTree
 from funcopt.func.jacobian import jacobian, ravel_params, residual_vector_fn
-from funcopt.least_squares_batched import SUCCESS_CODES, BatchedLeastSquaresInfo, run_batched
-from funcopt.least_squares_options import Tolerances, check_driver_options
+from funcopt.least_squares_batched import (
+    SUCCESS_CODES,
+    BatchedLeastSquaresInfo,
+    StallModel,
+    judge_stalls,
+    run_batched,
+    stall_candidates,
+)
+from funcopt.least_squares_options import (
+    GAIN_CHECK_SIZE,
+    Tolerances,
+    check_driver_options,
+    rounding_steps,
+)
 from funcopt.transforms import lm_batched
 from funcopt.transforms.levenberg_marquardt import lm_options
 from funcopt.transforms.lm_damping import DampingRule, TrustRegion
@@ -94,8 +106,63 @@ def least_squares_parallel(
     tols = (t.ftol, t.xtol, t.gtol, torch.finfo(x0.dtype).eps)
     x, p = run_batched(trial_norm, x0[None], lm_batched.init_state(x0[None], o.rule.initial_damping), o,
                        (max_steps, tols), model)
+    code = _check_stalls(residual_fn, unravel, x, (p.code, p.loud), tols,
+                         (group, o.jacobian_mode))
     rnorm = trial_norm(x).double()
     cost = torch.where(rnorm < 1e154, 0.5 * rnorm * rnorm, torch.full_like(rnorm, float("inf")))
-    success = torch.isin(p.code, torch.tensor(SUCCESS_CODES, device=x.device))
-    return unravel(x[0]), BatchedLeastSquaresInfo(p.steps, cost, p.code, success,
+    success = torch.isin(code, torch.tensor(SUCCESS_CODES, device=x.device))
+    return unravel(x[0]), BatchedLeastSquaresInfo(p.steps, cost, code, success,
                                                   p.evaluations, rnorm)
+
+
+def _check_stalls(residual_fn: Callable[[PyTree], Tensor], unravel: Callable, x: Tensor,
+                  stops: tuple[Tensor, Tensor], tols: tuple, where: tuple) -> Tensor:
+    """The batched driver's stall check (:func:`funcopt.least_squares_batched.judge_stalls`)
+    on the all-reduced model at the final ``x`` ``(1, n)``; ``where = (group,
+    jacobian_mode)``. Each rank forms its shard's ``J_k`` and ``r_k`` once, and one
+    all-reduce (float64) sums ``||J_k,j||^2``, ``J_k^T r_k``, ``||r_k||^2``, the rounding
+    probes' ``||r_k(x + h) - r_k - J_k h||^2`` and the shard sizes ``m_k``; the Gauss-Newton
+    gain (where tested and ``m n <= GAIN_CHECK_SIZE``) comes from the triangular factor of
+    ``[J r]`` (:func:`_stacked_r`). Every rank reads the same sums, so the codes are equal
+    on every rank. Nothing runs unless the fit stopped on a tolerance that is checked."""
+    code, loud = stops
+    checked, limit = stall_candidates(code, loud, tols)
+    if not bool((checked | limit).any()):  # host sync: one, after the fit
+        return code
+    group, mode = where
+    J, r = jacobian(residual_fn, unravel(x[0]), mode=mode)
+    f = residual_vector_fn(residual_fn, unravel)
+    with torch.no_grad():
+        noise = [((f(x[0] + h) - r - J @ h).double() ** 2).sum() for h in rounding_steps(x[0])]
+    Jd, rd = J.double(), r.double()
+    n = x.shape[1]
+    sums = _sum(torch.cat([(Jd * Jd).sum(0), Jd.T @ rd, (rd @ rd)[None], torch.stack(noise),
+                           torch.tensor([float(r.numel())], dtype=torch.float64)]), group)
+    col, rnorm = torch.sqrt(sums[:n]), torch.sqrt(sums[2 * n])
+    g = sums[n:2 * n].abs() / (torch.where(col > 0, col, 1.0) * torch.where(rnorm > 0, rnorm, 1.0))
+    floor = 4 * torch.sqrt(sums[2 * n + 1:2 * n + 3].amax()) / torch.where(rnorm > 0, rnorm, 1.0)
+    gain = ulps = torch.zeros(1, dtype=torch.float64)
+    m = int(sums[-1])
+    limit = limit & (m * n <= GAIN_CHECK_SIZE)
+    if bool(limit.any()):
+        R = _stacked_r(torch.cat([Jd, rd[:, None]], 1), group)
+        gain, ulps = lm_batched.gauss_newton_gain(R[None, :n, :n], R[None, :n, n],
+                                                  R[n, n].abs()[None], x, m)
+    dt = x.dtype
+    s = StallModel(g.to(dt)[None], col.to(dt)[None], rnorm.to(dt)[None], floor.to(dt)[None],
+                   gain, ulps)
+    return judge_stalls(code, checked, limit, s, x, tols)
+
+
+def _stacked_r(A: Tensor, group: Any) -> Tensor:
+    """The triangular factor ``R`` ``(k, k)`` of the rows of ``A`` ``(m_k, k)`` stacked over
+    the ranks (a QR of the ``R_k`` of every rank's rows, gathered by one all-reduce of a
+    zero-padded ``(P, k, k)`` block): ``R^T R = sum_k A_k^T A_k`` without forming it."""
+    k = A.shape[1]
+    Rk = torch.linalg.qr(A, mode="r")[1]
+    world, rank = 1, 0
+    if dist.is_available() and dist.is_initialized():
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+    block = A.new_zeros(world, k, k)
+    block[rank, :Rk.shape[0]] = Rk
+    return torch.linalg.qr(_sum(block, group).reshape(world * k, k), mode="r")[1]

@@ -43,7 +43,8 @@ from funcopt.transforms.lm_damping import TrustRegion, _positive, adapt_radius, 
 from funcopt.transforms.lm_model import running_scale
 
 __all__ = ["BatchedLocal", "Trial", "local_model", "gram_local_model", "iterate", "init_state",
-           "start_trial", "attempt", "update_over", "finish", "batched_norm", "NEWTON_STEPS"]
+           "start_trial", "attempt", "update_over", "finish", "batched_norm", "gauss_newton_gain",
+           "NEWTON_STEPS"]
 
 Tensor = torch.Tensor
 NEWTON_STEPS = 30  # iterations of the trust-region damping (Newton on 1/phi)
@@ -361,3 +362,40 @@ def finish(loc: BatchedLocal, state: LevenbergMarquardtState, t: Trial):
         t.predicted, t.finite,
     )
     return step, new
+
+
+def gauss_newton_gain(A: Tensor, b: Tensor, rest: Tensor, x: Tensor,
+                      rows: int) -> tuple[Tensor, Tensor]:
+    """``(gain, ulps)`` per problem of the full Gauss-Newton step, solved in float64 (as
+    :func:`funcopt.least_squares_options.gauss_newton_gain` for one problem).
+
+    The linear model is ``||A delta + b||^2 + rest^2``: ``A = J`` ``(B, m, n)``, ``b = r``,
+    ``rest = 0`` for a batch of Jacobians, or the triangular factor of ``[J r]`` (``A =
+    R_11``, ``b = R_12``, ``rest = |R_22|``) for residuals spread over processes. With ``c``
+    the column norms of ``A`` and ``A / c = U S V^T`` (singular values at most ``rows
+    eps_64 s_max`` dropped), ``delta = -V S^+ U^T b / c`` and
+
+        gain = ||U^T b||^2 / (||b||^2 + rest^2),   ulps = max_j |delta_j| / (eps |x_j|),
+
+    the linear model's relative reduction and the move in units of the parameters'
+    resolution (``eps`` of ``x``'s dtype). Problems whose ``A`` or ``b`` is not finite, or
+    whose residuals are zero, get ``(0, 0)``."""
+    Ad, bd, restd = A.double(), b.double(), rest.double()
+    ok = torch.isfinite(Ad).all(-1).all(-1) & torch.isfinite(bd).all(-1) & torch.isfinite(restd)
+    Ad = torch.where(ok[:, None, None], Ad, 0.0)
+    rnorm = batched_norm(torch.cat([torch.where(ok[:, None], bd, 0.0), restd[:, None]], -1))
+    ok = ok & (rnorm > 0)
+    bn = torch.where(ok[:, None], bd, 0.0) / torch.where(ok, rnorm, 1.0)[:, None]
+    c = batched_norm(Ad.mT)
+    c = torch.where(c > 0, c, 1.0)
+    U, sv, Vh = torch.linalg.svd(Ad / c[:, None, :], full_matrices=False)
+    top = sv[:, :1] if sv.shape[-1] else sv
+    keep = sv > top * max(rows, x.shape[-1]) * torch.finfo(torch.float64).eps
+    proj = torch.where(keep, (U.mT @ bn[..., None])[..., 0], 0.0)
+    gain = torch.where(ok, (proj * proj).sum(-1), 0.0)
+    coef = proj / torch.where(keep, sv, 1.0) * rnorm[:, None]
+    delta = -(Vh.mT @ coef[..., None])[..., 0] / c
+    res = torch.finfo(x.dtype).eps * x.double().abs()
+    ulps = delta.abs() / torch.where(res > 0, res, torch.finfo(x.dtype).tiny)
+    ulps = ulps.amax(-1) if ulps.shape[-1] else torch.zeros_like(gain)
+    return gain, torch.where(ok, ulps, 0.0)
