@@ -143,8 +143,13 @@ def _stall_check(residual_fn, params, h: dict, tols, reason: str, size: int) -> 
     float64 (:func:`gauss_newton_gain`) must not promise such a reduction by a move of more
     than 4 units of the parameters' resolution. ``J`` is formed at most once here: the gain
     check forms it, and ``gnorm`` (only needed when the update was not quiet) reads
-    ``diag(J^T J)`` from it instead of ``min(m, n)`` more products."""
-    limit = "machine precision" in reason and size <= GAIN_CHECK_SIZE
+    ``diag(J^T J)`` from it instead of ``min(m, n)`` more products. A stop on ``xtol`` (or
+    ``ftol``) at or below ``eps`` gets the gain check too: it held where the machine-precision
+    test would.""" 
+    # a tolerance at or below eps that held is a machine-precision stop under its own name
+    below = ("machine precision" in reason or ("xtol" in reason and tols[1] <= tols[3])
+             or (reason.startswith(("ftol:", "ftol and xtol")) and tols[0] <= tols[3]))
+    limit = below and size <= GAIN_CHECK_SIZE
     # xtol's relative step is norm-wise: it also holds where one parameter's |d x| is huge
     # and another would still move by all of itself, so a stop on xtol is checked whatever
     # the update, counting the columns whose own Gauss-Newton move is above xtol |x_j|

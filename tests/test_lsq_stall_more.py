@@ -141,8 +141,6 @@ def test_the_batched_gain_is_the_single_drivers_and_numpys(n, extra, seed):
     np.testing.assert_allclose(float(tri[1]), float(ulps), rtol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="least_squares_options._stall_check runs the gain "
-                   "check only for reasons that name 'machine precision'")
 def test_the_single_drivers_check_at_the_batched_mgh10_point():
     """At the batched fit's MGH10 point a stop on xtol (xtol = 1e-12 < eps_32) is one below
     machine precision under another name; the single driver's check gives it success (its
