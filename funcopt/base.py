@@ -274,12 +274,20 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) ->
 
     Where a kernel computed ``params + updates`` beside the updates (``register_sum``;
     :func:`funcopt.adamw`'s CUDA kernel does), the pure form returns that result for those
-    very, unmodified updates and parameters instead of adding again: the same numbers.
+    very, unmodified updates and parameters (the leaf objects it returned and was given)
+    instead of adding again: the same numbers. Its leaves are views of one buffer: a leaf kept
+    alive keeps the whole sum alive, and the leaves share one version counter (an in-place
+    change of one leaf counts as a change of all for autograd's check of saved tensors). A
+    change between the update and this apply that no version counter sees (a write through
+    ``.data``, ``.numpy()``, the storage or DLPack) is not seen either, as autograd does not
+    see it.
     """
     u_leaves, treedef, p_leaves = tree_flatten_pair(updates, params)
     if not p_leaves:
         return params
-    if not inplace and not _is_compiling():
+    if inplace and not _is_compiling():
+        _pop_sum(u_leaves)  # of no use after this apply: free it now
+    elif not _is_compiling():
         done = _take_sum(p_leaves, u_leaves)
         if done is not None:
             return tree_unflatten(treedef, done)
@@ -301,15 +309,17 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) ->
 
 
 _SUM = "_funcopt_sum"
-_version_of, _shape_of = operator.attrgetter("_version"), operator.attrgetter("shape")
+_version_of, _requires_grad = operator.attrgetter("_version"), operator.attrgetter("requires_grad")
+_deref = weakref.ReferenceType.__call__
 
 
 class _Sum(NamedTuple):
     """``params + updates`` as a kernel wrote it beside the updates: weak references to the
-    parameter leaves and their version counters, the updates' buffer's version counter and
-    leaf addresses at that time, and the result's leaves."""
+    leaves (the parameters', then the updates'), the parameters' version counters, the
+    updates' buffer's version counter, the leaves' addresses at that time, and the result's
+    leaves."""
 
-    params: list[Any]
+    leaves: list[Any]
     versions: list[int]
     version: int
     addresses: list[int]
@@ -319,32 +329,45 @@ class _Sum(NamedTuple):
 def register_sum(buffer: Tensor, params: list[Tensor], updates: list[Tensor],
                  result: list[Tensor]) -> None:
     """Record that ``result`` holds ``params + updates`` leaf by leaf, rounded as
-    :func:`apply_updates` rounds it, where ``updates`` are contiguous views of the flat
-    ``buffer`` (the record is kept on it, so it lives as long as the updates). The next
-    pure :func:`apply_updates` of these updates returns ``result`` if they are unmodified (the
-    buffer's version counter and the leaves' addresses unchanged) and the parameters are the
-    same objects, unmodified and not requiring grad; it adds otherwise. One use: the record
-    is dropped by the first :func:`apply_updates` that sees it."""
-    setattr(buffer, _SUM, _Sum(list(map(weakref.ref, params)), list(map(_version_of, params)),
-                               buffer._version, list(map(Tensor.data_ptr, updates)), result))
+    :func:`apply_updates` rounds it, where ``updates`` are views of the flat ``buffer`` (the
+    record is kept on it, so it lives as long as the updates); none is an inference tensor
+    (they have no version counter). The next :func:`apply_updates` of these updates (pure
+    form) returns ``result`` if both trees hold the very leaf objects recorded, unmodified
+    (the parameters' and the buffer's version counters, and each leaf's address, unchanged),
+    none requiring grad; it adds otherwise. A change that no version counter sees is not
+    seen here either, as autograd does not see it: a write through ``.data``, ``.numpy()``,
+    the storage or DLPack, or ``.data = x`` where ``x`` is the same memory seen another way
+    (``.data`` set to new memory is seen: the address changes). One use: the record is dropped
+    by the first :func:`apply_updates` that sees it (an in-place one included)."""
+    every = [*params, *updates]
+    setattr(buffer, _SUM, _Sum(list(map(weakref.ref, every)), list(map(_version_of, params)),
+                               buffer._version, list(map(Tensor.data_ptr, every)), result))
+
+
+def _pop_sum(u_leaves: list[Any]) -> tuple[Tensor, _Sum] | None:
+    """The buffer of the first update leaf and the record on it (then dropped), or None."""
+    buffer = getattr(u_leaves[0], "_base", None)
+    if type(buffer) is not Tensor or not hasattr(buffer, _SUM):
+        return None
+    s = getattr(buffer, _SUM)
+    delattr(buffer, _SUM)
+    return buffer, s
 
 
 def _take_sum(p_leaves: list[Any], u_leaves: list[Any]) -> list[Tensor] | None:
-    """The result :func:`register_sum` recorded for exactly these leaves (then dropped), or
-    None."""
-    buffer = getattr(u_leaves[0], "_base", None)
-    s = getattr(buffer, _SUM, None) if type(buffer) is Tensor else None
-    if buffer is None or s is None:
+    """The result :func:`register_sum` recorded for exactly these leaves, or None; the record
+    is dropped either way. None during a CUDA graph capture: the graph must hold the add."""
+    popped = _pop_sum(u_leaves)
+    if popped is None:
         return None
-    delattr(buffer, _SUM)
-    if (buffer._version != s.version or len(p_leaves) != len(s.params)
-            or not all(r() is p for r, p in zip(s.params, p_leaves))
-            or not all(type(u) is Tensor and u._base is buffer for u in u_leaves)
+    buffer, s = popped
+    every = [*p_leaves, *u_leaves]
+    if ((buffer.is_cuda and torch.cuda.is_current_stream_capturing())
+            or buffer._version != s.version or len(every) != len(s.leaves)
+            or not all(map(operator.is_, map(_deref, s.leaves), every))
             or list(map(_version_of, p_leaves)) != s.versions
-            or list(map(Tensor.data_ptr, u_leaves)) != s.addresses
-            or list(map(_shape_of, u_leaves)) != list(map(_shape_of, s.result))
-            or not all(map(Tensor.is_contiguous, u_leaves))
-            or any(p.requires_grad for p in p_leaves) or any(u.requires_grad for u in u_leaves)):
+            or list(map(Tensor.data_ptr, every)) != s.addresses
+            or any(map(_requires_grad, every))):
         return None
     return s.result
 
