@@ -330,8 +330,8 @@ def register_sum(buffer: Tensor, params: list[Tensor], updates: list[Tensor],
                  result: list[Tensor]) -> None:
     """Record that ``result`` holds ``params + updates`` leaf by leaf, rounded as
     :func:`apply_updates` rounds it, where ``updates`` are views of the flat ``buffer`` (the
-    record is kept on it, so it lives as long as the updates); none is an inference tensor
-    (they have no version counter). The next :func:`apply_updates` of these updates (pure
+    record is kept on it, so it lives as long as the updates); nothing is recorded where one
+    is an inference tensor (they have no version counter). The next :func:`apply_updates` of these updates (pure
     form) returns ``result`` if both trees hold the very leaf objects recorded, unmodified
     (the parameters' and the buffer's version counters, and each leaf's address, unchanged),
     none requiring grad; it adds otherwise. A change that no version counter sees is not
@@ -339,9 +339,13 @@ def register_sum(buffer: Tensor, params: list[Tensor], updates: list[Tensor],
     the storage or DLPack, or ``.data = x`` where ``x`` is the same memory seen another way
     (``.data`` set to new memory is seen: the address changes). One use: the record is dropped
     by the first :func:`apply_updates` that sees it (an in-place one included)."""
+    try:
+        versions, version = list(map(_version_of, params)), buffer._version
+    except RuntimeError:  # an inference tensor: no version counter, so no record
+        return
     every = [*params, *updates]
-    setattr(buffer, _SUM, _Sum(list(map(weakref.ref, every)), list(map(_version_of, params)),
-                               buffer._version, list(map(Tensor.data_ptr, every)), result))
+    setattr(buffer, _SUM, _Sum(list(map(weakref.ref, every)), versions, version,
+                               list(map(Tensor.data_ptr, every)), result))
 
 
 def _pop_sum(u_leaves: list[Any]) -> tuple[Tensor, _Sum] | None:

@@ -11,10 +11,10 @@ new moments once (seven passes), with the chain's own numbers:
     d = \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon},\quad
     u = -\eta\,(d + \lambda\theta).
 
-Given the parameters (outside inference mode, and none an inference tensor: the record is
-kept by version counters, which inference tensors lack), the kernel also writes
-:math:`\theta + u` (rounded as torch's add) into a fourth buffer and records it for
-:func:`funcopt.apply_updates` (``funcopt.base.register_sum``):
+Given the parameters (outside inference mode: the record is kept by version counters, which
+inference tensors lack; none is recorded for parameters that are inference tensors), the
+kernel also writes :math:`\theta + u` (rounded as torch's add) into a fourth buffer and
+records it for :func:`funcopt.apply_updates` (``funcopt.base.register_sum``):
 the usual ``apply_updates(params, updates)`` of these very, unmodified updates and parameters
 then returns it without a pass of its own, so a pure step reads :math:`\theta, g, m, v` and
 writes :math:`u, \theta', m, v` once (eight passes, against ten with a separate add; an update
@@ -150,9 +150,8 @@ def _fast_update(updates: Any, state: Any, params: Any, learning_rate: Any,
     if addrs is None:
         return None
     new_counts = torch._foreach_add(counts, 1)
-    # the sum is recorded by version counters, which inference tensors do not have
-    with_sum = (params is not None and not torch.is_inference_mode_enabled()
-                and not any(map(Tensor.is_inference, p)))
+    # the sum is recorded by version counters, which inference tensors (made in this mode) lack
+    with_sum = params is not None and not torch.is_inference_mode_enabled()
     u, mu, nu = _run(g, p, adam.mu, adam.nu, layout, addrs, new_counts[0], lr, hyper, with_sum)
     new: list[Any] = [ScaleByAdamState(new_counts[0], mu, nu)]
     if n_states == 3:
