@@ -145,7 +145,7 @@ def _stall_check(residual_fn, params, h: dict, tols, reason: str, size: int) -> 
     check forms it, and ``gnorm`` (only needed when the update was not quiet) reads
     ``diag(J^T J)`` from it instead of ``min(m, n)`` more products. A stop on ``xtol`` (or
     ``ftol``) at or below ``eps`` gets the gain check too: it held where the machine-precision
-    test would.""" 
+    test would."""
     # a tolerance at or below eps that held is a machine-precision stop under its own name
     below = ("machine precision" in reason or ("xtol" in reason and tols[1] <= tols[3])
              or (reason.startswith(("ftol:", "ftol and xtol")) and tols[0] <= tols[3]))

@@ -166,6 +166,7 @@ def _scalar_on(x: Any, device: torch.device, dtype: torch.dtype) -> bool:
 
 
 _dtype_of, _shape_of = operator.attrgetter("dtype"), operator.attrgetter("shape")
+_data_of = operator.attrgetter("data")
 _device_of, _requires_grad = operator.attrgetter("device"), operator.attrgetter("requires_grad")
 
 
@@ -281,7 +282,8 @@ def _run(g: list[Tensor], p: list[Tensor], mu: list[Tensor], nu: list[Tensor], l
         with _on(device):
             _launch([*inputs, *bufs], addrs, low, layout, neg_bc, lr, b1, b2, eps, wd, device)
     if with_sum:
-        register_sum(bufs[0], p, outs[0], outs[3])
+        # each leaf of the sum its own version counter, as torch's adds give
+        register_sum(bufs[0], p, outs[0], list(map(_data_of, outs[3])))
     return tuple(outs[:3])
 
 

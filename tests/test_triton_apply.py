@@ -40,9 +40,9 @@ def _plain_sum(params, updates):
 
 
 def _used_sum(new):
-    """Whether the leaves of ``new`` are views of one buffer (the kernel's sum)."""
-    bases = {id(x._base) for x in new.values() if x._base is not None}
-    return len(bases) == 1 and all(x._base is not None for x in new.values())
+    """Whether the leaves of ``new`` lie in one storage (the kernel's sum; torch's adds give
+    one storage per leaf)."""
+    return len({x.untyped_storage().data_ptr() for x in new.values()}) == 1
 
 
 def _same_bits(a, b):
