@@ -373,7 +373,8 @@ def direct_damped(J: Tensor, r: Tensor, scale: Tensor | None, gamma: float, one_
     rhs = rhs if dual else Jh.mT @ rhs
     if rcond is None:
         rcond = min(gram.shape[0], 100) * torch.finfo(J.dtype).eps
-    return DirectDamped(Jh, gram, rhs, torch.isfinite(rhs).all(), scale, gamma, rcond, dual)
+    finite = torch.linalg.vector_norm(rhs, float("inf")) <= torch.finfo(rhs.dtype).max  # NaN: no
+    return DirectDamped(Jh, gram, rhs, finite, scale, gamma, rcond, dual)
 
 
 def direct_damped_solve(dd: DirectDamped, damping: float) -> tuple[Tensor, Tensor]:
@@ -388,7 +389,8 @@ def direct_damped_solve(dd: DirectDamped, damping: float) -> tuple[Tensor, Tenso
     p = L.diagonal()
     lo, hi = torch.aminmax(p * p)
     y = torch.cholesky_solve(dd.rhs, L)
-    ok = (info == 0) & (lo > dd.rcond * hi) & torch.isfinite(y).all()
+    finite = torch.linalg.vector_norm(y, float("inf")) <= torch.finfo(y.dtype).max  # NaN: no
+    ok = (info == 0) & (lo > dd.rcond * hi) & finite
     y = torch.where(ok, y, 0.0)[:, 0]
     x = dd.J.mT @ y if dd.dual else y
     return (x if dd.scale is None else x / dd.scale), ok

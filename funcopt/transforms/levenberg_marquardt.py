@@ -380,20 +380,26 @@ def _finish_step(state, loc, trial, stats, accepted, attempt):
     unsolved = not accepted and not solved
     predicted = nan if unsolved else predicted
 
-    def full(v: Any, t: torch.dtype = dtype) -> Tensor:
-        return torch.full((), v if isinstance(v, (bool, int)) else float(v), dtype=t, device=dev)
-
     running = d if loc.scale is None else loc.scale  # the state's scale (see running_scale)
+    lam_t, nu_t, radius_t, cost_t, new_cost, pred_cost, rho_t, snorm_t, act_t, pred_t = _tensors(
+        (lam, nu, radius, cost, T(0.5) * kept * kept, predicted * cost,
+         rho if math.isfinite(rho) else T(torch.finfo(dtype).min),
+         nan if unsolved else (snorm if accepted else pnorm), actual, predicted), dtype, dev)
+    accepted_t, finite_t = _tensors((accepted, all_finite), torch.bool, dev)
     new_state = LevenbergMarquardtState(
-        increment(state.count), full(lam), full(nu), full(radius), running, full(cost),
-        full(T(0.5) * kept * kept), full(predicted * cost),
-        full(rho if math.isfinite(rho) else T(torch.finfo(dtype).min)),
-        full(nan if unsolved else (snorm if accepted else pnorm)),
-        scaled_norm(d * (x_new if accepted else x)),
-        loc.cos, full(accepted, torch.bool), full(attempt, torch.int64), loc.rnorm,
-        full(actual), full(predicted), full(all_finite, torch.bool),
+        increment(state.count), lam_t, nu_t, radius_t, running, cost_t, new_cost, pred_cost,
+        rho_t, snorm_t, scaled_norm(d * (x_new if accepted else x)), loc.cos, accepted_t,
+        torch.full((), attempt, dtype=torch.int64, device=dev), loc.rnorm, act_t, pred_t,
+        finite_t,
     )
     return (step if accepted else torch.zeros_like(x)), new_state
+
+
+def _tensors(values: tuple, dtype: torch.dtype, dev: torch.device) -> tuple[Tensor, ...]:
+    """Host numbers as 0-d tensors of ``dtype`` on ``dev``: one tensor made on the host, moved
+    in one copy that the host does not wait for (its memory is staged at once), and unbound."""
+    t = torch.tensor([v if isinstance(v, bool) else float(v) for v in values], dtype=dtype)
+    return (t if dev.type == "cpu" else t.to(dev, non_blocking=True)).unbind()
 
 
 def _traced_step(residual_fn, params, args, state: LevenbergMarquardtState, o: LMOptions):

@@ -8,6 +8,7 @@ and MINPACK's scale-free relative reductions of ``F = 0.5 ||r||^2``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -31,6 +32,7 @@ from funcopt.solvers.damped import (
     matrix_free_solve,
     wants_jacobi,
 )
+from funcopt.solvers.operators import max_and_norm
 from funcopt.transforms.lm_damping import TrustRegion, _positive, power_of_two_host, read_host
 
 if TYPE_CHECKING:
@@ -202,20 +204,21 @@ def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
     J, r = _jacobian(residual_fn, params, args, o.jacobian_mode, o.chunk_size,
                      raveled=(x, unravel))
     _require_dtype(r, x)
-    rnorm = scaled_norm(r)
-    stats = _column_stats_deferred(J, r, rnorm)
+    rmax, rnorm = max_and_norm(r)
+    stats = _column_stats_unchecked(J, r, rnorm, rmax)
+    first = state.count == 0
     while True:
-        col, cos, ok = stats
-        d, S, lam, kept = _scaling(col, state, o)
+        col, cos, checks = stats
+        d, S, lam, kept = _scaling(col, state, o, first)
         # max_j ||J_j|| / S_j bounds max |J S^{-1}| within sqrt(m)
         bound = (col if S is None else col / S).max() if col.numel() else col.new_ones(())
         smin, smax = torch.aminmax(S) if S is not None and S.numel() else (bound, bound)
-        *host, ok_h, bound_h, smin_h, smax_h = read_host(rnorm, lam, state, o.rule, d, x,
-                                                         ok, bound, smin, smax,
-                                                         scaling=o.scaling)
-        if ok_h:
+        vals = read_host(rnorm, lam, state, o.rule, d, x, bound, smin, smax, *checks,
+                         scaling=o.scaling, first=first)
+        host, (bound_h, smin_h, smax_h), checks_h = vals[:5], vals[5:8], vals[8:]
+        if _checks_hold(checks_h, J):
             break
-        stats = (*_column_stats_scaled(J, r, rnorm), ~ok)  # raises on a non-finite r or J
+        stats = (*_column_stats_scaled(J, r, rnorm), ())  # raises on a non-finite r or J
     gamma = power_of_two_host(bound_h)
     svd = _normalised_svd(J / d, r, rnorm) if isinstance(o.rule, TrustRegion) else None
     if J.requires_grad or not J.is_contiguous():
@@ -237,12 +240,12 @@ def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
                   scale=kept)
 
 
-def _scaling(col: Tensor, state, o: LMOptions) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+def _scaling(col: Tensor, state, o: LMOptions,
+             first: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """``(d, S, lambda, kept)``: the scaling ``d`` (MINPACK's running maximum of the column
     norms ``col``, or ones), the solver's column scale ``S`` (``d`` or None), the damping (the
     state's, or ``tau max diag(J^T J)`` on the first step without scaling) and the scale the
-    state keeps (:func:`running_scale`)."""
-    first = state.count == 0
+    state keeps (:func:`running_scale`); ``first`` is ``state.count == 0``."""
     if o.scaling:
         d, kept = running_scale(state.scale, col, first)
         return d, d, state.damping, kept
@@ -324,33 +327,83 @@ def _column_stats(J: Tensor, r: Tensor, rnorm: Tensor) -> tuple[Tensor, Tensor]:
     return (col, cos) if bool(ok) else _column_stats_scaled(J, r, rnorm)  # host sync
 
 
-def _column_stats_deferred(J: Tensor, r: Tensor, rnorm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _column_stats_deferred(J: Tensor, r: Tensor, rnorm: Tensor,
+                           rmax: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(col, gnorm, ok)`` as :func:`_column_stats` with no host read: where ``ok`` (0-d
-    bool) is False, :func:`_column_stats_scaled` gives the numbers (or raises).
+    bool) is False, :func:`_column_stats_scaled` gives the numbers (or raises). ``rmax``:
+    ``max |r|`` when the caller has it (see :func:`funcopt.solvers.operators.max_and_norm`).
+    The numbers are those of :func:`_column_stats_unchecked`, ``ok`` its checks."""
+    col, cos, checks = _column_stats_unchecked(J, r, rnorm, rmax)
+    if len(checks) == 1:
+        return col, cos, checks[0]
+    lo, hi, rmax = checks
+    info = torch.finfo(J.dtype)
+    return col, cos, (lo >= _lowest_sum(J)) & (torch.maximum(hi, rmax) <= info.max)
+
+
+def _column_stats_unchecked(J: Tensor, r: Tensor, rnorm: Tensor, rmax: Tensor | None = None
+                            ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """``(col, gnorm, checks)``: the numbers of :func:`_column_stats` with no host read, to be
+    trusted where :func:`_checks_hold` holds for ``checks`` read on the host (else
+    :func:`_column_stats_scaled` gives them, or raises).
 
     A ``J`` of more than :data:`COLUMN_BLOCK` numbers is read once, on the CPU in blocks of
     rows that stay in its cache (elsewhere in blocks of ``2^23`` numbers): each block's
     squares are summed and the block is multiplied by its part of ``r / ||r||`` (no copy of
-    ``J``). ``ok`` is False where a sum of squares may have overflowed or lost digits to
-    underflow (it is not in ``[m tiny / eps, max]`` of the dtype, unless the column is zero;
-    so also for a non-finite ``J``), or ``r`` is not finite. A smaller ``J`` gets the numbers of
-    :func:`_column_stats_scaled`, ``ok`` False where they are not finite."""
+    ``J``). ``checks`` is then ``(lo, hi, max |r|)``, ``lo`` and ``hi`` the least and largest
+    sum of squares of a nonzero column (a zero column counts as :func:`_lowest_sum`): the
+    numbers hold unless a sum of squares may have overflowed or lost digits to underflow (it
+    is not in ``[m tiny / eps, max]`` of the dtype; so also for a non-finite ``J``), or ``r``
+    is not finite. A smaller ``J`` gets the numbers of :func:`_column_stats_scaled` and
+    ``checks`` its ``ok`` (False where they are not finite)."""
     m, n = J.shape
     if J.numel() <= COLUMN_BLOCK:
-        return _column_stats_scaled(J, r, rnorm, check=False)
+        col, cos, ok = _column_stats_scaled(J, r, rnorm, check=False)
+        return col, cos, (ok,)
     k = max(1, COLUMN_BLOCK // n, -(-m // 32)) if J.device.type == "cpu" else max(1, 2**23 // n)
-    col2, big, g = J.new_zeros(n), J.new_zeros(n), J.new_zeros(n)
     u = r / _positive(rnorm)
-    for i in range(0, m, k):
-        block = J[i:i + k]
-        col2 += (block * block).sum(0)
-        big = torch.maximum(big, torch.linalg.vector_norm(block, float("inf"), dim=0))
-        g += u[i:i + k] @ block
-    info = torch.finfo(J.dtype)
-    lost = (col2 < m * info.tiny / info.eps) & (big > 0)  # a zero column is measured exactly
-    ok = ~lost.any() & (col2.max() <= info.max) & torch.isfinite(r).all()
+    if k >= m:  # one block
+        col2, big, g = (J * J).sum(0), torch.linalg.vector_norm(J, float("inf"), dim=0), u @ J
+    else:
+        col2, big, g = J.new_zeros(n), J.new_zeros(n), J.new_zeros(n)
+        for i in range(0, m, k):
+            block = J[i:i + k]
+            col2 += (block * block).sum(0)
+            big = torch.maximum(big, torch.linalg.vector_norm(block, float("inf"), dim=0))
+            g += u[i:i + k] @ block
+    if rmax is None:
+        rmax = torch.linalg.vector_norm(r, float("inf"))
+    # a zero column (big = 0) is measured exactly; NaN anywhere makes lo, hi or rmax NaN
+    lo, hi = torch.aminmax(col2.masked_fill(big == 0, _lowest_sum(J)))
     col = col2.sqrt()
-    return col, torch.where(col > 0, g.abs() / col, 0.0).max() * (rnorm > 0), ok
+    # where the checks hold, a nonzero column has col >= sqrt(m tiny / eps) > tiny and a zero
+    # one g_j = 0: the largest |g_j| / col_j over the nonzero columns
+    cos = torch.linalg.vector_norm(g / col.clamp_min(torch.finfo(J.dtype).tiny), float("inf"))
+    return col, cos, (lo, hi, rmax)
+
+
+def _lowest_sum(J: Tensor) -> float:
+    """``m tiny / eps``: below it a column's sum of squares may have lost digits to underflow."""
+    info = torch.finfo(J.dtype)
+    return J.shape[0] * info.tiny / info.eps
+
+
+def _checks_hold(checks: list, J: Tensor) -> bool:
+    """Whether the host values of :func:`_column_stats_unchecked`'s ``checks`` let its numbers
+    stand: ``[ok]``, ``[]`` (numbers known good), or ``[lo, hi, max |r|]`` (numpy scalars of
+    ``J``'s dtype, compared as the device would) with ``lo >= m tiny / eps`` and ``hi`` and
+    ``max |r|`` at most the largest number (False for NaN)."""
+    if len(checks) < 3:
+        return all(checks)
+    lo, hi, rmax = checks
+    T, top = type(lo), torch.finfo(J.dtype).max
+    return bool(lo >= T(_rounded(_lowest_sum(J), J.dtype)) and hi <= T(top) and rmax <= T(top))
+
+
+@functools.lru_cache(maxsize=64)
+def _rounded(v: float, dtype: torch.dtype) -> float:
+    """``v`` rounded to ``dtype`` (as a comparison of a ``dtype`` tensor with ``v`` rounds it)."""
+    return float(torch.tensor(v, dtype=dtype))
 
 
 COLUMN_BLOCK = 2**17
