@@ -85,6 +85,13 @@ def max_and_norm(v: Tensor) -> tuple[Tensor, Tensor]:
     return s, torch.linalg.vector_norm(v / c) * c
 
 
+def norm_parts(v: Tensor) -> tuple[Tensor, Tensor]:
+    """``(c, ||v / c||)`` over all of ``v``, whose product (one rounding) is :func:`scaled_norm`'s
+    ``||v||``: for a caller that multiplies them elsewhere (on the host)."""
+    c = _norm_scale(torch.linalg.vector_norm(v, float("inf")))
+    return c, torch.linalg.vector_norm(v / c)
+
+
 def _norm_scale(s: Tensor) -> Tensor:
     """``s`` (a maximum magnitude) clamped to ``[tiny, max]`` of its dtype; NaN stays NaN."""
     info = torch.finfo(s.dtype)

@@ -213,10 +213,10 @@ def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
         # max_j ||J_j|| / S_j bounds max |J S^{-1}| within sqrt(m)
         bound = (col if S is None else col / S).max() if col.numel() else col.new_ones(())
         smin, smax = torch.aminmax(S) if S is not None and S.numel() else (bound, bound)
-        vals = read_host(rnorm, lam, state, o.rule, d, x, bound, smin, smax, *checks,
+        vals = read_host(rnorm, lam, state, o.rule, d, x, bound, smin, smax, rmax, *checks,
                          scaling=o.scaling, first=first)
-        host, (bound_h, smin_h, smax_h), checks_h = vals[:5], vals[5:8], vals[8:]
-        if _checks_hold(checks_h, J):
+        host, (bound_h, smin_h, smax_h, rmax_h), checks_h = vals[:5], vals[5:9], vals[9:]
+        if _checks_hold(checks_h, rmax_h, J):
             break
         stats = (*_column_stats_scaled(J, r, rnorm), ())  # raises on a non-finite r or J
     gamma = power_of_two_host(bound_h)
@@ -229,7 +229,7 @@ def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
         from funcopt.solvers import get
 
         rcond = getattr(get(o.solver), "rcond", None)
-        dd = direct_damped(J, r, S, float(gamma), one, o.form, rcond)
+        dd = direct_damped(J, r, S, float(gamma), one, o.form, rcond, rmax_h)
         return _Local(x, f, r, rnorm, d, cos, lam, None, None, dd.jv, svd, host, dd,
                       float(gamma), unravel, kept)
     # J is ours to overwrite (then J v comes from the scaled J), except that geodesic
@@ -333,24 +333,25 @@ def _column_stats_deferred(J: Tensor, r: Tensor, rnorm: Tensor,
     bool) is False, :func:`_column_stats_scaled` gives the numbers (or raises). ``rmax``:
     ``max |r|`` when the caller has it (see :func:`funcopt.solvers.operators.max_and_norm`).
     The numbers are those of :func:`_column_stats_unchecked`, ``ok`` its checks."""
+    rmax = torch.linalg.vector_norm(r, float("inf")) if rmax is None else rmax
     col, cos, checks = _column_stats_unchecked(J, r, rnorm, rmax)
     if len(checks) == 1:
         return col, cos, checks[0]
-    lo, hi, rmax = checks
+    lo, hi = checks
     info = torch.finfo(J.dtype)
     return col, cos, (lo >= _lowest_sum(J)) & (torch.maximum(hi, rmax) <= info.max)
 
 
-def _column_stats_unchecked(J: Tensor, r: Tensor, rnorm: Tensor, rmax: Tensor | None = None
+def _column_stats_unchecked(J: Tensor, r: Tensor, rnorm: Tensor, rmax: Tensor
                             ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
     """``(col, gnorm, checks)``: the numbers of :func:`_column_stats` with no host read, to be
-    trusted where :func:`_checks_hold` holds for ``checks`` read on the host (else
-    :func:`_column_stats_scaled` gives them, or raises).
+    trusted where :func:`_checks_hold` holds for ``checks`` and ``rmax = max |r|`` read on the
+    host (else :func:`_column_stats_scaled` gives them, or raises).
 
     A ``J`` of more than :data:`COLUMN_BLOCK` numbers is read once, on the CPU in blocks of
     rows that stay in its cache (elsewhere in blocks of ``2^23`` numbers): each block's
     squares are summed and the block is multiplied by its part of ``r / ||r||`` (no copy of
-    ``J``). ``checks`` is then ``(lo, hi, max |r|)``, ``lo`` and ``hi`` the least and largest
+    ``J``). ``checks`` is then ``(lo, hi)``, ``lo`` and ``hi`` the least and largest
     sum of squares of a nonzero column (a zero column counts as :func:`_lowest_sum`): the
     numbers hold unless a sum of squares may have overflowed or lost digits to underflow (it
     is not in ``[m tiny / eps, max]`` of the dtype; so also for a non-finite ``J``), or ``r``
@@ -360,8 +361,10 @@ def _column_stats_unchecked(J: Tensor, r: Tensor, rnorm: Tensor, rmax: Tensor | 
     if J.numel() <= COLUMN_BLOCK:
         col, cos, ok = _column_stats_scaled(J, r, rnorm, check=False)
         return col, cos, (ok,)
-    k = max(1, COLUMN_BLOCK // n, -(-m // 32)) if J.device.type == "cpu" else max(1, 2**23 // n)
-    u = r / _positive(rnorm)
+    k = _rows_per_block(m, n, J.device)
+    # r / ||r|| with 1 for an infinite norm, and 0 for r = 0 (0 / 0): r / _positive(rnorm)
+    # wherever the checks hold (a finite r), in one operation fewer
+    u = (r / rnorm.nan_to_num(1.0, 1.0, 1.0)).nan_to_num(0.0)
     if k >= m:  # one block
         col2, big, g = (J * J).sum(0), torch.linalg.vector_norm(J, float("inf"), dim=0), u @ J
     else:
@@ -371,15 +374,19 @@ def _column_stats_unchecked(J: Tensor, r: Tensor, rnorm: Tensor, rmax: Tensor | 
             col2 += (block * block).sum(0)
             big = torch.maximum(big, torch.linalg.vector_norm(block, float("inf"), dim=0))
             g += u[i:i + k] @ block
-    if rmax is None:
-        rmax = torch.linalg.vector_norm(r, float("inf"))
     # a zero column (big = 0) is measured exactly; NaN anywhere makes lo, hi or rmax NaN
     lo, hi = torch.aminmax(col2.masked_fill(big == 0, _lowest_sum(J)))
     col = col2.sqrt()
     # where the checks hold, a nonzero column has col >= sqrt(m tiny / eps) > tiny and a zero
     # one g_j = 0: the largest |g_j| / col_j over the nonzero columns
     cos = torch.linalg.vector_norm(g / col.clamp_min(torch.finfo(J.dtype).tiny), float("inf"))
-    return col, cos, (lo, hi, rmax)
+    return col, cos, (lo, hi)
+
+
+def _rows_per_block(m: int, n: int, device: torch.device) -> int:
+    """Rows of ``J`` (``m x n``) per block of :func:`_column_stats_unchecked`: on the CPU
+    :data:`COLUMN_BLOCK` numbers (at least ``m / 32`` rows), elsewhere ``2^23`` numbers."""
+    return max(1, COLUMN_BLOCK // n, -(-m // 32)) if device.type == "cpu" else max(1, 2**23 // n)
 
 
 def _lowest_sum(J: Tensor) -> float:
@@ -388,14 +395,14 @@ def _lowest_sum(J: Tensor) -> float:
     return J.shape[0] * info.tiny / info.eps
 
 
-def _checks_hold(checks: list, J: Tensor) -> bool:
+def _checks_hold(checks: list, rmax: Any, J: Tensor) -> bool:
     """Whether the host values of :func:`_column_stats_unchecked`'s ``checks`` let its numbers
-    stand: ``[ok]``, ``[]`` (numbers known good), or ``[lo, hi, max |r|]`` (numpy scalars of
-    ``J``'s dtype, compared as the device would) with ``lo >= m tiny / eps`` and ``hi`` and
-    ``max |r|`` at most the largest number (False for NaN)."""
-    if len(checks) < 3:
+    stand: ``[ok]``, ``[]`` (numbers known good), or ``[lo, hi]`` (numpy scalars of ``J``'s
+    dtype, compared as the device would) with ``lo >= m tiny / eps`` and ``hi`` and
+    ``rmax = max |r|`` at most the largest number (False for NaN)."""
+    if len(checks) < 2:
         return all(checks)
-    lo, hi, rmax = checks
+    lo, hi = checks
     T, top = type(lo), torch.finfo(J.dtype).max
     return bool(lo >= T(_rounded(_lowest_sum(J), J.dtype)) and hi <= T(top) and rmax <= T(top))
 
@@ -501,6 +508,12 @@ def _evaluate(f: Callable[[Tensor], Tensor], x_new: Tensor, shape: torch.Size,
               inf: bool = True) -> Tensor:
     """``||r(x_new)||``; with ``inf``, ``inf`` when the residuals are not finite (else NaN or
     inf, for the caller to read). Checks the residual shape."""
+    n = scaled_norm(trial_residuals(f, x_new, shape))
+    return torch.where(torch.isfinite(n), n, torch.full_like(n, float("inf"))) if inf else n
+
+
+def trial_residuals(f: Callable[[Tensor], Tensor], x_new: Tensor, shape: torch.Size) -> Tensor:
+    """``r(x_new)`` (no gradient), checked to have the current residuals' ``shape``."""
     with torch.no_grad():
         r_new = f(x_new)
     if r_new.shape != shape:
@@ -508,5 +521,4 @@ def _evaluate(f: Callable[[Tensor], Tensor], x_new: Tensor, shape: torch.Size,
             f"residual_fn returned {tuple(r_new.shape)} residuals at a candidate point but "
             f"{tuple(shape)} at the current one; it must return the same number every call"
         )
-    n = scaled_norm(r_new)
-    return torch.where(torch.isfinite(n), n, torch.full_like(n, float("inf"))) if inf else n
+    return r_new
