@@ -329,41 +329,30 @@ def _column_stats(J: Tensor, r: Tensor, rnorm: Tensor) -> tuple[Tensor, Tensor]:
 
 def _column_stats_deferred(J: Tensor, r: Tensor, rnorm: Tensor,
                            rmax: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """``(col, gnorm, ok)`` as :func:`_column_stats` with no host read: where ``ok`` (0-d
-    bool) is False, :func:`_column_stats_scaled` gives the numbers (or raises). ``rmax``:
-    ``max |r|`` when the caller has it (see :func:`funcopt.solvers.operators.max_and_norm`).
-    The numbers are those of :func:`_column_stats_unchecked`, ``ok`` its checks."""
+    """:func:`_column_stats_unchecked` with its checks as a 0-d bool ``ok`` (no host read)."""
     rmax = torch.linalg.vector_norm(r, float("inf")) if rmax is None else rmax
     col, cos, checks = _column_stats_unchecked(J, r, rnorm, rmax)
     if len(checks) == 1:
         return col, cos, checks[0]
-    lo, hi = checks
-    info = torch.finfo(J.dtype)
-    return col, cos, (lo >= _lowest_sum(J)) & (torch.maximum(hi, rmax) <= info.max)
+    top = torch.maximum(checks[1], rmax) <= torch.finfo(J.dtype).max
+    return col, cos, (checks[0] >= _lowest_sum(J.shape[0], J.dtype)) & top
 
 
 def _column_stats_unchecked(J: Tensor, r: Tensor, rnorm: Tensor, rmax: Tensor
                             ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-    """``(col, gnorm, checks)``: the numbers of :func:`_column_stats` with no host read, to be
-    trusted where :func:`_checks_hold` holds for ``checks`` and ``rmax = max |r|`` read on the
-    host (else :func:`_column_stats_scaled` gives them, or raises).
-
-    A ``J`` of more than :data:`COLUMN_BLOCK` numbers is read once, on the CPU in blocks of
-    rows that stay in its cache (elsewhere in blocks of ``2^23`` numbers): each block's
-    squares are summed and the block is multiplied by its part of ``r / ||r||`` (no copy of
-    ``J``). ``checks`` is then ``(lo, hi)``, ``lo`` and ``hi`` the least and largest
-    sum of squares of a nonzero column (a zero column counts as :func:`_lowest_sum`): the
-    numbers hold unless a sum of squares may have overflowed or lost digits to underflow (it
-    is not in ``[m tiny / eps, max]`` of the dtype; so also for a non-finite ``J``), or ``r``
-    is not finite. A smaller ``J`` gets the numbers of :func:`_column_stats_scaled` and
-    ``checks`` its ``ok`` (False where they are not finite)."""
+    """``(col, gnorm, checks)`` of :func:`_column_stats` with no host read, good where
+    :func:`_checks_hold` holds for the host values of ``checks`` and ``rmax = max |r|``. A
+    ``J`` of more than :data:`COLUMN_BLOCK` numbers is read once, in blocks of rows
+    (:func:`_rows_per_block`; squares summed, times ``r / ||r||``, no copy of ``J``);
+    ``checks = (lo, hi)``, the extreme sums of squares of nonzero columns, which may have lost
+    digits outside ``[m tiny / eps, max]``. Else ``checks = (ok,)`` of
+    :func:`_column_stats_scaled`."""
     m, n = J.shape
     if J.numel() <= COLUMN_BLOCK:
         col, cos, ok = _column_stats_scaled(J, r, rnorm, check=False)
         return col, cos, (ok,)
     k = _rows_per_block(m, n, J.device)
-    # r / ||r|| with 1 for an infinite norm, and 0 for r = 0 (0 / 0): r / _positive(rnorm)
-    # wherever the checks hold (a finite r), in one operation fewer
+    # r / _positive(rnorm) where the checks hold (r finite; 0 / 0 for r = 0), one op fewer
     u = (r / rnorm.nan_to_num(1.0, 1.0, 1.0)).nan_to_num(0.0)
     if k >= m:  # one block
         col2, big, g = (J * J).sum(0), torch.linalg.vector_norm(J, float("inf"), dim=0), u @ J
@@ -375,42 +364,31 @@ def _column_stats_unchecked(J: Tensor, r: Tensor, rnorm: Tensor, rmax: Tensor
             big = torch.maximum(big, torch.linalg.vector_norm(block, float("inf"), dim=0))
             g += u[i:i + k] @ block
     # a zero column (big = 0) is measured exactly; NaN anywhere makes lo, hi or rmax NaN
-    lo, hi = torch.aminmax(col2.masked_fill(big == 0, _lowest_sum(J)))
+    lo, hi = torch.aminmax(col2.masked_fill(big == 0, _lowest_sum(m, J.dtype)))
     col = col2.sqrt()
-    # where the checks hold, a nonzero column has col >= sqrt(m tiny / eps) > tiny and a zero
-    # one g_j = 0: the largest |g_j| / col_j over the nonzero columns
+    # where the checks hold, col_j >= sqrt(m tiny / eps) > tiny or col_j = g_j = 0
     cos = torch.linalg.vector_norm(g / col.clamp_min(torch.finfo(J.dtype).tiny), float("inf"))
     return col, cos, (lo, hi)
 
 
 def _rows_per_block(m: int, n: int, device: torch.device) -> int:
-    """Rows of ``J`` (``m x n``) per block of :func:`_column_stats_unchecked`: on the CPU
-    :data:`COLUMN_BLOCK` numbers (at least ``m / 32`` rows), elsewhere ``2^23`` numbers."""
+    """Rows per block: on the CPU :data:`COLUMN_BLOCK` numbers (>= m / 32 rows), else 2^23."""
     return max(1, COLUMN_BLOCK // n, -(-m // 32)) if device.type == "cpu" else max(1, 2**23 // n)
 
 
-def _lowest_sum(J: Tensor) -> float:
-    """``m tiny / eps``: below it a column's sum of squares may have lost digits to underflow."""
-    info = torch.finfo(J.dtype)
-    return J.shape[0] * info.tiny / info.eps
+@functools.lru_cache(maxsize=64)
+def _lowest_sum(m: int, dtype: torch.dtype) -> float:
+    info = torch.finfo(dtype)  # m tiny / eps, rounded to dtype (as the device compares it)
+    return float(torch.tensor(m * info.tiny / info.eps, dtype=dtype))
 
 
 def _checks_hold(checks: list, rmax: Any, J: Tensor) -> bool:
-    """Whether the host values of :func:`_column_stats_unchecked`'s ``checks`` let its numbers
-    stand: ``[ok]``, ``[]`` (numbers known good), or ``[lo, hi]`` (numpy scalars of ``J``'s
-    dtype, compared as the device would) with ``lo >= m tiny / eps`` and ``hi`` and
-    ``rmax = max |r|`` at most the largest number (False for NaN)."""
+    """Whether host values of :func:`_column_stats_unchecked`'s ``checks`` keep its numbers:
+    ``[ok]``, ``[]`` (known good), or ``[lo, hi]`` with ``lo >= m tiny / eps``, ``hi, rmax <= max``."""
     if len(checks) < 2:
         return all(checks)
-    lo, hi = checks
-    T, top = type(lo), torch.finfo(J.dtype).max
-    return bool(lo >= T(_rounded(_lowest_sum(J), J.dtype)) and hi <= T(top) and rmax <= T(top))
-
-
-@functools.lru_cache(maxsize=64)
-def _rounded(v: float, dtype: torch.dtype) -> float:
-    """``v`` rounded to ``dtype`` (as a comparison of a ``dtype`` tensor with ``v`` rounds it)."""
-    return float(torch.tensor(v, dtype=dtype))
+    (lo, hi), T, top = checks, type(rmax), torch.finfo(J.dtype).max
+    return bool(lo >= T(_lowest_sum(J.shape[0], J.dtype)) and hi <= T(top) and rmax <= T(top))
 
 
 COLUMN_BLOCK = 2**17
@@ -504,12 +482,10 @@ def _propose(loc: _Local, lam: Any, o: LMOptions, generic: bool = False):
     return delta, step, Jd, ok, solved
 
 
-def _evaluate(f: Callable[[Tensor], Tensor], x_new: Tensor, shape: torch.Size,
-              inf: bool = True) -> Tensor:
-    """``||r(x_new)||``; with ``inf``, ``inf`` when the residuals are not finite (else NaN or
-    inf, for the caller to read). Checks the residual shape."""
+def _evaluate(f: Callable[[Tensor], Tensor], x_new: Tensor, shape: torch.Size) -> Tensor:
+    """``||r(x_new)||``, ``inf`` where the residuals are not finite (:func:`trial_residuals`)."""
     n = scaled_norm(trial_residuals(f, x_new, shape))
-    return torch.where(torch.isfinite(n), n, torch.full_like(n, float("inf"))) if inf else n
+    return torch.where(torch.isfinite(n), n, torch.full_like(n, float("inf")))
 
 
 def trial_residuals(f: Callable[[Tensor], Tensor], x_new: Tensor, shape: torch.Size) -> Tensor:
@@ -519,6 +495,5 @@ def trial_residuals(f: Callable[[Tensor], Tensor], x_new: Tensor, shape: torch.S
     if r_new.shape != shape:
         raise ValueError(
             f"residual_fn returned {tuple(r_new.shape)} residuals at a candidate point but "
-            f"{tuple(shape)} at the current one; it must return the same number every call"
-        )
+            f"{tuple(shape)} at the current one; it must return the same number every call")
     return r_new
