@@ -342,7 +342,8 @@ def mse_residuals(
                     f"model output {tuple(out.shape)} and targets {tuple(targets.shape)} of one "
                     "sample differ in shape; reshape the targets to the model's output"
                 )
-            diff = (out - targets.to(out.dtype)).reshape(-1)
+            diff = out - targets.to(out.dtype)
+            diff = diff if diff.ndim == 1 else diff.reshape(-1)  # a view op fewer per call
             return diff / (num_samples * diff.numel()) ** 0.5
 
         return per_sample_residuals(sample_fn, pass_num_samples=True)
@@ -388,8 +389,9 @@ def cross_entropy_residuals(
                     f"gave logits {tuple(logits.shape)} and label {tuple(label.shape)}"
                 )
             _require_integer_labels(label)
-            loss = torch.logsumexp(logits, dim=0) - logits.gather(0, label[None].long())[0]
-            return torch.sqrt(2.0 * loss.clamp(min=0.0) / num_samples + eps)[None]
+            # shape (1,): under vmap, a number times a 0-d tensor costs two more operations
+            loss = torch.logsumexp(logits, dim=0, keepdim=True) - logits.gather(0, label[None].long())
+            return torch.sqrt(2.0 * loss.clamp(min=0.0) / num_samples + eps)
 
         return per_sample_residuals(sample_fn, pass_num_samples=True)
 

@@ -31,21 +31,24 @@ def concat(leaves: Sequence[Tensor], groups: Sequence[Sequence[int]], *,
     """One 1-D buffer per group: ``cat(leaf.reshape(-1) for leaf in group)``, each piece cast
     to ``dtype`` when given. With ``copy=False`` a group of one leaf is that leaf's 1-D view
     (no copy; leaves already stored flat cost nothing)."""
-    def piece(i: int) -> Tensor:
-        flat = leaves[i].reshape(-1)
+    def piece(i: int, view: bool) -> Tensor:
+        leaf = leaves[i]
+        flat = leaf if leaf.ndim == 1 and not view else leaf.reshape(-1)  # cat copies anyway
         return flat if dtype is None else flat.to(dtype)
 
-    return tuple(piece(g[0]) if len(g) == 1 and not copy else torch.cat([piece(i) for i in g])
-                 for g in groups)
+    return tuple(piece(g[0], True) if len(g) == 1 and not copy
+                 else torch.cat([piece(i, False) for i in g]) for g in groups)
 
 
 def split(buffers: Sequence[Tensor], groups: Sequence[Sequence[int]],
           shapes: Sequence[torch.Size], out: list[Any],
           dtypes: Sequence[torch.dtype] | None = None) -> list[Any]:
     """Cut each buffer into its group's leaves, reshaped to ``shapes[i]`` (views of the
-    buffer) and cast to ``dtypes[i]`` when given, written to ``out[i]``; returns ``out``."""
+    buffer) and cast to ``dtypes[i]`` when given, written to ``out[i]``; returns ``out``.
+    One operation per buffer and one per leaf that is not 1-D (a 1-D piece is the leaf)."""
     for g, buf in zip(groups, buffers):
         for i, part in zip(g, torch.split(buf, [shapes[i].numel() for i in g])):
-            part = part.reshape(shapes[i])
+            if part.shape != shapes[i]:
+                part = part.reshape(shapes[i])
             out[i] = part if dtypes is None else part.to(dtypes[i])
     return out

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -327,8 +328,9 @@ class DirectDamped(NamedTuple):
 
     ``J``: ``J S^{-1} / gamma`` (the caller's tensor, divided in place); ``gram``: its Gram
     matrix, ``J^T J`` (primal) or ``J J^T`` (dual); ``rhs``: ``-J^T r / gamma`` (primal) or
-    ``-r / gamma`` (dual) as one column (negated: the solve gives the step); ``finite``: 0-d bool, ``rhs`` is finite (the check
-    :meth:`DampedLeastSquares.compute` makes, left to the caller to read); ``scale``: ``S`` or
+    ``-r / gamma`` (dual) as one column (negated: the solve gives the step); ``finite``:
+    ``rhs`` is finite (the check :meth:`DampedLeastSquares.compute` makes), a bool where the
+    host knew it, else a 0-d bool tensor left to the caller to read; ``scale``: ``S`` or
     None; ``gamma``: the power of two; ``rcond``: Cholesky's pivot-ratio threshold; ``dual``:
     the form.
     """
@@ -336,7 +338,7 @@ class DirectDamped(NamedTuple):
     J: Tensor
     gram: Tensor
     rhs: Tensor
-    finite: Tensor
+    finite: Tensor | bool
     scale: Tensor | None
     gamma: float
     rcond: float
@@ -355,12 +357,14 @@ class DirectDamped(NamedTuple):
 
 
 def direct_damped(J: Tensor, r: Tensor, scale: Tensor | None, gamma: float, one_division: bool,
-                  form: str, rcond: float | None) -> DirectDamped:
+                  form: str, rcond: float | None, rmax: Any = None) -> DirectDamped:
     """:class:`DirectDamped` for a finite ``J`` (overwritten) and ``r``: ``gamma``, the power
     of two of :meth:`DampedLeastSquares.plan` for a ``bound``, and ``one_division``, whether
     ``scale * gamma`` is a normal number everywhere (then ``J`` is divided once by it, else by
     ``scale`` and then by ``gamma``, as :func:`_scaled`), are read by the caller beforehand;
-    ``form`` as :class:`DampedLeastSquares`; ``rcond`` as :class:`~funcopt.solvers.Cholesky`'s.
+    ``form`` as :class:`DampedLeastSquares`; ``rcond`` as :class:`~funcopt.solvers.Cholesky`'s;
+    ``rmax``: ``max |r|`` as a numpy scalar of the dtype when the caller read it (see
+    :func:`_rhs_finite`).
     """
     if scale is None:
         Jh = J.div_(gamma)
@@ -373,7 +377,27 @@ def direct_damped(J: Tensor, r: Tensor, scale: Tensor | None, gamma: float, one_
     rhs = rhs if dual else Jh.mT @ rhs
     if rcond is None:
         rcond = min(gram.shape[0], 100) * torch.finfo(J.dtype).eps
-    return DirectDamped(Jh, gram, rhs, torch.isfinite(rhs).all(), scale, gamma, rcond, dual)
+    finite = _rhs_finite(rhs, dual, rmax, gamma, m)
+    return DirectDamped(Jh, gram, rhs, finite, scale, gamma, rcond, dual)
+
+
+def _rhs_finite(rhs: Tensor, dual: bool, rmax: Any, gamma: float, m: int) -> Tensor | bool:
+    """Whether :func:`direct_damped`'s ``rhs`` is finite: from the host number ``rmax = max
+    |r|`` (None: unknown) where it decides, as a bool: dual, ``max |rhs| = rmax / gamma``
+    (``gamma`` a power of two: exact, or inf); primal, ``|Jh^T r| / gamma <= 2 m rmax /
+    gamma`` for the ``m`` rows of ``|Jh| < 2``, finite when twice that bound is at most the
+    largest number (and ``m eps < 1/2`` bounds the rounding of the sums). Else a 0-d bool
+    tensor (``max |rhs| <= max``, False for NaN), left to the caller to read."""
+    info = torch.finfo(rhs.dtype)
+    if rmax is not None:
+        T = type(rmax)
+        with np.errstate(over="ignore"):  # inf: not finite
+            bound = rmax / T(gamma)
+        if dual:
+            return bool(bound <= T(info.max))
+        if 4.0 * m * float(bound) <= info.max and m * info.eps < 0.5:
+            return True
+    return torch.linalg.vector_norm(rhs, float("inf")) <= info.max
 
 
 def direct_damped_solve(dd: DirectDamped, damping: float) -> tuple[Tensor, Tensor]:
@@ -388,8 +412,9 @@ def direct_damped_solve(dd: DirectDamped, damping: float) -> tuple[Tensor, Tenso
     p = L.diagonal()
     lo, hi = torch.aminmax(p * p)
     y = torch.cholesky_solve(dd.rhs, L)
-    ok = (info == 0) & (lo > dd.rcond * hi) & torch.isfinite(y).all()
-    y = torch.where(ok, y, 0.0)[:, 0]
+    finite = torch.linalg.vector_norm(y, float("inf")) <= torch.finfo(y.dtype).max  # NaN: no
+    ok = (info == 0) & (lo > dd.rcond * hi) & finite
+    y = torch.where(ok, y, ok)[:, 0]  # 0 (False promoted) where not ok: no 0-d zero to make
     x = dd.J.mT @ y if dd.dual else y
     return (x if dd.scale is None else x / dd.scale), ok
 

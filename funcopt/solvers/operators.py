@@ -59,15 +59,43 @@ class LinearOperator:
 
 
 def scaled_norm(v: Tensor, dim: int | None = None) -> Tensor:
-    """The Euclidean norm ``||v||_2`` computed as ``s * ||v / s||`` with ``s = max |v|``, so it
+    """The Euclidean norm ``||v||_2`` computed as ``c * ||v / c||`` with ``c = max |v|``, so it
     neither overflows nor underflows when the norm itself is representable (MINPACK's
     ``enorm``, LAPACK's ``dnrm2`` do the same). ``dim``: None for the whole tensor, or the
     dimension to reduce (e.g. 0 for column norms). NaN in, NaN out; inf in, inf out.
+
+    ``c`` is ``max |v|`` clamped to ``[tiny, max]`` of the dtype: 0 (a zero ``v``, norm 0)
+    becomes ``tiny`` and inf (norm inf) the largest number, a NaN stays NaN (norm NaN); the
+    clamp also moves a maximum below ``tiny`` (all of ``v`` subnormal) to ``tiny``, a power of
+    two. Five operations (see :func:`max_and_norm`).
     """
-    s = torch.linalg.vector_norm(v, float("inf"), dim=dim, keepdim=dim is not None)  # max |v|
-    s = torch.where(s.nan_to_num(0.0, 0.0) > 0, s, 1.0)  # 1 where max |v| is 0, NaN or inf
-    n = torch.linalg.vector_norm(v / s, dim=dim, keepdim=dim is not None) * s
-    return n if dim is None else n.squeeze(dim)
+    if dim is None:
+        return max_and_norm(v)[1]
+    s = torch.linalg.vector_norm(v, float("inf"), dim=dim, keepdim=True)  # max |v|
+    c = _norm_scale(s)
+    return (torch.linalg.vector_norm(v / c, dim=dim, keepdim=True) * c).squeeze(dim)
+
+
+def max_and_norm(v: Tensor) -> tuple[Tensor, Tensor]:
+    """``(max |v|, ||v||_2)`` over all of ``v`` (0-d tensors), the norm as :func:`scaled_norm`
+    computes it. ``max |v|`` is NaN where ``v`` holds a NaN, so ``v`` is finite exactly where
+    ``max |v| <= finfo.max``."""
+    s = torch.linalg.vector_norm(v, float("inf"))
+    c = _norm_scale(s)
+    return s, torch.linalg.vector_norm(v / c) * c
+
+
+def norm_parts(v: Tensor) -> tuple[Tensor, Tensor]:
+    """``(c, ||v / c||)`` over all of ``v``, whose product (one rounding) is :func:`scaled_norm`'s
+    ``||v||``: for a caller that multiplies them elsewhere (on the host)."""
+    c = _norm_scale(torch.linalg.vector_norm(v, float("inf")))
+    return c, torch.linalg.vector_norm(v / c)
+
+
+def _norm_scale(s: Tensor) -> Tensor:
+    """``s`` (a maximum magnitude) clamped to ``[tiny, max]`` of its dtype; NaN stays NaN."""
+    info = torch.finfo(s.dtype)
+    return s.clamp(info.tiny, info.max)
 
 
 def _require_finite(t: Tensor, what: str) -> None:

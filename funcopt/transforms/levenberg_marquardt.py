@@ -51,6 +51,7 @@ from funcopt.engine import is_tracing
 from funcopt.func.jacobian import ravel_params, residual_vector_fn
 from funcopt.solvers import Auto, get
 from funcopt.solvers.base import scaled_norm
+from funcopt.solvers.operators import norm_parts
 from funcopt.transforms.lm_damping import (
     Classic,
     DampingRule,
@@ -73,6 +74,7 @@ from funcopt.transforms.lm_model import (
     _propose,
     _require_dtype,
     damped_gauss_newton_step,
+    trial_residuals,
 )
 
 __all__ = ["LevenbergMarquardtState", "levenberg_marquardt", "damped_gauss_newton_step",
@@ -345,23 +347,44 @@ def _attempt(loc, lam, o: LMOptions, first: bool) -> tuple:
     for generic in (False, True):
         delta, step, Jd, ok, solved = _propose(loc, lam, o, generic)
         x_new = loc.x + step
-        norms = [_evaluate(loc.f, x_new, loc.r.shape, inf=False),
-                 scaled_norm(loc.d * delta), scaled_norm(Jd)]
+        vecs = [trial_residuals(loc.f, x_new, loc.r.shape), loc.d * delta, Jd]
         if o.geodesic is not None:
-            norms.append(scaled_norm(loc.d * step))
+            vecs.append(loc.d * step)
+        parts = [_norm_parts(v) for v in vecs]
         flags = [ok] if solved is ok else [ok, solved]  # one tensor on the direct path
-        check = first and loc.direct is not None
-        vals = host_values(*norms, *flags, *((loc.direct.finite,) if check else ()))  # sync
-        if check and not vals.pop():
+        finite = loc.direct.finite if first and loc.direct is not None else True
+        check = isinstance(finite, Tensor)  # else known on the host
+        vals = host_values(*(t for p in parts for t in p), *flags,
+                           *((finite,) if check else ()))  # sync
+        if not (vals.pop() if check else finite):
             raise ValueError("the right-hand side b contains NaN or inf; a linear solve of "
                              "non-finite data has no meaning. Check the computation that "
                              "produced it (e.g. the residuals or the Jacobian).")
-        new_fn, pnorm, jdn, *rest = vals
-        snorm = rest.pop(0) if o.geodesic is not None else pnorm
+        (new_fn, pnorm, jdn, *snorm), rest = _host_norms(vals, parts)
+        snorm = snorm[0] if o.geodesic is not None else pnorm
         ok, solved = rest[0], rest[-1]
         if generic or solved or loc.direct is None or not isinstance(get(o.solver), Auto):
             break
     return (step, x_new, new_fn, pnorm, ok, solved, jdn, snorm)
+
+
+def _norm_parts(v: Tensor) -> list[Tensor]:
+    """``||v||`` as 0-d tensors for one host read: ``[c, nu]`` with ``||v|| = c nu``
+    (:func:`funcopt.solvers.operators.norm_parts`; the product is the host's, one operation
+    fewer) where the host's numbers round as ``v``'s dtype does, else ``[||v||]``."""
+    if v.dtype in (torch.float64, torch.float32, torch.float16):
+        return list(norm_parts(v))
+    return [scaled_norm(v)]
+
+
+def _host_norms(vals: list, parts: list) -> tuple[list, list]:
+    """``(norms, rest)`` from the host values of ``parts`` (made by :func:`_norm_parts`)
+    followed by others: a pair's product (rounded as the device's), or the norm itself."""
+    norms, i = [], 0
+    for p in parts:
+        norms.append(vals[i] * vals[i + 1] if len(p) == 2 else vals[i])
+        i += len(p)
+    return norms, vals[i:]
 
 
 def _finish_step(state, loc, trial, stats, accepted, attempt):
@@ -380,20 +403,35 @@ def _finish_step(state, loc, trial, stats, accepted, attempt):
     unsolved = not accepted and not solved
     predicted = nan if unsolved else predicted
 
-    def full(v: Any, t: torch.dtype = dtype) -> Tensor:
-        return torch.full((), v if isinstance(v, (bool, int)) else float(v), dtype=t, device=dev)
-
     running = d if loc.scale is None else loc.scale  # the state's scale (see running_scale)
+    (lam_t, nu_t, radius_t, cost_t, new_cost, pred_cost, rho_t, snorm_t, act_t, pred_t,
+     accepted_t, finite_t, attempts_t) = _tensors(
+        (lam, nu, radius, cost, T(0.5) * kept * kept, predicted * cost,
+         rho if math.isfinite(rho) else T(torch.finfo(dtype).min),
+         nan if unsolved else (snorm if accepted else pnorm), actual, predicted), dtype, dev,
+        (accepted, all_finite), attempt)
     new_state = LevenbergMarquardtState(
-        increment(state.count), full(lam), full(nu), full(radius), running, full(cost),
-        full(T(0.5) * kept * kept), full(predicted * cost),
-        full(rho if math.isfinite(rho) else T(torch.finfo(dtype).min)),
-        full(nan if unsolved else (snorm if accepted else pnorm)),
-        scaled_norm(d * (x_new if accepted else x)),
-        loc.cos, full(accepted, torch.bool), full(attempt, torch.int64), loc.rnorm,
-        full(actual), full(predicted), full(all_finite, torch.bool),
+        increment(state.count), lam_t, nu_t, radius_t, running, cost_t, new_cost, pred_cost,
+        rho_t, snorm_t, scaled_norm(d * (x_new if accepted else x)), loc.cos, accepted_t,
+        attempts_t, loc.rnorm, act_t, pred_t, finite_t,
     )
     return (step if accepted else torch.zeros_like(x)), new_state
+
+
+def _tensors(values: tuple, dtype: torch.dtype, dev: torch.device, flags: tuple,
+             count: int) -> tuple[Tensor, ...]:
+    """Host numbers as 0-d tensors of ``dtype`` on ``dev``, then the bools ``flags`` as bool
+    tensors and ``count`` as an int64 one: one tensor made on the host (the flags as 0 and 1,
+    the count where ``dtype`` holds it exactly, ``count <= 2 / eps``), moved in one copy that
+    the host does not wait for (its memory is staged at once), unbound and cast."""
+    exact = count <= 2.0 / torch.finfo(dtype).eps
+    t = torch.tensor([float(v) for v in (*values, *flags, *((count,) if exact else ()))],
+                     dtype=dtype)
+    out = (t if dev.type == "cpu" else t.to(dev, non_blocking=True)).unbind()
+    k = len(values)
+    counted = (out[-1].long() if exact
+               else torch.full((), count, dtype=torch.int64, device=dev))
+    return (*out[:k], *(f.bool() for f in out[k:k + len(flags)]), counted)
 
 
 def _traced_step(residual_fn, params, args, state: LevenbergMarquardtState, o: LMOptions):

@@ -261,7 +261,8 @@ def check_geodesic(geodesic: object) -> None:
 
 def _positive(t: Tensor) -> Tensor:
     """``t`` where it is positive and finite, else 1 (a safe divisor)."""
-    return torch.where(t.nan_to_num(0.0, 0.0) > 0, t, 1.0)
+    t = t.nan_to_num(1.0, 1.0, 1.0)
+    return t.masked_fill(t <= 0, 1.0)
 
 
 def trust_region_damping(s: Tensor, w: Tensor, sigma: Tensor, radius: Tensor | float) -> Tensor:
@@ -385,13 +386,14 @@ def _min(a: Any, b: Any) -> Any:
 
 
 def read_host(rnorm: Tensor, lam: Tensor, state: Any, rule: DampingRule, d: Tensor, x: Tensor,
-              *more: Tensor, scaling: bool = False) -> list:
+              *more: Tensor, scaling: bool = False, first: Tensor | None = None) -> list:
     """One host read for an eager Levenberg-Marquardt step: ``(||r||, lambda, nu, radius,
     first step, *more)``, numbers as numpy scalars of :func:`host_type`, boolean tensors as
     bools. ``state`` is the transform's; under the trust-region rule the radius is
     ``Delta_0`` of ``||d x||`` (and of ``||r||`` with ``scaling``, see
-    :meth:`TrustRegion.initial_radius`) on the first step."""
-    first = state.count == 0
+    :meth:`TrustRegion.initial_radius`) on the first step. ``first``: ``state.count == 0``
+    when the caller has it."""
+    first = state.count == 0 if first is None else first
     radius = state.radius
     if isinstance(rule, TrustRegion):
         start = rule.initial_radius(scaled_norm(d * x), rnorm if scaling else None)
@@ -402,9 +404,8 @@ def read_host(rnorm: Tensor, lam: Tensor, state: Any, rule: DampingRule, d: Tens
 def host_values(*items: Tensor) -> list:
     """0-d tensors read in one host sync: those of the first one's dtype (and any other
     floating one) as numpy scalars of its :func:`host_type`, boolean ones as bools."""
-    dtype = items[0].dtype
-    vals = torch.stack([t.to(dtype) for t in items]).tolist()  # host sync
-    T = host_type(dtype)
+    vals = torch.stack(items).tolist()  # host sync; stack promotes bools to the float dtype
+    T = host_type(items[0].dtype)
     return [bool(v) if t.dtype == torch.bool else T(v) for v, t in zip(vals, items)]
 
 

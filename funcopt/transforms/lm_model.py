@@ -8,6 +8,7 @@ and MINPACK's scale-free relative reductions of ``F = 0.5 ||r||^2``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -31,6 +32,7 @@ from funcopt.solvers.damped import (
     matrix_free_solve,
     wants_jacobi,
 )
+from funcopt.solvers.operators import max_and_norm
 from funcopt.transforms.lm_damping import TrustRegion, _positive, power_of_two_host, read_host
 
 if TYPE_CHECKING:
@@ -202,20 +204,21 @@ def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
     J, r = _jacobian(residual_fn, params, args, o.jacobian_mode, o.chunk_size,
                      raveled=(x, unravel))
     _require_dtype(r, x)
-    rnorm = scaled_norm(r)
-    stats = _column_stats_deferred(J, r, rnorm)
+    rmax, rnorm = max_and_norm(r)
+    stats = _column_stats_unchecked(J, r, rnorm, rmax)
+    first = state.count == 0
     while True:
-        col, cos, ok = stats
-        d, S, lam, kept = _scaling(col, state, o)
+        col, cos, checks = stats
+        d, S, lam, kept = _scaling(col, state, o, first)
         # max_j ||J_j|| / S_j bounds max |J S^{-1}| within sqrt(m)
         bound = (col if S is None else col / S).max() if col.numel() else col.new_ones(())
         smin, smax = torch.aminmax(S) if S is not None and S.numel() else (bound, bound)
-        *host, ok_h, bound_h, smin_h, smax_h = read_host(rnorm, lam, state, o.rule, d, x,
-                                                         ok, bound, smin, smax,
-                                                         scaling=o.scaling)
-        if ok_h:
+        vals = read_host(rnorm, lam, state, o.rule, d, x, bound, smin, smax, rmax, *checks,
+                         scaling=o.scaling, first=first)
+        host, (bound_h, smin_h, smax_h, rmax_h), checks_h = vals[:5], vals[5:9], vals[9:]
+        if _checks_hold(checks_h, rmax_h, J):
             break
-        stats = (*_column_stats_scaled(J, r, rnorm), ~ok)  # raises on a non-finite r or J
+        stats = (*_column_stats_scaled(J, r, rnorm), ())  # raises on a non-finite r or J
     gamma = power_of_two_host(bound_h)
     svd = _normalised_svd(J / d, r, rnorm) if isinstance(o.rule, TrustRegion) else None
     if J.requires_grad or not J.is_contiguous():
@@ -226,7 +229,7 @@ def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
         from funcopt.solvers import get
 
         rcond = getattr(get(o.solver), "rcond", None)
-        dd = direct_damped(J, r, S, float(gamma), one, o.form, rcond)
+        dd = direct_damped(J, r, S, float(gamma), one, o.form, rcond, rmax_h)
         return _Local(x, f, r, rnorm, d, cos, lam, None, None, dd.jv, svd, host, dd,
                       float(gamma), unravel, kept)
     # J is ours to overwrite (then J v comes from the scaled J), except that geodesic
@@ -237,12 +240,12 @@ def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
                   scale=kept)
 
 
-def _scaling(col: Tensor, state, o: LMOptions) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+def _scaling(col: Tensor, state, o: LMOptions,
+             first: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """``(d, S, lambda, kept)``: the scaling ``d`` (MINPACK's running maximum of the column
     norms ``col``, or ones), the solver's column scale ``S`` (``d`` or None), the damping (the
     state's, or ``tau max diag(J^T J)`` on the first step without scaling) and the scale the
-    state keeps (:func:`running_scale`)."""
-    first = state.count == 0
+    state keeps (:func:`running_scale`); ``first`` is ``state.count == 0``."""
     if o.scaling:
         d, kept = running_scale(state.scale, col, first)
         return d, d, state.damping, kept
@@ -324,33 +327,68 @@ def _column_stats(J: Tensor, r: Tensor, rnorm: Tensor) -> tuple[Tensor, Tensor]:
     return (col, cos) if bool(ok) else _column_stats_scaled(J, r, rnorm)  # host sync
 
 
-def _column_stats_deferred(J: Tensor, r: Tensor, rnorm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(col, gnorm, ok)`` as :func:`_column_stats` with no host read: where ``ok`` (0-d
-    bool) is False, :func:`_column_stats_scaled` gives the numbers (or raises).
+def _column_stats_deferred(J: Tensor, r: Tensor, rnorm: Tensor,
+                           rmax: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_column_stats_unchecked` with its checks as a 0-d bool ``ok`` (no host read)."""
+    rmax = torch.linalg.vector_norm(r, float("inf")) if rmax is None else rmax
+    col, cos, checks = _column_stats_unchecked(J, r, rnorm, rmax)
+    if len(checks) == 1:
+        return col, cos, checks[0]
+    top = torch.maximum(checks[1], rmax) <= torch.finfo(J.dtype).max
+    return col, cos, (checks[0] >= _lowest_sum(J.shape[0], J.dtype)) & top
 
-    A ``J`` of more than :data:`COLUMN_BLOCK` numbers is read once, on the CPU in blocks of
-    rows that stay in its cache (elsewhere in blocks of ``2^23`` numbers): each block's
-    squares are summed and the block is multiplied by its part of ``r / ||r||`` (no copy of
-    ``J``). ``ok`` is False where a sum of squares may have overflowed or lost digits to
-    underflow (it is not in ``[m tiny / eps, max]`` of the dtype, unless the column is zero;
-    so also for a non-finite ``J``), or ``r`` is not finite. A smaller ``J`` gets the numbers of
-    :func:`_column_stats_scaled`, ``ok`` False where they are not finite."""
+
+def _column_stats_unchecked(J: Tensor, r: Tensor, rnorm: Tensor, rmax: Tensor
+                            ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """``(col, gnorm, checks)`` of :func:`_column_stats` with no host read, good where
+    :func:`_checks_hold` holds for the host values of ``checks`` and ``rmax = max |r|``. A
+    ``J`` of more than :data:`COLUMN_BLOCK` numbers is read once, in blocks of rows
+    (:func:`_rows_per_block`; squares summed, times ``r / ||r||``, no copy of ``J``);
+    ``checks = (lo, hi)``, the extreme sums of squares of nonzero columns, which may have lost
+    digits outside ``[m tiny / eps, max]``. Else ``checks = (ok,)`` of
+    :func:`_column_stats_scaled`."""
     m, n = J.shape
     if J.numel() <= COLUMN_BLOCK:
-        return _column_stats_scaled(J, r, rnorm, check=False)
-    k = max(1, COLUMN_BLOCK // n, -(-m // 32)) if J.device.type == "cpu" else max(1, 2**23 // n)
-    col2, big, g = J.new_zeros(n), J.new_zeros(n), J.new_zeros(n)
-    u = r / _positive(rnorm)
-    for i in range(0, m, k):
-        block = J[i:i + k]
-        col2 += (block * block).sum(0)
-        big = torch.maximum(big, torch.linalg.vector_norm(block, float("inf"), dim=0))
-        g += u[i:i + k] @ block
-    info = torch.finfo(J.dtype)
-    lost = (col2 < m * info.tiny / info.eps) & (big > 0)  # a zero column is measured exactly
-    ok = ~lost.any() & (col2.max() <= info.max) & torch.isfinite(r).all()
+        col, cos, ok = _column_stats_scaled(J, r, rnorm, check=False)
+        return col, cos, (ok,)
+    k = _rows_per_block(m, n, J.device)
+    # r / _positive(rnorm) where the checks hold (r finite; 0 / 0 for r = 0), one op fewer
+    u = (r / rnorm.nan_to_num(1.0, 1.0, 1.0)).nan_to_num(0.0)
+    if k >= m:  # one block
+        col2, big, g = (J * J).sum(0), torch.linalg.vector_norm(J, float("inf"), dim=0), u @ J
+    else:
+        col2, big, g = J.new_zeros(n), J.new_zeros(n), J.new_zeros(n)
+        for i in range(0, m, k):
+            block = J[i:i + k]
+            col2 += (block * block).sum(0)
+            big = torch.maximum(big, torch.linalg.vector_norm(block, float("inf"), dim=0))
+            g += u[i:i + k] @ block
+    # a zero column (big = 0) is measured exactly; NaN anywhere makes lo, hi or rmax NaN
+    lo, hi = torch.aminmax(col2.masked_fill(big == 0, _lowest_sum(m, J.dtype)))
     col = col2.sqrt()
-    return col, torch.where(col > 0, g.abs() / col, 0.0).max() * (rnorm > 0), ok
+    # where the checks hold, col_j >= sqrt(m tiny / eps) > tiny or col_j = g_j = 0
+    cos = torch.linalg.vector_norm(g / col.clamp_min(torch.finfo(J.dtype).tiny), float("inf"))
+    return col, cos, (lo, hi)
+
+
+def _rows_per_block(m: int, n: int, device: torch.device) -> int:
+    """Rows per block: on the CPU :data:`COLUMN_BLOCK` numbers (>= m / 32 rows), else 2^23."""
+    return max(1, COLUMN_BLOCK // n, -(-m // 32)) if device.type == "cpu" else max(1, 2**23 // n)
+
+
+@functools.lru_cache(maxsize=64)
+def _lowest_sum(m: int, dtype: torch.dtype) -> float:
+    info = torch.finfo(dtype)  # m tiny / eps, rounded to dtype (as the device compares it)
+    return float(torch.tensor(m * info.tiny / info.eps, dtype=dtype))
+
+
+def _checks_hold(checks: list, rmax: Any, J: Tensor) -> bool:
+    """Whether host values of :func:`_column_stats_unchecked`'s ``checks`` keep its numbers:
+    ``[ok]``, ``[]`` (known good), or ``[lo, hi]`` with ``lo >= m tiny / eps``, ``hi, rmax <= max``."""
+    if len(checks) < 2:
+        return all(checks)
+    (lo, hi), T, top = checks, type(rmax), torch.finfo(J.dtype).max
+    return bool(lo >= T(_lowest_sum(J.shape[0], J.dtype)) and hi <= T(top) and rmax <= T(top))
 
 
 COLUMN_BLOCK = 2**17
@@ -444,16 +482,18 @@ def _propose(loc: _Local, lam: Any, o: LMOptions, generic: bool = False):
     return delta, step, Jd, ok, solved
 
 
-def _evaluate(f: Callable[[Tensor], Tensor], x_new: Tensor, shape: torch.Size,
-              inf: bool = True) -> Tensor:
-    """``||r(x_new)||``; with ``inf``, ``inf`` when the residuals are not finite (else NaN or
-    inf, for the caller to read). Checks the residual shape."""
+def _evaluate(f: Callable[[Tensor], Tensor], x_new: Tensor, shape: torch.Size) -> Tensor:
+    """``||r(x_new)||``, ``inf`` where the residuals are not finite (:func:`trial_residuals`)."""
+    n = scaled_norm(trial_residuals(f, x_new, shape))
+    return torch.where(torch.isfinite(n), n, torch.full_like(n, float("inf")))
+
+
+def trial_residuals(f: Callable[[Tensor], Tensor], x_new: Tensor, shape: torch.Size) -> Tensor:
+    """``r(x_new)`` (no gradient), checked to have the current residuals' ``shape``."""
     with torch.no_grad():
         r_new = f(x_new)
     if r_new.shape != shape:
         raise ValueError(
             f"residual_fn returned {tuple(r_new.shape)} residuals at a candidate point but "
-            f"{tuple(shape)} at the current one; it must return the same number every call"
-        )
-    n = scaled_norm(r_new)
-    return torch.where(torch.isfinite(n), n, torch.full_like(n, float("inf"))) if inf else n
+            f"{tuple(shape)} at the current one; it must return the same number every call")
+    return r_new
