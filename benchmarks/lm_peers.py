@@ -13,9 +13,10 @@ Both packages start from the same weights and data (float32) and take the same n
 (one Jacobian each; rejected attempts inside a step are part of it). Reported: median ms per step
 after a warm-up, final training loss (MSE, resp. mean cross-entropy, computed the same way for
 both), test accuracy for digits, and the final damping. The peer runs with its default
-(``solve_method="qr"``) and with ``"cholesky"``; funcopt with ``solver="auto"`` (Cholesky with a
-least-squares fallback) and ``"cholesky"``, other settings at their defaults, plus one run with
-``scaling=False`` (``D = I`` as the peer); each funcopt setting is run with the generic Jacobian
+(``solve_method="qr"``) and with ``"cholesky"``; funcopt with its defaults (``solver="auto"``:
+Cholesky with a least-squares fallback; the column scaling by shape: ``D`` on digits, where the
+residuals outnumber the parameters, ``D = I`` on sin) and with ``"cholesky"`` and each scaling
+set explicitly (``scaling=True``; ``scaling=False``, ``D = I`` as the peer); each funcopt setting is run with the generic Jacobian
 (reverse mode over the whole batch, one backward pass per residual) and, as "funcopt
 per-sample", with the residual adapters' ``per_sample=True`` (``vmap`` over samples of the
 Jacobian of one sample's residuals, as the peer does). The peer's warnings for failed Cholesky
@@ -120,13 +121,14 @@ def run_peer(name, model, xtr, ytr, steps, solve_method, device):
 PEER = "torch-lm 1.2.3"
 NIELSEN = "Nielsen, lambda_0=1e-3, D=diag(running max col norm^2)"
 NIELSEN_I = "Nielsen, scaling=False: D=I, lambda_0=1e-3 max diag(J^T J)"
+DEFAULT = "Nielsen, default scaling: D where m >= n (digits), D=I where n > m (sin)"
 PER_SAMPLE = "funcopt per-sample"
 CONFIGS = [
-    ("funcopt", "auto", NIELSEN, {}),
-    ("funcopt", "cholesky", NIELSEN, {}),
+    ("funcopt", "auto", DEFAULT, {}),
+    ("funcopt", "cholesky", NIELSEN, {"scaling": True}),
     ("funcopt", "cholesky", NIELSEN_I, {"scaling": False}),
-    (PER_SAMPLE, "auto", NIELSEN, {"per_sample": True}),
-    (PER_SAMPLE, "cholesky", NIELSEN, {"per_sample": True}),
+    (PER_SAMPLE, "auto", DEFAULT, {"per_sample": True}),
+    (PER_SAMPLE, "cholesky", NIELSEN, {"scaling": True, "per_sample": True}),
     (PER_SAMPLE, "cholesky", NIELSEN_I, {"scaling": False, "per_sample": True}),
     (PEER, "qr", "standard (default): lambda_0=1e-3, x0.1 / x10, D=I, J^T J / N", {}),
     (PEER, "cholesky", "standard (default): lambda_0=1e-3, x0.1 / x10, D=I, J^T J / N", {}),

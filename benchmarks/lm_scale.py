@@ -16,17 +16,18 @@ costs only its row):
 * ``funcopt LM (memory model)``: ``fo.levenberg_marquardt`` on ``fo.mse_residuals(...,
   per_sample=True)``, stepped as a training loop, on the path ``fo.memory_path`` picks for
   ``--memory-budget`` (default: half of the free device memory, resp. of the available RAM):
-  dense with the transform's defaults (Nielsen damping, column scaling, ``solver="auto"``),
+  dense with the transform's defaults (Nielsen damping, the column scaling decided by the
+  shape: ``D = I`` here, where ``n > m``; ``solver="auto"``),
   or matrix-free with the options ``fo.least_squares`` takes there (CG with the Jacobi
   preconditioner, ``D`` from the same ``diag(J^T J)``, Nielsen);
 * ``funcopt LM matrix-free``: the matrix-free path forced (skipped when the memory model
   already picked it);
 * ``funcopt LM dense, scaling=False``: the dense path with ``D = I`` (``lambda_0 = 1e-3 max
-  diag(J^T J)``), Nielsen's rule; on wide networks this took fewer steps than the default
+  diag(J^T J)``), Nielsen's rule: the default where ``n > m``, run under its own name
   (``docs/least_squares.md``, "Step counts on wide networks");
 * ``funcopt LM dense, Classic rule``: the dense path with ``rule=fo.Classic()`` (damping
-  times 0.1 on an accepted step, times 10 on a rejected one: torch-lm's factors), the other
-  defaults unchanged;
+  times 0.1 on an accepted step, times 10 on a rejected one: torch-lm's factors) and the
+  column scaling ``D`` (``scaling=True``);
 * ``torch-lm``: torch-levenberg-marquardt's ``LevenbergMarquardtModule`` with
   ``solve_method=--peer-solve`` (default ``cholesky``, its fastest) and its other defaults;
   loaded without its package ``__init__`` when that fails (the ``__init__`` imports
@@ -152,7 +153,7 @@ class FuncoptLM:
                                                       fo.Nielsen(), {})
             opts = {**opts, "rule": rule, "solver": solver}
         elif classic:
-            opts = {"rule": fo.Classic()}  # x0.1 on accept, x10 on reject, as torch-lm
+            opts = {"rule": fo.Classic(), "scaling": True}  # torch-lm's factors, with D
         elif noscale:
             opts = {"scaling": False}  # D = I, as torch-lm
         self.make = lambda: fo.levenberg_marquardt(res, **opts)
@@ -160,7 +161,8 @@ class FuncoptLM:
         self.params = {k: v.detach().clone() for k, v in model.named_parameters()}
         self.setting = ("dense, Classic (x0.1 / x10), scaling, solver auto" if classic else
                         "dense, Nielsen, D=I (scaling=False), solver auto" if noscale else
-                        "dense, Nielsen, scaling, solver auto" if path == "dense" else
+                        f"dense, Nielsen, default scaling ({'D' if x.shape[0] >= n else 'D=I'}"
+                        "), solver auto" if path == "dense" else
                         f"CG jacobi tol {opts['solver'].tol:.1e}, Nielsen, "
                         f"{'D from diag(J^T J)' if opts['scaling'] else 'D=I'}, "
                         f"chunk {opts['chunk_size']}")

@@ -25,7 +25,7 @@ from funcopt.func.jacobian import _vjp
 from funcopt.least_squares_options import GAIN_CHECK_SIZE, rounding_steps
 from funcopt.transforms import lm_batched
 from funcopt.transforms.levenberg_marquardt import LevenbergMarquardtState, LMOptions
-from funcopt.transforms.lm_damping import TrustRegion
+from funcopt.transforms.lm_damping import TrustRegion, resolve_scaling
 
 __all__ = ["BatchedLeastSquaresInfo", "REASONS", "SUCCESS_CODES", "least_squares_batched",
            "ravel_batched", "batched_jacobian", "stopping_codes"]
@@ -326,6 +326,7 @@ def least_squares_batched(residual_fn: Callable[[PyTree], Tensor], params: PyTre
     B = x.shape[0]
     f = _residuals(residual_fn, unravel, B, x.dtype)
     m = f(x).shape[1]
+    o = resolve_scaling(o, m, x.shape[1])
     _check_independent(f, x)
     method = "gram"  # eigh of the n x n matrix: several times cheaper than an SVD of J
 

@@ -35,7 +35,7 @@ from funcopt.least_squares_options import (
 )
 from funcopt.transforms import lm_batched
 from funcopt.transforms.levenberg_marquardt import lm_options
-from funcopt.transforms.lm_damping import DampingRule, TrustRegion
+from funcopt.transforms.lm_damping import DampingRule, TrustRegion, resolve_scaling
 
 __all__ = ["least_squares_parallel"]
 
@@ -86,6 +86,11 @@ def least_squares_parallel(
 
     def f(x: Tensor) -> Tensor:
         return residual_vector_fn(residual_fn, unravel)(x)
+
+    if o.scaling is None:  # the residuals of all ranks against the parameters decide D
+        with torch.no_grad():
+            m = _sum(torch.tensor([f(x0).numel()], dtype=torch.float64, device=x0.device), group)
+        o = resolve_scaling(o, int(m), x0.numel())
 
     def model(x: Tensor, state) -> lm_batched.BatchedLocal:
         J, r = jacobian(residual_fn, unravel(x[0]), mode=o.jacobian_mode)

@@ -131,7 +131,7 @@ def test_first_step_on_a_large_jacobian_equals_float64_normal_equations(m, width
     d = torch.linalg.vector_norm(J, dim=0)
     lam = fo.Nielsen().initial_damping
     want = -torch.linalg.solve(J.T @ J + lam * torch.diag(d * d), J.T @ r)
-    tx = fo.levenberg_marquardt(residual)
+    tx = fo.levenberg_marquardt(residual, scaling=True)  # the default only where m >= n
     upd, state = tx.update(None, tx.init(params), params)
     got, _ = fo.func.ravel_params(upd)
     assert bool(state.accepted) and int(state.attempts) == 1
@@ -147,7 +147,7 @@ def test_steps_on_a_large_jacobian_do_not_depend_on_the_scale_of_the_residuals(s
     column statistics fall back to the scaled formula, and the steps are those at scale 1."""
     def run(s):
         residual, params = _mlp_problem(160, 40, s)
-        tx = fo.levenberg_marquardt(residual)
+        tx = fo.levenberg_marquardt(residual, scaling=True)  # D's statistics at every scale
         state, out = tx.init(params), []
         for _ in range(3):
             upd, state = tx.update(None, state, params)

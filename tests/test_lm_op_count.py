@@ -179,7 +179,7 @@ def test_ten_steps_equal_a_float64_numpy_levenberg_marquardt(solver):
     keys = [str(p[0]) for p in optree.tree_paths(params)]
     want = _numpy_lm({k: v.numpy() for k, v in params.items()}, batch[0].numpy(),
                      batch[1][:, 0].numpy(), keys, steps=10)
-    tx = fo.levenberg_marquardt(residual, solver=solver)
+    tx = fo.levenberg_marquardt(residual, solver=solver, scaling=True)  # n > m: not the default
     state = tx.init(params)
     for cost, lam, attempts in want:
         upd, state = tx.update(None, state, params, batch=batch)

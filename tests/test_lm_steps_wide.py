@@ -122,3 +122,38 @@ def test_wide_fit_reaches_the_target_with_either_setting():
     default = steps()
     assert advised == first
     assert default is not None and advised <= default
+
+
+def test_the_default_scaling_is_decided_by_the_shape():
+    """``scaling=None`` (the default): MINPACK's column scaling where ``m >= n``, ``D = I``
+    on a wider problem; the steps equal those of the explicit setting, in the transform, in
+    ``least_squares`` and its batched driver."""
+    gen = torch.Generator().manual_seed(3)
+    A = torch.randn(6, 3, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 1e3, 1e-2],
+                                                                               dtype=torch.float64)
+    b = torch.randn(6, generator=gen, dtype=torch.float64)
+    for rows, cols, want in [(6, 3, True), (2, 3, False), (3, 3, True)]:
+        res = lambda p, A=A[:rows, :cols], b=b[:rows]: torch.tanh(A @ p) - 0.5 * b
+        p0 = torch.full((cols,), 0.1, dtype=torch.float64)
+
+        def steps(res=res, p0=p0, **kw):
+            tx = fo.levenberg_marquardt(res, **kw)
+            p, s, out = p0, tx.init(p0), []
+            for _ in range(3):
+                u, s = tx.update(None, s, p)
+                p = fo.apply_updates(p, u)
+                out.append(p)
+            return torch.stack(out), s
+
+        got, state = steps()
+        same, other = steps(scaling=want), steps(scaling=not want)
+        assert torch.equal(got, same[0]) and torch.equal(state.scale, same[1].scale)
+        assert not torch.equal(got, other[0])
+        x1, _ = fo.least_squares(res, p0, max_steps=5)
+        x2, _ = fo.least_squares(res, p0, max_steps=5, scaling=want)
+        assert torch.equal(x1, x2)
+        batch = torch.vmap(res)
+        xb, _ = fo.least_squares(batch, p0[None].repeat(2, 1), max_steps=5, batched=True)
+        xb2, _ = fo.least_squares(batch, p0[None].repeat(2, 1), max_steps=5, batched=True,
+                                  scaling=want)
+        assert torch.equal(xb, xb2)

@@ -65,6 +65,7 @@ from funcopt.transforms.lm_damping import (
     host_values,
     read_host,
     relative_reductions,
+    resolve_scaling,
     trust_region_damping,
 )
 from funcopt.transforms.lm_model import (
@@ -128,12 +129,13 @@ class LevenbergMarquardtState(NamedTuple):
 class LMOptions:
     """The validated options of :func:`levenberg_marquardt`, as its step functions (eager,
     traced and batched) read them; made by :func:`lm_options`. Fields as the arguments there;
-    ``scaling`` is resolved to a bool and ``matrix_free`` says the solver only needs products
-    with ``J`` (conjugate gradients)."""
+    ``scaling`` is a bool, or None on the dense path: decided per problem by its shape
+    (:func:`funcopt.transforms.lm_damping.resolve_scaling`); ``matrix_free`` says the solver
+    only needs products with ``J`` (conjugate gradients)."""
 
     rule: DampingRule
     geodesic: Geodesic | None
-    scaling: bool
+    scaling: bool | None
     max_attempts: int
     accept_ratio: float
     solver: Any
@@ -164,8 +166,8 @@ def lm_options(
     if scaling is not None and not isinstance(scaling, bool):
         raise TypeError(f"scaling={scaling!r}: pass True, False or None (automatic)")
     matrix_free = _is_matrix_free(solver)
-    if scaling is None:
-        scaling = not matrix_free
+    if scaling is None and (matrix_free or getattr(solver, "row_block", None) is not None):
+        scaling = not matrix_free  # the row-block path keeps MINPACK's scaling
     if matrix_free and isinstance(rule, TrustRegion):
         raise ValueError("rule=TrustRegion() needs a dense Jacobian (an SVD of J / d); "
                          "use rule=fo.Nielsen() or fo.Classic() with a matrix-free solver")
@@ -212,17 +214,19 @@ def levenberg_marquardt(
             every step so far; unlike MINPACK that 1 does not enter the maximum); the rule's
             ``initial_damping`` is then relative to ``D``. False: ``D = I`` and ``lambda_0 =
             tau * max diag(J^T J)`` with ``tau = initial_damping`` (Nielsen 1999). Default
-            None: True with a dense Jacobian, False on the matrix-free path; True there
+            None: with a dense Jacobian True where the residuals are at least as many as the
+            parameters (``m >= n``: curve fits) and False on a wider problem, False on the
+            matrix-free path; True there
             takes the columns' norms from ``diag(J^T J)``, ``min(m, n)`` Jacobian products
             per update (:func:`funcopt.transforms.lm_model.column_norms_sq`), which the Jacobi
             preconditioner computes anyway. Wide networks (many more parameters than
             residuals): the column norms there spread over 4-5 orders of magnitude (an MLP's
             hidden-to-hidden weights scale with the next layer's weights), ``D`` damps every
             column by its own curvature, and the step moves the weakly coupled weights far;
-            ``scaling=False`` (``D = I``, the minimum-norm step as ``lambda -> 0``) took one
-            step fewer at 3e5 and 1e6 parameters for 512 samples and was one step slower at 1e4
-            with a tighter target (``docs/least_squares.md``, "Step counts on wide networks");
-            the default stays, for the parameter-scale invariance it gives.
+            ``D = I`` (the minimum-norm step as ``lambda -> 0``) took torch-lm's 4 steps to
+            the target at 1e6 parameters and 4096 samples on an H100 where ``D`` took 19
+            (``docs/least_squares.md``, "Step counts on wide networks"), hence the default by
+            shape; pass True or False to choose.
         max_attempts: solves per update before giving up with a zero step (10).
         accept_ratio: smallest gain ratio accepted (1e-4, as MINPACK), in ``[0, 1)``.
         solver, form: passed to :func:`funcopt.solvers.damped_least_squares` (``"auto"``:
@@ -294,6 +298,8 @@ def _step(residual_fn, params, args, state: LevenbergMarquardtState, o: LMOption
     and the rule's arithmetic runs on the host in the parameters' dtype
     (:func:`funcopt.transforms.lm_damping.host_type`), as 0-d tensors would compute it."""
     loc = _linearize(residual_fn, params, args, state, o)
+    o = loc.options  # scaling decided by the problem's shape
+    assert o.scaling is not None
     x, d, rule = loc.x, loc.d, o.rule
     host = loc.host or read_host(loc.rnorm, loc.damping, state, rule, d, x,
                                     scaling=o.scaling)
@@ -456,6 +462,7 @@ def _traced_step(residual_fn, params, args, state: LevenbergMarquardtState, o: L
     f = residual_vector_fn(residual_fn, unravel, *args)
     J, r = jacrev(lambda v: (f(v), f(v)), has_aux=True)(x)
     _require_dtype(r, x)
+    o = resolve_scaling(o, r.numel(), x.numel())
     batched = LevenbergMarquardtState(*(t[None] for t in state))
 
     def trial_norm(x_new: Tensor) -> Tensor:

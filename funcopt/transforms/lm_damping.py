@@ -19,7 +19,7 @@ sync-free traced path and the batched drivers share it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Union
 
 import numpy as np
@@ -247,6 +247,15 @@ class Geodesic:
         check_hyperparameter("Geodesic.alpha", self.alpha, low=0.0, low_inclusive=False)
         if self.fd_step is not None:
             check_hyperparameter("Geodesic.fd_step", self.fd_step, low=0.0, low_inclusive=False)
+
+
+def resolve_scaling(o: Any, m: int, n: int) -> Any:
+    """The options ``o`` (an ``LMOptions``) with ``scaling`` decided for a problem of ``m``
+    residuals and ``n`` parameters: as given, else (None) ``m >= n``: MINPACK's column scaling
+    where the residuals are at least as many as the parameters (curve fits, NIST), ``D = I``
+    on a wider problem (a network with more weights than residuals; see
+    :func:`funcopt.levenberg_marquardt`)."""
+    return o if o.scaling is not None else replace(o, scaling=m >= n)
 
 
 def check_geodesic(geodesic: object) -> None:

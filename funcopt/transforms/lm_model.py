@@ -1,10 +1,8 @@
 """The local Gauss-Newton model of :func:`funcopt.levenberg_marquardt` (eager path).
 
-At ``x`` with residuals ``r`` and Jacobian ``J`` (dense, or used only through products on the
-matrix-free path), the damped system ``(J^T J + lambda D) delta = -J^T r`` is factorised once
-per damping and solved through :mod:`funcopt.solvers`; this module also evaluates trial points
-and MINPACK's scale-free relative reductions of ``F = 0.5 ||r||^2``.
-"""
+At ``x`` with residuals ``r`` and Jacobian ``J`` (dense, or products only on the matrix-free
+path), ``(J^T J + lambda D) delta = -J^T r`` is factorised once per damping and solved through
+:mod:`funcopt.solvers`; trial points and MINPACK's relative reductions of ``0.5 ||r||^2``."""
 
 from __future__ import annotations
 
@@ -33,6 +31,7 @@ from funcopt.solvers.damped import (
     wants_jacobi,
 )
 from funcopt.solvers.operators import max_and_norm
+from funcopt.transforms import lm_damping
 from funcopt.transforms.lm_damping import TrustRegion, _positive, power_of_two_host, read_host
 
 if TYPE_CHECKING:
@@ -163,6 +162,7 @@ class _Local(NamedTuple):
     gamma: float = 1.0  # the power of two that scales J for ``direct``
     unravel: Callable[[Tensor], Any] | None = None  # of ravel_params(params)
     scale: Tensor | None = None  # the running maximum kept in the state (see running_scale)
+    options: Any = None  # the LMOptions, scaling decided (resolve_scaling)
 
 
 def running_scale(scale: Tensor, col: Tensor, first: Tensor) -> tuple[Tensor, Tensor]:
@@ -204,6 +204,7 @@ def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
     J, r = _jacobian(residual_fn, params, args, o.jacobian_mode, o.chunk_size,
                      raveled=(x, unravel))
     _require_dtype(r, x)
+    o = lm_damping.resolve_scaling(o, r.numel(), x.numel())
     rmax, rnorm = max_and_norm(r)
     stats = _column_stats_unchecked(J, r, rnorm, rmax)
     first = state.count == 0
@@ -214,7 +215,7 @@ def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
         bound = (col if S is None else col / S).max() if col.numel() else col.new_ones(())
         smin, smax = torch.aminmax(S) if S is not None and S.numel() else (bound, bound)
         vals = read_host(rnorm, lam, state, o.rule, d, x, bound, smin, smax, rmax, *checks,
-                         scaling=o.scaling, first=first)
+                         scaling=bool(o.scaling), first=first)  # resolved above
         host, (bound_h, smin_h, smax_h, rmax_h), checks_h = vals[:5], vals[5:9], vals[9:]
         if _checks_hold(checks_h, rmax_h, J):
             break
@@ -231,13 +232,13 @@ def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
         rcond = getattr(get(o.solver), "rcond", None)
         dd = direct_damped(J, r, S, float(gamma), one, o.form, rcond, rmax_h)
         return _Local(x, f, r, rnorm, d, cos, lam, None, None, dd.jv, svd, host, dd,
-                      float(gamma), unravel, kept)
+                      float(gamma), unravel, kept, o)
     # J is ours to overwrite (then J v comes from the scaled J), except that geodesic
     # acceleration keeps it: its finite difference subtracts J v, reproduced to the last bit
     factor, solve, jv = _damped_solver(J, S, o.solver, o.form, bound,
                                        overwrite=o.geodesic is None)
     return _Local(x, f, r, rnorm, d, cos, lam, factor, solve, jv, svd, host, unravel=unravel,
-                  scale=kept)
+                  scale=kept, options=o)
 
 
 def _scaling(col: Tensor, state, o: LMOptions,
@@ -278,7 +279,7 @@ def _linearize_matrix_free(residual_fn, params, args, state, o: LMOptions, x, f)
     factor = lambda lam_: matrix_free_factor(gn, lam_, o.solver, d2, col2)
     solve = lambda factored, u: matrix_free_solve(gn, factored, u)
     return _Local(x, f, r, rnorm, d, cos, state.damping, factor, solve, gn.jvp,
-                  scale=kept)
+                  scale=kept, options=o)
 
 
 def _gradient_cosine(gn, col2: Tensor, rnorm: Tensor, x: Tensor | None = None,
@@ -392,10 +393,9 @@ def _checks_hold(checks: list, rmax: Any, J: Tensor) -> bool:
 
 
 COLUMN_BLOCK = 2**17
-"""Numbers of ``J`` per block of rows in :func:`_column_stats` (512 KiB in float32). On the
-MLP of ``benchmarks/lm_scale.py`` (m = 512, n = 10^4, float32, CPU, one thread) the blocked
-pass took 3.5-3.9 ms (3.0 ms in blocks of 13-16 rows, 4.1 ms of 26, 4.2 ms of 64), against
-30-33 ms for :func:`_column_stats_scaled` with its copy of ``J``."""
+"""Numbers of ``J`` per block of rows in :func:`_column_stats` (512 KiB in float32): on the
+MLP of ``benchmarks/lm_scale.py`` (m = 512, n = 10^4, float32, CPU) 3.5-3.9 ms a pass (3.0-4.2
+in blocks of 13-64 rows) against 30-33 ms for :func:`_column_stats_scaled` (a copy of ``J``)."""
 
 
 def require_finite_columns(col: Tensor) -> None:
