@@ -336,10 +336,16 @@ def capture_curvature(
         parts = [_process(spec.kind, modules[name], x, gy, kfac_approx, spec.bias is not None,
                           loss_average) for x, gy in records[name]]
         if parts:
-            layers[name] = LayerCurvature(torch.cat([p.a for p in parts]),
-                                          torch.cat([p.g for p in parts]),
+            layers[name] = LayerCurvature(_stack_rows([p.a for p in parts]),
+                                          _stack_rows([p.g for p in parts]),
                                           parts[0].num_loss_terms)
     return Captured(value.detach(), grads, layers, tuple(unsupported))
+
+
+def _stack_rows(blocks: list[Tensor]) -> Tensor:
+    """The row blocks of a layer's calls one under another (a single call's block as it is,
+    with no copy)."""
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
 
 def _sampler(loss: Any, fisher: Any) -> Callable[[Tensor], Tensor] | None:

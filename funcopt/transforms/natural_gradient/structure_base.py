@@ -62,6 +62,15 @@ class Structure:
         s = self.to_dense(p).T if x is None else self.rmatmat(p, x)
         return self.from_dense(s @ s.T)
 
+    def from_rows(self, p: Params, r: Tensor) -> Params:
+        """``from_dense(P^T r^T r P)`` for the rows ``r`` (``n x d``): ``from_inner(p, r^T)``."""
+        return self.from_inner(p, r.T)
+
+    def gram_pair(self, p: Params, r: Tensor) -> tuple[Params, Params]:
+        """``(from_rows(p, r), from_inner(p))``, the two projections of a SINGD refresh
+        (a structure may share work between them)."""
+        return self.from_rows(p, r), self.from_inner(p)
+
     def average_trace(self, p: Params) -> Tensor:
         """``tr(P) / d`` as a 0-d tensor."""
         return self.to_dense(p).diagonal().mean()
@@ -92,6 +101,10 @@ class Structure:
     def precondition(self, p: Params, x: Tensor) -> Tensor:
         """``P P^T x`` for a dense ``x``."""
         return self.matmul(p, self.rmatmat(p, x))
+
+    def precondition_rows(self, p: Params, x: Tensor) -> Tensor:
+        """``x P P^T`` for a dense ``x`` (``m x d``): ``precondition(p, x^T)^T``."""
+        return self.precondition(p, x.T).T
 
 
 Term = tuple[Params, float, "Tensor | None"]
