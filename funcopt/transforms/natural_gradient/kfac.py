@@ -95,9 +95,9 @@ def _kfac_refresh(A: Tensor, G: Tensor, damping: Any, method: str, pi: bool) -> 
 def _kfac_apply(mat: Tensor, pre: tuple, damping: Any) -> Tensor:
     if len(pre) == 2:
         a_inv, g_inv = pre
-        return g_inv @ mat.to(a_inv.dtype) @ a_inv
+        return g_inv @ kr.cast(mat, a_inv.dtype) @ a_inv
     qa, sa, qg, sg = pre
-    v = qg.T @ mat.to(qa.dtype) @ qa
+    v = qg.T @ kr.cast(mat, qa.dtype) @ qa
     return qg @ (v / (sg[:, None] * sa[None, :] + damping)) @ qa.T
 
 
@@ -117,7 +117,7 @@ def _clip(nat: dict, grads: dict, kl_clip: float, lr: Tensor) -> dict:
     names = list(nat)
     vg = torch.stack([(nat[k].double() * grads[k].double()).sum() for k in names]).sum().abs()
     nu = torch.sqrt(kl_clip / (lr.double() ** 2 * vg).clamp(min=1e-300)).clamp(max=1.0)
-    return {k: nat[k] * nu.to(nat[k].dtype) for k in names}
+    return {k: nat[k] * kr.cast(nu, nat[k].dtype) for k in names}
 
 
 def scale_by_kfac(

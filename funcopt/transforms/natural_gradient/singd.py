@@ -75,7 +75,7 @@ def _singd_momenta(cfg: _SINGDConfig, K, C, mK_old, mC_old, lay, dtypes):
     factors, or an average over processes with batches of different sizes) ``a``, ``g`` are
     scaled first."""
     sK, sC = cfg.sK, cfg.sC
-    a, g = lay.a.to(dtypes[0]), lay.g.to(dtypes[1])
+    a, g = kr.cast(lay.a, dtypes[0]), kr.cast(lay.g, dtypes[1])
     ra, rg = 1.0 / a.shape[0], float(lay.num_loss_terms)
     if cfg.process_group is not None or not {a.dtype, g.dtype} <= _WIDE:
         a, g = a * math.sqrt(ra), g * math.sqrt(rg)
@@ -217,9 +217,9 @@ def scale_by_singd(
         for name, s in layers.items():
             V = kr.grad_matrix(updates, s)
             Kp, Cp = K[name], C[name]
-            nat = cfg.sK.precondition_rows(Kp, V.to(Kp[0].dtype))  # V K K^T
-            nat = cfg.sC.precondition(Cp, nat.to(Cp[0].dtype))      # C C^T V K K^T
-            kr.scatter(out, updates, s, nat.to(V.dtype))
+            nat = cfg.sK.precondition_rows(Kp, kr.cast(V, Kp[0].dtype))  # V K K^T
+            nat = cfg.sC.precondition(Cp, kr.cast(nat, Cp[0].dtype))      # C C^T V K K^T
+            kr.scatter(out, updates, s, kr.cast(nat, V.dtype))
         return out, SINGDState(increment(state.count), K, C, mK, mC)
 
     return GradientTransformation(init, update)

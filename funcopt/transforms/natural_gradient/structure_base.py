@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from funcopt.engine import ops
+from funcopt.transforms.natural_gradient.kronecker import cast as _cast
 from funcopt.transforms.natural_gradient.kronecker import eye as _eye
 
 __all__ = ["Structure", "lincomb"]
@@ -120,7 +121,7 @@ def _combine_one(terms: list[Term], diag: float, add_diag) -> Tensor:
         if t is None:
             out = torch.add(out, q[0], alpha=c)
         else:
-            out = torch.addcmul(out, q[0], t.to(out.dtype), value=c)
+            out = torch.addcmul(out, q[0], _cast(t, out.dtype), value=c)
     if diag:
         add_diag(out, diag)  # in place on a new tensor, by a number
     return out
@@ -128,7 +129,7 @@ def _combine_one(terms: list[Term], diag: float, add_diag) -> Tensor:
 
 def _descend_tensor(p: Tensor, pm: Tensor, beta: Tensor) -> Tensor:
     """``p - beta * pm`` (``pm = p m``) for a 0-d tensor ``beta``."""
-    return torch.addcmul(p, pm, beta.to(p.dtype), value=-1.0)
+    return torch.addcmul(p, pm, _cast(beta, p.dtype), value=-1.0)
 
 
 def lincomb(terms: list[tuple[Params, float | Tensor]]) -> Params:
