@@ -93,9 +93,10 @@ def supported_layers(model: nn.Module, params: dict[str, Tensor] | None = None
     keys = None if params is None else set(params)
     layers: dict[str, LayerSpec] = {}
     unsupported: dict[str, str] = {}
-    inside_attention = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+    named = list(model.named_modules())  # one walk of the module tree
+    inside_attention = {f"{n}.out_proj" if n else "out_proj" for n, m in named
                         if isinstance(m, nn.MultiheadAttention)}
-    for name, m in model.named_modules():
+    for name, m in named:
         own = [f"{name}.{p}" if name else p for p, _ in m.named_parameters(recurse=False)]
         if keys is not None:
             own = [k for k in own if k in keys]
@@ -146,6 +147,12 @@ def _conv_patches(x: Tensor, m: nn.Conv2d) -> Tensor:
 def _process(kind: str, m: nn.Module, x: Tensor, gy: Tensor, approx: str, has_bias: bool,
              loss_average: str | None) -> LayerCurvature:
     """Turn a layer's input and output gradient into (rows x dim) matrices."""
+    if kind == "linear" and x.dim() == 2:  # one position per example: both approximations
+        a, g = x, gy                       # are the rows themselves (no views dispatched)
+        if has_bias:
+            a = F.pad(a, (0, 1), value=1.0)  # the column of ones, in one op
+        return LayerCurvature(a, g, {None: 1, "batch": g.shape[0],
+                                     "batch+sequence": g.shape[0]}[loss_average])
     if kind == "conv2d":
         assert isinstance(m, nn.Conv2d)  # kind comes from supported_layers
         a = _conv_patches(x, m)                       # (N, P, C*k*k)
@@ -159,7 +166,7 @@ def _process(kind: str, m: nn.Module, x: Tensor, gy: Tensor, approx: str, has_bi
     else:
         a, g = a.mean(1), g.sum(1)
     if has_bias:
-        a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+        a = F.pad(a, (0, 1), value=1.0)
     terms = {None: 1, "batch": n, "batch+sequence": n * positions}[loss_average]
     return LayerCurvature(a, g, terms)
 
@@ -323,13 +330,17 @@ def capture_curvature(
     if strict and unsupported:
         raise ValueError("capture_curvature: unsupported modules with parameters: "
                          + ", ".join(f"{k} ({v})" for k, v in unsupported.items()))
-    modules = dict(model.named_modules())
+    traced = torch.compiler.is_compiling()
+    # the traced capture looks for weights shared with any module; the hooked one needs the
+    # supported layers only
+    modules = (dict(model.named_modules()) if traced
+               else {name: model.get_submodule(name) for name in specs})
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     call = _Call(model, {**(buffers or {})}, args, targets, _loss_fn(loss),
                  _sampler(loss, fisher), loss_scale)
     # torch.compile cannot trace module hooks being registered nor torch.autograd.grad: there
     # the layers are found by their weights and differentiated with torch.func.vjp
-    run = _run_traced if torch.compiler.is_compiling() else _run_hooked
+    run = _run_traced if traced else _run_hooked
     value, grads, records = run(call, params, specs, modules)
     layers = {}
     for name, spec in specs.items():
