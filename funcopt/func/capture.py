@@ -20,6 +20,7 @@ per-example gradients.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -246,10 +247,14 @@ def _gradients(value: Tensor, leaves: list[Tensor], probes: list[Tensor],
     probes, divided by ``loss_scale`` again (None where a leaf does not reach the loss)."""
     grads: Sequence[Tensor | None]
     gys: Sequence[Tensor | None]
-    scale = 1.0 if loss_scale is None else loss_scale
+    def scaled_by(t: Tensor) -> Tensor:  # no op (and no autograd node) without a scale
+        if loss_scale is None:
+            return t
+        with torch.enable_grad():
+            return t * loss_scale
+
     wide = value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
-    with torch.enable_grad():
-        scaled = wide * scale
+    scaled = scaled_by(wide)
     if sampled is None:
         found = torch.autograd.grad(scaled, leaves + probes, allow_unused=True)
         grads, gys = found[:len(leaves)], found[len(leaves):]
@@ -257,7 +262,7 @@ def _gradients(value: Tensor, leaves: list[Tensor], probes: list[Tensor],
         grads = torch.autograd.grad(scaled, leaves, retain_graph=True, allow_unused=True)
         with torch.enable_grad():
             sample = sampled()
-            scaled_sample = (sample.float() if sample.dtype != wide.dtype else sample) * scale
+            scaled_sample = scaled_by(sample.float() if sample.dtype != wide.dtype else sample)
         gys = torch.autograd.grad(scaled_sample, probes, allow_unused=True)
     if loss_scale is not None:  # grads keep the parameters' dtype, as GradScaler.unscale_
         grads = [None if gr is None else (gr / loss_scale).to(gr.dtype) for gr in grads]
@@ -370,16 +375,26 @@ def _sampler(loss: Any, fisher: Any) -> Callable[[Tensor], Tensor] | None:
 
 def _run_hooked(call: _Call, params: dict[str, Tensor], specs: dict[str, LayerSpec],
                 modules: dict[str, nn.Module]) -> tuple[Tensor, dict, dict]:
-    """The eager capture: forward hooks add a zero probe to every supported layer's output
-    and ``torch.autograd.grad`` differentiates the loss for the params and the probes."""
+    """The eager capture: forward hooks record every supported layer's input and catch the
+    gradient of its output (a tensor hook: no op added to the model; it still sees the
+    output before an in-place activation changes it) while ``torch.autograd.grad``
+    differentiates the loss for the params. With a Monte-Carlo Fisher, ``g`` comes from a
+    second pass, for zero probes added to the outputs instead."""
     records: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in specs}
+    caught: dict[int, Tensor] = {}
+    probing = call.sampled is not None
 
     def hook(name):
         def fn(module, args, kwargs, output):
             x = args[0] if args else kwargs["input"]  # Linear/Conv2d: forward(input)
-            probe = output.new_zeros(()).requires_grad_(True).expand(output.shape)
-            records[name].append((x.detach(), probe))
-            return output + probe
+            if probing:
+                probe = output.new_zeros(()).requires_grad_(True).expand(output.shape)
+                records[name].append((x.detach(), probe))
+                return output + probe
+            if output.requires_grad:
+                output.register_hook(functools.partial(caught.__setitem__, id(output)))
+            records[name].append((x.detach(), output))
+            return None
         return fn
 
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
@@ -393,11 +408,14 @@ def _run_hooked(call: _Call, params: dict[str, Tensor], specs: dict[str, LayerSp
     with torch.enable_grad():
         value = call.fn(out, call.targets)
     keys = list(leaves)
-    probes = [p for name in specs for _, p in records[name]]
+    probes = [p for name in specs for _, p in records[name]] if probing else []
     sample_loss = call.sampled
     sampled = None if sample_loss is None else (lambda: sample_loss(out))
     found, gys = _gradients(value, [leaves[k] for k in keys], probes, sampled, call.loss_scale)
     grads = {k: torch.zeros_like(leaves[k]) if gr is None else gr for k, gr in zip(keys, found)}
+    if not probing:
+        gys = [_unscale(caught.get(id(o)), call.loss_scale) for name in specs
+               for _, o in records[name]]
     it = iter(gys)
     pairs = {name: [(x, _or_zeros(next(it), p)) for x, p in records[name]] for name in specs}
     return value, grads, pairs
