@@ -89,8 +89,9 @@ def bench_torch(make_opt, model, x, y, steps, device):
 
 
 def bench_funcopt(tx, model, x, y, steps, device, T=1, jit=False):
-    """A funcopt step: eager (the transform reads its step counter to decide on a refresh) or
-    under ``fo.jit`` (the loop passes ``refresh``). With ``T > 1`` under ``fo.jit`` only the
+    """A funcopt step, eager or under ``fo.jit``. With ``T > 1`` (and under ``fo.jit``) the
+    loop passes ``refresh`` (it knows its step number on the host), so the transform does not
+    read its step counter on the host (on a GPU, a synchronisation every step). With ``T > 1`` under ``fo.jit`` only the
     steps between refreshes are jitted and the refresh steps run eagerly: KFAC's compiled
     refresh computes the eigh fallback of every Cholesky factorisation (to pick it on the
     device), and ``torch.linalg.eigh`` reads its error code on the host, which a CUDA graph
@@ -111,7 +112,7 @@ def bench_funcopt(tx, model, x, y, steps, device, T=1, jit=False):
         refresh = box["i"] % T == 0
         run = pure if refresh and T > 1 else fast
         box["params"], box["state"] = run(box["params"], box["state"], x, y,
-                                          refresh if jit else None)
+                                          refresh if jit or T > 1 else None)
         box["i"] += 1
 
     for _ in range(3 * T + 3 if jit else 0):  # compile, warm up and capture every graph

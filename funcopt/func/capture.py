@@ -20,6 +20,7 @@ per-example gradients.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -93,9 +94,10 @@ def supported_layers(model: nn.Module, params: dict[str, Tensor] | None = None
     keys = None if params is None else set(params)
     layers: dict[str, LayerSpec] = {}
     unsupported: dict[str, str] = {}
-    inside_attention = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+    named = list(model.named_modules())  # one walk of the module tree
+    inside_attention = {f"{n}.out_proj" if n else "out_proj" for n, m in named
                         if isinstance(m, nn.MultiheadAttention)}
-    for name, m in model.named_modules():
+    for name, m in named:
         own = [f"{name}.{p}" if name else p for p, _ in m.named_parameters(recurse=False)]
         if keys is not None:
             own = [k for k in own if k in keys]
@@ -146,6 +148,12 @@ def _conv_patches(x: Tensor, m: nn.Conv2d) -> Tensor:
 def _process(kind: str, m: nn.Module, x: Tensor, gy: Tensor, approx: str, has_bias: bool,
              loss_average: str | None) -> LayerCurvature:
     """Turn a layer's input and output gradient into (rows x dim) matrices."""
+    if kind == "linear" and x.dim() == 2:  # one position per example: both approximations
+        a, g = x, gy                       # are the rows themselves (no views dispatched)
+        if has_bias:
+            a = F.pad(a, (0, 1), value=1.0)  # the column of ones, in one op
+        return LayerCurvature(a, g, {None: 1, "batch": g.shape[0],
+                                     "batch+sequence": g.shape[0]}[loss_average])
     if kind == "conv2d":
         assert isinstance(m, nn.Conv2d)  # kind comes from supported_layers
         a = _conv_patches(x, m)                       # (N, P, C*k*k)
@@ -159,7 +167,7 @@ def _process(kind: str, m: nn.Module, x: Tensor, gy: Tensor, approx: str, has_bi
     else:
         a, g = a.mean(1), g.sum(1)
     if has_bias:
-        a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+        a = F.pad(a, (0, 1), value=1.0)
     terms = {None: 1, "batch": n, "batch+sequence": n * positions}[loss_average]
     return LayerCurvature(a, g, terms)
 
@@ -239,10 +247,14 @@ def _gradients(value: Tensor, leaves: list[Tensor], probes: list[Tensor],
     probes, divided by ``loss_scale`` again (None where a leaf does not reach the loss)."""
     grads: Sequence[Tensor | None]
     gys: Sequence[Tensor | None]
-    scale = 1.0 if loss_scale is None else loss_scale
+    def scaled_by(t: Tensor) -> Tensor:  # no op (and no autograd node) without a scale
+        if loss_scale is None:
+            return t
+        with torch.enable_grad():
+            return t * loss_scale
+
     wide = value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
-    with torch.enable_grad():
-        scaled = wide * scale
+    scaled = scaled_by(wide)
     if sampled is None:
         found = torch.autograd.grad(scaled, leaves + probes, allow_unused=True)
         grads, gys = found[:len(leaves)], found[len(leaves):]
@@ -250,7 +262,7 @@ def _gradients(value: Tensor, leaves: list[Tensor], probes: list[Tensor],
         grads = torch.autograd.grad(scaled, leaves, retain_graph=True, allow_unused=True)
         with torch.enable_grad():
             sample = sampled()
-            scaled_sample = (sample.float() if sample.dtype != wide.dtype else sample) * scale
+            scaled_sample = scaled_by(sample.float() if sample.dtype != wide.dtype else sample)
         gys = torch.autograd.grad(scaled_sample, probes, allow_unused=True)
     if loss_scale is not None:  # grads keep the parameters' dtype, as GradScaler.unscale_
         grads = [None if gr is None else (gr / loss_scale).to(gr.dtype) for gr in grads]
@@ -323,23 +335,33 @@ def capture_curvature(
     if strict and unsupported:
         raise ValueError("capture_curvature: unsupported modules with parameters: "
                          + ", ".join(f"{k} ({v})" for k, v in unsupported.items()))
-    modules = dict(model.named_modules())
+    traced = torch.compiler.is_compiling()
+    # the traced capture looks for weights shared with any module; the hooked one needs the
+    # supported layers only
+    modules = (dict(model.named_modules()) if traced
+               else {name: model.get_submodule(name) for name in specs})
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     call = _Call(model, {**(buffers or {})}, args, targets, _loss_fn(loss),
                  _sampler(loss, fisher), loss_scale)
     # torch.compile cannot trace module hooks being registered nor torch.autograd.grad: there
     # the layers are found by their weights and differentiated with torch.func.vjp
-    run = _run_traced if torch.compiler.is_compiling() else _run_hooked
+    run = _run_traced if traced else _run_hooked
     value, grads, records = run(call, params, specs, modules)
     layers = {}
     for name, spec in specs.items():
         parts = [_process(spec.kind, modules[name], x, gy, kfac_approx, spec.bias is not None,
                           loss_average) for x, gy in records[name]]
         if parts:
-            layers[name] = LayerCurvature(torch.cat([p.a for p in parts]),
-                                          torch.cat([p.g for p in parts]),
+            layers[name] = LayerCurvature(_stack_rows([p.a for p in parts]),
+                                          _stack_rows([p.g for p in parts]),
                                           parts[0].num_loss_terms)
     return Captured(value.detach(), grads, layers, tuple(unsupported))
+
+
+def _stack_rows(blocks: list[Tensor]) -> Tensor:
+    """The row blocks of a layer's calls one under another (a single call's block as it is,
+    with no copy)."""
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
 
 def _sampler(loss: Any, fisher: Any) -> Callable[[Tensor], Tensor] | None:
@@ -353,16 +375,26 @@ def _sampler(loss: Any, fisher: Any) -> Callable[[Tensor], Tensor] | None:
 
 def _run_hooked(call: _Call, params: dict[str, Tensor], specs: dict[str, LayerSpec],
                 modules: dict[str, nn.Module]) -> tuple[Tensor, dict, dict]:
-    """The eager capture: forward hooks add a zero probe to every supported layer's output
-    and ``torch.autograd.grad`` differentiates the loss for the params and the probes."""
+    """The eager capture: forward hooks record every supported layer's input and catch the
+    gradient of its output (a tensor hook: no op added to the model; it still sees the
+    output before an in-place activation changes it) while ``torch.autograd.grad``
+    differentiates the loss for the params. With a Monte-Carlo Fisher, ``g`` comes from a
+    second pass, for zero probes added to the outputs instead."""
     records: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in specs}
+    caught: dict[int, Tensor] = {}
+    probing = call.sampled is not None
 
     def hook(name):
         def fn(module, args, kwargs, output):
             x = args[0] if args else kwargs["input"]  # Linear/Conv2d: forward(input)
-            probe = output.new_zeros(()).requires_grad_(True).expand(output.shape)
-            records[name].append((x.detach(), probe))
-            return output + probe
+            if probing:
+                probe = output.new_zeros(()).requires_grad_(True).expand(output.shape)
+                records[name].append((x.detach(), probe))
+                return output + probe
+            if output.requires_grad:
+                output.register_hook(functools.partial(caught.__setitem__, id(output)))
+            records[name].append((x.detach(), output))
+            return None
         return fn
 
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
@@ -376,11 +408,14 @@ def _run_hooked(call: _Call, params: dict[str, Tensor], specs: dict[str, LayerSp
     with torch.enable_grad():
         value = call.fn(out, call.targets)
     keys = list(leaves)
-    probes = [p for name in specs for _, p in records[name]]
+    probes = [p for name in specs for _, p in records[name]] if probing else []
     sample_loss = call.sampled
     sampled = None if sample_loss is None else (lambda: sample_loss(out))
     found, gys = _gradients(value, [leaves[k] for k in keys], probes, sampled, call.loss_scale)
     grads = {k: torch.zeros_like(leaves[k]) if gr is None else gr for k, gr in zip(keys, found)}
+    if not probing:
+        gys = [_unscale(caught.get(id(o)), call.loss_scale) for name in specs
+               for _, o in records[name]]
     it = iter(gys)
     pairs = {name: [(x, _or_zeros(next(it), p)) for x, p in records[name]] for name in specs}
     return value, grads, pairs

@@ -64,7 +64,8 @@ def _damped_inverse(m: Tensor, gamma: Tensor) -> Tensor:
     from funcopt.solvers.operators import dense
 
     work = m if m.dtype in (torch.float32, torch.float64) else m.float()
-    damped = work + gamma.to(work.dtype) * kr.eye(work.shape[0], work.dtype, work.device)
+    # work + gamma I with no identity matrix built (out of place: vmap may batch gamma only)
+    damped = work.diagonal_scatter(work.diagonal() + kr.cast(gamma, work.dtype))
     op = dense(damped, symmetric=True, positive_definite=True)
     eye = kr.eye(work.shape[0], work.dtype, work.device)
     solver = solvers.Fallback(solvers.Cholesky(), solvers.SVD(hermitian=True), eager=not is_tracing())
@@ -95,9 +96,9 @@ def _kfac_refresh(A: Tensor, G: Tensor, damping: Any, method: str, pi: bool) -> 
 def _kfac_apply(mat: Tensor, pre: tuple, damping: Any) -> Tensor:
     if len(pre) == 2:
         a_inv, g_inv = pre
-        return g_inv @ mat.to(a_inv.dtype) @ a_inv
+        return g_inv @ kr.cast(mat, a_inv.dtype) @ a_inv
     qa, sa, qg, sg = pre
-    v = qg.T @ mat.to(qa.dtype) @ qa
+    v = qg.T @ kr.cast(mat, qa.dtype) @ qa
     return qg @ (v / (sg[:, None] * sa[None, :] + damping)) @ qa.T
 
 
@@ -115,9 +116,17 @@ def _clip(nat: dict, grads: dict, kl_clip: float, lr: Tensor) -> dict:
     """KL clipping (Ba et al. 2017): scale every ``u_l`` by ``min(1, sqrt(kappa / (eta^2
     sum_l |<V_l, u_l>|)))``; no host sync."""
     names = list(nat)
-    vg = torch.stack([(nat[k].double() * grads[k].double()).sum() for k in names]).sum().abs()
+    vg = torch.stack([_inner64(nat[k], grads[k]) for k in names]).sum().abs()
     nu = torch.sqrt(kl_clip / (lr.double() ** 2 * vg).clamp(min=1e-300)).clamp(max=1.0)
-    return {k: nat[k] * nu.to(nat[k].dtype) for k in names}
+    return {k: nat[k] * kr.cast(nu, nat[k].dtype) for k in names}
+
+
+def _inner64(u: Tensor, v: Tensor) -> Tensor:
+    """``<u, v>`` summed in float64: a float32 (or float64) product summed with a float64
+    accumulator, else (16-bit) the product of float64 copies."""
+    if u.dtype == v.dtype and u.dtype in (torch.float32, torch.float64):
+        return torch.sum(u * v, dtype=torch.float64)
+    return (u.double() * v.double()).sum()
 
 
 def scale_by_kfac(

@@ -14,7 +14,7 @@ from funcopt.base import GradientTransformation
 from funcopt.engine import is_tracing, leaves
 from funcopt.func.capture import LayerSpec, supported_layers
 
-__all__ = ["eye", "supported", "grad_matrix", "scatter", "check_updates", "curvature_of",
+__all__ = ["eye", "cast", "supported", "grad_matrix", "scatter", "check_updates", "curvature_of",
            "all_reduce_mean", "host_count", "refresh_due", "with_fallback"]
 
 
@@ -22,6 +22,17 @@ def eye(d: int, dtype: torch.dtype, device: Any) -> Tensor:
     """``I_d`` in ``dtype``: built in float32 and cast (torch.eye has no bfloat16 kernel on
     some CPU builds)."""
     return torch.eye(d, dtype=torch.float32, device=device).to(dtype)
+
+
+def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``; ``t`` itself when it has it (no dispatch: an eager step calls this
+    a dozen times per layer)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _shaped(t: Tensor, shape: torch.Size) -> Tensor:
+    """``t.reshape(shape)``; ``t`` itself when it has that shape."""
+    return t if t.shape == shape else t.reshape(shape)
 
 
 def supported(model: nn.Module) -> dict[str, LayerSpec]:
@@ -37,9 +48,9 @@ def supported(model: nn.Module) -> dict[str, LayerSpec]:
 def grad_matrix(updates: dict, spec: LayerSpec) -> Tensor:
     """``[dW, db]`` as a ``dim_out x dim_in`` matrix."""
     w = updates[spec.weight]
-    mat = w.reshape(w.shape[0], -1)
+    mat = w if w.dim() == 2 else w.reshape(w.shape[0], -1)
     if spec.bias is not None:
-        mat = torch.cat([mat, updates[spec.bias].reshape(-1, 1).to(mat.dtype)], dim=1)
+        mat = torch.cat([mat, cast(updates[spec.bias].reshape(-1, 1), mat.dtype)], dim=1)
     return mat
 
 
@@ -48,9 +59,10 @@ def scatter(out: dict, updates: dict, spec: LayerSpec, mat: Tensor) -> None:
     of ``updates``."""
     w = updates[spec.weight]
     if spec.bias is not None:
-        out[spec.bias] = mat[:, -1].reshape(updates[spec.bias].shape).to(updates[spec.bias].dtype)
+        b = updates[spec.bias]
+        out[spec.bias] = cast(_shaped(mat[:, -1], b.shape), b.dtype)
         mat = mat[:, :-1]
-    out[spec.weight] = mat.reshape(w.shape).to(w.dtype)
+    out[spec.weight] = cast(_shaped(mat, w.shape), w.dtype)
 
 
 def check_updates(updates: Any, layers: dict[str, LayerSpec], who: str,

@@ -39,6 +39,8 @@ __all__ = ["SINGDState", "scale_by_singd", "singd"]
 
 # --------------------------------------------------------------------------- SINGD
 
+_WIDE = {torch.float32, torch.float64}
+
 
 class SINGDState(NamedTuple):
     """``count``; per layer the structured factors ``K``, ``C`` and their momenta ``m_K``,
@@ -65,26 +67,37 @@ class _SINGDConfig(NamedTuple):
 
 def _singd_momenta(cfg: _SINGDConfig, K, C, mK_old, mC_old, lay, dtypes):
     """The new momenta ``m_K, m_C`` of one layer (Lin et al. 2024, Fig. 2, lines 3-6),
-    ``alpha1`` times the old ones included, each one :meth:`Structure.combine`."""
+    ``alpha1`` times the old ones included, each one :meth:`Structure.combine`.
+
+    ``H_K = r_a Pi_K(K^T a^T a K)`` and ``H_C = r_g Pi_C(C^T g^T g C)`` with ``r_a = 1/n_a``,
+    ``r_g = N``: in float32/float64 without a process group the numbers ``r_a``, ``r_g`` enter
+    the coefficients of :meth:`Structure.combine` (no pass over ``a``, ``g``); otherwise (16-bit
+    factors, or an average over processes with batches of different sizes) ``a``, ``g`` are
+    scaled first."""
     sK, sC = cfg.sK, cfg.sC
-    a = lay.a.to(dtypes[0]) / math.sqrt(lay.a.shape[0])
-    g = lay.g.to(dtypes[1]) * math.sqrt(lay.num_loss_terms)
-    H_K, H_C = sK.from_inner(K, a.T), sC.from_inner(C, g.T)
+    a, g = kr.cast(lay.a, dtypes[0]), kr.cast(lay.g, dtypes[1])
+    ra, rg = 1.0 / a.shape[0], float(lay.num_loss_terms)
+    if cfg.process_group is not None or not {a.dtype, g.dtype} <= _WIDE:
+        a, g = a * math.sqrt(ra), g * math.sqrt(rg)
+        ra = rg = 1.0
+    H_K, KtK = sK.gram_pair(K, a)
+    H_C, CtC = sC.gram_pair(C, g)
     if cfg.process_group is not None:
         flat = kr.all_reduce_mean([*H_K, *H_C], cfg.process_group)
         H_K, H_C = tuple(flat[:len(H_K)]), tuple(flat[len(H_K):])
-    KtK, CtC = sK.from_inner(K), sC.from_inner(C)
     s = 0.5 * ((1.0 - cfg.alpha1) if cfg.normalize_lr_cov else 1.0)
     lam = cfg.damping
     if cfg.kfac_like:  # c^2 = kappa^2 = 1
         cK = dK = cC = dC = None
-    else:
+        hK, hC = s * ra, s * rg
+    else:  # c^2 = r_g tr(H~_C)/d_C, c'^2 = r_a tr(H~_K)/d_K: r_a r_g in both coefficients
         cK, dK = sC.average_trace(H_C), sC.average_trace(CtC)
         cC, dC = sK.average_trace(H_K), sK.average_trace(KtK)
+        hK = hC = s * ra * rg
     old_K = [(mK_old, cfg.alpha1, None)] if cfg.alpha1 != 0.0 else []
     old_C = [(mC_old, cfg.alpha1, None)] if cfg.alpha1 != 0.0 else []
-    m_K = sK.combine(old_K + [(H_K, s, cK), (KtK, s * lam, dK)], -s)
-    m_C = sC.combine(old_C + [(H_C, s, cC), (CtC, s * lam, dC)], -s)
+    m_K = sK.combine(old_K + [(H_K, hK, cK), (KtK, s * lam, dK)], -s)
+    m_C = sC.combine(old_C + [(H_C, hC, cC), (CtC, s * lam, dC)], -s)
     return m_K, m_C
 
 
@@ -204,9 +217,9 @@ def scale_by_singd(
         for name, s in layers.items():
             V = kr.grad_matrix(updates, s)
             Kp, Cp = K[name], C[name]
-            nat = cfg.sK.precondition(Kp, V.T.to(Kp[0].dtype)).T    # V K K^T
-            nat = cfg.sC.precondition(Cp, nat.to(Cp[0].dtype))      # C C^T V K K^T
-            kr.scatter(out, updates, s, nat.to(V.dtype))
+            nat = cfg.sK.precondition_rows(Kp, kr.cast(V, Kp[0].dtype))  # V K K^T
+            nat = cfg.sC.precondition(Cp, kr.cast(nat, Cp[0].dtype))      # C C^T V K K^T
+            kr.scatter(out, updates, s, kr.cast(nat, V.dtype))
         return out, SINGDState(increment(state.count), K, C, mK, mC)
 
     return GradientTransformation(init, update)

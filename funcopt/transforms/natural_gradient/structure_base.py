@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from funcopt.engine import ops
+from funcopt.transforms.natural_gradient.kronecker import cast as _cast
 from funcopt.transforms.natural_gradient.kronecker import eye as _eye
 
 __all__ = ["Structure", "lincomb"]
@@ -62,6 +63,15 @@ class Structure:
         s = self.to_dense(p).T if x is None else self.rmatmat(p, x)
         return self.from_dense(s @ s.T)
 
+    def from_rows(self, p: Params, r: Tensor) -> Params:
+        """``from_dense(P^T r^T r P)`` for the rows ``r`` (``n x d``): ``from_inner(p, r^T)``."""
+        return self.from_inner(p, r.T)
+
+    def gram_pair(self, p: Params, r: Tensor) -> tuple[Params, Params]:
+        """``(from_rows(p, r), from_inner(p))``, the two projections of a SINGD refresh
+        (a structure may share work between them)."""
+        return self.from_rows(p, r), self.from_inner(p)
+
     def average_trace(self, p: Params) -> Tensor:
         """``tr(P) / d`` as a 0-d tensor."""
         return self.to_dense(p).diagonal().mean()
@@ -93,6 +103,10 @@ class Structure:
         """``P P^T x`` for a dense ``x``."""
         return self.matmul(p, self.rmatmat(p, x))
 
+    def precondition_rows(self, p: Params, x: Tensor) -> Tensor:
+        """``x P P^T`` for a dense ``x`` (``m x d``): ``precondition(p, x^T)^T``."""
+        return self.precondition(p, x.T).T
+
 
 Term = tuple[Params, float, "Tensor | None"]
 
@@ -107,7 +121,7 @@ def _combine_one(terms: list[Term], diag: float, add_diag) -> Tensor:
         if t is None:
             out = torch.add(out, q[0], alpha=c)
         else:
-            out = torch.addcmul(out, q[0], t.to(out.dtype), value=c)
+            out = torch.addcmul(out, q[0], _cast(t, out.dtype), value=c)
     if diag:
         add_diag(out, diag)  # in place on a new tensor, by a number
     return out
@@ -115,7 +129,7 @@ def _combine_one(terms: list[Term], diag: float, add_diag) -> Tensor:
 
 def _descend_tensor(p: Tensor, pm: Tensor, beta: Tensor) -> Tensor:
     """``p - beta * pm`` (``pm = p m``) for a 0-d tensor ``beta``."""
-    return torch.addcmul(p, pm, beta.to(p.dtype), value=-1.0)
+    return torch.addcmul(p, pm, _cast(beta, p.dtype), value=-1.0)
 
 
 def lincomb(terms: list[tuple[Params, float | Tensor]]) -> Params:

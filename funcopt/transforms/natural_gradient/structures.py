@@ -68,6 +68,22 @@ class Dense(Structure):
     def mul(self, p, q):
         return (p[0] @ q[0],)
 
+    def from_inner(self, p, x=None):
+        if x is None:
+            return (p[0].T @ p[0],)
+        s = p[0].T @ x
+        return (s @ s.T,)
+
+    def from_rows(self, p, r):
+        s = r @ p[0]            # (r P)^T (r P) = P^T r^T r P, one transposed view
+        return (s.T @ s,)
+
+    def precondition(self, p, x):
+        return p[0] @ (p[0].T @ x)
+
+    def precondition_rows(self, p, x):
+        return (x @ p[0]) @ p[0].T
+
     def average_trace(self, p):
         return p[0].diagonal().mean()
 
@@ -112,6 +128,13 @@ class Diagonal(Structure):
         sq = p[0] * p[0]
         return (sq if x is None else sq * (x * x).sum(1),)
 
+    def from_rows(self, p, r):
+        return (p[0] * p[0] * (r * r).sum(0),)
+
+    def gram_pair(self, p, r):
+        sq = p[0] * p[0]        # P^T P, shared with P^T r^T r P
+        return (sq * (r * r).sum(0),), (sq,)
+
     def average_trace(self, p):
         return p[0].mean()
 
@@ -131,6 +154,9 @@ class Diagonal(Structure):
 
     def precondition(self, p, x):
         return (p[0] * p[0])[:, None] * x
+
+    def precondition_rows(self, p, x):
+        return x * (p[0] * p[0])
 
 
 # --------------------------------------------------------------------------- block diagonal
