@@ -62,6 +62,7 @@ from funcopt.transforms.lm_damping import (
     adapt_radius_host,
     check_geodesic,
     check_rule,
+    check_rule_dtype,
     host_values,
     read_host,
     relative_reductions,
@@ -277,6 +278,7 @@ def levenberg_marquardt(
     def update(updates: Any, state: LevenbergMarquardtState, params: Params | None = None,
                *, batch: Any = None, **extra: Any):
         params = require_params(params, "levenberg_marquardt")
+        check_rule_dtype(rule, params)
         if updates is not None:
             tree_check_structure(updates, params, ("updates", "params"))
             _check_shapes(updates, params)
@@ -338,8 +340,8 @@ def _require_finite_damping(lam: Any, dtype: torch.dtype, scaling: bool) -> None
     """A damping beyond the dtype (``lambda`` is in units of ``J^T J``: with ``scaling=False``
     a Jacobian of norm above ~sqrt(max) overflows it) is one ValueError saying so."""
     if not math.isfinite(lam):
-        fix = ("pass scaling=True (the default), whose damping is relative to the column "
-               "norms, or rescale" if not scaling else "rescale")
+        fix = ("pass scaling=True, whose damping is relative to the column norms, or "
+               "rescale" if not scaling else "rescale")
         raise ValueError(
             f"the damping lambda = {float(lam)} is beyond the largest {dtype} number: the "
             f"Jacobian's scale is too large for it; {fix} the residuals or the parameters")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Union
 
 import numpy as np
+import optree
 import torch
 
 from funcopt.base import check_hyperparameter
@@ -256,6 +257,18 @@ def resolve_scaling(o: Any, m: int, n: int) -> Any:
     on a wider problem (a network with more weights than residuals; see
     :func:`funcopt.levenberg_marquardt`)."""
     return o if o.scaling is not None else replace(o, scaling=m >= n)
+
+
+def check_rule_dtype(rule: DampingRule, params: Any) -> None:
+    """Raise TypeError when :class:`TrustRegion` (an SVD of ``J / d``, which torch has for
+    float32 and float64 only) meets 16-bit parameters, naming the leaf's dtype and the fix."""
+    if isinstance(rule, TrustRegion):
+        for leaf in optree.tree_leaves(params):
+            if isinstance(leaf, Tensor) and leaf.dtype in (torch.float16, torch.bfloat16):
+                raise TypeError(
+                    f"rule=TrustRegion() needs an SVD, which torch lacks for {leaf.dtype} "
+                    "parameters: pass float32 parameters, or rule=fo.Nielsen() or "
+                    "fo.Classic() for 16-bit ones")
 
 
 def check_geodesic(geodesic: object) -> None:
