@@ -227,7 +227,8 @@ def levenberg_marquardt(
             ``D = I`` (the minimum-norm step as ``lambda -> 0``) took torch-lm's 4 steps to
             the target at 1e6 parameters and 4096 samples on an H100 where ``D`` took 19
             (``docs/least_squares.md``, "Step counts on wide networks"), hence the default by
-            shape; pass True or False to choose.
+            shape; pass True or False to choose, and always with mini-batches whose number
+            of residuals crosses ``n`` (each step decides by its own ``m``).
         max_attempts: solves per update before giving up with a zero step (10).
         accept_ratio: smallest gain ratio accepted (1e-4, as MINPACK), in ``[0, 1)``.
         solver, form: passed to :func:`funcopt.solvers.damped_least_squares` (``"auto"``:
