@@ -275,10 +275,9 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) ->
     Where a kernel computed ``params + updates`` beside the updates (``register_sum``;
     :func:`funcopt.adamw`'s CUDA kernel does), the pure form returns that result for those
     very, unmodified updates and parameters (the leaf objects it returned and was given)
-    instead of adding again: the same numbers. Its leaves are views of one buffer: a leaf kept
-    alive keeps the whole sum alive, and the leaves share one version counter (an in-place
-    change of one leaf counts as a change of all for autograd's check of saved tensors). A
-    change between the update and this apply that no version counter sees (a write through
+    instead of adding again: the same numbers. Its leaves lie in one storage (a leaf kept
+    alive keeps the whole sum alive), each with its own version counter as torch's adds give
+    them. A change between the update and this apply that no version counter sees (a write through
     ``.data``, ``.numpy()``, the storage or DLPack) is not seen either, as autograd does not
     see it.
     """

@@ -376,14 +376,18 @@ def stall_candidates(code: Tensor, loud: Tensor, tols: tuple) -> tuple[Tensor, T
     codes 7 and 8, and the stops on xtol (ftol) when ``xtol <= eps`` (``ftol <= eps``), whose
     test then implies code 8's (7's) under another name."""
     ftol, xtol, _, eps = tols
-    on_xtol = (code == 4) | (code == 6) | (code == 8)
-    checked = on_xtol | (loud & ((code == 5) | (code == 7)))
+    checked = _on_xtol(code) | (loud & ((code == 5) | (code == 7)))
     limit = (code == 7) | (code == 8)
     if xtol <= eps:
         limit = limit | (code == 4) | (code == 6)
     if ftol <= eps:
         limit = limit | (code == 4) | (code == 5)
     return checked, limit
+
+
+def _on_xtol(code: Tensor) -> Tensor:
+    """The stops on xtol: codes 4 (with ftol), 6 and 8 (below machine precision)."""
+    return (code == 4) | (code == 6) | (code == 8)
 
 
 def judge_stalls(code: Tensor, checked: Tensor, limit: Tensor, s: StallModel, x: Tensor,
@@ -397,9 +401,8 @@ def judge_stalls(code: Tensor, checked: Tensor, limit: Tensor, s: StallModel, x:
     Gauss-Newton step predicts ``gain > bound`` by a move of more than 4 units of the
     parameters' resolution."""
     ftol, xtol, _, eps = tols
-    on_xtol = (code == 4) | (code == 6) | (code == 8)
     safe = torch.where(s.col > 0, s.col, 1.0)
-    rel = torch.where(on_xtol, max(xtol, eps), eps).to(x.dtype)[:, None]
+    rel = torch.where(_on_xtol(code), max(xtol, eps), eps).to(x.dtype)[:, None]
     live = (s.col > 0) & (s.g * (s.rnorm[:, None] / safe) > rel * x.abs())
     gnorm = torch.where(live, s.g, 0.0).amax(-1) if x.shape[1] else torch.zeros_like(s.rnorm)
     known = torch.isfinite(s.col).all(-1) & torch.isfinite(s.g).all(-1) & (s.rnorm > 0)

@@ -142,11 +142,12 @@ def _check_stalls(residual_fn: Callable[[PyTree], Tensor], unravel: Callable, x:
     Jd, rd = J.double(), r.double()
     n = x.shape[1]
     sums = _sum(torch.cat([(Jd * Jd).sum(0), Jd.T @ rd, (rd @ rd)[None], torch.stack(noise),
-                           torch.tensor([float(r.numel())], dtype=torch.float64)]), group)
+                           torch.tensor([float(r.numel())], dtype=torch.float64,
+                                        device=rd.device)]), group)
     col, rnorm = torch.sqrt(sums[:n]), torch.sqrt(sums[2 * n])
     g = sums[n:2 * n].abs() / (torch.where(col > 0, col, 1.0) * torch.where(rnorm > 0, rnorm, 1.0))
     floor = 4 * torch.sqrt(sums[2 * n + 1:2 * n + 3].amax()) / torch.where(rnorm > 0, rnorm, 1.0)
-    gain = ulps = torch.zeros(1, dtype=torch.float64)
+    gain = ulps = torch.zeros(1, dtype=torch.float64, device=rd.device)
     m = int(sums[-1])
     limit = limit & (m * n <= GAIN_CHECK_SIZE)
     if bool(limit.any()):

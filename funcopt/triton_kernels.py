@@ -362,7 +362,8 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, u_ptr, mo_ptr, vo_ptr, s_ptr, tabl
     the leaf's numel; ``table[leaf]`` the element offsets of its seven tensors from the seven
     base pointers ``p .. vo``; ``HAS_SUM``: ``p + u`` is also written at ``s_ptr`` (``u``'s
     offsets), rounded as torch's add (``PTX``: by an ``add.rn``, which the compiler does not
-    contract with the product that made ``u``; the interpreter has no contraction). Uses ``tl`` functions present since Triton 3.0."""
+    contract with the product that made ``u``; the interpreter has no contraction). Uses
+    ``tl`` functions present since Triton 3.0."""
     pid = tl.program_id(0)
     leaf = tl.load(work + 3 * pid)
     start = tl.load(work + 3 * pid + 1)
