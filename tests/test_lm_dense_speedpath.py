@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _lm_stats import column_stats as _column_stats
 
 import funcopt as fo
 from funcopt.solvers import DampedLeastSquares
 from funcopt.solvers.operators import _gram_matrix
 from funcopt.transforms import lm_model
-from funcopt.transforms.lm_model import COLUMN_BLOCK, _column_stats, _damped_solver
+from funcopt.transforms.lm_model import COLUMN_BLOCK, _damped_solver
 
 F64 = torch.float64
 

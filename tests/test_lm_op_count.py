@@ -10,6 +10,7 @@ import numpy as np
 import optree
 import pytest
 import torch
+from _lm_stats import column_stats_deferred
 from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -216,7 +217,7 @@ def test_a_zero_jacobian_column_keeps_the_blocked_statistics(monkeypatch):
     r = torch.randn(300, generator=gen)
     monkeypatch.setattr(lm_model, "_column_stats_scaled",
                         lambda *a, **k: pytest.fail("the scaled copy was made"))
-    col, cos, ok = lm_model._column_stats_deferred(J, r, torch.linalg.vector_norm(r))
+    col, cos, ok = column_stats_deferred(J, r, torch.linalg.vector_norm(r))
     assert bool(ok) and float(col[7]) == 0.0
     Jd, rd = J.double(), r.double()
     want = torch.linalg.vector_norm(Jd, dim=0)
@@ -232,7 +233,7 @@ def test_a_tiny_column_still_takes_the_scaled_statistics():
     J = torch.randn(300, 1000, generator=gen)
     J[:, 7] = 1e-25 * torch.linspace(-1, 1, 300)
     r = torch.randn(300, generator=gen)
-    assert not bool(lm_model._column_stats_deferred(J, r, torch.linalg.vector_norm(r))[2])
+    assert not bool(column_stats_deferred(J, r, torch.linalg.vector_norm(r))[2])
 
 
 # ------------------------------------------------------------------ the operations made fewer
@@ -302,7 +303,7 @@ def test_the_checks_read_on_the_host_agree_with_the_device_check(monkeypatch, on
         col, cos, checks = lm_model._column_stats_unchecked(J, r, rnorm, rmax)
         vals = host_values(rmax, *checks)
         held = lm_model._checks_hold(vals[1:], vals[0], J)
-        assert held == bool(lm_model._column_stats_deferred(J, r, rnorm)[2]), name
+        assert held == bool(column_stats_deferred(J, r, rnorm)[2]), name
         assert held == (name in ("plain", "zero", "r large")), name
         if held:
             Jd, rd = J.double(), r.double()

@@ -92,7 +92,7 @@ class LevenbergMarquardtState(NamedTuple):
     rule: of the last attempt). nu: Nielsen's growth factor. radius: ``Delta``, the trust-region
     radius on ``||d * delta||`` (trust-region rule; 0 before the first step).
     scale: ``d``, running maximum of the Jacobian column norms (MINPACK's ``diag``;
-    ones before the first step). cost: ``F(x)`` at the params given to the last update.
+    ones before the first step; -1 after steps with ``D = I``). cost: ``F(x)`` at the params given to the last update.
     new_cost: ``F`` after the returned step. predicted: ``L(0) - L(delta)``. gain_ratio: ``rho``.
     step_norm: ``||d * delta||`` (NaN, as ``predicted`` and ``predicted_reduction``, when the
     last attempt was rejected because its linear solve failed: there is no step to measure).
@@ -227,8 +227,8 @@ def levenberg_marquardt(
             ``D = I`` (the minimum-norm step as ``lambda -> 0``) took torch-lm's 4 steps to
             the target at 1e6 parameters and 4096 samples on an H100 where ``D`` took 19
             (``docs/least_squares.md``, "Step counts on wide networks"), hence the default by
-            shape; pass True or False to choose, and always with mini-batches whose number
-            of residuals crosses ``n`` (each step decides by its own ``m``).
+            shape, taken on the first step and kept (mini-batches whose ``m`` crosses ``n``;
+            under a trace each compiled step decides by its own ``m``); or pass True/False.
         max_attempts: solves per update before giving up with a zero step (10).
         accept_ratio: smallest gain ratio accepted (1e-4, as MINPACK), in ``[0, 1)``.
         solver, form: passed to :func:`funcopt.solvers.damped_least_squares` (``"auto"``:

@@ -101,8 +101,8 @@ def _scaling(col: Tensor, state: LevenbergMarquardtState,
         d, kept = running_scale(state.scale, col, first)
         return d, lam, kept
     start = o.rule.initial_damping * (col * col).amax(dim=-1)
-    ones = torch.ones_like(col)
-    return ones, torch.where(first[:, 0] & (start > 0), start, lam), ones
+    ones = torch.ones_like(col)  # kept -1: "D = I" (lm_model._scaling)
+    return ones, torch.where(first[:, 0] & (start > 0), start, lam), -ones
 
 
 def local_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState, o: LMOptions,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -204,19 +205,23 @@ def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
     J, r = _jacobian(residual_fn, params, args, o.jacobian_mode, o.chunk_size,
                      raveled=(x, unravel))
     _require_dtype(r, x)
-    o = lm_damping.resolve_scaling(o, r.numel(), x.numel())
+    auto, o = o.scaling is None, lm_damping.resolve_scaling(o, r.numel(), x.numel())
     rmax, rnorm = max_and_norm(r)
     stats = _column_stats_unchecked(J, r, rnorm, rmax)
-    first = state.count == 0
+    first, plain = state.count == 0, (state.scale[:1] < 0).any()  # plain: D = I so far
     while True:
         col, cos, checks = stats
         d, S, lam, kept = _scaling(col, state, o, first)
         # max_j ||J_j|| / S_j bounds max |J S^{-1}| within sqrt(m)
         bound = (col if S is None else col / S).max() if col.numel() else col.new_ones(())
         smin, smax = torch.aminmax(S) if S is not None and S.numel() else (bound, bound)
-        vals = read_host(rnorm, lam, state, o.rule, d, x, bound, smin, smax, rmax, *checks,
-                         scaling=bool(o.scaling), first=first)  # resolved above
-        host, (bound_h, smin_h, smax_h, rmax_h), checks_h = vals[:5], vals[5:9], vals[9:]
+        vals = read_host(rnorm, lam, state, o.rule, d, x, bound, smin, smax, rmax, plain,
+                         *checks, scaling=bool(o.scaling), first=first)  # resolved above
+        host, (bound_h, smin_h, smax_h, rmax_h, plain_h), checks_h = (vals[:5], vals[5:10],
+                                                                      vals[10:])
+        if auto and not host[4] and plain_h == o.scaling:  # keep the first step's choice
+            o = replace(o, scaling=not plain_h)
+            continue
         if _checks_hold(checks_h, rmax_h, J):
             break
         stats = (*_column_stats_scaled(J, r, rnorm), ())  # raises on a non-finite r or J
@@ -251,8 +256,8 @@ def _scaling(col: Tensor, state, o: LMOptions,
         d, kept = running_scale(state.scale, col, first)
         return d, d, state.damping, kept
     start = o.rule.initial_damping * (col * col).max()
-    ones = torch.ones_like(col)
-    return ones, None, torch.where(first & (start > 0), start, state.damping), ones
+    ones = torch.ones_like(col)  # the state keeps -1: "D = I", read by scaling=None
+    return ones, None, torch.where(first & (start > 0), start, state.damping), -ones
 
 
 def _linearize_matrix_free(residual_fn, params, args, state, o: LMOptions, x, f) -> _Local:
@@ -320,28 +325,10 @@ def _normalised_svd(Jt: Tensor, r: Tensor, rnorm: Tensor) -> tuple[Tensor, Tenso
     return sh, sh * (U.T @ (r / _positive(rnorm))), sigma
 
 
-def _column_stats(J: Tensor, r: Tensor, rnorm: Tensor) -> tuple[Tensor, Tensor]:
-    """Column norms of ``J`` and MINPACK's ``gnorm = max_j |J_j^T r| / (||J_j|| ||r||)``;
-    raises ValueError when ``r`` or ``J`` is not finite (one host sync): those of
-    :func:`_column_stats_deferred`, or of :func:`_column_stats_scaled` where its check fails."""
-    col, cos, ok = _column_stats_deferred(J, r, rnorm)
-    return (col, cos) if bool(ok) else _column_stats_scaled(J, r, rnorm)  # host sync
-
-
-def _column_stats_deferred(J: Tensor, r: Tensor, rnorm: Tensor,
-                           rmax: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_column_stats_unchecked` with its checks as a 0-d bool ``ok`` (no host read)."""
-    rmax = torch.linalg.vector_norm(r, float("inf")) if rmax is None else rmax
-    col, cos, checks = _column_stats_unchecked(J, r, rnorm, rmax)
-    if len(checks) == 1:
-        return col, cos, checks[0]
-    top = torch.maximum(checks[1], rmax) <= torch.finfo(J.dtype).max
-    return col, cos, (checks[0] >= _lowest_sum(J.shape[0], J.dtype)) & top
-
-
 def _column_stats_unchecked(J: Tensor, r: Tensor, rnorm: Tensor, rmax: Tensor
                             ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-    """``(col, gnorm, checks)`` of :func:`_column_stats` with no host read, good where
+    """``(col, gnorm, checks)``: the column norms of ``J`` and MINPACK's
+    ``gnorm = max_j |J_j^T r| / (||J_j|| ||r||)`` with no host read, good where
     :func:`_checks_hold` holds for the host values of ``checks`` and ``rmax = max |r|``. A
     ``J`` of more than :data:`COLUMN_BLOCK` numbers is read once, in blocks of rows
     (:func:`_rows_per_block`; squares summed, times ``r / ||r||``, no copy of ``J``);
@@ -393,7 +380,7 @@ def _checks_hold(checks: list, rmax: Any, J: Tensor) -> bool:
 
 
 COLUMN_BLOCK = 2**17
-"""Numbers of ``J`` per block of rows in :func:`_column_stats` (512 KiB in float32): on the
+"""Numbers of ``J`` per block of rows in :func:`_column_stats_unchecked` (512 KiB in float32): on the
 MLP of ``benchmarks/lm_scale.py`` (m = 512, n = 10^4, float32, CPU) 3.5-3.9 ms a pass (3.0-4.2
 in blocks of 13-64 rows) against 30-33 ms for :func:`_column_stats_scaled` (a copy of ``J``)."""
 
@@ -411,7 +398,7 @@ def require_finite_columns(col: Tensor) -> None:
 
 
 def _column_stats_scaled(J: Tensor, r: Tensor, rnorm: Tensor, check: bool = True):
-    """:func:`_column_stats` from a copy of ``J`` whose columns are divided by their largest
+    """:func:`_column_stats_unchecked`'s numbers from a copy of ``J`` whose columns are divided by their largest
     magnitudes ``s_j`` first (as :func:`scaled_norm`): ``||J_j|| = s_j ||J_j / s_j||`` and
     ``gnorm_j = |(J_j / s_j)^T (r / ||r||)| / ||J_j / s_j||``, so no square or product
     overflows, and none that matters underflows. ``check=False``: no host read, and
