@@ -24,6 +24,11 @@ is not pickled: the caller passes templates of the right structure (a fresh ``tx
 and the stored structure is checked against them, so a checkpoint from a different transform or
 model shape is refused with an error that says what differs.
 
+Hyperparameters held in the state (the ``learning_rate`` field of
+:func:`funcopt.scale_by_learning_rate`, ``inject_hyperparams``' ``hyperparams``: the fields
+declared with :func:`funcopt.register_hyperparameters`) are taken from the template by default,
+so a transform rebuilt with a new learning rate resumes with it; see :func:`load_checkpoint`.
+
 Bit-identical continuation also needs the data order to be a function of the step (or of the
 restored RNG) and deterministic kernels (``torch.use_deterministic_algorithms(True)`` on GPUs).
 """
@@ -36,13 +41,20 @@ import os
 import pickle
 import random
 import re
+import warnings
 import zipfile
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from funcopt.base import PyTree, tree_flatten, tree_flatten_tensors, tree_unflatten
+from funcopt.base import (
+    PyTree,
+    hyperparameter_fields,
+    tree_flatten,
+    tree_flatten_tensors,
+    tree_unflatten,
+)
 
 __all__ = [
     "Checkpoint",
@@ -218,6 +230,7 @@ def load_checkpoint(
     opt_state_like: PyTree,
     *,
     restore_rng: bool = True,
+    hyperparams: str | None = None,
 ) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint` (with ``weights_only=True``).
 
@@ -227,16 +240,90 @@ def load_checkpoint(
         not used, its leaves' devices are where the loaded leaves go.
       opt_state_like: an optimizer state of the saved structure, e.g. ``tx.init(params_like)``.
       restore_rng: restore the saved RNG states (default True; a no-op if none were saved).
+      hyperparams: where the state's hyperparameter fields come from (the fields declared with
+        :func:`funcopt.register_hyperparameters`: ``learning_rate`` of
+        :func:`funcopt.scale_by_learning_rate` and schedule-free, the entries of
+        ``inject_hyperparams``' ``hyperparams``). ``None`` (default): from ``opt_state_like``
+        wherever its value differs from the saved one, with one ``UserWarning`` naming each
+        such field, its saved and its template value; ``"template"``: the same, without the
+        warning; ``"saved"``: the saved values (the state exactly as it was saved).
+
+    Every other leaf of the state (moments, step counts, ...) is the saved one. So a transform
+    rebuilt with a new learning rate resumes with that rate::
+
+        tx = fo.adam(1e-4)                  # was fo.adam(0.1) when saved
+        ck = fo.load_checkpoint(path, params, tx.init(params))  # warns: 0.1 -> 0.0001
+        tx.update(grads, ck.opt_state, ck.params)               # steps with 1e-4
+
+    while a value written into the state during training (``state.hyperparams[...] = ...``)
+    is replaced by the template's unless ``hyperparams="saved"`` is passed; the warning says
+    which. For a learning-rate schedule the field only records the last value: the schedule
+    is evaluated at the restored step count either way, so both choices give the same steps
+    (after its first step the field differs from a fresh init's, so resuming warns; pass
+    ``hyperparams="template"`` to load without the warning).
+    :meth:`funcopt.Optimizer.load_state_dict` follows torch.optim instead: it restores the
+    saved param groups' ``lr``.
 
     Returns:
       ``Checkpoint(params, opt_state, step, extra)``.
     """
+    if not (hyperparams is None or isinstance(hyperparams, str)
+            and hyperparams in ("template", "saved")):
+        raise ValueError(f"load_checkpoint: hyperparams={hyperparams!r}; pass None (the "
+                         "template's values, warning where they differ from the saved ones), "
+                         "'template' or 'saved'")
     payload = _read(path)
     params = tree_from_state_dict(payload["params"], params_like, "params")
     opt_state = tree_from_state_dict(payload["opt_state"], opt_state_like, "optimizer state")
+    if hyperparams != "saved":
+        changed: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        opt_state = _template_hyperparams(opt_state, opt_state_like, "opt_state", changed)
+        if changed and hyperparams is None:
+            warnings.warn(_hyperparams_message(changed), UserWarning, stacklevel=2)
     if restore_rng and "rng" in payload:
         set_rng_state(payload["rng"])
     return Checkpoint(params, opt_state, payload["step"], payload["extra"])
+
+
+def _template_hyperparams(saved: Any, template: Any, path: str,
+                          changed: list[tuple[str, torch.Tensor, torch.Tensor]],
+                          declared: bool = False) -> Any:
+    """``saved`` (a loaded state, of ``template``'s structure) with each leaf of a declared
+    hyperparameter field that differs from ``template``'s replaced by a copy of the template's
+    leaf; each replacement is appended to ``changed`` as ``(path, saved, template)``."""
+    if isinstance(saved, torch.Tensor):
+        if not declared or torch.equal(saved, template):
+            return saved
+        changed.append((path, saved, template))
+        return template.detach().clone()
+    if isinstance(saved, tuple) and hasattr(saved, "_fields"):
+        fields = hyperparameter_fields(saved)
+        return type(saved)(*(
+            _template_hyperparams(s, t, f"{path}.{f}", changed, declared or f in fields)
+            for f, s, t in zip(saved._fields, saved, template)))
+    if isinstance(saved, (tuple, list)):
+        return type(saved)(_template_hyperparams(s, t, f"{path}[{i}]", changed, declared)
+                           for i, (s, t) in enumerate(zip(saved, template)))
+    if isinstance(saved, dict):
+        return type(saved)((k, _template_hyperparams(v, template[k], f"{path}[{k!r}]", changed,
+                                                     declared)) for k, v in saved.items())
+    return saved
+
+
+def _hyperparams_message(changed: list[tuple[str, torch.Tensor, torch.Tensor]]) -> str:
+    def show(x: torch.Tensor) -> str:
+        if x.numel() != 1:
+            return str(x.tolist())
+        v = x.item()
+        return repr(v) if not isinstance(v, float) or x.dtype == torch.float64 else f"{v:.9g}"
+
+    lines = "".join(f"\n  {p}: saved {show(s)}, template {show(t)}" for p, s, t in changed)
+    return ("load_checkpoint: hyperparameters in the saved optimizer state differ from the "
+            f"template's; the template's values (the transform you built) are loaded:{lines}\n"
+            "Pass hyperparams='saved' to resume with the saved values (e.g. ones written into "
+            "the state during training), or hyperparams='template' to load the template's "
+            "without this warning. A learning-rate schedule is evaluated at the restored step "
+            "count either way.")
 
 
 def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
