@@ -41,7 +41,6 @@ import os
 import pickle
 import random
 import re
-import warnings
 import zipfile
 from typing import Any, NamedTuple
 
@@ -230,7 +229,7 @@ def load_checkpoint(
     opt_state_like: PyTree,
     *,
     restore_rng: bool = True,
-    hyperparams: str | None = None,
+    hyperparams: str = "template",
 ) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint` (with ``weights_only=True``).
 
@@ -243,87 +242,55 @@ def load_checkpoint(
       hyperparams: where the state's hyperparameter fields come from (the fields declared with
         :func:`funcopt.register_hyperparameters`: ``learning_rate`` of
         :func:`funcopt.scale_by_learning_rate` and schedule-free, the entries of
-        ``inject_hyperparams``' ``hyperparams``). ``None`` (default): from ``opt_state_like``
-        wherever its value differs from the saved one, with one ``UserWarning`` naming each
-        such field, its saved and its template value; ``"template"``: the same, without the
-        warning; ``"saved"``: the saved values (the state exactly as it was saved).
+        ``inject_hyperparams``' ``hyperparams``). ``"template"`` (default): from
+        ``opt_state_like``, i.e. from the transform you built, as in optax, where such
+        hyperparameters are arguments of the transform and not state; ``"saved"``: the saved
+        values (the state exactly as it was saved).
 
     Every other leaf of the state (moments, step counts, ...) is the saved one. So a transform
     rebuilt with a new learning rate resumes with that rate::
 
         tx = fo.adam(1e-4)                  # was fo.adam(0.1) when saved
-        ck = fo.load_checkpoint(path, params, tx.init(params))  # warns: 0.1 -> 0.0001
+        ck = fo.load_checkpoint(path, params, tx.init(params))
         tx.update(grads, ck.opt_state, ck.params)               # steps with 1e-4
 
-    while a value written into the state during training (``state.hyperparams[...] = ...``)
-    is replaced by the template's unless ``hyperparams="saved"`` is passed; the warning says
-    which. For a learning-rate schedule the field only records the last value: the schedule
-    is evaluated at the restored step count either way, so both choices give the same steps
-    (after its first step the field differs from a fresh init's, so resuming warns; pass
-    ``hyperparams="template"`` to load without the warning).
+    A value written into the state during training (``state.hyperparams[...] = ...``) is
+    replaced by the template's unless ``hyperparams="saved"`` is passed. A learning-rate
+    schedule is evaluated at the restored step count, so it resumes where it was either way.
     :meth:`funcopt.Optimizer.load_state_dict` follows torch.optim instead: it restores the
     saved param groups' ``lr``.
 
     Returns:
       ``Checkpoint(params, opt_state, step, extra)``.
     """
-    if not (hyperparams is None or isinstance(hyperparams, str)
-            and hyperparams in ("template", "saved")):
-        raise ValueError(f"load_checkpoint: hyperparams={hyperparams!r}; pass None (the "
-                         "template's values, warning where they differ from the saved ones), "
-                         "'template' or 'saved'")
+    if not (isinstance(hyperparams, str) and hyperparams in ("template", "saved")):
+        raise ValueError(f"load_checkpoint: hyperparams={hyperparams!r}; pass 'template' (the "
+                         "transform's own values, the default) or 'saved'")
     payload = _read(path)
     params = tree_from_state_dict(payload["params"], params_like, "params")
     opt_state = tree_from_state_dict(payload["opt_state"], opt_state_like, "optimizer state")
-    if hyperparams != "saved":
-        changed: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-        opt_state = _template_hyperparams(opt_state, opt_state_like, "opt_state", changed)
-        if changed and hyperparams is None:
-            warnings.warn(_hyperparams_message(changed), UserWarning, stacklevel=2)
+    if hyperparams == "template":
+        opt_state = _template_hyperparams(opt_state, opt_state_like)
     if restore_rng and "rng" in payload:
         set_rng_state(payload["rng"])
     return Checkpoint(params, opt_state, payload["step"], payload["extra"])
 
 
-def _template_hyperparams(saved: Any, template: Any, path: str,
-                          changed: list[tuple[str, torch.Tensor, torch.Tensor]],
-                          declared: bool = False) -> Any:
-    """``saved`` (a loaded state, of ``template``'s structure) with each leaf of a declared
-    hyperparameter field that differs from ``template``'s replaced by a copy of the template's
-    leaf; each replacement is appended to ``changed`` as ``(path, saved, template)``."""
+def _template_hyperparams(saved: Any, template: Any, declared: bool = False) -> Any:
+    """``saved`` (a loaded state, of ``template``'s structure) with the leaves of declared
+    hyperparameter fields taken from ``template`` (copies)."""
     if isinstance(saved, torch.Tensor):
-        if not declared or torch.equal(saved, template):
-            return saved
-        changed.append((path, saved, template))
-        return template.detach().clone()
+        return template.detach().clone() if declared else saved
     if isinstance(saved, tuple) and hasattr(saved, "_fields"):
         fields = hyperparameter_fields(saved)
-        return type(saved)(*(
-            _template_hyperparams(s, t, f"{path}.{f}", changed, declared or f in fields)
-            for f, s, t in zip(saved._fields, saved, template)))
+        return type(saved)(*(_template_hyperparams(s, t, declared or f in fields)
+                             for f, s, t in zip(saved._fields, saved, template)))
     if isinstance(saved, (tuple, list)):
-        return type(saved)(_template_hyperparams(s, t, f"{path}[{i}]", changed, declared)
-                           for i, (s, t) in enumerate(zip(saved, template)))
+        return type(saved)(_template_hyperparams(s, t, declared) for s, t in zip(saved, template))
     if isinstance(saved, dict):
-        return type(saved)((k, _template_hyperparams(v, template[k], f"{path}[{k!r}]", changed,
-                                                     declared)) for k, v in saved.items())
+        return type(saved)((k, _template_hyperparams(v, template[k], declared))
+                           for k, v in saved.items())
     return saved
-
-
-def _hyperparams_message(changed: list[tuple[str, torch.Tensor, torch.Tensor]]) -> str:
-    def show(x: torch.Tensor) -> str:
-        if x.numel() != 1:
-            return str(x.tolist())
-        v = x.item()
-        return repr(v) if not isinstance(v, float) or x.dtype == torch.float64 else f"{v:.9g}"
-
-    lines = "".join(f"\n  {p}: saved {show(s)}, template {show(t)}" for p, s, t in changed)
-    return ("load_checkpoint: hyperparameters in the saved optimizer state differ from the "
-            f"template's; the template's values (the transform you built) are loaded:{lines}\n"
-            "Pass hyperparams='saved' to resume with the saved values (e.g. ones written into "
-            "the state during training), or hyperparams='template' to load the template's "
-            "without this warning. A learning-rate schedule is evaluated at the restored step "
-            "count either way.")
 
 
 def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
