@@ -24,6 +24,11 @@ is not pickled: the caller passes templates of the right structure (a fresh ``tx
 and the stored structure is checked against them, so a checkpoint from a different transform or
 model shape is refused with an error that says what differs.
 
+Hyperparameters held in the state (the ``learning_rate`` field of
+:func:`funcopt.scale_by_learning_rate`, ``inject_hyperparams``' ``hyperparams``: the fields
+declared with :func:`funcopt.register_hyperparameters`) are taken from the template by default,
+so a transform rebuilt with a new learning rate resumes with it; see :func:`load_checkpoint`.
+
 Bit-identical continuation also needs the data order to be a function of the step (or of the
 restored RNG) and deterministic kernels (``torch.use_deterministic_algorithms(True)`` on GPUs).
 """
@@ -42,7 +47,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from funcopt.base import PyTree, tree_flatten, tree_flatten_tensors, tree_unflatten
+from funcopt.base import (
+    PyTree,
+    hyperparameter_fields,
+    tree_flatten,
+    tree_flatten_tensors,
+    tree_unflatten,
+)
 
 __all__ = [
     "Checkpoint",
@@ -218,6 +229,7 @@ def load_checkpoint(
     opt_state_like: PyTree,
     *,
     restore_rng: bool = True,
+    hyperparams: str = "template",
 ) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint` (with ``weights_only=True``).
 
@@ -227,16 +239,58 @@ def load_checkpoint(
         not used, its leaves' devices are where the loaded leaves go.
       opt_state_like: an optimizer state of the saved structure, e.g. ``tx.init(params_like)``.
       restore_rng: restore the saved RNG states (default True; a no-op if none were saved).
+      hyperparams: where the state's hyperparameter fields come from (the fields declared with
+        :func:`funcopt.register_hyperparameters`: ``learning_rate`` of
+        :func:`funcopt.scale_by_learning_rate` and schedule-free, the entries of
+        ``inject_hyperparams``' ``hyperparams``). ``"template"`` (default): from
+        ``opt_state_like``, i.e. from the transform you built, as in optax, where such
+        hyperparameters are arguments of the transform and not state; ``"saved"``: the saved
+        values (the state exactly as it was saved).
+
+    Every other leaf of the state (moments, step counts, ...) is the saved one. So a transform
+    rebuilt with a new learning rate resumes with that rate::
+
+        tx = fo.adam(1e-4)                  # was fo.adam(0.1) when saved
+        ck = fo.load_checkpoint(path, params, tx.init(params))
+        tx.update(grads, ck.opt_state, ck.params)               # steps with 1e-4
+
+    A value written into the state during training (``state.hyperparams[...] = ...``) is
+    replaced by the template's unless ``hyperparams="saved"`` is passed. A learning-rate
+    schedule is evaluated at the restored step count, so it resumes where it was either way.
+    :meth:`funcopt.Optimizer.load_state_dict` follows torch.optim instead: it restores the
+    saved param groups' ``lr``.
 
     Returns:
       ``Checkpoint(params, opt_state, step, extra)``.
     """
+    if not (isinstance(hyperparams, str) and hyperparams in ("template", "saved")):
+        raise ValueError(f"load_checkpoint: hyperparams={hyperparams!r}; pass 'template' (the "
+                         "transform's own values, the default) or 'saved'")
     payload = _read(path)
     params = tree_from_state_dict(payload["params"], params_like, "params")
     opt_state = tree_from_state_dict(payload["opt_state"], opt_state_like, "optimizer state")
+    if hyperparams == "template":
+        opt_state = _template_hyperparams(opt_state, opt_state_like)
     if restore_rng and "rng" in payload:
         set_rng_state(payload["rng"])
     return Checkpoint(params, opt_state, payload["step"], payload["extra"])
+
+
+def _template_hyperparams(saved: Any, template: Any, declared: bool = False) -> Any:
+    """``saved`` (a loaded state, of ``template``'s structure) with the leaves of declared
+    hyperparameter fields taken from ``template`` (copies)."""
+    if isinstance(saved, torch.Tensor):
+        return template.detach().clone() if declared else saved
+    if isinstance(saved, tuple) and hasattr(saved, "_fields"):
+        fields = hyperparameter_fields(saved)
+        return type(saved)(*(_template_hyperparams(s, t, declared or f in fields)
+                             for f, s, t in zip(saved._fields, saved, template)))
+    if isinstance(saved, (tuple, list)):
+        return type(saved)(_template_hyperparams(s, t, declared) for s, t in zip(saved, template))
+    if isinstance(saved, dict):
+        return type(saved)((k, _template_hyperparams(v, template[k], declared))
+                           for k, v in saved.items())
+    return saved
 
 
 def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
