@@ -54,14 +54,16 @@ def probe_zero_columns(norms: Callable[[Tensor], Tensor], x: Tensor, col: Tensor
     """``(falls, which, probes)`` for problems ``x`` ``(B, n)`` at their final points.
 
     A problem is probed along ``j`` where ``candidates`` (``(B,)``, the fits about to end with
-    success), ``col[b, j] == 0`` (``||J_j||``, ``(B, n)``) and ``rnorm[b] > 0`` (``||r||``,
-    float64). Per probed column, two calls of ``norms`` (``(B, n)`` points -> ``(B,)`` float64
-    residual norms), at ``x +- h e_j`` (:func:`probe_steps`) in the probed rows and at ``x``
-    in the others. ``falls``: some probe has ``||r_probe||^2 < (1 - FALL eps) ||r||^2``;
-    ``which``: the first such ``j`` (-1: none); ``probes``: residual evaluations per problem
-    (two per probed column). One host read, none of ``norms`` when no column is zero."""
+    success), ``col[b, j] == 0`` (``||J_j||``, ``(B, n)``) and ``rnorm[b]`` (``||r||``,
+    float64) is positive and finite. Per probed column, two calls of ``norms`` (``(B, n)``
+    points -> ``(B,)`` float64 residual norms), at ``x +- h e_j`` (:func:`probe_steps`) in
+    the probed rows and at ``x`` in the others. ``falls``: some probe has ``||r_probe||^2 <
+    (1 - FALL eps) ||r||^2``; ``which``: the first such ``j`` (-1: none); ``probes``: residual
+    evaluations per problem (two per probed column). One host read, none of ``norms`` when
+    no column is zero."""
     eps = torch.finfo(x.dtype).eps
-    zero = candidates[:, None] & (col == 0) & (rnorm > 0)[:, None]
+    known = (rnorm > 0) & torch.isfinite(rnorm)  # an overflowed ||r|| has no ratio to test
+    zero = candidates[:, None] & (col == 0) & known[:, None]
     B = x.shape[0]
     falls = torch.zeros(B, dtype=torch.bool, device=x.device)
     which = torch.full((B,), -1, dtype=torch.int64, device=x.device)

@@ -118,7 +118,8 @@ def test_a_batch_flags_only_its_maximum(dtype):
     assert int(info.reason[0]) == lsb.NOT_A_MINIMUM
     for b in range(3):
         one = _mixed(k[b:b + 1])
-        x, single = fo.least_squares(lambda a, one=one: one(a[None])[0], torch.zeros(1, dtype=dtype))
+        x, single = fo.least_squares(lambda a, one=one: one(a[None])[0],
+                                     torch.zeros(1, dtype=dtype))
         assert single.success == bool(info.success[b]), (b, single.reason)
         torch.testing.assert_close(P[b], x, rtol=1e-5, atol=1e-6)
     assert float(P[2, 0]) == pytest.approx(2.0, rel=1e-5)  # its minimum, cost 0.125
@@ -138,7 +139,8 @@ def test_probes_run_only_for_zero_columns(monkeypatch):
     t = torch.linspace(0, 3, 20, dtype=F64)
 
     def decay(P):
-        return P[:, :1] * torch.exp(-P[:, 1:] * t) - 2.0 * torch.exp(-0.7 * t) - 0.01 * torch.sin(7 * t)
+        model = P[:, :1] * torch.exp(-P[:, 1:] * t)
+        return model - 2.0 * torch.exp(-0.7 * t) - 0.01 * torch.sin(7 * t)
 
     _, info = fo.least_squares(decay, torch.ones(2, 2, dtype=F64), batched=True)
     assert info.success.all() and not calls
