@@ -3,9 +3,13 @@ along that parameter and report a maximum as a failure, while a minimum keeps it
 (funcopt/least_squares_probe.py)."""
 
 import math
+import os
+import tempfile
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -186,3 +190,35 @@ def test_the_data_parallel_driver_probes_too(dtype):
     x, info = least_squares_parallel(_bowl_and_line, torch.zeros(2, dtype=dtype))
     assert info.success.tolist() == [True]
     torch.testing.assert_close(x, torch.tensor([0.0, 1.0], dtype=dtype), rtol=0, atol=1e-6)
+
+
+def _shard(rank, first):
+    """Rank 0 holds the residual of a0 (``first``), rank 1 that of a1, a1 - 1."""
+    return (lambda a: first(a[0])[None]) if rank == 0 else (lambda a: (a[1] - 1)[None])
+
+
+def _worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        out = [least_squares_parallel(_shard(rank, first), torch.zeros(2, dtype=F64))[1]
+               for first in (torch.cos, lambda v: v * v + 1)]
+        torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_probe_the_summed_columns():
+    """Over 2 gloo processes each rank's own Jacobian has a zero column (the other rank's
+    parameter); only the summed column of a0 is zero. Both ranks report the maximum (cos)
+    as a failure and the minimum (a0^2 + 1) as a success, as one process does."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(_worker, args=(os.path.join(d, "init"), d), nprocs=2, join=True,
+                           start_method="spawn")
+        results = [torch.load(os.path.join(d, f"{r}.pt"), weights_only=False) for r in range(2)]
+    one = [least_squares_parallel(fn, torch.zeros(2, dtype=F64))[1]
+           for fn in (_cos_and_line, _bowl_and_line)]
+    for top, bowl in results:
+        assert top.success.tolist() == [False] and top.reason.tolist() == [lsb.NOT_A_MINIMUM]
+        assert bowl.success.tolist() == [True]
+        assert (top.evaluations == one[0].evaluations).all()
+        assert (bowl.evaluations == one[1].evaluations).all()
