@@ -8,7 +8,7 @@ whether it is a minimum of the cost along ``e_j`` or a maximum (``r(a) = a^2 - 1
 0``; ``cos a`` at 0). Before a fit with ``r != 0`` ends with success, the drivers evaluate the
 cost at ``x +- h e_j`` for each zero column, ``h = eps^(1/4) max(1, |x_j|)`` (``eps`` of the
 dtype): where it falls, the point is not a minimum and the fit fails. Two residual evaluations
-per zero column, none when no column is zero.
+per zero column (at most :data:`MAX_PROBED` of them), none when no column is zero.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ from funcopt.transforms.lm_model import column_norms_sq
 __all__ = ["probe_zero_columns", "zero_column_check"]
 
 Tensor = torch.Tensor
+
+MAX_PROBED = 16
+"""At most this many zero columns are probed (evenly spaced over them): a network with dead
+units has thousands, and two evaluations each would cost more than the fit."""
 
 FALL = 8
 """A probe's cost must be below ``(1 - FALL eps) F(x)`` to count as a fall. The costs are
@@ -53,7 +57,7 @@ def probe_zero_columns(norms: Callable[[Tensor], Tensor], x: Tensor, col: Tensor
                        rnorm: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(falls, which, probes)`` for problems ``x`` ``(B, n)`` at their final points.
 
-    A problem is probed along ``j`` where ``candidates`` (``(B,)``, the fits about to end with
+    A problem is probed along ``j`` (at most :data:`MAX_PROBED` columns) where ``candidates`` (``(B,)``, the fits about to end with
     success), ``col[b, j] == 0`` (``||J_j||``, ``(B, n)``) and ``rnorm[b]`` (``||r||``,
     float64) is positive and finite. Per probed column, two calls of ``norms`` (``(B, n)``
     points -> ``(B,)`` float64 residual norms), at ``x +- h e_j`` (:func:`probe_steps`) in
@@ -69,7 +73,11 @@ def probe_zero_columns(norms: Callable[[Tensor], Tensor], x: Tensor, col: Tensor
     which = torch.full((B,), -1, dtype=torch.int64, device=x.device)
     h = probe_steps(x)
     safe = torch.where(rnorm > 0, rnorm, 1.0).double()
-    for j in torch.nonzero(zero.any(0))[:, 0].tolist():  # the host read
+    cols = torch.nonzero(zero.any(0))[:, 0]  # the host read
+    if len(cols) > MAX_PROBED:  # e.g. a network's dead units: evenly spaced ones
+        cols = cols[torch.linspace(0, len(cols) - 1, MAX_PROBED).round().long()]
+    zero = zero & torch.isin(torch.arange(zero.shape[1], device=x.device), cols)
+    for j in cols.tolist():
         rows = zero[:, j]
         for sign in (1.0, -1.0):
             moved = x.clone()

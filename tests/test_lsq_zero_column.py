@@ -222,3 +222,26 @@ def test_two_processes_probe_the_summed_columns():
         assert bowl.success.tolist() == [True]
         assert (top.evaluations == one[0].evaluations).all()
         assert (bowl.evaluations == one[1].evaluations).all()
+
+
+def test_at_most_max_probed_zero_columns_are_probed():
+    """Many zero columns (a network's dead units): the single fit probes
+    ``MAX_PROBED`` of them, two evaluations each, and still finds a maximum among them when
+    one of the probed columns has it."""
+    from funcopt import least_squares_probe as lsp
+
+    n = 3 * lsp.MAX_PROBED + 1  # zero columns 0 .. n - 2; the last parameter fits a line
+
+    def flat(a):  # a[j]^2 at 0: zero columns, minima along each
+        return torch.cat([a[:-1] ** 2 + 1, (a[-1:] - 1)])
+
+    _, info = fo.least_squares(flat, torch.zeros(n, dtype=F64))
+    _, base = fo.least_squares(lambda a: a[-1:] - 1, torch.zeros(n, dtype=F64))
+    assert info.success
+    assert info.evaluations - base.evaluations == 2 * lsp.MAX_PROBED
+
+    def with_top(a):  # parameter 0 (always probed: the first of the spaced ones) is a maximum
+        return torch.cat([torch.cos(a[:1]), a[1:-1] ** 2 + 1, (a[-1:] - 1)])
+
+    _, top = fo.least_squares(with_top, torch.zeros(n, dtype=F64))
+    assert not top.success and NOT_A_MINIMUM in top.reason
