@@ -27,6 +27,7 @@ from funcopt.least_squares_options import (
     _stationary,
     check_driver_options,
 )
+from funcopt.least_squares_probe import zero_column_check
 from funcopt.solvers.base import scaled_norm
 from funcopt.transforms.levenberg_marquardt import levenberg_marquardt, lm_options
 from funcopt.transforms.lm_damping import (
@@ -52,7 +53,8 @@ class LeastSquaresInfo(NamedTuple):
     when it overflows float64, 0 when it underflows; ``residual_norm`` is exact there).
     reason: why it stopped (see :func:`least_squares`). success: a convergence test held; False
     for the step limit, a damping that reached its bound, residuals that were not finite at
-    every trial point, or a start point never left. history: one dict per update (``cost``,
+    every trial point, a start point never left, or a stationary point that is not a minimum
+    (a zero Jacobian column along which the cost falls). history: one dict per update (``cost``,
     ``new_cost``, ``damping``, ``gain_ratio``, ``actual_reduction``, ``predicted_reduction``,
     ``residual_norm``, ``step_norm``, ``grad_cos``, ``accepted``, ``attempts``,
     ``trial_finite``, ``solve_failed``). evaluations: residual evaluations. residual_norm: final ``||r||``,
@@ -166,6 +168,10 @@ def least_squares(
     * the linear solver failed (e.g. CG did not converge) at the last damping the rule
       allows: an update rejected because its solve failed has no step, so it never passes a
       tolerance test (its ``step_norm`` and ``predicted_reduction`` are NaN in ``history``);
+    * a stationary point that is not a minimum: a test held (gtol reads a zero column's
+      cosine ``0 / 0`` as 0) where a parameter's Jacobian column is zero and the cost falls
+      along that parameter (two residual evaluations per zero column at the end of a fit,
+      counted in ``evaluations``; see :mod:`funcopt.least_squares_probe`);
     * ``max_steps`` updates (reason "max_steps: ...", naming a failed last solve).
 
     ``residual_fn`` must return the parameters' dtype (TypeError otherwise, before any work).
@@ -283,6 +289,11 @@ def least_squares(
     if success and not moved and not reason.startswith(("zero residual", "gtol")):
         reason, success = ("no step was accepted from the start point, so it is not a minimum "
                            f"of the cost although a test held ({reason})"), False
+    if success and not reason.startswith("zero residual"):  # a zero Jacobian column?
+        dense = not _is_matrix_free(solver) and getattr(solver, "row_block", None) is None
+        reason, success, probes = zero_column_check(residual_fn, params, reason,
+                                                    options if dense else None)
+        evaluations += probes
     r = residual_fn(params).detach()
     rnorm = float(scaled_norm(r.double()))
     return params, LeastSquaresInfo(

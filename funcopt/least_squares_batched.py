@@ -23,6 +23,7 @@ from torch.func import jvp, vmap
 from funcopt.base import PyTree, tree_flatten, tree_unflatten
 from funcopt.func.jacobian import _vjp
 from funcopt.least_squares_options import GAIN_CHECK_SIZE, rounding_steps
+from funcopt.least_squares_probe import probe_zero_columns
 from funcopt.transforms import lm_batched
 from funcopt.transforms.levenberg_marquardt import LevenbergMarquardtState, LMOptions
 from funcopt.transforms.lm_damping import TrustRegion, resolve_scaling
@@ -49,6 +50,9 @@ REASONS = (
     "trust region vanished: no step reduces the cost (failure)",
     "no step was accepted from the start point, so it is not a minimum although a test held",
     "residual_fn gave non-finite residuals or Jacobian at the current parameters (failure)",
+    "a stationary point that is not a minimum: a test held where a parameter's Jacobian column "
+    "is zero and the cost falls along that parameter (Gauss-Newton cannot leave such a point; "
+    "failure: start from another point)",
     "stalled: a tolerance test held (a test on xtol, or ftol after an update that found no "
     "acceptable step), but a parameter whose own Gauss-Newton move exceeds its resolution "
     "(xtol |x_j| for a test on xtol) would still reduce the cost, or (a test below machine "
@@ -59,6 +63,7 @@ is the text of a code (``info.reasons()`` gives them per problem)."""
 LEAST_SQUARES_REASONS = REASONS
 """``REASONS`` under its top-level name, ``fo.LEAST_SQUARES_REASONS``."""
 SUCCESS_CODES = (1, 2, 3, 4, 5, 6, 7, 8)
+NOT_A_MINIMUM = 14  # the probe of funcopt.least_squares_probe; the stall code is the last
 _EDGE_WINDOW = 5
 _PASS_NEWTON_STEPS = 4  # trust-region search updates per pass off the CPU (no early exit there)
 
@@ -345,11 +350,33 @@ def least_squares_batched(residual_fn: Callable[[PyTree], Tensor], params: PyTre
     x, p = run_flat(trial_norm, x, lm_batched.init_state(x, o.rule.initial_damping), o,
                     (max_steps, tols), model)
     code = _check_stalls(f, x, (p.code, p.loud), m, tols)
+    code, probes = _check_maxima(f, x, code, m)
     rnorm = trial_norm(x).double()
     cost = torch.where(rnorm < 1e154, 0.5 * rnorm * rnorm, torch.full_like(rnorm, float("inf")))
     success = torch.isin(code, torch.tensor(SUCCESS_CODES, device=x.device))
     return unravel(x), BatchedLeastSquaresInfo(p.steps, cost, code, success,
-                                               p.evaluations, rnorm)
+                                               p.evaluations + probes, rnorm)
+
+
+def _check_maxima(f: Callable[[Tensor], Tensor], x: Tensor, code: Tensor,
+                  m: int) -> tuple[Tensor, Tensor]:
+    """``(code, probes)``: the successes other than a zero residual whose cost falls along a
+    parameter with a zero Jacobian column turned into :data:`NOT_A_MINIMUM`
+    (:func:`funcopt.least_squares_probe.probe_zero_columns`, ``probes`` its residual
+    evaluations per problem). Two host reads (this one and the probe's), and one batched
+    Jacobian at ``x`` only when some problem ends with such a success."""
+    candidates = torch.isin(code, torch.tensor(SUCCESS_CODES[1:], device=x.device))
+    if not bool(candidates.any()):  # host sync: one
+        return code, torch.zeros_like(code)
+    r, J = batched_jacobian(f, x, m)
+
+    def norms(xb: Tensor) -> Tensor:
+        with torch.no_grad():
+            return lm_batched.batched_norm(f(xb).double())
+
+    falls, _, probes = probe_zero_columns(norms, x, lm_batched.batched_norm(J.mT),
+                                          lm_batched.batched_norm(r.double()), candidates)
+    return torch.where(falls, NOT_A_MINIMUM, code), probes
 
 
 class StallModel(NamedTuple):

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from funcopt.base import PyTree
 from funcopt.func.jacobian import jacobian, ravel_params, residual_vector_fn
 from funcopt.least_squares_batched import (
+    NOT_A_MINIMUM,
     SUCCESS_CODES,
     BatchedLeastSquaresInfo,
     StallModel,
@@ -33,6 +34,7 @@ from funcopt.least_squares_options import (
     check_driver_options,
     rounding_steps,
 )
+from funcopt.least_squares_probe import probe_zero_columns
 from funcopt.transforms import lm_batched
 from funcopt.transforms.levenberg_marquardt import lm_options
 from funcopt.transforms.lm_damping import DampingRule, TrustRegion, resolve_scaling
@@ -113,11 +115,38 @@ def least_squares_parallel(
                        (max_steps, tols), model)
     code = _check_stalls(residual_fn, unravel, x, (p.code, p.loud), tols,
                          (group, o.jacobian_mode))
+    code, probes = _check_maxima(residual_fn, unravel, x, code, (group, o.jacobian_mode))
     rnorm = trial_norm(x).double()
     cost = torch.where(rnorm < 1e154, 0.5 * rnorm * rnorm, torch.full_like(rnorm, float("inf")))
     success = torch.isin(code, torch.tensor(SUCCESS_CODES, device=x.device))
     return unravel(x[0]), BatchedLeastSquaresInfo(p.steps, cost, code, success,
-                                                  p.evaluations, rnorm)
+                                                  p.evaluations + probes, rnorm)
+
+
+def _check_maxima(residual_fn: Callable[[PyTree], Tensor], unravel: Callable, x: Tensor,
+                  code: Tensor, where: tuple) -> tuple[Tensor, Tensor]:
+    """The batched driver's probe along zero Jacobian columns
+    (:func:`funcopt.least_squares_batched._check_maxima`) on the all-reduced sums at the
+    final ``x`` ``(1, n)``: one all-reduce (float64) of ``||J_k,j||^2`` and ``||r_k||^2``,
+    then one of ``||r_k||^2`` per probe. Every rank reads the same sums and probes the same
+    columns, so the collectives match and the codes are equal on every rank."""
+    candidates = torch.isin(code, torch.tensor(SUCCESS_CODES[1:], device=x.device))
+    if not bool(candidates.any()):  # host sync: one, after the fit
+        return code, torch.zeros_like(code)
+    group, mode = where
+    J, r = jacobian(residual_fn, unravel(x[0]), mode=mode)
+    Jd, rd = J.double(), r.double()
+    sums = _sum(torch.cat([(Jd * Jd).sum(0), (rd @ rd)[None]]), group)
+    f = residual_vector_fn(residual_fn, unravel)
+
+    def norms(xb: Tensor) -> Tensor:
+        with torch.no_grad():
+            rk = f(xb[0]).double()
+        return torch.sqrt(_sum((rk @ rk)[None], group))
+
+    falls, _, probes = probe_zero_columns(norms, x, sums[None, :-1], torch.sqrt(sums[-1:]),
+                                          candidates)
+    return torch.where(falls, NOT_A_MINIMUM, code), probes
 
 
 def _check_stalls(residual_fn: Callable[[PyTree], Tensor], unravel: Callable, x: Tensor,

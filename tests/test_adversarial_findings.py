@@ -165,8 +165,6 @@ def test_batched_least_squares_of_zero_problems_is_empty_or_a_clear_error():
 # ----------------------------------------------------------------------------- least squares
 
 
-@pytest.mark.xfail(strict=True, reason="a start point where J = 0 (a maximum of the cost) is "
-                   "reported success by the gtol test")
 def test_a_zero_jacobian_at_a_maximum_of_the_cost_is_not_success():
     # fo.least_squares(lambda a: a**2 - 1, torch.tensor([0.0])) -> success=True,
     # reason "gtol: gradient orthogonal to the residuals", cost 0.5, while the minimum is cost 0
