@@ -14,6 +14,7 @@ lsq_profile.py`` prints the time per phase and the host syncs per pass.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -349,8 +350,9 @@ def least_squares_batched(residual_fn: Callable[[PyTree], Tensor], params: PyTre
     tols = (tolerances.ftol, tolerances.xtol, tolerances.gtol, eps)
     x, p = run_flat(trial_norm, x, lm_batched.init_state(x, o.rule.initial_damping), o,
                     (max_steps, tols), model)
-    code = _check_stalls(f, x, (p.code, p.loud), m, tols)
-    code, probes = _check_maxima(f, x, code, m)
+    jac = functools.cache(lambda: batched_jacobian(f, x, m))  # at most one for both checks
+    code = _check_stalls(f, x, (p.code, p.loud), m, tols, jac)
+    code, probes = _check_maxima(f, x, code, jac)
     rnorm = trial_norm(x).double()
     cost = torch.where(rnorm < 1e154, 0.5 * rnorm * rnorm, torch.full_like(rnorm, float("inf")))
     success = torch.isin(code, torch.tensor(SUCCESS_CODES, device=x.device))
@@ -359,16 +361,16 @@ def least_squares_batched(residual_fn: Callable[[PyTree], Tensor], params: PyTre
 
 
 def _check_maxima(f: Callable[[Tensor], Tensor], x: Tensor, code: Tensor,
-                  m: int) -> tuple[Tensor, Tensor]:
+                  jac: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     """``(code, probes)``: the successes other than a zero residual whose cost falls along a
     parameter with a zero Jacobian column turned into :data:`NOT_A_MINIMUM`
     (:func:`funcopt.least_squares_probe.probe_zero_columns`, ``probes`` its residual
-    evaluations per problem). Two host reads (this one and the probe's), and one batched
-    Jacobian at ``x`` only when some problem ends with such a success."""
+    evaluations per problem). Two host reads (this one and the probe's), and ``jac()``, the
+    batched ``(r, J)`` at ``x``, only when some problem ends with such a success."""
     candidates = torch.isin(code, torch.tensor(SUCCESS_CODES[1:], device=x.device))
     if not bool(candidates.any()):  # host sync: one
         return code, torch.zeros_like(code)
-    r, J = batched_jacobian(f, x, m)
+    r, J = jac()
 
     def norms(xb: Tensor) -> Tensor:
         with torch.no_grad():
@@ -440,20 +442,21 @@ def judge_stalls(code: Tensor, checked: Tensor, limit: Tensor, s: StallModel, x:
 
 
 def _check_stalls(f: Callable[[Tensor], Tensor], x: Tensor, stops: tuple[Tensor, Tensor],
-                  m: int, tols: tuple) -> Tensor:
+                  m: int, tols: tuple, jac: Callable[[], tuple[Tensor, Tensor]] | None = None
+                  ) -> Tensor:
     """The reason codes ``stops[0]`` with the tolerance stops that are not stationary turned
     into the failure code ``len(REASONS) - 1`` (:func:`stall_candidates` says which stops are
     checked and how, :func:`judge_stalls` decides), ``stops[1]`` the ``loud`` flags. One
     batched Jacobian and two evaluations of ``f``, and a float64 SVD of the Jacobians of the
     problems with a gain test (``m n <= GAIN_CHECK_SIZE``), only when some problem stopped
-    that way."""
+    that way; ``jac()`` gives that ``(r, J)`` when passed (shared with :func:`_check_maxima`)."""
     code, loud = stops
     checked, limit = stall_candidates(code, loud, tols)
     limit = limit & (m * x.shape[1] <= GAIN_CHECK_SIZE)
     todo = torch.stack([(checked | limit).any(), limit.sum()]).tolist()  # host sync: one
     if not todo[0]:
         return code
-    r, J = batched_jacobian(f, x, m)
+    r, J = jac() if jac is not None else batched_jacobian(f, x, m)
     rnorm = lm_batched.batched_norm(r)
     col = lm_batched.batched_norm(J.mT)
     safe = torch.where(col > 0, col, 1.0)

@@ -56,9 +56,9 @@ def test_rejected_ftol_stop_off_a_minimum_is_not_success(monkeypatch, tol, stop)
     seen = []
     check = lsb._check_stalls
 
-    def spy(f, x, stops, m, tols):
+    def spy(f, x, stops, *rest):
         seen.append((stops[0].tolist(), stops[1].tolist()))
-        return check(f, x, stops, m, tols)
+        return check(f, x, stops, *rest)
 
     monkeypatch.setattr(lsb, "_check_stalls", spy)
     k = torch.tensor([1.0, 0.0], dtype=F64)
