@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import funcopt as fo
-from funcopt.testing import check_vmap
 
 DEFAULT_DTYPE = torch.float64
 F64 = torch.float64
@@ -35,20 +34,6 @@ def _grads(params, seed=1):
         lambda p: torch.randn(p.shape, generator=g, dtype=F64).to(p.dtype), params)
 
 
-# ----------------------------------------------------------------------------- torch.func
-
-
-@pytest.mark.xfail(strict=True, reason="scale_by_soap under torch.func.vmap gives another "
-                   "eigenbasis (state 'q') than a per-problem loop, from the first step on")
-@pytest.mark.parametrize("steps", [1, 3])
-def test_soap_under_vmap_matches_a_loop(steps):
-    # vmap over 3 problems of one 4x3 matrix: after one step the state's basis q differs from a
-    # Python loop's by O(1) (also with problems=1), so the updates differ from step 2 on (up to
-    # 1.5 absolute). tests/test_contract_table.py::test_contract[scale_by_soap] fails the same
-    # way. A user batching SOAP runs with vmap expects the loop's numbers: the traced
-    # first-step / refresh decision (torch.where) must pick the same branch and basis as eager.
-    w = _params()["w"]
-    check_vmap(fo.scale_by_soap(), {"w": w}, steps=steps)
 
 
 # ----------------------------------------------------------------------------- bad states

@@ -164,10 +164,7 @@ SPECIAL = {
 # transforms that build their state with a Python-side decision that torch.compile cannot
 # trace in one graph, with the reason (kept short; each is a known limit).
 NO_COMPILE: dict[str, str] = {}
-_SOAP_VMAP = ("matches a loop only where every Kronecker factor has full rank (a QR of a rank-"
-              "deficient factor picks its null-space basis by rounding): "
-              "tests/test_vmap_compile_second_order.py checks it on full-rank factors")
-NO_VMAP: dict[str, str] = {"soap": _SOAP_VMAP, "scale_by_soap": _SOAP_VMAP}
+NO_VMAP: dict[str, str] = {}
 
 HEAVYBALL = {
     name: getattr(fo.heavyball, name) for name in dir(fo.heavyball)
@@ -205,7 +202,7 @@ def test_contract(name):
 
 @pytest.mark.parametrize("name", sorted(HEAVYBALL))
 def test_heavyball_recipes(name):
-    check_transform(HEAVYBALL[name](), _params(), vmap="soap" not in name)  # see _SOAP_VMAP
+    check_transform(HEAVYBALL[name](), _params())
 
 
 # name -> (a function h -> transform, a value of h): a hyperparameter given as a 0-d tensor.

@@ -4,10 +4,9 @@ on empty and zero-size leaves, and their leaf checks.
 vmap: a batch of independent problems (a leading dimension on params, grads and state) must
 give a Python loop's numbers, in float64. Two forms: init and the steps inside one vmapped
 function, and a state built by ``vmap(init)`` passed to a vmapped step (every state field
-batched, the step counter included). SOAP's eigenbasis on a rank-deficient factor is set by
-rounding (HeavyBall's QR refresh orthogonalises a near-zero column), and a batched QR rounds
-differently from a single one, so its problems use square matrices with random gradients:
-every factor has full rank.
+batched, the step counter included). SOAP's problems here use square matrices with random
+gradients (every factor of full rank); rank-deficient factors, whose QR refresh funcopt makes
+canonical so that a batched QR gives a loop's basis, are in ``tests/test_soap_vmap.py``.
 
 compile: ``torch.compile(update, fullgraph=True)`` with the ``aot_eager`` backend (the Dynamo
 and AOT tracing that decide graph breaks and recompiles, without Inductor's C++ build, the

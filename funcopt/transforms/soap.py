@@ -9,9 +9,9 @@ preconditioner. Differences from HeavyBall 3.x are listed in :func:`scale_by_soa
 
 In an eager step SOAP decides on the host whether this is the first step and whether to
 refresh the eigenbasis (one ``.item()`` of the step counter per step; the QR refresh runs only
-on refresh steps). While :func:`funcopt.engine.is_tracing` (``torch.compile``,
-``torch.func.vmap``) both branches run every step and ``torch.where`` picks, on the device:
-no host read, no recompile, the eager numbers.
+on refresh steps, reading on the host which factors are rank-deficient). While tracing
+(``torch.compile``, ``torch.func.vmap``) both branches run every step and ``torch.where`` picks,
+on the device: no host read, no recompile, the eager numbers.
 """
 
 from __future__ import annotations
@@ -113,13 +113,11 @@ def _orthonormal(mats: list[Tensor], cholesky: bool | None = None) -> list[Tenso
     where that is not accurate (a failed Cholesky factorisation, or a first pass whose ``Q``
     is off orthonormal by 0.1 or more: a singular, very ill-conditioned or non-finite ``A``)
     gets Householder QR instead; one host read per call decides (while tracing, both run and
-    ``torch.where`` picks on the device). (On a CPU CholeskyQR2 is
-    2-2.5x slower than LAPACK's QR.) On a nearly singular factor any two QR implementations
-    differ in the trailing columns, which rounding sets, and so does SOAP's update there: GPU
-    runs match CPU or HeavyBall runs to rounding only where the factors are well conditioned.
-    The batched QR and ``eigh`` that ``torch.func.vmap`` runs are such another implementation:
-    a vmapped SOAP gives a loop's numbers where every factor has full rank (a first gradient
-    ``g_0`` of shape ``(m, n)`` gives rank ``min(m, n)`` factors: only square ones are).
+    ``torch.where`` picks on the device; on a CPU CholeskyQR2 is 2-2.5x slower than LAPACK's
+    QR). On a nearly singular factor any two QR implementations differ in the trailing
+    columns, which rounding sets, and so does SOAP's update there: GPU runs match CPU or
+    HeavyBall runs to rounding only where the factors are well conditioned (the refresh calls
+    ``_canonical_orthonormal``, which handles rank-deficient ones).
     """
     if cholesky is None:
         cholesky = len(mats) > 0 and mats[0].is_cuda
@@ -160,6 +158,41 @@ def _orthonormal(mats: list[Tensor], cholesky: bool | None = None) -> list[Tenso
     return out
 
 
+def _independent(a: Tensor, q: Tensor) -> Tensor:
+    """Columns of ``a`` independent of those before them, given the ``Q`` of its QR:
+    :math:`|R_{kk}| = |q_k^T a_k| > 8 \\sqrt{n}\\,\\epsilon \\max_j \\|a_j\\|` (rounding leaves a
+    few :math:`\\epsilon` of that in a dependent one, more after ill-conditioned ones)."""
+    tol = 8 * a.shape[-1] ** 0.5 * torch.finfo(a.dtype).eps
+    return ~((q * a).sum(0).abs() <= tol * a.norm(dim=0).amax())  # NaN stays, as NaN
+
+
+def _canonical_orthonormal(mats: list[Tensor]) -> list[Tensor]:
+    """``_orthonormal``, with the columns that rank deficiency leaves to rounding made canonical.
+
+    Where column ``k`` of ``A`` lies in the span of those before it (a factor of rank below
+    its side), QR normalises rounding error there: ``Q`` from column ``k`` on, and Adam in that
+    basis, follow how products were rounded (``vmap``'s batched kernels round unlike a loop's).
+    Such a matrix gets a second QR with column ``k`` replaced by :math:`s f_k` (:math:`s` its
+    largest column norm, :math:`f_{ik} = \\cos((i+1)(k+2))` a fixed generic vector), so ``Q``'s
+    column ``k`` is :math:`f_k` orthogonalised against the columns before it (``Q^T A`` stays
+    upper triangular; QR's derivative stays finite). Full-rank matrices keep the first QR bit
+    for bit; one host read per call picks the others (while tracing all take the second QR,
+    whose input is then the first's). A column whose residual lies between rounding and
+    ``_independent``'s threshold stays as QR gives it."""
+    def lifted(a: Tensor, keep: Tensor) -> Tensor:
+        i = torch.arange(1, a.shape[-1] + 1, dtype=torch.float64, device=a.device)
+        fill = torch.cos(i[:, None] * (i[None, :] + 1)).to(a.dtype)
+        return torch.where(keep, a, a.norm(dim=0).amax() * fill)
+    qs = _orthonormal(mats)
+    keep = [_independent(a, q) for a, q in zip(mats, qs)]
+    if is_tracing() or not keep:
+        return _orthonormal([lifted(a, k) for a, k in zip(mats, keep)])
+    redo = [i for i, full in enumerate(torch.stack([k.all() for k in keep]).tolist()) if not full]
+    for i, q in zip(redo, _orthonormal([lifted(mats[i], keep[i]) for i in redo])):
+        qs[i] = q
+    return qs
+
+
 def _qr_refresh(ggs: list[tuple], qss: list[tuple], vs: list) -> tuple[list[tuple], list]:
     """One power-iteration step and QR per factor of every leaf (the QRs batched, see
     ``_orthonormal``); reorders each ``v`` (work shape; None to skip) to match."""
@@ -175,7 +208,7 @@ def _qr_refresh(ggs: list[tuple], qss: list[tuple], vs: list) -> tuple[list[tupl
             if vs[leaf] is not None:
                 vs[leaf] = vs[leaf].index_select(d, order)
     new = [list(qs) for qs in qss]
-    for (leaf, d), q in zip(where, _orthonormal(mats)):
+    for (leaf, d), q in zip(where, _canonical_orthonormal(mats)):
         new[leaf][d] = q
     return [tuple(qs) for qs in new], vs
 
