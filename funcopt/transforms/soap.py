@@ -114,14 +114,10 @@ def _orthonormal(mats: list[Tensor], cholesky: bool | None = None) -> list[Tenso
     is off orthonormal by 0.1 or more: a singular, very ill-conditioned or non-finite ``A``)
     gets Householder QR instead; one host read per call decides (while tracing, both run and
     ``torch.where`` picks on the device; on a CPU CholeskyQR2 is 2-2.5x slower than LAPACK's
-    QR). On a nearly singular factor any two QR implementations differ in the trailing
-    columns, which rounding sets, and so does SOAP's update there: GPU runs match CPU or
-    HeavyBall runs to rounding only where the factors are well conditioned (the refresh calls
-    ``_canonical_orthonormal``, which handles rank-deficient ones).
+    QR). On a nearly singular factor QR implementations differ in the trailing columns, which
+    rounding sets (the refresh calls ``_canonical_orthonormal``, which fixes rank-deficient ones).
     """
-    if cholesky is None:
-        cholesky = len(mats) > 0 and mats[0].is_cuda
-    if not cholesky:
+    if not (cholesky if cholesky is not None else len(mats) > 0 and mats[0].is_cuda):
         return [torch.linalg.qr(a)[0] for a in mats]
     by_shape: dict[tuple, list[int]] = {}
     for i, a in enumerate(mats):
@@ -130,8 +126,7 @@ def _orthonormal(mats: list[Tensor], cholesky: bool | None = None) -> list[Tenso
     for idx in by_shape.values():
         n = max(1, _CHOLESKY_QR_BATCH // mats[idx[0]].numel())
         batches += [idx[j:j + n] for j in range(0, len(idx), n)]
-    out: list[Tensor] = list(mats)
-    flags = []
+    out, flags = list(mats), []
     for idx in batches:
         q = torch.stack([mats[i] for i in idx]).to(torch.float64)
         eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
@@ -146,15 +141,14 @@ def _orthonormal(mats: list[Tensor], cholesky: bool | None = None) -> list[Tenso
         for i, qi in zip(idx, q.to(mats[idx[0]].dtype).unbind(0)):
             out[i] = qi
         flags.append(ok)
-    if flags and is_tracing():
-        order = [i for idx in batches for i in idx]
-        for i, good in zip(order, torch.cat(flags).unbind(0)):
+    if not flags:
+        return out
+    order, tracing, ok = [i for idx in batches for i in idx], is_tracing(), torch.cat(flags)
+    for i, good in zip(order, ok.unbind(0) if tracing else ok.tolist()):  # host read if eager
+        if tracing:
             out[i] = torch.where(good, out[i], torch.linalg.qr(mats[i])[0])
-    elif flags:
-        order = [i for idx in batches for i in idx]
-        for i, good in zip(order, torch.cat(flags).tolist()):
-            if not good:
-                out[i] = torch.linalg.qr(mats[i])[0]
+        elif not good:
+            out[i] = torch.linalg.qr(mats[i])[0]
     return out
 
 
@@ -163,7 +157,14 @@ def _independent(a: Tensor, q: Tensor) -> Tensor:
     :math:`|R_{kk}| = |q_k^T a_k| > 8 \\sqrt{n}\\,\\epsilon \\max_j \\|a_j\\|` (rounding leaves a
     few :math:`\\epsilon` of that in a dependent one, more after ill-conditioned ones)."""
     tol = 8 * a.shape[-1] ** 0.5 * torch.finfo(a.dtype).eps
-    return ~((q * a).sum(0).abs() <= tol * a.norm(dim=0).amax())  # NaN stays, as NaN
+    return ~((q * a).sum(0).abs() <= tol * _max_column_norm(a))  # NaN stays, as NaN
+
+
+def _max_column_norm(a: Tensor) -> Tensor:
+    """``max_j ||a_j||`` without overflow: that of ``a`` over a power of two near ``max |a|``."""
+    t = a.abs().amax()
+    s = torch.where(torch.isfinite(t) & (t > 0), torch.exp2(torch.floor(torch.log2(t))), 1.0)
+    return s * (a / s).norm(dim=0).amax()
 
 
 def _canonical_orthonormal(mats: list[Tensor]) -> list[Tensor]:
@@ -176,13 +177,13 @@ def _canonical_orthonormal(mats: list[Tensor]) -> list[Tensor]:
     largest column norm, :math:`f_{ik} = \\cos((i+1)(k+2))` a fixed generic vector), so ``Q``'s
     column ``k`` is :math:`f_k` orthogonalised against the columns before it (``Q^T A`` stays
     upper triangular; QR's derivative stays finite). Full-rank matrices keep the first QR bit
-    for bit; one host read per call picks the others (while tracing all take the second QR,
-    whose input is then the first's). A column whose residual lies between rounding and
-    ``_independent``'s threshold stays as QR gives it."""
+    for bit; one host read per call picks the others (while tracing all take the second QR).
+    A column whose residual lies between rounding and ``_independent``'s threshold stays."""
+
     def lifted(a: Tensor, keep: Tensor) -> Tensor:
         i = torch.arange(1, a.shape[-1] + 1, dtype=torch.float64, device=a.device)
         fill = torch.cos(i[:, None] * (i[None, :] + 1)).to(a.dtype)
-        return torch.where(keep, a, a.norm(dim=0).amax() * fill)
+        return torch.where(keep, a, _max_column_norm(a) * fill)
     qs = _orthonormal(mats)
     keep = [_independent(a, q) for a, q in zip(mats, qs)]
     if is_tracing() or not keep:
