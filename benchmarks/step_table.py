@@ -110,18 +110,22 @@ def adamw_section(args, dev: str, bw: float) -> list[str]:
            "Last column: the funcopt row's time / torch-fused's, per case."
            + ("" if args.big or not gpu else " Case a (1e9 parameters) needs `--big`.")]
     for method in ["adamw"] if args.quick else ["adamw", "sgd", "lion"]:
-        res, head = {}, [f"{TITLES[method]} ({ss.BYTES[method]} B/param)"]
+        lion = method == "lion"  # torch.optim has no Lion: no torch rows, no ratio
+        which = [n for n in names if not (lion and n.startswith("torch"))]
+        res = {}
+        head = [f"{TITLES[method]} ({ss.BYTES[method]} B/param{'; torch.optim has none' * lion})"]
         for case in cases:
             n, k = numel(case, dev)
             floor = ss.floor_seconds(n, method, bw)
-            res[case] = (floor, measure(method, names, case, dev, args.repeat))
+            res[case] = (floor, measure(method, which, case, dev, args.repeat))
             head.append(f"{case}: {n:,} params / {k} tensors, floor {floor * 1e3:.3f} ms")
-        head.append(f"time / torch-fused ({', '.join(cases)})")
+        head += [] if lion else [f"time / torch-fused ({', '.join(cases)})"]
         rows = []
-        for name in names:
+        for name in which:
             vs = (", ".join(ratio(r[name], r["torch-fused"]) for _, r in res.values())
                   if name.startswith("funcopt") else "-")
-            rows.append([name] + [cell(r[name], floor) for floor, r in res.values()] + [vs])
+            rows.append([name] + [cell(r[name], floor) for floor, r in res.values()]
+                        + ([] if lion else [vs]))
         out += table(head, rows)
     return out
 
@@ -222,6 +226,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                     help="comma-separated subset of " + ",".join(SECTIONS))
     ap.add_argument("--heavyball-compile", default="default",
                     help="torch.compile mode of the compiled heavyball rows (default: default)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="a smoke test: see the module docstring")
     args = ap.parse_args(argv)
     args.sections = [s for s in args.sections.split(",") if s]
@@ -232,6 +237,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         args.repeat = 20 if args.device == "cuda" else 10
     if args.repeat < 1:
         ap.error(f"--repeat must be at least 1, got {args.repeat}")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be at least 1, got {args.threads}")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here; use --device cpu")
     return args
@@ -255,6 +262,8 @@ def build(args: argparse.Namespace, argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     text = build(args, argv)
     print(text, end="", flush=True)
     if args.write:
