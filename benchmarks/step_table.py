@@ -2,30 +2,28 @@
 
     python benchmarks/step_table.py --device cuda --big --write benchmarks/RESULTS_steps.md
 
-Prints one markdown section (``--write FILE`` also writes it there, replacing the file): a
-header (device, torch version, date, copy bandwidth, the command), then, by ``--sections``:
+Prints one markdown section (``--write FILE`` also writes it, replacing FILE): a header (device,
+torch, date, copy bandwidth, the command), then the tables picked by ``--sections``:
 
-1. ``adamw``: AdamW, SGD-momentum, Lion; ``step_speed.py``'s torch-foreach, torch-fused,
+1. ``adamw``: AdamW, SGD-momentum, Lion; step_speed.py's torch-foreach, torch-fused,
    funcopt-eager, funcopt-adapter, funcopt-jit (and funcopt-ravel-graph on CUDA) on its cases
    gpt184, b (a, 1e9 parameters, ~45 GB, with ``--big``) on CUDA, mlp and a (2e7) on a CPU. Cell:
-   ms per step, its multiple of the floor ``N * bytes_per_param / B`` (B the copy bandwidth,
-   bytes read + written per second, measured first; a CPU's mlp fits in cache and can beat it),
-   peak MB allocated (CUDA only); last column: funcopt's time over torch-fused's, per case.
-2. ``heavyball``: Muon (bf16 Newton-Schulz), SOAP, PSGD Kron with heavyball's settings on gpt184
-   (CUDA) or mlp (CPU): funcopt's eager step against heavyball compiled (mode
-   ``--heavyball-compile``, default "default"; CUDA only) and eager; mean ms, peak MB, ratios.
-3. ``singd``: full training steps (forward, backward with capture, update) of the MLP
-   784-W-W-10, batch W (1024 on CUDA, 256 on a CPU; ``natural_gradient.py``): funcopt's SINGD
-   dense and diagonal against the singd package (T=1), funcopt's KFAC (T=1, T=10), all eager;
-   ms, optimizer-state MB, time over the singd package's (same structure; KFAC: dense).
+   ms per step, its multiple of the floor ``N * bytes_per_param / B`` (B the copy bandwidth
+   measured first; a CPU's mlp fits in cache and can beat it), peak MB allocated (CUDA only);
+   then funcopt's time over torch-fused's, per case.
+2. ``heavyball``: Muon, SOAP, PSGD Kron on gpt184 (CUDA) or mlp (CPU): funcopt's eager step
+   against heavyball compiled (mode ``--heavyball-compile``; CUDA only) and eager.
+3. ``singd``: full training steps (forward, backward, update) of the MLP 784-W-W-10, batch W
+   (1024 on CUDA, 256 on a CPU; natural_gradient.py): funcopt's SINGD dense and diagonal
+   against the singd package (T=1), funcopt's KFAC (T=1, T=10), all eager; optimizer-state MB.
 
 Timing: ``step_speed.measure_one_by_one`` (set-up and first call, which compiles, untimed; 3
-warm-up steps; median of ``--repeat`` steps, mean for Muon/SOAP/PSGD; CUDA events on a GPU, the
-host clock on a CPU); ``natural_gradient.bench_torch`` / ``bench_funcopt`` (median of
-``--repeat`` synchronised steps after 3 warm-up; T=10 the mean of a block). A contender that
+warm-up steps; the median of ``--repeat`` steps, the mean for Muon/SOAP/PSGD; CUDA events on a
+GPU, the host clock on a CPU) and ``natural_gradient.bench_torch`` / ``bench_funcopt`` (median
+of ``--repeat`` synchronised steps after 3 warm-up; T=10 the mean of a block). A contender that
 fails (out of memory, not installed, compile error) gets a cell "failed: <reason>" and the run
-goes on. ``--quick``: one case, AdamW, Muon, SINGD dense at width 64, nothing compiled (a smoke
-test of the table, not a measurement).
+goes on. ``--quick``: one case, AdamW, Muon, SINGD dense at width 64, nothing compiled (a test
+of the table, not a measurement).
 """
 
 from __future__ import annotations
@@ -97,6 +95,29 @@ def numel(case: str, dev: str) -> tuple[int, int]:  # (parameters, tensors) of a
     return sum(torch.Size(s).numel() for s in shapes), len(shapes)
 
 
+def method_table(method: str, names: list[str], cases: list[str], dev: str, bw: float,
+                 repeat: int) -> list[str]:
+    """One element-wise method's table: a row per contender, a column per case, then each
+    funcopt row's time over torch-fused's (none for Lion: torch.optim has no Lion)."""
+    lion = method == "lion"
+    which = [n for n in names if not (lion and n.startswith("torch"))]
+    res, head = {}, [f"{TITLES[method]} ({ss.BYTES[method]} B/param{'; torch.optim has none' * lion})"]
+    for case in cases:
+        n, k = numel(case, dev)
+        floor = ss.floor_seconds(n, method, bw)
+        res[case] = (floor, measure(method, which, case, dev, repeat))
+        head.append(f"{case}: {n:,} params / {k} tensors, floor {floor * 1e3:.3f} ms")
+    head += [] if lion else [f"time / torch-fused ({', '.join(cases)})"]
+    rows = []
+    for name in which:
+        row = [name] + [cell(r[name], floor) for floor, r in res.values()]
+        if not lion:
+            row.append(", ".join(ratio(r[name], r["torch-fused"]) for _, r in res.values())
+                       if name.startswith("funcopt") else "-")
+        rows.append(row)
+    return table(head, rows)
+
+
 def adamw_section(args, dev: str, bw: float) -> list[str]:
     """Table 1: element-wise steps against torch.optim and the floor."""
     gpu = dev == "cuda"
@@ -110,23 +131,7 @@ def adamw_section(args, dev: str, bw: float) -> list[str]:
            "Last column: the funcopt row's time / torch-fused's, per case."
            + ("" if args.big or not gpu else " Case a (1e9 parameters) needs `--big`.")]
     for method in ["adamw"] if args.quick else ["adamw", "sgd", "lion"]:
-        lion = method == "lion"  # torch.optim has no Lion: no torch rows, no ratio
-        which = [n for n in names if not (lion and n.startswith("torch"))]
-        res = {}
-        head = [f"{TITLES[method]} ({ss.BYTES[method]} B/param{'; torch.optim has none' * lion})"]
-        for case in cases:
-            n, k = numel(case, dev)
-            floor = ss.floor_seconds(n, method, bw)
-            res[case] = (floor, measure(method, which, case, dev, args.repeat))
-            head.append(f"{case}: {n:,} params / {k} tensors, floor {floor * 1e3:.3f} ms")
-        head += [] if lion else [f"time / torch-fused ({', '.join(cases)})"]
-        rows = []
-        for name in which:
-            vs = (", ".join(ratio(r[name], r["torch-fused"]) for _, r in res.values())
-                  if name.startswith("funcopt") else "-")
-            rows.append([name] + [cell(r[name], floor) for floor, r in res.values()]
-                        + ([] if lion else [vs]))
-        out += table(head, rows)
+        out += method_table(method, names, cases, dev, bw, args.repeat)
     return out
 
 
@@ -157,8 +162,7 @@ def heavyball_section(args, dev: str) -> list[str]:
     return out + table(head, rows)
 
 
-def timed_step(bench, *a, **kw):
-    """``(ms, state MB)`` of a natural_gradient bench, or "failed: ..."."""
+def timed_step(bench, *a, **kw):  # (ms, state MB) of a natural_gradient bench, or "failed: ..."
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

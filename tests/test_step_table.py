@@ -169,3 +169,23 @@ def test_floor_seconds_is_bytes_over_bandwidth(st):
     assert st.ss.floor_seconds(10**6, "adamw", 28e6) == pytest.approx(1.0)
     assert st.ss.floor_seconds(10**6, "sgd", 20e6) == pytest.approx(1.0)
     assert math.isnan(st.ss.floor_seconds(10**6, "muon", 1e9))
+
+
+@pytest.mark.parametrize("method, floor_bytes", [("sgd", 20), ("lion", 20)])
+def test_sgd_and_lion_tables(st, method, floor_bytes):
+    """SGD-momentum has torch rows and the ratio column; torch.optim has no Lion, so its table
+    has funcopt rows only and no ratio column."""
+    names = ["torch-foreach", "torch-fused", "funcopt-eager"]
+    head, rows = tables("\n".join(st.method_table(method, names, ["mlp"], "cpu", 1e9, 2)))[
+        "SGD (momentum 0.9) (20 B/param)" if method == "sgd" else
+        "Lion (20 B/param; torch.optim has none)"]
+    floor_ms = 85_614 * floor_bytes / 1e9 * 1e3
+    assert head[1] == f"mlp: 85,614 params / 6 tensors, floor {floor_ms:.3f} ms"
+    assert [r[0] for r in rows] == (names if method == "sgd" else ["funcopt-eager"])
+    assert len(head) == (3 if method == "sgd" else 2) and all(len(r) == len(head) for r in rows)
+    for row in rows:
+        positive(row[1].split(", ")[1].removesuffix("x"))
+        ms_of(row[1])
+    if method == "sgd":
+        assert positive(rows[2][2]) == pytest.approx(ms_of(rows[2][1]) / ms_of(rows[1][1]),
+                                                     rel=0.02, abs=0.01)
