@@ -9,7 +9,7 @@ torch, date, copy bandwidth, the command), then the tables picked by ``--section
    funcopt-eager, funcopt-adapter, funcopt-jit (and funcopt-ravel-graph on CUDA) on its cases
    gpt184, b (a, 1e9 parameters, ~45 GB, with ``--big``) on CUDA, mlp and a (2e7) on a CPU. Cell:
    ms per step, its multiple of the floor ``N * bytes_per_param / B`` (B the copy bandwidth
-   measured first; a CPU's mlp fits in cache and can beat it), peak MB allocated (CUDA only);
+   measured first; on a CPU a reference, not a bound: mlp fits in cache), peak MB (CUDA only);
    then funcopt's time over torch-fused's, per case.
 2. ``heavyball``: Muon, SOAP, PSGD Kron on gpt184 (CUDA) or mlp (CPU): funcopt's eager step
    against heavyball compiled (mode ``--heavyball-compile``; CUDA only) and eager.
@@ -217,7 +217,7 @@ def device_name(dev: str) -> str:
             name = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     except (OSError, StopIteration):
         name = platform.machine() + " CPU"
-    return f"{name}, {torch.get_num_threads()} threads"
+    return f"{name}, torch threads {torch.get_num_threads()}"
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
