@@ -77,12 +77,16 @@ def cell(r, floor: float | None = None) -> str:
     if isinstance(r, str):
         return r
     t, peak = r
-    parts = [f"{t * 1e3:.3f} ms"] + ([f"{t / floor:.2f}x"] if floor is not None else [])
+    parts = [f"{t * 1e3:.3f} ms"] + ([f"{num(t / floor)}x"] if floor is not None else [])
     return ", ".join(parts + ["-" if peak is None else f"{peak:.0f} MB"])
 
 
+def num(x: float) -> str:  # two decimals; two significant digits below 0.1 (never "0.00")
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
+
+
 def ratio(a, b) -> str:
-    return f"{a[0] / b[0]:.2f}" if isinstance(a, tuple) and isinstance(b, tuple) else "-"
+    return num(a[0] / b[0]) if isinstance(a, tuple) and isinstance(b, tuple) else "-"
 
 
 def table(head: list[str], rows: list[list[str]]) -> list[str]:  # a markdown table

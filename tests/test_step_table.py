@@ -189,3 +189,11 @@ def test_sgd_and_lion_tables(st, method, floor_bytes):
     if method == "sgd":
         assert positive(rows[2][2]) == pytest.approx(ms_of(rows[2][1]) / ms_of(rows[1][1]),
                                                      rel=0.02, abs=0.01)
+
+
+@pytest.mark.parametrize("x", [120.5, 1.0, 0.1, 0.0999, 0.00365, 1e-5])
+def test_ratios_keep_two_digits_and_never_print_zero(st, x):
+    """A fast contender next to a stalled torch-fused (a 40 ms step on a shared CPU) has a
+    ratio of a few thousandths: it prints as such, not as "0.00"."""
+    assert float(st.num(x)) == pytest.approx(x, rel=0.05, abs=0.005 if x >= 0.1 else 0)
+    assert st.ratio((0.146e-3, None), (40.005e-3, None)) == "0.0036"
