@@ -385,6 +385,13 @@ BYTES = {"adamw": 28, "sgd": 20, "lion": 20}
 SHAPED = ("soap", "psgd", "muon")  # not element-wise: no floor, mean step time
 
 
+def floor_seconds(n: int, method: str, bandwidth: float) -> float:
+    """The step's memory-bandwidth floor ``n * BYTES[method] / bandwidth`` in seconds for ``n``
+    parameters and a copy bandwidth in bytes read + written per second; nan for a method that
+    is not element-wise (no floor)."""
+    return n * BYTES[method] / bandwidth if method in BYTES else float("nan")
+
+
 def contenders(method: str, which: list[str]):
     table = {
         "torch-foreach": torch_optim("foreach", method),
@@ -485,7 +492,7 @@ def main(argv=None) -> int:
         shapes = shapes_for(case, dev)
         n = sum(torch.Size(s).numel() for s in shapes)
         for method in args.methods.split(","):
-            floor = n * BYTES[method] / bw if method in BYTES else float("nan")
+            floor = floor_seconds(n, method, bw)
             print(f"\n## case {case}: {n:,} params in {len(shapes)} tensors, {method}, "
                   + (f"floor {floor * 1e3:.3f} ms" if method in BYTES else "mean step time (no floor)"))
             print("| contender | ms/step | x floor | peak MB | page faults/step |")
