@@ -238,3 +238,29 @@ def test_a_state_dict_of_the_one_buffer_layout_names_the_cause(monkeypatch):
     new = fo.Optimizer(_net().parameters(), fo.adamw(1e-2))
     with pytest.raises(ValueError, match="own leaves of the state.*restart the optimizer state"):
         new.load_state_dict(saved)
+
+
+def test_a_large_cpu_group_without_a_torch_kernel_runs_on_the_list():
+    """Lion has no torch kernel: over more than CPU_PURE_FLAT_BYTES of small parameters the
+    adapter steps the list (the pure step's temporaries of one large buffer would be fresh
+    memory maps every step), with the pure step's numbers; a small group, or SGD (torch's
+    fused kernel, in place), keeps the flat path."""
+    from funcopt.optim_flat import CPU_PURE_FLAT_BYTES
+
+    g = torch.Generator().manual_seed(0)
+    n = CPU_PURE_FLAT_BYTES // 8 // 40 + 1  # 40 float64 parameters, none its own leaf
+    ps = [torch.nn.Parameter(torch.randn(n, generator=g, dtype=torch.float64)) for _ in range(40)]
+    assert fo.Optimizer(ps, fo.lion(1e-3))._flat[0] is None
+    assert fo.Optimizer(ps, fo.sgd(1e-3, momentum=0.9))._flat[0] is not None
+    assert fo.Optimizer(ps[:2], fo.lion(1e-3))._flat[0] is not None
+    before = {str(i): p.detach().clone() for i, p in enumerate(ps)}
+    grads = {k: torch.randn(n, generator=g, dtype=torch.float64) for k in before}
+    opt = fo.Optimizer(ps, fo.lion(1e-3))
+    for i, p in enumerate(ps):
+        p.grad = grads[str(i)].clone()
+    opt.step()
+    tx = fo.lion(1e-3)
+    u, _ = tx.update(grads, tx.init(before), before)
+    want = fo.apply_updates(before, u)
+    for i, p in enumerate(ps):
+        assert torch.equal(p.detach(), want[str(i)])
