@@ -61,8 +61,8 @@ from funcopt.transforms.lm_damping import (
     _min,
     adapt_radius_host,
     check_geodesic,
+    check_params,
     check_rule,
-    check_rule_dtype,
     host_values,
     read_host,
     relative_reductions,
@@ -279,7 +279,7 @@ def levenberg_marquardt(
     def update(updates: Any, state: LevenbergMarquardtState, params: Params | None = None,
                *, batch: Any = None, **extra: Any):
         params = require_params(params, "levenberg_marquardt")
-        check_rule_dtype(rule, params)
+        check_params(rule, params)
         if updates is not None:
             tree_check_structure(updates, params, ("updates", "params"))
             _check_shapes(updates, params)

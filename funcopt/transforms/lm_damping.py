@@ -259,9 +259,13 @@ def resolve_scaling(o: Any, m: int, n: int) -> Any:
     return o if o.scaling is not None else replace(o, scaling=m >= n)
 
 
-def check_rule_dtype(rule: DampingRule, params: Any) -> None:
-    """Raise TypeError when :class:`TrustRegion` (an SVD of ``J / d``, which torch has for
-    float32 and float64 only) meets 16-bit parameters, naming the leaf's dtype and the fix."""
+def check_params(rule: DampingRule, params: Any) -> None:
+    """Raise ValueError for parameters without elements (nothing to fit), and TypeError when
+    :class:`TrustRegion` (an SVD of ``J / d``, which torch has for float32 and float64 only)
+    meets 16-bit parameters, naming the leaf's dtype and the fix."""
+    if not any(isinstance(x, Tensor) and x.numel() for x in optree.tree_leaves(params)):
+        raise ValueError("levenberg_marquardt: params have no elements (n = 0), so there is "
+                         "nothing to fit; pass at least one parameter")
     if isinstance(rule, TrustRegion):
         for leaf in optree.tree_leaves(params):
             if isinstance(leaf, Tensor) and leaf.dtype in (torch.float16, torch.bfloat16):
