@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import optree
 import torch
 
 from funcopt.func.jacobian import (
@@ -123,6 +124,19 @@ def zero_column_check(residual_fn: Callable[..., Tensor], params: Any, reason: s
         return reason, True, int(probes[0])
     j = int(which[0])
     return (f"a stationary point that is not a minimum: the Jacobian's column for parameter "
-            f"{j} is zero here and the cost falls along it (at x[{j}] +- "
+            f"{_name(params, j)} is zero here and the cost falls along it (at +- "
             f"{float(probe_steps(x[j])):.2g}), so Gauss-Newton cannot leave it although a "
             f"test held ({reason}): a failure; start from another point"), False, int(probes[0])
+
+
+def _name(params: Any, j: int) -> str:
+    """Element ``j`` of :func:`funcopt.func.ravel_params`' vector as its leaf's path and index,
+    e.g. ``['c'][1]`` (the floating leaves in optree's order, each flattened)."""
+    paths, leaves, _ = optree.tree_flatten_with_path(params)
+    for path, leaf in zip(paths, leaves):
+        if isinstance(leaf, Tensor) and leaf.is_floating_point():
+            if j < leaf.numel():
+                at = [int(i) for i in torch.unravel_index(torch.tensor(j), leaf.shape)]
+                return "".join(f"[{k!r}]" for k in path) + "".join(f"[{i}]" for i in at)
+            j -= leaf.numel()
+    return f"[{j}]"

@@ -41,7 +41,7 @@ def _cost(r):
 def test_a_maximum_along_a_zero_column_is_a_failure(dtype, solver, case):
     """a^2 - 1 from 0 (J = 0 at the start, cost 0.5, the minimum 0 at a = +-1) and [cos a0,
     a1 - 1] from 0 (a1 is fitted, a0's column stays zero at the maximum of cos^2): both
-    stopped with success on gtol/ftol; now a failure naming parameter 0, at a cost the true
+    stopped with success on gtol/ftol; now a failure naming parameter [0], at a cost the true
     minimum (float64 math) undercuts."""
     fn, x0, lower = {
         "square": (lambda a: a**2 - 1, torch.zeros(1, dtype=dtype), torch.ones(1, dtype=F64)),
@@ -53,7 +53,7 @@ def test_a_maximum_along_a_zero_column_is_a_failure(dtype, solver, case):
     if solver == "cg" and case == "square":  # no gnorm without scaling: ftol/xtol at x0
         assert info.reason.startswith("no step was accepted from the start point")
     else:
-        assert info.reason.startswith(NOT_A_MINIMUM) and "parameter 0" in info.reason
+        assert info.reason.startswith(NOT_A_MINIMUM) and "parameter [0]" in info.reason
         assert "start from another point" in info.reason
     assert x[0] == 0 and info.cost == pytest.approx(0.5, rel=1e-6)
     assert _cost(fn(lower)) < 1e-12 < info.cost
