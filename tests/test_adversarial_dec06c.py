@@ -145,20 +145,22 @@ def test_lm_empty_params_is_a_clear_error_or_a_no_op():
         fo.least_squares(lambda q: q["w"].sum() + torch.ones(2, dtype=F64), p)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "documented: under vmap/torch.compile each step decides D by its own m (the traced path "
-    "reads no host value), so vmap over problems gives other numbers than the eager loop "
-    "when batches cross n. Fix: in _traced_step select between D and I with torch.where on "
-    "state.scale[..., :1] < 0 after the first step (both are cheap to form)"))
-def test_lm_vmap_equals_the_eager_loop_on_batches_crossing_n():
+@pytest.mark.parametrize("sizes", [(2, 5), (5, 2, 5), (2, 5, 2, 5)])
+def test_lm_vmap_equals_the_eager_loop_on_batches_crossing_n(sizes):
+    """The traced step keeps the first step's choice as the eager one does (per problem, from
+    the state's scale): vmap over problems gives the eager loop's parameters and states."""
     t, data = fo.levenberg_marquardt(_res), _data()
 
     def run(w):
         p = {"w": w}
-        return _lm_run(t, t.init(p), p, (2, 5), data=data)[0]["w"]
+        _, state, out = _lm_run(t, t.init(p), p, sizes, data=data)
+        return out[-1][0], state.scale, state.damping
 
-    W = torch.zeros(2, 3, dtype=F64)
-    torch.testing.assert_close(torch.func.vmap(run)(W)[0], run(W[0]), rtol=1e-10, atol=0)
+    W = torch.stack([torch.zeros(3, dtype=F64), torch.full((3,), 0.1, dtype=F64)])
+    got = torch.func.vmap(run)(W)
+    for b in range(2):
+        for g, want in zip(got, run(W[b])):
+            torch.testing.assert_close(g[b], want, rtol=1e-10, atol=1e-14)
 
 
 # --------------------------------------------------------------------------- 2. checkpoints

@@ -227,8 +227,8 @@ def levenberg_marquardt(
             ``D = I`` (the minimum-norm step as ``lambda -> 0``) took torch-lm's 4 steps to
             the target at 1e6 parameters and 4096 samples on an H100 where ``D`` took 19
             (``docs/least_squares.md``, "Step counts on wide networks"), hence the default by
-            shape, taken on the first step and kept (mini-batches whose ``m`` crosses ``n``;
-            under a trace each compiled step decides by its own ``m``); or pass True/False.
+            shape, taken on the first step and kept (mini-batches whose ``m`` crosses ``n``,
+            also under vmap/compile); or pass True/False.
         max_attempts: solves per update before giving up with a zero step (10).
         accept_ratio: smallest gain ratio accepted (1e-4, as MINPACK), in ``[0, 1)``.
         solver, form: passed to :func:`funcopt.solvers.damped_least_squares` (``"auto"``:
@@ -465,13 +465,13 @@ def _traced_step(residual_fn, params, args, state: LevenbergMarquardtState, o: L
     f = residual_vector_fn(residual_fn, unravel, *args)
     J, r = jacrev(lambda v: (f(v), f(v)), has_aux=True)(x)
     _require_dtype(r, x)
-    o = resolve_scaling(o, r.numel(), x.numel())
+    o, o_model = resolve_scaling(o, r.numel(), x.numel()), o  # None: the first step's choice
     batched = LevenbergMarquardtState(*(t[None] for t in state))
 
     def trial_norm(x_new: Tensor) -> Tensor:
         return _evaluate(f, x_new[0], r.shape)[None]
 
-    loc = lm_batched.local_model(J[None], r.detach()[None], x[None], batched, o)
+    loc = lm_batched.local_model(J[None], r.detach()[None], x[None], batched, o_model)
     step, new = lm_batched.iterate(loc, batched, trial_norm, o)
     return step[0], LevenbergMarquardtState(*(t[0] for t in new))
 

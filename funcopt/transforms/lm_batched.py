@@ -90,11 +90,13 @@ def init_state(x: Tensor, initial_damping: float) -> LevenbergMarquardtState:
                                    false, count, zero, zero, zero, ~false)
 
 
-def _scaling(col: Tensor, state: LevenbergMarquardtState,
-             o: LMOptions) -> tuple[Tensor, Tensor, Tensor]:
+def _scaling(col: Tensor, state: LevenbergMarquardtState, o: LMOptions,
+             wide: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``(d, lambda, kept)``: MINPACK's running maximum of column norms (or ones), the damping
     to start from (``tau max col^2`` on the first step when ``scaling`` is off) and the scale
-    the state keeps (:func:`funcopt.transforms.lm_model.running_scale`)."""
+    the state keeps (:func:`funcopt.transforms.lm_model.running_scale`). ``scaling=None``
+    (the traced step): per problem, ``D = I`` on a first step with ``wide`` (``n > m``) or
+    after one with ``D = I`` (a kept scale of -1), else ``D``; the eager step's choice."""
     first = (state.count == 0)[:, None]
     lam = state.damping
     if o.scaling:
@@ -102,7 +104,13 @@ def _scaling(col: Tensor, state: LevenbergMarquardtState,
         return d, lam, kept
     start = o.rule.initial_damping * (col * col).amax(dim=-1)
     ones = torch.ones_like(col)  # kept -1: "D = I" (lm_model._scaling)
-    return ones, torch.where(first[:, 0] & (start > 0), start, lam), -ones
+    lam_i = torch.where(first[:, 0] & (start > 0), start, lam)
+    if o.scaling is None:
+        use = torch.where(first, not wide, state.scale[:, :1] >= 0)  # (B, 1)
+        d, kept = running_scale(state.scale, col, first)
+        return (torch.where(use, d, ones), torch.where(use[:, 0], lam, lam_i),
+                torch.where(use, kept, -ones))
+    return ones, lam_i, -ones
 
 
 def local_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState, o: LMOptions,
@@ -118,7 +126,7 @@ def local_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState,
     g = ((J / _positive(col)[:, None, :]).mT @ rn[..., None])[..., 0]
     cos = torch.where((col > 0) & (rnorm > 0)[:, None], g.abs(), torch.zeros_like(g))
     cos = cos.amax(-1) if cos.shape[-1] else torch.zeros_like(rnorm)
-    d, lam, kept = _scaling(col, state, o)
+    d, lam, kept = _scaling(col, state, o, J.shape[-1] > J.shape[-2])
     Jt = J / d[:, None, :]
     eps = torch.finfo(J.dtype).eps
     if method == "gram":
