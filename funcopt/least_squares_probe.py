@@ -9,11 +9,31 @@ whether it is a minimum of the cost along ``e_j`` or a maximum (``r(a) = a^2 - 1
 cost at ``x +- h e_j`` for each zero column, ``h = eps^(1/4) max(1, |x_j|)`` (``eps`` of the
 dtype): where it falls, the point is not a minimum and the fit fails. Two residual evaluations
 per zero column (at most :data:`MAX_PROBED` of them), none when no column is zero.
+
+Where these find no fall and a problem has two or more zero columns ``Z``, it is probed at
+``x +- v``, ``v = sum_{j in Z} s_j h_j e_j``, for :data:`PATTERNS` sign patterns ``s`` over
+all of ``Z`` (not only the probed columns): all ``+1``; ``+1, -1, +1, ...`` over ``Z`` in index
+order; two fixed pseudo-random ones (:data:`SEED`, drawn on the host, so the same on every
+rank). ``2 PATTERNS = 8`` evaluations more, at most ``2 MAX_PROBED + 8`` per problem. With ``H``
+the cost's Hessian on ``Z`` (``J_Z = 0``: ``H = sum_i r_i d^2 r_i``), a pattern sees the fall
+``-(1/2) sum_jk s_j s_k h_j h_k H_jk``, the diagonal terms with weight 1 whatever the signs:
+
+- a saddle across two zero columns: ``r = 1 + a b`` at 0 (``H_aa = H_bb = 0``, ``H_ab = 1``)
+  falls along ``a = -b``; with two zero columns the patterns are ``+-(1, 1)`` and ``+-(1, -1)``,
+  which see any ``2 h_a h_b |H_ab| > h_a^2 H_aa + h_b^2 H_bb``;
+- a maximum along any zero column, probed or beyond :data:`MAX_PROBED`, whose fall
+  ``h_j^2 |H_jj|`` outweighs the other columns' rises (and couplings) along ``v``.
+
+Still missed: a negative direction far from every pattern (``r = 1 + a^2 + 100 b^2 - 25 a b``
+falls only near ``b = a / 8``); a maximum along an unprobed column that the other zero
+columns' rises outweigh (``1 + sum_j c_j a_j^2`` with one ``c_j = -1`` among 39 ``+1``: every
+pattern sees ``sum_j c_j h^2 > 0``); a coupled pair among more than two zero columns that all
+four patterns give the same relative sign; falls flatter than quadratic.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import optree
@@ -36,6 +56,10 @@ MAX_PROBED = 16
 """At most this many zero columns are probed (evenly spaced over them): a network with dead
 units has thousands, and two evaluations each would cost more than the fit."""
 
+PATTERNS = 4  # sign patterns of the combined probes: all +1, alternating, two pseudo-random
+SEED = 20261206  # of the pseudo-random ones: every call and every rank probes the same
+COMBINED = -2  # ``which`` for a fall along a combined direction (:func:`probe_zero_columns`)
+
 FALL = 8
 """A probe's cost must be below ``(1 - FALL eps) F(x)`` to count as a fall. The costs are
 float64 sums of the dtype's residuals: each residual rounds to a relative ``eps / 2`` and its
@@ -54,40 +78,68 @@ def probe_steps(x: Tensor) -> Tensor:
     return torch.finfo(x.dtype).eps ** 0.25 * x.abs().clamp(min=1.0)
 
 
+def sign_patterns(zero: Tensor, dtype: torch.dtype) -> Iterator[Tensor]:
+    """The :data:`PATTERNS` sign patterns ``s`` (``+-1``, ``dtype``, broadcastable to ``zero``'s
+    ``(B, n)``) of the combined probes, one at a time: all ``+1``; ``(-1)^k`` for the ``k``-th
+    zero column of each row (``zero``); two rows of a CPU generator seeded :data:`SEED`."""
+    yield torch.ones(1, zero.shape[1], dtype=dtype, device=zero.device)
+    yield (1 - 2 * ((zero.long().cumsum(-1) - 1) % 2)).to(dtype)
+    g = torch.Generator().manual_seed(SEED)
+    for _ in range(PATTERNS - 2):
+        s = 1 - 2 * torch.randint(0, 2, (1, zero.shape[1]), generator=g, dtype=torch.int8)
+        yield s.to(device=zero.device, dtype=dtype)
+
+
 def probe_zero_columns(norms: Callable[[Tensor], Tensor], x: Tensor, col: Tensor,
                        rnorm: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(falls, which, probes)`` for problems ``x`` ``(B, n)`` at their final points.
 
-    A problem is probed along ``j`` (at most :data:`MAX_PROBED` columns) where ``candidates`` (``(B,)``, the fits about to end with
-    success), ``col[b, j] == 0`` (``||J_j||``, ``(B, n)``) and ``rnorm[b]`` (``||r||``,
-    float64) is positive and finite. Per probed column, two calls of ``norms`` (``(B, n)``
-    points -> ``(B,)`` float64 residual norms), at ``x +- h e_j`` (:func:`probe_steps`) in
-    the probed rows and at ``x`` in the others. ``falls``: some probe has ``||r_probe||^2 <
-    (1 - FALL eps) ||r||^2``; ``which``: the first such ``j`` (-1: none); ``probes``: residual
-    evaluations per problem (two per probed column). One host read, none of ``norms`` when
-    no column is zero."""
+    A problem's zero columns are the ``j`` with ``col[b, j] == 0`` (``||J_j||``, ``(B, n)``)
+    where ``candidates[b]`` (the fits about to end with success) and ``rnorm[b]`` (``||r||``,
+    float64) is positive and finite. Each call of ``norms`` (``(B, n)`` points -> ``(B,)``
+    float64 residual norms) moves the probed rows and leaves the others at ``x``: two per
+    probed column (at most :data:`MAX_PROBED`, evenly spaced), at ``x +- h e_j``
+    (:func:`probe_steps`); then, in the rows with two or more zero columns and no fall yet,
+    two per pattern of :func:`sign_patterns`, at ``x +- sum_j s_j h_j e_j`` over all their zero
+    columns. ``falls``: some probe has ``||r_probe||^2 < (1 - FALL eps) ||r||^2``; ``which``:
+    the first such ``j``, :data:`COMBINED` for a combined direction (-1: none); ``probes``:
+    residual evaluations per problem. One host read (two where a problem has two zero
+    columns or more), none of ``norms`` when no column is zero."""
     eps = torch.finfo(x.dtype).eps
     known = (rnorm > 0) & torch.isfinite(rnorm)  # an overflowed ||r|| has no ratio to test
     zero = candidates[:, None] & (col == 0) & known[:, None]
-    B = x.shape[0]
+    (B, n), h = x.shape, probe_steps(x)
     falls = torch.zeros(B, dtype=torch.bool, device=x.device)
     which = torch.full((B,), -1, dtype=torch.int64, device=x.device)
-    h = probe_steps(x)
     safe = torch.where(rnorm > 0, rnorm, 1.0).double()
-    cols = torch.nonzero(zero.any(0))[:, 0]  # the host read
+    many = zero.sum(-1) >= 2
+    hits = torch.nonzero(torch.cat([zero.any(0), many.any()[None]]))[:, 0].cpu()  # host read
+    cols, combined = hits[hits < n], bool(len(hits)) and int(hits[-1]) == n
     if len(cols) > MAX_PROBED:  # e.g. a network's dead units: evenly spaced ones
         cols = cols[torch.linspace(0, len(cols) - 1, MAX_PROBED).round().long()]
-    zero = zero & torch.isin(torch.arange(zero.shape[1], device=x.device), cols)
+    probed = zero & torch.isin(torch.arange(n, device=x.device), cols.to(x.device))
+
+    def fell(moved: Tensor, rows: Tensor) -> Tensor:
+        ratio = norms(moved).double() / safe
+        return rows & (ratio * ratio < 1.0 - FALL * eps)  # NaN: not a fall
+
     for j in cols.tolist():
-        rows = zero[:, j]
+        rows = probed[:, j]
         for sign in (1.0, -1.0):
             moved = x.clone()
             moved[:, j] = torch.where(rows, x[:, j] + sign * h[:, j], x[:, j])
-            ratio = norms(moved).double() / safe
-            fell = rows & (ratio * ratio < 1.0 - FALL * eps)  # NaN: not a fall
-            which = torch.where(fell & ~falls, j, which)
-            falls = falls | fell
-    return falls, which, 2 * zero.sum(-1)
+            f = fell(moved, rows)
+            which, falls = torch.where(f & ~falls, j, which), falls | f
+    probes = 2 * probed.sum(-1)
+    rows = many & ~falls
+    if combined and bool(rows.any()):  # the second host read
+        moving = zero & rows[:, None]
+        for s in sign_patterns(zero, x.dtype):
+            for sign in (1.0, -1.0):
+                f = fell(torch.where(moving, x + sign * s * h, x), rows)
+                which, falls = torch.where(f & ~falls, COMBINED, which), falls | f
+        probes = probes + 2 * PATTERNS * rows
+    return falls, which, probes
 
 
 def zero_column_check(residual_fn: Callable[..., Tensor], params: Any, reason: str,
@@ -98,8 +150,8 @@ def zero_column_check(residual_fn: Callable[..., Tensor], params: Any, reason: s
     ``jacobian_mode`` and ``chunk_size``), or with ``dense=None`` (matrix-free and row-block
     paths) from ``diag(J^T J)`` by ``min(m, n)`` products
     (:func:`funcopt.transforms.lm_model.column_norms_sq`); then :func:`probe_zero_columns`,
-    whose evaluations are counted. A fall gives a failure naming the parameter (its index in
-    the flat order of :func:`funcopt.func.ravel_params`)."""
+    whose evaluations are counted. A fall gives a failure naming the parameter (its leaf's
+    path and index, :func:`_name`), or the zero columns' first three for a combined one."""
     if dense is None:
         gn = gauss_newton_products(residual_fn, params)
         r, zero = gn.residuals, column_norms_sq(gn, None) == 0
@@ -123,10 +175,17 @@ def zero_column_check(residual_fn: Callable[..., Tensor], params: Any, reason: s
     if not bool(falls[0]):
         return reason, True, int(probes[0])
     j = int(which[0])
-    return (f"a stationary point that is not a minimum: the Jacobian's column for parameter "
-            f"{_name(params, j)} is zero here and the cost falls along it (at +- "
-            f"{float(probe_steps(x[j])):.2g}), so Gauss-Newton cannot leave it although a "
-            f"test held ({reason}): a failure; start from another point"), False, int(probes[0])
+    if j == COMBINED:
+        names = [_name(params, k) for k in torch.nonzero(zero)[:3, 0].tolist()]
+        where = (f"columns for the {int(zero.sum())} parameters {', '.join(names)}"
+                 f"{', ...' if zero.sum() > 3 else ''} are zero here and the cost falls along "
+                 f"a combination of them (+- h_j each)")
+    else:
+        where = (f"column for parameter {_name(params, j)} is zero here and the cost falls "
+                 f"along it (at +- {float(probe_steps(x[j])):.2g})")
+    return (f"a stationary point that is not a minimum: the Jacobian's {where}, so "
+            f"Gauss-Newton cannot leave it although a test held ({reason}): a failure; start "
+            "from another point"), False, int(probes[0])
 
 
 def _name(params: Any, j: int) -> str:

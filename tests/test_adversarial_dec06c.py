@@ -355,11 +355,8 @@ def test_probe_with_requires_grad_params():
     assert not _fit(lambda p: torch.stack([torch.cos(p["a"]), 0.5 + 0 * p["a"]]), x0).success
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a saddle across two zero Jacobian columns (r = 1 + a b at a = b = 0: J = [b, a] = 0, "
-    "the cost falls along a = -b) ends with success: the probe moves one parameter at a "
-    "time, along which the cost is flat. Fix: also probe along +-h times a fixed sign "
-    "pattern over the probed zero columns (two more evaluations), in probe_zero_columns"))
+# a saddle across two zero Jacobian columns (r = 1 + a b at a = b = 0: J = [b, a] = 0, flat
+# along each axis, the cost falls along a = -b): the combined probe +-h (1, -1) sees it
 @pytest.mark.parametrize("batched", [False, True])
 def test_probe_saddle_across_two_zero_columns_is_not_a_success(batched):
     if batched:
@@ -374,9 +371,12 @@ def test_probe_saddle_across_two_zero_columns_is_not_a_success(batched):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "documented cap (MAX_PROBED = 16, evenly spaced): with 40 zero columns a maximum "
-    "along column 1, which is not among the probed, ends with success. Fix: probe the "
-    "unprobed columns together (one +-h move along all of them) instead of skipping them"))
+    "documented miss (MAX_PROBED = 16 columns, evenly spaced, then sign patterns over all "
+    "zero columns): with 40 zero columns a maximum along column 1, which is not among the "
+    "probed, ends with success. Every +-1 pattern s moves each column by h, so the cost "
+    "changes by ~ h^2 sum_j s_j^2 c_j = 38 h^2 > 0 whatever the signs: the 39 rises outweigh "
+    "the one fall. Seeing it needs a move along column 1 alone (more than 2 MAX_PROBED + 8 "
+    "evaluations here) or curvature from second derivatives, not cost probes"))
 def test_probe_a_maximum_along_an_unprobed_zero_column():
     c = torch.ones(40, dtype=F64)
     c[1] = -1.0
