@@ -52,8 +52,8 @@ REASONS = (
     "no step was accepted from the start point, so it is not a minimum although a test held",
     "residual_fn gave non-finite residuals or Jacobian at the current parameters (failure)",
     "a stationary point that is not a minimum: a test held where a parameter's Jacobian column "
-    "is zero and the cost falls along that parameter (Gauss-Newton cannot leave such a point; "
-    "failure: start from another point)",
+    "is zero and the cost falls along it or a combination of such parameters (Gauss-Newton "
+    "cannot leave such a point; failure: start from another point)",
     "stalled: a tolerance test held (a test on xtol, or ftol after an update that found no "
     "acceptable step), but a parameter whose own Gauss-Newton move exceeds its resolution "
     "(xtol |x_j| for a test on xtol) would still reduce the cost, or (a test below machine "
