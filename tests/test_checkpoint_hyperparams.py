@@ -399,3 +399,15 @@ def test_the_schedule_mark_is_on_the_init_tensor_only():
     assert not holds_schedule_value(scheduled.clone())
     assert not holds_schedule_value(fo.adam(0.1).init(p)[1].learning_rate)
     assert not holds_schedule_value(0.1)
+
+
+def test_a_scheduled_init_still_compiles_with_fullgraph():
+    """The mark is not made while compiling (Dynamo cannot trace a weak reference), so
+    ``torch.compile(init, fullgraph=True)`` works as before; its output is unmarked."""
+    from funcopt.transforms.scaling import holds_schedule_value
+
+    tx = fo.adam(fo.schedules.warmup_cosine(1.0, 10, 100))
+    p = {"w": torch.zeros(3, dtype=F64)}
+    state = torch.compile(tx.init, fullgraph=True, backend="eager")(p)
+    assert_trees_equal(state, tx.init(p))
+    assert not holds_schedule_value(state[1].learning_rate)

@@ -54,7 +54,8 @@ def holds_schedule_value(leaf: Any) -> bool:
     ``init`` made for a schedule: a record of the schedule's value, which ``update`` does not
     read (it evaluates the schedule at ``count``). :func:`funcopt.load_checkpoint` keeps the
     saved record for such a field. The mark belongs to that tensor object, not to the state's
-    structure: a copy of it (``.clone()``, ``.to(...)``) is unmarked."""
+    structure: a copy of it (``.clone()``, ``.to(...)``) and the output of a compiled ``init``
+    are unmarked (their field is then taken from the template, schedule(0))."""
     return isinstance(leaf, Tensor) and _SCHEDULE_VALUES.get(id(leaf)) is leaf
 
 
@@ -128,8 +129,8 @@ def scale_by_learning_rate(
         if callable(learning_rate):
             check_schedule_value(learning_rate, lr0)
         lr = torch.as_tensor(lr0, dtype=scalar_dtype(leaves), device=count.device).clone()
-        if callable(learning_rate):
-            _SCHEDULE_VALUES[id(lr)] = lr
+        if callable(learning_rate) and not torch.compiler.is_compiling():
+            _SCHEDULE_VALUES[id(lr)] = lr  # (a compiled init returns other tensors anyway)
         return ScaleByLearningRateState(count, lr)
 
     def update(updates, state, params=None, **extra):
