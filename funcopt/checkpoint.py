@@ -298,8 +298,11 @@ def load_checkpoint(
         :func:`funcopt.scale_by_learning_rate` and schedule-free, the entries of
         ``inject_hyperparams``' ``hyperparams``). ``"template"`` (default): from
         ``opt_state_like``, i.e. from the transform you built, as in optax, where such
-        hyperparameters are arguments of the transform and not state; ``"saved"``: the saved
-        values (the state exactly as it was saved).
+        hyperparameters are arguments of the transform and not state; the saved leaves must
+        be there (same structure) but their dtype and shape are not compared, so a transform
+        rebuilt with another ``hyperparam_dtype`` loads. ``"saved"``: the saved values (the
+        state exactly as it was saved); a template field of another dtype or shape is then a
+        ValueError naming the field.
 
     Every other leaf of the state (moments, step counts, ...) is the saved one. So a transform
     rebuilt with a new learning rate resumes with that rate::
@@ -310,7 +313,10 @@ def load_checkpoint(
 
     A value written into the state during training (``state.hyperparams[...] = ...``) is
     replaced by the template's unless ``hyperparams="saved"`` is passed. A learning-rate
-    schedule is evaluated at the restored step count, so it resumes where it was either way.
+    schedule is evaluated at the restored step count, so it resumes where it was either way;
+    the ``learning_rate`` field of :func:`funcopt.scale_by_learning_rate` with a schedule only
+    records the schedule's value of the last step, and keeps the saved record (when
+    ``opt_state_like`` is the template's ``init`` output itself, which marks that field).
     :meth:`funcopt.Optimizer.load_state_dict` follows torch.optim instead: it restores the
     saved param groups' ``lr``.
 
