@@ -45,6 +45,7 @@ import zipfile
 from typing import Any, NamedTuple
 
 import numpy as np
+import optree
 import torch
 
 from funcopt.base import (
@@ -54,6 +55,7 @@ from funcopt.base import (
     tree_flatten_tensors,
     tree_unflatten,
 )
+from funcopt.transforms.scaling import holds_schedule_value
 
 __all__ = [
     "Checkpoint",
@@ -100,6 +102,14 @@ def tree_from_state_dict(sd: dict[str, Any], like: PyTree, what: str = "tree") -
     or when ``sd`` is not such a dict (no ``structure``/``leaves``, a leaf that is not a
     tensor, more or fewer leaves than the structure holds: a corrupted or edited file).
     """
+    return _from_state_dict(sd, like, what)
+
+
+def _from_state_dict(sd: Any, like: PyTree, what: str, hyperparams: str | None = None) -> PyTree:
+    """:func:`tree_from_state_dict`; with ``hyperparams`` (``"template"`` or ``"saved"``, for
+    an optimizer state) the leaves of declared hyperparameter fields of ``like`` are named in
+    errors, and with ``"template"`` they come from ``like`` (:func:`_template_value`) without
+    comparing the saved leaf's shape and dtype: it must only exist, in the same structure."""
     leaves_like, treedef = tree_flatten(like)
     _check_stored(sd, what)
     if sd.get("structure") != str(treedef):
@@ -113,14 +123,58 @@ def tree_from_state_dict(sd: dict[str, Any], like: PyTree, what: str = "tree") -
         raise ValueError(f"the saved {what} holds {len(stored)} leaves but its structure (and "
                          f"the template) has {len(leaves_like)}; it is corrupted: pass the "
                          f"saved {what} as tree_to_state_dict / state_dict() wrote it")
-    for i, (x, ref) in enumerate(zip(stored, leaves_like)):
+    names = _hyperparameter_names(like) if hyperparams else [""] * len(stored)
+    out = []
+    for i, (x, ref, name) in enumerate(zip(stored, leaves_like, names)):
+        if name and hyperparams == "template":
+            out.append(_template_value(x, ref))
+            continue
         if tuple(x.shape) != tuple(ref.shape) or x.dtype != ref.dtype:
-            raise ValueError(
-                f"the saved {what} leaf {i} has shape {tuple(x.shape)} and dtype {x.dtype}, but "
-                f"the template has {tuple(ref.shape)} and {ref.dtype}; the parameters changed "
-                "shape or dtype since it was saved. Load it into a model of the saved shape."
-            )
-    return tree_unflatten(treedef, [x.to(ref.device) for x, ref in zip(stored, leaves_like)])
+            found = (f"the saved {what} leaf {i}{f' (hyperparameter {name})' if name else ''} "
+                     f"has shape {tuple(x.shape)} and dtype {x.dtype}, but the template has "
+                     f"{tuple(ref.shape)} and {ref.dtype}; ")
+            if name:
+                raise ValueError(found + "hyperparams='saved' keeps the saved value, so the "
+                                 "template must match it: pass hyperparams='template' to take "
+                                 "the transform's own value, or build the transform with the "
+                                 "saved dtype (e.g. inject_hyperparams(..., hyperparam_dtype=...))")
+            raise ValueError(found + "the parameters changed shape or dtype since it was saved. "
+                             "Load it into a model of the saved shape.")
+        out.append(x.to(ref.device))
+    return tree_unflatten(treedef, out)
+
+
+def _hyperparameter_names(tree: PyTree) -> list[str]:
+    """For each leaf of ``tree`` (in :func:`tree_flatten` order): the name of the declared
+    hyperparameter field that holds it (``"InjectHyperparamsState.hyperparams['lr']"``), or
+    ``""``. Fields are found through NamedTuples, tuples, lists and dicts."""
+    paths, _, _ = optree.tree_flatten_with_path(tree)
+    names = []
+    for path in paths:
+        node, name = tree, ""
+        for key in path:
+            if name:  # inside a declared field: every leaf below is part of it
+                name += f"[{key!r}]"
+                continue
+            if not isinstance(node, (tuple, list, dict)):
+                break  # another registered pytree node: not searched
+            if hasattr(node, "_fields") and node._fields[key] in hyperparameter_fields(node):
+                name = f"{type(node).__name__}.{node._fields[key]}"
+            node = node[key]
+        names.append(name)
+    return names
+
+
+def _template_value(saved: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
+    """The value of a declared hyperparameter leaf in ``hyperparams="template"`` mode: a copy of
+    the template's; but where the template's leaf records a schedule's value
+    (:func:`funcopt.transforms.scaling.holds_schedule_value`: ``update`` evaluates the schedule
+    and does not read it), the saved record, in the template's dtype and device, so the field
+    reads the value of the last step until the next one."""
+    if holds_schedule_value(template) and tuple(saved.shape) == tuple(template.shape) \
+            and saved.is_floating_point() and template.is_floating_point():
+        return saved.to(template.device, template.dtype)
+    return template.detach().clone()
 
 
 def _check_stored(sd: Any, what: str) -> None:
@@ -244,8 +298,11 @@ def load_checkpoint(
         :func:`funcopt.scale_by_learning_rate` and schedule-free, the entries of
         ``inject_hyperparams``' ``hyperparams``). ``"template"`` (default): from
         ``opt_state_like``, i.e. from the transform you built, as in optax, where such
-        hyperparameters are arguments of the transform and not state; ``"saved"``: the saved
-        values (the state exactly as it was saved).
+        hyperparameters are arguments of the transform and not state; the saved leaves must
+        be there (same structure) but their dtype and shape are not compared, so a transform
+        rebuilt with another ``hyperparam_dtype`` loads. ``"saved"``: the saved values (the
+        state exactly as it was saved); a template field of another dtype or shape is then a
+        ValueError naming the field.
 
     Every other leaf of the state (moments, step counts, ...) is the saved one. So a transform
     rebuilt with a new learning rate resumes with that rate::
@@ -256,7 +313,10 @@ def load_checkpoint(
 
     A value written into the state during training (``state.hyperparams[...] = ...``) is
     replaced by the template's unless ``hyperparams="saved"`` is passed. A learning-rate
-    schedule is evaluated at the restored step count, so it resumes where it was either way.
+    schedule is evaluated at the restored step count, so it resumes where it was either way;
+    the ``learning_rate`` field of :func:`funcopt.scale_by_learning_rate` with a schedule only
+    records the schedule's value of the last step, and keeps the saved record (when
+    ``opt_state_like`` is the template's ``init`` output itself, which marks that field).
     :meth:`funcopt.Optimizer.load_state_dict` follows torch.optim instead: it restores the
     saved param groups' ``lr``.
 
@@ -268,29 +328,11 @@ def load_checkpoint(
                          "transform's own values, the default) or 'saved'")
     payload = _read(path)
     params = tree_from_state_dict(payload["params"], params_like, "params")
-    opt_state = tree_from_state_dict(payload["opt_state"], opt_state_like, "optimizer state")
-    if hyperparams == "template":
-        opt_state = _template_hyperparams(opt_state, opt_state_like)
+    opt_state = _from_state_dict(payload["opt_state"], opt_state_like, "optimizer state",
+                                 hyperparams)
     if restore_rng and "rng" in payload:
         set_rng_state(payload["rng"])
     return Checkpoint(params, opt_state, payload["step"], payload["extra"])
-
-
-def _template_hyperparams(saved: Any, template: Any, declared: bool = False) -> Any:
-    """``saved`` (a loaded state, of ``template``'s structure) with the leaves of declared
-    hyperparameter fields taken from ``template`` (copies)."""
-    if isinstance(saved, torch.Tensor):
-        return template.detach().clone() if declared else saved
-    if isinstance(saved, tuple) and hasattr(saved, "_fields"):
-        fields = hyperparameter_fields(saved)
-        return type(saved)(*(_template_hyperparams(s, t, declared or f in fields)
-                             for f, s, t in zip(saved._fields, saved, template)))
-    if isinstance(saved, (tuple, list)):
-        return type(saved)(_template_hyperparams(s, t, declared) for s, t in zip(saved, template))
-    if isinstance(saved, dict):
-        return type(saved)((k, _template_hyperparams(v, template[k], declared))
-                           for k, v in saved.items())
-    return saved
 
 
 def _read(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -236,13 +236,9 @@ def test_optimizer_state_dict_keeps_torch_semantics_for_sgd_momentum():
     torch.testing.assert_close(a2.detach(), b2.detach(), rtol=1e-13, atol=1e-15)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "hyperparams='template' discards the saved hyperparameter leaf, yet tree_from_state_dict "
-    "still demands its dtype (and shape) equal the template's: a transform rebuilt with "
-    "inject_hyperparams(..., hyperparam_dtype=torch.float32) is refused with 'the "
-    "parameters changed shape or dtype since it was saved', which names neither the field "
-    "nor the fix. Fix: in load_checkpoint, skip the dtype/shape check of declared "
-    "hyperparameter leaves when hyperparams='template' (or name the field in the error)"))
+# Was a strict xfail: template mode compared the discarded saved hyperparameter leaf's dtype
+# with the template's. Declared hyperparameter leaves are no longer compared in template mode
+# (tests/test_checkpoint_hyperparams.py pins both modes).
 def test_checkpoint_template_hyperparameter_of_another_dtype(tmp_path):
     p, g = _pg()
     tx = fo.inject_hyperparams(fo.adam)(learning_rate=0.1)
@@ -258,12 +254,9 @@ def test_checkpoint_template_hyperparameter_of_another_dtype(tmp_path):
     assert lr.dtype == torch.float32 and lr.item() == pytest.approx(0.01)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "with a schedule the learning_rate field is informational (the schedule at the last "
-    "step); load_checkpoint's template mode writes the template's schedule(0) there, so "
-    "fo.find_hyperparams / logging after a resume read 0.0 instead of the saved 0.4 until "
-    "the next update. Fix: keep the saved value for fields whose transform has a schedule, "
-    "or evaluate the template's schedule at the restored count"))
+# Was a strict xfail: template mode wrote the template's schedule(0) into the field that
+# records the schedule's value; scale_by_learning_rate's init now marks that tensor
+# (holds_schedule_value) and template mode keeps the saved record there.
 def test_checkpoint_scheduled_learning_rate_field_after_load(tmp_path):
     p, g = _pg()
     tx = fo.adam(fo.schedules.warmup_cosine(1.0, 10, 100))

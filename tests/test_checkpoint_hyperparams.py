@@ -233,3 +233,181 @@ def test_a_bad_hyperparams_argument_is_one_value_error_before_reading(tmp_path, 
     with pytest.raises(ValueError, match="hyperparams=.*'template'.*'saved'"):
         fo.load_checkpoint(tmp_path / "missing.pt", params, fo.adam(0.1).init(params),
                            hyperparams=bad)
+
+
+# --------------------------------------------------------------------------- dtype and shape
+
+
+def _saved_inject(tmp_path, steps=2):
+    """inject_hyperparams(sgd) at 0.1 in float64 (the params' dtype), saved after ``steps``."""
+    params = _params()
+    tx = fo.inject_hyperparams(fo.sgd)(learning_rate=0.1)
+    p, state = _run(tx, params, tx.init(params), steps)
+    fo.save_checkpoint(tmp_path / "ck.pt", p, state, step=steps)
+    return params, p, state
+
+
+def test_template_mode_takes_a_float32_hyperparameter_over_a_float64_save(tmp_path):
+    """The saved float64 hyperparameter is replaced, so its dtype is not compared: the load
+    keeps the template's float32 rate and steps with it (reference: p - 0.01 g in float64,
+    with 0.01 rounded to float32 as the transform holds it)."""
+    params, p, state = _saved_inject(tmp_path)
+    tx32 = fo.inject_hyperparams(fo.sgd, hyperparam_dtype=torch.float32)(learning_rate=0.01)
+    with _no_warnings():
+        ck = fo.load_checkpoint(tmp_path / "ck.pt", params, tx32.init(params))
+    lr = ck.opt_state.hyperparams["learning_rate"]
+    assert lr.dtype == torch.float32 and lr.item() == torch.tensor(0.01, dtype=torch.float32).item()
+    assert int(ck.opt_state.count) == 2
+    assert_trees_equal(ck.params, p)
+    g = _grads(params, 11)
+    upd, s2 = tx32.update(g, ck.opt_state, ck.params)
+    lr64 = float(torch.tensor(0.01, dtype=torch.float32))
+    for k in params:
+        torch.testing.assert_close(upd[k], -lr64 * g[k], rtol=1e-7, atol=0)
+    assert s2.hyperparams["learning_rate"].dtype == torch.float32
+
+
+def test_template_mode_takes_a_hyperparameter_of_another_shape(tmp_path):
+    """A template whose hyperparameter field has another shape than the saved one (a
+    per-run rate written as a (1,)-tensor) still loads: the template's leaf replaces it."""
+    params, _, _ = _saved_inject(tmp_path)
+    template = fo.inject_hyperparams(fo.sgd)(learning_rate=0.1).init(params)
+    template.hyperparams["learning_rate"] = torch.tensor([0.05], dtype=F64)
+    ck = fo.load_checkpoint(tmp_path / "ck.pt", params, template)
+    assert torch.equal(ck.opt_state.hyperparams["learning_rate"],
+                       torch.tensor([0.05], dtype=F64))
+    assert ck.opt_state.hyperparams["learning_rate"] is not template.hyperparams["learning_rate"]
+
+
+def test_saved_mode_names_the_hyperparameter_field_of_another_dtype(tmp_path):
+    params, _, _ = _saved_inject(tmp_path)
+    tx32 = fo.inject_hyperparams(fo.sgd, hyperparam_dtype=torch.float32)(learning_rate=0.1)
+    with pytest.raises(ValueError, match=r"hyperparameter InjectHyperparamsState\.hyperparams"
+                                         r"\['\w+'\]\).*float64.*float32.*"
+                                         r"hyperparams='template'") as e:
+        fo.load_checkpoint(tmp_path / "ck.pt", params, tx32.init(params), hyperparams="saved")
+    assert "parameters changed" not in str(e.value)
+
+
+def test_saved_mode_names_a_scale_by_learning_rate_field_of_another_dtype(tmp_path):
+    params = _params()
+    tx = fo.sgd(0.1)
+    fo.save_checkpoint(tmp_path / "ck.pt", params, tx.init(params))
+    template = (tx.init(params)[0]._replace(learning_rate=torch.tensor(0.5)),)  # float32
+    with pytest.raises(ValueError, match=r"ScaleByLearningRateState\.learning_rate.*"
+                                         r"hyperparams='template'"):
+        fo.load_checkpoint(tmp_path / "ck.pt", params, template, hyperparams="saved")
+    ck = fo.load_checkpoint(tmp_path / "ck.pt", params, template)  # the template's float32
+    assert ck.opt_state[0].learning_rate.dtype == torch.float32
+    assert ck.opt_state[0].learning_rate.item() == 0.5
+
+
+@pytest.mark.parametrize("choice", ["template", "saved"])
+def test_other_leaves_of_another_dtype_are_still_refused(tmp_path, choice):
+    """Only declared hyperparameter leaves skip the comparison: Adam's moments (float32 in
+    the template, float64 saved) and a step count (int32) are refused in both modes."""
+    params = _params()
+    tx = fo.inject_hyperparams(fo.adam)(learning_rate=0.1)
+    p, state = _run(tx, params, tx.init(params), 2)
+    fo.save_checkpoint(tmp_path / "ck.pt", p, state, step=2)
+    template = tx.init(params)
+    mu32 = optree.tree_map(lambda x: x.float(), template.inner_state[0].mu)
+    bad_mu = template._replace(inner_state=(template.inner_state[0]._replace(mu=mu32),
+                                            *template.inner_state[1:]))
+    bad_count = template._replace(count=template.count.int())
+    for bad in (bad_mu, bad_count):
+        with pytest.raises(ValueError, match="the parameters changed shape or dtype"):
+            fo.load_checkpoint(tmp_path / "ck.pt", params, bad, hyperparams=choice)
+    params32 = optree.tree_map(lambda x: x.float(), params)
+    with pytest.raises(ValueError, match="saved params leaf 0 .*float64.*float32"):
+        fo.load_checkpoint(tmp_path / "ck.pt", params32, template, hyperparams=choice)
+
+
+def test_template_mode_still_needs_the_hyperparameter_leaf_in_the_file(tmp_path):
+    """The saved file must hold the same structure: a template with an extra hyperparameter
+    entry is refused as a different transform."""
+    params, _, _ = _saved_inject(tmp_path)
+    template = fo.inject_hyperparams(fo.sgd)(learning_rate=0.1, momentum=0.9).init(params)
+    with pytest.raises(ValueError, match="does not match the template"):
+        fo.load_checkpoint(tmp_path / "ck.pt", params, template)
+
+
+# --------------------------------------------------------------------------- schedule records
+
+
+@pytest.mark.parametrize("choice", ["template", "saved"])
+def test_a_schedule_record_keeps_the_saved_value_on_load(tmp_path, choice):
+    """With a schedule the learning_rate field records the schedule's value at the last step
+    (warmup_cosine(1.0, 10, 100) at step 4 is 0.4); update does not read it, so template mode
+    keeps the saved record instead of the template's schedule(0) = 0."""
+    schedule = fo.schedules.warmup_cosine(1.0, 10, 100)
+    tx = fo.adam(schedule)
+    p, state = _run(tx, _params(), tx.init(_params()), 5)
+    fo.save_checkpoint(tmp_path / "ck.pt", p, state, step=5)
+    template = tx.init(p)
+    assert template[1].learning_rate.item() == 0.0
+    ck = fo.load_checkpoint(tmp_path / "ck.pt", p, template, hyperparams=choice)
+    assert math.isclose(ck.opt_state[1].learning_rate.item(), 0.4, rel_tol=1e-15)
+    assert_trees_equal(ck.opt_state, state)
+    # and it goes on as the uninterrupted run
+    assert_trees_equal(_run(tx, ck.params, ck.opt_state, 2, first_seed=6),
+                       _run(tx, p, state, 2, first_seed=6))
+
+
+def test_a_number_template_replaces_a_saved_schedule_record(tmp_path):
+    """Saved with a schedule, resumed with a number: the number is what update reads, so it
+    is the template's (reference: Adam's step with a constant gradient, -lr / (1 + eps))."""
+    tx = fo.adam(fo.schedules.warmup_cosine(1.0, 10, 100))
+    p = {"w": torch.zeros(3, dtype=F64)}
+    g = {"w": torch.ones(3, dtype=F64)}
+    state = tx.init(p)
+    for _ in range(4):
+        _, state = tx.update(g, state, p)
+    fo.save_checkpoint(tmp_path / "ck.pt", p, state, step=4)
+    tx2 = fo.adam(1e-3)
+    ck = fo.load_checkpoint(tmp_path / "ck.pt", p, tx2.init(p))
+    assert ck.opt_state[1].learning_rate.item() == 1e-3
+    upd, _ = tx2.update(g, ck.opt_state, p)
+    torch.testing.assert_close(upd["w"], torch.full((3,), -1e-3 / (1 + 1e-8), dtype=F64),
+                               rtol=1e-12, atol=0)
+
+
+def test_a_schedule_record_of_another_dtype_is_cast_to_the_template(tmp_path):
+    """sgd(schedule) saved with float64 parameters, resumed with a state built for float32
+    ones (its record is float32): the record keeps the saved value, schedule(2) = 0.2, in the
+    template's dtype; a copy of the template's field (``.double()``) is unmarked and is
+    taken as it is, schedule(0) = 0."""
+    tx = fo.sgd(fo.schedules.warmup_cosine(1.0, 10, 100))
+    p, state = _run(tx, _params(), tx.init(_params()), 3)
+    fo.save_checkpoint(tmp_path / "ck.pt", p, state, step=3)
+    p32 = optree.tree_map(lambda x: x.float(), p)
+    ck = fo.load_checkpoint(tmp_path / "ck.pt", p, tx.init(p32))
+    lr = ck.opt_state[0].learning_rate
+    assert lr.dtype == torch.float32 and lr.item() == torch.tensor(0.2, dtype=F64).float().item()
+    assert int(ck.opt_state[0].count) == 3
+    copied = (tx.init(p32)[0]._replace(learning_rate=tx.init(p32)[0].learning_rate.double()),)
+    ck = fo.load_checkpoint(tmp_path / "ck.pt", p, copied)
+    assert ck.opt_state[0].learning_rate.item() == 0.0
+
+
+def test_the_schedule_mark_is_on_the_init_tensor_only():
+    from funcopt.transforms.scaling import holds_schedule_value
+
+    p = {"w": torch.zeros(2)}
+    scheduled = fo.adam(fo.schedules.warmup_cosine(1.0, 10, 100)).init(p)[1].learning_rate
+    assert holds_schedule_value(scheduled)
+    assert not holds_schedule_value(scheduled.clone())
+    assert not holds_schedule_value(fo.adam(0.1).init(p)[1].learning_rate)
+    assert not holds_schedule_value(0.1)
+
+
+def test_a_scheduled_init_still_compiles_with_fullgraph():
+    """The mark is not made while compiling (Dynamo cannot trace a weak reference), so
+    ``torch.compile(init, fullgraph=True)`` works as before; its output is unmarked."""
+    from funcopt.transforms.scaling import holds_schedule_value
+
+    tx = fo.adam(fo.schedules.warmup_cosine(1.0, 10, 100))
+    p = {"w": torch.zeros(3, dtype=F64)}
+    state = torch.compile(tx.init, fullgraph=True, backend="eager")(p)
+    assert_trees_equal(state, tx.init(p))
+    assert not holds_schedule_value(state[1].learning_rate)

@@ -9,6 +9,7 @@ re-exported by :mod:`funcopt.transforms.first_order` and by ``funcopt``.
 # ruff: noqa: F405 (the names of the toolkit's star import)
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -42,6 +43,20 @@ class ScaleByLearningRateState(NamedTuple):
 
 
 register_hyperparameters(ScaleByLearningRateState, "learning_rate")
+
+# the learning_rate tensors that scale_by_learning_rate's init made for a schedule, by id
+# (weak: an entry goes when its tensor does, so a reused id never matches another tensor)
+_SCHEDULE_VALUES: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
+
+
+def holds_schedule_value(leaf: Any) -> bool:
+    """Whether ``leaf`` is the ``learning_rate`` field that :func:`scale_by_learning_rate`'s
+    ``init`` made for a schedule: a record of the schedule's value, which ``update`` does not
+    read (it evaluates the schedule at ``count``). :func:`funcopt.load_checkpoint` keeps the
+    saved record for such a field. The mark belongs to that tensor object, not to the state's
+    structure: a copy of it (``.clone()``, ``.to(...)``) and the output of a compiled ``init``
+    are unmarked (their field is then taken from the template, schedule(0))."""
+    return isinstance(leaf, Tensor) and _SCHEDULE_VALUES.get(id(leaf)) is leaf
 
 
 def scale(step_size: float | Tensor) -> GradientTransformation:
@@ -113,9 +128,10 @@ def scale_by_learning_rate(
         lr0 = resolve(learning_rate, count)
         if callable(learning_rate):
             check_schedule_value(learning_rate, lr0)
-        return ScaleByLearningRateState(
-            count, torch.as_tensor(lr0, dtype=scalar_dtype(leaves), device=count.device).clone()
-        )
+        lr = torch.as_tensor(lr0, dtype=scalar_dtype(leaves), device=count.device).clone()
+        if callable(learning_rate) and not torch.compiler.is_compiling():
+            _SCHEDULE_VALUES[id(lr)] = lr  # (a compiled init returns other tensors anyway)
+        return ScaleByLearningRateState(count, lr)
 
     def update(updates, state, params=None, **extra):
         expect_state(state, ScaleByLearningRateState, "scale_by_learning_rate")
