@@ -109,6 +109,8 @@ def local_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState,
                 method: str = "svd") -> BatchedLocal:
     """The model at ``x`` from ``J`` ``(B, m, n)`` and ``r`` ``(B, m)``. Problems whose ``r``
     or ``J`` is not finite get a zero model (``finite`` False) so the others are unaffected."""
+    if method == "gram":
+        return _gram_model(J, r, x, state, o)
     finite = torch.isfinite(r).all(-1) & torch.isfinite(J).all(-1).all(-1)
     J = torch.where(finite[:, None, None], J, torch.zeros_like(J))
     r = torch.where(finite[:, None], r, torch.zeros_like(r))
@@ -121,16 +123,6 @@ def local_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState,
     d, lam, kept = _scaling(col, state, o)
     Jt = J / d[:, None, :]
     eps = torch.finfo(J.dtype).eps
-    if method == "gram":
-        # squared, a scaled Jacobian far below one underflows (its column scale d is the
-        # largest column norm seen): square it divided by a power of two near its largest
-        # entry (exact), and scale sigma back
-        c = Jt.abs().amax((-2, -1)) if Jt.numel() else torch.ones_like(rnorm)
-        c = torch.where(c > 0, torch.exp2(torch.floor(torch.log2(_positive(c)))), 1.0)
-        Jn = Jt / c[:, None, None]
-        loc = _from_gram(Jn.mT @ Jn, (Jn.mT @ rn[..., None])[..., 0],
-                         (x, rnorm, d, cos, lam, finite))
-        return loc._replace(sigma=loc.sigma * c, scale=kept)
     U, s, Vh = torch.linalg.svd(Jt, full_matrices=False)
     sigma = _positive(s.amax(-1)) if s.shape[-1] else torch.ones_like(rnorm)
     sh = s / sigma[:, None]
@@ -138,6 +130,37 @@ def local_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState,
     w = torch.where(keep, sh * (U.mT @ rn[..., None])[..., 0], 0.0)
     return BatchedLocal(x, torch.where(finite, rnorm, torch.nan), d, cos, lam,
                         torch.where(keep, sh * sh, 0.0), w, sigma, Vh.mT, finite, kept)
+
+
+def _gram_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState,
+                o: LMOptions) -> BatchedLocal:
+    """:func:`local_model` by the eigendecomposition of ``Jt^T Jt`` with few passes over
+    ``J``: its column maxima give the finiteness test, the scales of the column norms and
+    the power of two ``c`` near ``max |Jt|`` (``Jt^T Jt`` is taken of ``Jn = J / (d c)``, exact
+    scaling, so a scaled Jacobian far below one does not underflow when squared), and
+    ``J_j^T r / ||J_j|| = (Jn^T r)_j d_j c / ||J_j||``. Non-finite problems are zeroed in the
+    small results (as a zero ``J`` and ``r`` would give) rather than in ``J``."""
+    colmax = J.abs().amax(-2)  # (B, n); NaN propagates
+    rmax = r.abs().amax(-1)
+    finite = torch.isfinite(rmax) & torch.isfinite(colmax).all(-1)
+    fin2 = finite[:, None]
+    rs = torch.where((rmax > 0) & finite, rmax, 1.0)
+    rnorm = torch.where(finite, torch.linalg.vector_norm(r / rs[:, None], dim=-1) * rs, 0.0)
+    sc = torch.where((colmax > 0) & fin2, colmax, 1.0)
+    col = torch.where(fin2, torch.linalg.vector_norm(J / sc[:, None, :], dim=-2) * sc, 0.0)
+    rn = r / _positive(rnorm)[:, None]
+    d, lam, kept = _scaling(col, state, o)
+    top = torch.where(finite, (colmax / d).amax(-1), 0.0) if d.shape[-1] else torch.ones_like(rnorm)
+    c = torch.where(top > 0, torch.exp2(torch.floor(torch.log2(_positive(top)))), 1.0)
+    dc = d * c[:, None]
+    Jn = J / dc[:, None, :]
+    G = torch.where(fin2[..., None], Jn.mT @ Jn, 0.0)
+    gt = torch.where(fin2, (Jn.mT @ rn[..., None])[..., 0], 0.0)
+    g = (gt * dc).abs() / _positive(col)
+    cos = torch.where((col > 0) & (rnorm > 0)[:, None], g, 0.0)
+    cos = cos.amax(-1) if cos.shape[-1] else torch.zeros_like(rnorm)
+    loc = _from_gram(G, gt, (x, rnorm, d, cos, lam, finite))
+    return loc._replace(sigma=loc.sigma * c, scale=kept)
 
 
 # cuSOLVER's batched symmetric eigensolver failed with CUSOLVER_STATUS_INTERNAL_ERROR on
