@@ -43,7 +43,7 @@ from funcopt.transforms.lm_damping import TrustRegion, _positive, adapt_radius, 
 from funcopt.transforms.lm_model import running_scale
 
 __all__ = ["BatchedLocal", "Trial", "local_model", "gram_local_model", "iterate", "init_state",
-           "start_trial", "attempt", "update_over", "finish", "batched_norm", "gauss_newton_gain",
+           "start_trial", "restart_trial", "attempt", "update_over", "finish", "batched_norm", "gauss_newton_gain",
            "NEWTON_STEPS"]
 
 Tensor = torch.Tensor
@@ -52,9 +52,9 @@ NEWTON_STEPS = 30  # iterations of the trust-region damping (Newton on 1/phi)
 
 def batched_norm(v: Tensor) -> Tensor:
     """``||v_b||`` over the last dim without overflow or underflow (MINPACK's ``enorm``)."""
-    s = v.abs().amax(dim=-1, keepdim=True)
-    s = torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s))
-    return torch.linalg.vector_norm(v / s, dim=-1) * s.squeeze(-1)
+    s = v.abs().amax(dim=-1)
+    s = torch.where((s > 0) & torch.isfinite(s), s, 1.0)
+    return torch.linalg.vector_norm(v / s[..., None], dim=-1) * s
 
 
 class BatchedLocal(NamedTuple):
@@ -308,6 +308,21 @@ def start_trial(loc: BatchedLocal, state: LevenbergMarquardtState, o: LMOptions)
     count = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
     return Trial(torch.where(first, loc.damping, state.damping), state.nu, radius,
                  torch.zeros_like(x), fn, zero, zero, zero, zero, none, count, ~none, zero, count)
+
+
+def restart_trial(loc: BatchedLocal, state: LevenbergMarquardtState, t: Trial,
+                  fresh: Tensor) -> Trial:
+    """``t`` with the ``fresh`` problems starting a new update at ``loc.x``: as
+    :func:`start_trial` for problems past their first update (``state.count >= 1``, the only
+    ones the batched driver restarts), in one masked operation per field."""
+    f2 = fresh[:, None]
+    return Trial(torch.where(fresh, state.damping, t.lam), torch.where(fresh, state.nu, t.nu),
+                 torch.where(fresh, state.radius, t.radius), t.delta.masked_fill(f2, 0.0),
+                 torch.where(fresh, loc.rnorm, t.new_fn), t.rho.masked_fill(fresh, 0.0),
+                 t.actual.masked_fill(fresh, 0.0), t.predicted.masked_fill(fresh, 0.0),
+                 t.pnorm.masked_fill(fresh, 0.0), t.accepted & ~fresh,
+                 t.attempts.masked_fill(fresh, 0), t.finite | fresh, t.mu.masked_fill(fresh, 0.0),
+                 t.newton.masked_fill(fresh, 0))
 
 
 def attempt(loc: BatchedLocal, t: Trial, state, trial_norm, o: LMOptions, active: Tensor,
