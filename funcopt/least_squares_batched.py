@@ -218,19 +218,19 @@ def _advance(p: _Progress, new: LevenbergMarquardtState, finite: Tensor, tols,
     run = p.running
     stat, conv = stopping_codes(new, tols)
     stop_now = run & (~finite | (stat > 0))
-    code = torch.where(run & ~finite, 13, torch.where(run & (stat > 0), stat, p.code))
+    code = torch.where(stop_now, torch.where(finite, stat, 13), p.code)
     take = run & ~stop_now
-    clean = torch.where(take, torch.where(new.trial_finite, p.clean + 1, 0), p.clean)
+    clean = torch.where(take, (p.clean + 1).masked_fill(~new.trial_finite, 0), p.clean)
     edge = (clean < _EDGE_WINDOW) & (new.grad_cos > tols[3] ** 0.5)
-    fail = torch.where(new.radius <= torch.finfo(new.radius.dtype).tiny, 11, 0) \
-        if isinstance(o.rule, TrustRegion) else torch.where(new.damping >= o.rule.max_damping, 10, 0)
-    out = torch.where(conv > 0, torch.where(edge, 9, conv), torch.where(new.accepted, 0, fail))
+    failed = new.radius <= torch.finfo(new.radius.dtype).tiny \
+        if isinstance(o.rule, TrustRegion) else new.damping >= o.rule.max_damping
+    fail = (11 if isinstance(o.rule, TrustRegion) else 10) * (failed & ~new.accepted)
+    out = torch.where(conv > 0, conv.masked_fill(edge, 9), fail)
     ends = take & (out > 0)
-    code = torch.where(ends, out, code)
     loud = ~new.accepted & (new.grad_cos * new.grad_cos > max(tols[0], tols[3]))
     return _Progress(
-        run & ~stop_now & ~ends, code, p.steps + run.long(),
-        p.evaluations + torch.where(run, new.attempts + 1, 0), p.moved | (take & new.accepted),
+        take & ~ends, torch.where(ends, out, code), p.steps + run,
+        p.evaluations + (new.attempts + 1) * run, p.moved | (take & new.accepted),
         clean, torch.where(ends, loud, p.loud)), take
 
 
@@ -254,11 +254,6 @@ def run_batched(f, x: Tensor, state, o: LMOptions, limits: tuple[int, tuple], mo
     success = torch.isin(p.code, torch.tensor(SUCCESS_CODES, device=x.device))
     never = success & ~p.moved & (p.code > 3)
     return x, p._replace(code=torch.where(never, 12, p.code))
-
-
-def _rows(t: Any, idx: Tensor | None) -> Any:
-    """The rows ``idx`` of every tensor of the NamedTuple ``t`` (all of them when None)."""
-    return t if idx is None else type(t)(*(a.index_select(0, idx) for a in t))
 
 
 def _select(mask: Tensor, new: Any, old: Any) -> Any:
@@ -301,7 +296,7 @@ def run_flat(f, x: Tensor, state, o: LMOptions, limits: tuple[int, tuple], model
             part = model(x, state, idx)
             loc = part if idx is None else lm_batched.BatchedLocal(
                 *(a.index_copy(0, idx, b) for a, b in zip(loc, part)))
-        t = _select(fresh, lm_batched.start_trial(loc, state, o), t)
+        t = lm_batched.restart_trial(loc, state, t, fresh)  # fresh: past a first update
         trying = p.running & loc.finite
         t = lm_batched.attempt(loc, t, state, f, o, trying, newton)
         over = p.running & (~loc.finite | lm_batched.update_over(t, o))
@@ -338,8 +333,10 @@ def least_squares_batched(residual_fn: Callable[[PyTree], Tensor], params: PyTre
 
     def model(xb: Tensor, state, idx: Tensor | None) -> lm_batched.BatchedLocal:
         r, J = batched_jacobian(f, xb, m)
-        if idx is not None:
-            r, J, xb, state = r[idx], J[idx], xb[idx], _rows(state, idx)
+        if idx is not None:  # the model reads count, damping and scale of the state only
+            r, J, xb = r[idx], J[idx], xb[idx]
+            state = state._replace(**{k: getattr(state, k).index_select(0, idx)
+                                      for k in ("count", "damping", "scale")})
         return lm_batched.local_model(J, r, xb, state, o, method)
 
     def trial_norm(xb: Tensor) -> Tensor:

@@ -43,7 +43,7 @@ from funcopt.transforms.lm_damping import TrustRegion, _positive, adapt_radius, 
 from funcopt.transforms.lm_model import running_scale
 
 __all__ = ["BatchedLocal", "Trial", "local_model", "gram_local_model", "iterate", "init_state",
-           "start_trial", "attempt", "update_over", "finish", "batched_norm", "gauss_newton_gain",
+           "start_trial", "restart_trial", "attempt", "update_over", "finish", "batched_norm", "gauss_newton_gain",
            "NEWTON_STEPS"]
 
 Tensor = torch.Tensor
@@ -52,9 +52,9 @@ NEWTON_STEPS = 30  # iterations of the trust-region damping (Newton on 1/phi)
 
 def batched_norm(v: Tensor) -> Tensor:
     """``||v_b||`` over the last dim without overflow or underflow (MINPACK's ``enorm``)."""
-    s = v.abs().amax(dim=-1, keepdim=True)
-    s = torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s))
-    return torch.linalg.vector_norm(v / s, dim=-1) * s.squeeze(-1)
+    s = v.abs().amax(dim=-1)
+    s = torch.where((s > 0) & torch.isfinite(s), s, 1.0)
+    return torch.linalg.vector_norm(v / s[..., None], dim=-1) * s
 
 
 class BatchedLocal(NamedTuple):
@@ -117,6 +117,8 @@ def local_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState,
                 method: str = "svd") -> BatchedLocal:
     """The model at ``x`` from ``J`` ``(B, m, n)`` and ``r`` ``(B, m)``. Problems whose ``r``
     or ``J`` is not finite get a zero model (``finite`` False) so the others are unaffected."""
+    if method == "gram":
+        return _gram_model(J, r, x, state, o)
     finite = torch.isfinite(r).all(-1) & torch.isfinite(J).all(-1).all(-1)
     J = torch.where(finite[:, None, None], J, torch.zeros_like(J))
     r = torch.where(finite[:, None], r, torch.zeros_like(r))
@@ -129,16 +131,6 @@ def local_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState,
     d, lam, kept = _scaling(col, state, o, J.shape[-1] > J.shape[-2])
     Jt = J / d[:, None, :]
     eps = torch.finfo(J.dtype).eps
-    if method == "gram":
-        # squared, a scaled Jacobian far below one underflows (its column scale d is the
-        # largest column norm seen): square it divided by a power of two near its largest
-        # entry (exact), and scale sigma back
-        c = Jt.abs().amax((-2, -1)) if Jt.numel() else torch.ones_like(rnorm)
-        c = torch.where(c > 0, torch.exp2(torch.floor(torch.log2(_positive(c)))), 1.0)
-        Jn = Jt / c[:, None, None]
-        loc = _from_gram(Jn.mT @ Jn, (Jn.mT @ rn[..., None])[..., 0],
-                         (x, rnorm, d, cos, lam, finite))
-        return loc._replace(sigma=loc.sigma * c, scale=kept)
     U, s, Vh = torch.linalg.svd(Jt, full_matrices=False)
     sigma = _positive(s.amax(-1)) if s.shape[-1] else torch.ones_like(rnorm)
     sh = s / sigma[:, None]
@@ -146,6 +138,37 @@ def local_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState,
     w = torch.where(keep, sh * (U.mT @ rn[..., None])[..., 0], 0.0)
     return BatchedLocal(x, torch.where(finite, rnorm, torch.nan), d, cos, lam,
                         torch.where(keep, sh * sh, 0.0), w, sigma, Vh.mT, finite, kept)
+
+
+def _gram_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState,
+                o: LMOptions) -> BatchedLocal:
+    """:func:`local_model` by the eigendecomposition of ``Jt^T Jt`` with few passes over
+    ``J``: its column maxima give the finiteness test, the scales of the column norms and
+    the power of two ``c`` near ``max |Jt|`` (``Jt^T Jt`` is taken of ``Jn = J / (d c)``, exact
+    scaling, so a scaled Jacobian far below one does not underflow when squared), and
+    ``J_j^T r / ||J_j|| = (Jn^T r)_j d_j c / ||J_j||``. Non-finite problems are zeroed in the
+    small results (as a zero ``J`` and ``r`` would give) rather than in ``J``."""
+    colmax = J.abs().amax(-2)  # (B, n); NaN propagates
+    rmax = r.abs().amax(-1)
+    finite = torch.isfinite(rmax) & torch.isfinite(colmax).all(-1)
+    fin2 = finite[:, None]
+    rs = torch.where((rmax > 0) & finite, rmax, 1.0)
+    rnorm = torch.where(finite, torch.linalg.vector_norm(r / rs[:, None], dim=-1) * rs, 0.0)
+    sc = torch.where((colmax > 0) & fin2, colmax, 1.0)
+    col = torch.where(fin2, torch.linalg.vector_norm(J / sc[:, None, :], dim=-2) * sc, 0.0)
+    rn = r / _positive(rnorm)[:, None]
+    d, lam, kept = _scaling(col, state, o)
+    top = torch.where(finite, (colmax / d).amax(-1), 0.0) if d.shape[-1] else torch.ones_like(rnorm)
+    c = torch.where(top > 0, torch.exp2(torch.floor(torch.log2(_positive(top)))), 1.0)
+    dc = d * c[:, None]
+    Jn = J / dc[:, None, :]
+    G = torch.where(fin2[..., None], Jn.mT @ Jn, 0.0)
+    gt = torch.where(fin2, (Jn.mT @ rn[..., None])[..., 0], 0.0)
+    g = (gt * dc).abs() / _positive(col)
+    cos = torch.where((col > 0) & (rnorm > 0)[:, None], g, 0.0)
+    cos = cos.amax(-1) if cos.shape[-1] else torch.zeros_like(rnorm)
+    loc = _from_gram(G, gt, (x, rnorm, d, cos, lam, finite))
+    return loc._replace(sigma=loc.sigma * c, scale=kept)
 
 
 # cuSOLVER's batched symmetric eigensolver failed with CUSOLVER_STATUS_INTERNAL_ERROR on
@@ -293,6 +316,21 @@ def start_trial(loc: BatchedLocal, state: LevenbergMarquardtState, o: LMOptions)
     count = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
     return Trial(torch.where(first, loc.damping, state.damping), state.nu, radius,
                  torch.zeros_like(x), fn, zero, zero, zero, zero, none, count, ~none, zero, count)
+
+
+def restart_trial(loc: BatchedLocal, state: LevenbergMarquardtState, t: Trial,
+                  fresh: Tensor) -> Trial:
+    """``t`` with the ``fresh`` problems starting a new update at ``loc.x``: as
+    :func:`start_trial` for problems past their first update (``state.count >= 1``, the only
+    ones the batched driver restarts), in one masked operation per field."""
+    f2 = fresh[:, None]
+    return Trial(torch.where(fresh, state.damping, t.lam), torch.where(fresh, state.nu, t.nu),
+                 torch.where(fresh, state.radius, t.radius), t.delta.masked_fill(f2, 0.0),
+                 torch.where(fresh, loc.rnorm, t.new_fn), t.rho.masked_fill(fresh, 0.0),
+                 t.actual.masked_fill(fresh, 0.0), t.predicted.masked_fill(fresh, 0.0),
+                 t.pnorm.masked_fill(fresh, 0.0), t.accepted & ~fresh,
+                 t.attempts.masked_fill(fresh, 0), t.finite | fresh, t.mu.masked_fill(fresh, 0.0),
+                 t.newton.masked_fill(fresh, 0))
 
 
 def attempt(loc: BatchedLocal, t: Trial, state, trial_norm, o: LMOptions, active: Tensor,
