@@ -41,6 +41,18 @@ def _run(tx, params, state, steps, first_seed=1):
     return params, state
 
 
+def _four_steps_saved(tx, tmp_path):
+    """Four steps of ``tx`` from zeros with a constant gradient of ones, saved to
+    ``tmp_path / "ck.pt"``: ``(params, grads, state)``."""
+    p = {"w": torch.zeros(3, dtype=F64)}
+    g = {"w": torch.ones(3, dtype=F64)}
+    state = tx.init(p)
+    for _ in range(4):
+        _, state = tx.update(g, state, p)
+    fo.save_checkpoint(tmp_path / "ck.pt", p, state, step=4)
+    return p, g, state
+
+
 @contextlib.contextmanager
 def _no_warnings():
     """A block in which any warning is an error."""
@@ -178,12 +190,7 @@ def test_a_schedule_resumes_at_the_saved_step_count(tmp_path, choice):
     gradient is -lr / (1 + eps)."""
     schedule = fo.schedules.warmup_cosine(1.0, 10, 100)
     tx = fo.adam(schedule)
-    p = {"w": torch.zeros(3, dtype=F64)}
-    g = {"w": torch.ones(3, dtype=F64)}
-    state = tx.init(p)
-    for _ in range(4):
-        _, state = tx.update(g, state, p)
-    fo.save_checkpoint(tmp_path / "ck.pt", p, state, step=4)
+    p, g, state = _four_steps_saved(tx, tmp_path)
     uninterrupted, _ = tx.update(g, state, p)
     # the field records schedule(3) = 0.3; a fresh init holds schedule(0)
     kw = {} if choice is None else {"hyperparams": choice}
@@ -358,12 +365,7 @@ def test_a_number_template_replaces_a_saved_schedule_record(tmp_path):
     """Saved with a schedule, resumed with a number: the number is what update reads, so it
     is the template's (reference: Adam's step with a constant gradient, -lr / (1 + eps))."""
     tx = fo.adam(fo.schedules.warmup_cosine(1.0, 10, 100))
-    p = {"w": torch.zeros(3, dtype=F64)}
-    g = {"w": torch.ones(3, dtype=F64)}
-    state = tx.init(p)
-    for _ in range(4):
-        _, state = tx.update(g, state, p)
-    fo.save_checkpoint(tmp_path / "ck.pt", p, state, step=4)
+    p, g, state = _four_steps_saved(tx, tmp_path)
     tx2 = fo.adam(1e-3)
     ck = fo.load_checkpoint(tmp_path / "ck.pt", p, tx2.init(p))
     assert ck.opt_state[1].learning_rate.item() == 1e-3
