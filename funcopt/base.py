@@ -402,6 +402,27 @@ def hyperparameter_fields(state: Any) -> tuple[str, ...]:
     return _HYPERPARAMETER_FIELDS.get(type(state), ())
 
 
+# hyperparameter tensors that record a schedule's value, by id (weak: an entry goes with its
+# tensor, so a reused id never matches another tensor)
+_SCHEDULE_VALUES: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
+
+
+def mark_schedule_value(t: Tensor) -> Tensor:
+    """Mark the hyperparameter tensor ``t`` that an ``init`` made for a schedule: a record of
+    the schedule's value, which ``update`` does not read (it evaluates the schedule at the
+    step count); :func:`funcopt.load_checkpoint` keeps the saved record of such a field. The
+    mark belongs to this tensor object (a copy, or a compiled ``init``'s output, is unmarked;
+    nothing is marked while compiling). Returns ``t``."""
+    if not _is_compiling():
+        _SCHEDULE_VALUES[id(t)] = t
+    return t
+
+
+def holds_schedule_value(leaf: Any) -> bool:
+    """Whether ``leaf`` is a tensor marked by :func:`mark_schedule_value`."""
+    return isinstance(leaf, Tensor) and _SCHEDULE_VALUES.get(id(leaf)) is leaf
+
+
 # --------------------------------------------------------------------------- counters and hyperparameters
 
 

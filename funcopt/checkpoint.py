@@ -50,12 +50,12 @@ import torch
 
 from funcopt.base import (
     PyTree,
+    holds_schedule_value,
     hyperparameter_fields,
     tree_flatten,
     tree_flatten_tensors,
     tree_unflatten,
 )
-from funcopt.transforms.scaling import holds_schedule_value
 
 __all__ = [
     "Checkpoint",
@@ -168,7 +168,7 @@ def _hyperparameter_names(tree: PyTree) -> list[str]:
 def _template_value(saved: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
     """The value of a declared hyperparameter leaf in ``hyperparams="template"`` mode: a copy of
     the template's; but where the template's leaf records a schedule's value
-    (:func:`funcopt.transforms.scaling.holds_schedule_value`: ``update`` evaluates the schedule
+    (:func:`funcopt.base.holds_schedule_value`: ``update`` evaluates the schedule
     and does not read it), the saved record, in the template's dtype and device, so the field
     reads the value of the last step until the next one."""
     if holds_schedule_value(template) and tuple(saved.shape) == tuple(template.shape) \

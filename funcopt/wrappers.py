@@ -23,6 +23,7 @@ from funcopt.base import (
     OptState,
     PyTree,
     increment,
+    mark_schedule_value,
     register_hyperparameters,
     step_counter,
     tree_check_finite,
@@ -373,6 +374,8 @@ def inject_hyperparams(
             dtype, device = place(params)
             count = step_counter(params)
             hps = current(numeric, count, dtype, device)
+            for k in scheds:  # records: update evaluates the schedules
+                mark_schedule_value(hps[k])
             return InjectHyperparamsState(count, hps, build(hps).init(params))
 
         def update(updates, state, params=None, **extra):

@@ -393,7 +393,7 @@ def test_a_schedule_record_of_another_dtype_is_cast_to_the_template(tmp_path):
 
 
 def test_the_schedule_mark_is_on_the_init_tensor_only():
-    from funcopt.transforms.scaling import holds_schedule_value
+    from funcopt.base import holds_schedule_value
 
     p = {"w": torch.zeros(2)}
     scheduled = fo.adam(fo.schedules.warmup_cosine(1.0, 10, 100)).init(p)[1].learning_rate
@@ -406,10 +406,32 @@ def test_the_schedule_mark_is_on_the_init_tensor_only():
 def test_a_scheduled_init_still_compiles_with_fullgraph():
     """The mark is not made while compiling (Dynamo cannot trace a weak reference), so
     ``torch.compile(init, fullgraph=True)`` works as before; its output is unmarked."""
-    from funcopt.transforms.scaling import holds_schedule_value
+    from funcopt.base import holds_schedule_value
 
     tx = fo.adam(fo.schedules.warmup_cosine(1.0, 10, 100))
     p = {"w": torch.zeros(3, dtype=F64)}
     state = torch.compile(tx.init, fullgraph=True, backend="eager")(p)
     assert_trees_equal(state, tx.init(p))
     assert not holds_schedule_value(state[1].learning_rate)
+
+
+@pytest.mark.parametrize("make,field", [
+    (lambda s: fo.schedule_free_adamw(s), lambda st: st.learning_rate),
+    (lambda s: fo.inject_hyperparams(fo.sgd)(learning_rate=s),
+     lambda st: st.hyperparams["learning_rate"]),
+])
+def test_schedule_records_of_schedule_free_and_inject_hyperparams_keep_the_saved_value(
+        tmp_path, make, field):
+    """Their schedules' records (update evaluates the schedule at the count) keep the saved
+    value on load, as scale_by_learning_rate's; the resumed steps equal the uninterrupted."""
+    tx = make(fo.schedules.warmup_cosine(1.0, 10, 100))
+    p, state = _run(tx, _params(), tx.init(_params()), 5)
+    fo.save_checkpoint(tmp_path / "ck.pt", p, state, step=5)
+    template = tx.init(p)
+    assert field(template).item() == 0.0
+    ck = fo.load_checkpoint(tmp_path / "ck.pt", p, template)
+    assert field(ck.opt_state).item() == field(state).item() > 0
+    # (inject_hyperparams' inner sgd keeps its own copy of the rate, which every update
+    # rewrites from the schedule: the resumed steps are the same either way)
+    assert_trees_equal(_run(tx, ck.params, ck.opt_state, 2, first_seed=6),
+                       _run(tx, p, state, 2, first_seed=6))

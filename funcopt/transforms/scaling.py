@@ -9,13 +9,17 @@ re-exported by :mod:`funcopt.transforms.first_order` and by ``funcopt``.
 # ruff: noqa: F405 (the names of the toolkit's star import)
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
-from funcopt.base import current_learning_rate, register_hyperparameters, resolve
+from funcopt.base import (
+    current_learning_rate,
+    mark_schedule_value,
+    register_hyperparameters,
+    resolve,
+)
 from funcopt.engine import check_schedule_value, host_number, one_minus_pow
 from funcopt.transforms._toolkit import *  # noqa: F403
 from funcopt.transforms.leaf_math import _is_schedule
@@ -43,21 +47,6 @@ class ScaleByLearningRateState(NamedTuple):
 
 
 register_hyperparameters(ScaleByLearningRateState, "learning_rate")
-
-# the learning_rate tensors that scale_by_learning_rate's init made for a schedule, by id
-# (weak: an entry goes when its tensor does, so a reused id never matches another tensor)
-_SCHEDULE_VALUES: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
-
-
-def holds_schedule_value(leaf: Any) -> bool:
-    """Whether ``leaf`` is the ``learning_rate`` field that :func:`scale_by_learning_rate`'s
-    ``init`` made for a schedule: a record of the schedule's value, which ``update`` does not
-    read (it evaluates the schedule at ``count``). :func:`funcopt.load_checkpoint` keeps the
-    saved record for such a field. The mark belongs to that tensor object, not to the state's
-    structure: a copy of it (``.clone()``, ``.to(...)``) and the output of a compiled ``init``
-    are unmarked (their field is then taken from the template, schedule(0))."""
-    return isinstance(leaf, Tensor) and _SCHEDULE_VALUES.get(id(leaf)) is leaf
-
 
 def scale(step_size: float | Tensor) -> GradientTransformation:
     """Multiply the updates by a constant: ``u <- step_size * u``.
@@ -129,8 +118,8 @@ def scale_by_learning_rate(
         if callable(learning_rate):
             check_schedule_value(learning_rate, lr0)
         lr = torch.as_tensor(lr0, dtype=scalar_dtype(leaves), device=count.device).clone()
-        if callable(learning_rate) and not torch.compiler.is_compiling():
-            _SCHEDULE_VALUES[id(lr)] = lr  # (a compiled init returns other tensors anyway)
+        if callable(learning_rate):
+            mark_schedule_value(lr)  # a record: update evaluates the schedule
         return ScaleByLearningRateState(count, lr)
 
     def update(updates, state, params=None, **extra):

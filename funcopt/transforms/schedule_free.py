@@ -25,6 +25,7 @@ from funcopt.base import (
     current_learning_rate,
     find_state,
     increment,
+    mark_schedule_value,
     register_hyperparameters,
     require_params,
     resolve,
@@ -263,8 +264,10 @@ def schedule_free(
                 "convention), so weight_decay and warmup_steps must be 0: chain "
                 "add_decayed_weights into the base and give a warmup schedule as learning_rate "
                 "(and to the base), or pass a direction such as scale_by_adam()")
+        lr = _scalar(lr0, like).clone()
         return ScheduleFreeState(
-            count, _scalar(lr0, like).clone(), torch.full_like(like, -1.0),
+            count, mark_schedule_value(lr) if callable(learning_rate) else lr,
+            torch.full_like(like, -1.0),
             like, _scalar(b1, like).clone(),
             [p.detach().clone() for p in tree_leaves(params)], base_state)
 
