@@ -215,8 +215,10 @@ def _qr_refresh(ggs: list[tuple], qss: list[tuple], vs: list) -> tuple[list[tupl
 
 
 def _eigenbasis(m: Tensor) -> Tensor:
-    eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
-    return torch.flip(torch.linalg.eigh(m + 1e-30 * eye)[1], [1])
+    """Eigenvectors of ``m``, largest first; NaN where ``m`` is not finite (eigh refuses it)."""
+    eye, ok = torch.eye(m.shape[0], dtype=m.dtype, device=m.device), torch.isfinite(m).all()
+    q = torch.flip(torch.linalg.eigh(torch.where(ok, m, eye) + 1e-30 * eye)[1], [1])
+    return torch.where(ok, q, torch.nan)
 
 
 # --------------------------------------------------------------------------- the transform
@@ -490,11 +492,9 @@ def soap(
     """
     from funcopt.compose import chain
     from funcopt.transforms.first_order import scale_by_learning_rate
+    from funcopt.transforms.weight_decay import add_decayed_weights
 
-    parts = [scale_by_soap(b1, b2, shampoo_beta, eps, precondition_frequency, factors, seed,
-                           moment_dtype)]
-    if weight_decay:
-        from funcopt.transforms.weight_decay import add_decayed_weights
-        parts.append(add_decayed_weights(weight_decay))
-    parts.append(scale_by_learning_rate(learning_rate))
-    return chain(*parts)
+    soap_ = scale_by_soap(b1, b2, shampoo_beta, eps, precondition_frequency, factors, seed,
+                          moment_dtype)
+    decay = [add_decayed_weights(weight_decay)] if weight_decay else []
+    return chain(soap_, *decay, scale_by_learning_rate(learning_rate))
