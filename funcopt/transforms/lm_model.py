@@ -273,7 +273,7 @@ def _linearize_matrix_free(residual_fn, params, args, state, o: LMOptions, x, f)
     rnorm = scaled_norm(r)
     cos = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
     col2 = column_norms_sq(gn, o.chunk_size) if (o.scaling or wants_jacobi(o.solver)) else None
-    d, kept = torch.ones_like(x), None
+    d, kept = torch.ones_like(x), -torch.ones_like(x)  # -1: "D = I" (as _scaling's)
     if col2 is not None:
         col, cos = col2.sqrt(), _gradient_cosine(gn, col2, rnorm)
         if o.scaling:

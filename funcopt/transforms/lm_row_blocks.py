@@ -78,7 +78,7 @@ def linearize_row_blocks(residual_fn, params, args, state, o: LMOptions, x, f) -
     factor, solve = cnn.gram_damped_solver(normal, t, gamma, S, rhs)
     jv = lambda v: jvp(f, (x,), (v,))[1]  # noqa: E731
     return _Local(x, f, r, rnorm, d, cos, lam, factor, solve, jv, svd,
-                  scale=kept if o.scaling else None, options=o)
+                  scale=kept if o.scaling else -d, options=o)  # -1: "D = I" (lm_model)
 
 
 class _RowBlockPass:
