@@ -12,9 +12,10 @@ per zero column (at most :data:`MAX_PROBED` of them), none when no column is zer
 
 Where these find no fall and a problem has two or more zero columns ``Z``, it is probed at
 ``x +- v``, ``v = sum_{j in Z} s_j h_j e_j``, for :data:`PATTERNS` sign patterns ``s`` over
-all of ``Z`` (not only the probed columns): all ``+1``; ``+1, -1, +1, ...`` over ``Z`` in index
-order; two fixed pseudo-random ones (:data:`SEED`, drawn on the host, so the same on every
-rank). ``2 PATTERNS = 8`` evaluations more, at most ``2 MAX_PROBED + 8`` per problem. With ``H``
+all of ``Z`` (not only the probed columns): all ``+1``, and ``(-1)^{bit_i(k)}`` for the
+``k``-th column of ``Z`` in index order, ``i = 0, 1, 2`` (the same on every rank), so any two
+of the first 8 zero columns have opposite signs in some pattern. ``2 PATTERNS = 8``
+evaluations more, at most ``2 MAX_PROBED + 8`` per problem. With ``H``
 the cost's Hessian on ``Z`` (``J_Z = 0``: ``H = sum_i r_i d^2 r_i``), a pattern sees the fall
 ``-(1/2) sum_jk s_j s_k h_j h_k H_jk``, the diagonal terms with weight 1 whatever the signs:
 
@@ -27,7 +28,7 @@ the cost's Hessian on ``Z`` (``J_Z = 0``: ``H = sum_i r_i d^2 r_i``), a pattern 
 Still missed: a negative direction far from every pattern (``r = 1 + a^2 + 100 b^2 - 25 a b``
 falls only near ``b = a / 8``); a maximum along an unprobed column that the other zero
 columns' rises outweigh (``1 + sum_j c_j a_j^2`` with one ``c_j = -1`` among 39 ``+1``: every
-pattern sees ``sum_j c_j h^2 > 0``); a coupled pair among more than two zero columns that all
+pattern sees ``sum_j c_j h^2 > 0``); a coupled pair beyond the first 8 zero columns that all
 four patterns give the same relative sign; falls flatter than quadratic.
 """
 
@@ -56,8 +57,7 @@ MAX_PROBED = 16
 """At most this many zero columns are probed (evenly spaced over them): a network with dead
 units has thousands, and two evaluations each would cost more than the fit."""
 
-PATTERNS = 4  # sign patterns of the combined probes: all +1, alternating, two pseudo-random
-SEED = 20261206  # of the pseudo-random ones: every call and every rank probes the same
+PATTERNS = 4  # sign patterns of the combined probes: all +1 and the zero columns' rank bits
 COMBINED = -2  # ``which`` for a fall along a combined direction (:func:`probe_zero_columns`)
 
 FALL = 8
@@ -80,14 +80,13 @@ def probe_steps(x: Tensor) -> Tensor:
 
 def sign_patterns(zero: Tensor, dtype: torch.dtype) -> Iterator[Tensor]:
     """The :data:`PATTERNS` sign patterns ``s`` (``+-1``, ``dtype``, broadcastable to ``zero``'s
-    ``(B, n)``) of the combined probes, one at a time: all ``+1``; ``(-1)^k`` for the ``k``-th
-    zero column of each row (``zero``); two rows of a CPU generator seeded :data:`SEED`."""
+    ``(B, n)``) of the combined probes, one at a time: all ``+1``, then ``(-1)^{bit_i(k)}`` for
+    the ``k``-th zero column of each row (``zero``), ``i = 0, 1, 2``: any two of the first 8
+    zero columns get opposite signs in some pattern (their ranks differ in some bit)."""
     yield torch.ones(1, zero.shape[1], dtype=dtype, device=zero.device)
-    yield (1 - 2 * ((zero.long().cumsum(-1) - 1) % 2)).to(dtype)
-    g = torch.Generator().manual_seed(SEED)
-    for _ in range(PATTERNS - 2):
-        s = 1 - 2 * torch.randint(0, 2, (1, zero.shape[1]), generator=g, dtype=torch.int8)
-        yield s.to(device=zero.device, dtype=dtype)
+    rank = zero.long().cumsum(-1) - 1
+    for i in range(PATTERNS - 1):
+        yield (1 - 2 * ((rank >> i) & 1)).to(dtype)
 
 
 def probe_zero_columns(norms: Callable[[Tensor], Tensor], x: Tensor, col: Tensor,

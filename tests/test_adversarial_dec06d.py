@@ -196,15 +196,8 @@ def test_the_three_column_saddle_really_falls():
     assert moved < at0 == 0.5
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the coupled pair (columns 0 and 2) among three zero columns gets the same relative sign "
-    "in all four patterns of least_squares_probe.sign_patterns (all +1, alternating +-+, and "
-    "the two seeded rows for n = 4 are -+-- and ---+), so the batched and data-parallel "
-    "drivers report this saddle as a gtol success (the single driver on a dict whose zero "
-    "columns sit at 1, 2, 3 happens to see it). Fix: replace the two pseudo-random patterns "
-    "by bit patterns of each zero column's rank k among Z, s_j = (-1)^bit_i(k_j) for i = 1, 2 "
-    "(with the alternating one, bit 0): every pair among up to 8 zero columns then differs "
-    "in some pattern"))
+# the combined probes use the zero columns' rank bits (least_squares_probe.sign_patterns):
+# columns 0 and 2 of three zero columns get opposite signs in the bit-1 pattern
 @pytest.mark.parametrize("driver", ["single", "batched", "parallel"])
 def test_a_saddle_in_columns_zero_and_two_among_three_zero_columns_fails(driver):
     x0 = torch.zeros(4, dtype=F64)
