@@ -11,6 +11,7 @@ residuals. Communication per update: ``n^2 + n + 1`` numbers, plus one per attem
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -113,9 +114,10 @@ def least_squares_parallel(
     tols = (t.ftol, t.xtol, t.gtol, torch.finfo(x0.dtype).eps)
     x, p = run_batched(trial_norm, x0[None], lm_batched.init_state(x0[None], o.rule.initial_damping), o,
                        (max_steps, tols), model)
-    code = _check_stalls(residual_fn, unravel, x, (p.code, p.loud), tols,
-                         (group, o.jacobian_mode))
-    code, probes = _check_maxima(residual_fn, unravel, x, code, (group, o.jacobian_mode))
+    # this rank's (J_k, r_k) at the final x: formed at most once for both checks
+    jac = functools.cache(lambda: jacobian(residual_fn, unravel(x[0]), mode=o.jacobian_mode))
+    code = _check_stalls(residual_fn, unravel, x, (p.code, p.loud), tols, (group, jac))
+    code, probes = _check_maxima(residual_fn, unravel, x, code, (group, jac))
     rnorm = trial_norm(x).double()
     cost = torch.where(rnorm < 1e154, 0.5 * rnorm * rnorm, torch.full_like(rnorm, float("inf")))
     success = torch.isin(code, torch.tensor(SUCCESS_CODES, device=x.device))
@@ -129,12 +131,13 @@ def _check_maxima(residual_fn: Callable[[PyTree], Tensor], unravel: Callable, x:
     (:func:`funcopt.least_squares_batched._check_maxima`) on the all-reduced sums at the
     final ``x`` ``(1, n)``: one all-reduce (float64) of ``||J_k,j||^2`` and ``||r_k||^2``,
     then one of ``||r_k||^2`` per probe. Every rank reads the same sums and probes the same
-    columns, so the collectives match and the codes are equal on every rank."""
+    columns, so the collectives match and the codes are equal on every rank; ``where =
+    (group, jac)``, ``jac()`` this rank's ``(J_k, r_k)`` there."""
     candidates = torch.isin(code, torch.tensor(SUCCESS_CODES[1:], device=x.device))
     if not bool(candidates.any()):  # host sync: one, after the fit
         return code, torch.zeros_like(code)
-    group, mode = where
-    J, r = jacobian(residual_fn, unravel(x[0]), mode=mode)
+    group, jac = where
+    J, r = jac()
     Jd, rd = J.double(), r.double()
     sums = _sum(torch.cat([(Jd * Jd).sum(0), (rd @ rd)[None]]), group)
     f = residual_vector_fn(residual_fn, unravel)
@@ -152,19 +155,19 @@ def _check_maxima(residual_fn: Callable[[PyTree], Tensor], unravel: Callable, x:
 def _check_stalls(residual_fn: Callable[[PyTree], Tensor], unravel: Callable, x: Tensor,
                   stops: tuple[Tensor, Tensor], tols: tuple, where: tuple) -> Tensor:
     """The batched driver's stall check (:func:`funcopt.least_squares_batched.judge_stalls`)
-    on the all-reduced model at the final ``x`` ``(1, n)``; ``where = (group,
-    jacobian_mode)``. Each rank forms its shard's ``J_k`` and ``r_k`` once, and one
-    all-reduce (float64) sums ``||J_k,j||^2``, ``J_k^T r_k``, ``||r_k||^2``, the rounding
-    probes' ``||r_k(x + h) - r_k - J_k h||^2`` and the shard sizes ``m_k``; the Gauss-Newton
-    gain (where tested and ``m n <= GAIN_CHECK_SIZE``) comes from the triangular factor of
+    on the all-reduced model at the final ``x`` ``(1, n)``; ``where = (group, jac)``,
+    ``jac()`` giving the shard's ``J_k`` and ``r_k`` (formed once, shared with
+    :func:`_check_maxima`). One all-reduce (float64) sums ``||J_k,j||^2``, ``J_k^T r_k``,
+    ``||r_k||^2``, the rounding probes' ``||r_k(x + h) - r_k - J_k h||^2`` and the shard
+    sizes ``m_k``; the Gauss-Newton gain (where tested and ``m n <= GAIN_CHECK_SIZE``) comes from the triangular factor of
     ``[J r]`` (:func:`_stacked_r`). Every rank reads the same sums, so the codes are equal
     on every rank. Nothing runs unless the fit stopped on a tolerance that is checked."""
     code, loud = stops
     checked, limit = stall_candidates(code, loud, tols)
     if not bool((checked | limit).any()):  # host sync: one, after the fit
         return code
-    group, mode = where
-    J, r = jacobian(residual_fn, unravel(x[0]), mode=mode)
+    group, jac = where
+    J, r = jac()
     f = residual_vector_fn(residual_fn, unravel)
     with torch.no_grad():
         noise = [((f(x[0] + h) - r - J @ h).double() ** 2).sum() for h in rounding_steps(x[0])]
