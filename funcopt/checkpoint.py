@@ -314,9 +314,10 @@ def load_checkpoint(
     A value written into the state during training (``state.hyperparams[...] = ...``) is
     replaced by the template's unless ``hyperparams="saved"`` is passed. A learning-rate
     schedule is evaluated at the restored step count, so it resumes where it was either way;
-    the ``learning_rate`` field of :func:`funcopt.scale_by_learning_rate` with a schedule only
-    records the schedule's value of the last step, and keeps the saved record (when
-    ``opt_state_like`` is the template's ``init`` output itself, which marks that field).
+    a field that only records a schedule's value of the last step (``learning_rate`` of
+    :func:`funcopt.scale_by_learning_rate` or schedule-free, ``inject_hyperparams``' scheduled
+    entries) keeps the saved record, when ``opt_state_like`` is the template's ``init`` output
+    itself, which marks those fields (:func:`funcopt.base.mark_schedule_value`).
     :meth:`funcopt.Optimizer.load_state_dict` follows torch.optim instead: it restores the
     saved param groups' ``lr``.
 

@@ -48,6 +48,7 @@ class ScaleByLearningRateState(NamedTuple):
 
 register_hyperparameters(ScaleByLearningRateState, "learning_rate")
 
+
 def scale(step_size: float | Tensor) -> GradientTransformation:
     """Multiply the updates by a constant: ``u <- step_size * u``.
 
@@ -115,12 +116,12 @@ def scale_by_learning_rate(
         leaves = tree_leaves(params)
         count = step_counter(params)
         lr0 = resolve(learning_rate, count)
-        if callable(learning_rate):
+        if callable(learning_rate):  # checked before it becomes a tensor
             check_schedule_value(learning_rate, lr0)
         lr = torch.as_tensor(lr0, dtype=scalar_dtype(leaves), device=count.device).clone()
-        if callable(learning_rate):
-            mark_schedule_value(lr)  # a record: update evaluates the schedule
-        return ScaleByLearningRateState(count, lr)
+        # a schedule's value is a record: update evaluates the schedule
+        return ScaleByLearningRateState(
+            count, mark_schedule_value(lr) if callable(learning_rate) else lr)
 
     def update(updates, state, params=None, **extra):
         expect_state(state, ScaleByLearningRateState, "scale_by_learning_rate")
