@@ -373,7 +373,7 @@ def _check_maxima(f: Callable[[Tensor], Tensor], x: Tensor, code: Tensor,
         with torch.no_grad():
             return lm_batched.batched_norm(f(xb).double())
 
-    falls, _, probes = probe_zero_columns(norms, x, lm_batched.batched_norm(J.mT),
+    falls, _, probes = probe_zero_columns(norms, x, J.abs().amax(-2) == 0,
                                           lm_batched.batched_norm(r.double()), candidates)
     return torch.where(falls, NOT_A_MINIMUM, code), probes
 

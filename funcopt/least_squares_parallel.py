@@ -129,8 +129,9 @@ def _check_maxima(residual_fn: Callable[[PyTree], Tensor], unravel: Callable, x:
                   code: Tensor, where: tuple) -> tuple[Tensor, Tensor]:
     """The batched driver's probe along zero Jacobian columns
     (:func:`funcopt.least_squares_batched._check_maxima`) on the all-reduced sums at the
-    final ``x`` ``(1, n)``: one all-reduce (float64) of ``||J_k,j||^2`` and ``||r_k||^2``,
-    then one of ``||r_k||^2`` per probe. Every rank reads the same sums and probes the same
+    final ``x`` ``(1, n)``: one all-reduce (float64) of ``sum_i |J_k,ij|`` (zero exactly
+    where the column is, no square to underflow) and ``||r_k||^2``, then one of ``||r_k||^2``
+    per probe. Every rank reads the same sums and probes the same
     columns, so the collectives match and the codes are equal on every rank; ``where =
     (group, jac)``, ``jac()`` this rank's ``(J_k, r_k)`` there."""
     candidates = torch.isin(code, torch.tensor(SUCCESS_CODES[1:], device=x.device))
@@ -139,7 +140,7 @@ def _check_maxima(residual_fn: Callable[[PyTree], Tensor], unravel: Callable, x:
     group, jac = where
     J, r = jac()
     Jd, rd = J.double(), r.double()
-    sums = _sum(torch.cat([(Jd * Jd).sum(0), (rd @ rd)[None]]), group)
+    sums = _sum(torch.cat([Jd.abs().sum(0), (rd @ rd)[None]]), group)
     f = residual_vector_fn(residual_fn, unravel)
 
     def norms(xb: Tensor) -> Tensor:
@@ -147,7 +148,7 @@ def _check_maxima(residual_fn: Callable[[PyTree], Tensor], unravel: Callable, x:
             rk = f(xb[0]).double()
         return torch.sqrt(_sum((rk @ rk)[None], group))
 
-    falls, _, probes = probe_zero_columns(norms, x, sums[None, :-1], torch.sqrt(sums[-1:]),
+    falls, _, probes = probe_zero_columns(norms, x, sums[None, :-1] == 0, torch.sqrt(sums[-1:]),
                                           candidates)
     return torch.where(falls, NOT_A_MINIMUM, code), probes
 

@@ -89,11 +89,11 @@ def sign_patterns(zero: Tensor, dtype: torch.dtype) -> Iterator[Tensor]:
         yield (1 - 2 * ((rank >> i) & 1)).to(dtype)
 
 
-def probe_zero_columns(norms: Callable[[Tensor], Tensor], x: Tensor, col: Tensor,
+def probe_zero_columns(norms: Callable[[Tensor], Tensor], x: Tensor, zero_col: Tensor,
                        rnorm: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(falls, which, probes)`` for problems ``x`` ``(B, n)`` at their final points.
 
-    A problem's zero columns are the ``j`` with ``col[b, j] == 0`` (``||J_j||``, ``(B, n)``)
+    A problem's zero columns are the ``j`` with ``zero_col[b, j]`` (``J_j == 0``, ``(B, n)``)
     where ``candidates[b]`` (the fits about to end with success) and ``rnorm[b]`` (``||r||``,
     float64) is positive and finite. Each call of ``norms`` (``(B, n)`` points -> ``(B,)``
     float64 residual norms) moves the probed rows and leaves the others at ``x``: two per
@@ -106,7 +106,7 @@ def probe_zero_columns(norms: Callable[[Tensor], Tensor], x: Tensor, col: Tensor
     columns or more), none of ``norms`` when no column is zero."""
     eps = torch.finfo(x.dtype).eps
     known = (rnorm > 0) & torch.isfinite(rnorm)  # an overflowed ||r|| has no ratio to test
-    zero = candidates[:, None] & (col == 0) & known[:, None]
+    zero = candidates[:, None] & zero_col & known[:, None]
     (B, n), h = x.shape, probe_steps(x)
     falls = torch.zeros(B, dtype=torch.bool, device=x.device)
     which = torch.full((B,), -1, dtype=torch.int64, device=x.device)
@@ -168,8 +168,7 @@ def zero_column_check(residual_fn: Callable[..., Tensor], params: Any, reason: s
         with torch.no_grad():
             return scaled_norm(f(xb[0]).double()).reshape(1)
 
-    falls, which, probes = probe_zero_columns(norms, x[None], (~zero).to(x.dtype)[None],
-                                              rnorm.reshape(1),
+    falls, which, probes = probe_zero_columns(norms, x[None], zero[None], rnorm.reshape(1),
                                               torch.ones(1, dtype=torch.bool, device=x.device))
     if not bool(falls[0]):
         return reason, True, int(probes[0])

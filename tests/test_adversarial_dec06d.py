@@ -226,7 +226,7 @@ def test_probe_counts_equal_the_evaluations_it_makes():
         return 1 + (xb * xb).sum(-1)  # a minimum along every column
 
     falls, which, probes = lsp.probe_zero_columns(
-        norms, x, col, torch.ones(4, dtype=F64), torch.tensor([True, True, True, False]))
+        norms, x, col == 0, torch.ones(4, dtype=F64), torch.tensor([True, True, True, False]))
     assert not falls.any() and which.tolist() == [-1] * 4
     assert probes.tolist() == [2 * 3 + 2 * lsp.PATTERNS, 2, 0, 0]
     assert moved_rows.tolist() == probes.tolist()
