@@ -62,8 +62,7 @@ def can_flatten(tx: GradientTransformation, params: list[torch.Tensor]) -> bool:
                and p.is_contiguous() and p.requires_grad and p.device == device
                and device.type in ("cpu", "cuda") for p in params):
         return False
-    if device.type == "cpu" and (kernel_for(tx) is None or any(
-            p.dtype not in (torch.float32, torch.float64) for p in params)):
+    if device.type == "cpu" and cpu_kernel(tx, params) is None:
         own = own_leaves([p.numel() for p in params])
         if sum(p.numel() * p.element_size() for p, o in zip(params, own) if not o) \
                 > CPU_PURE_FLAT_BYTES:
@@ -81,6 +80,17 @@ _WARMUP = 2  # fo.jit's real steps before it captures a CUDA graph
 CPU_PURE_FLAT_BYTES = 32 * 2**20
 """glibc's largest threshold for serving an allocation from its heap (larger ones are mapped
 and unmapped each time); a flat buffer above it runs a pure step on the list instead."""
+
+
+def cpu_kernel(tx: GradientTransformation, params: list[torch.Tensor]) -> Any:
+    """torch's fused AdamW/SGD kernel for ``tx`` on a CPU group of ``params``
+    (:func:`funcopt.torch_kernels.kernel_for`; CUDA compiles instead), or None: float32 and
+    float64 only, since torch's CPU fused SGD gives wrong numbers for float16/bfloat16 buffers
+    and funcopt keeps float16 parameters' Adam moments in float32, which the fused AdamW
+    kernel refuses."""
+    if any(p.dtype not in (torch.float32, torch.float64) for p in params):
+        return None
+    return kernel_for(tx)
 
 
 def own_leaves(numels: list[int]) -> list[bool]:
@@ -145,11 +155,7 @@ class FlatGroup:
         self.graph = compile and params[0].is_cuda and bool(self.own)
         self.graph_calls, self.pinned = 0, cast(list[int] | None, None)
         self.unpinned: Callable[..., Any] | None = None
-        # torch's fused AdamW/SGD (on a CPU; CUDA compiles), float32/float64 only: torch's
-        # CPU fused SGD gives wrong numbers for float16/bfloat16 buffers, and funcopt keeps
-        # float16 parameters' Adam moments in float32, which the fused AdamW kernel refuses
-        self.kernel = kernel_for(tx) if params[0].device.type == "cpu" and all(
-            p.dtype in (torch.float32, torch.float64) for p in params) else None
+        self.kernel = cpu_kernel(tx, params) if params[0].device.type == "cpu" else None
         # the state object the hyperparameter tensors were found in, the tensors, and the
         # values last written into them (the group's values, as Python numbers)
         self.written: dict[str, Any] = {}

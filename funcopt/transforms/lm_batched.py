@@ -43,8 +43,8 @@ from funcopt.transforms.lm_damping import TrustRegion, _positive, adapt_radius, 
 from funcopt.transforms.lm_model import running_scale
 
 __all__ = ["BatchedLocal", "Trial", "local_model", "gram_local_model", "iterate", "init_state",
-           "start_trial", "restart_trial", "attempt", "update_over", "finish", "batched_norm", "gauss_newton_gain",
-           "NEWTON_STEPS"]
+           "start_trial", "restart_trial", "attempt", "update_over", "finish", "batched_norm",
+           "gauss_newton_gain", "NEWTON_STEPS"]
 
 Tensor = torch.Tensor
 NEWTON_STEPS = 30  # iterations of the trust-region damping (Newton on 1/phi)
@@ -157,7 +157,7 @@ def _gram_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState,
     sc = torch.where((colmax > 0) & fin2, colmax, 1.0)
     col = torch.where(fin2, torch.linalg.vector_norm(J / sc[:, None, :], dim=-2) * sc, 0.0)
     rn = r / _positive(rnorm)[:, None]
-    d, lam, kept = _scaling(col, state, o)
+    d, lam, kept = _scaling(col, state, o, J.shape[-1] > J.shape[-2])
     top = torch.where(finite, (colmax / d).amax(-1), 0.0) if d.shape[-1] else torch.ones_like(rnorm)
     c = torch.where(top > 0, torch.exp2(torch.floor(torch.log2(_positive(top)))), 1.0)
     dc = d * c[:, None]
