@@ -330,8 +330,9 @@ def register_sum(buffer: Tensor, params: list[Tensor], updates: list[Tensor],
     """Record that ``result`` holds ``params + updates`` leaf by leaf, rounded as
     :func:`apply_updates` rounds it, where ``updates`` are views of the flat ``buffer`` (the
     record is kept on it, so it lives as long as the updates); nothing is recorded where one
-    is an inference tensor (they have no version counter). The next :func:`apply_updates` of these updates (pure
-    form) returns ``result`` if both trees hold the very leaf objects recorded, unmodified
+    is an inference tensor (they have no version counter). The next :func:`apply_updates`
+    of these updates (pure form) returns ``result`` if both trees hold the very leaf objects
+    recorded, unmodified
     (the parameters' and the buffer's version counters, and each leaf's address, unchanged),
     none requiring grad; it adds otherwise. A change that no version counter sees is not
     seen here either, as autograd does not see it: a write through ``.data``, ``.numpy()``,

@@ -401,7 +401,8 @@ def cross_entropy_residuals(
                 )
             _require_integer_labels(label)
             # shape (1,): under vmap, a number times a 0-d tensor costs two more operations
-            loss = torch.logsumexp(logits, dim=0, keepdim=True) - logits.gather(0, label[None].long())
+            loss = (torch.logsumexp(logits, dim=0, keepdim=True)
+                    - logits.gather(0, label[None].long()))
             return torch.sqrt(2.0 * loss.clamp(min=0.0) / num_samples + eps)
 
         return per_sample_residuals(sample_fn, pass_num_samples=True)

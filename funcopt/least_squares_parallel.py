@@ -160,8 +160,8 @@ def _check_stalls(residual_fn: Callable[[PyTree], Tensor], unravel: Callable, x:
     ``jac()`` giving the shard's ``J_k`` and ``r_k`` (formed once, shared with
     :func:`_check_maxima`). One all-reduce (float64) sums ``||J_k,j||^2``, ``J_k^T r_k``,
     ``||r_k||^2``, the rounding probes' ``||r_k(x + h) - r_k - J_k h||^2`` and the shard
-    sizes ``m_k``; the Gauss-Newton gain (where tested and ``m n <= GAIN_CHECK_SIZE``) comes from the triangular factor of
-    ``[J r]`` (:func:`_stacked_r`). Every rank reads the same sums, so the codes are equal
+    sizes ``m_k``; the Gauss-Newton gain (where tested and ``m n <= GAIN_CHECK_SIZE``) comes
+    from the triangular factor of ``[J r]`` (:func:`_stacked_r`). Every rank reads the same sums, so the codes are equal
     on every rank. Nothing runs unless the fit stopped on a tolerance that is checked."""
     code, loud = stops
     checked, limit = stall_candidates(code, loud, tols)

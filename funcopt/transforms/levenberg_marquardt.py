@@ -92,7 +92,8 @@ class LevenbergMarquardtState(NamedTuple):
     rule: of the last attempt). nu: Nielsen's growth factor. radius: ``Delta``, the trust-region
     radius on ``||d * delta||`` (trust-region rule; 0 before the first step).
     scale: ``d``, running maximum of the Jacobian column norms (MINPACK's ``diag``;
-    ones before the first step; -1 after steps with ``D = I``). cost: ``F(x)`` at the params given to the last update.
+    ones before the first step; -1 after steps with ``D = I``). cost: ``F(x)`` at the params
+    given to the last update.
     new_cost: ``F`` after the returned step. predicted: ``L(0) - L(delta)``. gain_ratio: ``rho``.
     step_norm: ``||d * delta||`` (NaN, as ``predicted`` and ``predicted_reduction``, when the
     last attempt was rejected because its linear solve failed: there is no step to measure).

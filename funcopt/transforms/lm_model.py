@@ -372,7 +372,8 @@ def _lowest_sum(m: int, dtype: torch.dtype) -> float:
 
 def _checks_hold(checks: list, rmax: Any, J: Tensor) -> bool:
     """Whether host values of :func:`_column_stats_unchecked`'s ``checks`` keep its numbers:
-    ``[ok]``, ``[]`` (known good), or ``[lo, hi]`` with ``lo >= m tiny / eps``, ``hi, rmax <= max``."""
+    ``[ok]``, ``[]`` (known good), or ``[lo, hi]`` with ``lo >= m tiny / eps`` and ``hi,
+    rmax <= max``."""
     if len(checks) < 2:
         return all(checks)
     (lo, hi), T, top = checks, type(rmax), torch.finfo(J.dtype).max
@@ -380,8 +381,8 @@ def _checks_hold(checks: list, rmax: Any, J: Tensor) -> bool:
 
 
 COLUMN_BLOCK = 2**17
-"""Numbers of ``J`` per block of rows in :func:`_column_stats_unchecked` (512 KiB in float32): on the
-MLP of ``benchmarks/lm_scale.py`` (m = 512, n = 10^4, float32, CPU) 3.5-3.9 ms a pass (3.0-4.2
+"""Numbers of ``J`` per block of rows in :func:`_column_stats_unchecked` (512 KiB in float32):
+on the MLP of ``benchmarks/lm_scale.py`` (m = 512, n = 10^4, float32, CPU) 3.5-3.9 ms a pass (3.0-4.2
 in blocks of 13-64 rows) against 30-33 ms for :func:`_column_stats_scaled` (a copy of ``J``)."""
 
 
@@ -398,8 +399,8 @@ def require_finite_columns(col: Tensor) -> None:
 
 
 def _column_stats_scaled(J: Tensor, r: Tensor, rnorm: Tensor, check: bool = True):
-    """:func:`_column_stats_unchecked`'s numbers from a copy of ``J`` whose columns are divided by their largest
-    magnitudes ``s_j`` first (as :func:`scaled_norm`): ``||J_j|| = s_j ||J_j / s_j||`` and
+    """:func:`_column_stats_unchecked`'s numbers from a copy of ``J`` whose columns are
+    divided by their largest magnitudes ``s_j`` first (as :func:`scaled_norm`): ``||J_j|| = s_j ||J_j / s_j||`` and
     ``gnorm_j = |(J_j / s_j)^T (r / ||r||)| / ||J_j / s_j||``, so no square or product
     overflows, and none that matters underflows. ``check=False``: no host read, and
     ``(col, gnorm, ok)`` with ``ok`` False where ``r`` or a column norm is not finite."""
