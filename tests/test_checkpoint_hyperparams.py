@@ -204,12 +204,21 @@ def test_a_schedule_resumes_at_the_saved_step_count(tmp_path, choice):
     assert math.isclose(s2[1].learning_rate.item(), 0.4, rel_tol=1e-15)
 
 
-def test_optimizer_state_dict_restores_the_saved_lr_as_torch_optim_does():
+@pytest.mark.parametrize("case", [
+    # size, steps before the save, lr saved, lr of the new optimizer, fo / torch builders, tol
+    (5, 3, 0.1, 1e-4, lambda lr: fo.adam(lr), lambda ps, lr: torch.optim.Adam(ps, lr=lr),
+     (1e-12, 1e-14)),
+    (4, 2, 0.1, 0.7, lambda lr: fo.sgd(lr, momentum=0.9),
+     lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9), (1e-13, 1e-15)),
+], ids=["adam", "sgd-momentum"])
+def test_optimizer_state_dict_restores_the_saved_lr_as_torch_optim_does(case):
     """fo.Optimizer.load_state_dict keeps torch.optim's rule: the saved group's lr wins over
-    the lr the new optimizer was built with, and the steps go on as torch.optim.Adam's."""
+    the lr the new optimizer was built with, and the steps go on as torch.optim's (Adam; SGD
+    with momentum)."""
+    size, before, lr, new_lr, make_fo, make_torch, (rtol, atol) = case
     torch.manual_seed(0)
-    w0 = torch.randn(5, dtype=F64)
-    grads = [torch.randn(5, dtype=F64) for _ in range(6)]
+    w0 = torch.randn(size, dtype=F64)
+    grads = [torch.randn(size, dtype=F64) for _ in range(before + 3)]
 
     def steps(opt, w, gs):
         for g in gs:
@@ -217,21 +226,21 @@ def test_optimizer_state_dict_restores_the_saved_lr_as_torch_optim_does():
             opt.step()
 
     w_fo, w_t = w0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
-    opt_fo, opt_t = fo.Optimizer([w_fo], fo.adam(0.1)), torch.optim.Adam([w_t], lr=0.1)
-    steps(opt_fo, w_fo, grads[:3])
-    steps(opt_t, w_t, grads[:3])
+    opt_fo, opt_t = fo.Optimizer([w_fo], make_fo(lr)), make_torch([w_t], lr)
+    steps(opt_fo, w_fo, grads[:before])
+    steps(opt_t, w_t, grads[:before])
     sd_fo, sd_t = opt_fo.state_dict(), opt_t.state_dict()
 
     v_fo = w_fo.detach().clone().requires_grad_(True)
     v_t = w_t.detach().clone().requires_grad_(True)
-    new_fo, new_t = fo.Optimizer([v_fo], fo.adam(1e-4)), torch.optim.Adam([v_t], lr=1e-4)
+    new_fo, new_t = fo.Optimizer([v_fo], make_fo(new_lr)), make_torch([v_t], new_lr)
     new_fo.load_state_dict(sd_fo)
     new_t.load_state_dict(sd_t)
-    assert new_t.param_groups[0]["lr"] == 0.1  # torch's own rule
-    assert new_fo.param_groups[0]["lr"] == 0.1
-    steps(new_fo, v_fo, grads[3:])
-    steps(new_t, v_t, grads[3:])
-    torch.testing.assert_close(v_fo.detach(), v_t.detach(), rtol=1e-12, atol=1e-14)
+    assert new_t.param_groups[0]["lr"] == lr  # torch's own rule
+    assert new_fo.param_groups[0]["lr"] == lr
+    steps(new_fo, v_fo, grads[before:])
+    steps(new_t, v_t, grads[before:])
+    torch.testing.assert_close(v_fo.detach(), v_t.detach(), rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("bad", ["new", "Template", True, 1, ["saved"]])
