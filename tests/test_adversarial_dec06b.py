@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from _lm_batches import residual, run
 from torch.utils.checkpoint import checkpoint
 
 import funcopt as fo
@@ -16,23 +17,9 @@ F64 = torch.float64
 
 def _varying_batch_run(scaling, sizes=(5, 2, 5, 2, 5)):
     """Eager updates on batches of ``sizes`` rows (n = 3: m >= n flips each step)."""
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(8, 3, generator=g, dtype=F64)
-    Y = X @ torch.tensor([1.0, -2.0, 3.0], dtype=F64) + 0.1 * torch.sin(X[:, 0])
-
-    def res(p, batch):
-        xb, yb = batch
-        return torch.exp(0.1 * xb @ p["w"]) * 10 - 10 + xb @ p["w"] - yb
-
-    t = fo.levenberg_marquardt(res, scaling=scaling)
+    t = fo.levenberg_marquardt(residual, scaling=scaling)
     p = {"w": torch.zeros(3, dtype=F64)}
-    s = t.init(p)
-    out = []
-    for sz in sizes:
-        u, s = t.update(None, s, p, batch=(X[:sz], Y[:sz]))
-        p = fo.apply_updates(p, u)
-        out.append((p["w"].clone(), s.scale.clone(), s.damping.clone()))
-    return out
+    return run(t, t.init(p), p, sizes)[2]
 
 
 @pytest.mark.parametrize("sizes", [(5, 2, 5, 2, 5), (2, 5, 2, 5, 2)])

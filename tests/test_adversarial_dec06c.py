@@ -11,6 +11,9 @@ import math
 import optree
 import pytest
 import torch
+from _lm_batches import data as _data
+from _lm_batches import residual as _res
+from _lm_batches import run as _run
 from torch.overrides import TorchFunctionMode
 
 import funcopt as fo
@@ -23,27 +26,9 @@ F64 = torch.float64
 # --------------------------------------------------------------------------- 1. LM scaling=None
 
 
-def _data(dtype=F64):
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(8, 3, generator=g, dtype=F64)
-    Y = X @ torch.tensor([1.0, -2.0, 3.0], dtype=F64) + 0.1 * torch.sin(X[:, 0])
-    return X.to(dtype), Y.to(dtype)
-
-
-def _res(p, batch):
-    xb, yb = batch
-    return torch.exp(0.1 * xb @ p["w"]) * 10 - 10 + xb @ p["w"] - yb
-
-
 def _lm_run(t, state, p, sizes, dtype=F64, data=None):
     """Eager LM updates on the first ``sizes`` rows (n = 3: ``m >= n`` flips with the size)."""
-    X, Y = _data(dtype) if data is None else data
-    out = []
-    for sz in sizes:
-        u, state = t.update(None, state, p, batch=(X[:sz], Y[:sz]))
-        p = fo.apply_updates(p, u)
-        out.append((p["w"].detach().clone(), state.scale.clone(), state.damping.clone()))
-    return p, state, out
+    return _run(t, state, p, sizes, _data(dtype) if data is None else data)
 
 
 def _assert_runs_equal(a, b, rtol=1e-12):

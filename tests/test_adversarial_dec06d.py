@@ -9,6 +9,9 @@ import numpy as np
 import optree
 import pytest
 import torch
+from _lm_batches import data as _data
+from _lm_batches import residual as _res
+from _lm_batches import run as _run
 from scipy.optimize import least_squares as scipy_least_squares
 
 import funcopt as fo
@@ -422,20 +425,11 @@ def test_optimizer_state_dict_restores_the_saved_lr_as_torch_does():
 
 # --------------------------------------------------------------------------- 4. LM traced path
 
-_g = torch.Generator().manual_seed(0)
-_X = torch.randn(8, 3, generator=_g, dtype=F64)
-_Y = _X @ torch.tensor([1.0, -2.0, 3.0], dtype=F64) + 0.1 * torch.sin(_X[:, 0])
-
-
-def _lm_res(p, batch):
-    xb, yb = batch
-    return torch.exp(0.1 * xb @ p["w"]) * 10 - 10 + xb @ p["w"] - yb
+_X, _Y = _data()
 
 
 def _lm_steps(t, state, p, sizes):
-    for sz in sizes:
-        u, state = t.update(None, state, p, batch=(_X[:sz], _Y[:sz]))
-        p = fo.apply_updates(p, u)
+    p, state, _ = _run(t, state, p, sizes, (_X, _Y))  # data made outside vmap
     return p["w"], state.scale, state.damping
 
 
@@ -443,7 +437,7 @@ def _lm_steps(t, state, p, sizes):
 def test_lm_vmap_equals_the_loop_with_explicit_scaling(scaling):
     """Mini-batches of 2, 5, 2, 5 rows (n = 3) under vmap over two starts equal the eager
     loop for scaling None, True and False."""
-    t = fo.levenberg_marquardt(_lm_res, scaling=scaling)
+    t = fo.levenberg_marquardt(_res, scaling=scaling)
     W = torch.stack([torch.zeros(3, dtype=F64), torch.full((3,), 0.1, dtype=F64)])
     run = lambda w: _lm_steps(t, t.init({"w": w}), {"w": w}, (2, 5, 2, 5))  # noqa: E731
     got = torch.func.vmap(run)(W)
@@ -456,7 +450,7 @@ def test_lm_vmap_equals_the_loop_with_explicit_scaling(scaling):
 def test_lm_checkpoint_after_an_eager_wide_step_then_vmap(tmp_path, scaling):
     """An eager first step on 2 rows (m < n: D = I kept as scale -1 with scaling=None), saved
     and loaded, then 5 and 2 rows under vmap over two copies: each equals the eager loop."""
-    t = fo.levenberg_marquardt(_lm_res, scaling=scaling)
+    t = fo.levenberg_marquardt(_res, scaling=scaling)
     p0 = {"w": torch.full((3,), 0.1, dtype=F64)}
     u, s1 = t.update(None, t.init(p0), p0, batch=(_X[:2], _Y[:2]))
     fo.save_checkpoint(tmp_path / "c.pt", fo.apply_updates(p0, u), s1)
