@@ -21,6 +21,9 @@ set explicitly (``scaling=True``; ``scaling=False``, ``D = I`` as the peer); eac
 per-sample", with the residual adapters' ``per_sample=True`` (``vmap`` over samples of the
 Jacobian of one sample's residuals, as the peer does). The peer's warnings for failed Cholesky
 factorisations are silenced; such attempts show up as solves and steps with no move.
+"funcopt graphed" is "funcopt per-sample" with ``cuda_graph=True``: each update replayed from
+two CUDA graphs (the linearization, one attempt; captured on the first update, which the
+warm-up steps hold), with one host read per attempt; on a CPU the same pieces run eagerly.
 ``--packages "funcopt per-sample"`` runs only the rows of one package label.
 """
 
@@ -123,6 +126,7 @@ NIELSEN = "Nielsen, lambda_0=1e-3, D=diag(running max col norm^2)"
 NIELSEN_I = "Nielsen, scaling=False: D=I, lambda_0=1e-3 max diag(J^T J)"
 DEFAULT = "Nielsen, default scaling: D where m >= n (digits), D=I where n > m (sin)"
 PER_SAMPLE = "funcopt per-sample"
+GRAPHED = "funcopt graphed"  # per-sample, cuda_graph=True (on a CPU the same pieces, eagerly)
 CONFIGS = [
     ("funcopt", "auto", DEFAULT, {}),
     ("funcopt", "cholesky", NIELSEN, {"scaling": True}),
@@ -130,6 +134,8 @@ CONFIGS = [
     (PER_SAMPLE, "auto", DEFAULT, {"per_sample": True}),
     (PER_SAMPLE, "cholesky", NIELSEN, {"scaling": True, "per_sample": True}),
     (PER_SAMPLE, "cholesky", NIELSEN_I, {"scaling": False, "per_sample": True}),
+    (GRAPHED, "auto", DEFAULT, {"per_sample": True, "cuda_graph": True}),
+    (GRAPHED, "auto", NIELSEN_I, {"scaling": False, "per_sample": True, "cuda_graph": True}),
     (PEER, "qr", "standard (default): lambda_0=1e-3, x0.1 / x10, D=I, J^T J / N", {}),
     (PEER, "cholesky", "standard (default): lambda_0=1e-3, x0.1 / x10, D=I, J^T J / N", {}),
 ]

@@ -22,7 +22,9 @@ device, and the finiteness check of the residuals (and Jacobian) at the current 
 more; the solver layer adds its own checks (see :mod:`funcopt.solvers`). Under ``torch.func``
 transforms (``vmap`` over independent problems) and ``torch.compile`` the update takes the
 sync-free path of :mod:`funcopt.transforms.lm_batched` instead: the same steps up to rounding,
-every decision a ``torch.where``, a fixed number of attempts with finished ones masked.
+every decision a ``torch.where``, a fixed number of attempts with finished ones masked
+(:mod:`funcopt.transforms.lm_device`, which also replays an update from CUDA graphs with
+``cuda_graph=True``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import optree
 import torch
-from torch.func import jacrev
 
 from funcopt.base import (
     GradientTransformation,
@@ -48,7 +49,7 @@ from funcopt.base import (
     tree_check_structure,
 )
 from funcopt.engine import is_tracing
-from funcopt.func.jacobian import ravel_params, residual_vector_fn
+from funcopt.func.jacobian import ravel_params
 from funcopt.solvers import Auto, get
 from funcopt.solvers.base import scaled_norm
 from funcopt.solvers.operators import norm_parts
@@ -66,15 +67,12 @@ from funcopt.transforms.lm_damping import (
     host_values,
     read_host,
     relative_reductions,
-    resolve_scaling,
     trust_region_damping,
 )
 from funcopt.transforms.lm_model import (
-    _evaluate,
     _is_matrix_free,
     _linearize,
     _propose,
-    _require_dtype,
     damped_gauss_newton_step,
     trial_residuals,
 )
@@ -189,6 +187,7 @@ def levenberg_marquardt(
     form: str = "auto",
     jacobian_mode: str = "auto",
     chunk_size: int | None = None,
+    cuda_graph: bool = False,
 ) -> GradientTransformation:
     r"""Levenberg-Marquardt as a pure transform whose ``updates`` are the accepted step.
 
@@ -244,6 +243,15 @@ def levenberg_marquardt(
             Residuals declared per sample (:func:`funcopt.per_sample_residuals`, or the
             adapters' ``per_sample=True``) get their Jacobian sample by sample there, ``O(N)``
             instead of ``O(N^2)`` for ``N`` independent samples; ``chunk_size`` counts rows.
+        cuda_graph: False (default) or True: each update's device work runs as two CUDA
+            graphs (the linearization, one attempt), captured on the first update of each
+            shape of (params, batch) and replayed; one host read per attempt remains. For
+            small networks whose eager step is the host's cost of dispatching a few hundred
+            operations. Cholesky of the damped Gram matrix (primal or dual by ``form``) with
+            :class:`Nielsen` or :class:`Classic`; a failed factorization is a rejected attempt.
+            ``residual_fn`` must be capturable (no host reads, no new shapes; a Python number
+            it reads is fixed at capture). On a CPU the same two pieces run eagerly. See
+            :mod:`funcopt.transforms.lm_device`.
 
     Example: ``fo.levenberg_marquardt(fn, rule=fo.Classic(increase_factor=4.0),
     geodesic=fo.Geodesic(alpha=0.75))``.
@@ -264,8 +272,13 @@ def levenberg_marquardt(
     "Damping parameter in Marquardt's method", IMM-REP-1999-05; Transtrum & Sethna (2012),
     "Improvements to the Levenberg-Marquardt algorithm for nonlinear least-squares minimization".
     """
+    from funcopt.transforms import lm_device
+
     opts = lm_options(rule, geodesic, scaling, max_attempts, accept_ratio, solver, form,
                       jacobian_mode, chunk_size)
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph={cuda_graph!r}: pass True or False")
+    graphed = lm_device.GraphedSteps(residual_fn, opts) if cuda_graph else None
 
     def init(params: Params) -> LevenbergMarquardtState:
         x, _ = ravel_params(params)
@@ -286,8 +299,10 @@ def levenberg_marquardt(
             _check_shapes(updates, params)
         args = () if batch is None else (batch,)
         unravel = None
-        if is_tracing():
-            delta, new_state = _traced_step(residual_fn, params, args, state, opts)
+        if graphed is not None:
+            delta, new_state, unravel = graphed(params, args, state)
+        elif is_tracing():
+            delta, new_state = lm_device.traced_step(residual_fn, params, args, state, opts)
         else:
             with np.errstate(all="ignore"):  # host numbers overflow as the dtype's do
                 delta, new_state, unravel = _step(residual_fn, params, args, state, opts)
@@ -442,39 +457,6 @@ def _tensors(values: tuple, dtype: torch.dtype, dev: torch.device, flags: tuple,
     counted = (out[-1].long() if exact
                else torch.full((), count, dtype=torch.int64, device=dev))
     return (*out[:k], *(f.bool() for f in out[k:k + len(flags)]), counted)
-
-
-def _traced_step(residual_fn, params, args, state: LevenbergMarquardtState, o: LMOptions):
-    """The step with no host sync, for ``torch.func`` transforms and ``torch.compile``: the
-    batched iteration of :mod:`funcopt.transforms.lm_batched` on a batch of one (``J`` by
-    ``jacrev``, the damped system through an SVD of ``J / d``, every decision a
-    ``torch.where``). It takes the steps of :func:`_step` up to rounding (the eager path solves
-    by Cholesky of the Gram matrix)."""
-    from funcopt.transforms import lm_batched
-
-    if o.matrix_free or o.geodesic is not None:
-        what = "a matrix-free solver" if o.matrix_free else "geodesic=Geodesic(...)"
-        raise ValueError(
-            f"levenberg_marquardt with {what} cannot run under torch.func transforms or "
-            "torch.compile: its CG loop and second-derivative acceptance decide on the host. "
-            "Use a dense solver without geodesic acceleration there, or call update eagerly")
-    x, unravel = ravel_params(params)
-    if state.scale.shape != x.shape:
-        raise ValueError(
-            f"state holds {state.scale.numel()} parameters but params have {x.numel()}; "
-            "pass the state made by init for these params")
-    f = residual_vector_fn(residual_fn, unravel, *args)
-    J, r = jacrev(lambda v: (f(v), f(v)), has_aux=True)(x)
-    _require_dtype(r, x)
-    o, o_model = resolve_scaling(o, r.numel(), x.numel()), o  # None: the first step's choice
-    batched = LevenbergMarquardtState(*(t[None] for t in state))
-
-    def trial_norm(x_new: Tensor) -> Tensor:
-        return _evaluate(f, x_new[0], r.shape)[None]
-
-    loc = lm_batched.local_model(J[None], r.detach()[None], x[None], batched, o_model)
-    step, new = lm_batched.iterate(loc, batched, trial_norm, o)
-    return step[0], LevenbergMarquardtState(*(t[0] for t in new))
 
 
 def _check_shapes(updates: PyTree, params: PyTree) -> None:

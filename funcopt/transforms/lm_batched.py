@@ -44,6 +44,7 @@ from funcopt.transforms.lm_model import running_scale
 
 __all__ = ["BatchedLocal", "Trial", "local_model", "gram_local_model", "iterate", "init_state",
            "start_trial", "restart_trial", "attempt", "update_over", "finish", "batched_norm",
+           "normalised_jacobian",
            "gauss_newton_gain", "NEWTON_STEPS"]
 
 Tensor = torch.Tensor
@@ -142,12 +143,23 @@ def local_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState,
 
 def _gram_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState,
                 o: LMOptions) -> BatchedLocal:
-    """:func:`local_model` by the eigendecomposition of ``Jt^T Jt`` with few passes over
-    ``J``: its column maxima give the finiteness test, the scales of the column norms and
-    the power of two ``c`` near ``max |Jt|`` (``Jt^T Jt`` is taken of ``Jn = J / (d c)``, exact
-    scaling, so a scaled Jacobian far below one does not underflow when squared), and
-    ``J_j^T r / ||J_j|| = (Jn^T r)_j d_j c / ||J_j||``. Non-finite problems are zeroed in the
-    small results (as a zero ``J`` and ``r`` would give) rather than in ``J``."""
+    """:func:`local_model` by the eigendecomposition of ``Jt^T Jt`` (of ``Jn``, see
+    :func:`normalised_jacobian`)."""
+    Jn, gt, c, (*rest, kept) = normalised_jacobian(J, r, x, state, o)
+    G = torch.where(rest[-1][:, None, None], Jn.mT @ Jn, 0.0)  # rest[-1]: finite
+    loc = _from_gram(G, gt, tuple(rest))
+    return loc._replace(sigma=loc.sigma * c, scale=kept)
+
+
+def normalised_jacobian(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState,
+                        o: LMOptions):
+    """``(Jn, gt, c, (x, rnorm, d, cos, lam, finite, kept))`` with few passes over ``J``: its
+    column maxima give the finiteness test, the scales of the column norms and the power of
+    two ``c`` near ``max |Jt|``; ``Jn = J / (d c)`` (exact scaling, so a scaled Jacobian far
+    below one does not underflow when squared), ``gt = Jn^T r / ||r||`` and MINPACK's
+    ``gnorm`` from ``J_j^T r / ||J_j|| = (Jn^T r)_j d_j c / ||J_j||``. Non-finite problems
+    are zeroed in the small results (as a zero ``J`` and ``r`` would give) rather than in
+    ``J``."""
     colmax = J.abs().amax(-2)  # (B, n); NaN propagates
     rmax = r.abs().amax(-1)
     finite = torch.isfinite(rmax) & torch.isfinite(colmax).all(-1)
@@ -162,13 +174,11 @@ def _gram_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState,
     c = torch.where(top > 0, torch.exp2(torch.floor(torch.log2(_positive(top)))), 1.0)
     dc = d * c[:, None]
     Jn = J / dc[:, None, :]
-    G = torch.where(fin2[..., None], Jn.mT @ Jn, 0.0)
     gt = torch.where(fin2, (Jn.mT @ rn[..., None])[..., 0], 0.0)
     g = (gt * dc).abs() / _positive(col)
     cos = torch.where((col > 0) & (rnorm > 0)[:, None], g, 0.0)
     cos = cos.amax(-1) if cos.shape[-1] else torch.zeros_like(rnorm)
-    loc = _from_gram(G, gt, (x, rnorm, d, cos, lam, finite))
-    return loc._replace(sigma=loc.sigma * c, scale=kept)
+    return Jn, gt, c, (x, rnorm, d, cos, lam, finite, kept)
 
 
 # cuSOLVER's batched symmetric eigensolver failed with CUSOLVER_STATUS_INTERNAL_ERROR on
@@ -334,12 +344,13 @@ def restart_trial(loc: BatchedLocal, state: LevenbergMarquardtState, t: Trial,
 
 
 def attempt(loc: BatchedLocal, t: Trial, state, trial_norm, o: LMOptions, active: Tensor,
-            newton_steps: int = NEWTON_STEPS) -> Trial:
+            newton_steps: int = NEWTON_STEPS, solve: Callable = _step) -> Trial:
     """One proposal, evaluation (``trial_norm(x_new)`` gives ``||r(x_new)||`` per problem)
     and accept/reject for the ``active`` problems; the others keep ``t``. The trust-region
     search makes at most ``newton_steps`` updates here: a problem whose search is not over
     keeps ``t`` with the search's state and makes its attempt on a later call (with the
-    default, every search ends within the call)."""
+    default, every search ends within the call). ``solve(loc, mu)`` gives the step as
+    :func:`_step` does (another model: :mod:`funcopt.transforms.lm_device`)."""
     fn, rule = loc.rnorm, o.rule
     lam, nu, radius = t.lam, t.nu, t.radius
     trust = isinstance(rule, TrustRegion)
@@ -351,7 +362,7 @@ def attempt(loc: BatchedLocal, t: Trial, state, trial_norm, o: LMOptions, active
         active = active & ~searching
     else:
         mu = lam / (loc.sigma * loc.sigma)
-    delta, t1, t2 = _step(loc, mu)
+    delta, t1, t2 = solve(loc, mu)
     ok = torch.isfinite(delta).all(-1)
     delta = torch.where(ok[:, None], delta, 0.0)
     new_fn = trial_norm(loc.x + delta)

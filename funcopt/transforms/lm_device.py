@@ -1,0 +1,272 @@
+"""The Levenberg-Marquardt steps whose decisions are device operations: the iteration of
+:mod:`funcopt.transforms.lm_batched` on a batch of one.
+
+:func:`traced_step` runs under ``torch.func`` transforms and ``torch.compile``: ``J`` by
+``jacrev``, the damped system through an SVD of ``J / d``, a fixed number of attempts with
+finished ones masked, no host read at all. It takes the eager step's steps up to rounding.
+
+:class:`GraphedSteps` is ``levenberg_marquardt(..., cuda_graph=True)``. An update is two
+pieces of device work, each a function of tensors only:
+
+* *linearize*: ``r`` and ``J`` at ``x`` (:func:`funcopt.func.jacobian`'s machinery), the
+  scaling and ``Jn = J / (d c)`` (:func:`funcopt.transforms.lm_batched.normalised_jacobian`,
+  ``c`` a power of two near ``max |J / d|``), the Gram matrix of the smaller side (``Jn^T Jn``,
+  or ``Jn Jn^T`` when ``m < n``) and the first trial;
+* *attempt*: with ``mu = lambda / c^2``, the Cholesky factor of ``Gram + mu I``
+  (``torch.linalg.cholesky_ex``: a failed factorization is a rejected attempt, no host read),
+  the step ``u = -(Jn^T Jn + mu I)^{-1} Jn^T r / ||r||`` (dual: ``u = -Jn^T (Jn Jn^T + mu
+  I)^{-1} r / ||r||``, the same vector), ``delta = u ||r|| / (c d)``, the residual norm at
+  ``x + delta``, the gain ratio and the damping rule
+  (:func:`funcopt.transforms.lm_batched.attempt`, every decision a ``torch.where``).
+
+On a CUDA device each piece is captured once per shape of the parameters and the batch (a
+graph pool shared by the two) and replayed: an update is one launch of *linearize*, then one
+launch of *attempt* and one host read of "is the update over?" per attempt, as the eager step
+reads one per attempt, but without the host's cost of dispatching each of the step's few
+hundred operations. Elsewhere the same two functions run eagerly, with the same host reads.
+
+The steps are those of the traced step (:func:`funcopt.levenberg_marquardt` under
+``torch.func``) with the damped system solved by Cholesky instead of an SVD, and those of the
+eager step up to rounding, where its Cholesky solve succeeds (the eager step then solves again
+by a fallback; here the attempt is rejected and the damping raised).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch.func import jacrev
+
+from funcopt.base import tree_flatten
+from funcopt.engine import is_tracing
+from funcopt.func.jacobian import (
+    _jacobian,
+    jacobian_chunk_size,
+    ravel_params,
+    residual_vector_fn,
+)
+from funcopt.transforms import lm_batched
+from funcopt.transforms.levenberg_marquardt import LevenbergMarquardtState, LMOptions
+from funcopt.transforms.lm_damping import TrustRegion, resolve_scaling
+from funcopt.transforms.lm_model import _evaluate, _require_dtype, _require_finite_residuals
+
+__all__ = ["traced_step", "check_graph_options", "GraphedSteps"]
+
+Tensor = torch.Tensor
+
+
+def traced_step(residual_fn, params, args, state: LevenbergMarquardtState, o: LMOptions):
+    """The update with no host sync (see the module's doc): ``(step, new_state)``."""
+    if o.matrix_free or o.geodesic is not None:
+        what = "a matrix-free solver" if o.matrix_free else "geodesic=Geodesic(...)"
+        raise ValueError(
+            f"levenberg_marquardt with {what} cannot run under torch.func transforms or "
+            "torch.compile: its CG loop and second-derivative acceptance decide on the host. "
+            "Use a dense solver without geodesic acceleration there, or call update eagerly")
+    x, unravel = _raveled(params, state)
+    f = residual_vector_fn(residual_fn, unravel, *args)
+    J, r = jacrev(lambda v: (f(v), f(v)), has_aux=True)(x)
+    _require_dtype(r, x)
+    o, o_model = resolve_scaling(o, r.numel(), x.numel()), o  # None: the first step's choice
+    batched = LevenbergMarquardtState(*(t[None] for t in state))
+
+    def trial_norm(x_new: Tensor) -> Tensor:
+        return _evaluate(f, x_new[0], r.shape)[None]
+
+    loc = lm_batched.local_model(J[None], r.detach()[None], x[None], batched, o_model)
+    step, new = lm_batched.iterate(loc, batched, trial_norm, o)
+    return step[0], LevenbergMarquardtState(*(t[0] for t in new))
+
+
+def _raveled(params: Any, state: LevenbergMarquardtState) -> tuple[Tensor, Callable]:
+    """``ravel_params(params)``, checked against the state's number of parameters."""
+    x, unravel = ravel_params(params)
+    if state.scale.shape != x.shape:
+        raise ValueError(
+            f"state holds {state.scale.numel()} parameters but params have {x.numel()}; "
+            "pass the state made by init for these params")
+    return x, unravel
+
+
+class CholeskyLocal(NamedTuple):
+    """The model of one problem (leading dimension 1) for :func:`_cholesky_step`: ``x, rnorm,
+    d, cos, damping, finite, scale`` as :class:`funcopt.transforms.lm_batched.BatchedLocal`;
+    ``sigma = c``; ``Jn = J / (d c)``; ``gram``: ``Jn^T Jn`` (``Jn Jn^T`` if ``dual``);
+    ``rhs``: ``Jn^T r / ||r||`` (``r / ||r||`` if ``dual``)."""
+
+    x: Tensor
+    rnorm: Tensor
+    d: Tensor
+    cos: Tensor
+    damping: Tensor
+    finite: Tensor
+    scale: Tensor
+    sigma: Tensor
+    Jn: Tensor
+    gram: Tensor
+    rhs: Tensor
+    dual: bool
+
+
+def check_graph_options(o: LMOptions) -> None:
+    """ValueError for the options the graphed step does not have (it solves by Cholesky of
+    the damped Gram matrix, with a damping rule that needs no search)."""
+    bad = ("rule=TrustRegion() (its damping comes from an SVD)" if isinstance(o.rule, TrustRegion)
+           else "geodesic=Geodesic(...)" if o.geodesic is not None
+           else f"solver={o.solver!r}" if o.solver not in ("auto", "cholesky") else None)
+    if bad is not None:
+        raise ValueError(f"levenberg_marquardt(cuda_graph=True) solves the damped system by "
+                         f"Cholesky with Nielsen or Classic damping and cannot use {bad}; "
+                         "pass solver='auto' or 'cholesky' and no geodesic or trust region, "
+                         "or cuda_graph=False")
+
+
+def local_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState, o: LMOptions,
+                form: str) -> CholeskyLocal:
+    """The model from ``J`` ``(1, m, n)``, ``r`` ``(1, m)`` and ``x`` ``(1, n)``."""
+    Jn, gt, c, (x, rnorm, d, cos, lam, finite, kept) = lm_batched.normalised_jacobian(
+        J, r, x, state, o)
+    m, n = J.shape[-2:]
+    dual = form == "dual" or (form == "auto" and m < n)
+    Jn = torch.where(finite[:, None, None], Jn, 0.0)
+    gram = Jn @ Jn.mT if dual else Jn.mT @ Jn
+    rhs = r / torch.where(rnorm > 0, rnorm, 1.0)[:, None] if dual else gt
+    rhs = torch.where(finite[:, None], rhs, 0.0)
+    return CholeskyLocal(x, torch.where(finite, rnorm, torch.nan), d, cos, lam, finite, kept, c,
+                         Jn, gram, rhs, dual)
+
+
+def _cholesky_step(loc: CholeskyLocal, mu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(delta, ||Jt z|| / ||r||, ||z|| / ||r||)`` for ``mu = lambda / c^2`` (as
+    :func:`funcopt.transforms.lm_batched._step`); ``delta`` NaN where the factorization fails."""
+    eye = torch.eye(loc.gram.shape[-1], dtype=loc.gram.dtype, device=loc.gram.device)
+    L, info = torch.linalg.cholesky_ex(loc.gram + mu[:, None, None] * eye)
+    v = torch.cholesky_solve(loc.rhs[..., None], L)
+    u = -(loc.Jn.mT @ v)[..., 0] if loc.dual else -v[..., 0]
+    t1 = torch.linalg.vector_norm(loc.Jn @ u[..., None], dim=(-2, -1))
+    t2 = torch.linalg.vector_norm(u, dim=-1) / loc.sigma
+    delta = u * (loc.rnorm / loc.sigma)[:, None] / loc.d
+    return torch.where((info == 0)[:, None], delta, torch.nan), t1, t2
+
+
+class _Program(NamedTuple):
+    """The two pieces of one shape: ``inputs`` (x, the state's tensors, the batch's tensors)
+    that a call copies into, the pieces (replays of their graphs on CUDA) and ``out``, where
+    *attempt* leaves ``flags`` (the update is over, the model is finite) and ``result`` (the
+    step, then the new state's fields)."""
+
+    inputs: list[Tensor]
+    linearize: Callable[[], None]
+    attempt: Callable[[], None]
+    out: dict[str, Any]
+
+
+class GraphedSteps:
+    """The update of ``levenberg_marquardt(residual_fn, cuda_graph=True)``: a program per
+    shape of (params, batch), captured on first use on a CUDA device."""
+
+    def __init__(self, residual_fn: Callable[..., Tensor], o: LMOptions):
+        check_graph_options(o)
+        self.residual_fn, self.o = residual_fn, o
+        self.programs: dict[Any, _Program] = {}
+        self.pool: Any = None
+
+    def __call__(self, params: Any, args: tuple, state: LevenbergMarquardtState):
+        """``(step, new_state, unravel)`` for ``params`` (a tree) and ``args`` (``()`` or
+        ``(batch,)``)."""
+        if is_tracing():
+            raise ValueError("levenberg_marquardt(cuda_graph=True) replays captured device "
+                             "work and cannot run under torch.func transforms or "
+                             "torch.compile; build it with cuda_graph=False for those")
+        x, unravel = _raveled(params, state)
+        leaves, spec = tree_flatten(args)
+        tensors = [x, *state, *(t for t in leaves if isinstance(t, Tensor))]
+        key = (spec, tuple((t.shape, t.dtype, t.device) for t in tensors),
+               tuple(_hashable(t) for t in leaves if not isinstance(t, Tensor)))
+        prog = self.programs.get(key)
+        if prog is None:
+            prog = self.programs[key] = self._build(unravel, leaves, spec, tensors)
+        with torch.no_grad():
+            for dst, src in zip(prog.inputs, tensors):
+                dst.copy_(src)
+            prog.linearize()
+            for _ in range(self.o.max_attempts):
+                prog.attempt()
+                over, finite = prog.out["flags"].tolist()  # host sync: one per attempt
+                _require_finite_residuals(finite)
+                if over:
+                    break
+            step, *new = (t.clone() for t in prog.out["result"])
+        return step, LevenbergMarquardtState(*new), unravel
+
+    def _build(self, unravel, leaves, spec, tensors) -> _Program:
+        """The pieces on copies of ``tensors``, run once, then captured on a CUDA device."""
+        o, residual_fn = self.o, self.residual_fn
+        inputs = [t.detach().clone() for t in tensors]
+        k = len(LevenbergMarquardtState._fields)
+        sx, ss = inputs[0], LevenbergMarquardtState(*(t[None] for t in inputs[1:1 + k]))
+        batch = iter(inputs[1 + k:])
+        args = spec.unflatten([next(batch) if isinstance(t, Tensor) else t for t in leaves])
+        f = residual_vector_fn(residual_fn, unravel, *args)
+        out: dict[str, Any] = {}
+        chunk = o.chunk_size
+        if chunk is None and sx.device.type == "cuda":  # no free-memory query in a capture
+            with torch.no_grad():
+                chunk = jacobian_chunk_size(f(sx).numel(), sx.numel(), sx.dtype, sx.device)
+
+        def linearize() -> None:
+            J, r = _jacobian(residual_fn, unravel(sx), args, o.jacobian_mode, chunk,
+                             raveled=(sx, unravel))
+            _require_dtype(r, sx)
+            # a CholeskyLocal, read by lm_batched's functions in the fields they share
+            loc: Any = local_model(J[None], r.detach()[None], sx[None], ss, o, o.form)
+            trial = lm_batched.start_trial(loc, ss, o)
+            if "trial" in out:  # the buffers that attempt reads and writes
+                for a, b in zip(out["trial"], trial):
+                    a.copy_(b)
+            else:
+                out["trial"] = lm_batched.Trial(*(t.clone() for t in trial))
+            out.update(loc=loc, shape=r.shape, resolved=resolve_scaling(o, r.numel(), sx.numel()))
+
+        def trial_norm(x_new: Tensor) -> Tensor:
+            return _evaluate(f, x_new[0], out["shape"])[None]
+
+        def attempt() -> None:
+            loc, t, oo = out["loc"], out["trial"], out["resolved"]
+            active = loc.finite & ~lm_batched.update_over(t, oo)
+            new = lm_batched.attempt(loc, t, ss, trial_norm, oo, active, solve=_cholesky_step)
+            for a, b in zip(t, new):
+                a.copy_(b)
+            over = ~loc.finite | lm_batched.update_over(new, oo)
+            step, state = lm_batched.finish(loc, ss, new)
+            out.update(flags=torch.stack([over[0], loc.finite[0]]),
+                       result=[step[0], *(s[0] for s in state)])
+
+        with torch.no_grad():
+            if sx.device.type != "cuda":
+                return _Program(inputs, linearize, attempt, out)
+            side = torch.cuda.Stream(sx.device)
+            side.wait_stream(torch.cuda.current_stream(sx.device))
+            with torch.cuda.stream(side):  # warm-up: lazy set-up (handles, kernels) first
+                linearize()
+                attempt()
+            torch.cuda.current_stream(sx.device).wait_stream(side)
+            graphs = []
+            for fn in (linearize, attempt):
+                graphs.append(torch.cuda.CUDAGraph())
+                with torch.cuda.graph(graphs[-1], pool=self.pool, stream=side):
+                    fn()
+                self.pool = graphs[0].pool()
+        return _Program(inputs, graphs[0].replay, graphs[1].replay, out)
+
+
+def _hashable(v: Any) -> Any:
+    try:
+        hash(v)
+    except TypeError:
+        raise TypeError(f"levenberg_marquardt(cuda_graph=True): the batch holds a "
+                        f"{type(v).__name__}, which a captured step cannot key on; pass "
+                        "tensors (and hashable constants) in the batch") from None
+    return v
