@@ -189,3 +189,27 @@ def test_captured_update_replays_without_dispatching_the_step():
     with Count():
         upd, state = tx.update(None, state, params, batch=batch)
     assert Count.n < 120, Count.n
+
+
+def test_params_of_another_tree_with_as_many_numbers_get_their_own_program():
+    """Two trees with the same number of parameters (so the same flat shape) unravel
+    differently: each gets its own program, and each fit matches the eager one."""
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(10, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(10, generator=g, dtype=torch.float64)
+
+    def res(p):
+        v = torch.cat([t.reshape(-1) for t in p.values()])
+        return A @ v ** 3 - b + p["a"].sum()  # another unravel gives other residuals
+
+    tx = fo.levenberg_marquardt(res, cuda_graph=True)
+    eager = fo.levenberg_marquardt(res)
+    for params in ({"a": torch.full((2, 2), 0.5, dtype=torch.float64)},
+                   {"a": torch.full((1,), 0.5, dtype=torch.float64),
+                    "b": torch.full((3,), 0.7, dtype=torch.float64)}):
+        s1, s2, q1, q2 = eager.init(params), tx.init(params), params, params
+        for _ in range(5):
+            u1, s1 = eager.update(None, s1, q1)
+            u2, s2 = tx.update(None, s2, q2)
+            q1, q2 = fo.apply_updates(q1, u1), fo.apply_updates(q2, u2)
+        _close(q1, q2, 1e-9)

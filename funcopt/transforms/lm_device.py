@@ -183,7 +183,9 @@ class GraphedSteps:
         x, unravel = _raveled(params, state)
         leaves, spec = tree_flatten(args)
         tensors = [x, *state, *(t for t in leaves if isinstance(t, Tensor))]
-        key = (spec, tuple((t.shape, t.dtype, t.device) for t in tensors),
+        p_leaves, p_spec = tree_flatten(params)  # unravel's tree, shapes and dtypes
+        shapes = tuple((getattr(t, "shape", t), getattr(t, "dtype", None)) for t in p_leaves)
+        key = (p_spec, shapes, spec, tuple((t.shape, t.dtype, t.device) for t in tensors),
                tuple(_hashable(t) for t in leaves if not isinstance(t, Tensor)))
         prog = self.programs.get(key)
         if prog is None:
