@@ -19,6 +19,23 @@ problem with a different ``--steps`` in two pieces, or a (problem, optimizer) pa
         --optimizers psgd --out piece2
     python -m funcopt.bench --merge piece1 piece2 --out bench-report
 
+Cut off: every finished run (one problem, optimizer, seed and learning rate) is saved in
+``--out`` as ``runs.json`` as soon as it finishes, so a command stopped before its report (a
+time limit, a lost machine, Ctrl-C) leaves that file behind (an earlier report in ``--out``
+stays beside it); the report, when written, replaces the folder, ``runs.json`` with it. The
+same command with ``--resume`` takes the saved runs instead of running them again: the sweeps
+choose as before, only the missing runs run, and the report is the one an uninterrupted
+command writes, except that its header lists the runs taken and the commands, devices and
+dates that made them (their timings were measured there). ``--resume`` is refused, naming the
+setting, when the saved runs were made under other settings or code: those ``--merge``
+compares, ``--steps``, problems and optimizers, funcopt's source, and the file of each problem
+and optimizer (an edited plugin). With no saved runs in ``--out`` it runs everything, so one
+command line serves the first try and every retry; without it, a folder holding saved runs is
+refused (``--force`` deletes them and starts over). A piece longer than one time limit::
+
+    python -m funcopt.bench --suite full --device cuda --problems char-transformer-large \\
+        --optimizers soap --out piece3 --resume    # again, until it writes piece3/report.md
+
 Every option (names, numbers, device, plugins, the report folder) is checked before anything
 runs; a bad one exits with status 1 and one line saying what is wrong and how to fix it.
 """
@@ -78,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="CPU threads for torch (default 1: small problems run fastest and "
                         "results do not depend on the machine's core count)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="take the runs that an earlier, cut-off run of this command saved in "
+                        "--out (runs.json) instead of running them again; with none saved, run "
+                        "everything (see above)")
     p.add_argument("--merge", nargs="+", metavar="DIR",
                    help="run nothing: write into --out the one report of these earlier report "
                         "folders (pieces of one suite; see above)")
@@ -86,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # options that choose what runs: a merge runs nothing, so it takes none of them
 _RUN_OPTIONS = ("problems", "optimizers", "suite", "steps", "seed", "seeds", "tune", "warmup",
-                "device", "plugin", "list", "threads")
+                "device", "plugin", "list", "threads", "resume")
 
 
 def _fail(message: str) -> SystemExit:
@@ -231,40 +252,72 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {no_plots}; the report will have no plots "
               "(pip install 'funcopt[bench]' installs matplotlib)", file=sys.stderr)
     try:
-        partial = prepare_out(Path(args.out), force=args.force)
+        partial = prepare_out(Path(args.out), force=args.force, resume=args.resume)
     except ValueError as e:
         raise _fail(f"--out {e}") from None
+    saved = None
     try:
-        return _run(args, problems, optimizers, device, partial, no_plots)
+        settings = _settings(args, problems, optimizers, device)
+        saved = _saved(args, settings)
+        return _run(args, settings, saved, device, partial, no_plots)
     except KeyboardInterrupt:
-        print("interrupted: no report written", file=sys.stderr)
+        kept = "" if not saved or not saved.written else (
+            f"; {saved.written} finished runs are saved in {saved.path}: the same command with "
+            "--resume takes them and runs the rest")
+        print(f"interrupted: no report written{kept}", file=sys.stderr)
         return 130
     finally:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def _run(args, problems, optimizers, device, partial: Path, no_plots: str | None) -> int:
+def _settings(args, problems: list[str], optimizers: list[str], device: torch.device) -> dict:
+    """The report's meta before the runs: what decides their results, and the command."""
+    tune = args.tune == "on"
+    return {"suite": args.suite, "seed": args.seed,
+            "seeds": [args.seed + i for i in range(args.seeds or SEEDS[args.suite])],
+            "tune": tune, "grid": list(GRIDS[args.suite]) if tune else [], "warmup": args.warmup,
+            "extend": EXTEND if tune else 0, "evals": EVALS[args.suite],
+            "device": str(device), "device_name": device_name(device),
+            "steps": args.steps, "threads": args.threads, "command": args.command,
+            "problems": problems, "optimizers": optimizers}
+
+
+def _saved(args, settings: dict):
+    """The runs this command saves in --out as they finish, with those an earlier, cut-off run
+    of it saved there when --resume (refused, one line, when made under other settings)."""
+    from funcopt.bench.resume import SavedRuns
+
+    try:
+        saved = SavedRuns(Path(args.out), settings, resume=args.resume)
+    except ValueError as e:
+        raise _fail(f"--resume: {e}") from None
+    if args.resume and saved.earlier:
+        print(f"resuming: the {len(saved.earlier)} runs saved in {saved.path} are taken, not run "
+              "again", file=sys.stderr)
+    elif args.resume:
+        print(f"note: --resume: {args.out} holds no saved runs ({saved.path.name}), so every "
+              "run runs", file=sys.stderr)
+    return saved
+
+
+def _run(args, settings: dict, saved, device, partial: Path, no_plots: str | None) -> int:
     from funcopt.bench.suite import run_suite
 
     torch.set_num_threads(args.threads)
-    n_seeds = args.seeds or SEEDS[args.suite]
-    seeds = [args.seed + i for i in range(n_seeds)]
-    grid = GRIDS[args.suite]
-    sweep = len(grid) + EXTEND if args.tune == "on" else 1
-    bar = _progress(args, len(problems) * len(optimizers) * (sweep + n_seeds - 1))
+    problems, optimizers, seeds = settings["problems"], settings["optimizers"], settings["seeds"]
+    sweep = len(GRIDS[args.suite]) + EXTEND if args.tune == "on" else 1
+    bar = _progress(args, len(problems) * len(optimizers) * (sweep + len(seeds) - 1))
     t0 = time.perf_counter()
     results, sweeps = run_suite(problems, optimizers, seeds=seeds, tune=args.tune == "on",
-                                grid=grid, device=device, steps=args.steps,
-                                warmup=args.warmup, evals=EVALS[args.suite], progress=bar)
-    meta = {"suite": args.suite, "seed": args.seed, "seeds": seeds, "tune": args.tune == "on",
-            "grid": list(grid) if args.tune == "on" else [], "warmup": args.warmup,
-            "extend": EXTEND if args.tune == "on" else 0,
-            "evals": EVALS[args.suite],
-            "device": str(device), "device_name": device_name(device),
-            "steps": args.steps, "threads": args.threads, "command": args.command,
-            "problems": problems, "optimizers": optimizers,
+                                grid=GRIDS[args.suite], device=device, steps=args.steps,
+                                warmup=args.warmup, evals=EVALS[args.suite], progress=bar,
+                                saved=saved)
+    resumed = saved.resumed()
+    meta = {**settings,
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "total_s": time.perf_counter() - t0, "no_plots": no_plots}
+            # a resumed report's runs took their own seconds in the commands that made them
+            "total_s": time.perf_counter() - t0 + sum(r["total_s"] for r in resumed),
+            "no_plots": no_plots, **({"resumed": resumed} if resumed else {})}
     bar.close()
     return _write(args, results, sweeps, meta, partial, t0)
 

@@ -23,14 +23,20 @@ from funcopt.bench.problems import DEFAULT_PROBLEMS, FULL_PROBLEMS, PROBLEMS
 from funcopt.bench.run import Result
 from funcopt.bench.suite import EXTEND, Sweep
 
-__all__ = ["MARKER", "REPORT_FILES", "check_out", "load_report", "merge_reports",
-           "plotting_unavailable", "prepare_out", "write_report"]
+__all__ = ["MARKER", "REPORT_FILES", "RUNS", "check_out", "check_result", "differing",
+           "load_report", "merge_reports", "plotting_unavailable", "prepare_out", "process_meta",
+           "write_report"]
 
 # A report folder holds this marker and nothing but REPORT_FILES: only such a folder (or an
 # empty one) is replaced by a new report without --force.
 MARKER = ".funcopt-bench-report"
 REPORT_FILES = ("report.md", "results.json", "loss_vs_step.png", "loss_vs_time.png",
                 "lr_sweep.png")
+# A command saves each finished run in --out as RUNS (written whole to RUNS_TMP, then renamed
+# over it), so that one cut off before its report can be continued (--resume); the report
+# replaces the folder, RUNS with it, when complete.
+RUNS = "runs.json"
+RUNS_TMP = RUNS + ".tmp"
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -241,14 +247,16 @@ def _entries(folder: Path) -> list[str]:
         raise ValueError(f"{folder}: cannot be read ({e.strerror})") from None
 
 
-def check_out(out: Path, *, force: bool = False) -> None:
+def check_out(out: Path, *, force: bool = False, resume: bool = False) -> None:
     """Raise a ValueError saying why ``out`` cannot take the report, before any work is done.
 
     The report replaces the folder ``out`` whole, so ``out`` must be a new path, an empty
     folder, or a report this command wrote earlier (it holds the marker file and only report
     files). A folder holding anything else is refused unless ``force`` (its files are then
-    deleted). Refused always: the current folder or one above it, a symbolic link, an existing
-    file, a path under a file, and a place that cannot be written.
+    deleted). The saved runs of a cut-off command (:data:`RUNS`) are taken when ``resume``, and
+    otherwise refused unless ``force``: they may be hours of work. Refused always: the current
+    folder or one above it, a symbolic link, an existing file, a path under a file, and a place
+    that cannot be written.
     """
     out = Path(out)
     full, here = out.resolve(), Path.cwd().resolve()
@@ -265,6 +273,11 @@ def check_out(out: Path, *, force: bool = False) -> None:
             raise ValueError(f"{out}: is an existing file, and the report is a folder; "
                              "name a new folder, or move the file away")
         names = _entries(full)
+        if not (force or resume) and any(n in (RUNS, RUNS_TMP) for n in names):
+            raise ValueError(f"{out}: holds the saved runs of a command that was cut off ({RUNS}): "
+                             "continue it by running that command again with --resume, or pass "
+                             "--force to delete them")
+        names = [n for n in names if n not in (RUNS, RUNS_TMP)]
         others = [n for n in names if n not in (MARKER, *REPORT_FILES)]
         if names and not force and (MARKER not in names or others):
             shown = ", ".join((others or names)[:3]) + ", ..." * (len(others or names) > 3)
@@ -278,11 +291,11 @@ def check_out(out: Path, *, force: bool = False) -> None:
         raise ValueError(f"{out}: cannot be written: {parent} is read-only")
 
 
-def prepare_out(out: Path, *, force: bool = False) -> Path:
+def prepare_out(out: Path, *, force: bool = False, resume: bool = False) -> Path:
     """Check ``out`` (:func:`check_out`) and create the empty temporary folder, beside it, that
     :func:`write_report` fills; creating it proves the place is writable. The caller removes it
     if the report is never written."""
-    check_out(out, force=force)
+    check_out(out, force=force, resume=resume)
     full = Path(out).resolve()
     try:
         full.parent.mkdir(parents=True, exist_ok=True)
@@ -302,13 +315,14 @@ def write_report(results: list[Result], out: Path, meta: dict, *, partial: Path 
     """Write the report into ``partial`` (a folder from :func:`prepare_out`; made here if None),
     then move it into place as ``out``: a report folder that exists is always complete, and no
     temporary folder is left behind when writing fails. ``out`` is checked again first, since
-    files may have appeared there while the runs went on. ``plots=False`` leaves the plots out
+    files may have appeared there while the runs went on (the command's own saved runs, which
+    the report holds now, are replaced with the folder). ``plots=False`` leaves the plots out
     (``meta["no_plots"]`` says why, in the report)."""
     out = Path(out)
     partial = prepare_out(out, force=force) if partial is None else partial
     try:
         _fill(results, list(sweeps or []), partial, meta, plots)
-        check_out(out, force=force)
+        check_out(out, force=force, resume=True)
         _move_into_place(partial, out)
     finally:
         if partial.exists():
@@ -319,9 +333,7 @@ def _fill(results: list[Result], sweeps: list[Sweep], folder: Path, meta: dict, 
     from funcopt.bench.suite import notes, summarise, winners
 
     # a merged report brings its pieces' versions and machine; a run takes this process's
-    meta = {"torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            **meta}
+    meta = {**process_meta(), **meta}
     rows = summarise(results)
     (folder / MARKER).write_text("Written by python -m funcopt.bench. Running it again with --out "
                                  "naming this folder replaces the folder whole.\n")
@@ -353,10 +365,17 @@ def _fill(results: list[Result], sweeps: list[Sweep], folder: Path, meta: dict, 
     (folder / "report.md").write_text("\n".join(body) + figures)
 
 
+def process_meta() -> dict:
+    """This process's torch and Python versions and machine, as a report's meta gives them."""
+    return {"torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+
+
 def _header(meta: dict) -> str:
     """The title and one paragraph on how the report was made; for a merged report (``meta``
     has ``pieces``), one line per piece: its folder, command, machine, date and time (a run's
-    own command is in results.json's meta)."""
+    own command is in results.json's meta); for runs taken from cut-off commands (``resumed``),
+    one line per such command: which runs, where and when."""
     seeds = meta.get("seeds") or [meta.get("seed", 0)]
     named = f"{meta['device_name']}; " if meta.get("device_name") else ""
     pieces = meta.get("pieces") or []
@@ -367,14 +386,32 @@ def _header(meta: dict) -> str:
             f"{meta['device']} ({named}{host}{meta.get('threads', 1)} torch thread(s)), torch "
             f"{meta['torch']}, Python {meta['python']}, {meta.get('date', '')}; "
             f"{meta.get('total_s', 0):.0f} s in all")
+    resumed = meta.get("resumed") or []
+    if resumed:
+        text += " (with the runs of the earlier commands below)"
     if not pieces:
-        return text + ".\n"
+        return text + ".\n" + _resumed(resumed)
     text += (f"\n\nMerged from {len(pieces)} report folders (the runs' seconds above are their "
              "sum); each was one command:\n\n")
     return text + "\n".join(
         f"- `{p['folder']}`: `{p['command']}`, {p['device']} ({p['device_name']}; "
         f"{p['machine']}, {p['cpu_count']} CPUs), {p['date']}, {p['total_s']:.0f} s"
+        + "".join(f"; {r['runs']} of its runs from a cut-off command of {r['date']}"
+                  for r in p.get("resumed") or [])
         for p in pieces) + "\n"
+
+
+def _resumed(resumed: list[dict]) -> str:
+    """The header's lines on runs taken from earlier commands that were cut off (--resume)."""
+    if not resumed:
+        return ""
+    return (f"\n{sum(r['runs'] for r in resumed)} of the runs (a problem, optimizer, seed and "
+            "learning rate each) were taken from earlier commands, with the same settings, that "
+            "were cut off before their report (`--resume`); their numbers, timings included, were "
+            "measured there:\n\n" + "\n".join(
+                f"- `{r['command']}`, {r['device']} ({r['device_name']}; {r.get('machine')}, "
+                f"{r.get('cpu_count')} CPUs), {r['date']} to {r['until']}, {r['total_s']:.0f} s: "
+                f"{r['runs']} runs: {r['which']}" for r in resumed) + "\n")
 
 
 def _legend(results: list[Result], meta: dict) -> str:
@@ -435,9 +472,15 @@ _SHARED: dict[str, Any] = {"device": str, "device_name": str, "torch": str, "pyt
 # steps: --steps, or per problem in a merged report (which can be merged again)
 _META: dict[str, Any] = {**_SHARED, "steps": int | None | dict[str, int | None],
                          "problems": list[str], "optimizers": list[str], "date": str,
-                         "total_s": float, "pieces": list[dict[str, Any]]}
+                         "total_s": float, "pieces": list[dict[str, Any]],
+                         "resumed": list[dict[str, Any]]}
+_OPTIONAL = ("pieces", "resumed")  # only a merged report has pieces, a resumed one resumed
 _PIECE: dict[str, Any] = {"folder": str, "command": str, "device": str, "device_name": str,
-                          "date": str, "total_s": float}
+                          "date": str, "total_s": float, "resumed": list[dict[str, Any]] | None}
+# a command cut off whose runs a report took (--resume), and which runs (in words)
+_RESUMED: dict[str, Any] = {"command": str, "device": str, "device_name": str,
+                            "machine": str | None, "cpu_count": int | None, "date": str,
+                            "until": str, "total_s": float, "runs": int, "which": str}
 
 
 # fields added after reports were first written: an older report without them loads with the
@@ -491,6 +534,10 @@ def load_report(folder: Path) -> tuple[dict, list[Result], list[Sweep]]:
     path = folder / "results.json"
     if not folder.is_dir():
         raise ValueError(f"{folder}: {'is not a folder' if folder.exists() else 'no such folder'}")
+    if (folder / RUNS).is_file() and not path.is_file():
+        raise ValueError(f"{folder}: is not a complete report but the saved runs of a command "
+                         f"that was cut off ({RUNS}); continue it by running that command again "
+                         "with --resume")
     if not path.is_file():
         raise ValueError(f"{folder}: is not a complete report: it has no results.json (a run "
                          "that stopped early writes none); run that piece again")
@@ -507,16 +554,16 @@ def load_report(folder: Path) -> tuple[dict, list[Result], list[Sweep]]:
             meta["extend"] = 2 if meta.get("tune") and isinstance(sweeps, list) and any(
                 isinstance(s, dict) and "beyond" in s for s in sweeps) else 0
         for key, hint in _META.items():
-            if key == "pieces" and key not in meta:  # a run's report, not a merged one
+            if key in _OPTIONAL and key not in meta:
                 continue
             if key not in meta:
                 raise ValueError(f"it has no meta.{key} (written by an older funcopt.bench?)")
             if not _fits(meta[key], hint):
                 raise ValueError(f"meta.{key} is {meta[key]!r}, not a {hint}")
+        _check_entries(meta.get("pieces", []), _PIECE, "meta.pieces")
+        _check_entries(meta.get("resumed", []), _RESUMED, "meta.resumed")
         for i, piece in enumerate(meta.get("pieces", [])):
-            bad = [k for k, hint in _PIECE.items() if not _fits(piece.get(k), hint)]
-            if bad:
-                raise ValueError(f"meta.pieces[{i}].{bad[0]} is missing or of the wrong type")
+            _check_entries(piece.get("resumed") or [], _RESUMED, f"meta.pieces[{i}].resumed")
         results = [_from_json(Result, r, f"results[{i}]")
                    for i, r in enumerate(_list(data, "results"))]
         sweeps = [_from_json(Sweep, s, f"sweeps[{i}]") for i, s in enumerate(_list(data, "sweeps"))]
@@ -526,13 +573,22 @@ def load_report(folder: Path) -> tuple[dict, list[Result], list[Sweep]]:
     return meta, results, sweeps
 
 
+def _check_entries(entries: list[dict], spec: dict[str, Any], where: str) -> None:
+    for i, entry in enumerate(entries):
+        bad = [k for k, hint in spec.items() if not _fits(entry.get(k), hint)]
+        if bad:
+            raise ValueError(f"{where}[{i}].{bad[0]} is missing or of the wrong type")
+
+
 def _list(data: dict, key: str) -> list:
     if not isinstance(data.get(key), list):
         raise ValueError(f"it has no {key} list")
     return data[key]
 
 
-def _check_rows(meta: dict, results: list[Result], sweeps: list[Sweep]) -> None:
+def _check_meta(meta: dict) -> None:
+    """A ValueError when a meta (its fields' types checked) cannot be a run's: no seeds,
+    problems or optimizers, a device that is none, per-problem steps of other problems."""
     empty = [k for k in ("seeds", "problems", "optimizers") if not meta[k]]
     if empty:
         raise ValueError(f"meta.{empty[0]} is empty")
@@ -542,6 +598,10 @@ def _check_rows(meta: dict, results: list[Result], sweeps: list[Sweep]) -> None:
         raise ValueError(f"meta.device {meta['device']!r} is not a device name") from None
     if isinstance(meta["steps"], dict) and set(meta["steps"]) != set(meta["problems"]):
         raise ValueError(f"meta.steps names {sorted(meta['steps'])}, not meta.problems")
+
+
+def _check_rows(meta: dict, results: list[Result], sweeps: list[Sweep]) -> None:
+    _check_meta(meta)
     rows: list[tuple[str, Result | Sweep]] = [
         *((f"results[{i}]", r) for i, r in enumerate(results)),
         *((f"sweeps[{i}]", s) for i, s in enumerate(sweeps))]
@@ -551,15 +611,21 @@ def _check_rows(meta: dict, results: list[Result], sweeps: list[Sweep]) -> None:
                              "meta.problems x meta.optimizers does not hold")
     seen: dict[tuple[str, str, int], int] = {}
     for i, r in enumerate(results):
-        if r.status not in ("ok", "skipped", "failed"):
-            raise ValueError(f"results[{i}].status is {r.status!r}")
-        if r.status == "ok" and ("loss" not in r.final or "loss" not in r.final_val):
-            raise ValueError(f"results[{i}] finished but has no final or validation loss")
-        _check_curves(r, f"results[{i}]")
+        check_result(r, f"results[{i}]")
         j = seen.setdefault((r.problem, r.optimizer, r.seed), i)
         if j != i:
             raise ValueError(f"results[{i}] and results[{j}] are both {r.optimizer} on "
                              f"{r.problem} with seed {r.seed}")
+
+
+def check_result(r: Result, where: str) -> None:
+    """A ValueError naming ``where`` if ``r`` (read from a file) is not a result a run makes:
+    a status of its three, a finished run without its losses, curves that do not match."""
+    if r.status not in ("ok", "skipped", "failed"):
+        raise ValueError(f"{where}.status is {r.status!r}")
+    if r.status == "ok" and ("loss" not in r.final or "loss" not in r.final_val):
+        raise ValueError(f"{where} finished but has no final or validation loss")
+    _check_curves(r, where)
 
 
 def _check_curves(r: Result, where: str) -> None:
@@ -596,14 +662,11 @@ def merge_reports(folders: list[Path]) -> tuple[dict, list[Result], list[Sweep]]
     owner: dict[tuple[str, str], Path] = {}
     steps: dict[str, tuple[Path, int | None]] = {}
     for folder, meta, results, _ in pieces:
-        for key in _SHARED:
-            mine, theirs = meta[key], meta0[key]
-            if key == "device":
-                mine, theirs = torch.device(mine).type, torch.device(theirs).type
-            if mine != theirs:
-                raise ValueError(f"{folder}: its {key} {meta[key]!r} differs from {first}'s "
-                                 f"{meta0[key]!r}; runs under different {key}s cannot share "
-                                 "one report")
+        key = differing(meta, meta0)
+        if key is not None:
+            raise ValueError(f"{folder}: its {key} {meta[key]!r} differs from {first}'s "
+                             f"{meta0[key]!r}; runs under different {key}s cannot share "
+                             "one report")
         for prob, mine in _steps_of(meta).items():
             earlier = steps.setdefault(prob, (folder, mine))
             if earlier[1] != mine:
@@ -615,6 +678,19 @@ def merge_reports(folders: list[Path]) -> tuple[dict, list[Result], list[Sweep]]
                 raise ValueError(f"{folder}: {pair[1]} on {pair[0]} is also in {owner[pair]}; "
                                  "each (problem, optimizer) pair must come from one piece")
     return _merged(pieces)
+
+
+def differing(meta: dict, other: dict) -> str | None:
+    """The first setting that two runs' meta must share to be in one report (device type and
+    name, torch and Python versions, suite, seeds, tuning and grid, evaluations, warm-up,
+    threads) in which they differ; None when they differ in none."""
+    for key in _SHARED:
+        mine, theirs = meta[key], other[key]
+        if key == "device":  # cuda:0 and cuda:1 of one model (device_name) are alike
+            mine, theirs = torch.device(mine).type, torch.device(theirs).type
+        if mine != theirs:
+            return key
+    return None
 
 
 def _steps_of(meta: dict) -> dict[str, int | None]:
@@ -658,7 +734,8 @@ def _merged(pieces: list) -> tuple[dict, list[Result], list[Sweep]]:
                  "device": m["device"], "device_name": m["device_name"],
                  "machine": m.get("machine"), "cpu_count": m.get("cpu_count"),
                  "date": m["date"], "total_s": m["total_s"], "problems": m["problems"],
-                 "optimizers": m["optimizers"]}]]}
+                 "optimizers": m["optimizers"],
+                 **({"resumed": m["resumed"]} if m.get("resumed") else {})}]]}
     return meta, results, sweeps
 
 

@@ -42,6 +42,9 @@ EXTEND = 2  # at most this many rates beyond the grid's end, when that end wins
 SEEDS = {"quick": 1, "full": 3}  # default --seeds of each suite
 EVALS = {"quick": 10, "full": 20}  # validations along a run (and for the time to target)
 
+# run_suite's ``saved``: (problem, optimizer, seed, learning rate or None, the run) -> result
+Saved = Callable[[str, str, int, float | None, Callable[[], Result]], Result]
+
 
 @dataclass
 class Sweep:
@@ -67,16 +70,25 @@ def run_suite(problems: list[str], optimizers: list[str], *, seeds: list[int], t
               grid: tuple[float, ...], device: torch.device, steps: int | None = None,
               warmup: int = WARMUP_STEPS, evals: int = 20,
               progress: Callable[[str], None] = lambda s: None,
-              ) -> tuple[list[Result], list[Sweep]]:
+              saved: Saved | None = None) -> tuple[list[Result], list[Sweep]]:
     """Run every pair (tuned when ``tune``, then every seed); return the per-seed results
-    (first seed first) and the sweeps. ``progress(label)`` is called before every run."""
+    (first seed first) and the sweeps. ``progress(label)`` is called before every run.
+
+    ``saved(problem, optimizer, seed, lr, run)``, when given, makes every run: it returns the
+    result of that run saved by an earlier, cut-off command (``--resume``), or calls ``run()``
+    and saves what it returns. The runs asked for, and so the sweeps' choices, are the same
+    either way: each depends only on the results before it."""
     results: list[Result] = []
     sweeps: list[Sweep] = []
 
     def run(prob: str, opt: str, seed: int, lr: float | None) -> Result:
         progress(f"{prob} / {opt}" + (f" lr {lr:.3g}" if lr is not None else "") + f" seed {seed}")
-        return run_one(prob, opt, seed=seed, device=device, steps=steps, lr=lr, warmup=warmup,
-                       evals=evals)
+
+        def one() -> Result:
+            return run_one(prob, opt, seed=seed, device=device, steps=steps, lr=lr,
+                           warmup=warmup, evals=evals)
+
+        return one() if saved is None else saved(prob, opt, seed, lr, one)
 
     for prob in problems:
         for opt in optimizers:
