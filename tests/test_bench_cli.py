@@ -185,6 +185,23 @@ def test_an_interrupted_run_leaves_no_partial_folder(tmp_path):
     assert rc == 130 and list(tmp_path.iterdir()) == []
 
 
+def test_a_problem_that_fails_to_build_is_reported_with_tuning_on(tmp_path):
+    """Building the problem raises: every pair with it is one failed row (no sweep runs at a
+    rate the failed run never had), the other problems run, exit status 1."""
+    @fb.register("unbuildable")
+    def unbuildable(seed, device):
+        raise ValueError("no data here")
+
+    out = tmp_path / "rep"
+    rc = main(["--problems", "unbuildable,digits-logreg", "--optimizers", "adamw",
+               "--steps", "3", "--tune", "on", "--no-progress", "--out", str(out)])
+    assert rc == 1
+    rows = json.loads((out / "results.json").read_text())["results"]
+    bad = [r for r in rows if r["problem"] == "unbuildable"]
+    assert bad and all(r["status"] == "failed" and "no data here" in r["reason"] for r in bad)
+    assert any(r["problem"] == "digits-logreg" and r["status"] == "ok" for r in rows)
+
+
 def test_a_report_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path, capsys):
     """The disk fills up while the report is written (a file-size limit of 8 KiB: the plots
     are bigger): one error line, exit 1, no partial folder, the earlier report untouched."""
