@@ -94,7 +94,8 @@ def run_suite(problems: list[str], optimizers: list[str], *, seeds: list[int], t
         for opt in optimizers:
             first = run(prob, opt, seeds[0], None)
             # a problem that failed to build ran at no rate: nothing to sweep
-            if tune and opt in LEARNING_RATES and first.learning_rate is not None:
+            if (tune and opt in LEARNING_RATES and first.status != "skipped"
+                    and first.learning_rate is not None):
                 first, sweep = _tune(first, grid, functools.partial(run, prob, opt, seeds[0]))
                 sweeps.append(sweep)
             results.append(first)
