@@ -313,6 +313,37 @@ def run_flat(f, x: Tensor, state, o: LMOptions, limits: tuple[int, tuple], model
     return x, p._replace(code=torch.where(never, 12, p.code))
 
 
+def _state_rows(state: LevenbergMarquardtState, idx: Tensor) -> LevenbergMarquardtState:
+    """The rows ``idx`` of what a model reads of the state (count, damping and scale)."""
+    return state._replace(**{k: getattr(state, k).index_select(0, idx)
+                             for k in ("count", "damping", "scale")})
+
+
+def _spectral_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState,
+                    o: LMOptions) -> lm_batched.BatchedLocal:
+    """The model of every problem from the eigendecomposition of its ``Jt^T Jt`` (several
+    times cheaper than an SVD of ``Jt``), and from the SVD for the problems where that cannot
+    be trusted: an eigenvalue of a Gram matrix carries an absolute error of about ``eps`` times
+    the largest, so a relative eigenvalue at or below ``4 eps n`` may be a zero singular value
+    (a rank-deficient or wide ``J``: the step would get a component in ``J``'s null space) or
+    a small one that the Gram matrix lost (an ill-conditioned fit such as NIST MGH09). The
+    SVD's singular values are exact to ``eps`` relative: its step is the single fit's. One
+    host read (how many problems need the SVD)."""
+    loc = lm_batched.local_model(J, r, x, state, o, "gram")
+    n = J.shape[-1]
+    ill = loc.finite & (loc.sh2 <= 4 * torch.finfo(J.dtype).eps * n).any(-1)
+    k = int(ill.sum())  # host sync
+    if k == 0:
+        return loc
+    idx = torch.nonzero_static(ill, size=k)[:, 0]
+    part = lm_batched.local_model(J[idx], r[idx], x[idx], _state_rows(state, idx), o, "svd")
+    pad = n - part.sh2.shape[-1]  # an SVD of a wide J has m < n directions: the rest dropped
+    part = part._replace(sh2=torch.nn.functional.pad(part.sh2, (0, pad)),
+                         w=torch.nn.functional.pad(part.w, (0, pad)),
+                         V=torch.nn.functional.pad(part.V, (0, pad)))
+    return lm_batched.BatchedLocal(*(a.index_copy(0, idx, b) for a, b in zip(loc, part)))
+
+
 def least_squares_batched(residual_fn: Callable[[PyTree], Tensor], params: PyTree,
                           max_steps: int, tolerances: Any, o: LMOptions):
     """The batched driver behind ``least_squares(..., batched=True)`` (see there);
@@ -329,15 +360,12 @@ def least_squares_batched(residual_fn: Callable[[PyTree], Tensor], params: PyTre
     m = f(x).shape[1]
     o = resolve_scaling(o, m, x.shape[1])
     _check_independent(f, x)
-    method = "gram"  # eigh of the n x n matrix: several times cheaper than an SVD of J
 
     def model(xb: Tensor, state, idx: Tensor | None) -> lm_batched.BatchedLocal:
         r, J = batched_jacobian(f, xb, m)
-        if idx is not None:  # the model reads count, damping and scale of the state only
-            r, J, xb = r[idx], J[idx], xb[idx]
-            state = state._replace(**{k: getattr(state, k).index_select(0, idx)
-                                      for k in ("count", "damping", "scale")})
-        return lm_batched.local_model(J, r, xb, state, o, method)
+        if idx is not None:
+            r, J, xb, state = r[idx], J[idx], xb[idx], _state_rows(state, idx)
+        return _spectral_model(J, r, xb, state, o)
 
     def trial_norm(xb: Tensor) -> Tensor:
         with torch.no_grad():

@@ -128,15 +128,10 @@ def _wide(a):  # m = 2 residuals, n = 3 parameters: a curve of solutions
     return torch.stack([a[0] + a[1] * a[2] - 1, a[0] * a[1] - a[2]])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the batched Gram model keeps rounding eigenvalues of J^T J: lm_batched._from_gram keeps "
-    "sh2 > (eps n)^2, but an eigenvalue of a Gram matrix carries an absolute error of about "
-    "eps * top, so a zero singular value of a wide (or rank-deficient) J shows up as sh2 ~ 1e-16 "
-    "and the step gets an O(1) component in J's null space (here [0.008, 0.49, -0.003] instead "
-    "of the minimum-norm Gauss-Newton step [0.214, 0.143, -0.071] of the single fit and of "
-    "pinv(J)). Fix: in _from_gram keep sh2 > eps * n (singular values above sqrt(eps n) sigma), "
-    "the Gram's own noise level, or use the SVD model when n > m"))
 def test_batched_wide_first_step_is_the_single_fits_minimum_norm_step():
+    """A wide J (2 x 3): the Gram matrix's third eigenvalue is a rounding-level number, not a
+    direction; the batched driver takes the SVD model there (least_squares_batched.
+    _spectral_model), so its first step is the minimum-norm Gauss-Newton step of pinv(J)."""
     x0 = torch.tensor([0.5, 0.5, 0.5], dtype=F64)
     xb, _ = fo.least_squares(_batch_of([_wide]), x0[None].clone(), batched=True, max_steps=1,
                              scaling=False)
@@ -152,12 +147,9 @@ def _product(a):  # J has rank 1 everywhere (columns a1 t and a0 t)
     return a[0] * a[1] * t - 2 * t + 0.05 * torch.sin(5 * t)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "same cause as the wide case: for a tall J of rank 1 whose Gram eigenvalue 0 comes out as "
-    "~eps * top, the batched first step from (2, 0.1) with scaling=False leaves the row space "
-    "of J ((3.41, 0.94) against the single fit's (0.87, 1.07)). Fix: lm_batched._from_gram's "
-    "keep threshold eps * n"))
 def test_batched_rank_deficient_tall_step_equals_the_single_fit():
+    """A tall J of rank 1 everywhere: the batched first step stays in J's row space, as the
+    single fit's (the SVD model where the Gram's eigenvalue is at its rounding level)."""
     x0 = torch.tensor([2.0, 0.1], dtype=F64)
     xb, _ = fo.least_squares(_batch_of([_product]), x0[None].clone(), batched=True,
                              max_steps=1, scaling=False)
