@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _lm_rounding import assert_within, flip_radius
 
 from funcopt.least_squares import least_squares
 from funcopt.least_squares_parallel import least_squares_parallel
@@ -50,8 +51,10 @@ def test_two_processes_take_one_process_steps():
         # the iterates after 1, 2, 3 and 5 updates: J^T J summed in another order only
         for a, b in zip(path, one_path):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(p, one_p, rtol=1e-9, atol=1e-12)
-        # at the solution the last tolerance test is decided by rounding: one update either way
+        # at the solution rounding decides the last steps (_lm_rounding): one process took a
+        # step of 1.7e-9 that two processes rejected, on a CPU with AVX2
+        assert_within(p, one_p, flip_radius(lambda q: _residual(q, T, Y), one_p))
+        # and the last tolerance test: one update either way
         assert bool(info.success[0]) and abs(int(info.steps[0]) - int(one_info.steps[0])) <= 1
         torch.testing.assert_close(info.cost, one_info.cost, rtol=1e-12, atol=0)
     # the single-problem driver; the normal equations are accurate to cond(J)^2 eps

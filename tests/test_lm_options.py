@@ -3,7 +3,12 @@
 
 ``lm_options_reference.json`` was recorded in float64 with the keyword-flag API these objects
 replace (``damping_rule="classic", increase_factor=3.0, ...``) before the change; each case
-below is the same configuration written with the objects and must give the same numbers.
+below is the same configuration written with the objects and must give the same numbers, up to
+what rounding decides (``_lm_rounding``): the file was recorded on another CPU, and at the
+solution of expfit the gain ratios, the decisions taken on them and the test that stops a fit
+are rounding (the 5th update's gain ratio there differs by 2e-4 on an AMD CPU with AVX2: by
+4 units of 1.0 in the last place of the measured reduction ``1 - (||r_new|| / ||r||)^2``,
+over a predicted reduction of 4e-12).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _lm_rounding import FLOOR_STOPS, RTOL, assert_within, flip_radius, resolved
 
 import funcopt as fo
 from funcopt.least_squares_parallel import least_squares_parallel
@@ -64,37 +70,67 @@ LS_CASES = {
 }
 
 
-def _close(got: list[float], want_hex: list[str]) -> None:
-    want = torch.tensor([float.fromhex(h) for h in want_hex], dtype=F64)
-    torch.testing.assert_close(torch.tensor(got, dtype=F64).reshape(-1), want, rtol=1e-10,
-                               atol=1e-300)
+def _close(got: list[float], want_hex: list[str], rtol: float = 1e-10) -> None:
+    torch.testing.assert_close(torch.tensor(got, dtype=F64).reshape(-1), _hex(want_hex),
+                               rtol=rtol, atol=1e-300)
+
+
+def _hex(want_hex: list[str]) -> torch.Tensor:
+    return torch.tensor([float.fromhex(h) for h in want_hex], dtype=F64)
 
 
 @pytest.mark.parametrize("problem", PROBLEMS)
 @pytest.mark.parametrize("case", LM_CASES)
 def test_transform_with_option_objects_gives_the_recorded_numbers(problem, case):
+    """Each recorded update while it is ``resolved``: the parameters to 1e-10, the damping, nu,
+    radius and gain ratio to ``RTOL``, the attempts exactly. (The damping carried in is off by
+    ``NOISE / predicted``, which moves the next step by that fraction of its size, at most
+    ``NOISE / sqrt(predicted) ||r|| / sigma_min``: 1e-11 on expfit.) From the first update that
+    is not (expfit's 5th to 7th, at its solution; rosen is far from its own after 8), the rule's
+    numbers are rounding and the parameters are compared within ``flip_radius`` (3e-8)."""
     fn, p0 = PROBLEMS[problem]
     tx = fo.levenberg_marquardt(fn, **LM_CASES[case])
     p = torch.tensor(p0, dtype=F64)
     s = tx.init(p)
+    radius = None
     for want in REF["lm"][f"{problem}/{case}"]:
         u, s = tx.update(None, s, p)
         p = p + u
+        if radius is None and not resolved(s.predicted_reduction):
+            radius = flip_radius(fn, _hex(REF["lm"][f"{problem}/{case}"][-1]["params"]))
+        if radius is not None:
+            assert_within(p, _hex(want["params"]), radius)
+            continue
         _close(p.tolist(), want["params"])
         for field in ("damping", "nu", "radius", "gain_ratio"):
-            _close([float(getattr(s, field))], want[field])
+            _close([float(getattr(s, field))], want[field], rtol=RTOL)
         assert [int(s.attempts)] == want["attempts"]
 
 
 @pytest.mark.parametrize("problem", PROBLEMS)
 @pytest.mark.parametrize("case", LS_CASES)
 def test_least_squares_with_option_objects_gives_the_recorded_fit(problem, case):
+    """A fit whose updates are all ``resolved`` (rosen's) gives the recorded result, steps,
+    evaluations and reason. One that reaches the rounding of its solution (expfit's) takes the
+    recorded run's resolved updates and then some that rounding decides: the recorded run took
+    more updates and evaluations than the resolved ones, stopped on a tolerance test and ended
+    within ``flip_radius`` of this run."""
     fn, p0 = PROBLEMS[problem]
-    p, info = fo.least_squares(fn, torch.tensor(p0, dtype=F64), **LS_CASES[case])
+    x0 = torch.tensor(p0, dtype=F64)
+    p, info = fo.least_squares(fn, x0, **LS_CASES[case])
     want = REF["ls"][f"{problem}/{case}"]
-    _close(p.tolist(), want["params"])
-    assert (info.steps, info.reason, info.success, info.evaluations, info.path) == (
-        want["steps"], want["reason"], want["success"], want["evaluations"], want["path"])
+    assert (info.success, info.path) == (want["success"], want["path"])
+    n = next((k for k, h in enumerate(info.history) if not resolved(h["predicted_reduction"])),
+             None)
+    if n is None:
+        _close(p.tolist(), want["params"])
+        assert (info.steps, info.reason, info.evaluations) == (
+            want["steps"], want["reason"], want["evaluations"])
+        return
+    assert_within(p, _hex(want["params"]), flip_radius(fn, _hex(want["params"])))
+    assert info.reason in FLOOR_STOPS and want["reason"] in FLOOR_STOPS
+    _, head = fo.least_squares(fn, x0, max_steps=n, **LS_CASES[case])  # the resolved updates
+    assert want["steps"] > n and want["evaluations"] > head.evaluations
 
 
 @pytest.mark.parametrize("case, options", [
@@ -113,10 +149,15 @@ def test_batched_fit_with_option_objects_gives_the_recorded_fit(case, options):
 @pytest.mark.parametrize("case, options", [
     ("default", {}), ("nielsen", dict(rule=fo.Nielsen(initial_damping=1e-2)))])
 def test_parallel_fit_with_option_objects_gives_the_recorded_fit(case, options):
+    """expfit ends at the rounding of its solution (see above): within ``flip_radius`` of the
+    recorded end, on a tolerance test, one update either way (which test holds first, and
+    after which of the last updates, is rounding; as in test_least_squares_parallel)."""
     p, info = least_squares_parallel(_expfit, torch.tensor([1.0, 0.2], dtype=F64), **options)
     want = REF["parallel"][case]
-    _close(p.tolist(), want["params"])
-    assert info.steps.tolist() == want["steps"] and info.reason.tolist() == want["reason"]
+    assert_within(p, _hex(want["params"]), flip_radius(_expfit, _hex(want["params"])))
+    assert abs(int(info.steps[0]) - want["steps"][0]) <= 1
+    assert info.reasons()[0] in FLOOR_STOPS and fo.LEAST_SQUARES_REASONS[want["reason"][0]] in \
+        FLOOR_STOPS
 
 
 # --------------------------------------------------------------------------- each rule's update

@@ -64,13 +64,17 @@ def test_batched_float32_mgh10_from_start_0_fails_as_the_single_driver():
     own endpoint only by the float64 Gauss-Newton gain, which it runs for stops below
     machine precision; xtol = 1e-12 < eps_32 makes this xtol stop one. Row 0 now fails as
     'stalled' (numpy's float64 step from there predicts most of the cost away, by a move of
-    many float32 units), row 1 keeps its success at the certified minimum."""
+    many float32 units). Row 1 ends at the certified minimum with success, or short of it as
+    'stalled', as float32 rounding leads it: the cost carries ~1e-3 of rounding there (y is
+    7e3 times r), so the last steps along MGH10's flat valley are decided by rounding, and by
+    the CPU's kernels (stalled at 1.08 times the certified cost on an AMD CPU with AVX2, a
+    success where the test was written); a success anywhere else would be wrong."""
     problem = nist.load("MGH10", dtype=F32)
     fn = nist.residual_fn(problem)
     P, info = fo.least_squares(torch.func.vmap(fn), problem.starts.clone(), batched=True)
     assert info.reason[0] == STALLED and not info.success[0]
     assert info.reasons()[0].startswith("stalled")
-    assert bool(info.success[1])
+    assert bool(info.success[1]) or int(info.reason[1]) == STALLED
     _certified_or_failed(problem, info, (0, 1))
     x, y = problem.x.double().numpy(), problem.y.double().numpy()
     f, J = _mgh10_jacobian(P[0], x)
@@ -267,10 +271,16 @@ def _worker(rank, init_file, out_dir):
 
 
 def test_two_processes_give_every_rank_the_same_stall_codes():
-    """Residuals split over 2 gloo processes: the wrong-sign pair, the float32-rounded fit
-    and float32 MGH10 from start 1 (which ended with success at 22 times the certified
-    cost) fail, the zero-residual pair and the exact fit succeed, with equal codes on both
-    ranks and those of one process; the stacked triangular factor has numpy's R^T R."""
+    """Residuals split over 2 gloo processes: the wrong-sign pair and the float32-rounded fit
+    fail, the zero-residual pair and the exact fit succeed, with equal codes on both ranks and
+    those of one process; the stacked triangular factor has numpy's R^T R. float32 MGH10 from
+    start 1 (which ended with success at 22 times the certified cost) gives equal results on
+    both ranks, and with one or two processes succeeds at the certified minimum or fails as
+    'stalled': ``J^T J`` summed in another order changes its float32 steps in their leading
+    digits (MGH10's scaled Jacobian has a condition number of 3e3 at the minimum: float32
+    normal equations keep none, cond^2 eps_32 ~ 1), so where the fit ends is decided by
+    rounding (on a CPU with AVX2 two processes end at the minimum and one process stalls at
+    50 times it)."""
     with tempfile.TemporaryDirectory() as d:
         mp.start_processes(_worker, args=(os.path.join(d, "init"), d), nprocs=WORLD,
                            join=True, start_method="spawn")
@@ -278,10 +288,16 @@ def test_two_processes_give_every_rank_the_same_stall_codes():
                  for r in range(WORLD)]
     one = _run_cases(0, 1)
     want = {"wrong-sign": False, "zero-residual": True, "rounded": False, "exact": True,
-            "mgh10-float32": False}
+            "mgh10-float32": None}
     for name, ok in want.items():
         (p0, i0), (p1, i1) = ranks[0][name], ranks[1][name]
         assert torch.equal(p0, p1) and all(torch.equal(a, b) for a, b in zip(i0, i1)), name
+        if ok is None:  # decided by rounding: at the minimum, or stalled short of it
+            mgh = nist.load("MGH10", dtype=F32)
+            for info in (i0, one[name][1]):
+                assert bool(info.success[0]) or info.reason.tolist() == [STALLED], name
+                _certified_or_failed(mgh, info, (0,))
+            continue
         assert bool(i0.success[0]) == ok == bool(one[name][1].success[0]), (name, i0.reasons())
         if not ok:
             assert i0.reason.tolist() == one[name][1].reason.tolist() == [STALLED], name

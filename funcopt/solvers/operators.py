@@ -254,31 +254,49 @@ class GramOperator(LinearOperator):
 
 
 def _gram_matrix(A: Tensor) -> Tensor:
-    """``A A^T``; a large one from its blocks on and below the diagonal: ``A`` split into at
-    most 16 blocks of at least 32 rows, block ``i`` times the rows of blocks ``>= i``, and the
-    blocks above the diagonal copied from those below (exactly symmetric). With 16 blocks that
+    """``A A^T``, exactly symmetric; a large one from its blocks on and below the diagonal:
+    ``A`` split into at most 16 blocks of at least 32 rows, block ``i`` times the rows of blocks
+    ``>= i``, and the blocks above the diagonal copied from those below. With 16 blocks that
     is 17/32 of the multiplications of one matrix product (a symmetric rank-k update, which
     torch does not offer). On the CPU (one thread, float32) ``J J^T`` for ``J`` of 512 x 10^4
     took 21 ms against 47 ms as one product (33 ms with 8 blocks), and of 1024 x 3 10^4 283 ms
-    against 455 ms. The blocks cost some 150 more operations, which outweigh the work saved
+    against 455 ms. The blocks cost some 240 more operations, which outweigh the work saved
     below :data:`GRAM_BLOCK_WORK` multiply-adds (``m^2 n`` for ``A`` of ``m x n``): there,
-    and for ``A`` of at most 32 rows, it is one product."""
+    and for ``A`` of at most 32 rows, it is one product.
+
+    A matrix product ``B B^T`` need not be symmetric: a BLAS may sum entry ``(i, j)`` and entry
+    ``(j, i)`` in different orders (MKL's double precision kernels on an AMD CPU with AVX2 do,
+    from 8 rows on), so the upper triangle of the product, or of each diagonal block, is
+    replaced by its lower one (:func:`_mirror_lower_`: 4 more operations for one product; 80
+    of the blocks' 240, 0.1 ms for 16 blocks of 32 rows on one CPU thread)."""
     m = A.shape[0]
     k = max(32, -(-m // 16))
     if m <= k or m * m * A.shape[1] < GRAM_BLOCK_WORK[A.device.type == "cpu"]:
-        return A @ A.mT
+        return _mirror_lower_(A @ A.mT)
     G = A.new_empty(m, m)
     for i, (Gr, Gc) in enumerate(zip(G.split(k), G.split(k, dim=1))):
         Gc[i * k:] = A[i * k:] @ A[i * k:(i + 1) * k].mT
+        _mirror_lower_(Gc[i * k:(i + 1) * k])
         Gr[:, (i + 1) * k:] = Gc[(i + 1) * k:].mT
+    return G
+
+
+def _mirror_lower_(G: Tensor) -> Tensor:
+    """The square ``G`` (a view, or a batch of them) with its strict upper triangle set, in
+    place, to the transpose of its strict lower one. The entries on and below the diagonal
+    keep their values (a zero its sign only up to ``-0 + 0 = +0``): a product that was
+    symmetric is unchanged, and a solver that reads the lower triangle sees the same matrix."""
+    G.tril_()
+    G += G.mT.triu(1)  # ``triu`` copies before the sum: no entry is read after it is written
     return G
 
 
 GRAM_BLOCK_WORK = (2**38, 2**29)
 """Multiply-adds of ``A A^T`` (``m^2 n``) from which :func:`_gram_matrix` forms it by blocks:
 on a GPU (first number) and on the CPU (second). The extra operations of the blocks cost about
-1 ms to launch on an H100 and 0.5 ms on one CPU thread; half of ``2^38`` multiply-adds is some
-5 ms of an H100's float32 work, half of ``2^29`` some 3 ms of one CPU thread."""
+1 ms to launch on an H100 when they were 150 (some 1.5 ms for the 240 now) and 0.8 ms on one
+CPU thread; half of ``2^38`` multiply-adds is some 5 ms of an H100's float32 work, half of
+``2^29`` some 3 ms of one CPU thread."""
 
 
 class MatrixFreeOperator(LinearOperator):
