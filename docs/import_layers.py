@@ -26,6 +26,7 @@ LAYERS = {  # first component under funcopt/ -> (layer number, layer name)
     "torch_kernels": (3, "transforms"), "triton_kernels": (3, "transforms"),
     "least_squares": (5, "drivers"), "least_squares_batched": (5, "drivers"),
     "least_squares_options": (5, "drivers"), "least_squares_probe": (5, "drivers"),
+    "least_squares_stalls": (5, "drivers"),
     "least_squares_parallel": (5, "drivers"), "batch_size_loop": (5, "drivers"),
     "data": (6, "main job"),
     "optim": (6, "interop"), "optim_flat": (6, "interop"), "optim_hyperparams": (6, "interop"), "distributed": (6, "interop"), "checkpoint": (6, "interop"),

@@ -24,10 +24,7 @@ from funcopt.least_squares_batched import (
     NOT_A_MINIMUM,
     SUCCESS_CODES,
     BatchedLeastSquaresInfo,
-    StallModel,
-    judge_stalls,
     run_batched,
-    stall_candidates,
 )
 from funcopt.least_squares_options import (
     GAIN_CHECK_SIZE,
@@ -36,6 +33,7 @@ from funcopt.least_squares_options import (
     rounding_steps,
 )
 from funcopt.least_squares_probe import probe_zero_columns
+from funcopt.least_squares_stalls import StallModel, judge_stalls, stall_candidates
 from funcopt.transforms import lm_batched
 from funcopt.transforms.levenberg_marquardt import lm_options
 from funcopt.transforms.lm_damping import DampingRule, TrustRegion, resolve_scaling
@@ -155,7 +153,7 @@ def _check_maxima(residual_fn: Callable[[PyTree], Tensor], unravel: Callable, x:
 
 def _check_stalls(residual_fn: Callable[[PyTree], Tensor], unravel: Callable, x: Tensor,
                   stops: tuple[Tensor, Tensor], tols: tuple, where: tuple) -> Tensor:
-    """The batched driver's stall check (:func:`funcopt.least_squares_batched.judge_stalls`)
+    """The batched driver's stall check (:func:`funcopt.least_squares_stalls.judge_stalls`)
     on the all-reduced model at the final ``x`` ``(1, n)``; ``where = (group, jac)``,
     ``jac()`` giving the shard's ``J_k`` and ``r_k`` (formed once, shared with
     :func:`_check_maxima`). One all-reduce (float64) sums ``||J_k,j||^2``, ``J_k^T r_k``,

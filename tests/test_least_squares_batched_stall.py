@@ -12,6 +12,7 @@ from scipy.optimize import least_squares as scipy_lsq
 
 import funcopt as fo
 import funcopt.least_squares_batched as lsb
+import funcopt.least_squares_stalls as stalls
 
 F64 = torch.float64
 STALLED = len(lsb.REASONS) - 1
@@ -54,13 +55,13 @@ def test_rejected_ftol_stop_off_a_minimum_is_not_success(monkeypatch, tol, stop)
     calls that point stalled; so does the batched one now, while the neighbour in the same
     batch (exact Jacobian, a zero-residual fit) keeps its success at scipy's solution."""
     seen = []
-    check = lsb._check_stalls
+    check = stalls.check_stalls
 
     def spy(f, x, stops, *rest):
         seen.append((stops[0].tolist(), stops[1].tolist()))
         return check(f, x, stops, *rest)
 
-    monkeypatch.setattr(lsb, "_check_stalls", spy)
+    monkeypatch.setattr(stalls, "check_stalls", spy)
     k = torch.tensor([1.0, 0.0], dtype=F64)
     c = torch.tensor([1000.0, 1000.0], dtype=F64)
     P0 = torch.tensor([[50.0, 500.0], [50.0, 500.0]], dtype=F64)
@@ -117,13 +118,13 @@ def test_the_check_forms_no_jacobian_when_no_problem_stopped_that_way(monkeypatc
     problem stops on ftol after an accepted step) runs none of it and keeps its fits (equal
     to scipy's); the batch above runs it once."""
     calls = []
-    rounding = lsb._rounding
+    rounding = stalls.rounding
 
     def counted(*a):
         calls.append(1)
         return rounding(*a)
 
-    monkeypatch.setattr(lsb, "_rounding", counted)
+    monkeypatch.setattr(stalls, "rounding", counted)
     t = torch.linspace(0, 4, 30, dtype=F64)
     rng = np.random.default_rng(3)
     y = torch.tensor(np.stack([a * np.exp(-b * t.numpy()) + 0.3 + 0.01 * rng.standard_normal(30)
@@ -176,3 +177,7 @@ def test_a_success_of_the_batch_is_a_stationary_point(rows):
         r = np.array([1000 * float(P[b, 0]), float(P[b, 1]) - float(c[b])])
         if info.success[b] and np.linalg.norm(r) > 0:
             assert _gnorm(r, np.array([[1000.0, 0.0], [0.0, 1.0]])) <= 1e-6, info.reasons()[b]
+
+
+def test_the_stall_code_is_the_last_reason():
+    assert stalls.STALLED == len(lsb.REASONS) - 1 and "stall" in lsb.REASONS[-1]
