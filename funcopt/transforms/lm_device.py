@@ -237,7 +237,9 @@ class GraphedSteps:
 
         def attempt() -> None:
             loc, t, oo = out["loc"], out["trial"], out["resolved"]
-            active = loc.finite & ~lm_batched.update_over(t, oo)
+            # the first attempt is made whatever the damping (as the eager step's): a damping
+            # at max_damping (or a first one above it) is exhausted only once tried
+            active = loc.finite & ((t.attempts == 0) | ~lm_batched.update_over(t, oo))
             new = lm_batched.attempt(loc, t, ss, trial_norm, oo, active, solve=_cholesky_step)
             for a, b in zip(t, new):
                 a.copy_(b)
