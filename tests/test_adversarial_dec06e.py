@@ -75,7 +75,6 @@ def test_every_update_makes_at_least_one_attempt():
     assert t1 == t2 and int(s2.attempts) == 1 and float(s2.damping) == 1e16
 
 
-@pytest.mark.xfail(strict=True, reason="the program keeps the first call's integer leaves")
 def test_integer_leaves_of_the_params_are_read_at_every_update():
     """An integer leaf enters the residuals but is not fitted: the graphed update kept the
     value of the first call's leaf (the program's unravel put it back), so a later call with

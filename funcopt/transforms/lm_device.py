@@ -182,14 +182,15 @@ class GraphedSteps:
                              "torch.compile; build it with cuda_graph=False for those")
         x, unravel = _raveled(params, state)
         leaves, spec = tree_flatten(args)
-        tensors = [x, *state, *(t for t in leaves if isinstance(t, Tensor))]
         p_leaves, p_spec = tree_flatten(params)  # unravel's tree, shapes and dtypes
-        shapes = tuple((getattr(t, "shape", t), getattr(t, "dtype", None)) for t in p_leaves)
+        fixed = [t for t in p_leaves if not t.is_floating_point()]  # read, not fitted
+        tensors = [x, *state, *fixed, *(t for t in leaves if isinstance(t, Tensor))]
+        shapes = tuple((t.shape, t.dtype) for t in p_leaves)
         key = (p_spec, shapes, spec, tuple((t.shape, t.dtype, t.device) for t in tensors),
                tuple(_hashable(t) for t in leaves if not isinstance(t, Tensor)))
         prog = self.programs.get(key)
         if prog is None:
-            prog = self.programs[key] = self._build(unravel, leaves, spec, tensors)
+            prog = self.programs[key] = self._build((p_leaves, p_spec), leaves, spec, tensors)
         with torch.no_grad():
             for dst, src in zip(prog.inputs, tensors):
                 dst.copy_(src)
@@ -203,13 +204,18 @@ class GraphedSteps:
             step, *new = (t.clone() for t in prog.out["result"])
         return step, LevenbergMarquardtState(*new), unravel
 
-    def _build(self, unravel, leaves, spec, tensors) -> _Program:
-        """The pieces on copies of ``tensors``, run once, then captured on a CUDA device."""
+    def _build(self, params, leaves, spec, tensors) -> _Program:
+        """The pieces on copies of ``tensors``, run once, then captured on a CUDA device.
+        ``params``: the leaves and tree of the parameters, whose integer leaves (which
+        ``unravel`` puts back) are read from the copies, so each call's values count."""
         o, residual_fn = self.o, self.residual_fn
         inputs = [t.detach().clone() for t in tensors]
         k = len(LevenbergMarquardtState._fields)
         sx, ss = inputs[0], LevenbergMarquardtState(*(t[None] for t in inputs[1:1 + k]))
         batch = iter(inputs[1 + k:])
+        p_leaves, p_spec = params
+        _, unravel = ravel_params(p_spec.unflatten(
+            [t if t.is_floating_point() else next(batch) for t in p_leaves]))
         args = spec.unflatten([next(batch) if isinstance(t, Tensor) else t for t in leaves])
         f = residual_vector_fn(residual_fn, unravel, *args)
         out: dict[str, Any] = {}
