@@ -90,7 +90,6 @@ def test_integer_leaves_of_the_params_are_read_at_every_update():
         assert out[0] == pytest.approx(3.0, rel=1e-2) and out[1] == pytest.approx(1.0, rel=1e-2)
 
 
-@pytest.mark.xfail(strict=True, reason="torch's Cholesky error for 16-bit numbers")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_16_bit_params_are_a_clear_error(dtype):
     """torch has no Cholesky for 16-bit numbers (CPU or CUDA): it said

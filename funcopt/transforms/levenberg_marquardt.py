@@ -248,7 +248,8 @@ def levenberg_marquardt(
             shape of (params, batch) and replayed; one host read per attempt remains. For
             small networks whose eager step is the host's cost of dispatching a few hundred
             operations. Cholesky of the damped Gram matrix (primal or dual by ``form``) with
-            :class:`Nielsen` or :class:`Classic`; a failed factorization is a rejected attempt.
+            :class:`Nielsen` or :class:`Classic`; a failed factorization is a rejected attempt;
+            float32 or float64 parameters (torch has no 16-bit Cholesky).
             ``residual_fn`` must be capturable (no host reads, no new shapes; a Python number
             it reads is fixed at capture). On a CPU the same two pieces run eagerly. See
             :mod:`funcopt.transforms.lm_device`.

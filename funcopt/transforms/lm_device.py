@@ -181,6 +181,10 @@ class GraphedSteps:
                              "work and cannot run under torch.func transforms or "
                              "torch.compile; build it with cuda_graph=False for those")
         x, unravel = _raveled(params, state)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            raise TypeError(f"levenberg_marquardt(cuda_graph=True) solves by Cholesky, which "
+                            f"torch lacks for {x.dtype} parameters: pass float32 parameters, or "
+                            "build it with cuda_graph=False")
         leaves, spec = tree_flatten(args)
         p_leaves, p_spec = tree_flatten(params)  # unravel's tree, shapes and dtypes
         fixed = [t for t in p_leaves if not t.is_floating_point()]  # read, not fitted
