@@ -129,7 +129,6 @@ def test_bad_form_jacobian_mode_and_chunk_size_are_refused(kw, word, graphed):
     assert word in str(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason="programs hold inference tensors")
 def test_a_first_update_under_inference_mode_does_not_break_later_ones():
     """The program built under torch.inference_mode() held inference tensors, which a later
     update outside it cannot copy into (RuntimeError); the eager update has no such state."""

@@ -190,8 +190,11 @@ class GraphedSteps:
         fixed = [t for t in p_leaves if not t.is_floating_point()]  # read, not fitted
         tensors = [x, *state, *fixed, *(t for t in leaves if isinstance(t, Tensor))]
         shapes = tuple((t.shape, t.dtype) for t in p_leaves)
+        # a program made under torch.inference_mode holds inference tensors, which cannot be
+        # copied into outside it: one program per mode
         key = (p_spec, shapes, spec, tuple((t.shape, t.dtype, t.device) for t in tensors),
-               tuple(_hashable(t) for t in leaves if not isinstance(t, Tensor)))
+               tuple(_hashable(t) for t in leaves if not isinstance(t, Tensor)),
+               torch.is_inference_mode_enabled())
         prog = self.programs.get(key)
         if prog is None:
             prog = self.programs[key] = self._build((p_leaves, p_spec), leaves, spec, tensors)
