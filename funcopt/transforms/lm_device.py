@@ -33,6 +33,7 @@ by a fallback; here the attempt is rejected and the damping raised).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -52,9 +53,12 @@ from funcopt.transforms.levenberg_marquardt import LevenbergMarquardtState, LMOp
 from funcopt.transforms.lm_damping import TrustRegion, resolve_scaling
 from funcopt.transforms.lm_model import _evaluate, _require_dtype, _require_finite_residuals
 
-__all__ = ["traced_step", "check_graph_options", "GraphedSteps"]
+__all__ = ["traced_step", "check_graph_options", "GraphedSteps", "MANY_PROGRAMS"]
 
 Tensor = torch.Tensor
+# programs past which GraphedSteps warns (once): more are a number or shape that changes with
+# every call, and the cache, which keeps them all, grows by a copy of the batch each update
+MANY_PROGRAMS = 16
 
 
 def traced_step(residual_fn, params, args, state: LevenbergMarquardtState, o: LMOptions):
@@ -198,6 +202,13 @@ class GraphedSteps:
         prog = self.programs.get(key)
         if prog is None:
             prog = self.programs[key] = self._build((p_leaves, p_spec), leaves, spec, tensors)
+            if len(self.programs) == MANY_PROGRAMS:
+                warnings.warn(
+                    f"levenberg_marquardt(cuda_graph=True) has built {MANY_PROGRAMS} programs, "
+                    "one per params tree, batch shape and value of a number in the batch, each "
+                    "holding copies of the batch (and on CUDA two captured graphs): pass "
+                    "numbers that change as tensors in the batch, and batches of a few shapes",
+                    stacklevel=3)
         with torch.no_grad():
             for dst, src in zip(prog.inputs, tensors):
                 dst.copy_(src)
