@@ -113,7 +113,6 @@ def test_a_state_of_another_dtype_is_a_clear_error(graphed):
         tx.update(None, state, p32)
 
 
-@pytest.mark.xfail(strict=True, reason="lm_options does not check them")
 @pytest.mark.parametrize("kw, word", [
     ({"form": "Dual"}, "form='Dual'"), ({"form": "bogus"}, "form='bogus'"),
     ({"jacobian_mode": "rev"}, "jacobian_mode='rev'"),

@@ -165,6 +165,15 @@ def lm_options(
     check_hyperparameter("accept_ratio", accept_ratio, low=0.0, high=1.0, high_inclusive=False)
     if scaling is not None and not isinstance(scaling, bool):
         raise TypeError(f"scaling={scaling!r}: pass True, False or None (automatic)")
+    # unchecked, a misspelt form ran the primal one and a bad chunk_size failed in torch.cat
+    for name, value, allowed in (("form", form, ("auto", "primal", "dual")),
+                                 ("jacobian_mode", jacobian_mode, ("auto", "forward", "reverse"))):
+        if value not in allowed:
+            raise ValueError(f"{name}={value!r}: pass one of {', '.join(map(repr, allowed))}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r}: pass a positive int (Jacobian rows per "
+                         "batch) or None (chosen from the free memory)")
     matrix_free = _is_matrix_free(solver)
     if scaling is None and (matrix_free or getattr(solver, "row_block", None) is not None):
         scaling = not matrix_free  # the row-block path keeps MINPACK's scaling
