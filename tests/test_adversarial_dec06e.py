@@ -101,7 +101,6 @@ def test_16_bit_params_are_a_clear_error(dtype):
     assert str(dtype) in str(e.value) and "float32" in str(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason="a RuntimeError from deep inside")
 @pytest.mark.parametrize("graphed", [False, True])
 def test_a_state_of_another_dtype_is_a_clear_error(graphed):
     """init on float64 params, update on float32 ones: a RuntimeError from deep inside

@@ -51,7 +51,12 @@ from funcopt.func.jacobian import (
 from funcopt.transforms import lm_batched
 from funcopt.transforms.levenberg_marquardt import LevenbergMarquardtState, LMOptions
 from funcopt.transforms.lm_damping import TrustRegion, resolve_scaling
-from funcopt.transforms.lm_model import _evaluate, _require_dtype, _require_finite_residuals
+from funcopt.transforms.lm_model import (
+    _evaluate,
+    _require_dtype,
+    _require_finite_residuals,
+    check_state,
+)
 
 __all__ = ["traced_step", "check_graph_options", "GraphedSteps", "MANY_PROGRAMS"]
 
@@ -85,12 +90,9 @@ def traced_step(residual_fn, params, args, state: LevenbergMarquardtState, o: LM
 
 
 def _raveled(params: Any, state: LevenbergMarquardtState) -> tuple[Tensor, Callable]:
-    """``ravel_params(params)``, checked against the state's number of parameters."""
+    """``ravel_params(params)``, checked against the state's number of parameters and dtype."""
     x, unravel = ravel_params(params)
-    if state.scale.shape != x.shape:
-        raise ValueError(
-            f"state holds {state.scale.numel()} parameters but params have {x.numel()}; "
-            "pass the state made by init for these params")
+    check_state(state.scale, x)
     return x, unravel
 
 
