@@ -158,7 +158,6 @@ def test_a_batch_constant_that_changes_every_call_warns():
             tx.update(None, state, p, batch=(T, float(i)))
 
 
-@pytest.mark.xfail(strict=True, reason="partials and callable objects are named alone")
 def test_an_edited_partial_or_callable_builder_is_other_code():
     """resume's code digests named a ``functools.partial`` "partial" and a callable object
     by its class alone: a plugin registering ``partial(build, beta=...)`` and then editing

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import copy
 import datetime
+import functools
 import hashlib
 import inspect
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -86,14 +88,23 @@ def code_digests(problems: list[str], optimizers: list[str]) -> dict[str, str]:
     return out
 
 
-def _defined(f: Callable) -> str:
-    """A function's name and a digest of the file that defines it (the name alone if none)."""
-    name = getattr(f, "__qualname__", type(f).__qualname__)
+def _defined(f: Any) -> str:
+    """A function's name and a digest of the file that defines it (the name alone if none).
+    A ``functools.partial`` is its function and its bound arguments, a callable object its
+    class: named alone ("partial", the class), an edit of either went unseen."""
+    bound = ""
+    while isinstance(f, functools.partial):
+        # repr, without the addresses that differ between processes
+        bound += re.sub(r" at 0x[0-9a-fA-F]+", "", f" {f.args!r} {f.keywords!r}")
+        f = f.func
+    if not (inspect.isroutine(f) or inspect.isclass(f)):
+        f = type(f)
+    name: str = getattr(f, "__qualname__", type(f).__qualname__)
     try:
         source = Path(inspect.getsourcefile(f) or "")
-        return f"{name} {hashlib.sha256(source.read_bytes()).hexdigest()[:16]}"
-    except (TypeError, OSError):  # a builtin, a partial, a function typed in at a prompt
-        return name
+        return f"{name} {hashlib.sha256(source.read_bytes()).hexdigest()[:16]}{bound}"
+    except (TypeError, OSError):  # a builtin, a function typed in at a prompt
+        return name + bound
 
 
 class SavedRuns:
