@@ -17,6 +17,7 @@ from torch.func import functional_call
 
 import funcopt as fo
 from funcopt.bench import resume
+from funcopt.bench.__main__ import _parser, _settings
 from funcopt.bench.optimizers import OPTIMIZERS
 
 F64 = torch.float64
@@ -176,17 +177,23 @@ def test_an_edited_partial_or_callable_builder_is_other_code():
     assert len(digest.split()) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="no lock on --out")
 def test_a_second_command_on_the_same_out_is_refused(tmp_path):
     """Two commands saving runs into one --out overwrite each other's runs.json (each keeps
     only its own list), so a cut-off pair loses runs; the second is refused while the first
     holds the folder, and may go once it is done."""
-    settings = {"problems": ["digits-logreg"], "optimizers": ["adamw"]}
-    first = resume.SavedRuns(tmp_path / "rep", settings, resume=True)
-    with pytest.raises(ValueError, match="another command"):
-        resume.SavedRuns(tmp_path / "rep", settings, resume=True)
+    args = _parser().parse_args(ARGS)
+    args.command = "python -m funcopt.bench ..."
+    settings = _settings(args, ["digits-logreg"], ["sgd-momentum", "adamw"], torch.device("cpu"))
+    out = tmp_path / "rep"
+    first = resume.SavedRuns(out, settings, resume=True)
+    for again in (True, False):  # neither --resume nor --force (which deletes runs.json)
+        with pytest.raises(ValueError, match="another command"):
+            resume.SavedRuns(out, settings, resume=again)
+    msg = _error([*ARGS, "--out", str(out), "--resume"])
+    assert msg.startswith(f"error: --out {out}: another command")
     first.close()
-    resume.SavedRuns(tmp_path / "rep", settings, resume=True).close()
+    assert not out.exists()  # made for the lock, left empty: removed
+    resume.SavedRuns(out, settings, resume=True).close()
 
 
 # --------------------------------------------------------------------- guards

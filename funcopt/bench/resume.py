@@ -19,7 +19,8 @@ where and when they ran (their timings were measured there). A saved run counts 
 settings that made it: those :func:`~funcopt.bench.report.differing` compares for ``--merge``,
 the same ``--steps``, problems and optimizers, and the same code (funcopt's source, and the file
 defining each problem and optimizer, so an edited plugin is another problem); anything else
-refuses ``--resume``.
+refuses ``--resume``. A second command into the same folder is refused while the first runs
+(a lock on the folder): the two would rewrite runs.json each with its own runs.
 """
 
 from __future__ import annotations
@@ -127,10 +128,26 @@ class SavedRuns:
         self.earlier: dict[tuple, dict] = {}  # (problem, optimizer, seed, lr) -> saved entry
         self.taken: list[dict] = []
         self.unsaved = False
-        if resume and self.path.exists():
-            self._load()
-        elif self.path.exists():  # --force without --resume: start over
-            self.path.unlink()
+        self.lock = _hold(self.path.parent)
+        try:
+            if resume and self.path.exists():
+                self._load()
+            elif self.path.exists():  # --force without --resume: start over
+                self.path.unlink()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Let --out go (for the next command), and remove it if this command left it empty
+        (it made it to hold the lock)."""
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+            try:
+                self.path.parent.rmdir()
+            except OSError:  # not empty (or gone): as it is
+                pass
 
     def __call__(self, problem: str, optimizer: str, seed: int, lr: float | None,
                  run: Callable[[], Result]) -> Result:
@@ -226,6 +243,30 @@ class SavedRuns:
                             "total_s": sum(e["s"] for e in mine), "runs": len(mine),
                             "which": _which([e["result"] for e in mine])})
         return out
+
+
+class InUse(ValueError):
+    """--out is held by another command that saves its runs there."""
+
+
+def _hold(out: Path) -> int | None:
+    """An exclusive lock on the folder ``out`` (made if new), held while the descriptor it
+    returns is open: two commands saving runs into one folder each rewrite runs.json with
+    their own runs, so a pair cut off loses one's, and a --force one deletes the other's.
+    None where the system has no ``flock`` (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise InUse(f"{out}: another command is running into it (saving its runs there); let "
+                    "it finish, or give this one another --out") from None
+    return fd
 
 
 def _which(results: list[dict]) -> str:
