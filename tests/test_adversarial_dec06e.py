@@ -68,6 +68,18 @@ def test_a_damping_at_its_maximum_still_makes_an_attempt():
     _close(p1, p2, 1e-7)
 
 
+def test_a_damping_beyond_the_dtype_raises_as_the_eager_update():
+    """Residuals of scale 1e160 with ``scaling=False``: ``lambda_0 = 1e-3 max diag(J^T J)``
+    overflows. The eager update raises, naming scaling=True; the graphed one went on with
+    the damping clipped to max_damping, which is ~0 next to ``J^T J`` (~1e320): a Gauss-Newton
+    step rejected at every update, params unchanged, without a word."""
+    for graphed in (False, True):
+        tx = fo.levenberg_marquardt(functools.partial(_curve, scale=1e160), scaling=False,
+                                    cuda_graph=graphed)
+        with pytest.raises(ValueError, match="damping lambda = inf .* pass scaling=True"):
+            tx.update(None, tx.init(P0), P0)
+
+
 def test_every_update_makes_at_least_one_attempt():
     """Once the damping sits at ``max_damping`` (zero residuals: every attempt is rejected),
     each update still makes one attempt, as the eager one does (its state says 1)."""

@@ -33,6 +33,7 @@ by a fallback; here the attempt is rejected and the damping raised).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -49,7 +50,11 @@ from funcopt.func.jacobian import (
     residual_vector_fn,
 )
 from funcopt.transforms import lm_batched
-from funcopt.transforms.levenberg_marquardt import LevenbergMarquardtState, LMOptions
+from funcopt.transforms.levenberg_marquardt import (
+    LevenbergMarquardtState,
+    LMOptions,
+    _require_finite_damping,
+)
 from funcopt.transforms.lm_damping import TrustRegion, resolve_scaling
 from funcopt.transforms.lm_model import (
     _evaluate,
@@ -158,10 +163,11 @@ def _cholesky_step(loc: CholeskyLocal, mu: Tensor) -> tuple[Tensor, Tensor, Tens
 
 
 class _Program(NamedTuple):
-    """The two pieces of one shape: ``inputs`` (x, the state's tensors, the batch's tensors)
-    that a call copies into, the pieces (replays of their graphs on CUDA) and ``out``, where
-    *attempt* leaves ``flags`` (the update is over, the model is finite) and ``result`` (the
-    step, then the new state's fields)."""
+    """The two pieces of one shape: ``inputs`` (x, the state's tensors, the params' integer
+    leaves, the batch's tensors) that a call copies into, the pieces (replays of their graphs
+    on CUDA) and ``out``, where *attempt* leaves ``flags`` (the update is over, the model is
+    finite, the attempt's damping is finite) and ``result`` (the step, then the new state's
+    fields)."""
 
     inputs: list[Tensor]
     linearize: Callable[[], None]
@@ -217,8 +223,10 @@ class GraphedSteps:
             prog.linearize()
             for _ in range(self.o.max_attempts):
                 prog.attempt()
-                over, finite = prog.out["flags"].tolist()  # host sync: one per attempt
+                over, finite, damped = prog.out["flags"].tolist()  # host sync: one per attempt
                 _require_finite_residuals(finite)
+                if not damped:  # lambda_0 = tau max diag(J^T J) overflowed (scaling=False)
+                    _require_finite_damping(math.inf, x.dtype, prog.out["resolved"].scaling)
                 if over:
                     break
             step, *new = (t.clone() for t in prog.out["result"])
@@ -267,11 +275,12 @@ class GraphedSteps:
             # at max_damping (or a first one above it) is exhausted only once tried
             active = loc.finite & ((t.attempts == 0) | ~lm_batched.update_over(t, oo))
             new = lm_batched.attempt(loc, t, ss, trial_norm, oo, active, solve=_cholesky_step)
+            damped = torch.isfinite(t.lam[0])  # the attempt's damping (the eager step's check)
             for a, b in zip(t, new):
                 a.copy_(b)
             over = ~loc.finite | lm_batched.update_over(new, oo)
             step, state = lm_batched.finish(loc, ss, new)
-            out.update(flags=torch.stack([over[0], loc.finite[0]]),
+            out.update(flags=torch.stack([over[0], loc.finite[0], damped]),
                        result=[step[0], *(s[0] for s in state)])
 
         with torch.no_grad():
