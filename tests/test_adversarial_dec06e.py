@@ -338,3 +338,24 @@ def test_a_resume_under_other_threads_is_refused_and_taken_runs_are_named(tmp_pa
     assert [r["runs"] for r in meta["resumed"]] == [2]
     header = (out / "report.md").read_text().split("## Results")[0]
     assert "2 of the runs" in header and "measured there" in header
+
+
+def test_runs_json_that_cannot_be_written_stops_the_saving_not_the_runs(tmp_path, monkeypatch,
+                                                                        capsys):
+    """A full disk (or a read-only file) at the second save: one warning, every run made, the
+    report written; the runs saved before stay for --resume until the report replaces them."""
+    real, calls = resume.os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) >= 2:
+            raise OSError(28, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(resume.os, "fsync", fsync)
+    out = tmp_path / "rep"
+    rc, runs = _main(monkeypatch, [*ARGS, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0 and len(runs.calls) >= 8 and len(calls) == 2
+    assert err.count("cannot be saved") == 1 and "No space left" in err
+    assert (out / "report.md").is_file() and not (out / "runs.json").exists()
