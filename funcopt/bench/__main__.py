@@ -31,7 +31,8 @@ setting, when the saved runs were made under other settings or code: those ``--m
 compares, ``--steps``, problems and optimizers, funcopt's source, and the file of each problem
 and optimizer (an edited plugin). With no saved runs in ``--out`` it runs everything, so one
 command line serves the first try and every retry; without it, a folder holding saved runs is
-refused (``--force`` deletes them and starts over). A piece longer than one time limit::
+refused (``--force`` deletes them and starts over); so is a second command into an ``--out``
+that a running one saves its runs in. A piece longer than one time limit::
 
     python -m funcopt.bench --suite full --device cuda --problems char-transformer-large \\
         --optimizers soap --out piece3 --resume    # again, until it writes piece3/report.md
@@ -268,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+        if saved is not None:
+            saved.close()
 
 
 def _settings(args, problems: list[str], optimizers: list[str], device: torch.device) -> dict:
@@ -285,10 +288,12 @@ def _settings(args, problems: list[str], optimizers: list[str], device: torch.de
 def _saved(args, settings: dict):
     """The runs this command saves in --out as they finish, with those an earlier, cut-off run
     of it saved there when --resume (refused, one line, when made under other settings)."""
-    from funcopt.bench.resume import SavedRuns
+    from funcopt.bench.resume import InUse, SavedRuns
 
     try:
         saved = SavedRuns(Path(args.out), settings, resume=args.resume)
+    except InUse as e:
+        raise _fail(f"--out {e}") from None
     except ValueError as e:
         raise _fail(f"--resume: {e}") from None
     if args.resume and saved.earlier:

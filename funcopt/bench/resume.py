@@ -19,17 +19,20 @@ where and when they ran (their timings were measured there). A saved run counts 
 settings that made it: those :func:`~funcopt.bench.report.differing` compares for ``--merge``,
 the same ``--steps``, problems and optimizers, and the same code (funcopt's source, and the file
 defining each problem and optimizer, so an edited plugin is another problem); anything else
-refuses ``--resume``.
+refuses ``--resume``. A second command into the same folder is refused while the first runs
+(a lock on the folder): the two would rewrite runs.json each with its own runs.
 """
 
 from __future__ import annotations
 
 import copy
 import datetime
+import functools
 import hashlib
 import inspect
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -86,14 +89,23 @@ def code_digests(problems: list[str], optimizers: list[str]) -> dict[str, str]:
     return out
 
 
-def _defined(f: Callable) -> str:
-    """A function's name and a digest of the file that defines it (the name alone if none)."""
-    name = getattr(f, "__qualname__", type(f).__qualname__)
+def _defined(f: Any) -> str:
+    """A function's name and a digest of the file that defines it (the name alone if none).
+    A ``functools.partial`` is its function and its bound arguments, a callable object its
+    class: named alone ("partial", the class), an edit of either went unseen."""
+    bound = ""
+    while isinstance(f, functools.partial):
+        # repr, without the addresses that differ between processes
+        bound += re.sub(r" at 0x[0-9a-fA-F]+", "", f" {f.args!r} {f.keywords!r}")
+        f = f.func
+    if not (inspect.isroutine(f) or inspect.isclass(f)):
+        f = type(f)
+    name: str = getattr(f, "__qualname__", type(f).__qualname__)
     try:
         source = Path(inspect.getsourcefile(f) or "")
-        return f"{name} {hashlib.sha256(source.read_bytes()).hexdigest()[:16]}"
-    except (TypeError, OSError):  # a builtin, a partial, a function typed in at a prompt
-        return name
+        return f"{name} {hashlib.sha256(source.read_bytes()).hexdigest()[:16]}{bound}"
+    except (TypeError, OSError):  # a builtin, a function typed in at a prompt
+        return name + bound
 
 
 class SavedRuns:
@@ -116,10 +128,26 @@ class SavedRuns:
         self.earlier: dict[tuple, dict] = {}  # (problem, optimizer, seed, lr) -> saved entry
         self.taken: list[dict] = []
         self.unsaved = False
-        if resume and self.path.exists():
-            self._load()
-        elif self.path.exists():  # --force without --resume: start over
-            self.path.unlink()
+        self.lock = _hold(self.path.parent)
+        try:
+            if resume and self.path.exists():
+                self._load()
+            elif self.path.exists():  # --force without --resume: start over
+                self.path.unlink()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Let --out go (for the next command), and remove it if this command left it empty
+        (it made it to hold the lock)."""
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+            try:
+                self.path.parent.rmdir()
+            except OSError:  # not empty (or gone): as it is
+                pass
 
     def __call__(self, problem: str, optimizer: str, seed: int, lr: float | None,
                  run: Callable[[], Result]) -> Result:
@@ -215,6 +243,30 @@ class SavedRuns:
                             "total_s": sum(e["s"] for e in mine), "runs": len(mine),
                             "which": _which([e["result"] for e in mine])})
         return out
+
+
+class InUse(ValueError):
+    """--out is held by another command that saves its runs there."""
+
+
+def _hold(out: Path) -> int | None:
+    """An exclusive lock on the folder ``out`` (made if new), held while the descriptor it
+    returns is open: two commands saving runs into one folder each rewrite runs.json with
+    their own runs, so a pair cut off loses one's, and a --force one deletes the other's.
+    None where the system has no ``flock`` (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise InUse(f"{out}: another command is running into it (saving its runs there); let "
+                    "it finish, or give this one another --out") from None
+    return fd
 
 
 def _which(results: list[dict]) -> str:

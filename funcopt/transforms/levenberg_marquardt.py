@@ -165,6 +165,15 @@ def lm_options(
     check_hyperparameter("accept_ratio", accept_ratio, low=0.0, high=1.0, high_inclusive=False)
     if scaling is not None and not isinstance(scaling, bool):
         raise TypeError(f"scaling={scaling!r}: pass True, False or None (automatic)")
+    # unchecked, a misspelt form ran the primal one and a bad chunk_size failed in torch.cat
+    for name, value, allowed in (("form", form, ("auto", "primal", "dual")),
+                                 ("jacobian_mode", jacobian_mode, ("auto", "forward", "reverse"))):
+        if value not in allowed:
+            raise ValueError(f"{name}={value!r}: pass one of {', '.join(map(repr, allowed))}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r}: pass a positive int (Jacobian rows per "
+                         "batch) or None (chosen from the free memory)")
     matrix_free = _is_matrix_free(solver)
     if scaling is None and (matrix_free or getattr(solver, "row_block", None) is not None):
         scaling = not matrix_free  # the row-block path keeps MINPACK's scaling
@@ -248,7 +257,8 @@ def levenberg_marquardt(
             shape of (params, batch) and replayed; one host read per attempt remains. For
             small networks whose eager step is the host's cost of dispatching a few hundred
             operations. Cholesky of the damped Gram matrix (primal or dual by ``form``) with
-            :class:`Nielsen` or :class:`Classic`; a failed factorization is a rejected attempt.
+            :class:`Nielsen` or :class:`Classic`; a failed factorization is a rejected attempt;
+            float32 or float64 parameters (torch has no 16-bit Cholesky).
             ``residual_fn`` must be capturable (no host reads, no new shapes; a Python number
             it reads is fixed at capture). On a CPU the same two pieces run eagerly. See
             :mod:`funcopt.transforms.lm_device`.

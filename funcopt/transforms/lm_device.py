@@ -33,6 +33,8 @@ by a fallback; here the attempt is rejected and the damping raised).
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -48,13 +50,25 @@ from funcopt.func.jacobian import (
     residual_vector_fn,
 )
 from funcopt.transforms import lm_batched
-from funcopt.transforms.levenberg_marquardt import LevenbergMarquardtState, LMOptions
+from funcopt.transforms.levenberg_marquardt import (
+    LevenbergMarquardtState,
+    LMOptions,
+    _require_finite_damping,
+)
 from funcopt.transforms.lm_damping import TrustRegion, resolve_scaling
-from funcopt.transforms.lm_model import _evaluate, _require_dtype, _require_finite_residuals
+from funcopt.transforms.lm_model import (
+    _evaluate,
+    _require_dtype,
+    _require_finite_residuals,
+    check_state,
+)
 
-__all__ = ["traced_step", "check_graph_options", "GraphedSteps"]
+__all__ = ["traced_step", "check_graph_options", "GraphedSteps", "MANY_PROGRAMS"]
 
 Tensor = torch.Tensor
+# programs past which GraphedSteps warns (once): more are a number or shape that changes with
+# every call, and the cache, which keeps them all, grows by a copy of the batch each update
+MANY_PROGRAMS = 16
 
 
 def traced_step(residual_fn, params, args, state: LevenbergMarquardtState, o: LMOptions):
@@ -81,12 +95,9 @@ def traced_step(residual_fn, params, args, state: LevenbergMarquardtState, o: LM
 
 
 def _raveled(params: Any, state: LevenbergMarquardtState) -> tuple[Tensor, Callable]:
-    """``ravel_params(params)``, checked against the state's number of parameters."""
+    """``ravel_params(params)``, checked against the state's number of parameters and dtype."""
     x, unravel = ravel_params(params)
-    if state.scale.shape != x.shape:
-        raise ValueError(
-            f"state holds {state.scale.numel()} parameters but params have {x.numel()}; "
-            "pass the state made by init for these params")
+    check_state(state.scale, x)
     return x, unravel
 
 
@@ -152,10 +163,11 @@ def _cholesky_step(loc: CholeskyLocal, mu: Tensor) -> tuple[Tensor, Tensor, Tens
 
 
 class _Program(NamedTuple):
-    """The two pieces of one shape: ``inputs`` (x, the state's tensors, the batch's tensors)
-    that a call copies into, the pieces (replays of their graphs on CUDA) and ``out``, where
-    *attempt* leaves ``flags`` (the update is over, the model is finite) and ``result`` (the
-    step, then the new state's fields)."""
+    """The two pieces of one shape: ``inputs`` (x, the state's tensors, the params' integer
+    leaves, the batch's tensors) that a call copies into, the pieces (replays of their graphs
+    on CUDA) and ``out``, where *attempt* leaves ``flags`` (the update is over, the model is
+    finite, the attempt's damping is finite) and ``result`` (the step, then the new state's
+    fields)."""
 
     inputs: list[Tensor]
     linearize: Callable[[], None]
@@ -181,35 +193,57 @@ class GraphedSteps:
                              "work and cannot run under torch.func transforms or "
                              "torch.compile; build it with cuda_graph=False for those")
         x, unravel = _raveled(params, state)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            raise TypeError(f"levenberg_marquardt(cuda_graph=True) solves by Cholesky, which "
+                            f"torch lacks for {x.dtype} parameters: pass float32 parameters, or "
+                            "build it with cuda_graph=False")
         leaves, spec = tree_flatten(args)
-        tensors = [x, *state, *(t for t in leaves if isinstance(t, Tensor))]
         p_leaves, p_spec = tree_flatten(params)  # unravel's tree, shapes and dtypes
-        shapes = tuple((getattr(t, "shape", t), getattr(t, "dtype", None)) for t in p_leaves)
+        fixed = [t for t in p_leaves if not t.is_floating_point()]  # read, not fitted
+        tensors = [x, *state, *fixed, *(t for t in leaves if isinstance(t, Tensor))]
+        shapes = tuple((t.shape, t.dtype) for t in p_leaves)
+        # a program made under torch.inference_mode holds inference tensors, which cannot be
+        # copied into outside it: one program per mode
         key = (p_spec, shapes, spec, tuple((t.shape, t.dtype, t.device) for t in tensors),
-               tuple(_hashable(t) for t in leaves if not isinstance(t, Tensor)))
+               tuple(_hashable(t) for t in leaves if not isinstance(t, Tensor)),
+               torch.is_inference_mode_enabled())
         prog = self.programs.get(key)
         if prog is None:
-            prog = self.programs[key] = self._build(unravel, leaves, spec, tensors)
+            prog = self.programs[key] = self._build((p_leaves, p_spec), leaves, spec, tensors)
+            if len(self.programs) == MANY_PROGRAMS:
+                warnings.warn(
+                    f"levenberg_marquardt(cuda_graph=True) has built {MANY_PROGRAMS} programs, "
+                    "one per params tree, batch shape and value of a number in the batch, each "
+                    "holding copies of the batch (and on CUDA two captured graphs): pass "
+                    "numbers that change as tensors in the batch, and batches of a few shapes",
+                    stacklevel=3)
         with torch.no_grad():
             for dst, src in zip(prog.inputs, tensors):
                 dst.copy_(src)
             prog.linearize()
             for _ in range(self.o.max_attempts):
                 prog.attempt()
-                over, finite = prog.out["flags"].tolist()  # host sync: one per attempt
+                over, finite, damped = prog.out["flags"].tolist()  # host sync: one per attempt
                 _require_finite_residuals(finite)
+                if not damped:  # lambda_0 = tau max diag(J^T J) overflowed (scaling=False)
+                    _require_finite_damping(math.inf, x.dtype, prog.out["resolved"].scaling)
                 if over:
                     break
             step, *new = (t.clone() for t in prog.out["result"])
         return step, LevenbergMarquardtState(*new), unravel
 
-    def _build(self, unravel, leaves, spec, tensors) -> _Program:
-        """The pieces on copies of ``tensors``, run once, then captured on a CUDA device."""
+    def _build(self, params, leaves, spec, tensors) -> _Program:
+        """The pieces on copies of ``tensors``, run once, then captured on a CUDA device.
+        ``params``: the leaves and tree of the parameters, whose integer leaves (which
+        ``unravel`` puts back) are read from the copies, so each call's values count."""
         o, residual_fn = self.o, self.residual_fn
         inputs = [t.detach().clone() for t in tensors]
         k = len(LevenbergMarquardtState._fields)
         sx, ss = inputs[0], LevenbergMarquardtState(*(t[None] for t in inputs[1:1 + k]))
         batch = iter(inputs[1 + k:])
+        p_leaves, p_spec = params
+        _, unravel = ravel_params(p_spec.unflatten(
+            [t if t.is_floating_point() else next(batch) for t in p_leaves]))
         args = spec.unflatten([next(batch) if isinstance(t, Tensor) else t for t in leaves])
         f = residual_vector_fn(residual_fn, unravel, *args)
         out: dict[str, Any] = {}
@@ -237,13 +271,16 @@ class GraphedSteps:
 
         def attempt() -> None:
             loc, t, oo = out["loc"], out["trial"], out["resolved"]
-            active = loc.finite & ~lm_batched.update_over(t, oo)
+            # the first attempt is made whatever the damping (as the eager step's): a damping
+            # at max_damping (or a first one above it) is exhausted only once tried
+            active = loc.finite & ((t.attempts == 0) | ~lm_batched.update_over(t, oo))
             new = lm_batched.attempt(loc, t, ss, trial_norm, oo, active, solve=_cholesky_step)
+            damped = torch.isfinite(t.lam[0])  # the attempt's damping (the eager step's check)
             for a, b in zip(t, new):
                 a.copy_(b)
             over = ~loc.finite | lm_batched.update_over(new, oo)
             step, state = lm_batched.finish(loc, ss, new)
-            out.update(flags=torch.stack([over[0], loc.finite[0]]),
+            out.update(flags=torch.stack([over[0], loc.finite[0], damped]),
                        result=[step[0], *(s[0] for s in state)])
 
         with torch.no_grad():

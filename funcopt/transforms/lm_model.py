@@ -176,6 +176,20 @@ def running_scale(scale: Tensor, col: Tensor, first: Tensor) -> tuple[Tensor, Te
     return torch.where(kept > 0, kept, 1.0), kept
 
 
+def check_state(scale: Tensor, x: Tensor) -> None:
+    """ValueError unless the state's ``scale`` (one number per parameter) fits the raveled
+    params ``x`` in number and dtype: a state of another dtype failed deep inside the step
+    (a RuntimeError of mixed dtypes) or, where they promote, gave a state of another dtype."""
+    if scale.shape != x.shape:
+        raise ValueError(
+            f"state holds {scale.numel()} parameters but params have {x.numel()}; "
+            "pass the state made by init for these params")
+    if scale.dtype != x.dtype:
+        raise ValueError(
+            f"levenberg_marquardt got a {scale.dtype} state for {x.dtype} params; pass the "
+            "state made by init for these params (or cast the state's floating-point tensors)")
+
+
 def _require_finite_residuals(ok: Tensor) -> None:
     if not bool(ok):  # host sync
         raise ValueError(
@@ -190,11 +204,7 @@ def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
     check; with a Cholesky solver (or "auto") it solves with no other host read
     (:func:`funcopt.solvers.damped.direct_damped`)."""
     x, unravel = ravel_params(params)
-    if state.scale.shape != x.shape:
-        raise ValueError(
-            f"state holds {state.scale.numel()} parameters but params have {x.numel()}; "
-            "pass the state made by init for these params"
-        )
+    check_state(state.scale, x)
     f = residual_vector_fn(residual_fn, unravel, *args)
     if o.matrix_free:
         return _linearize_matrix_free(residual_fn, params, args, state, o, x, f)
