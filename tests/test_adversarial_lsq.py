@@ -131,8 +131,10 @@ def test_iterative_solver_stall_is_not_success(kw):
                                rule=fo.Nielsen(), **kw)
     if info.success:
         assert abs(info.cost - ref_cost) <= 1e-4 * ref_cost
-    else:
-        assert info.reason.startswith("stalled") and "grad_cos" in info.reason
+    else:  # which stop the inexact steps end on (xtol with the gnorm test, or ftol below
+        # machine precision with the Gauss-Newton gain test) depends on the CPU's rounding
+        assert info.reason.startswith("stalled")
+        assert "grad_cos" in info.reason or "Gauss-Newton" in info.reason, info.reason
 
 
 @pytest.mark.parametrize("noise", [1e-7, 1e-6, 1e-5, 1e-3])
