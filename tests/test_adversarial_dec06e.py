@@ -359,3 +359,13 @@ def test_runs_json_that_cannot_be_written_stops_the_saving_not_the_runs(tmp_path
     assert rc == 0 and len(runs.calls) >= 8 and len(calls) == 2
     assert err.count("cannot be saved") == 1 and "No space left" in err
     assert (out / "report.md").is_file() and not (out / "runs.json").exists()
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_empty_residuals_are_one_clear_error_in_the_transform(cuda_graph):
+    """A residual function that returns no elements: one ValueError saying there is nothing
+    to fit (was torch.cat's 'expected a non-empty list of Tensors')."""
+    params = {"a": torch.ones(2, dtype=torch.float64)}
+    tx = fo.levenberg_marquardt(lambda q: q["a"][:0], cuda_graph=cuda_graph)
+    with pytest.raises(ValueError, match="no residuals"):
+        tx.update(None, tx.init(params), params)

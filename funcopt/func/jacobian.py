@@ -423,6 +423,9 @@ def _jacobian(residual_fn: Callable[..., Tensor], params: PyTree, args: tuple[An
         r0, pullback = _vjp(f, x)
     r0 = r0.detach()
     m, n = r0.numel(), x.numel()
+    if m == 0:
+        raise ValueError("residual_fn returned no residuals (a tensor with no elements); "
+                         "there is nothing to fit: check the residual function and its data")
     if mode == "auto":
         mode = "forward" if 8 * n < m else "reverse"
     k = chunk_size or jacobian_chunk_size(m, n, x.dtype, x.device, max_memory)
