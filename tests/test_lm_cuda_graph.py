@@ -213,3 +213,18 @@ def test_params_of_another_tree_with_as_many_numbers_get_their_own_program():
             u2, s2 = tx.update(None, s2, q2)
             q1, q2 = fo.apply_updates(q1, u1), fo.apply_updates(q2, u2)
         _close(q1, q2, 1e-9)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_a_residual_function_that_reads_on_the_host_is_one_clear_error():
+    """``.item()`` in the residual function cannot be captured: a RuntimeError that names
+    cuda_graph=False (the warm-up runs it fine; the capture fails)."""
+    params = {"a": torch.ones(3, dtype=torch.float64, device="cuda")}
+
+    def res(p):
+        scale = float(p["a"].abs().max().item())  # a host read
+        return p["a"] * scale - 2.0
+
+    tx = fo.levenberg_marquardt(res, cuda_graph=True)
+    with pytest.raises(RuntimeError, match="cuda_graph=False"):
+        tx.update(None, tx.init(params), params)

@@ -292,11 +292,18 @@ class GraphedSteps:
                 linearize()
                 attempt()
             torch.cuda.current_stream(sx.device).wait_stream(side)
-            graphs = []
+            graphs: list[torch.cuda.CUDAGraph] = []
             for fn in (linearize, attempt):
                 graphs.append(torch.cuda.CUDAGraph())
-                with torch.cuda.graph(graphs[-1], pool=self.pool, stream=side):
-                    fn()
+                try:
+                    with torch.cuda.graph(graphs[-1], pool=self.pool, stream=side):
+                        fn()
+                except RuntimeError as e:
+                    raise RuntimeError(
+                        "levenberg_marquardt(cuda_graph=True): the update cannot be captured "
+                        "as a CUDA graph; residual_fn reads a device value on the host "
+                        "(.item(), a data-dependent branch) or synchronises. Build it with "
+                        f"cuda_graph=False, or remove the host read. The CUDA error: {e}") from e
                 self.pool = graphs[0].pool()
         return _Program(inputs, graphs[0].replay, graphs[1].replay, out)
 
