@@ -379,12 +379,12 @@ def _flipped_pair(c):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "a parameter whose scale is far below 1 and which sits at exactly 0 with every other "
-    "parameter: the stall check counts a column only where its own Gauss-Newton move "
-    "|J_j^T r| / ||J_j||^2 exceeds eps |x_j|, and for a zero x_j (all of x zero) it takes "
-    "|x_j| = 1, so the move of 6.8e-48 toward the minimum p1 = c = 6.8e-48 counts as "
-    "converged and a stop on ftol after rejected updates (wrong-sign Jacobian) is a success "
-    "at gnorm 1; the scale of the start (p1 = 3.4e-48) would tell (found by hypothesis in "
+    "a fit of tiny scale that ends at x = 0 with a wrong-sign Jacobian: the stall check's "
+    "rounding floor (stationarity_floor: 4 ||r(x + h) - r - J h|| / ||r||) steps a zero "
+    "parameter by 4 eps times a fallback scale of 1 (rounding_steps: every |x_j| is 0), far "
+    "beyond the problem's scale (the minimum p1 = c = 6.8e-48), so it measures the wrong "
+    "Jacobian's error, not rounding: floor 4e33, and gnorm 1 passes as converged; a stop on "
+    "ftol after rejected updates is then a success (found by hypothesis in "
     "test_least_squares_batched_stall)"))
 def test_a_wrong_jacobian_at_a_zero_point_of_tiny_scale_is_not_success():
     c = 6.782894149762711e-48
