@@ -392,3 +392,17 @@ def test_a_wrong_jacobian_at_a_zero_point_of_tiny_scale_is_not_success():
                                                               dtype=torch.float64))
     assert float(x[0]) == 0.0 and float(x[1]) == 0.0  # where the fit ends (exact arithmetic)
     assert not info.success, info.reason
+
+
+@pytest.mark.parametrize("form", ["primal", "dual"])
+def test_the_gram_operator_as_a_matrix_is_exactly_symmetric(form):
+    """GramOperator.as_matrix without a formed Gram matrix: exactly symmetric on any CPU (a
+    BLAS may sum (i, j) and (j, i) in different orders), and J^T J + lambda I to rounding."""
+    from funcopt.solvers.operators import GramOperator
+
+    g = torch.Generator().manual_seed(3)
+    J = torch.randn(40, 24, generator=g, dtype=torch.float64)
+    A = GramOperator(J, 0.5, form=form).as_matrix()
+    assert torch.equal(A, A.mT)
+    G = J.mT @ J if form == "primal" else J @ J.mT
+    torch.testing.assert_close(A, G + 0.5 * torch.eye(G.shape[0], dtype=torch.float64))

@@ -224,8 +224,8 @@ class GramOperator(LinearOperator):
 
     def as_matrix(self) -> Tensor:
         G = self.gram
-        if G is None:
-            G = self.J.mT @ self.J if self.form == "primal" else self.J @ self.J.mT
+        if G is None:  # exactly symmetric, as a formed Gram matrix is
+            G = _gram_matrix(self.J.mT if self.form == "primal" else self.J)
         d = self.damping if self.diag is None else self.damping * self.diag
         return torch.diagonal_scatter(G, G.diagonal() + d)  # one copy of G
 
