@@ -20,7 +20,7 @@ from test_bench_merge import _body, _error, _untimed
 
 import funcopt.bench.suite as suite
 from funcopt.bench.__main__ import main
-from funcopt.bench.report import RUNS
+from funcopt.bench.load import RUNS
 from funcopt.bench.run import run_one
 
 ROOT = Path(__file__).parents[1]

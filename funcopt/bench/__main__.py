@@ -346,7 +346,8 @@ def _write(args, results, sweeps, meta: dict, partial: Path, t0: float) -> int:
 
 def _merge(args) -> int:
     """``--merge``: one report from earlier report folders (:func:`merge_reports`)."""
-    from funcopt.bench.report import check_out, merge_reports, plotting_unavailable, prepare_out
+    from funcopt.bench.load import merge_reports
+    from funcopt.bench.report import check_out, plotting_unavailable, prepare_out
 
     t0 = time.perf_counter()
     defaults = _parser().parse_args([])
