@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from funcopt.bench import deep, suite
-from funcopt.bench.report import _from_json, sweep_table
+from funcopt.bench.load import from_json
+from funcopt.bench.report import sweep_table
 from funcopt.bench.run import Result
 
 FULL = suite.GRIDS["full"]
@@ -104,13 +105,13 @@ def test_the_sweep_table_marks_the_points_beyond_the_grid():
 def test_a_sweep_from_a_report_before_the_extension_still_loads():
     _, s, _ = _tune(lambda lr: math.log10(lr))
     data = s.to_json()
-    assert _from_json(suite.Sweep, data, "sweeps[0]") == s
+    assert from_json(suite.Sweep, data, "sweeps[0]") == s
     del data["beyond"]  # written before the field existed
-    old = _from_json(suite.Sweep, data, "sweeps[0]")
+    old = from_json(suite.Sweep, data, "sweeps[0]")
     assert old.beyond == [] and old.learning_rates == s.learning_rates
     del data["val_loss"]
     with pytest.raises(ValueError, match="has no field 'val_loss'"):
-        _from_json(suite.Sweep, data, "sweeps[0]")
+        from_json(suite.Sweep, data, "sweeps[0]")
 
 
 def test_lions_default_is_below_adamws():

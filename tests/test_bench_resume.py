@@ -16,11 +16,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from test_bench_cli import _registries_restored  # noqa: F401 (autouse: undoes plugins)
 from test_bench_merge import _body, _error, _untimed
 
 import funcopt.bench.suite as suite
 from funcopt.bench.__main__ import main
-from funcopt.bench.report import RUNS
+from funcopt.bench.load import RUNS
 from funcopt.bench.run import run_one
 
 ROOT = Path(__file__).parents[1]
@@ -285,3 +286,56 @@ def test_a_kill_while_saving_leaves_the_earlier_file(single, tmp_path, monkeypat
     rc, runs = _main(monkeypatch, [*ARGS, "--out", str(out), "--resume"])
     assert rc == 0 and runs.calls == single[1][1:]
     assert sorted(os.listdir(out)) == sorted(os.listdir(single[0]))
+
+
+FLAKY = """
+    from pathlib import Path
+
+    import funcopt.bench as fb
+    from funcopt.bench.optimizers import OPTIMIZERS
+
+    COUNT = Path(__file__).with_suffix(".count")  # builds so far, over every process
+
+
+    @fb.register_optimizer("adamw-flaky", lr=3e-3)
+    def build(problem, lr):
+        n = int(COUNT.read_text()) if COUNT.exists() else 0
+        COUNT.write_text(str(n + 1))
+        if n == 0:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return OPTIMIZERS["adamw"](problem, lr=lr)
+"""
+
+
+def test_a_saved_run_that_failed_runs_again(tmp_path, monkeypatch, capsys):
+    """A failed run (a transient out-of-memory error, say) is not taken back but made again,
+    its new result replacing it; the runs that finished are taken, not run again."""
+    plugin = tmp_path / "flaky_plugin.py"
+    plugin.write_text(textwrap.dedent(FLAKY))
+    out = tmp_path / "rep"
+    argv = ["--plugin", str(plugin), "--problems", "digits-logreg", "--optimizers",
+            "adamw-flaky,adamw", "--steps", "3", "--seeds", "2", "--tune", "off",
+            "--no-progress", "--out", str(out)]
+    rc, first = _main(monkeypatch, argv, cut=4)  # cut off before adamw's second seed
+    assert rc == 130 and [c[:3] for c in first.calls] == [
+        ("digits-logreg", "adamw-flaky", 0), ("digits-logreg", "adamw-flaky", 1),
+        ("digits-logreg", "adamw", 0)]
+    saved = _json(out / RUNS)["runs"]
+    assert [e["result"]["status"] for e in saved] == ["failed", "ok", "ok"]
+    assert "CUDA out of memory" in saved[0]["result"]["reason"]
+    capsys.readouterr()
+    rc, second = _main(monkeypatch, [*argv, "--resume"], cut=2)  # cut off again
+    assert "but for the 1 that failed, which run again" in capsys.readouterr().err
+    assert rc == 130 and [c[:3] for c in second.calls] == [("digits-logreg", "adamw-flaky", 0)]
+    resaved = _json(out / RUNS)["runs"]  # the new result in the failed one's place
+    assert [e["result"]["status"] for e in resaved] == ["ok", "ok", "ok"]
+    assert [e["by"] for e in resaved] == [1, 0, 0] and resaved[1:] == saved[1:]
+    rc, third = _main(monkeypatch, [*argv, "--resume"])
+    assert rc == 0 and [c[:3] for c in third.calls] == [("digits-logreg", "adamw", 1)]
+    results = _json(out / "results.json")
+    assert [(r["optimizer"], r["seed"], r["status"]) for r in results["results"]] == [
+        ("adamw-flaky", 0, "ok"), ("adamw-flaky", 1, "ok"), ("adamw", 0, "ok"),
+        ("adamw", 1, "ok")]
+    # the first command's two that finished, and the second's run of the one that failed
+    assert [r["runs"] for r in results["meta"]["resumed"]] == [2, 1]
+    assert "Failed:" not in (out / "report.md").read_text()

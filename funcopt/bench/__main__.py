@@ -26,7 +26,9 @@ stays beside it); the report, when written, replaces the folder, ``runs.json`` w
 same command with ``--resume`` takes the saved runs instead of running them again: the sweeps
 choose as before, only the missing runs run, and the report is the one an uninterrupted
 command writes, except that its header lists the runs taken and the commands, devices and
-dates that made them (their timings were measured there). ``--resume`` is refused, naming the
+dates that made them (their timings were measured there). Saved runs that failed (a CUDA
+out-of-memory error, say) are not taken but run again, their new results replacing them; those
+that finished or did not apply ("skipped") are taken. ``--resume`` is refused, naming the
 setting, when the saved runs were made under other settings or code: those ``--merge``
 compares, ``--steps``, problems and optimizers, funcopt's source, and the file of each problem
 and optimizer (an edited plugin). With no saved runs in ``--out`` it runs everything, so one
@@ -98,8 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--resume", action="store_true",
                    help="take the runs that an earlier, cut-off run of this command saved in "
-                        "--out (runs.json) instead of running them again; with none saved, run "
-                        "everything (see above)")
+                        "--out (runs.json) instead of running them again (those that failed run "
+                        "again); with none saved, run everything (see above)")
     p.add_argument("--merge", nargs="+", metavar="DIR",
                    help="run nothing: write into --out the one report of these earlier report "
                         "folders (pieces of one suite; see above)")
@@ -297,8 +299,10 @@ def _saved(args, settings: dict):
     except ValueError as e:
         raise _fail(f"--resume: {e}") from None
     if args.resume and saved.earlier:
+        failed = saved.failed()
+        again = "" if not failed else f", but for the {failed} that failed, which run again"
         print(f"resuming: the {len(saved.earlier)} runs saved in {saved.path} are taken, not run "
-              "again", file=sys.stderr)
+              f"again{again}", file=sys.stderr)
     elif args.resume:
         print(f"note: --resume: {args.out} holds no saved runs ({saved.path.name}), so every "
               "run runs", file=sys.stderr)
@@ -346,7 +350,8 @@ def _write(args, results, sweeps, meta: dict, partial: Path, t0: float) -> int:
 
 def _merge(args) -> int:
     """``--merge``: one report from earlier report folders (:func:`merge_reports`)."""
-    from funcopt.bench.report import check_out, merge_reports, plotting_unavailable, prepare_out
+    from funcopt.bench.load import merge_reports
+    from funcopt.bench.report import check_out, plotting_unavailable, prepare_out
 
     t0 = time.perf_counter()
     defaults = _parser().parse_args([])

@@ -1,8 +1,9 @@
 """``--resume``: a benchmark command saves every finished run in its report folder as the run
 finishes, so that a command cut off before its report (a time limit, a lost machine, Ctrl-C)
-keeps them; the same command with ``--resume`` takes them back instead of running them again.
+keeps them; the same command with ``--resume`` takes them back instead of running them again,
+but for those that failed, which it runs again.
 
-The saved-runs file ``OUT/runs.json`` (:data:`funcopt.bench.report.RUNS`) holds the command's
+The saved-runs file ``OUT/runs.json`` (:data:`funcopt.bench.load.RUNS`) holds the command's
 settings, the commands (processes) that made runs, with their device, machine and start date,
 and one entry per run (one problem, optimizer, seed and learning rate): the rate asked for
 (None: the optimizer's default), which command made it, when it finished, its seconds, and its
@@ -11,12 +12,16 @@ written whole beside the old one and renamed over it, so a kill at any moment le
 file or the new one, never a part of one.
 
 A saved run is taken back when the resumed command asks for the same problem, optimizer, seed
-and learning rate. The suite asks for its runs in an order fixed by the results before them
-(the grid's extensions, the chosen rate), so the resumed command asks for the saved runs
-again, gets their results, makes the same choices and runs only the missing runs: its report is
-the one an uninterrupted command writes, but for the header, which names the runs taken and
-where and when they ran (their timings were measured there). A saved run counts only under the
-settings that made it: those :func:`~funcopt.bench.report.differing` compares for ``--merge``,
+and learning rate, and it finished ("ok") or did not apply ("skipped"). A saved run that failed
+("failed": often a passing cause, such as a CUDA out-of-memory error beside another job) runs
+again, and its new result replaces it in the file; a failure that is no accident fails again,
+as in an uninterrupted command. The suite asks for its runs in an order fixed by the results
+before them (the grid's extensions, the chosen rate), so the resumed command asks for the saved
+runs again, gets their results, makes the same choices and runs only the missing runs and the
+failed ones (where a failed sweep point now finishes, the choices follow its new result): its
+report is the one an uninterrupted command writes, but for the header, which names the runs
+taken and where and when they ran (their timings were measured there). A saved run counts only under the
+settings that made it: those :func:`~funcopt.bench.load.differing` compares for ``--merge``,
 the same ``--steps``, problems and optimizers, and the same code (funcopt's source, and the file
 defining each problem and optimizer, so an edited plugin is another problem); anything else
 refuses ``--resume``. A second command into the same folder is refused while the first runs
@@ -39,29 +44,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from funcopt.bench.optimizers import LEARNING_RATES, OPTIMIZERS
-from funcopt.bench.problems import PROBLEMS
-from funcopt.bench.report import (
-    _META,
-    _SHARED,
+from funcopt.bench.load import (
+    META,
     RUNS,
     RUNS_TMP,
-    _check_entries,
-    _check_meta,
-    _fits,
-    _from_json,
+    SHARED,
+    check_entries,
+    check_meta,
     check_result,
     differing,
+    fits,
+    from_json,
     process_meta,
 )
+from funcopt.bench.optimizers import LEARNING_RATES, OPTIMIZERS
+from funcopt.bench.problems import PROBLEMS
 from funcopt.bench.run import Result
 
 __all__ = ["SavedRuns"]
 
 FORMAT = "funcopt.bench saved runs 1"
 NOTE = ("The finished runs of a python -m funcopt.bench command that has not written its report "
-        "(yet); the same command with --resume takes them instead of running them again.")
-# besides report.differing's settings, what a resumed command must share with the saved runs
+        "(yet); the same command with --resume takes them instead of running them again, but "
+        "for those that failed, which it runs again.")
+# besides load.differing's settings, what a resumed command must share with the saved runs
 _SAME = ("steps", "problems", "optimizers", "code")
 _PROCESS: dict[str, Any] = {"command": str, "date": str, "device": str, "device_name": str,
                             "machine": str | None, "cpu_count": int | None}
@@ -111,7 +117,7 @@ def _defined(f: Any) -> str:
 class SavedRuns:
     """The finished runs of one command, saved in ``out/runs.json``; called as
     :func:`~funcopt.bench.suite.run_suite`'s ``saved``, it takes back a run saved by an earlier
-    command (``resume``), or makes the run and saves it.
+    command (``resume``) unless that run failed, or makes the run and saves it.
 
     settings: the command's meta before its runs (suite, seeds, device, ..., command); this
     process's versions, machine and the code's digests are added. Raises a ValueError saying
@@ -151,16 +157,26 @@ class SavedRuns:
 
     def __call__(self, problem: str, optimizer: str, seed: int, lr: float | None,
                  run: Callable[[], Result]) -> Result:
-        entry = self.earlier.get((problem, optimizer, seed, lr))
-        if entry is not None:
+        key = (problem, optimizer, seed, lr)
+        entry = self.earlier.get(key)
+        if entry is not None and entry["result"]["status"] != "failed":
             self.taken.append(entry)
             return Result(**copy.deepcopy(entry["result"]))  # the suite may edit its reason
         t0 = time.perf_counter()
         result = run()
-        self.runs.append({"lr": lr, "by": len(self.processes) - 1, "date": _now(),
-                          "s": time.perf_counter() - t0, "result": result.to_json()})
+        new = {"lr": lr, "by": len(self.processes) - 1, "date": _now(),
+               "s": time.perf_counter() - t0, "result": result.to_json()}
+        if entry is None:
+            self.runs.append(new)
+        else:  # a failed run made again: its new result takes the old one's place
+            del self.earlier[key]
+            self.runs[next(i for i, e in enumerate(self.runs) if e is entry)] = new
         self._write()
         return result
+
+    def failed(self) -> int:
+        """How many of the earlier commands' saved runs failed (and so run again)."""
+        return sum(e["result"]["status"] == "failed" for e in self.earlier.values())
 
     def _write(self) -> None:
         """All runs so far, written whole beside the file and renamed over it. A file that
@@ -190,21 +206,21 @@ class SavedRuns:
                 raise ValueError(f"it has no \"format\": {FORMAT!r}")
             parts: list[Any] = [data.get(k) for k in ("meta", "processes", "runs")]
             meta, processes, runs = parts
-            if not (isinstance(meta, dict) and _fits(processes, list[dict[str, Any]])
-                    and _fits(runs, list[dict[str, Any]]) and processes):
+            if not (isinstance(meta, dict) and fits(processes, list[dict[str, Any]])
+                    and fits(runs, list[dict[str, Any]]) and processes):
                 raise ValueError("its meta, processes or runs are missing or of the wrong type")
-            hints = {**_META, "code": dict[str, str]}
-            bad = [k for k in (*_SHARED, *_SAME) if k not in meta or not _fits(meta[k], hints[k])]
+            hints = {**META, "code": dict[str, str]}
+            bad = [k for k in (*SHARED, *_SAME) if k not in meta or not fits(meta[k], hints[k])]
             if bad:
                 raise ValueError(f"meta.{bad[0]} is missing or of the wrong type")
-            _check_meta(meta)
-            _check_entries(processes, _PROCESS, "processes")
-            _check_entries(runs, _ENTRY, "runs")
+            check_meta(meta)
+            check_entries(processes, _PROCESS, "processes")
+            check_entries(runs, _ENTRY, "runs")
             for i, entry in enumerate(runs):
                 where = f"runs[{i}]"
                 if "lr" not in entry or not 0 <= entry["by"] < len(processes):
                     raise ValueError(f"{where} has no lr or names no process")
-                r = _from_json(Result, entry["result"], f"{where}.result")
+                r = from_json(Result, entry["result"], f"{where}.result")
                 check_result(r, f"{where}.result")
                 key = (r.problem, r.optimizer, r.seed, entry["lr"])
                 if self.earlier.setdefault(key, entry) is not entry:
