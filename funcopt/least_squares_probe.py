@@ -105,7 +105,8 @@ def probe_zero_columns(norms: Callable[[Tensor], Tensor], x: Tensor, zero_col: T
     probed column (at most :data:`MAX_PROBED`, evenly spaced), at ``x +- h e_j``
     (:func:`probe_steps`); then, in the rows with two or more zero columns and no fall yet,
     two per pattern of :func:`sign_patterns`, at ``x +- sum_j s_j h_j e_j`` over all their zero
-    columns. ``falls``: some probe has ``||r_probe||^2 < (1 - FALL eps) ||r||^2``; ``which``:
+    columns. ``falls``: some probe has ``||r_probe||^2 < (1 - max(FALL eps, 4 noise))
+    ||r||^2`` (:data:`FALL`); ``which``:
     the first such ``j``, :data:`COMBINED` for a combined direction (-1: none); ``probes``:
     residual evaluations per problem. One host read (two where a problem has two zero
     columns or more), none of ``norms`` when no column is zero."""

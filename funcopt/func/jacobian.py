@@ -362,6 +362,17 @@ def jacobian_chunk_size(
     return max(1, int(max_memory // per))
 
 
+def check_jacobian_options(mode: Any, chunk_size: Any = None, name: str = "mode") -> None:
+    """ValueError for a Jacobian mode (the argument ``name``) other than "auto", "forward"
+    and "reverse", or a ``chunk_size`` that is neither None nor a positive int."""
+    if mode not in ("auto", "forward", "reverse"):
+        raise ValueError(f"{name}={mode!r}: pass 'auto', 'forward' or 'reverse'")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r}: pass a positive int (Jacobian rows per "
+                         "vectorised batch) or None (chosen from the free memory)")
+
+
 def jacobian(
     residual_fn: Callable[..., Tensor],
     params: PyTree,
@@ -398,10 +409,7 @@ def jacobian(
     ``O(N)`` cost instead of ``O(N m)``. ``chunk_size`` (or the one ``max_memory`` gives for
     ``m_s`` rows) still counts rows; it is rounded down to whole samples, at least one.
     """
-    if mode not in ("auto", "forward", "reverse"):
-        raise ValueError(f"mode={mode!r}: use 'auto', 'forward' or 'reverse'")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size={chunk_size!r}: pass a positive int or None")
+    check_jacobian_options(mode, chunk_size)
     return _jacobian(residual_fn, params, args, mode, chunk_size, max_memory)
 
 

@@ -16,6 +16,7 @@ from funcopt.func.jacobian import (
     PerSampleResiduals,
     _num_samples,
     _vjp,
+    check_jacobian_options,
     ravel_params,
     residual_vector_fn,
 )
@@ -41,8 +42,7 @@ def jacobian_row_blocks(
     """
     if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
         raise ValueError(f"jacobian_row_blocks: rows={rows!r}; pass a positive int")
-    if mode not in ("auto", "forward", "reverse"):
-        raise ValueError(f"mode={mode!r}: use 'auto', 'forward' or 'reverse'")
+    check_jacobian_options(mode)
     x, unravel = ravel_params(params)
     if isinstance(residual_fn, PerSampleResiduals):
         return _per_sample_row_blocks(residual_fn, args, x, unravel, rows, mode)

@@ -49,7 +49,7 @@ from funcopt.base import (
     tree_check_structure,
 )
 from funcopt.engine import is_tracing
-from funcopt.func.jacobian import ravel_params
+from funcopt.func.jacobian import check_jacobian_options, ravel_params
 from funcopt.solvers import Auto, get
 from funcopt.solvers.base import scaled_norm
 from funcopt.solvers.operators import norm_parts
@@ -166,14 +166,9 @@ def lm_options(
     if scaling is not None and not isinstance(scaling, bool):
         raise TypeError(f"scaling={scaling!r}: pass True, False or None (automatic)")
     # unchecked, a misspelt form ran the primal one and a bad chunk_size failed in torch.cat
-    for name, value, allowed in (("form", form, ("auto", "primal", "dual")),
-                                 ("jacobian_mode", jacobian_mode, ("auto", "forward", "reverse"))):
-        if value not in allowed:
-            raise ValueError(f"{name}={value!r}: pass one of {', '.join(map(repr, allowed))}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size={chunk_size!r}: pass a positive int (Jacobian rows per "
-                         "batch) or None (chosen from the free memory)")
+    if form not in ("auto", "primal", "dual"):
+        raise ValueError(f"form={form!r}: pass one of 'auto', 'primal', 'dual'")
+    check_jacobian_options(jacobian_mode, chunk_size, "jacobian_mode")
     matrix_free = _is_matrix_free(solver)
     if scaling is None and (matrix_free or getattr(solver, "row_block", None) is not None):
         scaling = not matrix_free  # the row-block path keeps MINPACK's scaling

@@ -44,8 +44,7 @@ from funcopt.transforms.lm_model import running_scale
 
 __all__ = ["BatchedLocal", "Trial", "local_model", "gram_local_model", "iterate", "init_state",
            "start_trial", "restart_trial", "attempt", "update_over", "finish", "batched_norm",
-           "normalised_jacobian",
-           "gauss_newton_gain", "NEWTON_STEPS"]
+           "normalised_jacobian", "gauss_newton_gain", "NEWTON_STEPS"]
 
 Tensor = torch.Tensor
 NEWTON_STEPS = 30  # iterations of the trust-region damping (Newton on 1/phi)
@@ -145,9 +144,9 @@ def _gram_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState,
                 o: LMOptions) -> BatchedLocal:
     """:func:`local_model` by the eigendecomposition of ``Jt^T Jt`` (of ``Jn``, see
     :func:`normalised_jacobian`)."""
-    Jn, gt, c, (*rest, kept) = normalised_jacobian(J, r, x, state, o)
-    G = torch.where(rest[-1][:, None, None], Jn.mT @ Jn, 0.0)  # rest[-1]: finite
-    loc = _from_gram(G, gt, tuple(rest))
+    Jn, gt, c, (x, rnorm, d, cos, lam, finite, kept) = normalised_jacobian(J, r, x, state, o)
+    G = torch.where(finite[:, None, None], Jn.mT @ Jn, 0.0)
+    loc = _from_gram(G, gt, (x, rnorm, d, cos, lam, finite))
     return loc._replace(sigma=loc.sigma * c, scale=kept)
 
 

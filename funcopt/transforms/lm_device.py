@@ -141,7 +141,8 @@ def local_model(J: Tensor, r: Tensor, x: Tensor, state: LevenbergMarquardtState,
         J, r, x, state, o)
     m, n = J.shape[-2:]
     dual = form == "dual" or (form == "auto" and m < n)
-    Jn = torch.where(finite[:, None, None], Jn, 0.0)
+    # a non-finite J is left as it is (no pass over it to mask it): such a model makes no
+    # attempt (``finite`` False) and the update raises at its host read
     gram = Jn @ Jn.mT if dual else Jn.mT @ Jn
     rhs = r / torch.where(rnorm > 0, rnorm, 1.0)[:, None] if dual else gt
     rhs = torch.where(finite[:, None], rhs, 0.0)
