@@ -162,8 +162,8 @@ def test_a_batch_constant_that_changes_every_call_warns():
     tx = fo.levenberg_marquardt(lambda p, b: p["a"] * b[0] - b[1] * b[0], cuda_graph=True)
     p = {"a": torch.tensor(0.0, dtype=F64)}
     state = tx.init(p)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings():  # the program warning is a UserWarning (torch's own
+        warnings.simplefilter("error", UserWarning)  # first-use deprecations are not it)
         for i in range(8):  # a few shapes or constants are what programs are for
             tx.update(None, state, p, batch=(T, float(i)))
     with pytest.warns(UserWarning, match="pass numbers that change as tensors"):
