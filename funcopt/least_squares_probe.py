@@ -161,7 +161,8 @@ def _rounding_noise(norms: Callable[[Tensor], Tensor], x: Tensor, zero: Tensor,
     noise = torch.zeros_like(safe)
     for h in rounding_steps(x)[:NOISE_PROBES]:
         ratio = norms(torch.where(rows, x + h, x)).double() / safe
-        noise = torch.maximum(noise, torch.nan_to_num(ratio * ratio - 1.0, nan=0.0, posinf=0.0).abs())
+        change = torch.nan_to_num(ratio * ratio - 1.0, nan=0.0, posinf=0.0).abs()
+        noise = torch.maximum(noise, change)
     return noise
 
 
