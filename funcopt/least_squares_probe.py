@@ -157,12 +157,13 @@ def _rounding_noise(norms: Callable[[Tensor], Tensor], x: Tensor, zero: Tensor,
     larger of two): at a stationary point ``F``'s own change there is far below one unit, so
     what shows is the rounding of the residuals, which a probe's fall must exceed (a model of
     size 1 fitted to residuals of 1e-9 rounds to ~1e9 eps of ``F``). :data:`NOISE_PROBES`
-    calls of ``norms``; 0 where a point is not finite."""
+    calls of ``norms``; 0 where a point is not finite (an inf must not read as huge noise)."""
     rows = zero.any(-1, keepdim=True)
     noise = torch.zeros_like(safe)
     for h in rounding_steps(x)[:NOISE_PROBES]:
         ratio = norms(torch.where(rows, x + h, x)).double() / safe
-        noise = torch.maximum(noise, torch.nan_to_num(ratio * ratio - 1.0, nan=0.0).abs())
+        change = torch.nan_to_num(ratio * ratio - 1.0, nan=0.0, posinf=0.0).abs()
+        noise = torch.maximum(noise, change)
     return noise
 
 
