@@ -46,7 +46,6 @@ from funcopt.func.jacobian import (
     ravel_params,
     residual_vector_fn,
 )
-from funcopt.least_squares_options import rounding_steps
 from funcopt.solvers.base import scaled_norm
 from funcopt.transforms.lm_model import column_norms_sq
 
@@ -60,12 +59,9 @@ units has thousands, and two evaluations each would cost more than the fit."""
 
 PATTERNS = 4  # sign patterns of the combined probes: all +1 and the zero columns' rank bits
 COMBINED = -2  # ``which`` for a fall along a combined direction (:func:`probe_zero_columns`)
-NOISE_PROBES = 2  # evaluations of :func:`_rounding_noise` per problem with a zero column
 
 FALL = 8
-"""A probe's cost must be below ``(1 - max(FALL eps, 4 noise)) F(x)`` to count as a fall
-(``noise``: the residuals' rounding, :func:`_rounding_noise`, which dominates at a near-exact
-fit of a large model). The costs are
+"""A probe's cost must be below ``(1 - FALL eps) F(x)`` to count as a fall. The costs are
 float64 sums of the dtype's residuals: each residual rounds to a relative ``eps / 2`` and its
 square to ``eps``, so two evaluations of ``F`` at points where it is the same can differ by
 ``2 eps`` relative when ``residual_fn`` rounds its last operation only; ``8 eps`` leaves a
@@ -100,12 +96,11 @@ def probe_zero_columns(norms: Callable[[Tensor], Tensor], x: Tensor, zero_col: T
     A problem's zero columns are the ``j`` with ``zero_col[b, j]`` (``J_j == 0``, ``(B, n)``)
     where ``candidates[b]`` (the fits about to end with success) and ``rnorm[b]`` (``||r||``,
     float64) is positive and finite. Each call of ``norms`` (``(B, n)`` points -> ``(B,)``
-    float64 residual norms) moves the probed rows and leaves the others at ``x``: two for the
-    residuals' rounding (:func:`_rounding_noise`, in every row with a zero column), two per
+    float64 residual norms) moves the probed rows and leaves the others at ``x``: two per
     probed column (at most :data:`MAX_PROBED`, evenly spaced), at ``x +- h e_j``
     (:func:`probe_steps`); then, in the rows with two or more zero columns and no fall yet,
     two per pattern of :func:`sign_patterns`, at ``x +- sum_j s_j h_j e_j`` over all their zero
-    columns. ``falls``: some probe has ``||r_probe||^2 < (1 - max(FALL eps, 4 noise))
+    columns. ``falls``: some probe has ``||r_probe||^2 < (1 - FALL eps)
     ||r||^2`` (:data:`FALL`); ``which``:
     the first such ``j``, :data:`COMBINED` for a combined direction (-1: none); ``probes``:
     residual evaluations per problem. One host read (two where a problem has two zero
@@ -124,12 +119,9 @@ def probe_zero_columns(norms: Callable[[Tensor], Tensor], x: Tensor, zero_col: T
         cols = cols[torch.linspace(0, len(cols) - 1, MAX_PROBED).round().long()]
     probed = zero & torch.isin(torch.arange(n, device=x.device), cols.to(x.device))
 
-    noise = _rounding_noise(norms, x, zero, safe) if len(hits) else torch.zeros_like(safe)
-    below = 1.0 - torch.clamp(4 * noise, min=FALL * eps)  # a fall: F below this times F(x)
-
     def fell(moved: Tensor, rows: Tensor) -> Tensor:
         ratio = norms(moved).double() / safe
-        return rows & (ratio * ratio < below)  # NaN: not a fall
+        return rows & (ratio * ratio < 1.0 - FALL * eps)  # NaN: not a fall
 
     for j in cols.tolist():
         rows = probed[:, j]
@@ -138,7 +130,7 @@ def probe_zero_columns(norms: Callable[[Tensor], Tensor], x: Tensor, zero_col: T
             moved[:, j] = torch.where(rows, x[:, j] + sign * h[:, j], x[:, j])
             f = fell(moved, rows)
             which, falls = torch.where(f & ~falls, j, which), falls | f
-    probes = 2 * probed.sum(-1) + NOISE_PROBES * zero.any(-1)
+    probes = 2 * probed.sum(-1)
     rows = many & ~falls
     if combined and bool(rows.any()):  # the second host read
         moving = zero & rows[:, None]
@@ -148,23 +140,6 @@ def probe_zero_columns(norms: Callable[[Tensor], Tensor], x: Tensor, zero_col: T
                 which, falls = torch.where(f & ~falls, COMBINED, which), falls | f
         probes = probes + 2 * PATTERNS * rows
     return falls, which, probes
-
-
-def _rounding_noise(norms: Callable[[Tensor], Tensor], x: Tensor, zero: Tensor,
-                    safe: Tensor) -> Tensor:
-    """Per row with a zero column, the relative change of ``F`` when every parameter moves by
-    a few units of its last place (:func:`funcopt.least_squares_options.rounding_steps`, the
-    larger of two): at a stationary point ``F``'s own change there is far below one unit, so
-    what shows is the rounding of the residuals, which a probe's fall must exceed (a model of
-    size 1 fitted to residuals of 1e-9 rounds to ~1e9 eps of ``F``). :data:`NOISE_PROBES`
-    calls of ``norms``; 0 where a point is not finite (an inf must not read as huge noise)."""
-    rows = zero.any(-1, keepdim=True)
-    noise = torch.zeros_like(safe)
-    for h in rounding_steps(x)[:NOISE_PROBES]:
-        ratio = norms(torch.where(rows, x + h, x)).double() / safe
-        change = torch.nan_to_num(ratio * ratio - 1.0, nan=0.0, posinf=0.0).abs()
-        noise = torch.maximum(noise, change)
-    return noise
 
 
 def zero_column_check(residual_fn: Callable[..., Tensor], params: Any, reason: str,

