@@ -424,6 +424,18 @@ def holds_schedule_value(leaf: Any) -> bool:
     return isinstance(leaf, Tensor) and _SCHEDULE_VALUES.get(id(leaf)) is leaf
 
 
+def mark_if_schedule_value(t: Tensor, given: Any) -> Tensor:
+    """``t``, the state's copy of the hyperparameter argument ``given``, marked
+    (:func:`mark_schedule_value`) when ``given`` is a schedule or a marked tensor: in both
+    cases ``update`` uses ``given`` (evaluated at the step count, or the tensor itself) and
+    ``t`` only records it. The second case is :func:`funcopt.inject_hyperparams` over e.g.
+    ``adam``: it passes its marked record of a schedule to the factory, whose own copy must
+    then keep the saved value on load like the outer record. Returns ``t``."""
+    if not _is_compiling() and (callable(given) or holds_schedule_value(given)):
+        mark_schedule_value(t)
+    return t
+
+
 # --------------------------------------------------------------------------- counters and hyperparameters
 
 

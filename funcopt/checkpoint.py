@@ -315,9 +315,11 @@ def load_checkpoint(
     replaced by the template's unless ``hyperparams="saved"`` is passed. A learning-rate
     schedule is evaluated at the restored step count, so it resumes where it was either way;
     a field that only records a schedule's value of the last step (``learning_rate`` of
-    :func:`funcopt.scale_by_learning_rate` or schedule-free, ``inject_hyperparams``' scheduled
-    entries) keeps the saved record, when ``opt_state_like`` is the template's ``init`` output
-    itself, which marks those fields (:func:`funcopt.base.mark_schedule_value`).
+    :func:`funcopt.scale_by_learning_rate`, schedule-free or
+    :func:`funcopt.scale_by_sample_schedule`, ``inject_hyperparams``' scheduled entries and
+    the wrapped transform's copies of them) keeps the saved record, when ``opt_state_like``
+    is the template's ``init`` output itself, which marks those fields
+    (:func:`funcopt.base.mark_schedule_value`).
     :meth:`funcopt.Optimizer.load_state_dict` follows torch.optim instead: it restores the
     saved param groups' ``lr``.
 

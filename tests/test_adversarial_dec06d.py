@@ -12,6 +12,8 @@ import torch
 from _lm_batches import data as _data
 from _lm_batches import residual as _res
 from _lm_batches import run as _run
+from _resume import sched as _sched
+from _resume import train as _train
 from scipy.optimize import least_squares as scipy_least_squares
 
 import funcopt as fo
@@ -268,20 +270,6 @@ def test_probe_names_the_float_leaf_after_an_integer_leaf():
 # --------------------------------------------------------------------------- 3. checkpoints
 
 
-def _train(tx, params, state, steps, start=0):
-    gen = torch.Generator().manual_seed(1)
-    grads = [{k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in params.items()}
-             for _ in range(start + steps)]
-    for g in grads[start:]:
-        u, state = tx.update(g, state, params)
-        params = fo.apply_updates(params, u)
-    return params, state
-
-
-def _sched(step):
-    return 0.1 / (1.0 + step)
-
-
 BUILDERS = {
     "adam_schedule": lambda: fo.adam(_sched),
     "inject_schedule": lambda: fo.inject_hyperparams(fo.adam)(learning_rate=_sched, b1=0.9),
@@ -292,18 +280,10 @@ BUILDERS = {
 }
 
 
-_INNER_RECORD = pytest.mark.xfail(strict=True, reason=(
-    "inject_hyperparams(fo.adam)(learning_rate=schedule): the outer record is marked and keeps "
-    "its saved value, but the inner scale_by_learning_rate state's learning_rate (a clone of "
-    "the injected tensor, a declared hyperparameter field) is unmarked, so template mode "
-    "loads schedule(0) = 0.1 there while the outer record says 0.1/3: the loaded state is not "
-    "the saved one (update does not read it, so later steps agree). Fix: in "
-    "scale_by_learning_rate's init (and schedule_free's) also mark lr when the given "
-    "learning_rate is itself a marked tensor (funcopt.base.holds_schedule_value)"))
-
-
-@pytest.mark.parametrize("name", [pytest.param(k, marks=_INNER_RECORD) if "inject" in k else k
-                                  for k in sorted(BUILDERS)])
+# The inject builders were a strict xfail: the inner scale_by_learning_rate's copy of the
+# injected (marked) rate was unmarked, so template mode loaded schedule(0) there; its init now
+# marks that copy too (funcopt.base.mark_if_schedule_value).
+@pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, name):
     """3 steps, save, load into tx.init(params) (template mode), 3 more steps: parameters and
     every state leaf equal 6 uninterrupted steps (bit for bit), schedule records included."""

@@ -440,7 +440,8 @@ def test_schedule_records_of_schedule_free_and_inject_hyperparams_keep_the_saved
     assert field(template).item() == 0.0
     ck = fo.load_checkpoint(tmp_path / "ck.pt", p, template)
     assert field(ck.opt_state).item() == field(state).item() > 0
-    # (inject_hyperparams' inner sgd keeps its own copy of the rate, which every update
-    # rewrites from the schedule: the resumed steps are the same either way)
+    # (inject_hyperparams' inner sgd keeps its own copy of the rate, marked as well: the whole
+    # loaded state is the saved one; tests/test_checkpoint_inject_records.py)
+    assert_trees_equal(ck.opt_state, state)
     assert_trees_equal(_run(tx, ck.params, ck.opt_state, 2, first_seed=6),
                        _run(tx, p, state, 2, first_seed=6))

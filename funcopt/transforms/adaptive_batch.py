@@ -68,6 +68,7 @@ from funcopt.base import (
     check_hyperparameter,
     current_learning_rate,
     increment,
+    mark_if_schedule_value,
     register_hyperparameters,
     resolve,
     step_counter,
@@ -379,8 +380,11 @@ def scale_by_sample_schedule(learning_rate: Any) -> GradientTransformation:
         count = step_counter(params)
         lr = learning_rate(torch.zeros((), dtype=torch.int64)) if callable(learning_rate) \
             else learning_rate
+        lr = torch.as_tensor(lr, dtype=torch.get_default_dtype()).to(count.device).clone()
+        # a schedule's value (or inject_hyperparams' record of one) is a record: update
+        # evaluates the schedule at the samples seen (uses the given tensor)
         return SampleScheduleState(count, torch.zeros_like(count),
-                                   torch.as_tensor(lr, dtype=torch.get_default_dtype()).to(count.device))
+                                   mark_if_schedule_value(lr, learning_rate))
 
     def update(updates: Updates, state, params: Params | None = None, *,
                per_sample_stats=None, batch_size=None, **extra: Any):

@@ -16,7 +16,7 @@ import torch
 
 from funcopt.base import (
     current_learning_rate,
-    mark_schedule_value,
+    mark_if_schedule_value,
     register_hyperparameters,
     resolve,
 )
@@ -119,9 +119,9 @@ def scale_by_learning_rate(
         if callable(learning_rate):  # checked before it becomes a tensor
             check_schedule_value(learning_rate, lr0)
         lr = torch.as_tensor(lr0, dtype=scalar_dtype(leaves), device=count.device).clone()
-        # a schedule's value is a record: update evaluates the schedule
-        return ScaleByLearningRateState(
-            count, mark_schedule_value(lr) if callable(learning_rate) else lr)
+        # a schedule's value (or inject_hyperparams' record of one) is a record: update
+        # evaluates the schedule (uses the given tensor)
+        return ScaleByLearningRateState(count, mark_if_schedule_value(lr, learning_rate))
 
     def update(updates, state, params=None, **extra):
         expect_state(state, ScaleByLearningRateState, "scale_by_learning_rate")

@@ -25,7 +25,7 @@ from funcopt.base import (
     current_learning_rate,
     find_state,
     increment,
-    mark_schedule_value,
+    mark_if_schedule_value,
     register_hyperparameters,
     require_params,
     resolve,
@@ -266,7 +266,7 @@ def schedule_free(
                 "(and to the base), or pass a direction such as scale_by_adam()")
         lr = _scalar(lr0, like).clone()
         return ScheduleFreeState(
-            count, mark_schedule_value(lr) if callable(learning_rate) else lr,
+            count, mark_if_schedule_value(lr, learning_rate),
             torch.full_like(like, -1.0),
             like, _scalar(b1, like).clone(),
             [p.detach().clone() for p in tree_leaves(params)], base_state)
