@@ -1,5 +1,6 @@
 """SOAP against HeavyBall 0.7.2's ForeachSOAP family, and the precond schedule."""
 
+import functools
 import random
 
 import pytest
@@ -8,16 +9,17 @@ from _heavyball072 import load as load_hb072
 
 from funcopt.base import apply_updates
 from funcopt.transforms import soap as soap_module
+from funcopt.transforms import soap_qr
 from funcopt.transforms.soap import (
     SoapFactors,
     _merged_shape,
-    _orthonormal,
     precond_schedule,
     precond_schedule_probability,
     scale_by_soap,
     soap,
     uniform_from_seed,
 )
+from funcopt.transforms.soap_qr import _orthonormal
 
 
 def _problem(seed=0):
@@ -107,7 +109,7 @@ def test_matches_heavyball_072(name, ref_kwargs, kwargs, seed, monkeypatch):
     # (_canonical_orthonormal) fixes the columns a rank-deficient factor leaves to rounding,
     # which HeavyBall's QR sets by its rounding (full-rank factors: the same QR bit for bit,
     # tests/test_soap_vmap.py)
-    monkeypatch.setattr(soap_module, "_canonical_orthonormal", soap_module._orthonormal)
+    monkeypatch.setattr(soap_module, "_canonical_orthonormal", _orthonormal)
     hb = load_hb072()
     if kwargs.get("precondition_frequency") == "replay":
         kwargs = dict(kwargs, precondition_frequency=_replayed_schedule())
@@ -197,7 +199,7 @@ def test_cholesky_qr_fallbacks_land_on_their_own_matrices(monkeypatch, batch):
     fails (cond 1e10) and one that succeeds with a first pass far from orthonormal (cond
     ~1e9); ``batch`` 60 puts every 7x7 and 6x6 matrix in a batch of its own."""
     if batch is not None:
-        monkeypatch.setattr(soap_module, "_CHOLESKY_QR_BATCH", batch)
+        monkeypatch.setattr(soap_qr, "_CHOLESKY_QR_BATCH", batch)
     g = torch.Generator().manual_seed(1)
     good = lambda n: torch.randn(n, n, generator=g)  # noqa: E731
     rank2 = torch.randn(7, 2, generator=g) @ torch.randn(2, 7, generator=g)
@@ -263,8 +265,8 @@ def test_soap_with_cholesky_qr_matches_householder_float64(monkeypatch):
         return p
 
     ref = run()
-    cholesky = lambda mats, cholesky=None: _orthonormal(mats, True)  # noqa: E731
-    monkeypatch.setattr(soap_module, "_orthonormal", cholesky)
+    cholesky = functools.partial(soap_qr._canonical_orthonormal, cholesky=True)
+    monkeypatch.setattr(soap_module, "_canonical_orthonormal", cholesky)
     ours = run()
     for k in params:
         assert not torch.equal(ours[k], ref[k])  # the two paths did differ in rounding

@@ -1,5 +1,5 @@
 """SOAP under ``torch.func.vmap`` gives a per-problem loop's numbers, rank-deficient factors
-included, and the canonical QR behind it (``soap._canonical_orthonormal``)."""
+included, and the canonical QR behind it (``soap_qr._canonical_orthonormal``)."""
 
 import optree
 import pytest
@@ -7,8 +7,8 @@ import torch
 
 import funcopt as fo
 from funcopt.testing import check_vmap
-from funcopt.transforms import soap as soap_module
-from funcopt.transforms.soap import _canonical_orthonormal
+from funcopt.transforms import soap_qr
+from funcopt.transforms.soap_qr import _canonical_orthonormal
 
 F64 = torch.float64
 
@@ -110,9 +110,9 @@ def test_traced_path_runs_the_second_qr_on_every_matrix(monkeypatch):
     """While tracing there is no host read: every matrix goes through the second QR, with its
     dependent columns zeroed, and a full-rank one comes out as from the first."""
     calls = []
-    real = soap_module._orthonormal
-    monkeypatch.setattr(soap_module, "_orthonormal",
-                        lambda mats: calls.append(len(mats)) or real(mats))
+    real = soap_qr._orthonormal
+    monkeypatch.setattr(soap_qr, "_orthonormal",
+                        lambda mats, chol=None: calls.append(len(mats)) or real(mats, chol))
     full = torch.randn(3, 5, 5, generator=torch.Generator().manual_seed(2), dtype=F64)
     deficient = torch.stack([_rank_deficient(5, 2, s) for s in range(3)])
     got = torch.func.vmap(lambda x, y: _canonical_orthonormal([x, y]))(full, deficient)

@@ -323,19 +323,19 @@ def test_soap_state_mismatch_names_the_leaf_and_shapes(make):
 def test_soap_cholesky_qr_fallback_is_device_side_when_traced(monkeypatch):
     """While tracing, CholeskyQR2's fallback to Householder QR (a failed factorisation, a NaN)
     is a torch.where, not a host read, and picks what the eager path picks."""
-    from funcopt.transforms import soap as soap_module
+    from funcopt.transforms import soap_qr
 
     g = torch.Generator().manual_seed(0)
     low_rank = torch.randn(6, 2, generator=g) @ torch.randn(2, 6, generator=g)
     nan = torch.randn(6, 6, generator=g)
     nan[2, 3] = float("nan")
     mats = [low_rank, torch.zeros(6, 6), nan, torch.randn(6, 6, generator=g)]
-    eager = soap_module._orthonormal(mats, cholesky=True)
-    monkeypatch.setattr(soap_module, "is_tracing", lambda: True)
-    traced = soap_module._orthonormal(mats, cholesky=True)
+    eager = soap_qr._orthonormal(mats, cholesky=True)
+    monkeypatch.setattr(soap_qr, "is_tracing", lambda: True)
+    traced = soap_qr._orthonormal(mats, cholesky=True)
     for a, b in zip(traced, eager):
         torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
-    compiled = torch.compile(lambda ms: soap_module._orthonormal(ms, cholesky=True),
+    compiled = torch.compile(lambda ms: soap_qr._orthonormal(ms, cholesky=True),
                              fullgraph=True, backend="aot_eager")
     for a, b in zip(compiled(mats), eager):
         torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=1e-6)

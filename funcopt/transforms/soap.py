@@ -9,7 +9,7 @@ preconditioner. Differences from HeavyBall 3.x are listed in :func:`scale_by_soa
 
 In an eager step SOAP decides on the host whether this is the first step and whether to
 refresh the eigenbasis (one ``.item()`` of the step counter per step; the QR refresh runs only
-on refresh steps, reading on the host which factors are rank-deficient). While tracing
+on refresh steps, reading on the host which factors need more work: ``soap_qr``). While tracing
 (``torch.compile``, ``torch.func.vmap``) both branches run every step and ``torch.where`` picks,
 on the device: no host read, no recompile, the eager numbers.
 """
@@ -34,6 +34,7 @@ from funcopt.base import (
 )
 from funcopt.engine import expect_state, is_tracing, leaves, ops, options_or_default
 from funcopt.schedules.one_based import precond_schedule_probability
+from funcopt.transforms.soap_qr import _canonical_orthonormal
 from funcopt.transforms.soap_refresh import (
     RefreshFn,
     every_n_steps,
@@ -95,108 +96,9 @@ def _gram(g: Tensor, d: int) -> Tensor:
     return torch.tensordot(g, g, dims=(other, other))
 
 
-_CHOLESKY_QR_BATCH = 2**25  # elements per CholeskyQR2 batch (256 MB in float64)
-
-
-def _orthonormal(mats: list[Tensor], cholesky: bool | None = None) -> list[Tensor]:
-    """The ``Q`` of the QR decomposition of each square matrix, up to the signs of its columns.
-
-    SOAP's update does not see those signs: a basis column enters the projected gradient and
-    momentum with the same sign, the second moment squares it, and projecting back undoes it;
-    the eigenvalue estimate and the reordering multiply it by itself.
-
-    On a CPU (``cholesky`` None: by device) this is Householder QR, ``torch.linalg.qr``, as in
-    HeavyBall. On a GPU that is slow at these sizes (4.4 ms for one 1024 x 1024 matrix on an
-    H200, no faster in a batch), so there it is CholeskyQR2, made of matrix products:
-    ``R = chol(A^T A)``, ``Q = A R^{-1}``, twice, in float64, matrices of one shape in
-    batches of at most 256 MB of float64 input (the work takes a few times that). A matrix
-    where that is not accurate (a failed Cholesky factorisation, or a first pass whose ``Q``
-    is off orthonormal by 0.1 or more: a singular, very ill-conditioned or non-finite ``A``)
-    gets Householder QR instead; one host read per call decides (while tracing, both run and
-    ``torch.where`` picks on the device; on a CPU CholeskyQR2 is 2-2.5x slower than LAPACK's
-    QR). On a nearly singular factor QR implementations differ in the trailing columns, which
-    rounding sets (the refresh calls ``_canonical_orthonormal``, which fixes rank-deficient ones).
-    """
-    if not (cholesky if cholesky is not None else len(mats) > 0 and mats[0].is_cuda):
-        return [torch.linalg.qr(a)[0] for a in mats]
-    by_shape: dict[tuple, list[int]] = {}
-    for i, a in enumerate(mats):
-        by_shape.setdefault((a.shape, a.dtype, a.device), []).append(i)
-    batches = []
-    for idx in by_shape.values():
-        n = max(1, _CHOLESKY_QR_BATCH // mats[idx[0]].numel())
-        batches += [idx[j:j + n] for j in range(0, len(idx), n)]
-    out, flags = list(mats), []
-    for idx in batches:
-        q = torch.stack([mats[i] for i in idx]).to(torch.float64)
-        eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-        ok = torch.ones(len(idx), dtype=torch.bool, device=q.device)
-        for k in range(2):
-            gram = q.mT @ q
-            if k == 1:  # how far from orthonormal the first pass left it (NaN fails too)
-                ok &= (gram - eye).abs().amax((-2, -1)) < 0.1
-            r, info = torch.linalg.cholesky_ex(gram, upper=True)
-            ok &= info == 0
-            q = torch.linalg.solve_triangular(r, q, upper=True, left=False)
-        for i, qi in zip(idx, q.to(mats[idx[0]].dtype).unbind(0)):
-            out[i] = qi
-        flags.append(ok)
-    if not flags:
-        return out
-    order, tracing, ok = [i for idx in batches for i in idx], is_tracing(), torch.cat(flags)
-    for i, good in zip(order, ok.unbind(0) if tracing else ok.tolist()):  # host read if eager
-        if tracing:
-            out[i] = torch.where(good, out[i], torch.linalg.qr(mats[i])[0])
-        elif not good:
-            out[i] = torch.linalg.qr(mats[i])[0]
-    return out
-
-
-def _independent(a: Tensor, q: Tensor) -> Tensor:
-    """Columns of ``a`` independent of those before them, given the ``Q`` of its QR:
-    :math:`|R_{kk}| = |q_k^T a_k| > 8 \\sqrt{n}\\,\\epsilon \\max_j \\|a_j\\|` (rounding leaves a
-    few :math:`\\epsilon` of that in a dependent one, more after ill-conditioned ones)."""
-    tol = 8 * a.shape[-1] ** 0.5 * torch.finfo(a.dtype).eps
-    return ~((q * a).sum(0).abs() <= tol * _max_column_norm(a))  # NaN stays, as NaN
-
-
-def _max_column_norm(a: Tensor) -> Tensor:
-    """``max_j ||a_j||`` without overflow: that of ``a`` over a power of two near ``max |a|``."""
-    t = a.abs().amax()
-    s = torch.where(torch.isfinite(t) & (t > 0), torch.exp2(torch.floor(torch.log2(t))), 1.0)
-    return s * (a / s).norm(dim=0).amax()
-
-
-def _canonical_orthonormal(mats: list[Tensor]) -> list[Tensor]:
-    """``_orthonormal``, with the columns that rank deficiency leaves to rounding made canonical.
-
-    Where column ``k`` of ``A`` lies in the span of those before it (a factor of rank below
-    its side), QR normalises rounding error there: ``Q`` from column ``k`` on, and Adam in that
-    basis, follow how products were rounded (``vmap``'s batched kernels round unlike a loop's).
-    Such a matrix gets a second QR with column ``k`` replaced by :math:`s f_k` (:math:`s` its
-    largest column norm, :math:`f_{ik} = \\cos((i+1)(k+2))` a fixed generic vector), so ``Q``'s
-    column ``k`` is :math:`f_k` orthogonalised against the columns before it (``Q^T A`` stays
-    upper triangular; QR's derivative stays finite). Full-rank matrices keep the first QR bit
-    for bit; one host read per call picks the others (while tracing all take the second QR).
-    A column whose residual lies between rounding and ``_independent``'s threshold stays."""
-
-    def lifted(a: Tensor, keep: Tensor) -> Tensor:
-        i = torch.arange(1, a.shape[-1] + 1, dtype=torch.float64, device=a.device)
-        fill = torch.cos(i[:, None] * (i[None, :] + 1)).to(a.dtype)
-        return torch.where(keep, a, _max_column_norm(a) * fill)
-    qs = _orthonormal(mats)
-    keep = [_independent(a, q) for a, q in zip(mats, qs)]
-    if is_tracing() or not keep:
-        return _orthonormal([lifted(a, k) for a, k in zip(mats, keep)])
-    redo = [i for i, full in enumerate(torch.stack([k.all() for k in keep]).tolist()) if not full]
-    for i, q in zip(redo, _orthonormal([lifted(mats[i], keep[i]) for i in redo])):
-        qs[i] = q
-    return qs
-
-
 def _qr_refresh(ggs: list[tuple], qss: list[tuple], vs: list) -> tuple[list[tuple], list]:
     """One power-iteration step and QR per factor of every leaf (the QRs batched, see
-    ``_orthonormal``); reorders each ``v`` (work shape; None to skip) to match."""
+    ``soap_qr._orthonormal``); reorders each ``v`` (work shape; None to skip) to match."""
     mats, where, vs = [], [], list(vs)
     for leaf, (gg, qs) in enumerate(zip(ggs, qss)):
         for d, (m, q) in enumerate(zip(gg, qs)):
