@@ -24,7 +24,7 @@ from torch.func import jvp, vmap
 from funcopt import least_squares_stalls
 from funcopt.base import PyTree, tree_flatten, tree_unflatten
 from funcopt.func.jacobian import _vjp
-from funcopt.least_squares_probe import probe_zero_columns
+from funcopt.least_squares_probe import noise_steps, probe_zero_columns, rounding_bound
 from funcopt.transforms import lm_batched
 from funcopt.transforms.levenberg_marquardt import LevenbergMarquardtState, LMOptions
 from funcopt.transforms.lm_damping import TrustRegion, resolve_scaling
@@ -390,18 +390,26 @@ def _check_maxima(f: Callable[[Tensor], Tensor], x: Tensor, code: Tensor,
                   jac: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     """``(code, probes)``: the successes other than a zero residual whose cost falls along a
     parameter with a zero Jacobian column turned into :data:`NOT_A_MINIMUM`
-    (:func:`funcopt.least_squares_probe.probe_zero_columns`, ``probes`` its residual
-    evaluations per problem). Two host reads (this one and the probe's), and ``jac()``, the
-    batched ``(r, J)`` at ``x``, only when some problem ends with such a success."""
+    (:func:`funcopt.least_squares_probe.probe_zero_columns`, with its rounding bound from
+    ``J``; ``probes`` its residual evaluations per problem). Two host reads (this one and the
+    probe's), and ``jac()``, the batched ``(r, J)`` at ``x``, only when some problem ends
+    with such a success."""
     candidates = torch.isin(code, torch.tensor(SUCCESS_CODES[1:], device=x.device))
     if not bool(candidates.any()):  # host sync: one
         return code, torch.zeros_like(code)
     r, J = jac()
+    rnorm, col = lm_batched.batched_norm(r.double()), lm_batched.batched_norm(J.mT)
 
     def norms(xb: Tensor) -> Tensor:
         with torch.no_grad():
             return lm_batched.batched_norm(f(xb).double())
 
-    falls, _, probes = probe_zero_columns(norms, x, J.abs().amax(-2) == 0,
-                                          lm_batched.batched_norm(r.double()), candidates)
+    def noise(moving: Tensor) -> Tensor:
+        with torch.no_grad():
+            ds = [f(x + v) - r - (J @ v[..., None])[..., 0]
+                  for v in noise_steps(x, moving, rnorm, col)]
+        return rounding_bound(r, ds, rnorm)
+
+    falls, _, probes = probe_zero_columns(norms, x, J.abs().amax(-2) == 0, rnorm, candidates,
+                                          noise)
     return torch.where(falls, NOT_A_MINIMUM, code), probes

@@ -190,33 +190,51 @@ def stationarity_floor(residual_fn: Callable, params: Any, gnorm: bool = True,
     ``floor``: the relative rounding of the residuals, ``4 ||r(x + h) - r(x) - J h|| /
     ||r(x)||`` for a step ``h`` of 4 and of -16 ulps per parameter with alternating signs
     (the larger; ``J h`` is exact up to rounding, so the difference is the rounding noise of
-    ``r``): relative changes of the cost below it cannot be measured. Two Jacobian products
-    (one more for ``gnorm``) and two evaluations of ``residual_fn``."""
+    ``r``; a zero parameter moves at the scale :func:`rounding_steps` derives from ``||r|| /
+    ||J_j||``): relative changes of the cost below it cannot be measured. Two Jacobian
+    products (one more for ``gnorm``) and two evaluations of ``residual_fn``."""
     gn = gauss_newton_products(residual_fn, params)
     x, unravel = ravel_params(params)
     r = gn.residuals
     rnorm = scaled_norm(r)
     if float(rnorm) == 0.0:
         return 0.0, math.inf
-    cos = math.nan
-    if gnorm:
+    cos, col = math.nan, None
+    if gnorm or J is not None:
         col2 = column_norms_sq(gn) if J is None else (J * J).sum(0)
-        cos = float(_gradient_cosine(gn, col2, rnorm, x, rel))
+        col = col2.sqrt() if J is None else scaled_norm(J, dim=0)
+        if gnorm:
+            cos = float(_gradient_cosine(gn, col2, rnorm, x, rel))
     f, noise = residual_vector_fn(residual_fn, unravel), 0.0
-    for h in rounding_steps(x):
+    for h in rounding_steps(x, rnorm, col):
         noise = max(noise, float(scaled_norm(f(x + h) - r - gn.jvp(h))))
     return cos, 4 * noise / float(_positive(rnorm))
 
 
-def rounding_steps(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two probe steps ``h`` of :func:`stationarity_floor` (and of the batched driver's
-    check) along the last dimension of ``x``: 4 and -16 ulps of each parameter with
-    alternating signs (rounding can be exact at one point), where an ulp of a zero parameter
-    is one of the largest ``|x_j|`` of its row (or of 1)."""
+def rounding_steps(x: torch.Tensor, rnorm: torch.Tensor | None = None,
+                   col: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two probe steps ``h`` of :func:`stationarity_floor` (and of the batched and
+    data-parallel drivers' checks) along the last dimension of ``x``: 4 and -16 ulps of each
+    parameter with alternating signs (rounding can be exact at one point).
+
+    A zero parameter has no ulp of its own: it moves by ulps of ``min(S, ||r|| / ||J_j||)``,
+    ``S`` the largest ``|x_j|`` of its row (or 1), ``rnorm`` ``||r||`` (shape ``x``'s less its
+    last dim) and ``col`` ``||J_j||`` (as ``x``; where zero, or not given: ``S``). That move
+    changes ``r`` linearly by ``eps ||r||`` per ulp, so the term it adds to ``r`` is no larger
+    than ``r``'s own rounding unit, and an error of ``J`` along it (or ``r``'s curvature)
+    stays below the rounding it is there to measure. ``S`` alone is the problem's scale only
+    when ``r`` is: at ``x = 0`` with ``||r|| = 7e-48`` and ``||J_j|| = 1``, ``4 eps S``
+    changes ``r`` by ``1e32 ||r||``, and a wrong-sign Jacobian's error ``2 J_j h`` read as
+    rounding (floor ``4e32``) would let the stall check call a non-stationary stop
+    converged."""
     eps = torch.finfo(x.dtype).eps
     mag = x.abs()
     big = mag.amax(-1, keepdim=True) if x.shape[-1] else torch.ones_like(mag[..., :1])
-    mag = torch.where(mag > 0, mag, torch.where(big > 0, big, 1.0))
+    scale = torch.where(big > 0, big, 1.0).expand_as(mag)
+    if rnorm is not None and col is not None:
+        own = rnorm.to(x.dtype)[..., None] / torch.where(col > 0, col, 1.0).to(x.dtype)
+        scale = torch.where((col > 0) & (own < scale), own, scale)  # NaN: S
+    mag = torch.where(mag > 0, mag, scale)
     sign = 1.0 - 2.0 * (torch.arange(x.shape[-1], device=x.device) % 2).to(x.dtype)
     return ((x + 4 * eps * mag * sign) - x, (x + -16 * eps * mag * sign) - x)
 

@@ -32,7 +32,7 @@ from funcopt.least_squares_options import (
     check_driver_options,
     rounding_steps,
 )
-from funcopt.least_squares_probe import probe_zero_columns
+from funcopt.least_squares_probe import noise_steps, probe_zero_columns, rounding_bound
 from funcopt.least_squares_stalls import StallModel, judge_stalls, stall_candidates
 from funcopt.transforms import lm_batched
 from funcopt.transforms.levenberg_marquardt import lm_options
@@ -128,17 +128,20 @@ def _check_maxima(residual_fn: Callable[[PyTree], Tensor], unravel: Callable, x:
     """The batched driver's probe along zero Jacobian columns
     (:func:`funcopt.least_squares_batched._check_maxima`) on the all-reduced sums at the
     final ``x`` ``(1, n)``: one all-reduce (float64) of ``sum_i |J_k,ij|`` (zero exactly
-    where the column is, no square to underflow) and ``||r_k||^2``, then one of ``||r_k||^2``
-    per probe. Every rank reads the same sums and probes the same
-    columns, so the collectives match and the codes are equal on every rank; ``where =
-    (group, jac)``, ``jac()`` this rank's ``(J_k, r_k)`` there."""
+    where the column is, no square to underflow), ``||J_k,j||^2`` and ``||r_k||^2``, then
+    one of ``||r_k||^2`` per probe and one of the shards' parts of the rounding bound
+    (:func:`funcopt.least_squares_probe.rounding_bound`). Every rank reads the same sums and
+    probes the same columns, so the collectives match and the codes are equal on every rank;
+    ``where = (group, jac)``, ``jac()`` this rank's ``(J_k, r_k)`` there."""
     candidates = torch.isin(code, torch.tensor(SUCCESS_CODES[1:], device=x.device))
     if not bool(candidates.any()):  # host sync: one, after the fit
         return code, torch.zeros_like(code)
     group, jac = where
     J, r = jac()
     Jd, rd = J.double(), r.double()
-    sums = _sum(torch.cat([Jd.abs().sum(0), (rd @ rd)[None]]), group)
+    n = x.shape[1]
+    sums = _sum(torch.cat([Jd.abs().sum(0), (Jd * Jd).sum(0), (rd @ rd)[None]]), group)
+    rnorm, col = torch.sqrt(sums[-1:]), torch.sqrt(sums[None, n:2 * n])
     f = residual_vector_fn(residual_fn, unravel)
 
     def norms(xb: Tensor) -> Tensor:
@@ -146,8 +149,14 @@ def _check_maxima(residual_fn: Callable[[PyTree], Tensor], unravel: Callable, x:
             rk = f(xb[0]).double()
         return torch.sqrt(_sum((rk @ rk)[None], group))
 
-    falls, _, probes = probe_zero_columns(norms, x, sums[None, :-1] == 0, torch.sqrt(sums[-1:]),
-                                          candidates)
+    def noise(moving: Tensor) -> Tensor:  # the shards' parts of the bound, summed
+        with torch.no_grad():
+            ds = [(f(x[0] + v[0]) - r - J @ v[0])[None] for v in noise_steps(x, moving, rnorm,
+                                                                              col)]
+        return _sum(rounding_bound(r[None], ds, rnorm), group)
+
+    falls, _, probes = probe_zero_columns(norms, x, sums[None, :n] == 0, rnorm, candidates,
+                                          noise)
     return torch.where(falls, NOT_A_MINIMUM, code), probes
 
 
@@ -157,27 +166,30 @@ def _check_stalls(residual_fn: Callable[[PyTree], Tensor], unravel: Callable, x:
     on the all-reduced model at the final ``x`` ``(1, n)``; ``where = (group, jac)``,
     ``jac()`` giving the shard's ``J_k`` and ``r_k`` (formed once, shared with
     :func:`_check_maxima`). One all-reduce (float64) sums ``||J_k,j||^2``, ``J_k^T r_k``,
-    ``||r_k||^2``, the rounding probes' ``||r_k(x + h) - r_k - J_k h||^2`` and the shard
-    sizes ``m_k``; the Gauss-Newton gain (where tested and ``m n <= GAIN_CHECK_SIZE``) comes
-    from the triangular factor of ``[J r]`` (:func:`_stacked_r`). Every rank reads the same sums, so the codes are equal
-    on every rank. Nothing runs unless the fit stopped on a tolerance that is checked."""
+    ``||r_k||^2`` and the shard sizes ``m_k``, a second the rounding probes' ``||r_k(x + h) -
+    r_k - J_k h||^2`` (their steps, :func:`funcopt.least_squares_options.rounding_steps`,
+    move a zero parameter at the scale of the summed ``||r|| / ||J_j||``); the Gauss-Newton
+    gain (where tested and ``m n <= GAIN_CHECK_SIZE``) comes from the triangular factor of
+    ``[J r]`` (:func:`_stacked_r`). Every rank reads the same sums, so the codes are equal on
+    every rank. Nothing runs unless the fit stopped on a tolerance that is checked."""
     code, loud = stops
     checked, limit = stall_candidates(code, loud, tols)
     if not bool((checked | limit).any()):  # host sync: one, after the fit
         return code
     group, jac = where
     J, r = jac()
-    f = residual_vector_fn(residual_fn, unravel)
-    with torch.no_grad():
-        noise = [((f(x[0] + h) - r - J @ h).double() ** 2).sum() for h in rounding_steps(x[0])]
     Jd, rd = J.double(), r.double()
     n = x.shape[1]
-    sums = _sum(torch.cat([(Jd * Jd).sum(0), Jd.T @ rd, (rd @ rd)[None], torch.stack(noise),
+    sums = _sum(torch.cat([(Jd * Jd).sum(0), Jd.T @ rd, (rd @ rd)[None],
                            torch.tensor([float(r.numel())], dtype=torch.float64,
                                         device=rd.device)]), group)
     col, rnorm = torch.sqrt(sums[:n]), torch.sqrt(sums[2 * n])
+    f = residual_vector_fn(residual_fn, unravel)
+    with torch.no_grad():  # the steps need the summed ||r|| and ||J_j||: a second all-reduce
+        noise = _sum(torch.stack([((f(x[0] + h) - r - J @ h).double() ** 2).sum()
+                                  for h in rounding_steps(x[0], rnorm, col)]), group)
     g = sums[n:2 * n].abs() / (torch.where(col > 0, col, 1.0) * torch.where(rnorm > 0, rnorm, 1.0))
-    floor = 4 * torch.sqrt(sums[2 * n + 1:2 * n + 3].amax()) / torch.where(rnorm > 0, rnorm, 1.0)
+    floor = 4 * torch.sqrt(noise.amax()) / torch.where(rnorm > 0, rnorm, 1.0)
     gain = ulps = torch.zeros(1, dtype=torch.float64, device=rd.device)
     m = int(sums[-1])
     limit = limit & (m * n <= GAIN_CHECK_SIZE)

@@ -30,6 +30,19 @@ falls only near ``b = a / 8``); a maximum along an unprobed column that the othe
 columns' rises outweigh (``1 + sum_j c_j a_j^2`` with one ``c_j = -1`` among 39 ``+1``: every
 pattern sees ``sum_j c_j h^2 > 0``); a coupled pair beyond the first 8 zero columns that all
 four patterns give the same relative sign; falls flatter than quadratic.
+
+Rounding. A probe's fall counts only where it exceeds what the rounding of ``r`` can do to
+``F`` (:func:`rounding_bound`): at a near-exact fit of a large model (``||r|| ~ 1e-9
+||model||``) the model's rounding, ``eps`` relative to the model, moves ``F`` by up to ``~1e9
+eps`` relative at any point, a probe's included, where ``F`` is exactly constant along the
+zero column (``(a0 t + a1)(sin^2 b + cos^2 b) - y``). Only a probe that falls by more than
+``FALL eps`` costs the measurement (two residual evaluations, in the problems with a nonzero
+column), and one that falls by less than the bound is probed once more, :data:`REACH` farther
+out, where a true quadratic fall has grown and rounding has not. Also missed so: a fall that
+even there stays below the worst case of the rounding (the bound adds ``|r_i| rho_i`` over
+the rows without the cancellation the actual rounding may have, as at a fit whose model is
+in the span of ``J``: a residual ``3e-10 cos b`` beside a near-exact fit of 50 rows with
+``||r|| = 7e-9``), and a fall that turns within that reach.
 """
 
 from __future__ import annotations
@@ -46,10 +59,11 @@ from funcopt.func.jacobian import (
     ravel_params,
     residual_vector_fn,
 )
+from funcopt.least_squares_options import rounding_steps
 from funcopt.solvers.base import scaled_norm
 from funcopt.transforms.lm_model import column_norms_sq
 
-__all__ = ["probe_zero_columns", "zero_column_check"]
+__all__ = ["probe_zero_columns", "zero_column_check", "noise_steps", "rounding_bound"]
 
 Tensor = torch.Tensor
 
@@ -59,9 +73,19 @@ units has thousands, and two evaluations each would cost more than the fit."""
 
 PATTERNS = 4  # sign patterns of the combined probes: all +1 and the zero columns' rank bits
 COMBINED = -2  # ``which`` for a fall along a combined direction (:func:`probe_zero_columns`)
+NOISE_PROBES = 2  # evaluations of the rounding measurement (:func:`noise_steps`) per problem
+
+
+REACH = 0.125
+"""A probe whose fall is above ``FALL eps`` but below the rounding bound is repeated at
+``eps^(-REACH)`` times its step (90 in float64, 7 in float32, 2 in float16): within
+``eps^(1/8) max(1, |x_j|)`` of ``x``, where a quadratic fall has grown ``eps^(-1/4)`` times
+and rounding, which does not grow with the step, is still within the bound."""
 
 FALL = 8
-"""A probe's cost must be below ``(1 - FALL eps) F(x)`` to count as a fall. The costs are
+"""A probe's cost must be below ``(1 - max(FALL eps, bound)) F(x)`` to count as a fall
+(``bound``: :func:`rounding_bound`, the rounding of ``r``; the probe at ``h`` or, where only
+the bound hid its fall, its repetition :data:`REACH` farther). The costs are
 float64 sums of the dtype's residuals: each residual rounds to a relative ``eps / 2`` and its
 square to ``eps``, so two evaluations of ``F`` at points where it is the same can differ by
 ``2 eps`` relative when ``residual_fn`` rounds its last operation only; ``8 eps`` leaves a
@@ -89,8 +113,47 @@ def sign_patterns(zero: Tensor, dtype: torch.dtype) -> Iterator[Tensor]:
         yield (1 - 2 * ((rank >> i) & 1)).to(dtype)
 
 
+def noise_steps(x: Tensor, moving: Tensor, rnorm: Tensor,
+                col: Tensor) -> tuple[Tensor, Tensor]:
+    """The two steps (as ``x``) at which :func:`rounding_bound` measures the rounding of ``r``:
+    :func:`funcopt.least_squares_options.rounding_steps` (4 and -16 ulps, a zero parameter at
+    the scale of ``||r|| / ||J_j||``, ``rnorm`` and ``col``) on the columns ``moving`` (the
+    nonzero columns of the problems probed), 0 on the others: a zero column does not move, so
+    the probes' own quadratic change (or the curvature of a fall) is not read as rounding."""
+    up, down = rounding_steps(x, rnorm, col)
+    return torch.where(moving, up, 0.0), torch.where(moving, down, 0.0)
+
+
+def rounding_bound(r: Tensor, ds: list[Tensor], rnorm: Tensor) -> Tensor:
+    """How far the rounding of ``r`` ``(B, m)`` can move ``F = ||r||^2``, relative to
+    ``rnorm^2`` (``||r||``, ``(B,)``; the data-parallel driver sums the shards' values):
+    ``2 sum_i (2 |r_i| rho_i + rho_i^2) / ||r||^2``, float64, ``(B,)``.
+
+    ``ds``: ``d = r(x + h) - r(x) - J h`` at the steps of :func:`noise_steps`; ``J h`` is
+    the linear change, the curvature adds ``~h^2 = O(eps^2)``, so ``d`` is the difference of
+    two roundings of ``r``; ``rho_i = max |d_i|`` over the steps (a non-finite ``d_i``: 0, no
+    evidence). Derivation: a probe at ``p`` computes ``F(p)`` from ``r(p) + delta^p`` and
+    compares it with ``F(x)`` from ``r(x) + delta^x`` (``delta``: the roundings). Their
+    difference changes ``F(x) - F(p)`` by ``2 r . (delta^x - delta^p)`` and the squares of the
+    ``delta``, up to the true change's ``O(h^2)`` share; ``delta^x - delta^p`` is a difference
+    of two roundings like ``d``, about ``rho_i`` in row ``i``, so with every sign against
+    ``r`` the change is at most ``sum_i (2 |r_i| rho_i + rho_i^2)``; the factor 2 covers a
+    sample below its typical size. Rounding does not grow with the probe's step, a true fall
+    grows as its square, and ``d`` does not hold the fall: the zero columns do not move in
+    it, and a fitted column's change, however stiff, is in ``J h``. The bound counts the
+    rounding row by row where ``r`` is, so a fall in rows of small terms (a residual ``1e-6
+    cos b`` beside a near-exact fit) is still seen."""
+    rho = torch.stack([torch.nan_to_num(d.double().abs(), nan=0.0, posinf=0.0)
+                       for d in ds]).amax(0)
+    safe = torch.where(rnorm > 0, rnorm, 1.0).double()[..., None]
+    a, q = r.double().abs() / safe, rho / safe
+    return torch.nan_to_num(2 * (2 * a * q + q * q).sum(-1), nan=0.0)
+
+
 def probe_zero_columns(norms: Callable[[Tensor], Tensor], x: Tensor, zero_col: Tensor,
-                       rnorm: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                       rnorm: Tensor, candidates: Tensor,
+                       noise: Callable[[Tensor], Tensor] | None = None,
+                       ) -> tuple[Tensor, Tensor, Tensor]:
     """``(falls, which, probes)`` for problems ``x`` ``(B, n)`` at their final points.
 
     A problem's zero columns are the ``j`` with ``zero_col[b, j]`` (``J_j == 0``, ``(B, n)``)
@@ -100,11 +163,26 @@ def probe_zero_columns(norms: Callable[[Tensor], Tensor], x: Tensor, zero_col: T
     probed column (at most :data:`MAX_PROBED`, evenly spaced), at ``x +- h e_j``
     (:func:`probe_steps`); then, in the rows with two or more zero columns and no fall yet,
     two per pattern of :func:`sign_patterns`, at ``x +- sum_j s_j h_j e_j`` over all their zero
-    columns. ``falls``: some probe has ``||r_probe||^2 < (1 - FALL eps)
-    ||r||^2`` (:data:`FALL`); ``which``:
-    the first such ``j``, :data:`COMBINED` for a combined direction (-1: none); ``probes``:
-    residual evaluations per problem. One host read (two where a problem has two zero
-    columns or more), none of ``norms`` when no column is zero."""
+    columns.
+
+    A probe's relative fall ``1 - ||r_probe||^2 / ||r||^2`` above ``cut = max(FALL eps,
+    bound)`` (:data:`FALL`) is a fall. Where some probe falls by more than ``FALL eps``,
+    ``noise`` (``moving`` ``(B, n)`` -> ``(B,)``: :func:`rounding_bound` at the steps
+    :func:`noise_steps` gives for ``moving``) measures ``bound`` in those problems that have
+    a nonzero column (``moving``: their nonzero columns), :data:`NOISE_PROBES` evaluations
+    each; None, or no nonzero column: ``bound = 0``. A fall between ``FALL eps`` and ``cut``
+    may be rounding or a true fall too shallow at ``h``: that probe is made once more,
+    ``eps^(-REACH)`` times as far along the same direction (:data:`REACH`), and is a fall
+    where the second one falls by more than ``cut``: a true quadratic fall has grown
+    ``eps^(-2 REACH)`` times there, rounding is bounded by ``cut`` at any point. So every
+    fall is one under ``FALL eps`` alone too, and a probe that falls by less costs nothing
+    more.
+
+    ``falls``: some probe fell; ``which``: such a ``j`` (the first of the probes at ``h``),
+    :data:`COMBINED` for a combined direction (-1: none); ``probes``: residual evaluations per
+    problem. One host read (two where a problem has two zero columns or more; where ``noise``
+    applies, one more after each set of probes and another where one fell by more than
+    ``FALL eps``), none of ``norms`` when no column is zero."""
     eps = torch.finfo(x.dtype).eps
     known = (rnorm > 0) & torch.isfinite(rnorm)  # an overflowed ||r|| has no ratio to test
     zero = candidates[:, None] & zero_col & known[:, None]
@@ -113,32 +191,71 @@ def probe_zero_columns(norms: Callable[[Tensor], Tensor], x: Tensor, zero_col: T
     which = torch.full((B,), -1, dtype=torch.int64, device=x.device)
     safe = torch.where(rnorm > 0, rnorm, 1.0).double()
     many = zero.sum(-1) >= 2
-    hits = torch.nonzero(torch.cat([zero.any(0), many.any()[None]]))[:, 0].cpu()  # host read
-    cols, combined = hits[hits < n], bool(len(hits)) and int(hits[-1]) == n
+    moving = zero.any(-1, keepdim=True) & ~zero_col  # the fitted columns of the probed rows
+    if noise is None:
+        moving = torch.zeros_like(moving)
+    hits = torch.nonzero(torch.cat([zero.any(0), many.any()[None], moving.any()[None]])
+                         )[:, 0].cpu()  # host read
+    cols, combined, noisy = hits[hits < n], bool((hits == n).any()), bool((hits > n).any())
     if len(cols) > MAX_PROBED:  # e.g. a network's dead units: evenly spaced ones
         cols = cols[torch.linspace(0, len(cols) - 1, MAX_PROBED).round().long()]
     probed = zero & torch.isin(torch.arange(n, device=x.device), cols.to(x.device))
+    cut = torch.full_like(safe, FALL * eps)
+    measured = torch.zeros_like(falls)  # the problems whose bound is in cut
+    probes = torch.zeros(B, dtype=torch.int64, device=x.device)
 
-    def fell(moved: Tensor, rows: Tensor) -> Tensor:
-        ratio = norms(moved).double() / safe
-        return rows & (ratio * ratio < 1.0 - FALL * eps)  # NaN: not a fall
+    def fall(v: Tensor) -> Tensor:
+        ratio = norms(x + v).double() / safe
+        return 1.0 - ratio * ratio  # NaN: not a fall
 
+    def judge(steps: list[tuple[int, Tensor, Tensor]], fs: list[Tensor]) -> list[Tensor]:
+        """Mark the falls above ``cut``; the probes that fell by less than ``cut`` but more
+        than ``FALL eps`` in problems without a fall."""
+        nonlocal falls, which
+        for (tag, rows, _), f in zip(steps, fs):
+            sure = rows & (f > cut)
+            which, falls = torch.where(sure & ~falls, tag, which), falls | sure
+        return [rows & ~falls & (f > FALL * eps) for (_, rows, _), f in zip(steps, fs)]
+
+    def stage(steps: list[tuple[int, Tensor, Tensor]]) -> None:
+        """The probes ``(which, rows, step)``; where some fell by more than ``FALL eps``, the
+        bound, then the second probes of the unsure ones (:data:`REACH`)."""
+        nonlocal falls, which, cut, measured, probes
+        fs = [fall(v) for _, _, v in steps]
+        probes = probes + sum(rows.long() for _, rows, _ in steps)
+        if not noisy:
+            judge(steps, fs)  # cut is FALL eps: nothing is unsure
+            return
+        fell = [rows & (f > FALL * eps) for (_, rows, _), f in zip(steps, fs)]
+        need = torch.stack(fell).any(0) & moving.any(-1) & ~measured
+        flags = torch.stack([need.any()] + [c.any() for c in fell]).tolist()  # host read
+        if not any(flags):
+            return
+        if flags[0] and noise is not None:
+            bound = torch.clamp(noise(moving & need[:, None]).double(), min=FALL * eps)
+            cut, measured = torch.where(need, bound, cut), measured | need
+            probes = probes + NOISE_PROBES * need
+        unsure = judge(steps, fs)
+        again = torch.stack([u.any() for u in unsure]).tolist()  # host read
+        for (tag, _, v), u, go in zip(steps, unsure, again):
+            if go:
+                sure = u & (fall(torch.where(u[:, None], v * eps ** -REACH, 0.0)) > cut)
+                which, falls = torch.where(sure & ~falls, tag, which), falls | sure
+                probes = probes + u
+
+    singles = []
     for j in cols.tolist():
         rows = probed[:, j]
         for sign in (1.0, -1.0):
-            moved = x.clone()
-            moved[:, j] = torch.where(rows, x[:, j] + sign * h[:, j], x[:, j])
-            f = fell(moved, rows)
-            which, falls = torch.where(f & ~falls, j, which), falls | f
-    probes = 2 * probed.sum(-1)
+            v = torch.zeros_like(x)
+            v[:, j] = torch.where(rows, sign * h[:, j], 0.0)
+            singles.append((j, rows, v))
+    stage(singles)
     rows = many & ~falls
     if combined and bool(rows.any()):  # the second host read
-        moving = zero & rows[:, None]
-        for s in sign_patterns(zero, x.dtype):
-            for sign in (1.0, -1.0):
-                f = fell(torch.where(moving, x + sign * s * h, x), rows)
-                which, falls = torch.where(f & ~falls, COMBINED, which), falls | f
-        probes = probes + 2 * PATTERNS * rows
+        moved = zero & rows[:, None]
+        stage([(COMBINED, rows, torch.where(moved, sign * s * h, 0.0))
+               for s in sign_patterns(zero, x.dtype) for sign in (1.0, -1.0)])
     return falls, which, probes
 
 
@@ -151,15 +268,19 @@ def zero_column_check(residual_fn: Callable[..., Tensor], params: Any, reason: s
     paths) from ``diag(J^T J)`` by ``min(m, n)`` products
     (:func:`funcopt.transforms.lm_model.column_norms_sq`); then :func:`probe_zero_columns`,
     whose evaluations are counted. A fall gives a failure naming the parameter (its leaf's
-    path and index, :func:`_name`), or the zero columns' first three for a combined one."""
+    path and index, :func:`_name`), or the zero columns' first three for a combined one. The
+    rounding bound's ``J h`` comes from ``J`` or from a Jacobian-vector product."""
     if dense is None:
         gn = gauss_newton_products(residual_fn, params)
-        r, zero = gn.residuals, column_norms_sq(gn, None) == 0
+        r, col = gn.residuals, column_norms_sq(gn, None).sqrt()
+        zero, linear = col == 0, gn.jvp
     else:
         J, r = jacobian(residual_fn, params, mode=dense.get("jacobian_mode", "auto"),
                         chunk_size=dense.get("chunk_size"))
         zero = J.abs().amax(0) == 0  # exact: no squares to underflow
-    rnorm = scaled_norm(r.detach().double())
+        col, linear = scaled_norm(J, dim=0), lambda v: J @ v
+    r = r.detach()
+    rnorm = scaled_norm(r.double())
     if not bool(zero.any()) or float(rnorm) == 0.0:
         return reason, True, 0
     x, unravel = ravel_params(params)
@@ -169,8 +290,15 @@ def zero_column_check(residual_fn: Callable[..., Tensor], params: Any, reason: s
         with torch.no_grad():
             return scaled_norm(f(xb[0]).double()).reshape(1)
 
+    def noise(moving: Tensor) -> Tensor:
+        with torch.no_grad():
+            ds = [f(x + v[0]) - r - linear(v[0]) for v in noise_steps(x[None], moving, rnorm,
+                                                                     col[None])]
+        return rounding_bound(r[None], [d[None] for d in ds], rnorm.reshape(1))
+
     falls, which, probes = probe_zero_columns(norms, x[None], zero[None], rnorm.reshape(1),
-                                              torch.ones(1, dtype=torch.bool, device=x.device))
+                                              torch.ones(1, dtype=torch.bool, device=x.device),
+                                              noise)
     if not bool(falls[0]):
         return reason, True, int(probes[0])
     j = int(which[0])
@@ -181,7 +309,9 @@ def zero_column_check(residual_fn: Callable[..., Tensor], params: Any, reason: s
                  f"a combination of them (+- h_j each)")
     else:
         where = (f"column for parameter {_name(params, j)} is zero here and the cost falls "
-                 f"along it (at +- {float(probe_steps(x[j])):.2g})")
+                 f"along it (probed at +- {float(probe_steps(x[j])):.2g}, and "
+                 f"{torch.finfo(x.dtype).eps ** -REACH:.2g} times as far where rounding hid "
+                 "a shallower fall)")
     return (f"a stationary point that is not a minimum: the Jacobian's {where}, so "
             f"Gauss-Newton cannot leave it although a test held ({reason}): a failure; start "
             "from another point"), False, int(probes[0])

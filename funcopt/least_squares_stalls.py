@@ -107,19 +107,21 @@ def check_stalls(f: Callable[[Tensor], Tensor], x: Tensor, stops: tuple[Tensor, 
         part = lm_batched.gauss_newton_gain(J[idx], r[idx], torch.zeros_like(rnorm[idx]), x[idx],
                                             m)
         gain, ulps = (z.index_copy(0, idx, v) for z, v in zip((gain, ulps), part))
-    s = StallModel(g, col, rnorm, rounding(f, x, r, J, rnorm), gain, ulps)
+    s = StallModel(g, col, rnorm, rounding(f, x, r, J, rnorm, col), gain, ulps)
     return judge_stalls(code, checked, limit, s, x, tols)
 
 
 def rounding(f: Callable[[Tensor], Tensor], x: Tensor, r: Tensor, J: Tensor,
-              rnorm: Tensor) -> Tensor:
+             rnorm: Tensor, col: Tensor) -> Tensor:
     """Each problem's relative rounding of its residuals, ``4 ||r(x + h) - r(x) - J h|| /
     ||r||`` for steps ``h`` of 4 and of -16 ulps per parameter with alternating signs (the
-    larger), as :func:`funcopt.least_squares_options.stationarity_floor`: a predicted
-    relative reduction below it cannot be told from rounding."""
+    larger; a zero parameter at the scale of ``||r|| / ||J_j||``, ``col`` the column norms:
+    :func:`funcopt.least_squares_options.rounding_steps`), as
+    :func:`funcopt.least_squares_options.stationarity_floor`: a predicted relative reduction
+    below it cannot be told from rounding."""
     noise = torch.zeros_like(rnorm)
     with torch.no_grad():
-        for h in rounding_steps(x):
+        for h in rounding_steps(x, rnorm, col):
             d = f(x + h) - r - (J @ h[..., None])[..., 0]
             noise = torch.maximum(noise, lm_batched.batched_norm(d))
     return 4 * noise / torch.where(rnorm > 0, rnorm, 1.0)

@@ -334,15 +334,12 @@ def test_probe_a_maximum_along_an_unprobed_zero_column():
     assert not _fit(r, {"a": torch.zeros(40, dtype=F64)}).success
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a false failure: the cost is exactly constant along b (r = (a0 t + a1)(sin^2 b + "
-    "cos^2 b) - y, a near-exact fit), J's column for b is exactly zero, but the probes' "
-    "rounding of sin^2 + cos^2 (eps relative to the model, ~1e9 eps relative to the 1e-9 "
-    "residuals) reads as a fall above FALL eps of F: a true minimum is reported 'not a "
-    "minimum'. A threshold from F's change over a few ulps of every parameter fixed it but "
-    "hid real maxima (a stiff fitted column's rise counted as noise: test_adversarial_dec06f); "
-    "the fix needs the rounding of r alone (r(x+h) - r - J h, as stationarity_floor), with J"))
+# Was a strict xfail: the probes' rounding of sin^2 + cos^2 read as a fall above FALL eps of F.
+# A fall must now exceed the residuals' own rounding (least_squares_probe.rounding_bound);
+# tests/test_lsq_probe_rounding.py guards the other drivers and the maxima next to it.
 def test_probe_a_flat_direction_at_a_near_exact_fit_keeps_the_success():
+    """The cost is exactly constant along b (r = (a0 t + a1)(sin^2 b + cos^2 b) - y, a
+    near-exact fit) and J's column for b is zero: a true minimum keeps its success."""
     g = torch.Generator().manual_seed(0)
     t = torch.linspace(0, 1, 50, dtype=F64)
     y = 2 * t + 1 + 1e-9 * torch.randn(50, generator=g, dtype=F64)

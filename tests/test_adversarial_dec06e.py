@@ -378,15 +378,13 @@ def _flipped_pair(c):
     return fn
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a fit of tiny scale that ends at x = 0 with a wrong-sign Jacobian: the stall check's "
-    "rounding floor (stationarity_floor: 4 ||r(x + h) - r - J h|| / ||r||) steps a zero "
-    "parameter by 4 eps times a fallback scale of 1 (rounding_steps: every |x_j| is 0), far "
-    "beyond the problem's scale (the minimum p1 = c = 6.8e-48), so it measures the wrong "
-    "Jacobian's error, not rounding: floor 4e33, and gnorm 1 passes as converged; a stop on "
-    "ftol after rejected updates is then a success (found by hypothesis in "
-    "test_least_squares_batched_stall)"))
+# Was a strict xfail: the rounding floor stepped a zero parameter at scale 1 and measured the
+# wrong Jacobian's error (floor 4e33). A zero parameter now moves at the scale ||r|| / ||J_j||
+# (least_squares_options.rounding_steps); tests/test_lsq_probe_rounding.py guards the other
+# drivers.
 def test_a_wrong_jacobian_at_a_zero_point_of_tiny_scale_is_not_success():
+    """A fit of tiny scale (minimum at p1 = 6.8e-48) with a wrong-sign Jacobian that ends at
+    x = 0 on ftol after rejected updates: gnorm is 1, far above the rounding floor, a stall."""
     c = 6.782894149762711e-48
     x, info = fo.least_squares(_flipped_pair(c), torch.tensor([1.0, 0.5 * c],
                                                               dtype=torch.float64))

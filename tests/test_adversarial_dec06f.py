@@ -1,5 +1,6 @@
 """Adversarial checks of the zero-column probe near overflow and stiff fitted columns (a
-rounding-noise threshold tried for the probe hid maxima in both, and was taken back) and of
+rounding-noise threshold from F's change over a few ulps of every parameter hid maxima in
+both; the probe's bound now measures r(x + h) - r - J h with the zero columns fixed) and of
 the batched driver's choice between the Gram and SVD models (``_spectral_model``)."""
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def _stiff(p):
 
 def test_stiff_fitted_parameter_does_not_hide_a_maximum_single():
     """A noise threshold from F's change over 16 ulps of every parameter counted the stiff
-    column's quadratic rise as rounding and hid this maximum; the probe compares with FALL eps."""
+    column's quadratic rise as rounding and hid this maximum; the probe's rounding bound
+    removes the fitted column's change (J h) and finds r's rounding there to be nil."""
     info = _single(_stiff, 0.0, 1e6)
     assert not info.success
 
