@@ -1,7 +1,6 @@
 """Schedule-Free AdamW / SGD against schedulefree 1.4.1 (the reference package)."""
 
 import pytest
-import schedulefree
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,6 +11,8 @@ from funcopt.transforms.schedule_free import (
     schedule_free_eval_params,
     schedule_free_sgd,
 )
+
+schedulefree = pytest.importorskip("schedulefree")
 
 
 def _problem(seed=0, dtype=torch.float64):
