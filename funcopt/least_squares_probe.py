@@ -120,7 +120,7 @@ def noise_steps(x: Tensor, moving: Tensor, rnorm: Tensor,
     the scale of ``||r|| / ||J_j||``, ``rnorm`` and ``col``) on the columns ``moving`` (the
     nonzero columns of the problems probed), 0 on the others: a zero column does not move, so
     the probes' own quadratic change (or the curvature of a fall) is not read as rounding."""
-    up, down = rounding_steps(x, rnorm, col)
+    up, down = rounding_steps(x, rnorm, col)[:2]
     return torch.where(moving, up, 0.0), torch.where(moving, down, 0.0)
 
 

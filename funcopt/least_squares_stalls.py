@@ -87,7 +87,7 @@ def check_stalls(f: Callable[[Tensor], Tensor], x: Tensor, stops: tuple[Tensor, 
     """The reason codes ``stops[0]`` with the tolerance stops that are not stationary turned
     into the failure code :data:`STALLED` (:func:`stall_candidates` says which stops are
     checked and how, :func:`judge_stalls` decides), ``stops[1]`` the ``loud`` flags. One
-    batched Jacobian and two evaluations of ``f``, and a float64 SVD of the Jacobians of the
+    batched Jacobian and six evaluations of ``f``, and a float64 SVD of the Jacobians of the
     problems with a gain test (``m n <= GAIN_CHECK_SIZE``), only when some problem stopped
     that way; ``jac()`` gives that ``(r, J)`` (shared with the zero-column probe)."""
     code, loud = stops
@@ -114,8 +114,8 @@ def check_stalls(f: Callable[[Tensor], Tensor], x: Tensor, stops: tuple[Tensor, 
 def rounding(f: Callable[[Tensor], Tensor], x: Tensor, r: Tensor, J: Tensor,
              rnorm: Tensor, col: Tensor) -> Tensor:
     """Each problem's relative rounding of its residuals, ``4 ||r(x + h) - r(x) - J h|| /
-    ||r||`` for steps ``h`` of 4 and of -16 ulps per parameter with alternating signs (the
-    larger; a zero parameter at the scale of ``||r|| / ||J_j||``, ``col`` the column norms:
+    ||r||`` for the steps ``h`` of :data:`funcopt.least_squares_options.ROUNDING_ULPS` ulps
+    per parameter with alternating signs (the largest; a zero parameter at the scale of ``||r|| / ||J_j||``, ``col`` the column norms:
     :func:`funcopt.least_squares_options.rounding_steps`), as
     :func:`funcopt.least_squares_options.stationarity_floor`: a predicted relative reduction
     below it cannot be told from rounding."""

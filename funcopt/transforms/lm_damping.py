@@ -304,7 +304,7 @@ def trust_region_damping(s: Tensor, w: Tensor, sigma: Tensor, radius: Tensor | f
     MINPACK's ``lmpar`` does the same with a QR factorisation.
     """
     radius = radius * sigma
-    keep = s > torch.finfo(s.dtype).eps * max(s.numel(), 1)
+    keep = ~dropped_directions(s)
     s2 = torch.where(keep, s * s, torch.ones_like(s))
     w2 = torch.where(keep, w * w, torch.zeros_like(w))
     mu = torch.zeros_like(radius)
@@ -314,6 +314,25 @@ def trust_region_damping(s: Tensor, w: Tensor, sigma: Tensor, radius: Tensor | f
             break
         mu = mu + step
     return mu * sigma * sigma
+
+
+def dropped_directions(s: Tensor) -> Tensor:
+    """Where the normalised singular values ``s`` (``max s = 1``) are at most ``eps n``: a
+    direction that rounding alone could have made (``J``'s singular values carry an error of
+    about ``eps`` times the largest). :func:`trust_region_damping` leaves them out."""
+    return s <= torch.finfo(s.dtype).eps * max(s.numel(), 1)
+
+
+def singular_gauss_newton(svd: tuple[Tensor, Tensor, Tensor] | None) -> bool:
+    """Whether the trust region's Gauss-Newton step (``lambda = 0``) meets a ``Jt`` with a
+    :func:`dropped_directions` (``svd`` from the model's :func:`trust_region_damping` inputs,
+    None under another rule: False; one host read). ``Jt^T Jt`` is then singular to working
+    precision, and Cholesky may meet a zero pivot or factor the rounding (a last pivot of a
+    few ``eps`` of the largest passes its pivot test and sends the step along the null
+    space), which differs from one CPU's kernels to another's. The eager update then takes
+    the minimum-norm step under "auto" (:class:`~funcopt.solvers.Lstsq`), and a named
+    solver's attempt fails (rejected: the radius shrinks and ``lambda > 0``)."""
+    return svd is not None and bool(dropped_directions(svd[0]).any())  # host sync
 
 
 def newton_terms(w2: Tensor, q: Tensor, rho: Tensor, rho1: Tensor) -> tuple[Tensor, Tensor]:

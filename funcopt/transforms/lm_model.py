@@ -21,6 +21,7 @@ from funcopt.func.jacobian import (
     ravel_params,
     residual_vector_fn,
 )
+from funcopt.solvers import Auto, Lstsq, get
 from funcopt.solvers.base import scaled_norm
 from funcopt.solvers.damped import (
     DirectDamped,
@@ -242,8 +243,6 @@ def _linearize(residual_fn, params, args, state, o: LMOptions) -> _Local:
     if o.geodesic is None and direct_supported(o.solver, J):
         T, info = type(gamma), torch.finfo(J.dtype)
         one = S is None or (smin_h * gamma >= T(info.tiny) and smax_h * gamma <= T(info.max))
-        from funcopt.solvers import get
-
         rcond = getattr(get(o.solver), "rcond", None)
         dd = direct_damped(J, r, S, float(gamma), one, o.form, rcond, rmax_h)
         return _Local(x, f, r, rnorm, d, cos, lam, None, None, dd.jv, svd, host, dd,
@@ -454,12 +453,16 @@ def _propose(loc: _Local, lam: Any, o: LMOptions, generic: bool = False):
     if loc.direct is not None or factor is None or solve is None:
         assert loc.direct is not None
         lam_h = lam / type(lam)(loc.gamma) / type(lam)(loc.gamma)
-        if not generic and 0 <= lam_h < math.inf:
+        singular = lam_h == 0 and lm_damping.singular_gauss_newton(loc.svd)
+        if singular and not isinstance(get(o.solver), Auto):  # e.g. "cholesky": no step
+            delta, no = torch.zeros_like(loc.x), torch.zeros_like(loc.rnorm, dtype=torch.bool)
+            return delta, delta, loc.jv(delta), no, no
+        if not generic and not singular and 0 <= lam_h < math.inf:
             delta, ok = direct_damped_solve(loc.direct, float(lam_h))
             return delta, delta, loc.jv(delta), ok, ok
         from funcopt.solvers import DampedLeastSquares
 
-        dls = DampedLeastSquares(o.solver, o.form)
+        dls = DampedLeastSquares(Lstsq() if singular else o.solver, o.form)
         plan = loc.direct.plan(loc.gamma < 2.0 ** -100)
         factor = lambda lam_: dls.init(plan, lam_)  # noqa: E731
         solve = lambda st, u: _negated(dls.compute(st, u), u.dtype)  # noqa: E731
