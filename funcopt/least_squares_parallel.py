@@ -79,7 +79,9 @@ def least_squares_parallel(
         BatchedLeastSquaresInfo` of one problem (fields of shape ``(1,)``), equal on every rank.
 
     Range: the sums of squares are all-reduced as they are, so ``||r||`` must stay below
-    about ``1e154`` (float64); the single-process drivers have no such limit.
+    about ``1e154`` (float64; ``1e19`` float32), and a nonzero ``||r||`` at ``params`` below
+    about ``1e-154`` (``1e-19``) raises a ValueError (its square underflows: the fit would
+    stop at once as exact); the single-process drivers have no such limit.
     """
     check_driver_options(options, tolerances, "least_squares_parallel")
     o = lm_options(rule, **options)
@@ -88,9 +90,18 @@ def least_squares_parallel(
     def f(x: Tensor) -> Tensor:
         return residual_vector_fn(residual_fn, unravel)(x)
 
+    with torch.no_grad():  # m decides D where scaling is None; ||r(x0)|| is checked
+        r0 = f(x0).double()
+        m, rr, nonzero = _sum(torch.stack([torch.tensor(float(r0.numel()), dtype=r0.dtype,
+                                                        device=r0.device),
+                                           r0 @ r0, (r0 != 0).sum().double()]), group).tolist()
+    if nonzero > 0 and rr < torch.finfo(x0.dtype).tiny:  # 1e-154 in float64, 1e-19 float32
+        raise ValueError(f"least_squares_parallel: ||r||^2 = {rr:.3g} at params (this rank's "
+                         f"max |r_i| = {float(r0.abs().amax()):.3g}), too small for the "
+                         f"all-reduced {x0.dtype} sums of squares (they underflow and the fit "
+                         "would stop as exact); multiply residual_fn by a constant, e.g. 1 / "
+                         "the size of its residuals")
     if o.scaling is None:  # the residuals of all ranks against the parameters decide D
-        with torch.no_grad():
-            m = _sum(torch.tensor([f(x0).numel()], dtype=torch.float64, device=x0.device), group)
         o = resolve_scaling(o, int(m), x0.numel())
 
     def model(x: Tensor, state) -> lm_batched.BatchedLocal:
