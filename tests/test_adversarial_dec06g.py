@@ -248,22 +248,21 @@ def test_soap_low_precision_stays_finite_and_near_float64(shape, gen, scale):
         assert gen == "rank1" or (w - ref).abs().max() <= tol
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the refresh orders L Q's columns by HeavyBall 0.7.2's row sums, so a rank-one factor's "
-    "dominant column can come after the near-zero ones; _canonical_orthonormal replaces those "
-    "by the fixed fills and orthogonalises the dominant column against them, so the basis "
-    "loses the gradient's direction: an all-equal gradient of a (1, 5) leaf gets the update "
-    "[-.019, -.007, -.004, -.006, -.007] in float64 (adam: equal). Fix: orthogonalise the "
-    "fills against every independent column (QR of the kept columns first, fills after, "
-    "columns put back in place), so the kept columns' span is kept"))
-def test_soap_an_all_equal_gradient_gets_an_all_equal_update():
-    tx = fo.soap(learning_rate=1e-2, precondition_frequency=1)
+@pytest.mark.parametrize("eps", [1e-8, 1e-3])
+def test_soap_an_all_equal_gradient_gets_an_all_equal_update(eps):
+    """A (1, 5) leaf's right factor is rank one; the refresh's row-sum order (HeavyBall 0.7.2's)
+    put its dominant column after rounding-sized ones and the basis lost the all-ones direction:
+    the update was [-.019, -.007, -.004, -.006, -.007] (adam: equal). Now the basis holds it,
+    and the update is equal but for the rounding (1e-16) of the gradient's other coordinates
+    in the basis, which Adam divides by ``eps``: 1e-7 of the update with 1e-8, 1e-12 with 1e-3.
+    """
+    tx = fo.soap(learning_rate=1e-2, precondition_frequency=1, eps=eps)
     p = {"w": torch.ones(1, 5, dtype=F64)}
     s = tx.init(p)
     for _ in range(2):
         u, s = tx.update({"w": torch.ones(1, 5, dtype=F64)}, s, p)
         p = fo.apply_updates(p, u)
-    assert float(u["w"].max() - u["w"].min()) <= 1e-12 * float(u["w"].abs().max())
+    assert float(u["w"].max() - u["w"].min()) <= 1e-14 / eps * float(u["w"].abs().max())
 
 
 @pytest.mark.xfail(strict=True, reason=(

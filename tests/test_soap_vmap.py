@@ -121,3 +121,67 @@ def test_traced_path_runs_the_second_qr_on_every_matrix(monkeypatch):
         want = _canonical_orthonormal([full[i], deficient[i]])
         _same_up_to_column_signs(got[0][i], want[0], 1e-12)
         _same_up_to_column_signs(got[1][i], want[1], 1e-10)
+
+
+def _assert_keeps_the_range(q, factor, rank):
+    """``rank`` columns of ``q`` lie in ``factor``'s range and the others are orthogonal to it
+    (to 1e-12), so those columns' projector keeps every vector of the range: Adam in the
+    basis sees the gradient's directions as coordinates of their own."""
+    u = torch.linalg.eigh(factor)[1][:, -rank:]  # the range: eigenvalues well above rounding
+    inside = (u.T @ q).norm(dim=0)
+    kept = inside > 0.5
+    assert int(kept.sum()) == rank, inside
+    torch.testing.assert_close(inside, kept.to(F64), rtol=0, atol=1e-12)
+    v = factor @ torch.randn(factor.shape[0], 3, generator=torch.Generator().manual_seed(0),
+                             dtype=F64)
+    qk = q[:, kept]
+    assert (qk @ (qk.T @ v) - v).abs().max() <= 1e-12 * v.abs().max()
+
+
+def _dominant_last(n):
+    """The refresh's ``L Q`` of a rank-one ``L = 5 J`` (all entries 5, the factor of an
+    all-equal gradient) with the dominant column last, as the row-sum order may put it: the
+    others are rounding-sized multiples of the all-ones vector, which used to make QR's first
+    column that vector and the dominant column test dependent (the basis lost it)."""
+    factor = torch.full((n, n), 5.0, dtype=F64)
+    q = torch.linalg.eigh(factor)[1].flip(1)
+    mq = factor @ q
+    return factor, mq[:, torch.arange(n).roll(-1)]
+
+
+@pytest.mark.parametrize("cholesky", [True, False])
+def test_canonical_q_of_a_rank_deficient_matrix_contains_its_range(cholesky):
+    """Rank-deficient ``L Q`` (the refresh's order, shuffled columns, the dominant column
+    after rounding-sized ones): the kept columns of the canonical Q span ``L``'s range to
+    1e-12, the fills are orthogonal to it; eagerly and traced alike."""
+    cases = [_dominant_last(n) for n in (2, 5, 9)]
+    for n, rank, seed in [(7, 3, 0), (7, 1, 1), (12, 5, 2), (6, 5, 3)]:
+        a = _rank_deficient(n, rank, seed)
+        g = torch.randn(n, rank, generator=torch.Generator().manual_seed(seed), dtype=F64)
+        shuffle = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        cases += [(g @ g.T, a), (g @ g.T, a[:, shuffle])]
+    mats = [a for _, a in cases]
+    traced = torch.func.vmap(lambda x: _canonical_orthonormal([x], cholesky)[0])
+    for (factor, a), q in zip(cases, _canonical_orthonormal(mats, cholesky)):
+        rank = int(torch.linalg.matrix_rank(factor))
+        _assert_keeps_the_range(q, factor, rank)
+        _assert_keeps_the_range(traced(a[None])[0], factor, rank)
+        torch.testing.assert_close(q.T @ q, torch.eye(len(q), dtype=F64), rtol=0, atol=1e-12)
+
+
+def test_soap_bases_contain_their_factors_ranges():
+    """Through SOAP, refreshed every step: a (1, 5) leaf's all-equal gradients (a rank-one
+    right factor) and an (8, 3) leaf's random ones (a left factor of rank 3, then 6): each
+    refreshed basis contains its factor's range."""
+    gen = torch.Generator().manual_seed(0)
+    for shape, draw in [((1, 5), lambda: torch.ones(1, 5, dtype=F64)),
+                        ((8, 3), lambda: torch.randn(8, 3, generator=gen, dtype=F64))]:
+        tx = fo.scale_by_soap(precondition_frequency=1)
+        p = {"w": torch.zeros(shape, dtype=F64)}
+        state = tx.init(p)
+        for _ in range(3):
+            _, state = tx.update({"w": draw()}, state, p)
+            for factor, q in zip(state.gg[0], state.q[0]):
+                rank = int(torch.linalg.matrix_rank(factor))
+                if 0 < rank < len(factor):
+                    _assert_keeps_the_range(q, factor, rank)
