@@ -172,6 +172,15 @@ def least_squares(
       cosine ``0 / 0`` as 0) where a parameter's Jacobian column is zero and the cost falls
       along that parameter (two residual evaluations per zero column at the end of a fit,
       counted in ``evaluations``; see :mod:`funcopt.least_squares_probe`);
+    * a tolerance test (ftol, xtol, or one below machine precision) that held where the
+      final point is not stationary (reason "stalled: ..."): ``gnorm^2`` over the columns
+      whose own Gauss-Newton move is representable is above ``max(ftol, eps)`` and the
+      residuals' rounding (for an ftol stop after an accepted damped step, ``ftol`` times
+      the step's damping margin), e.g. an accepted step along a near-zero Jacobian column
+      that predicted no reduction on a saddle line (see
+      :func:`funcopt.least_squares_options._stall_check`; its cost, once at the end of such
+      a stop: ``diag(J^T J)`` from ``min(m, n)`` Jacobian products, three more, and six
+      residual evaluations);
     * ``max_steps`` updates (reason "max_steps: ...", naming a failed last solve).
 
     ``residual_fn`` must return the parameters' dtype (TypeError otherwise, before any work).
@@ -279,7 +288,8 @@ def least_squares(
     if reason.startswith("max_steps") and history and history[-1]["solve_failed"]:
         reason += "; the last update's linear solves failed (e.g. CG did not converge)"
     if success and history and not reason.startswith(("zero residual", "gtol")):
-        reason, success = _stall_check(residual_fn, params, history[-1], tols, reason, m * x.numel())
+        reason, success = _stall_check(residual_fn, params, history[-1], tols, reason,
+                                       m * x.numel(), (state.scale, rule))
         if not success and not moved and isinstance(rule, TrustRegion):
             reason += (f"; no step from x0 was accepted: the trust region's first radius, "
                        f"radius_factor ||d x0|| (||r(x0)|| = {history[0]['residual_norm']:.2g}), "

@@ -54,10 +54,10 @@ REASONS = (
     "a stationary point that is not a minimum: a test held where a parameter's Jacobian column "
     "is zero and the cost falls along it or a combination of such parameters (Gauss-Newton "
     "cannot leave such a point; failure: start from another point)",
-    "stalled: a tolerance test held (a test on xtol, or ftol after an update that found no "
-    "acceptable step), but a parameter whose own Gauss-Newton move exceeds its resolution "
-    "(xtol |x_j| for a test on xtol) would still reduce the cost, or (a test below machine "
-    "precision) the full Gauss-Newton step, solved in float64, would: not a minimum (failure)",
+    "stalled: a tolerance test held (a test on xtol or ftol), but a parameter whose own "
+    "Gauss-Newton move exceeds its resolution (xtol |x_j| for a test on xtol) would still "
+    "reduce the cost, or (a test below machine precision) the full Gauss-Newton step, solved "
+    "in float64, would: not a minimum (failure)",
 )
 """The ``info.reason`` codes of batched and data-parallel fits, in order: ``REASONS[code]``
 is the text of a code (``info.reasons()`` gives them per problem)."""
@@ -208,7 +208,8 @@ class _Progress(NamedTuple):
     evaluations: Tensor
     moved: Tensor
     clean: Tensor  # updates since the last one that met a non-finite trial point
-    loud: Tensor  # the stop came after a rejected update with gnorm^2 above max(ftol, eps)
+    unsure: Tensor  # the stop's gnorm test has no known answer (see _advance)
+    last: Any = None  # the final state of every problem, set on return
 
 
 def _advance(p: _Progress, new: LevenbergMarquardtState, finite: Tensor, tols,
@@ -227,11 +228,13 @@ def _advance(p: _Progress, new: LevenbergMarquardtState, finite: Tensor, tols,
     fail = (11 if isinstance(o.rule, TrustRegion) else 10) * (failed & ~new.accepted)
     out = torch.where(conv > 0, conv.masked_fill(edge, 9), fail)
     ends = take & (out > 0)
-    loud = ~new.accepted & (new.grad_cos * new.grad_cos > max(tols[0], tols[3]))
+    # the final point's gnorm test is known to pass only after a rejected update (the point is
+    # the update's) whose grad_cos passes it; an accepted step moved to a point not yet judged
+    unsure = new.accepted | (new.grad_cos * new.grad_cos > max(tols[0], tols[3]))
     return _Progress(
         take & ~ends, torch.where(ends, out, code), p.steps + run,
         p.evaluations + (new.attempts + 1) * run, p.moved | (take & new.accepted),
-        clean, torch.where(ends, loud, p.loud)), take
+        clean, torch.where(ends, unsure, p.unsure)), take
 
 
 def run_batched(f, x: Tensor, state, o: LMOptions, limits: tuple[int, tuple], model) -> tuple:
@@ -253,7 +256,7 @@ def run_batched(f, x: Tensor, state, o: LMOptions, limits: tuple[int, tuple], mo
         x = x + torch.where((take & new.accepted)[:, None], step, torch.zeros_like(step))
     success = torch.isin(p.code, torch.tensor(SUCCESS_CODES, device=x.device))
     never = success & ~p.moved & (p.code > 3)
-    return x, p._replace(code=torch.where(never, 12, p.code))
+    return x, p._replace(code=torch.where(never, 12, p.code), last=state)
 
 
 def _select(mask: Tensor, new: Any, old: Any) -> Any:
@@ -310,7 +313,7 @@ def run_flat(f, x: Tensor, state, o: LMOptions, limits: tuple[int, tuple], model
         fresh, need = over & running, moved & running
     success = torch.isin(p.code, torch.tensor(SUCCESS_CODES, device=x.device))
     never = success & ~p.moved & (p.code > 3)
-    return x, p._replace(code=torch.where(never, 12, p.code))
+    return x, p._replace(code=torch.where(never, 12, p.code), last=state)
 
 
 def _state_rows(state: LevenbergMarquardtState, idx: Tensor) -> LevenbergMarquardtState:
@@ -377,7 +380,8 @@ def least_squares_batched(residual_fn: Callable[[PyTree], Tensor], params: PyTre
     x, p = run_flat(trial_norm, x, lm_batched.init_state(x, o.rule.initial_damping), o,
                     (max_steps, tols), model)
     jac = functools.cache(lambda: batched_jacobian(f, x, m))  # at most one for both checks
-    code = least_squares_stalls.check_stalls(f, x, (p.code, p.loud), m, tols, jac)
+    code = least_squares_stalls.check_stalls(f, x, (p.code, p.unsure), m, tols, jac,
+                                             (p.last, o.rule))
     code, probes = _check_maxima(f, x, code, jac)
     rnorm = trial_norm(x).double()
     cost = torch.where(rnorm < 1e154, 0.5 * rnorm * rnorm, torch.full_like(rnorm, float("inf")))

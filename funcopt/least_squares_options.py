@@ -134,12 +134,26 @@ def _converged(h: dict, ftol: float, xtol: float, gtol: float, eps: float) -> st
     return None
 
 
-def _stall_check(residual_fn, params, h: dict, tols, reason: str, size: int) -> tuple[str, bool]:
-    """A tolerance test held: ``(reason, success)``. After an update that found no acceptable
-    step, ``gnorm^2`` above ``ftol``, ``eps`` and the residuals' relative rounding
-    (:func:`stationarity_floor`) means the steps failed for another reason than convergence
-    (e.g. inexact CG on a badly scaled float32 problem). When a test "below machine
-    precision" held (``m n <= GAIN_CHECK_SIZE``), the full Gauss-Newton step solved in
+def _stall_check(residual_fn, params, h: dict, tols, reason: str, size: int,
+                 damped: tuple = (None, None)) -> tuple[str, bool]:
+    """A tolerance test held: ``(reason, success)``. ``gnorm^2`` at the final point above
+    ``ftol``, ``eps`` and the residuals' relative rounding (:func:`stationarity_floor`) means
+    the test held for another reason than convergence: after an update that found no
+    acceptable step, e.g. inexact CG on a badly scaled float32 problem; after an accepted
+    step, a step that predicted almost no reduction because it moved along a Jacobian column
+    that is near zero, while the gradient along another column is not (a saddle line). At a
+    minimum reached by an ftol stop ``gnorm^2 <= ||P_J r||^2 / ||r||^2``, the Gauss-Newton
+    step's predicted relative reduction there, which the last step's ``predicted <= ftol``
+    bounds where that step was not damped; a damped step leaves more, by up to the margin of
+    :func:`damping_margin` (from ``damped = (scale, rule)``, the final state's ``d`` and the
+    damping rule), which an ftol stop after an accepted step gets on ``ftol``. The NIST StRD
+    fits that stop on ftol end with ``gnorm^2`` at most ``3e-3 ftol`` (BoxBOD; both starts of
+    all shipped problems, ftol 1e-14 to 1e-4, keep their success). The test is skipped only
+    where its answer is known: the update was rejected (the final point is the update's) and
+    its ``grad_cos``, over all columns, already passes. Its cost, for every other tolerance
+    stop: ``diag(J^T J)`` from ``min(m, n)`` Jacobian products (or from ``J`` where the gain
+    check formed it), three more products and six residual evaluations, once at the end.
+    When a test "below machine precision" held (``m n <= GAIN_CHECK_SIZE``), the full Gauss-Newton step solved in
     float64 (:func:`gauss_newton_gain`) must not promise such a reduction by a move of more
     than 4 units of the parameters' resolution. ``J`` is formed at most once here: the gain
     check forms it, and ``gnorm`` (only needed when the update was not quiet) reads
@@ -151,33 +165,93 @@ def _stall_check(residual_fn, params, h: dict, tols, reason: str, size: int) -> 
              or (reason.startswith(("ftol:", "ftol and xtol")) and tols[0] <= tols[3]))
     limit = below and size <= GAIN_CHECK_SIZE
     # xtol's relative step is norm-wise: it also holds where one parameter's |d x| is huge
-    # and another would still move by all of itself, so a stop on xtol is checked whatever
-    # the update, counting the columns whose own Gauss-Newton move is above xtol |x_j|
+    # and another would still move by all of itself, so a stop on xtol counts the columns
+    # whose own Gauss-Newton move is above xtol |x_j|
     xtol = "xtol" in reason
-    quiet = (h["accepted"] and not xtol) or h["grad_cos"] ** 2 <= max(tols[0], tols[3])
+    quiet = not h["accepted"] and h["grad_cos"] ** 2 <= max(tols[0], tols[3])
     if quiet and not limit:
         return reason, True
     J, r = jacobian(residual_fn, params) if limit else (None, None)
     rel = max(tols[1], tols[3]) if xtol else None
-    cos, floor = stationarity_floor(residual_fn, params, gnorm=not quiet, J=J, rel=rel)
+    cos, floor, col = stationarity_floor(residual_fn, params, gnorm=not quiet, J=J, rel=rel)
     bound = max(tols[0], tols[3], floor)
+    margin = 1.0
+    if h["accepted"] and not xtol and reason.startswith("ftol") and col is not None:
+        scale, rule = damped
+        margin = float(damping_margin(torch.tensor(h["damping"], dtype=col.dtype), scale, col,
+                                      rule))
+    gbound = max(bound, margin * tols[0])
     x = ravel_params(params)[0]
     gain, ulps = gauss_newton_gain(J, r, x) if J is not None and r is not None else (0.0, 0.0)
-    if not quiet and math.isfinite(cos) and cos * cos > bound:  # inf: unknown
-        why = f"grad_cos {cos:.2g}: a step along one column alone predicts {cos * cos:.2g}"
+    if not quiet and math.isfinite(cos) and cos * cos > gbound:  # inf: unknown
+        times = f" times the last step's damping margin {margin:.2g}" if margin > 1 else ""
+        why = (f"grad_cos {cos:.2g}: a step along one column alone predicts {cos * cos:.2g}, "
+               f"above the {gbound:.2g} that ftol{times} and rounding allow")
     elif gain > bound and ulps > 4:
-        why = f"the Gauss-Newton step, {ulps:.2g} units of x's resolution, predicts {gain:.2g}"
+        why = (f"the Gauss-Newton step, {ulps:.2g} units of x's resolution, predicts "
+               f"{gain:.2g}, above the {bound:.2g} that ftol and rounding allow")
     else:
         return reason, True
+    fix = ("the last accepted step predicted almost no reduction (a step along a Jacobian "
+           "column near zero, as on a saddle line): start from another point"
+           if h["accepted"] and reason.startswith("ftol") else "for an iterative solver use "
+           "solver='pcg' with scaling=True, a dense solver, or float64")
     return (f"stalled: a tolerance test held ({reason}), but the point is not a minimum "
-            f"({why}, above the {bound:.2g} that ftol and rounding allow): a failure; for an "
-            "iterative solver use solver='pcg' with scaling=True, a dense solver, or float64"), False
+            f"({why}): a failure; {fix}"), False
+
+
+def damping_margin(lam: torch.Tensor, scale: torch.Tensor, col: torch.Tensor,
+                   rule: Any) -> torch.Tensor:
+    """``kappa >= 1``: how much more than ``ftol`` an ftol stop after an accepted damped step
+    may leave of ``gnorm^2`` at a minimum (per problem: ``lam`` ``(...)``, the final state's
+    damping; ``scale`` ``(..., n)``, its ``d``, ``-1`` for ``D = I``; ``col`` ``||J_j||`` at
+    the final point).
+
+    Derivation. In the scaled variables ``z = d * delta`` (``Jt = J / d``) the step solves
+    ``(Jt^T Jt + lambda I) z = -Jt^T r``, so the linear model's gradient at the new point is
+    ``Jt^T r_new = -lambda z``, and the ftol test bounds ``predicted = (||Jt z||^2 + 2 lambda
+    ||z||^2) / ||r||^2 <= ftol``. Column ``j``'s cosine there is ``lambda |z_j| / (c_j
+    ||r_new||)`` with ``c_j = ||J_j|| / d_j``, so ``cos_j^2 <= lambda / (2 c_j^2) *
+    predicted / (1 - actual)``: an undamped step (``lambda = 0``) leaves ``gnorm^2 <= ftol``
+    (up to the model's curvature), a damped one up to ``lambda / (2 c_j^2)`` times more (a
+    named Cholesky, which refuses the singular Gauss-Newton step of a rank-deficient ``J``,
+    converges with ``lambda ~ 15``: ``gnorm^2`` up to ``3 ftol`` at its ftol stops). Here
+    ``c = max(1, max_j c_j)``: a column that grew past its running maximum in the last step
+    (the step moved onto a point where it is large) gets the smaller margin, and one that
+    shrank far below it (a Jacobian that vanishes toward a saddle, where damped steps with
+    ``predicted <= ftol`` creep on while a step along the column alone would still cut the
+    cost by most of it) is not excused beyond the damping in units of ``d`` (``d_j = 1`` for
+    a column zero so far, as the step had it). With ``D = I`` (``scale < 0``,
+    ``scaling=False``) ``d_j = 1`` and ``lambda`` is absolute: the margin is the largest of
+    the columns' margins, ``lambda / (2 min_k ||J_k||^2)`` over the nonzero columns (no false
+    failure on a badly scaled fit such as NIST MGH09; a weaker check there). The state
+    keeps the damping for the next step: the step's is ``lambda`` under the trust region (recomputed per attempt), at
+    most 3 times it under Nielsen's rule (an accepted step divides it by at most 3), and
+    ``decrease_factor`` times it under the classic rule."""
+    if isinstance(rule, TrustRegion):
+        undo = 1.0
+    elif isinstance(rule, Nielsen):
+        undo = 3.0
+    else:
+        undo = float(getattr(rule, "decrease_factor", 1.0))
+    if not col.shape[-1]:
+        return torch.ones_like(col[..., 0])
+    lam, scale = lam.to(col.dtype), scale.to(col.dtype)
+    d = torch.where(scale > 0, scale, 1.0)  # the step's d: 1 for a column zero so far
+    c = torch.nan_to_num((col / d).amax(-1), nan=1.0).clamp(min=1.0)  # inf: no margin
+    # D = I: lambda is in units of J^T J; the largest of the columns' margins
+    small = torch.where(col > 0, col, torch.inf).amin(-1)
+    unscaled = (scale < 0).all(-1)
+    lam = torch.where(unscaled, lam / torch.where(small < torch.inf, small * small, 1.0), lam)
+    c = torch.where(unscaled, 1.0, c)
+    return torch.nan_to_num(torch.clamp(undo * lam / (2 * c * c), min=1.0), nan=1.0)
 
 
 def stationarity_floor(residual_fn: Callable, params: Any, gnorm: bool = True,
                        J: torch.Tensor | None = None,
-                       rel: float | None = None) -> tuple[float, float]:
-    """``(gnorm, floor)`` at ``params``, for telling a minimum from a stall.
+                       rel: float | None = None) -> tuple[float, float, torch.Tensor | None]:
+    """``(gnorm, floor, col)`` at ``params``, for telling a minimum from a stall (``col``
+    the column norms ``||J_j||``, None where not computed).
 
     ``gnorm = max_j |(J^T r)_j| / (||J_j|| ||r||)`` (MINPACK's) over the columns whose
     one-dimensional Gauss-Newton move ``|alpha_j| = |J_j^T r| / ||J_j||^2`` is at least one
@@ -198,7 +272,7 @@ def stationarity_floor(residual_fn: Callable, params: Any, gnorm: bool = True,
     r = gn.residuals
     rnorm = scaled_norm(r)
     if float(rnorm) == 0.0:
-        return 0.0, math.inf
+        return 0.0, math.inf, None
     cos, col = math.nan, None
     if gnorm or J is not None:
         col2 = column_norms_sq(gn) if J is None else (J * J).sum(0)
@@ -208,7 +282,7 @@ def stationarity_floor(residual_fn: Callable, params: Any, gnorm: bool = True,
     f, noise = residual_vector_fn(residual_fn, unravel), 0.0
     for h in rounding_steps(x, rnorm, col):
         noise = max(noise, float(scaled_norm(f(x + h) - r - gn.jvp(h))))
-    return cos, 4 * noise / float(_positive(rnorm))
+    return cos, 4 * noise / float(_positive(rnorm)), col
 
 
 ROUNDING_ULPS = (4, -16, 7, -11, 26, -5)

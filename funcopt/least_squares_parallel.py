@@ -33,7 +33,12 @@ from funcopt.least_squares_options import (
     rounding_steps,
 )
 from funcopt.least_squares_probe import noise_steps, probe_zero_columns, rounding_bound
-from funcopt.least_squares_stalls import StallModel, judge_stalls, stall_candidates
+from funcopt.least_squares_stalls import (
+    StallModel,
+    judge_stalls,
+    stall_candidates,
+    stop_margin,
+)
 from funcopt.transforms import lm_batched
 from funcopt.transforms.levenberg_marquardt import lm_options
 from funcopt.transforms.lm_damping import DampingRule, TrustRegion, resolve_scaling
@@ -125,7 +130,8 @@ def least_squares_parallel(
                        (max_steps, tols), model)
     # this rank's (J_k, r_k) at the final x: formed at most once for both checks
     jac = functools.cache(lambda: jacobian(residual_fn, unravel(x[0]), mode=o.jacobian_mode))
-    code = _check_stalls(residual_fn, unravel, x, (p.code, p.loud), tols, (group, jac))
+    code = _check_stalls(residual_fn, unravel, x, (p.code, p.unsure), tols,
+                         (group, jac, (p.last, o.rule)))
     code, probes = _check_maxima(residual_fn, unravel, x, code, (group, jac))
     rnorm = trial_norm(x).double()
     cost = torch.where(rnorm < 1e154, 0.5 * rnorm * rnorm, torch.full_like(rnorm, float("inf")))
@@ -174,20 +180,22 @@ def _check_maxima(residual_fn: Callable[[PyTree], Tensor], unravel: Callable, x:
 def _check_stalls(residual_fn: Callable[[PyTree], Tensor], unravel: Callable, x: Tensor,
                   stops: tuple[Tensor, Tensor], tols: tuple, where: tuple) -> Tensor:
     """The batched driver's stall check (:func:`funcopt.least_squares_stalls.judge_stalls`)
-    on the all-reduced model at the final ``x`` ``(1, n)``; ``where = (group, jac)``,
+    on the all-reduced model at the final ``x`` ``(1, n)``; ``where = (group, jac, damped)``,
     ``jac()`` giving the shard's ``J_k`` and ``r_k`` (formed once, shared with
-    :func:`_check_maxima`). One all-reduce (float64) sums ``||J_k,j||^2``, ``J_k^T r_k``,
-    ``||r_k||^2`` and the shard sizes ``m_k``, a second the rounding probes' ``||r_k(x + h) -
+    :func:`_check_maxima`), ``damped = (state, rule)`` the final state (the same on every
+    rank) and rule for the ftol margin (:func:`funcopt.least_squares_stalls.stop_margin`).
+    One all-reduce (float64) sums ``||J_k,j||^2``, ``J_k^T r_k``, ``||r_k||^2`` and the
+    shard sizes ``m_k``, a second the rounding probes' ``||r_k(x + h) -
     r_k - J_k h||^2`` (their steps, :func:`funcopt.least_squares_options.rounding_steps`,
     move a zero parameter at the scale of the summed ``||r|| / ||J_j||``); the Gauss-Newton
     gain (where tested and ``m n <= GAIN_CHECK_SIZE``) comes from the triangular factor of
     ``[J r]`` (:func:`_stacked_r`). Every rank reads the same sums, so the codes are equal on
     every rank. Nothing runs unless the fit stopped on a tolerance that is checked."""
-    code, loud = stops
-    checked, limit = stall_candidates(code, loud, tols)
+    code, unsure = stops
+    checked, limit = stall_candidates(code, unsure, tols)
     if not bool((checked | limit).any()):  # host sync: one, after the fit
         return code
-    group, jac = where
+    group, jac, damped = where
     J, r = jac()
     Jd, rd = J.double(), r.double()
     n = x.shape[1]
@@ -210,7 +218,7 @@ def _check_stalls(residual_fn: Callable[[PyTree], Tensor], unravel: Callable, x:
                                                   R[n, n].abs()[None], x, m)
     dt = x.dtype
     s = StallModel(g.to(dt)[None], col.to(dt)[None], rnorm.to(dt)[None], floor.to(dt)[None],
-                   gain, ulps)
+                   gain, ulps, stop_margin(code, damped, col.to(dt)[None]))
     return judge_stalls(code, checked, limit, s, x, tols)
 
 
