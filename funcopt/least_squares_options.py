@@ -225,15 +225,10 @@ def damping_margin(lam: torch.Tensor, scale: torch.Tensor, col: torch.Tensor,
     ``scaling=False``) ``d_j = 1`` and ``lambda`` is absolute: the margin is the largest of
     the columns' margins, ``lambda / (2 min_k ||J_k||^2)`` over the nonzero columns (no false
     failure on a badly scaled fit such as NIST MGH09; a weaker check there). The state
-    keeps the damping for the next step: the step's is ``lambda`` under the trust region (recomputed per attempt), at
-    most 3 times it under Nielsen's rule (an accepted step divides it by at most 3), and
-    ``decrease_factor`` times it under the classic rule."""
-    if isinstance(rule, TrustRegion):
-        undo = 1.0
-    elif isinstance(rule, Nielsen):
-        undo = 3.0
-    else:
-        undo = float(getattr(rule, "decrease_factor", 1.0))
+    keeps the damping for the next step: the step's is at most ``rule.accepted_decrease``
+    times it (1 under the trust region, 3 under Nielsen's rule, ``decrease_factor`` under
+    the classic rule)."""
+    undo = rule.accepted_decrease
     if not col.shape[-1]:
         return torch.ones_like(col[..., 0])
     lam, scale = lam.to(col.dtype), scale.to(col.dtype)

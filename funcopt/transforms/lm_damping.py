@@ -93,6 +93,11 @@ class Nielsen:
         """Whether further attempts are pointless: ``lambda`` reached ``max_damping``."""
         return lam >= self.max_damping
 
+    @property
+    def accepted_decrease(self) -> float:
+        """The most an accepted step divides ``lambda`` by (the ``1/3`` floor of the shrink)."""
+        return 3.0
+
 
 @dataclass(frozen=True)
 class Classic:
@@ -142,6 +147,11 @@ class Classic:
     def exhausted(self, lam: Tensor, radius: Tensor) -> Tensor:
         """Whether further attempts are pointless: ``lambda`` reached ``max_damping``."""
         return lam >= self.max_damping
+
+    @property
+    def accepted_decrease(self) -> float:
+        """The most an accepted step divides ``lambda`` by: ``decrease_factor``."""
+        return self.decrease_factor
 
 
 @dataclass(frozen=True)
@@ -204,6 +214,11 @@ class TrustRegion:
     def exhausted(self, lam: Tensor, radius: Tensor) -> Tensor:
         """Whether further attempts are pointless: the radius underflowed."""
         return radius <= torch.finfo(radius.dtype).tiny
+
+    @property
+    def accepted_decrease(self) -> float:
+        """1: the state keeps the step's own ``lambda`` (found again for every attempt)."""
+        return 1.0
 
 
 DampingRule = Union[Nielsen, Classic, TrustRegion]
